@@ -1,0 +1,90 @@
+"""ONNX Runtime sessions with execution providers chosen by what can actually load.
+
+``onnxruntime-gpu`` lists the CUDA and TensorRT providers even on a machine without CUDA,
+and creating a session that asks for them there logs a loud error.  We ask only for the
+providers whose libraries load here, so a CPU-only node logs nothing alarming.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import onnxruntime as ort
+
+__all__ = ["CPU", "CUDA", "TENSORRT", "make_session", "usable_providers"]
+
+log = logging.getLogger(__name__)
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+# The shared libraries each provider of the CUDA 12 build needs at session creation.
+_CUDA_LIBS = (
+    "libcuda.so.1",  # the driver: absent means no usable GPU
+    "libcudart.so.12",
+    "libcublas.so.12",
+    "libcublasLt.so.12",
+    "libcudnn.so.9",
+    "libcufft.so.11",
+    "libcurand.so.10",
+)
+_TRT_LIBS = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
+
+
+def _loads(names: Sequence[str]) -> str | None:
+    """None when every library loads, else the first one that does not."""
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            return name
+    return None
+
+
+@functools.cache
+def usable_providers() -> tuple[str, ...]:
+    """Providers this process can really use, best first (TensorRT, CUDA, CPU)."""
+    listed = set(ort.get_available_providers())
+    usable: list[str] = []
+    if CUDA in listed:
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None and _loads(_CUDA_LIBS[:1]) is None:
+            try:
+                preload(directory="")  # libraries of the nvidia-*-cu12 wheels, if installed
+            except Exception:
+                log.debug("onnxruntime.preload_dlls failed", exc_info=True)
+        missing = _loads(_CUDA_LIBS)
+        if missing is None:
+            if TENSORRT in listed and _loads(_TRT_LIBS) is None:
+                usable.append(TENSORRT)
+            usable.append(CUDA)
+        else:
+            log.debug("CUDA provider not usable: %s does not load", missing)
+    usable.append(CPU)
+    return tuple(usable)
+
+
+def make_session(
+    model: bytes | str,
+    *,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+) -> Any:
+    """An ``InferenceSession`` on the best usable providers (or the given subset of them).
+
+    Raises whatever ONNX Runtime raises for a model it cannot load; callers translate.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: the provider choice above avoids false alarms
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    if inter_op_threads:
+        opts.inter_op_num_threads = inter_op_threads
+    chosen = [p for p in (providers or usable_providers()) if p in usable_providers()] or [CPU]
+    return ort.InferenceSession(model, sess_options=opts, providers=chosen)

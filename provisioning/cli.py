@@ -1,0 +1,89 @@
+"""The ``appliance`` command: one entry point, subcommands registered by their modules.
+
+Each module in :data:`COMMAND_MODULES` exposes ``register(subparsers)``, which adds its
+parsers and sets ``handler`` on them.  A handler takes the parsed arguments and returns an
+exit code.  This is the one place where :class:`~agent.errors.ApplianceError` becomes an
+exit code and a one-line message; tracebacks appear only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from agent import __version__
+from agent.errors import ApplianceError
+
+__all__ = ["COMMAND_MODULES", "build_parser", "main"]
+
+log = logging.getLogger("appliance")
+
+# Order here is the order of `appliance --help`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "provisioning.commands.demo",
+    "provisioning.commands.bundle",
+    "provisioning.commands.registry",
+    "provisioning.commands.agent",
+    "provisioning.commands.node",
+    "provisioning.commands.image",
+    "provisioning.commands.fleet",
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="echo tool commands, show tracebacks")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, with every available command module registered."""
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common)
+    parser = argparse.ArgumentParser(
+        prog="appliance",
+        description="Build, sign, serve and manage sovereign AI appliances (no network needed).",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that command is not built yet
+                continue
+            raise
+        module.register(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(message)s" if not args.debug else "%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ApplianceError as exc:
+        if args.debug:
+            log.exception("appliance: error")
+        print(f"appliance: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("appliance: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Model bundles: determinism, round trip, tampering and bad input, through library and CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+from agent.bundle import read_bundle
+from agent.errors import BundleError, NotFoundError, VerificationError
+from provisioning.bundle import create_bundle, verify_bundle
+from provisioning.models import affine_model, identity_model, save_golden
+from tests.conftest import run_appliance
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_same_inputs_same_bytes_across_processes(tmp_path: Path) -> None:
+    model = affine_model(tmp_path / "m.onnx")
+    golden = save_golden(tmp_path / "g.npz", {"x": np.ones((3, 4), np.float32)})
+    outs = []
+    for n in range(2):
+        out = tmp_path / f"b{n}.bundle"
+        proc = run_appliance("bundle", "create", model, "--name", "affine", "--version", "1.2.0",
+                             "--golden", golden, "--out", out, "--max-batch-size", "8",
+                             "--preferred-batch-size", "4")
+        assert proc.returncode == 0, proc.stderr
+        outs.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert outs[0] == outs[1]
+
+
+def test_manifest_describes_model_and_golden(affine_bundle: Path) -> None:
+    bundle = read_bundle(affine_bundle)
+    m = bundle.manifest
+    assert (m.name, m.version) == ("affine", "1.0.0")
+    assert [(s.name, s.datatype, s.shape) for s in m.inputs] == [("x", "FP32", (-1, 4))]
+    assert [(s.name, s.datatype, s.shape) for s in m.outputs] == [("y", "FP32", (-1, 4))]
+    case = bundle.golden_cases()[0]
+    np.testing.assert_allclose(case.outputs["y"], case.inputs["x"] * 2 + 1)
+    with tarfile.open(affine_bundle) as tar:
+        assert tar.getnames() == ["manifest.json", "model.onnx", "golden.json"]
+        assert {(m.uid, m.gid, m.mtime, m.mode) for m in tar.getmembers()} == {(0, 0, 0, 0o644)}
+
+
+def test_inspect_and_verify_cli_json(affine_bundle: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    res = cli("bundle", "verify", affine_bundle, "--json")
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    assert doc["verified"] is True
+    assert doc["sha256"] == hashlib.sha256(affine_bundle.read_bytes()).hexdigest()
+    res = cli("bundle", "inspect", affine_bundle)
+    assert res.code == 0 and "affine 1.0.0" in res.out and "FP32" in res.out
+
+
+def _region_offsets(path: Path) -> dict[str, int]:
+    """Offset of one byte inside each member's data, and one inside a tar header."""
+    with tarfile.open(path) as tar:
+        offsets = {m.name: m.offset_data + m.size // 2 for m in tar.getmembers()}
+        offsets["header"] = tar.getmembers()[1].offset + 124  # inside the size field
+    return offsets
+
+
+@pytest.mark.parametrize("region", ["manifest.json", "model.onnx", "golden.json", "header"])
+def test_flipped_byte_in_each_region_is_refused(affine_bundle: Path, region: str) -> None:
+    data = bytearray(affine_bundle.read_bytes())
+    data[_region_offsets(affine_bundle)[region]] ^= 0x01
+    affine_bundle.write_bytes(bytes(data))
+    with pytest.raises((BundleError, VerificationError)) as info:
+        verify_bundle(affine_bundle)
+    assert str(affine_bundle.name) in str(info.value)
+
+
+def test_hash_mismatch_names_member(affine_bundle: Path) -> None:
+    data = bytearray(affine_bundle.read_bytes())
+    data[_region_offsets(affine_bundle)["golden.json"]] ^= 0x01
+    affine_bundle.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match=r"golden.json: sha256 .* does not match"):
+        read_bundle(affine_bundle)
+
+
+def test_non_onnx_model_refused_nothing_written(tmp_path: Path) -> None:
+    fake = tmp_path / "model.onnx"
+    fake.write_bytes(b"this is not a model")
+    golden = save_golden(tmp_path / "g.npz", {"x": np.ones((1, 4), np.float32)})
+    before = _files(tmp_path)
+    proc = run_appliance("bundle", "create", fake, "--name", "x", "--version", "1",
+                         "--golden", golden, "--out", tmp_path / "x.bundle")
+    assert proc.returncode != 0
+    assert "model.onnx" in proc.stderr and "not an ONNX model" in proc.stderr
+    assert _files(tmp_path) == before
+
+
+def test_golden_vectors_that_do_not_reproduce(tmp_path: Path) -> None:
+    model = affine_model(tmp_path / "m.onnx")
+    x = np.ones((2, 4), np.float32)
+    golden = save_golden(tmp_path / "g.npz", {"x": x}, {"y": x * 2 + 1.5})
+    before = _files(tmp_path)
+    with pytest.raises(BundleError, match=r"golden case 0, output 'y': differs by up to 0.5"):
+        create_bundle(model, name="affine", version="1.0.0", golden=[golden],
+                      out=tmp_path / "o.bundle")
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--version", "1.0.0", "--golden", "missing.npz"], "missing.npz: no such golden-vector file"),
+        (["--version", "one", "--golden", "g.npz"], "version: version 'one'"),
+        (["--version", "1.0", "--golden", "bad.npz"], "bad.npz: not a readable .npz"),
+        (["--version", "1.0", "--golden", "wrongkey.npz"], "unknown tensors ['inputs/z']"),
+        (["--version", "1.0", "--golden", "wrongdtype.npz"], "dtype float64, the model wants float32"),
+    ],
+)
+def test_bad_input_names_file_and_problem(tmp_path: Path, args: list[str], needle: str) -> None:
+    affine_model(tmp_path / "m.onnx")
+    save_golden(tmp_path / "g.npz", {"x": np.ones((1, 4), np.float32)})
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    save_golden(tmp_path / "wrongkey.npz", {"z": np.ones((1, 4), np.float32)})
+    save_golden(tmp_path / "wrongdtype.npz", {"x": np.ones((1, 4), np.float64)})
+    before = _files(tmp_path)
+    full = [(tmp_path / a) if a.endswith(".npz") else a for a in args]
+    proc = run_appliance("bundle", "create", tmp_path / "m.onnx", "--name", "affine", *full,
+                         "--out", tmp_path / "o.bundle")
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _files(tmp_path) == before
+
+
+def test_missing_bundle_file(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="no such bundle file"):
+        read_bundle(tmp_path / "nope.bundle")
+
+
+def test_not_a_tar(tmp_path: Path) -> None:
+    p = tmp_path / "x.bundle"
+    p.write_bytes(b"\0" * 10 + b"junk" * 300)
+    with pytest.raises(BundleError, match="not a model bundle"):
+        read_bundle(p)
+
+
+def test_manifest_with_unknown_field_is_refused(affine_bundle: Path, tmp_path: Path) -> None:
+    with tarfile.open(affine_bundle) as tar:
+        parts = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    manifest = json.loads(parts["manifest.json"])
+    manifest["surprise"] = 1
+    parts["manifest.json"] = json.dumps(manifest).encode()
+    out = tmp_path / "evil.bundle"
+    import io
+
+    with tarfile.open(out, "w") as tar:
+        for name, data in parts.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(BundleError, match="unknown field"):
+        read_bundle(out)
+
+
+def test_bytes_and_bool_models_round_trip(tmp_path: Path) -> None:
+    for onnx_type, arr in [
+        (TensorProto.STRING, np.array([["a", "bc", "déf"]])),
+        (TensorProto.BOOL, np.array([[True, False, True]])),
+        (TensorProto.FLOAT16, np.array([[1.5, -2, 3]], dtype=np.float16)),
+    ]:
+        model = identity_model(tmp_path / f"id{onnx_type}.onnx", onnx_type)
+        golden = save_golden(tmp_path / f"g{onnx_type}.npz", {"inp": arr})
+        b = create_bundle(model, name=f"id{onnx_type}", version="1", golden=[golden],
+                          out=tmp_path / f"id{onnx_type}.bundle")
+        bundle, _ = verify_bundle(b.path)
+        got = bundle.golden_cases()[0].outputs["out"]
+        assert got.shape == arr.shape
