@@ -89,6 +89,9 @@ class EventLog:
                 text = source.read_text(errors="replace")
             except FileNotFoundError:
                 continue
+            except OSError as exc:  # unreadable: start empty rather than not at all
+                log.warning("%s: cannot read earlier events: %s", source, exc)
+                continue
             for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue

@@ -17,62 +17,14 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent.health.report import GpuSample, HealthReport
+from agent.health.dcgm import DCGM_FIELDS, gpu_labels
+from agent.health.report import HealthReport
 
 __all__ = ["DCGM_FIELDS", "NODE_PREFIX", "NodeCollector"]
 
 log = logging.getLogger(__name__)
 
 NODE_PREFIX = "appliance_node_"
-_MIB = 1 << 20
-
-# (dcgm-exporter name, type, help as dcgm-exporter words it, value from a GPU sample)
-DCGM_FIELDS: tuple[tuple[str, str, str, Callable[[GpuSample], float]], ...] = (
-    ("DCGM_FI_DEV_SM_CLOCK", "gauge", "SM clock frequency (in MHz).", lambda g: g.clock_sm_mhz),
-    ("DCGM_FI_DEV_MEM_CLOCK", "gauge", "Memory clock frequency (in MHz).", lambda g: g.clock_mem_mhz),
-    ("DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C).", lambda g: g.temperature_c),
-    ("DCGM_FI_DEV_POWER_USAGE", "gauge", "Power draw (in W).", lambda g: g.power_w),
-    ("DCGM_FI_DEV_ENFORCED_POWER_LIMIT", "gauge", "Enforced power limit (in W).",
-     lambda g: g.power_limit_w),
-    ("DCGM_FI_DEV_GPU_UTIL", "gauge", "GPU utilization (in %).", lambda g: g.utilization_gpu_pct),
-    ("DCGM_FI_DEV_MEM_COPY_UTIL", "gauge", "Memory utilization (in %).", lambda g: g.utilization_mem_pct),
-    ("DCGM_FI_DEV_FB_FREE", "gauge", "Framebuffer memory free (in MiB).",
-     lambda g: (g.memory_total_bytes - g.memory_used_bytes) // _MIB),
-    ("DCGM_FI_DEV_FB_USED", "gauge", "Framebuffer memory used (in MiB).",
-     lambda g: g.memory_used_bytes // _MIB),
-    ("DCGM_FI_DEV_FB_TOTAL", "gauge", "Framebuffer memory total (in MiB).",
-     lambda g: g.memory_total_bytes // _MIB),
-    ("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "gauge", "Current clock throttle reasons (bitmask).",
-     lambda g: g.throttle_mask),
-    ("DCGM_FI_DEV_XID_ERRORS", "gauge", "Value of the last XID error encountered.", lambda g: g.last_xid),
-    ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "counter", "Total number of PCIe retries.",
-     lambda g: g.pcie_replay_counter),
-    ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "counter", "Total number of single-bit volatile ECC errors.",
-     lambda g: g.ecc_corrected_volatile),
-    ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "counter", "Total number of double-bit volatile ECC errors.",
-     lambda g: g.ecc_uncorrected_volatile),
-    ("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL", "counter", "Total number of single-bit persistent ECC errors.",
-     lambda g: g.ecc_corrected_aggregate),
-    ("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", "counter", "Total number of double-bit persistent ECC errors.",
-     lambda g: g.ecc_uncorrected_aggregate),
-    ("DCGM_FI_DEV_RETIRED_PENDING", "gauge", "Pending page retirements (1 when any).",
-     lambda g: float(g.retired_pages_pending)),
-    ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "counter", "Number of remapped rows for correctable errors",
-     lambda g: g.remapped_rows_correctable),
-    ("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "counter",
-     "Number of remapped rows for uncorrectable errors", lambda g: g.remapped_rows_uncorrectable),
-    ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", "Whether remapping of rows has failed",
-     lambda g: float(g.remap_failure)),
-    ("DCGM_FI_DEV_ROW_REMAP_PENDING", "gauge", "Whether a row remap is pending (reset needed)",
-     lambda g: float(g.remap_pending)),
-)
-
-
-def _gpu_labels(g: GpuSample, hostname: str) -> dict[str, str]:
-    return {"gpu": str(g.index), "UUID": g.uuid, "pci_bus_id": g.pci_bus_id,
-            "device": f"nvidia{g.index}", "modelName": g.name, "Hostname": hostname}
-
-
 class NodeCollector:
     """A prometheus-client collector over ``latest()`` (e.g. ``sampler`` 's latest report)."""
 
@@ -96,7 +48,7 @@ class NodeCollector:
         for name, kind, doc, value in DCGM_FIELDS:
             metric = Metric(name, doc, kind)
             for g in gpus:
-                metric.add_sample(name, _gpu_labels(g, self._hostname), float(value(g)))
+                metric.add_sample(name, gpu_labels(g, self._hostname), float(value(g)))
             yield metric
 
     def _node(self, report: HealthReport) -> Iterator[Metric]:

@@ -312,7 +312,7 @@ class Sampler:
         self.nvml = nvml
         self.events = events or EventLog(None)
         self._clock = clock
-        self._cpu: _CpuMeter | None = None
+        self._cpu = _CpuMeter()  # primed now, so the first sample measures something
         self._lock = threading.Lock()       # one sample at a time
         self._state = threading.Lock()      # guards the fields below
         self._latest: HealthReport | None = None
@@ -500,8 +500,6 @@ class Sampler:
     def take_sample(self) -> Sample:
         """Read psutil and NVML now (in the calling thread) and return the raw sample."""
         now = self._clock()
-        if self._cpu is None:
-            self._cpu = _CpuMeter()
         host = sample_host(self.state_dir, self._cpu)
         with self._state:
             gpus = self._gpus(now)

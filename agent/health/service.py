@@ -263,12 +263,18 @@ class NodeServicer(pb_grpc.NodeServicer):
 # ---------------------------------------------------------------------- health gate
 
 def _health_gate(ctx: AgentContext, loop: asyncio.AbstractEventLoop) -> Callable[[HealthReport], None]:
-    """grpc.health.v1 service "" follows the overall verdict (FAIL -> NOT_SERVING)."""
+    """grpc.health.v1 service "" follows the overall verdict (FAIL -> NOT_SERVING).
+
+    NOT_SERVING is asserted on every FAIL report (so a server that marks everything SERVING
+    once it has started cannot mask a failed node for long); SERVING is set once, when the
+    verdict leaves FAIL, so other reasons for NOT_SERVING are not overridden.
+    """
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     last: list[int] = []
     pending: set[asyncio.Future[Any]] = set()
 
     def apply(status: int) -> None:
-        if ctx.health is None or (last and last[0] == status):
+        if ctx.health is None or (last and last[0] == status and status != not_serving):
             return
         last[:] = [status]
         task = asyncio.ensure_future(ctx.health.set("", status))
@@ -276,7 +282,7 @@ def _health_gate(ctx: AgentContext, loop: asyncio.AbstractEventLoop) -> Callable
         task.add_done_callback(pending.discard)
 
     def listener(report: HealthReport) -> None:
-        status = (health_pb2.HealthCheckResponse.NOT_SERVING if report.overall == Verdict.FAIL
+        status = (not_serving if report.overall == Verdict.FAIL
                   else health_pb2.HealthCheckResponse.SERVING)
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(apply, status)

@@ -8,7 +8,7 @@ or after the last ``nvmlShutdown``, ``NVML_ERROR_NOT_SUPPORTED`` for what a GPU 
 ``NVML_ERROR_LIBRARY_NOT_FOUND``/``DRIVER_NOT_LOADED`` from ``nvmlInit`` when NVML is missing,
 ``NVML_ERROR_TIMEOUT`` from ``nvmlEventSetWait``, ``NVML_ERROR_INVALID_ARGUMENT`` for a
 handle that is not one.  Return types are the real ones: ``str`` for names, the real ctypes
-structures for memory, utilization and PCI info (``busId`` is bytes, as from the library),
+structures for memory, utilization and PCI info (filled in as the library fills them),
 opaque handles.
 
 Tests script the hardware through :class:`FakeGpu` fields and the helpers on
