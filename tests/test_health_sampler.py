@@ -373,3 +373,23 @@ def test_health_section_from_agent_toml(tmp_path: Path) -> None:
     toml.write_text("[health]\ndata_warn_pct = 150\n")
     with pytest.raises(ConfigError, match=r"\[health\] data_warn_pct = 150: not a percentage"):
         load_config(toml)
+
+
+def test_dcgm_rendering_without_prometheus_client_parses(make_sampler: MakeSampler) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.health.dcgm import render_dcgm
+
+    sampler, fake = make_sampler()
+    fake.gpus[0].name = 'odd "name"'
+    text = "\n".join(render_dcgm(sampler.sample_once(), "host")) + "\n"
+    temps = [
+        s
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "DCGM_FI_DEV_GPU_TEMP"
+    ]
+    assert [(s.labels["gpu"], s.labels["modelName"], s.value) for s in temps] == [
+        ("0", 'odd "name"', 41.0),
+        ("1", "NVIDIA H100 80GB HBM3", 41.0),
+    ]
