@@ -18,6 +18,7 @@ from agent.settings import from_table, setting, to_json
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AgentConfig",
+    "HealthSection",
     "InferenceSection",
     "ServerSection",
     "UpdatesSection",
@@ -69,22 +70,69 @@ class UpdatesSection:
     channel: str = setting("stable", "release channel followed by ApplyUpdate without targets")
 
 
+def _pct(v: float) -> str | None:
+    return None if 0 <= v <= 100 else "not a percentage (0-100)"
+
+
+def _interval(v: float) -> str | None:
+    return None if 0.1 <= v <= 3600 else "must be between 0.1 and 3600 seconds"
+
+
+# XID codes that mean the GPU (or its memory) can no longer be trusted until reset or
+# replaced: 48 double-bit ECC, 61/62 internal micro-controller fault, 64 row-remapping
+# failure, 74 NVLink error, 79 fallen off the bus, 95 uncontained ECC error,
+# 119/120 GSP timeout/error, 140 unrecovered ECC error.
+_CRITICAL_XIDS = (48, 61, 62, 64, 74, 79, 95, 119, 120, 140)
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    interval_s: float = setting(10.0, "seconds between hardware samples (psutil + NVML)",
+                                check=_interval)
+    require_gpu: bool = setting(False, "no usable NVML/GPU is a FAIL (else reported, PASS)")
+    gate_serving: bool = setting(True, "overall FAIL makes the server's grpc.health.v1 "
+                                       "status (service \"\") NOT_SERVING")
+    data_warn_pct: float = setting(90.0, "data partition (state_dir) use that warns", check=_pct)
+    data_fail_pct: float = setting(98.0, "data partition use that fails", check=_pct)
+    memory_warn_available_pct: float = setting(5.0, "available memory below this warns", check=_pct)
+    memory_fail_available_pct: float = setting(1.0, "available memory below this fails", check=_pct)
+    gpu_temp_warn_c: float = setting(87.0, "GPU temperature that warns (degrees C)")
+    power_warn_pct: float = setting(100.0, "GPU power draw above this share of the enforced "
+                                           "limit warns", check=_positive)
+    ecc_corrected_warn: int = setting(1000, "corrected (volatile) ECC errors that warn",
+                                      check=_positive)
+    retired_pages_warn: int = setting(1, "retired pages that warn", check=_positive)
+    retired_pages_fail: int = setting(60, "retired pages that fail (NVIDIA's RMA point)",
+                                      check=_positive)
+    pcie_replay_warn: int = setting(1000, "PCIe replays since boot that warn", check=_positive)
+    nvlink_errors_warn: int = setting(100, "NVLink error counts (summed over links) that warn",
+                                      check=_positive)
+    xid_critical: tuple[int, ...] = setting(_CRITICAL_XIDS, "XID codes that fail (others warn)")
+    xid_window_s: float = setting(3600.0, "how long an XID keeps affecting the verdict",
+                                  check=_positive)
+    events_keep: int = setting(1000, "events kept in memory for GetEvents", check=_positive)
+    events_max_bytes: int = setting(8 << 20, "size of events.jsonl before it rotates",
+                                    check=_positive)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     server: ServerSection = field(default_factory=ServerSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     updates: UpdatesSection = field(default_factory=UpdatesSection)
+    health: HealthSection = field(default_factory=HealthSection)
     origin: str = "defaults"
 
     def to_json(self) -> dict[str, Any]:
         return {"server": to_json(self.server), "inference": to_json(self.inference),
-                "updates": to_json(self.updates)}
+                "updates": to_json(self.updates), "health": to_json(self.health)}
 
 
 SECTIONS: dict[str, type[Any]] = {
     "server": ServerSection,
     "inference": InferenceSection,
     "updates": UpdatesSection,
+    "health": HealthSection,
 }
 
 

@@ -1,0 +1,181 @@
+"""What this node is and runs: identity, image, kernel, agent, bundles, registry, GPUs.
+
+Everything here is read from files (state directory, image metadata) or from components
+already running; nothing is sampled.  Missing sources read as empty fields, never errors,
+so a development machine without an appliance image still answers ``GetInventory``.
+
+Sources:
+- node id: ``STATE/node-id`` (a random UUID written on first use, atomically).
+- image: :data:`IMAGE_METADATA` (JSON written by the image builder: ``version``, ``slot``,
+  ``firmware_manifest``); without it, ``IMAGE_VERSION`` of /etc/os-release, slot empty.
+- bundles: the inference component's ``installed()`` when it runs, else the model store's
+  layout ``STATE/models/NAME/VERSION/install.json`` and ``STATE/models/NAME/active``.
+- registry root version: ``signed.version`` of ``STATE/tuf/metadata/root.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.fsutil import atomic_write_text
+
+__all__ = ["IMAGE_METADATA", "OS_RELEASE", "Bundle", "GpuInfo", "Inventory", "collect_inventory",
+           "node_id"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_METADATA = Path("/usr/lib/appliance/image.json")
+OS_RELEASE = Path("/etc/os-release")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    name: str
+    version: str
+    sha256: str
+    active: bool
+    installed_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str
+    driver_version: str
+    cuda_driver_version: str
+
+
+@dataclass(frozen=True)
+class Inventory:
+    node_id: str
+    hostname: str
+    image_version: str
+    active_slot: str
+    kernel: str
+    agent_version: str
+    bundles: tuple[Bundle, ...]
+    registry_root_version: int
+    firmware_manifest_id: str
+    gpus: tuple[GpuInfo, ...]
+    execution_providers: tuple[str, ...]
+
+
+def node_id(state_dir: Path) -> str:
+    """This node's stable id, created on first call; "" when the state dir is not writable."""
+    path = state_dir / "node-id"
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("%s: %s", path, exc)
+        return ""
+    new = str(uuid.uuid4())
+    try:
+        atomic_write_text(path, new + "\n")
+    except OSError as exc:
+        log.warning("%s: cannot record the node id: %s", path, exc)
+        return ""
+    return new
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable: %s", path, exc)
+        return None
+
+
+def _os_release(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and not key.startswith("#"):
+            out[key.strip()] = value.strip().strip("\"'")
+    return out
+
+
+def _image(image_metadata: Path, os_release: Path) -> tuple[str, str, str]:
+    meta = _json(image_metadata)
+    if isinstance(meta, dict):
+        return (str(meta.get("version", "")), str(meta.get("slot", "")),
+                str(meta.get("firmware_manifest", "")))
+    return _os_release(os_release).get("IMAGE_VERSION", ""), "", ""
+
+
+def _bundles_from_store(state_dir: Path) -> list[Bundle]:
+    root = state_dir / "models"
+    out: list[Bundle] = []
+    if not root.is_dir():
+        return out
+    for mdir in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            active = (mdir / "active").read_text().strip()
+        except OSError:
+            active = ""
+        for vdir in sorted(p for p in mdir.iterdir() if p.is_dir()):
+            rec = _json(vdir / "install.json")
+            if not isinstance(rec, dict) or rec.get("verified") is not True:
+                continue  # an interrupted or unverified install is not installed
+            out.append(Bundle(mdir.name, vdir.name, str(rec.get("sha256", "")), vdir.name == active,
+                              float(rec.get("installed_at", 0) or 0)))
+    return out
+
+
+def _bundles(state_dir: Path, inference: Any) -> list[Bundle]:
+    installed = getattr(inference, "installed", None)
+    if callable(installed):
+        try:
+            return [Bundle(str(b["name"]), str(b["version"]), str(b.get("sha256", "")),
+                           bool(b.get("active")), float(b.get("installed_at", 0) or 0))
+                    for b in installed()]
+        except Exception:  # the component's view failed: fall back to the files
+            log.exception("inference component's installed() failed")
+    return _bundles_from_store(state_dir)
+
+
+def _root_version(state_dir: Path) -> int:
+    root = _json(state_dir / "tuf" / "metadata" / "root.json")
+    try:
+        return int(root["signed"]["version"])
+    except (TypeError, KeyError, ValueError):
+        return 0
+
+
+def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
+                      providers: tuple[str, ...] = (), inference: Any = None,
+                      image_metadata: Path = IMAGE_METADATA,
+                      os_release: Path = OS_RELEASE) -> Inventory:
+    """This node's inventory. Raises nothing: absent sources read as empty fields."""
+    version, slot, firmware = _image(image_metadata, os_release)
+    return Inventory(
+        node_id=node_id(state_dir),
+        hostname=socket.gethostname(),
+        image_version=version,
+        active_slot=slot,
+        kernel=platform.release(),
+        agent_version=__version__,
+        bundles=tuple(_bundles(state_dir, inference)),
+        registry_root_version=_root_version(state_dir),
+        firmware_manifest_id=firmware,
+        gpus=gpus,
+        execution_providers=providers,
+    )

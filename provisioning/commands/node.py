@@ -1,0 +1,250 @@
+"""``appliance node health|inventory|events``: ask one node about itself over gRPC.
+
+For a person at one node (a table or a summary) or a script (``--json``; with ``--watch``,
+one JSON document per line).  ``node health --check`` exits 0, 1 or 2 for PASS, WARN or
+FAIL, as monitoring plugins do.  The fleet-wide view is ``appliance fleet``; ``node update``
+comes with the updates work and registers here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from agent.errors import AccessDeniedError, ApplianceError, NotFoundError
+from provisioning.output import emit_json, print_table
+
+__all__ = ["DEFAULT_TARGET", "register"]
+
+DEFAULT_TARGET = "127.0.0.1:8001"
+_VERDICTS = {0: "UNSPECIFIED", 1: "PASS", 2: "WARN", 3: "FAIL"}
+_CHECK_EXIT = {1: 0, 2: 1, 3: 2}
+
+
+# ---------------------------------------------------------------------- gRPC plumbing
+
+def _stub(args: argparse.Namespace) -> Any:
+    import grpc
+
+    from agent.proto import node_pb2_grpc
+
+    channel = grpc.insecure_channel(args.target)  # mTLS options arrive with the PKI work
+    return node_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
+
+
+def _call(args: argparse.Namespace, fn: Callable[[], Any]) -> Any:
+    """Run an RPC; turn a gRPC failure into an error that names the node and the cause."""
+    import grpc
+
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        text = f"{args.target}: {code.name if code else 'error'}: {details}"
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            raise AccessDeniedError(text) from None
+        if code == grpc.StatusCode.NOT_FOUND:
+            raise NotFoundError(text) from None
+        raise ApplianceError(text) from None
+
+
+def _to_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    data: dict[str, Any] = MessageToDict(message, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+    return data
+
+
+def _emit_line(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------- presentation
+
+def _when(ts: Any) -> str:
+    seconds = ts.seconds + ts.nanos / 1e9
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if seconds else "-"
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.1f}G"
+
+
+def _duration(seconds: float) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    return f"{days}d{hours:02d}h{rest // 60:02d}m" if days else f"{hours}h{rest // 60:02d}m"
+
+
+def _print_health(r: Any) -> None:
+    h = r.host
+    nvml = (f"NVML {r.driver_version} / CUDA {r.cuda_driver_version}, {len(r.gpus)} GPU(s)"
+            if r.nvml_available else f"no NVML: {r.nvml_reason}")
+    print(f"health: {_VERDICTS[r.overall]}   sampled {_when(r.sampled_at)}   {nvml}")
+    print(f"host: cpu {h.cpu_pct:.0f}% of {len(h.cpu_per_core_pct)} cores, load "
+          f"{h.load1:.2f} {h.load5:.2f} {h.load15:.2f}, memory {_gib(h.memory_available_bytes)} free of "
+          f"{_gib(h.memory_total_bytes)}, swap {_gib(h.swap_used_bytes)} of {_gib(h.swap_total_bytes)}, "
+          f"up {_duration(h.uptime_s)}")
+    if h.disks:
+        print_table(["DISK", "ROLE", "USED", "SIZE", "USE%"],
+                    [[d.mountpoint, d.role, _gib(d.used_bytes), _gib(d.total_bytes), f"{d.used_pct:.1f}"]
+                     for d in h.disks])
+    if r.gpus:
+        print_table(["GPU", "NAME", "TEMP", "POWER", "UTIL", "MEMORY", "THROTTLE", "ECC C/U", "XID"],
+                    [[g.index, g.name, "LOST" if g.lost else f"{g.temperature_c:.0f}C",
+                      f"{g.power_w:.0f}/{g.power_limit_w:.0f}W", f"{g.utilization_gpu_pct:.0f}%",
+                      f"{_gib(g.memory_used_bytes)}/{_gib(g.memory_total_bytes)}",
+                      ",".join(g.throttle_reasons) or "-",
+                      f"{g.ecc_corrected_volatile}/{g.ecc_uncorrected_volatile}",
+                      g.last_xid or "-"] for g in r.gpus])
+    rules = sorted(r.rules, key=lambda x: (-x.verdict, x.subject, x.rule))
+    print_table(["VERDICT", "RULE", "SUBJECT", "REASON"],
+                [[_VERDICTS[x.verdict], x.rule, x.subject, x.reason] for x in rules])
+
+
+def _print_inventory(inv: Any) -> None:
+    rows = [
+        ("node id", inv.node_id), ("hostname", inv.hostname),
+        ("image", inv.image_version or "-"), ("active slot", inv.active_slot or "-"),
+        ("kernel", inv.kernel), ("agent", inv.agent_version),
+        ("registry root", inv.registry_root_version or "-"),
+        ("firmware manifest", inv.firmware_manifest_id or "-"),
+        ("execution providers", ", ".join(inv.execution_providers) or "-"),
+    ]
+    if inv.clock_override:
+        rows.append(("clock override", inv.clock_override))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if inv.gpus:
+        print_table(["GPU", "NAME", "UUID", "DRIVER", "CUDA"],
+                    [[g.index, g.name, g.uuid, g.driver_version, g.cuda_driver_version] for g in inv.gpus])
+    if inv.bundles:
+        print_table(["BUNDLE", "VERSION", "ACTIVE", "SHA256"],
+                    [[b.name, b.version, "*" if b.active else "", b.sha256[:16]] for b in inv.bundles])
+    else:
+        print("no model bundles installed")
+
+
+def _event_rows(events: Any) -> list[list[Any]]:
+    return [[e.seq, _when(e.time), e.severity, e.kind, e.subject, e.message] for e in events]
+
+
+# ---------------------------------------------------------------------- handlers
+
+def _health(args: argparse.Namespace) -> int:
+    from agent.proto import node_pb2
+
+    stub = _stub(args)
+    if not args.watch:
+        report = _call(args, lambda: stub.GetHealth(node_pb2.GetHealthRequest(), timeout=args.timeout))
+        if args.json:
+            emit_json(_to_dict(report))
+        else:
+            _print_health(report)
+        return _CHECK_EXIT.get(report.overall, 2) if args.check else 0
+    request = node_pb2.WatchHealthRequest(interval_ms=int(args.interval * 1000))
+    for report in _stream(args, lambda: stub.WatchHealth(request)):
+        if args.json:
+            _emit_line(_to_dict(report))
+        else:
+            _print_health(report)
+            print(flush=True)
+    return 0
+
+
+def _stream(args: argparse.Namespace, start: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+    """Items of a server stream; a gRPC failure at any point becomes an ApplianceError."""
+    iterator = _call(args, start)
+    while True:
+        try:
+            item = _call(args, lambda: next(iterator))
+        except StopIteration:
+            return
+        yield item
+
+
+def _inventory(args: argparse.Namespace) -> int:
+    from agent.proto import node_pb2
+
+    stub = _stub(args)
+    inv = _call(args, lambda: stub.GetInventory(node_pb2.GetInventoryRequest(), timeout=args.timeout))
+    if args.json:
+        emit_json(_to_dict(inv))
+    else:
+        _print_inventory(inv)
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    from agent.proto import node_pb2
+
+    stub = _stub(args)
+
+    def fetch(after: int) -> list[Any]:
+        request = node_pb2.GetEventsRequest(after_seq=after, limit=args.limit, kind_prefix=args.kind)
+        return list(_call(args, lambda: stub.GetEvents(request, timeout=args.timeout)).events)
+
+    events = fetch(args.after)
+    if args.json and not args.watch:
+        emit_json([_to_dict(e) for e in events])
+        return 0
+    headers = ["SEQ", "TIME", "SEVERITY", "KIND", "SUBJECT", "MESSAGE"]
+    if not args.watch:
+        if events:
+            print_table(headers, _event_rows(events))
+        else:
+            print("no events")
+        return 0
+    last = args.after
+    while True:
+        for e in events:
+            if args.json:
+                _emit_line(_to_dict(e))
+            else:
+                print("  ".join(str(c) for c in _event_rows([e])[0]), flush=True)
+            last = max(last, e.seq)
+        time.sleep(args.interval)
+        events = fetch(last)
+
+
+# ---------------------------------------------------------------------- parser
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``appliance node ...`` to the CLI."""
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
+                        help=f"the node's agent (default: {DEFAULT_TARGET})")
+    target.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default: 10)")
+    node = sub.add_parser("node", parents=[common], help="ask one node for its health, inventory, events",
+                          description=__doc__)
+    verbs = node.add_subparsers(dest="node_command", metavar="VERB")
+    verbs.required = True
+
+    health = verbs.add_parser("health", parents=[common, target], help="hardware health and verdicts")
+    health.add_argument("--watch", action="store_true", help="keep streaming reports")
+    health.add_argument("--interval", type=float, default=0.0,
+                        help="with --watch: seconds between reports (default 0: on verdict change)")
+    health.add_argument("--check", action="store_true",
+                        help="exit 0/1/2 for PASS/WARN/FAIL (monitoring plugin convention)")
+    health.set_defaults(handler=_health)
+
+    inventory = verbs.add_parser("inventory", parents=[common, target],
+                                 help="identity, image, bundles, GPUs, execution providers")
+    inventory.set_defaults(handler=_inventory)
+
+    events = verbs.add_parser("events", parents=[common, target], help="recent events (XID, throttling, ...)")
+    events.add_argument("--after", type=int, default=0, metavar="SEQ", help="only events after SEQ")
+    events.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    events.add_argument("--kind", default="", metavar="PREFIX", help="only kinds starting with PREFIX")
+    events.add_argument("--watch", action="store_true", help="keep polling for new events")
+    events.add_argument("--interval", type=float, default=1.0, help="with --watch: poll interval (s)")
+    events.set_defaults(handler=_events)
