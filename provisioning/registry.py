@@ -116,6 +116,7 @@ def init_registry(directory: Path, *, root_threshold: int = 1, root_keys: int | 
             encrypted=bool(passphrase),
         )
         store.save_config(config)
+        store.layout.lock.touch(mode=0o600)
         root = Root(consistent_snapshot=True)
         for role, role_signers in signers.items():
             for signer in role_signers:

@@ -22,6 +22,7 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater
 
 from agent.bundle import parse_version
@@ -105,6 +106,8 @@ class RegistryClient:
             if not isinstance(md.signed, Root):
                 raise VerificationError(f"trusted root: expected a root role, got {md.signed.type!r}")
             md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
+        except DeserializationError as exc:
+            raise VerificationError(f"trusted root: not TUF root metadata: {exc}") from None
         except tuf_exc.RepositoryError as exc:
             raise VerificationError(f"trusted root: does not verify: {exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
