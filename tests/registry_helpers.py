@@ -76,20 +76,33 @@ def write_signed(registry: Path, md: Metadata[Any], names: list[str], keys: list
     return data
 
 
-def forge_timestamp(registry: Path, *, snapshot_version: int | None = None, expires: datetime | None = None,
-                    keys: list[CryptoSigner] | None = None, snapshot_bytes: bytes | None = None) -> Metadata[Timestamp]:
+def forge_timestamp(registry: Path, *, snapshot_version: int | None = None,
+                    expires: datetime | None = None,
+                    keys: list[CryptoSigner] | None = None) -> Metadata[Timestamp]:
     """A new timestamp version (signed with the real key unless ``keys`` is given)."""
     ts = metadata(registry, "timestamp.json")
     ts.signed.version += 1
     if expires is not None:
         ts.signed.expires = expires
     if snapshot_version is not None:
-        if snapshot_bytes is None:
-            snapshot_bytes = (registry / "published" / "metadata" / f"{snapshot_version}.snapshot.json").read_bytes()
+        name = f"{snapshot_version}.snapshot.json"
+        snapshot_bytes = (registry / "published" / "metadata" / name).read_bytes()
         ts.signed.snapshot_meta = MetaFile.from_data(snapshot_version, snapshot_bytes, ["sha256"])
     write_signed(registry, ts, ["timestamp.json"], keys or signers(registry, "timestamp"))
     return ts
 
 
-__all__ = ["Metadata", "MetaFile", "Root", "Snapshot", "Targets", "Timestamp", "forge_timestamp",
-           "metadata", "serve", "signers", "tree", "write_signed"]
+__all__ = [
+    "MetaFile",
+    "Metadata",
+    "Root",
+    "Snapshot",
+    "Targets",
+    "Timestamp",
+    "forge_timestamp",
+    "metadata",
+    "serve",
+    "signers",
+    "tree",
+    "write_signed",
+]

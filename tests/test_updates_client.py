@@ -88,10 +88,10 @@ def test_round_trip_from_a_copied_directory(tmp_path: Path, reg: Path, affine_bu
 
 
 def test_newest_version_and_not_found(tmp_path: Path, reg: Path, affine_bundle: Path) -> None:
+    import numpy as np
+
     from provisioning.bundle import create_bundle
     from provisioning.models import affine_model, save_golden
-
-    import numpy as np
 
     model = affine_model(tmp_path / "m.onnx")
     golden = save_golden(tmp_path / "g.npz", {"x": np.ones((1, 4), np.float32)})
@@ -104,7 +104,8 @@ def test_newest_version_and_not_found(tmp_path: Path, reg: Path, affine_bundle: 
     assert client.find_bundle("affine").version == "1.10.0"  # numeric, not string, order
     kinds = {t.path: t.kind for t in client.targets()}
     assert kinds["files/golden.npz"] == "file"
-    with pytest.raises(NotFoundError, match=r"no bundle affine 2\.0 \(versions there: 1\.0\.0, 1\.10\.0, 1\.9\.0\)"):
+    versions = r"\(versions there: 1\.0\.0, 1\.10\.0, 1\.9\.0\)"
+    with pytest.raises(NotFoundError, match=r"no bundle affine 2\.0 " + versions):
         client.find_bundle("affine", "2.0")
     with pytest.raises(NotFoundError, match="no target 'nope'"):
         client.download("nope", tmp_path / "dl")
@@ -156,7 +157,8 @@ def test_flipped_byte_in_each_metadata_file(tmp_path: Path, reg: Path, role: str
         name = "2.root.json"
     else:
         publish(reg)
-        name = {"timestamp": "timestamp.json", "snapshot": "3.snapshot.json", "targets": "3.targets.json"}[role]
+        name = {"timestamp": "timestamp.json", "snapshot": "3.snapshot.json",
+                "targets": "3.targets.json"}[role]
     _flip(reg / "published" / "metadata" / name, region)
     _refused(client, name)
 
@@ -317,7 +319,7 @@ def test_flipped_byte_in_target_is_refused(tmp_path: Path, reg: Path) -> None:
     data[len(data) // 2] ^= 0x01
     stored.write_bytes(bytes(data))
     client = _node(tmp_path, reg)
-    with pytest.raises(VerificationError, match="sha256 .* does not match the signed"):
+    with pytest.raises(VerificationError, match=r"sha256 \w+ does not match the signed"):
         client.download(client.find_bundle("affine"), tmp_path / "dl")
     assert not (tmp_path / "dl" / "affine-1.0.0.bundle").exists()
 
