@@ -35,7 +35,6 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 
-from agent.bundle import parse_version, read_bundle
 from agent.errors import NotFoundError, RegistryError
 from agent.fsutil import fsync_dir
 from agent.updates.clock import ISSUED_FIELD, format_time, parse_time
@@ -71,6 +70,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("bundle", "agent", "os", "file")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_VERSION_RE = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")  # as agent.bundle.parse_version
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _CHUNK = 1 << 20
 
@@ -229,10 +229,8 @@ def target_path(kind: str, name: str, version: str, filename: str) -> str:
         return f"files/{filename}"
     if not _NAME_RE.match(name):
         raise RegistryError(f"name {name!r}: must be 1-64 characters of [a-z0-9._-]")
-    try:
-        parse_version(version)
-    except ValueError as exc:
-        raise RegistryError(str(exc)) from None
+    if not _VERSION_RE.match(version):
+        raise RegistryError(f"version {version!r} is not 1-4 dot-separated numbers such as 1.2.0")
     if kind == "bundle":
         return f"bundles/{name}/{name}-{version}.bundle"
     suffix = "".join(Path(filename).suffixes)[-16:]
@@ -270,6 +268,8 @@ def _describe(file: Path, kind: str | None, name: str | None, version: str | Non
     if kind is None:
         kind = "bundle" if file.suffix == ".bundle" else "file"
     if kind == "bundle":
+        from agent.bundle import read_bundle  # numpy: only when a bundle is added
+
         manifest = read_bundle(file).manifest
         checks = (("--name", name, manifest.name), ("--version", version, manifest.version))
         for flag, given, actual in checks:

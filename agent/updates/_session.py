@@ -20,6 +20,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -249,18 +250,30 @@ def download_verified(fetcher: FetcherInterface, url: str, target: TargetFile, d
     if free < expected:
         raise UpdateError(f"{dest.parent}: {free} bytes free, target {target.path} needs {expected}")
     try:
-        with atomic_write(dest) as out, contextlib.closing(fetcher.fetch(url)) as chunks:  # type: ignore[type-var]
+        chunks = fetcher.fetch(url)
+        with contextlib.ExitStack() as stack:
+            # A generator's close() ends the HTTP response or closes the file at once.
+            stack.callback(getattr(chunks, "close", lambda: None))
+            out = stack.enter_context(atomic_write(dest))
+            writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="tuf-write"))
+            # One write in flight while the next chunk is hashed: hashlib and file writes both
+            # release the GIL, so the two overlap and at most two chunks are held in memory.
+            pending: Future[int] | None = None
             for chunk in chunks:
                 if len(chunk) > expected - received:
                     raise VerificationError(
                         f"{url}: target {target.path} is longer than the {expected} bytes its "
                         f"metadata declares: download stopped at {received} bytes")
                 received += len(chunk)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(out.write, chunk)
                 for h in hashers.values():
                     h.update(chunk)
-                out.write(chunk)
                 if on_chunk is not None:
                     on_chunk(len(chunk))
+            if pending is not None:
+                pending.result()
             if received != expected:
                 raise VerificationError(f"{url}: target {target.path} has {received} bytes, its "
                                         f"metadata declares {expected}")

@@ -25,7 +25,6 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater
 
-from agent.bundle import parse_version
 from agent.errors import NotFoundError, VerificationError
 from agent.fsutil import atomic_write_bytes
 from agent.updates import _session
@@ -180,6 +179,8 @@ class RegistryClient:
             NotFoundError: no such bundle (the message lists the versions there are).
             as :meth:`refresh`.
         """
+        from agent.bundle import parse_version  # numpy-free import of this module for the rest
+
         candidates = [t for t in self.targets() if t.kind == "bundle" and t.name == name]
         if version is not None:
             for t in candidates:
