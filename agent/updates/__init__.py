@@ -1,0 +1,1 @@
+"""Updates: the node's TUF client (``client``), fetchers (HTTP, directory) and clock policy."""
