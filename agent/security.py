@@ -400,6 +400,39 @@ def _peer_host(peer: str) -> str:
 Behavior = Callable[..., Any]
 
 
+class _Malformed:
+    """What a request that does not parse becomes, so that it is refused as INVALID_ARGUMENT.
+
+    grpc.aio answers a deserializer's exception with UNKNOWN, which tells the caller nothing
+    and reads like a crash; the interceptor turns it into a proper status instead.
+    """
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def load(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's fault
+            return _Malformed(f"request does not parse: {type(exc).__name__}: {exc}")
+    return load
+
+
+async def _checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """A request stream that ends the call with INVALID_ARGUMENT at the first malformed message."""
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        yield request
+
+
 class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Identity, revocation, role check, audit, per-peer and overall call limits, deadline cap."""
 
@@ -508,12 +541,25 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     # -- wrapping handlers
 
-    def _wrap_unary_response(self, method: str, behavior: Behavior) -> Behavior:
+    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext,
+                     streaming: bool) -> tuple[str, Any]:
+        """Decide (aborting on a denial), then refuse a malformed request with INVALID_ARGUMENT.
+
+        Returns the peer key and the request (a checking iterator for request streams).
+        """
+        try:
+            _, host = self._decide(method, context)
+        except _DeniedError as denied:
+            await context.abort(denied.code, str(denied))
+        if streaming:
+            return host, _checked(request, context)
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return host, request
+
+    def _wrap_unary_response(self, method: str, behavior: Behavior, streaming: bool) -> Behavior:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                _, host = self._decide(method, context)
-            except _DeniedError as denied:
-                await context.abort(denied.code, str(denied))
+            host, request = await self._admit(method, request, context, streaming)
             with self._counted(host):
                 limit = self._cap(context, self._max_deadline)
                 try:
@@ -527,41 +573,34 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                                         f"call ran past the node's cap of {self._max_deadline:g} s")
         return call
 
-    def _wrap_stream_response(self, method: str, behavior: Behavior) -> Behavior:
+    def _wrap_stream_response(self, method: str, behavior: Behavior, streaming: bool) -> Behavior:
         if inspect.isasyncgenfunction(behavior) or inspect.isgeneratorfunction(behavior):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    _, host = self._decide(method, context)
-                except _DeniedError as denied:
-                    await context.abort(denied.code, str(denied))
+                host, request = await self._admit(method, request, context, streaming)
                 with self._counted(host):
                     limit = self._cap(context, self._max_stream)
                     deadline = None if limit is None else time.monotonic() + limit
                     responses = behavior(request, context)
-                    if inspect.isasyncgen(responses):
-                        while True:
-                            try:
-                                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                                async with asyncio.timeout(left):
-                                    item = await anext(responses)
-                            except StopAsyncIteration:
-                                return
-                            except TimeoutError:
-                                await responses.aclose()
-                                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                    "stream ran past the node's cap of "
-                                                    f"{self._max_stream:g} s")
-                            yield item
-                    else:
+                    if not inspect.isasyncgen(responses):
                         for item in responses:
                             yield item
+                        return
+                    while True:
+                        try:
+                            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                            async with asyncio.timeout(left):
+                                item = await anext(responses)
+                        except StopAsyncIteration:
+                            return
+                        except TimeoutError:
+                            await responses.aclose()
+                            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                f"stream ran past the node's cap of {self._max_stream:g} s")
+                        yield item
             return stream
 
         async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
-            try:
-                _, host = self._decide(method, context)
-            except _DeniedError as denied:
-                await context.abort(denied.code, str(denied))
+            host, request = await self._admit(method, request, context, streaming)
             with self._counted(host):
                 limit = self._cap(context, self._max_stream)
                 try:
@@ -575,19 +614,19 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return writer
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        fields = {"request_deserializer": handler.request_deserializer,
+        fields = {"request_deserializer": _tolerant(handler.request_deserializer),
                   "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary_response(method, handler.unary_unary), **fields)
+                self._wrap_unary_response(method, handler.unary_unary, False), **fields)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary_response(method, handler.stream_unary), **fields)
+                self._wrap_unary_response(method, handler.stream_unary, True), **fields)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream_response(method, handler.unary_stream), **fields)
+                self._wrap_stream_response(method, handler.unary_stream, False), **fields)
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream_response(method, handler.stream_stream), **fields)
+            self._wrap_stream_response(method, handler.stream_stream, True), **fields)
 
     async def intercept_service(
         self,
