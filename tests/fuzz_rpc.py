@@ -23,8 +23,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -334,32 +332,14 @@ def local_server(workdir: Path) -> Iterator[tuple[str, grpc.ChannelCredentials, 
     init_pki(pki, organization="Fuzz Site")
     issue_node(pki, "node", dns=["localhost"], ips=["127.0.0.1"])
     issue_client(pki, "fuzzer", "admin")
-    node = pki / "issued" / "node"
-    config = workdir / "agent.toml"
-    config.write_text(f'[server]\nlisten = "127.0.0.1"\nport = 0\nmax_message_bytes = 1048576\n'
-                      f'[tls]\ncert = "{node / "node.crt"}"\nkey = "{node / "node.key"}"\n'
-                      f'ca = "{pki / "ca.crt"}"\ncrl = "{pki / "crl.pem"}"\n')
-    port_file = workdir / "port"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.secure_server", "--config", str(config),
-                             "--port-file", str(port_file)], env=env, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"test server did not start (exit {proc.returncode})")
-            time.sleep(0.05)
+    from tests.secure_server import mtls_config, spawn
+
+    config = mtls_config(workdir, pki, extra="max_message_bytes = 1048576")
+    with spawn(config) as (ports, pid):
         d = pki / "issued" / "fuzzer"
         creds = grpc.ssl_channel_credentials((pki / "ca.crt").read_bytes(), (d / "fuzzer.key").read_bytes(),
                                              (d / "fuzzer.crt").read_bytes())
-        yield f"localhost:{port_file.read_text()}", creds, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        yield f"localhost:{ports[0]}", creds, pid
 
 
 def main() -> int:
