@@ -107,7 +107,8 @@ def test_ansible_inventories_and_limits(cli: Callable[..., CliResult], site: dic
     assert _json(cli("fleet", "status", "-i", yaml, "--json", *_auth(site, "observer")))["summary"]["ok"] == 2
 
 
-def test_inventory_errors_are_clear(cli: Callable[..., CliResult], site: dict[str, Any], tmp_path: Path) -> None:
+def test_inventory_errors_are_clear(cli: Callable[..., CliResult], site: dict[str, Any],
+                                    tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[nodes]]\nname = "x"\nport = 70000\n')
     result = cli("fleet", "status", "-i", bad, *_auth(site, "observer"))
