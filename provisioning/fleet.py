@@ -257,7 +257,7 @@ async def _one(node: Node, action: Action, auth: FleetAuth, deadline: float,
 
 
 async def query(nodes: Sequence[Node], action: Action, *, auth: FleetAuth, deadline: float = 5.0,
-                concurrency: int = 256, progress: Callable[[NodeResult], None] | None = None,
+                concurrency: int = 1024, progress: Callable[[NodeResult], None] | None = None,
                 ) -> list[NodeResult]:
     """Run ``action`` on every node, at most ``concurrency`` at a time; results in node order.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,9 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
                         help="hosts or groups to include (an Ansible pattern; default: all)")
     parser.add_argument("--deadline", type=float, default=5.0,
                         help="seconds each node has for all of its work (default: 5)")
-    parser.add_argument("--concurrency", type=int, default=256,
-                        help="nodes asked at the same time (default: 256)")
+    parser.add_argument("--concurrency", type=int, default=1024,
+                        help="nodes asked at the same time (default: 1024); with more nodes than "
+                             "this, a slow node delays those queued behind it")
     parser.add_argument("--ca", type=Path, default=_env_path("APPLIANCE_FLEET_CA"),
                         help="site CA certificate (default: $APPLIANCE_FLEET_CA)")
     parser.add_argument("--cert", type=Path, default=_env_path("APPLIANCE_FLEET_CERT"),
@@ -93,10 +95,21 @@ def _setup(args: argparse.Namespace) -> tuple[list[Node], FleetAuth]:
         raise ConfigError("no inventory: give -i FILE or set $APPLIANCE_INVENTORY")
     nodes = load_inventory(args.inventory, args.limit)
     auth = FleetAuth.from_files(args.ca, args.cert, args.key)
+    _raise_fd_limit(min(len(nodes), args.concurrency))
     if auth.insecure and not args.insecure:
         raise ConfigError("fleet access uses mTLS: give --ca, --cert and --key "
                           "(or --insecure for agents on loopback without TLS)")
     return nodes, auth
+
+
+def _raise_fd_limit(connections: int) -> None:
+    """Make room for one socket per node in flight (the soft limit is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * connections + 256
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _run(nodes: list[Node], action: Action, auth: FleetAuth, args: argparse.Namespace) -> list[NodeResult]:
