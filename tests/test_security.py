@@ -153,6 +153,23 @@ def test_revocation_after_start_takes_effect(pki: Path, tmp_path: Path,
                                                             grpc.StatusCode.UNAUTHENTICATED)
 
 
+def test_certificate_expiring_on_an_open_connection(pki: Path, tmp_path: Path) -> None:
+    # Valid for 3 more seconds: the handshake accepts it, the interceptor refuses it later.
+    brief = issue_client(pki, "brief", "observer", days=1,
+                         valid_from=dt.datetime.now(dt.UTC) - dt.timedelta(days=1) + dt.timedelta(seconds=3))
+
+    async def scenario(port: int) -> tuple[grpc.StatusCode, grpc.StatusCode]:
+        async with channel(port, client_creds(pki, "brief")) as ch:
+            stub = node_pb2_grpc.NodeStub(ch)
+            before = await code_of(stub.GetHealth(node_pb2.GetHealthRequest()))
+            left = (brief.not_after - dt.datetime.now(dt.UTC)).total_seconds()
+            await asyncio.sleep(max(0.0, left) + 0.3)
+            return before, await code_of(stub.GetHealth(node_pb2.GetHealthRequest()))
+
+    assert serve(write_config(tmp_path, pki), scenario) == (grpc.StatusCode.OK,
+                                                            grpc.StatusCode.UNAUTHENTICATED)
+
+
 def _roleless_client(pki: Path, ou: str | None) -> str:
     """A client certificate from the site CA whose OU is not one role (as another tool might make)."""
     from cryptography import x509
