@@ -76,6 +76,14 @@ class FleetAuth:
     def insecure(self) -> bool:
         return self.ca is None
 
+    def credentials(self) -> grpc.ChannelCredentials:
+        """One credentials object for every channel (parsing the PEMs once, not per node)."""
+        cached: grpc.ChannelCredentials | None = self.__dict__.get("_creds")
+        if cached is None:
+            cached = grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+            object.__setattr__(self, "_creds", cached)
+        return cached
+
     @classmethod
     def from_files(cls, ca: Path | None, cert: Path | None, key: Path | None) -> FleetAuth:
         """Read the three PEM files (all or none).
@@ -230,8 +238,7 @@ def _channel(node: Node, auth: FleetAuth) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(node.target, options=options)
     if node.tls_name:
         options.append(("grpc.ssl_target_name_override", node.tls_name))
-    creds = grpc.ssl_channel_credentials(auth.ca, auth.key, auth.cert)
-    return grpc.aio.secure_channel(node.target, creds, options=options)
+    return grpc.aio.secure_channel(node.target, auth.credentials(), options=options)
 
 
 async def _one(node: Node, action: Action, auth: FleetAuth, deadline: float,
