@@ -20,7 +20,9 @@ __all__ = [
     "AgentConfig",
     "HealthSection",
     "InferenceSection",
+    "LimitsSection",
     "ServerSection",
+    "TlsSection",
     "UpdatesSection",
     "load_config",
 ]
@@ -113,6 +115,57 @@ class HealthSection:
     events_keep: int = setting(1000, "events kept in memory for GetEvents", check=_positive)
     events_max_bytes: int = setting(8 << 20, "size of events.jsonl before it rotates",
                                     check=_positive)
+_ROLE_CHOICES = ("observer", "operator", "admin", "none")
+
+
+def _role_choice(v: str) -> str | None:
+    return None if v in _ROLE_CHOICES else f"expected one of {', '.join(_ROLE_CHOICES)}"
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    """mTLS with the site CA (agent.security); all four files come from `appliance pki`."""
+
+    cert: Path | None = setting(None, "this node's certificate (PEM), from `appliance pki issue-node`")
+    key: Path | None = setting(None, "its private key (PEM, mode 0600)")
+    ca: Path | None = setting(None, "the site CA certificate; client certificates must chain to it")
+    crl: Path | None = setting(None, "the site's signed revocation list (PEM); re-read when it changes")
+    loopback_role: str = setting(
+        "admin", "role of callers on a loopback listener without TLS (the node's own tools); "
+                 "'none' refuses them", check=_role_choice)
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """The gRPC surface's limits (agent.security.server_options); message sizes: [server]."""
+
+    max_metadata_bytes: int = setting(16 << 10, "largest request metadata (headers)", check=_positive)
+    max_connections: int = setting(256, "open client connections, all peers together", check=_positive)
+    max_concurrent_streams: int = setting(64, "concurrent calls on one HTTP/2 connection",
+                                          check=_positive)
+    max_concurrent_rpcs: int = setting(
+        512, "calls in progress or queued, whole server; beyond: RESOURCE_EXHAUSTED", check=_positive)
+    max_calls_per_peer: int = setting(
+        128, "calls in progress from one peer address; beyond: RESOURCE_EXHAUSTED", check=_positive)
+    max_deadline_s: float = setting(
+        300.0, "longest a unary call may run; a longer or missing client deadline is cut to this",
+        check=_positive)
+    max_stream_s: float = setting(3600.0, "longest a streaming call may run; 0: no limit",
+                                  check=_non_negative)
+    handshake_timeout_s: float = setting(10.0, "a TLS handshake must finish within this",
+                                         check=_positive)
+    keepalive_time_s: float = setting(60.0, "ping an idle client this often to find dead peers",
+                                      check=_positive)
+    keepalive_timeout_s: float = setting(20.0, "drop a connection whose ping is not answered in time",
+                                         check=_positive)
+    min_ping_interval_s: float = setting(
+        30.0, "clients pinging more often than this get a strike", check=_positive)
+    max_ping_strikes: int = setting(2, "strikes before the connection is closed (GOAWAY)",
+                                    check=_non_negative)
+    permit_keepalive_without_calls: bool = setting(
+        False, "accept client pings on connections with no call in progress")
+    max_connection_idle_s: float = setting(900.0, "close connections idle this long; 0: never",
+                                           check=_non_negative)
 
 
 @dataclass(frozen=True)
@@ -121,11 +174,12 @@ class AgentConfig:
     inference: InferenceSection = field(default_factory=InferenceSection)
     updates: UpdatesSection = field(default_factory=UpdatesSection)
     health: HealthSection = field(default_factory=HealthSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
     origin: str = "defaults"
 
     def to_json(self) -> dict[str, Any]:
-        return {"server": to_json(self.server), "inference": to_json(self.inference),
-                "updates": to_json(self.updates), "health": to_json(self.health)}
+        return {name: to_json(getattr(self, name)) for name in SECTIONS}
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -133,6 +187,8 @@ SECTIONS: dict[str, type[Any]] = {
     "inference": InferenceSection,
     "updates": UpdatesSection,
     "health": HealthSection,
+    "tls": TlsSection,
+    "limits": LimitsSection,
 }
 
 

@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "provisioning.commands.node",
     "provisioning.commands.image",
     "provisioning.commands.fleet",
+    "provisioning.commands.pki",
 )
 
 Handler = Callable[[argparse.Namespace], int]

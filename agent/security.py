@@ -1,0 +1,646 @@
+"""The agent's gRPC surface: mTLS with the site CA, roles from client certificates, limits.
+
+The agent server calls three functions::
+
+    server = grpc.aio.server(options=server_options(cfg), interceptors=interceptors(cfg),
+                             maximum_concurrent_rpcs=maximum_concurrent_rpcs(cfg))
+    creds = server_credentials(cfg)      # None: loopback without TLS
+    address = f"{cfg.server.listen}:{cfg.server.port}"
+    server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+
+**Identity.** A client certificate must chain to the site CA (checked by the TLS layer, which
+also refuses expired certificates and connections without one), carry the clientAuth extended
+key usage, not be listed in the site's CRL, and carry exactly one role in its subject
+*organizationalUnitName* (``OU=observer``, ``OU=operator`` or ``OU=admin``).  OU rather than a
+private extension: any CA tool (openssl, step-ca, an enterprise CA) can issue it, every
+certificate viewer shows it, and a private extension would need an enterprise OID arc that a
+site does not have.  The CA is the site's own, so nothing outside the site can mint an OU.
+
+**Authorization** is one interceptor (:class:`AccessInterceptor`) and one table
+(:data:`METHOD_ROLES`); roles are ordered observer < operator < admin, and a method the table
+does not name needs admin (configuration, and anything added later until it is classified).
+Every decision is an audit line on the ``agent.audit`` logger: denials at WARNING, allowed
+calls at DEBUG, naming the certificate subject, serial, method, peer and decision.
+
+**Limits** (agent.toml ``[limits]``; message sizes are ``[server] max_message_bytes``):
+enforced by gRPC core: message and metadata sizes (RESOURCE_EXHAUSTED), concurrent streams
+per connection, total incoming connections, handshake timeout, keepalive and ping-abuse
+policy (GOAWAY), idle connections, calls in progress or queued (``maximum_concurrent_rpcs``,
+RESOURCE_EXHAUSTED).  Enforced by the interceptor: calls in progress per peer address
+(RESOURCE_EXHAUSTED), calls in progress overall (again, for servers built without
+``maximum_concurrent_rpcs``), and the deadline cap (DEADLINE_EXCEEDED).  Not enforced: the
+number of *connections* per peer address; gRPC Python offers no hook at accept time, so that
+belongs in the node's firewall (nftables ``ct count``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import inspect
+import ipaddress
+import logging
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.config import AgentConfig
+from agent.errors import ConfigError, NotFoundError, VerificationError
+
+__all__ = [
+    "METHOD_ROLES",
+    "ROLES",
+    "ROLE_ATTRIBUTE",
+    "AccessInterceptor",
+    "Identity",
+    "RevocationList",
+    "check_listen",
+    "identity_of",
+    "interceptors",
+    "is_loopback",
+    "maximum_concurrent_rpcs",
+    "required_role",
+    "role_of",
+    "server_credentials",
+    "server_options",
+]
+
+log = logging.getLogger("agent.security")
+audit = logging.getLogger("agent.audit")
+
+ROLES: tuple[str, ...] = ("observer", "operator", "admin")
+_RANK = {role: n for n, role in enumerate(ROLES)}
+# Where a client certificate carries its role (see the module docstring for why OU).
+ROLE_ATTRIBUTE = NameOID.ORGANIZATIONAL_UNIT_NAME
+
+_INFERENCE = "/inference.GRPCInferenceService/"
+_NODE = "/appliance.v1.Node/"
+
+# Fully qualified method (or service prefix ending in "/") -> the least role that may call it.
+METHOD_ROLES: Mapping[str, str] = {
+    # KServe v2 / Triton: inference and model status for everyone with a role ...
+    _INFERENCE: "observer",
+    # ... changing what is loaded is an operator's job, server settings an admin's.
+    _INFERENCE + "RepositoryModelLoad": "operator",
+    _INFERENCE + "RepositoryModelUnload": "operator",
+    _INFERENCE + "TraceSetting": "admin",
+    _INFERENCE + "LogSettings": "admin",
+    "/grpc.health.v1.Health/": "observer",
+    "/grpc.reflection.v1alpha.ServerReflection/": "observer",
+    "/grpc.reflection.v1.ServerReflection/": "observer",
+    _NODE + "GetHealth": "observer",
+    _NODE + "WatchHealth": "observer",
+    _NODE + "GetInventory": "observer",
+    _NODE + "GetEvents": "observer",
+    _NODE + "UpdateHistory": "observer",
+    _NODE + "CheckUpdates": "operator",
+    _NODE + "ApplyUpdate": "operator",
+    _NODE + "Rollback": "admin",
+}
+
+
+def required_role(method: str) -> str:
+    """The least role allowed to call ``method`` (``/package.Service/Method``); unlisted: admin."""
+    if method in METHOD_ROLES:
+        return METHOD_ROLES[method]
+    service = method[: method.rfind("/") + 1]
+    return METHOD_ROLES.get(service, "admin") if service else "admin"
+
+
+def role_of(cert: x509.Certificate) -> str | None:
+    """The role a client certificate carries (exactly one known OU value), or None."""
+    values = [a.value for a in cert.subject.get_attributes_for_oid(ROLE_ATTRIBUTE)]
+    roles = [v for v in values if v in _RANK]
+    return str(roles[0]) if len(roles) == 1 and len(values) == 1 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Who is calling: from the client certificate, or the loopback stand-in without TLS."""
+
+    subject: str
+    serial: int | None
+    role: str | None
+    not_after: dt.datetime | None = None
+    client_auth: bool = True
+    problem: str = ""  # non-empty: refuse with UNAUTHENTICATED
+
+    @property
+    def serial_hex(self) -> str:
+        return "-" if self.serial is None else f"{self.serial:x}"
+
+
+def identity_of(cert: x509.Certificate) -> Identity:
+    """The :class:`Identity` a certificate asserts (revocation is checked separately)."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    except x509.ExtensionNotFound:
+        client_auth = False
+    problem = "" if client_auth else "certificate is not for client authentication (no clientAuth usage)"
+    return Identity(subject=cert.subject.rfc4514_string(), serial=cert.serial_number,
+                    role=role_of(cert), not_after=cert.not_valid_after_utc,
+                    client_auth=client_auth, problem=problem)
+
+
+# ------------------------------------------------------------------ listening and credentials
+
+
+def is_loopback(listen: str) -> bool:
+    """True when ``listen`` (an address or host name) only reaches this machine."""
+    host = listen.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+def _tls_files(config: AgentConfig) -> dict[str, Path | None]:
+    tls = config.tls
+    return {"cert": tls.cert, "key": tls.key, "ca": tls.ca}
+
+
+def check_listen(config: AgentConfig) -> bool:
+    """Whether the agent will use TLS; refuse a listener beyond loopback without it.
+
+    Raises:
+        ConfigError: ``[server] listen`` is beyond loopback and ``[tls]`` cert/key/ca are not
+            all set, or only some of them are set.
+    """
+    files = _tls_files(config)
+    missing = [name for name, path in files.items() if path is None]
+    origin = config.origin
+    if missing and len(missing) < len(files):
+        raise ConfigError(f"{origin}: [tls] sets {', '.join(k for k in files if k not in missing)} "
+                          f"but not {', '.join(missing)}: mTLS needs cert, key and ca")
+    if missing and not is_loopback(config.server.listen):
+        raise ConfigError(
+            f"{origin}: [server] listen = {config.server.listen!r} is beyond loopback, and the agent "
+            "refuses to listen there without mTLS: set [tls] cert, key and ca "
+            "(`appliance pki issue-node`), or listen on 127.0.0.1")
+    return not missing
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: [tls] {what}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: [tls] {what}: cannot read: {exc.strerror}") from None
+
+
+def _load_cert(path: Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(_read(path, what))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [tls] {what}: not a PEM certificate ({exc})") from None
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _check_material(config: AgentConfig) -> tuple[bytes, bytes, bytes]:
+    """Read and cross-check cert, key and CA; return their PEM bytes."""
+    tls = config.tls
+    assert tls.cert is not None and tls.key is not None and tls.ca is not None
+    ca = _load_cert(tls.ca, "ca")
+    cert = _load_cert(tls.cert, "cert")
+    key_pem = _read(tls.key, "key")
+    mode = stat.S_IMODE(tls.key.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"{tls.key}: [tls] key is readable by others (mode {mode:04o}); "
+                          "chmod 600 it")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{tls.key}: [tls] key: not an unencrypted PEM private key ({exc})") from None
+    if key.public_key().public_bytes(serialization.Encoding.DER,
+                                     serialization.PublicFormat.SubjectPublicKeyInfo) != \
+            cert.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise ConfigError(f"{tls.key}: [tls] key does not belong to certificate {tls.cert}")
+    if not _signed_by(cert, ca):
+        raise VerificationError(f"{tls.cert}: [tls] cert is not issued by the CA in {tls.ca}")
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise VerificationError(
+            f"{tls.cert}: [tls] cert is valid from {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} "
+            f"to {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, not now ({now:%Y-%m-%dT%H:%M:%SZ})")
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem, _read(tls.ca, "ca")
+
+
+def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
+    """mTLS credentials (client certificate required, site CA), or None on plain loopback.
+
+    Raises:
+        ConfigError: listening beyond loopback without TLS material, a partial [tls] section,
+            unreadable or malformed files, a key readable by others or not matching the cert.
+        NotFoundError: a [tls] file does not exist.
+        VerificationError: the node certificate is not from the CA, or expired / not yet valid.
+    """
+    if not check_listen(config):
+        return None
+    cert_pem, key_pem, ca_pem = _check_material(config)
+    if config.tls.crl is not None:
+        RevocationList(config.tls.crl, x509.load_pem_x509_certificate(ca_pem))  # fail early
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
+                                       require_client_auth=True)
+
+
+def server_options(config: AgentConfig) -> list[tuple[str, Any]]:
+    """gRPC core channel arguments for the server, from ``[server]`` and ``[limits]``."""
+    lim = config.limits
+    size = config.server.max_message_bytes
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_metadata_size", lim.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", lim.max_metadata_bytes),
+        ("grpc.max_allowed_incoming_connections", lim.max_connections),
+        ("grpc.max_concurrent_streams", lim.max_concurrent_streams),
+        ("grpc.server_handshake_timeout_ms", ms(lim.handshake_timeout_s)),
+        ("grpc.keepalive_time_ms", ms(lim.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(lim.keepalive_timeout_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(lim.min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", lim.max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(lim.permit_keepalive_without_calls)),
+        # Without this, a second process of the same user could bind the port beside us.
+        ("grpc.so_reuseport", 0),
+    ]
+    if lim.max_connection_idle_s:
+        options.append(("grpc.max_connection_idle_ms", ms(lim.max_connection_idle_s)))
+    return options
+
+
+def maximum_concurrent_rpcs(config: AgentConfig) -> int:
+    """The ``maximum_concurrent_rpcs`` argument of ``grpc.aio.server`` (queue depth)."""
+    return config.limits.max_concurrent_rpcs
+
+
+def interceptors(config: AgentConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The server's interceptors: one, doing identity, revocation, roles, audit and limits.
+
+    Raises:
+        ConfigError, NotFoundError, VerificationError: the CA or CRL cannot be loaded.
+    """
+    return [AccessInterceptor(config)]
+
+
+# ------------------------------------------------------------------ revocation
+
+
+class RevocationList:
+    """The site CRL: signature checked against the CA; re-read when the file changes.
+
+    A stale CRL (past its next update) is still enforced, with a warning: the revoked
+    serials it lists stay revoked, and an offline node must not lock its managers out.
+    A replacement that fails to parse or verify is ignored (logged) and the old list kept.
+    """
+
+    _RECHECK_S = 2.0
+
+    def __init__(self, path: Path, ca: x509.Certificate) -> None:
+        self.path = path
+        self._ca = ca
+        self._revoked: frozenset[int] = frozenset()
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
+        self.next_update: dt.datetime | None = None
+        self._load()  # raises on the first load: a bad CRL at start-up is a config error
+
+    def _load(self) -> None:
+        st = self.path.stat() if self.path.exists() else None
+        if st is None:
+            raise NotFoundError(f"{self.path}: [tls] crl: no such file")
+        data = self.path.read_bytes()
+        try:
+            crl = x509.load_pem_x509_crl(data)
+        except ValueError as exc:
+            raise ConfigError(f"{self.path}: [tls] crl: not a PEM revocation list ({exc})") from None
+        public = self._ca.public_key()
+        if crl.issuer != self._ca.subject or not isinstance(public, ec.EllipticCurvePublicKey) \
+                or not crl.is_signature_valid(public):
+            raise VerificationError(f"{self.path}: [tls] crl is not signed by the site CA "
+                                    f"({self._ca.subject.rfc4514_string()})")
+        self._revoked = frozenset(r.serial_number for r in crl)
+        self.next_update = crl.next_update_utc
+        self._stamp = (st.st_mtime_ns, st.st_size)
+        log.info("loaded CRL %s: %d revoked, next update %s", self.path, len(self._revoked),
+                 self.next_update)
+
+    def refresh(self) -> None:
+        """Re-read the file if it changed (checked at most every couple of seconds)."""
+        now = time.monotonic()
+        if now - self._checked < self._RECHECK_S:
+            return
+        self._checked = now
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            log.warning("CRL %s unreadable (%s); keeping the loaded list", self.path, exc)
+            return
+        if (st.st_mtime_ns, st.st_size) == self._stamp:
+            return
+        try:
+            self._load()
+        except (ConfigError, NotFoundError, VerificationError, OSError) as exc:
+            log.warning("new CRL refused, keeping the loaded list: %s", exc)
+            self._stamp = (st.st_mtime_ns, st.st_size)
+        if self.next_update is not None and self.next_update < dt.datetime.now(dt.UTC):
+            log.warning("CRL %s is past its next update (%s); still enforcing it", self.path,
+                        self.next_update)
+
+    def is_revoked(self, serial: int) -> bool:
+        self.refresh()
+        return serial in self._revoked
+
+
+# ------------------------------------------------------------------ the interceptor
+
+
+class _DeniedError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _peer_host(peer: str) -> str:
+    """``ipv4:1.2.3.4:5`` -> ``1.2.3.4``; ``ipv6:[::1]:5`` -> ``::1``; anything else as is."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
+
+
+Behavior = Callable[..., Any]
+
+
+class _Malformed:
+    """What a request that does not parse becomes, so that it is refused as INVALID_ARGUMENT.
+
+    grpc.aio answers a deserializer's exception with UNKNOWN, which tells the caller nothing
+    and reads like a crash; the interceptor turns it into a proper status instead.
+    """
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def load(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's fault
+            return _Malformed(f"request does not parse: {type(exc).__name__}: {exc}")
+    return load
+
+
+async def _checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """A request stream that ends the call with INVALID_ARGUMENT at the first malformed message."""
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        yield request
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Identity, revocation, role check, audit, per-peer and overall call limits, deadline cap."""
+
+    _CACHE_MAX = 1024
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._tls = check_listen(config)
+        self._loopback_role = None if config.tls.loopback_role == "none" else config.tls.loopback_role
+        self._crl: RevocationList | None = None
+        if self._tls and config.tls.crl is not None:
+            assert config.tls.ca is not None
+            self._crl = RevocationList(config.tls.crl, _load_cert(config.tls.ca, "ca"))
+        lim = config.limits
+        self._per_peer = lim.max_calls_per_peer
+        self._overall = lim.max_concurrent_rpcs
+        self._max_deadline = lim.max_deadline_s
+        self._max_stream = lim.max_stream_s or None
+        self._calls: dict[str, int] = {}
+        self._total = 0
+        self._identities: dict[bytes, Identity] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    # -- identity and decision
+
+    def _identify(self, context: grpc.aio.ServicerContext) -> Identity:
+        if not self._tls:
+            return Identity(subject="loopback (no TLS)", serial=None, role=self._loopback_role)
+        pems = context.auth_context().get("x509_pem_cert") or []
+        if not pems:
+            return Identity(subject="(no certificate)", serial=None, role=None,
+                            problem="no client certificate")
+        pem = pems[0]
+        ident = self._identities.get(pem)
+        if ident is None:
+            try:
+                ident = identity_of(x509.load_pem_x509_certificate(pem))
+            except ValueError:
+                ident = Identity(subject="(unparsable)", serial=None, role=None,
+                                 problem="client certificate cannot be parsed")
+            if len(self._identities) >= self._CACHE_MAX:
+                self._identities.clear()
+            self._identities[pem] = ident
+        if not ident.problem:
+            if ident.not_after is not None and ident.not_after < dt.datetime.now(dt.UTC):
+                return dataclasses.replace(ident, problem=f"certificate expired at {ident.not_after}")
+            if self._crl is not None and ident.serial is not None and self._crl.is_revoked(ident.serial):
+                return dataclasses.replace(ident, problem="certificate is revoked")
+        return ident
+
+    def _decide(self, method: str, context: grpc.aio.ServicerContext) -> tuple[Identity, str]:
+        """Return who calls and the peer key, or raise :class:`_DeniedError` (audited)."""
+        ident = self._identify(context)
+        peer = context.peer()
+        need = required_role(method)
+        if ident.problem:
+            self._audit(logging.WARNING, "deny", method, ident, peer, reason=ident.problem)
+            raise _DeniedError(grpc.StatusCode.UNAUTHENTICATED, ident.problem)
+        if ident.role is None:
+            reason = (f"certificate carries no role (one OU of {', '.join(ROLES)})"
+                      if self._tls else "loopback callers are refused ([tls] loopback_role = 'none')")
+            self._audit(logging.WARNING, "deny", method, ident, peer, reason=reason)
+            raise _DeniedError(grpc.StatusCode.PERMISSION_DENIED, reason)
+        if _RANK[ident.role] < _RANK[need]:
+            reason = f"role {ident.role} may not call {method} (needs {need})"
+            self._audit(logging.WARNING, "deny", method, ident, peer, reason=reason)
+            raise _DeniedError(grpc.StatusCode.PERMISSION_DENIED, reason)
+        host = _peer_host(peer)
+        if self._calls.get(host, 0) >= self._per_peer:
+            reason = f"peer {host} already has {self._per_peer} calls in progress"
+            self._audit(logging.WARNING, "deny", method, ident, peer, reason=reason)
+            raise _DeniedError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        if self._total >= self._overall:
+            reason = f"the node already has {self._overall} calls in progress"
+            self._audit(logging.WARNING, "deny", method, ident, peer, reason=reason)
+            raise _DeniedError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        self._audit(logging.DEBUG, "allow", method, ident, peer, reason=f"role {ident.role}")
+        return ident, host
+
+    @staticmethod
+    def _audit(level: int, decision: str, method: str, ident: Identity, peer: str, *,
+               reason: str) -> None:
+        if audit.isEnabledFor(level):
+            audit.log(level, "audit decision=%s method=%s subject=%r serial=%s role=%s peer=%s reason=%r",
+                      decision, method, ident.subject, ident.serial_hex, ident.role or "-", peer, reason)
+
+    @contextlib.contextmanager
+    def _counted(self, host: str) -> Iterator[None]:
+        self._calls[host] = self._calls.get(host, 0) + 1
+        self._total += 1
+        try:
+            yield
+        finally:
+            self._total -= 1
+            left = self._calls[host] - 1
+            if left:
+                self._calls[host] = left
+            else:
+                del self._calls[host]
+
+    def _cap(self, context: grpc.aio.ServicerContext, cap: float | None) -> float | None:
+        """Seconds to allow this call, when the client's deadline is missing or longer than ``cap``."""
+        if cap is None:
+            return None
+        remaining = context.time_remaining()
+        return cap if remaining is None or remaining > cap else None
+
+    # -- wrapping handlers
+
+    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext,
+                     streaming: bool) -> tuple[str, Any]:
+        """Decide (aborting on a denial), then refuse a malformed request with INVALID_ARGUMENT.
+
+        Returns the peer key and the request (a checking iterator for request streams).
+        """
+        try:
+            _, host = self._decide(method, context)
+        except _DeniedError as denied:
+            await context.abort(denied.code, str(denied))
+        if streaming:
+            return host, _checked(request, context)
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return host, request
+
+    def _wrap_unary_response(self, method: str, behavior: Behavior, streaming: bool) -> Behavior:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            host, request = await self._admit(method, request, context, streaming)
+            with self._counted(host):
+                limit = self._cap(context, self._max_deadline)
+                try:
+                    async with asyncio.timeout(limit):
+                        result = behavior(request, context)
+                        if inspect.isawaitable(result):
+                            result = await result
+                        return result
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"call ran past the node's cap of {self._max_deadline:g} s")
+        return call
+
+    def _wrap_stream_response(self, method: str, behavior: Behavior, streaming: bool) -> Behavior:
+        if inspect.isasyncgenfunction(behavior) or inspect.isgeneratorfunction(behavior):
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                host, request = await self._admit(method, request, context, streaming)
+                with self._counted(host):
+                    limit = self._cap(context, self._max_stream)
+                    deadline = None if limit is None else time.monotonic() + limit
+                    responses = behavior(request, context)
+                    if not inspect.isasyncgen(responses):
+                        for item in responses:
+                            yield item
+                        return
+                    while True:
+                        try:
+                            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                            async with asyncio.timeout(left):
+                                item = await anext(responses)
+                        except StopAsyncIteration:
+                            return
+                        except TimeoutError:
+                            await responses.aclose()
+                            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                f"stream ran past the node's cap of {self._max_stream:g} s")
+                        yield item
+            return stream
+
+        async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+            host, request = await self._admit(method, request, context, streaming)
+            with self._counted(host):
+                limit = self._cap(context, self._max_stream)
+                try:
+                    async with asyncio.timeout(limit):
+                        result = behavior(request, context)
+                        if inspect.isawaitable(result):
+                            await result
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"stream ran past the node's cap of {self._max_stream:g} s")
+        return writer
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        fields = {"request_deserializer": _tolerant(handler.request_deserializer),
+                  "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary_response(method, handler.unary_unary, False), **fields)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary_response(method, handler.stream_unary, True), **fields)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream_response(method, handler.unary_stream, False), **fields)
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream_response(method, handler.stream_stream, True), **fields)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # UNIMPLEMENTED; only peers that passed the TLS handshake get this far
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+

@@ -1,0 +1,229 @@
+"""``appliance fleet status|health|inventory|update|rollout``: many nodes at once, over mTLS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from provisioning.fleet import (
+    Action,
+    FleetAuth,
+    Node,
+    NodeResult,
+    RolloutPlan,
+    WaveOutcome,
+    health_action,
+    inventory_action,
+    load_inventory,
+    plan_rollout,
+    query,
+    run_rollout,
+    status_action,
+    update_action,
+)
+from provisioning.output import emit_json, print_table, progress
+
+__all__ = ["register"]
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def _common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--inventory", type=Path, default=_env_path("APPLIANCE_INVENTORY"),
+                        help="Ansible inventory (INI/YAML) or a .toml node list "
+                             "(default: $APPLIANCE_INVENTORY)")
+    parser.add_argument("--limit", "-l", default="all",
+                        help="hosts or groups to include (an Ansible pattern; default: all)")
+    parser.add_argument("--deadline", type=float, default=5.0,
+                        help="seconds each node has for all of its work (default: 5)")
+    parser.add_argument("--concurrency", type=int, default=1024,
+                        help="nodes asked at the same time (default: 1024); with more nodes than "
+                             "this, a slow node delays those queued behind it")
+    parser.add_argument("--ca", type=Path, default=_env_path("APPLIANCE_FLEET_CA"),
+                        help="site CA certificate (default: $APPLIANCE_FLEET_CA)")
+    parser.add_argument("--cert", type=Path, default=_env_path("APPLIANCE_FLEET_CERT"),
+                        help="your client certificate (default: $APPLIANCE_FLEET_CERT)")
+    parser.add_argument("--key", type=Path, default=_env_path("APPLIANCE_FLEET_KEY"),
+                        help="its private key (default: $APPLIANCE_FLEET_KEY)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plain-text gRPC, for agents on loopback without TLS")
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser("fleet", parents=[common], help="ask many nodes at once; roll updates out")
+    fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fsub.required = True
+    for name, help_text in (("status", "reachability, health verdict, versions"),
+                            ("health", "full health reports"),
+                            ("inventory", "full inventories")):
+        q = fsub.add_parser(name, parents=[common], help=help_text)
+        _common_flags(q)
+        q.set_defaults(handler=_query_handler(name))
+    u = fsub.add_parser("update", parents=[common], help="ApplyUpdate on every selected node at once")
+    _common_flags(u)
+    u.add_argument("--target", action="append", default=[],
+                   help="registry target to apply; repeatable (default: all pending on the channel)")
+    u.add_argument("--dry-run", action="store_true", help="ask the nodes what they would do")
+    u.set_defaults(handler=_update)
+    r = fsub.add_parser("rollout", parents=[common],
+                        help="update in waves: a canary, then batches; halt past the failure budget")
+    _common_flags(r)
+    r.add_argument("--target", action="append", default=[], help="registry target; repeatable")
+    r.add_argument("--canary", type=int, default=1, help="nodes in the first wave (default: 1)")
+    r.add_argument("--batch", type=int, help="nodes per later wave (default: --batch-percent)")
+    r.add_argument("--batch-percent", type=float, default=25.0,
+                   help="later waves as a share of the remaining nodes (default: 25)")
+    r.add_argument("--max-failure-percent", type=float, default=0.0,
+                   help="failed nodes tolerated, percent of all (default: 0: halt at the first)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    r.set_defaults(handler=_rollout)
+
+
+def _setup(args: argparse.Namespace) -> tuple[list[Node], FleetAuth]:
+    if args.inventory is None:
+        raise ConfigError("no inventory: give -i FILE or set $APPLIANCE_INVENTORY")
+    nodes = load_inventory(args.inventory, args.limit)
+    auth = FleetAuth.from_files(args.ca, args.cert, args.key)
+    _raise_fd_limit(min(len(nodes), args.concurrency))
+    if auth.insecure and not args.insecure:
+        raise ConfigError("fleet access uses mTLS: give --ca, --cert and --key "
+                          "(or --insecure for agents on loopback without TLS)")
+    return nodes, auth
+
+
+def _raise_fd_limit(connections: int) -> None:
+    """Make room for one socket per node in flight (the soft limit is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * connections + 256
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _run(nodes: list[Node], action: Action, auth: FleetAuth, args: argparse.Namespace) -> list[NodeResult]:
+    with progress("nodes", len(nodes)) as bar:
+        return asyncio.run(query(nodes, action, auth=auth, deadline=args.deadline,
+                                 concurrency=args.concurrency, progress=lambda _: bar.advance()))
+
+
+def _summary(results: list[NodeResult]) -> dict[str, Any]:
+    return {"nodes": [r.to_json() for r in results],
+            "summary": {"total": len(results), "ok": sum(r.ok for r in results),
+                        "failed": sum(not r.ok for r in results)}}
+
+
+def _print_failures(results: list[NodeResult]) -> None:
+    bad = [r for r in results if not r.ok]
+    print(f"{len(results) - len(bad)} of {len(results)} nodes answered", file=sys.stderr)
+
+
+def _query_handler(kind: str) -> Any:
+    action = {"status": status_action, "health": health_action, "inventory": inventory_action}[kind]
+
+    def handler(args: argparse.Namespace) -> int:
+        nodes, auth = _setup(args)
+        results = _run(nodes, action, auth, args)
+        if args.json:
+            emit_json(_summary(results))
+        elif kind == "status":
+            rows = [(r.node.name, r.node.target, "ok" if r.ok else "DOWN",
+                     r.data.get("overall", "-"), r.data.get("image_version") or "-",
+                     r.data.get("agent_version") or "-", ", ".join(r.data.get("bundles", [])) or "-",
+                     r.reason) for r in results]
+            print_table(("NODE", "TARGET", "STATE", "HEALTH", "IMAGE", "AGENT", "BUNDLES", "REASON"), rows)
+            _print_failures(results)
+        else:
+            for r in results:
+                print(f"== {r.node.name} ({r.node.target}): " + ("ok" if r.ok else r.reason))
+                if r.ok:
+                    _print_data(r.data, "  ")
+            _print_failures(results)
+        return 0 if all(r.ok for r in results) else 1
+
+    return handler
+
+
+def _print_data(data: Any, indent: str) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, dict | list) and value:
+                print(f"{indent}{key}:")
+                _print_data(value, indent + "  ")
+            else:
+                print(f"{indent}{key}: {value}")
+    elif isinstance(data, list):
+        for item in data:
+            if isinstance(item, dict):
+                print(f"{indent}-")
+                _print_data(item, indent + "  ")
+            else:
+                print(f"{indent}- {item}")
+
+
+def _update(args: argparse.Namespace) -> int:
+    nodes, auth = _setup(args)
+    results = _run(nodes, update_action(args.target, args.dry_run), auth, args)
+    if args.json:
+        emit_json(_summary(results) | {"dry_run": args.dry_run})
+    else:
+        rows = []
+        for r in results:
+            outcomes = r.data.get("results", [])
+            text = ", ".join(f"{o.get('name') or o.get('target')} {o.get('outcome')}" for o in outcomes)
+            rows.append((r.node.name, "ok" if r.ok else "FAILED", text or "-", r.reason))
+        print_table(("NODE", "STATE", "RESULTS", "REASON"), rows)
+        _print_failures(results)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _print_plan(plan: RolloutPlan) -> None:
+    total = sum(len(w.nodes) for w in plan.waves)
+    print(f"rollout of {', '.join(plan.targets) or 'everything pending'} to {total} nodes "
+          f"in {len(plan.waves)} waves; halt after {plan.max_failures + 1} failed node(s)")
+    for wave in plan.waves:
+        names = ", ".join(n.name for n in wave.nodes[:8]) + (" ..." if len(wave.nodes) > 8 else "")
+        print(f"  {wave.name:<10} {len(wave.nodes):>4} nodes  {names}")
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    nodes, auth = _setup(args)
+    plan = plan_rollout(nodes, canary=args.canary, batch=args.batch, batch_percent=args.batch_percent,
+                        max_failure_percent=args.max_failure_percent, targets=args.target)
+    if args.dry_run:
+        emit_json({"plan": plan.to_json(), "dry_run": True}) if args.json else _print_plan(plan)
+        return 0
+    if not args.json:
+        _print_plan(plan)
+
+    def report(outcome: WaveOutcome) -> None:
+        if args.json:
+            return
+        failed = [r for r in outcome.results if not r.ok]
+        print(f"{outcome.wave.name}: {len(outcome.results) - len(failed)} ok, {len(failed)} failed")
+        for r in failed:
+            print(f"  {r.node.name}: {r.reason}")
+
+    outcomes, skipped = asyncio.run(run_rollout(plan, auth=auth, deadline=args.deadline,
+                                                concurrency=args.concurrency, on_wave=report))
+    failed = sum(not r.ok for o in outcomes for r in o.results)
+    halted = failed > plan.max_failures
+    if args.json:
+        emit_json({"plan": plan.to_json(), "waves": [o.to_json() for o in outcomes],
+                   "not_started": [w.to_json() for w in skipped], "halted": halted})
+    elif halted:
+        print(f"HALTED: {failed} failed node(s), budget {plan.max_failures}; "
+              f"{len(skipped)} wave(s) not started" + (": " if skipped else "")
+              + ", ".join(w.name for w in skipped))
+    return 1 if failed else 0

@@ -1,0 +1,166 @@
+"""``appliance pki init|issue-node|issue-client|revoke|list|crl``: the site's certificates."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from provisioning.output import emit_json, print_table
+from provisioning.pki import (
+    CRL_DAYS,
+    REASONS,
+    IssuedCert,
+    ca_info,
+    init_pki,
+    issue_client,
+    issue_node,
+    list_certs,
+    load_passphrase,
+    revoke,
+    write_crl,
+)
+
+__all__ = ["register"]
+
+_ROLES = ("observer", "operator", "admin")
+
+
+def _dir_and_passphrase(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("APPLIANCE_PKI", "pki")),
+                        help="the PKI directory (default: $APPLIANCE_PKI or ./pki)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--passphrase-file", type=Path, metavar="FILE",
+                       help="file whose first line is the CA key's passphrase")
+    group.add_argument("--passphrase-env", metavar="VAR",
+                       help="environment variable holding the CA key's passphrase")
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser("pki", parents=[common],
+                       help="site CA, node and client certificates, revocation list")
+    psub = p.add_subparsers(dest="pki_command", metavar="ACTION")
+    psub.required = True
+
+    i = psub.add_parser("init", parents=[common], help="create the site CA (ECDSA P-256) and its CRL")
+    _dir_and_passphrase(i)
+    i.add_argument("--organization", "-O", default="Sovereign Appliance",
+                   help="organization name in every certificate's subject")
+    i.add_argument("--days", type=int, default=3650, help="CA validity (default: 3650)")
+    i.set_defaults(handler=_init)
+
+    n = psub.add_parser("issue-node", parents=[common],
+                        help="issue a node's server certificate (DNS/IP names)")
+    _dir_and_passphrase(n)
+    n.add_argument("name", help="node name ([a-z0-9._-]); also its DNS name unless --dns is given")
+    n.add_argument("--dns", action="append", default=[], help="DNS name the node answers as; repeatable")
+    n.add_argument("--ip", action="append", default=[], help="IP address the node answers on; repeatable")
+    n.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+    n.add_argument("--out", type=Path, help="where to write NAME.crt, NAME.key, ca.crt "
+                                            "(default: DIR/issued/NAME)")
+    n.set_defaults(handler=_issue_node)
+
+    c = psub.add_parser("issue-client", parents=[common],
+                        help="issue a person's or tool's client certificate with a role")
+    _dir_and_passphrase(c)
+    c.add_argument("name", help="who holds it ([a-z0-9._-])")
+    c.add_argument("--role", required=True, choices=_ROLES,
+                   help="observer: read and infer; operator: + updates, model load; admin: + rollback, "
+                        "configuration")
+    c.add_argument("--days", type=int, default=90, help="validity (default: 90)")
+    c.add_argument("--out", type=Path, help="where to write NAME.crt, NAME.key, ca.crt "
+                                            "(default: DIR/issued/NAME)")
+    c.set_defaults(handler=_issue_client)
+
+    r = psub.add_parser("revoke", parents=[common],
+                        help="revoke by serial or name and re-sign the CRL")
+    _dir_and_passphrase(r)
+    r.add_argument("which", help="hex serial, or a name (revokes every certificate issued to it)")
+    r.add_argument("--reason", choices=sorted(REASONS), default="unspecified")
+    r.add_argument("--crl-days", type=int, default=CRL_DAYS,
+                   help=f"the new CRL's validity (default: {CRL_DAYS})")
+    r.set_defaults(handler=_revoke)
+
+    ls = psub.add_parser("list", parents=[common], help="certificates issued, with status")
+    _dir_and_passphrase(ls)
+    ls.set_defaults(handler=_list)
+
+    crl = psub.add_parser("crl", parents=[common],
+                          help="re-sign the CRL with a fresh next-update time (run before it lapses)")
+    _dir_and_passphrase(crl)
+    crl.add_argument("--days", type=int, default=CRL_DAYS, help=f"validity (default: {CRL_DAYS})")
+    crl.set_defaults(handler=_crl)
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    return load_passphrase(args.passphrase_file, args.passphrase_env)
+
+
+def _init(args: argparse.Namespace) -> int:
+    info = init_pki(args.dir, organization=args.organization, days=args.days,
+                    passphrase=_passphrase(args))
+    if args.json:
+        emit_json(info.to_json())
+    else:
+        print(f"site CA {info.subject}")
+        print(f"  {args.dir / 'ca.crt'}  valid until {info.not_after:%Y-%m-%d}  sha256 {info.sha256}")
+        print(f"  {args.dir / 'ca.key'}  mode 0600{'  (encrypted)' if info.encrypted else ''}")
+        print(f"  {args.dir / 'crl.pem'}  distribute it with the registry; nodes load it as [tls] crl")
+    return 0
+
+
+def _print_issued(cert: IssuedCert) -> None:
+    names = ", ".join([*cert.dns, *cert.ips])
+    print(f"{cert.kind} certificate {cert.subject}  serial {cert.serial:x}")
+    print(f"  valid {cert.not_before:%Y-%m-%d} to {cert.not_after:%Y-%m-%d}"
+          + (f"  role {cert.role}" if cert.role else "") + (f"  names {names}" if names else ""))
+    print(f"  {cert.cert_path}\n  {cert.key_path}  (mode 0600)")
+
+
+def _issue_node(args: argparse.Namespace) -> int:
+    cert = issue_node(args.dir, args.name, dns=args.dns, ips=args.ip, days=args.days,
+                      passphrase=_passphrase(args), out=args.out)
+    emit_json(cert.to_json()) if args.json else _print_issued(cert)
+    return 0
+
+
+def _issue_client(args: argparse.Namespace) -> int:
+    cert = issue_client(args.dir, args.name, args.role, days=args.days,
+                        passphrase=_passphrase(args), out=args.out)
+    emit_json(cert.to_json()) if args.json else _print_issued(cert)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    certs = revoke(args.dir, args.which, reason=args.reason, passphrase=_passphrase(args),
+                   crl_days=args.crl_days)
+    crl = args.dir / "crl.pem"
+    if args.json:
+        emit_json({"revoked": [c.to_json() for c in certs], "crl": str(crl)})
+    else:
+        for c in certs:
+            print(f"revoked {c.subject}  serial {c.serial:x}  ({c.reason})")
+        print(f"CRL re-signed: {crl}; distribute it to the nodes")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    certs = list_certs(args.dir)
+    if args.json:
+        emit_json({"ca": ca_info(args.dir).to_json(), "certificates": [c.to_json() for c in certs]})
+        return 0
+    rows = [(f"{c.serial:x}"[:16], c.kind, c.name, c.role or "-", f"{c.not_after:%Y-%m-%d}",
+             c.status() + (f" ({c.reason})" if c.reason else "")) for c in certs]
+    print_table(("SERIAL", "KIND", "NAME", "ROLE", "EXPIRES", "STATUS"), rows)
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    path = write_crl(args.dir, passphrase=_passphrase(args), days=args.days)
+    if args.json:
+        emit_json({"crl": str(path), "days": args.days})
+    else:
+        print(f"CRL re-signed: {path} (valid {args.days} days)")
+    return 0

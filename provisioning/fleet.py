@@ -1,0 +1,407 @@
+"""Fleet access: ask many nodes at once over gRPC (mTLS), plan and run update rollouts.
+
+Inventories are Ansible inventory files (INI or YAML, read with ansible-core's own
+``InventoryManager``, so existing inventories, groups and patterns work) or a plain TOML list.
+A query fans out on one event loop with bounded concurrency; every node gets the same
+deadline for all of its work (connect, handshake, calls), so one dead node costs at most that
+deadline, and every node that does not answer is reported with the reason.
+
+Rollouts are planned first (:func:`plan_rollout`: a canary wave, then batches) and then run
+wave by wave (:func:`run_rollout`), halting once failures pass the threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fnmatch
+import math
+import time
+import tomllib
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from agent.errors import ConfigError, FleetError, NotFoundError
+from agent.proto import node_pb2, node_pb2_grpc
+
+__all__ = [
+    "DEFAULT_PORT",
+    "Action",
+    "FleetAuth",
+    "Node",
+    "NodeResult",
+    "RolloutPlan",
+    "Wave",
+    "WaveOutcome",
+    "health_action",
+    "inventory_action",
+    "load_inventory",
+    "plan_rollout",
+    "query",
+    "run_rollout",
+    "status_action",
+    "update_action",
+]
+
+DEFAULT_PORT = 8001
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    port: int = DEFAULT_PORT
+    groups: tuple[str, ...] = ()
+    tls_name: str | None = None  # the name its certificate carries, when not ``address``
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetAuth:
+    """Client credentials: the site CA and this person's or tool's certificate and key."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @property
+    def insecure(self) -> bool:
+        return self.ca is None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """One credentials object for every channel (parsing the PEMs once, not per node)."""
+        cached: grpc.ChannelCredentials | None = self.__dict__.get("_creds")
+        if cached is None:
+            cached = grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+            object.__setattr__(self, "_creds", cached)
+        return cached
+
+    @classmethod
+    def from_files(cls, ca: Path | None, cert: Path | None, key: Path | None) -> FleetAuth:
+        """Read the three PEM files (all or none).
+
+        Raises:
+            ConfigError: only some are given.
+            NotFoundError: a file does not exist.
+        """
+        given = {"--ca": ca, "--cert": cert, "--key": key}
+        if not any(given.values()):
+            return cls()
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise ConfigError(f"mTLS needs --ca, --cert and --key; missing {', '.join(missing)}")
+        data = {}
+        for flag, path in given.items():
+            assert path is not None
+            try:
+                data[flag] = path.read_bytes()
+            except FileNotFoundError:
+                raise NotFoundError(f"{path}: {flag} file does not exist") from None
+        return cls(data["--ca"], data["--cert"], data["--key"])
+
+
+# ------------------------------------------------------------------ inventories
+
+
+def _toml_inventory(path: Path) -> list[Node]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    default_port = data.get("port", DEFAULT_PORT)
+    entries = data.get("nodes")
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected [[nodes]] tables with name and address")
+    nodes = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: nodes[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table")
+        unknown = sorted(set(entry) - {"name", "address", "port", "groups", "tls_name"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where} name = {name!r}: expected a non-empty string")
+        address = entry.get("address", name)
+        port = entry.get("port", default_port)
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"{where} port = {port!r}: not a TCP port")
+        groups = entry.get("groups", [])
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise ConfigError(f"{where} groups = {groups!r}: expected a list of strings")
+        nodes.append(Node(name, str(address), port, tuple(groups), entry.get("tls_name")))
+    return nodes
+
+
+def _ansible_inventory(path: Path, pattern: str) -> list[Node]:
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+
+    manager = InventoryManager(loader=DataLoader(), sources=[str(path)])
+    if not manager.hosts and not manager.groups.get("all", None):
+        raise ConfigError(f"{path}: ansible could not read any hosts from it")
+    nodes = []
+    for host in manager.get_hosts(pattern=pattern):
+        hv = host.get_vars()
+        port = hv.get("appliance_port", DEFAULT_PORT)
+        try:
+            port = int(port)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: host {host.name} appliance_port = {port!r}: not a port") from None
+        groups = tuple(sorted(g.name for g in host.get_groups() if g.name not in ("all", "ungrouped")))
+        nodes.append(Node(host.name, str(hv.get("ansible_host", host.name)), port, groups,
+                          hv.get("appliance_tls_name")))
+    return nodes
+
+
+def load_inventory(path: Path, limit: str = "all") -> list[Node]:
+    """The nodes of an inventory, restricted to ``limit`` (a host or group name or pattern).
+
+    ``.toml`` files are the plain list; anything else goes to ansible-core (INI, YAML, ...).
+    Host variables used: ``ansible_host`` (address), ``appliance_port``, ``appliance_tls_name``.
+
+    Raises:
+        NotFoundError: the file does not exist.
+        ConfigError: it cannot be parsed, or ``limit`` matches no node.
+    """
+    if not path.exists():
+        raise NotFoundError(f"{path}: inventory does not exist")
+    if path.suffix == ".toml":
+        nodes = _toml_inventory(path)
+        if limit != "all":
+            nodes = [n for n in nodes if any(fnmatch.fnmatchcase(x, p) for p in limit.split(",")
+                                             for x in (n.name, *n.groups))]
+    else:
+        nodes = _ansible_inventory(path, limit)
+    if not nodes:
+        raise ConfigError(f"{path}: no nodes match {limit!r}")
+    names = [n.name for n in nodes]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: node {dupes[0]!r} appears more than once")
+    return nodes
+
+
+# ------------------------------------------------------------------ querying
+
+
+@dataclasses.dataclass
+class NodeResult:
+    node: Node
+    ok: bool
+    reason: str = ""
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.node.name, "target": self.node.target, "groups": list(self.node.groups),
+                "ok": self.ok, "reason": self.reason, "data": self.data,
+                "seconds": round(self.seconds, 3)}
+
+
+Action = Callable[[node_pb2_grpc.NodeStub, float], Awaitable[dict[str, Any]]]
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    out: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return out
+
+
+def _reason(err: grpc.aio.AioRpcError, deadline: float) -> str:
+    code = err.code()
+    details = err.details() or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer within {deadline:g} s"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"unreachable: {details}"
+    return f"{code.name}: {details}"
+
+
+class _UpdateRefusedError(Exception):
+    def __init__(self, message: str, results: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.results = results
+
+
+def _channel(node: Node, auth: FleetAuth) -> grpc.aio.Channel:
+    options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+    if auth.insecure:
+        return grpc.aio.insecure_channel(node.target, options=options)
+    if node.tls_name:
+        options.append(("grpc.ssl_target_name_override", node.tls_name))
+    return grpc.aio.secure_channel(node.target, auth.credentials(), options=options)
+
+
+async def _one(node: Node, action: Action, auth: FleetAuth, deadline: float,
+               gate: asyncio.Semaphore) -> NodeResult:
+    async with gate:
+        start = time.monotonic()
+        channel = _channel(node, auth)
+        try:
+            async with asyncio.timeout(deadline):
+                stub = node_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
+                data = await action(stub, deadline)
+            return NodeResult(node, True, data=data, seconds=time.monotonic() - start)
+        except grpc.aio.AioRpcError as err:
+            return NodeResult(node, False, _reason(err, deadline), seconds=time.monotonic() - start)
+        except TimeoutError:
+            return NodeResult(node, False, f"no answer within {deadline:g} s",
+                              seconds=time.monotonic() - start)
+        except _UpdateRefusedError as exc:
+            return NodeResult(node, False, f"update refused: {exc}", data={"results": exc.results},
+                              seconds=time.monotonic() - start)
+        finally:
+            await channel.close(grace=None)
+
+
+async def query(nodes: Sequence[Node], action: Action, *, auth: FleetAuth, deadline: float = 5.0,
+                concurrency: int = 1024, progress: Callable[[NodeResult], None] | None = None,
+                ) -> list[NodeResult]:
+    """Run ``action`` on every node, at most ``concurrency`` at a time; results in node order.
+
+    Raises:
+        ConfigError: ``deadline`` or ``concurrency`` is not positive.
+    """
+    if deadline <= 0 or concurrency <= 0:
+        raise ConfigError("--deadline and --concurrency must be positive")
+    gate = asyncio.Semaphore(concurrency)
+
+    async def tracked(node: Node) -> NodeResult:
+        result = await _one(node, action, auth, deadline, gate)
+        if progress is not None:
+            progress(result)
+        return result
+
+    return list(await asyncio.gather(*(tracked(n) for n in nodes)))
+
+
+# The actions: each asks one node and returns JSON-ready data.
+
+async def status_action(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
+    health, inventory = await asyncio.gather(
+        stub.GetHealth(node_pb2.GetHealthRequest(), timeout=deadline),
+        stub.GetInventory(node_pb2.GetInventoryRequest(), timeout=deadline))
+    failing = [r.rule for r in health.rules if r.verdict == node_pb2.FAIL]
+    return {"overall": node_pb2.Verdict.Name(health.overall), "failing_rules": failing,
+            "image_version": inventory.image_version, "agent_version": inventory.agent_version,
+            "active_slot": inventory.active_slot,
+            "bundles": [f"{b.name}@{b.version}" for b in inventory.bundles if b.active]}
+
+
+async def health_action(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
+    return _as_dict(await stub.GetHealth(node_pb2.GetHealthRequest(), timeout=deadline))
+
+
+async def inventory_action(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
+    return _as_dict(await stub.GetInventory(node_pb2.GetInventoryRequest(), timeout=deadline))
+
+
+def update_action(targets: Sequence[str], dry_run: bool) -> Action:
+    """ApplyUpdate on one node; the node's failure outcomes make the result not ok."""
+
+    async def apply(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
+        reply = await stub.ApplyUpdate(node_pb2.ApplyUpdateRequest(targets=list(targets),
+                                                                   dry_run=dry_run), timeout=deadline)
+        results = [_as_dict(r) for r in reply.results]
+        bad = [r for r in reply.results if r.outcome in ("refused", "rolled-back")]
+        if bad:
+            raise _UpdateRefusedError("; ".join(f"{r.name or r.target}: {r.outcome} ({r.reason})"
+                                                for r in bad), results)
+        return {"results": results}
+
+    return apply
+
+
+# ------------------------------------------------------------------ rollouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Wave:
+    name: str
+    nodes: tuple[Node, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "nodes": [n.name for n in self.nodes]}
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutPlan:
+    waves: tuple[Wave, ...]
+    max_failures: int  # halt once more nodes than this have failed, all waves together
+    targets: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"waves": [w.to_json() for w in self.waves], "max_failures": self.max_failures,
+                "targets": list(self.targets),
+                "nodes": sum(len(w.nodes) for w in self.waves)}
+
+
+def plan_rollout(nodes: Sequence[Node], *, canary: int = 1, batch: int | None = None,
+                 batch_percent: float = 25.0, max_failure_percent: float = 0.0,
+                 targets: Sequence[str] = ()) -> RolloutPlan:
+    """Waves: ``canary`` nodes first, then batches of ``batch`` (or ``batch_percent`` of the rest).
+
+    The failure budget is ``max_failure_percent`` of all nodes, rounded down: with the default
+    0 the first failure halts the rollout.
+
+    Raises:
+        FleetError: no nodes, or sizes out of range.
+    """
+    if not nodes:
+        raise FleetError("nothing to roll out to: the inventory selection is empty")
+    if canary < 0 or (batch is not None and batch <= 0) or not 0 < batch_percent <= 100 \
+            or not 0 <= max_failure_percent <= 100:
+        raise FleetError("--canary >= 0, --batch > 0, 0 < --batch-percent <= 100 and "
+                         "0 <= --max-failure-percent <= 100, please")
+    ordered = list(nodes)
+    waves = []
+    if canary:
+        waves.append(Wave("canary", tuple(ordered[:canary])))
+    rest = ordered[canary:]
+    size = batch or max(1, math.ceil(len(rest) * batch_percent / 100))
+    for i in range(0, len(rest), size):
+        waves.append(Wave(f"batch {i // size + 1}", tuple(rest[i:i + size])))
+    budget = math.floor(len(ordered) * max_failure_percent / 100)
+    return RolloutPlan(tuple(waves), budget, tuple(targets))
+
+
+@dataclasses.dataclass
+class WaveOutcome:
+    wave: Wave
+    results: list[NodeResult]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.wave.name, "results": [r.to_json() for r in self.results],
+                "failed": sum(not r.ok for r in self.results)}
+
+
+async def run_rollout(plan: RolloutPlan, *, auth: FleetAuth, deadline: float, concurrency: int = 64,
+                      on_wave: Callable[[WaveOutcome], None] | None = None,
+                      ) -> tuple[list[WaveOutcome], list[Wave]]:
+    """Apply the update wave by wave; stop once failures pass the plan's budget.
+
+    Returns the outcomes of the waves run and the waves not started.
+    """
+    apply = update_action(plan.targets, dry_run=False)
+    outcomes: list[WaveOutcome] = []
+    failed = 0
+    for n, wave in enumerate(plan.waves):
+        results = await query(wave.nodes, apply, auth=auth, deadline=deadline,
+                              concurrency=concurrency)
+        outcome = WaveOutcome(wave, results)
+        outcomes.append(outcome)
+        if on_wave is not None:
+            on_wave(outcome)
+        failed += sum(not r.ok for r in results)
+        if failed > plan.max_failures:
+            return outcomes, list(plan.waves[n + 1:])
+    return outcomes, []

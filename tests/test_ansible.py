@@ -1,0 +1,101 @@
+"""provisioning/ansible playbooks, run with ansible-playbook against agents on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+
+from provisioning.pki import init_pki, issue_client, issue_node
+from tests.secure_server import mtls_config, spawn
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAYBOOKS = ROOT / "provisioning" / "ansible"
+
+
+def _playbook(tmp_path: Path, playbook: str, inventory: Path,
+              extra: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ANSIBLE_HOME=str(tmp_path / ".ansible"),
+               ANSIBLE_LOCAL_TEMP=str(tmp_path / ".ansible-tmp"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_HOST_KEY_CHECKING="0", ANSIBLE_RETRY_FILES_ENABLED="0")
+    extra = {"appliance_cli": [sys.executable, "-m", "provisioning.cli"],
+             "ansible_python_interpreter": sys.executable, **extra}
+    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
+                           str(PLAYBOOKS / playbook), "-e", json.dumps(extra)],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def test_enroll_then_query_the_enrolled_agent(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    init_pki(pki, organization="Ansible Site")
+    issue_client(pki, "observer", "observer")
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[appliances]\n"
+                         f"localhost ansible_connection=local ansible_host=127.0.0.1 "
+                         f"appliance_tls_dir={tmp_path / 'node-tls'}\n")
+    extra = {"pki_dir": str(pki), "appliance_restart": False}
+    first = _playbook(tmp_path, "enroll.yml", inventory, extra)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
+    tls = tmp_path / "node-tls"
+    assert stat.S_IMODE((tls / "node.key").stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate((tls / "node.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    again = _playbook(tmp_path, "enroll.yml", inventory, extra)  # idempotent: nothing re-issued
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-2000:]
+    assert x509.load_pem_x509_certificate((tls / "node.crt").read_bytes()) == cert
+
+    # The installed files are what an agent serves with; the fleet CLI reaches it over mTLS.
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1"\nport = 0\n[tls]\ncert = "{tls / "node.crt"}"\n'
+                      f'key = "{tls / "node.key"}"\nca = "{tls / "ca.crt"}"\ncrl = "{tls / "crl.pem"}"\n')
+    with spawn(config) as (ports, _pid):
+        nodes = tmp_path / "nodes.toml"
+        nodes.write_text(f'[[nodes]]\nname = "localhost"\naddress = "127.0.0.1"\nport = {ports[0]}\n')
+        d = pki / "issued" / "observer"
+        proc = subprocess.run([sys.executable, "-m", "provisioning.cli", "fleet", "status", "-i", str(nodes),
+                               "--json", "--ca", str(pki / "ca.crt"), "--cert", str(d / "observer.crt"),
+                               "--key", str(d / "observer.key")], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["summary"]["ok"] == 1
+
+
+def test_rollout_in_serial_batches_halts_after_a_failed_batch(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    init_pki(pki, organization="Rollout Site")
+    issue_node(pki, "node", dns=["localhost"], ips=["127.0.0.1"])
+    issue_client(pki, "operator", "operator")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        with spawn(mtls_config(tmp_path, pki), ports=5) as (ports, _pid):
+            hosts = [f"n{i} appliance_port={p}" for i, p in enumerate(ports)]
+            hosts.insert(2, f"dead appliance_port={silent.getsockname()[1]}")  # in the second batch
+            inventory = tmp_path / "hosts.ini"
+            inventory.write_text("[appliances]\n" + "\n".join(
+                f"{h} ansible_host=127.0.0.1 appliance_tls_name=localhost ansible_connection=local"
+                for h in hosts) + "\n")
+            d = pki / "issued" / "operator"
+            result = _playbook(tmp_path, "rollout.yml", inventory, {
+                "targets": ["model@2"], "rollout_serial": [1, 2], "rollout_deadline": 2,
+                "fleet_ca": str(pki / "ca.crt"), "fleet_cert": str(d / "operator.crt"),
+                "fleet_key": str(d / "operator.key")})
+    finally:
+        silent.close()
+    out = result.stdout
+    assert result.returncode != 0, out[-3000:]
+    recap = out[out.index("PLAY RECAP"):]
+    # Batches: [n0], [n1, dead], then halted: n2, n3, n4 never run.
+    assert "n0" in recap and "n1" in recap and "dead" in recap, recap
+    assert all(f"n{i} " not in recap for i in (2, 3, 4)), recap
+    assert "no answer within 2 s" in out
+    assert '"outcome": "applied"' in out or "'outcome': 'applied'" in out

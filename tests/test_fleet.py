@@ -1,0 +1,168 @@
+"""`appliance fleet` against real agents' gRPC surfaces on loopback (mTLS), some never answering."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioning.fleet import Node, load_inventory, plan_rollout
+from provisioning.pki import init_pki, issue_client, issue_node
+from tests.conftest import CliResult
+from tests.secure_server import mtls_config, spawn
+
+DEADLINE = "2"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A PKI, one agent process listening on 9 ports, and one silent listener (accepts, never speaks)."""
+    work = tmp_path_factory.mktemp("fleet")
+    pki = work / "pki"
+    init_pki(pki, organization="Fleet Site")
+    issue_node(pki, "node", dns=["localhost"], ips=["127.0.0.1"])
+    for role in ("observer", "operator"):
+        issue_client(pki, role, role)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes connections; nothing ever answers
+    with spawn(mtls_config(work, pki), ports=9) as (ports, _pid):
+        yield {"work": work, "pki": pki, "ports": ports, "silent": silent.getsockname()[1]}
+    silent.close()
+
+
+def _auth(site: dict[str, Any], role: str) -> list[str]:
+    d = site["pki"] / "issued" / role
+    return ["--ca", str(site["pki"] / "ca.crt"), "--cert", str(d / f"{role}.crt"),
+            "--key", str(d / f"{role}.key")]
+
+
+def _toml(site: dict[str, Any], path: Path) -> Path:
+    lines = []
+    for i, port in enumerate(site["ports"]):
+        lines.append(f'[[nodes]]\nname = "n{i}"\naddress = "localhost"\nport = {port}\n'
+                     f'groups = ["{"canary" if i == 0 else "rest"}"]\n')
+    # The silent node comes fifth: in the second batch of a rollout in batches of 3.
+    lines.insert(4, f'[[nodes]]\nname = "dead"\naddress = "127.0.0.1"\nport = {site["silent"]}\n'
+                    'tls_name = "localhost"\ngroups = ["rest"]\n')
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _json(result: CliResult) -> Any:
+    return json.loads(result.out)
+
+
+def test_status_reports_every_node_and_each_silent_one(cli: Callable[..., CliResult], site: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    inv = _toml(site, tmp_path / "nodes.toml")
+    result = cli("fleet", "status", "-i", inv, "--deadline", DEADLINE, "--json", *_auth(site, "observer"))
+    assert result.code == 1  # not every node answered
+    data = _json(result)
+    by_name = {n["name"]: n for n in data["nodes"]}
+    assert data["summary"] == {"total": 10, "ok": 9, "failed": 1}
+    assert by_name["dead"]["reason"] == f"no answer within {DEADLINE} s"
+    assert all(by_name[f"n{i}"]["ok"] and by_name[f"n{i}"]["data"]["overall"] == "VERDICT_UNSPECIFIED"
+               for i in range(9))
+    table = cli("fleet", "status", "-i", inv, "--deadline", DEADLINE, *_auth(site, "observer"))
+    assert "DOWN" in table.out and "no answer within" in table.out
+    assert "9 of 10 nodes answered" in table.err
+
+
+def test_refused_port_is_reported_as_unreachable(cli: Callable[..., CliResult], site: dict[str, Any],
+                                                 tmp_path: Path) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    inv = tmp_path / "one.toml"
+    inv.write_text(f'[[nodes]]\nname = "gone"\naddress = "127.0.0.1"\nport = {port}\n')
+    data = _json(cli("fleet", "health", "-i", inv, "--json", *_auth(site, "observer")))
+    assert data["nodes"][0]["reason"].startswith("unreachable:")
+
+
+def test_ansible_inventories_and_limits(cli: Callable[..., CliResult], site: dict[str, Any],
+                                        tmp_path: Path) -> None:
+    ports = site["ports"]
+    ini = tmp_path / "hosts.ini"
+    ini.write_text("[edge]\n" + "".join(f"e{i} ansible_host=localhost appliance_port={p}\n"
+                                         for i, p in enumerate(ports[:3]))
+                   + "[core]\n" + f"c0 ansible_host=localhost appliance_port={ports[3]}\n"
+                   + "[plant:children]\nedge\ncore\n")
+    yaml = tmp_path / "hosts.yml"
+    yaml.write_text("all:\n  children:\n    edge:\n      hosts:\n"
+                    + "".join(f"        y{i}:\n          ansible_host: localhost\n"
+                              f"          appliance_port: {p}\n" for i, p in enumerate(ports[4:6])))
+    assert [n.name for n in load_inventory(ini, "edge")] == ["e0", "e1", "e2"]
+    assert sorted(n.name for n in load_inventory(ini, "plant")) == ["c0", "e0", "e1", "e2"]
+    assert load_inventory(ini, "c0")[0] == Node("c0", "localhost", ports[3], ("core", "plant"))
+    assert [n.name for n in load_inventory(yaml)] == ["y0", "y1"]
+    data = _json(cli("fleet", "inventory", "-i", ini, "--limit", "plant", "--json", *_auth(site, "observer")))
+    assert data["summary"] == {"total": 4, "ok": 4, "failed": 0}
+    assert all(n["data"]["node_id"] == "test" for n in data["nodes"])
+    assert _json(cli("fleet", "status", "-i", yaml, "--json", *_auth(site, "observer")))["summary"]["ok"] == 2
+
+
+def test_inventory_errors_are_clear(cli: Callable[..., CliResult], site: dict[str, Any],
+                                    tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[nodes]]\nname = "x"\nport = 70000\n')
+    result = cli("fleet", "status", "-i", bad, *_auth(site, "observer"))
+    assert result.code == 2 and "nodes[0] port = 70000: not a TCP port" in result.err
+    inv = _toml(site, tmp_path / "nodes.toml")
+    nomatch = cli("fleet", "status", "-i", inv, "--limit", "nosuch", *_auth(site, "observer"))
+    assert nomatch.code == 2 and "no nodes match 'nosuch'" in nomatch.err
+    plain = cli("fleet", "status", "-i", inv)
+    assert plain.code == 2 and "uses mTLS" in plain.err
+    half = cli("fleet", "status", "-i", inv, "--ca", site["pki"] / "ca.crt")
+    assert half.code == 2 and "missing --cert, --key" in half.err
+
+
+def test_update_needs_operator(cli: Callable[..., CliResult], site: dict[str, Any], tmp_path: Path) -> None:
+    inv = _toml(site, tmp_path / "nodes.toml")
+    denied = _json(cli("fleet", "update", "-i", inv, "--limit", "canary", "--target", "m@2", "--json",
+                       *_auth(site, "observer")))
+    assert denied["nodes"][0]["reason"].startswith("PERMISSION_DENIED: role observer may not call")
+    ok = _json(cli("fleet", "update", "-i", inv, "--limit", "canary", "--target", "m@2", "--json",
+                   *_auth(site, "operator")))
+    assert ok["nodes"][0]["ok"] and ok["nodes"][0]["data"]["results"][0]["outcome"] == "applied"
+
+
+def test_rollout_plan() -> None:
+    nodes = [Node(f"n{i}", "localhost") for i in range(10)]
+    plan = plan_rollout(nodes, canary=1, batch_percent=34, max_failure_percent=10)
+    assert [len(w.nodes) for w in plan.waves] == [1, 4, 4, 1]
+    assert [w.name for w in plan.waves] == ["canary", "batch 1", "batch 2", "batch 3"]
+    assert plan.max_failures == 1
+    assert [len(w.nodes) for w in plan_rollout(nodes, canary=2, batch=5).waves] == [2, 5, 3]
+
+
+def test_rollout_dry_run_then_halt_on_failure(cli: Callable[..., CliResult], site: dict[str, Any],
+                                              tmp_path: Path) -> None:
+    inv = _toml(site, tmp_path / "nodes.toml")
+    auth = _auth(site, "operator")
+    dry = cli("fleet", "rollout", "-i", inv, "--target", "m@2", "--batch", "3", "--dry-run", *auth)
+    assert dry.code == 0 and "canary" in dry.out and "batch 3" in dry.out and "in 4 waves" in dry.out
+    # The canary and batch 1 are fine; the dead node is in batch 2, so the rollout halts there.
+    done = cli("fleet", "rollout", "-i", inv, "--target", "m@2", "--batch", "3", "--deadline", DEADLINE,
+               "--json", *auth)
+    data = _json(done)
+    assert done.code == 1 and data["halted"]
+    assert [w["name"] for w in data["waves"]] == ["canary", "batch 1", "batch 2"]
+    assert data["waves"][-1]["failed"] == 1 and [w["name"] for w in data["not_started"]] == ["batch 3"]
+    dead = next(r for r in data["waves"][-1]["results"] if r["name"] == "dead")
+    assert dead["reason"] == f"no answer within {DEADLINE} s"
+    # With a failure budget of 10 % (one node of ten) the same rollout goes to the end.
+    tolerant = _json(cli("fleet", "rollout", "-i", inv, "--target", "m@2", "--batch", "3",
+                         "--max-failure-percent", "10", "--deadline", DEADLINE, "--json", *auth))
+    assert not tolerant["halted"] and len(tolerant["waves"]) == 4
+    # A node refusing the update in the canary wave halts everything after it.
+    refused = _json(cli("fleet", "rollout", "-i", inv, "--target", "refuse-me", "--batch", "3",
+                        "--json", *auth))
+    assert refused["halted"] and [w["name"] for w in refused["waves"]] == ["canary"]
+    assert "signature does not verify" in refused["waves"][0]["results"][0]["reason"]
+    assert [w["name"] for w in refused["not_started"]] == ["batch 1", "batch 2", "batch 3"]
