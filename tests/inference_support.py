@@ -128,7 +128,7 @@ def stub(url: str) -> tuple[Any, Any]:
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    channel = grpc.insecure_channel(url)
+    channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 64 << 20)])
     return service_pb2_grpc.GRPCInferenceServiceStub(channel), service_pb2
 
 
