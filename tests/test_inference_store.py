@@ -60,7 +60,7 @@ def test_a_version_is_never_replaced_in_place(tmp_path: Path) -> None:
     other.mkdir()
     with pytest.raises(BundleError, match="already installed from a different bundle"):
         repo.install(make_bundle(other, affine_model(other / "b.onnx", scale=7), "affine", "1.0.0", {"x": x}))
-    with pytest.raises(NotFoundError, match="no installed version '9.0'"):
+    with pytest.raises(NotFoundError, match=r"no installed version '9\.0'"):
         repo.store.find("affine", "9.0")
 
 
@@ -111,8 +111,9 @@ def test_any_input_decodes_or_raises_inference_error(datatype: str, shape: list[
                                                       field: str, count: int) -> None:
     t, req = _request("t", datatype, tuple(shape), raw)
     if raw is None:
-        values: Any = {"bool_contents": [True] * count, "bytes_contents": [b"x"] * count,
-                       "fp32_contents": [1.5] * count, "fp64_contents": [2.5] * count}.get(field, [300] * count)
+        typed: dict[str, Any] = {"bool_contents": [True], "bytes_contents": [b"x"],
+                                 "fp32_contents": [1.5], "fp64_contents": [2.5]}
+        values = typed.get(field, [300]) * count
         getattr(t.contents, field).extend(values)
     spec = {"t": TensorSpec("t", datatype, (-1,) * len(shape))}
     try:
