@@ -54,6 +54,7 @@ TYPED_FIELD: dict[str, str] = {
 }
 _ALL_FIELDS = tuple(sorted(set(TYPED_FIELD.values())))
 _LEN = struct.Struct("<I")
+MAX_ELEMENTS = 1 << 40
 
 
 def deserialize_bytes(raw: bytes, count: int, where: str) -> Array:
@@ -109,6 +110,10 @@ def _check_shape(name: str, shape: Sequence[int], spec: TensorSpec, max_batch: i
         if want not in (-1, got):
             raise InferenceError(f"input {name!r}: shape {dims}: dimension {i} is {got}, "
                                  f"the model expects {want} ({list(spec.shape)})")
+    # numpy refuses shapes whose non-zero dimensions multiply past its index range, even
+    # for an empty tensor; no real tensor comes near this bound.
+    if math.prod(d for d in dims if d) > MAX_ELEMENTS:
+        raise InferenceError(f"input {name!r}: shape {dims} is larger than {MAX_ELEMENTS} elements")
     if max_batch and dims and dims[0] > max_batch:
         raise InferenceError(f"input {name!r}: batch of {dims[0]} exceeds the model's "
                              f"max_batch_size {max_batch}")

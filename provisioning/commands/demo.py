@@ -82,7 +82,8 @@ def publish_to_registry(work: Path, bundle: Path, state: Path) -> dict[str, Any]
     """
     try:
         from agent.updates.client import RegistryClient  # type: ignore[import-not-found,unused-ignore]
-        from provisioning.registry import (  # type: ignore[attr-defined,unused-ignore]
+
+        from provisioning.registry import (  # type: ignore[import-not-found,unused-ignore]
             init_registry,
             publish_bundle,
             trusted_root,
@@ -186,7 +187,8 @@ def _infer(url: str, requests: int) -> dict[str, Any]:
             "requests": int(infer["success"]["count"]),
             "inference_count": int(stats["inference_count"]),
             "execution_count": int(stats["execution_count"]),
-            "avg_request_us": round(int(infer["success"]["ns"]) / max(1, int(infer["success"]["count"])) / 1000, 1),
+            "avg_request_us": round(int(infer["success"]["ns"])
+                                    / max(1, int(infer["success"]["count"])) / 1000, 1),
             "avg_compute_us": round(int(infer["compute_infer"]["ns"])
                                     / max(1, int(infer["compute_infer"]["count"])) / 1000, 1),
         },
