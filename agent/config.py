@@ -61,6 +61,9 @@ class InferenceSection:
     providers: tuple[str, ...] = setting((), "restrict execution providers (default: all usable)")
     max_queue: int = setting(1024, "requests waiting per model before RESOURCE_EXHAUSTED",
                              check=_positive)
+    instances: int = setting(2, "sessions run concurrently per model (Triton's instance count)",
+                             check=_positive)
+    dynamic_batching: bool = setting(True, "batch requests for models whose bundle asks for it")
 
 
 @dataclass(frozen=True)

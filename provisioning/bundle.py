@@ -49,12 +49,25 @@ def _specs(nodes: Sequence[Any], origin: str) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+def _as_text(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    if array.dtype != object:
+        return array
+    conv = np.empty(array.shape, dtype=object)
+    try:
+        conv.reshape(-1)[:] = [x.decode() if isinstance(x, bytes) else x for x in array.reshape(-1).tolist()]
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"a BYTES golden input is not valid UTF-8 ({exc}); ONNX Runtime string "
+                          "tensors hold UTF-8 text") from None
+    return conv
+
+
 def session_runner(session: Any) -> Any:
     """A golden-vector runner over an ``InferenceSession`` (BYTES come back as bytes)."""
     names = [o.name for o in session.get_outputs()]
 
     def run(feeds: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
-        results = session.run(names, dict(feeds))
+        # ORT's string tensors take str (UTF-8 text); given bytes it would feed their repr.
+        results = session.run(names, {k: _as_text(v) for k, v in feeds.items()})
         out = {}
         for name, value in zip(names, results, strict=True):
             array = np.asarray(value)

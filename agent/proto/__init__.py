@@ -13,10 +13,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["PROTO_DIR", "ensure_generated", "generate"]
+__all__ = ["PRIVATE_POOL_PROTOS", "PROTO_DIR", "ensure_generated", "generate"]
 
 PROTO_DIR = Path(__file__).resolve().parent
 _ROOT = PROTO_DIR.parent.parent
+
+
+# Protos whose generated modules register into agent.proto._pool.POOL instead of protobuf's
+# default pool: Triton's client registers the same `inference.*` names in the default pool,
+# and a process (tests, benchmarks, operator tools) may hold both.
+PRIVATE_POOL_PROTOS = ("grpc_service", "model_config")
+_DEFAULT_POOL_CALL = "_descriptor_pool.Default().AddSerializedFile("
+_PRIVATE_POOL_CALL = "__import__('agent.proto._pool', fromlist=['POOL']).POOL.AddSerializedFile("
+
+
+def _use_private_pool(module: Path) -> None:
+    text = module.read_text()
+    if _DEFAULT_POOL_CALL not in text:
+        raise RuntimeError(f"{module}: generated code has an unexpected shape (no default-pool call)")
+    module.write_text(text.replace(_DEFAULT_POOL_CALL, _PRIVATE_POOL_CALL))
 
 
 def _outputs(proto: Path) -> list[Path]:
@@ -69,6 +84,9 @@ def generate(target_root: Path | None = None) -> None:
         out_dir = Path(tmp) / "agent" / "proto"
         final = dest_root / "agent" / "proto"
         final.mkdir(parents=True, exist_ok=True)
+        for name in PRIVATE_POOL_PROTOS:
+            if (out_dir / f"{name}_pb2.py").exists():
+                _use_private_pool(out_dir / f"{name}_pb2.py")
         for produced in sorted(out_dir.iterdir()):
             produced.replace(final / produced.name)
 

@@ -1,0 +1,242 @@
+"""The model repository: which installed models are served, and the read API other parts use.
+
+Published as ``ctx.components["inference"]``.  Read API (safe from any thread):
+
+- :meth:`ModelRepository.installed` -> list of dicts: name, version, sha256, length,
+  installed_at, active, loaded, provider (inventory reads this);
+- :meth:`ModelRepository.statistics` -> list of dicts in Triton's ModelStatistics shape plus
+  ``pending`` (the Prometheus collector reads this);
+- :meth:`ModelRepository.index` -> (name, version, state, reason) of every installed version.
+
+A model is served only after its installed files re-check against their manifest and its
+golden vectors reproduce on the very session that will serve it; otherwise it is recorded
+as UNAVAILABLE with the reason, and never answers a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.bundle import GoldenCase, Manifest, check_golden
+from agent.config import InferenceSection
+from agent.errors import ApplianceError, BundleError, NotFoundError
+from agent.inference.model import LoadedModel, build_session
+from agent.inference.store import InstalledModel, ModelStore, golden_verifier
+
+__all__ = ["IndexEntry", "ModelRepository"]
+
+log = logging.getLogger(__name__)
+
+# Called with (model name, serving) when a model starts or stops being served.
+Listener = Callable[[str, bool], None]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str  # READY, UNAVAILABLE
+    reason: str
+
+
+class ModelRepository:
+    """Served models over a :class:`ModelStore`; see the module docstring."""
+
+    def __init__(self, store: ModelStore, settings: InferenceSection) -> None:
+        self.store = store
+        self.settings = settings
+        self._served: dict[str, dict[str, LoadedModel]] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+        self._listeners: list[Listener] = []
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def for_state_dir(cls, state_dir: Path, settings: InferenceSection) -> ModelRepository:
+        return cls(ModelStore(state_dir), settings)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(name, serving)`` whenever a model starts or stops being served."""
+        self._listeners.append(listener)
+
+    def _notify(self, name: str, serving: bool) -> None:
+        for listener in self._listeners:
+            try:
+                listener(name, serving)
+            except Exception:
+                log.exception("model listener failed for %s", name)
+
+    # ------------------------------------------------------------------ install
+
+    def _session(self, model: bytes) -> Any:
+        return build_session(model, self.settings.providers, self.settings.intra_op_threads)
+
+    def install(self, bundle_path: Path, *, activate: bool = True) -> InstalledModel:
+        """Install a bundle file that already passed signature verification (blocking).
+
+        The golden vectors run on a real session with this agent's providers first.
+
+        Raises:
+            NotFoundError, BundleError, VerificationError: the bundle is refused; nothing changes.
+        """
+
+        def runner(manifest: Manifest, model: bytes) -> Any:
+            session = self._session(model)
+            names = [o.name for o in manifest.outputs]
+            return lambda feeds: _run(session, names, feeds)
+
+        return self.store.install(bundle_path, golden_verifier(runner), activate=activate)
+
+    # ------------------------------------------------------------------ load / unload
+
+    def _load_blocking(self, installed: InstalledModel) -> LoadedModel:
+        opened = self.store.open(installed)
+        try:
+            session = self._session(opened.model)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
+            raise BundleError(f"{installed.name} {installed.version}: ONNX Runtime cannot load the "
+                              f"model: {exc}") from None
+        model = LoadedModel(opened.manifest, session, instances=self.settings.instances,
+                            max_queue=self.settings.max_queue,
+                            batching=self.settings.dynamic_batching, sha256=installed.sha256)
+        _golden_on(model, opened.golden)
+        return model
+
+    async def load(self, name: str, version: str | None = None) -> LoadedModel:
+        """Serve an installed version of ``name`` (default: the active one); return it.
+
+        Raises:
+            NotFoundError: not installed.
+            BundleError, VerificationError: its files no longer match, or its golden
+                vectors fail on this node; it is not served.
+        """
+        async with self._lock:
+            installed = self.store.find(name, version)
+            current = self._served.get(name, {}).get(installed.version)
+            if current is not None:
+                return current
+            loop = asyncio.get_running_loop()
+            try:
+                model = await loop.run_in_executor(None, self._load_blocking, installed)
+            except ApplianceError as exc:
+                self._failed[(name, installed.version)] = str(exc)
+                log.error("not serving %s %s: %s", name, installed.version, exc)  # noqa: TRY400
+                raise
+            self._failed.pop((name, installed.version), None)
+            self._served.setdefault(name, {})[installed.version] = model
+            log.info("serving %s %s on %s", name, installed.version, model.provider)
+        self._notify(name, True)
+        return model
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of ``name``; running requests finish.
+
+        Raises:
+            NotFoundError: ``name`` is not being served.
+        """
+        async with self._lock:
+            versions = self._served.pop(name, None)
+            if versions is None:
+                raise NotFoundError(f"model {name!r} is not loaded")
+            for model in versions.values():
+                model.close()
+        log.info("unloaded %s", name)
+        self._notify(name, False)
+
+    async def close(self) -> None:
+        """Unload everything (agent shutdown)."""
+        for name in list(self._served):
+            await self.unload(name)
+
+    # ------------------------------------------------------------------ lookups
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The served model for a request; without a version, the active one (else the newest).
+
+        Raises:
+            NotFoundError: the model or that version is not being served.
+        """
+        versions = self._served.get(name)
+        if not versions:
+            raise NotFoundError(f"unknown model {name!r}: not being served "
+                                f"(served: {', '.join(sorted(self._served)) or 'none'})")
+        if version:
+            model = versions.get(version)
+            if model is None:
+                raise NotFoundError(f"model {name!r} has no served version {version!r} "
+                                    f"(served: {', '.join(sorted(versions))})")
+            return model
+        active = self.store.active_version(name)
+        if active in versions:
+            return versions[active]
+        return max(versions.values(), key=lambda m: m.manifest.version_tuple)
+
+    def versions(self, name: str) -> list[str]:
+        """Served versions of ``name``, oldest first."""
+        models = self._served.get(name, {})
+        return [m.version for m in sorted(models.values(), key=lambda m: m.manifest.version_tuple)]
+
+    def served(self) -> list[LoadedModel]:
+        return [m for versions in self._served.values() for m in versions.values()]
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except NotFoundError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ read API
+
+    def installed(self) -> list[dict[str, Any]]:
+        """Installed, verified versions with whether each is served and on which provider."""
+        served = {(m.name, m.version): m for m in self.served()}
+        out = []
+        for inst in self.store.installed():
+            model = served.get((inst.name, inst.version))
+            out.append(inst.to_json() | {"loaded": model is not None,
+                                         "provider": model.provider if model else ""})
+        return out
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """Statistics snapshots of served models (all, or one name/version).
+
+        Raises:
+            NotFoundError: ``name`` (or that version) is not being served.
+        """
+        if name:
+            models = [self.get(name, version)] if version else list(self._served.get(name, {}).values())
+            if not models:
+                raise NotFoundError(f"unknown model {name!r}: not being served")
+        else:
+            models = self.served()
+        return [m.stats.snapshot() for m in sorted(models, key=lambda m: (m.name, m.manifest.version_tuple))]
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every installed version with its state (READY when served)."""
+        served = {(m.name, m.version) for m in self.served()}
+        out = []
+        for inst in self.store.installed():
+            key = (inst.name, inst.version)
+            if key in served:
+                out.append(IndexEntry(inst.name, inst.version, "READY", ""))
+            elif not ready_only:
+                out.append(IndexEntry(inst.name, inst.version, "UNAVAILABLE",
+                                      self._failed.get(key, "not loaded")))
+        return out
+
+
+def _run(session: Any, names: list[str], feeds: Any) -> dict[str, Any]:
+    from agent.inference.model import feeds_for_session, to_bytes_array
+
+    results = session.run(names, feeds_for_session(dict(feeds)))
+    return {n: to_bytes_array(r) for n, r in zip(names, results, strict=True)}
+
+
+def _golden_on(model: LoadedModel, cases: list[GoldenCase]) -> None:
+    names = list(model.outputs)
+    check_golden(model.manifest, cases, lambda feeds: model.run_sync(dict(feeds), names))

@@ -1,0 +1,326 @@
+# ruff: noqa: N802 - servicer methods carry the protocol's RPC names
+"""``inference.GRPCInferenceService``: KServe v2 over the model repository.
+
+:func:`attach` is this component's entry point for agent.server: it builds the model
+repository over the state directory, installs and loads the configured models, registers
+the servicer and per-model health, and publishes the repository as
+``ctx.components["inference"]``.
+
+This module and agent.server are the only places where the exception family becomes gRPC
+status codes (ApplianceError.grpc_code); anything unexpected becomes INTERNAL, never a
+crashed server or a hung call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from agent import __version__
+from agent.context import AgentContext
+from agent.errors import ApplianceError
+from agent.inference.install import ensure_models
+from agent.inference.model import LoadedModel
+from agent.inference.repository import ModelRepository
+from agent.inference.tensors import check_requested_outputs, decode_inputs, encode_output
+from agent.proto import grpc_service_pb2 as pb
+from agent.proto import grpc_service_pb2_grpc as pb_grpc
+from agent.proto import model_config_pb2 as mc
+
+__all__ = ["MODEL_HEALTH_PREFIX", "SERVICE_NAME", "InferenceServicer", "attach", "model_health_name"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+MODEL_HEALTH_PREFIX = "inference.model/"
+SERVER_NAME = "sovereign-appliance"
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
+PLATFORM = "onnxruntime_onnx"
+
+T = TypeVar("T")
+
+
+def model_health_name(model: str) -> str:
+    """The grpc.health.v1 service name under which a model's serving status is published."""
+    return MODEL_HEALTH_PREFIX + model
+
+
+_DATA_TYPE = {
+    "BOOL": mc.TYPE_BOOL, "UINT8": mc.TYPE_UINT8, "UINT16": mc.TYPE_UINT16, "UINT32": mc.TYPE_UINT32,
+    "UINT64": mc.TYPE_UINT64, "INT8": mc.TYPE_INT8, "INT16": mc.TYPE_INT16, "INT32": mc.TYPE_INT32,
+    "INT64": mc.TYPE_INT64, "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64,
+    "BYTES": mc.TYPE_STRING,
+}
+
+
+def _status(exc: ApplianceError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def model_config(model: LoadedModel) -> Any:
+    """The Triton ModelConfig of a served model (provider and sha256 in ``parameters``)."""
+    batched = model.max_batch > 0
+    cfg = mc.ModelConfig(name=model.name, platform=PLATFORM, backend="onnxruntime",
+                         max_batch_size=model.max_batch, default_model_filename="model.onnx")
+    cfg.version_policy.latest.num_versions = 1
+    for spec in model.manifest.inputs:
+        dims = spec.shape[1:] if batched else spec.shape
+        cfg.input.add(name=spec.name, data_type=_DATA_TYPE[spec.datatype], dims=list(dims))
+    for spec in model.manifest.outputs:
+        dims = spec.shape[1:] if batched else spec.shape
+        cfg.output.add(name=spec.name, data_type=_DATA_TYPE[spec.datatype], dims=list(dims))
+    gpu = model.provider != "CPUExecutionProvider"
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    group = cfg.instance_group.add(name=f"{model.name}_0", count=model.instances, kind=kind)
+    if gpu:
+        group.gpus.append(0)
+    if model.dynamic_batching:
+        b = model.batching_cfg
+        cfg.dynamic_batching.preferred_batch_size.extend(b.preferred_batch_sizes)
+        cfg.dynamic_batching.max_queue_delay_microseconds = b.max_queue_delay_us
+        cfg.dynamic_batching.default_queue_policy.max_queue_size = model.max_queue
+    params = {
+        "execution_provider": model.provider,
+        "execution_providers": ",".join(model.providers),
+        "version": model.version,
+        "bundle_sha256": model.sha256,
+    }
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def _duration(target: Any, data: dict[str, int]) -> None:
+    target.count = data["count"]
+    target.ns = data["ns"]
+
+
+def _statistics(snap: dict[str, Any]) -> Any:
+    out = pb.ModelStatistics(name=snap["name"], version=snap["version"],
+                             last_inference=snap["last_inference"],
+                             inference_count=snap["inference_count"],
+                             execution_count=snap["execution_count"])
+    for key, value in snap["inference_stats"].items():
+        _duration(getattr(out.inference_stats, key), value)
+    for b in snap["batch_stats"]:
+        entry = out.batch_stats.add(batch_size=b["batch_size"])
+        for key in ("compute_input", "compute_infer", "compute_output"):
+            _duration(getattr(entry, key), b[key])
+    return out
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 / Triton servicer over a :class:`ModelRepository`."""
+
+    def __init__(self, repo: ModelRepository) -> None:
+        self.repo = repo
+        self.ready = True  # False once the agent is shutting down
+
+    async def _guard(self, context: Any, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except ApplianceError as exc:
+            await context.abort(_status(exc), str(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable")  # context.abort raises
+
+    # ------------------------------------------------------------------ health and metadata
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return pb.ModelReadyResponse(ready=self.ready and self.repo.is_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            model = self.repo.get(request.name, request.version)
+            resp = pb.ModelMetadataResponse(name=model.name, versions=self.repo.versions(model.name),
+                                            platform=PLATFORM)
+            for spec in model.manifest.inputs:
+                resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+            for spec in model.manifest.outputs:
+                resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+            return resp
+
+        return await self._guard(context, run)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            return pb.ModelConfigResponse(config=model_config(self.repo.get(request.name, request.version)))
+
+        return await self._guard(context, run)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            snaps = self.repo.statistics(request.name, request.version)
+            return pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in snaps])
+
+        return await self._guard(context, run)
+
+    # ------------------------------------------------------------------ inference
+
+    async def _infer(self, request: Any) -> Any:
+        """Run one request; raises ApplianceError subclasses for what the caller got wrong."""
+        start = time.perf_counter_ns()
+        model = self.repo.get(request.model_name, request.model_version)
+        ok = False
+        try:
+            feeds = decode_inputs(request, model.inputs, model.max_batch)
+            names = check_requested_outputs(request, model.outputs)
+            decoded = time.perf_counter_ns()
+            result = await model.infer(feeds, names)
+            t0 = time.perf_counter_ns()
+            resp = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+            raw = []
+            for name in names:
+                array = result.outputs[name]
+                datatype = model.outputs[name].datatype
+                resp.outputs.add(name=name, datatype=datatype, shape=array.shape)
+                raw.append(encode_output(array, datatype))
+            resp.raw_output_contents.extend(raw)
+            ok = True
+        finally:
+            end = time.perf_counter_ns()
+            if ok:
+                batch = int(next(iter(feeds.values())).shape[0]) if model.max_batch > 0 else 1
+                model.stats.record_request(True, end - start, batch_size=batch, queue_ns=result.queue_ns,
+                                           input_ns=result.input_ns + decoded - start,
+                                           infer_ns=result.infer_ns, output_ns=result.output_ns + end - t0)
+            else:
+                model.stats.record_request(False, end - start)
+        return resp
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._guard(context, lambda: self._infer(request))
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any],
+                               context: Any) -> AsyncIterator[Any]:
+        """Requests on a stream run concurrently; responses come in completion order.
+
+        A failed request yields a response with ``error_message`` and the stream goes on.
+        """
+        results: asyncio.Queue[Any] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(req: Any) -> None:
+            try:
+                resp = await self._infer(req)
+                await results.put(pb.ModelStreamInferResponse(infer_response=resp))
+            except ApplianceError as exc:
+                await results.put(pb.ModelStreamInferResponse(
+                    error_message=str(exc),
+                    infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id)))
+            except Exception as exc:
+                log.exception("internal error in stream")
+                await results.put(pb.ModelStreamInferResponse(error_message=f"internal error: {exc}"))
+
+        async def reader() -> None:
+            async for req in request_iterator:
+                task = asyncio.create_task(one(req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*list(tasks))
+            await results.put(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while True:
+                item = await results.get()
+                if item is None:
+                    break
+                yield item
+            await read_task
+        finally:
+            read_task.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # ------------------------------------------------------------------ repository
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            resp = pb.RepositoryIndexResponse()
+            for e in self.repo.index(ready_only=request.ready):
+                resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+            return resp
+
+        return await self._guard(context, run)
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            version = ""
+            param = request.parameters.get("version")
+            if param is not None and param.WhichOneof("parameter_choice") == "string_param":
+                version = param.string_param
+            await self.repo.load(request.model_name, version or None)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._guard(context, run)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            await self.repo.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._guard(context, run)
+
+
+def _health_listener(ctx: AgentContext) -> Callable[[str, bool], None]:
+    pending: set[asyncio.Task[None]] = set()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def listener(name: str, up: bool) -> None:
+        if ctx.health is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            ctx.health.set(model_health_name(name), serving if up else not_serving))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    return listener
+
+
+async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
+    """Build the repository, load the configured models, register the servicer.
+
+    Models named in ``[inference] models`` that are not installed are installed from the
+    configured registry sources first (signature-verified).  With no models named, every
+    installed model's active version is served.  A model that fails its checks is logged
+    and left UNAVAILABLE; the agent still starts.
+
+    Raises:
+        ApplianceError: a named model can be neither found installed nor installed from a
+            registry (the agent refuses to start without a model it was told to serve).
+    """
+    repo = ModelRepository.for_state_dir(ctx.state_dir, ctx.config.inference)
+    repo.add_listener(_health_listener(ctx))
+    servicer = InferenceServicer(repo)
+    ctx.components["inference"] = repo
+    ctx.components["inference.servicer"] = servicer
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    wanted = await ensure_models(repo, ctx.config)
+    for name, version in wanted:
+        try:
+            await repo.load(name, version)
+        except ApplianceError as exc:
+            log.error("model %s%s is not served: %s",  # noqa: TRY400 - expected, no traceback
+                      name, f"@{version}" if version else "", exc)
+    return [SERVICE_NAME]

@@ -1,0 +1,251 @@
+"""The model store: verified bundles installed under the state directory.
+
+Layout::
+
+    STATE/models/NAME/VERSION/manifest.json    as written by Bundle.extract
+    STATE/models/NAME/VERSION/model.onnx
+    STATE/models/NAME/VERSION/golden.json
+    STATE/models/NAME/VERSION/install.json     bundle sha256 and length, install time, verified
+    STATE/models/NAME/active                   the active version (one line)
+
+A version directory appears (by an atomic rename) only after its bundle was read, its
+members re-checked against the manifest and its golden vectors reproduced on a real ONNX
+Runtime session; ``install.json`` is written last.  :meth:`ModelStore.open` re-checks the
+member hashes before anything is loaded, so a file changed on disk is refused too.
+The signature layer (TUF) lies before this: callers install only bundle files that the
+registry client verified (or, in tests, files made on the spot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.bundle import (
+    GOLDEN,
+    MANIFEST,
+    MODEL,
+    Bundle,
+    FileEntry,
+    GoldenCase,
+    Manifest,
+    _parse_manifest,
+    check_golden,
+    decode_golden,
+    parse_version,
+    read_bundle,
+)
+from agent.errors import BundleError, NotFoundError, VerificationError
+from agent.fsutil import atomic_write_text, fsync_dir
+
+__all__ = ["InstalledModel", "ModelStore", "OpenedModel"]
+
+log = logging.getLogger(__name__)
+
+INSTALL_RECORD = "install.json"
+ACTIVE = "active"
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """One installed, verified version of a model."""
+
+    name: str
+    version: str
+    sha256: str  # of the bundle file: the TUF target hash
+    length: int
+    installed_at: float  # seconds since the epoch
+    active: bool
+    path: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256,
+                "length": self.length, "installed_at": self.installed_at, "active": self.active}
+
+
+@dataclass(frozen=True)
+class OpenedModel:
+    """An installed version read back from disk with its members re-checked."""
+
+    installed: InstalledModel
+    manifest: Manifest
+    model: bytes
+    golden: list[GoldenCase]
+
+
+# Loads a session from model bytes and returns a golden-vector runner over it.
+Verifier = Callable[[Manifest, bytes, list[GoldenCase]], None]
+
+
+def _check_member(path: Path, entry: FileEntry) -> bytes:
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != entry.length or digest != entry.sha256:
+        raise VerificationError(f"{path}: sha256 {digest} ({len(data)} bytes) does not match the "
+                                f"manifest's {entry.sha256} ({entry.length} bytes)")
+    return data
+
+
+class ModelStore:
+    """Installed model bundles under ``state_dir/models``; see the module docstring."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir) / "models"
+
+    # ------------------------------------------------------------------ reading
+
+    def _record(self, vdir: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads((vdir / INSTALL_RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("verified") is True else None
+
+    def active_version(self, name: str) -> str | None:
+        """The active version of ``name``, or None when none is recorded."""
+        try:
+            text = (self.root / name / ACTIVE).read_text().strip()
+        except OSError:
+            return None
+        return text or None
+
+    def installed(self, name: str | None = None) -> list[InstalledModel]:
+        """Every installed, verified version (of ``name`` only, if given), sorted by name and version.
+
+        Directories without a verified install record (an interrupted install, a stray
+        directory) are not listed and never loaded.
+        """
+        if not self.root.is_dir():
+            return []
+        out: list[InstalledModel] = []
+        names = [name] if name else sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        for model in names:
+            mdir = self.root / model
+            if not mdir.is_dir():
+                continue
+            active = self.active_version(model)
+            for vdir in mdir.iterdir():
+                rec = self._record(vdir) if vdir.is_dir() else None
+                if rec is None:
+                    continue
+                try:
+                    parse_version(vdir.name)
+                except ValueError:
+                    continue
+                out.append(InstalledModel(model, vdir.name, str(rec.get("sha256", "")),
+                                          int(rec.get("length", 0)), float(rec.get("installed_at", 0)),
+                                          vdir.name == active, vdir))
+        return sorted(out, key=lambda m: (m.name, parse_version(m.version)))
+
+    def find(self, name: str, version: str | None = None) -> InstalledModel:
+        """The installed version asked for; without ``version`` the active one (else the newest).
+
+        Raises:
+            NotFoundError: no such model or version is installed.
+        """
+        versions = self.installed(name)
+        if not versions:
+            raise NotFoundError(f"model {name!r} is not installed in {self.root}")
+        if version:
+            for m in versions:
+                if m.version == version:
+                    return m
+            raise NotFoundError(f"model {name!r} has no installed version {version!r} "
+                                f"(installed: {', '.join(m.version for m in versions)})")
+        for m in versions:
+            if m.active:
+                return m
+        return versions[-1]
+
+    def open(self, installed: InstalledModel) -> OpenedModel:
+        """Read an installed version back, re-checking each member against its manifest.
+
+        Raises:
+            BundleError: the manifest or golden vectors are malformed.
+            VerificationError: a member no longer matches the manifest's hash.
+        """
+        vdir = installed.path
+        manifest = _parse_manifest((vdir / MANIFEST).read_bytes(), f"{vdir / MANIFEST}")
+        if (manifest.name, manifest.version) != (installed.name, installed.version):
+            raise VerificationError(f"{vdir}: manifest says {manifest.name} {manifest.version}")
+        model = _check_member(vdir / MODEL, manifest.files[MODEL])
+        golden = decode_golden(_check_member(vdir / GOLDEN, manifest.files[GOLDEN]))
+        return OpenedModel(installed, manifest, model, golden)
+
+    # ------------------------------------------------------------------ writing
+
+    def install(self, bundle_path: Path, verify: Verifier, *, activate: bool = True) -> InstalledModel:
+        """Install a bundle file: read and check it, run its golden vectors, then make it visible.
+
+        ``verify(manifest, model_bytes, golden_cases)`` must load the model on a real session
+        and raise BundleError when a golden case does not reproduce.  Installing a version
+        that is already installed with the same bundle hash is a no-op (apart from ``activate``).
+
+        Raises:
+            NotFoundError, BundleError, VerificationError: from reading the bundle or from
+                ``verify``; nothing is left behind in the store.
+        """
+        bundle: Bundle = read_bundle(bundle_path)
+        m = bundle.manifest
+        final = self.root / m.name / m.version
+        if final.exists():
+            rec = self._record(final)
+            if rec is not None and rec.get("sha256") == bundle.sha256:
+                if activate:
+                    self.activate(m.name, m.version)
+                return self.find(m.name, m.version)
+            raise BundleError(f"{m.name} {m.version} is already installed from a different bundle "
+                              f"(sha256 {rec.get('sha256') if rec else 'unverified'}); "
+                              "a version is never replaced in place")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{m.version}.", dir=final.parent))
+        try:
+            bundle.extract(tmp)
+            opened_model = _check_member(tmp / MODEL, m.files[MODEL])
+            verify(m, opened_model, bundle.golden_cases())
+            record = {"name": m.name, "version": m.version, "sha256": bundle.sha256,
+                      "length": bundle.length, "installed_at": time.time(), "verified": True,
+                      "source": str(bundle_path)}
+            atomic_write_text(tmp / INSTALL_RECORD, json.dumps(record, sort_keys=True) + "\n")
+            tmp.rename(final)
+            fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("installed %s %s (sha256 %s)", m.name, m.version, bundle.sha256)
+        if activate or self.active_version(m.name) is None:
+            self.activate(m.name, m.version)
+        return self.find(m.name, m.version)
+
+    def activate(self, name: str, version: str) -> None:
+        """Record ``version`` as the active version of ``name``.
+
+        Raises:
+            NotFoundError: that version is not installed (and verified).
+        """
+        self.find(name, version)
+        atomic_write_text(self.root / name / ACTIVE, version + "\n")
+
+
+def golden_verifier(make_runner: Callable[[Manifest, bytes], Any]) -> Verifier:
+    """A :data:`Verifier` from a function that builds a golden runner for a model."""
+
+    def verify(manifest: Manifest, model: bytes, cases: list[GoldenCase]) -> None:
+        try:
+            runner = make_runner(manifest, model)
+        except BundleError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
+            raise BundleError(f"{manifest.name} {manifest.version}: ONNX Runtime cannot load "
+                              f"the model: {exc}") from None
+        check_golden(manifest, cases, runner)
+
+    return verify

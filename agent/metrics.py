@@ -1,0 +1,136 @@
+"""Prometheus text metrics on the metrics port (8002, Triton's), names compatible with Triton.
+
+One :data:`REGISTRY` per process.  Components add collectors with :func:`register_collector`
+(the health component adds ``DCGM_FI_DEV_*`` and node metrics); the inference component's
+:class:`InferenceCollector` exposes Triton's per-model counters from the repository's
+statistics, labelled ``model`` and ``version`` as Triton does, so existing dashboards work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+
+__all__ = ["REGISTRY", "InferenceCollector", "exposition", "register_collector", "start_metrics_server"]
+
+log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry(auto_describe=False)
+
+# (Triton metric name, help, type, value from a statistics snapshot)
+_INFERENCE_METRICS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], float]], ...] = (
+    ("nv_inference_request_success", "Number of successful inference requests, all batch sizes",
+     "counter", lambda s: s["inference_stats"]["success"]["count"]),
+    ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes",
+     "counter", lambda s: s["inference_stats"]["fail"]["count"]),
+    ("nv_inference_count", "Number of inferences performed (batch elements, successful requests)",
+     "counter", lambda s: s["inference_count"]),
+    ("nv_inference_exec_count", "Number of model executions performed",
+     "counter", lambda s: s["execution_count"]),
+    ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds",
+     "counter", lambda s: s["inference_stats"]["success"]["ns"] // 1000),
+    ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds",
+     "counter", lambda s: s["inference_stats"]["queue"]["ns"] // 1000),
+    ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds",
+     "counter", lambda s: s["inference_stats"]["compute_infer"]["ns"] // 1000),
+    ("nv_inference_pending_request_count", "Instantaneous number of pending requests awaiting "
+     "execution per model", "gauge", lambda s: s["pending"]),
+)
+
+
+class InferenceCollector:
+    """Collects Triton's ``nv_inference_*`` metrics from ``statistics()`` snapshots.
+
+    ``statistics`` is the repository's read API (``ModelRepository.statistics``).
+    Counters are written without a ``_total`` suffix, exactly as Triton names them.
+    """
+
+    def __init__(self, statistics: Callable[[], list[dict[str, Any]]]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            snaps = self._statistics()
+        except Exception:  # a scrape must never take the agent down
+            log.exception("collecting inference statistics failed")
+            snaps = []
+        for name, doc, kind, value in _INFERENCE_METRICS:
+            metric = Metric(name, doc, kind)
+            for snap in snaps:
+                metric.add_sample(name, {"model": snap["name"], "version": snap["version"]},
+                                  float(value(snap)))
+            yield metric
+
+
+def register_collector(collector: Any) -> None:
+    """Add a collector (an object with ``collect()`` yielding metrics) to :data:`REGISTRY`."""
+    REGISTRY.register(collector)
+
+
+class _One:
+    def __init__(self, metric: Metric) -> None:
+        self.metric = metric
+
+    def collect(self) -> list[Metric]:
+        return [self.metric]
+
+
+def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """The registry in Prometheus text format.
+
+    prometheus_client names every counter ``NAME_total``; Triton's and dcgm-exporter's
+    counters have no such suffix, and dashboards query them by their own names.  A counter
+    whose samples carry the bare name keeps it in its HELP and TYPE lines too.
+    """
+    parts: list[bytes] = []
+    for metric in registry.collect():
+        text = generate_latest(_One(metric))
+        if metric.type == "counter" and all(s.name == metric.name for s in metric.samples):
+            text = text.replace(f"# HELP {metric.name}_total ".encode(), f"# HELP {metric.name} ".encode(), 1)
+            text = text.replace(f"# TYPE {metric.name}_total ".encode(), f"# TYPE {metric.name} ".encode(), 1)
+        parts.append(text)
+    return b"".join(parts)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry = REGISTRY
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self.send_error(404, "only /metrics is served here")
+            return
+        try:
+            body = exposition(self.registry)
+        except Exception:
+            log.exception("metrics exposition failed")
+            self.send_error(500, "metrics exposition failed")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics: " + format, *args)
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Serve :data:`REGISTRY` at ``http://addr:port/metrics`` in a daemon thread.
+
+    The returned server has ``shutdown()``; ``server_port`` holds the bound port (for port 0).
+
+    Raises:
+        OSError: the port cannot be bound.
+    """
+    server = ThreadingHTTPServer((addr, port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics", addr, server.server_port)
+    return server

@@ -1,0 +1,224 @@
+"""The agent's one grpc.aio server: components, health, reflection, metrics, graceful stop.
+
+:func:`run_agent` builds the :class:`~agent.context.AgentContext`, registers
+``grpc.health.v1.Health``, then awaits ``attach(server, ctx)`` of every module in
+:data:`SERVICE_MODULES` (each returns the full names of the services it added; a module not
+built yet is skipped), enables server reflection for all of them, binds and serves.
+
+Transport security is chosen in one place, :func:`server_credentials`.  Without TLS
+material the agent binds to loopback only, whatever address was asked for, and says so.
+
+SIGTERM (or SIGINT): every health status goes NOT_SERVING, new calls are refused, calls in
+flight get ``grace_period_s`` to finish, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agent.config import AgentConfig
+from agent.context import AgentContext
+from agent.errors import ConfigError
+
+__all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "run_agent", "server_credentials"]
+
+log = logging.getLogger(__name__)
+
+# Components that add gRPC services; each has `async def attach(server, ctx) -> list[str]`.
+SERVICE_MODULES: tuple[str, ...] = (
+    "agent.inference.service",
+    "agent.health.service",
+)
+
+LOOPBACK = "127.0.0.1"
+
+
+def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
+    """The server's transport credentials, or None for plaintext on loopback.
+
+    This is the one place where server credentials are chosen: mTLS with the site CA
+    (client certificates required, role from the certificate) plugs in here.
+    """
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _reflection_pool(service_names: list[str]) -> Any:
+    """One descriptor pool holding every service's file (and dependencies) for reflection.
+
+    The inference protos live in a private pool (see agent/proto/__init__.py); the others in
+    protobuf's default pool.
+    """
+    from agent.proto._pool import POOL
+
+    merged = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(fd: Any) -> None:
+        if fd.name in added:
+            return
+        for dep in fd.dependencies:
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        fd.CopyToProto(proto)
+        merged.Add(proto)
+        added.add(fd.name)
+
+    for name in service_names:
+        for pool in (POOL, descriptor_pool.Default()):
+            try:
+                add(pool.FindServiceByName(name).file)
+                break
+            except KeyError:
+                continue
+    return merged
+
+
+def _load_modules() -> list[Any]:
+    modules = []
+    for name in SERVICE_MODULES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                log.debug("component %s is not part of this build", name)
+                continue
+            raise
+    return modules
+
+
+async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentContext, list[str]]:
+    """A server with health, every available component and reflection; not yet bound.
+
+    Raises:
+        ApplianceError: a component refused to start (e.g. a named model cannot be installed).
+    """
+    limit = config.server.max_message_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ])
+    ctx = AgentContext(config=config)
+    ctx.health = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(ctx.health, server)
+    names = [health.SERVICE_NAME]
+    for module in _load_modules():
+        added = await module.attach(server, ctx)
+        names.extend(added)
+        log.debug("%s added %s", module.__name__, ", ".join(added))
+    names.append(reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=_reflection_pool(names))
+    return server, ctx, names
+
+
+def _bind(server: grpc.aio.Server, config: AgentConfig) -> tuple[str, int]:
+    host = config.server.listen
+    creds = server_credentials(config)
+    if creds is None and not _is_loopback(host):
+        log.warning("no TLS material: listening on %s only, not on %s (mTLS is needed to serve "
+                    "beyond loopback)", LOOPBACK, host)
+        host = LOOPBACK
+    elif creds is None:
+        log.info("no TLS material: plaintext on loopback only")
+    address = f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"
+    try:
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address} (address in use?)")
+    return host, port
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state, when started by it."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    addr = "\0" + target[1:] if target.startswith("@") else target
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), addr)
+        except OSError:
+            log.debug("sd_notify failed", exc_info=True)
+
+
+async def _set_all(ctx: AgentContext, names: list[str], status: Any) -> None:
+    await ctx.health.set("", status)
+    for name in names:
+        await ctx.health.set(name, status)
+
+
+async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit code.
+
+    Raises:
+        ApplianceError: the server cannot start (a port in use, a model that cannot be provided).
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server, ctx, names = await build_server(config)
+    host, port = _bind(server, config)
+    metrics = _start_metrics(config, ctx)
+    await server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await _set_all(ctx, [n for n in names if n != reflection.SERVICE_NAME], serving)
+    log.info("agent: serving on %s:%d", host, port)
+    _sd_notify("READY=1")
+    if on_ready is not None:
+        on_ready(host, port)
+    await stop.wait()
+
+    log.info("agent: stopping (in-flight requests get %.1f s)", config.server.grace_period_s)
+    _sd_notify("STOPPING=1")
+    servicer = ctx.components.get("inference.servicer")
+    if servicer is not None:
+        servicer.ready = False
+    await ctx.health.enter_graceful_shutdown()
+    await server.stop(config.server.grace_period_s)
+    repo = ctx.components.get("inference")
+    if repo is not None:
+        await repo.close()
+    if metrics is not None:
+        metrics.shutdown()
+    log.info("agent: stopped")
+    return 0
+
+
+def _start_metrics(config: AgentConfig, ctx: AgentContext) -> Any:
+    if not config.server.metrics_port:
+        return None
+    from agent.metrics import InferenceCollector, register_collector, start_metrics_server
+
+    repo = ctx.components.get("inference")
+    if repo is not None:
+        register_collector(InferenceCollector(repo.statistics))
+    host = config.server.listen if server_credentials(config) else LOOPBACK
+    try:
+        return start_metrics_server(config.server.metrics_port, host)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{config.server.metrics_port}: {exc}") from None

@@ -1,0 +1,73 @@
+"""``appliance agent serve``: run the on-device agent (gRPC on 8001, metrics on 8002).
+
+Flags and /etc/appliance/agent.toml come from the same table (agent.config); a flag given
+on the command line overrides the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, InferenceSection, ServerSection, load_config
+from agent.settings import add_flags, apply_flags
+
+__all__ = ["config_from_args", "register"]
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser("agent", help="run the on-device agent", parents=[common])
+    asub = p.add_subparsers(dest="agent_command", metavar="ACTION")
+    asub.required = True
+    s = asub.add_parser(
+        "serve", parents=[common],
+        help="serve KServe v2 / Triton gRPC inference on verified bundles, with health and metrics",
+        description="Serve the models installed in the state directory (or those named with "
+                    "--model, installed from the registry with full verification first). "
+                    "Without TLS material the agent listens on loopback only.")
+    s.add_argument("--config", type=Path, default=None,
+                   help=f"agent.toml to read (default: {DEFAULT_CONFIG_PATH} when it exists)")
+    server = s.add_argument_group("[server] settings")
+    add_flags(server, ServerSection)  # type: ignore[arg-type]
+    inference = s.add_argument_group("[inference] settings")
+    add_flags(inference, InferenceSection)  # type: ignore[arg-type]
+    inference.add_argument("--model", dest="models", action="append", metavar="NAME[@VERSION]",
+                           help="serve this model (repeatable; same as --models)")
+    s.add_argument("--registry", dest="sources", action="append", metavar="URL|DIR",
+                   help="registry source to install missing models from ([updates] sources)")
+    s.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration (JSON) and exit")
+    s.set_defaults(handler=_serve)
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """agent.toml (if any) with the command line's settings applied on top.
+
+    Raises:
+        ConfigError, NotFoundError: a bad file, flag or value.
+    """
+    path = args.config
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    config = load_config(path)
+    return dataclasses.replace(
+        config,
+        server=apply_flags(config.server, args),
+        inference=apply_flags(config.inference, args),
+        updates=apply_flags(config.updates, args),
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(config.to_json(), indent=2, sort_keys=True))
+        return 0
+    from agent.server import run_agent
+
+    return asyncio.run(run_agent(config))

@@ -1,0 +1,251 @@
+"""``appliance demo``: the whole path on one machine, in a temporary directory.
+
+1. make a small ONNX model (y = 2x + 1) and bundle it with golden vectors;
+2. sign it into a fresh local TUF registry and give a node state directory its trusted root;
+3. start the agent on loopback (free ports), which installs the model from the registry
+   with full verification (signatures, hashes, golden vectors on its own session);
+4. run inference through Triton's official client, print outputs, statistics and the
+   execution provider; stop the agent (SIGTERM) and remove everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import Batching
+from agent.errors import ApplianceError
+from provisioning.output import emit_json, print_table
+
+__all__ = ["register", "run_demo"]
+
+MODEL = "affine"
+VERSION = "1"  # an integer version: perf_analyzer matches statistics by integer versions
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser("demo", parents=[common],
+                       help="sign a small model into a local registry, serve it, run inference on it")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep everything in this (new or empty) directory instead of a temporary one")
+    p.add_argument("--requests", type=int, default=20, help="inference requests to send (default 20)")
+    p.set_defaults(handler=_demo)
+
+
+def _step(message: str) -> None:
+    print(f"demo: {message}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _make_bundle(work: Path) -> Path:
+    from provisioning.bundle import create_bundle
+    from provisioning.models import affine_model, save_golden
+
+    model = affine_model(work / "model" / "affine.onnx")
+    golden = save_golden(work / "model" / "golden.npz", {"x": np.arange(8, dtype=np.float32).reshape(2, 4)})
+    bundle = create_bundle(model, name=MODEL, version=VERSION, golden=[golden],
+                           out=work / "model" / f"{MODEL}-{VERSION}.bundle",
+                           batching=Batching(max_batch_size=8, max_queue_delay_us=500),
+                           description="demo: y = 2x + 1")
+    return bundle.path
+
+
+def publish_to_registry(work: Path, bundle: Path, state: Path) -> dict[str, Any]:
+    """Sign ``bundle`` into a new registry under ``work`` and initialise the node's trust.
+
+    Returns what the agent needs: ``{"source": ..., "mode": "registry"}``.  Where this build
+    has no registry tooling, the bundle is installed into the state directory directly
+    (hashes and golden vectors checked, no signature) and ``mode`` says so.
+
+    Raises:
+        ApplianceError: the registry refused the bundle.
+    """
+    try:
+        from agent.updates.client import RegistryClient  # type: ignore[import-not-found,unused-ignore]
+
+        from provisioning.registry import (  # type: ignore[import-not-found,unused-ignore]
+            init_registry,
+            publish_bundle,
+            trusted_root,
+        )
+    except ImportError:
+        from agent.config import InferenceSection
+        from agent.inference.repository import ModelRepository
+
+        ModelRepository.for_state_dir(state, InferenceSection()).install(bundle)
+        return {"mode": "direct install (this build has no registry tooling: signatures not used)",
+                "source": ""}
+    registry = work / "registry"
+    init_registry(registry)
+    publish_bundle(registry, bundle)
+    RegistryClient.initialize(state, trusted_root(registry))
+    return {"mode": "signed local TUF registry", "source": str(registry / "published")}
+
+
+@dataclass
+class _AgentProcess:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    url: str
+    metrics_url: str
+
+
+@contextlib.contextmanager
+def _agent(state: Path, work: Path, source: str) -> Iterator[_AgentProcess]:
+    log = work / "agent.log"
+    metrics_port = _free_port()
+    argv = [sys.executable, "-m", "provisioning.cli", "agent", "serve", "--state-dir", str(state),
+            "--listen", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port),
+            "--model", f"{MODEL}@{VERSION}"]
+    if source:
+        argv += ["--registry", source]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = _wait_ready(proc, log)
+        yield _AgentProcess(proc, log, url, f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> str:
+    marker = "agent: serving on "
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if marker in text:
+            return text.split(marker, 1)[1].split()[0]
+        if proc.poll() is not None:
+            tail = "\n".join(text.splitlines()[-15:])
+            raise ApplianceError(f"the agent exited with code {proc.returncode}:\n{tail}")
+        time.sleep(0.05)
+    raise ApplianceError(f"the agent did not start within {timeout:.0f} s (log: {log})")
+
+
+def _infer(url: str, requests: int) -> dict[str, Any]:
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(url)
+    try:
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        latencies = []
+        y = None
+        for _ in range(max(1, requests)):
+            inp = tc.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            start = time.perf_counter()
+            y = client.infer(MODEL, [inp]).as_numpy("y")
+            latencies.append(time.perf_counter() - start)
+        config = client.get_model_config(MODEL, as_json=True)["config"]
+        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+        meta = client.get_model_metadata(MODEL, as_json=True)
+    finally:
+        client.close()
+    assert y is not None
+    if not np.allclose(y, x * 2 + 1):
+        raise ApplianceError(f"the model answered {y.tolist()}, expected {(x * 2 + 1).tolist()}")
+    infer = stats["inference_stats"]
+    return {
+        "model": MODEL,
+        "version": stats["version"],
+        "versions": meta["versions"],
+        "provider": config["parameters"]["execution_provider"]["string_value"],
+        "bundle_sha256": config["parameters"]["bundle_sha256"]["string_value"],
+        "input": x.tolist(),
+        "output": y.tolist(),
+        "client_p50_ms": round(float(np.median(latencies)) * 1000, 3),
+        "statistics": {
+            "requests": int(infer["success"]["count"]),
+            "inference_count": int(stats["inference_count"]),
+            "execution_count": int(stats["execution_count"]),
+            "avg_request_us": round(int(infer["success"]["ns"])
+                                    / max(1, int(infer["success"]["count"])) / 1000, 1),
+            "avg_compute_us": round(int(infer["compute_infer"]["ns"])
+                                    / max(1, int(infer["compute_infer"]["count"])) / 1000, 1),
+        },
+    }
+
+
+def run_demo(work: Path, requests: int = 20) -> dict[str, Any]:
+    """Run the demo in ``work``; return its findings.
+
+    Raises:
+        ApplianceError: any step failed (the message says which and why).
+    """
+    state = work / "state"
+    _step("making a small ONNX model and a bundle with golden vectors")
+    bundle = _make_bundle(work)
+    _step("signing the bundle into a local registry")
+    registry = publish_to_registry(work, bundle, state)
+    _step("starting the agent on loopback")
+    with _agent(state, work, registry["source"]) as agent:
+        _step(f"agent listening on {agent.url}; running {requests} requests with tritonclient")
+        result = _infer(agent.url, requests)
+        import urllib.request
+
+        with urllib.request.urlopen(agent.metrics_url, timeout=10) as resp:  # noqa: S310 - loopback URL we built
+            metrics = resp.read().decode()
+        result["metrics_sample"] = [ln for ln in metrics.splitlines()
+                                    if ln.startswith("nv_inference_count{")]
+    _step("agent stopped")
+    if agent.proc.returncode != 0:
+        raise ApplianceError(f"the agent exited with code {agent.proc.returncode} on SIGTERM")
+    result["registry"] = registry["mode"]
+    result["agent"] = agent.url
+    return result
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        if any(args.workdir.iterdir()):
+            raise ApplianceError(f"--workdir {args.workdir}: not empty")
+        result = run_demo(args.workdir, args.requests)
+    else:
+        with tempfile.TemporaryDirectory(prefix="appliance-demo-") as tmp:
+            result = run_demo(Path(tmp), args.requests)
+    if args.json:
+        emit_json(result)
+        return 0
+    s = result["statistics"]
+    print(f"model     {result['model']} {result['version']}  (sha256 {result['bundle_sha256'][:16]}...)")
+    print(f"registry  {result['registry']}")
+    print(f"provider  {result['provider']}")
+    print(f"input     {result['input']}")
+    print(f"output    {result['output']}")
+    print_table(["requests", "inferences", "executions", "avg request µs", "avg compute µs",
+                 "client p50 ms"],
+                [[s["requests"], s["inference_count"], s["execution_count"], s["avg_request_us"],
+                  s["avg_compute_us"], result["client_p50_ms"]]])
+    for line in result["metrics_sample"]:
+        print(f"metrics   {line}")
+    return 0

@@ -1,0 +1,18 @@
+"""``appliance demo`` end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_appliance
+
+
+def test_demo_json() -> None:
+    proc = run_appliance("demo", "--json", "--requests", "3", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["output"] == [[1.0, 3.0, 5.0, 7.0], [9.0, 11.0, 13.0, 15.0]]
+    assert doc["provider"] == "CPUExecutionProvider"
+    assert doc["statistics"]["requests"] == 3 and doc["statistics"]["inference_count"] == 6
+    assert doc["metrics_sample"] == ['nv_inference_count{model="affine",version="1"} 6.0']
+    assert "agent stopped" in proc.stderr

@@ -1,0 +1,124 @@
+"""The model store and tensor decoding, in-process: install rules and decoding properties."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from agent.bundle import TensorSpec
+from agent.config import InferenceSection
+from agent.dtypes import DTYPES
+from agent.errors import BundleError, InferenceError, NotFoundError
+from agent.inference.repository import ModelRepository
+from agent.inference.tensors import TYPED_FIELD, decode_inputs, encode_output, serialize_bytes
+from agent.proto import grpc_service_pb2 as pb
+from provisioning.models import affine_model
+from tests.inference_support import make_bundle, with_wrong_golden
+
+
+def _repo(tmp_path: Path) -> ModelRepository:
+    return ModelRepository.for_state_dir(tmp_path / "state", InferenceSection())
+
+
+def test_install_activate_and_read_api(tmp_path: Path) -> None:
+    x = np.ones((1, 4), np.float32)
+    b1 = make_bundle(tmp_path, affine_model(tmp_path / "a.onnx"), "affine", "1.0.0", {"x": x})
+    b2 = make_bundle(tmp_path, affine_model(tmp_path / "b.onnx", scale=5), "affine", "1.1.0", {"x": x})
+    repo = _repo(tmp_path)
+    repo.install(b1)
+    repo.install(b2, activate=False)
+    rows = repo.installed()
+    assert [(r["version"], r["active"], r["loaded"]) for r in rows] == [("1.0.0", True, False),
+                                                                        ("1.1.0", False, False)]
+    assert len(rows[0]["sha256"]) == 64
+    assert repo.store.find("affine").version == "1.0.0"
+    assert repo.install(b1).version == "1.0.0"  # same bundle again: nothing to do
+
+
+def test_bundle_failing_golden_vectors_is_never_installed(tmp_path: Path) -> None:
+    x = np.ones((1, 4), np.float32)
+    good = make_bundle(tmp_path, affine_model(tmp_path / "a.onnx"), "affine", "1.0.0", {"x": x})
+    bad = with_wrong_golden(good, tmp_path / "bad.bundle")
+    repo = _repo(tmp_path)
+    with pytest.raises(BundleError, match=r"golden case 0, output 'y': differs"):
+        repo.install(bad)
+    assert repo.installed() == []
+    assert [p.name for p in (tmp_path / "state" / "models" / "affine").iterdir()] == []
+
+
+def test_a_version_is_never_replaced_in_place(tmp_path: Path) -> None:
+    x = np.ones((1, 4), np.float32)
+    repo = _repo(tmp_path)
+    repo.install(make_bundle(tmp_path, affine_model(tmp_path / "a.onnx"), "affine", "1.0.0", {"x": x}))
+    other = tmp_path / "o"
+    other.mkdir()
+    with pytest.raises(BundleError, match="already installed from a different bundle"):
+        repo.install(make_bundle(other, affine_model(other / "b.onnx", scale=7), "affine", "1.0.0", {"x": x}))
+    with pytest.raises(NotFoundError, match=r"no installed version '9\.0'"):
+        repo.store.find("affine", "9.0")
+
+
+# ---------------------------------------------------------------- decoding properties
+
+NUMERIC = [d for d in DTYPES if d.kserve != "BYTES"]
+
+
+def _request(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | None = None) -> Any:
+    req = pb.ModelInferRequest(model_name="m")
+    t = req.inputs.add(name=name, datatype=datatype, shape=list(shape))
+    if raw is not None:
+        req.raw_input_contents.append(raw)
+    return t, req
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_raw_round_trip_every_numeric_datatype(data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(NUMERIC))
+    array = data.draw(hnp.arrays(dtype.numpy, hnp.array_shapes(min_dims=1, max_dims=3, max_side=4)))
+    _, req = _request("t", dtype.kserve, array.shape, encode_output(array, dtype.kserve))
+    got = decode_inputs(req, {"t": TensorSpec("t", dtype.kserve, (-1,) * array.ndim)})["t"]
+    assert got.dtype == dtype.numpy
+    np.testing.assert_array_equal(got, array)
+
+
+@settings(max_examples=100, deadline=None)
+@given(items=st.lists(st.binary(max_size=10), min_size=1, max_size=8))
+def test_bytes_round_trip_raw_and_typed(items: list[bytes]) -> None:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    spec = {"t": TensorSpec("t", "BYTES", (-1,))}
+    _, req = _request("t", "BYTES", (len(items),), serialize_bytes(array))
+    assert decode_inputs(req, spec)["t"].tolist() == items
+    t, req = _request("t", "BYTES", (len(items),))
+    t.contents.bytes_contents.extend(items)
+    assert decode_inputs(req, spec)["t"].tolist() == items
+
+
+@settings(max_examples=300, deadline=None)
+@given(datatype=st.sampled_from([d.kserve for d in DTYPES]),
+       shape=st.lists(st.integers(-3, 2**40), max_size=3),
+       raw=st.one_of(st.none(), st.binary(max_size=64)),
+       field=st.sampled_from(sorted(set(TYPED_FIELD.values()))),
+       count=st.integers(0, 6))
+def test_any_input_decodes_or_raises_inference_error(datatype: str, shape: list[int], raw: bytes | None,
+                                                      field: str, count: int) -> None:
+    t, req = _request("t", datatype, tuple(shape), raw)
+    if raw is None:
+        typed: dict[str, Any] = {"bool_contents": [True], "bytes_contents": [b"x"],
+                                 "fp32_contents": [1.5], "fp64_contents": [2.5]}
+        values = typed.get(field, [300]) * count
+        getattr(t.contents, field).extend(values)
+    spec = {"t": TensorSpec("t", datatype, (-1,) * len(shape))}
+    try:
+        out = decode_inputs(req, spec)
+    except InferenceError as exc:
+        assert "'t'" in str(exc) or "raw_input_contents" in str(exc)
+    else:
+        assert list(out["t"].shape) == shape
