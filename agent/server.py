@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import ipaddress
 import logging
 import os
 import signal
@@ -49,19 +48,15 @@ LOOPBACK = "127.0.0.1"
 def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
     """The server's transport credentials, or None for plaintext on loopback.
 
-    This is the one place where server credentials are chosen: mTLS with the site CA
-    (client certificates required, role from the certificate) plugs in here.
+    The one place where they are chosen: :func:`agent.security.server_credentials` (mTLS
+    with the site CA, client certificate required, role from the certificate).
+
+    Raises:
+        ConfigError: listening beyond loopback without TLS material, or bad TLS material.
     """
-    return None
+    from agent import security
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return security.server_credentials(config)
 
 
 def _reflection_pool(service_names: list[str]) -> Any:
@@ -114,12 +109,13 @@ async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentConte
     Raises:
         ApplianceError: a component refused to start (e.g. a named model cannot be installed).
     """
-    limit = config.server.max_message_bytes
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0),
-    ])
+    from agent import security
+
+    server = grpc.aio.server(
+        options=security.server_options(config),
+        interceptors=security.interceptors(config),
+        maximum_concurrent_rpcs=security.maximum_concurrent_rpcs(config),
+    )
     ctx = AgentContext(config=config)
     ctx.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(ctx.health, server)
@@ -135,13 +131,9 @@ async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentConte
 
 def _bind(server: grpc.aio.Server, config: AgentConfig) -> tuple[str, int]:
     host = config.server.listen
-    creds = server_credentials(config)
-    if creds is None and not _is_loopback(host):
-        log.warning("no TLS material: listening on %s only, not on %s (mTLS is needed to serve "
-                    "beyond loopback)", LOOPBACK, host)
-        host = LOOPBACK
-    elif creds is None:
-        log.info("no TLS material: plaintext on loopback only")
+    creds = server_credentials(config)  # refuses a listener beyond loopback without mTLS
+    if creds is None:
+        log.info("no TLS material: plaintext on loopback (%s) only", host)
     address = f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"
     try:
         port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
@@ -166,7 +158,11 @@ def _sd_notify(message: str) -> None:
 
 
 async def _set_all(ctx: AgentContext, names: list[str], status: Any) -> None:
-    await ctx.health.set("", status)
+    overall = status
+    sampler = ctx.component("sampler")
+    if sampler is not None and not sampler.serving_ok():
+        overall = health_pb2.HealthCheckResponse.NOT_SERVING  # node health gates serving
+    await ctx.health.set("", overall)
     for name in names:
         await ctx.health.set(name, status)
 
@@ -203,6 +199,11 @@ async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | 
     repo = ctx.components.get("inference")
     if repo is not None:
         await repo.close()
+    health_component = ctx.components.get("sampler")
+    if health_component is not None:
+        from agent.health.service import close as close_health
+
+        await close_health(ctx)
     if metrics is not None:
         metrics.shutdown()
     log.info("agent: stopped")

@@ -17,6 +17,7 @@ from agent.config import AgentConfig
 from agent.errors import ConfigError, NotFoundError
 from agent.inference.repository import ModelRepository
 from agent.inference.store import InstalledModel
+from agent.updates.client import RegistryClient
 
 __all__ = ["ensure_models", "install_from_registry", "parse_model_spec"]
 
@@ -41,18 +42,13 @@ def install_from_registry(repo: ModelRepository, state_dir: Path, sources: tuple
     verify it (TUF, then manifest hashes and golden vectors) and install it (blocking).
 
     Raises:
-        ConfigError: no registry source is configured or the registry client is unavailable.
+        ConfigError: no registry source is configured.
         NotFoundError: no source offers that bundle.
         VerificationError, RegistryError, BundleError: the bundle was refused.
     """
     if not sources:
         raise ConfigError(f"model {name!r} is not installed and no registry source is configured "
                           "(--registry URL|DIR or [updates] sources)")
-    try:
-        from agent.updates.client import RegistryClient  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise ConfigError(f"model {name!r} is not installed and this agent has no registry "
-                          f"client ({exc})") from None
     last: Exception | None = None
     for source in sources:
         client = RegistryClient(state_dir, source)

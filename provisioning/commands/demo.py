@@ -73,28 +73,14 @@ def _make_bundle(work: Path) -> Path:
 def publish_to_registry(work: Path, bundle: Path, state: Path) -> dict[str, Any]:
     """Sign ``bundle`` into a new registry under ``work`` and initialise the node's trust.
 
-    Returns what the agent needs: ``{"source": ..., "mode": "registry"}``.  Where this build
-    has no registry tooling, the bundle is installed into the state directory directly
-    (hashes and golden vectors checked, no signature) and ``mode`` says so.
+    Returns what the agent needs: ``{"source": ..., "mode": "signed local TUF registry"}``.
 
     Raises:
         ApplianceError: the registry refused the bundle.
     """
-    try:
-        from agent.updates.client import RegistryClient  # type: ignore[import-not-found,unused-ignore]
+    from agent.updates.client import RegistryClient
+    from provisioning.registry import init_registry, publish_bundle, trusted_root
 
-        from provisioning.registry import (  # type: ignore[import-not-found,unused-ignore]
-            init_registry,
-            publish_bundle,
-            trusted_root,
-        )
-    except ImportError:
-        from agent.config import InferenceSection
-        from agent.inference.repository import ModelRepository
-
-        ModelRepository.for_state_dir(state, InferenceSection()).install(bundle)
-        return {"mode": "direct install (this build has no registry tooling: signatures not used)",
-                "source": ""}
     registry = work / "registry"
     init_registry(registry)
     publish_bundle(registry, bundle)
