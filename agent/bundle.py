@@ -50,6 +50,7 @@ __all__ = [
     "encode_golden",
     "parse_version",
     "read_bundle",
+    "valid_name",
     "write_bundle",
 ]
 
@@ -64,6 +65,11 @@ MAX_MODEL = 16 << 30
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _VERSION_RE = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
 _CHUNK = 1 << 20
+
+
+def valid_name(text: str) -> bool:
+    """Whether ``text`` is a possible bundle name (also safe as one path component)."""
+    return bool(_NAME_RE.match(text))
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -425,11 +425,20 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return load
 
 
+class _MalformedStreamError(Exception):
+    """Raised by a checked request stream at its first malformed message.
+
+    The servicer may read its request stream in a task of its own; aborting the call from
+    there races the task that writes responses (and can leave the call hanging), so the
+    error travels out through the servicer and the interceptor aborts from the call's task.
+    """
+
+
 async def _checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
     """A request stream that ends the call with INVALID_ARGUMENT at the first malformed message."""
     async for request in requests:
         if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            raise _MalformedStreamError(request.message)
         yield request
 
 
@@ -571,6 +580,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except TimeoutError:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"call ran past the node's cap of {self._max_deadline:g} s")
+                except _MalformedStreamError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return call
 
     def _wrap_stream_response(self, method: str, behavior: Behavior, streaming: bool) -> Behavior:
@@ -596,6 +607,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             await responses.aclose()
                             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                                 f"stream ran past the node's cap of {self._max_stream:g} s")
+                        except _MalformedStreamError as exc:
+                            await responses.aclose()
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                         yield item
             return stream
 
@@ -611,6 +625,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except TimeoutError:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"stream ran past the node's cap of {self._max_stream:g} s")
+                except _MalformedStreamError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return writer
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

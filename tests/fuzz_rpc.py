@@ -23,6 +23,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -325,21 +326,57 @@ def run(channel: grpc.Channel, pid: int | None, count: int, *, warmup: int = 100
 
 @contextmanager
 def local_server(workdir: Path) -> Iterator[tuple[str, grpc.ChannelCredentials, int]]:
-    """Start tests/secure_server.py under mTLS with a fresh PKI; yield target, creds, pid."""
+    """Start the real agent (``appliance agent serve``) under mTLS with a fresh PKI and a
+    verified model installed; yield target, admin credentials and the agent's pid."""
+    import subprocess
+    import time
+
+    import numpy as np
+
+    from agent.config import InferenceSection
+    from agent.inference.repository import ModelRepository
+    from provisioning.bundle import create_bundle
+    from provisioning.models import affine_model, save_golden
     from provisioning.pki import init_pki, issue_client, issue_node
+    from tests.secure_server import ROOT, mtls_config
 
     pki = workdir / "pki"
     init_pki(pki, organization="Fuzz Site")
     issue_node(pki, "node", dns=["localhost"], ips=["127.0.0.1"])
     issue_client(pki, "fuzzer", "admin")
-    from tests.secure_server import mtls_config, spawn
-
-    config = mtls_config(workdir, pki, extra="max_message_bytes = 1048576")
-    with spawn(config) as (ports, pid):
+    state = workdir / "state"
+    model = affine_model(workdir / "affine.onnx")
+    golden = save_golden(workdir / "golden.npz", {"x": np.ones((2, 4), np.float32)})
+    bundle = create_bundle(model, name="affine", version="1", golden=[golden],
+                           out=workdir / "affine.bundle")
+    ModelRepository.for_state_dir(state, InferenceSection()).install(bundle.path)
+    config = mtls_config(workdir, pki, extra=f'max_message_bytes = 1048576\nmetrics_port = 0\n'
+                                          f'state_dir = "{state}"')
+    log = workdir / "agent.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "provisioning.cli", "agent", "serve",
+                                 "--config", str(config)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        marker, deadline = "agent: serving on ", time.monotonic() + 120
+        while marker not in (text := log.read_text(errors="replace")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not start (exit {proc.returncode}):\n{text[-2000:]}")
+            time.sleep(0.05)
+        port = int(text.split(marker, 1)[1].split()[0].rsplit(":", 1)[1])
         d = pki / "issued" / "fuzzer"
-        creds = grpc.ssl_channel_credentials((pki / "ca.crt").read_bytes(), (d / "fuzzer.key").read_bytes(),
+        creds = grpc.ssl_channel_credentials((pki / "ca.crt").read_bytes(),
+                                             (d / "fuzzer.key").read_bytes(),
                                              (d / "fuzzer.crt").read_bytes())
-        yield f"localhost:{ports[0]}", creds, pid
+        yield f"localhost:{port}", creds, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main() -> int:

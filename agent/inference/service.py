@@ -232,11 +232,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await results.put(pb.ModelStreamInferResponse(error_message=f"internal error: {exc}"))
 
         async def reader() -> None:
-            async for req in request_iterator:
-                task = asyncio.create_task(one(req))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*list(tasks))
+            try:
+                async for req in request_iterator:
+                    task = asyncio.create_task(one(req))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*list(tasks))
+            except BaseException as exc:
+                # The request stream ended the call (a malformed message aborts it, the
+                # client went away): hand that to the writer loop below, which would
+                # otherwise wait for results forever and pin the HTTP/2 stream.
+                await results.put(exc)
+                raise
             await results.put(None)
 
         read_task = asyncio.create_task(reader())
@@ -245,6 +252,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 item = await results.get()
                 if item is None:
                     break
+                if isinstance(item, BaseException):
+                    raise item
                 yield item
             await read_task
         finally:

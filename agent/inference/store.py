@@ -42,6 +42,7 @@ from agent.bundle import (
     decode_golden,
     parse_version,
     read_bundle,
+    valid_name,
 )
 from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.fsutil import atomic_write_text, fsync_dir
@@ -111,6 +112,8 @@ class ModelStore:
 
     def active_version(self, name: str) -> str | None:
         """The active version of ``name``, or None when none is recorded."""
+        if not valid_name(name):
+            return None
         try:
             text = (self.root / name / ACTIVE).read_text().strip()
         except OSError:
@@ -123,10 +126,10 @@ class ModelStore:
         Directories without a verified install record (an interrupted install, a stray
         directory) are not listed and never loaded.
         """
-        if not self.root.is_dir():
-            return []
+        if not self.root.is_dir() or (name is not None and not valid_name(name)):
+            return []  # "" or "../x" never names an installed model
         out: list[InstalledModel] = []
-        names = [name] if name else sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        names = [name] if name is not None else sorted(p.name for p in self.root.iterdir() if p.is_dir())
         for model in names:
             mdir = self.root / model
             if not mdir.is_dir():
