@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu-node-check.log") 2>&1
 cd "$(dirname "$0")/../.."
 echo "== machine"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -V
-python3 -m pip install -q --no-index --find-links .devicekit/wheels --target /tmp/deps \
+python3 -m pip install -q --no-deps --no-index --find-links .devicekit/wheels --target /tmp/deps \
   grpcio grpcio-health-checking grpcio-reflection protobuf tuf securesystemslib cryptography \
   cffi pycparser prometheus-client urllib3 grpcio-tools 2>&1 | grep -v "^WARNING" | tail -3
 export PYTHONPATH=$PWD:/tmp/deps
