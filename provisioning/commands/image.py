@@ -66,14 +66,15 @@ def _sync(args: argparse.Namespace) -> int:
     with progress("files", None) as bar:
         lock = sync_mirror(profile, args.mirror, extra_packages=stage_packages(),
                            step=lambda _name: bar.advance())
+    size = sum(f.size for f in lock.files())
     summary = {"mirror": str(args.mirror), "lock_sha256": lock.sha256, "suite": lock.suite,
                "architecture": lock.architecture, "debs": len(lock.debs), "wheels": len(lock.wheels),
-               "bytes": sum(f.size for f in lock.files())}
+               "bytes": size}
     if args.json:
         emit_json(summary)
     else:
         print(f"mirror {args.mirror}: {len(lock.debs)} packages, {len(lock.wheels)} wheels, "
-              f"{summary['bytes'] / 1e6:.0f} MB; lock sha256 {lock.sha256}")
+              f"{size / 1e6:.0f} MB; lock sha256 {lock.sha256}")
     return 0
 
 

@@ -92,7 +92,7 @@ class DirectoryFetcher:
 
 def _fetcher(root: Path) -> object:
     """A FetcherInterface subclass instance (built lazily: tuf is imported only when baking)."""
-    from tuf.ngclient import FetcherInterface
+    from tuf.ngclient.fetcher import FetcherInterface
 
     class _Fetcher(DirectoryFetcher, FetcherInterface):
         pass
@@ -111,9 +111,8 @@ def verify_targets(registry: Path, root: Path, names: tuple[str, ...], metadata_
         VerificationError: metadata or a target fails TUF verification (signature, threshold,
             expiry, rollback, length or hash), or a target is not in the signed metadata.
     """
-    from tuf.api.exceptions import RepositoryError
-    from tuf.api.exceptions import DownloadError
-    from tuf.ngclient import Updater
+    from tuf.api.exceptions import DownloadError, RepositoryError
+    from tuf.ngclient.updater import Updater
 
     metadata_out.mkdir(parents=True, exist_ok=True)
     files_out.mkdir(parents=True, exist_ok=True)

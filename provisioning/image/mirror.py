@@ -25,7 +25,6 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -163,13 +162,11 @@ def load_lock(mirror: Path) -> Lock:
     try:
         if data["format"] != LOCK_FORMAT:
             raise ImageError(f"{path}: format = {data['format']!r}: this version reads {LOCK_FORMAT}")
-        return Lock(
-            data["suite"], data["architecture"], data["python_version"],
-            tuple(data["requested"]),
-            *(tuple(LockedFile.from_json(f) for f in data[k])
-              for k in ("debs", "indices", "repo", "wheels")),
-            onnxruntime=data.get("onnxruntime", "onnxruntime"),
-        )
+        files = {k: tuple(LockedFile.from_json(f) for f in data[k])
+                 for k in ("debs", "indices", "repo", "wheels")}
+        return Lock(data["suite"], data["architecture"], data["python_version"],
+                    tuple(data["requested"]), files["debs"], files["indices"], files["repo"],
+                    files["wheels"], data.get("onnxruntime", "onnxruntime"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ImageError(f"{path}: malformed lock: {type(exc).__name__}: {exc}") from None
 
@@ -397,8 +394,8 @@ def wheel_requirements(wheel: Path, onnxruntime: str) -> list[str]:
     for req in meta.get_all("Requires-Dist") or []:
         if ";" in req and "extra ==" in req.split(";", 1)[1]:
             continue  # optional extras (operator, test) are not part of the agent
-        req = re.sub(r"^onnxruntime(-gpu)?(?=[\s<>=!~;\[]|$)", onnxruntime, req)
-        reqs.append(req.strip())
+        chosen = re.sub(r"^onnxruntime(-gpu)?(?=[\s<>=!~;\[]|$)", onnxruntime, req)
+        reqs.append(chosen.strip())
     return reqs
 
 
@@ -481,7 +478,7 @@ def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ..
     # Check the chain before publishing the lock: a mirror with a lock is a verified mirror.
     tmp_lock = mirror / (LOCK + ".new")
     atomic_write_bytes(tmp_lock, lock.canonical())
-    os.replace(tmp_lock, mirror / LOCK)
+    tmp_lock.replace(mirror / LOCK)
     try:
         verify_mirror(mirror, keyring=keyring)
     except BaseException:

@@ -128,7 +128,7 @@ def _file_entry(root: Path, path: Path) -> dict[str, Any]:
         entry["size"] = st.st_size
         entry["sha256"] = digest.hexdigest()
     elif stat.S_ISLNK(st.st_mode):
-        entry["target"] = os.readlink(path)
+        entry["target"] = str(path.readlink())
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
         entry["rdev"] = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     return entry

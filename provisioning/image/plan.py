@@ -37,7 +37,7 @@ AGENT_UID = 800  # fixed: the same uid in every build (and below Debian's dynami
 AGENT_UNIT = "appliance-agent.service"
 # The agent's entry point; the inference engineer's `appliance agent run` (coordinate).
 AGENT_EXEC = (f"{VENV}/bin/appliance", "agent", "run", "--config", "/etc/appliance/agent.toml")
-WHEELS_IN_ROOT = "/var/tmp/appliance-wheels"  # removed again by the plan's last commands
+WHEELS_IN_ROOT = "/var/tmp/appliance-wheels"  # noqa: S108 - inside the image's root; removed again by the plan's last commands
 
 
 @dataclass(frozen=True)
@@ -215,10 +215,11 @@ AUDIT_RULES = """\
 -a always,exit -F arch=b64 -S mount,umount2 -F auid>=1000 -F auid!=unset -k mounts
 -a always,exit -F arch=b64 -S chmod,fchmod,fchmodat -F auid>=1000 -F auid!=unset -k perm_mod
 -a always,exit -F arch=b64 -S chown,fchown,fchownat,lchown -F auid>=1000 -F auid!=unset -k perm_mod
--a always,exit -F arch=b64 -S setxattr,lsetxattr,fsetxattr,removexattr,lremovexattr,fremovexattr -F auid>=1000 -F auid!=unset -k perm_mod
+-a always,exit -F arch=b64 -S setxattr,lsetxattr,fsetxattr -F auid>=1000 -F auid!=unset -k perm_mod
+-a always,exit -F arch=b64 -S removexattr,lremovexattr,fremovexattr -F auid>=1000 -F auid!=unset -k perm_mod
 -a always,exit -F arch=b64 -S unlink,unlinkat,rename,renameat -F auid>=1000 -F auid!=unset -k delete
--a always,exit -F arch=b64 -S open,openat,creat,truncate,ftruncate -F exit=-EACCES -F auid>=1000 -F auid!=unset -k access
--a always,exit -F arch=b64 -S open,openat,creat,truncate,ftruncate -F exit=-EPERM -F auid>=1000 -F auid!=unset -k access
+-a always,exit -F arch=b64 -S open,openat,creat,truncate -F exit=-EACCES -F auid>=1000 -k access
+-a always,exit -F arch=b64 -S open,openat,creat,truncate -F exit=-EPERM -F auid>=1000 -k access
 -a always,exit -F arch=b64 -S execve -F euid=0 -F auid>=1000 -F auid!=unset -k root-commands
 """
 

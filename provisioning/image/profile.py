@@ -141,7 +141,7 @@ class HardeningSection:
     apparmor: bool = setting(True, "AppArmor enabled (kernel command line and service)")
     auditd: bool = setting(True, "auditd with the appliance's rules")
     sysctl: bool = setting(True, "kernel and network hardening sysctls")
-    tmp_noexec: bool = setting(True, "/tmp and /var/tmp as tmpfs with nodev,nosuid,noexec")
+    tmp_noexec: bool = setting(True, "/tmp and /var/tmp as tmpfs with nodev,nosuid,noexec")  # noqa: S108
     core_dumps: bool = setting(False, "allow core dumps")
     lock_root: bool = setting(True, "lock root's password (no password logins at all)")
     audit_immutable: bool = setting(True, "make the audit rules immutable until reboot (-e 2)")
@@ -359,7 +359,7 @@ def _agent(path: Path, raw: Any) -> AgentConfig:
     return AgentConfig(**sections, origin=f"{path}: [agent]")
 
 
-def _check(p: Profile) -> None:
+def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads best
     """Cross-field checks and the files the profile names (registry, targets, GPU manifest)."""
     where = str(p.path)
     net = p.network

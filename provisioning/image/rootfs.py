@@ -13,7 +13,7 @@ from agent.tools import require_tool, run
 from provisioning.image.mirror import debian_source
 from provisioning.image.profile import Profile
 
-__all__ = ["CUSTOMIZE_HOOKS", "mmdebstrap_argv", "build_rootfs_tar"]
+__all__ = ["CUSTOMIZE_HOOKS", "build_rootfs_tar", "mmdebstrap_argv"]
 
 CUSTOMIZE_HOOKS = (
     'rm -f "$1/etc/resolv.conf" "$1/etc/hostname"',

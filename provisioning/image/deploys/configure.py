@@ -9,7 +9,7 @@ import io
 import json
 from pathlib import Path
 
-from pyinfra import host
+from pyinfra import host  # type: ignore[attr-defined]
 from pyinfra.operations import files, server
 
 plan = json.loads(Path(host.data.plan).read_text())
