@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
-import xml.etree.ElementTree as ET  # noqa: N817
+import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 from typing import Any
