@@ -1,0 +1,95 @@
+"""Image build benchmark: full build from a warm mirror, bundle-only rebuild, image size.
+
+Baseline measured in the same run: mmdebstrap of the same package set alone, from the same
+mirror.  Usage (root, mirror already synced for the profile):
+
+    python bench/image_build.py --mirror MIRROR [--profile images/minimal.toml] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from provisioning.bundle import create_bundle  # noqa: E402
+from provisioning.image.profile import load_profile, package_set  # noqa: E402
+from provisioning.image.rootfs import build_rootfs_tar  # noqa: E402
+from provisioning.image.stages import build, plan_build, stage_packages  # noqa: E402
+from provisioning.models import affine_model, save_golden  # noqa: E402
+from tests.image_helpers import make_registry  # noqa: E402
+
+
+def _bundle(tmp: Path, version: str) -> Path:
+    model = affine_model(tmp / f"m{version}.onnx")
+    golden = save_golden(tmp / f"g{version}.npz", {"x": np.arange(8, dtype=np.float32).reshape(2, 4)})
+    return create_bundle(model, name="affine", version=version, golden=[golden],
+                         out=tmp / f"affine-{version}.bundle").path
+
+
+def _profile(tmp: Path, base: Path, registry: Path, target: str) -> Path:
+    path = tmp / f"images/{target}.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(base.read_text().replace('registry = ""', f'registry = "{registry}"')
+                    .replace("targets = []", f'targets = ["{target}"]'))
+    return path
+
+
+def _du(path: Path) -> int:
+    return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True,
+                              check=True).stdout.split()[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mirror", type=Path, required=True)
+    ap.add_argument("--profile", type=Path, default=ROOT / "images/minimal.toml")
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+    base, full, rebuild, configure_only = [], [], [], []
+    size_tar = size_root = 0
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="bench-image-") as t:
+            tmp = Path(t)
+            reg1 = make_registry(tmp / "reg1", {"affine-1.0.0.bundle": _bundle(tmp, "1.0.0")})
+            reg2 = make_registry(tmp / "reg2", {"affine-1.0.1.bundle": _bundle(tmp, "1.0.1")})
+            p1 = _profile(tmp, args.profile, reg1, "affine-1.0.0.bundle")
+            p2 = _profile(tmp, args.profile, reg2, "affine-1.0.1.bundle")
+            profile = load_profile(p1)
+            sde = profile.image.source_date_epoch
+            started = time.monotonic()
+            build_rootfs_tar(profile, package_set(profile, stage_packages()), args.mirror.resolve(),
+                             tmp / "baseline.tar", sde)
+            base.append(time.monotonic() - started)
+            (tmp / "baseline.tar").unlink()
+            started = time.monotonic()
+            build(plan_build(p1, args.mirror, tmp / "out", sde))
+            full.append(time.monotonic() - started)
+            started = time.monotonic()
+            result = build(plan_build(p2, args.mirror, tmp / "out", sde))
+            rebuild.append(time.monotonic() - started)
+            rerun = [s["name"] for s in result["stages"] if not s["cached"]]
+            configure_only.append(rerun)
+            size_tar = (tmp / "out/stages/rootfs/rootfs.tar").stat().st_size
+            size_root = _du(tmp / "out/stages/configure/root")
+            shutil.rmtree(tmp / "out")
+    b, f, r = statistics.median(base), statistics.median(full), statistics.median(rebuild)
+    print(f"baseline mmdebstrap alone      median {b:7.1f} s  (n={len(base)})")
+    print(f"full build (warm mirror)       median {f:7.1f} s  ratio {f / b:.2f}x baseline")
+    print(f"rebuild, only bundle changed   median {r:7.1f} s  ratio {r / b:.2f}x baseline; "
+          f"stages rerun: {configure_only[-1]}")
+    print(f"image size: rootfs.tar {size_tar / 1e6:.0f} MB, configured root {size_root / 1e6:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

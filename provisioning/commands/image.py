@@ -1,0 +1,159 @@
+"""``appliance mirror sync|verify``, ``appliance build`` and ``appliance audit``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from agent.errors import ImageError
+from provisioning.output import emit_json, print_table, progress
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    m = sub.add_parser("mirror", help="sync and verify the air-gapped local mirror", parents=[common])
+    msub = m.add_subparsers(dest="mirror_command", metavar="ACTION")
+    msub.required = True
+    s = msub.add_parser("sync", parents=[common],
+                        help="fetch a profile's packages and wheels into a local mirror (network)")
+    s.add_argument("profile", type=Path, help="image profile (images/*.toml)")
+    s.add_argument("--mirror", type=Path, required=True, help="mirror directory")
+    s.set_defaults(handler=_sync)
+    v = msub.add_parser("verify", parents=[common],
+                        help="recheck every file of a mirror against its lock and Debian's signatures")
+    v.add_argument("mirror", type=Path)
+    v.set_defaults(handler=_verify)
+
+    b = sub.add_parser("build", parents=[common],
+                       help="build an image from a profile and a local mirror (no network)")
+    b.add_argument("profile", type=Path, help="image profile (images/*.toml)")
+    b.add_argument("--mirror", type=Path, required=True, help="a mirror synced for this profile")
+    b.add_argument("--out", type=Path, required=True, help="output directory (stage cache inside)")
+    b.add_argument("--offline", action="store_true",
+                   help="run the build in a new network namespace with no interfaces (unshare -n)")
+    b.add_argument("--dry-run", action="store_true",
+                   help="check everything, print the stages and whether they are cached, build nothing")
+    b.add_argument("--source-date-epoch", type=int, default=None,
+                   help="timestamp for reproducible output (default: $SOURCE_DATE_EPOCH, "
+                        "else the profile's)")
+    b.set_defaults(handler=_build)
+
+    a = sub.add_parser("audit", parents=[common],
+                       help="compliance report of a built root filesystem (OpenSCAP, Lynis, systemd)")
+    a.add_argument("target", type=Path, help="a root filesystem directory or a build --out directory")
+    a.add_argument("--tools", type=Path, default=None,
+                   help="where to keep the SCAP content (default: TARGET's build dir or ./.tools)")
+    a.add_argument("--scap-profile", default="anssi_bp28_enhanced",
+                   help="XCCDF profile id suffix (default anssi_bp28_enhanced)")
+    a.add_argument("--unit", default="appliance-agent.service", help="unit for systemd-analyze security")
+    a.set_defaults(handler=_audit)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from provisioning.image.mirror import sync_mirror
+    from provisioning.image.profile import load_profile
+    from provisioning.image.stages import stage_packages
+
+    profile = load_profile(args.profile)
+    with progress("files", None) as bar:
+        lock = sync_mirror(profile, args.mirror, extra_packages=stage_packages(),
+                           step=lambda _name: bar.advance())
+    size = sum(f.size for f in lock.files())
+    summary = {"mirror": str(args.mirror), "lock_sha256": lock.sha256, "suite": lock.suite,
+               "architecture": lock.architecture, "debs": len(lock.debs), "wheels": len(lock.wheels),
+               "bytes": size}
+    if args.json:
+        emit_json(summary)
+    else:
+        print(f"mirror {args.mirror}: {len(lock.debs)} packages, {len(lock.wheels)} wheels, "
+              f"{size / 1e6:.0f} MB; lock sha256 {lock.sha256}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from provisioning.image.mirror import load_lock, verify_mirror
+
+    total = len(load_lock(args.mirror).files())
+    with progress("verify", total) as bar:
+        lock = verify_mirror(args.mirror, step=lambda _name: bar.advance())
+    if args.json:
+        emit_json({"mirror": str(args.mirror), "verified": True, "files": total,
+                   "lock_sha256": lock.sha256})
+    else:
+        print(f"mirror {args.mirror}: {total} files verified (debs back to Debian's signed "
+              f"InRelease); lock sha256 {lock.sha256}")
+    return 0
+
+
+def _reexec_offline(args: argparse.Namespace) -> None:
+    """Re-run this very command inside ``unshare --net`` (a namespace with only a down lo)."""
+    argv = [sys.executable, "-m", "provisioning.cli"]
+    argv += ["--debug"] if args.debug else []
+    argv += ["--json"] if args.json else []
+    argv += ["build", str(args.profile.resolve()), "--mirror", str(args.mirror.resolve()),
+             "--out", str(args.out.resolve())]
+    if args.source_date_epoch is not None:
+        argv += ["--source-date-epoch", str(args.source_date_epoch)]
+    if args.dry_run:
+        argv.append("--dry-run")
+    env = dict(os.environ, APPLIANCE_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
+                                                    env.get("PYTHONPATH", "")) if p)
+    log.info("re-running the build in a network namespace with no interfaces (unshare --net)")
+    # An exec of ourselves, not a tool: the gate's clean environment would drop PYTHONPATH.
+    os.execve("/usr/bin/unshare", ["unshare", "--net", "--", *argv], env)  # noqa: S606
+
+
+def _check_offline() -> None:
+    # /proc/self/net/dev is per network namespace (/sys/class/net is the mount's, not ours).
+    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    ifaces = sorted(line.split(":")[0].strip() for line in lines)
+    if ifaces != ["lo"]:
+        raise ImageError(f"--offline: this network namespace has interfaces {ifaces}")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from provisioning.image.stages import build, plan_build
+
+    if args.offline and os.environ.get("APPLIANCE_OFFLINE") != "1":
+        _reexec_offline(args)
+    if os.environ.get("APPLIANCE_OFFLINE") == "1":
+        _check_offline()
+    plan = plan_build(args.profile, args.mirror, args.out, args.source_date_epoch)
+    if args.dry_run:
+        rows = [(s.name, s.key[:16], "cached" if s.cached else "to build") for s in plan.stages]
+        if args.json:
+            emit_json({"stages": [{"name": s.name, "key": s.key, "cached": s.cached}
+                                  for s in plan.stages]})
+        else:
+            print_table(("stage", "key", "state"), rows)
+        return 0
+    result = build(plan)
+    if args.json:
+        emit_json(result)
+    else:
+        for stage in result["stages"]:
+            print(f"{stage['name']:<10} {'cached' if stage['cached'] else 'built':<7} "
+                  f"{stage['seconds']:7.1f} s  {stage['key'][:16]}")
+        for name, path in sorted(result["outputs"].items()):
+            print(f"{name:<10} {path}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from provisioning.image.audit import audit, print_report
+
+    report = audit(args.target, tools=args.tools, scap_profile=args.scap_profile, unit=args.unit)
+    if args.json:
+        emit_json(report)
+    else:
+        print_report(report)
+    return 0

@@ -1,0 +1,34 @@
+"""pyinfra deploy run by the configure stage: ``pyinfra @chroot/ROOT configure.py --data plan=FILE``.
+
+It applies a :class:`provisioning.image.plan.Plan` (computed and tested apart from this file):
+removals, commands in the chroot, files, then unit enablement.  It is data-driven on purpose,
+so what an image gets is readable in plan.py and testable without a chroot.
+"""
+
+import io
+import json
+from pathlib import Path
+
+from pyinfra import host  # type: ignore[attr-defined]
+from pyinfra.operations import files, server
+
+plan = json.loads(Path(host.data.plan).read_text())
+env = {"SOURCE_DATE_EPOCH": str(host.data.source_date_epoch), "LC_ALL": "C.UTF-8"}
+
+for path in plan["remove"]:
+    server.shell(name=f"remove {path}", commands=[f"rm -rf -- {json.dumps(path)}"])
+
+for argv in plan["commands"]:
+    server.shell(name=" ".join(argv)[:100], commands=[" ".join(json.dumps(a) for a in argv)],
+                 _env=env)
+
+for spec in plan["files"]:
+    files.put(name=f"write {spec['path']}", src=io.BytesIO(spec["content"].encode()),
+              dest=spec["path"], mode=f"{spec['mode']:o}", user=spec["owner"],
+              group=spec["group"], create_remote_dir=True)
+
+for unit in plan["enable"]:
+    server.shell(name=f"enable {unit}", commands=[f"systemctl enable {unit}"], _env=env)
+
+for unit in plan["mask"]:
+    server.shell(name=f"mask {unit}", commands=[f"systemctl mask {unit}"], _env=env)

@@ -1,0 +1,487 @@
+"""The air-gapped local mirror: every .deb and wheel the build needs, pinned in a lock.
+
+Layout of ``MIRROR``::
+
+    lock.json                 names, versions, sha256 and size of every file below
+    debian/pool/*.deb         the image's whole package closure (as apt downloaded it)
+    debian/indices/*          Debian's InRelease and Packages index (gzip) they came from
+    debian/Packages, Release  a flat repository over pool/ that mmdebstrap installs from
+    wheels/*.whl              the agent's wheel and its runtime dependencies for the image's
+    wheels/requirements.txt   Python and platform, pinned with --hash for pip --require-hashes
+
+Trust, and why no site mirror key: every .deb is checked back to Debian's own signature.
+:func:`verify_mirror` checks each InRelease with gpgv against the Debian archive keyring,
+each Packages index against InRelease, and each .deb against its Packages stanza, as well as
+against the lock.  The flat repository that mmdebstrap reads (``[trusted=yes]``) is a
+derived file whose hash is in the lock and which a build only uses after that chain passed.
+Wheels have no upstream signature: their sha256 is pinned in the lock at sync time and pip
+installs them with ``--require-hashes``; the lock's own sha256 is printed by ``sync`` and
+recorded in the build manifest so it can be compared out of band.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from email.parser import Parser
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ImageError, NotFoundError, VerificationError
+from agent.fsutil import atomic_write_bytes, atomic_write_text
+from agent.tools import require_tool, run
+from provisioning.image._debian import (
+    deb_filename_key,
+    package_entries,
+    parse_release_sha256,
+    strip_clearsign,
+)
+from provisioning.image.profile import Profile, package_set
+
+__all__ = [
+    "DEBIAN_KEYRING",
+    "LOCK",
+    "Lock",
+    "LockedFile",
+    "debian_source",
+    "file_sha256",
+    "load_lock",
+    "missing_packages",
+    "sync_mirror",
+    "verify_mirror",
+]
+
+log = logging.getLogger(__name__)
+
+LOCK = "lock.json"
+LOCK_FORMAT = 1
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+_CHUNK = 1 << 20
+Step = Callable[[str], None]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LockedFile:
+    """One file of the mirror: ``path`` relative to the mirror root."""
+
+    path: str
+    sha256: str
+    size: int
+    name: str = ""
+    version: str = ""
+    architecture: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "sha256": self.sha256, "size": self.size}
+        for key in ("name", "version", "architecture"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        if self.extra:
+            out["extra"] = dict(sorted(self.extra.items()))
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LockedFile:
+        return cls(data["path"], data["sha256"], int(data["size"]), data.get("name", ""),
+                   data.get("version", ""), data.get("architecture", ""),
+                   dict(data.get("extra", {})))
+
+
+@dataclass(frozen=True)
+class Lock:
+    suite: str
+    architecture: str
+    python_version: str
+    requested: tuple[str, ...]
+    debs: tuple[LockedFile, ...]
+    indices: tuple[LockedFile, ...]
+    repo: tuple[LockedFile, ...]
+    wheels: tuple[LockedFile, ...]
+    onnxruntime: str = "onnxruntime"
+
+    @property
+    def package_names(self) -> frozenset[str]:
+        return frozenset(d.name for d in self.debs)
+
+    def files(self) -> tuple[LockedFile, ...]:
+        return self.debs + self.indices + self.repo + self.wheels
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": LOCK_FORMAT, "suite": self.suite, "architecture": self.architecture,
+            "python_version": self.python_version, "onnxruntime": self.onnxruntime,
+            "requested": list(self.requested),
+            "debs": [f.to_json() for f in self.debs],
+            "indices": [f.to_json() for f in self.indices],
+            "repo": [f.to_json() for f in self.repo],
+            "wheels": [f.to_json() for f in self.wheels],
+        }
+
+    def canonical(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n").encode()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical()).hexdigest()
+
+
+def load_lock(mirror: Path) -> Lock:
+    """Read ``MIRROR/lock.json``.
+
+    Raises:
+        NotFoundError: no lock (the mirror was never synced, or a sync did not finish).
+        ImageError: the lock is malformed.
+    """
+    path = mirror / LOCK
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no lock; run `appliance mirror sync PROFILE --mirror "
+                            f"{mirror}` first") from None
+    except ValueError as exc:
+        raise ImageError(f"{path}: not valid JSON: {exc}") from None
+    try:
+        if data["format"] != LOCK_FORMAT:
+            raise ImageError(f"{path}: format = {data['format']!r}: this version reads {LOCK_FORMAT}")
+        files = {k: tuple(LockedFile.from_json(f) for f in data[k])
+                 for k in ("debs", "indices", "repo", "wheels")}
+        return Lock(data["suite"], data["architecture"], data["python_version"],
+                    tuple(data["requested"]), files["debs"], files["indices"], files["repo"],
+                    files["wheels"], data.get("onnxruntime", "onnxruntime"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ImageError(f"{path}: malformed lock: {type(exc).__name__}: {exc}") from None
+
+
+def missing_packages(profile: Profile, lock: Lock, extra: tuple[str, ...] = ()) -> list[str]:
+    """Packages the profile asks for that the mirror does not hold (sorted)."""
+    return sorted(set(package_set(profile, extra)) - lock.package_names)
+
+
+def debian_source(mirror: Path) -> str:
+    """The one-line apt source mmdebstrap installs from (the flat repository, checked by hash)."""
+    # copy:// (not file://): mmdebstrap copies the repository into the chroot, whose apt
+    # cannot see host paths, and removes it again with the other apt state.
+    return f"deb [trusted=yes] copy://{(mirror / 'debian').resolve()} ./"
+
+
+# ------------------------------------------------------------------ verification
+
+
+def _check_inrelease(path: Path, keyring: Path) -> str:
+    """The signed body of ``path`` after gpgv found at least one valid Debian signature."""
+    result = run([require_tool("gpgv"), "--status-fd", "1", "--keyring", keyring, path],
+                 check=False)
+    status = result.text
+    if "[GNUPG:] VALIDSIG" not in status or "[GNUPG:] BADSIG" in status:
+        raise VerificationError(f"{path}: no valid signature by a key in {keyring}:\n"
+                                + result.stderr.decode(errors="replace")[-2000:])
+    return strip_clearsign(path.read_text())
+
+
+def _gz_sha256(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with gzip.open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _check_files(mirror: Path, files: Iterable[LockedFile], step: Step | None) -> None:
+    for f in files:
+        path = mirror / f.path
+        if not path.is_file():
+            raise VerificationError(f"{mirror}: {f.path} is in the lock but missing")
+        actual = file_sha256(path)
+        if actual != f.sha256 or path.stat().st_size != f.size:
+            raise VerificationError(f"{mirror}: {f.path}: sha256 {actual} does not match the "
+                                    f"lock's {f.sha256}")
+        if step:
+            step(f.path)
+
+
+def _debian_entries(mirror: Path, indices: tuple[LockedFile, ...], keyring: Path,
+                    wanted: set[str]) -> dict[tuple[str, str, str], str]:
+    """(name, version, arch) -> sha256 from signature-checked Debian indices, for ``wanted``."""
+    releases: dict[str, dict[str, tuple[str, int]]] = {}
+    for f in indices:
+        if f.extra.get("kind") == "InRelease":
+            releases[f.path] = parse_release_sha256(_check_inrelease(mirror / f.path, keyring))
+    entries: dict[tuple[str, str, str], str] = {}
+    for f in indices:
+        if f.extra.get("kind") != "Packages":
+            continue
+        signed = releases.get(f.extra["release"], {}).get(f.extra["release_path"])
+        if signed is None:
+            raise VerificationError(f"{mirror}: {f.path}: {f.extra['release_path']} is not listed "
+                                    f"in {f.extra['release']}")
+        actual = _gz_sha256(mirror / f.path)
+        if actual != signed:
+            raise VerificationError(f"{mirror}: {f.path}: sha256/size {actual} does not match "
+                                    f"the signed InRelease's {signed}")
+        with gzip.open(mirror / f.path, "rt", encoding="utf-8") as handle:
+            for e in package_entries(handle):
+                if e.name in wanted:
+                    entries[(e.name, e.version, e.architecture)] = e.sha256
+    return entries
+
+
+def verify_mirror(mirror: Path, *, keyring: Path = DEBIAN_KEYRING,
+                  step: Step | None = None) -> Lock:
+    """Recheck every file of the mirror against the lock, and every .deb back to Debian's signature.
+
+    ``step(path)`` is called after each file checks out (for progress displays).
+
+    Raises:
+        NotFoundError, ImageError: no lock, or a malformed one.
+        VerificationError: a file is missing, altered or unexpected; an InRelease signature
+            does not verify; a Packages index or a .deb does not match the signed chain.
+    """
+    lock = load_lock(mirror)
+    _check_files(mirror, lock.files(), step)
+    entries = _debian_entries(mirror, lock.indices, keyring, {d.name for d in lock.debs})
+    for d in lock.debs:
+        signed = entries.get((d.name, d.version, d.architecture))
+        if signed != d.sha256:
+            raise VerificationError(f"{mirror}: {d.path}: {d.name} {d.version} "
+                                    + ("is in no signed Packages index" if signed is None else
+                                       f"has sha256 {d.sha256}, Debian's index says {signed}"))
+    listed = {f.path for f in lock.files()}
+    for sub in ("debian/pool", "wheels"):
+        for path in sorted((mirror / sub).glob("*")):
+            rel = path.relative_to(mirror).as_posix()
+            if rel not in listed and rel != "wheels/requirements.txt":
+                raise VerificationError(f"{mirror}: {rel} is not in the lock")
+    return lock
+
+
+# ------------------------------------------------------------------ sync: Debian
+
+
+def _mmdebstrap_download(profile: Profile, packages: tuple[str, ...], debs: Path,
+                         lists: Path) -> None:
+    """Resolve and download the closure with a real bootstrap; apt checks Release signatures."""
+    d = profile.debian
+    include = ",".join(p for p in packages)
+    run([require_tool("mmdebstrap"), f"--variant={d.variant}", f"--architectures={d.architecture}",
+         f"--components={','.join(d.components)}", f"--include={include}",
+         "--skip=essential/unlink", f"--keyring={DEBIAN_KEYRING}",
+         f"--customize-hook=sync-out /var/cache/apt/archives {debs}",
+         f"--customize-hook=sync-out /var/lib/apt/lists {lists}",
+         "--format=null", d.suite, "/dev/null", d.archive])
+
+
+def _release_path(list_name: str, suite: str) -> tuple[str, str]:
+    """apt list file name -> (InRelease list file name, path inside the Release file)."""
+    marker = f"_dists_{suite}_"
+    prefix, _, rest = list_name.partition(marker)
+    return prefix + marker + "InRelease", rest.replace("_", "/")
+
+
+def _store_debian(profile: Profile, mirror: Path, debs: Path, lists: Path,
+                  step: Step) -> tuple[tuple[LockedFile, ...], tuple[LockedFile, ...]]:
+    pool = mirror / "debian" / "pool"
+    indices_dir = mirror / "debian" / "indices"
+    for d in (pool, indices_dir):
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    indices: list[LockedFile] = []
+    for src in sorted(lists.iterdir()):
+        if src.name.endswith("_InRelease"):
+            shutil.copyfile(src, indices_dir / src.name)
+            rel = f"debian/indices/{src.name}"
+            indices.append(LockedFile(rel, file_sha256(indices_dir / src.name),
+                                      src.stat().st_size, extra={"kind": "InRelease"}))
+        elif src.name.endswith("_Packages"):
+            release, inner = _release_path(src.name, profile.debian.suite)
+            dest = indices_dir / (src.name + ".gz")
+            with src.open("rb") as fin, dest.open("wb") as raw, \
+                    gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as fout:
+                shutil.copyfileobj(fin, fout, _CHUNK)
+            indices.append(LockedFile(f"debian/indices/{dest.name}", file_sha256(dest),
+                                      dest.stat().st_size,
+                                      extra={"kind": "Packages",
+                                             "release": f"debian/indices/{release}",
+                                             "release_path": inner}))
+    locked: list[LockedFile] = []
+    for src in sorted(debs.glob("*.deb")):
+        name, version, arch = deb_filename_key(src.name)
+        shutil.copyfile(src, pool / src.name)
+        locked.append(LockedFile(f"debian/pool/{src.name}", file_sha256(pool / src.name),
+                                 src.stat().st_size, name, version, arch))
+        step(src.name)
+    return tuple(locked), tuple(indices)
+
+
+def _flat_repo(mirror: Path, suite: str) -> tuple[LockedFile, ...]:
+    """debian/Packages and debian/Release over pool/, so apt can read it as ``./``."""
+    repo = mirror / "debian"
+    tool = require_tool("apt-ftparchive")
+    packages = run([tool, "packages", "pool"], cwd=repo).stdout
+    atomic_write_bytes(repo / "Packages", packages)
+    (repo / "Release").unlink(missing_ok=True)  # it must not list (and hash) itself
+    # Suite and Codename let mmdebstrap's ?archive()/?codename() patterns (minbase's
+    # Priority: required set) match this repository as they match Debian's.
+    opts = [f"APT::FTPArchive::Release::{k}={v}" for k, v in (
+        ("Date", "Thu, 01 Jan 1970 00:00:00 UTC"), ("Suite", suite), ("Codename", suite),
+        ("Origin", "Debian"), ("Label", "Debian"))]
+    release = run([tool, *(a for o in opts for a in ("-o", o)), "release", "."], cwd=repo).stdout
+    atomic_write_bytes(repo / "Release", release)
+    return tuple(LockedFile(f"debian/{n}", file_sha256(repo / n), (repo / n).stat().st_size)
+                 for n in ("Packages", "Release"))
+
+
+# ------------------------------------------------------------------ sync: wheels
+
+
+def project_root() -> Path:
+    """The checkout this code runs from (its pyproject.toml builds the agent's wheel)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise ImageError(f"{root}: no pyproject.toml; the agent's wheel is built from a checkout")
+    return root
+
+
+_COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
+                                      ".mypy_cache", ".ruff_cache", ".pytest_cache", "out", "work",
+                                      ".tools", ".hypothesis", "*_pb2*.py", "*_pb2*.pyi")
+
+
+def build_agent_wheel(dest: Path) -> Path:
+    """Build this project's wheel from a clean copy of the checkout (no build isolation).
+
+    Raises:
+        ToolError: the build fails.
+    """
+    with tempfile.TemporaryDirectory(prefix="agent-src-") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(project_root(), src, ignore=_COPY_IGNORE)
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+             "--disable-pip-version-check", "-q", "-w", dest, src])
+    wheels = sorted(dest.glob("sovereign_appliance-*.whl"))
+    if len(wheels) != 1:
+        raise ImageError(f"{dest}: expected one agent wheel, found {[w.name for w in wheels]}")
+    return wheels[0]
+
+
+def wheel_requirements(wheel: Path, onnxruntime: str) -> list[str]:
+    """The wheel's unconditional Requires-Dist, with the onnxruntime flavour chosen by the profile."""
+    with zipfile.ZipFile(wheel) as zf:
+        meta_name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        meta = Parser().parsestr(zf.read(meta_name).decode())
+    reqs = []
+    for req in meta.get_all("Requires-Dist") or []:
+        if ";" in req and "extra ==" in req.split(";", 1)[1]:
+            continue  # optional extras (operator, test) are not part of the agent
+        chosen = re.sub(r"^onnxruntime(-gpu)?(?=[\s<>=!~;\[]|$)", onnxruntime, req)
+        reqs.append(chosen.strip())
+    return reqs
+
+
+def _platforms(profile: Profile) -> list[str]:
+    major, minor = (int(x) for x in profile.glibc_version.split("."))
+    machine = profile.machine
+    tags = [f"manylinux_{major}_{m}_{machine}" for m in range(minor, 16, -1)]
+    return [*tags, f"manylinux2014_{machine}", f"manylinux2010_{machine}",
+            f"manylinux1_{machine}", "any"]
+
+
+def _wheel_name_version(path: Path) -> tuple[str, str]:
+    parts = path.name.split("-")
+    return parts[0].lower().replace("_", "-"), parts[1]
+
+
+def _sync_wheels(profile: Profile, mirror: Path, step: Step) -> tuple[LockedFile, ...]:
+    wheels = mirror / "wheels"
+    if wheels.exists():
+        shutil.rmtree(wheels)
+    wheels.mkdir(parents=True)
+    agent = build_agent_wheel(wheels)
+    step(agent.name)
+    reqs = [*wheel_requirements(agent, profile.python.onnxruntime), *profile.python.extra]
+    py = profile.python_version
+    argv: list[str | Path] = [
+        sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q",
+        "--only-binary=:all:", "--python-version", py, "--implementation", "cp",
+        "--abi", f"cp{py.replace('.', '')}", "--abi", "abi3", "--abi", "none", "-d", wheels]
+    for tag in _platforms(profile):
+        argv += ["--platform", tag]
+    run([*argv, *reqs], env={"PIP_NO_INPUT": "1"})
+    locked = []
+    lines = []
+    for path in sorted(wheels.glob("*.whl")):
+        name, version = _wheel_name_version(path)
+        digest = file_sha256(path)
+        locked.append(LockedFile(f"wheels/{path.name}", digest, path.stat().st_size, name, version))
+        lines.append(f"{name}=={version} --hash=sha256:{digest}")
+        step(path.name)
+    atomic_write_text(wheels / "requirements.txt", "\n".join(lines) + "\n")
+    return tuple(locked)
+
+
+# ------------------------------------------------------------------ sync
+
+
+def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ...] = (),
+                step: Step | None = None, keyring: Path = DEBIAN_KEYRING) -> Lock:
+    """Fetch everything ``profile`` needs into ``mirror`` and write its lock (last, atomically).
+
+    Needs the network (Debian's archive and PyPI).  A previous lock is removed first, so a
+    mirror whose sync was interrupted has no lock and is refused by builds.
+
+    Raises:
+        ToolError: mmdebstrap, apt-ftparchive or pip fails (no network, unknown package ...).
+        VerificationError: a downloaded file does not check out against Debian's signatures.
+    """
+    def noop(_: str) -> None:
+        pass
+
+    step = step or noop
+    mirror.mkdir(parents=True, exist_ok=True)
+    (mirror / LOCK).unlink(missing_ok=True)
+    packages = package_set(profile, extra_packages)
+    with tempfile.TemporaryDirectory(prefix="mirror-sync-", dir=mirror) as tmp:
+        debs, lists = Path(tmp) / "debs", Path(tmp) / "lists"
+        debs.mkdir()
+        lists.mkdir()
+        log.info("resolving and downloading %d packages for %s/%s (signatures checked by apt)",
+                 len(packages), profile.debian.suite, profile.debian.architecture)
+        _mmdebstrap_download(profile, packages, debs, lists)
+        locked_debs, indices = _store_debian(profile, mirror, debs, lists, step)
+    repo = _flat_repo(mirror, profile.debian.suite)
+    log.info("downloading the agent's wheels for Python %s (%s)", profile.python_version,
+             profile.machine)
+    wheels = _sync_wheels(profile, mirror, step)
+    lock = Lock(profile.debian.suite, profile.debian.architecture, profile.python_version,
+                packages, locked_debs, indices, repo, wheels, profile.python.onnxruntime)
+    # Check the chain before publishing the lock: a mirror with a lock is a verified mirror.
+    tmp_lock = mirror / (LOCK + ".new")
+    atomic_write_bytes(tmp_lock, lock.canonical())
+    tmp_lock.replace(mirror / LOCK)
+    try:
+        verify_mirror(mirror, keyring=keyring)
+    except BaseException:
+        (mirror / LOCK).unlink(missing_ok=True)
+        raise
+    return lock

@@ -1,0 +1,217 @@
+"""Reproducibility and the stage's records: normalise a root, list every file, write an SBOM.
+
+:func:`normalise` removes what differs between two builds of the same inputs (logs, caches,
+machine-id, backup files, timestamped pycs, shadow's last-change days) and clamps every
+mtime to SOURCE_DATE_EPOCH.  :func:`file_manifest` hashes every file (the witness two builds
+are compared by); :func:`spdx_sbom` turns dpkg's status and the venv's dist-infos into
+SPDX 2.3 JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agent.tools import run
+from provisioning.image._debian import parse_stanzas
+from provisioning.image.plan import VENV
+
+__all__ = ["debian_packages", "file_manifest", "normalise", "python_packages", "spdx_sbom"]
+
+# Paths (relative to the root) whose content differs run to run and nothing needs.
+_REMOVE = (
+    "var/cache/ldconfig/aux-cache", "var/lib/dbus/machine-id", "etc/.pwd.lock",
+    "etc/passwd-", "etc/group-", "etc/shadow-", "etc/gshadow-", "etc/subuid-", "etc/subgid-",
+    "var/lib/dpkg/status-old", "var/lib/dpkg/diversions-old", "var/lib/dpkg/statoverride-old",
+    "var/cache/debconf/config.dat-old", "var/cache/debconf/templates.dat-old",
+    "var/lib/systemd/catalog/database", "var/lib/systemd/random-seed",
+    "var/lib/systemd/credential.secret", "root/.bash_history", "root/.cache",
+)
+_EMPTY_DIRS = ("var/log", "var/cache/apt", "var/lib/apt/lists", "tmp", "var/tmp",
+               "var/cache/man", "run")
+_PY_DIRS = ("usr/lib/python3", f"{VENV.lstrip('/')}/lib")
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every path under ``root`` (not following symlinks), sorted, root itself first."""
+    yield root
+    stack = [root]
+    while stack:
+        current = stack.pop()
+        entries = sorted(os.scandir(current), key=lambda e: e.name, reverse=True)
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(path)
+        for entry in sorted(entries, key=lambda e: e.name):
+            yield Path(entry.path)
+
+
+def _empty_dir(path: Path) -> None:
+    if not path.is_dir() or path.is_symlink():
+        return
+    for child in sorted(path.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            _empty_dir(child)  # directories stay: packages expect them (var/log/apt ...)
+        else:
+            child.unlink()
+
+
+def _recompile(root: Path, source_date_epoch: int) -> None:
+    """Replace every pyc with checked-hash pycs (valid whatever the mtimes; same bytes each build)."""
+    dirs = [d for d in root.glob("usr/lib/python3*") if d.is_dir()]
+    dirs += [root / d for d in _PY_DIRS if (root / d).is_dir()]
+    for base in dirs:
+        for cache in sorted(base.rglob("__pycache__")):
+            for pyc in cache.glob("*.pyc"):
+                pyc.unlink()
+    inside = ["/" + d.relative_to(root).as_posix() for d in sorted(set(dirs))]
+    run(["chroot", root, "/usr/bin/python3", "-m", "compileall", "-q", "-j", "1",
+         "--invalidation-mode", "checked-hash", *inside],
+        env={"SOURCE_DATE_EPOCH": str(source_date_epoch), "PYTHONHASHSEED": "0"}, check=False)
+
+
+def _shadow_days(root: Path, source_date_epoch: int) -> None:
+    """shadow's last-change field is "today" in days; pin it to SOURCE_DATE_EPOCH's day."""
+    path = root / "etc/shadow"
+    if not path.exists():
+        return
+    day = str(source_date_epoch // 86400)
+    lines = []
+    for line in path.read_text().splitlines():
+        fields = line.split(":")
+        if len(fields) > 2 and fields[2]:
+            fields[2] = day
+        lines.append(":".join(fields))
+    mode = path.stat().st_mode
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(stat.S_IMODE(mode))
+
+
+def normalise(root: Path, source_date_epoch: int) -> None:
+    """Make ``root`` reproducible: drop run-specific files, fixed pycs and shadow dates, clamp mtimes."""
+    _recompile(root, source_date_epoch)
+    for rel in _REMOVE:
+        path = root / rel
+        if path.is_dir() and not path.is_symlink():
+            _empty_dir(path)
+            path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+    for rel in _EMPTY_DIRS:
+        _empty_dir(root / rel)
+    for key in sorted((root / "etc/ssh").glob("ssh_host_*")):
+        key.unlink()  # host keys are made on the node, never shipped
+    _shadow_days(root, source_date_epoch)
+    clamp = source_date_epoch * 1_000_000_000
+    for path in _walk(root):
+        st = path.lstat()
+        if st.st_mtime_ns > clamp:
+            os.utime(path, ns=(clamp, clamp), follow_symlinks=False)
+
+
+def _file_entry(root: Path, path: Path) -> dict[str, Any]:
+    st = path.lstat()
+    rel = "/" + path.relative_to(root).as_posix() if path != root else "/"
+    entry: dict[str, Any] = {"path": rel, "mode": f"{st.st_mode:o}", "uid": st.st_uid,
+                             "gid": st.st_gid, "mtime": int(st.st_mtime)}
+    if stat.S_ISREG(st.st_mode):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        entry["size"] = st.st_size
+        entry["sha256"] = digest.hexdigest()
+    elif stat.S_ISLNK(st.st_mode):
+        entry["target"] = str(path.readlink())
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        entry["rdev"] = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return entry
+
+
+def file_manifest(root: Path) -> list[dict[str, Any]]:
+    """Every path under ``root`` with mode, owner, mtime and (for files) size and sha256."""
+    return [_file_entry(root, p) for p in _walk(root)]
+
+
+def debian_packages(root: Path) -> list[dict[str, str]]:
+    """Installed packages from ``root``'s dpkg status, sorted by name."""
+    status = root / "var/lib/dpkg/status"
+    with status.open(encoding="utf-8") as handle:
+        stanzas = [s for s in parse_stanzas(handle) if s.get("Status", "").endswith(" installed")]
+    return sorted(({"name": s["Package"], "version": s["Version"],
+                    "architecture": s.get("Architecture", ""),
+                    "source": s.get("Source", s["Package"]).split(" ")[0],
+                    "maintainer": s.get("Maintainer", "")} for s in stanzas),
+                  key=lambda p: p["name"])
+
+
+def python_packages(root: Path) -> list[dict[str, str]]:
+    """Distributions installed in the agent's venv (from their dist-info METADATA)."""
+    found = []
+    for meta in sorted(root.glob(f"{VENV.lstrip('/')}/lib/python3*/site-packages/*.dist-info/METADATA")):
+        name = version = ""
+        for line in meta.read_text(errors="replace").splitlines():
+            if line.startswith("Name: "):
+                name = line[6:].strip()
+            elif line.startswith("Version: "):
+                version = line[9:].strip()
+            elif not line:
+                break
+        if name:
+            found.append({"name": name, "version": version})
+    return found
+
+
+def _spdx_id(kind: str, name: str, version: str) -> str:
+    safe = "".join(c if c.isalnum() or c in ".-" else "-" for c in f"{name}-{version}")
+    return f"SPDXRef-{kind}-{safe}"
+
+
+def spdx_sbom(root: Path, image_name: str, source_date_epoch: int, suite: str,
+              distro_version: str) -> dict[str, Any]:
+    """An SPDX 2.3 JSON document of the image: Debian packages and the agent venv's wheels."""
+    import datetime
+
+    debs = debian_packages(root)
+    wheels = python_packages(root)
+    created = datetime.datetime.fromtimestamp(source_date_epoch, tz=datetime.UTC)
+    identity = hashlib.sha256(repr((image_name, debs, wheels)).encode()).hexdigest()
+    packages: list[dict[str, Any]] = []
+    for p in debs:
+        purl = (f"pkg:deb/debian/{p['name']}@{p['version']}?arch={p['architecture']}"
+                f"&distro=debian-{distro_version}")
+        packages.append({
+            "SPDXID": _spdx_id("deb", p["name"], p["version"]), "name": p["name"],
+            "versionInfo": p["version"], "supplier": f"Organization: {p['maintainer']}"
+            if p["maintainer"] else "NOASSERTION", "downloadLocation": "NOASSERTION",
+            "filesAnalyzed": False, "licenseConcluded": "NOASSERTION",
+            "licenseDeclared": "NOASSERTION", "copyrightText": "NOASSERTION",
+            "sourceInfo": f"Debian source package {p['source']} ({suite})",
+            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
+                              "referenceLocator": purl}]})
+    for w in wheels:
+        packages.append({
+            "SPDXID": _spdx_id("pypi", w["name"], w["version"]), "name": w["name"],
+            "versionInfo": w["version"], "supplier": "NOASSERTION",
+            "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
+            "licenseConcluded": "NOASSERTION", "licenseDeclared": "NOASSERTION",
+            "copyrightText": "NOASSERTION", "sourceInfo": f"installed in {VENV}",
+            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
+                              "referenceLocator": f"pkg:pypi/{w['name'].lower()}@{w['version']}"}]})
+    return {
+        "spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT",
+        "name": f"{image_name} image",
+        "documentNamespace": f"https://sovereign-appliance.invalid/spdx/{image_name}/"
+                             f"{uuid.UUID(identity[:32])}",
+        "creationInfo": {"created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                         "creators": ["Tool: sovereign-appliance-build"]},
+        "packages": packages,
+        "relationships": [{"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES",
+                           "relatedSpdxElement": p["SPDXID"]} for p in packages],
+    }

@@ -1,0 +1,468 @@
+"""What the configure stage does to the root filesystem, computed before anything is touched.
+
+:func:`configure_plan` is pure: from a profile (and a few facts read from the rootfs) it gives
+the files to write, the paths to remove, the commands to run in the chroot and the units to
+enable or mask.  The pyinfra deploy (``deploys/configure.py``) applies a plan; the fast tier
+tests the plan itself.  Hardening lives here as data so it can be read in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.settings import to_json
+from provisioning.image.profile import Profile
+
+__all__ = [
+    "AGENT_EXEC",
+    "AGENT_GROUP",
+    "AGENT_UID",
+    "AGENT_UNIT",
+    "AGENT_USER",
+    "VENV",
+    "FileSpec",
+    "Plan",
+    "agent_toml",
+    "agent_unit",
+    "configure_plan",
+    "nftables_ruleset",
+    "render_toml",
+]
+
+VENV = "/opt/appliance/venv"
+AGENT_USER = AGENT_GROUP = "appliance"
+AGENT_UID = 800  # fixed: the same uid in every build (and below Debian's dynamic range users)
+AGENT_UNIT = "appliance-agent.service"
+# The agent's entry point; the inference engineer's `appliance agent run` (coordinate).
+AGENT_EXEC = (f"{VENV}/bin/appliance", "agent", "run", "--config", "/etc/appliance/agent.toml")
+WHEELS_IN_ROOT = "/var/tmp/appliance-wheels"  # noqa: S108 - inside the image's root; removed again by the plan's last commands
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    path: str
+    content: str
+    mode: int = 0o644
+    owner: str = "root"
+    group: str = "root"
+
+
+@dataclass(frozen=True)
+class Plan:
+    files: tuple[FileSpec, ...]
+    remove: tuple[str, ...]
+    commands: tuple[tuple[str, ...], ...]
+    enable: tuple[str, ...]
+    mask: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        return cls(tuple(FileSpec(**f) for f in data["files"]), tuple(data["remove"]),
+                   tuple(tuple(c) for c in data["commands"]), tuple(data["enable"]),
+                   tuple(data["mask"]))
+
+    def file(self, path: str) -> FileSpec:
+        """The file the plan writes at ``path`` (KeyError if none)."""
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise KeyError(path)
+
+
+# ------------------------------------------------------------------ TOML rendering
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def render_toml(tables: dict[str, dict[str, Any]], header: str = "") -> str:
+    """A TOML document of flat tables (what agent.toml needs), keys in a stable order."""
+    out = [header] if header else []
+    for name, table in tables.items():
+        out.append(f"[{name}]")
+        out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def agent_toml(profile: Profile) -> str:
+    """/etc/appliance/agent.toml: every agent setting, explicit, from the profile's [agent.*]."""
+    tables = {name: to_json(getattr(profile.agent, name)) for name in _agent_sections()}
+    return render_toml(tables, f"# Written by `appliance build` from {profile.path.name}.\n")
+
+
+def _agent_sections() -> tuple[str, ...]:
+    from agent.config import SECTIONS
+
+    return tuple(SECTIONS)
+
+
+# ------------------------------------------------------------------ hardening content
+
+
+def nftables_ruleset(profile: Profile) -> str:
+    """Default-deny inbound; loopback, replies, needed ICMP and the profile's TCP ports."""
+    ports = ", ".join(str(p) for p in profile.inbound_tcp)
+    dhcp = ("\t\tudp sport 67 udp dport 68 accept\n\t\tudp sport 547 udp dport 546 accept\n"
+            if profile.network.mode == "dhcp" else "")
+    return (
+        "#!/usr/sbin/nft -f\n"
+        "# Written by `appliance build`: inbound is denied unless listed here.\n"
+        "flush ruleset\n\n"
+        "table inet filter {\n"
+        "\tchain input {\n"
+        "\t\ttype filter hook input priority filter; policy drop;\n"
+        "\t\tct state invalid drop\n"
+        "\t\tct state established,related accept\n"
+        "\t\tiif \"lo\" accept\n"
+        "\t\tip protocol icmp icmp type { echo-request, destination-unreachable, time-exceeded }"
+        " limit rate 10/second accept\n"
+        "\t\tip6 nexthdr icmpv6 icmpv6 type { echo-request, destination-unreachable, packet-too-big,"
+        " time-exceeded, parameter-problem, nd-router-advert, nd-neighbor-solicit,"
+        " nd-neighbor-advert } accept\n"
+        f"{dhcp}"
+        f"\t\ttcp dport {{ {ports} }} accept\n"
+        "\t}\n"
+        "\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n"
+        "\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n\t}\n"
+        "}\n"
+    )
+
+
+SYSCTLS: tuple[tuple[str, str], ...] = (
+    ("kernel.kptr_restrict", "2"),
+    ("kernel.dmesg_restrict", "1"),
+    ("kernel.perf_event_paranoid", "3"),
+    ("kernel.unprivileged_bpf_disabled", "1"),
+    ("net.core.bpf_jit_harden", "2"),
+    ("kernel.kexec_load_disabled", "1"),
+    ("kernel.sysrq", "0"),
+    ("kernel.yama.ptrace_scope", "2"),
+    ("kernel.randomize_va_space", "2"),
+    ("dev.tty.ldisc_autoload", "0"),
+    ("fs.protected_hardlinks", "1"),
+    ("fs.protected_symlinks", "1"),
+    ("fs.protected_fifos", "2"),
+    ("fs.protected_regular", "2"),
+    ("net.ipv4.conf.all.rp_filter", "1"),
+    ("net.ipv4.conf.default.rp_filter", "1"),
+    ("net.ipv4.conf.all.accept_redirects", "0"),
+    ("net.ipv4.conf.default.accept_redirects", "0"),
+    ("net.ipv4.conf.all.secure_redirects", "0"),
+    ("net.ipv4.conf.default.secure_redirects", "0"),
+    ("net.ipv4.conf.all.send_redirects", "0"),
+    ("net.ipv4.conf.default.send_redirects", "0"),
+    ("net.ipv4.conf.all.accept_source_route", "0"),
+    ("net.ipv4.conf.default.accept_source_route", "0"),
+    ("net.ipv4.conf.all.log_martians", "1"),
+    ("net.ipv4.conf.default.log_martians", "1"),
+    ("net.ipv4.icmp_echo_ignore_broadcasts", "1"),
+    ("net.ipv4.icmp_ignore_bogus_error_responses", "1"),
+    ("net.ipv4.tcp_syncookies", "1"),
+    ("net.ipv4.tcp_rfc1337", "1"),
+    ("net.ipv4.ip_forward", "0"),
+    ("net.ipv6.conf.all.accept_redirects", "0"),
+    ("net.ipv6.conf.default.accept_redirects", "0"),
+    ("net.ipv6.conf.all.accept_source_route", "0"),
+    ("net.ipv6.conf.default.accept_source_route", "0"),
+    ("net.ipv6.conf.all.forwarding", "0"),
+)
+NO_CORE_SYSCTLS = (("fs.suid_dumpable", "0"), ("kernel.core_pattern", "|/bin/false"))
+
+AUDIT_RULES = """\
+## Written by `appliance build`.  Loaded by augenrules; immutable until reboot when -e 2.
+-D
+-b 8192
+-f 1
+--backlog_wait_time 60000
+-w /etc/appliance/ -p wa -k appliance-config
+-w /etc/passwd -p wa -k identity
+-w /etc/group -p wa -k identity
+-w /etc/shadow -p wa -k identity
+-w /etc/gshadow -p wa -k identity
+-w /etc/sudoers -p wa -k scope
+-w /etc/sudoers.d/ -p wa -k scope
+-w /etc/ssh/sshd_config -p wa -k sshd
+-w /etc/nftables.conf -p wa -k firewall
+-w /etc/sysctl.conf -p wa -k sysctl
+-w /etc/sysctl.d/ -p wa -k sysctl
+-w /var/log/audit/ -p wa -k audit-log
+-w /var/log/lastlog -p wa -k logins
+-w /var/log/faillog -p wa -k logins
+-w /var/run/faillock/ -p wa -k logins
+-w /usr/sbin/insmod -p x -k modules
+-w /usr/sbin/rmmod -p x -k modules
+-w /usr/sbin/modprobe -p x -k modules
+-a always,exit -F arch=b64 -S adjtimex,settimeofday,clock_settime -k time-change
+-a always,exit -F arch=b32 -S adjtimex,settimeofday,clock_settime,stime -k time-change
+-a always,exit -F arch=b64 -S sethostname,setdomainname -k system-locale
+-a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k modules
+-a always,exit -F arch=b32 -S init_module,finit_module,delete_module -k modules
+-a always,exit -F arch=b64 -S mount,umount2 -F auid>=1000 -F auid!=unset -k mounts
+-a always,exit -F arch=b64 -S chmod,fchmod,fchmodat -F auid>=1000 -F auid!=unset -k perm_mod
+-a always,exit -F arch=b64 -S chown,fchown,fchownat,lchown -F auid>=1000 -F auid!=unset -k perm_mod
+-a always,exit -F arch=b64 -S setxattr,lsetxattr,fsetxattr -F auid>=1000 -F auid!=unset -k perm_mod
+-a always,exit -F arch=b64 -S removexattr,lremovexattr,fremovexattr -F auid>=1000 -F auid!=unset -k perm_mod
+-a always,exit -F arch=b64 -S unlink,unlinkat,rename,renameat -F auid>=1000 -F auid!=unset -k delete
+-a always,exit -F arch=b64 -S open,openat,creat,truncate -F exit=-EACCES -F auid>=1000 -k access
+-a always,exit -F arch=b64 -S open,openat,creat,truncate -F exit=-EPERM -F auid>=1000 -k access
+-a always,exit -F arch=b64 -S execve -F euid=0 -F auid>=1000 -F auid!=unset -k root-commands
+"""
+
+
+def agent_unit(profile: Profile) -> str:
+    """The agent's sandboxed systemd unit (no capabilities, no device access, strict FS)."""
+    state = str(profile.agent.server.state_dir)
+    if not state.startswith("/var/lib/"):
+        raise ValueError(f"state_dir {state} must be under /var/lib (systemd StateDirectory=)")
+    state_name = state.removeprefix("/var/lib/")
+    return "\n".join((
+        "[Unit]",
+        "Description=Sovereign Appliance agent (inference, health, updates over gRPC)",
+        "Documentation=file:///etc/appliance/agent.toml",
+        "After=network-online.target nftables.service local-fs.target",
+        "Wants=network-online.target",
+        f"RequiresMountsFor={state}",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"ExecStart={' '.join(AGENT_EXEC)}",
+        "Restart=on-failure",
+        "RestartSec=2s",
+        f"User={AGENT_USER}",
+        f"Group={AGENT_GROUP}",
+        f"StateDirectory={state_name}",
+        "StateDirectoryMode=0700",
+        "ConfigurationDirectory=appliance",
+        "UMask=0077",
+        "Environment=PYTHONDONTWRITEBYTECODE=1",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "AmbientCapabilities=",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "DevicePolicy=closed",
+        "PrivateUsers=yes",
+        "PrivateIPC=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "ProtectProc=invisible",
+        "ProcSubset=pid",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "MemoryDenyWriteExecute=yes",
+        "RemoveIPC=yes",
+        "KeyringMode=private",
+        "SystemCallArchitectures=native",
+        "SystemCallFilter=@system-service",
+        "SystemCallFilter=~@privileged @resources @mount @swap @reboot @raw-io @module @obsolete",
+        "SystemCallErrorNumber=EPERM",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ))
+
+
+def _network(profile: Profile) -> str:
+    net = profile.network
+    lines = ["[Match]", f"Name={net.interface}", "", "[Network]"]
+    if net.mode == "dhcp":
+        lines.append("DHCP=yes")
+    else:
+        lines.append(f"Address={net.address}")
+        if net.gateway:
+            lines.append(f"Gateway={net.gateway}")
+        lines.extend(f"DNS={d}" for d in net.dns)
+    lines += ["LLMNR=no", "MulticastDNS=no", "IPv6PrivacyExtensions=yes", ""]
+    return "\n".join(lines)
+
+
+def _fstab(profile: Profile) -> str:
+    tmp = "nodev,nosuid,noexec" if profile.hardening.tmp_noexec else "nodev,nosuid"
+    label = profile.disk.data_label
+    state = profile.agent.server.state_dir
+    return (
+        "# Written by `appliance build`.  The root is mounted read-only by the initrd (verity).\n"
+        f"tmpfs /tmp tmpfs mode=1777,{tmp},size=25% 0 0\n"
+        f"tmpfs /var/tmp tmpfs mode=1777,{tmp},size=10% 0 0\n"
+        f"PARTLABEL={label} /data ext4 defaults,nodev,nosuid,noexec,x-systemd.growfs,"
+        "x-systemd.makefs 0 2\n"
+        f"/data/appliance {state} none bind,x-systemd.requires=appliance-data-seed.service 0 0\n"
+        "/data/journal /var/log/journal none bind,x-systemd.requires=appliance-data-seed.service 0 0\n"
+    )
+
+
+def _seed_unit(profile: Profile) -> str:
+    # Before the bind mounts hide it, the root's baked state is copied to a fresh data partition.
+    state = profile.agent.server.state_dir
+    return "\n".join((
+        "[Unit]",
+        "Description=Seed the data partition with the image's baked state (first boot)",
+        "DefaultDependencies=no",
+        "RequiresMountsFor=/data",
+        "Before=var-lib-appliance.mount var-log-journal.mount local-fs.target",
+        "ConditionPathExists=!/data/appliance",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "ExecStart=/usr/bin/mkdir -p /data/journal",
+        f"ExecStart=/usr/bin/cp -a {state} /data/appliance.new",
+        "ExecStart=/usr/bin/mv /data/appliance.new /data/appliance",
+        "",
+    ))
+
+
+def _ssh_files(profile: Profile) -> list[FileSpec]:
+    if not profile.ssh.enabled:
+        return []
+    conf = "\n".join((
+        f"Port {profile.ssh.port}", "PermitRootLogin no", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "AuthenticationMethods publickey",
+        "PubkeyAuthentication yes", "PermitEmptyPasswords no", "X11Forwarding no",
+        "AllowTcpForwarding no", "AllowAgentForwarding no", "MaxAuthTries 3",
+        "ClientAliveInterval 300", "ClientAliveCountMax 0", "LoginGraceTime 30",
+        f"AllowUsers {' '.join(u.name for u in profile.users if u.ssh_keys)}", ""))
+    files = [FileSpec("/etc/ssh/sshd_config.d/50-appliance.conf", conf, 0o600)]
+    for u in profile.users:
+        if u.ssh_keys:
+            files.append(FileSpec(f"/home/{u.name}/.ssh/authorized_keys",
+                                  "\n".join(u.ssh_keys) + "\n", 0o600, u.name, u.name))
+    return files
+
+
+def _hardening_files(profile: Profile) -> list[FileSpec]:
+    h = profile.hardening
+    files = [
+        FileSpec("/etc/nftables.conf", nftables_ruleset(profile), 0o755),
+        FileSpec("/etc/systemd/journald.conf.d/50-appliance.conf",
+                 "[Journal]\nStorage=persistent\nCompress=yes\nSystemMaxUse=512M\n"
+                 "ForwardToSyslog=no\n"),
+        FileSpec("/etc/systemd/system/appliance-data-seed.service", _seed_unit(profile)),
+        FileSpec("/etc/fstab", _fstab(profile)),
+        FileSpec("/etc/modprobe.d/50-appliance.conf", "".join(
+            f"install {m} /bin/false\n" for m in ("dccp", "sctp", "rds", "tipc", "cramfs",
+                                                   "freevxfs", "jffs2", "hfs", "hfsplus", "udf",
+                                                   "usb-storage", "firewire-core", "bluetooth"))),
+        FileSpec("/etc/issue", "Authorized uses only. All activity may be monitored and reported.\n"),
+        FileSpec("/etc/issue.net", "Authorized uses only. All activity may be monitored and reported.\n"),
+        FileSpec("/etc/profile.d/50-appliance-umask.sh", "umask 027\nTMOUT=600\nreadonly TMOUT\n"
+                 "export TMOUT\n"),
+    ]
+    sysctls = list(SYSCTLS) if h.sysctl else []
+    if not h.core_dumps:
+        sysctls += NO_CORE_SYSCTLS
+        files += [
+            FileSpec("/etc/security/limits.d/50-no-core.conf", "* hard core 0\n* soft core 0\n"),
+            FileSpec("/etc/systemd/coredump.conf.d/50-appliance.conf",
+                     "[Coredump]\nStorage=none\nProcessSizeMax=0\n"),
+            FileSpec("/etc/systemd/system.conf.d/50-no-core.conf", "[Manager]\nDefaultLimitCORE=0\n"),
+        ]
+    if sysctls:
+        files.append(FileSpec("/etc/sysctl.d/90-appliance.conf",
+                              "".join(f"{k} = {v}\n" for k, v in sysctls)))
+    if h.auditd:
+        rules = AUDIT_RULES + ("-e 2\n" if h.audit_immutable else "")
+        files.append(FileSpec("/etc/audit/rules.d/50-appliance.rules", rules, 0o640))
+    cmdline = ["ro", "quiet", "lockdown=integrity", "slab_nomerge", "init_on_alloc=1",
+               "init_on_free=1", "page_alloc.shuffle=1", "pti=on", "vsyscall=none",
+               "debugfs=off", "oops=panic"]
+    if h.apparmor:
+        cmdline += ["apparmor=1", "security=apparmor"]
+    if h.auditd:
+        cmdline += ["audit=1", "audit_backlog_limit=8192"]
+    # The seal stage puts this (plus the verity root hash) on the UKI's command line.
+    files.append(FileSpec("/etc/kernel/cmdline", " ".join(cmdline) + "\n"))
+    return files
+
+
+def _time_files(profile: Profile) -> list[FileSpec]:
+    servers = " ".join(profile.time.ntp)
+    return [FileSpec("/etc/systemd/timesyncd.conf.d/50-appliance.conf",
+                     f"[Time]\nNTP={servers}\nFallbackNTP=\n")]
+
+
+def _user_commands(profile: Profile) -> list[tuple[str, ...]]:
+    cmds: list[tuple[str, ...]] = [
+        ("groupadd", "--system", "--gid", str(AGENT_UID), AGENT_GROUP),
+        ("useradd", "--system", "--uid", str(AGENT_UID), "--gid", AGENT_GROUP, "--no-create-home",
+         "--home-dir", str(profile.agent.server.state_dir), "--shell", "/usr/sbin/nologin",
+         AGENT_USER),
+    ]
+    for u in profile.users:
+        cmds.append(("groupadd", "--gid", str(u.uid), u.name))
+        argv = ["useradd", "--uid", str(u.uid), "--gid", u.name, "--create-home",
+                "--shell", "/bin/bash"]
+        if u.groups:
+            argv += ["--groups", ",".join(u.groups)]
+        cmds += [(*argv, u.name), ("usermod", "--lock", u.name)]
+    if profile.hardening.lock_root:
+        cmds += [("usermod", "--lock", "root"), ("usermod", "--shell", "/usr/sbin/nologin", "root")]
+    return cmds
+
+
+def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS_IN_ROOT) -> Plan:
+    """The configure stage's plan for ``profile``.
+
+    ``pip_wheel`` is the path (inside the root) of the pip wheel that Debian's python3-venv
+    ships; it installs the agent without leaving pip in the venv.
+    """
+    files = [
+        FileSpec("/etc/hostname", profile.image.hostname + "\n"),
+        FileSpec("/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{profile.image.hostname}\n"
+                 "::1\tlocalhost ip6-localhost ip6-loopback\n"),
+        FileSpec("/etc/machine-id", ""),
+        FileSpec("/etc/appliance/agent.toml", agent_toml(profile), 0o640, "root", AGENT_GROUP),
+        FileSpec(f"/etc/systemd/system/{AGENT_UNIT}", agent_unit(profile)),
+        FileSpec("/etc/systemd/network/50-appliance.network", _network(profile)),
+        *_hardening_files(profile),
+        *_time_files(profile),
+        *_ssh_files(profile),
+    ]
+    py = f"{VENV}/bin/python"
+    commands: list[tuple[str, ...]] = [
+        *_user_commands(profile),
+        ("python3", "-m", "venv", "--without-pip", VENV),
+        (py, f"{pip_wheel}/pip", "install", "--no-index", "--no-deps", "--require-hashes",
+         "--no-compile", "--disable-pip-version-check", "--no-cache-dir", "--root-user-action=ignore",
+         "--find-links", wheels_dir, "-r", f"{wheels_dir}/requirements.txt"),
+        ("rm", "-rf", wheels_dir),
+    ]
+    enable = ["nftables.service", "systemd-networkd.service", "systemd-timesyncd.service",
+              AGENT_UNIT]
+    if profile.hardening.auditd:
+        enable.append("auditd.service")
+    if profile.hardening.apparmor:
+        enable.append("apparmor.service")
+    if profile.ssh.enabled:
+        enable.append("ssh.service")
+    mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service"]
+    if not profile.hardening.core_dumps:
+        mask.append("systemd-coredump.socket")
+    remove = ("/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/resolv.conf",
+              "/var/lib/dbus/machine-id")
+    return Plan(tuple(files), remove, tuple(commands), tuple(enable), tuple(mask))

@@ -1,0 +1,408 @@
+"""Image profiles: one TOML file per appliance kind, parsed once into frozen dataclasses.
+
+Every section is a table of :func:`agent.settings.setting` fields, so parsing, ``--json``
+dumps and error messages come from one definition.  Errors name the file, the key and the
+value (``images/edge.toml: [gpu] manifest = 'nvidia-999': no such firmware manifest ...``).
+
+Checks that need only the profile and the files it names run in :func:`load_profile`;
+the check against a synced mirror (every package present) is :func:`check_against_mirror`,
+run by ``appliance build`` before any heavy work.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import SECTIONS as AGENT_SECTIONS
+from agent.config import AgentConfig
+from agent.errors import ConfigError, ProfileError
+from agent.settings import from_table, setting, to_json
+
+__all__ = [
+    "BASE_PACKAGES",
+    "PYTHON_BY_SUITE",
+    "BundlesSection",
+    "DebianSection",
+    "DiskSection",
+    "GpuSection",
+    "HardeningSection",
+    "ImageSection",
+    "NetworkSection",
+    "Profile",
+    "PythonSection",
+    "SshSection",
+    "TimeSection",
+    "User",
+    "load_profile",
+    "package_set",
+]
+
+# Debian suite -> (Python version of its python3, glibc version) for choosing wheels.
+PYTHON_BY_SUITE: dict[str, tuple[str, str]] = {
+    "bookworm": ("3.11", "2.36"),
+    "trixie": ("3.13", "2.41"),
+}
+ARCHES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+# What every image needs whatever the profile says: the pipeline's own stages rely on these.
+BASE_PACKAGES: tuple[str, ...] = (
+    "systemd", "systemd-sysv", "udev", "dbus", "kmod", "python3", "python3-venv",
+    "nftables", "apparmor", "auditd", "systemd-timesyncd", "iproute2", "ca-certificates",
+    "libpam-modules", "passwd", "login",
+)
+
+_PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_TARGET_RE = re.compile(r"^[A-Za-z0-9._/-]{1,255}$")
+_REQ_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?(==[A-Za-z0-9.+!*-]+)?$")
+
+
+def _one_of(*choices: str) -> Any:
+    def check(v: str) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+    return check
+
+
+def _packages(v: tuple[str, ...]) -> str | None:
+    bad = [p for p in v if not _PKG_RE.match(p)]
+    return f"not a Debian package name: {bad[0]!r}" if bad else None
+
+
+def _ports(v: tuple[int, ...]) -> str | None:
+    bad = [p for p in v if not 1 <= p <= 65535]
+    return f"not a TCP port: {bad[0]}" if bad else None
+
+
+def _mib(v: int) -> str | None:
+    return None if v >= 16 else "must be at least 16 MiB"
+
+
+def _hostname(v: str) -> str | None:
+    return None if _HOST_RE.match(v) else "not a hostname label ([a-z0-9-], at most 63)"
+
+
+def _url(v: str) -> str | None:
+    return None if re.match(r"^https?://[^\s]+$", v) else "not an http(s) URL"
+
+
+def _epoch(v: int) -> str | None:
+    return None if v >= 0 else "must not be negative"
+
+
+def _requirements(v: tuple[str, ...]) -> str | None:
+    bad = [r for r in v if not _REQ_RE.match(r)]
+    return f"not a requirement NAME or NAME==VERSION: {bad[0]!r}" if bad else None
+
+
+@dataclass(frozen=True)
+class ImageSection:
+    name: str = setting("appliance", "image name (used in output file names)", check=_hostname)
+    hostname: str = setting("appliance", "the node's hostname", check=_hostname)
+    description: str = setting("", "what this appliance is for")
+    source_date_epoch: int = setting(1767225600, "timestamp for reproducible output "
+                                     "(SOURCE_DATE_EPOCH in the environment wins)", check=_epoch)
+
+
+@dataclass(frozen=True)
+class DebianSection:
+    suite: str = setting("trixie", "Debian suite", check=_one_of(*PYTHON_BY_SUITE))
+    architecture: str = setting("amd64", "Debian architecture", check=_one_of(*ARCHES))
+    archive: str = setting("http://deb.debian.org/debian", "Debian archive used by mirror sync",
+                           check=_url)
+    components: tuple[str, ...] = setting(("main",), "archive components",
+                                          check=lambda v: None if set(v) <= {
+                                              "main", "contrib", "non-free", "non-free-firmware"}
+                                          and "main" in v else "main plus any of contrib, "
+                                          "non-free, non-free-firmware")
+    variant: str = setting("minbase", "mmdebstrap variant", check=_one_of("minbase", "apt"))
+    kernel: str = setting("", "kernel package (default linux-image-ARCH)", check=lambda v: None
+                          if not v or _PKG_RE.match(v) else "not a Debian package name")
+    packages: tuple[str, ...] = setting((), "packages on top of the base set", check=_packages)
+
+
+@dataclass(frozen=True)
+class PythonSection:
+    onnxruntime: str = setting("onnxruntime", "the distribution that provides onnxruntime in "
+                               "the agent's venv (onnxruntime-gpu for GPU images)",
+                               check=_one_of("onnxruntime", "onnxruntime-gpu"))
+    extra: tuple[str, ...] = setting((), "extra requirements for the agent's venv",
+                                     check=_requirements)
+
+
+@dataclass(frozen=True)
+class HardeningSection:
+    apparmor: bool = setting(True, "AppArmor enabled (kernel command line and service)")
+    auditd: bool = setting(True, "auditd with the appliance's rules")
+    sysctl: bool = setting(True, "kernel and network hardening sysctls")
+    tmp_noexec: bool = setting(True, "/tmp and /var/tmp as tmpfs with nodev,nosuid,noexec")  # noqa: S108
+    core_dumps: bool = setting(False, "allow core dumps")
+    lock_root: bool = setting(True, "lock root's password (no password logins at all)")
+    audit_immutable: bool = setting(True, "make the audit rules immutable until reboot (-e 2)")
+
+
+@dataclass(frozen=True)
+class BundlesSection:
+    registry: str = setting("", "local TUF registry directory (metadata/ and targets/); "
+                            "relative paths are from the profile's directory")
+    targets: tuple[str, ...] = setting((), "target names of the bundles to bake in",
+                                       check=lambda v: next((f"not a target name: {t!r}" for t in v
+                                                             if not _TARGET_RE.match(t)), None))
+
+
+@dataclass(frozen=True)
+class GpuSection:
+    manifest: str = setting("", "firmware manifest (firmware-manifests/NAME.toml or NAME)")
+
+
+@dataclass(frozen=True)
+class DiskSection:
+    esp_mib: int = setting(512, "EFI system partition size", check=_mib)
+    root_mib: int = setting(2048, "size of each root slot (A and B)", check=_mib)
+    data_mib: int = setting(1024, "initial data partition size (grows on first boot)", check=_mib)
+    data_label: str = setting("data", "GPT partition label of the data partition",
+                              check=_hostname)
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    mode: str = setting("dhcp", "dhcp or static", check=_one_of("dhcp", "static"))
+    interface: str = setting("en*", "interface name match (systemd-networkd Name=)")
+    address: str = setting("", "static address with prefix, e.g. 192.0.2.10/24")
+    gateway: str = setting("", "static default gateway")
+    dns: tuple[str, ...] = setting((), "DNS servers (static mode)")
+    allow_tcp: tuple[int, ...] = setting((), "extra inbound TCP ports (agent ports are always open)",
+                                         check=_ports)
+
+
+@dataclass(frozen=True)
+class TimeSection:
+    ntp: tuple[str, ...] = setting((), "site NTP servers (none: keep the hardware clock)")
+
+
+@dataclass(frozen=True)
+class SshSection:
+    enabled: bool = setting(False, "run sshd (key-only; needs a user with ssh_keys)")
+    port: int = setting(22, "sshd port", check=lambda v: None if 1 <= v <= 65535 else "not a TCP port")
+
+
+@dataclass(frozen=True)
+class User:
+    name: str = setting("", "login name", check=lambda v: None if _NAME_RE.match(v) else
+                        "not a login name ([a-z_][a-z0-9_-]*)")
+    uid: int = setting(1000, "numeric uid (fixed for reproducible images)",
+                       check=lambda v: None if 1000 <= v < 60000 else "must be 1000-59999")
+    groups: tuple[str, ...] = setting((), "supplementary groups")
+    ssh_keys: tuple[str, ...] = setting((), "authorized SSH public keys",
+                                        check=lambda v: next((f"not an SSH public key: {k[:40]!r}"
+                                                              for k in v if not re.match(
+                                                                  r"^(ssh-|ecdsa-|sk-)\S+ \S+", k)),
+                                                             None))
+
+
+@dataclass(frozen=True)
+class Profile:
+    path: Path
+    image: ImageSection = field(default_factory=ImageSection)
+    debian: DebianSection = field(default_factory=DebianSection)
+    python: PythonSection = field(default_factory=PythonSection)
+    hardening: HardeningSection = field(default_factory=HardeningSection)
+    bundles: BundlesSection = field(default_factory=BundlesSection)
+    gpu: GpuSection = field(default_factory=GpuSection)
+    disk: DiskSection = field(default_factory=DiskSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    time: TimeSection = field(default_factory=TimeSection)
+    ssh: SshSection = field(default_factory=SshSection)
+    users: tuple[User, ...] = ()
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+    @property
+    def python_version(self) -> str:
+        return PYTHON_BY_SUITE[self.debian.suite][0]
+
+    @property
+    def glibc_version(self) -> str:
+        return PYTHON_BY_SUITE[self.debian.suite][1]
+
+    @property
+    def machine(self) -> str:
+        return ARCHES[self.debian.architecture]
+
+    @property
+    def kernel_package(self) -> str:
+        return self.debian.kernel or f"linux-image-{self.debian.architecture}"
+
+    @property
+    def registry_dir(self) -> Path | None:
+        if not self.bundles.registry:
+            return None
+        return (self.path.parent / self.bundles.registry).resolve()
+
+    @property
+    def gpu_manifest(self) -> Path | None:
+        return _resolve_manifest(self.path, self.gpu.manifest) if self.gpu.manifest else None
+
+    @property
+    def inbound_tcp(self) -> tuple[int, ...]:
+        """Every TCP port the firewall opens: the agent's, sshd's when enabled, the extras."""
+        ports = {self.agent.server.port, *self.network.allow_tcp}
+        if self.agent.server.metrics_port:
+            ports.add(self.agent.server.metrics_port)
+        if self.ssh.enabled:
+            ports.add(self.ssh.port)
+        return tuple(sorted(ports))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": str(self.path)}
+        for name in _SECTIONS:
+            out[name] = to_json(getattr(self, name))
+        out["users"] = [to_json(u) for u in self.users]
+        out["agent"] = self.agent.to_json()
+        return out
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "image": ImageSection,
+    "debian": DebianSection,
+    "python": PythonSection,
+    "hardening": HardeningSection,
+    "bundles": BundlesSection,
+    "gpu": GpuSection,
+    "disk": DiskSection,
+    "network": NetworkSection,
+    "time": TimeSection,
+    "ssh": SshSection,
+}
+
+
+def package_set(profile: Profile, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The sorted Debian packages the image installs: base, kernel, sshd when on, profile, extra."""
+    names = {*BASE_PACKAGES, profile.kernel_package, *profile.debian.packages, *extra}
+    if profile.ssh.enabled:
+        names.add("openssh-server")
+    return tuple(sorted(names))
+
+
+def _resolve_manifest(profile_path: Path, value: str) -> Path:
+    rel = value if value.endswith(".toml") else f"firmware-manifests/{value}.toml"
+    for base in (profile_path.parent, profile_path.parent.parent):
+        candidate = (base / rel).resolve()
+        if candidate.is_file():
+            return candidate
+    return (profile_path.parent.parent / rel).resolve()
+
+
+def load_profile(path: Path) -> Profile:
+    """Read and check an image profile.
+
+    Raises:
+        NotFoundError-like ProfileError: the file, the registry, a bundle target or the GPU
+            manifest it names does not exist.
+        ProfileError: malformed TOML, an unknown section or key, a wrong type or a bad value;
+            the message names the file, the key and the value.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such profile") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+    known = [*_SECTIONS, "users", "agent"]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ProfileError(f"{path}: unknown section [{unknown[0]}] (known: {', '.join(known)})")
+    try:
+        sections = {name: from_table(cls, data.get(name, {}), f"{path}: [{name}]")
+                    for name, cls in _SECTIONS.items()}
+        users = _users(path, data.get("users", []))
+        agent = _agent(path, data.get("agent", {}))
+    except ProfileError:
+        raise
+    except ConfigError as exc:
+        raise ProfileError(str(exc)) from None
+    profile = Profile(path=path, users=users, agent=agent, **sections)
+    _check(profile)
+    return profile
+
+
+def _users(path: Path, raw: Any) -> tuple[User, ...]:
+    if not isinstance(raw, list):
+        raise ProfileError(f"{path}: [[users]] = {raw!r}: expected an array of tables")
+    users = tuple(from_table(User, t, f"{path}: [[users]][{i}]") for i, t in enumerate(raw))
+    for i, user in enumerate(users):
+        if not user.name:
+            raise ProfileError(f"{path}: [[users]][{i}] name: missing")
+    names = [u.name for u in users]
+    uids = [u.uid for u in users]
+    if len(set(names)) != len(names) or len(set(uids)) != len(uids):
+        raise ProfileError(f"{path}: [[users]]: duplicate names or uids in {names} / {uids}")
+    return users
+
+
+def _agent(path: Path, raw: Any) -> AgentConfig:
+    if not isinstance(raw, Mapping):
+        raise ProfileError(f"{path}: [agent] = {raw!r}: expected a table of agent.toml sections")
+    unknown = sorted(set(raw) - set(AGENT_SECTIONS))
+    if unknown:
+        raise ProfileError(f"{path}: unknown section [agent.{unknown[0]}] "
+                           f"(known: {', '.join(AGENT_SECTIONS)})")
+    sections = {name: from_table(cls, raw.get(name, {}), f"{path}: [agent.{name}]")
+                for name, cls in AGENT_SECTIONS.items()}
+    return AgentConfig(**sections, origin=f"{path}: [agent]")
+
+
+def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads best
+    """Cross-field checks and the files the profile names (registry, targets, GPU manifest)."""
+    where = str(p.path)
+    net = p.network
+    if net.mode == "static":
+        if not net.address:
+            raise ProfileError(f"{where}: [network] address = '': static mode needs an address")
+        try:
+            ipaddress.ip_interface(net.address)
+        except ValueError:
+            raise ProfileError(f"{where}: [network] address = {net.address!r}: "
+                               "not an address with prefix such as 192.0.2.10/24") from None
+        for key, values in (("gateway", (net.gateway,) if net.gateway else ()), ("dns", net.dns)):
+            for value in values:
+                try:
+                    ipaddress.ip_address(value)
+                except ValueError:
+                    raise ProfileError(f"{where}: [network] {key} = {value!r}: "
+                                       "not an IP address") from None
+    elif net.address or net.gateway:
+        raise ProfileError(f"{where}: [network] address = {net.address!r}: "
+                           "only meaningful with mode = \"static\"")
+    if p.ssh.enabled and not any(u.ssh_keys for u in p.users):
+        raise ProfileError(f"{where}: [ssh] enabled = true: no [[users]] entry has ssh_keys "
+                           "(SSH is key-only)")
+    if p.gpu.manifest:
+        manifest = p.gpu_manifest
+        assert manifest is not None
+        if not manifest.is_file():
+            raise ProfileError(f"{where}: [gpu] manifest = {p.gpu.manifest!r}: "
+                               f"no such firmware manifest {manifest}")
+    if p.bundles.targets and not p.bundles.registry:
+        raise ProfileError(f"{where}: [bundles] targets = {list(p.bundles.targets)!r}: "
+                           "no registry given")
+    if p.registry_dir is not None:
+        from provisioning.image.bake import registry_targets
+
+        registry = p.registry_dir
+        if not (registry / "metadata").is_dir():
+            raise ProfileError(f"{where}: [bundles] registry = {p.bundles.registry!r}: "
+                               f"{registry} has no metadata/ directory")
+        published = registry_targets(registry)
+        for target in p.bundles.targets:
+            if target not in published:
+                raise ProfileError(f"{where}: [bundles] targets = {target!r}: not a target of "
+                                   f"the registry {registry} (it has: "
+                                   f"{', '.join(sorted(published)) or 'none'})")

@@ -1,0 +1,45 @@
+"""The rootfs stage: mmdebstrap from the local mirror, no network, reproducible.
+
+The result is a tarball (mmdebstrap's own tar output, byte-identical for the same mirror,
+package set and SOURCE_DATE_EPOCH).  Copies of the build host's /etc/resolv.conf and
+/etc/hostname and every apt source are removed before it is packed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.tools import require_tool, run
+from provisioning.image.mirror import debian_source
+from provisioning.image.profile import Profile
+
+__all__ = ["CUSTOMIZE_HOOKS", "build_rootfs_tar", "mmdebstrap_argv"]
+
+CUSTOMIZE_HOOKS = (
+    'rm -f "$1/etc/resolv.conf" "$1/etc/hostname"',
+    'rm -rf "$1/etc/apt/sources.list" "$1/etc/apt/sources.list.d"',
+    'mkdir -p "$1/etc/apt/sources.list.d"',
+)
+
+
+def mmdebstrap_argv(profile: Profile, packages: tuple[str, ...], mirror: Path,
+                    out: Path) -> list[str]:
+    """The mmdebstrap command line for ``packages`` from ``mirror`` into tarball ``out``."""
+    d = profile.debian
+    argv = [require_tool("mmdebstrap"), f"--variant={d.variant}",
+            f"--architectures={d.architecture}", f"--include={','.join(packages)}",
+            "--mode=root", "--format=tar", "--quiet",
+            "--aptopt=Acquire::Languages \"none\""]
+    argv += [f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS]
+    return [*argv, d.suite, str(out), debian_source(mirror)]
+
+
+def build_rootfs_tar(profile: Profile, packages: tuple[str, ...], mirror: Path, out: Path,
+                     source_date_epoch: int) -> None:
+    """Run mmdebstrap from the local mirror into ``out`` (a tarball).
+
+    Raises:
+        ToolError: mmdebstrap fails (its stderr tail names the package or the problem).
+    """
+    run(mmdebstrap_argv(profile, packages, mirror, out),
+        env={"SOURCE_DATE_EPOCH": str(source_date_epoch)})

@@ -1,0 +1,381 @@
+"""The build pipeline: a list of named stages, each cached by the hash of its inputs.
+
+    rootfs     mmdebstrap from the mirror          -> stages/rootfs/rootfs.tar
+    configure  pyinfra in the chroot, normalise    -> stages/configure/root/, manifest, SBOM
+    seal       provisioning.image.seal.seal(ctx)   (the seal engineer's; skipped if absent)
+    disk       provisioning.image.disk.disk(ctx)   (likewise)
+
+A stage's key hashes its inputs, the source of the code that runs it and the previous
+stage's key, so changing a baked bundle reruns configure and what follows, never rootfs.
+A stage directory holds ``.key`` only once the stage finished; anything else is rebuilt.
+:func:`plan_build` does every check (profile, lock, packages, tools) before any heavy work;
+:func:`build` runs the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from agent.errors import ImageError, ProfileError
+from agent.fsutil import atomic_write_text
+from agent.tools import require_tool, run
+from provisioning.image.mirror import Lock, load_lock, missing_packages, verify_mirror
+from provisioning.image.profile import Profile, load_profile, package_set
+
+__all__ = ["BuildContext", "BuildPlan", "PlannedStage", "Stage", "build", "plan_build",
+           "stage_key", "stage_packages"]
+
+log = logging.getLogger(__name__)
+
+_OPTIONAL_STAGES = ("seal", "disk")
+
+
+def _optional_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"provisioning.image.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"provisioning.image.{name}":
+            return None
+        raise
+
+
+def stage_packages() -> tuple[str, ...]:
+    """Debian packages later stages need in the root (their module's ``PACKAGES``)."""
+    extra: set[str] = set()
+    for name in _OPTIONAL_STAGES:
+        module = _optional_module(name)
+        if module is not None:
+            extra.update(getattr(module, "PACKAGES", ()))
+    return tuple(sorted(extra))
+
+
+@dataclass
+class BuildContext:
+    """What every stage sees.  ``stage_dir`` is the running stage's own output directory."""
+
+    profile: Profile
+    mirror: Path
+    lock: Lock
+    out: Path
+    source_date_epoch: int
+    packages: tuple[str, ...]
+    debug: bool = False
+    stage_dir: Path = Path()
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    baked: list[dict[str, str]] = field(default_factory=list)
+
+    def stage_path(self, name: str) -> Path:
+        return self.out / "stages" / name
+
+    @property
+    def rootfs_tar(self) -> Path:
+        return self.stage_path("rootfs") / "rootfs.tar"
+
+    @property
+    def root(self) -> Path:
+        """The configured root filesystem directory (the seal stage's input)."""
+        return self.stage_path("configure") / "root"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    modules: tuple[str, ...]  # source files hashed into the key
+    inputs: Callable[[BuildContext], dict[str, Any]]
+    run: Callable[[BuildContext], None]
+    outputs: Callable[[BuildContext], dict[str, Path]]
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    stage: Stage
+    key: str
+    cached: bool
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+
+@dataclass
+class BuildPlan:
+    ctx: BuildContext
+    stages: list[PlannedStage]
+
+
+def _code_digest(modules: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for name in modules:
+        module = importlib.import_module(name)
+        assert module.__file__
+        digest.update(name.encode() + b"\0" + Path(module.__file__).read_bytes())
+    for extra in sorted((Path(__file__).parent / "deploys").glob("*.py")):
+        if "provisioning.image.configure" in modules:
+            digest.update(extra.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_key(name: str, modules: tuple[str, ...], inputs: dict[str, Any], previous: str) -> str:
+    """sha256 over the stage name, its code, its inputs and the previous stage's key."""
+    doc = {"stage": name, "code": _code_digest(modules), "inputs": inputs, "after": previous}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------ rootfs
+
+
+def _rootfs_inputs(ctx: BuildContext) -> dict[str, Any]:
+    d = ctx.profile.debian
+    mmdebstrap = run([require_tool("mmdebstrap"), "--version"]).text.strip()
+    return {"suite": d.suite, "architecture": d.architecture, "variant": d.variant,
+            "packages": list(ctx.packages), "debs": sorted(f.sha256 for f in ctx.lock.debs),
+            "repo": [f.sha256 for f in ctx.lock.repo], "sde": ctx.source_date_epoch,
+            "mmdebstrap": mmdebstrap}
+
+
+def _rootfs_run(ctx: BuildContext) -> None:
+    from provisioning.image.rootfs import build_rootfs_tar
+
+    build_rootfs_tar(ctx.profile, ctx.packages, ctx.mirror, ctx.stage_dir / "rootfs.tar",
+                     ctx.source_date_epoch)
+
+
+# ------------------------------------------------------------------ configure
+
+
+def _registry_digest(profile: Profile) -> str:
+    registry = profile.registry_dir
+    if registry is None or not profile.bundles.targets:
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted((registry / "metadata").glob("*.json")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _configure_inputs(ctx: BuildContext) -> dict[str, Any]:
+    profile = ctx.profile.to_json()
+    for key in ("path", "disk"):
+        profile.pop(key)
+    return {"profile": profile, "wheels": sorted(f.sha256 for f in ctx.lock.wheels),
+            "registry": _registry_digest(ctx.profile), "sde": ctx.source_date_epoch}
+
+
+def _configure_run(ctx: BuildContext) -> None:
+    from provisioning.image.configure import configure_root
+    from provisioning.image.outputs import debian_packages, file_manifest, python_packages, spdx_sbom
+
+    root = ctx.stage_dir / "root"
+    root.mkdir()
+    run([require_tool("tar"), "--extract", "--file", ctx.rootfs_tar, "--directory", root,
+         "--numeric-owner", "--preserve-permissions", "--xattrs", "--xattrs-include=*"])
+    baked = configure_root(ctx.profile, ctx.lock, ctx.mirror, root, ctx.source_date_epoch,
+                           debug=ctx.debug)
+    distro = "13" if ctx.profile.debian.suite == "trixie" else "12"
+    manifest = {
+        "image": ctx.profile.image.name, "suite": ctx.profile.debian.suite,
+        "architecture": ctx.profile.debian.architecture,
+        "source_date_epoch": ctx.source_date_epoch, "lock_sha256": ctx.lock.sha256,
+        "bundles": [b.to_json() for b in baked], "packages": debian_packages(root),
+        "python": python_packages(root), "files": file_manifest(root),
+    }
+    atomic_write_text(ctx.stage_dir / "manifest.json",
+                      json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    sbom = spdx_sbom(root, ctx.profile.image.name, ctx.source_date_epoch,
+                     ctx.profile.debian.suite, distro)
+    atomic_write_text(ctx.stage_dir / "sbom.spdx.json", json.dumps(sbom, indent=1, sort_keys=True) + "\n")
+
+
+def _configure_outputs(ctx: BuildContext) -> dict[str, Path]:
+    d = ctx.stage_path("configure")
+    return {"rootfs": d / "root", "manifest": d / "manifest.json", "sbom": d / "sbom.spdx.json"}
+
+
+# ------------------------------------------------------------------ seal, disk (other modules)
+
+
+def _optional_stage(name: str, module: ModuleType) -> Stage:
+    def inputs(ctx: BuildContext) -> dict[str, Any]:
+        data: dict[str, Any] = {"sde": ctx.source_date_epoch}
+        if name == "disk":
+            data["disk"] = ctx.profile.to_json()["disk"]
+        return data
+
+    def run_stage(ctx: BuildContext) -> None:
+        getattr(module, name)(ctx)
+
+    def outputs(ctx: BuildContext) -> dict[str, Path]:
+        d = ctx.stage_path(name)
+        return {f"{name}/{p.name}": p for p in sorted(d.iterdir()) if not p.name.startswith(".")}
+
+    return Stage(name, (module.__name__,), inputs, run_stage, outputs)
+
+
+def _stages() -> list[Stage]:
+    stages = [
+        Stage("rootfs", ("provisioning.image.rootfs", "provisioning.image.stages"),
+              _rootfs_inputs, _rootfs_run, lambda ctx: {"rootfs.tar": ctx.rootfs_tar}),
+        Stage("configure", ("provisioning.image.configure", "provisioning.image.plan",
+                            "provisioning.image.outputs", "provisioning.image.bake"),
+              _configure_inputs, _configure_run, _configure_outputs),
+    ]
+    for name in _OPTIONAL_STAGES:
+        module = _optional_module(name)
+        if module is None:
+            log.info("stage %s: provisioning/image/%s.py is not on this branch; skipped", name, name)
+            continue
+        stages.append(_optional_stage(name, module))
+    return stages
+
+
+# ------------------------------------------------------------------ plan and build
+
+
+def _source_date_epoch(profile: Profile, given: int | None) -> int:
+    if given is not None:
+        return given
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env:
+        if not env.isdigit():
+            raise ImageError(f"SOURCE_DATE_EPOCH = {env!r}: not a number of seconds")
+        return int(env)
+    return profile.image.source_date_epoch
+
+
+def _check_mirror(profile: Profile, lock: Lock, mirror: Path, extra: tuple[str, ...]) -> None:
+    where = str(profile.path)
+    if (lock.suite, lock.architecture) != (profile.debian.suite, profile.debian.architecture):
+        raise ProfileError(f"{where}: [debian] suite = {profile.debian.suite!r}: the mirror "
+                           f"{mirror} holds {lock.suite}/{lock.architecture}")
+    missing = missing_packages(profile, lock, extra)
+    if missing:
+        raise ProfileError(f"{where}: [debian] packages = {missing[0]!r}: not in the mirror "
+                           f"{mirror} (missing: {', '.join(missing)}); run `appliance mirror sync "
+                           f"{profile.path} --mirror {mirror}`")
+    if lock.onnxruntime != profile.python.onnxruntime:
+        raise ProfileError(f"{where}: [python] onnxruntime = {profile.python.onnxruntime!r}: the "
+                           f"mirror's wheels were synced for {lock.onnxruntime!r}")
+
+
+def plan_build(profile_path: Path, mirror: Path, out: Path,
+               source_date_epoch: int | None = None, *, debug: bool = False) -> BuildPlan:
+    """Check everything a build needs and compute each stage's key; touches nothing.
+
+    Raises:
+        ProfileError: the profile is bad, or asks for packages or wheels the mirror lacks.
+        NotFoundError, ImageError: no usable lock in the mirror.
+        ToolError: a tool the build needs is not installed.
+    """
+    profile = load_profile(profile_path)
+    lock = load_lock(mirror)
+    extra = stage_packages()
+    _check_mirror(profile, lock, mirror, extra)
+    for tool in ("mmdebstrap", "tar", "chroot", "gpgv"):
+        require_tool(tool)
+    ctx = BuildContext(profile, mirror.resolve(), lock, out.resolve(),
+                       _source_date_epoch(profile, source_date_epoch),
+                       package_set(profile, extra), debug)
+    planned: list[PlannedStage] = []
+    previous = ""
+    for stage in _stages():
+        key = stage_key(stage.name, stage.modules, stage.inputs(ctx), previous)
+        key_file = ctx.stage_path(stage.name) / ".key"
+        cached = key_file.is_file() and key_file.read_text().strip() == key
+        planned.append(PlannedStage(stage, key, cached))
+        previous = key
+    return BuildPlan(ctx, planned)
+
+
+class _BuildLog:
+    """Everything logged during the build also goes, with tool commands, to OUT/build.log."""
+
+    def __init__(self, path: Path) -> None:
+        self.handler = logging.FileHandler(path, mode="w")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        self.root = logging.getLogger()
+        self.saved = self.root.level
+
+    def __enter__(self) -> None:
+        for h in self.root.handlers:
+            if h.level == logging.NOTSET:
+                h.setLevel(self.saved)
+        self.root.addHandler(self.handler)
+        self.root.setLevel(logging.DEBUG)
+
+    def __exit__(self, *exc: object) -> None:
+        self.root.removeHandler(self.handler)
+        self.root.setLevel(self.saved)
+        self.handler.close()
+
+
+def _publish(ctx: BuildContext, outputs: dict[str, Path]) -> None:
+    """Top-level names in OUT for the stage outputs (symlinks into stages/)."""
+    for name, target in outputs.items():
+        link = ctx.out / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def build(plan: BuildPlan) -> dict[str, Any]:
+    """Run every stage that is not cached; returns a summary (stages, keys, outputs).
+
+    Raises:
+        VerificationError: the mirror does not verify (checked before any stage runs).
+        ImageError, ToolError: a stage failed (its output directory is left without a key).
+    """
+    from provisioning.output import progress
+
+    ctx = plan.ctx
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    summary: list[dict[str, Any]] = []
+    with _BuildLog(ctx.out / "build.log"):
+        log.info("build %s: suite %s, SOURCE_DATE_EPOCH %d, mirror lock %s", ctx.profile.path,
+                 ctx.profile.debian.suite, ctx.source_date_epoch, ctx.lock.sha256)
+        log.info("verifying the mirror (every file against the lock, debs against Debian's signature)")
+        verify_mirror(ctx.mirror)
+        with progress("build", len(plan.stages)) as bar:
+            for planned in plan.stages:
+                summary.append(_run_stage(ctx, planned))
+                bar.advance()
+        outputs: dict[str, Path] = {}
+        for planned in plan.stages:
+            outputs.update(planned.stage.outputs(ctx))
+        _publish(ctx, outputs)
+        outputs["build.log"] = ctx.out / "build.log"
+        log.info("build finished: %s", ", ".join(f"{s['name']} {'cached' if s['cached'] else 'built'}"
+                                                   for s in summary))
+    return {"stages": summary, "outputs": {k: str(v) for k, v in outputs.items()},
+            "source_date_epoch": ctx.source_date_epoch, "lock_sha256": ctx.lock.sha256}
+
+
+def _run_stage(ctx: BuildContext, planned: PlannedStage) -> dict[str, Any]:
+    name, key = planned.name, planned.key
+    ctx.keys[name] = key
+    ctx.stage_dir = ctx.stage_path(name)
+    started = time.monotonic()
+    if planned.cached:
+        log.info("stage %s: cached (%s)", name, key[:16])
+    else:
+        log.info("stage %s: building (%s)", name, key[:16])
+        if ctx.stage_dir.exists():
+            shutil.rmtree(ctx.stage_dir)
+        ctx.stage_dir.mkdir(parents=True)
+        planned.stage.run(ctx)
+        atomic_write_text(ctx.stage_dir / ".key", key + "\n")
+    seconds = time.monotonic() - started
+    log.info("stage %s: done in %.1f s", name, seconds)
+    return {"name": name, "key": key, "cached": planned.cached, "seconds": round(seconds, 2)}

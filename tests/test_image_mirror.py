@@ -1,0 +1,116 @@
+"""Mirror lock and verification on a small real mirror (real .debs, a real gpg signature)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from agent.errors import NotFoundError, VerificationError
+from provisioning.image.mirror import load_lock, verify_mirror, wheel_requirements
+from tests.image_helpers import make_signed_mirror
+
+PACKAGES = {"hello-appliance": "1.0-1", "libdemo1": "2:0.9-3"}
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> tuple[Path, Path]:
+    m = tmp_path / "mirror"
+    keyring = make_signed_mirror(m, tmp_path / "work", PACKAGES)
+    return m, keyring
+
+
+def test_verify_passes_and_reports_every_file(mirror: tuple[Path, Path]) -> None:
+    m, keyring = mirror
+    seen: list[str] = []
+    lock = verify_mirror(m, keyring=keyring, step=seen.append)
+    assert lock.package_names == set(PACKAGES)
+    assert sorted(seen) == sorted(f.path for f in lock.files())
+    assert {d.version for d in lock.debs} == {"1.0-1", "2:0.9-3"}  # epoch from %3a in the name
+
+
+def test_altered_deb_is_refused(mirror: tuple[Path, Path]) -> None:
+    m, keyring = mirror
+    deb = next((m / "debian/pool").glob("hello*.deb"))
+    deb.write_bytes(deb.read_bytes()[:-1] + b"X")
+    with pytest.raises(VerificationError, match=r"hello-appliance_1.0-1_amd64.deb: sha256 .* lock"):
+        verify_mirror(m, keyring=keyring)
+
+
+def test_lock_and_deb_changed_together_still_fail_debians_index(mirror: tuple[Path, Path]) -> None:
+    m, keyring = mirror
+    lock_path = m / "lock.json"
+    deb = next((m / "debian/pool").glob("hello*.deb"))
+    deb.write_bytes(deb.read_bytes() + b"\0")
+    import hashlib
+    import json
+
+    data = json.loads(lock_path.read_text())
+    for d in data["debs"]:
+        if d["name"] == "hello-appliance":
+            d["sha256"] = hashlib.sha256(deb.read_bytes()).hexdigest()
+            d["size"] = deb.stat().st_size
+    lock_path.write_text(json.dumps(data))
+    with pytest.raises(VerificationError, match="Debian's index says"):
+        verify_mirror(m, keyring=keyring)
+
+
+def test_unsigned_or_wrongly_signed_inrelease_is_refused(mirror: tuple[Path, Path], tmp_path: Path) -> None:
+    m, _ = mirror
+    other = tmp_path / "empty-keyring.gpg"
+    other.write_bytes(b"")
+    with pytest.raises(VerificationError, match="no valid signature"):
+        verify_mirror(m, keyring=other)
+
+
+def test_tampered_packages_index_is_refused(mirror: tuple[Path, Path]) -> None:
+    m, keyring = mirror
+    index = next((m / "debian/indices").glob("*Packages.gz"))
+    text = gzip.decompress(index.read_bytes()) + b"\nPackage: evil\nVersion: 1\nSHA256: 00\n"
+    index.write_bytes(gzip.compress(text))
+    import hashlib
+    import json
+
+    data = json.loads((m / "lock.json").read_text())
+    for f in data["indices"]:
+        if f["path"].endswith("Packages.gz"):
+            f["sha256"], f["size"] = hashlib.sha256(index.read_bytes()).hexdigest(), index.stat().st_size
+    (m / "lock.json").write_text(json.dumps(data))
+    with pytest.raises(VerificationError, match="does not match the signed InRelease"):
+        verify_mirror(m, keyring=keyring)
+
+
+def test_unexpected_file_and_missing_file(mirror: tuple[Path, Path]) -> None:
+    m, keyring = mirror
+    (m / "wheels/extra-1.0-py3-none-any.whl").write_bytes(b"x")
+    with pytest.raises(VerificationError, match=r"extra-1\.0-py3-none-any\.whl is not in the lock"):
+        verify_mirror(m, keyring=keyring)
+    (m / "wheels/extra-1.0-py3-none-any.whl").unlink()
+    (m / "wheels/demo-1.0-py3-none-any.whl").unlink()
+    with pytest.raises(VerificationError, match="in the lock but missing"):
+        verify_mirror(m, keyring=keyring)
+
+
+def test_no_lock_means_never_synced(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="run `appliance mirror sync"):
+        load_lock(tmp_path)
+
+
+def test_mirror_verify_cli_json(mirror: tuple[Path, Path], cli) -> None:  # type: ignore[no-untyped-def]
+    m, _ = mirror
+    r = cli("mirror", "verify", m)  # the real Debian keyring does not know the test key
+    assert r.code == 3 and "no valid signature" in r.err
+
+
+def test_wheel_requirements_choose_the_onnxruntime_flavour(tmp_path: Path) -> None:
+    import zipfile
+
+    wheel = tmp_path / "sovereign_appliance-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("sovereign_appliance-0.1.0.dist-info/METADATA",
+                    "Name: sovereign-appliance\nRequires-Dist: grpcio>=1.66\n"
+                    "Requires-Dist: onnxruntime-gpu<1.24,>=1.23\n"
+                    "Requires-Dist: onnx>=1.16; extra == \"operator\"\n\n")
+    assert wheel_requirements(wheel, "onnxruntime") == ["grpcio>=1.66", "onnxruntime<1.24,>=1.23"]
+    assert wheel_requirements(wheel, "onnxruntime-gpu")[1] == "onnxruntime-gpu<1.24,>=1.23"

@@ -1,0 +1,170 @@
+"""The configure plan (what pyinfra applies), stage cache keys, and TUF-verified baking."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.errors import VerificationError
+from provisioning.image.bake import bake_bundles
+from provisioning.image.mirror import LOCK, Lock, LockedFile
+from provisioning.image.plan import AGENT_UNIT, configure_plan, nftables_ruleset
+from provisioning.image.profile import load_profile, package_set
+from provisioning.image.stages import plan_build
+from tests.image_helpers import make_registry
+
+ROOT = Path(__file__).resolve().parent.parent
+PIP = "/usr/share/python-wheels/pip-25.1.1-py3-none-any.whl"
+
+
+def _profile(tmp_path: Path, extra: str = ""):  # type: ignore[no-untyped-def]
+    path = tmp_path / "images/p.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((ROOT / "images/minimal.toml").read_text() + extra)
+    return load_profile(path)
+
+
+def test_agent_unit_is_sandboxed() -> None:
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    unit = plan.file(f"/etc/systemd/system/{AGENT_UNIT}").content
+    for line in ("User=appliance", "ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet=",
+                 "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "SystemCallFilter=@system-service",
+                 "DevicePolicy=closed", "PrivateDevices=yes"):
+        assert line in unit.splitlines()
+    assert AGENT_UNIT in plan.enable and "nftables.service" in plan.enable
+
+
+def test_firewall_denies_inbound_by_default_and_opens_only_agent_ports() -> None:
+    p = load_profile(ROOT / "images/minimal.toml")
+    rules = nftables_ruleset(p)
+    assert "hook input priority filter; policy drop;" in rules
+    assert "hook forward priority filter; policy drop;" in rules
+    assert "tcp dport { 8001, 8002 } accept" in rules
+    assert "22" not in rules.split("tcp dport")[1]
+
+
+def test_agent_toml_round_trips_through_the_agents_loader(tmp_path: Path) -> None:
+    p = load_profile(ROOT / "images/minimal.toml")
+    text = configure_plan(p, pip_wheel=PIP).file("/etc/appliance/agent.toml").content
+    tomllib.loads(text)
+    (tmp_path / "agent.toml").write_text(text)
+    loaded = load_config(tmp_path / "agent.toml")
+    assert loaded.to_json() == p.agent.to_json()
+    assert loaded.server.listen == "0.0.0.0" and loaded.server.port == 8001
+
+
+def test_venv_install_is_offline_and_hash_pinned() -> None:
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    pip = next(c for c in plan.commands if f"{PIP}/pip" in c)
+    assert {"--no-index", "--require-hashes", "--no-deps"} <= set(pip)
+    assert "/etc/apt/sources.list" in plan.remove and "/etc/resolv.conf" in plan.remove
+
+
+def test_hardening_files(tmp_path: Path) -> None:
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    fstab = plan.file("/etc/fstab").content
+    assert "tmpfs /tmp tmpfs mode=1777,nodev,nosuid,noexec" in fstab
+    assert "tmpfs /var/tmp tmpfs mode=1777,nodev,nosuid,noexec" in fstab
+    assert "kernel.kptr_restrict = 2" in plan.file("/etc/sysctl.d/90-appliance.conf").content
+    assert "fs.suid_dumpable = 0" in plan.file("/etc/sysctl.d/90-appliance.conf").content
+    assert "Storage=persistent" in plan.file("/etc/systemd/journald.conf.d/50-appliance.conf").content
+    assert "-e 2" in plan.file("/etc/audit/rules.d/50-appliance.rules").content
+    assert "apparmor=1" in plan.file("/etc/kernel/cmdline").content
+    assert ("usermod", "--lock", "root") in plan.commands
+    assert "ssh.service" not in plan.enable
+    with pytest.raises(KeyError):
+        plan.file("/etc/ssh/sshd_config.d/50-appliance.conf")
+
+
+def test_ssh_when_enabled_is_key_only(tmp_path: Path) -> None:
+    p = _profile(tmp_path, '\n[[users]]\nname = "ops"\nssh_keys = ["ssh-ed25519 AAAAC3 ops"]\n')
+    p = dataclasses.replace(p, ssh=dataclasses.replace(p.ssh, enabled=True))
+    plan = configure_plan(p, pip_wheel=PIP)
+    sshd = plan.file("/etc/ssh/sshd_config.d/50-appliance.conf").content
+    assert "PasswordAuthentication no" in sshd and "PermitRootLogin no" in sshd
+    assert "AuthenticationMethods publickey" in sshd and "ssh.service" in plan.enable
+    assert plan.file("/home/ops/.ssh/authorized_keys").content == "ssh-ed25519 AAAAC3 ops\n"
+    assert "tcp dport { 22, 8001, 8002 }" in plan.file("/etc/nftables.conf").content
+
+
+def test_static_network(tmp_path: Path) -> None:
+    p = _profile(tmp_path)
+    p = dataclasses.replace(p, network=dataclasses.replace(
+        p.network, mode="static", address="192.0.2.10/24", gateway="192.0.2.1", dns=("192.0.2.53",)))
+    net = configure_plan(p, pip_wheel=PIP).file("/etc/systemd/network/50-appliance.network").content
+    assert "Address=192.0.2.10/24" in net and "Gateway=192.0.2.1" in net and "DHCP" not in net
+
+
+# ------------------------------------------------------------------ stage keys
+
+
+def _fake_lock(mirror: Path, names: tuple[str, ...]) -> None:
+    debs = tuple(LockedFile(f"debian/pool/{n}_1_amd64.deb", f"{i:064x}", 1, n, "1", "amd64")
+                 for i, n in enumerate(names))
+    mirror.mkdir(parents=True, exist_ok=True)
+    lock = Lock("trixie", "amd64", "3.13", names, debs, (), (),
+                (LockedFile("wheels/w-1-py3-none-any.whl", "ab" * 32, 1, "w", "1"),))
+    (mirror / LOCK).write_bytes(lock.canonical())
+
+
+def _profile_with_bundle(tmp_path: Path, bundle: Path, target: str) -> Path:
+    registry = tmp_path / f"registry-{target}"
+    make_registry(registry, {target: bundle})
+    path = tmp_path / f"images/{target}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'[bundles]\nregistry = "{registry}"\ntargets = ["{target}"]\n')
+    return path
+
+
+def test_changing_a_baked_bundle_reruns_configure_but_not_rootfs(tmp_path: Path, affine_bundle: Path) -> None:
+    a = _profile_with_bundle(tmp_path, affine_bundle, "a.bundle")
+    b = _profile_with_bundle(tmp_path, affine_bundle, "b.bundle")
+    _fake_lock(tmp_path / "mirror", package_set(load_profile(a)))
+    plan_a = plan_build(a, tmp_path / "mirror", tmp_path / "out", 1700000000)
+    plan_b = plan_build(b, tmp_path / "mirror", tmp_path / "out", 1700000000)
+    keys_a = {s.name: s.key for s in plan_a.stages}
+    keys_b = {s.name: s.key for s in plan_b.stages}
+    assert keys_a["rootfs"] == keys_b["rootfs"]
+    assert keys_a["configure"] != keys_b["configure"]
+    later = plan_build(a, tmp_path / "mirror", tmp_path / "out", 1700000001)
+    assert {s.name: s.key for s in later.stages}["rootfs"] != keys_a["rootfs"]  # SOURCE_DATE_EPOCH
+    assert not any(s.cached for s in plan_a.stages)
+
+
+def test_a_package_the_mirror_lacks_fails_before_any_work(tmp_path: Path) -> None:
+    path = tmp_path / "images/p.toml"
+    path.parent.mkdir()
+    path.write_text('[debian]\npackages = ["htop"]\n')
+    _fake_lock(tmp_path / "mirror", package_set(load_profile(ROOT / "images/minimal.toml")))
+    from agent.errors import ProfileError
+
+    with pytest.raises(ProfileError, match=r"p.toml: \[debian\] packages = 'htop': not in the mirror"):
+        plan_build(path, tmp_path / "mirror", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ baking
+
+
+def test_bake_installs_verified_bundles_as_the_agent_would(tmp_path: Path, affine_bundle: Path) -> None:
+    registry = make_registry(tmp_path / "registry", {"affine-1.0.0.bundle": affine_bundle})
+    baked = bake_bundles(registry, ("affine-1.0.0.bundle",), tmp_path / "state", tmp_path / "trust")
+    assert [(b.name, b.version) for b in baked] == [("affine", "1.0.0")]
+    installed = tmp_path / "state/models/affine/1.0.0"
+    assert sorted(p.name for p in installed.iterdir()) == ["golden.json", "manifest.json", "model.onnx"]
+    assert (tmp_path / "trust/root.json").read_bytes() == (registry / "metadata/1.root.json").read_bytes()
+    assert (tmp_path / "trust/metadata/targets.json").is_file()
+
+
+def test_bake_refuses_a_target_that_does_not_match_signed_metadata(tmp_path: Path,
+                                                                  affine_bundle: Path) -> None:
+    registry = make_registry(tmp_path / "registry", {"affine-1.0.0.bundle": affine_bundle})
+    target = registry / "targets/affine-1.0.0.bundle"
+    target.write_bytes(target.read_bytes()[:-1] + b"\1")
+    with pytest.raises(VerificationError, match="TUF verification failed"):
+        bake_bundles(registry, ("affine-1.0.0.bundle",), tmp_path / "state", tmp_path / "trust")
+    assert not (tmp_path / "state/models").exists()

@@ -1,0 +1,84 @@
+"""Image profiles: the shipped default parses; every kind of bad profile fails early and clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ProfileError
+from provisioning.image.profile import load_profile, package_set
+from tests.image_helpers import make_registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "images" / "edge.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_minimal_profile_is_the_cpu_default() -> None:
+    p = load_profile(ROOT / "images/minimal.toml")
+    assert p.debian.suite == "trixie" and p.python_version == "3.13"
+    assert p.python.onnxruntime == "onnxruntime"
+    assert p.ssh.enabled is False and "openssh-server" not in package_set(p)
+    assert p.inbound_tcp == (8001, 8002)
+    assert {"linux-image-amd64", "python3-venv", "nftables", "apparmor", "auditd"} <= set(package_set(p))
+
+
+def test_bookworm_profile_selects_python_311(tmp_path: Path) -> None:
+    p = load_profile(_write(tmp_path, '[debian]\nsuite = "bookworm"\n'))
+    assert (p.python_version, p.glibc_version) == ("3.11", "2.36")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[debian]\nsuit = "trixie"\n', "[debian]: unknown key 'suit'"),
+    ('[debain]\n', "unknown section [debain]"),
+    ('[debian]\nsuite = "sid"\n', "[debian] suite = 'sid': must be one of bookworm, trixie"),
+    ('[debian]\npackages = "vim"\n', "[debian] packages = 'vim': expected list of str"),
+    ('[debian]\npackages = ["Vim!"]\n', "not a Debian package name: 'Vim!'"),
+    ('[disk]\nroot_mib = "big"\n', "[disk] root_mib = 'big': expected int"),
+    ('[network]\nmode = "static"\n', "[network] address = '': static mode needs an address"),
+    ('[network]\nmode = "static"\naddress = "10.0.0.300/24"\n', "address = '10.0.0.300/24'"),
+    ('[network]\nallow_tcp = [70000]\n', "not a TCP port: 70000"),
+    ('[ssh]\nenabled = true\n', "[ssh] enabled = true: no [[users]] entry has ssh_keys"),
+    ('[[users]]\nname = "Bad Name"\n', "[[users]][0] name = 'Bad Name'"),
+    ('[gpu]\nmanifest = "nvidia-999"\n', "[gpu] manifest = 'nvidia-999': no such firmware manifest"),
+    ('[agent.server]\nport = 99999\n', "[agent.server] port = 99999: not a TCP port"),
+    ('[agent.serverr]\n', "unknown section [agent.serverr]"),
+    ('[bundles]\ntargets = ["x.bundle"]\n', "no registry given"),
+    ('[bundles]\nregistry = "nowhere"\n', "has no metadata/ directory"),
+    ('[debian\n', "not valid TOML"),
+])
+def test_bad_profiles_name_file_key_and_value(tmp_path: Path, text: str, expected: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ProfileError) as err:
+        load_profile(path)
+    assert str(err.value).startswith(str(path)), err.value
+    assert expected in str(err.value)
+
+
+def test_ssh_enabled_is_key_only_and_adds_sshd(tmp_path: Path) -> None:
+    p = load_profile(_write(tmp_path, '[ssh]\nenabled = true\n[[users]]\nname = "ops"\n'
+                            'ssh_keys = ["ssh-ed25519 AAAAC3Nza ops@site"]\n'))
+    assert "openssh-server" in package_set(p) and 22 in p.inbound_tcp
+
+
+def test_gpu_manifest_resolves_next_to_images(tmp_path: Path) -> None:
+    (tmp_path / "firmware-manifests").mkdir()
+    (tmp_path / "firmware-manifests/nvidia-550.toml").write_text("")
+    p = load_profile(_write(tmp_path, '[gpu]\nmanifest = "nvidia-550"\n'))
+    assert p.gpu_manifest == (tmp_path / "firmware-manifests/nvidia-550.toml").resolve()
+
+
+def test_bundle_missing_from_registry(tmp_path: Path, affine_bundle: Path) -> None:
+    make_registry(tmp_path / "registry", {"affine-1.0.0.bundle": affine_bundle})
+    ok = _write(tmp_path, '[bundles]\nregistry = "../registry"\ntargets = ["affine-1.0.0.bundle"]\n')
+    assert load_profile(ok).bundles.targets == ("affine-1.0.0.bundle",)
+    bad = _write(tmp_path, '[bundles]\nregistry = "../registry"\ntargets = ["resnet-2.0.bundle"]\n')
+    with pytest.raises(ProfileError, match=r"targets = 'resnet-2.0.bundle': not a target of the "
+                                           r"registry .* \(it has: affine-1.0.0.bundle\)"):
+        load_profile(bad)

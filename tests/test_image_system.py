@@ -1,0 +1,122 @@
+"""System tier: sync a real mirror, build images/minimal.toml twice offline, check it from outside.
+
+Nothing here trusts the build log: the checks read the root filesystem the build produced
+(the venv's python run in the chroot, unit symlinks, the nftables ruleset loaded in a
+throwaway network namespace, baked bundles re-verified against the baked trusted root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from provisioning.image.bake import verify_targets
+from tests.conftest import run_appliance
+from tests.image_helpers import make_registry
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import numpy as np
+
+    from provisioning.bundle import create_bundle
+    from provisioning.models import affine_model, save_golden
+
+    tmp = tmp_path_factory.mktemp("image")
+    model = affine_model(tmp / "affine.onnx")
+    golden = save_golden(tmp / "g.npz", {"x": np.arange(8, dtype=np.float32).reshape(2, 4)})
+    bundle = create_bundle(model, name="affine", version="1.0.0", golden=[golden],
+                           out=tmp / "affine-1.0.0.bundle").path
+    registry = make_registry(tmp / "registry", {"affine-1.0.0.bundle": bundle})
+    profile = tmp / "images/minimal.toml"
+    profile.parent.mkdir()
+    profile.write_text((ROOT / "images/minimal.toml").read_text().replace(
+        'registry = ""', f'registry = "{registry}"').replace(
+        "targets = []", 'targets = ["affine-1.0.0.bundle"]'))
+    mirror = tmp / "mirror"
+    sync = run_appliance("mirror", "sync", profile, "--mirror", mirror, "--json", timeout=1800)
+    assert sync.returncode == 0, sync.stderr
+    outs = {}
+    for n in ("a", "b"):
+        r = run_appliance("build", profile, "--mirror", mirror, "--out", tmp / n, "--offline",
+                          "--json", timeout=2400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "network namespace with no interfaces" in r.stderr
+        outs[n] = tmp / n
+    return {"a": outs["a"], "b": outs["b"], "registry": registry, "mirror": mirror, "profile": profile}
+
+
+def test_two_builds_are_identical(built: dict[str, Path]) -> None:
+    for rel in ("stages/rootfs/rootfs.tar", "stages/configure/manifest.json",
+                "stages/configure/sbom.spdx.json"):
+        assert _sha(built["a"] / rel) == _sha(built["b"] / rel), rel
+
+
+def test_rebuild_in_place_is_fully_cached(built: dict[str, Path]) -> None:
+    r = run_appliance("build", built["profile"], "--mirror", built["mirror"], "--out", built["a"],
+                      "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    assert all(s["cached"] for s in json.loads(r.stdout)["stages"])
+
+
+def _root(built: dict[str, Path]) -> Path:
+    return built["a"] / "stages/configure/root"
+
+
+def test_agent_venv_imports_inside_the_image(built: dict[str, Path]) -> None:
+    root = _root(built)
+    code = "import agent.bundle, agent.config, agent.proto, grpc, onnxruntime, tuf; print('ok')"
+    r = subprocess.run(["unshare", "--mount", "--pid", "--fork", f"--mount-proc={root}/proc",
+                        "chroot", str(root), "/opt/appliance/venv/bin/python", "-c", code],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert not list((root / "opt/appliance/venv/bin").glob("pip*"))  # pip is not shipped
+
+
+def test_units_enabled_and_no_apt_sources(built: dict[str, Path]) -> None:
+    root = _root(built)
+    for unit in ("appliance-agent", "nftables", "auditd", "apparmor", "systemd-networkd"):
+        r = subprocess.run(["systemctl", f"--root={root}", "is-enabled", f"{unit}.service"],
+                           capture_output=True, text=True, check=False)
+        assert r.stdout.strip() == "enabled", (unit, r.stdout, r.stderr)
+    assert not (root / "etc/apt/sources.list").exists()
+    assert not list((root / "etc/apt").rglob("*.list")) and not list((root / "etc/apt").rglob("*.sources"))
+    assert not (root / "etc/resolv.conf").exists()
+    assert (root / "etc/machine-id").read_text() == ""
+    shadow = dict(line.split(":", 1) for line in (root / "etc/shadow").read_text().splitlines())
+    assert shadow["root"].startswith("!") and shadow["appliance"].startswith("!")
+
+
+def test_firewall_ruleset_denies_by_default(built: dict[str, Path]) -> None:
+    root = _root(built)
+    r = subprocess.run(["unshare", "--net", "chroot", str(root), "sh", "-c",
+                        "nft -f /etc/nftables.conf && nft -j list ruleset"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    chains = {c["chain"]["name"]: c["chain"] for c in json.loads(r.stdout)["nftables"] if "chain" in c}
+    assert chains["input"]["policy"] == "drop" and chains["forward"]["policy"] == "drop"
+
+
+def test_baked_bundles_verify_against_the_baked_trusted_root(built: dict[str, Path], tmp_path: Path) -> None:
+    root = _root(built)
+    trusted = root / "etc/appliance/registry/root.json"
+    files = verify_targets(built["registry"], trusted, ("affine-1.0.0.bundle",), tmp_path / "meta",
+                           tmp_path / "files")
+    from agent.bundle import read_bundle
+
+    bundle = read_bundle(files["affine-1.0.0.bundle"])
+    installed = root / "var/lib/appliance/models/affine/1.0.0"
+    assert (installed / "model.onnx").read_bytes() == bundle.read_model()
+    assert (installed / "manifest.json").read_bytes() == bundle.manifest.canonical()
+    assert (installed / "model.onnx").stat().st_uid == 800
