@@ -417,8 +417,10 @@ class UpdateManager:
                 kept = self.store.find(name, version)
             except NotFoundError as exc:
                 return self._refused("", name, version, "", f"rollback: {exc}")
-            if version == current:
-                return self._refused("", name, version, kept.sha256, f"rollback: {version} is already active")
+            if current is not None and parse_version(version) >= parse_version(current):
+                return self._refused("", name, version, kept.sha256,
+                                     f"rollback: {version} is not earlier than the active {current} "
+                                     "(a kept newer version comes back through ApplyUpdate)")
             tx = Transaction(uuid.uuid4().hex, "rollback", name, current, version, "", kept.sha256,
                              kept.length, "", True, reason)
             serve = self.repo.is_served(name)

@@ -293,18 +293,20 @@ def _register_update(verbs: Any, common: argparse.ArgumentParser, target: argpar
     uverbs = update.add_subparsers(dest="update_command", metavar="VERB")
     uverbs.required = True
     long_call = argparse.ArgumentParser(add_help=False)
+    long_call.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
+                           help=f"the node's agent (default: {DEFAULT_TARGET})")
     long_call.add_argument("--timeout", type=float, default=600.0,
                            help="seconds the node may take (default: 600)")
-    check = uverbs.add_parser("check", parents=[common, target], conflict_handler="resolve",
+    check = uverbs.add_parser("check", parents=[common, long_call],
                               help="refresh from the registry; list bundles newer than what runs")
     check.set_defaults(handler=_update_check)
-    apply = uverbs.add_parser("apply", parents=[common, target, long_call], conflict_handler="resolve",
+    apply = uverbs.add_parser("apply", parents=[common, long_call],
                               help="apply named targets, or everything pending on the node's channel")
     apply.add_argument("targets", nargs="*", metavar="TARGET",
                        help="NAME, NAME@VERSION or a TUF target path (default: everything pending)")
     apply.add_argument("--dry-run", action="store_true", help="say what would be applied; change nothing")
     apply.set_defaults(handler=_update_apply)
-    rollback = uverbs.add_parser("rollback", parents=[common, target, long_call], conflict_handler="resolve",
+    rollback = uverbs.add_parser("rollback", parents=[common, long_call],
                                  help="make a kept earlier version active again (admin)")
     rollback.add_argument("name", help="bundle name")
     rollback.add_argument("version", help="a version kept on the node")
