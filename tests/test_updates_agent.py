@@ -47,7 +47,7 @@ from tests.updates_support import (
 class _Handler(http.server.SimpleHTTPRequestHandler):
     cut: threading.Event
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:
@@ -188,7 +188,7 @@ def test_hot_swap_under_load_fails_no_request(tmp_path: Path, reg: Path, state: 
                 x = rng.standard_normal((2, 4)).astype(np.float32)
                 version, y = _infer(client, x)
                 seen.append((version, bool(np.allclose(y, expected(version, x)))))
-        except BaseException as exc:  # noqa: BLE001 - any failure fails the test
+        except BaseException as exc:
             errors.append(exc)
         finally:
             client.close()
@@ -220,7 +220,8 @@ def test_hot_swap_under_load_fails_no_request(tmp_path: Path, reg: Path, state: 
     versions = [v for v, _ in seen]
     assert {"1.0.1", "1.0.2"} <= set(versions)
     assert versions[-1] == "1.0.1"
-    print(f"{len(seen)} requests, 0 failed: {versions.count('1.0.1')} on 1.0.1, {versions.count('1.0.2')} on 1.0.2")
+    print(f"{len(seen)} requests, 0 failed: {versions.count('1.0.1')} on 1.0.1, "
+          f"{versions.count('1.0.2')} on 1.0.2")
 
 
 # ---------------------------------------------------------------- refusals

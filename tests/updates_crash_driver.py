@@ -20,6 +20,7 @@ milliseconds.  Prints one JSON summary on stdout; exit status 0 when every check
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -153,7 +154,7 @@ def _fork(state: Path, source: str, seed: int, results_fd: int, crash: str | Non
         code = 0
         try:
             child(state, source, seed, results_fd, w_go, crash, final)
-        except BaseException:  # noqa: BLE001 - report anything to the driver
+        except BaseException:
             _write(results_fd, {"kind": "error", "traceback": traceback.format_exc()})
             code = 3
         os._exit(code)
@@ -161,10 +162,8 @@ def _fork(state: Path, source: str, seed: int, results_fd: int, crash: str | Non
     started = time.monotonic()
     if delay is not None and select.select([r_go], [], [], 60)[0] and os.read(r_go, 1):
         time.sleep(delay)
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it finished first
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     _, status = os.waitpid(pid, 0)
     os.close(r_go)
     if os.WIFSIGNALED(status):

@@ -235,7 +235,8 @@ def _update_check(args: argparse.Namespace) -> int:
     elif reply.pending:
         print(f"registry: {reply.source}")
         print_table(["BUNDLE", "RUNNING", "AVAILABLE", "SIZE", "TARGET"],
-                    [[p.name, p.current_version or "-", p.version, p.length, p.target] for p in reply.pending])
+                    [[p.name, p.current_version or "-", p.version, p.length, p.target]
+                     for p in reply.pending])
     else:
         print(f"up to date (registry: {reply.source})")
     return 0
@@ -278,7 +279,8 @@ def _update_history(args: argparse.Namespace) -> int:
     reply = _call(args, lambda: stub.UpdateHistory(node_pb2.UpdateHistoryRequest(limit=args.limit),
                                                    timeout=args.timeout))
     if args.json:
-        emit_json([_to_dict(e) | {"time": _when(t)} for e, t in zip(reply.entries, reply.times, strict=True)])
+        emit_json([_to_dict(e) | {"time": _when(t)}
+                   for e, t in zip(reply.entries, reply.times, strict=True)])
     elif reply.entries:
         print_table(["TIME", "OUTCOME", "BUNDLE", "VERSION", "SHA256", "REASON"],
                     [[_when(t), e.outcome, e.name, e.version, e.sha256[:16] or "-", e.reason]
