@@ -73,6 +73,8 @@ class UpdatesSection:
     keep_versions: int = setting(2, "earlier versions of each bundle kept for rollback",
                                  check=_non_negative)
     channel: str = setting("stable", "release channel followed by ApplyUpdate without targets")
+    pins: tuple[str, ...] = setting((), "hold bundles at a version, NAME@VERSION: ApplyUpdate "
+                                        "without targets moves them to that version only")
 
 
 def _pct(v: float) -> str | None:

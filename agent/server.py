@@ -37,7 +37,9 @@ __all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "run_agent", "server_c
 log = logging.getLogger(__name__)
 
 # Components that add gRPC services; each has `async def attach(server, ctx) -> list[str]`.
+# The updates component comes first: it resolves an interrupted update before any model loads.
 SERVICE_MODULES: tuple[str, ...] = (
+    "agent.updates.service",
     "agent.inference.service",
     "agent.health.service",
 )

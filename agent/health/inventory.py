@@ -43,6 +43,7 @@ class Bundle:
     sha256: str
     active: bool
     installed_at: float = 0.0
+    rolled_back: bool = False  # active because of an explicit Rollback
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,17 @@ def _bundles_from_store(state_dir: Path) -> list[Bundle]:
             active = (mdir / "active").read_text().strip()
         except OSError:
             active = ""
+        try:
+            rolled_back = (mdir / "rolled-back").read_text().strip()
+        except OSError:
+            rolled_back = ""
         for vdir in sorted(p for p in mdir.iterdir() if p.is_dir()):
             rec = _json(vdir / "install.json")
             if not isinstance(rec, dict) or rec.get("verified") is not True:
                 continue  # an interrupted or unverified install is not installed
             out.append(Bundle(mdir.name, vdir.name, str(rec.get("sha256", "")), vdir.name == active,
-                              float(rec.get("installed_at", 0) or 0)))
+                              float(rec.get("installed_at", 0) or 0),
+                              bool(rolled_back) and vdir.name == rolled_back == active))
     return out
 
 
@@ -145,7 +151,8 @@ def _bundles(state_dir: Path, inference: Any) -> list[Bundle]:
     if callable(installed):
         try:
             return [Bundle(str(b["name"]), str(b["version"]), str(b.get("sha256", "")),
-                           bool(b.get("active")), float(b.get("installed_at", 0) or 0))
+                           bool(b.get("active")), float(b.get("installed_at", 0) or 0),
+                           bool(b.get("rolled_back")))
                     for b in installed()]
         except Exception:  # the component's view failed: fall back to the files
             log.exception("inference component's installed() failed")

@@ -99,6 +99,7 @@ def inventory_to_proto(inv: Inventory) -> pb.Inventory:
         node_id=inv.node_id, hostname=inv.hostname, image_version=inv.image_version,
         active_slot=inv.active_slot, kernel=inv.kernel, agent_version=inv.agent_version,
         bundles=[pb.InstalledBundle(name=b.name, version=b.version, sha256=b.sha256, active=b.active,
+                                    rolled_back=b.rolled_back,
                                     installed_at=_ts(b.installed_at) if b.installed_at else None)
                  for b in inv.bundles],
         registry_root_version=inv.registry_root_version,

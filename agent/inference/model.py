@@ -332,6 +332,19 @@ class LoadedModel:
 
     # ------------------------------------------------------------------ lifecycle
 
+    async def drain(self, within_s: float) -> bool:
+        """Wait until no admitted request is waiting or running (at most ``within_s`` seconds).
+
+        Used by a hot swap: once a model is no longer handed out, the requests it already
+        admitted finish on it before it is closed.  Returns whether it drained in time.
+        """
+        deadline = time.monotonic() + within_s
+        while self.stats.pending > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.002)
+        return True
+
     def close(self) -> None:
         """Refuse new requests, fail queued ones, and let running ones finish in the background."""
         self._closed = True

@@ -91,6 +91,94 @@ class ModelRepository:
 
         return self.store.install(bundle_path, golden_verifier(runner), activate=activate)
 
+    def install_for_serving(self, bundle_path: Path) -> tuple[InstalledModel, LoadedModel]:
+        """Install a verified bundle file without activating it, and return the session the
+        golden vectors passed on, ready to serve (blocking; for updates).
+
+        The version is not served until :meth:`swap`.  When that version was already
+        installed from the same bundle, it is loaded (and its golden vectors run) again.
+
+        Raises:
+            NotFoundError, BundleError, VerificationError: the bundle is refused; nothing changes.
+        """
+        made: list[LoadedModel] = []
+
+        def verify(manifest: Manifest, model_bytes: bytes, cases: list[GoldenCase]) -> None:
+            try:
+                session = self._session(model_bytes)
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
+                raise BundleError(f"{manifest.name} {manifest.version}: ONNX Runtime cannot load "
+                                  f"the model: {exc}") from None
+            model = self._loaded(manifest, session, "")
+            try:
+                _golden_on(model, cases)
+            except BaseException:
+                model.close()
+                raise
+            made.append(model)
+
+        try:
+            installed = self.store.install(bundle_path, verify, activate=False)
+        except BaseException:
+            for model in made:
+                model.close()
+            raise
+        if not made:  # already installed: nothing ran, so load and check it now
+            return installed, self._load_blocking(installed)
+        made[0].sha256 = installed.sha256
+        return installed, made[0]
+
+    async def stage(self, name: str, version: str) -> LoadedModel:
+        """Load an installed version and run its golden vectors on that session, without
+        serving it yet (see :meth:`swap`).
+
+        Raises:
+            NotFoundError: not installed.
+            BundleError, VerificationError: its files no longer match, or its golden vectors
+                fail on this node.
+        """
+        installed = self.store.find(name, version)
+        return await asyncio.get_running_loop().run_in_executor(None, self._load_blocking, installed)
+
+    async def swap(self, model: LoadedModel, *, serve: bool = True, drain_s: float = 30.0) -> None:
+        """Make ``model``'s version the active one: the atomic switch of an update or rollback.
+
+        The active-version record is replaced first (durable: the commit point); from then
+        on new requests get ``model``.  Every other served version of that name stops being
+        handed out at the same instant; requests it already admitted finish on it (up to
+        ``drain_s`` seconds) before it is closed.  With ``serve`` False (the name is not
+        being served) only the record changes and ``model`` is closed.
+
+        Raises:
+            NotFoundError: that version is not installed.
+            OSError: the record cannot be written (nothing changed).
+        """
+        name = model.name
+        async with self._lock:
+            self.store.activate(name, model.version)
+            old = self._served.pop(name, {}) if serve else {}
+            if serve:
+                self._served[name] = {model.version: model}
+                self._failed.pop((name, model.version), None)
+        if not serve:
+            model.close()
+            return
+        log.info("serving %s %s on %s (swapped from %s)", name, model.version, model.provider,
+                 ", ".join(sorted(old)) or "nothing")
+        self._notify(name, True)
+        for previous in old.values():
+            if previous is model:
+                continue
+            if not await previous.drain(drain_s):
+                log.warning("%s %s: requests still running after %.0f s; closing it anyway",
+                            name, previous.version, drain_s)
+            previous.close()
+
+    def _loaded(self, manifest: Manifest, session: Any, sha256: str) -> LoadedModel:
+        return LoadedModel(manifest, session, instances=self.settings.instances,
+                           max_queue=self.settings.max_queue,
+                           batching=self.settings.dynamic_batching, sha256=sha256)
+
     # ------------------------------------------------------------------ load / unload
 
     def _load_blocking(self, installed: InstalledModel) -> LoadedModel:
@@ -100,10 +188,12 @@ class ModelRepository:
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
             raise BundleError(f"{installed.name} {installed.version}: ONNX Runtime cannot load the "
                               f"model: {exc}") from None
-        model = LoadedModel(opened.manifest, session, instances=self.settings.instances,
-                            max_queue=self.settings.max_queue,
-                            batching=self.settings.dynamic_batching, sha256=installed.sha256)
-        _golden_on(model, opened.golden)
+        model = self._loaded(opened.manifest, session, installed.sha256)
+        try:
+            _golden_on(model, opened.golden)
+        except BaseException:
+            model.close()
+            raise
         return model
 
     async def load(self, name: str, version: str | None = None) -> LoadedModel:
@@ -182,6 +272,10 @@ class ModelRepository:
 
     def served(self) -> list[LoadedModel]:
         return [m for versions in self._served.values() for m in versions.values()]
+
+    def is_served(self, name: str) -> bool:
+        """Whether any version of ``name`` is being served."""
+        return bool(self._served.get(name))
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:

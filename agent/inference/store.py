@@ -7,6 +7,8 @@ Layout::
     STATE/models/NAME/VERSION/golden.json
     STATE/models/NAME/VERSION/install.json     bundle sha256 and length, install time, verified
     STATE/models/NAME/active                   the active version (one line)
+    STATE/models/NAME/rolled-back              present while the active version is there
+                                               because of an explicit Rollback (one line)
 
 A version directory appears (by an atomic rename) only after its bundle was read, its
 members re-checked against the manifest and its golden vectors reproduced on a real ONNX
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_RECORD = "install.json"
 ACTIVE = "active"
+ROLLED_BACK = "rolled-back"
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,12 @@ class InstalledModel:
     installed_at: float  # seconds since the epoch
     active: bool
     path: Path
+    rolled_back: bool = False  # active because of an explicit Rollback
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256,
-                "length": self.length, "installed_at": self.installed_at, "active": self.active}
+                "length": self.length, "installed_at": self.installed_at, "active": self.active,
+                "rolled_back": self.rolled_back}
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class ModelStore:
             if not mdir.is_dir():
                 continue
             active = self.active_version(model)
+            rolled_back = self.rolled_back_version(model)
             for vdir in mdir.iterdir():
                 rec = self._record(vdir) if vdir.is_dir() else None
                 if rec is None:
@@ -145,7 +151,8 @@ class ModelStore:
                     continue
                 out.append(InstalledModel(model, vdir.name, str(rec.get("sha256", "")),
                                           int(rec.get("length", 0)), float(rec.get("installed_at", 0)),
-                                          vdir.name == active, vdir))
+                                          vdir.name == active, vdir,
+                                          rolled_back is not None and vdir.name == rolled_back == active))
         return sorted(out, key=lambda m: (m.name, parse_version(m.version)))
 
     def find(self, name: str, version: str | None = None) -> InstalledModel:
@@ -236,6 +243,67 @@ class ModelStore:
         """
         self.find(name, version)
         atomic_write_text(self.root / name / ACTIVE, version + "\n")
+
+    def rolled_back_version(self, name: str) -> str | None:
+        """The version an explicit Rollback made active, or None (cleared by the next update)."""
+        try:
+            text = (self.root / name / ROLLED_BACK).read_text().strip()
+        except OSError:
+            return None
+        return text or None
+
+    def mark_rolled_back(self, name: str, version: str | None) -> None:
+        """Record (or, with None, clear) that ``version`` of ``name`` is active because of a Rollback."""
+        path = self.root / name / ROLLED_BACK
+        if version is None:
+            if path.exists():
+                path.unlink()
+                fsync_dir(path.parent)
+            return
+        atomic_write_text(path, version + "\n")
+
+    def remove(self, name: str, version: str) -> None:
+        """Delete an installed version that is not active.
+
+        The version directory is first renamed to a hidden name (one atomic step: from then
+        on it is not installed), then deleted; :meth:`clean_debris` finishes the deletion
+        if it was interrupted.
+
+        Raises:
+            BundleError: ``version`` is the active version.
+            NotFoundError: it is not installed.
+        """
+        installed = self.find(name, version)
+        if installed.active:
+            raise BundleError(f"{name} {version} is the active version; it is not removed")
+        doomed = installed.path.with_name(f".removing-{version}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        installed.path.rename(doomed)
+        fsync_dir(doomed.parent)
+        shutil.rmtree(doomed)
+        log.info("removed %s %s (sha256 %s)", name, version, installed.sha256)
+
+    def clean_debris(self) -> list[Path]:
+        """Delete what interrupted writes leave: hidden temporary entries (half-extracted
+        versions, half-removed versions, atomic-write temp files) and version directories
+        without a verified install record.  Only for use before anything is served.
+        Returns what was deleted."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for mdir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for entry in sorted(mdir.iterdir()):
+                stray = entry.name.startswith(".") or (entry.is_dir() and self._record(entry) is None)
+                if not stray:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed.append(entry)
+            if removed:
+                fsync_dir(mdir)
+        return removed
 
 
 def golden_verifier(make_runner: Callable[[Manifest, bytes], Any]) -> Verifier:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater, UpdaterConfig
@@ -283,8 +284,10 @@ def download_verified(fetcher: FetcherInterface, url: str, target: TargetFile, d
                                             f"does not match the signed {target.hashes[algo]}")
     except tuf_exc.DownloadHTTPError as exc:
         raise UpdateError(f"{url}: HTTP status {exc.status_code}: {exc}") from None
-    except tuf_exc.DownloadError as exc:
-        raise UpdateError(f"{url}: download failed: {exc.__cause__ or exc}") from None
+    except (tuf_exc.DownloadError, urllib3.exceptions.HTTPError) as exc:
+        # python-tuf's fetcher lets a connection broken mid-body through as urllib3's own error
+        raise UpdateError(f"{url}: download failed after {received} of {expected} bytes: "
+                          f"{exc.__cause__ or exc}") from None
     return dest
 
 

@@ -20,12 +20,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater
 
-from agent.errors import NotFoundError, VerificationError
+from agent.errors import NotFoundError, UpdateError, VerificationError
 from agent.fsutil import atomic_write_bytes
 from agent.updates import _session
 from agent.updates.clock import ClockPolicy, ClockStatus, issued_times, system_now
@@ -148,6 +149,9 @@ class RegistryClient:
             if fetcher is None:
                 raise
             raise _session.explain(exc, fetcher, updater, self._clock_note) from None
+        except urllib3.exceptions.HTTPError as exc:  # a connection broken mid-body
+            where = fetcher.last_url if fetcher is not None else self.source_text
+            raise UpdateError(f"{where}: download failed: {exc}") from None
         tset = _session.trusted_set(updater)
         self._updater = updater
         self._targets = dict(tset.targets.targets)

@@ -2,8 +2,9 @@
 
 For a person at one node (a table or a summary) or a script (``--json``; with ``--watch``,
 one JSON document per line).  ``node health --check`` exits 0, 1 or 2 for PASS, WARN or
-FAIL, as monitoring plugins do.  The fleet-wide view is ``appliance fleet``; ``node update``
-comes with the updates work and registers here.
+FAIL, as monitoring plugins do.  The fleet-wide view is ``appliance fleet``.
+``node update check|apply|rollback|history`` drives the node's updates component: apply and
+rollback exit 1 when an update was refused (the reason is printed), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -216,6 +217,108 @@ def _events(args: argparse.Namespace) -> int:
         events = fetch(last)
 
 
+def _print_results(results: Any) -> None:
+    if not results:
+        print("nothing to do")
+        return
+    print_table(["OUTCOME", "BUNDLE", "VERSION", "SHA256", "REASON"],
+                [[r.outcome, r.name, r.version, r.sha256[:16] or "-", r.reason] for r in results])
+
+
+def _update_check(args: argparse.Namespace) -> int:
+    from agent.proto import node_pb2
+
+    stub = _stub(args)
+    reply = _call(args, lambda: stub.CheckUpdates(node_pb2.CheckUpdatesRequest(), timeout=args.timeout))
+    if args.json:
+        emit_json(_to_dict(reply))
+    elif reply.pending:
+        print(f"registry: {reply.source}")
+        print_table(["BUNDLE", "RUNNING", "AVAILABLE", "SIZE", "TARGET"],
+                    [[p.name, p.current_version or "-", p.version, p.length, p.target]
+                     for p in reply.pending])
+    else:
+        print(f"up to date (registry: {reply.source})")
+    return 0
+
+
+def _update_apply(args: argparse.Namespace) -> int:
+    from agent.proto import node_pb2
+
+    stub = _stub(args)
+    if not args.json:
+        what = ", ".join(args.targets) or "everything pending"
+        print(f"{args.target}: applying {what}{' (dry run)' if args.dry_run else ''} ...",
+              file=sys.stderr, flush=True)
+    request = node_pb2.ApplyUpdateRequest(targets=args.targets, dry_run=args.dry_run)
+    reply = _call(args, lambda: stub.ApplyUpdate(request, timeout=args.timeout))
+    if args.json:
+        emit_json(_to_dict(reply))
+    else:
+        _print_results(reply.results)
+    return 1 if any(r.outcome == "refused" for r in reply.results) else 0
+
+
+def _update_rollback(args: argparse.Namespace) -> int:
+    from agent.proto import node_pb2
+
+    stub = _stub(args)
+    request = node_pb2.RollbackRequest(name=args.name, version=args.version, reason=args.reason)
+    reply = _call(args, lambda: stub.Rollback(request, timeout=args.timeout))
+    if args.json:
+        emit_json(_to_dict(reply))
+    else:
+        _print_results([reply.result])
+    return 1 if reply.result.outcome == "refused" else 0
+
+
+def _update_history(args: argparse.Namespace) -> int:
+    from agent.proto import node_pb2
+
+    stub = _stub(args)
+    reply = _call(args, lambda: stub.UpdateHistory(node_pb2.UpdateHistoryRequest(limit=args.limit),
+                                                   timeout=args.timeout))
+    if args.json:
+        emit_json([_to_dict(e) | {"time": _when(t)}
+                   for e, t in zip(reply.entries, reply.times, strict=True)])
+    elif reply.entries:
+        print_table(["TIME", "OUTCOME", "BUNDLE", "VERSION", "SHA256", "REASON"],
+                    [[_when(t), e.outcome, e.name, e.version, e.sha256[:16] or "-", e.reason]
+                     for e, t in zip(reply.entries, reply.times, strict=True)])
+    else:
+        print("no updates yet")
+    return 0
+
+
+def _register_update(verbs: Any, common: argparse.ArgumentParser, target: argparse.ArgumentParser) -> None:
+    update = verbs.add_parser("update", parents=[common], help="check, apply, roll back and list updates")
+    uverbs = update.add_subparsers(dest="update_command", metavar="VERB")
+    uverbs.required = True
+    long_call = argparse.ArgumentParser(add_help=False)
+    long_call.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
+                           help=f"the node's agent (default: {DEFAULT_TARGET})")
+    long_call.add_argument("--timeout", type=float, default=600.0,
+                           help="seconds the node may take (default: 600)")
+    check = uverbs.add_parser("check", parents=[common, long_call],
+                              help="refresh from the registry; list bundles newer than what runs")
+    check.set_defaults(handler=_update_check)
+    apply = uverbs.add_parser("apply", parents=[common, long_call],
+                              help="apply named targets, or everything pending on the node's channel")
+    apply.add_argument("targets", nargs="*", metavar="TARGET",
+                       help="NAME, NAME@VERSION or a TUF target path (default: everything pending)")
+    apply.add_argument("--dry-run", action="store_true", help="say what would be applied; change nothing")
+    apply.set_defaults(handler=_update_apply)
+    rollback = uverbs.add_parser("rollback", parents=[common, long_call],
+                                 help="make a kept earlier version active again (admin)")
+    rollback.add_argument("name", help="bundle name")
+    rollback.add_argument("version", help="a version kept on the node")
+    rollback.add_argument("--reason", default="", help="why (recorded in the event and history)")
+    rollback.set_defaults(handler=_update_rollback)
+    history = uverbs.add_parser("history", parents=[common, target], help="applied, refused, rolled back")
+    history.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    history.set_defaults(handler=_update_history)
+
+
 # ---------------------------------------------------------------------- parser
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -248,3 +351,5 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     events.add_argument("--watch", action="store_true", help="keep polling for new events")
     events.add_argument("--interval", type=float, default=1.0, help="with --watch: poll interval (s)")
     events.set_defaults(handler=_events)
+
+    _register_update(verbs, common, target)
