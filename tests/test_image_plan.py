@@ -54,7 +54,16 @@ def test_agent_toml_round_trips_through_the_agents_loader(tmp_path: Path) -> Non
     (tmp_path / "agent.toml").write_text(text)
     loaded = load_config(tmp_path / "agent.toml")
     assert loaded.to_json() == p.agent.to_json()
-    assert loaded.server.listen == "0.0.0.0" and loaded.server.port == 8001
+    assert loaded.server.listen == "127.0.0.1" and loaded.server.port == 8001
+
+
+def test_profile_listening_beyond_loopback_without_mtls_is_refused(tmp_path: Path) -> None:
+    from agent.errors import ProfileError
+
+    text = (ROOT / "images/minimal.toml").read_text().replace('listen = "127.0.0.1"', 'listen = "0.0.0.0"')
+    (tmp_path / "lan.toml").write_text(text)
+    with pytest.raises(ProfileError, match=r"lan.toml: \[agent\].*beyond loopback.*mTLS"):
+        load_profile(tmp_path / "lan.toml")
 
 
 def test_venv_install_is_offline_and_hash_pinned() -> None:

@@ -94,7 +94,9 @@ def render_toml(tables: dict[str, dict[str, Any]], header: str = "") -> str:
     out = [header] if header else []
     for name, table in tables.items():
         out.append(f"[{name}]")
-        out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        # TOML has no null: an unset optional setting (e.g. [tls] cert) is left out.
+        out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items()
+                   if value is not None)
         out.append("")
     return "\n".join(out)
 

@@ -356,7 +356,14 @@ def _agent(path: Path, raw: Any) -> AgentConfig:
                            f"(known: {', '.join(AGENT_SECTIONS)})")
     sections = {name: from_table(cls, raw.get(name, {}), f"{path}: [agent.{name}]")
                 for name, cls in AGENT_SECTIONS.items()}
-    return AgentConfig(**sections, origin=f"{path}: [agent]")
+    config = AgentConfig(**sections, origin=f"{path}: [agent]")
+    from agent.security import check_listen
+
+    try:
+        check_listen(config)  # the agent would refuse to start: say so before building
+    except ConfigError as exc:
+        raise ProfileError(str(exc)) from None
+    return config
 
 
 def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads best
