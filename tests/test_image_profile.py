@@ -69,8 +69,13 @@ def test_ssh_enabled_is_key_only_and_adds_sshd(tmp_path: Path) -> None:
 
 def test_gpu_manifest_resolves_next_to_images(tmp_path: Path) -> None:
     (tmp_path / "firmware-manifests").mkdir()
-    (tmp_path / "firmware-manifests/nvidia-550.toml").write_text("")
-    p = load_profile(_write(tmp_path, '[gpu]\nmanifest = "nvidia-550"\n'))
+    (tmp_path / "firmware-manifests/nvidia-550.toml").write_text(
+        (ROOT / "firmware-manifests/nvidia-550-trixie.toml").read_text())
+    text = (ROOT / "images/edge-gpu.toml").read_text().replace('"nvidia-550-trixie"', '"nvidia-550"')
+    path = tmp_path / "images/gpu.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    p = load_profile(path)
     assert p.gpu_manifest == (tmp_path / "firmware-manifests/nvidia-550.toml").resolve()
 
 

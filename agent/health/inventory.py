@@ -11,6 +11,9 @@ Sources:
 - bundles: the inference component's ``installed()`` when it runs, else the model store's
   layout ``STATE/models/NAME/VERSION/install.json`` and ``STATE/models/NAME/active``.
 - registry root version: ``signed.version`` of ``STATE/tuf/metadata/root.json``.
+- GPU stack: the ``gpu`` object of :data:`IMAGE_METADATA` (driver, CUDA and ONNX Runtime
+  versions pinned by the firmware manifest; see provisioning/gpu.py); the ONNX Runtime
+  actually installed from the package metadata (nothing imported).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import logging
 import platform
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,8 @@ class Inventory:
     firmware_manifest_id: str
     gpus: tuple[GpuInfo, ...]
     execution_providers: tuple[str, ...]
+    gpu_stack: dict[str, str] = field(default_factory=dict)
+    onnxruntime_version: str = ""
 
 
 def node_id(state_dir: Path) -> str:
@@ -167,6 +173,28 @@ def _root_version(state_dir: Path) -> int:
         return 0
 
 
+GPU_STACK_FIELDS = ("manifest_id", "driver_version", "cuda_version", "runtime_cuda_version",
+                    "built_with_cuda", "onnxruntime_version", "cudnn_version", "compatibility",
+                    "kernel_release")
+
+
+def _gpu_stack(image_metadata: Path) -> dict[str, str]:
+    meta = _json(image_metadata)
+    gpu = meta.get("gpu") if isinstance(meta, dict) else None
+    if not isinstance(gpu, dict):
+        return {}
+    return {k: str(gpu[k]) for k in GPU_STACK_FIELDS if k in gpu}
+
+
+def _onnxruntime_version() -> str:
+    for dist in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
 def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
                       providers: tuple[str, ...] = (), inference: Any = None,
                       image_metadata: Path = IMAGE_METADATA,
@@ -185,4 +213,6 @@ def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
         firmware_manifest_id=firmware,
         gpus=gpus,
         execution_providers=providers,
+        gpu_stack=_gpu_stack(image_metadata),
+        onnxruntime_version=_onnxruntime_version(),
     )

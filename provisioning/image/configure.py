@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from agent.errors import ImageError, VerificationError
 from agent.tools import run
@@ -74,13 +75,16 @@ def _pip_wheel(root: Path) -> str:
     return "/" + found[-1].relative_to(root).as_posix()
 
 
-def run_deploy(profile: Profile, root: Path, source_date_epoch: int, *, debug: bool = False) -> None:
+def run_deploy(profile: Profile, root: Path, source_date_epoch: int, *, debug: bool = False,
+               gpu: dict[str, Any] | None = None) -> None:
     """Apply the configure plan to ``root`` with pyinfra's chroot connector.
+
+    ``gpu`` holds :func:`configure_plan`'s GPU arguments (kernel_release, gpu_debs, gpu_record).
 
     Raises:
         ToolError: pyinfra (or a command it ran in the chroot) failed.
     """
-    plan = configure_plan(profile, pip_wheel=_pip_wheel(root))
+    plan = configure_plan(profile, pip_wheel=_pip_wheel(root), **(gpu or {}))
     with tempfile.TemporaryDirectory(prefix="configure-") as tmp:
         plan_file = Path(tmp) / "plan.json"
         plan_file.write_text(json.dumps(plan.to_json()))
@@ -104,6 +108,29 @@ def configure_root(profile: Profile, lock: Lock, mirror: Path, root: Path,
     from provisioning.image.outputs import normalise
 
     baked = stage_payload(profile, lock, mirror, root)
-    run_deploy(profile, root, source_date_epoch, debug=debug)
+    gpu = _stage_gpu(profile, lock, mirror, root)
+    run_deploy(profile, root, source_date_epoch, debug=debug, gpu=gpu)
+    if gpu is not None:
+        from provisioning.gpu import check_built_modules
+
+        modules = check_built_modules(root, gpu["kernel_release"],
+                                      signed=profile.gpu_signing is not None)
+        log.info("GPU modules for %s: %s", gpu["kernel_release"],
+                 ", ".join(f"{m['module']} (signer {m['signer'] or 'none'})" for m in modules))
     normalise(root, source_date_epoch)
     return baked
+
+
+def _stage_gpu(profile: Profile, lock: Lock, mirror: Path, root: Path) -> dict[str, Any] | None:
+    """Stage the driver set into the root; the plan's GPU arguments (None without a GPU)."""
+    if profile.gpu_set is None:
+        return None
+    from provisioning.gpu import check_lock, image_record, kernel_release_in_root, stage_gpu
+
+    compat = check_lock(profile, lock)
+    release = kernel_release_in_root(root)
+    debs = stage_gpu(profile, lock, mirror, root)
+    log.info("GPU: %s, %d packages staged, DKMS for kernel %s (%s)", profile.gpu_set.manifest.id,
+             len(debs), release, compat.basis)
+    return {"kernel_release": release, "gpu_debs": debs,
+            "gpu_record": image_record(profile.gpu_set, compat)}

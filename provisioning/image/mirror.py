@@ -420,6 +420,10 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step) -> tuple[LockedFile
     agent = build_agent_wheel(wheels)
     step(agent.name)
     reqs = [*wheel_requirements(agent, profile.python.onnxruntime), *profile.python.extra]
+    if profile.gpu_set is not None:  # the driver set's wheels, exactly as pinned
+        from provisioning.gpu import wheel_requirements as gpu_wheel_requirements
+
+        reqs += gpu_wheel_requirements(profile.gpu_set)
     py = profile.python_version
     argv: list[str | Path] = [
         sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q",
@@ -428,6 +432,10 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step) -> tuple[LockedFile
     for tag in _platforms(profile):
         argv += ["--platform", tag]
     run([*argv, *reqs], env={"PIP_NO_INPUT": "1"})
+    if profile.gpu_set is not None:
+        from provisioning.gpu import check_wheel_files
+
+        check_wheel_files(profile.gpu_set, sorted(wheels.glob("*.whl")))
     locked = []
     lines = []
     for path in sorted(wheels.glob("*.whl")):
@@ -452,7 +460,10 @@ def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ..
 
     Raises:
         ToolError: mmdebstrap, apt-ftparchive or pip fails (no network, unknown package ...).
-        VerificationError: a downloaded file does not check out against Debian's signatures.
+        VerificationError: a downloaded file does not check out against Debian's signatures,
+            or a GPU wheel against its manifest's pin.
+        ProfileError: the archive's GPU packages or kernel differ from the manifest's pins or
+            range (the lock is removed again).
     """
     def noop(_: str) -> None:
         pass
@@ -481,6 +492,10 @@ def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ..
     tmp_lock.replace(mirror / LOCK)
     try:
         verify_mirror(mirror, keyring=keyring)
+        if profile.gpu_set is not None:  # every pin of the driver set, by version and sha256
+            from provisioning.gpu import check_lock
+
+            check_lock(profile, lock)
     except BaseException:
         (mirror / LOCK).unlink(missing_ok=True)
         raise

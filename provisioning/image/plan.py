@@ -227,11 +227,14 @@ AUDIT_RULES = """\
 
 
 def agent_unit(profile: Profile) -> str:
-    """The agent's sandboxed systemd unit (no capabilities, no device access, strict FS)."""
+    """The agent's sandboxed systemd unit (no capabilities, strict FS; devices: none, or the GPU's)."""
     state = str(profile.agent.server.state_dir)
     if not state.startswith("/var/lib/"):
         raise ValueError(f"state_dir {state} must be under /var/lib (systemd StateDirectory=)")
     state_name = state.removeprefix("/var/lib/")
+    from provisioning.gpu import agent_unit_lines
+
+    unit_devices, service_devices = agent_unit_lines(profile)
     return "\n".join((
         "[Unit]",
         "Description=Sovereign Appliance agent (inference, health, updates over gRPC)",
@@ -239,6 +242,7 @@ def agent_unit(profile: Profile) -> str:
         "After=network-online.target nftables.service local-fs.target",
         "Wants=network-online.target",
         f"RequiresMountsFor={state}",
+        *unit_devices,
         "",
         "[Service]",
         "Type=simple",
@@ -258,8 +262,7 @@ def agent_unit(profile: Profile) -> str:
         "ProtectSystem=strict",
         "ProtectHome=yes",
         "PrivateTmp=yes",
-        "PrivateDevices=yes",
-        "DevicePolicy=closed",
+        *service_devices,
         "PrivateUsers=yes",
         "PrivateIPC=yes",
         "ProtectKernelTunables=yes",
@@ -269,7 +272,6 @@ def agent_unit(profile: Profile) -> str:
         "ProtectClock=yes",
         "ProtectHostname=yes",
         "ProtectProc=invisible",
-        "ProcSubset=pid",
         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
         "RestrictNamespaces=yes",
         "RestrictRealtime=yes",
@@ -427,11 +429,16 @@ def _user_commands(profile: Profile) -> list[tuple[str, ...]]:
     return cmds
 
 
-def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS_IN_ROOT) -> Plan:
+def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS_IN_ROOT,
+                   kernel_release: str = "", gpu_debs: tuple[str, ...] = (),
+                   gpu_record: dict[str, Any] | None = None) -> Plan:
     """The configure stage's plan for ``profile``.
 
     ``pip_wheel`` is the path (inside the root) of the pip wheel that Debian's python3-venv
-    ships; it installs the agent without leaving pip in the venv.
+    ships; it installs the agent without leaving pip in the venv.  For a GPU profile,
+    ``kernel_release`` (the root's kernel), ``gpu_debs`` (staged package files) and
+    ``gpu_record`` (the driver set baked into the image) come from
+    :mod:`provisioning.gpu`'s staging.
     """
     files = [
         FileSpec("/etc/hostname", profile.image.hostname + "\n"),
@@ -467,4 +474,12 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         mask.append("systemd-coredump.socket")
     remove = ("/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/resolv.conf",
               "/var/lib/dbus/machine-id")
+    if profile.gpu_set is not None:
+        from provisioning.gpu import configure_gpu
+
+        gpu_files, gpu_commands, gpu_enable = configure_gpu(profile, kernel_release, gpu_debs,
+                                                           gpu_record or {})
+        files += gpu_files
+        commands = gpu_commands + commands  # the driver first: the agent's venv does not need it
+        enable += gpu_enable
     return Plan(tuple(files), remove, tuple(commands), tuple(enable), tuple(mask))

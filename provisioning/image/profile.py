@@ -15,14 +15,17 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import SECTIONS as AGENT_SECTIONS
 from agent.config import AgentConfig
 from agent.errors import ConfigError, ProfileError
 from agent.settings import from_table, setting, to_json
+
+if TYPE_CHECKING:
+    from provisioning.gpu import GpuManifest
 
 __all__ = [
     "BASE_PACKAGES",
@@ -159,6 +162,10 @@ class BundlesSection:
 @dataclass(frozen=True)
 class GpuSection:
     manifest: str = setting("", "firmware manifest (firmware-manifests/NAME.toml or NAME)")
+    signing_key: str = setting("", "PEM private key that signs the DKMS-built modules for Secure "
+                               "Boot (the key enrolled through the image's Secure Boot settings; "
+                               "relative paths are from the profile's directory)")
+    signing_cert: str = setting("", "its X.509 certificate (PEM or DER)")
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,7 @@ class Profile:
     ssh: SshSection = field(default_factory=SshSection)
     users: tuple[User, ...] = ()
     agent: AgentConfig = field(default_factory=AgentConfig)
+    gpu_set: GpuManifest | None = None  # the parsed [gpu] manifest, set by load_profile
 
     @property
     def python_version(self) -> str:
@@ -247,6 +255,14 @@ class Profile:
     @property
     def gpu_manifest(self) -> Path | None:
         return _resolve_manifest(self.path, self.gpu.manifest) if self.gpu.manifest else None
+
+    @property
+    def gpu_signing(self) -> tuple[Path, Path] | None:
+        """(key, certificate) that sign the GPU modules, or None when they stay unsigned."""
+        if not self.gpu.signing_key:
+            return None
+        base = self.path.parent
+        return (base / self.gpu.signing_key).resolve(), (base / self.gpu.signing_cert).resolve()
 
     @property
     def inbound_tcp(self) -> tuple[int, ...]:
@@ -284,6 +300,10 @@ _SECTIONS: dict[str, type[Any]] = {
 def package_set(profile: Profile, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The sorted Debian packages the image installs: base, kernel, sshd when on, profile, extra."""
     names = {*BASE_PACKAGES, profile.kernel_package, *profile.debian.packages, *extra}
+    if profile.gpu_set is not None:
+        from provisioning.gpu import gpu_packages
+
+        names.update(gpu_packages(profile))
     if profile.ssh.enabled:
         names.add("openssh-server")
     return tuple(sorted(names))
@@ -330,7 +350,41 @@ def load_profile(path: Path) -> Profile:
         raise ProfileError(str(exc)) from None
     profile = Profile(path=path, users=users, agent=agent, **sections)
     _check(profile)
+    if profile.gpu.manifest:
+        profile = replace(profile, gpu_set=_gpu_set(profile))
     return profile
+
+
+def _gpu_set(p: Profile) -> GpuManifest:
+    """Load the [gpu] manifest and refuse a driver set that cannot work on this image."""
+    from provisioning.gpu import check_compatibility, load_manifest
+
+    where = f"{p.path}: [gpu] manifest = {p.gpu.manifest!r}"
+    assert p.gpu_manifest is not None
+    manifest = load_manifest(p.gpu_manifest)
+    if p.python.onnxruntime != manifest.runtime.onnxruntime:
+        raise ProfileError(f"{p.path}: [python] onnxruntime = {p.python.onnxruntime!r}: the GPU "
+                           f"manifest {manifest.path.name} needs {manifest.runtime.onnxruntime!r}")
+    missing = [c for c in manifest.manifest.components if c not in p.debian.components]
+    if missing:
+        raise ProfileError(f"{p.path}: [debian] components = {list(p.debian.components)!r}: the "
+                           f"GPU manifest {manifest.path.name} needs {', '.join(missing)} too")
+    kernel = p.kernel_package.removeprefix("linux-image-")
+    try:
+        check_compatibility(manifest, suite=p.debian.suite, architecture=p.debian.architecture,
+                            machine=p.machine, python=p.python_version, glibc=p.glibc_version,
+                            kernel_release=kernel if kernel[:1].isdigit() else "")
+    except ProfileError as exc:
+        raise ProfileError(f"{where}: refused: {exc}") from None
+    if bool(p.gpu.signing_key) != bool(p.gpu.signing_cert):
+        raise ProfileError(f"{p.path}: [gpu] signing_key = {p.gpu.signing_key!r}, signing_cert = "
+                           f"{p.gpu.signing_cert!r}: give both or neither")
+    if p.gpu_signing is not None:
+        for key, path in zip(("signing_key", "signing_cert"), p.gpu_signing, strict=True):
+            if not path.is_file():
+                raise ProfileError(f"{p.path}: [gpu] {key} = {getattr(p.gpu, key)!r}: no such "
+                                   f"file {path}")
+    return manifest
 
 
 def _users(path: Path, raw: Any) -> tuple[User, ...]:

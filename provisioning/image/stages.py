@@ -140,7 +140,7 @@ def _rootfs_inputs(ctx: BuildContext) -> dict[str, Any]:
     d = ctx.profile.debian
     mmdebstrap = run([require_tool("mmdebstrap"), "--version"]).text.strip()
     return {"suite": d.suite, "architecture": d.architecture, "variant": d.variant,
-            "packages": list(ctx.packages), "debs": sorted(f.sha256 for f in ctx.lock.debs),
+            "packages": list(_rootfs_packages(ctx)), "debs": sorted(f.sha256 for f in ctx.lock.debs),
             "repo": [f.sha256 for f in ctx.lock.repo], "sde": ctx.source_date_epoch,
             "mmdebstrap": mmdebstrap}
 
@@ -148,7 +148,7 @@ def _rootfs_inputs(ctx: BuildContext) -> dict[str, Any]:
 def _rootfs_run(ctx: BuildContext) -> None:
     from provisioning.image.rootfs import build_rootfs_tar
 
-    build_rootfs_tar(ctx.profile, ctx.packages, ctx.mirror, ctx.stage_dir / "rootfs.tar",
+    build_rootfs_tar(ctx.profile, _rootfs_packages(ctx), ctx.mirror, ctx.stage_dir / "rootfs.tar",
                      ctx.source_date_epoch)
 
 
@@ -169,8 +169,14 @@ def _configure_inputs(ctx: BuildContext) -> dict[str, Any]:
     profile = ctx.profile.to_json()
     for key in ("path", "disk"):
         profile.pop(key)
-    return {"profile": profile, "wheels": sorted(f.sha256 for f in ctx.lock.wheels),
-            "registry": _registry_digest(ctx.profile), "sde": ctx.source_date_epoch}
+    inputs = {"profile": profile, "wheels": sorted(f.sha256 for f in ctx.lock.wheels),
+              "registry": _registry_digest(ctx.profile), "sde": ctx.source_date_epoch}
+    if ctx.profile.gpu_set is not None:  # the configure stage installs these packages
+        inputs["gpu"] = {"manifest": ctx.profile.gpu_set.to_json(),
+                         "debs": sorted(f.sha256 for f in ctx.lock.debs),
+                         "signing": [hashlib.sha256(p.read_bytes()).hexdigest()
+                                     for p in ctx.profile.gpu_signing or ()]}
+    return inputs
 
 
 def _configure_run(ctx: BuildContext) -> None:
@@ -228,7 +234,8 @@ def _stages() -> list[Stage]:
         Stage("rootfs", ("provisioning.image.rootfs", "provisioning.image.stages"),
               _rootfs_inputs, _rootfs_run, lambda ctx: {"rootfs.tar": ctx.rootfs_tar}),
         Stage("configure", ("provisioning.image.configure", "provisioning.image.plan",
-                            "provisioning.image.outputs", "provisioning.image.bake"),
+                            "provisioning.image.outputs", "provisioning.image.bake",
+                            "provisioning.gpu"),
               _configure_inputs, _configure_run, _configure_outputs),
     ]
     for name in _OPTIONAL_STAGES:
@@ -267,6 +274,10 @@ def _check_mirror(profile: Profile, lock: Lock, mirror: Path, extra: tuple[str, 
     if lock.onnxruntime != profile.python.onnxruntime:
         raise ProfileError(f"{where}: [python] onnxruntime = {profile.python.onnxruntime!r}: the "
                            f"mirror's wheels were synced for {lock.onnxruntime!r}")
+    if profile.gpu_set is not None:
+        from provisioning.gpu import check_lock
+
+        check_lock(profile, lock)
 
 
 def plan_build(profile_path: Path, mirror: Path, out: Path,
@@ -296,6 +307,16 @@ def plan_build(profile_path: Path, mirror: Path, out: Path,
         planned.append(PlannedStage(stage, key, cached))
         previous = key
     return BuildPlan(ctx, planned)
+
+
+def _rootfs_packages(ctx: BuildContext) -> tuple[str, ...]:
+    """The rootfs stage's packages: the GPU set is installed by the configure stage instead."""
+    if ctx.profile.gpu_set is None:
+        return ctx.packages
+    from provisioning.gpu import gpu_packages
+
+    gpu = set(gpu_packages(ctx.profile))
+    return tuple(p for p in ctx.packages if p not in gpu)
 
 
 class _BuildLog:
