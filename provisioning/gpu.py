@@ -681,27 +681,35 @@ def _devices_unit() -> str:
     ))
 
 
-def configure_gpu(profile: Profile, kernel_release: str, debs: tuple[str, ...],
+def configure_gpu(profile: Profile, kernel_release: str,
                   record: dict[str, Any]) -> tuple[list[Any], list[tuple[str, ...]], list[str]]:
     """The GPU part of the configure plan: (files, commands, units to enable).
 
-    ``debs`` are the file names staged under :data:`DEBS_IN_ROOT` (the set and the part of the
-    mirror's closure the root lacks); ``kernel_release`` is the image's (``/lib/modules``).
-    Commands: install the packages offline (their DKMS postinst builds for every kernel with
-    headers in the root, i.e. the image's), build again explicitly for ``kernel_release`` so a
-    build failure stops the stage, then remove the staged packages and keys.
+    :func:`stage_gpu` has put the packages under :data:`DEBS_IN_ROOT` (the set and the part of
+    the mirror's closure the root lacks); ``kernel_release`` is the image's (``/lib/modules``).
+    Commands: install the pinned packages offline from the staged flat repository (their DKMS
+    postinst builds for every kernel with headers in the root, i.e. the image's), build again
+    explicitly for ``kernel_release`` so a build failure stops the stage, then remove the
+    staged packages and keys.
     """
     from provisioning.image.plan import FileSpec
 
     m = profile.gpu_set
     assert m is not None
-    apt = ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "--yes",
-           "--no-install-recommends", "--no-download", "-o", "Dpkg::Options::=--force-confold",
-           *(f"{DEBS_IN_ROOT}/{d}" for d in debs))
+    # apt reads only the staged packages (a flat repository made by stage_gpu), with its lists
+    # kept beside them so nothing of it stays in the image.
+    opts = ("-o", f"Dir::Etc::SourceList={DEBS_IN_ROOT}/sources.list",
+            "-o", "Dir::Etc::SourceParts=/nonexistent", "-o", f"Dir::State::Lists={DEBS_IN_ROOT}/lists",
+            "-o", "Acquire::Languages=none", "-o", "Dpkg::Options::=--force-confold")
+    wanted = sorted(f"{d.name}={d.version}" for d in m.debs)
+    wanted.append(_headers_package(profile.kernel_package))
+    update = ("apt-get", *opts, "update")
+    apt = ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", *opts, "install", "--yes",
+           "--no-install-recommends", *wanted)
     dkms = ("dkms", "autoinstall", "-k", kernel_release)
     status = ("dkms", "status", "-k", kernel_release, f"{m.driver.dkms_module}/{m.driver.version}")
     commands: list[tuple[str, ...]] = [
-        apt, dkms, status,
+        ("mkdir", "-p", f"{DEBS_IN_ROOT}/lists/partial"), update, apt, dkms, status,
         ("rm", "-rf", DEBS_IN_ROOT, KEYS_IN_ROOT, "/var/lib/dkms/mok.key", "/var/lib/dkms/mok.pub"),
         ("apt-get", "clean"),
     ]
@@ -782,6 +790,7 @@ def stage_gpu(profile: Profile, lock: Lock, mirror: Path, root: Path) -> tuple[s
             raise VerificationError(f"{src}: does not match the lock's sha256 {deb.sha256}")
         shutil.copyfile(src, dest / src.name)
         staged.append(src.name)
+    _flat_repository(dest)
     conf = root / DKMS_CONF.lstrip("/")
     conf.parent.mkdir(parents=True, exist_ok=True)
     signing = profile.gpu_signing
@@ -793,6 +802,16 @@ def stage_gpu(profile: Profile, lock: Lock, mirror: Path, root: Path) -> tuple[s
             shutil.copyfile(src, keys / name)
             (keys / name).chmod(0o600)
     return tuple(sorted(staged))
+
+
+def _flat_repository(directory: Path) -> None:
+    """Packages, Release and a sources.list that make ``directory`` an apt repository."""
+    from agent.tools import require_tool, run
+
+    tool = require_tool("apt-ftparchive")
+    (directory / "Packages").write_bytes(run([tool, "packages", "."], cwd=directory).stdout)
+    (directory / "Release").write_bytes(run([tool, "release", "."], cwd=directory).stdout)
+    (directory / "sources.list").write_text(f"deb [trusted=yes] file:{DEBS_IN_ROOT} ./\n")
 
 
 def kernel_release_in_root(root: Path) -> str:

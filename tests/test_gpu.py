@@ -439,7 +439,6 @@ def test_downloaded_wheels_must_be_the_pinned_files(tmp_path: Path) -> None:
 def _gpu_plan(tmp_path: Path) -> Any:
     p = load_profile(_gpu_profile(tmp_path))
     return configure_plan(p, pip_wheel=PIP, kernel_release="6.12.117+deb13-amd64",
-                          gpu_debs=("dkms_3.2.2-1~deb13u1_all.deb", "libcuda1_550.163.01-2_amd64.deb"),
                           gpu_record={"compatibility": {"basis": "native"}})
 
 
@@ -461,7 +460,8 @@ def test_gpu_plan_builds_for_the_image_kernel_and_enables_persistenced(tmp_path:
     plan = _gpu_plan(tmp_path)
     assert ("dkms", "autoinstall", "-k", "6.12.117+deb13-amd64") in plan.commands
     apt = next(c for c in plan.commands if "apt-get" in c and "install" in c)
-    assert "--no-download" in apt and apt[-1].endswith("libcuda1_550.163.01-2_amd64.deb")
+    assert "nvidia-kernel-dkms=550.163.01-2" in apt and "linux-headers-amd64" in apt
+    assert "Dir::State::Lists=/var/tmp/appliance-gpu-debs/lists" in apt  # no apt lists left behind
     assert any(c[:2] == ("rm", "-rf") and "/var/lib/dkms/mok.key" in c for c in plan.commands)
     assert "nvidia-persistenced.service" in plan.enable and DEVICES_UNIT in plan.enable
     image = json.loads(plan.file("/usr/lib/appliance/image.json").content)

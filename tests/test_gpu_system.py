@@ -142,3 +142,13 @@ def test_agent_unit_and_persistenced(built: dict[str, Path]) -> None:
     r = _chroot(root, "/opt/appliance/venv/bin/python", "-c",
                 "import importlib.metadata as m; print(m.version('onnxruntime-gpu'))")
     assert r.stdout.strip() == "1.23.2", r.stderr
+
+
+def test_agent_sees_the_cuda_provider_libraries(built: dict[str, Path]) -> None:
+    # The agent's own provider choice (agent/ort.py): preload the nvidia-*-cu12 wheels' libraries
+    # and dlopen every library the CUDA provider needs; no GPU is needed to load them.
+    code = ("from agent.ort import usable_providers\n"
+            "print(','.join(usable_providers()))")
+    r = _chroot(built["root"], "/opt/appliance/venv/bin/python", "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().split(",")[-2:] == ["CUDAExecutionProvider", "CPUExecutionProvider"], r.stdout

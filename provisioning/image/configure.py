@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError, VerificationError
+from agent.errors import ImageError, ToolError, VerificationError
 from agent.tools import run
 from provisioning.image.bake import BakedBundle, bake_bundles
 from provisioning.image.mirror import Lock, file_sha256
@@ -79,10 +79,11 @@ def run_deploy(profile: Profile, root: Path, source_date_epoch: int, *, debug: b
                gpu: dict[str, Any] | None = None) -> None:
     """Apply the configure plan to ``root`` with pyinfra's chroot connector.
 
-    ``gpu`` holds :func:`configure_plan`'s GPU arguments (kernel_release, gpu_debs, gpu_record).
+    ``gpu`` holds :func:`configure_plan`'s GPU arguments (kernel_release, gpu_record).
 
     Raises:
-        ToolError: pyinfra (or a command it ran in the chroot) failed.
+        ToolError: pyinfra (or a command it ran in the chroot) failed; pyinfra's exit code is
+            not trusted for that (see the deploy's last operation).
     """
     plan = configure_plan(profile, pip_wheel=_pip_wheel(root), **(gpu or {}))
     with tempfile.TemporaryDirectory(prefix="configure-") as tmp:
@@ -92,9 +93,21 @@ def run_deploy(profile: Profile, root: Path, source_date_epoch: int, *, debug: b
                 "--data", f"plan={plan_file}", "--data", f"source_date_epoch={source_date_epoch}"]
         if debug:
             argv.append("-v")
+        done = root / ".appliance-configure-done"
+        done.unlink(missing_ok=True)
         result = run(argv, cwd=Path(tmp), env={"SOURCE_DATE_EPOCH": str(source_date_epoch)},
-                     timeout=1800)
+                     timeout=3600)
         log.debug("%s", result.text[-4000:])
+        if not done.is_file():  # an operation failed: pyinfra said so only in its output
+            raise ToolError("pyinfra", result.returncode,
+                            _failure_tail(result.text + result.stderr.decode(errors="replace")))
+        done.unlink()
+
+
+def _failure_tail(output: str) -> str:
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if "Error" in line or "E: " in line), 0)
+    return "\n".join(lines[max(0, start - 15):start + 10])
 
 
 def configure_root(profile: Profile, lock: Lock, mirror: Path, root: Path,
@@ -132,5 +145,4 @@ def _stage_gpu(profile: Profile, lock: Lock, mirror: Path, root: Path) -> dict[s
     debs = stage_gpu(profile, lock, mirror, root)
     log.info("GPU: %s, %d packages staged, DKMS for kernel %s (%s)", profile.gpu_set.manifest.id,
              len(debs), release, compat.basis)
-    return {"kernel_release": release, "gpu_debs": debs,
-            "gpu_record": image_record(profile.gpu_set, compat)}
+    return {"kernel_release": release, "gpu_record": image_record(profile.gpu_set, compat)}

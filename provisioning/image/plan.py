@@ -430,15 +430,13 @@ def _user_commands(profile: Profile) -> list[tuple[str, ...]]:
 
 
 def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS_IN_ROOT,
-                   kernel_release: str = "", gpu_debs: tuple[str, ...] = (),
-                   gpu_record: dict[str, Any] | None = None) -> Plan:
+                   kernel_release: str = "", gpu_record: dict[str, Any] | None = None) -> Plan:
     """The configure stage's plan for ``profile``.
 
     ``pip_wheel`` is the path (inside the root) of the pip wheel that Debian's python3-venv
     ships; it installs the agent without leaving pip in the venv.  For a GPU profile,
-    ``kernel_release`` (the root's kernel), ``gpu_debs`` (staged package files) and
-    ``gpu_record`` (the driver set baked into the image) come from
-    :mod:`provisioning.gpu`'s staging.
+    ``kernel_release`` (the root's kernel) and ``gpu_record`` (the driver set baked into the
+    image) come from :mod:`provisioning.gpu`'s staging.
     """
     files = [
         FileSpec("/etc/hostname", profile.image.hostname + "\n"),
@@ -477,8 +475,7 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     if profile.gpu_set is not None:
         from provisioning.gpu import configure_gpu
 
-        gpu_files, gpu_commands, gpu_enable = configure_gpu(profile, kernel_release, gpu_debs,
-                                                           gpu_record or {})
+        gpu_files, gpu_commands, gpu_enable = configure_gpu(profile, kernel_release, gpu_record or {})
         files += gpu_files
         commands = gpu_commands + commands  # the driver first: the agent's venv does not need it
         enable += gpu_enable
