@@ -365,6 +365,8 @@ def _gpu_profile(tmp_path: Path, edit: tuple[str, str] = ("", "")) -> Path:
      "[gpu] signing_key = 'k.pem', signing_cert = '': give both"),
     (('[gpu]\n', '[gpu]\nsigning_key = "k.pem"\nsigning_cert = "c.pem"\n'),
      "[gpu] signing_key = 'k.pem': no such file"),
+    (('manifest = "nvidia-550-trixie"', 'signing_key = "k.pem"'),
+     "[gpu] signing_key = 'k.pem': no manifest, so no GPU modules to sign"),
     (('[debian]\n', '[debian]\nkernel = "linux-image-6.16.3+deb13-amd64"\n'),
      "kernel 6.16.3+deb13-amd64 (series 6.16) is outside the range"),
 ])

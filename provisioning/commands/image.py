@@ -97,9 +97,10 @@ def _reexec_offline(args: argparse.Namespace) -> None:
     """Re-run this very command inside ``unshare --net`` (a namespace with only a down lo)."""
     argv = [sys.executable, "-m", "provisioning.cli"]
     argv += ["--debug"] if args.debug else []
-    argv += ["--json"] if args.json else []
     argv += ["build", str(args.profile.resolve()), "--mirror", str(args.mirror.resolve()),
              "--out", str(args.out.resolve())]
+    # After the subcommand: its own --json default would override a global one.
+    argv += ["--json"] if args.json else []
     if args.source_date_epoch is not None:
         argv += ["--source-date-epoch", str(args.source_date_epoch)]
     if args.dry_run:

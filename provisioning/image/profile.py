@@ -451,6 +451,9 @@ def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads
         if not manifest.is_file():
             raise ProfileError(f"{where}: [gpu] manifest = {p.gpu.manifest!r}: "
                                f"no such firmware manifest {manifest}")
+    elif p.gpu.signing_key or p.gpu.signing_cert:
+        raise ProfileError(f"{where}: [gpu] signing_key = {p.gpu.signing_key!r}: no manifest, so "
+                           "no GPU modules to sign")
     if p.bundles.targets and not p.bundles.registry:
         raise ProfileError(f"{where}: [bundles] targets = {list(p.bundles.targets)!r}: "
                            "no registry given")

@@ -295,6 +295,9 @@ def plan_build(profile_path: Path, mirror: Path, out: Path,
     _check_mirror(profile, lock, mirror, extra)
     for tool in ("mmdebstrap", "tar", "chroot", "gpgv"):
         require_tool(tool)
+    if profile.gpu_set is not None:  # GPU: a flat repository in the root; modules checked
+        for tool in ("apt-ftparchive", "modinfo"):
+            require_tool(tool)
     ctx = BuildContext(profile, mirror.resolve(), lock, out.resolve(),
                        _source_date_epoch(profile, source_date_epoch),
                        package_set(profile, extra), debug)
