@@ -41,6 +41,8 @@ def register(
     b.add_argument("--port", type=_port_map, action="append", default=[], metavar="GUEST=HOST",
                    help="forward a guest TCP port to 127.0.0.1:HOST (default 8001=18001, 8002=18002)")
     b.add_argument("--tpm", action="store_true", help="attach a software TPM 2.0 (swtpm)")
+    b.add_argument("--disk-size", type=int, metavar="MIB",
+                   help="disk size the guest sees, larger than the image (the data partition grows into it)")
     b.add_argument("--wait-for", metavar="REGEX", help="block until the console prints a line matching REGEX")
     b.add_argument("--timeout", type=float, default=600, help="seconds for --wait-for (default 600)")
     b.add_argument("--detach", action="store_true",
@@ -73,7 +75,8 @@ def _boot(args: argparse.Namespace) -> int:
     ports = dict(args.port) or {8001: 18001, 8002: 18002}
     state = args.state or args.image.with_name(args.image.name + ".vm")
     plan = vm.BootPlan(args.image, state, kvm, args.memory, args.cpus, ports,
-                       tpm_socket=state / "swtpm.sock" if args.tpm else None)
+                       tpm_socket=state / "swtpm.sock" if args.tpm else None,
+                       disk_size=args.disk_size * 1024 * 1024 if args.disk_size else None)
     machine = vm.start(plan)
     info = machine.to_json()
     if not args.json:

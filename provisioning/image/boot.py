@@ -55,6 +55,7 @@ class BootPlan:
     ports: Mapping[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
     tpm_socket: Path | None = None
     firmware: Path = OVMF_CODE
+    disk_size: int | None = None  # bytes the guest sees (>= the image: a bigger disk, as when flashed)
 
     @property
     def overlay(self) -> Path:
@@ -178,7 +179,7 @@ def start(plan: BootPlan) -> Machine:
     for stale in (plan.overlay, plan.console, plan.pidfile, plan.qmp):
         stale.unlink(missing_ok=True)
     shutil.copyfile(OVMF_VARS, plan.vars)
-    size = plan.image.stat().st_size
+    size = max(plan.image.stat().st_size, plan.disk_size or 0)
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", plan.image.resolve(),
          plan.overlay, str(size)])
     plan.console.touch()

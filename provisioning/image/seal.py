@@ -101,12 +101,12 @@ def squashfs_argv(rootfs: Path, image: Path, epoch: int, pseudo: list[str], keep
     """
     argv = ["mksquashfs", str(rootfs), str(image), "-noappend", "-comp", "zstd", "-b", "256K",
             "-mkfs-time", str(epoch), "-all-time", str(epoch), "-reproducible", "-no-progress",
-            "-quiet", "-xattrs" if keep_xattrs else "-no-xattrs",
-            # the mounts made at run time must not carry build-time leftovers
-            "-wildcards", "-e", "proc/*", "sys/*", "dev/*", "run/*", "tmp/*", "var/tmp/*"]
+            "-quiet", "-xattrs" if keep_xattrs else "-no-xattrs"]
     for definition in pseudo:
         argv += ["-p", definition]
-    return argv
+    # -e takes every argument after it, so it comes last; the mounts made at run time
+    # must not carry build-time leftovers
+    return [*argv, "-wildcards", "-e", "proc/*", "sys/*", "dev/*", "run/*", "tmp/*", "var/tmp/*"]
 
 
 def verity_params(squashfs_sha256: str) -> tuple[str, str]:
@@ -145,6 +145,8 @@ def kernel_cmdline(name: str, roothash: str, extra: tuple[str, ...] = ()) -> str
         f"systemd.mount-extra={data}:/var:ext4:defaults,nodev,nosuid,x-systemd.growfs,"
         "x-systemd.after=systemd-repart.service",
         f"systemd.mount-extra={esp}:/efi:vfat:umask=0077,nodev,nosuid,noexec",
+        # the mounts above are the whole story: no guessing by partition type
+        "systemd.gpt_auto=0",
         "console=tty0", "console=ttyS0,115200", "panic=10", *extra,
     ]
     return " ".join(args)
