@@ -22,7 +22,7 @@ from provisioning.image import boot as vm
 from provisioning.image.disk import disk
 from provisioning.image.seal import seal, squashfs_argv
 from provisioning.image.stage import DiskSizes, StageContext
-from tests.seal_testroot import EPOCH, MARKER, cache_dir, test_rootfs
+from tests.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
 
 
 def main() -> int:
@@ -34,7 +34,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         base = Path(tmp)
-        root = test_rootfs(cache_dir(args.cache), base / "root", "A")
+        root = make_rootfs(cache_dir(args.cache), base / "root", "A")
         squash, sealdisk = [], []
         for i in range(args.runs):
             t = time.monotonic()

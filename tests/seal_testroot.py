@@ -77,7 +77,7 @@ def _enable(root: Path, unit: str, text: str, targets: tuple[str, ...]) -> None:
         (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
 
 
-def test_rootfs(cache: Path, dest: Path, slot: str, broken: bool = False) -> Path:
+def make_rootfs(cache: Path, dest: Path, slot: str, broken: bool = False) -> Path:
     """A copy of the cached base root at ``dest`` with the console marker (and the failing unit)."""
     base = _base(cache)
     if dest.exists():

@@ -17,7 +17,7 @@ from provisioning.image import boot as vm
 from provisioning.image.disk import disk, load_sealed
 from provisioning.image.seal import seal
 from provisioning.image.stage import DiskSizes, StageContext
-from tests.seal_testroot import EPOCH, MARKER, cache_dir, test_rootfs
+from tests.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 SIZES = DiskSizes(esp_mib=64, root_mib=512, data_mib=64)
@@ -37,7 +37,7 @@ def _sha(path: Path) -> str:
 def sealed_a(tmp_path_factory: pytest.TempPathFactory) -> StageContext:
     _needs("mmdebstrap", "mksquashfs", "veritysetup", "sfdisk", "mkfs.vfat", "mcopy", "faketime", "unshare")
     base = tmp_path_factory.mktemp("seal")
-    root = test_rootfs(cache_dir(base / "cache"), base / "root-a", "A")
+    root = make_rootfs(cache_dir(base / "cache"), base / "root-a", "A")
     ctx = StageContext(rootfs=root, out=base / "out", work=base / "work", source_date_epoch=EPOCH,
                        version="1.0", sizes=SIZES)
     seal(ctx)
@@ -104,7 +104,7 @@ def test_a_slot_that_never_blesses_falls_back_to_the_other(
     from provisioning.image.disk import build_disk
 
     base = tmp_path_factory.mktemp("ab")
-    root_b = test_rootfs(cache_dir(base / "cache"), base / "root-b", "B", broken=True)
+    root_b = make_rootfs(cache_dir(base / "cache"), base / "root-b", "B", broken=True)
     ctx_b = StageContext(rootfs=root_b, out=base / "out-b", work=base / "work-b", source_date_epoch=EPOCH,
                          version="2.0", sizes=SIZES)
     slot_b = seal(ctx_b)

@@ -43,7 +43,9 @@ def register(
     b.add_argument("--tpm", action="store_true", help="attach a software TPM 2.0 (swtpm)")
     b.add_argument("--disk-size", type=int, metavar="MIB",
                    help="disk size the guest sees, larger than the image (the data partition grows into it)")
-    b.add_argument("--wait-for", metavar="REGEX", help="block until the console prints a line matching REGEX")
+    b.add_argument("--wait-for", metavar="REGEX",
+                   help="block until the console prints a line matching REGEX, then power off "
+                   "(with --detach: leave it running); exit 1 on timeout")
     b.add_argument("--timeout", type=float, default=600, help="seconds for --wait-for (default 600)")
     b.add_argument("--detach", action="store_true",
                    help="leave the machine running and return (stop it with --stop STATE)")
@@ -77,7 +79,8 @@ def _boot(args: argparse.Namespace) -> int:
     plan = vm.BootPlan(args.image, state, kvm, args.memory, args.cpus, ports,
                        tpm_socket=state / "swtpm.sock" if args.tpm else None,
                        disk_size=args.disk_size * 1024 * 1024 if args.disk_size else None)
-    machine = vm.start(plan)
+    machine = vm.start(plan, fallback_tcg=args.accel == "auto")
+    kvm = machine.plan.kvm
     info = machine.to_json()
     if not args.json:
         print(f"started pid {machine.pid} ({'KVM' if kvm else 'TCG'}); console {plan.console}; "

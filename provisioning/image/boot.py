@@ -10,7 +10,9 @@ A machine is stopped by its pid (ACPI power-off over QMP first, then SIGTERM, th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +33,7 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 AGENT_PORTS = (8001, 8002)  # gRPC (inference + node) and Prometheus metrics
 _STATE = "machine.json"
+log = logging.getLogger(__name__)
 
 
 def kvm_usable(path: Path = Path("/dev/kvm")) -> bool:
@@ -158,12 +161,16 @@ def _read_pid(path: Path) -> int:
         raise ImageError(f"{path}: no pid ({exc})") from exc
 
 
-def start(plan: BootPlan) -> Machine:
+def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
     """Prepare ``plan.state`` and start qemu (and swtpm) in the background.
+
+    Under KVM, a qemu that dies at once with an empty console (KVM that cannot run OVMF, as
+    under some nested virtualization) is started again under TCG when ``fallback_tcg``.
 
     Raises:
         NotFoundError: the image or firmware is missing. ImageError: the state directory
-            holds a running machine. ToolError: qemu-img, swtpm or qemu failed to start.
+            holds a running machine, or KVM cannot run the firmware (without ``fallback_tcg``).
+        ToolError: qemu-img, swtpm or qemu failed to start.
     """
     for label, path in (("image", plan.image), ("UEFI firmware (Debian package ovmf)", plan.firmware),
                         ("UEFI variable store (Debian package ovmf)", OVMF_VARS)):
@@ -191,7 +198,27 @@ def start(plan: BootPlan) -> Machine:
     run(qemu_argv(plan), timeout=60)
     machine = Machine(plan, _read_pid(plan.pidfile), tpm_pid)
     (plan.state / _STATE).write_text(json.dumps(machine.to_json(), indent=2) + "\n")
+    if plan.kvm and _died_silently(machine):
+        if fallback_tcg:
+            log.warning("qemu died under KVM before the firmware printed anything "
+                        "(nested KVM that cannot run OVMF?): starting again under TCG")
+            stop(machine, grace=0)
+            return start(dataclasses.replace(plan, kvm=False))
+        raise ImageError("qemu died under KVM before the firmware printed anything: this host's KVM "
+                         "cannot run OVMF (seen under nested virtualization); use --accel tcg")
     return machine
+
+
+def _died_silently(machine: Machine, settle: float = 5.0) -> bool:
+    """True when qemu exits within ``settle`` seconds with nothing on the console."""
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        if not machine.alive():
+            return machine.plan.console.stat().st_size == 0
+        if machine.plan.console.stat().st_size:
+            return False
+        time.sleep(0.25)
+    return False
 
 
 def load(state: Path) -> Machine:
