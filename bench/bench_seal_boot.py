@@ -62,8 +62,12 @@ def main() -> int:
                 continue
             times = []
             for j in range(args.boot_runs):
-                machine = vm.start(vm.BootPlan(image, base / f"vm-{label}-{j}", kvm, 1024, 2, {}))
                 t = time.monotonic()
+                try:
+                    machine = vm.start(vm.BootPlan(image, base / f"vm-{label}-{j}", kvm, 1024, 2, {}))
+                except ImageError as exc:
+                    print(f"{label}: not measured: {exc}")
+                    break
                 try:
                     vm.wait_for(machine, MARKER, timeout=120 if kvm else args.tcg_timeout)
                     times.append(time.monotonic() - t)

@@ -222,7 +222,9 @@ def _faketime(ctx_epoch: int) -> list[str]:
 
 
 def _fixed_env() -> dict[str, str]:
-    return {"TZ": "UTC", "MTOOLS_SKIP_CHECK": "1"}
+    # NO_FAKE_STAT: the frozen clock must not also fake the source files' times that
+    # mcopy -m and mkfs.ext4 -d copy (they are set to SOURCE_DATE_EPOCH beforehand)
+    return {"TZ": "UTC", "MTOOLS_SKIP_CHECK": "1", "NO_FAKE_STAT": "1"}
 
 
 def build_esp(run: RunFn, path: Path, *, name: str, size_mib: int, epoch: int,
@@ -256,6 +258,31 @@ def build_data(run: RunFn, path: Path, *, name: str, size_mib: int, epoch: int, 
     if content is not None:
         argv += ["-d", content]
     run([*argv, path], env=_fixed_env())
+    if content is not None:
+        # mkfs.ext4 -d copies each file's atime, mtime and ctime (1.47.0 has no
+        # SOURCE_DATE_EPOCH); pin all three, in place, without touching the source tree
+        script = path.with_suffix(".debugfs")
+        script.write_text("".join(f'sif "{p}" {field} @{epoch}\n'
+                                  for p in _tree_paths(content) for field in ("atime", "mtime", "ctime")))
+        run([*_faketime(epoch), "debugfs", "-w", "-f", script, path], env=_fixed_env())
+        script.unlink()
+
+
+def _tree_paths(root: Path) -> list[str]:
+    """Every path under ``root`` as seen from the new file system's root ("/" included).
+
+    Raises:
+        ImageError: a name debugfs cannot quote (a double quote, a newline or a backslash).
+    """
+    paths = ["/"]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            rel = "/" + str((Path(dirpath) / name).relative_to(root))
+            if any(c in rel for c in '"\n\\'):
+                raise ImageError(f"{root}{rel}: this name cannot be placed on the data partition")
+            paths.append(rel)
+    return paths
 
 
 def _copy_into(image: Path, part: Partition, source: Path) -> None:
