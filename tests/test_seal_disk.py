@@ -334,3 +334,26 @@ def test_signing_uses_sbsign_with_the_configured_key(tmp_path: Path) -> None:
     subprocess.run(["sbverify", "--cert", str(cert), str(signed)], check=True, capture_output=True)
     unsigned = subprocess.run(["sbverify", "--cert", str(cert), str(stub)], capture_output=True)
     assert unsigned.returncode != 0
+
+
+def test_qemu_argv_for_secure_boot(tmp_path: Path) -> None:
+    plan = vm.BootPlan(tmp_path / "disk.raw", tmp_path / "vm", False, firmware=vm.OVMF_CODE_SECBOOT,
+                       vars_template=vm.OVMF_VARS_SNAKEOIL, secure_boot=True)
+    argv = vm.qemu_argv(plan)
+    assert argv[argv.index("-machine") + 1] == "q35,accel=tcg,smm=on"
+    assert "driver=cfi.pflash01,property=secure,value=on" in argv
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={vm.OVMF_CODE_SECBOOT}" in argv
+
+
+def test_esp_too_small_for_the_ukis_is_a_clear_error(tmp_path: Path) -> None:
+    from provisioning.image.disk import Sealed, build_disk
+
+    big = tmp_path / "uki.efi"
+    with big.open("wb") as f:
+        f.truncate(50 * 1024 * 1024)
+    slot = Sealed("appliance", "1", HASH_A, big, big, big)
+    (tmp_path / "loader.efi").write_bytes(b"MZ")
+    with pytest.raises(ImageError, match=r"ESP \(40 MiB\) cannot hold 50 MiB"):
+        build_disk(lambda *a, **k: None, out=tmp_path / "o", work=tmp_path / "w", name="appliance",
+                   sizes=DiskSizes(esp_mib=40, root_mib=16, data_mib=16), epoch=0, slot_a=slot, slot_b=None,
+                   boot_loader=tmp_path / "loader.efi", tries=3, data_content=None)

@@ -7,6 +7,7 @@ archive and cached (set APPLIANCE_TEST_CACHE to keep it between runs).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,10 +18,11 @@ from provisioning.image import boot as vm
 from provisioning.image.disk import disk, load_sealed
 from provisioning.image.seal import seal
 from provisioning.image.stage import DiskSizes, StageContext
+from tests.conftest import run_appliance
 from tests.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
-SIZES = DiskSizes(esp_mib=64, root_mib=512, data_mib=64)
+SIZES = DiskSizes(esp_mib=160, root_mib=512, data_mib=64)  # the ESP holds two ~50 MiB UKIs
 
 
 def _needs(*tools: str) -> None:
@@ -66,22 +68,48 @@ def test_verity_root_hash_checks_out_from_outside(sealed_a: StageContext) -> Non
     assert f"roothash={s.roothash}" in cmdline
 
 
-def test_boots_to_the_verity_root(sealed_a: StageContext, tmp_path: Path) -> None:
+def _boot_cli(image: Path, state: Path, pattern: str, *extra: str) -> dict[str, object]:
+    """``appliance boot IMAGE --wait-for PATTERN --json`` as a separate process."""
+    accel = "auto" if os.environ.get("APPLIANCE_TEST_KVM", "0") == "1" else "tcg"
+    proc = run_appliance("boot", image, "--state", state, "--accel", accel, "--memory", "1024",
+                         "--wait-for", pattern, "--timeout", "1500", "--json", *extra, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def test_boots_to_the_verity_root_and_grows_the_data_partition(sealed_a: StageContext,
+                                                               tmp_path: Path) -> None:
     _needs("qemu-system-x86_64", "qemu-img")
     image = sealed_a.out / "disk.raw"
     before = _sha(image)
-    # OVMF does not start under the nested KVM of some hosts; TCG always works (slowly).
-    kvm = os.environ.get("APPLIANCE_TEST_KVM", "0") == "1" and vm.kvm_usable()
-    machine = vm.start(vm.BootPlan(image, tmp_path / "vm", kvm, 1024, 2, {8001: 0}))
-    try:
-        line = vm.wait_for(machine, MARKER, timeout=1500 if not kvm else 300)
-    finally:
-        vm.stop(machine, grace=20)
-    s = load_sealed(sealed_a.out)
-    assert "/dev/mapper/root" in line, line
-    assert "var=/dev/vda6" in line and "slot=A" in line, line
+    # the guest sees a 2 GiB disk: the 64 MiB data partition must grow into it on first boot
+    result = _boot_cli(image, tmp_path / "vm", MARKER, "--disk-size", "2048", "--tpm")
+    line = str(result["matched"])
+    assert "/dev/mapper/root" in line and "var=/dev/vda6" in line and "slot=A" in line, line
+    varsize = int(line.split("varsize=", 1)[1].split(maxsplit=1)[0])
+    assert varsize > 1024 * 1024 * 1024, line
+    assert "tpm=yes" in line, line
+    assert "sb=1" not in line, line  # plain OVMF: no Secure Boot
+    assert result["stopped"] in ("powered off", "terminated", "killed")
     assert _sha(image) == before  # the overlay took every write
-    assert s.roothash
+
+
+def test_secure_boot_runs_the_signed_image_and_refuses_the_unsigned(
+        sealed_a: StageContext, tmp_path_factory: pytest.TempPathFactory) -> None:
+    _needs("qemu-system-x86_64", "qemu-img", "sbsign")
+    if not vm.SNAKEOIL_KEY.exists():
+        pytest.skip("Debian's ovmf snakeoil key is missing")
+    base = tmp_path_factory.mktemp("sb")
+    refused = _boot_cli(sealed_a.out / "disk.raw", base / "vm-unsigned", "Access Denied", "--secure-boot")
+    assert "Access Denied" in str(refused["matched"])
+    signed = StageContext(rootfs=sealed_a.rootfs, out=base / "out", work=base / "work",
+                          source_date_epoch=EPOCH, version="1.0", sizes=SIZES,
+                          secure_boot_key=vm.SNAKEOIL_KEY, secure_boot_cert=vm.SNAKEOIL_CERT)
+    seal(signed)
+    image = disk(signed)
+    result = _boot_cli(image, base / "vm-signed", MARKER, "--secure-boot")
+    line = str(result["matched"])
+    assert "/dev/mapper/root" in line and "sb=1" in line, line
 
 
 def _esp_files(overlay: Path, work: Path) -> list[str]:

@@ -41,6 +41,11 @@ def register(
     b.add_argument("--port", type=_port_map, action="append", default=[], metavar="GUEST=HOST",
                    help="forward a guest TCP port to 127.0.0.1:HOST (default 8001=18001, 8002=18002)")
     b.add_argument("--tpm", action="store_true", help="attach a software TPM 2.0 (swtpm)")
+    b.add_argument("--secure-boot", action="store_true",
+                   help="Secure Boot firmware (OVMF secboot build); enforce with --vars")
+    b.add_argument("--vars", type=Path, metavar="FILE",
+                   help="UEFI variable store to start from (default: OVMF's empty one; with --secure-boot: "
+                   "Debian's store with its snakeoil test keys enrolled)")
     b.add_argument("--disk-size", type=int, metavar="MIB",
                    help="disk size the guest sees, larger than the image (the data partition grows into it)")
     b.add_argument("--wait-for", metavar="REGEX",
@@ -76,7 +81,10 @@ def _boot(args: argparse.Namespace) -> int:
     kvm = {"kvm": True, "tcg": False}.get(args.accel, vm.kvm_usable())
     ports = dict(args.port) or {8001: 18001, 8002: 18002}
     state = args.state or args.image.with_name(args.image.name + ".vm")
+    firmware, template = ((vm.OVMF_CODE_SECBOOT, vm.OVMF_VARS_SNAKEOIL) if args.secure_boot
+                          else (vm.OVMF_CODE, vm.OVMF_VARS))
     plan = vm.BootPlan(args.image, state, kvm, args.memory, args.cpus, ports,
+                       firmware=firmware, vars_template=args.vars or template, secure_boot=args.secure_boot,
                        tpm_socket=state / "swtpm.sock" if args.tpm else None,
                        disk_size=args.disk_size * 1024 * 1024 if args.disk_size else None)
     machine = vm.start(plan, fallback_tcg=args.accel == "auto")

@@ -26,11 +26,18 @@ from pathlib import Path
 from agent.errors import ImageError, NotFoundError
 from agent.tools import require_tool, run
 
-__all__ = ["AGENT_PORTS", "OVMF_CODE", "OVMF_VARS", "BootPlan", "Machine", "kvm_usable",
+__all__ = ["AGENT_PORTS", "OVMF_CODE", "OVMF_CODE_SECBOOT", "OVMF_VARS", "OVMF_VARS_SNAKEOIL",
+           "SNAKEOIL_CERT", "SNAKEOIL_KEY", "BootPlan", "Machine", "kvm_usable",
            "qemu_argv", "start", "stop", "wait_for"]
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot firmware (needs SMM) and Debian's variable store with its test ("snakeoil")
+# keys enrolled; an operator passes a store with the site's own keys instead.
+OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS_SNAKEOIL = Path("/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd")
+SNAKEOIL_KEY = Path("/usr/share/ovmf/PkKek-1-snakeoil.key")
+SNAKEOIL_CERT = Path("/usr/share/ovmf/PkKek-1-snakeoil.pem")
 AGENT_PORTS = (8001, 8002)  # gRPC (inference + node) and Prometheus metrics
 _STATE = "machine.json"
 log = logging.getLogger(__name__)
@@ -58,6 +65,8 @@ class BootPlan:
     ports: Mapping[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
     tpm_socket: Path | None = None
     firmware: Path = OVMF_CODE
+    vars_template: Path = OVMF_VARS
+    secure_boot: bool = False  # firmware is a Secure Boot build: SMM on, flash locked to SMM
     disk_size: int | None = None  # bytes the guest sees (>= the image: a bigger disk, as when flashed)
 
     @property
@@ -94,6 +103,9 @@ def qemu_argv(plan: BootPlan) -> list[str]:
         accel = ["-machine", "q35,accel=tcg", "-cpu", "max"]
     forwards = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
                        for guest, host in sorted(plan.ports.items()))
+    if plan.secure_boot:
+        accel[1] += ",smm=on"
+        accel += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     argv = [
         "qemu-system-x86_64", *accel, "-m", str(plan.memory_mib), "-smp", str(plan.cpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-daemonize",
@@ -173,7 +185,7 @@ def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
         ToolError: qemu-img, swtpm or qemu failed to start.
     """
     for label, path in (("image", plan.image), ("UEFI firmware (Debian package ovmf)", plan.firmware),
-                        ("UEFI variable store (Debian package ovmf)", OVMF_VARS)):
+                        ("UEFI variable store (Debian package ovmf)", plan.vars_template)):
         if not path.is_file():
             raise NotFoundError(f"{label}: {path} does not exist")
     require_tool("qemu-system-x86_64")
@@ -185,7 +197,7 @@ def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
     plan.state.mkdir(parents=True, exist_ok=True)
     for stale in (plan.overlay, plan.console, plan.pidfile, plan.qmp):
         stale.unlink(missing_ok=True)
-    shutil.copyfile(OVMF_VARS, plan.vars)
+    shutil.copyfile(plan.vars_template, plan.vars)
     size = max(plan.image.stat().st_size, plan.disk_size or 0)
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", plan.image.resolve(),
          plan.overlay, str(size)])

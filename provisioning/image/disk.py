@@ -218,7 +218,7 @@ def _faketime(ctx_epoch: int) -> list[str]:
     # mkfs.ext4 (1.47.0), mkfs.vfat and mtools stamp the current time into inodes and
     # directory entries; a frozen clock makes their output a function of the inputs only.
     stamp = datetime.fromtimestamp(ctx_epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
-    return ["faketime", stamp]
+    return ["faketime", "-f", stamp]  # -f without "@": the clock stands still
 
 
 def _fixed_env() -> dict[str, str]:
@@ -330,6 +330,10 @@ def build_disk(run: RunFn, *, out: Path, work: Path, name: str, sizes: DiskSizes
              (slot_a.uki, "/EFI/Linux/" + uki_file_name(name, slot_a.version, tries))]
     if slot_b is not None:
         files.append((slot_b.uki, "/EFI/Linux/" + uki_file_name(name, slot_b.version, tries)))
+    needed = sum(src.stat().st_size for src, _ in files)
+    if needed > (sizes.esp_mib - 2) * MiB:  # FAT32 tables and directories take the rest
+        raise ImageError(f"the ESP ({sizes.esp_mib} MiB) cannot hold {needed / MiB:.0f} MiB of boot loader "
+                         "and UKIs: raise the profile's [disk] esp_mib")
     esp = work / "esp.vfat"
     build_esp(run, esp, name=name, size_mib=sizes.esp_mib, epoch=epoch, files=files)
     data = work / "data.ext4"
