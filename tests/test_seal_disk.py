@@ -357,3 +357,8 @@ def test_esp_too_small_for_the_ukis_is_a_clear_error(tmp_path: Path) -> None:
         build_disk(lambda *a, **k: None, out=tmp_path / "o", work=tmp_path / "w", name="appliance",
                    sizes=DiskSizes(esp_mib=40, root_mib=16, data_mib=16), epoch=0, slot_a=slot, slot_b=None,
                    boot_loader=tmp_path / "loader.efi", tries=3, data_content=None)
+
+
+def test_boot_stop_without_a_machine_is_not_found(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    res = cli("boot", "--stop", tmp_path)
+    assert res.code == 4 and "machine.json" in res.err
