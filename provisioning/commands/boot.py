@@ -35,14 +35,15 @@ def register(
     b.add_argument("image", type=Path, nargs="?", help="raw disk image (disk.raw)")
     b.add_argument("--state", type=Path, help="folder for the overlay, console log, pid (default IMAGE.vm/)")
     b.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
-                   help="auto: KVM when /dev/kvm opens, TCG otherwise")
+                   help="auto: KVM when /dev/kvm opens, TCG otherwise (or when KVM cannot run OVMF)")
     b.add_argument("--memory", type=int, default=2048, help="MiB (default 2048)")
     b.add_argument("--cpus", type=int, default=2)
     b.add_argument("--port", type=_port_map, action="append", default=[], metavar="GUEST=HOST",
                    help="forward a guest TCP port to 127.0.0.1:HOST (default 8001=18001, 8002=18002)")
     b.add_argument("--tpm", action="store_true", help="attach a software TPM 2.0 (swtpm)")
     b.add_argument("--secure-boot", action="store_true",
-                   help="Secure Boot firmware (OVMF secboot build); enforce with --vars")
+                   help="Secure Boot firmware (OVMF secboot build) enforcing the keys in the variable "
+                   "store (see --vars)")
     b.add_argument("--vars", type=Path, metavar="FILE",
                    help="UEFI variable store to start from (default: OVMF's empty one; with --secure-boot: "
                    "Debian's store with its snakeoil test keys enrolled)")

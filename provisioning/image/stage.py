@@ -20,7 +20,7 @@ from agent.errors import ImageError
 from agent.tools import Completed
 from agent.tools import run as tools_run
 
-__all__ = ["DiskSizes", "RunFn", "StageContext"]
+__all__ = ["DiskSizes", "RunFn", "StageContext", "check_paths"]
 
 # The signature of agent.tools.run; tests may pass a wrapper that injects faults.
 RunFn = Callable[..., Completed]
