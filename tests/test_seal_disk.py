@@ -362,3 +362,30 @@ def test_esp_too_small_for_the_ukis_is_a_clear_error(tmp_path: Path) -> None:
 def test_boot_stop_without_a_machine_is_not_found(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     res = cli("boot", "--stop", tmp_path)
     assert res.code == 4 and "machine.json" in res.err
+
+
+def test_root_cmdline_joins_but_cannot_override(tmp_path: Path) -> None:
+    from provisioning.image.seal import root_cmdline
+
+    assert root_cmdline(tmp_path) == ()
+    (tmp_path / "etc/kernel").mkdir(parents=True)
+    (tmp_path / "etc/kernel/cmdline").write_text("apparmor=1 security=apparmor root=/dev/sda1 rw rodata=on "
+                                                 "systemd.verity=0 init=/bin/sh\n")
+    assert root_cmdline(tmp_path) == ("apparmor=1", "security=apparmor", "rodata=on")
+
+
+def test_pipeline_build_context_is_adapted(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from provisioning.image.stage import as_stage_context
+
+    disk = SimpleNamespace(esp_mib=512, root_mib=2048, data_mib=1024, data_label="data")
+    profile = SimpleNamespace(image=SimpleNamespace(name="minimal"), disk=disk)
+    build = SimpleNamespace(profile=profile, root=tmp_path / "root", source_date_epoch=1767225600,
+                            stage_path=lambda name: tmp_path / "stages" / name)
+    ctx = as_stage_context(build, "disk")
+    assert ctx.rootfs == tmp_path / "root" and ctx.out == tmp_path / "stages/disk"
+    assert ctx.sealed == tmp_path / "stages/seal" and ctx.name == "minimal"
+    assert ctx.version == "20260101.000000" and ctx.sizes == DiskSizes(512, 2048, 1024, "data")
+    with pytest.raises(ImageError, match="build context"):
+        as_stage_context(object(), "seal")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from agent.errors import ImageError
 from agent.fsutil import atomic_write_text
-from provisioning.image.stage import DiskSizes, RunFn, StageContext
+from provisioning.image.stage import DiskSizes, RunFn, StageContext, as_stage_context
 
 __all__ = [
     "DISK_NAME", "MANIFEST_NAME", "TYPE", "Partition", "Sealed", "build_disk", "data_uuid", "disk",
@@ -190,7 +190,7 @@ def layout(name: str, sizes: DiskSizes, slot_a: str, slot_b: str | None) -> tupl
         ("root-a-verity", TYPE["root-verity"], a_verity, vmib),
         ("root-b", TYPE["root"], b_root, sizes.root_mib),
         ("root-b-verity", TYPE["root-verity"], b_verity, vmib),
-        ("data", TYPE["data"], data_uuid(name), sizes.data_mib),
+        (sizes.data_label, TYPE["data"], data_uuid(name), sizes.data_mib),
     )
     parts, start = [], 1
     for label, type_, uid, size in rows:
@@ -353,7 +353,7 @@ def build_disk(run: RunFn, *, out: Path, work: Path, name: str, sizes: DiskSizes
     if slot_b is not None:
         _copy_into(image, parts["root-b"], slot_b.root_image)
         _copy_into(image, parts["root-b-verity"], slot_b.verity_image)
-    _copy_into(image, parts["data"], data)
+    _copy_into(image, parts[sizes.data_label], data)
     final = out / disk_name
     image.replace(final)
     return final
@@ -388,9 +388,12 @@ def write_manifest(out: Path, *, name: str, version: str, epoch: int, roothash: 
     return path
 
 
-def disk(ctx: StageContext) -> Path:
-    """The disk stage: reads the seal stage's outputs from ``ctx.out``, writes ``disk.raw``
-    and ``image-manifest.json`` there; returns the disk image's path.
+def disk(ctx: StageContext | object) -> Path:
+    """The disk stage: reads the seal stage's outputs (``ctx.sealed``, default ``ctx.out``),
+    writes ``disk.raw`` and ``image-manifest.json`` to ``ctx.out``; returns the image's path.
+
+    ``ctx`` may also be the image pipeline's build context (see
+    :func:`provisioning.image.stage.as_stage_context`).
 
     Slot B is left empty (an OS update writes it later). The data partition is populated
     from the root filesystem's /var.
@@ -398,18 +401,20 @@ def disk(ctx: StageContext) -> Path:
     Raises:
         ImageError: the seal outputs are missing or do not fit. ToolError: a tool failed.
     """
-    sealed = load_sealed(ctx.out)
-    loader = ctx.out / "systemd-bootx64.efi"
+    ctx = as_stage_context(ctx, "disk")
+    sealed = load_sealed(ctx.sealed or ctx.out)
+    loader = sealed.uki.parent / "systemd-bootx64.efi"
     if not loader.is_file():
         raise ImageError(f"{loader}: missing (the seal stage copies the boot loader there)")
     var = ctx.rootfs / "var"
     image = build_disk(ctx.run, out=ctx.out, work=ctx.work / "disk", name=ctx.name, sizes=ctx.sizes,
                        epoch=ctx.source_date_epoch, slot_a=sealed, slot_b=None, boot_loader=loader,
                        tries=ctx.boot_tries, data_content=var if var.is_dir() else None)
-    write_manifest(ctx.out, name=ctx.name, version=ctx.version, epoch=ctx.source_date_epoch,
-                   roothash=sealed.roothash,
-                   artifacts={image.name: "disk", sealed.root_image.name: "root",
-                              sealed.verity_image.name: "verity", sealed.uki.name: "uki",
-                              loader.name: "boot-loader"})
+    artifacts = {image.name: "disk"}
+    if (ctx.sealed or ctx.out) == ctx.out:  # the seal outputs lie beside the image
+        artifacts |= {sealed.root_image.name: "root", sealed.verity_image.name: "verity",
+                      sealed.uki.name: "uki", loader.name: "boot-loader"}
+    write_manifest(ctx.out, name=ctx.name, version=sealed.version, epoch=ctx.source_date_epoch,
+                   roothash=sealed.roothash, artifacts=artifacts)
     shutil.rmtree(ctx.work / "disk", ignore_errors=True)
     return image

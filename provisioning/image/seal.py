@@ -29,9 +29,9 @@ from pathlib import Path
 from agent.errors import ImageError
 from agent.fsutil import atomic_write_text
 from provisioning.image.disk import Sealed, data_uuid, esp_uuid
-from provisioning.image.stage import RunFn, StageContext, check_paths
+from provisioning.image.stage import RunFn, StageContext, as_stage_context, check_paths
 
-__all__ = ["REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version", "seal",
+__all__ = ["PACKAGES", "REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version", "seal",
            "squashfs_argv", "verity_format", "verity_params"]
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ REQUIRED_IN_ROOTFS = {
     "usr/lib/systemd/systemd-bless-boot": "systemd-boot",
     "usr/lib/systemd/system/systemd-repart.service": "systemd-repart",
 }
+# What the pipeline adds to the image's package set for this stage (stages.stage_packages()).
+PACKAGES = ("dracut", "linux-image-amd64", "systemd-boot", "systemd-boot-efi", "systemd-cryptsetup",
+            "systemd-repart", "systemd-ukify", "zstd")
 DRACUT_MODULES = ("systemd", "systemd-veritysetup", "dm")
 DRACUT_DRIVERS = ("squashfs", "dm-verity", "virtio_blk", "virtio_scsi", "virtio_pci", "nvme", "ahci",
                   "sd_mod", "usb_storage", "xhci_pci", "ext4", "vfat")
@@ -152,6 +155,25 @@ def kernel_cmdline(name: str, roothash: str, extra: tuple[str, ...] = ()) -> str
     return " ".join(args)
 
 
+# Arguments the seal stage owns: a root's /etc/kernel/cmdline cannot override them.
+_OWNED = ("root=", "roothash=", "rootfstype=", "rootflags=", "systemd.verity", "systemd.gpt_auto",
+          "systemd.mount-extra=", "usrhash=", "mount.usr", "init=", "rd.break", "systemd.unit=")
+
+
+def root_cmdline(rootfs: Path) -> tuple[str, ...]:
+    """Kernel arguments from the root's /etc/kernel/cmdline, without those the seal owns."""
+    path = rootfs / "etc/kernel/cmdline"
+    if not path.is_file():
+        return ()
+    kept = []
+    for arg in path.read_text().split():
+        if arg in {"ro", "rw"} or arg.startswith(_OWNED):
+            log.warning("seal: %s: ignoring %r (the sealed command line sets it)", path, arg)
+        else:
+            kept.append(arg)
+    return tuple(kept)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -220,13 +242,18 @@ def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path) -> Path:
     return work / "uki.efi"
 
 
-def seal(ctx: StageContext) -> Sealed:
+def seal(ctx: StageContext | object) -> Sealed:
     """Run the seal stage (see the module docstring); return what it made.
+
+    ``ctx`` may also be the image pipeline's build context (see
+    :func:`provisioning.image.stage.as_stage_context`). Arguments in the root's
+    /etc/kernel/cmdline (the configure stage's, e.g. ``apparmor=1``) join the sealed command line.
 
     Raises:
         ImageError: the root lacks a needed package, has no single kernel, or a signing key
             is missing. ToolError: mksquashfs, veritysetup, dracut, ukify or sbsign failed.
     """
+    ctx = as_stage_context(ctx, "seal")
     _check_rootfs(ctx.rootfs)
     check_paths([("Secure Boot key", ctx.secure_boot_key), ("Secure Boot certificate", ctx.secure_boot_cert)])
     kver = kernel_version(ctx.rootfs)
@@ -248,14 +275,15 @@ def seal(ctx: StageContext) -> Sealed:
     log.info("seal: initrd and UKI (kernel %s)", kver)
     uki_work = work / "uki"
     uki_work.mkdir()
-    unsigned = build_uki(ctx, kver, kernel_cmdline(ctx.name, roothash, ctx.extra_cmdline), uki_work)
+    cmdline = kernel_cmdline(ctx.name, roothash, (*root_cmdline(ctx.rootfs), *ctx.extra_cmdline))
+    unsigned = build_uki(ctx, kver, cmdline, uki_work)
     uki = ctx.out / f"{ctx.name}-{ctx.version}.efi"
     sign(ctx.run, ctx, unsigned, uki)
     sign(ctx.run, ctx, ctx.rootfs / "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
          ctx.out / "systemd-bootx64.efi")
     sealed = Sealed(ctx.name, ctx.version, roothash, root_image, verity_image, uki)
     doc = sealed.to_json() | {"kernel": kver, "signed": ctx.signing,
-                              "cmdline": kernel_cmdline(ctx.name, roothash, ctx.extra_cmdline)}
+                              "cmdline": cmdline}
     atomic_write_text(ctx.out / "seal.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return sealed

@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from agent.errors import ImageError
 from agent.tools import Completed
 from agent.tools import run as tools_run
 
-__all__ = ["DiskSizes", "RunFn", "StageContext", "check_paths"]
+__all__ = ["DiskSizes", "RunFn", "StageContext", "as_stage_context", "check_paths", "version_from_epoch"]
 
 # The signature of agent.tools.run; tests may pass a wrapper that injects faults.
 RunFn = Callable[..., Completed]
@@ -40,6 +41,7 @@ class DiskSizes:
     esp_mib: int = 512
     root_mib: int = 2048
     data_mib: int = 1024
+    data_label: str = "data"  # GPT label of the data partition
 
     def __post_init__(self) -> None:
         for name, minimum in (("esp_mib", 40), ("root_mib", 16), ("data_mib", 16)):
@@ -68,6 +70,7 @@ class StageContext:
     extra_cmdline: tuple[str, ...] = ()
     boot_tries: int = 3
     keep_xattrs: bool = False
+    sealed: Path | None = None  # where the disk stage finds the seal stage's outputs (default: out)
     run: RunFn = tools_run
 
     def __post_init__(self) -> None:
@@ -95,7 +98,7 @@ class StageContext:
         """
         doc: dict[str, Any] = {
             "source_date_epoch": self.source_date_epoch, "version": self.version, "name": self.name,
-            "sizes": [self.sizes.esp_mib, self.sizes.root_mib, self.sizes.data_mib],
+            "sizes": [self.sizes.esp_mib, self.sizes.root_mib, self.sizes.data_mib, self.sizes.data_label],
             "cmdline": list(self.extra_cmdline), "tries": self.boot_tries, "xattrs": self.keep_xattrs,
             "signing": [_file_hash(self.secure_boot_key), _file_hash(self.secure_boot_cert)],
         }
@@ -103,6 +106,40 @@ class StageContext:
         for item in extra:
             h.update(item.encode() if isinstance(item, str) else item)
         return h.hexdigest()
+
+
+def version_from_epoch(epoch: int) -> str:
+    """An image version that sorts like its SOURCE_DATE_EPOCH (``YYYYMMDD.HHMMSS``, UTC)."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y%m%d.%H%M%S")
+
+
+def as_stage_context(ctx: object, stage: str) -> StageContext:
+    """``ctx`` itself, or a StageContext for the image pipeline's build context.
+
+    The pipeline (provisioning/image/stages.py) calls ``seal(ctx)`` and ``disk(ctx)`` with its
+    own context: the configured root is ``ctx.root``, each stage writes to
+    ``ctx.stage_path(NAME)``, the sizes are the profile's ``[disk]`` section.
+
+    Raises:
+        ImageError: ``ctx`` is neither.
+    """
+    if isinstance(ctx, StageContext):
+        return ctx
+    try:
+        profile = ctx.profile  # type: ignore[attr-defined]
+        disk = profile.disk
+        out = ctx.stage_path(stage)  # type: ignore[attr-defined]
+        epoch = int(ctx.source_date_epoch)  # type: ignore[attr-defined]
+        return StageContext(
+            rootfs=ctx.root, out=out, work=out / ".work", source_date_epoch=epoch,  # type: ignore[attr-defined]
+            version=getattr(profile.image, "version", "") or version_from_epoch(epoch),
+            name=profile.image.name,
+            sizes=DiskSizes(disk.esp_mib, disk.root_mib, disk.data_mib, getattr(disk, "data_label", "data")),
+            sealed=ctx.stage_path("seal"),  # type: ignore[attr-defined]
+        )
+    except AttributeError as exc:
+        raise ImageError(f"stage {stage}: cannot read a build context from "
+                         f"{type(ctx).__name__} ({exc})") from exc
 
 
 def _file_hash(path: Path | None) -> str | None:
