@@ -87,7 +87,7 @@ def test_boots_to_the_verity_root_and_grows_the_data_partition(sealed_a: StageCo
     line = str(result["matched"])
     assert "/dev/mapper/root" in line and "var=/dev/vda6" in line and "slot=A" in line, line
     varsize = int(line.split("varsize=", 1)[1].split(maxsplit=1)[0])
-    assert varsize > 1024 * 1024 * 1024, line
+    assert varsize > 512 * 1024 * 1024, line  # was 64 MiB; the disk has ~800 MiB free behind it
     assert "tpm=yes" in line, line
     assert "sb=1" not in line, line  # plain OVMF: no Secure Boot
     assert result["stopped"] in ("powered off", "terminated", "killed")
@@ -102,9 +102,13 @@ def test_secure_boot_runs_the_signed_image_and_refuses_the_unsigned(
     base = tmp_path_factory.mktemp("sb")
     refused = _boot_cli(sealed_a.out / "disk.raw", base / "vm-unsigned", "Access Denied", "--secure-boot")
     assert "Access Denied" in str(refused["matched"])
+    import subprocess
+    key = base / "db.key"  # Debian ships the snakeoil key encrypted, passphrase "snakeoil"
+    subprocess.run(["openssl", "pkey", "-in", str(vm.SNAKEOIL_KEY), "-passin", "pass:snakeoil",
+                    "-out", str(key)], check=True)
     signed = StageContext(rootfs=sealed_a.rootfs, out=base / "out", work=base / "work",
                           source_date_epoch=EPOCH, version="1.0", sizes=SIZES,
-                          secure_boot_key=vm.SNAKEOIL_KEY, secure_boot_cert=vm.SNAKEOIL_CERT)
+                          secure_boot_key=key, secure_boot_cert=vm.SNAKEOIL_CERT)
     seal(signed)
     image = disk(signed)
     result = _boot_cli(image, base / "vm-signed", MARKER, "--secure-boot")

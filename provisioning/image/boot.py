@@ -36,7 +36,7 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # keys enrolled; an operator passes a store with the site's own keys instead.
 OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 OVMF_VARS_SNAKEOIL = Path("/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd")
-SNAKEOIL_KEY = Path("/usr/share/ovmf/PkKek-1-snakeoil.key")
+SNAKEOIL_KEY = Path("/usr/share/ovmf/PkKek-1-snakeoil.key")  # encrypted; passphrase "snakeoil"
 SNAKEOIL_CERT = Path("/usr/share/ovmf/PkKek-1-snakeoil.pem")
 AGENT_PORTS = (8001, 8002)  # gRPC (inference + node) and Prometheus metrics
 _STATE = "machine.json"
