@@ -31,8 +31,7 @@ Type=oneshot
 ExecStart=/bin/sh -c 'echo "{MARKER}: $(findmnt -no SOURCE /) var=$(findmnt -no SOURCE /var) \\
 varsize=$(findmnt -bno SIZE /var) efi=$(findmnt -no SOURCE /efi) \\
 slot=$(cat /etc/appliance-slot) tpm=$(test -e /dev/tpmrm0 && echo yes || echo no) \\
-sb=$(od -An -tu1 -j4 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d0-aa0d-00e098032b8c \\
-2>/dev/null | tr -d " ")" > /dev/console'
+sb=$(dmesg | grep -c Secure.boot.enabled)" > /dev/console'
 
 [Install]
 WantedBy=multi-user.target
