@@ -210,26 +210,30 @@ def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
     run(qemu_argv(plan), timeout=60)
     machine = Machine(plan, _read_pid(plan.pidfile), tpm_pid)
     (plan.state / _STATE).write_text(json.dumps(machine.to_json(), indent=2) + "\n")
-    if plan.kvm and _died_silently(machine):
+    if plan.kvm and _kvm_failed(machine):
+        stop(machine, grace=0)
         if fallback_tcg:
-            log.warning("qemu died under KVM before the firmware printed anything "
+            log.warning("KVM stopped the guest before the firmware printed anything "
                         "(nested KVM that cannot run OVMF?): starting again under TCG")
-            stop(machine, grace=0)
             return start(dataclasses.replace(plan, kvm=False))
-        raise ImageError("qemu died under KVM before the firmware printed anything: this host's KVM "
+        raise ImageError("KVM stopped the guest before the firmware printed anything: this host's KVM "
                          "cannot run OVMF (seen under nested virtualization); use --accel tcg")
     return machine
 
 
-def _died_silently(machine: Machine, settle: float = 5.0) -> bool:
-    """True when qemu exits within ``settle`` seconds with nothing on the console."""
+def _kvm_failed(machine: Machine, settle: float = 8.0) -> bool:
+    """True when, before the console shows anything, qemu exits or KVM stops the guest with an
+    internal error (qemu then stays up, paused, with status ``internal-error``)."""
     deadline = time.monotonic() + settle
     while time.monotonic() < deadline:
-        if not machine.alive():
-            return machine.plan.console.stat().st_size == 0
         if machine.plan.console.stat().st_size:
             return False
-        time.sleep(0.25)
+        if not machine.alive():
+            return True
+        with contextlib.suppress(OSError, ValueError):
+            if _qmp(machine.plan.qmp, "query-status").get("status") == "internal-error":
+                return True
+        time.sleep(0.5)
     return False
 
 
@@ -285,16 +289,29 @@ def _tail(machine: Machine, lines: int = 15) -> str:
     return "\n".join(text.replace("\r", "").splitlines()[-lines:])
 
 
-def _qmp_powerdown(sock_path: Path) -> None:
+def _qmp(sock_path: Path, command: str) -> dict[str, object]:
+    """Run one QMP command; return its ``return`` object (events in between are skipped).
+
+    Raises:
+        OSError: no QMP socket. ValueError: qemu answered with an error.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)
         sock.connect(str(sock_path))
         f = sock.makefile("rwb")
         f.readline()  # greeting
-        for command in ("qmp_capabilities", "system_powerdown"):
-            f.write(json.dumps({"execute": command}).encode() + b"\n")
+        answer: dict[str, object] = {}
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
             f.flush()
-            f.readline()
+            while True:
+                answer = json.loads(f.readline() or b"{}")
+                if "event" not in answer:
+                    break
+            if "error" in answer or "return" not in answer:
+                raise ValueError(f"qmp {cmd}: {answer}")
+        result = answer["return"]
+        return result if isinstance(result, dict) else {}
 
 
 def stop(machine: Machine, grace: float = 30.0) -> str:
@@ -302,8 +319,8 @@ def stop(machine: Machine, grace: float = 30.0) -> str:
     how = "already stopped"
     if machine.alive():
         how = "powered off"
-        with contextlib.suppress(OSError):
-            _qmp_powerdown(machine.plan.qmp)
+        with contextlib.suppress(OSError, ValueError):
+            _qmp(machine.plan.qmp, "system_powerdown")
         for sig, wait in ((None, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             if sig is not None:
                 how = "terminated" if sig == signal.SIGTERM else "killed"
