@@ -11,6 +11,11 @@ from setuptools.command.build_py import build_py
 
 class BuildWithProtos(build_py):
     def run(self) -> None:
+        if getattr(self, "editable_mode", False):
+            # An editable install imports the sources in place; agent.proto builds its modules
+            # on first import with the environment's own grpcio-tools, matching its protobuf.
+            super().run()
+            return
         spec = importlib.util.spec_from_file_location(
             "_proto_build", Path(__file__).parent / "agent" / "proto" / "__init__.py"
         )

@@ -159,6 +159,19 @@ def _sd_notify(message: str) -> None:
             log.debug("sd_notify failed", exc_info=True)
 
 
+async def _watchdog() -> None:
+    """Ping systemd's watchdog at half its interval while the event loop is alive.
+
+    A loop blocked by a stuck handler stops the pings, and systemd restarts the agent.
+    """
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if usec <= 0 or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return
+    while True:
+        _sd_notify("WATCHDOG=1")
+        await asyncio.sleep(usec / 2e6)
+
+
 async def _set_all(ctx: AgentContext, names: list[str], status: Any) -> None:
     overall = status
     sampler = ctx.component("sampler")
@@ -187,12 +200,14 @@ async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | 
     await _set_all(ctx, [n for n in names if n != reflection.SERVICE_NAME], serving)
     log.info("agent: serving on %s:%d", host, port)
     _sd_notify("READY=1")
+    watchdog = asyncio.create_task(_watchdog())
     if on_ready is not None:
         on_ready(host, port)
     await stop.wait()
 
     log.info("agent: stopping (in-flight requests get %.1f s)", config.server.grace_period_s)
     _sd_notify("STOPPING=1")
+    watchdog.cancel()
     servicer = ctx.components.get("inference.servicer")
     if servicer is not None:
         servicer.ready = False

@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "provisioning.commands.agent",
     "provisioning.commands.node",
     "provisioning.commands.image",
+    "provisioning.commands.boot",
     "provisioning.commands.fleet",
     "provisioning.commands.pki",
 )

@@ -14,7 +14,7 @@ from provisioning.image.bake import bake_bundles
 from provisioning.image.mirror import LOCK, Lock, LockedFile
 from provisioning.image.plan import AGENT_UNIT, configure_plan, nftables_ruleset
 from provisioning.image.profile import load_profile, package_set
-from provisioning.image.stages import plan_build
+from provisioning.image.stages import plan_build, stage_packages
 from tests.image_helpers import make_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def _profile_with_bundle(tmp_path: Path, bundle: Path, target: str) -> Path:
 def test_changing_a_baked_bundle_reruns_configure_but_not_rootfs(tmp_path: Path, affine_bundle: Path) -> None:
     a = _profile_with_bundle(tmp_path, affine_bundle, "a.bundle")
     b = _profile_with_bundle(tmp_path, affine_bundle, "b.bundle")
-    _fake_lock(tmp_path / "mirror", package_set(load_profile(a)))
+    _fake_lock(tmp_path / "mirror", package_set(load_profile(a), stage_packages()))
     plan_a = plan_build(a, tmp_path / "mirror", tmp_path / "out", 1700000000)
     plan_b = plan_build(b, tmp_path / "mirror", tmp_path / "out", 1700000000)
     keys_a = {s.name: s.key for s in plan_a.stages}
@@ -148,7 +148,7 @@ def test_a_package_the_mirror_lacks_fails_before_any_work(tmp_path: Path) -> Non
     path = tmp_path / "images/p.toml"
     path.parent.mkdir()
     path.write_text('[debian]\npackages = ["htop"]\n')
-    _fake_lock(tmp_path / "mirror", package_set(load_profile(ROOT / "images/minimal.toml")))
+    _fake_lock(tmp_path / "mirror", package_set(load_profile(ROOT / "images/minimal.toml"), stage_packages()))
     from agent.errors import ProfileError
 
     with pytest.raises(ProfileError, match=r"p.toml: \[debian\] packages = 'htop': not in the mirror"):

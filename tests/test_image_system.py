@@ -58,9 +58,30 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_two_builds_are_identical(built: dict[str, Path]) -> None:
+    seal = built["a"] / "stages/seal"
+    ukis = sorted(p.name for p in seal.glob("*.efi"))
+    assert any(name.startswith("minimal-") for name in ukis), ukis
     for rel in ("stages/rootfs/rootfs.tar", "stages/configure/manifest.json",
-                "stages/configure/sbom.spdx.json"):
+                "stages/configure/sbom.spdx.json", "stages/seal/root.squashfs",
+                "stages/seal/root.verity", "stages/seal/root.roothash",
+                *(f"stages/seal/{name}" for name in ukis), "stages/disk/disk.raw"):
         assert _sha(built["a"] / rel) == _sha(built["b"] / rel), rel
+
+
+def test_verity_root_hash_matches_from_outside(built: dict[str, Path]) -> None:
+    """veritysetup recomputes the hash tree over the squashfs; the root hash the UKI's command
+    line carries must be the one it finds, and the disk's root-a partition must hold the root."""
+    seal = built["a"] / "stages/seal"
+    roothash = (seal / "root.roothash").read_text().strip()
+    verify = subprocess.run(["veritysetup", "verify", str(seal / "root.squashfs"),
+                             str(seal / "root.verity"), roothash], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    uki = next(p for p in seal.glob("minimal-*.efi"))
+    cmdline = subprocess.run(["objcopy", "-O", "binary", "--only-section=.cmdline", str(uki),
+                              "/dev/stdout"], capture_output=True, check=True).stdout.decode()
+    assert f"roothash={roothash}" in cmdline
+    manifest = json.loads((built["a"] / "stages/disk/image-manifest.json").read_text())
+    assert manifest["roothash"] == roothash
 
 
 def test_rebuild_in_place_is_fully_cached(built: dict[str, Path]) -> None:

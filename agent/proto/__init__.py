@@ -9,6 +9,7 @@ module, so a fresh clone needs no extra step.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -39,12 +40,29 @@ def _outputs(proto: Path) -> list[Path]:
     return [PROTO_DIR / f"{stem}_pb2.py", PROTO_DIR / f"{stem}_pb2.pyi", PROTO_DIR / f"{stem}_pb2_grpc.py"]
 
 
+_GENCODE_RE = re.compile(r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),")
+
+
+def _runtime() -> tuple[int, ...]:
+    from google.protobuf import __version__ as protobuf_version
+
+    return tuple(int(p) for p in re.findall(r"\d+", protobuf_version)[:3])
+
+
+def _gencode_too_new(module: Path) -> bool:
+    """Whether ``module`` was generated for a newer protobuf than this runtime (it won't load)."""
+    match = _GENCODE_RE.search(module.read_text())
+    return bool(match) and tuple(int(g) for g in match.groups()) > _runtime()
+
+
 def _stale() -> list[Path]:
+    """Protos whose modules are missing, older than the .proto, or built for a newer protobuf."""
     stale = []
     for proto in sorted(PROTO_DIR.glob("*.proto")):
         outs = _outputs(proto)
         mtime = proto.stat().st_mtime
-        if not all(out.exists() and out.stat().st_mtime >= mtime for out in outs):
+        if not all(out.exists() and out.stat().st_mtime >= mtime for out in outs) \
+                or _gencode_too_new(outs[0]):
             stale.append(proto)
     return stale
 
@@ -91,10 +109,23 @@ def generate(target_root: Path | None = None) -> None:
             produced.replace(final / produced.name)
 
 
+
 def ensure_generated() -> None:
-    """Build the generated modules if any is missing or older than its .proto."""
-    if _stale():
-        generate()
+    """Build the generated modules if any is missing, older than its .proto, or too new.
+
+    Where grpcio-tools is absent (a node, installed from a wheel) modules that exist are
+    used as they are: an installed wheel's file times say nothing.
+    """
+    stale = _stale()
+    if not stale:
+        return
+    try:
+        import grpc_tools  # noqa: F401
+    except ImportError:
+        if all(_outputs(p)[0].exists() and not _gencode_too_new(_outputs(p)[0]) for p in stale):
+            return
+        raise
+    generate()
 
 
 if not getattr(sys, "frozen", False) and os.access(PROTO_DIR, os.W_OK):

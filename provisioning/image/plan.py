@@ -35,8 +35,8 @@ VENV = "/opt/appliance/venv"
 AGENT_USER = AGENT_GROUP = "appliance"
 AGENT_UID = 800  # fixed: the same uid in every build (and below Debian's dynamic range users)
 AGENT_UNIT = "appliance-agent.service"
-# The agent's entry point; the inference engineer's `appliance agent run` (coordinate).
-AGENT_EXEC = (f"{VENV}/bin/appliance", "agent", "run", "--config", "/etc/appliance/agent.toml")
+# The agent's entry point (`appliance agent serve`, provisioning/commands/agent.py).
+AGENT_EXEC = (f"{VENV}/bin/appliance", "agent", "serve", "--config", "/etc/appliance/agent.toml")
 WHEELS_IN_ROOT = "/var/tmp/appliance-wheels"  # noqa: S108 - inside the image's root; removed again by the plan's last commands
 
 
@@ -245,7 +245,8 @@ def agent_unit(profile: Profile) -> str:
         *unit_devices,
         "",
         "[Service]",
-        "Type=simple",
+        "Type=notify",  # the agent sends READY=1 once it serves, then watchdog pings
+        "WatchdogSec=30s",
         f"ExecStart={' '.join(AGENT_EXEC)}",
         "Restart=on-failure",
         "RestartSec=2s",

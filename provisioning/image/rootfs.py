@@ -19,6 +19,10 @@ CUSTOMIZE_HOOKS = (
     'rm -f "$1/etc/resolv.conf" "$1/etc/hostname"',
     'rm -rf "$1/etc/apt/sources.list" "$1/etc/apt/sources.list.d"',
     'mkdir -p "$1/etc/apt/sources.list.d"',
+    # The kernel package's postinst builds an initrd with dracut, whose bytes differ from
+    # run to run. The node never boots it: the seal stage builds the UKI's own initrd
+    # reproducibly. Left in place it would make two builds of the same inputs differ.
+    'rm -f "$1"/boot/initrd.img-*',
 )
 
 

@@ -1,0 +1,337 @@
+"""Boot a disk image under qemu with UEFI firmware, leaving the image untouched.
+
+The plan (:class:`BootPlan` -> :func:`qemu_argv`) is pure, so its argv is tested without
+starting anything; :func:`start` creates the state directory (a qcow2 overlay over the image,
+a private copy of the OVMF variable store, the serial console log, qemu's pid file and QMP
+socket), starts qemu daemonized through the tool gate, and returns a :class:`Machine`.
+A machine is stopped by its pid (ACPI power-off over QMP first, then SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import ImageError, NotFoundError
+from agent.tools import require_tool, run
+
+__all__ = ["AGENT_PORTS", "OVMF_CODE", "OVMF_CODE_SECBOOT", "OVMF_VARS", "OVMF_VARS_SNAKEOIL",
+           "SNAKEOIL_CERT", "SNAKEOIL_KEY", "BootPlan", "Machine", "kvm_usable",
+           "qemu_argv", "start", "stop", "wait_for"]
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot firmware (needs SMM) and Debian's variable store with its test ("snakeoil")
+# keys enrolled; an operator passes a store with the site's own keys instead.
+OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS_SNAKEOIL = Path("/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd")
+SNAKEOIL_KEY = Path("/usr/share/ovmf/PkKek-1-snakeoil.key")  # encrypted; passphrase "snakeoil"
+SNAKEOIL_CERT = Path("/usr/share/ovmf/PkKek-1-snakeoil.pem")
+AGENT_PORTS = (8001, 8002)  # gRPC (inference + node) and Prometheus metrics
+_STATE = "machine.json"
+log = logging.getLogger(__name__)
+
+
+def kvm_usable(path: Path = Path("/dev/kvm")) -> bool:
+    """True when ``/dev/kvm`` opens read-write (the only test that does not start a guest)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """Everything qemu is started with; ``state`` holds the files of one machine."""
+
+    image: Path
+    state: Path
+    kvm: bool
+    memory_mib: int = 2048
+    cpus: int = 2
+    ports: Mapping[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
+    tpm_socket: Path | None = None
+    firmware: Path = OVMF_CODE
+    vars_template: Path = OVMF_VARS
+    secure_boot: bool = False  # firmware is a Secure Boot build: SMM on, flash locked to SMM
+    disk_size: int | None = None  # bytes the guest sees (>= the image: a bigger disk, as when flashed)
+
+    @property
+    def overlay(self) -> Path:
+        """The qcow2 overlay that takes every write (the image itself is opened read-only)."""
+        return self.state / "overlay.qcow2"
+
+    @property
+    def vars(self) -> Path:
+        """This machine's copy of the UEFI variable store."""
+        return self.state / "OVMF_VARS.fd"
+
+    @property
+    def console(self) -> Path:
+        """The serial console log."""
+        return self.state / "console.log"
+
+    @property
+    def pidfile(self) -> Path:
+        """qemu's pid file."""
+        return self.state / "qemu.pid"
+
+    @property
+    def qmp(self) -> Path:
+        """qemu's QMP socket (clean power-off)."""
+        return self.state / "qmp.sock"
+
+
+def qemu_argv(plan: BootPlan) -> list[str]:
+    """The qemu-system-x86_64 command line for ``plan`` (daemonized, no display)."""
+    if plan.kvm:
+        accel = ["-machine", "q35,accel=kvm", "-cpu", "host"]
+    else:
+        accel = ["-machine", "q35,accel=tcg", "-cpu", "max"]
+    forwards = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+                       for guest, host in sorted(plan.ports.items()))
+    if plan.secure_boot:
+        accel[1] += ",smm=on"
+        accel += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    argv = [
+        "qemu-system-x86_64", *accel, "-m", str(plan.memory_mib), "-smp", str(plan.cpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-daemonize",
+        "-pidfile", str(plan.pidfile),
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={plan.firmware}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={plan.vars}",
+        "-drive", f"if=virtio,format=qcow2,file={plan.overlay}",
+        "-chardev", f"file,id=console,path={plan.console}", "-serial", "chardev:console",
+        "-qmp", f"unix:{plan.qmp},server=on,wait=off",
+        "-netdev", f"user,id=net0,restrict=off{forwards}", "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+    ]
+    if plan.tpm_socket is not None:
+        argv += ["-chardev", f"socket,id=tpmchr,path={plan.tpm_socket}",
+                 "-tpmdev", "emulator,id=tpm0,chardev=tpmchr", "-device", "tpm-tis,tpmdev=tpm0"]
+    return argv
+
+
+def swtpm_argv(state: Path) -> list[str]:
+    """A software TPM 2.0 for the machine in ``state`` (daemonized, its own pid file)."""
+    tpm = state / "tpm"
+    return ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tpm}",
+            "--ctrl", f"type=unixio,path={state / 'swtpm.sock'}", "--pid", f"file={state / 'swtpm.pid'}",
+            "--log", f"file={state / 'swtpm.log'}", "--daemon"]
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A started machine: its plan and qemu's pid (and swtpm's, when it has a TPM)."""
+
+    plan: BootPlan
+    pid: int
+    tpm_pid: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """What ``appliance boot --json`` prints and ``machine.json`` holds."""
+        return {"image": str(self.plan.image), "state": str(self.plan.state), "pid": self.pid,
+                "tpm_pid": self.tpm_pid, "kvm": self.plan.kvm, "console": str(self.plan.console),
+                "ports": {str(g): h for g, h in sorted(self.plan.ports.items())}}
+
+    def alive(self) -> bool:
+        """True while qemu's process exists."""
+        return _alive(self.pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie of ours still "exists"; reap it if it is our child
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _read_pid(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{path}: no pid ({exc})") from exc
+
+
+def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
+    """Prepare ``plan.state`` and start qemu (and swtpm) in the background.
+
+    Under KVM, a qemu that dies at once with an empty console (KVM that cannot run OVMF, as
+    under some nested virtualization) is started again under TCG when ``fallback_tcg``.
+
+    Raises:
+        NotFoundError: the image or firmware is missing. ImageError: the state directory
+            holds a running machine, or KVM cannot run the firmware (without ``fallback_tcg``).
+        ToolError: qemu-img, swtpm or qemu failed to start.
+    """
+    for label, path in (("image", plan.image), ("UEFI firmware (Debian package ovmf)", plan.firmware),
+                        ("UEFI variable store (Debian package ovmf)", plan.vars_template)):
+        if not path.is_file():
+            raise NotFoundError(f"{label}: {path} does not exist")
+    require_tool("qemu-system-x86_64")
+    previous = plan.state / _STATE
+    if previous.exists():
+        with contextlib.suppress(ImageError, ValueError, KeyError, OSError):
+            if _alive(int(json.loads(previous.read_text())["pid"])):
+                raise ImageError(f"{plan.state}: a machine is still running there (stop it first)")
+    plan.state.mkdir(parents=True, exist_ok=True)
+    for stale in (plan.overlay, plan.console, plan.pidfile, plan.qmp):
+        stale.unlink(missing_ok=True)
+    shutil.copyfile(plan.vars_template, plan.vars)
+    size = max(plan.image.stat().st_size, plan.disk_size or 0)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", plan.image.resolve(),
+         plan.overlay, str(size)])
+    plan.console.touch()
+    tpm_pid = None
+    if plan.tpm_socket is not None:
+        (plan.state / "tpm").mkdir(exist_ok=True)
+        run(swtpm_argv(plan.state))
+        tpm_pid = _read_pid(plan.state / "swtpm.pid")
+    run(qemu_argv(plan), timeout=60)
+    machine = Machine(plan, _read_pid(plan.pidfile), tpm_pid)
+    (plan.state / _STATE).write_text(json.dumps(machine.to_json(), indent=2) + "\n")
+    if plan.kvm and _kvm_failed(machine):
+        stop(machine, grace=0)
+        if fallback_tcg:
+            log.warning("KVM stopped the guest before the firmware printed anything "
+                        "(nested KVM that cannot run OVMF?): starting again under TCG")
+            return start(dataclasses.replace(plan, kvm=False))
+        raise ImageError("KVM stopped the guest before the firmware printed anything: this host's KVM "
+                         "cannot run OVMF (seen under nested virtualization); use --accel tcg")
+    return machine
+
+
+def _kvm_failed(machine: Machine, settle: float = 8.0) -> bool:
+    """True when, before the console shows anything, qemu exits or KVM stops the guest with an
+    internal error (qemu then stays up, paused, with status ``internal-error``)."""
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        if machine.plan.console.stat().st_size:
+            return False
+        if not machine.alive():
+            return True
+        with contextlib.suppress(OSError, ValueError):
+            if _qmp(machine.plan.qmp, "query-status").get("status") == "internal-error":
+                return True
+        time.sleep(0.5)
+    return False
+
+
+def load(state: Path) -> Machine:
+    """The machine recorded in ``state`` (for ``appliance boot --stop``).
+
+    Raises:
+        NotFoundError: no machine was started there.
+    """
+    path = state / _STATE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise NotFoundError(f"{path}: no machine recorded there ({exc})") from exc
+    plan = BootPlan(Path(doc["image"]), state, bool(doc["kvm"]),
+                    ports={int(g): int(h) for g, h in doc.get("ports", {}).items()},
+                    tpm_socket=state / "swtpm.sock" if doc.get("tpm_pid") else None)
+    return Machine(plan, int(doc["pid"]), doc.get("tpm_pid"))
+
+
+def wait_for(machine: Machine, pattern: str, timeout: float, poll: float = 0.5) -> str:
+    """Block until the console log matches ``pattern`` (a regular expression); return the line.
+
+    Raises:
+        ImageError: qemu exited first, or ``timeout`` seconds passed (the message has the
+            console's last lines).
+    """
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    offset, pending = 0, ""
+    while True:
+        with machine.plan.console.open("rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        offset += len(chunk)
+        pending += chunk.decode(errors="replace")
+        lines = pending.split("\n")
+        pending = lines.pop()
+        for line in lines:
+            if regex.search(line):
+                return line.rstrip("\r")
+        if regex.search(pending):
+            return pending
+        if not machine.alive():
+            raise ImageError(f"qemu exited before the console printed {pattern!r}:\n{_tail(machine)}")
+        if time.monotonic() > deadline:
+            raise ImageError(f"no {pattern!r} on the console within {timeout:.0f} s:\n{_tail(machine)}")
+        time.sleep(poll)
+
+
+def _tail(machine: Machine, lines: int = 15) -> str:
+    text = machine.plan.console.read_bytes()[-8192:].decode(errors="replace")
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+
+def _qmp(sock_path: Path, command: str) -> dict[str, object]:
+    """Run one QMP command; return its ``return`` object (events in between are skipped).
+
+    Raises:
+        OSError: no QMP socket. ValueError: qemu answered with an error.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(sock_path))
+        f = sock.makefile("rwb")
+        f.readline()  # greeting
+        answer: dict[str, object] = {}
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while True:
+                answer = json.loads(f.readline() or b"{}")
+                if "event" not in answer:
+                    break
+            if "error" in answer or "return" not in answer:
+                raise ValueError(f"qmp {cmd}: {answer}")
+        result = answer["return"]
+        return result if isinstance(result, dict) else {}
+
+
+def stop(machine: Machine, grace: float = 30.0) -> str:
+    """Stop the machine: ACPI power-off, then SIGTERM, then SIGKILL; returns how it ended."""
+    how = "already stopped"
+    if machine.alive():
+        how = "powered off"
+        with contextlib.suppress(OSError, ValueError):
+            _qmp(machine.plan.qmp, "system_powerdown")
+        for sig, wait in ((None, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if sig is not None:
+                how = "terminated" if sig == signal.SIGTERM else "killed"
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(machine.pid, sig)
+            deadline = time.monotonic() + wait
+            while machine.alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not machine.alive():
+                break
+    if machine.tpm_pid is not None and _alive(machine.tpm_pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(machine.tpm_pid, signal.SIGTERM)
+    return how

@@ -1,0 +1,289 @@
+"""The seal stage: a configured root directory becomes a read-only, verifiable boot target.
+
+1. squashfs of the root (reproducible: fixed times from SOURCE_DATE_EPOCH, no xattrs unless
+   asked, sorted by mksquashfs); a few boot-time files are added as pseudo files so the input
+   directory is never modified;
+2. dm-verity over it (``veritysetup format`` with a salt and UUID derived from the squashfs,
+   so the same root gives the same bytes and the same root hash);
+3. an initrd made by dracut *inside* the root (its systemd 257, its kernel modules): systemd's
+   veritysetup generator opens the root from ``roothash=`` alone, because the disk stage gives
+   the root and verity partitions the UUIDs systemd derives from the root hash;
+4. a Unified Kernel Image made by ukify inside the root, its command line carrying the root
+   hash and the mounts of the data partition (/var) and the ESP (/efi, for boot blessing);
+5. signed with sbsign when a Secure Boot key is configured (the UKI and systemd-boot).
+
+Outputs in ``ctx.out``: ``root.squashfs``, ``root.verity``, ``root.roothash``,
+``NAME-VERSION.efi`` (the UKI), ``systemd-bootx64.efi`` and ``seal.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from agent.errors import ImageError
+from agent.fsutil import atomic_write_text
+from provisioning.image.disk import Sealed, data_uuid, esp_uuid
+from provisioning.image.stage import RunFn, StageContext, as_stage_context, check_paths
+
+__all__ = ["PACKAGES", "REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version", "seal",
+           "squashfs_argv", "verity_format", "verity_params"]
+
+log = logging.getLogger(__name__)
+
+# Paths inside the root that the seal stage runs or copies, and the Debian packages that
+# provide them (trixie): the image profile must install these packages.
+REQUIRED_IN_ROOTFS = {
+    "usr/bin/dracut": "dracut",
+    "usr/bin/ukify": "systemd-ukify",
+    "usr/lib/systemd/boot/efi/linuxx64.efi.stub": "systemd-boot-efi",
+    "usr/lib/systemd/boot/efi/systemd-bootx64.efi": "systemd-boot-efi",
+    "usr/lib/systemd/systemd-veritysetup": "systemd-cryptsetup",
+    "usr/lib/systemd/system-generators/systemd-veritysetup-generator": "systemd-cryptsetup",
+    "usr/lib/systemd/systemd-bless-boot": "systemd-boot",
+    "usr/lib/systemd/system/systemd-repart.service": "systemd-repart",
+}
+# What the pipeline adds to the image's package set for this stage (stages.stage_packages()).
+PACKAGES = ("dracut", "linux-image-amd64", "systemd-boot", "systemd-boot-efi", "systemd-cryptsetup",
+            "systemd-repart", "systemd-ukify", "zstd")
+DRACUT_MODULES = ("systemd", "systemd-veritysetup", "dm")
+DRACUT_DRIVERS = ("squashfs", "dm-verity", "virtio_blk", "virtio_scsi", "virtio_pci", "nvme", "ahci",
+                  "sd_mod", "usb_storage", "xhci_pci", "ext4", "vfat")
+# The data partition grows into the space behind it on first boot.
+REPART_DATA_CONF = "[Partition]\nType=linux-generic\n"
+
+_CHROOT_SCRIPT = r"""set -eu
+root=$1; work=$2; shift 2
+mount -t proc proc "$root/proc"
+mount -t sysfs sysfs "$root/sys"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+mount -t tmpfs -o mode=1777 tmpfs "$root/var/tmp"
+mkdir "$root/tmp/seal"
+mount --bind "$work" "$root/tmp/seal"
+exec chroot "$root" "$@"
+"""
+
+
+def chroot_argv(rootfs: Path, work: Path, command: list[str]) -> list[str]:
+    """Run ``command`` in ``rootfs`` in a private mount namespace.
+
+    /proc, /sys, /dev and fresh tmpfs on /tmp and /var/tmp are mounted only inside that
+    namespace (they vanish with it), ``work`` appears as /tmp/seal: the root directory
+    itself is left exactly as it was.
+    """
+    return ["unshare", "--mount", "--propagation", "private", "--fork", "--",
+            "sh", "-c", _CHROOT_SCRIPT, "seal-chroot", str(rootfs), str(work), *command]
+
+
+def kernel_version(rootfs: Path) -> str:
+    """The one kernel version installed in ``rootfs`` (from /boot/vmlinuz-*).
+
+    Raises:
+        ImageError: none or several kernels are installed.
+    """
+    found = sorted(p.name.removeprefix("vmlinuz-") for p in (rootfs / "boot").glob("vmlinuz-*"))
+    if len(found) != 1:
+        raise ImageError(f"{rootfs}/boot: expected exactly one vmlinuz-*, found {found or 'none'} "
+                         "(install one kernel package, e.g. linux-image-amd64)")
+    if not any((rootfs / d / found[0]).is_dir() for d in ("usr/lib/modules", "lib/modules")):
+        raise ImageError(f"{rootfs}: kernel {found[0]} has no modules directory")
+    return found[0]
+
+
+def squashfs_argv(rootfs: Path, image: Path, epoch: int, pseudo: list[str], keep_xattrs: bool) -> list[str]:
+    """mksquashfs arguments for a reproducible image of ``rootfs``.
+
+    Ownership is kept as in the root (a root-mode mmdebstrap gives the same uids every time;
+    flattening everything to root would break /etc/shadow's group and the agent's files).
+    """
+    argv = ["mksquashfs", str(rootfs), str(image), "-noappend", "-comp", "zstd", "-b", "256K",
+            "-mkfs-time", str(epoch), "-all-time", str(epoch), "-reproducible", "-no-progress",
+            "-quiet", "-xattrs" if keep_xattrs else "-no-xattrs"]
+    for definition in pseudo:
+        argv += ["-p", definition]
+    # -e takes every argument after it, so it comes last; the mounts made at run time
+    # must not carry build-time leftovers
+    return [*argv, "-wildcards", "-e", "proc/*", "sys/*", "dev/*", "run/*", "tmp/*", "var/tmp/*"]
+
+
+def verity_params(squashfs_sha256: str) -> tuple[str, str]:
+    """(salt, uuid) for veritysetup: derived from the data, so the same root gives the same tree."""
+    salt = hashlib.sha256(f"sovereign-appliance\0verity-salt\0{squashfs_sha256}".encode()).hexdigest()
+    digest = hashlib.sha256(f"sovereign-appliance\0verity-uuid\0{squashfs_sha256}".encode()).digest()
+    return salt, str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+def verity_format(run: RunFn, data: Path, hash_image: Path) -> str:
+    """Write the verity hash tree of ``data`` to ``hash_image``; return the root hash (hex).
+
+    Raises:
+        ToolError: veritysetup failed. ImageError: its output had no root hash.
+    """
+    salt, vuuid = verity_params(_sha256(data))
+    hash_image.unlink(missing_ok=True)
+    done = run(["veritysetup", "format", data, hash_image, "--hash", "sha256", "--format", "1",
+                "--data-block-size", "4096", "--hash-block-size", "4096", "--salt", salt, "--uuid", vuuid])
+    match = re.search(r"^Root hash:\s+([0-9a-f]{64})\s*$", done.text, re.MULTILINE)
+    if not match:
+        raise ImageError(f"veritysetup format {data}: no root hash in its output:\n{done.text}")
+    return match.group(1)
+
+
+def kernel_cmdline(name: str, roothash: str, extra: tuple[str, ...] = ()) -> str:
+    """The sealed kernel command line.
+
+    ``roothash=`` alone lets systemd-veritysetup-generator (in the initrd) find the data and
+    hash partitions by the UUIDs derived from the hash and map them as /dev/mapper/root.
+    """
+    data = f"PARTUUID={data_uuid(name)}"
+    esp = f"PARTUUID={esp_uuid(name)}"
+    args = [
+        f"roothash={roothash}", "root=/dev/mapper/root", "rootfstype=squashfs", "ro",
+        f"systemd.mount-extra={data}:/var:ext4:defaults,nodev,nosuid,x-systemd.growfs,"
+        "x-systemd.after=systemd-repart.service",
+        f"systemd.mount-extra={esp}:/efi:vfat:umask=0077,nodev,nosuid,noexec",
+        # the mounts above are the whole story: no guessing by partition type
+        "systemd.gpt_auto=0",
+        "console=tty0", "console=ttyS0,115200", "panic=10", *extra,
+    ]
+    return " ".join(args)
+
+
+# Arguments the seal stage owns: a root's /etc/kernel/cmdline cannot override them.
+_OWNED = ("root=", "roothash=", "rootfstype=", "rootflags=", "systemd.verity", "systemd.gpt_auto",
+          "systemd.mount-extra=", "usrhash=", "mount.usr", "init=", "rd.break", "systemd.unit=")
+
+
+def root_cmdline(rootfs: Path) -> tuple[str, ...]:
+    """Kernel arguments from the root's /etc/kernel/cmdline, without those the seal owns."""
+    path = rootfs / "etc/kernel/cmdline"
+    if not path.is_file():
+        return ()
+    kept = []
+    for arg in path.read_text().split():
+        if arg in {"ro", "rw"} or arg.startswith(_OWNED):
+            log.warning("seal: %s: ignoring %r (the sealed command line sets it)", path, arg)
+        else:
+            kept.append(arg)
+    return tuple(kept)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pseudo_files(rootfs: Path, work: Path) -> list[str]:
+    """Files the sealed root needs that the configure stage need not know about."""
+    defs = []
+    if not (rootfs / "efi").exists():
+        defs.append("efi d 755 0 0")
+    repart_dir = rootfs / "usr/lib/repart.d"
+    if not repart_dir.exists():
+        defs.append("usr/lib/repart.d d 755 0 0")
+    conf = work / "50-appliance-data.conf"
+    conf.write_text(REPART_DATA_CONF)
+    defs.append(f"usr/lib/repart.d/50-appliance-data.conf f 644 0 0 cat {conf}")
+    return defs
+
+
+def _os_release(rootfs: Path, name: str, version: str) -> str:
+    src = rootfs / "etc/os-release"
+    if not src.exists():
+        src = rootfs / "usr/lib/os-release"
+    lines = [ln for ln in src.read_text().splitlines()
+             if not ln.startswith(("IMAGE_ID=", "IMAGE_VERSION=", "PRETTY_NAME="))]
+    # systemd-boot sorts and names entries by these
+    lines += [f"IMAGE_ID={name}", f"IMAGE_VERSION={version}", f'PRETTY_NAME="{name} {version}"']
+    return "\n".join(lines) + "\n"
+
+
+def _check_rootfs(rootfs: Path) -> None:
+    if not rootfs.is_dir():
+        raise ImageError(f"root filesystem {rootfs} is not a directory")
+    missing = sorted({pkg for rel, pkg in REQUIRED_IN_ROOTFS.items() if not (rootfs / rel).exists()})
+    if missing:
+        raise ImageError(f"{rootfs}: the seal stage needs these packages in the image: {', '.join(missing)}")
+
+
+def sign(run: RunFn, ctx: StageContext, src: Path, dest: Path) -> None:
+    """sbsign ``src`` to ``dest`` with the context's Secure Boot key (or copy it unsigned)."""
+    dest.unlink(missing_ok=True)
+    if not ctx.signing:
+        shutil.copyfile(src, dest)
+        return
+    assert ctx.secure_boot_key is not None and ctx.secure_boot_cert is not None
+    run(["sbsign", "--key", ctx.secure_boot_key, "--cert", ctx.secure_boot_cert, "--output", dest, src])
+
+
+def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path) -> Path:
+    """dracut + ukify inside the root; returns the unsigned UKI in ``work``."""
+    (work / "cmdline").write_text(cmdline + "\n")
+    (work / "os-release").write_text(_os_release(ctx.rootfs, ctx.name, ctx.version))
+    epoch = {"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)}
+    drivers = " ".join(DRACUT_DRIVERS)
+    ctx.run(chroot_argv(ctx.rootfs, work, [
+        "dracut", "--quiet", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--reproducible",
+        "--compress", "zstd", "--kver", kver, "--add", " ".join(DRACUT_MODULES),
+        "--add-drivers", drivers, "--omit", "plymouth", "/tmp/seal/initrd.img"]), env=epoch)  # noqa: S108 (in the chroot)
+    ctx.run(chroot_argv(ctx.rootfs, work, [
+        "ukify", "build", f"--linux=/boot/vmlinuz-{kver}", "--initrd=/tmp/seal/initrd.img",
+        "--cmdline=@/tmp/seal/cmdline", "--os-release=@/tmp/seal/os-release", f"--uname={kver}",
+        "--output=/tmp/seal/uki.efi"]), env=epoch)
+    return work / "uki.efi"
+
+
+def seal(ctx: StageContext | object) -> Sealed:
+    """Run the seal stage (see the module docstring); return what it made.
+
+    ``ctx`` may also be the image pipeline's build context (see
+    :func:`provisioning.image.stage.as_stage_context`). Arguments in the root's
+    /etc/kernel/cmdline (the configure stage's, e.g. ``apparmor=1``) join the sealed command line.
+
+    Raises:
+        ImageError: the root lacks a needed package, has no single kernel, or a signing key
+            is missing. ToolError: mksquashfs, veritysetup, dracut, ukify or sbsign failed.
+    """
+    ctx = as_stage_context(ctx, "seal")
+    _check_rootfs(ctx.rootfs)
+    check_paths([("Secure Boot key", ctx.secure_boot_key), ("Secure Boot certificate", ctx.secure_boot_cert)])
+    kver = kernel_version(ctx.rootfs)
+    work = ctx.work / "seal"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+
+    root_image = ctx.out / "root.squashfs"
+    root_image.unlink(missing_ok=True)
+    log.info("seal: squashfs of %s", ctx.rootfs)
+    ctx.run(squashfs_argv(ctx.rootfs, root_image, ctx.source_date_epoch,
+                          _pseudo_files(ctx.rootfs, work), ctx.keep_xattrs))
+    log.info("seal: dm-verity hash tree")
+    verity_image = ctx.out / "root.verity"
+    roothash = verity_format(ctx.run, root_image, verity_image)
+    atomic_write_text(ctx.out / "root.roothash", roothash + "\n")
+
+    log.info("seal: initrd and UKI (kernel %s)", kver)
+    uki_work = work / "uki"
+    uki_work.mkdir()
+    cmdline = kernel_cmdline(ctx.name, roothash, (*root_cmdline(ctx.rootfs), *ctx.extra_cmdline))
+    unsigned = build_uki(ctx, kver, cmdline, uki_work)
+    uki = ctx.out / f"{ctx.name}-{ctx.version}.efi"
+    sign(ctx.run, ctx, unsigned, uki)
+    sign(ctx.run, ctx, ctx.rootfs / "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
+         ctx.out / "systemd-bootx64.efi")
+    sealed = Sealed(ctx.name, ctx.version, roothash, root_image, verity_image, uki)
+    doc = sealed.to_json() | {"kernel": kver, "signed": ctx.signing,
+                              "cmdline": cmdline}
+    atomic_write_text(ctx.out / "seal.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return sealed

@@ -1,0 +1,105 @@
+"""A small trixie root for the seal/disk/boot system tests (until the image profile's root exists).
+
+Built once with mmdebstrap from Debian's archive (test-only; the product builds from a mirror)
+and cached: under $APPLIANCE_TEST_CACHE when set, else in the test session's temp dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from agent.tools import run
+
+EPOCH = 1700000000
+SUITE = "trixie"
+PACKAGES = (
+    "linux-image-amd64", "systemd", "systemd-sysv", "udev", "kmod", "e2fsprogs", "zstd",
+    # what the seal stage needs inside the root (provisioning.image.seal.REQUIRED_IN_ROOTFS)
+    "dracut", "systemd-boot", "systemd-boot-efi", "systemd-ukify", "systemd-cryptsetup", "systemd-repart",
+)
+MARKER = "dm-verity root OK"
+# The unit that proves on the serial console which device / and /var came from.
+MARKER_UNIT = f"""[Unit]
+Description=Report the verity root on the console
+After=local-fs.target systemd-growfs@var.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo "{MARKER}: $(findmnt -no SOURCE /) var=$(findmnt -no SOURCE /var) \\
+varsize=$(findmnt -bno SIZE /var) efi=$(findmnt -no SOURCE /efi) \\
+slot=$(cat /etc/appliance-slot) tpm=$(test -e /dev/tpmrm0 && echo yes || echo no) \\
+sb=$(dmesg | grep -c Secure.boot.enabled)" > /dev/console'
+
+[Install]
+WantedBy=multi-user.target
+"""
+# Slot B of the fallback test: reaches userspace, never reaches boot-complete.target, reboots.
+BROKEN_UNIT = """[Unit]
+Description=Fail before boot-complete.target (test of boot counting)
+DefaultDependencies=no
+Before=boot-complete.target
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo "broken slot: rebooting without blessing" > /dev/console; exit 1'
+FailureAction=reboot-force
+
+[Install]
+RequiredBy=boot-complete.target
+WantedBy=multi-user.target
+"""
+
+
+def _base(cache: Path) -> Path:
+    key = hashlib.sha256(" ".join((SUITE, *PACKAGES)).encode()).hexdigest()[:12]
+    base = cache / f"base-{key}"
+    if (base / ".complete").exists():
+        return base
+    shutil.rmtree(base, ignore_errors=True)
+    run(["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+         "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
+         "--dpkgopt=path-exclude=/usr/share/locale/*", SUITE, base, "http://deb.debian.org/debian"],
+        env={"SOURCE_DATE_EPOCH": str(EPOCH)}, timeout=1800)
+    for leftover in ("etc/resolv.conf", "etc/hostname"):
+        (base / leftover).unlink(missing_ok=True)
+    (base / ".complete").write_text("")
+    return base
+
+
+def _enable(root: Path, unit: str, text: str, targets: tuple[str, ...]) -> None:
+    units = root / "etc/systemd/system"
+    (units / unit).write_text(text)
+    for target in targets:
+        wants = units / target
+        wants.mkdir(exist_ok=True)
+        (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
+
+
+def make_rootfs(cache: Path, dest: Path, slot: str, broken: bool = False) -> Path:
+    """A copy of the cached base root at ``dest`` with the console marker (and the failing unit)."""
+    base = _base(cache)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run(["cp", "-a", "--reflink=auto", base, dest])
+    (dest / ".complete").unlink()
+    (dest / "etc/appliance-slot").write_text(slot + "\n")
+    _enable(dest, "verity-marker.service", MARKER_UNIT, ("multi-user.target.wants",))
+    if broken:
+        _enable(dest, "broken-slot.service", BROKEN_UNIT,
+                ("boot-complete.target.requires", "multi-user.target.wants"))
+    for path in dest.rglob("*"):
+        if not path.is_symlink():
+            os.utime(path, (EPOCH, EPOCH))
+    return dest
+
+
+def cache_dir(default: Path) -> Path:
+    """Where the base root is cached: $APPLIANCE_TEST_CACHE or ``default``."""
+    env = os.environ.get("APPLIANCE_TEST_CACHE")
+    path = Path(env) if env else default
+    path.mkdir(parents=True, exist_ok=True)
+    return path

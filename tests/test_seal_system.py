@@ -1,0 +1,159 @@
+"""System tier: a real trixie root -> seal -> disk -> boot under qemu+OVMF -> verity root on the console.
+
+Slow (minutes; much longer under TCG). The base root is built once by mmdebstrap from Debian's
+archive and cached (set APPLIANCE_TEST_CACHE to keep it between runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from provisioning.image import boot as vm
+from provisioning.image.disk import disk, load_sealed
+from provisioning.image.seal import seal
+from provisioning.image.stage import DiskSizes, StageContext
+from tests.conftest import run_appliance
+from tests.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
+SIZES = DiskSizes(esp_mib=160, root_mib=512, data_mib=64)  # the ESP holds two ~50 MiB UKIs
+
+
+def _needs(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing or os.geteuid() != 0:
+        pytest.skip(f"needs root and {', '.join(missing) or 'the tools'}")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def sealed_a(tmp_path_factory: pytest.TempPathFactory) -> StageContext:
+    _needs("mmdebstrap", "mksquashfs", "veritysetup", "sfdisk", "mkfs.vfat", "mcopy", "faketime", "unshare")
+    base = tmp_path_factory.mktemp("seal")
+    root = make_rootfs(cache_dir(base / "cache"), base / "root-a", "A")
+    ctx = StageContext(rootfs=root, out=base / "out", work=base / "work", source_date_epoch=EPOCH,
+                       version="1.0", sizes=SIZES)
+    seal(ctx)
+    disk(ctx)
+    return ctx
+
+
+def test_seal_and_disk_are_reproducible(sealed_a: StageContext) -> None:
+    again = StageContext(rootfs=sealed_a.rootfs, out=sealed_a.out.with_name("out2"),
+                         work=sealed_a.work.with_name("work2"), source_date_epoch=EPOCH,
+                         version="1.0", sizes=SIZES)
+    seal(again)
+    disk(again)
+    for name in ("root.squashfs", "root.verity", "root.roothash", "appliance-1.0.efi", "disk.raw",
+                 "image-manifest.json"):
+        assert _sha(sealed_a.out / name) == _sha(again.out / name), name
+
+
+def test_verity_root_hash_checks_out_from_outside(sealed_a: StageContext) -> None:
+    import subprocess
+    s = load_sealed(sealed_a.out)
+    subprocess.run(["veritysetup", "verify", str(s.root_image), str(s.verity_image), s.roothash], check=True)
+    cmdline = subprocess.run(
+        ["objcopy", "-O", "binary", "--only-section=.cmdline", str(s.uki), "/dev/stdout"],
+        capture_output=True, check=True).stdout.decode()
+    assert f"roothash={s.roothash}" in cmdline
+
+
+def _boot_cli(image: Path, state: Path, pattern: str, *extra: str) -> dict[str, object]:
+    """``appliance boot IMAGE --wait-for PATTERN --json`` as a separate process."""
+    accel = "auto" if os.environ.get("APPLIANCE_TEST_KVM", "0") == "1" else "tcg"
+    proc = run_appliance("boot", image, "--state", state, "--accel", accel, "--memory", "1024",
+                         "--wait-for", pattern, "--timeout", "1500", "--json", *extra, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def test_boots_to_the_verity_root_and_grows_the_data_partition(sealed_a: StageContext,
+                                                               tmp_path: Path) -> None:
+    _needs("qemu-system-x86_64", "qemu-img")
+    image = sealed_a.out / "disk.raw"
+    before = _sha(image)
+    # the guest sees a 2 GiB disk: the 64 MiB data partition must grow into it on first boot
+    result = _boot_cli(image, tmp_path / "vm", MARKER, "--disk-size", "2048", "--tpm")
+    line = str(result["matched"])
+    assert "/dev/mapper/root" in line and "var=/dev/vda6" in line and "slot=A" in line, line
+    varsize = int(line.split("varsize=", 1)[1].split(maxsplit=1)[0])
+    assert varsize > 512 * 1024 * 1024, line  # was 64 MiB; the disk has ~800 MiB free behind it
+    assert "tpm=yes" in line, line
+    assert "sb=0" in line, line  # plain OVMF: no Secure Boot
+    assert result["stopped"] in ("powered off", "terminated", "killed")
+    assert _sha(image) == before  # the overlay took every write
+
+
+def test_secure_boot_runs_the_signed_image_and_refuses_the_unsigned(
+        sealed_a: StageContext, tmp_path_factory: pytest.TempPathFactory) -> None:
+    _needs("qemu-system-x86_64", "qemu-img", "sbsign")
+    if not vm.SNAKEOIL_KEY.exists():
+        pytest.skip("Debian's ovmf snakeoil key is missing")
+    base = tmp_path_factory.mktemp("sb")
+    refused = _boot_cli(sealed_a.out / "disk.raw", base / "vm-unsigned", "Access Denied", "--secure-boot")
+    assert "Access Denied" in str(refused["matched"])
+    import subprocess
+    key = base / "db.key"  # Debian ships the snakeoil key encrypted, passphrase "snakeoil"
+    subprocess.run(["openssl", "pkey", "-in", str(vm.SNAKEOIL_KEY), "-passin", "pass:snakeoil",
+                    "-out", str(key)], check=True)
+    signed = StageContext(rootfs=sealed_a.rootfs, out=base / "out", work=base / "work",
+                          source_date_epoch=EPOCH, version="1.0", sizes=SIZES,
+                          secure_boot_key=key, secure_boot_cert=vm.SNAKEOIL_CERT)
+    seal(signed)
+    image = disk(signed)
+    result = _boot_cli(image, base / "vm-signed", MARKER, "--secure-boot")
+    line = str(result["matched"])
+    assert "/dev/mapper/root" in line and "sb=1" in line, line
+
+
+def _esp_files(overlay: Path, work: Path) -> list[str]:
+    """The UKI names on the ESP of a qcow2 overlay (read from outside with mtools)."""
+    import subprocess
+    raw = work / "after.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)], check=True)
+    env = {"MTOOLS_SKIP_CHECK": "1", "PATH": os.environ["PATH"]}
+    listing = subprocess.run(["mdir", "-b", "-i", f"{raw}@@1M", "::/EFI/Linux"], capture_output=True,
+                             text=True, check=True, env=env)
+    raw.unlink()
+    return sorted(Path(line.strip()).name for line in listing.stdout.splitlines() if line.strip())
+
+
+def test_a_slot_that_never_blesses_falls_back_to_the_other(
+        sealed_a: StageContext, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Slot B (newer, tried first) fails before boot-complete.target and reboots; its single try is
+    used up, so systemd-boot boots slot A by itself, and A blesses itself."""
+    _needs("qemu-system-x86_64", "qemu-img", "mdir")
+    from provisioning.image.disk import build_disk
+
+    base = tmp_path_factory.mktemp("ab")
+    root_b = make_rootfs(cache_dir(base / "cache"), base / "root-b", "B", broken=True)
+    ctx_b = StageContext(rootfs=root_b, out=base / "out-b", work=base / "work-b", source_date_epoch=EPOCH,
+                         version="2.0", sizes=SIZES)
+    slot_b = seal(ctx_b)
+    slot_a = load_sealed(sealed_a.out)
+    image = build_disk(sealed_a.run, out=base / "ab", work=base / "work-ab", name="appliance",
+                       sizes=SIZES, epoch=EPOCH, slot_a=slot_a, slot_b=slot_b,
+                       boot_loader=sealed_a.out / "systemd-bootx64.efi", tries=1,
+                       data_content=sealed_a.rootfs / "var")
+    kvm = os.environ.get("APPLIANCE_TEST_KVM", "0") == "1" and vm.kvm_usable()
+    machine = vm.start(vm.BootPlan(image, base / "vm", kvm, 1024, 2, {8001: 0}))
+    try:
+        vm.wait_for(machine, "broken slot: rebooting", timeout=1500 if not kvm else 300)
+        line = vm.wait_for(machine, f"{MARKER}.*slot=A", timeout=1500 if not kvm else 300)
+        vm.wait_for(machine, "Finished.*systemd-bless-boot", timeout=600)
+    finally:
+        vm.stop(machine, grace=30)
+    assert "/dev/mapper/root" in line
+    files = _esp_files(machine.plan.overlay, base)
+    assert "appliance-1.0.efi" in files, files       # A blessed: its counter is gone
+    assert "appliance-2.0+0-1.efi" in files, files   # B's one try used up: marked bad
