@@ -711,6 +711,9 @@ def configure_gpu(profile: Profile, kernel_release: str,
     commands: list[tuple[str, ...]] = [
         ("mkdir", "-p", f"{DEBS_IN_ROOT}/lists/partial"), update, apt, dkms, status,
         ("rm", "-rf", DEBS_IN_ROOT, KEYS_IN_ROOT, "/var/lib/dkms/mok.key", "/var/lib/dkms/mok.pub"),
+        # The packages' triggers rebuild the kernel's initrd, whose bytes differ from run to run;
+        # the node boots the seal stage's own initrd (as the rootfs stage, see rootfs.py).
+        ("sh", "-c", "rm -f /boot/initrd.img-*"),
         ("apt-get", "clean"),
     ]
     files = [
