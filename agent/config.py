@@ -7,13 +7,12 @@ Unset keys take the defaults below, which are the safe ones.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError, NotFoundError
-from agent.settings import from_table, setting, to_json
+from agent.settings import from_table, read_toml, setting, to_json
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -206,14 +205,7 @@ def load_config(path: Path | None) -> AgentConfig:
     """
     if path is None:
         return AgentConfig()
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: no such configuration file") from None
-    try:
-        data = tomllib.loads(raw.decode())
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, missing=NotFoundError)
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})")

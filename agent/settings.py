@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from agent.errors import ConfigError
 
-__all__ = ["add_flags", "apply_flags", "from_table", "setting", "to_json"]
+__all__ = ["add_flags", "apply_flags", "from_table", "read_toml", "setting", "to_json"]
 
 T = TypeVar("T")
 
@@ -78,6 +78,27 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if not accept(value):
         raise bad
     return Path(value) if tp is Path else float(value) if tp is float else value
+
+
+def read_toml(path: Path, *, what: str = "configuration file",
+              error: type[ConfigError] = ConfigError,
+              missing: type[Exception] | None = None) -> dict[str, Any]:
+    """Parse a TOML file (agent.toml, an image profile, a manifest) into plain data.
+
+    Raises:
+        ``missing`` (default: ``error``): the file does not exist.
+        ``error``: the file is not UTF-8 or not valid TOML; the message names the file.
+    """
+    import tomllib
+
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise (missing or error)(f"{path}: no such {what}") from None
+    try:
+        return tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from None
 
 
 def from_table(cls: type[T], table: Mapping[str, Any], origin: str) -> T:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from agent.config import SECTIONS as AGENT_SECTIONS
 from agent.config import AgentConfig
 from agent.errors import ConfigError, ProfileError
-from agent.settings import from_table, setting, to_json
+from agent.settings import from_table, read_toml, setting, to_json
 
 if TYPE_CHECKING:
     from provisioning.gpu import GpuManifest
@@ -327,14 +326,7 @@ def load_profile(path: Path) -> Profile:
         ProfileError: malformed TOML, an unknown section or key, a wrong type or a bad value;
             the message names the file, the key and the value.
     """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such profile") from None
-    try:
-        data = tomllib.loads(raw.decode())
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, what="profile", error=ProfileError)
     known = [*_SECTIONS, "users", "agent"]
     unknown = sorted(set(data) - set(known))
     if unknown:
