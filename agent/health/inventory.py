@@ -8,6 +8,9 @@ Sources:
 - node id: ``STATE/node-id`` (a random UUID written on first use, atomically).
 - image: :data:`IMAGE_METADATA` (JSON written by the image builder: ``version``, ``slot``,
   ``firmware_manifest``); without it, ``IMAGE_VERSION`` of /etc/os-release, slot empty.
+- root hash: ``roothash=`` on the kernel command line (:data:`KERNEL_CMDLINE`); slot: the GPT
+  label (``root-a``/``root-b``) of the partition under the device-mapper device named ``root``
+  (read from /sys, which the sandboxed agent can see without any device access).
 - bundles: the inference component's ``installed()`` when it runs, else the model store's
   layout ``STATE/models/NAME/VERSION/install.json`` and ``STATE/models/NAME/active``.
 - registry root version: ``signed.version`` of ``STATE/tuf/metadata/root.json``.
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_METADATA = Path("/usr/lib/appliance/image.json")
 OS_RELEASE = Path("/etc/os-release")
+KERNEL_CMDLINE = Path("/proc/cmdline")
+SYS_BLOCK = Path("/sys/block")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class Inventory:
     firmware_manifest_id: str
     gpus: tuple[GpuInfo, ...]
     execution_providers: tuple[str, ...]
+    root_hash: str = ""
 
 
 def node_id(state_dir: Path) -> str:
@@ -122,6 +128,34 @@ def _image(image_metadata: Path, os_release: Path) -> tuple[str, str, str]:
     return _os_release(os_release).get("IMAGE_VERSION", ""), "", ""
 
 
+def _root_hash(cmdline: Path) -> str:
+    try:
+        args = cmdline.read_text().split()
+    except OSError:
+        return ""
+    found = [a.removeprefix("roothash=") for a in args if a.startswith("roothash=")]
+    return found[-1] if found else ""
+
+
+def _slot(sys_block: Path) -> str:
+    """"A" or "B": the GPT label of the verity root's data partition, "" when not found."""
+    try:
+        devices = sorted(sys_block.glob("dm-*"))
+    except OSError:
+        return ""
+    for dm in devices:
+        try:
+            if (dm / "dm" / "name").read_text().strip() != "root":
+                continue
+            for slave in sorted((dm / "slaves").iterdir()):
+                for line in (slave / "uevent").read_text().splitlines():
+                    if line in ("PARTNAME=root-a", "PARTNAME=root-b"):
+                        return line[-1].upper()
+        except OSError:
+            continue
+    return ""
+
+
 def _bundles_from_store(state_dir: Path) -> list[Bundle]:
     root = state_dir / "models"
     out: list[Bundle] = []
@@ -170,9 +204,11 @@ def _root_version(state_dir: Path) -> int:
 def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
                       providers: tuple[str, ...] = (), inference: Any = None,
                       image_metadata: Path = IMAGE_METADATA,
-                      os_release: Path = OS_RELEASE) -> Inventory:
+                      os_release: Path = OS_RELEASE, cmdline: Path = KERNEL_CMDLINE,
+                      sys_block: Path = SYS_BLOCK) -> Inventory:
     """This node's inventory. Raises nothing: absent sources read as empty fields."""
     version, slot, firmware = _image(image_metadata, os_release)
+    slot = slot or _slot(sys_block)
     return Inventory(
         node_id=node_id(state_dir),
         hostname=socket.gethostname(),
@@ -185,4 +221,5 @@ def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
         firmware_manifest_id=firmware,
         gpus=gpus,
         execution_providers=providers,
+        root_hash=_root_hash(cmdline),
     )

@@ -106,7 +106,7 @@ def inventory_to_proto(inv: Inventory) -> pb.Inventory:
         firmware_manifest_id=inv.firmware_manifest_id,
         gpus=[pb.GpuInfo(index=g.index, name=g.name, uuid=g.uuid, driver_version=g.driver_version,
                          cuda_driver_version=g.cuda_driver_version) for g in inv.gpus],
-        execution_providers=inv.execution_providers)
+        execution_providers=inv.execution_providers, root_hash=inv.root_hash)
 
 
 def event_to_proto(e: Event) -> pb.Event:

@@ -21,12 +21,15 @@ __all__ = [
     "AGENT_UID",
     "AGENT_UNIT",
     "AGENT_USER",
+    "LISTEN_PREFIX",
+    "LISTEN_REPORT_UNIT",
     "VENV",
     "FileSpec",
     "Plan",
     "agent_toml",
     "agent_unit",
     "configure_plan",
+    "listen_report_unit",
     "nftables_ruleset",
     "render_toml",
 ]
@@ -428,6 +431,34 @@ def _user_commands(profile: Profile) -> list[tuple[str, ...]]:
     return cmds
 
 
+LISTEN_REPORT_UNIT = "appliance-listen-report.service"
+LISTEN_PREFIX = "appliance-listen:"
+
+
+def listen_report_unit() -> str:
+    """A oneshot that prints the node's listening sockets to the console once the agent serves.
+
+    The agent is Type=notify (READY=1 once it serves), so ``After=`` the agent means after it
+    listens.  Lines go to /dev/console (the serial port on a bench) with a fixed prefix.
+    """
+    script = (f"ss -Hltun | sed 's/^/{LISTEN_PREFIX} /'; echo '{LISTEN_PREFIX} end'")
+    return "\n".join((
+        "[Unit]",
+        "Description=Print listening sockets to the console (hardware-in-the-loop checks)",
+        f"After={AGENT_UNIT} network-online.target",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart=/bin/sh -c \"{script}\"",
+        "StandardOutput=tty",
+        "TTYPath=/dev/console",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ))
+
+
 def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS_IN_ROOT) -> Plan:
     """The configure stage's plan for ``profile``.
 
@@ -446,6 +477,8 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         *_time_files(profile),
         *_ssh_files(profile),
     ]
+    if profile.diagnostics.console_listeners:
+        files.append(FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()))
     py = f"{VENV}/bin/python"
     commands: list[tuple[str, ...]] = [
         *_user_commands(profile),
@@ -463,6 +496,8 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         enable.append("apparmor.service")
     if profile.ssh.enabled:
         enable.append("ssh.service")
+    if profile.diagnostics.console_listeners:
+        enable.append(LISTEN_REPORT_UNIT)
     mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service"]
     if not profile.hardening.core_dumps:
         mask.append("systemd-coredump.socket")
