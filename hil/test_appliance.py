@@ -20,6 +20,7 @@ from hil.conftest import Appliance, SiteRegistry, serving_status
 ALLOWED_TCP = {8001, 8002}  # the agent's gRPC and metrics ports (images/*.toml [agent.server])
 ALLOWED_UDP = {68}  # systemd-networkd's DHCP client
 LISTEN_PREFIX = "appliance-listen:"
+pytestmark = pytest.mark.timeout(3600)  # boots under TCG take minutes
 
 
 def _node(appliance: Appliance) -> Any:

@@ -41,7 +41,8 @@ def _inside(root: Path, path: str | Path) -> Path:
     return root / str(path).lstrip("/")
 
 
-def stage_payload(profile: Profile, lock: Lock, mirror: Path, root: Path) -> list[BakedBundle]:
+def stage_payload(profile: Profile, lock: Lock, mirror: Path, root: Path,
+                  source_date_epoch: int = 0) -> list[BakedBundle]:
     """Copy the locked wheels into the root; verify and install the baked bundles.
 
     Raises:
@@ -62,7 +63,8 @@ def stage_payload(profile: Profile, lock: Lock, mirror: Path, root: Path) -> lis
     if registry is None or not profile.bundles.targets:
         return []
     state = _inside(root, profile.agent.server.state_dir)
-    baked = bake_bundles(registry, profile.bundles.targets, state, _inside(root, REGISTRY_IN_ROOT))
+    baked = bake_bundles(registry, profile.bundles.targets, state, _inside(root, REGISTRY_IN_ROOT),
+                         installed_at=float(source_date_epoch))
     for path in [state, *state.rglob("*")]:
         os.lchown(path, AGENT_UID, AGENT_UID)
     state.chmod(0o700)
@@ -167,7 +169,7 @@ def configure_root(profile: Profile, lock: Lock, mirror: Path, root: Path,
     """
     from provisioning.image.outputs import normalise
 
-    baked = stage_payload(profile, lock, mirror, root)
+    baked = stage_payload(profile, lock, mirror, root, source_date_epoch)
     run_deploy(profile, root, source_date_epoch, debug=debug)
     write_image_metadata(profile, root, source_date_epoch)
     if profile.pki_dir is not None:
