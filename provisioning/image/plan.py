@@ -24,6 +24,8 @@ __all__ = [
     "BOOT_CHECK_UNIT",
     "LISTEN_PREFIX",
     "LISTEN_REPORT_UNIT",
+    "OS_UPDATE_PATH",
+    "OS_UPDATE_UNIT",
     "VENV",
     "FileSpec",
     "Plan",
@@ -33,6 +35,7 @@ __all__ = [
     "configure_plan",
     "listen_report_unit",
     "nftables_ruleset",
+    "os_update_units",
     "render_toml",
 ]
 
@@ -446,6 +449,49 @@ def boot_check_unit() -> str:
     ))
 
 
+OS_UPDATE_UNIT = "appliance-os-update.service"
+OS_UPDATE_PATH = "appliance-os-update.path"
+
+
+def os_update_units(profile: Profile) -> dict[str, str]:
+    """The root-owned OS installer, started when the agent stages an OS release.
+
+    It re-verifies the release through TUF with its own metadata (agent.osupdate), writes the
+    inactive root slot and the UKI (on trial), then reboots into it.
+    """
+    state = str(profile.agent.server.state_dir)
+    path = "\n".join((
+        "[Unit]",
+        "Description=Install an OS release the agent staged",
+        "",
+        "[Path]",
+        f"PathExists={state}/os/pending.json",
+        f"Unit={OS_UPDATE_UNIT}",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ))
+    service = "\n".join((
+        "[Unit]",
+        "Description=Write a verified OS release to the inactive root slot and boot it on trial",
+        f"RequiresMountsFor={state} /efi",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart={VENV}/bin/appliance agent os-install --state-dir {state}",
+        "ExecStartPost=/bin/systemctl reboot",
+        "StateDirectory=appliance-os",
+        "StateDirectoryMode=0700",
+        "NoNewPrivileges=yes",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "Environment=PYTHONDONTWRITEBYTECODE=1",
+        "",
+    ))
+    return {OS_UPDATE_PATH: path, OS_UPDATE_UNIT: service}
+
+
 LISTEN_REPORT_UNIT = "appliance-listen-report.service"
 LISTEN_PREFIX = "appliance-listen:"
 
@@ -492,6 +538,7 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         *_time_files(profile),
         *_ssh_files(profile),
         FileSpec(f"/etc/systemd/system/{BOOT_CHECK_UNIT}", boot_check_unit()),
+        *(FileSpec(f"/etc/systemd/system/{name}", text) for name, text in os_update_units(profile).items()),
     ]
     if profile.diagnostics.console_listeners:
         files.append(FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()))
@@ -505,7 +552,7 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         ("rm", "-rf", wheels_dir),
     ]
     enable = ["nftables.service", "systemd-networkd.service", "systemd-timesyncd.service",
-              AGENT_UNIT, BOOT_CHECK_UNIT]
+              AGENT_UNIT, BOOT_CHECK_UNIT, OS_UPDATE_PATH]
     if profile.hardening.auditd:
         enable.append("auditd.service")
     if profile.hardening.apparmor:
