@@ -5,10 +5,11 @@ release through TUF like any target and stages it on the data partition with a r
 (``STATE/os/pending.json``).  The root-owned ``appliance-os-update.service`` (started by a
 path unit when the request appears) then, with :func:`install_pending`:
 
-1. verifies the staged file again through TUF with its *own* trusted metadata
-   (``/var/lib/appliance-os/tuf``, initialised from the image's baked root), so a compromised
-   agent cannot hand it anything the registry did not sign; then every member against
-   ``release.json`` (:func:`provisioning.image.osrelease.read_release`);
+1. refreshes its *own* TUF metadata (``/var/lib/appliance-os``, initialised from the image's
+   baked root) from the same source, and copies the staged file into its own directory
+   while hashing it: the copy must have the signed length and sha256, so a compromised
+   agent cannot hand it anything the registry did not sign; then every member is checked
+   against ``release.json`` (:func:`provisioning.image.osrelease.read_release`);
 2. writes the root and verity images to the inactive slot's partitions (``root-b`` and
    ``root-b-verity`` when running from A) and gives them the partition UUIDs derived from
    the new root hash (what ``roothash=`` finds them by);
@@ -132,6 +133,35 @@ def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
     return attempt
 
 
+def _verified_copy(src: Path, dest: Path, length: int, sha256: str) -> Path:
+    """Copy ``src`` (the agent's file) to a root-owned ``dest`` while hashing the bytes copied;
+    the copy is what gets installed, so the agent cannot change it after the check.
+
+    Raises:
+        VerificationError: length or sha256 differ from the signed target's.
+    """
+    import hashlib
+
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    h, size = hashlib.sha256(), 0
+    try:
+        with src.open("rb") as fin, dest.open("wb") as fout:
+            while chunk := fin.read(_BLOCK):
+                size += len(chunk)
+                if size > length:
+                    break
+                h.update(chunk)
+                fout.write(chunk)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    if size != length or h.hexdigest() != sha256:
+        dest.unlink(missing_ok=True)
+        raise VerificationError(f"{src}: {size} bytes, sha256 {h.hexdigest()}: not the signed "
+                                f"target ({length} bytes, sha256 {sha256})")
+    return dest
+
+
 def install_pending(state_dir: Path, trust_dir: Path, trusted_root: Path, **kw: Any) -> dict[str, Any]:
     """The root service's job: re-verify the agent's staged OS release through TUF, install it.
 
@@ -159,7 +189,7 @@ def install_pending(state_dir: Path, trust_dir: Path, trusted_root: Path, **kw: 
         info = next((t for t in client.targets() if t.path == target), None)
         if info is None or info.kind != "os":
             raise VerificationError(f"{target}: not an OS target of the registry {source}")
-        fresh = client.download(info, trust_dir / "download")
+        fresh = _verified_copy(staged, trust_dir / "download" / staged.name, info.length, info.sha256)
         return install_release(fresh, state_dir, **kw)
     finally:
         for path in (fresh, staged, request_path):

@@ -156,3 +156,56 @@ def test_sha_helper_consistency(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "build")
     with pytest.raises(Exception, match="no sealed root"):
         make_os_release(tmp_path / "build", tmp_path / "x.release")
+
+
+def _registry_with_release(tmp: Path, release: Path) -> tuple[Path, str]:
+    from provisioning.registry import add_target, init_registry, publish
+
+    reg = tmp / "registry"
+    init_registry(reg)
+    added = add_target(reg, release, kind="os", name="appliance", version="20260102.0")
+    publish(reg)
+    return reg, str(added.get("path") or added.get("target"))
+
+
+def _stage(state: Path, release: Path, target: str, source: Path, data: bytes | None = None) -> None:
+    staged = os_dir(state) / "staged" / release.name
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(data if data is not None else release.read_bytes())
+    (os_dir(state) / "pending.json").write_text(json.dumps(
+        {"target": target, "source": str(source), "file": str(staged)}))
+
+
+def test_install_pending_verifies_the_staged_release_through_its_own_tuf(tmp_path: Path) -> None:
+    from agent.osupdate import install_pending
+
+    release = make_os_release(_fake_build(tmp_path), tmp_path / "os.release")
+    reg, target = _registry_with_release(tmp_path, release)
+    m = _machine(tmp_path)
+    state = tmp_path / "state"
+    _stage(state, release, target, reg / "published")
+    attempt = install_pending(state, tmp_path / "trust", reg / "published/metadata/root.json",
+                              **{k: v for k, v in m.items() if k != "disk"})
+    assert attempt["slot"] == "B"
+    assert (m["esp"] / "EFI/Linux/appliance-20260102.000000+3-0.efi").is_file()
+    assert not (os_dir(state) / "pending.json").exists()
+    assert not list((os_dir(state) / "staged").iterdir())
+
+
+def test_install_pending_refuses_a_staged_file_the_registry_did_not_sign(tmp_path: Path) -> None:
+    from agent.osupdate import install_pending
+
+    release = make_os_release(_fake_build(tmp_path), tmp_path / "os.release")
+    reg, target = _registry_with_release(tmp_path, release)
+    m = _machine(tmp_path)
+    state = tmp_path / "state"
+    forged = bytearray(release.read_bytes())
+    forged[-1] ^= 1
+    _stage(state, release, target, reg / "published", bytes(forged))
+    with pytest.raises(VerificationError, match="not the signed target"):
+        install_pending(state, tmp_path / "trust", reg / "published/metadata/root.json",
+                        **{k: v for k, v in m.items() if k != "disk"})
+    assert not list((m["esp"] / "EFI/Linux").iterdir())
+    assert set((m["by_partlabel"] / "root-b").resolve().read_bytes()) == {0}
+    assert not (os_dir(state) / "pending.json").exists()
+    assert not (os_dir(state) / ATTEMPT).exists()

@@ -108,6 +108,10 @@ class ImageSection:
     name: str = setting("appliance", "image name (used in output file names)", check=_hostname)
     hostname: str = setting("appliance", "the node's hostname", check=_hostname)
     description: str = setting("", "what this appliance is for")
+    version: str = setting("", "image version (default: YYYYMMDD.HHMMSS of SOURCE_DATE_EPOCH); "
+                           "numbers and dots, so that it is also a registry version",
+                           check=lambda v: None if not v or re.match(r"^\d{1,9}(\.\d{1,9}){0,3}$", v)
+                           else "must be 1-4 dot-separated numbers such as 20260102.1")
     source_date_epoch: int = setting(1767225600, "timestamp for reproducible output "
                                      "(SOURCE_DATE_EPOCH in the environment wins)", check=_epoch)
 
