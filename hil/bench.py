@@ -167,14 +167,46 @@ def prepare(cache: Path = DEFAULT_CACHE, *, offline: bool = True) -> Bench:
     return bench
 
 
+OS_B_VERSION = "20260102.1"
+
+
+def prepare_os_release(bench: Bench, version: str = OS_B_VERSION) -> Path:
+    """Build the hil profile again as ``[image] version = VERSION`` (rootfs stage cached) and
+    pack its sealed root as an OS release file; returns the file.
+
+    Raises:
+        RuntimeError: the build or the packing failed.
+    """
+    profile = bench.profile.with_name(f"hil-{version}.toml")
+    text = bench.profile.read_text().replace('name = "appliance"',
+                                             f'name = "appliance"\nversion = "{version}"', 1)
+    if not profile.is_file() or profile.read_text() != text:
+        profile.write_text(text)
+    out = bench.cache / f"out-{version}"
+    if not out.exists() and (bench.out / "stages" / "rootfs" / ".key").is_file():
+        # the rootfs stage does not depend on the version: start from the first build's
+        (out / "stages").mkdir(parents=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(bench.out / "stages" / "rootfs"),
+                        str(out / "stages" / "rootfs")], check=True)
+    _check(_appliance("build", profile, "--mirror", bench.mirror, "--out", out, "--offline",
+                      timeout=5400), f"appliance build (OS {version})")
+    release = bench.cache / f"appliance-{version}.osrelease"
+    _check(_appliance("os-release", out, "--out", release, timeout=600), "appliance os-release")
+    return release
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hil.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="PKI, registry, mirror and the hil image (cached)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--online", action="store_true", help="build without the network namespace")
+    p.add_argument("--os-release", action="store_true",
+                   help=f"also build version {OS_B_VERSION} and pack it as an OS release")
     args = parser.parse_args(argv)
     bench = prepare(args.cache, offline=not args.online)
+    if args.os_release:
+        print(json.dumps({"os_release": str(prepare_os_release(bench))}))
     json.dump({"image": str(bench.image), "pki": str(bench.pki), "registry": str(bench.registry),
                **{k: str(v) for k, v in bench.client.items()}}, sys.stdout, indent=1)
     print()

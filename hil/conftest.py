@@ -52,6 +52,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--registry-port", type=int, default=18480,
                 help="qemu: host loopback port to serve the registry copy on (default 18480)")
     g.addoption("--console", type=Path, help="a real appliance's serial console log")
+    g.addoption("--os-release", type=Path, help="an OS release file (`appliance os-release`) "
+                "newer than the image: checks the A->B update through the registry")
     g.addoption("--serving-bound", type=float, default=float(os.environ.get(
         "APPLIANCE_HIL_SERVING_BOUND", "900")), help="seconds from power-on to agent SERVING "
                 "(default 900: TCG; a real appliance or KVM should take far less)")
@@ -206,6 +208,16 @@ class SiteRegistry:
         add_target(self.directory, bundle, kind="bundle")
         publish(self.directory)
         return target_path("bundle", "affine", version, bundle.name)
+
+    def publish_os(self, release: Path) -> str:
+        from provisioning.image.osrelease import read_release, registry_version
+        from provisioning.registry import add_target, publish, target_path
+
+        rel = read_release(release)
+        version = registry_version(rel.version)
+        add_target(self.directory, release, kind="os", name=rel.name, version=version)
+        publish(self.directory)
+        return target_path("os", rel.name, version, release.name)
 
     def tamper(self, target: str) -> list[Path]:
         """Flip one byte of every stored copy of ``target``'s file (same length)."""

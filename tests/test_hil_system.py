@@ -1,4 +1,5 @@
-"""System tier: build images/hil.toml and run the hil/ suite against it under qemu.
+"""System tier: build images/hil.toml (and a newer version as an OS release) and run the hil/
+suite against it under qemu.
 
 The bench (PKI, registry, mirror, build) lives in a fixed cache (APPLIANCE_HIL_CACHE, default
 /var/tmp/appliance-hil): a second run reuses the mirror (re-synced only when the agent's sources
@@ -26,15 +27,17 @@ def test_hil_suite_passes_against_the_built_image_under_qemu(tmp_path: Path) -> 
                if shutil.which(t) is None]
     if missing or os.geteuid() != 0:
         pytest.skip(f"needs root and {', '.join(missing) or 'the tools'}")
-    from hil.bench import DEFAULT_CACHE, prepare
+    from hil.bench import DEFAULT_CACHE, prepare, prepare_os_release
 
     bench = prepare(Path(os.environ.get("APPLIANCE_HIL_CACHE", DEFAULT_CACHE)))
     assert bench.image.is_file()
+    release = prepare_os_release(bench)  # the same profile as a newer version: the A->B update
     env = dict(os.environ, PYTHONPATH=str(ROOT),
                APPLIANCE_HIL_CONSOLE_COPY=str(tmp_path / "console.log"))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "hil/", "-v", "-s", "-p", "no:cacheprovider",
          "--qemu", str(bench.image), "--pki", str(bench.pki), "--registry", str(bench.registry),
+         "--os-release", str(release),
          "--basetemp", str(tmp_path / "hil")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False)
     print(proc.stdout[-8000:])
