@@ -280,7 +280,7 @@ def agent_unit(profile: Profile) -> str:
         "ProtectClock=yes",
         "ProtectHostname=yes",
         "ProtectProc=invisible",
-        "ProcSubset=pid",
+        # no ProcSubset=pid: ONNX Runtime reads /proc/cpuinfo at load and aborts without it
         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
         "RestrictNamespaces=yes",
         "RestrictRealtime=yes",
@@ -542,6 +542,10 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     ]
     if profile.diagnostics.console_listeners:
         files.append(FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()))
+    if profile.diagnostics.console_journal:
+        files.append(FileSpec("/etc/systemd/journald.conf.d/60-console.conf",
+                              "[Journal]\nForwardToConsole=yes\nTTYPath=/dev/console\n"
+                              "MaxLevelConsole=info\n"))
     py = f"{VENV}/bin/python"
     commands: list[tuple[str, ...]] = [
         *_user_commands(profile),

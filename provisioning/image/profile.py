@@ -224,6 +224,8 @@ class DiagnosticsSection:
     console_listeners: bool = setting(False, "once the agent serves, print the node's listening "
                                       "sockets (ss -ltun) to the serial console, each line "
                                       "prefixed 'appliance-listen:' (for hil/ checks)")
+    console_journal: bool = setting(False, "forward the journal (info and above) to the serial "
+                                    "console, so a bench sees why a unit failed")
 
 
 @dataclass(frozen=True)
