@@ -83,8 +83,8 @@ def test_bake_node_tls_issues_a_certificate_for_the_agent(tmp_path: Path, pki: P
     ca = x509.load_pem_x509_certificate((tls / "ca.crt").read_bytes())
     cert.verify_directly_issued_by(ca)
     assert (tls / "ca.crt").read_bytes() == (pki / "ca.crt").read_bytes()
-    assert (tls / "node.key").stat().st_mode & 0o777 == 0o640
-    assert (tls / "node.key").stat().st_gid == 800 and (tls / "node.key").stat().st_uid == 0
+    assert (tls / "node.key").stat().st_mode & 0o777 == 0o600
+    assert (tls / "node.key").stat().st_uid == 800  # the agent's user; it refuses looser keys
     assert (tls / "crl.pem").read_bytes().startswith(b"-----BEGIN X509 CRL-----")
     index = json.loads((pki / "index.json").read_text())
     assert any(c["name"] == "appliance-hil" and c["kind"] == "node" for c in index["certificates"])

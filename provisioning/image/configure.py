@@ -97,7 +97,7 @@ def write_image_metadata(profile: Profile, root: Path, source_date_epoch: int) -
 def bake_node_tls(profile: Profile, root: Path) -> str:
     """Issue a node certificate from the profile's [pki] dir into /etc/appliance/tls.
 
-    Writes node.crt, node.key (0640 root:appliance: the agent reads it, nobody else),
+    Writes node.crt, node.key (0600, owned by the agent's user: it refuses anything looser),
     ca.crt and a freshly signed crl.pem.  Returns the certificate's serial (hex).
     Every issue is recorded in the PKI's index, like any other.
 
@@ -121,12 +121,13 @@ def bake_node_tls(profile: Profile, root: Path) -> str:
         dest.mkdir(parents=True, exist_ok=True)
         dest.chmod(0o750)
         os.chown(dest, 0, AGENT_UID)
-        files = {"node.crt": (Path(issued.cert_path), 0o644),
-                 "node.key": (Path(issued.key_path), 0o640),
-                 "ca.crt": (pki_dir / "ca.crt", 0o644), "crl.pem": (crl, 0o644)}
-        for rel, (src, mode) in files.items():
+        # the agent refuses a key others can read: its own, mode 0600
+        files = {"node.crt": (Path(issued.cert_path), 0o644, 0),
+                 "node.key": (Path(issued.key_path), 0o600, AGENT_UID),
+                 "ca.crt": (pki_dir / "ca.crt", 0o644, 0), "crl.pem": (crl, 0o644, 0)}
+        for rel, (src, mode, owner) in files.items():
             atomic_write_bytes(dest / rel, src.read_bytes(), mode=mode)
-            os.chown(dest / rel, 0, AGENT_UID)
+            os.chown(dest / rel, owner, AGENT_UID)
     log.info("baked node certificate %s (serial %x, DNS %s, IP %s) into %s", name, issued.serial,
              ",".join(issued.dns), ",".join(issued.ips), TLS_IN_ROOT)
     return f"{issued.serial:x}"
