@@ -107,6 +107,10 @@ class Appliance:
         return seconds
 
     def power_off(self) -> None:
+        if self.console is not None and self.console.is_file() and self.state is not None:
+            # `appliance boot` starts the next console log afresh: keep this boot's
+            keep = self.state / f"console-boot{len(self.serving_seconds)}.log"
+            shutil.copyfile(self.console, keep)
         if self.state is not None and (self.state / "machine.json").exists():
             _appliance("boot", "--stop", str(self.state), "--json", timeout=120)
 
