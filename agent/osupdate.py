@@ -65,6 +65,51 @@ def _disk_and_number(dev: Path, sys_class_block: Path) -> tuple[Path, int]:
     return Path("/dev") / parent, number
 
 
+_GPT_SIGNATURE = b"EFI PART"
+
+
+def set_partition_uuid(disk: Path, number: int, part_uuid: str, sector: int = 512) -> None:
+    """Set partition ``number``'s unique GUID in both GPT copies of ``disk`` (CRCs redone).
+
+    Written here rather than with sfdisk, which the image does not carry.
+
+    Raises:
+        UpdateError: no valid GPT, or no such partition.
+    """
+    import struct
+    import uuid
+    import zlib
+
+    with disk.open("r+b") as f:
+        f.seek(sector)
+        primary = f.read(sector)
+        if primary[:8] != _GPT_SIGNATURE:
+            raise UpdateError(f"{disk}: no GPT header at LBA 1")
+        backup_lba = struct.unpack_from("<Q", primary, 32)[0]
+        for lba in (1, backup_lba):
+            f.seek(lba * sector)
+            header = bytearray(f.read(sector))
+            if header[:8] != _GPT_SIGNATURE:
+                raise UpdateError(f"{disk}: no GPT header at LBA {lba}")
+            size = struct.unpack_from("<I", header, 12)[0]
+            entries_lba, count, entry_size = struct.unpack_from("<QII", header, 72)
+            if not 1 <= number <= count:
+                raise UpdateError(f"{disk}: no partition {number} (table has {count} entries)")
+            f.seek(entries_lba * sector)
+            entries = bytearray(f.read(count * entry_size))
+            at = (number - 1) * entry_size
+            entries[at + 16:at + 32] = uuid.UUID(part_uuid).bytes_le
+            struct.pack_into("<I", header, 88, zlib.crc32(entries) & 0xFFFFFFFF)
+            struct.pack_into("<I", header, 16, 0)
+            struct.pack_into("<I", header, 16, zlib.crc32(bytes(header[:size])) & 0xFFFFFFFF)
+            f.seek(entries_lba * sector)
+            f.write(entries)
+            f.seek(lba * sector)
+            f.write(header)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_member(tar: tarfile.TarFile, member: str, dev: Path, size_limit: int) -> None:
     info = tar.getmember(member)
     if info.size > size_limit:
@@ -81,20 +126,19 @@ def _write_member(tar: tarfile.TarFile, member: str, dev: Path, size_limit: int)
 def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
                     by_partlabel: Path = BY_PARTLABEL, sys_class_block: Path = SYS_CLASS_BLOCK,
                     sys_block: Path = Path("/sys/block"), cmdline: Path = Path("/proc/cmdline"),
-                    esp: Path = ESP, run: Callable[..., Any] | None = None) -> dict[str, Any]:
+                    esp: Path = ESP,
+                    set_uuid: Callable[[Path, int, str], None] = set_partition_uuid) -> dict[str, Any]:
     """Write a (TUF-verified) OS release into the inactive slot and its UKI onto the ESP.
 
     Raises:
         VerificationError: a member does not match ``release.json``.
         UpdateError: the release is the running root, or does not fit its partitions.
-        ToolError: sfdisk failed.
+        OSError: a partition or the ESP could not be written.
     """
     from agent.health.inventory import _root_hash, _slot
-    from agent.tools import run as tools_run
     from provisioning.image.disk import root_uuids, uki_file_name
     from provisioning.image.osrelease import read_release
 
-    run = run or tools_run
     release = read_release(release_file)
     running = _root_hash(cmdline)
     if release.roothash == running:
@@ -111,8 +155,7 @@ def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
         data_uuid, hash_uuid = root_uuids(release.roothash)
         for dev, part_uuid in ((devices["root.squashfs"], data_uuid), (devices["root.verity"], hash_uuid)):
             disk, number = _disk_and_number(dev, sys_class_block)
-            run(["sfdisk", "--no-reread", "--no-tell-kernel", "--part-uuid", str(disk), str(number),
-                 part_uuid])
+            set_uuid(disk, number, part_uuid)
         uki_dir = esp / "EFI" / "Linux"
         uki = uki_dir / uki_file_name(release.name, release.version, tries)
         tmp = uki_dir / (uki.name + ".part")

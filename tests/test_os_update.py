@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from agent.errors import UpdateError, VerificationError
-from agent.osupdate import ATTEMPT, attempt_outcome, install_release, os_dir
-from agent.tools import run as tools_run
+from agent.osupdate import ATTEMPT, attempt_outcome, install_release, os_dir, set_partition_uuid
 from provisioning.image.disk import root_uuids
 from provisioning.image.osrelease import make_os_release, read_release, registry_version
 
@@ -67,11 +66,12 @@ def _machine(tmp: Path, slot_size: int = 1 << 16) -> dict[str, Any]:
     (dm / "slaves/vdx2/uevent").write_text("PARTNAME=root-a\n")
     (tmp / "esp/EFI/Linux").mkdir(parents=True)
 
-    def run(argv: list[str], **kw: Any) -> Any:  # the real sfdisk, on the image file
-        return tools_run([str(disk) if a == "/dev/vdx" else a for a in argv], **kw)
+    def set_uuid(dev: Path, number: int, part_uuid: str) -> None:  # on the image file
+        assert dev == Path("/dev/vdx")
+        set_partition_uuid(disk, number, part_uuid)
 
     return {"by_partlabel": by_label, "sys_class_block": sys_class, "sys_block": tmp / "sys/block",
-            "cmdline": tmp / "cmdline", "esp": tmp / "esp", "run": run, "disk": disk}
+            "cmdline": tmp / "cmdline", "esp": tmp / "esp", "set_uuid": set_uuid, "disk": disk}
 
 
 def test_os_release_round_trip(tmp_path: Path) -> None:
@@ -107,6 +107,9 @@ def test_install_writes_the_inactive_slot_uuids_and_a_uki_on_trial(tmp_path: Pat
             assert got[:len(want)] == want
     for label in ("root-a", "root-a-verity"):  # the running slot is untouched
         assert set((m["by_partlabel"] / label).resolve().read_bytes()) == {0}
+    verify = subprocess.run(["sfdisk", "--verify", str(m["disk"])], capture_output=True, text=True,
+                            check=False)
+    assert verify.returncode == 0 and "corrupt" not in (verify.stdout + verify.stderr).lower(), verify
     parts = json.loads(subprocess.run(["sfdisk", "--json", str(m["disk"])], capture_output=True,
                                       check=True).stdout)["partitiontable"]["partitions"]
     uuids = {p["name"]: p["uuid"].lower() for p in parts}
