@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 
@@ -164,9 +165,21 @@ def test_bake_installs_verified_bundles_as_the_agent_would(tmp_path: Path, affin
     baked = bake_bundles(registry, ("affine-1.0.0.bundle",), tmp_path / "state", tmp_path / "trust")
     assert [(b.name, b.version) for b in baked] == [("affine", "1.0.0")]
     installed = tmp_path / "state/models/affine/1.0.0"
-    assert sorted(p.name for p in installed.iterdir()) == ["golden.json", "manifest.json", "model.onnx"]
+    assert sorted(p.name for p in installed.iterdir()) == ["golden.json", "install.json",
+                                                           "manifest.json", "model.onnx"]
     assert (tmp_path / "trust/root.json").read_bytes() == (registry / "metadata/1.root.json").read_bytes()
     assert (tmp_path / "trust/metadata/targets.json").is_file()
+    # what the agent itself lists and loads: a verified install record and an active version
+    from agent.config import InferenceSection
+    from agent.inference.repository import ModelRepository
+
+    repo = ModelRepository.for_state_dir(tmp_path / "state", InferenceSection())
+    assert [(m["name"], m["version"], m["active"]) for m in repo.installed()] == [("affine", "1.0.0", True)]
+    record = json.loads((installed / "install.json").read_text())
+    assert record["installed_at"] == 0.0 and record["source"] == "baked:affine-1.0.0.bundle"
+    # the node's update client starts from the registry's root
+    assert (tmp_path / "state/tuf/metadata/root.json").read_bytes() == (
+        registry / "metadata/1.root.json").read_bytes()
 
 
 def test_bake_refuses_a_target_that_does_not_match_signed_metadata(tmp_path: Path,

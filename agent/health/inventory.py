@@ -8,6 +8,9 @@ Sources:
 - node id: ``STATE/node-id`` (a random UUID written on first use, atomically).
 - image: :data:`IMAGE_METADATA` (JSON written by the image builder: ``version``, ``slot``,
   ``firmware_manifest``); without it, ``IMAGE_VERSION`` of /etc/os-release, slot empty.
+- root hash: ``roothash=`` on the kernel command line (:data:`KERNEL_CMDLINE`); slot: the GPT
+  label (``root-a``/``root-b``) of the partition under the device-mapper device named ``root``
+  (read from /sys, which the sandboxed agent can see without any device access).
 - bundles: the inference component's ``installed()`` when it runs, else the model store's
   layout ``STATE/models/NAME/VERSION/install.json`` and ``STATE/models/NAME/active``.
 - registry root version: ``signed.version`` of ``STATE/tuf/metadata/root.json``.
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_METADATA = Path("/usr/lib/appliance/image.json")
 OS_RELEASE = Path("/etc/os-release")
+KERNEL_CMDLINE = Path("/proc/cmdline")
+SYS_BLOCK = Path("/sys/block")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Inventory:
     execution_providers: tuple[str, ...]
     gpu_stack: dict[str, str] = field(default_factory=dict)
     onnxruntime_version: str = ""
+    root_hash: str = ""
 
 
 def node_id(state_dir: Path) -> str:
@@ -126,6 +132,34 @@ def _image(image_metadata: Path, os_release: Path) -> tuple[str, str, str]:
         return (str(meta.get("version", "")), str(meta.get("slot", "")),
                 str(meta.get("firmware_manifest", "")))
     return _os_release(os_release).get("IMAGE_VERSION", ""), "", ""
+
+
+def _root_hash(cmdline: Path) -> str:
+    try:
+        args = cmdline.read_text().split()
+    except OSError:
+        return ""
+    found = [a.removeprefix("roothash=") for a in args if a.startswith("roothash=")]
+    return found[-1] if found else ""
+
+
+def _slot(sys_block: Path) -> str:
+    """"A" or "B": the GPT label of the verity root's data partition, "" when not found."""
+    try:
+        devices = sorted(sys_block.glob("dm-*"))
+    except OSError:
+        return ""
+    for dm in devices:
+        try:
+            if (dm / "dm" / "name").read_text().strip() != "root":
+                continue
+            for slave in sorted((dm / "slaves").iterdir()):
+                for line in (slave / "uevent").read_text().splitlines():
+                    if line in ("PARTNAME=root-a", "PARTNAME=root-b"):
+                        return line[-1].upper()
+        except OSError:
+            continue
+    return ""
 
 
 def _bundles_from_store(state_dir: Path) -> list[Bundle]:
@@ -198,9 +232,11 @@ def _onnxruntime_version() -> str:
 def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
                       providers: tuple[str, ...] = (), inference: Any = None,
                       image_metadata: Path = IMAGE_METADATA,
-                      os_release: Path = OS_RELEASE) -> Inventory:
+                      os_release: Path = OS_RELEASE, cmdline: Path = KERNEL_CMDLINE,
+                      sys_block: Path = SYS_BLOCK) -> Inventory:
     """This node's inventory. Raises nothing: absent sources read as empty fields."""
     version, slot, firmware = _image(image_metadata, os_release)
+    slot = slot or _slot(sys_block)
     return Inventory(
         node_id=node_id(state_dir),
         hostname=socket.gethostname(),
@@ -215,4 +251,5 @@ def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
         execution_providers=providers,
         gpu_stack=_gpu_stack(image_metadata),
         onnxruntime_version=_onnxruntime_version(),
+        root_hash=_root_hash(cmdline),
     )

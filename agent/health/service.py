@@ -108,7 +108,7 @@ def inventory_to_proto(inv: Inventory) -> pb.Inventory:
                          cuda_driver_version=g.cuda_driver_version) for g in inv.gpus],
         execution_providers=inv.execution_providers,
         gpu_stack=pb.GpuStack(**inv.gpu_stack) if inv.gpu_stack else None,
-        onnxruntime_version=inv.onnxruntime_version)
+        onnxruntime_version=inv.onnxruntime_version, root_hash=inv.root_hash)
 
 
 def event_to_proto(e: Event) -> pb.Event:

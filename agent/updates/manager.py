@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -39,6 +40,7 @@ from typing import Any
 from agent.bundle import parse_version
 from agent.config import UpdatesSection
 from agent.errors import ApplianceError, NotFoundError, UpdateError
+from agent.fsutil import atomic_write_text
 from agent.inference.model import LoadedModel
 from agent.inference.repository import ModelRepository
 from agent.inference.store import ModelStore
@@ -217,9 +219,8 @@ class UpdateManager:
 
     def _resolve(self, client: RegistryClient, spec: str) -> TargetInfo:
         """A target path, NAME@VERSION, or NAME (its newest version on the channel)."""
-        offered = [t for t in client.targets() if t.kind == "bundle"]
-        for t in offered:
-            if t.path == spec:
+        for t in client.targets():
+            if t.path == spec and t.kind in ("bundle", "os"):
                 return t
         name, _, version = spec.partition("@")
         if version:
@@ -298,6 +299,8 @@ class UpdateManager:
     async def _apply_one(self, client: RegistryClient, source: str, target: TargetInfo,
                          dry_run: bool) -> Outcome:
         t = target
+        if t.kind == "os":
+            return await asyncio.to_thread(self._stage_os, client, source, t, dry_run)
         try:
             current, preexisting = self._policy(t)
         except _RefusedError as exc:
@@ -332,6 +335,51 @@ class UpdateManager:
         self._event("update.applied", "info", outcome,
                     f"{t.name} updated {current or '(none)'} -> {t.version}", txid=tx.txid, source=source)
         return outcome
+
+    def _stage_os(self, client: RegistryClient, source: str, t: TargetInfo, dry_run: bool) -> Outcome:
+        """Stage a TUF-verified OS release for the root-owned installer (agent.osupdate)."""
+        from agent.osupdate import PENDING, os_dir
+
+        if dry_run:
+            return Outcome(t.path, t.name, t.version, t.sha256, "skipped",
+                           f"dry run: would stage OS release {t.name} {t.version}", time.time())
+        staged_dir = os_dir(self.state_dir) / "staged"
+        try:
+            staged_dir.mkdir(parents=True, exist_ok=True)
+            for old in staged_dir.iterdir():
+                old.unlink()
+            staged = client.download(t, staged_dir)  # length and hashes checked by TUF
+        except (ApplianceError, OSError) as exc:
+            for left in staged_dir.glob("*"):
+                left.unlink(missing_ok=True)
+            return self._refused(t.path, t.name, t.version, t.sha256, str(exc))
+        request = {"target": t.path, "source": source, "file": str(staged), "version": t.version,
+                   "sha256": t.sha256, "time": time.time()}
+        atomic_write_text(os_dir(self.state_dir) / PENDING, json.dumps(request, sort_keys=True) + "\n")
+        outcome = Outcome(t.path, t.name, t.version, t.sha256, "staged",
+                          f"OS release {t.version} verified and staged; the node installs it into the "
+                          "inactive root slot and reboots", time.time())
+        self._event("update.os.staged", "info", outcome, f"OS {t.name} {t.version} staged for install")
+        return outcome
+
+    def report_os_attempt(self, running_roothash: str) -> str | None:
+        """At start: turn a finished OS update attempt into an event; the outcome, if any."""
+        from agent.osupdate import attempt_outcome
+
+        found = attempt_outcome(self.state_dir, running_roothash)
+        if found is None:
+            return None
+        result, attempt = found
+        outcome = Outcome(f"os/{attempt.get('name', '')}", str(attempt.get("name", "")),
+                          str(attempt.get("version", "")), "", result, "", time.time())
+        if result == "applied":
+            self._event("update.os.applied", "info", outcome,
+                        f"OS {attempt.get('version')} is running from slot {attempt.get('slot')}")
+        else:
+            self._event("update.os.failed", "error", outcome,
+                        f"OS {attempt.get('version')} did not come up healthy in slot "
+                        f"{attempt.get('slot')}; the firmware went back to slot {attempt.get('from_slot')}")
+        return result
 
     async def _prepare(self, client: RegistryClient, tx: Transaction) -> LoadedModel:
         """Stage, verify, unpack and load ``tx.to_version``; its golden vectors pass on the result."""

@@ -94,6 +94,11 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     manager = UpdateManager(ctx.state_dir, ctx.config.updates, lambda: ctx.component("inference"), events,
                             drain_s=ctx.config.server.grace_period_s)
     notes = await asyncio.to_thread(manager.recover)
+    from agent.health.inventory import KERNEL_CMDLINE, _root_hash
+
+    os_result = await asyncio.to_thread(manager.report_os_attempt, _root_hash(KERNEL_CMDLINE))
+    if os_result is not None:
+        log.warning("OS update attempt: %s", os_result)
     if notes:
         log.warning("update recovery done: %d action(s)", len(notes))
     ctx.components["updates"] = UpdatesComponent(manager)

@@ -30,6 +30,19 @@ def register(
         description="Serve the models installed in the state directory (or those named with "
                     "--model, installed from the registry with full verification first). "
                     "Without TLS material the agent listens on loopback only.")
+    o = asub.add_parser(
+        "os-install", parents=[common],
+        help="(root, run by appliance-os-update.service) verify the OS release the agent staged "
+             "through TUF again, write it to the inactive root slot, install its UKI on trial",
+        description="Consumes STATE/os/pending.json. Never run by hand on a node in service: "
+                    "it rewrites the inactive root slot and the boot entries.")
+    o.add_argument("--state-dir", type=Path, default=Path("/var/lib/appliance"))
+    o.add_argument("--trust-dir", type=Path, default=Path("/var/lib/appliance-os"),
+                   help="the installer's own TUF metadata (root-owned)")
+    o.add_argument("--trusted-root", type=Path, default=Path("/etc/appliance/registry/root.json"),
+                   help="the image's baked registry root (first use of --trust-dir)")
+    o.add_argument("--tries", type=int, default=3, help="boot tries before the firmware falls back")
+    o.set_defaults(handler=_os_install)
     s.add_argument("--config", type=Path, default=None,
                    help=f"agent.toml to read (default: {DEFAULT_CONFIG_PATH} when it exists)")
     server = s.add_argument_group("[server] settings")
@@ -71,3 +84,16 @@ def _serve(args: argparse.Namespace) -> int:
     from agent.server import run_agent
 
     return asyncio.run(run_agent(config))
+
+
+def _os_install(args: argparse.Namespace) -> int:
+    from agent.osupdate import install_pending
+    from provisioning.output import emit_json
+
+    attempt = install_pending(args.state_dir, args.trust_dir, args.trusted_root, tries=args.tries)
+    if args.json:
+        emit_json(attempt)
+    else:
+        print(f"OS {attempt['name']} {attempt['version']} written to slot {attempt['slot']}; "
+              f"boot entry {attempt['uki']} (on trial)")
+    return 0

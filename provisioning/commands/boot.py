@@ -49,6 +49,9 @@ def register(
                    "Debian's store with its snakeoil test keys enrolled)")
     b.add_argument("--disk-size", type=int, metavar="MIB",
                    help="disk size the guest sees, larger than the image (the data partition grows into it)")
+    b.add_argument("--keep-disk", action="store_true",
+                   help="reuse STATE's disk overlay and UEFI variables if there (power the same "
+                        "machine on again: what the guest wrote survives)")
     b.add_argument("--wait-for", metavar="REGEX",
                    help="block until the console prints a line matching REGEX, then power off "
                    "(with --detach: leave it running); exit 1 on timeout")
@@ -87,7 +90,8 @@ def _boot(args: argparse.Namespace) -> int:
     plan = vm.BootPlan(args.image, state, kvm, args.memory, args.cpus, ports,
                        firmware=firmware, vars_template=args.vars or template, secure_boot=args.secure_boot,
                        tpm_socket=state / "swtpm.sock" if args.tpm else None,
-                       disk_size=args.disk_size * 1024 * 1024 if args.disk_size else None)
+                       disk_size=args.disk_size * 1024 * 1024 if args.disk_size else None,
+                       keep_disk=args.keep_disk)
     machine = vm.start(plan, fallback_tcg=args.accel == "auto")
     kvm = machine.plan.kvm
     info = machine.to_json()

@@ -46,6 +46,14 @@ def register(
                         "else the profile's)")
     b.set_defaults(handler=_build)
 
+    r = sub.add_parser("os-release", parents=[common],
+                       help="pack a build's sealed root (root + verity + UKI) as an OS release file",
+                       description="Publish the file with `appliance registry add REGISTRY FILE --kind os "
+                                   "--name NAME --version VERSION` (the JSON output gives both).")
+    r.add_argument("build", type=Path, help="an `appliance build --out` directory")
+    r.add_argument("--out", type=Path, required=True, help="the OS release file to write")
+    r.set_defaults(handler=_os_release)
+
     a = sub.add_parser("audit", parents=[common],
                        help="compliance report of a built root filesystem (OpenSCAP, Lynis, systemd)")
     a.add_argument("target", type=Path, help="a root filesystem directory or a build --out directory")
@@ -55,6 +63,23 @@ def register(
                    help="XCCDF profile id suffix (default anssi_bp28_enhanced)")
     a.add_argument("--unit", default="appliance-agent.service", help="unit for systemd-analyze security")
     a.set_defaults(handler=_audit)
+
+
+def _os_release(args: argparse.Namespace) -> int:
+    from provisioning.image.osrelease import make_os_release, read_release, registry_version
+
+    path = make_os_release(args.build, args.out)
+    release = read_release(path)
+    doc = {"file": str(path), "name": release.name, "version": release.version,
+           "registry_version": registry_version(release.version), "roothash": release.roothash,
+           "size": path.stat().st_size}
+    if args.json:
+        emit_json(doc)
+    else:
+        print(f"{path}: OS {release.name} {release.version} (root hash {release.roothash[:16]}...); "
+              f"publish: appliance registry add REGISTRY {path} --kind os --name {release.name} "
+              f"--version {doc['registry_version']}")
+    return 0
 
 
 def _sync(args: argparse.Namespace) -> int:

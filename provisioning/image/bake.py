@@ -146,23 +146,44 @@ class BakedBundle:
                 "sha256": self.sha256}
 
 
+def _install_as_the_agent_does(state_dir: Path, bundle_path: Path, target: str,
+                               installed_at: float) -> None:
+    """The agent's own model store install (install record, ``active``), made reproducible."""
+    import json
+
+    from agent.config import InferenceSection
+    from agent.fsutil import atomic_write_text
+    from agent.inference.repository import ModelRepository
+    from agent.inference.store import INSTALL_RECORD
+
+    installed = ModelRepository.for_state_dir(state_dir, InferenceSection()).install(bundle_path)
+    record_path = state_dir / "models" / installed.name / installed.version / INSTALL_RECORD
+    record = json.loads(record_path.read_text())
+    record |= {"installed_at": installed_at, "source": f"baked:{target}"}
+    atomic_write_text(record_path, json.dumps(record, sort_keys=True) + "\n")
+
+
 def bake_bundles(registry: Path, targets: tuple[str, ...], state_dir: Path,
-                 trusted_dir: Path) -> list[BakedBundle]:
+                 trusted_dir: Path, *, installed_at: float = 0.0) -> list[BakedBundle]:
     """Verify ``targets`` through TUF and install them under ``state_dir/models/NAME/VERSION``.
 
     ``trusted_dir`` receives ``root.json`` (the trust anchor) and ``metadata/`` (the verified
-    metadata the agent starts from).  Each bundle is checked again by :func:`read_bundle`
-    and its golden vectors are run, as the agent does after an install.
+    metadata the agent starts from); the node's update client is initialised with that root
+    under ``state_dir/tuf``.  Bundles are installed by the agent's own model store (install
+    record and ``active`` version), with ``installed_at`` as their install time: each bundle
+    is checked again and its golden vectors run, as the agent does for an install.
 
     Raises:
         VerificationError: TUF verification, bundle hashes or golden vectors fail.
         BundleError: a target is not a well-formed bundle.
     """
+    from agent.updates.client import RegistryClient
     from provisioning.bundle import verify_bundle
 
     root = trusted_root(registry)
     trusted_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(root, trusted_dir / "root.json")
+    RegistryClient.initialize(state_dir, root.read_bytes())
     baked: list[BakedBundle] = []
     with tempfile.TemporaryDirectory(prefix="bake-") as tmp:
         files = verify_targets(registry, root, targets, trusted_dir / "metadata", Path(tmp))
@@ -172,6 +193,6 @@ def bake_bundles(registry: Path, targets: tuple[str, ...], state_dir: Path,
             dest = state_dir / "models" / m.name / m.version
             if dest.exists():
                 raise VerificationError(f"{target}: {m.name} {m.version} is baked twice")
-            bundle.extract(dest)
+            _install_as_the_agent_does(state_dir, path, target, installed_at)
             baked.append(BakedBundle(target, m.name, m.version, bundle.sha256))
     return baked

@@ -68,6 +68,7 @@ class BootPlan:
     vars_template: Path = OVMF_VARS
     secure_boot: bool = False  # firmware is a Secure Boot build: SMM on, flash locked to SMM
     disk_size: int | None = None  # bytes the guest sees (>= the image: a bigger disk, as when flashed)
+    keep_disk: bool = False  # reuse the state's overlay and UEFI variables: a power cycle, not a fresh disk
 
     @property
     def overlay(self) -> Path:
@@ -195,12 +196,15 @@ def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
             if _alive(int(json.loads(previous.read_text())["pid"])):
                 raise ImageError(f"{plan.state}: a machine is still running there (stop it first)")
     plan.state.mkdir(parents=True, exist_ok=True)
-    for stale in (plan.overlay, plan.console, plan.pidfile, plan.qmp):
+    keep = plan.keep_disk and plan.overlay.is_file() and plan.vars.is_file()
+    for stale in (plan.console, plan.pidfile, plan.qmp) if keep else (
+            plan.overlay, plan.console, plan.pidfile, plan.qmp):
         stale.unlink(missing_ok=True)
-    shutil.copyfile(plan.vars_template, plan.vars)
-    size = max(plan.image.stat().st_size, plan.disk_size or 0)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", plan.image.resolve(),
-         plan.overlay, str(size)])
+    if not keep:
+        shutil.copyfile(plan.vars_template, plan.vars)
+        size = max(plan.image.stat().st_size, plan.disk_size or 0)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", plan.image.resolve(),
+             plan.overlay, str(size)])
     plan.console.touch()
     tpm_pid = None
     if plan.tpm_socket is not None:

@@ -27,19 +27,23 @@ from provisioning.image.mirror import Lock, file_sha256
 from provisioning.image.plan import AGENT_UID, WHEELS_IN_ROOT, configure_plan
 from provisioning.image.profile import Profile
 
-__all__ = ["DEPLOY", "REGISTRY_IN_ROOT", "configure_root", "run_deploy", "stage_payload"]
+__all__ = ["DEPLOY", "IMAGE_METADATA_IN_ROOT", "REGISTRY_IN_ROOT", "bake_node_tls", "configure_root",
+           "image_version", "run_deploy", "stage_payload", "write_image_metadata"]
 
 log = logging.getLogger(__name__)
 
 DEPLOY = Path(__file__).parent / "deploys" / "configure.py"
 REGISTRY_IN_ROOT = "etc/appliance/registry"
+# What the agent's inventory reads (agent.health.inventory.IMAGE_METADATA).
+IMAGE_METADATA_IN_ROOT = "usr/lib/appliance/image.json"
 
 
 def _inside(root: Path, path: str | Path) -> Path:
     return root / str(path).lstrip("/")
 
 
-def stage_payload(profile: Profile, lock: Lock, mirror: Path, root: Path) -> list[BakedBundle]:
+def stage_payload(profile: Profile, lock: Lock, mirror: Path, root: Path,
+                  source_date_epoch: int = 0) -> list[BakedBundle]:
     """Copy the locked wheels into the root; verify and install the baked bundles.
 
     Raises:
@@ -60,11 +64,76 @@ def stage_payload(profile: Profile, lock: Lock, mirror: Path, root: Path) -> lis
     if registry is None or not profile.bundles.targets:
         return []
     state = _inside(root, profile.agent.server.state_dir)
-    baked = bake_bundles(registry, profile.bundles.targets, state, _inside(root, REGISTRY_IN_ROOT))
+    baked = bake_bundles(registry, profile.bundles.targets, state, _inside(root, REGISTRY_IN_ROOT),
+                         installed_at=float(source_date_epoch))
     for path in [state, *state.rglob("*")]:
         os.lchown(path, AGENT_UID, AGENT_UID)
     state.chmod(0o700)
     return baked
+
+
+def image_version(profile: Profile, source_date_epoch: int) -> str:
+    """The image's version: the one the seal stage names the UKI with (from SOURCE_DATE_EPOCH)."""
+    from provisioning.image.stage import version_from_epoch
+
+    return getattr(profile.image, "version", "") or version_from_epoch(source_date_epoch)
+
+
+def write_image_metadata(profile: Profile, root: Path, source_date_epoch: int) -> dict[str, str]:
+    """/usr/lib/appliance/image.json: name, version and firmware manifest, for the inventory.
+
+    The root hash cannot be inside the root it hashes: the agent reads it from the kernel
+    command line (``roothash=``) and the slot from the device under /dev/mapper/root.
+    """
+    doc = {"name": profile.image.name, "version": image_version(profile, source_date_epoch),
+           "suite": profile.debian.suite,
+           "firmware_manifest": profile.gpu_manifest.stem if profile.gpu_manifest else ""}
+    path = _inside(root, IMAGE_METADATA_IN_ROOT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # the GPU deploy wrote its "gpu" summary there first: keep it
+        doc = {**json.loads(path.read_text()), **doc}
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    path.chmod(0o644)
+    return doc
+
+
+def bake_node_tls(profile: Profile, root: Path) -> str:
+    """Issue a node certificate from the profile's [pki] dir into /etc/appliance/tls.
+
+    Writes node.crt, node.key (0600, owned by the agent's user: it refuses anything looser),
+    ca.crt and a freshly signed crl.pem.  Returns the certificate's serial (hex).
+    Every issue is recorded in the PKI's index, like any other.
+
+    Raises:
+        NotFoundError: the directory holds no CA. ConfigError, VerificationError: bad names
+            or a wrong passphrase (see :func:`provisioning.pki.issue_node`).
+    """
+    from agent.fsutil import atomic_write_bytes
+    from provisioning.image.profile import TLS_IN_ROOT
+    from provisioning.pki import issue_node, load_passphrase, write_crl
+
+    pki_dir = profile.pki_dir
+    assert pki_dir is not None
+    passphrase = load_passphrase(profile.pki_passphrase_file)
+    name = profile.pki.node or profile.image.hostname
+    with tempfile.TemporaryDirectory(prefix="node-tls-") as tmp:
+        issued = issue_node(pki_dir, name, dns=profile.pki.dns, ips=profile.pki.ips,
+                            days=profile.pki.days, passphrase=passphrase, out=Path(tmp))
+        crl = write_crl(pki_dir, passphrase=passphrase)
+        dest = _inside(root, TLS_IN_ROOT)
+        dest.mkdir(parents=True, exist_ok=True)
+        dest.chmod(0o750)
+        os.chown(dest, 0, AGENT_UID)
+        # the agent refuses a key others can read: its own, mode 0600
+        files = {"node.crt": (Path(issued.cert_path), 0o644, 0),
+                 "node.key": (Path(issued.key_path), 0o600, AGENT_UID),
+                 "ca.crt": (pki_dir / "ca.crt", 0o644, 0), "crl.pem": (crl, 0o644, 0)}
+        for rel, (src, mode, owner) in files.items():
+            atomic_write_bytes(dest / rel, src.read_bytes(), mode=mode)
+            os.chown(dest / rel, owner, AGENT_UID)
+    log.info("baked node certificate %s (serial %x, DNS %s, IP %s) into %s", name, issued.serial,
+             ",".join(issued.dns), ",".join(issued.ips), TLS_IN_ROOT)
+    return f"{issued.serial:x}"
 
 
 def _pip_wheel(root: Path) -> str:
@@ -120,7 +189,7 @@ def configure_root(profile: Profile, lock: Lock, mirror: Path, root: Path,
     """
     from provisioning.image.outputs import normalise
 
-    baked = stage_payload(profile, lock, mirror, root)
+    baked = stage_payload(profile, lock, mirror, root, source_date_epoch)
     gpu = _stage_gpu(profile, lock, mirror, root)
     run_deploy(profile, root, source_date_epoch, debug=debug, gpu=gpu)
     if gpu is not None:
@@ -130,6 +199,9 @@ def configure_root(profile: Profile, lock: Lock, mirror: Path, root: Path,
                                       signed=profile.gpu_signing is not None)
         log.info("GPU modules for %s: %s", gpu["kernel_release"],
                  ", ".join(f"{m['module']} (signer {m['signer'] or 'none'})" for m in modules))
+    write_image_metadata(profile, root, source_date_epoch)
+    if profile.pki_dir is not None:
+        bake_node_tls(profile, root)
     normalise(root, source_date_epoch)
     return baked
 

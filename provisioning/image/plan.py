@@ -21,13 +21,21 @@ __all__ = [
     "AGENT_UID",
     "AGENT_UNIT",
     "AGENT_USER",
+    "BOOT_CHECK_UNIT",
+    "LISTEN_PREFIX",
+    "LISTEN_REPORT_UNIT",
+    "OS_UPDATE_PATH",
+    "OS_UPDATE_UNIT",
     "VENV",
     "FileSpec",
     "Plan",
     "agent_toml",
     "agent_unit",
+    "boot_check_unit",
     "configure_plan",
+    "listen_report_unit",
     "nftables_ruleset",
+    "os_update_units",
     "render_toml",
 ]
 
@@ -247,6 +255,8 @@ def agent_unit(profile: Profile) -> str:
         "[Service]",
         "Type=notify",  # the agent sends READY=1 once it serves, then watchdog pings
         "WatchdogSec=30s",
+        # READY=1 comes once it serves: seconds on hardware, a minute or more under emulation
+        "TimeoutStartSec=5min",
         f"ExecStart={' '.join(AGENT_EXEC)}",
         "Restart=on-failure",
         "RestartSec=2s",
@@ -273,6 +283,7 @@ def agent_unit(profile: Profile) -> str:
         "ProtectClock=yes",
         "ProtectHostname=yes",
         "ProtectProc=invisible",
+        # no ProcSubset=pid: ONNX Runtime reads /proc/cpuinfo at load and aborts without it
         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
         "RestrictNamespaces=yes",
         "RestrictRealtime=yes",
@@ -308,38 +319,15 @@ def _network(profile: Profile) -> str:
 
 def _fstab(profile: Profile) -> str:
     tmp = "nodev,nosuid,noexec" if profile.hardening.tmp_noexec else "nodev,nosuid"
-    label = profile.disk.data_label
-    state = profile.agent.server.state_dir
+    # The data partition is /var, mounted from the sealed kernel command line (seal.py) and
+    # populated at build time from this root's /var (disk.py): the agent's state directory
+    # (/var/lib/appliance) and the persistent journal live there and survive root switches.
     return (
-        "# Written by `appliance build`.  The root is mounted read-only by the initrd (verity).\n"
+        "# Written by `appliance build`.  The root is mounted read-only by the initrd (verity);\n"
+        "# the data partition is /var (kernel command line: systemd.mount-extra).\n"
         f"tmpfs /tmp tmpfs mode=1777,{tmp},size=25% 0 0\n"
         f"tmpfs /var/tmp tmpfs mode=1777,{tmp},size=10% 0 0\n"
-        f"PARTLABEL={label} /data ext4 defaults,nodev,nosuid,noexec,x-systemd.growfs,"
-        "x-systemd.makefs 0 2\n"
-        f"/data/appliance {state} none bind,x-systemd.requires=appliance-data-seed.service 0 0\n"
-        "/data/journal /var/log/journal none bind,x-systemd.requires=appliance-data-seed.service 0 0\n"
     )
-
-
-def _seed_unit(profile: Profile) -> str:
-    # Before the bind mounts hide it, the root's baked state is copied to a fresh data partition.
-    state = profile.agent.server.state_dir
-    return "\n".join((
-        "[Unit]",
-        "Description=Seed the data partition with the image's baked state (first boot)",
-        "DefaultDependencies=no",
-        "RequiresMountsFor=/data",
-        "Before=var-lib-appliance.mount var-log-journal.mount local-fs.target",
-        "ConditionPathExists=!/data/appliance",
-        "",
-        "[Service]",
-        "Type=oneshot",
-        "RemainAfterExit=yes",
-        "ExecStart=/usr/bin/mkdir -p /data/journal",
-        f"ExecStart=/usr/bin/cp -a {state} /data/appliance.new",
-        "ExecStart=/usr/bin/mv /data/appliance.new /data/appliance",
-        "",
-    ))
 
 
 def _ssh_files(profile: Profile) -> list[FileSpec]:
@@ -367,7 +355,6 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
         FileSpec("/etc/systemd/journald.conf.d/50-appliance.conf",
                  "[Journal]\nStorage=persistent\nCompress=yes\nSystemMaxUse=512M\n"
                  "ForwardToSyslog=no\n"),
-        FileSpec("/etc/systemd/system/appliance-data-seed.service", _seed_unit(profile)),
         FileSpec("/etc/fstab", _fstab(profile)),
         FileSpec("/etc/modprobe.d/50-appliance.conf", "".join(
             f"install {m} /bin/false\n" for m in ("dccp", "sctp", "rds", "tipc", "cramfs",
@@ -430,6 +417,112 @@ def _user_commands(profile: Profile) -> list[tuple[str, ...]]:
     return cmds
 
 
+BOOT_CHECK_UNIT = "appliance-boot-check.service"
+# systemd-boot sets this EFI variable only when it booted an entry with a try counter (+N).
+BOOT_COUNT_EFIVAR = "/sys/firmware/efi/efivars/LoaderBootCountPath-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+
+
+def boot_check_unit() -> str:
+    """Gate boot-complete.target (and so systemd-bless-boot) on the agent serving.
+
+    Only on a counted boot (a new root slot on trial): once the agent's Type=notify start job
+    has finished it is either active (READY=1 sent: it serves) or not; if not, the boot fails
+    and reboots, the try counter runs down, and systemd-boot falls back to the blessed slot.
+    """
+    return "\n".join((
+        "[Unit]",
+        "Description=Bless this boot only when the agent serves (A/B root fallback otherwise)",
+        "Before=boot-complete.target",
+        f"After={AGENT_UNIT}",
+        f"Wants={AGENT_UNIT}",
+        f"ConditionPathExists={BOOT_COUNT_EFIVAR}",
+        "FailureAction=reboot",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        f"ExecStart=/bin/systemctl is-active --quiet {AGENT_UNIT}",
+        "ExecStart=/bin/sh -c \"echo 'appliance-boot: agent serving, this boot is good' > /dev/console\"",
+        "ExecStopPost=/bin/sh -c \"[ $$SERVICE_RESULT = success ] || echo 'appliance-boot: agent not "
+        "serving, rebooting unblessed' > /dev/console\"",
+        "",
+        "[Install]",
+        "RequiredBy=boot-complete.target",
+        "",
+    ))
+
+
+OS_UPDATE_UNIT = "appliance-os-update.service"
+OS_UPDATE_PATH = "appliance-os-update.path"
+
+
+def os_update_units(profile: Profile) -> dict[str, str]:
+    """The root-owned OS installer, started when the agent stages an OS release.
+
+    It re-verifies the release through TUF with its own metadata (agent.osupdate), writes the
+    inactive root slot and the UKI (on trial), then reboots into it.
+    """
+    state = str(profile.agent.server.state_dir)
+    path = "\n".join((
+        "[Unit]",
+        "Description=Install an OS release the agent staged",
+        "",
+        "[Path]",
+        f"PathExists={state}/os/pending.json",
+        f"Unit={OS_UPDATE_UNIT}",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ))
+    service = "\n".join((
+        "[Unit]",
+        "Description=Write a verified OS release to the inactive root slot and boot it on trial",
+        f"RequiresMountsFor={state} /efi",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart={VENV}/bin/appliance agent os-install --state-dir {state}",
+        "ExecStartPost=/bin/systemctl reboot",
+        "StateDirectory=appliance-os",
+        "StateDirectoryMode=0700",
+        "NoNewPrivileges=yes",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "Environment=PYTHONDONTWRITEBYTECODE=1",
+        "",
+    ))
+    return {OS_UPDATE_PATH: path, OS_UPDATE_UNIT: service}
+
+
+LISTEN_REPORT_UNIT = "appliance-listen-report.service"
+LISTEN_PREFIX = "appliance-listen:"
+
+
+def listen_report_unit() -> str:
+    """A oneshot that prints the node's listening sockets to the console once the agent serves.
+
+    The agent is Type=notify (READY=1 once it serves), so ``After=`` the agent means after it
+    listens.  Lines go to /dev/console (the serial port on a bench) with a fixed prefix.
+    """
+    script = (f"ss -Hltun | sed 's/^/{LISTEN_PREFIX} /'; echo '{LISTEN_PREFIX} end'")
+    return "\n".join((
+        "[Unit]",
+        "Description=Print listening sockets to the console (hardware-in-the-loop checks)",
+        f"After={AGENT_UNIT} network-online.target",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart=/bin/sh -c \"{script}\"",
+        "StandardOutput=tty",
+        "TTYPath=/dev/console",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ))
+
+
 def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS_IN_ROOT,
                    kernel_release: str = "", gpu_record: dict[str, Any] | None = None) -> Plan:
     """The configure stage's plan for ``profile``.
@@ -450,7 +543,15 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         *_hardening_files(profile),
         *_time_files(profile),
         *_ssh_files(profile),
+        FileSpec(f"/etc/systemd/system/{BOOT_CHECK_UNIT}", boot_check_unit()),
+        *(FileSpec(f"/etc/systemd/system/{name}", text) for name, text in os_update_units(profile).items()),
     ]
+    if profile.diagnostics.console_listeners:
+        files.append(FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()))
+    if profile.diagnostics.console_journal:
+        files.append(FileSpec("/etc/systemd/journald.conf.d/60-console.conf",
+                              "[Journal]\nForwardToConsole=yes\nTTYPath=/dev/console\n"
+                              "MaxLevelConsole=info\n"))
     py = f"{VENV}/bin/python"
     commands: list[tuple[str, ...]] = [
         *_user_commands(profile),
@@ -461,13 +562,15 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         ("rm", "-rf", wheels_dir),
     ]
     enable = ["nftables.service", "systemd-networkd.service", "systemd-timesyncd.service",
-              AGENT_UNIT]
+              AGENT_UNIT, BOOT_CHECK_UNIT, OS_UPDATE_PATH]
     if profile.hardening.auditd:
         enable.append("auditd.service")
     if profile.hardening.apparmor:
         enable.append("apparmor.service")
     if profile.ssh.enabled:
         enable.append("ssh.service")
+    if profile.diagnostics.console_listeners:
+        enable.append(LISTEN_REPORT_UNIT)
     mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service"]
     if not profile.hardening.core_dumps:
         mask.append("systemd-coredump.socket")

@@ -31,11 +31,13 @@ __all__ = [
     "PYTHON_BY_SUITE",
     "BundlesSection",
     "DebianSection",
+    "DiagnosticsSection",
     "DiskSection",
     "GpuSection",
     "HardeningSection",
     "ImageSection",
     "NetworkSection",
+    "PkiSection",
     "Profile",
     "PythonSection",
     "SshSection",
@@ -108,6 +110,10 @@ class ImageSection:
     name: str = setting("appliance", "image name (used in output file names)", check=_hostname)
     hostname: str = setting("appliance", "the node's hostname", check=_hostname)
     description: str = setting("", "what this appliance is for")
+    version: str = setting("", "image version (default: YYYYMMDD.HHMMSS of SOURCE_DATE_EPOCH); "
+                           "numbers and dots, so that it is also a registry version",
+                           check=lambda v: None if not v or re.match(r"^\d{1,9}(\.\d{1,9}){0,3}$", v)
+                           else "must be 1-4 dot-separated numbers such as 20260102.1")
     source_date_epoch: int = setting(1767225600, "timestamp for reproducible output "
                                      "(SOURCE_DATE_EPOCH in the environment wins)", check=_epoch)
 
@@ -187,6 +193,47 @@ class NetworkSection:
                                          check=_ports)
 
 
+def _ips(v: tuple[str, ...]) -> str | None:
+    for value in v:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return f"not an IP address: {value!r}"
+    return None
+
+
+# Where a baked node certificate lives in the image (the agent's [tls] defaults to these).
+TLS_IN_ROOT = "/etc/appliance/tls"
+
+
+@dataclass(frozen=True)
+class PkiSection:
+    """A node certificate issued from a site PKI at build time (test benches, labs).
+
+    Production nodes are enrolled instead (provisioning/ansible/enroll.yml): their private key
+    is made on the node and never sits in an image that can be copied.
+    """
+
+    dir: str = setting("", "site PKI directory (`appliance pki init`); empty: no baked "
+                       "certificate; relative paths are from the profile's directory")
+    node: str = setting("", "the node certificate's name (default: [image] hostname)")
+    dns: tuple[str, ...] = setting((), "DNS subject alternative names (default: the node name)")
+    ips: tuple[str, ...] = setting((), "IP subject alternative names, e.g. 127.0.0.1 for a "
+                                   "qemu port forward", check=_ips)
+    days: int = setting(30, "validity of the baked certificate",
+                        check=lambda v: None if 1 <= v <= 3650 else "must be 1..3650 days")
+    passphrase_file: str = setting("", "file holding the CA key's passphrase (if it has one)")
+
+
+@dataclass(frozen=True)
+class DiagnosticsSection:
+    console_listeners: bool = setting(False, "once the agent serves, print the node's listening "
+                                      "sockets (ss -ltun) to the serial console, each line "
+                                      "prefixed 'appliance-listen:' (for hil/ checks)")
+    console_journal: bool = setting(False, "forward the journal (info and above) to the serial "
+                                    "console, so a bench sees why a unit failed")
+
+
 @dataclass(frozen=True)
 class TimeSection:
     ntp: tuple[str, ...] = setting((), "site NTP servers (none: keep the hardware clock)")
@@ -225,6 +272,8 @@ class Profile:
     network: NetworkSection = field(default_factory=NetworkSection)
     time: TimeSection = field(default_factory=TimeSection)
     ssh: SshSection = field(default_factory=SshSection)
+    pki: PkiSection = field(default_factory=PkiSection)
+    diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
     users: tuple[User, ...] = ()
     agent: AgentConfig = field(default_factory=AgentConfig)
     gpu_set: GpuManifest | None = None  # the parsed [gpu] manifest, set by load_profile
@@ -250,6 +299,16 @@ class Profile:
         if not self.bundles.registry:
             return None
         return (self.path.parent / self.bundles.registry).resolve()
+
+    @property
+    def pki_dir(self) -> Path | None:
+        return (self.path.parent / self.pki.dir).resolve() if self.pki.dir else None
+
+    @property
+    def pki_passphrase_file(self) -> Path | None:
+        if not self.pki.passphrase_file:
+            return None
+        return (self.path.parent / self.pki.passphrase_file).resolve()
 
     @property
     def gpu_manifest(self) -> Path | None:
@@ -293,6 +352,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "network": NetworkSection,
     "time": TimeSection,
     "ssh": SshSection,
+    "pki": PkiSection,
+    "diagnostics": DiagnosticsSection,
 }
 
 
@@ -335,7 +396,7 @@ def load_profile(path: Path) -> Profile:
         sections = {name: from_table(cls, data.get(name, {}), f"{path}: [{name}]")
                     for name, cls in _SECTIONS.items()}
         users = _users(path, data.get("users", []))
-        agent = _agent(path, data.get("agent", {}))
+        agent = _agent(path, data.get("agent", {}), baked_tls=bool(sections["pki"].dir))
     except ProfileError:
         raise
     except ConfigError as exc:
@@ -393,7 +454,7 @@ def _users(path: Path, raw: Any) -> tuple[User, ...]:
     return users
 
 
-def _agent(path: Path, raw: Any) -> AgentConfig:
+def _agent(path: Path, raw: Any, *, baked_tls: bool = False) -> AgentConfig:
     if not isinstance(raw, Mapping):
         raise ProfileError(f"{path}: [agent] = {raw!r}: expected a table of agent.toml sections")
     unknown = sorted(set(raw) - set(AGENT_SECTIONS))
@@ -402,6 +463,16 @@ def _agent(path: Path, raw: Any) -> AgentConfig:
                            f"(known: {', '.join(AGENT_SECTIONS)})")
     sections = {name: from_table(cls, raw.get(name, {}), f"{path}: [agent.{name}]")
                 for name, cls in AGENT_SECTIONS.items()}
+    if baked_tls:
+        tls = sections["tls"]
+        given = {k: getattr(tls, k) for k in ("cert", "key", "ca", "crl")}
+        if any(given.values()):
+            raise ProfileError(f"{path}: [pki] dir is set, so the agent's [tls] files are the "
+                               f"baked ones under {TLS_IN_ROOT}: leave [agent.tls] cert, key, ca "
+                               f"and crl unset (found {', '.join(k for k, v in given.items() if v)})")
+        sections["tls"] = replace(tls, cert=Path(f"{TLS_IN_ROOT}/node.crt"),
+                                  key=Path(f"{TLS_IN_ROOT}/node.key"),
+                                  ca=Path(f"{TLS_IN_ROOT}/ca.crt"), crl=Path(f"{TLS_IN_ROOT}/crl.pem"))
     config = AgentConfig(**sections, origin=f"{path}: [agent]")
     from agent.security import check_listen
 
@@ -446,6 +517,13 @@ def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads
     elif p.gpu.signing_key or p.gpu.signing_cert:
         raise ProfileError(f"{where}: [gpu] signing_key = {p.gpu.signing_key!r}: no manifest, so "
                            "no GPU modules to sign")
+    if p.pki_dir is not None and not (p.pki_dir / "ca.crt").is_file():
+        raise ProfileError(f"{where}: [pki] dir = {p.pki.dir!r}: {p.pki_dir} holds no site CA "
+                           "(ca.crt; make one with `appliance pki init`)")
+    passphrase = p.pki_passphrase_file
+    if passphrase is not None and not passphrase.is_file():
+        raise ProfileError(f"{where}: [pki] passphrase_file = {p.pki.passphrase_file!r}: "
+                           f"no such file {passphrase}")
     if p.bundles.targets and not p.bundles.registry:
         raise ProfileError(f"{where}: [bundles] targets = {list(p.bundles.targets)!r}: "
                            "no registry given")

@@ -165,12 +165,20 @@ def _registry_digest(profile: Profile) -> str:
     return digest.hexdigest()
 
 
+def _pki_digest(profile: Profile) -> str:
+    pki = profile.pki_dir
+    if pki is None:
+        return ""
+    return hashlib.sha256((pki / "ca.crt").read_bytes()).hexdigest()
+
+
 def _configure_inputs(ctx: BuildContext) -> dict[str, Any]:
     profile = ctx.profile.to_json()
     for key in ("path", "disk"):
         profile.pop(key)
     inputs = {"profile": profile, "wheels": sorted(f.sha256 for f in ctx.lock.wheels),
-              "registry": _registry_digest(ctx.profile), "sde": ctx.source_date_epoch}
+              "registry": _registry_digest(ctx.profile), "sde": ctx.source_date_epoch,
+              "pki": _pki_digest(ctx.profile)}
     if ctx.profile.gpu_set is not None:  # the configure stage installs these packages
         inputs["gpu"] = {"manifest": ctx.profile.gpu_set.to_json(),
                          "debs": sorted(f.sha256 for f in ctx.lock.debs),

@@ -1,0 +1,217 @@
+"""A bench for hil/: site PKI, registry, the hil profile, the built image.
+
+Everything is made once in a cache directory and reused (the CI system tier and a developer's
+runs share ``/var/tmp/appliance-hil`` unless told otherwise), so a second run neither syncs nor
+builds again: the mirror is synced only when it has no lock, and ``appliance build`` reruns only
+the stages whose inputs changed.
+
+    python -m hil.bench prepare [--cache DIR]      # PKI, registry, mirror, image; prints JSON
+
+The bundle ``affine`` computes ``y = x * scale + 1`` with ``scale`` 2 for odd last version parts
+and 3 for even ones, so a reply shows which version served it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_HIL_CACHE", "/var/tmp/appliance-hil"))
+REGISTRY_PORT = 18480  # images/hil.toml: [agent.updates] sources = ["http://10.0.2.2:18480"]
+BUNDLE = "affine"
+BAKED_VERSION = "1.0.1"
+X = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+def scale_of(version: str) -> float:
+    return 2.0 if int(version.rsplit(".", 1)[-1]) % 2 else 3.0
+
+
+def expected(version: str) -> np.ndarray:
+    return (X * np.float32(scale_of(version)) + np.float32(1.0)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Bench:
+    cache: Path
+    pki: Path
+    registry: Path  # the registry's own directory (keys, config); its tree is registry/published
+    profile: Path
+    mirror: Path
+    out: Path
+
+    @property
+    def image(self) -> Path:
+        return self.out / "disk" / "disk.raw"
+
+    @property
+    def client(self) -> dict[str, Path]:
+        issued = self.pki / "issued" / "hil-admin"
+        return {"ca": self.pki / "ca.crt", "cert": issued / "hil-admin.crt",
+                "key": issued / "hil-admin.key"}
+
+
+def bench_paths(cache: Path = DEFAULT_CACHE) -> Bench:
+    return Bench(cache, cache / "pki", cache / "registry", cache / "images" / "hil.toml",
+                 cache / "mirror", cache / "out")
+
+
+def affine_bundle(work: Path, version: str) -> Path:
+    """A real signed-off bundle ``affine`` at ``version`` (golden vectors included)."""
+    from provisioning.bundle import create_bundle
+    from provisioning.models import affine_model, save_golden
+
+    work.mkdir(parents=True, exist_ok=True)
+    model = affine_model(work / f"{BUNDLE}-{version}.onnx", scale=scale_of(version))
+    golden = save_golden(work / f"{BUNDLE}-{version}.npz", {"x": X})
+    return create_bundle(model, name=BUNDLE, version=version, golden=[golden],
+                         out=work / f"{BUNDLE}-{version}.bundle").path
+
+
+def ensure_pki(bench: Bench) -> None:
+    """The bench's site CA and an admin client certificate for the checks."""
+    from provisioning.pki import init_pki, issue_client
+
+    if not (bench.pki / "ca.crt").is_file():
+        init_pki(bench.pki, organization="Sovereign Appliance HIL bench")
+    if not bench.client["cert"].is_file():
+        issue_client(bench.pki, "hil-admin", "admin", days=30)
+
+
+def publish_bundle_version(bench: Bench, version: str) -> str:
+    """Add ``affine`` at ``version`` to the registry and publish; returns its target path."""
+    from provisioning.image.bake import registry_targets
+    from provisioning.registry import add_target, init_registry, publish, target_path
+
+    path = target_path("bundle", BUNDLE, version, f"{BUNDLE}-{version}.bundle")
+    if not (bench.registry / "registry.toml").exists():
+        init_registry(bench.registry)
+    elif path in registry_targets(bench.registry / "published"):
+        return path  # published already: publishing again would change the baked metadata
+    bundle = affine_bundle(bench.cache / "bundles", version)
+    add_target(bench.registry, bundle, kind="bundle")
+    publish(bench.registry)
+    return path
+
+
+def write_profile(bench: Bench, baked_target: str) -> Path:
+    """images/hil.toml with this bench's PKI and registry (absolute paths)."""
+    text = (ROOT / "images" / "hil.toml").read_text()
+    text = text.replace('dir = "../hil/site-pki"', f'dir = "{bench.pki}"')
+    text = text.replace('registry = ""', f'registry = "{bench.registry / "published"}"')
+    text = text.replace("targets = []", f"targets = [{json.dumps(baked_target)}]")
+    bench.profile.parent.mkdir(parents=True, exist_ok=True)
+    if not bench.profile.is_file() or bench.profile.read_text() != text:
+        bench.profile.write_text(text)
+    return bench.profile
+
+
+def source_digest() -> str:
+    """sha256 of the agent's sources: the mirror's agent wheel is built from them at sync time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [ROOT / "pyproject.toml", ROOT / "setup.py"]
+    for package in ("agent", "provisioning"):
+        files += sorted(p for p in (ROOT / package).rglob("*")
+                        if p.suffix in (".py", ".proto", ".toml", ".yml", ".json", ".j2")
+                        and "__pycache__" not in p.parts and not p.name.endswith(("_pb2.py", "_pb2_grpc.py")))
+    for path in files:
+        if path.is_file():
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _appliance(*args: str | Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "provisioning.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _check(proc: subprocess.CompletedProcess[str], what: str) -> None:
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def prepare(cache: Path = DEFAULT_CACHE, *, offline: bool = True) -> Bench:
+    """PKI, registry (``affine`` 1.0.1 baked), profile, mirror and image, reusing what exists.
+
+    Raises:
+        RuntimeError: mirror sync or the build failed (with the tail of its output).
+    """
+    bench = bench_paths(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    ensure_pki(bench)
+    target = publish_bundle_version(bench, BAKED_VERSION)
+    profile = write_profile(bench, target)
+    stamp = bench.cache / "mirror-source.sha256"
+    digest = source_digest()
+    if (not (bench.mirror / "lock.json").is_file() or not stamp.is_file()
+            or stamp.read_text().strip() != digest):
+        # (re)sync: the agent wheel in the mirror is built from this checkout
+        _check(_appliance("mirror", "sync", profile, "--mirror", bench.mirror, timeout=3600),
+               "appliance mirror sync")
+        stamp.write_text(digest + "\n")
+    args: list[str | Path] = ["build", profile, "--mirror", bench.mirror, "--out", bench.out]
+    if offline:
+        args.append("--offline")
+    _check(_appliance(*args, timeout=5400), "appliance build")
+    return bench
+
+
+OS_B_VERSION = "20260102.1"
+
+
+def prepare_os_release(bench: Bench, version: str = OS_B_VERSION) -> Path:
+    """Build the hil profile again as ``[image] version = VERSION`` (rootfs stage cached) and
+    pack its sealed root as an OS release file; returns the file.
+
+    Raises:
+        RuntimeError: the build or the packing failed.
+    """
+    profile = bench.profile.with_name(f"hil-{version}.toml")
+    text = bench.profile.read_text().replace('name = "appliance"',
+                                             f'name = "appliance"\nversion = "{version}"', 1)
+    if not profile.is_file() or profile.read_text() != text:
+        profile.write_text(text)
+    out = bench.cache / f"out-{version}"
+    if not out.exists() and (bench.out / "stages" / "rootfs" / ".key").is_file():
+        # the rootfs stage does not depend on the version: start from the first build's
+        (out / "stages").mkdir(parents=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(bench.out / "stages" / "rootfs"),
+                        str(out / "stages" / "rootfs")], check=True)
+    _check(_appliance("build", profile, "--mirror", bench.mirror, "--out", out, "--offline",
+                      timeout=5400), f"appliance build (OS {version})")
+    release = bench.cache / f"appliance-{version}.osrelease"
+    _check(_appliance("os-release", out, "--out", release, timeout=600), "appliance os-release")
+    return release
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hil.bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="PKI, registry, mirror and the hil image (cached)")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--online", action="store_true", help="build without the network namespace")
+    p.add_argument("--os-release", action="store_true",
+                   help=f"also build version {OS_B_VERSION} and pack it as an OS release")
+    args = parser.parse_args(argv)
+    bench = prepare(args.cache, offline=not args.online)
+    if args.os_release:
+        print(json.dumps({"os_release": str(prepare_os_release(bench))}))
+    json.dump({"image": str(bench.image), "pki": str(bench.pki), "registry": str(bench.registry),
+               **{k: str(v) for k, v in bench.client.items()}}, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

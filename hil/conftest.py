@@ -1,0 +1,259 @@
+"""hil/: one acceptance suite for a real appliance on a bench, or for an image under qemu.
+
+    # an image under qemu (boots it with `appliance boot`, forwards the agent's ports)
+    python -m pytest hil/ --qemu OUT/disk/disk.raw --pki SITE-PKI --registry REGISTRY-DIR
+
+    # a real appliance (flashed, powered on by you; the power-on bound is then not measured)
+    python -m pytest hil/ --target 192.0.2.10:8001 --ca ca.crt --cert admin.crt --key admin.key \\
+        [--registry REGISTRY-DIR --registry-url http://SITE:PORT] [--console serial.log]
+
+The registry checks need the registry's own directory (``appliance registry init``; its
+``published/`` tree is what nodes trust): the suite copies it and publishes new bundle
+versions into the copy, so the site registry is never changed. Under qemu the copy is served
+on the host's 127.0.0.1:18480, which qemu's user-mode network shows the guest as
+10.0.2.2:18480 (images/hil.toml's update source). On a real bench, serve it yourself and say
+where with ``--registry-url``... or leave ``--registry`` out and those checks skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("hil", "hardware-in-the-loop target")
+    g.addoption("--target", metavar="HOST:PORT", help="a running appliance's agent")
+    g.addoption("--tls-name", help="the name in the node's certificate, when not HOST")
+    g.addoption("--qemu", type=Path, metavar="IMAGE", help="boot IMAGE (disk.raw) under qemu")
+    g.addoption("--accel", default=os.environ.get("APPLIANCE_HIL_ACCEL", "auto"),
+                choices=("auto", "kvm", "tcg"), help="qemu accelerator (default auto)")
+    g.addoption("--ca", type=Path, help="site CA certificate")
+    g.addoption("--cert", type=Path, help="admin client certificate")
+    g.addoption("--key", type=Path, help="its key")
+    g.addoption("--pki", type=Path, help="site PKI directory: issue an admin client certificate "
+                "from it instead of --ca/--cert/--key")
+    g.addoption("--registry", type=Path, help="the registry directory the image trusts "
+                "(copied; the copy gets new versions)")
+    g.addoption("--registry-port", type=int, default=18480,
+                help="qemu: host loopback port to serve the registry copy on (default 18480)")
+    g.addoption("--console", type=Path, help="a real appliance's serial console log")
+    g.addoption("--os-release", type=Path, help="an OS release file (`appliance os-release`) "
+                "newer than the image: checks the A->B update through the registry")
+    g.addoption("--serving-bound", type=float, default=float(os.environ.get(
+        "APPLIANCE_HIL_SERVING_BOUND", "900")), help="seconds from power-on to agent SERVING "
+                "(default 900: TCG; a real appliance or KVM should take far less)")
+
+
+@dataclass
+class Appliance:
+    """One appliance under test: where its agent is and how to reach it with mTLS."""
+
+    target: str
+    credentials: grpc.ChannelCredentials
+    tls_name: str | None = None
+    console: Path | None = None
+    image: Path | None = None
+    state: Path | None = None  # qemu machine state directory
+    ports: dict[int, int] = field(default_factory=dict)
+    accel: str = "auto"
+    serving_seconds: list[float] = field(default_factory=list)  # power-on -> SERVING, per boot
+
+    def channel(self) -> grpc.Channel:
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
+        if self.tls_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_name))
+        return grpc.secure_channel(self.target, self.credentials, options=options)
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        if self.image is None:
+            return None
+        path = self.image.parent / "image-manifest.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    # ------------------------------------------------------------ qemu only
+
+    def power_on(self, *, keep_disk: bool, bound: float) -> float:
+        """Start the machine (again) and wait for SERVING; return the seconds it took."""
+        assert self.image is not None and self.state is not None
+        args: list[str] = ["boot", str(self.image), "--state", str(self.state), "--accel", self.accel,
+                           "--memory", "2048", "--detach", "--json"]
+        for guest, host in sorted(self.ports.items()):
+            args += ["--port", f"{guest}={host}"]
+        if keep_disk:
+            args.append("--keep-disk")
+        began = time.monotonic()
+        proc = _appliance(*args, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"appliance boot failed:\n{proc.stderr[-3000:]}")
+        self.console = self.state / "console.log"
+        seconds = wait_serving(self, began, bound)
+        self.serving_seconds.append(seconds)
+        return seconds
+
+    def power_off(self) -> None:
+        if self.console is not None and self.console.is_file() and self.state is not None:
+            # `appliance boot` starts the next console log afresh: keep this boot's
+            keep = self.state / f"console-boot{len(self.serving_seconds)}.log"
+            shutil.copyfile(self.console, keep)
+        if self.state is not None and (self.state / "machine.json").exists():
+            _appliance("boot", "--stop", str(self.state), "--json", timeout=120)
+
+
+def _appliance(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "provisioning.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def serving_status(node: Appliance, timeout: float = 5.0) -> str:
+    """grpc.health.v1 status of the whole server, over mTLS ("" when unreachable)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with node.channel() as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
+                                                         timeout=timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    except grpc.RpcError:
+        return ""
+
+
+def wait_serving(node: Appliance, began: float, bound: float) -> float:
+    """Poll until SERVING; seconds since ``began``. Raises TimeoutError after ``bound``."""
+    while time.monotonic() - began < bound:
+        if serving_status(node) == "SERVING":
+            return time.monotonic() - began
+        time.sleep(1.0)
+    tail = node.console.read_text(errors="replace")[-3000:] if node.console else ""
+    raise TimeoutError(f"agent not SERVING within {bound:.0f} s; console tail:\n{tail}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _credentials(config: pytest.Config, work: Path) -> grpc.ChannelCredentials:
+    pki: Path | None = config.getoption("--pki")
+    ca, cert, key = (config.getoption(o) for o in ("--ca", "--cert", "--key"))
+    if pki is not None:
+        from provisioning.pki import issue_client
+
+        issued = issue_client(pki, "hil-suite", "admin", days=1, out=work / "client")
+        ca, cert, key = pki / "ca.crt", Path(issued.cert_path), Path(issued.key_path)
+    if not (ca and cert and key):
+        raise pytest.UsageError("hil/: give --pki DIR, or --ca, --cert and --key")
+    return grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def appliance(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
+    config = request.config
+    work = tmp_path_factory.mktemp("hil")
+    creds = _credentials(config, work)
+    image: Path | None = config.getoption("--qemu")
+    target: str | None = config.getoption("--target")
+    bound = float(config.getoption("--serving-bound"))
+    if image is not None:
+        ports = {8001: _free_port(), 8002: _free_port()}
+        node = Appliance(f"127.0.0.1:{ports[8001]}", creds, config.getoption("--tls-name"),
+                         image=image.resolve(), state=work / "vm", ports=ports,
+                         accel=config.getoption("--accel"))
+        try:
+            seconds = node.power_on(keep_disk=False, bound=bound)
+            print(f"\nhil: power-on to agent SERVING over mTLS: {seconds:.1f} s "
+                  f"(qemu, accel {node.accel}; bound {bound:.0f} s)")
+            yield node
+        finally:
+            node.power_off()
+            if node.console is not None and node.console.is_file():
+                keep = Path(os.environ.get("APPLIANCE_HIL_CONSOLE_COPY", work / "console-copy.log"))
+                shutil.copyfile(node.console, keep)
+        return
+    if target is None:
+        raise pytest.UsageError("hil/: give --qemu IMAGE or --target HOST:PORT")
+    node = Appliance(target, creds, config.getoption("--tls-name"), console=config.getoption("--console"))
+    wait_serving(node, time.monotonic(), bound)
+    yield node
+
+
+@dataclass
+class SiteRegistry:
+    """A copy of the site registry, served where the appliance's update source points."""
+
+    directory: Path
+    url: str
+
+    def publish_bundle(self, version: str) -> str:
+        from hil.bench import affine_bundle
+        from provisioning.registry import add_target, publish, target_path
+
+        bundle = affine_bundle(self.directory.parent / "bundles", version)
+        add_target(self.directory, bundle, kind="bundle")
+        publish(self.directory)
+        return target_path("bundle", "affine", version, bundle.name)
+
+    def publish_os(self, release: Path) -> str:
+        from provisioning.image.osrelease import read_release, registry_version
+        from provisioning.registry import add_target, publish, target_path
+
+        rel = read_release(release)
+        version = registry_version(rel.version)
+        add_target(self.directory, release, kind="os", name=rel.name, version=version)
+        publish(self.directory)
+        return target_path("os", rel.name, version, release.name)
+
+    def tamper(self, target: str) -> list[Path]:
+        """Flip one byte of every stored copy of ``target``'s file (same length)."""
+        name = Path(target).name
+        hit = [p for p in (self.directory / "published" / "targets").rglob("*")
+               if p.is_file() and p.name.endswith(name)]
+        for path in hit:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+        return hit
+
+
+@pytest.fixture(scope="session")
+def site_registry(request: pytest.FixtureRequest, appliance: Appliance,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteRegistry]:
+    source: Path | None = request.config.getoption("--registry")
+    if source is None:
+        pytest.skip("no --registry: the update checks need the registry the image trusts")
+    copy = tmp_path_factory.mktemp("registry") / "registry"
+    shutil.copytree(source, copy, symlinks=True)
+    if appliance.image is None:
+        pytest.skip("--registry on a real appliance: serve the copy yourself (not automated yet)")
+    from provisioning.registry import make_server
+
+    port = int(request.config.getoption("--registry-port"))
+    # slirp (qemu user-mode networking) connects the guest's 10.0.2.2 to the host's loopback
+    server = make_server(copy, port, "127.0.0.1")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield SiteRegistry(copy, f"http://10.0.2.2:{port}")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,189 @@
+"""The appliance, checked from outside through its agent (mTLS) and its serial console.
+
+Order matters (pytest keeps file order): the update checks change the node, the reboot check
+then finds their result on the data partition.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from hil.bench import BAKED_VERSION, BUNDLE, X, expected
+from hil.conftest import Appliance, SiteRegistry, serving_status
+
+ALLOWED_TCP = {8001, 8002}  # the agent's gRPC and metrics ports (images/*.toml [agent.server])
+ALLOWED_UDP = {68}  # systemd-networkd's DHCP client
+LISTEN_PREFIX = "appliance-listen:"
+pytestmark = pytest.mark.timeout(3600)  # boots under TCG take minutes
+
+
+def _node(appliance: Appliance) -> Any:
+    from agent.proto import node_pb2_grpc
+
+    return node_pb2_grpc.NodeStub(appliance.channel())
+
+
+def _inventory(appliance: Appliance) -> Any:
+    from agent.proto import node_pb2
+
+    return _node(appliance).GetInventory(node_pb2.GetInventoryRequest(), timeout=30)
+
+
+def _infer(appliance: Appliance) -> np.ndarray:
+    from agent.proto import grpc_service_pb2 as pb
+    from agent.proto import grpc_service_pb2_grpc as pbg
+
+    req = pb.ModelInferRequest(model_name=BUNDLE)
+    req.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
+    req.raw_input_contents.append(X.tobytes())
+    reply = pbg.GRPCInferenceServiceStub(appliance.channel()).ModelInfer(req, timeout=60)
+    return np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).reshape(X.shape)
+
+
+def _active(inv: Any, name: str = BUNDLE) -> str:
+    active = [b.version for b in inv.bundles if b.name == name and b.active]
+    assert len(active) == 1, inv.bundles
+    return str(active[0])
+
+
+def test_agent_serving_over_mtls_within_bound(appliance: Appliance, request: pytest.FixtureRequest) -> None:
+    assert serving_status(appliance) == "SERVING"
+    if appliance.serving_seconds:
+        bound = float(request.config.getoption("--serving-bound"))
+        print(f"power-on to SERVING: {appliance.serving_seconds[0]:.1f} s (bound {bound:.0f} s)")
+        assert appliance.serving_seconds[0] <= bound
+
+
+def test_a_client_without_a_certificate_is_refused(appliance: Appliance,
+                                                   request: pytest.FixtureRequest) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ca = request.config.getoption("--ca") or (request.config.getoption("--pki") / "ca.crt")
+    creds = grpc.ssl_channel_credentials(ca.read_bytes())  # server verified, no client cert
+    options = [("grpc.ssl_target_name_override", appliance.tls_name)] if appliance.tls_name else []
+    with grpc.secure_channel(appliance.target, creds, options=options) as ch, \
+            pytest.raises(grpc.RpcError) as err:
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=15)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
+    with grpc.insecure_channel(appliance.target) as ch, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=15)
+
+
+def test_inventory_matches_the_image_manifest(appliance: Appliance) -> None:
+    inv = _inventory(appliance)
+    manifest = appliance.manifest
+    if manifest is None:
+        pytest.skip("no image-manifest.json next to the image (a real appliance: give --qemu's "
+                    "image directory to compare)")
+    assert inv.image_version == manifest["version"]
+    assert inv.root_hash == manifest["roothash"]
+    assert inv.active_slot == "A"
+    assert inv.agent_version and inv.node_id and inv.kernel
+    assert any(b.name == BUNDLE for b in inv.bundles), inv.bundles
+
+
+def test_golden_inference_on_the_baked_bundle(appliance: Appliance) -> None:
+    version = _active(_inventory(appliance))
+    np.testing.assert_array_equal(_infer(appliance), expected(version))
+
+
+def test_health_is_sane(appliance: Appliance) -> None:
+    from agent.proto import node_pb2
+
+    report = _node(appliance).GetHealth(node_pb2.GetHealthRequest(), timeout=30)
+    verdict = node_pb2.Verdict.Name(report.overall)
+    assert verdict in ("PASS", "WARN"), [(r.rule, node_pb2.Verdict.Name(r.verdict), r.reason)
+                                          for r in report.rules]
+    assert report.host.memory_total_bytes > 256 << 20
+    assert 0 < report.host.memory_available_bytes <= report.host.memory_total_bytes
+    assert report.host.uptime_s > 0
+    assert not report.nvml_available  # a CPU appliance: no GPU, and it says why
+    assert report.nvml_reason
+
+
+def _listeners(console: str) -> list[tuple[str, str]]:
+    """(netid, local address:port) from the console lines of the listening-socket report."""
+    lines = [ln.split(LISTEN_PREFIX, 1)[1].split() for ln in console.splitlines() if LISTEN_PREFIX in ln]
+    assert lines and lines[-1] == ["end"], "no complete listening-socket report on the console"
+    return [(f[0], f[4]) for f in lines[:-1] if len(f) >= 5]
+
+
+def _port_and_host(local: str) -> tuple[str, int]:
+    host, _, port = local.rpartition(":")
+    host = host.strip("[]").split("%")[0]
+    return host, int(port)
+
+
+def test_nothing_listens_beyond_the_allowed_ports(appliance: Appliance) -> None:
+    """The node's own view (`ss -ltun` once the agent serves, printed to the serial console by
+    the image's diagnostics unit): from outside, qemu's user-mode network only forwards the
+    ports we ask for, so probing from the host would prove nothing about the others."""
+    if appliance.console is None or not appliance.console.is_file():
+        pytest.skip("no serial console log (--console) to read the node's listening sockets from")
+    found = _listeners(appliance.console.read_text(errors="replace"))
+    assert found, "the report lists no sockets at all (the agent's must be there)"
+    beyond = []
+    for netid, local in found:
+        host, port = _port_and_host(local)
+        if host not in ("*", "0.0.0.0", "::") and ipaddress.ip_address(host).is_loopback:
+            continue  # local-only: not reachable from the network
+        allowed = ALLOWED_TCP if netid == "tcp" else ALLOWED_UDP
+        if port not in allowed:
+            beyond.append((netid, local))
+    assert not beyond, f"listening beyond the allowed ports: {beyond} (all: {found})"
+    assert any(_port_and_host(local)[1] == 8001 for netid, local in found if netid == "tcp")
+
+
+def _apply(appliance: Appliance, target: str) -> Any:
+    from agent.proto import node_pb2
+
+    reply = _node(appliance).ApplyUpdate(node_pb2.ApplyUpdateRequest(targets=[target]), timeout=600)
+    assert len(reply.results) == 1, reply
+    return reply.results[0]
+
+
+def test_bundle_update_applied(appliance: Appliance, site_registry: SiteRegistry) -> None:
+    before = _active(_inventory(appliance))
+    assert before == BAKED_VERSION
+    target = site_registry.publish_bundle("1.0.2")
+    result = _apply(appliance, target)
+    assert result.outcome == "applied", result
+    assert _active(_inventory(appliance)) == "1.0.2"
+    np.testing.assert_array_equal(_infer(appliance), expected("1.0.2"))
+
+
+def test_tampered_bundle_refused(appliance: Appliance, site_registry: SiteRegistry) -> None:
+    from agent.proto import node_pb2
+
+    target = site_registry.publish_bundle("1.0.3")
+    assert site_registry.tamper(target)
+    result = _apply(appliance, target)
+    assert result.outcome == "refused", result
+    assert re.search(r"does not match the signed|length|verif", result.reason, re.IGNORECASE), result.reason
+    assert _active(_inventory(appliance)) == "1.0.2"
+    np.testing.assert_array_equal(_infer(appliance), expected("1.0.2"))
+    events = _node(appliance).GetEvents(node_pb2.GetEventsRequest(kind_prefix="update"), timeout=30)
+    assert any("1.0.3" in (e.message + str(dict(e.details))) and e.severity != "info"
+               for e in events.events), [(e.kind, e.message) for e in events.events]
+
+
+def test_data_preserved_across_a_power_cycle(appliance: Appliance, request: pytest.FixtureRequest) -> None:
+    if appliance.state is None:
+        pytest.skip("a real appliance: power-cycle it yourself and rerun the suite")
+    before = _inventory(appliance)
+    appliance.power_off()
+    bound = float(request.config.getoption("--serving-bound"))
+    seconds = appliance.power_on(keep_disk=True, bound=bound)
+    print(f"power cycle: power-on to SERVING {seconds:.1f} s")
+    after = _inventory(appliance)
+    assert after.node_id == before.node_id  # STATE/node-id lives on the data partition
+    assert _active(after) == _active(before)
+    assert sorted((b.name, b.version) for b in after.bundles) == sorted(
+        (b.name, b.version) for b in before.bundles)
+    np.testing.assert_array_equal(_infer(appliance), expected(_active(after)))

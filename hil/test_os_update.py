@@ -1,0 +1,64 @@
+"""OS update A -> B through the registry: staged by the agent, installed by the node's root
+installer into the inactive slot, booted on trial and blessed once the agent serves.
+
+Runs after test_appliance.py (file order): the node has bundle 1.0.2 by then, which must
+survive the switch of roots (the data partition is /var).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from hil.bench import expected
+from hil.conftest import Appliance, SiteRegistry
+from hil.test_appliance import _active, _apply, _infer, _inventory, _node
+
+pytestmark = pytest.mark.timeout(3600)
+
+
+def _wait_for_root(appliance: Appliance, roothash: str, began: float, bound: float) -> float:
+    """Poll the inventory until the node runs ``roothash`` (it reboots on its own meanwhile)."""
+    import grpc
+
+    while time.monotonic() - began < bound:
+        try:
+            if _inventory(appliance).root_hash == roothash:
+                return time.monotonic() - began
+        except grpc.RpcError:
+            pass  # rebooting
+        time.sleep(2.0)
+    tail = appliance.console.read_text(errors="replace")[-3000:] if appliance.console else ""
+    raise TimeoutError(f"node not running root {roothash[:16]}... within {bound:.0f} s; console:\n{tail}")
+
+
+def test_os_update_a_to_b(appliance: Appliance, site_registry: SiteRegistry,
+                          request: pytest.FixtureRequest) -> None:
+    from agent.proto import node_pb2
+    from provisioning.image.osrelease import read_release
+
+    release_file: Path | None = request.config.getoption("--os-release")
+    if release_file is None:
+        pytest.skip("no --os-release: build one with `python -m hil.bench prepare --os-release`")
+    release = read_release(release_file)
+    before = _inventory(appliance)
+    assert before.root_hash != release.roothash and before.active_slot == "A"
+    target = site_registry.publish_os(release_file)
+    began = time.monotonic()
+    result = _apply(appliance, target)
+    assert result.outcome == "staged", result
+    bound = 2 * float(request.config.getoption("--serving-bound"))
+    seconds = _wait_for_root(appliance, release.roothash, began, bound)
+    print(f"OS update A->B: ApplyUpdate to the new root serving {seconds:.1f} s "
+          f"(accel {appliance.accel}, {release_file.stat().st_size >> 20} MiB release)")
+    after = _inventory(appliance)
+    assert after.active_slot == "B"
+    assert after.image_version == release.version
+    assert after.node_id == before.node_id
+    assert _active(after) == _active(before)  # the data partition came along
+    assert (_infer(appliance) == expected(_active(after))).all()
+    events = _node(appliance).GetEvents(node_pb2.GetEventsRequest(kind_prefix="update.os"), timeout=30)
+    kinds = [e.kind for e in events.events]
+    assert "update.os.staged" in kinds and "update.os.applied" in kinds, kinds

@@ -1,0 +1,47 @@
+"""System tier: build images/hil.toml (and a newer version as an OS release) and run the hil/
+suite against it under qemu.
+
+The bench (PKI, registry, mirror, build) lives in a fixed cache (APPLIANCE_HIL_CACHE, default
+/var/tmp/appliance-hil): a second run reuses the mirror (re-synced only when the agent's sources
+changed, since the mirror's agent wheel is built from them) and every cached build stage.
+The suite runs as a separate pytest (hil/ has its own conftest and options), exactly as an
+operator runs it against a bench; its output, with the power-on timings, is printed here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(5400)]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_hil_suite_passes_against_the_built_image_under_qemu(tmp_path: Path) -> None:
+    missing = [t for t in ("mmdebstrap", "qemu-system-x86_64", "mksquashfs", "veritysetup")
+               if shutil.which(t) is None]
+    if missing or os.geteuid() != 0:
+        pytest.skip(f"needs root and {', '.join(missing) or 'the tools'}")
+    from hil.bench import DEFAULT_CACHE, prepare, prepare_os_release
+
+    bench = prepare(Path(os.environ.get("APPLIANCE_HIL_CACHE", DEFAULT_CACHE)))
+    assert bench.image.is_file()
+    release = prepare_os_release(bench)  # the same profile as a newer version: the A->B update
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               APPLIANCE_HIL_CONSOLE_COPY=str(tmp_path / "console.log"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "hil/", "-v", "-s", "-p", "no:cacheprovider",
+         "--qemu", str(bench.image), "--pki", str(bench.pki), "--registry", str(bench.registry),
+         "--os-release", str(release),
+         "--basetemp", str(tmp_path / "hil")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False)
+    print(proc.stdout[-8000:])
+    tail = (tmp_path / "console.log").read_text(errors="replace")[-4000:] \
+        if (tmp_path / "console.log").is_file() else ""
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}\nconsole:\n{tail}"
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout

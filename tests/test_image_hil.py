@@ -1,0 +1,157 @@
+"""Fast tier for the bench parts of the image: baked node certificates, image metadata,
+the console listening report, the inventory's root hash and slot, hil/'s console parser."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from agent.errors import ProfileError
+from agent.health.inventory import collect_inventory
+from provisioning.image.configure import bake_node_tls, write_image_metadata
+from provisioning.image.plan import LISTEN_REPORT_UNIT, configure_plan
+from provisioning.image.profile import load_profile
+from provisioning.image.stage import version_from_epoch
+from provisioning.pki import init_pki
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    init_pki(tmp_path / "pki", organization="Test Site")
+    return tmp_path / "pki"
+
+
+def _hil_profile(tmp_path: Path, pki: Path, extra: str = "") -> Path:
+    text = (ROOT / "images/hil.toml").read_text().replace('dir = "../hil/site-pki"', f'dir = "{pki}"')
+    path = tmp_path / "images" / "hil.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text + extra)
+    return path
+
+
+def test_minimal_profile_stays_on_loopback_without_a_certificate() -> None:
+    p = load_profile(ROOT / "images/minimal.toml")
+    assert p.agent.server.listen == "127.0.0.1"
+    assert p.pki_dir is None and p.agent.tls.cert is None
+    assert not p.diagnostics.console_listeners
+
+
+def test_pki_section_points_the_agent_at_the_baked_files(tmp_path: Path, pki: Path) -> None:
+    p = load_profile(_hil_profile(tmp_path, pki))
+    assert p.agent.server.listen == "0.0.0.0"
+    assert str(p.agent.tls.cert) == "/etc/appliance/tls/node.crt"
+    assert str(p.agent.tls.key) == "/etc/appliance/tls/node.key"
+    assert str(p.agent.tls.ca) == "/etc/appliance/tls/ca.crt"
+    assert p.pki.ips == ("127.0.0.1", "10.0.2.15")
+
+
+def test_pki_with_explicit_tls_files_is_refused(tmp_path: Path, pki: Path) -> None:
+    with pytest.raises(ProfileError, match=r"\[pki\] dir is set.*cert"):
+        load_profile(_hil_profile(tmp_path, pki, '\n[agent.tls]\ncert = "/etc/x.crt"\n'))
+
+
+def test_pki_dir_without_a_ca_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProfileError, match=r"hil.toml: \[pki\] dir = .*no site CA"):
+        load_profile(_hil_profile(tmp_path, tmp_path / "empty"))
+
+
+def test_bad_san_address_names_the_key(tmp_path: Path, pki: Path) -> None:
+    path = _hil_profile(tmp_path, pki)
+    path.write_text(path.read_text().replace('"10.0.2.15"', '"10.0.2.300"'))
+    with pytest.raises(ProfileError, match=r"\[pki\].*10\.0\.2\.300"):
+        load_profile(path)
+
+
+def test_bake_node_tls_issues_a_certificate_for_the_agent(tmp_path: Path, pki: Path) -> None:
+    p = load_profile(_hil_profile(tmp_path, pki))
+    root = tmp_path / "root"
+    serial = bake_node_tls(p, root)
+    tls = root / "etc/appliance/tls"
+    cert = x509.load_pem_x509_certificate((tls / "node.crt").read_bytes())
+    assert f"{cert.serial_number:x}" == serial
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["appliance-hil"]
+    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"),
+                                                           ipaddress.ip_address("10.0.2.15")}
+    ca = x509.load_pem_x509_certificate((tls / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert (tls / "ca.crt").read_bytes() == (pki / "ca.crt").read_bytes()
+    assert (tls / "node.key").stat().st_mode & 0o777 == 0o600
+    assert (tls / "node.key").stat().st_uid == 800  # the agent's user; it refuses looser keys
+    assert (tls / "crl.pem").read_bytes().startswith(b"-----BEGIN X509 CRL-----")
+    index = json.loads((pki / "index.json").read_text())
+    assert any(c["name"] == "appliance-hil" and c["kind"] == "node" for c in index["certificates"])
+
+
+def test_image_metadata_carries_the_version_the_uki_is_named_with(tmp_path: Path) -> None:
+    p = load_profile(ROOT / "images/minimal.toml")
+    doc = write_image_metadata(p, tmp_path, 1767225600)
+    assert doc["version"] == version_from_epoch(1767225600)
+    on_disk = json.loads((tmp_path / "usr/lib/appliance/image.json").read_text())
+    assert on_disk == doc and on_disk["name"] == "minimal"
+
+
+def test_listening_report_unit_only_when_asked(tmp_path: Path, pki: Path) -> None:
+    plan = configure_plan(load_profile(_hil_profile(tmp_path, pki)), pip_wheel="/w/pip.whl")
+    unit = plan.file(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}").content
+    assert "After=appliance-agent.service" in unit and "ss -Hltun" in unit
+    assert LISTEN_REPORT_UNIT in plan.enable
+    plain = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel="/w/pip.whl")
+    assert LISTEN_REPORT_UNIT not in plain.enable
+    with pytest.raises(KeyError):
+        plain.file(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}")
+
+
+def _sys_block(base: Path, partname: str) -> Path:
+    dm = base / "block" / "dm-0"
+    (dm / "dm").mkdir(parents=True)
+    (dm / "dm" / "name").write_text("root\n")
+    for dev, name in (("vda3", partname), ("vda4", f"{partname}-verity")):
+        (dm / "slaves" / dev).mkdir(parents=True)
+        (dm / "slaves" / dev / "uevent").write_text(f"MAJOR=253\nDEVTYPE=partition\nPARTNAME={name}\n")
+    other = base / "block" / "dm-1"
+    (other / "dm").mkdir(parents=True)
+    (other / "dm" / "name").write_text("swap\n")
+    return base / "block"
+
+
+@pytest.mark.parametrize(("partname", "slot"), [("root-a", "A"), ("root-b", "B")])
+def test_inventory_reads_root_hash_and_slot(tmp_path: Path, partname: str, slot: str) -> None:
+    cmdline = tmp_path / "cmdline"
+    roothash = "ab" * 32
+    cmdline.write_text(f"roothash={roothash} root=/dev/mapper/root ro console=ttyS0\n")
+    inv = collect_inventory(tmp_path / "state", image_metadata=tmp_path / "none.json",
+                            os_release=tmp_path / "none", cmdline=cmdline,
+                            sys_block=_sys_block(tmp_path / "sys", partname))
+    assert (inv.root_hash, inv.active_slot) == (roothash, slot)
+
+
+def test_inventory_off_an_image_has_no_root_hash_or_slot(tmp_path: Path) -> None:
+    (tmp_path / "cmdline").write_text("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro\n")
+    inv = collect_inventory(tmp_path / "state", image_metadata=tmp_path / "none.json",
+                            os_release=tmp_path / "none", cmdline=tmp_path / "cmdline",
+                            sys_block=tmp_path / "nosys")
+    assert (inv.root_hash, inv.active_slot) == ("", "")
+
+
+def test_hil_console_parser_reads_the_report() -> None:
+    from hil.test_appliance import _listeners, _port_and_host
+
+    console = ("[  OK  ] Started appliance-agent.service\n"
+               "appliance-listen: tcp LISTEN 0 4096 0.0.0.0:8001 0.0.0.0:*\n"
+               "appliance-listen: tcp LISTEN 0 4096 [::1]:5000 [::]:*\n"
+               "appliance-listen: udp UNCONN 0 0 10.0.2.15%enp0s2:68 0.0.0.0:*\n"
+               "appliance-listen: end\n")
+    found = _listeners(console)
+    assert found == [("tcp", "0.0.0.0:8001"), ("tcp", "[::1]:5000"), ("udp", "10.0.2.15%enp0s2:68")]
+    assert _port_and_host("[::1]:5000") == ("::1", 5000)
+    assert _port_and_host("10.0.2.15%enp0s2:68") == ("10.0.2.15", 68)
+    with pytest.raises(AssertionError):
+        _listeners("appliance-listen: tcp LISTEN 0 1 0.0.0.0:8001 0.0.0.0:*\n")  # cut short
