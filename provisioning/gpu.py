@@ -753,7 +753,9 @@ def agent_unit_lines(profile: Profile) -> tuple[tuple[str, ...], tuple[str, ...]
     Without a GPU: no physical devices at all.  With one: exactly the NVIDIA nodes.
     """
     if profile.gpu_set is None:
-        return (), ("PrivateDevices=yes", "DevicePolicy=closed", "ProcSubset=pid")
+        # No ProcSubset=pid: ONNX Runtime reads /proc/cpuinfo at load and aborts without it
+        # (seen as a core dump of the agent in a booted image).
+        return (), ("PrivateDevices=yes", "DevicePolicy=closed")
     # PrivateDevices would hide /dev/nvidia*: the device cgroup (DevicePolicy=closed plus the
     # list) is what limits the agent instead.  CUDA and NVML read /proc/driver/nvidia, which
     # ProcSubset=pid would hide.

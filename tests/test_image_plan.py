@@ -190,3 +190,13 @@ def test_bake_refuses_a_target_that_does_not_match_signed_metadata(tmp_path: Pat
     with pytest.raises(VerificationError, match="TUF verification failed"):
         bake_bundles(registry, ("affine-1.0.0.bundle",), tmp_path / "state", tmp_path / "trust")
     assert not (tmp_path / "state/models").exists()
+
+
+def test_agent_unit_never_hides_proc_cpuinfo() -> None:
+    """ONNX Runtime aborts at load without /proc/cpuinfo: ProcSubset=pid must not reach the
+    agent's unit, with or without a GPU (the hil boot found the CPU image's agent dumping core)."""
+    from provisioning.image.plan import agent_unit
+
+    unit = agent_unit(load_profile(ROOT / "images/minimal.toml"))
+    assert "ProcSubset=pid" not in unit
+    assert "PrivateDevices=yes" in unit
