@@ -102,6 +102,9 @@ def make_signed_mirror(mirror: Path, work: Path, packages: dict[str, str]) -> Pa
     inrelease = indices / "example_debian_dists_trixie_InRelease"
     subprocess.run(["gpg", "--batch", "--yes", "--clearsign", "-o", str(inrelease)],
                    input=release.encode(), check=True, capture_output=True, env=env)
+    # gpg started an agent for this throwaway home: stop it, so the test leaves no daemon.
+    subprocess.run(["gpgconf", "--homedir", str(gnupg), "--kill", "gpg-agent"],
+                   check=False, capture_output=True)
     (mirror / "wheels").mkdir()
     wheel = mirror / "wheels/demo-1.0-py3-none-any.whl"
     wheel.write_bytes(b"PK\x05\x06" + b"\0" * 18)

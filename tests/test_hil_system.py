@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(5400)]
+pytestmark = [pytest.mark.system, pytest.mark.hil_image, pytest.mark.timeout(5400)]
 ROOT = Path(__file__).resolve().parent.parent
 
 
