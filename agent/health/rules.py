@@ -158,22 +158,21 @@ def _power(g: GpuSample, cfg: HealthSection) -> RuleResult:
     return RuleResult("gpu.power", Verdict.PASS, f"{text} <= power_warn_pct {cfg.power_warn_pct:.0f}%")
 
 
+def _counter(rule: str, n: int, what: str, key: str, threshold: int) -> RuleResult:
+    """WARN once a counter reaches its ``[health]`` threshold ``key``, PASS below it."""
+    if n >= threshold:
+        return RuleResult(rule, Verdict.WARN, f"{n} {what} >= {key} {threshold}")
+    return RuleResult(rule, Verdict.PASS, f"{n} {what} < {key} {threshold}")
+
+
 def _pcie(g: GpuSample, cfg: HealthSection) -> RuleResult:
-    n = g.pcie_replay_counter
-    if n >= cfg.pcie_replay_warn:
-        return RuleResult("gpu.pcie.replay", Verdict.WARN,
-                          f"{n} PCIe replays >= pcie_replay_warn {cfg.pcie_replay_warn}")
-    return RuleResult("gpu.pcie.replay", Verdict.PASS,
-                      f"{n} PCIe replays < pcie_replay_warn {cfg.pcie_replay_warn}")
+    return _counter("gpu.pcie.replay", g.pcie_replay_counter, "PCIe replays", "pcie_replay_warn",
+                    cfg.pcie_replay_warn)
 
 
 def _nvlink(g: GpuSample, cfg: HealthSection) -> RuleResult:
-    n = g.nvlink_errors
-    if n >= cfg.nvlink_errors_warn:
-        return RuleResult("gpu.nvlink", Verdict.WARN,
-                          f"{n} NVLink errors >= nvlink_errors_warn {cfg.nvlink_errors_warn}")
-    return RuleResult("gpu.nvlink", Verdict.PASS,
-                      f"{n} NVLink errors < nvlink_errors_warn {cfg.nvlink_errors_warn}")
+    return _counter("gpu.nvlink", g.nvlink_errors, "NVLink errors", "nvlink_errors_warn",
+                    cfg.nvlink_errors_warn)
 
 
 def _xid(g: GpuSample, cfg: HealthSection) -> RuleResult:
