@@ -90,6 +90,18 @@ def test_hardening_files(tmp_path: Path) -> None:
         plan.file("/etc/ssh/sshd_config.d/50-appliance.conf")
 
 
+def test_boot_cmdline_joins_the_sealed_kernel_arguments(tmp_path: Path) -> None:
+    p = load_profile(ROOT / "images/minimal.toml")
+    p = dataclasses.replace(p, boot=dataclasses.replace(p.boot, cmdline=("systemd.mask=x.service",)))
+    args = configure_plan(p, pip_wheel=PIP).file("/etc/kernel/cmdline").content.split()
+    assert args[-1] == "systemd.mask=x.service" and "apparmor=1" in args
+    from provisioning.image.seal import root_cmdline
+
+    (tmp_path / "etc/kernel").mkdir(parents=True)
+    (tmp_path / "etc/kernel/cmdline").write_text(" ".join(args) + "\n")
+    assert root_cmdline(tmp_path)[-1] == "systemd.mask=x.service"
+
+
 def test_ssh_when_enabled_is_key_only(tmp_path: Path) -> None:
     p = _profile(tmp_path, '\n[[users]]\nname = "ops"\nssh_keys = ["ssh-ed25519 AAAAC3 ops"]\n')
     p = dataclasses.replace(p, ssh=dataclasses.replace(p.ssh, enabled=True))

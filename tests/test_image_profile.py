@@ -52,6 +52,9 @@ def test_bookworm_profile_selects_python_311(tmp_path: Path) -> None:
     ('[bundles]\ntargets = ["x.bundle"]\n', "no registry given"),
     ('[bundles]\nregistry = "nowhere"\n', "has no metadata/ directory"),
     ('[debian\n', "not valid TOML"),
+    ('[boot]\ncmdline = ["quiet splash"]\n', "not one kernel argument (no spaces or quotes): 'quiet splash'"),
+    ('[boot]\ncmdline = ["roothash=00"]\n', "[boot] cmdline = ['roothash=00']: 'roothash=00': the sealed"),
+    ('[boot]\ncmdline = ["rw"]\n', "'rw': the sealed command line sets this itself"),
 ])
 def test_bad_profiles_name_file_key_and_value(tmp_path: Path, text: str, expected: str) -> None:
     path = _write(tmp_path, text)

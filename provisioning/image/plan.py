@@ -387,6 +387,7 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
         cmdline += ["apparmor=1", "security=apparmor"]
     if h.auditd:
         cmdline += ["audit=1", "audit_backlog_limit=8192"]
+    cmdline += profile.boot.cmdline
     # The seal stage puts this (plus the verity root hash) on the UKI's command line.
     files.append(FileSpec("/etc/kernel/cmdline", " ".join(cmdline) + "\n"))
     return files

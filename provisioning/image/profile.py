@@ -234,6 +234,29 @@ class DiagnosticsSection:
                                     "console, so a bench sees why a unit failed")
 
 
+# Kernel arguments the seal stage owns (provisioning/image/seal.py): a profile cannot set them.
+SEAL_OWNED_ARGS = ("root=", "roothash=", "rootfstype=", "rootflags=", "systemd.verity",
+                   "systemd.gpt_auto", "systemd.mount-extra=", "usrhash=", "mount.usr", "init=",
+                   "rd.break", "systemd.unit=")
+_KARG_RE = re.compile(r"^[A-Za-z0-9_.,:=/+@-]+$")
+
+
+def _kernel_args(v: tuple[str, ...]) -> str | None:
+    for arg in v:
+        if not _KARG_RE.match(arg):
+            return f"not one kernel argument (no spaces or quotes): {arg!r}"
+        if arg in {"ro", "rw"} or arg.startswith(SEAL_OWNED_ARGS):
+            return f"{arg!r}: the sealed command line sets this itself"
+    return None
+
+
+@dataclass(frozen=True)
+class BootSection:
+    cmdline: tuple[str, ...] = setting((), "extra kernel arguments, sealed into the UKI after the "
+                                       "hardening ones (e.g. systemd.mask=UNIT for a test image)",
+                                       check=_kernel_args)
+
+
 @dataclass(frozen=True)
 class TimeSection:
     ntp: tuple[str, ...] = setting((), "site NTP servers (none: keep the hardware clock)")
@@ -274,6 +297,7 @@ class Profile:
     ssh: SshSection = field(default_factory=SshSection)
     pki: PkiSection = field(default_factory=PkiSection)
     diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
+    boot: BootSection = field(default_factory=BootSection)
     users: tuple[User, ...] = ()
     agent: AgentConfig = field(default_factory=AgentConfig)
     gpu_set: GpuManifest | None = None  # the parsed [gpu] manifest, set by load_profile
@@ -354,6 +378,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "ssh": SshSection,
     "pki": PkiSection,
     "diagnostics": DiagnosticsSection,
+    "boot": BootSection,
 }
 
 

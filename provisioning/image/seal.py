@@ -29,6 +29,7 @@ from pathlib import Path
 from agent.errors import ImageError
 from agent.fsutil import atomic_write_text
 from provisioning.image.disk import Sealed, data_uuid, esp_uuid
+from provisioning.image.profile import SEAL_OWNED_ARGS
 from provisioning.image.stage import RunFn, StageContext, as_stage_context, check_paths
 
 __all__ = ["PACKAGES", "REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version", "seal",
@@ -156,8 +157,7 @@ def kernel_cmdline(name: str, roothash: str, extra: tuple[str, ...] = ()) -> str
 
 
 # Arguments the seal stage owns: a root's /etc/kernel/cmdline cannot override them.
-_OWNED = ("root=", "roothash=", "rootfstype=", "rootflags=", "systemd.verity", "systemd.gpt_auto",
-          "systemd.mount-extra=", "usrhash=", "mount.usr", "init=", "rd.break", "systemd.unit=")
+_OWNED = SEAL_OWNED_ARGS
 
 
 def root_cmdline(rootfs: Path) -> tuple[str, ...]:
