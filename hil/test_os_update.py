@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from hil.bench import expected
 from hil.conftest import Appliance, SiteRegistry
 from hil.test_appliance import _active, _apply, _infer, _inventory, _node
+from provisioning.bench import expected
 
 pytestmark = pytest.mark.timeout(3600)
+UNBLESSED = "appliance-boot: agent not serving, rebooting unblessed"  # plan.boot_check_unit()
 
 
 def _wait_for_root(appliance: Appliance, roothash: str, began: float, bound: float) -> float:
@@ -41,7 +43,7 @@ def test_os_update_a_to_b(appliance: Appliance, site_registry: SiteRegistry,
 
     release_file: Path | None = request.config.getoption("--os-release")
     if release_file is None:
-        pytest.skip("no --os-release: build one with `python -m hil.bench prepare --os-release`")
+        pytest.skip("no --os-release: build one with `python -m provisioning.bench prepare --os-release`")
     release = read_release(release_file)
     before = _inventory(appliance)
     assert before.root_hash != release.roothash and before.active_slot == "A"
@@ -62,3 +64,61 @@ def test_os_update_a_to_b(appliance: Appliance, site_registry: SiteRegistry,
     events = _node(appliance).GetEvents(node_pb2.GetEventsRequest(kind_prefix="update.os"), timeout=30)
     kinds = [e.kind for e in events.events]
     assert "update.os.staged" in kinds and "update.os.applied" in kinds, kinds
+
+
+def _os_events(appliance: Appliance) -> list[Any]:
+    from agent.proto import node_pb2
+
+    reply = _node(appliance).GetEvents(node_pb2.GetEventsRequest(kind_prefix="update.os"), timeout=30)
+    return list(reply.events)
+
+
+@pytest.mark.timeout(6000)
+def test_a_root_that_never_serves_falls_back_by_itself(appliance: Appliance, site_registry: SiteRegistry,
+                                                       request: pytest.FixtureRequest) -> None:
+    """A signed release whose agent never starts (its UKI masks the agent unit): the node boots it
+    on trial, the boot check reboots it unblessed until the try counter runs out, and the firmware
+    returns to the running slot with no help; the agent then reports update.os.failed."""
+    import grpc
+
+    from provisioning.image.osrelease import read_release
+
+    broken_file: Path | None = request.config.getoption("--broken-os-release")
+    if broken_file is None:
+        pytest.skip("no --broken-os-release: build one with "
+                    "`python -m provisioning.bench prepare --os-release`")
+    broken = read_release(broken_file)
+    before = _inventory(appliance)
+    assert before.root_hash != broken.roothash
+    seen = {e.seq for e in _os_events(appliance)}
+    unblessed_before = appliance.console.read_text(errors="replace").count(UNBLESSED) \
+        if appliance.console else 0
+    target = site_registry.publish_os(broken_file)
+    began = time.monotonic()
+    result = _apply(appliance, target)
+    assert result.outcome == "staged", result
+    bound = 6 * float(request.config.getoption("--serving-bound"))  # three failed boots, one good
+    went_down = False
+    failed: list[Any] = []
+    while not failed and time.monotonic() - began < bound:
+        try:
+            failed = [e for e in _os_events(appliance)
+                      if e.seq not in seen and e.kind == "update.os.failed"]
+        except grpc.RpcError:
+            went_down = True  # rebooting: into the trial root, and back
+        time.sleep(2.0)
+    tail = appliance.console.read_text(errors="replace")[-3000:] if appliance.console else ""
+    assert failed, f"no update.os.failed within {bound:.0f} s; console:\n{tail}"
+    seconds = time.monotonic() - began
+    assert went_down
+    after = _inventory(appliance)
+    assert (after.root_hash, after.active_slot) == (before.root_hash, before.active_slot)
+    assert after.node_id == before.node_id and _active(after) == _active(before)
+    assert (_infer(appliance) == expected(_active(after))).all()
+    assert broken.version in failed[0].message and failed[0].severity == "error", failed[0]
+    # under qemu: the trial root booted, and was refused, once per try
+    if appliance.console is not None and appliance.console.is_file():
+        unblessed = appliance.console.read_text(errors="replace").count(UNBLESSED) - unblessed_before
+        assert unblessed == 3, f"{unblessed} unblessed boots; console:\n{tail}"
+    print(f"broken OS update: ApplyUpdate to back on the old root, serving, {seconds:.1f} s "
+          f"(accel {appliance.accel}, three unblessed trial boots)")

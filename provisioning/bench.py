@@ -1,11 +1,11 @@
-"""A bench for hil/: site PKI, registry, the hil profile, the built image.
+"""A bench: site PKI, registry, the hil profile, the built image (for hil/ and `appliance demo --image`).
 
 Everything is made once in a cache directory and reused (the CI system tier and a developer's
 runs share ``/var/tmp/appliance-hil`` unless told otherwise), so a second run neither syncs nor
 builds again: the mirror is synced only when it has no lock, and ``appliance build`` reruns only
 the stages whose inputs changed.
 
-    python -m hil.bench prepare [--cache DIR]      # PKI, registry, mirror, image; prints JSON
+    python -m provisioning.bench prepare [--cache DIR]      # PKI, registry, mirror, image; prints JSON
 
 The bundle ``affine`` computes ``y = x * scale + 1`` with ``scale`` 2 for odd last version parts
 and 3 for even ones, so a reply shows which version served it.
@@ -23,8 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.tools import require_tool, run
+
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_HIL_CACHE", "/var/tmp/appliance-hil"))
+# A fixed, root-owned cache that CI and operators share (builds need root anyway).
+DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_HIL_CACHE", "/var/tmp/appliance-hil"))  # noqa: S108
 REGISTRY_PORT = 18480  # images/hil.toml: [agent.updates] sources = ["http://10.0.2.2:18480"]
 BUNDLE = "affine"
 BAKED_VERSION = "1.0.1"
@@ -130,19 +133,24 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def _appliance(*args: str | Path, timeout: float) -> subprocess.CompletedProcess[str]:
+def _appliance(*args: str | Path, timeout: float, stream: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``appliance ARGS``; with ``stream`` its output (progress) goes to this stderr."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "provisioning.cli", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    argv = [sys.executable, "-m", "provisioning.cli", *map(str, args)]
+    if stream:
+        return subprocess.run(argv, env=env, stdout=sys.stderr, text=True, timeout=timeout, check=False)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def _check(proc: subprocess.CompletedProcess[str], what: str) -> None:
     if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        tail = proc.stderr[-4000:] if proc.stderr is not None else "(its output is above)"
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{tail}")
 
 
-def prepare(cache: Path = DEFAULT_CACHE, *, offline: bool = True) -> Bench:
+def prepare(cache: Path = DEFAULT_CACHE, *, offline: bool = True, stream: bool = False) -> Bench:
     """PKI, registry (``affine`` 1.0.1 baked), profile, mirror and image, reusing what exists.
+    With ``stream``, mirror sync and build show their progress on stderr.
 
     Raises:
         RuntimeError: mirror sync or the build failed (with the tail of its output).
@@ -157,22 +165,29 @@ def prepare(cache: Path = DEFAULT_CACHE, *, offline: bool = True) -> Bench:
     if (not (bench.mirror / "lock.json").is_file() or not stamp.is_file()
             or stamp.read_text().strip() != digest):
         # (re)sync: the agent wheel in the mirror is built from this checkout
-        _check(_appliance("mirror", "sync", profile, "--mirror", bench.mirror, timeout=3600),
+        _check(_appliance("mirror", "sync", profile, "--mirror", bench.mirror, timeout=3600,
+                          stream=stream),
                "appliance mirror sync")
         stamp.write_text(digest + "\n")
     args: list[str | Path] = ["build", profile, "--mirror", bench.mirror, "--out", bench.out]
     if offline:
         args.append("--offline")
-    _check(_appliance(*args, timeout=5400), "appliance build")
+    _check(_appliance(*args, timeout=5400, stream=stream), "appliance build")
     return bench
 
 
 OS_B_VERSION = "20260102.1"
+# A newer release still that never comes up healthy: its UKI masks the agent, so the boot check
+# reboots it unblessed until the try counter runs out (hil/test_os_update.py).
+BROKEN_VERSION = "20260103.1"
+NEVER_SERVES = ("systemd.mask=appliance-agent.service",)
 
 
-def prepare_os_release(bench: Bench, version: str = OS_B_VERSION) -> Path:
-    """Build the hil profile again as ``[image] version = VERSION`` (rootfs stage cached) and
-    pack its sealed root as an OS release file; returns the file.
+def prepare_os_release(bench: Bench, version: str = OS_B_VERSION, *,
+                       kernel_args: tuple[str, ...] = ()) -> Path:
+    """Build the hil profile again as ``[image] version = VERSION`` (rootfs stage cached), with
+    ``kernel_args`` as its ``[boot] cmdline``, and pack its sealed root as an OS release file;
+    returns the file.
 
     Raises:
         RuntimeError: the build or the packing failed.
@@ -180,14 +195,16 @@ def prepare_os_release(bench: Bench, version: str = OS_B_VERSION) -> Path:
     profile = bench.profile.with_name(f"hil-{version}.toml")
     text = bench.profile.read_text().replace('name = "appliance"',
                                              f'name = "appliance"\nversion = "{version}"', 1)
+    if kernel_args:
+        text += f"\n[boot]\ncmdline = {json.dumps(list(kernel_args))}\n"
     if not profile.is_file() or profile.read_text() != text:
         profile.write_text(text)
     out = bench.cache / f"out-{version}"
     if not out.exists() and (bench.out / "stages" / "rootfs" / ".key").is_file():
         # the rootfs stage does not depend on the version: start from the first build's
         (out / "stages").mkdir(parents=True)
-        subprocess.run(["cp", "-a", "--reflink=auto", str(bench.out / "stages" / "rootfs"),
-                        str(out / "stages" / "rootfs")], check=True)
+        run([require_tool("cp"), "-a", "--reflink=auto", str(bench.out / "stages" / "rootfs"),
+             str(out / "stages" / "rootfs")])
     _check(_appliance("build", profile, "--mirror", bench.mirror, "--out", out, "--offline",
                       timeout=5400), f"appliance build (OS {version})")
     release = bench.cache / f"appliance-{version}.osrelease"
@@ -196,20 +213,24 @@ def prepare_os_release(bench: Bench, version: str = OS_B_VERSION) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hil.bench")
+    parser = argparse.ArgumentParser(prog="python -m provisioning.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="PKI, registry, mirror and the hil image (cached)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--online", action="store_true", help="build without the network namespace")
     p.add_argument("--os-release", action="store_true",
-                   help=f"also build version {OS_B_VERSION} and pack it as an OS release")
+                   help=f"also build versions {OS_B_VERSION} and {BROKEN_VERSION} (never serves) "
+                   "and pack them as OS releases")
     args = parser.parse_args(argv)
     bench = prepare(args.cache, offline=not args.online)
     if args.os_release:
-        print(json.dumps({"os_release": str(prepare_os_release(bench))}))
+        releases = {"os_release": str(prepare_os_release(bench)),
+                    "broken_os_release": str(prepare_os_release(bench, BROKEN_VERSION,
+                                                                kernel_args=NEVER_SERVES))}
+        sys.stdout.write(json.dumps(releases) + "\n")
     json.dump({"image": str(bench.image), "pki": str(bench.pki), "registry": str(bench.registry),
                **{k: str(v) for k, v in bench.client.items()}}, sys.stdout, indent=1)
-    print()
+    sys.stdout.write("\n")
     return 0
 
 

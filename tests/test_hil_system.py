@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.system, pytest.mark.hil_image, pytest.mark.timeout(5400)]
+pytestmark = [pytest.mark.system, pytest.mark.hil_image, pytest.mark.timeout(9000)]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,21 +27,23 @@ def test_hil_suite_passes_against_the_built_image_under_qemu(tmp_path: Path) -> 
                if shutil.which(t) is None]
     if missing or os.geteuid() != 0:
         pytest.skip(f"needs root and {', '.join(missing) or 'the tools'}")
-    from hil.bench import DEFAULT_CACHE, prepare, prepare_os_release
+    from provisioning.bench import BROKEN_VERSION, DEFAULT_CACHE, NEVER_SERVES, prepare, prepare_os_release
 
     bench = prepare(Path(os.environ.get("APPLIANCE_HIL_CACHE", DEFAULT_CACHE)))
     assert bench.image.is_file()
     release = prepare_os_release(bench)  # the same profile as a newer version: the A->B update
+    broken = prepare_os_release(bench, BROKEN_VERSION, kernel_args=NEVER_SERVES)  # never serves
     env = dict(os.environ, PYTHONPATH=str(ROOT),
                APPLIANCE_HIL_CONSOLE_COPY=str(tmp_path / "console.log"))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "hil/", "-v", "-s", "-p", "no:cacheprovider",
          "--qemu", str(bench.image), "--pki", str(bench.pki), "--registry", str(bench.registry),
-         "--os-release", str(release),
+         "--os-release", str(release), "--broken-os-release", str(broken),
          "--basetemp", str(tmp_path / "hil")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=6600, check=False)
     print(proc.stdout[-8000:])
     tail = (tmp_path / "console.log").read_text(errors="replace")[-4000:] \
         if (tmp_path / "console.log").is_file() else ""
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}\nconsole:\n{tail}"
     assert " passed" in proc.stdout and " skipped" not in proc.stdout
+
