@@ -47,3 +47,31 @@ def test_hil_suite_passes_against_the_built_image_under_qemu(tmp_path: Path) -> 
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}\nconsole:\n{tail}"
     assert " passed" in proc.stdout and " skipped" not in proc.stdout
 
+
+def test_demo_image_boots_the_bench_image_and_the_fleet_cli_reads_it(tmp_path: Path) -> None:
+    """README's main job (`./dev demo` is `appliance demo --image`) on the same cached bench:
+    no rebuild, a boot under qemu, the fleet CLI's answers, the machine powered off after."""
+    if shutil.which("qemu-system-x86_64") is None or os.geteuid() != 0:
+        pytest.skip("needs root and qemu")
+    import json
+
+    from provisioning.bench import DEFAULT_CACHE
+    from provisioning.image.boot import _alive
+
+    cache = Path(os.environ.get("APPLIANCE_HIL_CACHE", DEFAULT_CACHE))
+    proc = subprocess.run([sys.executable, "-m", "provisioning.cli", "demo", "--image", "--work", str(cache),
+                           "--json"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=2400, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    manifest = json.loads((cache / "out" / "disk" / "image-manifest.json").read_text())
+    print(f"demo --image: prepare {result['prepare_seconds']} s (cached), power-on to the fleet CLI's "
+          f"answer {result['power_on_to_answer_seconds']} s ({result['accel']})")
+    status, inventory, health = result["status"], result["inventory"], result["health"]
+    assert status["ok"] and inventory["ok"] and health["ok"], result
+    assert status["data"]["image_version"] == manifest["version"]
+    assert inventory["data"]["root_hash"] == manifest["roothash"]
+    assert status["data"]["bundles"] == ["affine@1.0.1"]
+    assert health["data"]["overall"] in {"PASS", "WARN"}, health["data"]
+    assert "appliance fleet status" in proc.stderr  # it showed the commands it ran
+    assert result["running"] is False and not _alive(int(result["pid"]))
