@@ -166,3 +166,24 @@ def test_rollout_dry_run_then_halt_on_failure(cli: Callable[..., CliResult], sit
     assert refused["halted"] and [w["name"] for w in refused["waves"]] == ["canary"]
     assert "signature does not verify" in refused["waves"][0]["results"][0]["reason"]
     assert [w["name"] for w in refused["not_started"]] == ["batch 1", "batch 2", "batch 3"]
+
+
+def test_node_cli_speaks_mtls_with_the_fleet_flags_and_variables(
+        cli: Callable[..., CliResult], site: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    target = f"localhost:{site['ports'][0]}"
+    ok = cli("node", "inventory", "--target", target, "--json", *_auth(site, "observer"))
+    assert ok.code == 0, ok.err
+    assert isinstance(_json(ok), dict)
+    plain = cli("node", "inventory", "--target", target, "--timeout", "3")
+    assert plain.code != 0 and target in plain.err and "UNAVAILABLE" in plain.err
+    partial = cli("node", "inventory", "--target", target, "--ca", str(site["pki"] / "ca.crt"))
+    assert partial.code != 0 and "missing --cert, --key" in partial.err
+    by_ip = cli("node", "events", "--target", f"127.0.0.1:{site['ports'][0]}", "--tls-name", "localhost",
+                "--json", *_auth(site, "observer"))
+    assert by_ip.code == 0, by_ip.err
+    d = site["pki"] / "issued" / "observer"
+    monkeypatch.setenv("APPLIANCE_FLEET_CA", str(site["pki"] / "ca.crt"))
+    monkeypatch.setenv("APPLIANCE_FLEET_CERT", str(d / "observer.crt"))
+    monkeypatch.setenv("APPLIANCE_FLEET_KEY", str(d / "observer.key"))
+    from_env = cli("node", "health", "--target", target, "--json")
+    assert from_env.code == 0, from_env.err

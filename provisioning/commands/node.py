@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from agent.errors import AccessDeniedError, ApplianceError, NotFoundError
@@ -29,12 +31,41 @@ _CHECK_EXIT = {1: 0, 2: 1, 3: 2}
 
 # ---------------------------------------------------------------------- gRPC plumbing
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def _tls_flags(parser: argparse.ArgumentParser) -> None:
+    """mTLS to the node: the same flags and environment as ``appliance fleet``."""
+    parser.add_argument("--ca", type=Path, default=_env_path("APPLIANCE_FLEET_CA"),
+                        help="site CA certificate (default: $APPLIANCE_FLEET_CA; none: plain "
+                        "text, for an agent on loopback without TLS)")
+    parser.add_argument("--cert", type=Path, default=_env_path("APPLIANCE_FLEET_CERT"),
+                        help="your client certificate (default: $APPLIANCE_FLEET_CERT)")
+    parser.add_argument("--key", type=Path, default=_env_path("APPLIANCE_FLEET_KEY"),
+                        help="its private key (default: $APPLIANCE_FLEET_KEY)")
+    parser.add_argument("--tls-name", metavar="NAME",
+                        help="the name in the node's certificate, when it is not HOST")
+
+
 def _stub(args: argparse.Namespace) -> Any:
+    """A Node stub over mTLS when --ca/--cert/--key (or their variables) are given, else plain text.
+
+    Raises:
+        ConfigError: only some of the three files are given. NotFoundError: one is missing.
+    """
     import grpc
 
     from agent.proto import node_pb2_grpc
+    from provisioning.fleet import FleetAuth
 
-    channel = grpc.insecure_channel(args.target)  # mTLS options arrive with the PKI work
+    auth = FleetAuth.from_files(args.ca, args.cert, args.key)
+    if auth.insecure:
+        channel = grpc.insecure_channel(args.target)
+    else:
+        options = [("grpc.ssl_target_name_override", args.tls_name)] if args.tls_name else []
+        channel = grpc.secure_channel(args.target, auth.credentials(), options=options)
     return node_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
 
 
@@ -299,6 +330,7 @@ def _register_update(verbs: Any, common: argparse.ArgumentParser, target: argpar
                            help=f"the node's agent (default: {DEFAULT_TARGET})")
     long_call.add_argument("--timeout", type=float, default=600.0,
                            help="seconds the node may take (default: 600)")
+    _tls_flags(long_call)
     check = uverbs.add_parser("check", parents=[common, long_call],
                               help="refresh from the registry; list bundles newer than what runs")
     check.set_defaults(handler=_update_check)
@@ -327,6 +359,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     target.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
                         help=f"the node's agent (default: {DEFAULT_TARGET})")
     target.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default: 10)")
+    _tls_flags(target)
     node = sub.add_parser("node", parents=[common], help="ask one node for its health, inventory, events",
                           description=__doc__)
     verbs = node.add_subparsers(dest="node_command", metavar="VERB")
