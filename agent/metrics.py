@@ -9,6 +9,8 @@ statistics, labelled ``model`` and ``version`` as Triton does, so existing dashb
 from __future__ import annotations
 
 import logging
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -121,16 +123,51 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics: " + format, *args)
 
 
-def start_metrics_server(port: int, addr: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Serve :data:`REGISTRY` at ``http://addr:port/metrics`` in a daemon thread.
+class _TlsHandler(_Handler):
+    """The TLS handshake and the client certificate's admission, in the connection's own thread
+    (a slow or silent client holds only its thread, never the accept loop)."""
+
+    timeout = 10.0  # seconds for the handshake and each read
+    admit: Callable[[bytes], str | None] = staticmethod(lambda der: "no admission check")
+
+    def setup(self) -> None:
+        conn = self.request
+        assert isinstance(conn, ssl.SSLSocket)
+        conn.settimeout(self.timeout)
+        conn.do_handshake()  # raises on a bad or missing client certificate: connection closed
+        der = conn.getpeercert(binary_form=True)
+        problem = "no client certificate" if der is None else type(self).admit(der)
+        if problem:
+            log.warning("metrics: refused %s: %s", self.client_address[0], problem)
+            raise ConnectionRefusedError(problem)
+        super().setup()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: connection from %s ended: %s", client_address, sys.exc_info()[1])
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1",
+                         tls: tuple[ssl.SSLContext, Callable[[bytes], str | None]] | None = None,
+                         ) -> ThreadingHTTPServer:
+    """Serve :data:`REGISTRY` at ``http://addr:port/metrics`` in a daemon thread; with ``tls``
+    (:func:`agent.security.metrics_tls`), HTTPS that requires an admitted client certificate.
 
     The returned server has ``shutdown()``; ``server_port`` holds the bound port (for port 0).
 
     Raises:
         OSError: the port cannot be bound.
     """
-    server = ThreadingHTTPServer((addr, port), _Handler)
-    server.daemon_threads = True
+    handler: type[_Handler] = _Handler
+    if tls is not None:
+        context, admit = tls
+        handler = type("_AdmittingHandler", (_TlsHandler,), {"admit": staticmethod(admit)})
+    server = _Server((addr, port), handler)
+    if tls is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("metrics on http://%s:%d/metrics", addr, server.server_port)
+    log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", addr, server.server_port)
     return server

@@ -42,6 +42,7 @@ import datetime as dt
 import inspect
 import ipaddress
 import logging
+import ssl
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -70,6 +71,7 @@ __all__ = [
     "interceptors",
     "is_loopback",
     "maximum_concurrent_rpcs",
+    "metrics_tls",
     "required_role",
     "role_of",
     "server_credentials",
@@ -264,6 +266,45 @@ def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
         RevocationList(config.tls.crl, x509.load_pem_x509_certificate(ca_pem))  # fail early
     return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
                                        require_client_auth=True)
+
+
+def metrics_tls(config: AgentConfig) -> tuple[ssl.SSLContext, Callable[[bytes], str | None]] | None:
+    """What the metrics port needs to speak HTTPS with the gRPC port's rules, or None on loopback.
+
+    Returns an SSL context (TLS 1.2+, a client certificate from the site CA required) and an
+    admission check for the client certificate (DER): the reason it is refused (expired,
+    revoked by the site CRL, no role), or None.
+
+    Raises:
+        the errors of :func:`server_credentials`.
+    """
+    if server_credentials(config) is None:
+        return None
+    tls = config.tls
+    assert tls.cert is not None and tls.key is not None and tls.ca is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    ctx.load_verify_locations(cafile=str(tls.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    crl = RevocationList(tls.crl, _load_cert(tls.ca, "ca")) if tls.crl is not None else None
+
+    def admit(der: bytes) -> str | None:
+        try:
+            ident = identity_of(x509.load_der_x509_certificate(der))
+        except ValueError:
+            return "client certificate cannot be parsed"
+        if ident.problem:
+            return ident.problem
+        if ident.not_after is not None and ident.not_after < dt.datetime.now(dt.UTC):
+            return f"certificate expired at {ident.not_after}"
+        if crl is not None and ident.serial is not None and crl.is_revoked(ident.serial):
+            return "certificate is revoked"
+        if ident.role is None:
+            return f"certificate carries no role (one OU of {', '.join(ROLES)})"
+        return None
+
+    return ctx, admit
 
 
 def server_options(config: AgentConfig) -> list[tuple[str, Any]]:

@@ -235,8 +235,11 @@ def _start_metrics(config: AgentConfig, ctx: AgentContext) -> Any:
     repo = ctx.components.get("inference")
     if repo is not None:
         register_collector(InferenceCollector(repo.statistics))
-    host = config.server.listen if server_credentials(config) else LOOPBACK
+    from agent.security import metrics_tls
+
+    tls = metrics_tls(config)  # the gRPC port's mTLS rules, or None on loopback
+    host = config.server.listen if tls else LOOPBACK
     try:
-        return start_metrics_server(config.server.metrics_port, host)
+        return start_metrics_server(config.server.metrics_port, host, tls)
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {host}:{config.server.metrics_port}: {exc}") from None

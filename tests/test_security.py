@@ -479,3 +479,50 @@ def test_limits_section_rejects_bad_values(tmp_path: Path) -> None:
     path.write_text('[tls]\nloopback_role = "root"\n')
     with pytest.raises(ConfigError, match="loopback_role = 'root': expected one of"):
         load_config(path)
+
+
+# ---------------------------------------------------------------------- metrics port
+
+
+def _scrape(port: int, pki: Path, name: str | None, *, https: bool = True) -> str:
+    import ssl
+    import urllib.request
+
+    if not https:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            return f"{resp.status} {resp.headers['Content-Type']}"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.check_hostname = False  # the node certificate names localhost; the scrape is by address
+    if name is not None:
+        d = pki / "issued" / name
+        ctx.load_cert_chain(str(d / f"{name}.crt"), str(d / f"{name}.key"))
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=10, context=ctx) as resp:
+        return f"{resp.status} {resp.headers['Content-Type']}"
+
+
+def test_metrics_port_follows_the_grpc_ports_mtls_rules(pki: Path, tmp_path: Path) -> None:
+    """With [tls] the metrics port is HTTPS too: a site certificate with a role, unexpired and not
+    revoked, gets the metrics; plain HTTP, no certificate, another CA's, an expired or a revoked
+    one get nothing."""
+    import urllib.error
+
+    from agent.metrics import start_metrics_server
+    from agent.security import metrics_tls
+
+    config = load_config(write_config(tmp_path, pki))
+    tls = metrics_tls(config)
+    assert tls is not None
+    server = start_metrics_server(0, "127.0.0.1", tls)
+    port = server.server_port
+    try:
+        assert _scrape(port, pki, "observer").startswith("200 text/plain")
+        for name in (None, "intruder", "old", "gone"):
+            with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+                _scrape(port, pki, name)
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            _scrape(port, pki, None, https=False)
+        assert _scrape(port, pki, "admin").startswith("200 ")  # still serving after the refusals
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert metrics_tls(load_config(write_config(tmp_path, None))) is None  # loopback: plain HTTP
