@@ -294,6 +294,14 @@ def test_flash_refuses_a_mounted_loop_device_and_writes_a_free_one(built: Path, 
                 flash(built, Path(dev), confirm=True)
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
+        from provisioning.image.flash import _open_target
+
+        holder = os.open(dev, os.O_RDONLY | os.O_EXCL)  # another program holds it exclusively
+        try:
+            with pytest.raises(ImageError, match="is busy"):
+                _open_target(Path(dev), True, wait=0.5)
+        finally:
+            os.close(holder)
         result = flash(built, Path(dev), confirm=True)
         assert result.bytes == built.stat().st_size
         with open(dev, "rb") as f:

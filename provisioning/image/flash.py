@@ -9,6 +9,7 @@ written range is read back (page cache dropped) and its sha256 compared with the
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -168,6 +169,28 @@ def _write_chunk(fd: int, offset: int, data: bytes) -> None:
         offset += done
 
 
+def _open_target(path: Path, block: bool, wait: float = 5.0) -> int:
+    """Open the target for writing; a block device exclusively (O_EXCL: no mounted filesystem,
+    no other exclusive holder). Right after an unmount, udev's probe holds the device for a
+    moment: EBUSY is retried for ``wait`` seconds before it is reported.
+
+    Raises:
+        ImageError: the device stays busy.
+    """
+    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_EXCL if block else os.O_CREAT)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return os.open(path, flags, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or not block:
+                raise
+            if time.monotonic() > deadline:
+                raise ImageError(f"target {path} is busy (held by another program) for {wait:.0f} s; "
+                                 "nothing written") from None
+            time.sleep(0.2)
+
+
 def flash(image: Path, target_path: Path, *, confirm: bool, manifest: Path | None = None,
           progress: Progress | None = None, verify_progress: Progress | None = None,
           mountinfo: Path = Path("/proc/self/mountinfo")) -> FlashResult:
@@ -193,8 +216,7 @@ def flash(image: Path, target_path: Path, *, confirm: bool, manifest: Path | Non
         raise ImageError(f"writing {image.name} would overwrite everything on {target_path}: "
                          "pass --yes to go ahead")
     began = time.monotonic()
-    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_EXCL if target.block else os.O_CREAT)
-    fd = os.open(target_path, flags, 0o644)
+    fd = _open_target(target_path, target.block)
     try:
         if not target.block:
             os.ftruncate(fd, length)
