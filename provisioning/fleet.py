@@ -12,10 +12,12 @@ wave by wave (:func:`run_rollout`), halting once failures pass the threshold.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import fnmatch
 import math
+import os
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
@@ -106,6 +108,22 @@ class FleetAuth:
             except FileNotFoundError:
                 raise NotFoundError(f"{path}: {flag} file does not exist") from None
         return cls(data["--ca"], data["--cert"], data["--key"])
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def add_credential_flags(parser: argparse.ArgumentParser) -> None:
+    """--ca, --cert and --key, defaulting to $APPLIANCE_FLEET_CA/_CERT/_KEY (read by
+    :meth:`FleetAuth.from_files`): the same for ``appliance fleet`` and ``appliance node``."""
+    parser.add_argument("--ca", type=Path, default=_env_path("APPLIANCE_FLEET_CA"),
+                        help="site CA certificate (default: $APPLIANCE_FLEET_CA)")
+    parser.add_argument("--cert", type=Path, default=_env_path("APPLIANCE_FLEET_CERT"),
+                        help="your client certificate (default: $APPLIANCE_FLEET_CERT)")
+    parser.add_argument("--key", type=Path, default=_env_path("APPLIANCE_FLEET_KEY"),
+                        help="its private key (default: $APPLIANCE_FLEET_KEY)")
 
 
 # ------------------------------------------------------------------ inventories

@@ -18,6 +18,7 @@ from provisioning.fleet import (
     NodeResult,
     RolloutPlan,
     WaveOutcome,
+    add_credential_flags,
     health_action,
     inventory_action,
     load_inventory,
@@ -32,13 +33,8 @@ from provisioning.output import emit_json, print_table, progress
 __all__ = ["register"]
 
 
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
-
-
 def _common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-i", "--inventory", type=Path, default=_env_path("APPLIANCE_INVENTORY"),
+    parser.add_argument("-i", "--inventory", type=Path, default=os.environ.get("APPLIANCE_INVENTORY") or None,
                         help="Ansible inventory (INI/YAML) or a .toml node list "
                              "(default: $APPLIANCE_INVENTORY)")
     parser.add_argument("--limit", "-l", default="all",
@@ -48,12 +44,7 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=1024,
                         help="nodes asked at the same time (default: 1024); with more nodes than "
                              "this, a slow node delays those queued behind it")
-    parser.add_argument("--ca", type=Path, default=_env_path("APPLIANCE_FLEET_CA"),
-                        help="site CA certificate (default: $APPLIANCE_FLEET_CA)")
-    parser.add_argument("--cert", type=Path, default=_env_path("APPLIANCE_FLEET_CERT"),
-                        help="your client certificate (default: $APPLIANCE_FLEET_CERT)")
-    parser.add_argument("--key", type=Path, default=_env_path("APPLIANCE_FLEET_KEY"),
-                        help="its private key (default: $APPLIANCE_FLEET_KEY)")
+    add_credential_flags(parser)
     parser.add_argument("--insecure", action="store_true",
                         help="plain-text gRPC, for agents on loopback without TLS")
 

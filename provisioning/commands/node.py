@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from agent.errors import AccessDeniedError, ApplianceError, NotFoundError
@@ -31,20 +29,11 @@ _CHECK_EXIT = {1: 0, 2: 1, 3: 2}
 
 # ---------------------------------------------------------------------- gRPC plumbing
 
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
-
-
 def _tls_flags(parser: argparse.ArgumentParser) -> None:
     """mTLS to the node: the same flags and environment as ``appliance fleet``."""
-    parser.add_argument("--ca", type=Path, default=_env_path("APPLIANCE_FLEET_CA"),
-                        help="site CA certificate (default: $APPLIANCE_FLEET_CA; none: plain "
-                        "text, for an agent on loopback without TLS)")
-    parser.add_argument("--cert", type=Path, default=_env_path("APPLIANCE_FLEET_CERT"),
-                        help="your client certificate (default: $APPLIANCE_FLEET_CERT)")
-    parser.add_argument("--key", type=Path, default=_env_path("APPLIANCE_FLEET_KEY"),
-                        help="its private key (default: $APPLIANCE_FLEET_KEY)")
+    from provisioning.fleet import add_credential_flags
+
+    add_credential_flags(parser)  # none given: plain text, for an agent on loopback without TLS
     parser.add_argument("--tls-name", metavar="NAME",
                         help="the name in the node's certificate, when it is not HOST")
 
