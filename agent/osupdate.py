@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -47,6 +48,10 @@ ATTEMPT = "attempt.json"
 BY_PARTLABEL = Path("/dev/disk/by-partlabel")
 SYS_CLASS_BLOCK = Path("/sys/class/block")
 ESP = Path("/efi")
+# systemd-boot's record of the entry it booted (UTF-16LE after 4 attribute bytes).
+LOADER_ENTRY_SELECTED = Path(
+    "/sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f")
+_COUNTER = re.compile(r"\+\d+(-\d+)?(?=\.efi$)")
 _BLOCK = 4 << 20
 
 
@@ -110,6 +115,38 @@ def set_partition_uuid(disk: Path, number: int, part_uuid: str, sector: int = 51
         os.fsync(f.fileno())
 
 
+def _entry_id(name: str) -> str:
+    """A UKI's entry id without its boot counter: ``a-2+1-2.efi`` -> ``a-2.efi``."""
+    return _COUNTER.sub("", name)
+
+
+def booted_entry(efivar: Path = LOADER_ENTRY_SELECTED) -> str | None:
+    """The boot entry systemd-boot started (counter stripped), or None when unknown."""
+    try:
+        raw = efivar.read_bytes()[4:]
+    except OSError:
+        return None
+    name = raw.decode("utf-16-le", errors="replace").split("\x00", 1)[0].strip()
+    return _entry_id(name) or None
+
+
+def drop_stale_entries(uki_dir: Path, running: str | None) -> list[str]:
+    """Remove every UKI but the running one's before the inactive slot is overwritten: with two
+    root slots, any other entry names a root that is about to stop existing, and must never be a
+    fallback. Without a known running entry nothing is removed. Returns the removed names."""
+    if running is None:
+        log.warning("os update: the booted entry is unknown (no %s); keeping every UKI on the ESP",
+                    LOADER_ENTRY_SELECTED.name)
+        return []
+    removed = []
+    for uki in sorted(uki_dir.glob("*.efi")):
+        if _entry_id(uki.name) != running:
+            uki.unlink()
+            removed.append(uki.name)
+            log.info("os update: removed %s (its root slot is being overwritten)", uki.name)
+    return removed
+
+
 def _write_member(tar: tarfile.TarFile, member: str, dev: Path, size_limit: int) -> None:
     info = tar.getmember(member)
     if info.size > size_limit:
@@ -126,7 +163,7 @@ def _write_member(tar: tarfile.TarFile, member: str, dev: Path, size_limit: int)
 def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
                     by_partlabel: Path = BY_PARTLABEL, sys_class_block: Path = SYS_CLASS_BLOCK,
                     sys_block: Path = Path("/sys/block"), cmdline: Path = Path("/proc/cmdline"),
-                    esp: Path = ESP,
+                    esp: Path = ESP, loader_entry: Path = LOADER_ENTRY_SELECTED,
                     set_uuid: Callable[[Path, int, str], None] = set_partition_uuid) -> dict[str, Any]:
     """Write a (TUF-verified) OS release into the inactive slot and its UKI onto the ESP.
 
@@ -148,6 +185,8 @@ def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
     slot = "b" if current == "A" else "a"
     devices = {"root.squashfs": by_partlabel / f"root-{slot}",
                "root.verity": by_partlabel / f"root-{slot}-verity"}
+    uki_dir = esp / "EFI" / "Linux"
+    removed = drop_stale_entries(uki_dir, booted_entry(loader_entry))
     with tarfile.open(release_file, "r:") as tar:
         for member, dev in devices.items():
             log.info("os update: writing %s to %s", member, dev)
@@ -156,7 +195,6 @@ def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
         for dev, part_uuid in ((devices["root.squashfs"], data_uuid), (devices["root.verity"], hash_uuid)):
             disk, number = _disk_and_number(dev, sys_class_block)
             set_uuid(disk, number, part_uuid)
-        uki_dir = esp / "EFI" / "Linux"
         uki = uki_dir / uki_file_name(release.name, release.version, tries)
         tmp = uki_dir / (uki.name + ".part")
         src = tar.extractfile("uki.efi")
@@ -168,7 +206,7 @@ def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
         tmp.rename(uki)
     attempt = {"name": release.name, "version": release.version, "roothash": release.roothash,
                "from_roothash": running, "from_slot": current, "slot": slot.upper(),
-               "uki": uki.name, "time": time.time()}
+               "uki": uki.name, "removed_entries": removed, "time": time.time()}
     os_dir(state_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(os_dir(state_dir) / ATTEMPT, json.dumps(attempt, sort_keys=True) + "\n")
     log.info("os update: %s %s written to slot %s; boot it on trial", release.name, release.version,

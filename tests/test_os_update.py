@@ -65,13 +65,18 @@ def _machine(tmp: Path, slot_size: int = 1 << 16) -> dict[str, Any]:
     (dm / "slaves/vdx2").mkdir(parents=True)
     (dm / "slaves/vdx2/uevent").write_text("PARTNAME=root-a\n")
     (tmp / "esp/EFI/Linux").mkdir(parents=True)
+    running = "appliance-20260101.000000+2-1.efi"  # booted on trial, as systemd-boot records it
+    (tmp / "esp/EFI/Linux" / "appliance-20260101.000000+1-2.efi").write_bytes(b"MZ-running")
+    loader_entry = tmp / "LoaderEntrySelected"
+    loader_entry.write_bytes(b"\x06\x00\x00\x00" + (running + "\x00").encode("utf-16-le"))
 
     def set_uuid(dev: Path, number: int, part_uuid: str) -> None:  # on the image file
         assert dev == Path("/dev/vdx")
         set_partition_uuid(disk, number, part_uuid)
 
     return {"by_partlabel": by_label, "sys_class_block": sys_class, "sys_block": tmp / "sys/block",
-            "cmdline": tmp / "cmdline", "esp": tmp / "esp", "set_uuid": set_uuid, "disk": disk}
+            "cmdline": tmp / "cmdline", "esp": tmp / "esp", "loader_entry": loader_entry,
+            "set_uuid": set_uuid, "disk": disk}
 
 
 def test_os_release_round_trip(tmp_path: Path) -> None:
@@ -130,7 +135,30 @@ def test_install_refuses_the_running_root_and_a_release_too_big(tmp_path: Path) 
     (tmp_path / "cmdline").write_text(f"roothash={NEW}\n")
     with pytest.raises(UpdateError, match="is the running root"):
         install_release(release, tmp_path / "state", **kw)
-    assert not list((m["esp"] / "EFI/Linux").iterdir())
+    assert [p.name for p in (m["esp"] / "EFI/Linux").iterdir()] == ["appliance-20260101.000000+1-2.efi"]
+
+
+def test_install_drops_entries_whose_slot_it_overwrites_and_keeps_the_running_one(tmp_path: Path) -> None:
+    """Only two roots exist after the install: the running one and the new one. An entry for any
+    other root (an older release in the slot being overwritten, one already marked bad) would
+    be a fallback into a root that no longer exists."""
+    release = make_os_release(_fake_build(tmp_path), tmp_path / "os.release")
+    m = _machine(tmp_path)
+    esp = m["esp"] / "EFI/Linux"
+    for stale in ("appliance-20251201.1.efi", "appliance-20251215.1+0-3.efi"):
+        (esp / stale).write_bytes(b"MZ-stale")
+    attempt = install_release(release, tmp_path / "state", **{k: v for k, v in m.items() if k != "disk"})
+    assert sorted(p.name for p in esp.iterdir()) == ["appliance-20260101.000000+1-2.efi",
+                                                     "appliance-20260102.000000+3-0.efi"]
+    assert attempt["removed_entries"] == ["appliance-20251201.1.efi", "appliance-20251215.1+0-3.efi"]
+    # booted without systemd-boot's variable: nothing is removed (it cannot tell which is running)
+    (tmp_path / "again").mkdir()
+    m2 = _machine(tmp_path / "again")
+    (m2["esp"] / "EFI/Linux" / "appliance-20251201.1.efi").write_bytes(b"MZ-stale")
+    m2["loader_entry"].unlink()
+    again = install_release(release, tmp_path / "state2", **{k: v for k, v in m2.items() if k != "disk"})
+    assert again["removed_entries"] == []
+    assert (m2["esp"] / "EFI/Linux" / "appliance-20251201.1.efi").is_file()
 
 
 @pytest.mark.parametrize(("running", "outcome"), [(NEW, "applied"), (OLD, "failed")])
@@ -208,7 +236,7 @@ def test_install_pending_refuses_a_staged_file_the_registry_did_not_sign(tmp_pat
     with pytest.raises(VerificationError, match="not the signed target"):
         install_pending(state, tmp_path / "trust", reg / "published/metadata/root.json",
                         **{k: v for k, v in m.items() if k != "disk"})
-    assert not list((m["esp"] / "EFI/Linux").iterdir())
+    assert [p.name for p in (m["esp"] / "EFI/Linux").iterdir()] == ["appliance-20260101.000000+1-2.efi"]
     assert set((m["by_partlabel"] / "root-b").resolve().read_bytes()) == {0}
     assert not (os_dir(state) / "pending.json").exists()
     assert not (os_dir(state) / ATTEMPT).exists()
