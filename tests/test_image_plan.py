@@ -95,6 +95,7 @@ def test_boot_cmdline_joins_the_sealed_kernel_arguments(tmp_path: Path) -> None:
     p = dataclasses.replace(p, boot=dataclasses.replace(p.boot, cmdline=("systemd.mask=x.service",)))
     args = configure_plan(p, pip_wheel=PIP).file("/etc/kernel/cmdline").content.split()
     assert args[-1] == "systemd.mask=x.service" and "apparmor=1" in args
+    assert "ro" not in args  # the seal stage owns it (and would warn about it on every build)
     from provisioning.image.seal import root_cmdline
 
     (tmp_path / "etc/kernel").mkdir(parents=True)

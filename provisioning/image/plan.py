@@ -380,7 +380,7 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
     if h.auditd:
         rules = AUDIT_RULES + ("-e 2\n" if h.audit_immutable else "")
         files.append(FileSpec("/etc/audit/rules.d/50-appliance.rules", rules, 0o640))
-    cmdline = ["ro", "quiet", "lockdown=integrity", "slab_nomerge", "init_on_alloc=1",
+    cmdline = ["quiet", "lockdown=integrity", "slab_nomerge", "init_on_alloc=1",
                "init_on_free=1", "page_alloc.shuffle=1", "pti=on", "vsyscall=none",
                "debugfs=off", "oops=panic"]
     if h.apparmor:
