@@ -120,5 +120,9 @@ def test_a_root_that_never_serves_falls_back_by_itself(appliance: Appliance, sit
     if appliance.console is not None and appliance.console.is_file():
         unblessed = appliance.console.read_text(errors="replace").count(UNBLESSED) - unblessed_before
         assert unblessed == 3, f"{unblessed} unblessed boots; console:\n{tail}"
+        manifest = appliance.manifest
+        if manifest is not None:  # the first image's entry went with its root (slot A, overwritten)
+            stale = f"os update: removed {manifest['name']}-{manifest['version']}.efi"
+            assert stale in appliance.console.read_text(errors="replace"), tail
     print(f"broken OS update: ApplyUpdate to back on the old root, serving, {seconds:.1f} s "
           f"(accel {appliance.accel}, three unblessed trial boots)")
