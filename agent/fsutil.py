@@ -6,6 +6,7 @@ A reader sees the old file or the new one, never a torn one, even across a power
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -56,3 +57,12 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode(), mode)
+
+
+def file_sha256(path: Path, block: int = 4 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in ``block``-sized pieces."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

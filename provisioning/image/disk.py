@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.errors import ImageError
-from agent.fsutil import atomic_write_text
+from agent.fsutil import atomic_write_text, file_sha256
 from provisioning.image.stage import DiskSizes, RunFn, StageContext, as_stage_context
 
 __all__ = [
@@ -359,15 +359,6 @@ def build_disk(run: RunFn, *, out: Path, work: Path, name: str, sizes: DiskSizes
     return final
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(out: Path, *, name: str, version: str, epoch: int, roothash: str,
                    artifacts: dict[str, str], extra: dict[str, object] | None = None) -> Path:
     """Write ``image-manifest.json`` listing each artifact (file name -> kind) with sha256 and size.
@@ -377,7 +368,7 @@ def write_manifest(out: Path, *, name: str, version: str, epoch: int, roothash: 
     doc: dict[str, object] = {
         "schema": MANIFEST_SCHEMA, "name": name, "version": version, "source_date_epoch": epoch,
         "roothash": roothash,
-        "artifacts": {fname: {"kind": kind, "sha256": sha256_file(out / fname),
+        "artifacts": {fname: {"kind": kind, "sha256": file_sha256(out / fname),
                               "size": (out / fname).stat().st_size}
                       for fname, kind in sorted(artifacts.items())},
     }

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ImageError, NotFoundError, VerificationError
-from agent.fsutil import atomic_write_bytes, atomic_write_text
+from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256
 from agent.tools import require_tool, run
 from provisioning.image._debian import (
     deb_filename_key,
@@ -67,15 +67,6 @@ LOCK_FORMAT = 1
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 _CHUNK = 1 << 20
 Step = Callable[[str], None]
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -25,20 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ImageError, VerificationError
+from agent.fsutil import file_sha256
 
 __all__ = ["MEMBERS", "SCHEMA", "Release", "make_os_release", "read_release", "registry_version"]
 
 SCHEMA = "sovereign-appliance/os-release/1"
 MEMBERS = ("root.squashfs", "root.verity", "uki.efi")
 _BLOCK = 1 << 20
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_BLOCK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def registry_version(image_version: str) -> str:
@@ -75,7 +68,7 @@ def make_os_release(build_out: Path, dest: Path) -> Path:
                "uki.efi": sealed.uki}
     doc = {"schema": SCHEMA, "name": sealed.name, "version": sealed.version,
            "roothash": sealed.roothash,
-           "files": {n: {"sha256": _sha256(p), "size": p.stat().st_size} for n, p in sources.items()}}
+           "files": {n: {"sha256": file_sha256(p), "size": p.stat().st_size} for n, p in sources.items()}}
     meta = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
     manifest = build_out / "stages/configure/manifest.json"
     epoch = int(json.loads(manifest.read_text()).get("source_date_epoch", 0)) if manifest.is_file() else 0

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from agent.errors import ImageError
-from agent.fsutil import atomic_write_text
+from agent.fsutil import atomic_write_text, file_sha256
 from provisioning.image.disk import Sealed, data_uuid, esp_uuid
 from provisioning.image.profile import SEAL_OWNED_ARGS
 from provisioning.image.stage import RunFn, StageContext, as_stage_context, check_paths
@@ -126,7 +126,7 @@ def verity_format(run: RunFn, data: Path, hash_image: Path) -> str:
     Raises:
         ToolError: veritysetup failed. ImageError: its output had no root hash.
     """
-    salt, vuuid = verity_params(_sha256(data))
+    salt, vuuid = verity_params(file_sha256(data))
     hash_image.unlink(missing_ok=True)
     done = run(["veritysetup", "format", data, hash_image, "--hash", "sha256", "--format", "1",
                 "--data-block-size", "4096", "--hash-block-size", "4096", "--salt", salt, "--uuid", vuuid])
@@ -172,14 +172,6 @@ def root_cmdline(rootfs: Path) -> tuple[str, ...]:
         else:
             kept.append(arg)
     return tuple(kept)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _pseudo_files(rootfs: Path, work: Path) -> list[str]:
