@@ -129,7 +129,8 @@ def run_image_demo(work: Path, *, accel: str = "auto", bound: float = 900.0,
                    keep_running: bool = False, show: bool = True) -> dict[str, Any]:
     """Build (cached), boot and query the default bench image; returns what was found.
 
-    ``show``: print the fleet CLI's own tables as it runs (off for ``--json``).
+    ``show``: print the fleet CLI's own tables as it runs (off for ``--json``, which instead
+    puts the inventory and health answers into the result).
 
     Raises:
         ApplianceError: a step failed (naming the command and the tail of its output), or the
@@ -153,10 +154,13 @@ def run_image_demo(work: Path, *, accel: str = "auto", bound: float = 900.0,
         status = _wait_answer(fleet, state, powered, bound)
         serving = time.monotonic() - powered
         _say(f"the agent answered over mTLS {serving:.1f} s after power-on")
-        inventory = _fleet_json(["fleet", "inventory", *fleet, "--deadline", "30"], timeout=60)
-        health = _fleet_json(["fleet", "health", *fleet, "--deadline", "30"], timeout=60)
-        if show:
+        answers = {"status": status["nodes"][0]}
+        if show:  # the fleet CLI's own tables for people; its JSON for scripts
             _show(fleet)
+        else:
+            for what in ("inventory", "health"):
+                reply = _fleet_json(["fleet", what, *fleet, "--deadline", "30"], timeout=60)
+                answers[what] = reply["nodes"][0]
     finally:
         if not keep_running:
             _stop(state)
@@ -167,6 +171,6 @@ def run_image_demo(work: Path, *, accel: str = "auto", bound: float = 900.0,
     return {
         "image": str(bench.image), "work": str(work), "accel": "kvm" if machine.get("kvm") else "tcg",
         "prepare_seconds": round(prepared, 1), "power_on_to_answer_seconds": round(serving, 1),
-        "status": status["nodes"][0], "inventory": inventory["nodes"][0], "health": health["nodes"][0],
+        **answers,
         "running": keep_running, "pid": machine.get("pid"), "fleet_args": fleet,
     }
