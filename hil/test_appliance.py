@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +22,7 @@ from provisioning.bench import BAKED_VERSION, BUNDLE, X, expected
 ALLOWED_TCP = {8001, 8002}  # the agent's gRPC and metrics ports (images/*.toml [agent.server])
 ALLOWED_UDP = {68}  # systemd-networkd's DHCP client
 LISTEN_PREFIX = "appliance-listen:"
+LISTEN_REPORT_BOUND_S = 300.0  # the report unit starts after the agent's READY=1; TCG is slow
 pytestmark = pytest.mark.timeout(3600)  # boots under TCG take minutes
 
 
@@ -107,10 +110,23 @@ def test_health_is_sane(appliance: Appliance) -> None:
     assert report.nvml_reason
 
 
-def _listeners(console: str) -> list[tuple[str, str]]:
-    """(netid, local address:port) from the console lines of the listening-socket report."""
+def _report(console: str) -> list[list[str]] | None:
+    """The fields of the listening-socket report's lines, or None while it is incomplete."""
     lines = [ln.split(LISTEN_PREFIX, 1)[1].split() for ln in console.splitlines() if LISTEN_PREFIX in ln]
-    assert lines and lines[-1] == ["end"], "no complete listening-socket report on the console"
+    return lines if lines and lines[-1] == ["end"] else None
+
+
+def _listeners(console: Path, bound: float = LISTEN_REPORT_BOUND_S) -> list[tuple[str, str]]:
+    """(netid, local address:port) from the listening-socket report on the console log.
+
+    The report unit runs once the agent has told systemd it serves, which can be a little after
+    the first RPC answered; so wait for the report's end line, within ``bound`` seconds.
+    """
+    deadline = time.monotonic() + bound
+    while (lines := _report(console.read_text(errors="replace"))) is None:
+        assert time.monotonic() < deadline, (
+            f"no complete listening-socket report on the console within {bound:.0f} s")
+        time.sleep(2)
     return [(f[0], f[4]) for f in lines[:-1] if len(f) >= 5]
 
 
@@ -126,7 +142,7 @@ def test_nothing_listens_beyond_the_allowed_ports(appliance: Appliance) -> None:
     ports we ask for, so probing from the host would prove nothing about the others."""
     if appliance.console is None or not appliance.console.is_file():
         pytest.skip("no serial console log (--console) to read the node's listening sockets from")
-    found = _listeners(appliance.console.read_text(errors="replace"))
+    found = _listeners(appliance.console)
     assert found, "the report lists no sockets at all (the agent's must be there)"
     beyond = []
     for netid, local in found:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -141,17 +143,40 @@ def test_inventory_off_an_image_has_no_root_hash_or_slot(tmp_path: Path) -> None
     assert (inv.root_hash, inv.active_slot) == ("", "")
 
 
-def test_hil_console_parser_reads_the_report() -> None:
+def test_hil_console_parser_reads_the_report(tmp_path: Path) -> None:
     from hil.test_appliance import _listeners, _port_and_host
 
-    console = ("[  OK  ] Started appliance-agent.service\n"
-               "appliance-listen: tcp LISTEN 0 4096 0.0.0.0:8001 0.0.0.0:*\n"
-               "appliance-listen: tcp LISTEN 0 4096 [::1]:5000 [::]:*\n"
-               "appliance-listen: udp UNCONN 0 0 10.0.2.15%enp0s2:68 0.0.0.0:*\n"
-               "appliance-listen: end\n")
-    found = _listeners(console)
+    console = tmp_path / "console.log"
+    console.write_text("[  OK  ] Started appliance-agent.service\n"
+                       "appliance-listen: tcp LISTEN 0 4096 0.0.0.0:8001 0.0.0.0:*\n"
+                       "appliance-listen: tcp LISTEN 0 4096 [::1]:5000 [::]:*\n"
+                       "appliance-listen: udp UNCONN 0 0 10.0.2.15%enp0s2:68 0.0.0.0:*\n"
+                       "appliance-listen: end\n")
+    found = _listeners(console, bound=0)
     assert found == [("tcp", "0.0.0.0:8001"), ("tcp", "[::1]:5000"), ("udp", "10.0.2.15%enp0s2:68")]
     assert _port_and_host("[::1]:5000") == ("::1", 5000)
     assert _port_and_host("10.0.2.15%enp0s2:68") == ("10.0.2.15", 68)
-    with pytest.raises(AssertionError):
-        _listeners("appliance-listen: tcp LISTEN 0 1 0.0.0.0:8001 0.0.0.0:*\n")  # cut short
+    console.write_text("appliance-listen: tcp LISTEN 0 1 0.0.0.0:8001 0.0.0.0:*\n")  # cut short
+    with pytest.raises(AssertionError, match="within 0 s"):
+        _listeners(console, bound=0)
+
+
+def test_hil_console_parser_waits_for_a_report_still_being_written(tmp_path: Path) -> None:
+    """The report unit runs after the agent's READY=1, so it may land after the first RPC."""
+    from hil.test_appliance import _listeners
+
+    console = tmp_path / "console.log"
+    console.write_text("[  OK  ] Started appliance-agent.service\n")
+
+    def finish() -> None:
+        time.sleep(1)
+        with console.open("a") as f:
+            f.write("appliance-listen: tcp LISTEN 0 4096 0.0.0.0:8001 0.0.0.0:*\n"
+                    "appliance-listen: end\n")
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    try:
+        assert _listeners(console, bound=60) == [("tcp", "0.0.0.0:8001")]
+    finally:
+        writer.join()
