@@ -15,7 +15,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-__all__ = ["CPU", "CUDA", "TENSORRT", "make_session", "usable_providers"]
+__all__ = ["CPU", "CUDA", "TENSORRT", "cuda_libraries", "make_session", "usable_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +23,34 @@ TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
-# The shared libraries each provider of the CUDA 12 build needs at session creation.
-_CUDA_LIBS = (
-    "libcuda.so.1",  # the driver: absent means no usable GPU
-    "libcudart.so.12",
-    "libcublas.so.12",
-    "libcublasLt.so.12",
-    "libcudnn.so.9",
-    "libcufft.so.11",
-    "libcurand.so.10",
-)
+def cuda_libraries(cuda_version: str) -> tuple[str, ...]:
+    """The shared libraries the CUDA provider of a build for ``cuda_version`` needs.
+
+    The sonames follow the CUDA major the wheel was built for (its ``build_and_package_info``):
+    cuBLAS and the runtime carry that major, cuFFT is 11 for CUDA 12 and 12 for CUDA 13, cuRAND
+    and cuDNN 9 are the same for both.  The driver's ``libcuda.so.1`` comes first: absent means
+    no usable GPU.
+
+    Raises:
+        ValueError: ``cuda_version`` does not start with a CUDA major this table knows.
+    """
+    major = cuda_version.split(".", 1)[0]
+    if major not in ("12", "13"):
+        raise ValueError(f"onnxruntime was built for CUDA {cuda_version!r}; "
+                         "this agent knows the libraries of CUDA 12 and 13 builds")
+    cufft = "11" if major == "12" else "12"
+    return ("libcuda.so.1", f"libcudart.so.{major}", f"libcublas.so.{major}",
+            f"libcublasLt.so.{major}", "libcudnn.so.9", f"libcufft.so.{cufft}", "libcurand.so.10")
+
+
+def _build_cuda_version() -> str:
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:
+        return ""
+    return str(getattr(info, "cuda_version", "") or "")
+
+
 _TRT_LIBS = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
 
 
@@ -52,13 +70,18 @@ def usable_providers() -> tuple[str, ...]:
     listed = set(ort.get_available_providers())
     usable: list[str] = []
     if CUDA in listed:
+        try:
+            libraries = cuda_libraries(_build_cuda_version())
+        except ValueError as e:
+            log.warning("CUDA provider not used: %s", e)
+            libraries = ()
         preload = getattr(ort, "preload_dlls", None)
-        if preload is not None and _loads(_CUDA_LIBS[:1]) is None:
+        if libraries and preload is not None and _loads(libraries[:1]) is None:
             try:
-                preload(directory="")  # libraries of the nvidia-*-cu12 wheels, if installed
+                preload(directory="")  # libraries of the nvidia-* CUDA wheels, if installed
             except Exception:
                 log.debug("onnxruntime.preload_dlls failed", exc_info=True)
-        missing = _loads(_CUDA_LIBS)
+        missing = _loads(libraries) if libraries else "a known CUDA build"
         if missing is None:
             if TENSORRT in listed and _loads(_TRT_LIBS) is None:
                 usable.append(TENSORRT)

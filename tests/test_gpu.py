@@ -493,3 +493,48 @@ def test_inventory_reports_the_image_gpu_stack(tmp_path: Path) -> None:
     assert msg.onnxruntime_version.startswith("onnxruntime")
     assert not inventory_to_proto(collect_inventory(tmp_path / "s2", image_metadata=tmp_path / "no",
                                                     os_release=tmp_path / "no")).HasField("gpu_stack")
+
+
+@pytest.mark.parametrize(("cuda", "has", "lacks"), [
+    ("12.2", {"libcudart.so.12", "libcublasLt.so.12", "libcufft.so.11", "libcudnn.so.9"},
+     {"libcudart.so.13", "libcufft.so.12"}),
+    ("12.8", {"libcublas.so.12", "libcufft.so.11"}, {"libcublas.so.13"}),
+    ("13.0", {"libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcufft.so.12",
+              "libcurand.so.10", "libcudnn.so.9"}, {"libcudart.so.12", "libcufft.so.11"}),
+])
+def test_the_cuda_libraries_checked_follow_the_build_cuda_major(cuda: str, has: set[str],
+                                                                lacks: set[str]) -> None:
+    from agent.ort import cuda_libraries
+
+    libraries = cuda_libraries(cuda)
+    assert libraries[0] == "libcuda.so.1"  # the driver first: absent means no GPU at all
+    assert has <= set(libraries) and not lacks & set(libraries)
+
+
+@pytest.mark.parametrize("cuda", ["11.8", "", "cuda13"])
+def test_a_cuda_build_of_unknown_major_is_named_in_the_refusal(cuda: str) -> None:
+    from agent.ort import cuda_libraries
+
+    with pytest.raises(ValueError, match=f"CUDA {cuda!r}"):
+        cuda_libraries(cuda)
+
+
+def test_the_installed_cuda_provider_links_nothing_the_check_leaves_out() -> None:
+    """Every CUDA library the installed provider library links is one usable_providers loads
+    first, so a node that lacks one never asks ONNX Runtime for CUDA (which would log an error)."""
+    import subprocess
+
+    import onnxruntime
+    from onnxruntime.capi import build_and_package_info as info
+
+    from agent.ort import cuda_libraries
+
+    provider = Path(onnxruntime.__file__).parent / "capi/libonnxruntime_providers_cuda.so"
+    if not provider.is_file():
+        pytest.skip(f"this onnxruntime ({info.package_name}) has no CUDA provider")
+    dynamic = subprocess.run(["readelf", "-d", str(provider)], check=True, capture_output=True,
+                             text=True).stdout
+    needed = {ln.split("[", 1)[1].rstrip("]") for ln in dynamic.splitlines() if "(NEEDED)" in ln}
+    cuda_side = {n for n in needed if n.startswith(("libcu", "libnv"))}
+    assert cuda_side, f"no CUDA library among {sorted(needed)}: readelf output changed?"
+    assert cuda_side <= set(cuda_libraries(info.cuda_version)), sorted(cuda_side)
