@@ -63,6 +63,7 @@ MAX_MANIFEST = 1 << 20  # 1 MiB: a manifest is small; a larger one is an attack 
 MAX_GOLDEN = 256 << 20
 MAX_MODEL = 16 << 30
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_CUDA_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
 _VERSION_RE = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
 _CHUNK = 1 << 20
 
@@ -106,6 +107,10 @@ class Accelerator:
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
     requires_gpu: bool = False
     min_cuda: str = ""
+    tf32: bool = False
+    """The outputs stay within the tolerance when CUDA runs FP32 matrix products in TF32
+    (10-bit mantissa).  Off by default: the node then computes in full FP32, as the golden
+    vectors were made."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,8 @@ class Manifest:
         """The manifest as plain JSON data (the exact form stored in the bundle)."""
         data = asdict(self)
         data["files"] = {k: asdict(v) for k, v in sorted(self.files.items())}
+        if not self.accelerator.tf32:  # written only when set: bundles made before the key
+            del data["accelerator"]["tf32"]  # keep their bytes, and older agents read the rest
         return data
 
     def canonical(self) -> bytes:
@@ -232,11 +239,20 @@ def _parse_manifest(raw: bytes, origin: str) -> Manifest:
     files = _parse_files(f, f.get(data, "files", dict, ""))
     batching = _parse_batching(f, f.get(data, "batching", dict, "", {}), inputs + outputs)
     a = f.get(data, "accelerator", dict, "", {})
-    f.only(a, ("providers", "requires_gpu", "min_cuda"), "accelerator")
+    f.only(a, ("providers", "requires_gpu", "min_cuda", "tf32"), "accelerator")
+    providers = f.get(a, "providers", list, "accelerator.", list(Accelerator.providers))
+    if not providers or not all(isinstance(p, str) and p.endswith("ExecutionProvider")
+                                for p in providers):
+        raise f.fail("accelerator.providers",
+                     f"a list of ONNX Runtime provider names (...ExecutionProvider), got {providers!r}")
+    min_cuda = f.get(a, "min_cuda", str, "accelerator.", "")
+    if min_cuda and not _CUDA_RE.match(min_cuda):
+        raise f.fail("accelerator.min_cuda", f"a CUDA version such as 12.4, got {min_cuda!r}")
     accelerator = Accelerator(
-        tuple(f.get(a, "providers", list, "accelerator.", list(Accelerator.providers))),
+        tuple(providers),
         f.get(a, "requires_gpu", bool, "accelerator.", False),
-        f.get(a, "min_cuda", str, "accelerator.", ""),
+        min_cuda,
+        f.get(a, "tf32", bool, "accelerator.", False),
     )
     t = f.get(data, "tolerance", dict, "", {})
     f.only(t, ("atol", "rtol"), "tolerance")

@@ -202,7 +202,11 @@ def _batching_json(b: Batching) -> dict[str, Any]:
 
 
 def _accel_json(a: Accelerator) -> dict[str, Any]:
-    return {"providers": list(a.providers), "requires_gpu": a.requires_gpu, "min_cuda": a.min_cuda}
+    out: dict[str, Any] = {"providers": list(a.providers), "requires_gpu": a.requires_gpu,
+                           "min_cuda": a.min_cuda}
+    if a.tf32:  # only when set: agents that predate the key still read every other bundle
+        out["tf32"] = True
+    return out
 
 
 def verify_bundle(path: Path) -> tuple[Bundle, Manifest]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import GOLDEN, Batching, FileEntry, encode_golden, read_bundle, write_bundle
+from agent.bundle import GOLDEN, Accelerator, Batching, FileEntry, encode_golden, read_bundle, write_bundle
 from agent.config import InferenceSection
 from agent.inference.repository import ModelRepository
 from provisioning.bundle import create_bundle
@@ -33,12 +33,13 @@ def free_port() -> int:
 
 
 def make_bundle(tmp: Path, model: Path, name: str, version: str, inputs: dict[str, np.ndarray],
-                batching: Batching | None = None) -> Path:
+                batching: Batching | None = None, accelerator: Accelerator | None = None) -> Path:
     # .npz files hold BYTES as fixed-size byte strings (object arrays would need pickle)
     inputs = {k: v.astype(np.bytes_) if v.dtype == object else v for k, v in inputs.items()}
     golden = save_golden(tmp / f"{name}-{version}.npz", inputs)
     return create_bundle(model, name=name, version=version, golden=[golden],
-                         out=tmp / f"{name}-{version}.bundle", batching=batching).path
+                         out=tmp / f"{name}-{version}.bundle", batching=batching,
+                         accelerator=accelerator).path
 
 
 def with_wrong_golden(bundle_path: Path, out: Path) -> Path:

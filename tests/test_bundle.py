@@ -177,3 +177,70 @@ def test_bytes_and_bool_models_round_trip(tmp_path: Path) -> None:
         bundle, _ = verify_bundle(b.path)
         got = bundle.golden_cases()[0].outputs["out"]
         assert got.shape == arr.shape
+
+
+def _rewrite_manifest(bundle: Path, out: Path, change: dict[str, object]) -> Path:
+    """A copy of ``bundle`` with ``change`` merged into its manifest's accelerator section."""
+    import io
+
+    with tarfile.open(bundle) as tar:
+        parts = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    manifest = json.loads(parts["manifest.json"])
+    manifest["accelerator"].update(change)
+    parts["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(out, "w") as tar:
+        for name, data in parts.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+def test_accelerator_needs_round_trip_through_cli(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    model = affine_model(tmp_path / "m.onnx")
+    golden = save_golden(tmp_path / "g.npz", {"x": np.ones((2, 4), np.float32)})
+    out = tmp_path / "gpu.bundle"
+    res = cli("bundle", "create", model, "--name", "affine", "--version", "1.0.0", "--golden", golden,
+              "--out", out, "--requires-gpu", "--min-cuda", "12.4", "--tf32", "--atol", "1e-2")
+    assert res.code == 0, res.err
+    a = read_bundle(out).manifest.accelerator
+    assert (a.requires_gpu, a.min_cuda, a.tf32) == (True, "12.4", True)
+    res = cli("bundle", "inspect", out)
+    assert "(GPU required)  (CUDA 12.4 or later)  (TF32 allowed)" in res.out
+    assert "atol 0.01" in res.out
+    plain = tmp_path / "plain.bundle"
+    assert cli("bundle", "create", model, "--name", "affine", "--version", "1.0.0", "--golden", golden,
+               "--out", plain).code == 0
+    with tarfile.open(plain) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    assert "tf32" not in manifest["accelerator"]  # older agents still read bundles without it
+    assert read_bundle(plain).manifest.accelerator.tf32 is False
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"tf32": "yes"}, "accelerator.tf32"),
+    ({"min_cuda": "twelve"}, "accelerator.min_cuda"),
+    ({"min_cuda": "12"}, "accelerator.min_cuda"),
+    ({"providers": []}, "accelerator.providers"),
+    ({"providers": ["CUDA"]}, "accelerator.providers"),
+    ({"providers": [1]}, "accelerator.providers"),
+    ({"fp8": True}, "unknown field"),
+])
+def test_bad_accelerator_fields_are_named(affine_bundle: Path, tmp_path: Path,
+                                          change: dict[str, object], needle: str) -> None:
+    bad = _rewrite_manifest(affine_bundle, tmp_path / "bad.bundle", change)
+    with pytest.raises(BundleError, match=needle) as info:
+        read_bundle(bad)
+    assert "bad.bundle" in str(info.value)
+
+
+def test_create_refuses_a_bad_min_cuda_and_writes_nothing(tmp_path: Path) -> None:
+    affine_model(tmp_path / "m.onnx")
+    save_golden(tmp_path / "g.npz", {"x": np.ones((1, 4), np.float32)})
+    before = _files(tmp_path)
+    proc = run_appliance("bundle", "create", tmp_path / "m.onnx", "--name", "affine", "--version",
+                         "1.0.0", "--golden", tmp_path / "g.npz", "--out", tmp_path / "o.bundle",
+                         "--min-cuda", "latest")
+    assert proc.returncode != 0 and "min_cuda" in proc.stderr and "'latest'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _files(tmp_path) == before

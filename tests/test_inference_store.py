@@ -122,3 +122,82 @@ def test_any_input_decodes_or_raises_inference_error(datatype: str, shape: list[
         assert "'t'" in str(exc) or "raw_input_contents" in str(exc)
     else:
         assert list(out["t"].shape) == shape
+
+
+_CUDA, _CPU, _TRT = "CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"
+
+
+def _with(affine_bundle: Path, accelerator: Any) -> Any:
+    import dataclasses
+
+    from agent.bundle import read_bundle
+
+    return dataclasses.replace(read_bundle(affine_bundle).manifest, accelerator=accelerator)
+
+
+@pytest.mark.parametrize(("accel", "allowed", "usable", "cuda", "chosen"), [
+    ({}, (), (_CUDA, _CPU), "12.2", [_CUDA, _CPU]),
+    ({}, (), (_TRT, _CUDA, _CPU), "12.2", [_CUDA, _CPU]),  # TensorRT: not asked for
+    ({"providers": (_CPU,)}, (), (_CUDA, _CPU), "12.2", [_CPU]),  # the bundle's choice
+    ({"providers": (_CPU, _CUDA)}, (), (_CUDA, _CPU), "12.2", [_CPU, _CUDA]),  # its order
+    ({}, (_CPU,), (_CUDA, _CPU), "12.2", [_CPU]),  # the agent's [inference] providers
+    ({}, (), (_CPU,), "", [_CPU]),  # a CPU node
+    ({"min_cuda": "12.4"}, (), (_CUDA, _CPU), "12.2", [_CPU]),  # runtime too old for its GPU path
+    ({"min_cuda": "12.4"}, (), (_CUDA, _CPU), "12.10", [_CUDA, _CPU]),  # numeric, not text
+    ({"min_cuda": "12.4"}, (), (_CUDA, _CPU), "13.0", [_CUDA, _CPU]),
+    ({"requires_gpu": True}, (), (_CUDA, _CPU), "13.0", [_CUDA, _CPU]),
+])
+def test_providers_follow_the_bundle_the_agent_and_the_node(
+        affine_bundle: Path, accel: dict[str, Any], allowed: tuple[str, ...],
+        usable: tuple[str, ...], cuda: str, chosen: list[str]) -> None:
+    from agent.bundle import Accelerator
+    from agent.inference.model import choose_providers
+
+    manifest = _with(affine_bundle, Accelerator(**accel))
+    assert choose_providers(manifest, allowed, usable, cuda) == chosen
+
+
+@pytest.mark.parametrize(("accel", "allowed", "usable", "cuda", "needle"), [
+    ({"requires_gpu": True}, (), (_CPU,), "", "affine 1.0.0 requires a GPU"),
+    ({"requires_gpu": True}, (_CPU,), (_CUDA, _CPU), "12.2",
+     "allowed by [inference] providers: CPUExecutionProvider"),
+    ({"requires_gpu": True, "min_cuda": "12.8"}, (), (_CUDA, _CPU), "12.2",
+     "requires a GPU (CUDA 12.8 or later)"),
+    ({"providers": (_CUDA,)}, (), (_CPU,), "", "none of its providers (CUDAExecutionProvider)"),
+])
+def test_a_bundle_no_provider_here_fits_is_refused_by_name(
+        affine_bundle: Path, accel: dict[str, Any], allowed: tuple[str, ...],
+        usable: tuple[str, ...], cuda: str, needle: str) -> None:
+    from agent.bundle import Accelerator
+    from agent.inference.model import choose_providers
+
+    with pytest.raises(BundleError) as info:
+        choose_providers(_with(affine_bundle, Accelerator(**accel)), allowed, usable, cuda)
+    assert needle in str(info.value)
+    assert "usable here: " + ", ".join(usable) in str(info.value)
+
+
+def test_a_gpu_only_bundle_is_not_installed_on_a_cpu_node(tmp_path: Path) -> None:
+    """This machine has no GPU: the bundle is refused before anything is written, and the
+    message says why (not a golden-vector failure on a CPU session it never asked for)."""
+    from agent.bundle import Accelerator
+    from agent.ort import usable_providers
+
+    assert _CUDA not in usable_providers()
+    x = np.ones((1, 4), np.float32)
+    gpu_only = make_bundle(tmp_path, affine_model(tmp_path / "a.onnx"), "affine", "1.0.0", {"x": x},
+                           accelerator=Accelerator(requires_gpu=True))
+    repo = _repo(tmp_path)
+    with pytest.raises(BundleError, match=r"affine 1\.0\.0 requires a GPU"):
+        repo.install(gpu_only)
+    assert repo.installed() == []
+    assert [p.name for p in (tmp_path / "state" / "models" / "affine").iterdir()] == []
+
+
+@pytest.mark.parametrize(("tf32", "flag"), [(False, "0"), (True, "1")])
+def test_cuda_gets_tf32_only_when_the_bundle_allows_it(tf32: bool, flag: str) -> None:
+    from agent.ort import provider_entries
+
+    assert provider_entries([_TRT, _CUDA, _CPU], tf32=tf32) == [
+        _TRT, (_CUDA, {"use_tf32": flag}), _CPU]
+    assert provider_entries([_CPU], tf32=tf32) == [_CPU]

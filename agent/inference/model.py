@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 
 from agent.bundle import Manifest, TensorSpec
-from agent.errors import InferenceError
+from agent.errors import BundleError, InferenceError
 from agent.inference.stats import ModelStats
-from agent.ort import make_session
+from agent.ort import CPU, build_cuda_version, make_session, usable_providers
 
-__all__ = ["ExecutionError", "LoadedModel", "QueueFullError", "Result", "build_session", "feeds_for_session",
-           "to_bytes_array"]
+__all__ = ["ExecutionError", "LoadedModel", "QueueFullError", "Result", "build_session",
+           "choose_providers", "feeds_for_session", "to_bytes_array"]
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,53 @@ class Result:
     output_ns: int = 0
 
 
-def build_session(model: bytes, providers: Sequence[str], intra_op_threads: int) -> Any:
-    """An ONNX Runtime session on the usable providers among ``providers`` (all when empty)."""
-    return make_session(model, providers=list(providers) or None, intra_op_threads=intra_op_threads)
+def _cuda_at_least(have: str, need: str) -> bool:
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split(".")[:2] if x.isdigit())
+    return bool(have) and parts(have) >= parts(need)
+
+
+def choose_providers(manifest: Manifest, allowed: Sequence[str], usable: Sequence[str],
+                     cuda_version: str) -> list[str]:
+    """The providers a bundle's session runs on: the bundle's, in its order of preference,
+    that this agent allows (``[inference] providers``; all when empty) and can use here.
+
+    A GPU provider is left out when the bundle's ``min_cuda`` is newer than the CUDA that
+    ONNX Runtime was built for.
+
+    Raises:
+        BundleError: the bundle requires a GPU and no GPU provider is left, or none of its
+            providers is left at all; the message names what the bundle asks and what is here.
+    """
+    a = manifest.accelerator
+    chosen = [p for p in a.providers if p in usable and (not allowed or p in allowed)]
+    if a.min_cuda and not _cuda_at_least(cuda_version, a.min_cuda):
+        chosen = [p for p in chosen if p == CPU]
+    what = f"{manifest.name} {manifest.version}"
+    here = (f"usable here: {', '.join(usable)}"
+            + (f"; allowed by [inference] providers: {', '.join(allowed)}" if allowed else "")
+            + (f"; onnxruntime built for CUDA {cuda_version}" if cuda_version else ""))
+    if a.requires_gpu and not any(p != CPU for p in chosen):
+        need = f" (CUDA {a.min_cuda} or later)" if a.min_cuda else ""
+        raise BundleError(f"{what} requires a GPU{need} and asks for "
+                          f"{', '.join(a.providers)}; {here}")
+    if not chosen:
+        raise BundleError(f"{what}: none of its providers ({', '.join(a.providers)}) can run; {here}")
+    return chosen
+
+
+def build_session(model: bytes, manifest: Manifest, allowed: Sequence[str],
+                  intra_op_threads: int) -> Any:
+    """An ONNX Runtime session for a bundle's model on :func:`choose_providers`' providers, with
+    TF32 only where the bundle allows it.
+
+    Raises:
+        BundleError: no provider fits (see :func:`choose_providers`).
+        Whatever ONNX Runtime raises for a model it cannot load; callers translate.
+    """
+    providers = choose_providers(manifest, allowed, usable_providers(), build_cuda_version())
+    return make_session(model, providers=providers, intra_op_threads=intra_op_threads,
+                        tf32=manifest.accelerator.tf32)
 
 
 def to_bytes_array(array: Array) -> Array:

@@ -72,8 +72,8 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ install
 
-    def _session(self, model: bytes) -> Any:
-        return build_session(model, self.settings.providers, self.settings.intra_op_threads)
+    def _session(self, model: bytes, manifest: Manifest) -> Any:
+        return build_session(model, manifest, self.settings.providers, self.settings.intra_op_threads)
 
     def install(self, bundle_path: Path, *, activate: bool = True) -> InstalledModel:
         """Install a bundle file that already passed signature verification (blocking).
@@ -85,7 +85,7 @@ class ModelRepository:
         """
 
         def runner(manifest: Manifest, model: bytes) -> Any:
-            session = self._session(model)
+            session = self._session(model, manifest)
             names = [o.name for o in manifest.outputs]
             return lambda feeds: _run(session, names, feeds)
 
@@ -105,7 +105,9 @@ class ModelRepository:
 
         def verify(manifest: Manifest, model_bytes: bytes, cases: list[GoldenCase]) -> None:
             try:
-                session = self._session(model_bytes)
+                session = self._session(model_bytes, manifest)
+            except BundleError:
+                raise
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
                 raise BundleError(f"{manifest.name} {manifest.version}: ONNX Runtime cannot load "
                                   f"the model: {exc}") from None
@@ -184,7 +186,9 @@ class ModelRepository:
     def _load_blocking(self, installed: InstalledModel) -> LoadedModel:
         opened = self.store.open(installed)
         try:
-            session = self._session(opened.model)
+            session = self._session(opened.model, opened.manifest)
+        except BundleError:
+            raise
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
             raise BundleError(f"{installed.name} {installed.version}: ONNX Runtime cannot load the "
                               f"model: {exc}") from None

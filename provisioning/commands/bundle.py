@@ -33,7 +33,13 @@ def register(
     c.add_argument("--preferred-batch-size", type=int, action="append", default=[])
     c.add_argument("--provider", action="append", default=[],
                    help="execution provider in order of preference (default CUDA, then CPU)")
-    c.add_argument("--requires-gpu", action="store_true")
+    c.add_argument("--requires-gpu", action="store_true",
+                   help="refuse to serve on a node without a usable GPU provider")
+    c.add_argument("--min-cuda", default="", metavar="MAJOR.MINOR",
+                   help="the oldest CUDA the model's GPU path works with (e.g. 12.4)")
+    c.add_argument("--tf32", action="store_true",
+                   help="the outputs stay within --atol/--rtol when CUDA computes FP32 matrix "
+                        "products in TF32 (faster; default: full FP32)")
     c.add_argument("--atol", type=float, default=1e-5)
     c.add_argument("--rtol", type=float, default=1e-4)
     c.set_defaults(handler=_create)
@@ -63,8 +69,12 @@ def _print_human(bundle: Bundle, verdict: str) -> None:
     if m.batching.max_batch_size:
         print(f"  batching max {m.batching.max_batch_size}, delay {m.batching.max_queue_delay_us} us, "
               f"preferred {list(m.batching.preferred_batch_sizes)}")
-    print(f"  providers {', '.join(m.accelerator.providers)}"
-          + ("  (GPU required)" if m.accelerator.requires_gpu else ""))
+    a = m.accelerator
+    print(f"  providers {', '.join(a.providers)}"
+          + ("  (GPU required)" if a.requires_gpu else "")
+          + (f"  (CUDA {a.min_cuda} or later)" if a.min_cuda else "")
+          + ("  (TF32 allowed)" if a.tf32 else ""))
+    print(f"  tolerance atol {m.tolerance.atol:g}, rtol {m.tolerance.rtol:g}")
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -72,7 +82,7 @@ def _create(args: argparse.Namespace) -> int:
     bundle = create_bundle(
         args.model, name=args.name, version=args.version, golden=args.golden, out=args.out,
         batching=Batching(args.max_batch_size, args.max_queue_delay_us, tuple(args.preferred_batch_size)),
-        accelerator=Accelerator(providers, args.requires_gpu),
+        accelerator=Accelerator(providers, args.requires_gpu, args.min_cuda, args.tf32),
         tolerance=Tolerance(args.atol, args.rtol), description=args.description,
     )
     if args.json:
