@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import onnxruntime
 
     import agent
-    from agent.bundle import Batching, Tolerance
+    from agent.bundle import Accelerator, Batching, Tolerance
     from agent.ort import usable_providers
     from agent.proto import grpc_service_pb2 as pb
     from agent.proto import grpc_service_pb2_grpc as pbg
@@ -128,6 +128,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "usable_providers": list(usable_providers()),
         "model": f"{args.depth} x MatMul({args.width}x{args.width})+Tanh, batch {args.batch}",
+        "bundle allows TF32": args.tf32,
     }
     under_test = args.provider
     if under_test not in usable_providers():
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     bundle = create_bundle(model, name=MODEL, version=VERSION, golden=[golden],
                            out=work / f"{MODEL}.bundle", batching=Batching(max_batch_size=args.batch),
                            tolerance=Tolerance(atol=args.atol, rtol=args.rtol),
+                           accelerator=Accelerator(tf32=args.tf32),
                            description="GPU provider check: dense chain")
     registry = work / "registry"
     init_registry(registry)
@@ -202,6 +204,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--atol", type=float, default=1e-3, help="the bundle's tolerance")
     parser.add_argument("--rtol", type=float, default=1e-3, help="the bundle's tolerance")
+    parser.add_argument("--tf32", action="store_true",
+                        help="make the bundle allow TF32 (accelerator.tf32); default: full FP32")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", type=Path, help="work here and keep it (logs) instead of a temp dir")
     args = parser.parse_args()

@@ -40,17 +40,17 @@ print("agent from", agent.__file__, "| provisioning from", provisioning.__file__
 print("libraries checked:", cuda_libraries(info.cuda_version))
 print("usable providers (agent.ort):", usable_providers())
 PY
-echo "== the agent, CUDA provider against CPU provider: dense chain 16 x 1024, batch 64"
-python3 "$REPO/bench/gpu_provider.py" --json --keep /tmp/gp-big > "$OUT/gpu-provider-big.json"
-rc=$?; cat "$OUT/gpu-provider-big.json"; echo "rc=$rc"
-if [ $rc -ne 0 ]; then
-  tail -40 /tmp/gp-big/agent-tested.log
-  echo "== again with a looser bundle tolerance (TF32 matmuls?)"
-  python3 "$REPO/bench/gpu_provider.py" --json --atol 1e-2 --rtol 1e-2 > "$OUT/gpu-provider-big-loose.json"
-  echo "rc=$?"; cat "$OUT/gpu-provider-big-loose.json"
-fi
-cp /tmp/gp-big/agent-tested.log "$OUT/agent-cuda.log" 2>/dev/null
-echo "== small model: dense chain 4 x 256, batch 1"
-python3 "$REPO/bench/gpu_provider.py" --json --width 256 --depth 4 --batch 1 --requests 300 \
-  > "$OUT/gpu-provider-small.json"; echo "rc=$?"; cat "$OUT/gpu-provider-small.json"
+# name, then bench/gpu_provider.py's arguments; each writes $OUT/gpu-provider-NAME.json
+run() {
+  local name=$1; shift
+  echo "== $name: the agent on CUDA against the agent on CPU ($*)"
+  python3 "$REPO/bench/gpu_provider.py" --json --keep "/tmp/gp-$name" "$@" > "$OUT/gpu-provider-$name.json"
+  local rc=$?; cat "$OUT/gpu-provider-$name.json"; echo "rc=$rc"
+  [ $rc -eq 0 ] || tail -20 "/tmp/gp-$name/agent-tested.log"
+}
+run 1024x16-b64
+run 1024x16-b512 --batch 512 --requests 40
+run 1024x16-b512-tf32 --batch 512 --requests 40 --tf32 --atol 1e-2 --rtol 1e-2
+run 256x4-b1 --width 256 --depth 4 --batch 1 --requests 300
+cp /tmp/gp-1024x16-b512/agent-tested.log "$OUT/agent-cuda.log" 2>/dev/null
 echo "== done"
