@@ -31,6 +31,7 @@ import numpy as np
 
 from agent.dtypes import by_kserve
 from agent.errors import BundleError, VerificationError
+from agent.fsutil import file_sha256
 
 __all__ = [
     "FORMAT",
@@ -488,10 +489,7 @@ def read_bundle(path: Path) -> Bundle:
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such bundle file")
-    whole = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            whole.update(chunk)
+    whole = file_sha256(path, _CHUNK)
     length = path.stat().st_size
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -521,4 +519,4 @@ def read_bundle(path: Path) -> Bundle:
         raise BundleError(f"{path}: not a model bundle (unreadable archive: {exc})") from None
     if manifest.files[GOLDEN].length > MAX_GOLDEN or manifest.files[MODEL].length > MAX_MODEL:
         raise BundleError(f"{path}: golden vectors or model over the size limit")
-    return Bundle(path, manifest, whole.hexdigest(), length)
+    return Bundle(path, manifest, whole, length)

@@ -9,9 +9,9 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
 
@@ -59,10 +59,26 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode(), mode)
 
 
-def file_sha256(path: Path, block: int = 4 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in ``block``-sized pieces."""
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def stream_sha256(handle: Readable, block: int = 4 << 20,
+                  progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """Hex sha256 and length of what ``handle`` reads until its end, in ``block``-sized pieces;
+    ``progress`` gets the length of each piece."""
     digest = hashlib.sha256()
+    length = 0
+    while chunk := handle.read(block):
+        digest.update(chunk)
+        length += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return digest.hexdigest(), length
+
+
+def file_sha256(path: Path, block: int = 4 << 20,
+                progress: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file's bytes (see :func:`stream_sha256`)."""
     with path.open("rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return stream_sha256(f, block, progress)[0]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ImageError, NotFoundError, VerificationError
+from agent.fsutil import file_sha256
 from provisioning.image.disk import MANIFEST_NAME
 
 __all__ = ["FlashResult", "Target", "check_image", "flash", "inspect_target", "refuse_in_use"]
@@ -74,21 +75,12 @@ def check_image(image: Path, manifest: Path | None = None) -> dict[str, object]:
     if entry.get("size") != size:
         raise VerificationError(f"{image}: {size} bytes, but {manifest} says "
                                 f"artifacts.{image.name}.size = {entry.get('size')!r}")
-    digest = _hash_file(image)
+    digest = file_sha256(image, CHUNK)
     if entry.get("sha256") != digest:
         raise VerificationError(f"{image}: sha256 {digest}, but {manifest} says "
                                 f"artifacts.{image.name}.sha256 = {entry.get('sha256')!r}")
     return entry
 
-
-def _hash_file(path: Path, progress: Progress | None = None) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-            if progress:
-                progress(len(block))
-    return h.hexdigest()
 
 
 def _sysfs_block(devnum: str) -> Path:

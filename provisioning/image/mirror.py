@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ImageError, NotFoundError, VerificationError
-from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256
+from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, stream_sha256
 from agent.tools import require_tool, run
 from provisioning.image._debian import (
     deb_filename_key,
@@ -189,13 +189,8 @@ def _check_inrelease(path: Path, keyring: Path) -> str:
 
 
 def _gz_sha256(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
     with gzip.open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+        return stream_sha256(handle, _CHUNK)
 
 
 def _check_files(mirror: Path, files: Iterable[LockedFile], step: Step | None) -> None:

@@ -16,7 +16,6 @@ the file's length and hashes, and :func:`read_release` checks each member agains
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ImageError, VerificationError
-from agent.fsutil import file_sha256
+from agent.fsutil import file_sha256, stream_sha256
 
 __all__ = ["MEMBERS", "SCHEMA", "Release", "make_os_release", "read_release", "registry_version"]
 
@@ -112,12 +111,10 @@ def read_release(path: Path) -> Release:
                 member = tar.getmember(name)
                 f = tar.extractfile(member)
                 assert f is not None
-                h = hashlib.sha256()
-                while chunk := f.read(_BLOCK):
-                    h.update(chunk)
-                if member.size != want["size"] or h.hexdigest() != want["sha256"]:
+                got, _ = stream_sha256(f, _BLOCK)
+                if member.size != want["size"] or got != want["sha256"]:
                     raise VerificationError(
-                        f"{path}: {name}: size {member.size} sha256 {h.hexdigest()}, but release.json "
+                        f"{path}: {name}: size {member.size} sha256 {got}, but release.json "
                         f"says size {want['size']} sha256 {want['sha256']}")
     except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as exc:
         raise VerificationError(f"{path}: not a readable OS release: {exc}") from None

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent.fsutil import file_sha256
 from agent.tools import run
 from provisioning.image._debian import parse_stanzas
 from provisioning.image.plan import VENV
@@ -121,12 +122,8 @@ def _file_entry(root: Path, path: Path) -> dict[str, Any]:
     entry: dict[str, Any] = {"path": rel, "mode": f"{st.st_mode:o}", "uid": st.st_uid,
                              "gid": st.st_gid, "mtime": int(st.st_mtime)}
     if stat.S_ISREG(st.st_mode):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
         entry["size"] = st.st_size
-        entry["sha256"] = digest.hexdigest()
+        entry["sha256"] = file_sha256(path)
     elif stat.S_ISLNK(st.st_mode):
         entry["target"] = str(path.readlink())
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
