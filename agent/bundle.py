@@ -143,6 +143,13 @@ class Manifest:
     def version_tuple(self) -> tuple[int, ...]:
         return parse_version(self.version)
 
+    @property
+    def data_files(self) -> frozenset[str]:
+        """The members a model may read tensor data from (its hashed files other than the
+        model and the golden vectors; this format has none, so every external reference is
+        refused)."""
+        return frozenset(self.files) - {MODEL, GOLDEN}
+
     def to_json(self) -> dict[str, Any]:
         """The manifest as plain JSON data (the exact form stored in the bundle)."""
         data = asdict(self)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
+
+from agent.modelrefs import check_model_files
 
 __all__ = ["CPU", "CUDA", "TENSORRT", "build_cuda_version", "cuda_libraries", "make_session",
            "provider_entries", "usable_providers"]
@@ -104,9 +107,17 @@ def provider_entries(providers: Sequence[str], *, tf32: bool = False) -> list[An
     return [(p, {"use_tf32": "1" if tf32 else "0"}) if p == CUDA else p for p in providers]
 
 
+# Where ONNX Runtime resolves a model's relative external-data names when the model is given
+# as bytes (otherwise: the process's working directory).
+_DATA_DIR_KEY = "session.model_external_initializers_file_folder_path"
+
+
 def make_session(
-    model: bytes | str,
+    model: bytes,
     *,
+    model_dir: Path | None = None,
+    data_files: Collection[str] = (),
+    origin: str = "model",
     providers: Sequence[str] | None = None,
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
@@ -114,12 +125,21 @@ def make_session(
 ) -> Any:
     """An ``InferenceSession`` on the best usable providers (or the given subset of them).
 
+    Every session of this product is made here, from bytes that were hash-checked, and only
+    after :func:`agent.modelrefs.check_model_files`: a tensor may keep its data outside the
+    model only in one of ``data_files`` (hashed members of its bundle), which resolve inside
+    ``model_dir`` and nowhere else (without ``model_dir``, nowhere at all).
     ``tf32``: let CUDA run FP32 matrix products in TF32 (see :func:`provider_entries`).
 
-    Raises whatever ONNX Runtime raises for a model it cannot load; callers translate.
+    Raises:
+        BundleError: the model refers to a file it may not read (naming ``origin``).
+        Whatever ONNX Runtime raises for a model it cannot load; callers translate.
     """
+    check_model_files(model, data_files if model_dir is not None else (), origin)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: the provider choice above avoids false alarms
+    if model_dir is not None:
+        opts.add_session_config_entry(_DATA_DIR_KEY, str(model_dir))
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
     if inter_op_threads:

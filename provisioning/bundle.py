@@ -32,6 +32,7 @@ from agent.bundle import (
 from agent.dtypes import by_onnx
 from agent.errors import BundleError, NotFoundError
 from agent.fsutil import atomic_write
+from agent.modelrefs import check_model_files
 from agent.ort import CPU, make_session
 
 __all__ = ["create_bundle", "load_golden_npz", "session_runner", "verify_bundle"]
@@ -152,8 +153,13 @@ def create_bundle(
     if not golden:
         raise BundleError("at least one golden-vector file (--golden FILE.npz) is required")
     model = model_path.read_bytes()
+    # No data files in this bundle format: a tensor kept outside model.onnx is refused here,
+    # as the node refuses it at install and at every load.
+    check_model_files(model, (), str(model_path))
     try:
-        session = make_session(model, providers=[CPU])
+        session = make_session(model, providers=[CPU], origin=str(model_path))
+    except BundleError:
+        raise
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"{model_path}: not an ONNX model that ONNX Runtime can load: {first}") from None
@@ -218,7 +224,9 @@ def verify_bundle(path: Path) -> tuple[Bundle, Manifest]:
     """
     bundle = read_bundle(path)
     try:
-        session = make_session(bundle.read_model(), providers=[CPU])
+        session = make_session(bundle.read_model(), providers=[CPU], origin=str(path))
+    except BundleError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise BundleError(f"{path}: model.onnx does not load in ONNX Runtime: {exc}") from None
     check_golden(bundle.manifest, bundle.golden_cases(), session_runner(session))

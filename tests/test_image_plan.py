@@ -34,7 +34,9 @@ def test_agent_unit_is_sandboxed() -> None:
     unit = plan.file(f"/etc/systemd/system/{AGENT_UNIT}").content
     for line in ("User=appliance", "ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet=",
                  "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "SystemCallFilter=@system-service",
-                 "DevicePolicy=closed", "PrivateDevices=yes"):
+                 "DevicePolicy=closed", "PrivateDevices=yes",
+                 # an empty working directory, never '/' (a model's relative file names)
+                 "RuntimeDirectory=appliance-agent", "WorkingDirectory=/run/appliance-agent"):
         assert line in unit.splitlines()
     assert AGENT_UNIT in plan.enable and "nftables.service" in plan.enable
 

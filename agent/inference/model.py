@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,17 +101,20 @@ def choose_providers(manifest: Manifest, allowed: Sequence[str], usable: Sequenc
 
 
 def build_session(model: bytes, manifest: Manifest, allowed: Sequence[str],
-                  intra_op_threads: int) -> Any:
+                  intra_op_threads: int, model_dir: Path | None = None) -> Any:
     """An ONNX Runtime session for a bundle's model on :func:`choose_providers`' providers, with
-    TF32 only where the bundle allows it.
+    TF32 only where the bundle allows it.  The model may keep tensor data only in its bundle's
+    hashed data files, read from ``model_dir`` (see :func:`agent.ort.make_session`).
 
     Raises:
-        BundleError: no provider fits (see :func:`choose_providers`).
+        BundleError: no provider fits (see :func:`choose_providers`), or the model refers to
+            a file outside its bundle.
         Whatever ONNX Runtime raises for a model it cannot load; callers translate.
     """
     providers = choose_providers(manifest, allowed, usable_providers(), build_cuda_version())
-    return make_session(model, providers=providers, intra_op_threads=intra_op_threads,
-                        tf32=manifest.accelerator.tf32)
+    return make_session(model, model_dir=model_dir, data_files=manifest.data_files,
+                        origin=f"{manifest.name} {manifest.version}", providers=providers,
+                        intra_op_threads=intra_op_threads, tf32=manifest.accelerator.tf32)
 
 
 def to_bytes_array(array: Array) -> Array:

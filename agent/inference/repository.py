@@ -72,8 +72,9 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ install
 
-    def _session(self, model: bytes, manifest: Manifest) -> Any:
-        return build_session(model, manifest, self.settings.providers, self.settings.intra_op_threads)
+    def _session(self, model: bytes, manifest: Manifest, model_dir: Path | None = None) -> Any:
+        return build_session(model, manifest, self.settings.providers, self.settings.intra_op_threads,
+                             model_dir)
 
     def install(self, bundle_path: Path, *, activate: bool = True) -> InstalledModel:
         """Install a bundle file that already passed signature verification (blocking).
@@ -186,7 +187,7 @@ class ModelRepository:
     def _load_blocking(self, installed: InstalledModel) -> LoadedModel:
         opened = self.store.open(installed)
         try:
-            session = self._session(opened.model, opened.manifest)
+            session = self._session(opened.model, opened.manifest, installed.path)
         except BundleError:
             raise
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types

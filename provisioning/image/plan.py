@@ -264,6 +264,11 @@ def agent_unit(profile: Profile) -> str:
         f"Group={AGENT_GROUP}",
         f"StateDirectory={state_name}",
         "StateDirectoryMode=0700",
+        # An empty working directory of its own: nothing the agent reads resolves against '/'
+        # (ONNX Runtime once resolved a model's relative external-data names there).
+        "RuntimeDirectory=appliance-agent",
+        "RuntimeDirectoryMode=0700",
+        "WorkingDirectory=/run/appliance-agent",
         "ConfigurationDirectory=appliance",
         "UMask=0077",
         "Environment=PYTHONDONTWRITEBYTECODE=1",
