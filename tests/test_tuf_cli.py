@@ -122,3 +122,23 @@ def test_verified_root_is_kept_when_a_later_step_fails(tmp_path: Path, reg: Path
     assert proc.returncode == 1, proc.stderr
     assert json.loads((md / "root.json").read_bytes())["signed"]["version"] == 2
     assert json.loads((md / "timestamp.json").read_bytes())["signed"]["version"] == 2
+
+
+def test_a_delegated_role_file_with_a_leading_dot_is_kept(tmp_path: Path, reg: Path) -> None:
+    """python-tuf stores a role by its URL-quoted name: the role ``../delegatedrole`` becomes
+    ``..%2Fdelegatedrole.json`` (tuf-conformance's test_unusual_role_name).  The node commits it
+    with the rest of a refresh, inside the metadata directory, never outside it."""
+    from agent.updates._session import updater_session
+    from agent.updates.clock import system_now
+    from agent.updates.fetchers import parse_source
+
+    md = _init(tmp_path, reg)
+    quoted = quote("../delegatedrole", "") + ".json"
+    assert quoted.startswith(".")
+    with updater_session(md, parse_source(str(reg / "published")), system_now()) as (updater, _):
+        updater.refresh()
+        (Path(updater._dir) / quoted).write_bytes(b"{}")  # as python-tuf persists a delegated role
+    assert (md / quoted).read_bytes() == b"{}"
+    assert sorted(p.name for p in md.iterdir()) == sorted([quoted, "root.json", "snapshot.json",
+                                                           "targets.json", "timestamp.json"])
+    assert not (md.parent / "delegatedrole.json").exists()

@@ -94,10 +94,15 @@ def _set_reference_time(updater: Updater, when: datetime) -> None:
 
 
 def _plain_files(directory: Path) -> dict[str, bytes]:
-    """Role files under their plain names (``root.json``, ``timestamp.json``, ...)."""
+    """Role files under their plain names (``root.json``, ``timestamp.json``, ...).
+
+    python-tuf names a delegated role's file by the URL-quoted role name, which may start
+    with a dot (``..%2Fdelegatedrole.json`` for the role ``../delegatedrole``): every
+    ``*.json`` file counts.  Interrupted atomic writes (``.NAME.XXXX.tmp``) do not match.
+    """
     files = {}
     for path in sorted(directory.glob("*.json")):
-        if path.is_file() and not path.name.startswith("."):
+        if path.is_file():  # root.json is a link into root_history/ in the scratch copy
             files[path.name] = path.read_bytes()
     return files
 
