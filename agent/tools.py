@@ -13,13 +13,15 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ToolError
 
-__all__ = ["CLEAN_PATH", "Completed", "clean_env", "require_tool", "run"]
+__all__ = ["CLEAN_PATH", "Completed", "clean_env", "require_tool", "run", "run_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +111,63 @@ def run(
         tail = "\n".join(stderr.decode(errors="replace").splitlines()[-_TAIL_LINES:])
         raise ToolError(Path(args[0]).name, proc.returncode, tail)
     return Completed(tuple(args), proc.returncode, stdout, stderr)
+
+
+def run_lines(
+    argv: Sequence[str | Path],
+    on_line: Callable[[str], None],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+) -> Completed:
+    """Run ``argv`` like :func:`run`, handing each line it prints to ``on_line`` as it comes.
+
+    Standard output and error are one stream (a tool's progress is on either); its last lines
+    are the failure's tail.  The child is killed when ``on_line`` raises, on an interrupt, or
+    after ``timeout`` seconds.  The returned :class:`Completed` has that tail as ``stderr``.
+
+    Raises:
+        ToolError: the tool is missing, exits non-zero or times out.
+    """
+    args = [str(a) for a in argv]
+    if not args:
+        raise ValueError("run_lines() needs a command")
+    log.debug("+ %s", shlex.join(args))
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=clean_env(env), cwd=cwd)
+    except FileNotFoundError as exc:
+        raise ToolError(args[0], 127, f"{args[0]}: not found ({exc.strerror})") from exc
+    tail: deque[str] = deque(maxlen=_TAIL_LINES)
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, expire) if timeout is not None else None
+    try:
+        if timer is not None:
+            timer.start()
+        assert proc.stdout is not None  # stdout=PIPE above
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            tail.append(line)
+            on_line(line)
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if timed_out.is_set():
+        raise ToolError(Path(args[0]).name, -9, f"timed out after {timeout} s")
+    text = "\n".join(tail)
+    if proc.returncode != 0:
+        raise ToolError(Path(args[0]).name, proc.returncode, text)
+    return Completed(tuple(args), proc.returncode, b"", text.encode())

@@ -38,6 +38,8 @@ def test_bookworm_profile_selects_python_311(tmp_path: Path) -> None:
     ('[debian]\nsuit = "trixie"\n', "[debian]: unknown key 'suit'"),
     ('[debain]\n', "unknown section [debain]"),
     ('[debian]\nsuite = "sid"\n', "[debian] suite = 'sid': must be one of bookworm, trixie"),
+    ('[image]\ncpu_level = "x86-64"\n',
+     "[image] cpu_level = 'x86-64': must be one of x86-64-v2, x86-64-v3, x86-64-v4"),
     ('[debian]\npackages = "vim"\n', "[debian] packages = 'vim': expected list of str"),
     ('[debian]\npackages = ["Vim!"]\n', "not a Debian package name: 'Vim!'"),
     ('[disk]\nroot_mib = "big"\n', "[disk] root_mib = 'big': expected int"),

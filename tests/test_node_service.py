@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import platform
 import threading
 import time
 import urllib.request
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import AgentConfig, HealthSection
 from agent.context import AgentContext
+from agent.cpu import cpu_flags, missing_features
 from agent.events import EventLog
 from agent.health.metrics import NodeCollector
 from agent.health.sampler import Sampler
@@ -183,6 +185,10 @@ def test_inventory(node: Node) -> None:
     ]
     assert "CPUExecutionProvider" in inv.execution_providers
     assert inv.image_version == "" or inv.image_version  # from image.json / os-release when present
+    # no image.json here: the default level, checked against this machine's own /proc/cpuinfo
+    assert inv.cpu_level_required == "x86-64-v2"
+    if platform.machine() == "x86_64":
+        assert tuple(inv.cpu_missing_features) == missing_features("x86-64-v2", cpu_flags())
 
 
 def test_inventory_prefers_the_inference_component(node: Node) -> None:
@@ -253,6 +259,7 @@ def test_cli_inventory_and_events(node: Node, cli: Callable[..., Any]) -> None:
     assert out.code == 0 and json.loads(out.out)["registry_root_version"] == "3"
     out = cli("node", "inventory", "--target", node.target)
     assert "affine" in out.out and "registry root        3" in out.out
+    assert "cpu level            x86-64-v2" in out.out
     node.sampler.note_xid(0, 48)
     out = cli("node", "events", "--target", node.target, "--kind", "gpu.")
     assert out.code == 0 and "gpu.xid" in out.out and "XID 48 on gpu0 (critical)" in out.out

@@ -13,6 +13,8 @@ Sources:
   (read from /sys, which the sandboxed agent can see without any device access).
 - bundles: the inference component's ``installed()`` when it runs, else the model store's
   layout ``STATE/models/NAME/VERSION/install.json`` and ``STATE/models/NAME/active``.
+- CPU: the image's ``cpu_level`` (:data:`IMAGE_METADATA`, default x86-64-v2) and the flags of
+  that level missing from /proc/cpuinfo (:mod:`agent.cpu`; x86-64 machines only).
 - registry root version: ``signed.version`` of ``STATE/tuf/metadata/root.json``.
 - GPU stack: the ``gpu`` object of :data:`IMAGE_METADATA` (driver, CUDA and ONNX Runtime
   versions pinned by the firmware manifest; see provisioning/gpu.py); the ONNX Runtime
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.cpu import CPUINFO, cpu_flags, image_level, missing_features
 from agent.fsutil import atomic_write_text
 
 __all__ = ["IMAGE_METADATA", "OS_RELEASE", "Bundle", "GpuInfo", "Inventory", "collect_inventory",
@@ -80,6 +83,8 @@ class Inventory:
     gpu_stack: dict[str, str] = field(default_factory=dict)
     onnxruntime_version: str = ""
     root_hash: str = ""
+    cpu_level_required: str = ""
+    cpu_missing_features: tuple[str, ...] = ()
 
 
 def node_id(state_dir: Path) -> str:
@@ -229,14 +234,27 @@ def _onnxruntime_version() -> str:
     return ""
 
 
+def _cpu(image_metadata: Path, cpuinfo: Path) -> tuple[str, tuple[str, ...]]:
+    """The image's x86-64 level and the features of it this CPU lacks (none off x86-64)."""
+    level = image_level(image_metadata)
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return level, ()
+    try:
+        return level, missing_features(level, cpu_flags(cpuinfo))
+    except OSError as exc:
+        log.warning("%s: unreadable: %s", cpuinfo, exc)
+        return level, ()
+
+
 def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
                       providers: tuple[str, ...] = (), inference: Any = None,
                       image_metadata: Path = IMAGE_METADATA,
                       os_release: Path = OS_RELEASE, cmdline: Path = KERNEL_CMDLINE,
-                      sys_block: Path = SYS_BLOCK) -> Inventory:
+                      sys_block: Path = SYS_BLOCK, cpuinfo: Path = CPUINFO) -> Inventory:
     """This node's inventory. Raises nothing: absent sources read as empty fields."""
     version, slot, firmware = _image(image_metadata, os_release)
     slot = slot or _slot(sys_block)
+    cpu_level, cpu_missing = _cpu(image_metadata, cpuinfo)
     return Inventory(
         node_id=node_id(state_dir),
         hostname=socket.gethostname(),
@@ -252,4 +270,6 @@ def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
         gpu_stack=_gpu_stack(image_metadata),
         onnxruntime_version=_onnxruntime_version(),
         root_hash=_root_hash(cmdline),
+        cpu_level_required=cpu_level,
+        cpu_missing_features=cpu_missing,
     )

@@ -108,7 +108,8 @@ def inventory_to_proto(inv: Inventory) -> pb.Inventory:
                          cuda_driver_version=g.cuda_driver_version) for g in inv.gpus],
         execution_providers=inv.execution_providers,
         gpu_stack=pb.GpuStack(**inv.gpu_stack) if inv.gpu_stack else None,
-        onnxruntime_version=inv.onnxruntime_version, root_hash=inv.root_hash)
+        onnxruntime_version=inv.onnxruntime_version, root_hash=inv.root_hash,
+        cpu_level_required=inv.cpu_level_required, cpu_missing_features=inv.cpu_missing_features)
 
 
 def event_to_proto(e: Event) -> pb.Event:

@@ -38,6 +38,10 @@ def register(
                    help="auto: KVM when /dev/kvm opens, TCG otherwise (or when KVM cannot run OVMF)")
     b.add_argument("--memory", type=int, default=2048, help="MiB (default 2048)")
     b.add_argument("--cpus", type=int, default=2)
+    b.add_argument("--cpu", metavar="MODEL",
+                   help="qemu CPU model (default: host under KVM, max under TCG); a model below the "
+                   "image's x86-64 level (image-manifest.json's cpu_level, else x86-64-v2) is "
+                   "refused, e.g. qemu64")
     b.add_argument("--port", type=_port_map, action="append", default=[], metavar="GUEST=HOST",
                    help="forward a guest TCP port to 127.0.0.1:HOST (default 8001=18001, 8002=18002)")
     b.add_argument("--tpm", action="store_true", help="attach a software TPM 2.0 (swtpm)")
@@ -82,6 +86,8 @@ def _boot(args: argparse.Namespace) -> int:
         return 0
     if args.image is None:
         raise ImageError("appliance boot: give IMAGE (or --stop STATE)")
+    if args.cpu:  # before anything starts: a CPU below the image's level ends in SIGILL
+        vm.check_cpu_model(args.cpu, vm.image_cpu_level(args.image))
     kvm = {"kvm": True, "tcg": False}.get(args.accel, vm.kvm_usable())
     ports = dict(args.port) or {8001: 18001, 8002: 18002}
     state = args.state or args.image.with_name(args.image.name + ".vm")
@@ -91,7 +97,7 @@ def _boot(args: argparse.Namespace) -> int:
                        firmware=firmware, vars_template=args.vars or template, secure_boot=args.secure_boot,
                        tpm_socket=state / "swtpm.sock" if args.tpm else None,
                        disk_size=args.disk_size * 1024 * 1024 if args.disk_size else None,
-                       keep_disk=args.keep_disk)
+                       keep_disk=args.keep_disk, cpu_model=args.cpu)
     machine = vm.start(plan, fallback_tcg=args.accel == "auto")
     kvm = machine.plan.kvm
     info = machine.to_json()

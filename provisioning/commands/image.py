@@ -88,9 +88,8 @@ def _sync(args: argparse.Namespace) -> int:
     from provisioning.image.stages import stage_packages
 
     profile = load_profile(args.profile)
-    with progress("files", None) as bar:
-        lock = sync_mirror(profile, args.mirror, extra_packages=stage_packages(),
-                           step=lambda _name: bar.advance())
+    with progress("mirror", None) as bar:
+        lock = sync_mirror(profile, args.mirror, extra_packages=stage_packages(), bar=bar)
     size = sum(f.size for f in lock.files())
     summary = {"mirror": str(args.mirror), "lock_sha256": lock.sha256, "suite": lock.suite,
                "architecture": lock.architecture, "debs": len(lock.debs), "wheels": len(lock.wheels),

@@ -131,6 +131,15 @@ def _print_health(r: Any) -> None:
                 [[_VERDICTS[x.verdict], x.rule, x.subject, x.reason] for x in rules])
 
 
+def _cpu_level(inv: Any) -> str:
+    if not inv.cpu_level_required:
+        return "-"
+    if inv.cpu_missing_features:
+        return (f"{inv.cpu_level_required} NOT MET: missing "
+                f"{' '.join(inv.cpu_missing_features)}")
+    return f"{inv.cpu_level_required} (met)"
+
+
 def _print_inventory(inv: Any) -> None:
     rows = [
         ("node id", inv.node_id), ("hostname", inv.hostname),
@@ -139,6 +148,7 @@ def _print_inventory(inv: Any) -> None:
         ("registry root", inv.registry_root_version or "-"),
         ("firmware manifest", inv.firmware_manifest_id or "-"),
         ("execution providers", ", ".join(inv.execution_providers) or "-"),
+        ("cpu level", _cpu_level(inv)),
     ]
     if inv.clock_override:
         rows.append(("clock override", inv.clock_override))

@@ -23,12 +23,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.cpu import DEFAULT_LEVEL, LEVELS
 from agent.errors import ImageError, NotFoundError
 from agent.tools import require_tool, run
+from provisioning.image.disk import MANIFEST_NAME
 
 __all__ = ["AGENT_PORTS", "OVMF_CODE", "OVMF_CODE_SECBOOT", "OVMF_VARS", "OVMF_VARS_SNAKEOIL",
-           "SNAKEOIL_CERT", "SNAKEOIL_KEY", "BootPlan", "Machine", "kvm_usable",
-           "qemu_argv", "start", "stop", "wait_for"]
+           "QEMU_CPU_LEVELS", "SNAKEOIL_CERT", "SNAKEOIL_KEY", "BootPlan", "Machine",
+           "check_cpu_model", "image_cpu_level", "kvm_usable", "qemu_argv", "start", "stop",
+           "wait_for"]
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -41,6 +44,60 @@ SNAKEOIL_CERT = Path("/usr/share/ovmf/PkKek-1-snakeoil.pem")
 AGENT_PORTS = (8001, 8002)  # gRPC (inference + node) and Prometheus metrics
 _STATE = "machine.json"
 log = logging.getLogger(__name__)
+
+
+# The x86-64 psABI level of common qemu CPU models (by their feature flags in qemu's
+# target/i386/cpu.c); "host" and "max" pass everything the host (or TCG) has.
+QEMU_CPU_LEVELS: dict[str, str] = {
+    **dict.fromkeys(("qemu64", "qemu32", "kvm64", "kvm32", "pentium", "pentium2", "pentium3",
+                     "486", "athlon", "phenom", "coreduo", "core2duo", "Conroe", "Penryn",
+                     "Opteron_G1", "Opteron_G2", "Opteron_G3"), "x86-64"),
+    **dict.fromkeys(("Nehalem", "Westmere", "SandyBridge", "IvyBridge", "Opteron_G4",
+                     "Opteron_G5"), "x86-64-v2"),
+    **dict.fromkeys(("Haswell", "Broadwell", "Skylake-Client", "EPYC", "EPYC-Rome",
+                     "EPYC-Milan", "Dhyana"), "x86-64-v3"),
+    **dict.fromkeys(("Skylake-Server", "Cascadelake-Server", "Cooperlake", "Icelake-Server",
+                     "SapphireRapids", "GraniteRapids", "EPYC-Genoa"), "x86-64-v4"),
+}
+_PASS_THROUGH = ("host", "max")
+# Variants of one model with the same instruction sets: Haswell-noTSX-IBRS, Icelake-Server-v2.
+_VARIANT = re.compile(r"(-noTSX|-IBRS|-IBPB|-v\d+)+$")
+
+
+def check_cpu_model(model: str, level: str) -> None:
+    """Refuse qemu CPU ``model`` when it lacks x86-64 psABI ``level`` (the image's ``cpu_level``).
+
+    ``host``, ``max`` and models not in :data:`QEMU_CPU_LEVELS`, or given extra features
+    (``Nehalem,+avx2``), are let through: qemu or the node's own CPU check speaks for them.
+
+    Raises:
+        ImageError: the model is below the level (the message names both and what to use).
+    """
+    base, _, extra = model.partition(",")
+    if base in _PASS_THROUGH or extra:
+        return
+    has = QEMU_CPU_LEVELS.get(_VARIANT.sub("", base))
+    if has is None:
+        log.warning("qemu CPU model %r: its x86-64 level is not known here; the image needs %s",
+                    model, level)
+        return
+    order = list(LEVELS)
+    if order.index(has) < order.index(level):
+        fits = sorted(m for m, lv in QEMU_CPU_LEVELS.items() if lv == level)
+        raise ImageError(f"--cpu {model}: qemu's {base} model is {has}, below the {level} this "
+                         f"image needs (its numpy/ONNX Runtime would die with SIGILL); use "
+                         f"--cpu host (KVM), --cpu max, or a model at {level} or above such as "
+                         f"{', '.join(fits[:3])}")
+
+
+def image_cpu_level(image: Path) -> str:
+    """The ``cpu_level`` of the build manifest next to ``image``, else the default level."""
+    try:
+        doc = json.loads((image.parent / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return DEFAULT_LEVEL
+    level = doc.get("cpu_level") if isinstance(doc, dict) else None
+    return level if isinstance(level, str) and level in LEVELS else DEFAULT_LEVEL
 
 
 def kvm_usable(path: Path = Path("/dev/kvm")) -> bool:
@@ -69,6 +126,7 @@ class BootPlan:
     secure_boot: bool = False  # firmware is a Secure Boot build: SMM on, flash locked to SMM
     disk_size: int | None = None  # bytes the guest sees (>= the image: a bigger disk, as when flashed)
     keep_disk: bool = False  # reuse the state's overlay and UEFI variables: a power cycle, not a fresh disk
+    cpu_model: str | None = None  # qemu -cpu MODEL (default: host under KVM, max under TCG)
 
     @property
     def overlay(self) -> Path:
@@ -99,9 +157,9 @@ class BootPlan:
 def qemu_argv(plan: BootPlan) -> list[str]:
     """The qemu-system-x86_64 command line for ``plan`` (daemonized, no display)."""
     if plan.kvm:
-        accel = ["-machine", "q35,accel=kvm", "-cpu", "host"]
+        accel = ["-machine", "q35,accel=kvm", "-cpu", plan.cpu_model or "host"]
     else:
-        accel = ["-machine", "q35,accel=tcg", "-cpu", "max"]
+        accel = ["-machine", "q35,accel=tcg", "-cpu", plan.cpu_model or "max"]
     forwards = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
                        for guest, host in sorted(plan.ports.items()))
     if plan.secure_boot:

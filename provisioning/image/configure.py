@@ -80,13 +80,13 @@ def image_version(profile: Profile, source_date_epoch: int) -> str:
 
 
 def write_image_metadata(profile: Profile, root: Path, source_date_epoch: int) -> dict[str, str]:
-    """/usr/lib/appliance/image.json: name, version and firmware manifest, for the inventory.
+    """/usr/lib/appliance/image.json: name, version, CPU level and firmware manifest, for the inventory.
 
     The root hash cannot be inside the root it hashes: the agent reads it from the kernel
     command line (``roothash=``) and the slot from the device under /dev/mapper/root.
     """
     doc = {"name": profile.image.name, "version": image_version(profile, source_date_epoch),
-           "suite": profile.debian.suite,
+           "suite": profile.debian.suite, "cpu_level": profile.image.cpu_level,
            "firmware_manifest": profile.gpu_manifest.stem if profile.gpu_manifest else ""}
     path = _inside(root, IMAGE_METADATA_IN_ROOT)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -392,6 +392,7 @@ def disk(ctx: StageContext | object) -> Path:
     Raises:
         ImageError: the seal outputs are missing or do not fit. ToolError: a tool failed.
     """
+    profile = getattr(ctx, "profile", None)  # the pipeline's context: the profile's CPU level
     ctx = as_stage_context(ctx, "disk")
     sealed = load_sealed(ctx.sealed or ctx.out)
     loader = sealed.uki.parent / "systemd-bootx64.efi"
@@ -406,6 +407,7 @@ def disk(ctx: StageContext | object) -> Path:
         artifacts |= {sealed.root_image.name: "root", sealed.verity_image.name: "verity",
                       sealed.uki.name: "uki", loader.name: "boot-loader"}
     write_manifest(ctx.out, name=ctx.name, version=sealed.version, epoch=ctx.source_date_epoch,
-                   roothash=sealed.roothash, artifacts=artifacts)
+                   roothash=sealed.roothash, artifacts=artifacts,
+                   extra={"cpu_level": profile.image.cpu_level} if profile is not None else None)
     shutil.rmtree(ctx.work / "disk", ignore_errors=True)
     return image

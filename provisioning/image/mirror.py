@@ -38,14 +38,16 @@ from typing import Any
 
 from agent.errors import ImageError, NotFoundError, VerificationError
 from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, stream_sha256
-from agent.tools import require_tool, run
+from agent.tools import require_tool, run, run_lines
 from provisioning.image._debian import (
     deb_filename_key,
     package_entries,
     parse_release_sha256,
     strip_clearsign,
 )
+from provisioning.image.aptlog import follow
 from provisioning.image.profile import Profile, package_set
+from provisioning.output import Progress
 
 __all__ = [
     "DEBIAN_KEYRING",
@@ -265,16 +267,25 @@ def verify_mirror(mirror: Path, *, keyring: Path = DEBIAN_KEYRING,
 
 
 def _mmdebstrap_download(profile: Profile, packages: tuple[str, ...], debs: Path,
-                         lists: Path) -> None:
-    """Resolve and download the closure with a real bootstrap; apt checks Release signatures."""
+                         lists: Path, bar: Progress | None) -> None:
+    """Resolve and download the closure with a real bootstrap; apt checks Release signatures.
+
+    With ``bar``: apt's "Get:" lines counted in bytes against its "Need to get" totals.
+    """
     d = profile.debian
     include = ",".join(p for p in packages)
-    run([require_tool("mmdebstrap"), f"--variant={d.variant}", f"--architectures={d.architecture}",
-         f"--components={','.join(d.components)}", f"--include={include}",
-         "--skip=essential/unlink", f"--keyring={DEBIAN_KEYRING}",
-         f"--customize-hook=sync-out /var/cache/apt/archives {debs}",
-         f"--customize-hook=sync-out /var/lib/apt/lists {lists}",
-         "--format=null", d.suite, "/dev/null", d.archive])
+    argv = [require_tool("mmdebstrap"), f"--variant={d.variant}", f"--architectures={d.architecture}",
+            f"--components={','.join(d.components)}", f"--include={include}",
+            "--skip=essential/unlink", f"--keyring={DEBIAN_KEYRING}",
+            f"--customize-hook=sync-out /var/cache/apt/archives {debs}",
+            f"--customize-hook=sync-out /var/lib/apt/lists {lists}",
+            "--format=null", d.suite, "/dev/null", d.archive]
+    if bar is None:
+        run(argv)
+        return
+    bar.stage("download", None, "B")
+    run_lines([argv[0], "--verbose", *argv[1:]],
+              follow(bar, lambda state: (state.downloaded_bytes, state.need_bytes or None)))
 
 
 def _release_path(list_name: str, suite: str) -> tuple[str, str]:
@@ -284,8 +295,8 @@ def _release_path(list_name: str, suite: str) -> tuple[str, str]:
     return prefix + marker + "InRelease", rest.replace("_", "/")
 
 
-def _store_debian(profile: Profile, mirror: Path, debs: Path, lists: Path,
-                  step: Step) -> tuple[tuple[LockedFile, ...], tuple[LockedFile, ...]]:
+def _store_debian(profile: Profile, mirror: Path, debs: Path, lists: Path, step: Step, *,
+                  bar: Progress | None = None) -> tuple[tuple[LockedFile, ...], tuple[LockedFile, ...]]:
     pool = mirror / "debian" / "pool"
     indices_dir = mirror / "debian" / "indices"
     for d in (pool, indices_dir):
@@ -311,12 +322,18 @@ def _store_debian(profile: Profile, mirror: Path, debs: Path, lists: Path,
                                              "release": f"debian/indices/{release}",
                                              "release_path": inner}))
     locked: list[LockedFile] = []
-    for src in sorted(debs.glob("*.deb")):
+    downloaded = sorted(debs.glob("*.deb"))
+    if bar is not None:
+        bar.stage("pool", sum(p.stat().st_size for p in downloaded), "B")
+        bar.set_phase(f"hashing {len(downloaded)} packages")
+    for src in downloaded:
         name, version, arch = deb_filename_key(src.name)
         shutil.copyfile(src, pool / src.name)
         locked.append(LockedFile(f"debian/pool/{src.name}", file_sha256(pool / src.name),
                                  src.stat().st_size, name, version, arch))
         step(src.name)
+        if bar is not None:
+            bar.advance(src.stat().st_size)
     return tuple(locked), tuple(indices)
 
 
@@ -398,13 +415,19 @@ def _wheel_name_version(path: Path) -> tuple[str, str]:
     return parts[0].lower().replace("_", "-"), parts[1]
 
 
-def _sync_wheels(profile: Profile, mirror: Path, step: Step) -> tuple[LockedFile, ...]:
+def _sync_wheels(profile: Profile, mirror: Path, step: Step,
+                 bar: Progress | None = None) -> tuple[LockedFile, ...]:
     wheels = mirror / "wheels"
     if wheels.exists():
         shutil.rmtree(wheels)
     wheels.mkdir(parents=True)
+    if bar is not None:
+        bar.stage("wheels", None)
+        bar.set_phase("building the agent's wheel")
     agent = build_agent_wheel(wheels)
     step(agent.name)
+    if bar is not None:
+        bar.set_phase("downloading its dependencies (pip)")
     reqs = [*wheel_requirements(agent, profile.python.onnxruntime), *profile.python.extra]
     if profile.gpu_set is not None:  # the driver set's wheels, exactly as pinned
         from provisioning.gpu import wheel_requirements as gpu_wheel_requirements
@@ -424,12 +447,18 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step) -> tuple[LockedFile
         check_wheel_files(profile.gpu_set, sorted(wheels.glob("*.whl")))
     locked = []
     lines = []
-    for path in sorted(wheels.glob("*.whl")):
+    found = sorted(wheels.glob("*.whl"))
+    if bar is not None:
+        bar.stage("wheels", sum(p.stat().st_size for p in found), "B")
+        bar.set_phase(f"hashing {len(found)} wheels")
+    for path in found:
         name, version = _wheel_name_version(path)
         digest = file_sha256(path)
         locked.append(LockedFile(f"wheels/{path.name}", digest, path.stat().st_size, name, version))
         lines.append(f"{name}=={version} --hash=sha256:{digest}")
         step(path.name)
+        if bar is not None:
+            bar.advance(path.stat().st_size)
     atomic_write_text(wheels / "requirements.txt", "\n".join(lines) + "\n")
     return tuple(locked)
 
@@ -438,8 +467,12 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step) -> tuple[LockedFile
 
 
 def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ...] = (),
-                step: Step | None = None, keyring: Path = DEBIAN_KEYRING) -> Lock:
+                step: Step | None = None, keyring: Path = DEBIAN_KEYRING,
+                bar: Progress | None = None) -> Lock:
     """Fetch everything ``profile`` needs into ``mirror`` and write its lock (last, atomically).
+
+    ``bar`` shows each part with its totals: apt's download (bytes), the pool's and the
+    wheels' hashing (bytes, with the number of files) and the final verification (files).
 
     Needs the network (Debian's archive and PyPI).  A previous lock is removed first, so a
     mirror whose sync was interrupted has no lock and is refused by builds.
@@ -464,20 +497,22 @@ def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ..
         lists.mkdir()
         log.info("resolving and downloading %d packages for %s/%s (signatures checked by apt)",
                  len(packages), profile.debian.suite, profile.debian.architecture)
-        _mmdebstrap_download(profile, packages, debs, lists)
-        locked_debs, indices = _store_debian(profile, mirror, debs, lists, step)
+        _mmdebstrap_download(profile, packages, debs, lists, bar)
+        locked_debs, indices = _store_debian(profile, mirror, debs, lists, step, bar=bar)
     repo = _flat_repo(mirror, profile.debian.suite)
     log.info("downloading the agent's wheels for Python %s (%s)", profile.python_version,
              profile.machine)
-    wheels = _sync_wheels(profile, mirror, step)
+    wheels = _sync_wheels(profile, mirror, step, bar)
     lock = Lock(profile.debian.suite, profile.debian.architecture, profile.python_version,
                 packages, locked_debs, indices, repo, wheels, profile.python.onnxruntime)
     # Check the chain before publishing the lock: a mirror with a lock is a verified mirror.
     tmp_lock = mirror / (LOCK + ".new")
     atomic_write_bytes(tmp_lock, lock.canonical())
     tmp_lock.replace(mirror / LOCK)
+    if bar is not None:
+        bar.stage("verify", len(lock.files()), "files")
     try:
-        verify_mirror(mirror, keyring=keyring)
+        verify_mirror(mirror, keyring=keyring, step=(lambda _p: bar.advance()) if bar else None)
         if profile.gpu_set is not None:  # every pin of the driver set, by version and sha256
             from provisioning.gpu import check_lock
 

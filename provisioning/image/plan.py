@@ -22,6 +22,7 @@ __all__ = [
     "AGENT_UNIT",
     "AGENT_USER",
     "BOOT_CHECK_UNIT",
+    "CPU_CHECK_UNIT",
     "LISTEN_PREFIX",
     "LISTEN_REPORT_UNIT",
     "OS_UPDATE_PATH",
@@ -33,6 +34,7 @@ __all__ = [
     "agent_unit",
     "boot_check_unit",
     "configure_plan",
+    "cpu_check_unit",
     "listen_report_unit",
     "nftables_ruleset",
     "os_update_units",
@@ -251,12 +253,14 @@ def agent_unit(profile: Profile) -> str:
         "Wants=network-online.target",
         f"RequiresMountsFor={state}",
         *unit_devices,
+        *_cpu_check_dependency(profile),
         "",
         "[Service]",
         "Type=notify",  # the agent sends READY=1 once it serves, then watchdog pings
         "WatchdogSec=30s",
         # READY=1 comes once it serves: seconds on hardware, a minute or more under emulation
         "TimeoutStartSec=5min",
+        *_cpu_check_pre(profile),
         f"ExecStart={' '.join(AGENT_EXEC)}",
         "Restart=on-failure",
         "RestartSec=2s",
@@ -423,6 +427,55 @@ def _user_commands(profile: Profile) -> list[tuple[str, ...]]:
     return cmds
 
 
+CPU_CHECK_UNIT = "appliance-cpu-check.service"
+
+
+def _cpu_check_argv(profile: Profile) -> str:
+    return f"{VENV}/bin/python -m agent.cpu --level {profile.image.cpu_level}"
+
+
+def _checks_cpu(profile: Profile) -> bool:
+    return profile.debian.architecture == "amd64"  # the psABI levels are x86-64's
+
+
+def _cpu_check_dependency(profile: Profile) -> tuple[str, ...]:
+    # A failed check fails the agent's start job as a dependency: no start into SIGILL, and
+    # no Restart= loop (a failing ExecStartPre alone would be retried until the start limit).
+    if not _checks_cpu(profile):
+        return ()
+    return (f"Requires={CPU_CHECK_UNIT}", f"After={CPU_CHECK_UNIT}")
+
+
+def _cpu_check_pre(profile: Profile) -> tuple[str, ...]:
+    # The same check in the agent's own unit, so that its journal says why it did not start.
+    return (f"ExecStartPre={_cpu_check_argv(profile)}",) if _checks_cpu(profile) else ()
+
+
+def cpu_check_unit(profile: Profile) -> str:
+    """A root oneshot before the agent: the CPU reaches ``[image] cpu_level``, or the missing
+    features go to /dev/console (the agent's sandbox has no console) and the agent stays down.
+    """
+    return "\n".join((
+        "[Unit]",
+        f"Description=Check the CPU reaches {profile.image.cpu_level} (the agent's libraries need it)",
+        f"Before={AGENT_UNIT}",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        f"ExecStart={_cpu_check_argv(profile)} --console",
+        "Environment=PYTHONDONTWRITEBYTECODE=1",
+        "NoNewPrivileges=yes",
+        "PrivateNetwork=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ))
+
+
 BOOT_CHECK_UNIT = "appliance-boot-check.service"
 # systemd-boot sets this EFI variable only when it booted an entry with a try counter (+N).
 BOOT_COUNT_EFIVAR = "/sys/firmware/efi/efivars/LoaderBootCountPath-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
@@ -554,6 +607,8 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     ]
     if profile.diagnostics.console_listeners:
         files.append(FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()))
+    if _checks_cpu(profile):
+        files.append(FileSpec(f"/etc/systemd/system/{CPU_CHECK_UNIT}", cpu_check_unit(profile)))
     if profile.diagnostics.console_journal:
         files.append(FileSpec("/etc/systemd/journald.conf.d/60-console.conf",
                               "[Journal]\nForwardToConsole=yes\nTTYPath=/dev/console\n"
@@ -577,6 +632,8 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         enable.append("ssh.service")
     if profile.diagnostics.console_listeners:
         enable.append(LISTEN_REPORT_UNIT)
+    if _checks_cpu(profile):
+        enable.append(CPU_CHECK_UNIT)
     mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service"]
     if not profile.hardening.core_dumps:
         mask.append("systemd-coredump.socket")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import SECTIONS as AGENT_SECTIONS
 from agent.config import AgentConfig
+from agent.cpu import DEFAULT_LEVEL as DEFAULT_CPU_LEVEL
 from agent.errors import ConfigError, ProfileError
 from agent.settings import from_table, read_toml, setting, to_json
 
@@ -66,6 +67,10 @@ _NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _TARGET_RE = re.compile(r"^[A-Za-z0-9._/-]{1,255}$")
 _REQ_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?(==[A-Za-z0-9.+!*-]+)?$")
+
+
+# x86-64 (v1) is not offered: numpy 2.x's wheels need x86-64-v2 at least.
+CPU_LEVELS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
 
 
 def _one_of(*choices: str) -> Any:
@@ -116,6 +121,11 @@ class ImageSection:
                            else "must be 1-4 dot-separated numbers such as 20260102.1")
     source_date_epoch: int = setting(1767225600, "timestamp for reproducible output "
                                      "(SOURCE_DATE_EPOCH in the environment wins)", check=_epoch)
+    cpu_level: str = setting(DEFAULT_CPU_LEVEL, "x86-64 psABI level the node's CPU must reach: "
+                             "the image's numpy 2.x and ONNX Runtime wheels are built for "
+                             "x86-64-v2; the boot check names the missing CPU features and "
+                             "`appliance boot` refuses a qemu CPU model below it",
+                             check=_one_of(*CPU_LEVELS))
 
 
 @dataclass(frozen=True)

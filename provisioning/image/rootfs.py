@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.tools import require_tool, run
+from agent.tools import require_tool, run_lines
+from provisioning.image.aptlog import follow
 from provisioning.image.mirror import debian_source
 from provisioning.image.profile import Profile
+from provisioning.output import progress
 
 __all__ = ["CUSTOMIZE_HOOKS", "build_rootfs_tar", "mmdebstrap_argv"]
 
@@ -32,18 +34,24 @@ def mmdebstrap_argv(profile: Profile, packages: tuple[str, ...], mirror: Path,
     d = profile.debian
     argv = [require_tool("mmdebstrap"), f"--variant={d.variant}",
             f"--architectures={d.architecture}", f"--include={','.join(packages)}",
-            "--mode=root", "--format=tar", "--quiet",
+            # --verbose: apt's and dpkg's lines, read as progress (and kept in the build log)
+            "--mode=root", "--format=tar", "--verbose",
             "--aptopt=Acquire::Languages \"none\""]
     argv += [f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS]
     return [*argv, d.suite, str(out), debian_source(mirror)]
 
 
 def build_rootfs_tar(profile: Profile, packages: tuple[str, ...], mirror: Path, out: Path,
-                     source_date_epoch: int) -> None:
+                     source_date_epoch: int, *, closure: int | None = None) -> None:
     """Run mmdebstrap from the local mirror into ``out`` (a tarball).
 
+    Progress (on stderr) is mmdebstrap's phase and the packages dpkg has unpacked, out of
+    ``closure`` (the number of packages the image installs; the mirror lock's count).
+
     Raises:
-        ToolError: mmdebstrap fails (its stderr tail names the package or the problem).
+        ToolError: mmdebstrap fails (its output's tail names the package or the problem).
     """
-    run(mmdebstrap_argv(profile, packages, mirror, out),
-        env={"SOURCE_DATE_EPOCH": str(source_date_epoch)})
+    with progress("rootfs", closure, unit="packages") as bar:
+        run_lines(mmdebstrap_argv(profile, packages, mirror, out),
+                  follow(bar, lambda state: (len(state.unpacked), closure)),
+                  env={"SOURCE_DATE_EPOCH": str(source_date_epoch)})

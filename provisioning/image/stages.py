@@ -149,7 +149,7 @@ def _rootfs_run(ctx: BuildContext) -> None:
     from provisioning.image.rootfs import build_rootfs_tar
 
     build_rootfs_tar(ctx.profile, _rootfs_packages(ctx), ctx.mirror, ctx.stage_dir / "rootfs.tar",
-                     ctx.source_date_epoch)
+                     ctx.source_date_epoch, closure=len(ctx.lock.debs))
 
 
 # ------------------------------------------------------------------ configure
