@@ -26,6 +26,7 @@ from agent.bundle import GoldenCase, Manifest, check_golden
 from agent.config import InferenceSection
 from agent.errors import ApplianceError, BundleError, NotFoundError
 from agent.inference.model import LoadedModel, build_session
+from agent.inference.signature import check_signature
 from agent.inference.store import InstalledModel, ModelStore, golden_verifier
 
 __all__ = ["IndexEntry", "ModelRepository"]
@@ -73,8 +74,10 @@ class ModelRepository:
     # ------------------------------------------------------------------ install
 
     def _session(self, model: bytes, manifest: Manifest, model_dir: Path | None = None) -> Any:
-        return build_session(model, manifest, self.settings.providers, self.settings.intra_op_threads,
-                             model_dir)
+        session = build_session(model, manifest, self.settings.providers, self.settings.intra_op_threads,
+                                model_dir)
+        check_signature(manifest, session)  # before any golden vector runs on it
+        return session
 
     def install(self, bundle_path: Path, *, activate: bool = True) -> InstalledModel:
         """Install a bundle file that already passed signature verification (blocking).
