@@ -199,6 +199,11 @@ class _Fields:
             raise self.fail(where or "manifest", f"unknown field(s) {', '.join(unknown)}")
 
 
+# Largest fixed dimension a manifest may declare (int32's maximum: far beyond any real
+# tensor, and safely inside the int64 the inference protocol carries shapes in).
+MAX_DIM = 2**31 - 1
+
+
 def _tensor(f: _Fields, data: Any, where: str) -> TensorSpec:
     if not isinstance(data, dict):
         raise f.fail(where, f"expected an object, got {data!r}")
@@ -210,8 +215,9 @@ def _tensor(f: _Fields, data: Any, where: str) -> TensorSpec:
     except KeyError as exc:
         raise f.fail(where + ".datatype", str(exc.args[0])) from None
     shape = f.get(data, "shape", list, where + ".")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
-        raise f.fail(where + ".shape", f"dimensions must be integers >= -1, got {shape!r}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and -1 <= d <= MAX_DIM for d in shape):
+        shown = repr(shape) if len(repr(shape)) <= 200 else repr(shape)[:200] + "..."
+        raise f.fail(where + ".shape", f"dimensions must be -1 (any) or 0..{MAX_DIM}, got {shown}")
     return TensorSpec(name, datatype, tuple(shape))
 
 

@@ -22,7 +22,19 @@ __all__ = [
     "ToolError",
     "UpdateError",
     "VerificationError",
+    "echo",
 ]
+
+ECHO_LIMIT = 64  # characters of caller-supplied text repeated in an error message
+
+
+def echo(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` (a name or value the caller sent) as an error message repeats it: quoted,
+    and cut after ``limit`` characters with the full length named, so that a message never
+    grows with what the caller sent (a 100k-character model name must not come back)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}...({len(text)} chars)"
 
 
 class ApplianceError(Exception):

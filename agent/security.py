@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import inspect
 import ipaddress
 import logging
@@ -57,16 +58,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config import AgentConfig
-from agent.errors import ConfigError, NotFoundError, VerificationError
+from agent.errors import ApplianceError, ConfigError, NotFoundError, VerificationError
+from agent.fsutil import atomic_write_bytes
 
 __all__ = [
+    "HELD_CRL",
     "METHOD_ROLES",
     "ROLES",
     "ROLE_ATTRIBUTE",
     "AccessInterceptor",
+    "CrlFacts",
+    "CrlRollbackError",
     "Identity",
     "RevocationList",
     "check_listen",
+    "crl_facts",
+    "crl_rollback",
     "identity_of",
     "interceptors",
     "is_loopback",
@@ -353,12 +360,65 @@ def interceptors(config: AgentConfig) -> list[grpc.aio.ServerInterceptor]:
 # ------------------------------------------------------------------ revocation
 
 
+@dataclasses.dataclass(frozen=True)
+class CrlFacts:
+    """What orders two CRLs of one CA: the CRL Number extension, then thisUpdate."""
+
+    number: int | None
+    this_update: dt.datetime
+    digest: str  # sha256 of the DER
+
+    def describe(self) -> str:
+        number = "no CRL number" if self.number is None else f"CRL number {self.number}"
+        return f"{number}, thisUpdate {self.this_update.isoformat()}"
+
+
+def crl_facts(crl: x509.CertificateRevocationList) -> CrlFacts:
+    try:
+        number: int | None = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = None
+    return CrlFacts(number, crl.last_update_utc,
+                    hashlib.sha256(crl.public_bytes(serialization.Encoding.DER)).hexdigest())
+
+
+def crl_rollback(offered: CrlFacts, held: CrlFacts) -> str | None:
+    """Why ``offered`` must not replace ``held`` (it is older, or a second list under the same
+    number), or None when it may.  An older genuine CRL would un-revoke certificates."""
+    if offered.digest == held.digest:
+        return None
+    if held.number is not None and (offered.number is None or offered.number < held.number):
+        return f"it is older than the list in force ({offered.describe()} < {held.describe()})"
+    if offered.this_update < held.this_update:
+        return f"it was issued before the list in force ({offered.describe()} < {held.describe()})"
+    if offered.number is not None and offered.number == held.number:
+        return (f"it carries the CRL number of the list in force with other contents "
+                f"({offered.describe()} vs {held.describe()})")
+    return None
+
+
+class CrlRollbackError(VerificationError):
+    """A genuine CRL older than the one in force (refused: it would un-revoke certificates)."""
+
+    def __init__(self, message: str, offered: CrlFacts, held: CrlFacts) -> None:
+        super().__init__(message)
+        self.offered = offered
+        self.held = held
+
+
+HELD_CRL = "tls/crl-in-force.pem"  # under the state directory
+
+
 class RevocationList:
     """The site CRL: signature checked against the CA; re-read when the file changes.
 
     A stale CRL (past its next update) is still enforced, with a warning: the revoked
     serials it lists stay revoked, and an offline node must not lock its managers out.
-    A replacement that fails to parse or verify is ignored (logged) and the old list kept.
+    A replacement that fails to parse or verify is ignored (logged) and the old list kept;
+    so is a genuine one older than the list in force (lower CRL number, or earlier
+    thisUpdate: :func:`crl_rollback`), which is also an event ``tls.crl.refused``.  With
+    :meth:`attach`, the list in force is kept under the state directory too, so a restart
+    does not forget it.
     """
 
     _RECHECK_S = 2.0
@@ -370,27 +430,95 @@ class RevocationList:
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
         self.next_update: dt.datetime | None = None
+        self.facts: CrlFacts | None = None
+        self._in_force: x509.CertificateRevocationList | None = None
+        self._events: Any = None
+        self._held_path: Path | None = None
         self._load()  # raises on the first load: a bad CRL at start-up is a config error
+
+    def _parse(self, data: bytes, where: Path) -> x509.CertificateRevocationList:
+        try:
+            crl = x509.load_pem_x509_crl(data)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: [tls] crl: not a PEM revocation list ({exc})") from None
+        public = self._ca.public_key()
+        if crl.issuer != self._ca.subject or not isinstance(public, ec.EllipticCurvePublicKey) \
+                or not crl.is_signature_valid(public):
+            raise VerificationError(f"{where}: [tls] crl is not signed by the site CA "
+                                    f"({self._ca.subject.rfc4514_string()})")
+        return crl
+
+    def _adopt(self, crl: x509.CertificateRevocationList, where: Path) -> None:
+        facts = crl_facts(crl)
+        if self.facts is not None:
+            why = crl_rollback(facts, self.facts)
+            if why is not None:
+                raise CrlRollbackError(f"{where}: CRL refused: {why}", facts, self.facts)
+        changed = facts != self.facts
+        self._revoked = frozenset(r.serial_number for r in crl)
+        self.next_update = crl.next_update_utc
+        self.facts = facts
+        self._in_force = crl
+        if changed:
+            log.info("loaded CRL %s: %s, %d revoked, next update %s", where, facts.describe(),
+                     len(self._revoked), self.next_update)
+            self._keep(crl)
 
     def _load(self) -> None:
         st = self.path.stat() if self.path.exists() else None
         if st is None:
             raise NotFoundError(f"{self.path}: [tls] crl: no such file")
-        data = self.path.read_bytes()
-        try:
-            crl = x509.load_pem_x509_crl(data)
-        except ValueError as exc:
-            raise ConfigError(f"{self.path}: [tls] crl: not a PEM revocation list ({exc})") from None
-        public = self._ca.public_key()
-        if crl.issuer != self._ca.subject or not isinstance(public, ec.EllipticCurvePublicKey) \
-                or not crl.is_signature_valid(public):
-            raise VerificationError(f"{self.path}: [tls] crl is not signed by the site CA "
-                                    f"({self._ca.subject.rfc4514_string()})")
-        self._revoked = frozenset(r.serial_number for r in crl)
-        self.next_update = crl.next_update_utc
         self._stamp = (st.st_mtime_ns, st.st_size)
-        log.info("loaded CRL %s: %d revoked, next update %s", self.path, len(self._revoked),
-                 self.next_update)
+        self._adopt(self._parse(self.path.read_bytes(), self.path), self.path)
+
+    def _keep(self, crl: x509.CertificateRevocationList) -> None:
+        if self._held_path is None:
+            return
+        try:
+            self._held_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self._held_path, crl.public_bytes(serialization.Encoding.PEM))
+        except OSError as exc:
+            log.warning("cannot keep the CRL in force at %s (%s): a restart may forget it",
+                        self._held_path, exc)
+
+    def _refused(self, exc: CrlRollbackError) -> None:
+        log.warning("%s; keeping the list in force", exc)
+        if self._events is None:
+            return
+        held, offered = exc.held, exc.offered
+        try:
+            self._events.record("tls.crl.refused", "warning", str(self.path),
+                                f"{exc}; keeping the list in force",
+                                held_number=held.number, held_this_update=held.this_update.isoformat(),
+                                offered_number=offered.number,
+                                offered_this_update=offered.this_update.isoformat())
+        except ApplianceError as failure:  # a full disk must not stop the revocation check
+            log.error("event tls.crl.refused not persisted: %s", failure)  # noqa: TRY400 - expected
+
+    def attach(self, events: Any, held_path: Path | None) -> None:
+        """Report refusals to ``events`` (an :class:`agent.events.EventLog`) and keep the list
+        in force at ``held_path``; a kept list newer than the file's stays in force."""
+        self._events = events
+        self._held_path = held_path
+        if held_path is None:
+            return
+        kept: x509.CertificateRevocationList | None = None
+        try:
+            kept = self._parse(held_path.read_bytes(), held_path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ConfigError, VerificationError) as exc:
+            log.warning("kept CRL %s unusable (%s); the file's list is in force", held_path, exc)
+        assert self.facts is not None and self._in_force is not None
+        if kept is not None:
+            offered, kept_facts = self.facts, crl_facts(kept)
+            why = crl_rollback(offered, kept_facts)
+            if why is not None:
+                self.facts = None
+                self._adopt(kept, held_path)
+                self._refused(CrlRollbackError(f"{self.path}: CRL refused: {why}", offered, kept_facts))
+                return
+        self._keep(self._in_force)
 
     def refresh(self) -> None:
         """Re-read the file if it changed (checked at most every couple of seconds)."""
@@ -407,6 +535,8 @@ class RevocationList:
             return
         try:
             self._load()
+        except CrlRollbackError as exc:
+            self._refused(exc)
         except (ConfigError, NotFoundError, VerificationError, OSError) as exc:
             log.warning("new CRL refused, keeping the loaded list: %s", exc)
             self._stamp = (st.st_mtime_ns, st.st_size)
@@ -504,6 +634,12 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._total = 0
         self._identities: dict[bytes, Identity] = {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def attach(self, events: Any, state_dir: Path) -> None:
+        """Once the agent's event log exists: CRL refusals become events, and the CRL in force
+        is kept at ``STATE/tls/crl-in-force.pem`` (see :meth:`RevocationList.attach`)."""
+        if self._crl is not None:
+            self._crl.attach(events, state_dir / HELD_CRL)
 
     # -- identity and decision
 

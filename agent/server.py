@@ -113,9 +113,10 @@ async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentConte
     """
     from agent import security
 
+    guards = security.interceptors(config)
     server = grpc.aio.server(
         options=security.server_options(config),
-        interceptors=security.interceptors(config),
+        interceptors=guards,
         maximum_concurrent_rpcs=security.maximum_concurrent_rpcs(config),
     )
     ctx = AgentContext(config=config)
@@ -126,6 +127,9 @@ async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentConte
         added = await module.attach(server, ctx)
         names.extend(added)
         log.debug("%s added %s", module.__name__, ", ".join(added))
+    for guard in guards:
+        if isinstance(guard, security.AccessInterceptor):
+            guard.attach(ctx.component("events"), ctx.state_dir)
     names.append(reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=_reflection_pool(names))
     return server, ctx, names

@@ -57,8 +57,10 @@ def node_state(state: Path, registry: Path, *installed: Path) -> Path:
     return state
 
 
-# The event log changes on every outcome, refusals included (that is its job); nothing else
-# under the state directory may change when an update is refused.
+# The event log changes on every outcome, refusals included (that is its job).  With the
+# registry's metadata already current (CheckUpdates first), nothing else under the state
+# directory may change when an update is refused; see agent.updates.manager.KEPT_AFTER_REFUSAL
+# for what a refusal that refreshed newer metadata keeps.
 EXCLUDED_FROM_STATE_HASH = ("events/",)
 
 

@@ -24,8 +24,9 @@ from typing import Any
 
 from agent.bundle import GoldenCase, Manifest, check_golden
 from agent.config import InferenceSection
-from agent.errors import ApplianceError, BundleError, NotFoundError
+from agent.errors import ApplianceError, BundleError, NotFoundError, echo
 from agent.inference.model import LoadedModel, build_session
+from agent.inference.signature import check_signature
 from agent.inference.store import InstalledModel, ModelStore, golden_verifier
 
 __all__ = ["IndexEntry", "ModelRepository"]
@@ -73,8 +74,10 @@ class ModelRepository:
     # ------------------------------------------------------------------ install
 
     def _session(self, model: bytes, manifest: Manifest, model_dir: Path | None = None) -> Any:
-        return build_session(model, manifest, self.settings.providers, self.settings.intra_op_threads,
-                             model_dir)
+        session = build_session(model, manifest, self.settings.providers, self.settings.intra_op_threads,
+                                model_dir)
+        check_signature(manifest, session)  # before any golden vector runs on it
+        return session
 
     def install(self, bundle_path: Path, *, activate: bool = True) -> InstalledModel:
         """Install a bundle file that already passed signature verification (blocking).
@@ -236,7 +239,7 @@ class ModelRepository:
         async with self._lock:
             versions = self._served.pop(name, None)
             if versions is None:
-                raise NotFoundError(f"model {name!r} is not loaded")
+                raise NotFoundError(f"model {echo(name)} is not loaded")
             for model in versions.values():
                 model.close()
         log.info("unloaded %s", name)
@@ -257,12 +260,12 @@ class ModelRepository:
         """
         versions = self._served.get(name)
         if not versions:
-            raise NotFoundError(f"unknown model {name!r}: not being served "
+            raise NotFoundError(f"unknown model {echo(name)}: not being served "
                                 f"(served: {', '.join(sorted(self._served)) or 'none'})")
         if version:
             model = versions.get(version)
             if model is None:
-                raise NotFoundError(f"model {name!r} has no served version {version!r} "
+                raise NotFoundError(f"model {echo(name)} has no served version {echo(version)} "
                                     f"(served: {', '.join(sorted(versions))})")
             return model
         active = self.store.active_version(name)
@@ -310,7 +313,7 @@ class ModelRepository:
         if name:
             models = [self.get(name, version)] if version else list(self._served.get(name, {}).values())
             if not models:
-                raise NotFoundError(f"unknown model {name!r}: not being served")
+                raise NotFoundError(f"unknown model {echo(name)}: not being served")
         else:
             models = self.served()
         return [m.stats.snapshot() for m in sorted(models, key=lambda m: (m.name, m.manifest.version_tuple))]

@@ -59,6 +59,18 @@ _DATA_TYPE = {
 }
 
 
+# Status details travel in a header; a client refuses one past its metadata limit (8-16 KiB).
+MAX_STATUS_MESSAGE = 2048
+
+
+def _details(message: str) -> str:
+    """A status message short enough for any client (echoed input is cut where it is
+    written, :func:`agent.errors.echo`; this is the last guard)."""
+    if len(message) <= MAX_STATUS_MESSAGE:
+        return message
+    return f"{message[:MAX_STATUS_MESSAGE]}...({len(message)} chars)"
+
+
 def _status(exc: ApplianceError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
 
@@ -126,12 +138,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return await call()
         except ApplianceError as exc:
-            await context.abort(_status(exc), str(exc))
+            await context.abort(_status(exc), _details(str(exc)))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
             log.exception("internal error")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                _details(f"internal error: {type(exc).__name__}: {exc}"))
         raise AssertionError("unreachable")  # context.abort raises
 
     # ------------------------------------------------------------------ health and metadata

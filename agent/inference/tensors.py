@@ -24,7 +24,7 @@ import numpy as np
 
 from agent.bundle import TensorSpec
 from agent.dtypes import by_kserve
-from agent.errors import InferenceError
+from agent.errors import InferenceError, echo
 
 __all__ = [
     "TYPED_FIELD",
@@ -179,10 +179,10 @@ def decode_inputs(request: Any, specs: Mapping[str, TensorSpec], max_batch: int 
         name = tensor.name
         spec = specs.get(name)
         if spec is None:
-            raise InferenceError(f"unknown input {name!r} (the model's inputs: "
+            raise InferenceError(f"unknown input {echo(name)} (the model's inputs: "
                                  f"{', '.join(sorted(specs))})")
         if name in out:
-            raise InferenceError(f"input {name!r} given twice")
+            raise InferenceError(f"input {echo(name)} given twice")
         if tensor.datatype != spec.datatype:
             raise InferenceError(f"input {name!r}: datatype {tensor.datatype or '(empty)'}, "
                                  f"the model expects {spec.datatype}")
@@ -211,10 +211,10 @@ def check_requested_outputs(request: Any, specs: Mapping[str, TensorSpec]) -> li
     names: list[str] = []
     for out in request.outputs:
         if out.name not in specs:
-            raise InferenceError(f"unknown output {out.name!r} requested (the model's outputs: "
+            raise InferenceError(f"unknown output {echo(out.name)} requested (the model's outputs: "
                                  f"{', '.join(sorted(specs))})")
         if out.name in names:
-            raise InferenceError(f"output {out.name!r} requested twice")
+            raise InferenceError(f"output {echo(out.name)} requested twice")
         names.append(out.name)
     return names
 

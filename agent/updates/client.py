@@ -32,7 +32,7 @@ from agent.updates import _session
 from agent.updates.clock import ClockPolicy, ClockStatus, issued_times, system_now
 from agent.updates.fetchers import parse_source
 
-__all__ = ["RegistryClient", "TargetInfo", "metadata_dir"]
+__all__ = ["MAX_FILE_NAME", "RegistryClient", "TargetInfo", "download_name", "metadata_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,29 @@ def _info(target: TargetFile) -> TargetInfo:
         kind=str(custom.get("kind", "file")), name=str(custom.get("name", basename)),
         version=str(custom.get("version", "")), custom=custom,
     )
+
+
+MAX_FILE_NAME = 200  # bytes; below every file system's NAME_MAX of 255
+
+
+def download_name(target_path: str) -> str:
+    """The file name a target is downloaded to: the last part of its signed path, which must
+    be one plain path component (no ``/``, not ``.``/``..``, no leading dot, no NUL or
+    control character, at most :data:`MAX_FILE_NAME` bytes).
+
+    Raises:
+        VerificationError: the signed target path does not end in a safe file name.
+    """
+    name = target_path.rsplit("/", 1)[-1]
+    problem = ("it is empty" if not name else
+               "it starts with a dot" if name.startswith(".") else
+               "it holds a backslash or a control character"
+               if "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name) else
+               f"it is longer than {MAX_FILE_NAME} bytes" if len(name.encode()) > MAX_FILE_NAME else "")
+    if problem:
+        shown = name if len(name) <= 64 else name[:64] + f"...({len(name)} chars)"
+        raise VerificationError(f"target {target_path[:200]!r}: file name {shown!r} refused: {problem}")
+    return name
 
 
 class RegistryClient:
@@ -220,7 +243,7 @@ class RegistryClient:
         signed = targets.get(path)
         if signed is None:
             raise NotFoundError(f"registry {self.source_text}: no target {path!r} in the signed metadata")
-        dest = Path(dest_dir) / path.rsplit("/", 1)[-1]
+        dest = Path(dest_dir) / download_name(path)
         if isinstance(target, TargetInfo) and (target.length, target.sha256) != (
                 signed.length, signed.hashes.get("sha256", "")):
             raise VerificationError(f"target {path}: the TargetInfo given does not match the signed metadata")

@@ -15,8 +15,11 @@ recorded in the journal (:mod:`agent.updates.journal`) before the next begins:
 6. keep ``[updates] keep_versions`` earlier versions and delete the rest;
 7. a history line, then the journal is removed and staging emptied.
 
-A failure before step 5 is a refusal: everything the update created is removed and the
-node is byte-for-byte as it was (apart from the event log).  A crash anywhere is resolved
+A failure before step 5 is a refusal: everything the update created is removed; what a
+refusal keeps is listed in :data:`KEPT_AFTER_REFUSAL`, everything else is as it was, byte for
+byte.  The caller going away (deadline, cancellation, disconnect) changes nothing of this:
+the work runs in a task of its own, shielded from the RPC, and holds the update lock until
+its worker threads really end (:meth:`UpdateManager._shielded`).  A crash anywhere is resolved
 by :meth:`UpdateManager.recover` at the next start, before anything is served: if the
 ``active`` record names NEW the transaction is finished, otherwise undone.
 
@@ -32,10 +35,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.bundle import parse_version
 from agent.config import UpdatesSection
@@ -48,9 +51,17 @@ from agent.updates.client import RegistryClient, TargetInfo
 from agent.updates.journal import HistoryEntry, Journal, Transaction, checkpoint
 from agent.updates.sources import registry_sources
 
-__all__ = ["Outcome", "Pending", "UpdateManager"]
+__all__ = ["KEPT_AFTER_REFUSAL", "Outcome", "Pending", "UpdateManager"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# What a refused update keeps under the state directory (everything else stays byte for
+# byte): the event log (its job), the TUF metadata the refresh verified (genuine, newer
+# metadata is kept as TUF requires, so a rollback of the registry stays detectable) and the
+# clock floor taken from it (agent.updates.clock).
+KEPT_AFTER_REFUSAL = ("events/", "tuf/metadata/", "tuf/clock.json")
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,41 @@ def _version(text: str) -> tuple[int, ...] | None:
         return None
 
 
+async def _wait_out(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, even while this task is being cancelled again."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([future])
+
+
+async def _to_end(work: Coroutine[Any, Any, T], discard: Callable[[T], None] | None = None) -> T:
+    """Await ``work`` (a task of its own) to its end.  Work on a thread cannot be stopped:
+    when this task is cancelled meanwhile, wait for ``work`` to end before the cancellation
+    goes on (so that nobody undoes work still in progress), and hand a result nobody will
+    take to ``discard``."""
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await _wait_out(future)
+        if discard is not None and not future.cancelled() and future.exception() is None:
+            discard(future.result())
+        raise
+
+
+def _in_thread(fn: Callable[[], T], discard: Callable[[T], None] | None = None) -> Coroutine[Any, Any, T]:
+    """``fn()`` on a worker thread, awaited to its end (:func:`_to_end`)."""
+    return _to_end(asyncio.to_thread(fn), discard)
+
+
+def _reap(task: asyncio.Task[Any]) -> None:
+    """Done callback of update work whose caller went away: log what nobody else will see."""
+    if task.cancelled():
+        log.warning("update work was cancelled (agent stopping?); its undo ran")
+    elif (exc := task.exception()) is not None:
+        log.error("update work failed after its caller went away", exc_info=exc)
+
+
 class UpdateManager:
     """Check, apply and roll back bundle updates; recover after a crash.  See the module doc.
 
@@ -122,6 +168,7 @@ class UpdateManager:
         self.journal = Journal(self.state_dir)
         self.store = ModelStore(self.state_dir)
         self._lock = asyncio.Lock()
+        self._work: set[asyncio.Task[Any]] = set()  # update work whose caller may be gone
         self._pins = dict(self._parse_pin(p) for p in settings.pins)
 
     @staticmethod
@@ -242,6 +289,29 @@ class UpdateManager:
         Raises:
             UpdateError: no source configured or none could be refreshed.
         """
+        return await self._shielded(self._apply(list(targets), dry_run))
+
+    async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` to its end in a task of its own, whatever happens to the caller.
+
+        A gRPC handler is cancelled when its caller's deadline passes, the caller cancels or
+        disconnects; an update stopped there would be neither finished nor undone.  The
+        caller's cancellation stops only the wait; the task keeps the update lock until it
+        ends and reports its outcome as an event and in the history as usual.
+        """
+        task = asyncio.create_task(work)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                log.warning("the caller of an update went away (deadline, cancellation or "
+                            "disconnect); the update runs to its end")
+                task.add_done_callback(_reap)
+            raise
+
+    async def _apply(self, targets: list[str], dry_run: bool) -> list[Outcome]:
         async with self._lock:
             client, source = await asyncio.to_thread(self._client)
             if targets:
@@ -317,19 +387,35 @@ class UpdateManager:
         created = [p for p in (self.store.root, self.store.root / t.name) if not p.exists()]
         model: LoadedModel | None = None
         try:
-            tx = await asyncio.to_thread(self.journal.write, tx, "begin")
+            tx = await _in_thread(lambda: self.journal.write(tx, "begin"))
             model = await self._prepare(client, tx)
-            tx = await asyncio.to_thread(self.journal.write, tx, "committing")
-            await self.repo.swap(model, serve=serve, drain_s=self.drain_s)
+            tx = await _in_thread(lambda: self.journal.write(tx, "committing"))
+            await _to_end(self.repo.swap(model, serve=serve, drain_s=self.drain_s))
         except (ApplianceError, OSError) as exc:
             if self.store.active_version(t.name) != t.version:  # not committed: undo it all
                 if model is not None:
                     model.close()
-                await asyncio.to_thread(self._undo, tx, created)
-                return self._refused(t.path, t.name, t.version, t.sha256, str(exc))
+                await _in_thread(lambda: self._undo(tx, created))
+                return self._refused(t.path, t.name, t.version, t.sha256, str(exc), txid=tx.txid)
             log.exception("update of %s committed, but the switch failed", t.name)
+        except BaseException as exc:
+            # Cancelled (the agent is stopping) or a bug: the worker threads have ended
+            # (_in_thread), so finish or undo right here, without yielding to the loop again.
+            if self.store.active_version(t.name) != t.version:
+                if model is not None:
+                    model.close()
+                self._undo(tx, created)
+                self._refused(t.path, t.name, t.version, t.sha256,
+                              f"interrupted ({type(exc).__name__}): undone", txid=tx.txid)
+            else:
+                self._finish(tx)
+                self._applied(t, current, source, tx)
+            raise
         checkpoint("swapped")
-        await asyncio.to_thread(self._finish, tx)
+        await _in_thread(lambda: self._finish(tx))
+        return self._applied(t, current, source, tx)
+
+    def _applied(self, t: TargetInfo, current: str | None, source: str, tx: Transaction) -> Outcome:
         outcome = Outcome(t.path, t.name, t.version, t.sha256, "applied",
                           f"{current or '(none)'} -> {t.version}", time.time())
         self._event("update.applied", "info", outcome,
@@ -384,7 +470,7 @@ class UpdateManager:
     async def _prepare(self, client: RegistryClient, tx: Transaction) -> LoadedModel:
         """Stage, verify, unpack and load ``tx.to_version``; its golden vectors pass on the result."""
         if tx.preexisting:
-            model = await self.repo.stage(tx.name, tx.to_version)
+            model = await _to_end(self.repo.stage(tx.name, tx.to_version), LoadedModel.close)
             checkpoint("loaded")
             return model
         staging = self.journal.staging_dir(tx)
@@ -404,7 +490,7 @@ class UpdateManager:
                                   "signed metadata describes")
             return model
 
-        return await asyncio.to_thread(fetch_and_install)
+        return await _in_thread(fetch_and_install, LoadedModel.close)
 
     def _undo(self, tx: Transaction, created: Sequence[Path] = ()) -> None:
         """Remove what an uncommitted transaction made; the node is as it was before it."""
@@ -457,8 +543,12 @@ class UpdateManager:
         """Make a kept earlier version of ``name`` active again: an explicit, logged act.
 
         Its golden vectors run on the session that will serve it first; the record shows in
-        inventory (``rolled_back``) until the next update of that bundle.
+        inventory (``rolled_back``) until the next update of that bundle.  Like an update, it
+        runs to its end or is undone whatever the caller does (:meth:`_shielded`).
         """
+        return await self._shielded(self._rollback(name, version, reason))
+
+    async def _rollback(self, name: str, version: str, reason: str) -> Outcome:
         async with self._lock:
             current = self.store.active_version(name)
             try:
@@ -474,26 +564,40 @@ class UpdateManager:
             serve = self.repo.is_served(name)
             model: LoadedModel | None = None
             try:
-                tx = await asyncio.to_thread(self.journal.write, tx, "begin")
-                model = await self.repo.stage(name, version)
+                tx = await _in_thread(lambda: self.journal.write(tx, "begin"))
+                model = await _to_end(self.repo.stage(name, version), LoadedModel.close)
                 checkpoint("loaded")
-                tx = await asyncio.to_thread(self.journal.write, tx, "committing")
-                await self.repo.swap(model, serve=serve, drain_s=self.drain_s)
+                tx = await _in_thread(lambda: self.journal.write(tx, "committing"))
+                await _to_end(self.repo.swap(model, serve=serve, drain_s=self.drain_s))
             except (ApplianceError, OSError) as exc:
                 if self.store.active_version(name) != version:
                     if model is not None:
                         model.close()
-                    await asyncio.to_thread(self._undo, tx)
-                    return self._refused("", name, version, kept.sha256, f"rollback: {exc}")
+                    await _in_thread(lambda: self._undo(tx))
+                    return self._refused("", name, version, kept.sha256, f"rollback: {exc}", txid=tx.txid)
                 log.exception("rollback of %s committed, but the switch failed", name)
+            except BaseException as exc:  # cancelled or a bug: finish or undo, as in _apply_one
+                if self.store.active_version(name) != version:
+                    if model is not None:
+                        model.close()
+                    self._undo(tx)
+                    self._refused("", name, version, kept.sha256,
+                                  f"rollback interrupted ({type(exc).__name__}): undone", txid=tx.txid)
+                else:
+                    self._finish(tx)
+                    self._rolled_back(tx, current, kept.sha256)
+                raise
             checkpoint("swapped")
-            await asyncio.to_thread(self._finish, tx)
-            why = f": {reason}" if reason else ""
-            outcome = Outcome("", name, version, kept.sha256, "rolled-back",
-                              f"{current or '(none)'} -> {version}{why}", time.time())
-            self._event("update.rolled_back", "warning", outcome,
-                        f"{name} rolled back {current} -> {version}{why}", txid=tx.txid)
-            return outcome
+            await _in_thread(lambda: self._finish(tx))
+            return self._rolled_back(tx, current, kept.sha256)
+
+    def _rolled_back(self, tx: Transaction, current: str | None, sha256: str) -> Outcome:
+        why = f": {tx.reason}" if tx.reason else ""
+        outcome = Outcome("", tx.name, tx.to_version, sha256, "rolled-back",
+                          f"{current or '(none)'} -> {tx.to_version}{why}", time.time())
+        self._event("update.rolled_back", "warning", outcome,
+                    f"{tx.name} rolled back {current} -> {tx.to_version}{why}", txid=tx.txid)
+        return outcome
 
     # ------------------------------------------------------------------ recovery
 
