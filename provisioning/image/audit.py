@@ -13,6 +13,7 @@ Three independent scanners, each run from outside the image:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -24,7 +25,7 @@ from typing import Any
 from agent.errors import ImageError, NotFoundError, ToolError
 from agent.tools import require_tool, run
 
-__all__ = ["audit", "fetch_scap_content", "lynis", "print_report", "scap", "unit_exposure"]
+__all__ = ["audit", "egress", "fetch_scap_content", "lynis", "print_report", "scap", "unit_exposure"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,23 @@ def unit_exposure(root: Path, unit: str) -> dict[str, Any]:
             "failing": failing}
 
 
+def egress(root: Path) -> dict[str, Any]:
+    """What the image is configured to send to: the allowlist its metadata lists
+    (``usr/lib/appliance/image.json``) and whether its firewall's output chain drops the rest."""
+    try:
+        meta = json.loads((root / "usr/lib/appliance/image.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    try:
+        rules = (root / "etc/nftables.conf").read_text()
+    except OSError:
+        rules = ""
+    chain = re.search(r"hook output priority filter; policy (\w+);", rules)
+    allowed = meta.get("egress") if isinstance(meta, dict) else None
+    return {"allowed": allowed if isinstance(allowed, list) else None,
+            "output_policy": chain.group(1) if chain else "none"}
+
+
 def audit(target: Path, *, tools: Path | None = None, scap_profile: str = "anssi_bp28_enhanced",
           unit: str = "appliance-agent.service") -> dict[str, Any]:
     """Run all three scanners on ``target`` (a root directory or a build's --out directory).
@@ -147,7 +165,7 @@ def audit(target: Path, *, tools: Path | None = None, scap_profile: str = "anssi
     result = scap(root, stream, scap_profile)
     result["ssg_package"] = f"ssg-debian {ssg_version} (Debian {SCAP_SUITE})"
     return {"root": str(root), "openscap": result, "lynis": lynis(root),
-            "systemd": unit_exposure(root, unit)}
+            "systemd": unit_exposure(root, unit), "egress": egress(root)}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -164,3 +182,8 @@ def print_report(report: dict[str, Any]) -> None:
           f"{len(ly['warnings'])} warnings, {ly['suggestions']} suggestions")
     s = report["systemd"]
     print(f"systemd-analyze security {s['unit']}: exposure {s['exposure']} {s['verdict']}")  # noqa: T201
+    e = report["egress"]
+    allowed = e["allowed"]
+    listed = ", ".join(f"{d['why']} {d['proto']} {d['host'] or '*'}:{d['port']}" for d in allowed) \
+        if allowed is not None else "not recorded in image.json"
+    print(f"egress: output policy {e['output_policy']}; allowed: {listed or 'nothing'}")  # noqa: T201

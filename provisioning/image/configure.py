@@ -23,6 +23,7 @@ from typing import Any
 from agent.errors import ImageError, ToolError, VerificationError
 from agent.tools import run
 from provisioning.image.bake import BakedBundle, bake_bundles
+from provisioning.image.egress import egress_json
 from provisioning.image.mirror import Lock, file_sha256
 from provisioning.image.plan import AGENT_UID, WHEELS_IN_ROOT, configure_plan
 from provisioning.image.profile import Profile
@@ -79,15 +80,17 @@ def image_version(profile: Profile, source_date_epoch: int) -> str:
     return getattr(profile.image, "version", "") or version_from_epoch(source_date_epoch)
 
 
-def write_image_metadata(profile: Profile, root: Path, source_date_epoch: int) -> dict[str, str]:
-    """/usr/lib/appliance/image.json: name, version, CPU level and firmware manifest, for the inventory.
+def write_image_metadata(profile: Profile, root: Path, source_date_epoch: int) -> dict[str, Any]:
+    """/usr/lib/appliance/image.json: name, version, CPU level, firmware manifest and the
+    destinations the firewall lets the node send to (``egress``), for the inventory and audits.
 
     The root hash cannot be inside the root it hashes: the agent reads it from the kernel
     command line (``roothash=``) and the slot from the device under /dev/mapper/root.
     """
     doc = {"name": profile.image.name, "version": image_version(profile, source_date_epoch),
            "suite": profile.debian.suite, "cpu_level": profile.image.cpu_level,
-           "firmware_manifest": profile.gpu_manifest.stem if profile.gpu_manifest else ""}
+           "firmware_manifest": profile.gpu_manifest.stem if profile.gpu_manifest else "",
+           "egress": egress_json(profile)}
     path = _inside(root, IMAGE_METADATA_IN_ROOT)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():  # the GPU deploy wrote its "gpu" summary there first: keep it

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from agent.errors import ImageError
 from agent.fsutil import atomic_write_text, file_sha256
+from provisioning.image.egress import egress_json
 from provisioning.image.stage import DiskSizes, RunFn, StageContext, as_stage_context
 
 __all__ = [
@@ -408,6 +409,7 @@ def disk(ctx: StageContext | object) -> Path:
                       sealed.uki.name: "uki", loader.name: "boot-loader"}
     write_manifest(ctx.out, name=ctx.name, version=sealed.version, epoch=ctx.source_date_epoch,
                    roothash=sealed.roothash, artifacts=artifacts,
-                   extra={"cpu_level": profile.image.cpu_level} if profile is not None else None)
+                   extra={"cpu_level": profile.image.cpu_level, "egress": egress_json(profile)}
+                   if profile is not None else None)
     shutil.rmtree(ctx.work / "disk", ignore_errors=True)
     return image

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent.settings import to_json
+from provisioning.image.egress import nft_output_rules
 from provisioning.image.profile import Profile
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "AGENT_USER",
     "BOOT_CHECK_UNIT",
     "CPU_CHECK_UNIT",
+    "IDLE_TIMERS",
     "LISTEN_PREFIX",
     "LISTEN_REPORT_UNIT",
     "OS_UPDATE_PATH",
@@ -127,13 +129,20 @@ def _agent_sections() -> tuple[str, ...]:
 
 
 def nftables_ruleset(profile: Profile) -> str:
-    """Default-deny inbound; loopback, replies, needed ICMP and the profile's TCP ports."""
+    """Default-deny both ways.
+
+    Inbound: loopback, replies, needed ICMP and the profile's TCP ports.  Outbound: replies,
+    loopback, needed ICMP and the profile's allowlist (:mod:`provisioning.image.egress`);
+    anything else is dropped and logged (rate-limited), so a compromised process cannot send
+    data anywhere the profile does not name.
+    """
     ports = ", ".join(str(p) for p in profile.inbound_tcp)
+    output = "".join(f"\t\t{rule}\n" for rule in nft_output_rules(profile))
     dhcp = ("\t\tudp sport 67 udp dport 68 accept\n\t\tudp sport 547 udp dport 546 accept\n"
             if profile.network.mode == "dhcp" else "")
     return (
         "#!/usr/sbin/nft -f\n"
-        "# Written by `appliance build`: inbound is denied unless listed here.\n"
+        "# Written by `appliance build`: inbound and outbound are denied unless listed here.\n"
         "flush ruleset\n\n"
         "table inet filter {\n"
         "\tchain input {\n"
@@ -150,7 +159,9 @@ def nftables_ruleset(profile: Profile) -> str:
         f"\t\ttcp dport {{ {ports} }} accept\n"
         "\t}\n"
         "\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n"
-        "\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n\t}\n"
+        "\tchain output {\n\t\ttype filter hook output priority filter; policy drop;\n"
+        f"{output}"
+        "\t}\n"
         "}\n"
     )
 
@@ -582,6 +593,15 @@ def listen_report_unit() -> str:
     ))
 
 
+# Timers Debian enables that have nothing to do on a sealed image with no package sources:
+# apt's (they would try the network for sources that were removed), man-db's cache rebuild
+# (the root is read-only), dpkg's database backup (the database never changes after the
+# build) and e2scrub (it checks ext4 on LVM snapshots; the image has no LVM).  fstrim.timer
+# stays: the data partition (/var) is writable flash that trimming keeps healthy.
+IDLE_TIMERS = ("apt-daily.timer", "apt-daily-upgrade.timer", "man-db.timer",
+               "dpkg-db-backup.timer", "e2scrub_all.timer")
+
+
 def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS_IN_ROOT,
                    kernel_release: str = "", gpu_record: dict[str, Any] | None = None) -> Plan:
     """The configure stage's plan for ``profile``.
@@ -634,7 +654,8 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         enable.append(LISTEN_REPORT_UNIT)
     if _checks_cpu(profile):
         enable.append(CPU_CHECK_UNIT)
-    mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service"]
+    mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service",
+            *IDLE_TIMERS]
     if not profile.hardening.core_dumps:
         mask.append("systemd-coredump.socket")
     remove = ("/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/resolv.conf",
