@@ -44,6 +44,18 @@ def register(
                    "refused, e.g. qemu64")
     b.add_argument("--port", type=_port_map, action="append", default=[], metavar="GUEST=HOST",
                    help="forward a guest TCP port to 127.0.0.1:HOST (default 8001=18001, 8002=18002)")
+    b.add_argument("--pcap", type=Path, metavar="FILE",
+                   help="record every frame on the guest's network to FILE (pcap; qemu filter-dump)")
+    b.add_argument("--restrict-net", action="store_true",
+                   help="the guest reaches nothing on or beyond this host but the forwards "
+                   "(qemu user network restrict=on; DHCP still answers)")
+    b.add_argument("--guest-forward", type=_port_map, action="append", default=[],
+                   metavar="GUEST=HOST",
+                   help=f"the guest's connections to {vm.GUEST_FORWARD_ADDR}:GUEST reach "
+                   "127.0.0.1:HOST on this host (works with --restrict-net)")
+    b.add_argument("--hang-after", type=float, metavar="SECONDS",
+                   help="with --wait-for: fail early when the console prints nothing for SECONDS "
+                   "(a hung guest); keeps the console and UEFI variables")
     b.add_argument("--tpm", action="store_true", help="attach a software TPM 2.0 (swtpm)")
     b.add_argument("--secure-boot", action="store_true",
                    help="Secure Boot firmware (OVMF secboot build) enforcing the keys in the variable "
@@ -97,7 +109,9 @@ def _boot(args: argparse.Namespace) -> int:
                        firmware=firmware, vars_template=args.vars or template, secure_boot=args.secure_boot,
                        tpm_socket=state / "swtpm.sock" if args.tpm else None,
                        disk_size=args.disk_size * 1024 * 1024 if args.disk_size else None,
-                       keep_disk=args.keep_disk, cpu_model=args.cpu)
+                       keep_disk=args.keep_disk, cpu_model=args.cpu,
+                       pcap=args.pcap.resolve() if args.pcap else None,
+                       restrict_net=args.restrict_net, guest_forwards=dict(args.guest_forward))
     machine = vm.start(plan, fallback_tcg=args.accel == "auto")
     kvm = machine.plan.kvm
     info = machine.to_json()
@@ -107,7 +121,7 @@ def _boot(args: argparse.Namespace) -> int:
     try:
         if args.wait_for:
             began = time.monotonic()
-            line = vm.wait_for(machine, args.wait_for, args.timeout)
+            line = vm.wait_for(machine, args.wait_for, args.timeout, stall=args.hang_after)
             info |= {"matched": line, "seconds": round(time.monotonic() - began, 1)}
             if not args.json:
                 print(line)

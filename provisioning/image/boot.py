@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,9 +30,10 @@ from agent.errors import ImageError, NotFoundError
 from agent.tools import require_tool, run
 from provisioning.image.disk import MANIFEST_NAME
 
-__all__ = ["AGENT_PORTS", "OVMF_CODE", "OVMF_CODE_SECBOOT", "OVMF_VARS", "OVMF_VARS_SNAKEOIL",
-           "QEMU_CPU_LEVELS", "SNAKEOIL_CERT", "SNAKEOIL_KEY", "BootPlan", "Machine",
-           "check_cpu_model", "image_cpu_level", "kvm_usable", "qemu_argv", "start", "stop",
+__all__ = ["AGENT_PORTS", "GUEST_FORWARD_ADDR", "GUEST_MAC", "OVMF_CODE", "OVMF_CODE_SECBOOT",
+           "OVMF_VARS", "OVMF_VARS_SNAKEOIL", "QEMU_CPU_LEVELS", "SNAKEOIL_CERT", "SNAKEOIL_KEY",
+           "BootPlan", "ConsoleWatch", "GuestHungError", "Machine", "check_cpu_model",
+           "image_cpu_level", "keep_evidence", "kvm_usable", "qemu_argv", "start", "stop",
            "wait_for"]
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -42,6 +45,11 @@ OVMF_VARS_SNAKEOIL = Path("/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd")
 SNAKEOIL_KEY = Path("/usr/share/ovmf/PkKek-1-snakeoil.key")  # encrypted; passphrase "snakeoil"
 SNAKEOIL_CERT = Path("/usr/share/ovmf/PkKek-1-snakeoil.pem")
 AGENT_PORTS = (8001, 8002)  # gRPC (inference + node) and Prometheus metrics
+GUEST_MAC = "52:54:00:12:34:56"  # qemu's first NIC address, set explicitly: pcaps are read by it
+# Where a guestfwd appears to the guest: in slirp's 10.0.2.0/24, and not the host (10.0.2.2)
+# or DNS (10.0.2.3) addresses, which slirp refuses for forwards.
+GUEST_FORWARD_ADDR = "10.0.2.100"
+_RELAY = Path(__file__).with_name("_relay.py")
 _STATE = "machine.json"
 log = logging.getLogger(__name__)
 
@@ -127,6 +135,10 @@ class BootPlan:
     disk_size: int | None = None  # bytes the guest sees (>= the image: a bigger disk, as when flashed)
     keep_disk: bool = False  # reuse the state's overlay and UEFI variables: a power cycle, not a fresh disk
     cpu_model: str | None = None  # qemu -cpu MODEL (default: host under KVM, max under TCG)
+    pcap: Path | None = None  # record every frame on the guest's network here (qemu filter-dump)
+    restrict_net: bool = False  # the guest reaches only the forwards: nothing on or beyond the host
+    # port on GUEST_FORWARD_ADDR -> port on the host's 127.0.0.1 (a guestfwd; works restricted)
+    guest_forwards: Mapping[int, int] = field(default_factory=dict)
 
     @property
     def overlay(self) -> Path:
@@ -162,6 +174,12 @@ def qemu_argv(plan: BootPlan) -> list[str]:
         accel = ["-machine", "q35,accel=tcg", "-cpu", plan.cpu_model or "max"]
     forwards = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
                        for guest, host in sorted(plan.ports.items()))
+    # slirp runs the command per guest connection (argv split like a shell, no shell): a relay
+    # to the host port, since a restricted network cannot reach the host by itself
+    relay = f"{shlex.quote(sys.executable)} {shlex.quote(str(_RELAY))}"
+    forwards += "".join(f",guestfwd=tcp:{GUEST_FORWARD_ADDR}:{guest}-cmd:{relay} 127.0.0.1 {host}"
+                        for guest, host in sorted(plan.guest_forwards.items()))
+    restrict = "on" if plan.restrict_net else "off"
     if plan.secure_boot:
         accel[1] += ",smm=on"
         accel += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
@@ -174,9 +192,12 @@ def qemu_argv(plan: BootPlan) -> list[str]:
         "-drive", f"if=virtio,format=qcow2,file={plan.overlay}",
         "-chardev", f"file,id=console,path={plan.console}", "-serial", "chardev:console",
         "-qmp", f"unix:{plan.qmp},server=on,wait=off",
-        "-netdev", f"user,id=net0,restrict=off{forwards}", "-device", "virtio-net-pci,netdev=net0",
+        "-netdev", f"user,id=net0,restrict={restrict}{forwards}",
+        "-device", f"virtio-net-pci,netdev=net0,mac={GUEST_MAC}",
         "-device", "virtio-rng-pci",
     ]
+    if plan.pcap is not None:
+        argv += ["-object", f"filter-dump,id=dump0,netdev=net0,file={plan.pcap}"]
     if plan.tpm_socket is not None:
         argv += ["-chardev", f"socket,id=tpmchr,path={plan.tpm_socket}",
                  "-tpmdev", "emulator,id=tpm0,chardev=tpmchr", "-device", "tpm-tis,tpmdev=tpm0"]
@@ -203,7 +224,10 @@ class Machine:
         """What ``appliance boot --json`` prints and ``machine.json`` holds."""
         return {"image": str(self.plan.image), "state": str(self.plan.state), "pid": self.pid,
                 "tpm_pid": self.tpm_pid, "kvm": self.plan.kvm, "console": str(self.plan.console),
-                "ports": {str(g): h for g, h in sorted(self.plan.ports.items())}}
+                "ports": {str(g): h for g, h in sorted(self.plan.ports.items())},
+                "pcap": str(self.plan.pcap) if self.plan.pcap else None,
+                "restrict_net": self.plan.restrict_net,
+                "guest_forwards": {str(g): h for g, h in sorted(self.plan.guest_forwards.items())}}
 
     def alive(self) -> bool:
         """True while qemu's process exists."""
@@ -240,9 +264,12 @@ def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
 
     Raises:
         NotFoundError: the image or firmware is missing. ImageError: the state directory
-            holds a running machine, or KVM cannot run the firmware (without ``fallback_tcg``).
+            holds a running machine, KVM cannot run the firmware (without ``fallback_tcg``), or
+            the pcap file name has a comma (qemu would split it).
         ToolError: qemu-img, swtpm or qemu failed to start.
     """
+    if plan.pcap is not None and "," in str(plan.pcap):
+        raise ImageError(f"--pcap {plan.pcap}: qemu cannot take a file name with a comma")
     for label, path in (("image", plan.image), ("UEFI firmware (Debian package ovmf)", plan.firmware),
                         ("UEFI variable store (Debian package ovmf)", plan.vars_template)):
         if not path.is_file():
@@ -316,15 +343,94 @@ def load(state: Path) -> Machine:
     return Machine(plan, int(doc["pid"]), doc.get("tpm_pid"))
 
 
-def wait_for(machine: Machine, pattern: str, timeout: float, poll: float = 0.5) -> str:
+class GuestHungError(ImageError):
+    """The guest's console printed nothing for longer than a boot or reboot ever takes."""
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (None when /proc cannot say)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class ConsoleWatch:
+    """Notices a guest that stopped making progress: its serial console has not grown for
+    ``stall`` seconds.  Callers that see life another way (the agent answering) call
+    :meth:`alive`, since an idle, healthy guest prints nothing either."""
+
+    machine: Machine
+    stall: float
+    _size: int = -1
+    _since: float = 0.0
+    _cpu: float | None = None
+
+    def alive(self) -> None:
+        """The guest showed life some other way: start the silent period again."""
+        self._since, self._cpu = time.monotonic(), _cpu_seconds(self.machine.pid)
+
+    def check(self) -> None:
+        """Raise when the console has been silent for ``stall`` seconds while qemu runs.
+
+        Raises:
+            GuestHungError: the message has the last console lines, how long it was silent,
+                qemu's CPU use meanwhile and where the UEFI variable store was kept.
+        """
+        try:
+            size = self.machine.plan.console.stat().st_size
+        except OSError:
+            size = 0
+        if size != self._size:
+            self._size = size
+            self.alive()
+            return
+        silent = time.monotonic() - self._since
+        if silent < self.stall or not self.machine.alive():
+            return
+        raise GuestHungError(self.report(silent))
+
+    def report(self, silent: float) -> str:
+        """What a person needs to look into the hang; keeps the console and UEFI variables."""
+        cpu_now, cpu_then = _cpu_seconds(self.machine.pid), self._cpu
+        burnt = (f"qemu (pid {self.machine.pid}) used {cpu_now - cpu_then:.0f} s of CPU meanwhile"
+                 if cpu_now is not None and cpu_then is not None else
+                 f"qemu (pid {self.machine.pid}) still runs")
+        kept = keep_evidence(self.machine, "hung")
+        tail = _tail(self.machine)
+        last = tail.splitlines()[-1] if tail else "(nothing)"
+        return (f"guest hung: the console printed nothing for {silent:.0f} s (bound "
+                f"{self.stall:.0f} s); {burnt}; it stopped after: {last!r}; console and UEFI "
+                f"variables kept in {kept}; last console lines:\n{tail}")
+
+
+def keep_evidence(machine: Machine, label: str) -> Path:
+    """Copy the console log and the UEFI variable store to a new folder in the machine's state
+    (the next power-on starts both afresh); returns the folder."""
+    keep = machine.plan.state / f"{label}-{time.strftime('%Y%m%dT%H%M%S')}"
+    keep.mkdir(parents=True, exist_ok=True)
+    for path in (machine.plan.console, machine.plan.vars):
+        with contextlib.suppress(OSError):
+            shutil.copyfile(path, keep / path.name)
+    return keep
+
+
+def wait_for(machine: Machine, pattern: str, timeout: float, poll: float = 0.5,
+             stall: float | None = None) -> str:
     """Block until the console log matches ``pattern`` (a regular expression); return the line.
 
+    With ``stall``, a console that prints nothing for that many seconds ends the wait early.
+
     Raises:
+        GuestHungError: the console was silent for ``stall`` seconds.
         ImageError: qemu exited first, or ``timeout`` seconds passed (the message has the
             console's last lines).
     """
     regex = re.compile(pattern)
     deadline = time.monotonic() + timeout
+    watch = ConsoleWatch(machine, stall) if stall is not None else None
     offset, pending = 0, ""
     while True:
         with machine.plan.console.open("rb") as f:
@@ -343,6 +449,8 @@ def wait_for(machine: Machine, pattern: str, timeout: float, poll: float = 0.5) 
             raise ImageError(f"qemu exited before the console printed {pattern!r}:\n{_tail(machine)}")
         if time.monotonic() > deadline:
             raise ImageError(f"no {pattern!r} on the console within {timeout:.0f} s:\n{_tail(machine)}")
+        if watch is not None:
+            watch.check()
         time.sleep(poll)
 
 

@@ -1,0 +1,144 @@
+"""Fast tier for what hil/ boots with: a restricted, recorded guest network (qemu argv, the
+guestfwd relay) and the watch that reports a hung guest within minutes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ImageError
+from provisioning.commands.boot import register
+from provisioning.image import boot as vm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _plan(tmp_path: Path, **kw: object) -> vm.BootPlan:
+    return vm.BootPlan(tmp_path / "disk.raw", tmp_path / "vm", False, ports={8001: 18001}, **kw)  # type: ignore[arg-type]
+
+
+def test_qemu_argv_records_and_restricts_the_guest_network(tmp_path: Path) -> None:
+    argv = vm.qemu_argv(_plan(tmp_path, pcap=tmp_path / "g.pcap", restrict_net=True,
+                              guest_forwards={18480: 28480}))
+    netdev = argv[argv.index("-netdev") + 1]
+    assert netdev.startswith("user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:18001-:8001,")
+    relay = str(ROOT / "provisioning/image/_relay.py")
+    assert netdev.endswith(f",guestfwd=tcp:10.0.2.100:18480-cmd:{sys.executable} {relay} 127.0.0.1 28480")
+    assert f"filter-dump,id=dump0,netdev=net0,file={tmp_path}/g.pcap" in argv
+    assert "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56" in argv
+    plain = vm.qemu_argv(_plan(tmp_path))
+    assert "restrict=off" in plain[plain.index("-netdev") + 1] and "filter-dump" not in " ".join(plain)
+    assert "guestfwd" not in " ".join(plain)
+
+
+def test_boot_cli_takes_pcap_restrict_and_guest_forward(tmp_path: Path) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(), argparse.ArgumentParser(add_help=False))
+    args = parser.parse_args(["boot", "d.raw", "--pcap", "x.pcap", "--restrict-net",
+                              "--guest-forward", "18480=28480", "--hang-after", "300"])
+    assert (args.pcap, args.restrict_net, args.guest_forward, args.hang_after) == \
+        (Path("x.pcap"), True, [(18480, 28480)], 300.0)
+
+
+def test_a_pcap_name_qemu_would_split_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "disk.raw").write_bytes(b"")
+    with pytest.raises(ImageError, match="comma"):
+        vm.start(_plan(tmp_path, pcap=tmp_path / "a,b.pcap"))
+
+
+def test_relay_carries_a_guest_connection_both_ways(tmp_path: Path) -> None:
+    """slirp gives the relay the guest's end as stdin/stdout (a socket pair): the same here."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def upstream() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+            conn.sendall(b"got " + str(len(data)).encode())
+
+    t = threading.Thread(target=upstream, daemon=True)
+    t.start()
+    guest, child = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "provisioning/image/_relay.py"), "127.0.0.1",
+                             str(port)], stdin=child, stdout=child, env={})
+    child.close()
+    payload = os.urandom(300_000)
+    guest.sendall(payload)
+    guest.shutdown(socket.SHUT_WR)  # the guest's half-close reaches the server
+    guest.settimeout(20)
+    answer = b""
+    while chunk := guest.recv(4096):
+        answer += chunk
+    assert answer == b"got 300000"
+    assert proc.wait(timeout=20) == 0
+    server.close()
+
+
+# --- a hung guest -------------------------------------------------------------------------
+
+def _machine(tmp_path: Path) -> vm.Machine:
+    plan = _plan(tmp_path)
+    plan.state.mkdir(parents=True)
+    plan.vars.write_bytes(b"uefi variables")
+    plan.console.write_text("")
+    return vm.Machine(plan, os.getpid())  # a live process stands for qemu
+
+
+def _console_writer(path: Path, lines: list[str], gap: float) -> threading.Thread:
+    def write() -> None:
+        for line in lines:
+            with path.open("a") as f:
+                f.write(line + "\r\n")
+            time.sleep(gap)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_console_that_stops_growing_is_reported_hung(tmp_path: Path) -> None:
+    machine = _machine(tmp_path)
+    _console_writer(machine.plan.console, ["BdsDxe: starting Boot0001", "systemd-boot 257",
+                                           "OVMF reset"], 0.1)
+    began = time.monotonic()
+    with pytest.raises(vm.GuestHungError) as caught:
+        vm.wait_for(machine, "login:", timeout=60, poll=0.05, stall=1.0)
+    took = time.monotonic() - began
+    assert 1.0 <= took < 5, took  # the stall bound, not the 60 s timeout
+    text = str(caught.value)
+    assert "printed nothing for 1 s" in text and "stopped after: 'OVMF reset'" in text
+    assert "systemd-boot 257" in text and f"pid {os.getpid()}" in text
+    (kept,) = machine.plan.state.glob("hung-*")
+    assert (kept / "OVMF_VARS.fd").read_bytes() == b"uefi variables"
+    assert "OVMF reset" in (kept / "console.log").read_text()
+
+
+def test_a_console_that_keeps_printing_is_not_hung(tmp_path: Path) -> None:
+    machine = _machine(tmp_path)
+    _console_writer(machine.plan.console, [f"line {i}" for i in range(25)] + ["login: "], 0.1)
+    assert vm.wait_for(machine, "login:", timeout=30, poll=0.05, stall=1.0) == "login: "
+
+
+def test_a_silent_guest_that_answers_another_way_is_not_hung(tmp_path: Path) -> None:
+    machine = _machine(tmp_path)
+    watch = vm.ConsoleWatch(machine, stall=0.5)
+    watch.check()
+    for _ in range(6):  # 1.2 s of silence, but the agent answered in between
+        time.sleep(0.2)
+        watch.alive()
+        watch.check()
+    time.sleep(0.6)
+    with pytest.raises(vm.GuestHungError, match=r"nothing for [01] s"):
+        watch.check()
