@@ -22,15 +22,23 @@ UNBLESSED = "appliance-boot: agent not serving, rebooting unblessed"  # plan.boo
 
 
 def _wait_for_root(appliance: Appliance, roothash: str, began: float, bound: float) -> float:
-    """Poll the inventory until the node runs ``roothash`` (it reboots on its own meanwhile)."""
+    """Poll the inventory until the node runs ``roothash`` (it reboots on its own meanwhile).
+
+    Under qemu, a guest whose console stays silent while its agent does not answer is hung:
+    that fails within ``--hang-after`` seconds (GuestHungError), not at ``bound``.
+    """
     import grpc
 
+    watch = appliance.watch()
     while time.monotonic() - began < bound:
         try:
             if _inventory(appliance).root_hash == roothash:
                 return time.monotonic() - began
+            if watch is not None:
+                watch.alive()
         except grpc.RpcError:
-            pass  # rebooting
+            if watch is not None:  # rebooting: the console must show it
+                watch.check()
         time.sleep(2.0)
     tail = appliance.console.read_text(errors="replace")[-3000:] if appliance.console else ""
     raise TimeoutError(f"node not running root {roothash[:16]}... within {bound:.0f} s; console:\n{tail}")
@@ -102,12 +110,19 @@ def test_a_root_that_never_serves_falls_back_by_itself(appliance: Appliance, sit
     bound = 3 * float(request.config.getoption("--serving-bound"))
     went_down = False
     failed: list[Any] = []
+    # a guest that stops printing while its agent is down is hung (seen once, at the fourth
+    # start): fail within --hang-after with its console and UEFI variables, not after `bound`
+    watch = appliance.watch()
     while not failed and time.monotonic() - began < bound:
         try:
             failed = [e for e in _os_events(appliance)
                       if e.seq not in seen and e.kind == "update.os.failed"]
+            if watch is not None:
+                watch.alive()
         except grpc.RpcError:
             went_down = True  # rebooting: into the trial root, and back
+            if watch is not None:
+                watch.check()
         time.sleep(2.0)
     tail = appliance.console.read_text(errors="replace")[-3000:] if appliance.console else ""
     assert failed, f"no update.os.failed within {bound:.0f} s; console:\n{tail}"

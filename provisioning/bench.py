@@ -28,7 +28,7 @@ from agent.tools import require_tool, run
 ROOT = Path(__file__).resolve().parent.parent
 # A fixed, root-owned cache that CI and operators share (builds need root anyway).
 DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_HIL_CACHE", "/var/tmp/appliance-hil"))  # noqa: S108
-REGISTRY_PORT = 18480  # images/hil.toml: [agent.updates] sources = ["http://10.0.2.2:18480"]
+REGISTRY_PORT = 18480  # images/hil.toml: [agent.updates] sources = ["http://10.0.2.100:18480"]
 BUNDLE = "affine"
 BAKED_VERSION = "1.0.1"
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
