@@ -86,6 +86,19 @@ def test_relay_carries_a_guest_connection_both_ways(tmp_path: Path) -> None:
     server.close()
 
 
+def test_relay_closes_the_guest_connection_quietly_when_nothing_listens() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        guest, child = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, str(ROOT / "provisioning/image/_relay.py"),
+                                 "127.0.0.1", str(port)], stdin=child, stdout=child, stderr=child, env={})
+        child.close()
+        assert proc.wait(timeout=20) == 1
+    guest.settimeout(5)
+    assert guest.recv(100) == b""  # closed, and no traceback sent to the guest
+
+
 # --- a hung guest -------------------------------------------------------------------------
 
 def _machine(tmp_path: Path) -> vm.Machine:

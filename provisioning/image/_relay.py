@@ -8,6 +8,7 @@ library: qemu starts it with its own (clean) environment.
 from __future__ import annotations
 
 import contextlib
+import os
 import selectors
 import socket
 import sys
@@ -39,8 +40,14 @@ def relay(guest: socket.socket, host: str, port: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # standard error is the guest's connection too: a message there would reach the guest's
+    # client as if the server had sent it
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115, PTH123 - for the life of the process
     guest = socket.socket(fileno=0)  # slirp's end of the guest connection (a socket pair)
-    relay(guest, argv[1], int(argv[2]))
+    try:
+        relay(guest, argv[1], int(argv[2]))
+    except OSError:
+        return 1  # nothing listens on the host port: the guest sees its connection closed
     return 0
 
 
