@@ -65,8 +65,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 "from it instead of --ca/--cert/--key")
     g.addoption("--registry", type=Path, help="the registry directory the image trusts "
                 "(copied; the copy gets new versions)")
-    g.addoption("--registry-port", type=int, default=18480,
-                help="qemu: host loopback port to serve the registry copy on (default 18480)")
+    g.addoption("--registry-port", type=int, default=0,
+                help="qemu: host loopback port to serve the registry copy on (default: a free one; "
+                "the guest reaches it as 10.0.2.100:18480 either way)")
     g.addoption("--console", type=Path, help="a real appliance's serial console log")
     g.addoption("--os-release", type=Path, help="an OS release file (`appliance os-release`) "
                 "newer than the image: checks the A->B update through the registry")
@@ -97,7 +98,7 @@ class Appliance:
     accel: str = "auto"
     serving_seconds: list[float] = field(default_factory=list)  # power-on -> SERVING, per boot
     hang_after: float = 300.0  # console silence that means a hung guest (qemu only)
-    registry_port: int = 18480  # the host port the guest's update source is forwarded to
+    registry_port: int = 0  # the host port the guest's update source is forwarded to
     pcaps: list[Path] = field(default_factory=list)  # every frame on the guest's network, per boot
     first_power_on: float | None = None  # time.monotonic() of the first power-on
     machine: Machine | None = None  # the running qemu
@@ -231,7 +232,7 @@ def appliance(request: pytest.FixtureRequest,
                          image=image.resolve(), state=work / "vm", ports=ports,
                          accel=config.getoption("--accel"),
                          hang_after=float(config.getoption("--hang-after")),
-                         registry_port=int(config.getoption("--registry-port")))
+                         registry_port=int(config.getoption("--registry-port")) or _free_port())
         try:
             seconds = node.power_on(keep_disk=False, bound=bound)
             print(f"\nhil: power-on to agent SERVING over mTLS: {seconds:.1f} s "
@@ -300,7 +301,7 @@ def site_registry(request: pytest.FixtureRequest, appliance: Appliance,
         pytest.skip("--registry on a real appliance: serve the copy yourself (not automated yet)")
     from provisioning.registry import make_server
 
-    port = int(request.config.getoption("--registry-port"))
+    port = appliance.registry_port
     # the guest's 10.0.2.100:18480 is forwarded here (Appliance.power_on: a guestfwd)
     server = make_server(copy, port, "127.0.0.1")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
