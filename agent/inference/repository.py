@@ -6,7 +6,9 @@ Published as ``ctx.components["inference"]``.  Read API (safe from any thread):
   installed_at, active, loaded, provider (inventory reads this);
 - :meth:`ModelRepository.statistics` -> list of dicts in Triton's ModelStatistics shape plus
   ``pending`` (the Prometheus collector reads this);
-- :meth:`ModelRepository.index` -> (name, version, state, reason) of every installed version.
+- :meth:`ModelRepository.index` -> (name, version, state, reason) of every installed version;
+- :meth:`ModelRepository.triton_version` -> a version's Triton number (see
+  :mod:`agent.inference.versions`); every lookup takes either form.
 
 A model is served only after its installed files re-check against their manifest and its
 golden vectors reproduce on the very session that will serve it; otherwise it is recorded
@@ -27,6 +29,7 @@ from agent.config import InferenceSection
 from agent.errors import ApplianceError, BundleError, NotFoundError
 from agent.inference.model import LoadedModel, build_session
 from agent.inference.store import InstalledModel, ModelStore, golden_verifier
+from agent.inference.versions import FILE_NAME, TritonVersions
 
 __all__ = ["IndexEntry", "ModelRepository"]
 
@@ -54,6 +57,7 @@ class ModelRepository:
         self._failed: dict[tuple[str, str], str] = {}
         self._listeners: list[Listener] = []
         self._lock = asyncio.Lock()
+        self.numbers = TritonVersions(store.root / FILE_NAME)
 
     @classmethod
     def for_state_dir(cls, state_dir: Path, settings: InferenceSection) -> ModelRepository:
@@ -209,7 +213,7 @@ class ModelRepository:
                 vectors fail on this node; it is not served.
         """
         async with self._lock:
-            installed = self.store.find(name, version)
+            installed = self.store.find(name, self._installed_version(name, version))
             current = self._served.get(name, {}).get(installed.version)
             if current is not None:
                 return current
@@ -248,8 +252,21 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ lookups
 
+    def triton_version(self, name: str, version: str) -> str:
+        """The Triton version number of ``name``'s bundle ``version``, as a string."""
+        known = lambda: [m.version for m in self.store.installed(name)]  # noqa: E731
+        return str(self.numbers.number(name, version, known))
+
+    def _installed_version(self, name: str, version: str | None) -> str | None:
+        """``version`` as a bundle version: a Triton number that names no installed bundle
+        version is translated."""
+        if not version or any(m.version == version for m in self.store.installed(name)):
+            return version
+        return self.numbers.version_of(name, version) or version
+
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The served model for a request; without a version, the active one (else the newest).
+        ``version`` is a bundle version or its Triton number (the bundle version wins).
 
         Raises:
             NotFoundError: the model or that version is not being served.
@@ -261,8 +278,11 @@ class ModelRepository:
         if version:
             model = versions.get(version)
             if model is None:
-                raise NotFoundError(f"model {name!r} has no served version {version!r} "
-                                    f"(served: {', '.join(sorted(versions))})")
+                model = versions.get(self.numbers.version_of(name, version) or "")
+            if model is None:
+                served = ", ".join(f"{v} (Triton version {self.triton_version(name, v)})"
+                                   for v in sorted(versions))
+                raise NotFoundError(f"model {name!r} has no served version {version!r} (served: {served})")
             return model
         active = self.store.active_version(name)
         if active in versions:
@@ -312,7 +332,8 @@ class ModelRepository:
                 raise NotFoundError(f"unknown model {name!r}: not being served")
         else:
             models = self.served()
-        return [m.stats.snapshot() for m in sorted(models, key=lambda m: (m.name, m.manifest.version_tuple))]
+        return [m.stats.snapshot() | {"triton_version": self.triton_version(m.name, m.version)}
+                for m in sorted(models, key=lambda m: (m.name, m.manifest.version_tuple))]
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every installed version with its state (READY when served)."""
