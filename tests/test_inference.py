@@ -277,6 +277,30 @@ def test_triton_version_numbers_are_accepted_wherever_a_version_is(served: Agent
     assert numbers["affine"] == {"1.0.0": 1, "2.0.0": 2}
 
 
+def test_a_triton_number_works_before_anything_asked_for_one(tmp_path: Path) -> None:
+    """perf_analyzer -x 2 asks ModelMetadata for version 2 first: nothing numbered yet."""
+    import asyncio
+
+    from agent.config import InferenceSection
+    from agent.inference.repository import ModelRepository
+    from tests.updates_support import affine_bundle_at
+
+    state = tmp_path / "state"
+    install(state, affine_bundle_at(tmp_path, "1.0.1"), affine_bundle_at(tmp_path, "1.0.2"))
+    repo = ModelRepository.for_state_dir(state, InferenceSection())
+
+    async def run() -> tuple[str, str, str]:
+        await repo.load("affine", "2")
+        await repo.load("affine", "1.0.1")
+        try:
+            return (repo.get("affine", "2").version, repo.get("affine", "1").version,
+                    repo.get("affine").version)
+        finally:
+            await repo.close()
+
+    assert asyncio.run(run()) == ("1.0.2", "1.0.1", "1.0.2")
+
+
 def test_triton_numbers_are_stable_and_never_reused(tmp_path: Path) -> None:
     from agent.inference.versions import TritonVersions
 

@@ -257,12 +257,20 @@ class ModelRepository:
         known = lambda: [m.version for m in self.store.installed(name)]  # noqa: E731
         return str(self.numbers.number(name, version, known))
 
+    def _by_number(self, name: str, number: str) -> str | None:
+        """The bundle version whose Triton number is ``number``; the installed versions are
+        numbered first, so a number works before anything else asked for one."""
+        if not number.isdigit():
+            return None
+        self.numbers.number_all(name, [m.version for m in self.store.installed(name)])
+        return self.numbers.version_of(name, number)
+
     def _installed_version(self, name: str, version: str | None) -> str | None:
         """``version`` as a bundle version: a Triton number that names no installed bundle
         version is translated."""
         if not version or any(m.version == version for m in self.store.installed(name)):
             return version
-        return self.numbers.version_of(name, version) or version
+        return self._by_number(name, version) or version
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The served model for a request; without a version, the active one (else the newest).
@@ -278,7 +286,7 @@ class ModelRepository:
         if version:
             model = versions.get(version)
             if model is None:
-                model = versions.get(self.numbers.version_of(name, version) or "")
+                model = versions.get(self._by_number(name, version) or "")
             if model is None:
                 served = ", ".join(f"{v} (Triton version {self.triton_version(name, v)})"
                                    for v in sorted(versions))

@@ -70,6 +70,16 @@ class TritonVersions:
                 self._save()
             return numbers[version]
 
+    def number_all(self, name: str, versions: Iterable[str]) -> None:
+        """Number every one of ``versions`` that has no number yet (in version order)."""
+        with self._lock:
+            numbers = self._numbers.setdefault(name, {})
+            fresh = sorted(set(versions) - numbers.keys(), key=_order)
+            if fresh:
+                start = max(numbers.values(), default=0) + 1
+                numbers.update({v: start + i for i, v in enumerate(fresh)})
+                self._save()
+
     def version_of(self, name: str, number: str) -> str | None:
         """The bundle version numbered ``number`` (a decimal string), or None."""
         if not number.isdigit():
