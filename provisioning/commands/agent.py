@@ -10,12 +10,16 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, InferenceSection, ServerSection, load_config
+from agent.errors import NotFoundError
 from agent.settings import add_flags, apply_flags
 
 __all__ = ["config_from_args", "register"]
+
+log = logging.getLogger(__name__)
 
 
 def register(
@@ -53,6 +57,10 @@ def register(
                            help="serve this model (repeatable; same as --models)")
     s.add_argument("--registry", dest="sources", action="append", metavar="URL|DIR",
                    help="registry source to install missing models from ([updates] sources)")
+    s.add_argument("--trusted-root", type=Path, default=None, metavar="FILE",
+                   help="the registry's root.json: the node's TUF trust anchor when the state "
+                        "directory has none yet; a different root later is refused unless it "
+                        "chains from the trusted one (TUF root rotation)")
     s.add_argument("--print-config", action="store_true",
                    help="print the effective configuration (JSON) and exit")
     s.set_defaults(handler=_serve)
@@ -81,9 +89,33 @@ def _serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_json(), indent=2, sort_keys=True))
         return 0
+    if args.trusted_root is not None:
+        _adopt_root(config.server.state_dir, args.trusted_root)
     from agent.server import run_agent
 
     return asyncio.run(run_agent(config))
+
+
+def _adopt_root(state_dir: Path, path: Path) -> None:
+    """Give the node ``path`` as its trust anchor (see RegistryClient.adopt_root).
+
+    Raises:
+        NotFoundError: ``path`` cannot be read.
+        VerificationError: not a usable root, or one that does not chain from the node's.
+    """
+    from agent.updates.client import RegistryClient
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise NotFoundError(f"--trusted-root {path}: cannot read it: {exc.strerror}") from None
+    outcome = RegistryClient.adopt_root(state_dir, data, origin=f"--trusted-root {path}")
+    log.info("trusted root %s: %s", path, {
+        "initialised": "the node's trust anchor from now on",
+        "unchanged": "already the node's trust anchor",
+        "older": "older than the node's trusted root (rotated since); not used",
+        "rotated": "the next root version, chained from the trusted one; adopted",
+    }[outcome])
 
 
 def _os_install(args: argparse.Namespace) -> int:

@@ -174,7 +174,7 @@ def _infer(url: str, requests: int) -> dict[str, Any]:
     infer = stats["inference_stats"]
     return {
         "model": MODEL,
-        "version": stats["version"],
+        "version": config["parameters"]["version"]["string_value"],
         "versions": meta["versions"],
         "provider": config["parameters"]["execution_provider"]["string_value"],
         "bundle_sha256": config["parameters"]["bundle_sha256"]["string_value"],
