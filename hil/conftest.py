@@ -216,7 +216,7 @@ class SiteRegistry:
         return target_path("bundle", "affine", version, bundle.name)
 
     def publish_os(self, release: Path) -> str:
-        from provisioning.image.osrelease import read_release, registry_version
+        from agent.osrelease import read_release, registry_version
         from provisioning.registry import add_target, publish, target_path
 
         rel = read_release(release)

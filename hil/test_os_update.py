@@ -38,8 +38,8 @@ def _wait_for_root(appliance: Appliance, roothash: str, began: float, bound: flo
 
 def test_os_update_a_to_b(appliance: Appliance, site_registry: SiteRegistry,
                           request: pytest.FixtureRequest) -> None:
+    from agent.osrelease import read_release
     from agent.proto import node_pb2
-    from provisioning.image.osrelease import read_release
 
     release_file: Path | None = request.config.getoption("--os-release")
     if release_file is None:
@@ -81,7 +81,7 @@ def test_a_root_that_never_serves_falls_back_by_itself(appliance: Appliance, sit
     returns to the running slot with no help; the agent then reports update.os.failed."""
     import grpc
 
-    from provisioning.image.osrelease import read_release
+    from agent.osrelease import read_release
 
     broken_file: Path | None = request.config.getoption("--broken-os-release")
     if broken_file is None:

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from agent.errors import UpdateError, VerificationError
+from agent.osrelease import read_release, registry_version, root_uuids
 from agent.osupdate import ATTEMPT, attempt_outcome, install_release, os_dir, set_partition_uuid
-from provisioning.image.disk import root_uuids
-from provisioning.image.osrelease import make_os_release, read_release, registry_version
+from provisioning.image.osrelease import make_os_release
 
 OLD, NEW = "1" * 64, "ab" * 32
 

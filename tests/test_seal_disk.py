@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ImageError, NotFoundError, VerificationError
+from agent.osrelease import root_uuids, uki_file_name
 from provisioning.image import boot as vm
 from provisioning.image import flash as flash_mod
 from provisioning.image.disk import (
@@ -21,9 +22,7 @@ from provisioning.image.disk import (
     derived_uuid,
     disk_mib,
     layout,
-    root_uuids,
     sfdisk_script,
-    uki_file_name,
     verity_mib,
     write_manifest,
 )
@@ -45,7 +44,7 @@ def test_root_uuids_are_systemds_halves_of_the_root_hash() -> None:
 
 @pytest.mark.parametrize("bad", ["xyz", "abcd", ""])
 def test_malformed_root_hash_is_refused(bad: str) -> None:
-    with pytest.raises(ImageError, match="root hash"):
+    with pytest.raises(VerificationError, match="root hash"):
         root_uuids(bad)
 
 

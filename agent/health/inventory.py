@@ -33,6 +33,7 @@ from typing import Any
 
 from agent import __version__
 from agent.fsutil import atomic_write_text
+from agent.osrelease import active_slot, running_root_hash
 
 __all__ = ["IMAGE_METADATA", "OS_RELEASE", "Bundle", "GpuInfo", "Inventory", "collect_inventory",
            "node_id"]
@@ -134,34 +135,6 @@ def _image(image_metadata: Path, os_release: Path) -> tuple[str, str, str]:
     return _os_release(os_release).get("IMAGE_VERSION", ""), "", ""
 
 
-def _root_hash(cmdline: Path) -> str:
-    try:
-        args = cmdline.read_text().split()
-    except OSError:
-        return ""
-    found = [a.removeprefix("roothash=") for a in args if a.startswith("roothash=")]
-    return found[-1] if found else ""
-
-
-def _slot(sys_block: Path) -> str:
-    """"A" or "B": the GPT label of the verity root's data partition, "" when not found."""
-    try:
-        devices = sorted(sys_block.glob("dm-*"))
-    except OSError:
-        return ""
-    for dm in devices:
-        try:
-            if (dm / "dm" / "name").read_text().strip() != "root":
-                continue
-            for slave in sorted((dm / "slaves").iterdir()):
-                for line in (slave / "uevent").read_text().splitlines():
-                    if line in ("PARTNAME=root-a", "PARTNAME=root-b"):
-                        return line[-1].upper()
-        except OSError:
-            continue
-    return ""
-
-
 def _bundles_from_store(state_dir: Path) -> list[Bundle]:
     root = state_dir / "models"
     out: list[Bundle] = []
@@ -236,7 +209,7 @@ def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
                       sys_block: Path = SYS_BLOCK) -> Inventory:
     """This node's inventory. Raises nothing: absent sources read as empty fields."""
     version, slot, firmware = _image(image_metadata, os_release)
-    slot = slot or _slot(sys_block)
+    slot = slot or active_slot(sys_block)
     return Inventory(
         node_id=node_id(state_dir),
         hostname=socket.gethostname(),
@@ -251,5 +224,5 @@ def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
         execution_providers=providers,
         gpu_stack=_gpu_stack(image_metadata),
         onnxruntime_version=_onnxruntime_version(),
-        root_hash=_root_hash(cmdline),
+        root_hash=running_root_hash(cmdline),
     )

@@ -22,6 +22,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent.context import AgentContext
 from agent.events import EventLog
+from agent.health.inventory import KERNEL_CMDLINE
+from agent.osrelease import running_root_hash
 from agent.proto import node_pb2 as pb
 from agent.updates.manager import Outcome, UpdateManager
 
@@ -94,9 +96,7 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     manager = UpdateManager(ctx.state_dir, ctx.config.updates, lambda: ctx.component("inference"), events,
                             drain_s=ctx.config.server.grace_period_s)
     notes = await asyncio.to_thread(manager.recover)
-    from agent.health.inventory import KERNEL_CMDLINE, _root_hash
-
-    os_result = await asyncio.to_thread(manager.report_os_attempt, _root_hash(KERNEL_CMDLINE))
+    os_result = await asyncio.to_thread(manager.report_os_attempt, running_root_hash(KERNEL_CMDLINE))
     if os_result is not None:
         log.warning("OS update attempt: %s", os_result)
     if notes:

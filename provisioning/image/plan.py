@@ -16,6 +16,7 @@ from agent.settings import to_json
 from provisioning.image.profile import Profile
 
 __all__ = [
+    "AGENT_BIN",
     "AGENT_EXEC",
     "AGENT_GROUP",
     "AGENT_UID",
@@ -43,8 +44,10 @@ VENV = "/opt/appliance/venv"
 AGENT_USER = AGENT_GROUP = "appliance"
 AGENT_UID = 800  # fixed: the same uid in every build (and below Debian's dynamic range users)
 AGENT_UNIT = "appliance-agent.service"
-# The agent's entry point (`appliance agent serve`, provisioning/commands/agent.py).
-AGENT_EXEC = (f"{VENV}/bin/appliance", "agent", "serve", "--config", "/etc/appliance/agent.toml")
+# The node's own entry point (agent/cli.py): the console script that pip installs into the venv
+# from the agent wheel's [project.scripts].
+AGENT_BIN = f"{VENV}/bin/appliance-agent"
+AGENT_EXEC = (AGENT_BIN, "serve", "--config", "/etc/appliance/agent.toml")
 WHEELS_IN_ROOT = "/var/tmp/appliance-wheels"  # noqa: S108 - inside the image's root; removed again by the plan's last commands
 
 
@@ -483,7 +486,7 @@ def os_update_units(profile: Profile) -> dict[str, str]:
         "",
         "[Service]",
         "Type=oneshot",
-        f"ExecStart={VENV}/bin/appliance agent os-install --state-dir {state}",
+        f"ExecStart={AGENT_BIN} os-install --state-dir {state}",
         "ExecStartPost=/bin/systemctl reboot",
         "StateDirectory=appliance-os",
         "StateDirectoryMode=0700",
