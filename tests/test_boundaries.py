@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import ROOT
 
 PACKAGES = ("agent", "provisioning")
@@ -130,7 +128,6 @@ def test_the_node_imports_nothing_from_the_operators_tools() -> None:
     assert not bad, "agent/ must stand alone:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="provisioning.gpu and image/ import each other until gpu.py is split")
 def test_no_import_cycles() -> None:
     graph = _graph()
     cycles = _cycles(graph)

@@ -15,7 +15,7 @@ Sources:
   layout ``STATE/models/NAME/VERSION/install.json`` and ``STATE/models/NAME/active``.
 - registry root version: ``signed.version`` of ``STATE/tuf/metadata/root.json``.
 - GPU stack: the ``gpu`` object of :data:`IMAGE_METADATA` (driver, CUDA and ONNX Runtime
-  versions pinned by the firmware manifest; see provisioning/gpu.py); the ONNX Runtime
+  versions pinned by the firmware manifest; see provisioning/image/gpu_manifest.py); the ONNX Runtime
   actually installed from the package metadata (nothing imported).
 """
 

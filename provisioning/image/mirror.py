@@ -45,6 +45,8 @@ from provisioning.image._debian import (
     parse_release_sha256,
     strip_clearsign,
 )
+from provisioning.image.gpu_manifest import wheel_requirements as gpu_wheel_requirements
+from provisioning.image.gpu_stage import check_lock, check_wheel_files
 from provisioning.image.profile import Profile, package_set
 
 __all__ = [
@@ -407,8 +409,6 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step) -> tuple[LockedFile
     step(agent.name)
     reqs = [*wheel_requirements(agent, profile.python.onnxruntime), *profile.python.extra]
     if profile.gpu_set is not None:  # the driver set's wheels, exactly as pinned
-        from provisioning.gpu import wheel_requirements as gpu_wheel_requirements
-
         reqs += gpu_wheel_requirements(profile.gpu_set)
     py = profile.python_version
     argv: list[str | Path] = [
@@ -419,8 +419,6 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step) -> tuple[LockedFile
         argv += ["--platform", tag]
     run([*argv, *reqs], env={"PIP_NO_INPUT": "1"})
     if profile.gpu_set is not None:
-        from provisioning.gpu import check_wheel_files
-
         check_wheel_files(profile.gpu_set, sorted(wheels.glob("*.whl")))
     locked = []
     lines = []
@@ -479,8 +477,6 @@ def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ..
     try:
         verify_mirror(mirror, keyring=keyring)
         if profile.gpu_set is not None:  # every pin of the driver set, by version and sha256
-            from provisioning.gpu import check_lock
-
             check_lock(profile, lock)
     except BaseException:
         (mirror / LOCK).unlink(missing_ok=True)

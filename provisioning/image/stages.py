@@ -30,6 +30,8 @@ from typing import Any
 from agent.errors import ImageError, ProfileError
 from agent.fsutil import atomic_write_text
 from agent.tools import require_tool, run
+from provisioning.image.gpu_manifest import gpu_packages
+from provisioning.image.gpu_stage import check_lock
 from provisioning.image.mirror import Lock, load_lock, missing_packages, verify_mirror
 from provisioning.image.profile import Profile, load_profile, package_set
 
@@ -243,7 +245,7 @@ def _stages() -> list[Stage]:
               _rootfs_inputs, _rootfs_run, lambda ctx: {"rootfs.tar": ctx.rootfs_tar}),
         Stage("configure", ("provisioning.image.configure", "provisioning.image.plan",
                             "provisioning.image.outputs", "provisioning.image.bake",
-                            "provisioning.gpu"),
+                            "provisioning.image.gpu_manifest", "provisioning.image.gpu_stage"),
               _configure_inputs, _configure_run, _configure_outputs),
     ]
     for name in _OPTIONAL_STAGES:
@@ -283,8 +285,6 @@ def _check_mirror(profile: Profile, lock: Lock, mirror: Path, extra: tuple[str, 
         raise ProfileError(f"{where}: [python] onnxruntime = {profile.python.onnxruntime!r}: the "
                            f"mirror's wheels were synced for {lock.onnxruntime!r}")
     if profile.gpu_set is not None:
-        from provisioning.gpu import check_lock
-
         check_lock(profile, lock)
 
 
@@ -324,8 +324,6 @@ def _rootfs_packages(ctx: BuildContext) -> tuple[str, ...]:
     """The rootfs stage's packages: the GPU set is installed by the configure stage instead."""
     if ctx.profile.gpu_set is None:
         return ctx.packages
-    from provisioning.gpu import gpu_packages
-
     gpu = set(gpu_packages(ctx.profile))
     return tuple(p for p in ctx.packages if p not in gpu)
 
