@@ -39,6 +39,7 @@ from typing import Any
 from agent.errors import UpdateError, VerificationError
 from agent.fsutil import atomic_write_text
 from agent.osrelease import active_slot, read_release, root_uuids, running_root_hash, uki_file_name
+from agent.state import StateLayout
 
 __all__ = ["ATTEMPT", "PENDING", "attempt_outcome", "install_pending", "install_release", "os_dir"]
 
@@ -57,7 +58,8 @@ _BLOCK = 4 << 20
 
 
 def os_dir(state_dir: Path) -> Path:
-    return Path(state_dir) / "os"
+    """Where OS updates are staged and recorded (``STATE/os``)."""
+    return StateLayout(state_dir).os
 
 
 def _partition_size(dev: Path, sys_class_block: Path) -> int:

@@ -12,8 +12,9 @@ Sources:
   label (``root-a``/``root-b``) of the partition under the device-mapper device named ``root``
   (read from /sys, which the sandboxed agent can see without any device access).
 - bundles: the inference component's ``installed()`` when it runs, else the model store's
-  layout ``STATE/models/NAME/VERSION/install.json`` and ``STATE/models/NAME/active``.
-- registry root version: ``signed.version`` of ``STATE/tuf/metadata/root.json``.
+  (:meth:`agent.inference.store.ModelStore.installed`, which owns that layout).
+- registry root version: ``signed.version`` of ``root.json`` in the trusted TUF metadata
+  (:attr:`agent.state.StateLayout.tuf_metadata`).
 - GPU stack: the ``gpu`` object of :data:`IMAGE_METADATA` (driver, CUDA and ONNX Runtime
   versions pinned by the firmware manifest; see provisioning/image/gpu_manifest.py); the ONNX Runtime
   actually installed from the package metadata (nothing imported).
@@ -33,7 +34,9 @@ from typing import Any
 
 from agent import __version__
 from agent.fsutil import atomic_write_text
+from agent.inference.store import ModelStore
 from agent.osrelease import active_slot, running_root_hash
+from agent.state import StateLayout
 
 __all__ = ["IMAGE_METADATA", "OS_RELEASE", "Bundle", "GpuInfo", "Inventory", "collect_inventory",
            "node_id"]
@@ -85,7 +88,7 @@ class Inventory:
 
 def node_id(state_dir: Path) -> str:
     """This node's stable id, created on first call; "" when the state dir is not writable."""
-    path = state_dir / "node-id"
+    path = StateLayout(state_dir).node_id
     try:
         text = path.read_text().strip()
         if text:
@@ -136,27 +139,8 @@ def _image(image_metadata: Path, os_release: Path) -> tuple[str, str, str]:
 
 
 def _bundles_from_store(state_dir: Path) -> list[Bundle]:
-    root = state_dir / "models"
-    out: list[Bundle] = []
-    if not root.is_dir():
-        return out
-    for mdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            active = (mdir / "active").read_text().strip()
-        except OSError:
-            active = ""
-        try:
-            rolled_back = (mdir / "rolled-back").read_text().strip()
-        except OSError:
-            rolled_back = ""
-        for vdir in sorted(p for p in mdir.iterdir() if p.is_dir()):
-            rec = _json(vdir / "install.json")
-            if not isinstance(rec, dict) or rec.get("verified") is not True:
-                continue  # an interrupted or unverified install is not installed
-            out.append(Bundle(mdir.name, vdir.name, str(rec.get("sha256", "")), vdir.name == active,
-                              float(rec.get("installed_at", 0) or 0),
-                              bool(rolled_back) and vdir.name == rolled_back == active))
-    return out
+    return [Bundle(m.name, m.version, m.sha256, m.active, m.installed_at, m.rolled_back)
+            for m in ModelStore(state_dir).installed()]
 
 
 def _bundles(state_dir: Path, inference: Any) -> list[Bundle]:
@@ -173,7 +157,7 @@ def _bundles(state_dir: Path, inference: Any) -> list[Bundle]:
 
 
 def _root_version(state_dir: Path) -> int:
-    root = _json(state_dir / "tuf" / "metadata" / "root.json")
+    root = _json(StateLayout(state_dir).tuf_metadata / "root.json")
     try:
         return int(root["signed"]["version"])
     except (TypeError, KeyError, ValueError):

@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from agent.errors import ProfileError, VerificationError
+from agent.state import StateLayout
 
 __all__ = [
     "BakedBundle",
@@ -157,7 +158,7 @@ def _install_as_the_agent_does(state_dir: Path, bundle_path: Path, target: str,
     from agent.inference.store import INSTALL_RECORD
 
     installed = ModelRepository.for_state_dir(state_dir, InferenceSection()).install(bundle_path)
-    record_path = state_dir / "models" / installed.name / installed.version / INSTALL_RECORD
+    record_path = StateLayout(state_dir).models / installed.name / installed.version / INSTALL_RECORD
     record = json.loads(record_path.read_text())
     record |= {"installed_at": installed_at, "source": f"baked:{target}"}
     atomic_write_text(record_path, json.dumps(record, sort_keys=True) + "\n")
@@ -190,7 +191,7 @@ def bake_bundles(registry: Path, targets: tuple[str, ...], state_dir: Path,
         for target, path in files.items():
             bundle, _ = verify_bundle(path)
             m = bundle.manifest
-            dest = state_dir / "models" / m.name / m.version
+            dest = StateLayout(state_dir).models / m.name / m.version
             if dest.exists():
                 raise VerificationError(f"{target}: {m.name} {m.version} is baked twice")
             _install_as_the_agent_does(state_dir, path, target, installed_at)
