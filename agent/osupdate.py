@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UpdateError, VerificationError
-from agent.fsutil import atomic_write_text
+from agent.fsutil import atomic_write_text, copy_verified
 from agent.osrelease import active_slot, read_release, root_uuids, running_root_hash, uki_file_name
 from agent.state import StateLayout
 
@@ -220,25 +220,14 @@ def _verified_copy(src: Path, dest: Path, length: int, sha256: str) -> Path:
     Raises:
         VerificationError: length or sha256 differ from the signed target's.
     """
-    import hashlib
-
     dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    h, size = hashlib.sha256(), 0
     try:
         with src.open("rb") as fin, dest.open("wb") as fout:
-            while chunk := fin.read(_BLOCK):
-                size += len(chunk)
-                if size > length:
-                    break
-                h.update(chunk)
-                fout.write(chunk)
+            copy_verified(fin, fout, length, sha256, where=str(src), against="the signed target",
+                          block=_BLOCK)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
-    if size != length or h.hexdigest() != sha256:
-        dest.unlink(missing_ok=True)
-        raise VerificationError(f"{src}: {size} bytes, sha256 {h.hexdigest()}: not the signed "
-                                f"target ({length} bytes, sha256 {sha256})")
     return dest
 
 
