@@ -35,7 +35,7 @@ from pathlib import Path
 from agent.errors import ImageError
 from agent.fsutil import atomic_write_text, file_sha256
 from agent.osrelease import root_uuids, uki_file_name
-from provisioning.image.stage import DiskSizes, RunFn, StageContext, as_stage_context
+from provisioning.image.stage import DiskSizes, RunFn, StageContext
 
 __all__ = [
     "DISK_NAME", "MANIFEST_NAME", "TYPE", "Partition", "Sealed", "build_disk", "data_uuid", "disk",
@@ -358,12 +358,9 @@ def write_manifest(out: Path, *, name: str, version: str, epoch: int, roothash: 
     return path
 
 
-def disk(ctx: StageContext | object) -> Path:
+def disk(ctx: StageContext) -> Path:
     """The disk stage: reads the seal stage's outputs (``ctx.sealed``, default ``ctx.out``),
     writes ``disk.raw`` and ``image-manifest.json`` to ``ctx.out``; returns the image's path.
-
-    ``ctx`` may also be the image pipeline's build context (see
-    :func:`provisioning.image.stage.as_stage_context`).
 
     Slot B is left empty (an OS update writes it later). The data partition is populated
     from the root filesystem's /var.
@@ -371,7 +368,6 @@ def disk(ctx: StageContext | object) -> Path:
     Raises:
         ImageError: the seal outputs are missing or do not fit. ToolError: a tool failed.
     """
-    ctx = as_stage_context(ctx, "disk")
     sealed = load_sealed(ctx.sealed or ctx.out)
     loader = sealed.uki.parent / "systemd-bootx64.efi"
     if not loader.is_file():
