@@ -1,6 +1,6 @@
 """Benchmark: the bench image's power-on to agent SERVING over mTLS, under KVM and under TCG.
 
-Run as root after the bench is prepared (``./dev test --hil`` or ``python -m provisioning.bench
+Run as root after the bench is prepared (``./dev test --hil`` or ``python -m provisioning.demo.bench
 prepare``):  python bench/hil_boot.py [--runs N] [--cache DIR]
 
 Each run powers a fresh copy-on-write overlay of the cached image on (``appliance boot``) and
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc
 
 from hil.conftest import Appliance, _free_port
-from provisioning.bench import DEFAULT_CACHE, bench_paths
+from provisioning.demo.bench import DEFAULT_CACHE, bench_paths
 from provisioning.image import boot as vm
 
 BASELINE_LINE = r"BdsDxe: starting Boot"  # OVMF hands over to systemd-boot (the image is quiet)
@@ -66,7 +66,7 @@ def main() -> int:
     args = ap.parse_args()
     bench = bench_paths(args.cache)
     if not bench.image.is_file():
-        print(f"no bench image at {bench.image}: run `python -m provisioning.bench prepare` first")
+        print(f"no bench image at {bench.image}: run `python -m provisioning.demo.bench prepare` first")
         return 2
     c = bench.client
     creds = grpc.ssl_channel_credentials(c["ca"].read_bytes(), c["key"].read_bytes(), c["cert"].read_bytes())

@@ -55,7 +55,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--os-release", type=Path, help="an OS release file (`appliance os-release`) "
                 "newer than the image: checks the A->B update through the registry")
     g.addoption("--broken-os-release", type=Path, help="an OS release newer still whose agent never "
-                "serves (`python -m provisioning.bench prepare --os-release`): checks the node falls back")
+                "serves (`python -m provisioning.demo.bench prepare --os-release`): checks the node "
+                "falls back")
     g.addoption("--serving-bound", type=float, default=float(os.environ.get(
         "APPLIANCE_HIL_SERVING_BOUND", "900")), help="seconds from power-on to agent SERVING "
                 "(default 900: TCG; a real appliance or KVM should take far less)")
@@ -207,7 +208,7 @@ class SiteRegistry:
     url: str
 
     def publish_bundle(self, version: str) -> str:
-        from provisioning.bench import affine_bundle
+        from provisioning.demo.bench import affine_bundle
         from provisioning.registry import add_target, publish, target_path
 
         bundle = affine_bundle(self.directory.parent / "bundles", version)

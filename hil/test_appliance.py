@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from hil.conftest import Appliance, SiteRegistry, serving_status
-from provisioning.bench import BAKED_VERSION, BUNDLE, X, expected
+from provisioning.demo.bench import BAKED_VERSION, BUNDLE, X, expected
 
 ALLOWED_TCP = {8001, 8002}  # the agent's gRPC and metrics ports (images/*.toml [agent.server])
 ALLOWED_UDP = {68}  # systemd-networkd's DHCP client

@@ -15,7 +15,7 @@ import pytest
 
 from hil.conftest import Appliance, SiteRegistry
 from hil.test_appliance import _active, _apply, _infer, _inventory, _node
-from provisioning.bench import expected
+from provisioning.demo.bench import expected
 
 pytestmark = pytest.mark.timeout(3600)
 UNBLESSED = "appliance-boot: agent not serving, rebooting unblessed"  # plan.boot_check_unit()
@@ -43,7 +43,8 @@ def test_os_update_a_to_b(appliance: Appliance, site_registry: SiteRegistry,
 
     release_file: Path | None = request.config.getoption("--os-release")
     if release_file is None:
-        pytest.skip("no --os-release: build one with `python -m provisioning.bench prepare --os-release`")
+        pytest.skip("no --os-release: build one with "
+                    "`python -m provisioning.demo.bench prepare --os-release`")
     release = read_release(release_file)
     before = _inventory(appliance)
     assert before.root_hash != release.roothash and before.active_slot == "A"
@@ -86,7 +87,7 @@ def test_a_root_that_never_serves_falls_back_by_itself(appliance: Appliance, sit
     broken_file: Path | None = request.config.getoption("--broken-os-release")
     if broken_file is None:
         pytest.skip("no --broken-os-release: build one with "
-                    "`python -m provisioning.bench prepare --os-release`")
+                    "`python -m provisioning.demo.bench prepare --os-release`")
     broken = read_release(broken_file)
     before = _inventory(appliance)
     assert before.root_hash != broken.roothash

@@ -31,7 +31,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import numpy as np
 
     from provisioning.bundle import create_bundle
-    from provisioning.models import affine_model, save_golden
+    from provisioning.demo.models import affine_model, save_golden
 
     tmp = tmp_path_factory.mktemp("image")
     model = affine_model(tmp / "affine.onnx")

@@ -15,7 +15,7 @@ from onnx import TensorProto
 from tritonclient.utils import InferenceServerException
 
 from agent.bundle import Batching
-from provisioning.models import affine_model, identity_model
+from provisioning.demo.models import affine_model, identity_model
 from tests.inference_support import (
     Agent,
     free_port,

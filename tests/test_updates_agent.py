@@ -30,7 +30,7 @@ import pytest
 
 from agent.proto import node_pb2, node_pb2_grpc
 from provisioning.bundle import create_bundle
-from provisioning.models import matmul_chain_model, save_golden
+from provisioning.demo.models import matmul_chain_model, save_golden
 from tests.inference_support import Agent, free_port, with_wrong_golden
 from tests.updates_support import (
     X,
