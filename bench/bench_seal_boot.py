@@ -22,7 +22,7 @@ from provisioning.image import boot as vm
 from provisioning.image.disk import disk
 from provisioning.image.seal import seal, squashfs_argv
 from provisioning.image.stage import DiskSizes, StageContext
-from tests.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
+from testsupport.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
 
 
 def main() -> int:

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from hil.conftest import Appliance, SiteRegistry
+from hil.conftest import SiteRegistry
 from hil.test_appliance import _active, _apply, _infer, _inventory, _node
 from provisioning.demo.bench import expected
+from testsupport.appliance import Appliance
 
 pytestmark = pytest.mark.timeout(3600)
 UNBLESSED = "appliance-boot: agent not serving, rebooting unblessed"  # plan.boot_check_unit()

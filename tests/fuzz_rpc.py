@@ -338,7 +338,7 @@ def local_server(workdir: Path) -> Iterator[tuple[str, grpc.ChannelCredentials, 
     from provisioning.bundle import create_bundle
     from provisioning.demo.models import affine_model, save_golden
     from provisioning.pki import init_pki, issue_client, issue_node
-    from tests.secure_server import ROOT, mtls_config
+    from testsupport.secure_server import ROOT, mtls_config
 
     pki = workdir / "pki"
     init_pki(pki, organization="Fuzz Site")

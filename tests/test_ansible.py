@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography import x509
 
 from provisioning.pki import init_pki, issue_client, issue_node
-from tests.secure_server import mtls_config, spawn
+from testsupport.secure_server import mtls_config, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = ROOT / "provisioning" / "ansible"

@@ -1,4 +1,5 @@
-"""The layers' boundaries, read from the source: the node stands alone, and nothing imports in a circle.
+"""The layers' boundaries, read from the source: the node stands alone, nothing imports in a circle,
+and the benchmarks use the shared test support rather than the test suites.
 
 The import graph is built from the AST of every module of ``agent/`` and ``provisioning/``,
 imports inside functions included (an import moved into a function still ties two modules);
@@ -142,3 +143,12 @@ def test_no_import_cycles() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def test_bench_and_hil_share_testsupport_not_each_others_modules() -> None:
+    bad = []
+    for path in sorted([*(ROOT / "bench").rglob("*.py"), *(ROOT / "testsupport").rglob("*.py")]):
+        for name, line in _imports("", path, False):
+            if name.split(".")[0] in ("tests", "hil"):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert not bad, "bench/ and testsupport/ import from testsupport/, not tests/ or hil/:\n" + "\n".join(bad)

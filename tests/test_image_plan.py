@@ -16,7 +16,7 @@ from provisioning.image.mirror import LOCK, Lock, LockedFile
 from provisioning.image.plan import AGENT_UNIT, configure_plan, nftables_ruleset
 from provisioning.image.profile import load_profile, package_set
 from provisioning.image.stages import plan_build, stage_packages
-from tests.image_helpers import make_registry
+from testsupport.image_helpers import make_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 PIP = "/usr/share/python-wheels/pip-25.1.1-py3-none-any.whl"

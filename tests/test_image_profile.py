@@ -8,7 +8,7 @@ import pytest
 
 from agent.errors import ProfileError
 from provisioning.image.profile import load_profile, package_set
-from tests.image_helpers import make_registry
+from testsupport.image_helpers import make_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ import pytest
 
 from provisioning.image.bake import verify_targets
 from tests.conftest import run_appliance
-from tests.image_helpers import make_registry
+from testsupport.image_helpers import make_registry
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 ROOT = Path(__file__).resolve().parent.parent

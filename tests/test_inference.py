@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from agent.bundle import Batching
 from provisioning.demo.models import affine_model, identity_model
-from tests.inference_support import (
+from testsupport.inference_support import (
     Agent,
     free_port,
     install,

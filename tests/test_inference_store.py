@@ -19,7 +19,7 @@ from agent.inference.repository import ModelRepository
 from agent.inference.tensors import TYPED_FIELD, decode_inputs, encode_output, serialize_bytes
 from agent.proto import grpc_service_pb2 as pb
 from provisioning.demo.models import affine_model
-from tests.inference_support import make_bundle, with_wrong_golden
+from testsupport.inference_support import make_bundle, with_wrong_golden
 
 
 def _repo(tmp_path: Path) -> ModelRepository:
