@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ProfileError, VerificationError
+from agent.errors import VerificationError
+from provisioning.errors import ProfileError
 from provisioning.image.gpu_manifest import check_compatibility, load_manifest, wheel_fits
 from provisioning.image.gpu_stage import check_lock, check_wheel_files, dkms_conf
 from provisioning.image.mirror import Lock, LockedFile

@@ -59,7 +59,7 @@ def test_agent_toml_round_trips_through_the_agents_loader(tmp_path: Path) -> Non
 
 
 def test_profile_listening_beyond_loopback_without_mtls_is_refused(tmp_path: Path) -> None:
-    from agent.errors import ProfileError
+    from provisioning.errors import ProfileError
 
     text = (ROOT / "images/minimal.toml").read_text().replace('listen = "127.0.0.1"', 'listen = "0.0.0.0"')
     (tmp_path / "lan.toml").write_text(text)
@@ -163,7 +163,7 @@ def test_a_package_the_mirror_lacks_fails_before_any_work(tmp_path: Path) -> Non
     path.parent.mkdir()
     path.write_text('[debian]\npackages = ["htop"]\n')
     _fake_lock(tmp_path / "mirror", package_set(load_profile(ROOT / "images/minimal.toml"), stage_packages()))
-    from agent.errors import ProfileError
+    from provisioning.errors import ProfileError
 
     with pytest.raises(ProfileError, match=r"p.toml: \[debian\] packages = 'htop': not in the mirror"):
         plan_build(path, tmp_path / "mirror", tmp_path / "out")

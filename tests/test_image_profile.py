@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ProfileError
+from provisioning.errors import ProfileError
 from provisioning.image.profile import load_profile, package_set
 from testsupport.image_helpers import make_registry
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ImageError, NotFoundError, VerificationError
+from agent.errors import NotFoundError, VerificationError
 from agent.osrelease import root_uuids, uki_file_name
+from provisioning.errors import ImageError
 from provisioning.image import boot as vm
 from provisioning.image import flash as flash_mod
 from provisioning.image.disk import (

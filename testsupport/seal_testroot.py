@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from agent.tools import run
+from provisioning.tools import run
 
 EPOCH = 1700000000
 SUITE = "trixie"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.tools import require_tool, run
+from provisioning.tools import require_tool, run
 
 ROOT = Path(__file__).resolve().parents[2]
 # A fixed, root-owned cache that CI and operators share (builds need root anyway).

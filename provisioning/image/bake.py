@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from agent.errors import ProfileError, VerificationError
+from agent.errors import VerificationError
 from agent.state import StateLayout
+from provisioning.errors import ProfileError
 
 __all__ = [
     "BakedBundle",

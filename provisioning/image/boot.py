@@ -23,8 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import ImageError, NotFoundError
-from agent.tools import require_tool, run
+from agent.errors import NotFoundError
+from provisioning.errors import ImageError
+from provisioning.tools import require_tool, run
 
 __all__ = ["AGENT_PORTS", "OVMF_CODE", "OVMF_CODE_SECBOOT", "OVMF_VARS", "OVMF_VARS_SNAKEOIL",
            "SNAKEOIL_CERT", "SNAKEOIL_KEY", "BootPlan", "Machine", "kvm_usable",

@@ -20,14 +20,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError, ToolError, VerificationError
-from agent.tools import run
+from agent.errors import VerificationError
+from provisioning.errors import ImageError, ToolError
 from provisioning.image.bake import BakedBundle, bake_bundles
 from provisioning.image.gpu_manifest import image_record
 from provisioning.image.gpu_stage import check_built_modules, check_lock, kernel_release_in_root, stage_gpu
 from provisioning.image.mirror import Lock, file_sha256
 from provisioning.image.plan import AGENT_UID, WHEELS_IN_ROOT, configure_plan
 from provisioning.image.profile import Profile
+from provisioning.tools import run
 
 __all__ = ["DEPLOY", "IMAGE_METADATA_IN_ROOT", "REGISTRY_IN_ROOT", "bake_node_tls", "configure_root",
            "image_version", "run_deploy", "stage_payload", "write_image_metadata"]

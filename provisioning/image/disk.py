@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.errors import ImageError
 from agent.fsutil import atomic_write_text, file_sha256
 from agent.osrelease import root_uuids, uki_file_name
+from provisioning.errors import ImageError
 from provisioning.image.stage import DiskSizes, RunFn, StageContext
 
 __all__ = [

@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import ConfigError, ProfileError
+from agent.errors import ConfigError
 from agent.settings import from_table, setting, to_json
+from provisioning.errors import ProfileError
 
 if TYPE_CHECKING:
     from provisioning.image.profile import Profile

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.errors import ImageError, ProfileError, VerificationError
+from agent.errors import VerificationError
 from agent.fsutil import file_sha256
-from agent.tools import require_tool, run
+from provisioning.errors import ImageError, ProfileError
 from provisioning.image.gpu_manifest import (
     Compatibility,
     GpuManifest,
@@ -27,6 +27,7 @@ from provisioning.image.gpu_manifest import (
     normalise_name,
     ort_built_with_cuda,
 )
+from provisioning.tools import require_tool, run
 
 if TYPE_CHECKING:
     from provisioning.image.mirror import Lock

@@ -36,9 +36,9 @@ from email.parser import Parser
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError, NotFoundError, VerificationError
+from agent.errors import NotFoundError, VerificationError
 from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, stream_sha256
-from agent.tools import require_tool, run
+from provisioning.errors import ImageError
 from provisioning.image._debian import (
     deb_filename_key,
     package_entries,
@@ -48,6 +48,7 @@ from provisioning.image._debian import (
 from provisioning.image.gpu_manifest import wheel_requirements as gpu_wheel_requirements
 from provisioning.image.gpu_stage import check_lock, check_wheel_files
 from provisioning.image.profile import Profile, package_set
+from provisioning.tools import require_tool, run
 
 __all__ = [
     "DEBIAN_KEYRING",

@@ -22,9 +22,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError
 from agent.fsutil import file_sha256
 from agent.osrelease import MEMBERS, SCHEMA, read_release, registry_version
+from provisioning.errors import ImageError
 from provisioning.image.disk import load_sealed
 
 # read_release and registry_version are the node's (agent.osrelease); the operator's commands

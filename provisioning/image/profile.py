@@ -20,8 +20,9 @@ from typing import Any
 
 from agent.config import SECTIONS as AGENT_SECTIONS
 from agent.config import AgentConfig
-from agent.errors import ConfigError, ProfileError
+from agent.errors import ConfigError
 from agent.settings import from_table, read_toml, setting, to_json
+from provisioning.errors import ProfileError
 from provisioning.image.gpu_manifest import GpuManifest, check_compatibility, gpu_packages, load_manifest
 
 __all__ = [

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.tools import require_tool, run
 from provisioning.image.mirror import debian_source
 from provisioning.image.profile import Profile
+from provisioning.tools import require_tool, run
 
 __all__ = ["CUSTOMIZE_HOOKS", "build_rootfs_tar", "mmdebstrap_argv"]
 

@@ -26,8 +26,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from agent.errors import ImageError
 from agent.fsutil import atomic_write_text, file_sha256
+from provisioning.errors import ImageError
 from provisioning.image.disk import Sealed, data_uuid, esp_uuid
 from provisioning.image.profile import SEAL_OWNED_ARGS
 from provisioning.image.stage import RunFn, StageContext, check_paths

@@ -18,13 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError
-from agent.tools import Completed
-from agent.tools import run as tools_run
+from provisioning.errors import ImageError
+from provisioning.tools import Completed
+from provisioning.tools import run as tools_run
 
 __all__ = ["DiskSizes", "RunFn", "StageContext", "check_paths", "version_from_epoch"]
 
-# The signature of agent.tools.run; tests may pass a wrapper that injects faults.
+# The signature of provisioning.tools.run; tests may pass a wrapper that injects faults.
 RunFn = Callable[..., Completed]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError, ProfileError
 from agent.fsutil import atomic_write_text
-from agent.tools import require_tool, run
+from provisioning.errors import ImageError, ProfileError
 from provisioning.image.disk import disk
 from provisioning.image.gpu_manifest import gpu_packages
 from provisioning.image.gpu_stage import check_lock
@@ -37,6 +36,7 @@ from provisioning.image.profile import Profile, load_profile, package_set
 from provisioning.image.seal import PACKAGES as SEAL_PACKAGES
 from provisioning.image.seal import seal
 from provisioning.image.stage import DiskSizes, StageContext, version_from_epoch
+from provisioning.tools import require_tool, run
 
 __all__ = ["BuildContext", "BuildPlan", "PlannedStage", "Stage", "build", "plan_build",
            "stage_context", "stage_key", "stage_packages"]
