@@ -7,10 +7,11 @@ The registry is a directory in python-tuf's static layout::
 
 :func:`verify_targets` runs python-tuf's ``Updater`` over that directory (through a fetcher
 that reads files, since the default fetcher cannot read ``file://``), starting from the trusted
-root the image will carry.  It is the one place that touches python-tuf here; when the
-registry engineer's ``agent.updates.client.RegistryClient`` lands it should replace this
-function's body, nothing else.  Each downloaded bundle then passes :func:`agent.bundle.read_bundle`
-and its golden vectors, and is extracted to ``STATE/models/NAME/VERSION/``.
+root the image will carry, into a scratch directory: at build time nothing of the node's
+state exists yet, so the node's own client (``agent.updates.client.RegistryClient``) is only
+initialised with that root for the image's state directory.  Each downloaded bundle then
+passes :func:`agent.bundle.read_bundle` and its golden vectors, and is extracted to
+``STATE/models/NAME/VERSION/``.
 """
 
 from __future__ import annotations
