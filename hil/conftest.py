@@ -17,20 +17,18 @@ where with ``--registry-url``... or leave ``--registry`` out and those checks sk
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
+
+from testsupport.appliance import Appliance, free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,103 +53,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--os-release", type=Path, help="an OS release file (`appliance os-release`) "
                 "newer than the image: checks the A->B update through the registry")
     g.addoption("--broken-os-release", type=Path, help="an OS release newer still whose agent never "
-                "serves (`python -m provisioning.bench prepare --os-release`): checks the node falls back")
+                "serves (`python -m provisioning.demo.bench prepare --os-release`): checks the node "
+                "falls back")
     g.addoption("--serving-bound", type=float, default=float(os.environ.get(
         "APPLIANCE_HIL_SERVING_BOUND", "900")), help="seconds from power-on to agent SERVING "
                 "(default 900: TCG; a real appliance or KVM should take far less)")
-
-
-@dataclass
-class Appliance:
-    """One appliance under test: where its agent is and how to reach it with mTLS."""
-
-    target: str
-    credentials: grpc.ChannelCredentials
-    tls_name: str | None = None
-    console: Path | None = None
-    image: Path | None = None
-    state: Path | None = None  # qemu machine state directory
-    ports: dict[int, int] = field(default_factory=dict)
-    accel: str = "auto"
-    serving_seconds: list[float] = field(default_factory=list)  # power-on -> SERVING, per boot
-
-    def channel(self) -> grpc.Channel:
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
-        if self.tls_name:
-            options.append(("grpc.ssl_target_name_override", self.tls_name))
-        return grpc.secure_channel(self.target, self.credentials, options=options)
-
-    @property
-    def manifest(self) -> dict[str, Any] | None:
-        if self.image is None:
-            return None
-        path = self.image.parent / "image-manifest.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    # ------------------------------------------------------------ qemu only
-
-    def power_on(self, *, keep_disk: bool, bound: float) -> float:
-        """Start the machine (again) and wait for SERVING; return the seconds it took."""
-        assert self.image is not None and self.state is not None
-        args: list[str] = ["boot", str(self.image), "--state", str(self.state), "--accel", self.accel,
-                           "--memory", "2048", "--detach", "--json"]
-        for guest, host in sorted(self.ports.items()):
-            args += ["--port", f"{guest}={host}"]
-        if keep_disk:
-            args.append("--keep-disk")
-        began = time.monotonic()
-        proc = _appliance(*args, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"appliance boot failed:\n{proc.stderr[-3000:]}")
-        self.console = self.state / "console.log"
-        seconds = wait_serving(self, began, bound)
-        self.serving_seconds.append(seconds)
-        return seconds
-
-    def power_off(self) -> None:
-        if self.console is not None and self.console.is_file() and self.state is not None:
-            # `appliance boot` starts the next console log afresh: keep this boot's
-            keep = self.state / f"console-boot{len(self.serving_seconds)}.log"
-            shutil.copyfile(self.console, keep)
-        if self.state is not None and (self.state / "machine.json").exists():
-            _appliance("boot", "--stop", str(self.state), "--json", timeout=120)
-
-
-def _appliance(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "provisioning.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def serving_status(node: Appliance, timeout: float = 5.0) -> str:
-    """grpc.health.v1 status of the whole server, over mTLS ("" when unreachable)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        with node.channel() as ch:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
-                                                         timeout=timeout)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-    except grpc.RpcError:
-        return ""
-
-
-def wait_serving(node: Appliance, began: float, bound: float) -> float:
-    """Poll until SERVING; seconds since ``began``. Raises TimeoutError after ``bound``."""
-    while time.monotonic() - began < bound:
-        if serving_status(node) == "SERVING":
-            return time.monotonic() - began
-        time.sleep(1.0)
-    tail = node.console.read_text(errors="replace")[-3000:] if node.console else ""
-    raise TimeoutError(f"agent not SERVING within {bound:.0f} s; console tail:\n{tail}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _credentials(config: pytest.Config, work: Path) -> grpc.ChannelCredentials:
@@ -177,7 +83,7 @@ def appliance(request: pytest.FixtureRequest,
     target: str | None = config.getoption("--target")
     bound = float(config.getoption("--serving-bound"))
     if image is not None:
-        ports = {8001: _free_port(), 8002: _free_port()}
+        ports = {8001: free_port(), 8002: free_port()}
         node = Appliance(f"127.0.0.1:{ports[8001]}", creds, config.getoption("--tls-name"),
                          image=image.resolve(), state=work / "vm", ports=ports,
                          accel=config.getoption("--accel"))
@@ -207,7 +113,7 @@ class SiteRegistry:
     url: str
 
     def publish_bundle(self, version: str) -> str:
-        from provisioning.bench import affine_bundle
+        from provisioning.demo.bench import affine_bundle
         from provisioning.registry import add_target, publish, target_path
 
         bundle = affine_bundle(self.directory.parent / "bundles", version)
@@ -216,7 +122,7 @@ class SiteRegistry:
         return target_path("bundle", "affine", version, bundle.name)
 
     def publish_os(self, release: Path) -> str:
-        from provisioning.image.osrelease import read_release, registry_version
+        from agent.osrelease import read_release, registry_version
         from provisioning.registry import add_target, publish, target_path
 
         rel = read_release(release)

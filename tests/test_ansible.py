@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from provisioning.pki import init_pki, issue_client, issue_node
-from tests.secure_server import mtls_config, spawn
+from testsupport.secure_server import mtls_config, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = ROOT / "provisioning" / "ansible"

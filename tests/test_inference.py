@@ -16,8 +16,8 @@ from onnx import TensorProto
 from tritonclient.utils import InferenceServerException
 
 from agent.bundle import Batching
-from provisioning.models import affine_model, identity_model
-from tests.inference_support import (
+from provisioning.demo.models import affine_model, identity_model
+from testsupport.inference_support import (
     Agent,
     free_port,
     install,
@@ -283,7 +283,7 @@ def test_a_triton_number_works_before_anything_asked_for_one(tmp_path: Path) -> 
 
     from agent.config import InferenceSection
     from agent.inference.repository import ModelRepository
-    from tests.updates_support import affine_bundle_at
+    from testsupport.updates_support import affine_bundle_at
 
     state = tmp_path / "state"
     install(state, affine_bundle_at(tmp_path, "1.0.1"), affine_bundle_at(tmp_path, "1.0.2"))

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.bundle import Batching
-from provisioning.models import affine_model, matmul_chain_model
+from provisioning.demo.models import affine_model, matmul_chain_model
 from tests.conftest import run_appliance
-from tests.inference_support import ROOT, Agent, install, make_bundle, raw_request, stub
+from testsupport.inference_support import ROOT, Agent, install, make_bundle, raw_request, stub
 
 WIDTH = 256
 

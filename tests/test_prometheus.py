@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from agent.config import HealthSection
 from agent.health.metrics import NodeCollector
 from agent.health.sampler import Sampler
-from provisioning.models import affine_model
+from provisioning.demo.models import affine_model
 from tests.conftest import run_appliance
 from tests.fakes.nvml import FakeGpu, FakeNvml
-from tests.inference_support import Agent, free_port, install, make_bundle, raw_request, stub
+from testsupport.inference_support import Agent, free_port, install, make_bundle, raw_request, stub
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "provisioning" / "dashboards").glob("*.json"))

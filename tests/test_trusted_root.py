@@ -16,8 +16,8 @@ from agent.errors import VerificationError
 from agent.updates.client import RegistryClient, metadata_dir
 from provisioning.registry import init_registry, rotate_key, trusted_root
 from tests.conftest import run_appliance
-from tests.inference_support import Agent, raw_request, stub
-from tests.updates_support import X, affine_bundle_at, expected, registry_with
+from testsupport.inference_support import Agent, raw_request, stub
+from testsupport.updates_support import X, affine_bundle_at, expected, registry_with
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The model repository: which installed models are served, and the read API other parts use.
 
-Published as ``ctx.components["inference"]``.  Read API (safe from any thread):
+Published as ``ctx.inference``.  Read API (safe from any thread):
 
 - :meth:`ModelRepository.installed` -> list of dicts: name, version, sha256, length,
   installed_at, active, loaded, provider (inventory reads this);

@@ -4,7 +4,7 @@
 :func:`attach` is this component's entry point for agent.server: it builds the model
 repository over the state directory, installs and loads the configured models, registers
 the servicer and per-model health, and publishes the repository as
-``ctx.components["inference"]``.
+``ctx.inference``.
 
 This module and agent.server are the only places where the exception family becomes gRPC
 status codes (ApplianceError.grpc_code); anything unexpected becomes INTERNAL, never a
@@ -340,8 +340,8 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     repo = ModelRepository.for_state_dir(ctx.state_dir, ctx.config.inference)
     repo.add_listener(_health_listener(ctx))
     servicer = InferenceServicer(repo)
-    ctx.components["inference"] = repo
-    ctx.components["inference.servicer"] = servicer
+    ctx.inference = repo
+    ctx.inference_servicer = servicer
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     wanted = await ensure_models(repo, ctx.config)
     for name, version in wanted:

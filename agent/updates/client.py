@@ -28,6 +28,7 @@ from tuf.ngclient import Updater
 
 from agent.errors import NotFoundError, UpdateError, VerificationError
 from agent.fsutil import atomic_write_bytes
+from agent.state import StateLayout
 from agent.updates import _session
 from agent.updates.clock import ClockPolicy, ClockStatus, issued_times, system_now
 from agent.updates.fetchers import parse_source
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def metadata_dir(state_dir: Path) -> Path:
     """Where a node keeps its trusted TUF metadata."""
-    return Path(state_dir) / "tuf" / "metadata"
+    return StateLayout(state_dir).tuf_metadata
 
 
 @dataclass(frozen=True)
