@@ -31,7 +31,7 @@ import numpy as np
 
 from agent.dtypes import by_kserve
 from agent.errors import BundleError, VerificationError
-from agent.fsutil import file_sha256
+from agent.fsutil import copy_verified, file_sha256
 
 __all__ = [
     "FORMAT",
@@ -463,20 +463,7 @@ class Bundle:
 
 
 def _copy_checked(src: IO[bytes], out: IO[bytes] | None, entry: FileEntry, where: str) -> None:
-    digest = hashlib.sha256()
-    seen = 0
-    while chunk := src.read(min(_CHUNK, entry.length - seen + 1)):
-        seen += len(chunk)
-        if seen > entry.length:
-            raise VerificationError(f"{where}: longer than the {entry.length} bytes declared")
-        digest.update(chunk)
-        if out is not None:
-            out.write(chunk)
-    if seen != entry.length:
-        raise VerificationError(f"{where}: {seen} bytes, manifest declares {entry.length}")
-    if digest.hexdigest() != entry.sha256:
-        raise VerificationError(f"{where}: sha256 {digest.hexdigest()} does not match the "
-                                f"manifest's {entry.sha256}")
+    copy_verified(src, out, entry.length, entry.sha256, where=where, against="the manifest", block=_CHUNK)
 
 
 def _read_member(path: Path, member: str, entry: FileEntry) -> bytes:

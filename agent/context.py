@@ -2,16 +2,27 @@
 
 The server builds one :class:`AgentContext` and hands it to every component's
 ``attach(server, ctx)``; a component publishes what others may need (the inference
-repository for inventory, the event log for updates) in ``ctx.components`` under its name.
+repository for inventory, the event log for updates) in its field of the context.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
+from agent.state import StateLayout
+
+if TYPE_CHECKING:  # the components import this module; the context only names their types
+    from agent.events import EventLog
+    from agent.health.metrics import NodeCollector
+    from agent.health.sampler import Sampler
+    from agent.inference.repository import ModelRepository
+    from agent.inference.service import InferenceServicer
+    from agent.updates.manager import UpdateManager
+    from agent.updates.service import UpdatesComponent
 
 __all__ = ["AgentContext"]
 
@@ -21,13 +32,24 @@ class AgentContext:
     config: AgentConfig
     # grpc_health.v1 servicer (aio); components set their services' serving status on it.
     health: Any = None
-    # Named components: "inference" (model repository), "events" (event log), "sampler", ...
-    components: dict[str, Any] = field(default_factory=dict)
+    # Published by agent.inference.service.attach.
+    inference: ModelRepository | None = None
+    inference_servicer: InferenceServicer | None = None
+    # Published by agent.updates.service.attach or agent.health.service.attach, whichever
+    # runs first (a test may publish its own before either).
+    events: EventLog | None = None
+    # Published by agent.health.service.attach (a test may publish one on a fake NVML first).
+    sampler: Sampler | None = None
+    health_collector: NodeCollector | None = None
+    health_unsubscribe: list[Callable[[], None]] = field(default_factory=list)
+    # Published by agent.updates.service.attach.
+    updates: UpdatesComponent | None = None
+    update_manager: UpdateManager | None = None
 
     @property
     def state_dir(self) -> Path:
         return self.config.server.state_dir
 
-    def component(self, name: str) -> Any:
-        """The component registered as ``name``, or None when it is not running."""
-        return self.components.get(name)
+    @property
+    def layout(self) -> StateLayout:
+        return StateLayout(self.state_dir)

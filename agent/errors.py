@@ -1,8 +1,9 @@
 """One small exception family, grouped by who is at fault.
 
-Code raises these with the fact that went wrong; only the CLI's ``main`` and the gRPC
-servicers translate them (to exit codes and status codes).  Both the node and the
-operator's tools share the family, so a message reads the same wherever it surfaces.
+Code raises these with the fact that went wrong; only the CLIs' ``main`` and the gRPC
+servicers translate them (to exit codes and status codes).  The operator's tools extend the
+family with their own errors (:mod:`provisioning.errors`: profiles, images, fleet, tools),
+so a message reads the same wherever it surfaces.
 """
 
 from __future__ import annotations
@@ -12,14 +13,10 @@ __all__ = [
     "ApplianceError",
     "BundleError",
     "ConfigError",
-    "FleetError",
     "HealthError",
-    "ImageError",
     "InferenceError",
     "NotFoundError",
-    "ProfileError",
     "RegistryError",
-    "ToolError",
     "UpdateError",
     "VerificationError",
     "echo",
@@ -54,9 +51,6 @@ class ConfigError(ApplianceError):
     exit_code = 2
     grpc_code = "INVALID_ARGUMENT"
 
-
-class ProfileError(ConfigError):
-    """An image profile is malformed or refers to something that does not exist."""
 
 
 class BundleError(ApplianceError):
@@ -102,25 +96,3 @@ class AccessDeniedError(ApplianceError):
 
 class HealthError(ApplianceError):
     """Health sampling failed in a way that is not a reportable hardware state."""
-
-
-class FleetError(ApplianceError):
-    """A fleet-wide operation could not be planned or carried out."""
-
-
-class ImageError(ApplianceError):
-    """An image build stage failed or its output does not check out."""
-
-
-class ToolError(ApplianceError):
-    """An external tool (mmdebstrap, mksquashfs, qemu, ...) failed.
-
-    The message names the tool, its exit code and the tail of its stderr.
-    """
-
-    def __init__(self, tool: str, returncode: int, stderr_tail: str) -> None:
-        self.tool = tool
-        self.returncode = returncode
-        self.stderr_tail = stderr_tail
-        tail = stderr_tail.strip() or "(no output on stderr)"
-        super().__init__(f"{tool} failed with exit code {returncode}:\n{tail}")

@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import HealthError
+from agent.state import StateLayout
 
 __all__ = ["EVENTS_FILE", "SEVERITIES", "Event", "EventLog"]
 
 log = logging.getLogger(__name__)
 
-EVENTS_FILE = Path("events") / "events.jsonl"
+# Where the log lies relative to the state directory (StateLayout.events_log).
+EVENTS_FILE = StateLayout(Path()).events_log
 SEVERITIES = ("info", "warning", "error")
 
 
@@ -78,7 +80,7 @@ class EventLog:
     @classmethod
     def open(cls, state_dir: Path, *, keep: int = 1000, max_bytes: int = 8 << 20) -> EventLog:
         """The log persisted at ``state_dir/events/events.jsonl`` (created when absent)."""
-        return cls(state_dir / EVENTS_FILE, keep=keep, max_bytes=max_bytes)
+        return cls(StateLayout(state_dir).events_log, keep=keep, max_bytes=max_bytes)
 
     # ------------------------------------------------------------------ persistence
 

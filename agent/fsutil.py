@@ -1,6 +1,9 @@
-"""Atomic file writes: temp file in the same directory, fsync, ``os.replace``, fsync the dir.
+"""File primitives: atomic writes, streamed hashes, and copies checked while they are made.
 
-A reader sees the old file or the new one, never a torn one, even across a power cut.
+Atomic writes: temp file in the same directory, fsync, ``os.replace``, fsync the dir; a reader
+sees the old file or the new one, never a torn one, even across a power cut.  A verified copy
+(:func:`copy_verified`) hashes the very bytes it writes and never reads past the declared
+length, so what was checked is what was written.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Protocol
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
+from agent.errors import VerificationError
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "copy_verified", "file_sha256",
+           "fsync_dir", "stream_sha256"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,17 +70,48 @@ class Readable(Protocol):
 
 
 def stream_sha256(handle: Readable, block: int = 4 << 20,
-                  progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+                  progress: Callable[[int], None] | None = None,
+                  out: IO[bytes] | None = None) -> tuple[str, int]:
     """Hex sha256 and length of what ``handle`` reads until its end, in ``block``-sized pieces;
-    ``progress`` gets the length of each piece."""
+    ``progress`` gets the length of each piece; each piece is also written to ``out`` if given."""
     digest = hashlib.sha256()
     length = 0
     while chunk := handle.read(block):
         digest.update(chunk)
         length += len(chunk)
+        if out is not None:
+            out.write(chunk)
         if progress is not None:
             progress(len(chunk))
     return digest.hexdigest(), length
+
+
+def copy_verified(src: Readable, dst: IO[bytes] | None, length: int, sha256: str, *,
+                  where: str, against: str = "the declared", block: int = 1 << 20) -> None:
+    """Copy ``src`` to ``dst`` (``None``: only check) while hashing; it must be ``length``
+    bytes with hex ``sha256``.  Reads at most one byte past ``length``, and writes none.
+
+    ``where`` names the source in messages, ``against`` whose values they are
+    (``"the manifest"``, ``"the signed target"``).
+
+    Raises:
+        VerificationError: longer or shorter than ``length``, or another sha256; ``dst`` may
+            then hold a prefix of the bytes (the caller discards it).
+    """
+    digest = hashlib.sha256()
+    seen = 0
+    while chunk := src.read(min(block, length - seen + 1)):
+        seen += len(chunk)
+        if seen > length:
+            raise VerificationError(f"{where}: longer than the {length} bytes {against} declares")
+        digest.update(chunk)
+        if dst is not None:
+            dst.write(chunk)
+    if seen != length:
+        raise VerificationError(f"{where}: {seen} bytes, {against} declares {length}")
+    if digest.hexdigest() != sha256:
+        raise VerificationError(f"{where}: sha256 {digest.hexdigest()} does not match {against}'s "
+                                f"{sha256}")
 
 
 def file_sha256(path: Path, block: int = 4 << 20,

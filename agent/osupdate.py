@@ -9,7 +9,7 @@ path unit when the request appears) then, with :func:`install_pending`:
    baked root) from the same source, and copies the staged file into its own directory
    while hashing it: the copy must have the signed length and sha256, so a compromised
    agent cannot hand it anything the registry did not sign; then every member is checked
-   against ``release.json`` (:func:`provisioning.image.osrelease.read_release`);
+   against ``release.json`` (:func:`agent.osrelease.read_release`);
 2. writes the root and verity images to the inactive slot's partitions (``root-b`` and
    ``root-b-verity`` when running from A) and gives them the partition UUIDs derived from
    the new root hash (what ``roothash=`` finds them by);
@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UpdateError, VerificationError
-from agent.fsutil import atomic_write_text
+from agent.fsutil import atomic_write_text, copy_verified
+from agent.osrelease import active_slot, read_release, root_uuids, running_root_hash, uki_file_name
+from agent.state import StateLayout
 
 __all__ = ["ATTEMPT", "PENDING", "attempt_outcome", "install_pending", "install_release", "os_dir"]
 
@@ -56,7 +58,8 @@ _BLOCK = 4 << 20
 
 
 def os_dir(state_dir: Path) -> Path:
-    return Path(state_dir) / "os"
+    """Where OS updates are staged and recorded (``STATE/os``)."""
+    return StateLayout(state_dir).os
 
 
 def _partition_size(dev: Path, sys_class_block: Path) -> int:
@@ -172,16 +175,12 @@ def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
         UpdateError: the release is the running root, or does not fit its partitions.
         OSError: a partition or the ESP could not be written.
     """
-    from agent.health.inventory import _root_hash, _slot
-    from provisioning.image.disk import root_uuids, uki_file_name
-    from provisioning.image.osrelease import read_release
-
     release = read_release(release_file)
-    running = _root_hash(cmdline)
+    running = running_root_hash(cmdline)
     if release.roothash == running:
         raise UpdateError(f"{release.name} {release.version}: root hash {release.roothash[:16]}... "
                           "is the running root; nothing to install")
-    current = _slot(sys_block) or "A"
+    current = active_slot(sys_block) or "A"
     slot = "b" if current == "A" else "a"
     devices = {"root.squashfs": by_partlabel / f"root-{slot}",
                "root.verity": by_partlabel / f"root-{slot}-verity"}
@@ -221,25 +220,14 @@ def _verified_copy(src: Path, dest: Path, length: int, sha256: str) -> Path:
     Raises:
         VerificationError: length or sha256 differ from the signed target's.
     """
-    import hashlib
-
     dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    h, size = hashlib.sha256(), 0
     try:
         with src.open("rb") as fin, dest.open("wb") as fout:
-            while chunk := fin.read(_BLOCK):
-                size += len(chunk)
-                if size > length:
-                    break
-                h.update(chunk)
-                fout.write(chunk)
+            copy_verified(fin, fout, length, sha256, where=str(src), against="the signed target",
+                          block=_BLOCK)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
-    if size != length or h.hexdigest() != sha256:
-        dest.unlink(missing_ok=True)
-        raise VerificationError(f"{src}: {size} bytes, sha256 {h.hexdigest()}: not the signed "
-                                f"target ({length} bytes, sha256 {sha256})")
     return dest
 
 

@@ -62,7 +62,6 @@ from agent.errors import ApplianceError, ConfigError, NotFoundError, Verificatio
 from agent.fsutil import atomic_write_bytes
 
 __all__ = [
-    "HELD_CRL",
     "METHOD_ROLES",
     "ROLES",
     "ROLE_ATTRIBUTE",
@@ -406,7 +405,6 @@ class CrlRollbackError(VerificationError):
         self.held = held
 
 
-HELD_CRL = "tls/crl-in-force.pem"  # under the state directory
 
 
 class RevocationList:
@@ -635,11 +633,12 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._identities: dict[bytes, Identity] = {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def attach(self, events: Any, state_dir: Path) -> None:
+    def attach(self, events: Any, held_path: Path) -> None:
         """Once the agent's event log exists: CRL refusals become events, and the CRL in force
-        is kept at ``STATE/tls/crl-in-force.pem`` (see :meth:`RevocationList.attach`)."""
+        is kept at ``held_path`` (:attr:`agent.state.StateLayout.crl_in_force`; see
+        :meth:`RevocationList.attach`)."""
         if self._crl is not None:
-            self._crl.attach(events, state_dir / HELD_CRL)
+            self._crl.attach(events, held_path)
 
     # -- identity and decision
 

@@ -2,8 +2,8 @@
 
 :func:`run_agent` builds the :class:`~agent.context.AgentContext`, registers
 ``grpc.health.v1.Health``, then awaits ``attach(server, ctx)`` of every module in
-:data:`SERVICE_MODULES` (each returns the full names of the services it added; a module not
-built yet is skipped), enables server reflection for all of them, binds and serves.
+:data:`SERVICE_MODULES` (each returns the full names of the services it added), enables
+server reflection for all of them, binds and serves.
 
 Transport security is chosen in one place, :func:`server_credentials`.  Without TLS
 material the agent binds to loopback only, whatever address was asked for, and says so.
@@ -15,12 +15,12 @@ flight get ``grace_period_s`` to finish, then the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import signal
 import socket
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -28,9 +28,15 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agent import security
 from agent.config import AgentConfig
 from agent.context import AgentContext
 from agent.errors import ConfigError
+from agent.health import service as health_service
+from agent.inference import service as inference_service
+from agent.metrics import InferenceCollector, register_collector, start_metrics_server
+from agent.proto._pool import POOL
+from agent.updates import service as updates_service
 
 __all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "run_agent", "server_credentials"]
 
@@ -38,11 +44,7 @@ log = logging.getLogger(__name__)
 
 # Components that add gRPC services; each has `async def attach(server, ctx) -> list[str]`.
 # The updates component comes first: it resolves an interrupted update before any model loads.
-SERVICE_MODULES: tuple[str, ...] = (
-    "agent.updates.service",
-    "agent.inference.service",
-    "agent.health.service",
-)
+SERVICE_MODULES: tuple[ModuleType, ...] = (updates_service, inference_service, health_service)
 
 LOOPBACK = "127.0.0.1"
 
@@ -56,8 +58,6 @@ def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
     Raises:
         ConfigError: listening beyond loopback without TLS material, or bad TLS material.
     """
-    from agent import security
-
     return security.server_credentials(config)
 
 
@@ -67,8 +67,6 @@ def _reflection_pool(service_names: list[str]) -> Any:
     The inference protos live in a private pool (see agent/proto/__init__.py); the others in
     protobuf's default pool.
     """
-    from agent.proto._pool import POOL
-
     merged = descriptor_pool.DescriptorPool()
     added: set[str] = set()
 
@@ -92,27 +90,12 @@ def _reflection_pool(service_names: list[str]) -> Any:
     return merged
 
 
-def _load_modules() -> list[Any]:
-    modules = []
-    for name in SERVICE_MODULES:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                log.debug("component %s is not part of this build", name)
-                continue
-            raise
-    return modules
-
-
 async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentContext, list[str]]:
-    """A server with health, every available component and reflection; not yet bound.
+    """A server with health, every component and reflection; not yet bound.
 
     Raises:
         ApplianceError: a component refused to start (e.g. a named model cannot be installed).
     """
-    from agent import security
-
     guards = security.interceptors(config)
     server = grpc.aio.server(
         options=security.server_options(config),
@@ -123,13 +106,13 @@ async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentConte
     ctx.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(ctx.health, server)
     names = [health.SERVICE_NAME]
-    for module in _load_modules():
+    for module in SERVICE_MODULES:
         added = await module.attach(server, ctx)
         names.extend(added)
         log.debug("%s added %s", module.__name__, ", ".join(added))
     for guard in guards:
         if isinstance(guard, security.AccessInterceptor):
-            guard.attach(ctx.component("events"), ctx.state_dir)
+            guard.attach(ctx.events, ctx.layout.crl_in_force)
     names.append(reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=_reflection_pool(names))
     return server, ctx, names
@@ -178,7 +161,7 @@ async def _watchdog() -> None:
 
 async def _set_all(ctx: AgentContext, names: list[str], status: Any) -> None:
     overall = status
-    sampler = ctx.component("sampler")
+    sampler = ctx.sampler
     if sampler is not None and not sampler.serving_ok():
         overall = health_pb2.HealthCheckResponse.NOT_SERVING  # node health gates serving
     await ctx.health.set("", overall)
@@ -212,19 +195,16 @@ async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | 
     log.info("agent: stopping (in-flight requests get %.1f s)", config.server.grace_period_s)
     _sd_notify("STOPPING=1")
     watchdog.cancel()
-    servicer = ctx.components.get("inference.servicer")
+    servicer = ctx.inference_servicer
     if servicer is not None:
         servicer.ready = False
     await ctx.health.enter_graceful_shutdown()
     await server.stop(config.server.grace_period_s)
-    repo = ctx.components.get("inference")
+    repo = ctx.inference
     if repo is not None:
         await repo.close()
-    health_component = ctx.components.get("sampler")
-    if health_component is not None:
-        from agent.health.service import close as close_health
-
-        await close_health(ctx)
+    if ctx.sampler is not None:
+        await health_service.close(ctx)
     if metrics is not None:
         metrics.shutdown()
     log.info("agent: stopped")
@@ -234,14 +214,10 @@ async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | 
 def _start_metrics(config: AgentConfig, ctx: AgentContext) -> Any:
     if not config.server.metrics_port:
         return None
-    from agent.metrics import InferenceCollector, register_collector, start_metrics_server
-
-    repo = ctx.components.get("inference")
+    repo = ctx.inference
     if repo is not None:
         register_collector(InferenceCollector(repo.statistics))
-    from agent.security import metrics_tls
-
-    tls = metrics_tls(config)  # the gRPC port's mTLS rules, or None on loopback
+    tls = security.metrics_tls(config)  # the gRPC port's mTLS rules, or None on loopback
     host = config.server.listen if tls else LOOPBACK
     try:
         return start_metrics_server(config.server.metrics_port, host, tls)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.errors import ImageError
-from agent.tools import run
+from provisioning.errors import ImageError
 from provisioning.image import boot as vm
 from provisioning.image.disk import disk
 from provisioning.image.seal import seal, squashfs_argv
 from provisioning.image.stage import DiskSizes, StageContext
-from tests.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
+from provisioning.tools import run
+from testsupport.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from provisioning.pki import init_pki, issue_client, issue_node  # noqa: E402
-from tests.secure_server import mtls_config, spawn  # noqa: E402
+from testsupport.secure_server import mtls_config, spawn  # noqa: E402
 
 
 def run_cli(inventory: Path, auth: list[str], deadline: float, concurrency: int) -> tuple[float, float, dict]:

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from agent.proto import grpc_service_pb2_grpc as pbg
     from agent.proto import node_pb2, node_pb2_grpc
     from provisioning.bundle import create_bundle
-    from provisioning.models import matmul_chain_model, save_golden
+    from provisioning.demo.models import matmul_chain_model, save_golden
     from provisioning.registry import init_registry, publish_bundle, trusted_root
 
     found: dict[str, Any] = {

@@ -6,7 +6,7 @@
    component attached through ``attach``, real NVML when present) runs in its own process.
    One client measures ``GetHealth`` round trips, first alone, then while load threads hammer
    the server with other RPCs (GetInventory, GetEvents, grpc.health.v1 Check, WatchHealth
-   streams).  The inference service is not on this branch, so the load is these RPCs; the
+   streams); no model is served, so the figures are the health component's own.  The
    baseline is grpc.health.v1 ``Check`` (a trivial RPC) measured the same way in the same run.
 2. Idle CPU: the same server left alone for ``--idle-seconds`` at the default sampling
    interval, its process CPU time read with psutil, against a baseline server with no health

@@ -1,6 +1,6 @@
 """Benchmark: the bench image's power-on to agent SERVING over mTLS, under KVM and under TCG.
 
-Run as root after the bench is prepared (``./dev test --hil`` or ``python -m provisioning.bench
+Run as root after the bench is prepared (``./dev test --hil`` or ``python -m provisioning.demo.bench
 prepare``):  python bench/hil_boot.py [--runs N] [--cache DIR]
 
 Each run powers a fresh copy-on-write overlay of the cached image on (``appliance boot``) and
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
 
-from hil.conftest import Appliance, _free_port
-from provisioning.bench import DEFAULT_CACHE, bench_paths
+from provisioning.demo.bench import DEFAULT_CACHE, bench_paths
 from provisioning.image import boot as vm
+from testsupport.appliance import Appliance, free_port
 
 BASELINE_LINE = r"BdsDxe: starting Boot"  # OVMF hands over to systemd-boot (the image is quiet)
 
@@ -52,7 +52,7 @@ def _kvm_runs_ovmf(image: Path) -> bool:
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         cli = [sys.executable, "-m", "provisioning.cli", "boot"]
         proc = subprocess.run([*cli, str(image), "--state", f"{tmp}/vm", "--accel", "auto", "--detach",
-                               "--json", "--port", f"8001={_free_port()}", "--port", f"8002={_free_port()}"],
+                               "--json", "--port", f"8001={free_port()}", "--port", f"8002={free_port()}"],
                               capture_output=True, text=True, check=True)
         subprocess.run([*cli, "--stop", f"{tmp}/vm"], capture_output=True, check=False)
     return bool(json.loads(proc.stdout)["kvm"])
@@ -66,7 +66,7 @@ def main() -> int:
     args = ap.parse_args()
     bench = bench_paths(args.cache)
     if not bench.image.is_file():
-        print(f"no bench image at {bench.image}: run `python -m provisioning.bench prepare` first")
+        print(f"no bench image at {bench.image}: run `python -m provisioning.demo.bench prepare` first")
         return 2
     c = bench.client
     creds = grpc.ssl_channel_credentials(c["ca"].read_bytes(), c["key"].read_bytes(), c["cert"].read_bytes())
@@ -80,7 +80,7 @@ def main() -> int:
         serving, baseline = [], []
         for i in range(args.runs):
             with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-                ports = {8001: _free_port(), 8002: _free_port()}
+                ports = {8001: free_port(), 8002: free_port()}
                 state = Path(tmp) / "vm"
                 node = Appliance(f"127.0.0.1:{ports[8001]}", creds, image=bench.image, state=state,
                                  ports=ports, accel=accel)

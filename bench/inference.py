@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from agent.bundle import Batching  # noqa: E402
 from agent.ort import make_session  # noqa: E402
-from provisioning.models import affine_model, matmul_chain_model  # noqa: E402
-from tests.inference_support import Agent, install, make_bundle  # noqa: E402
+from provisioning.demo.models import affine_model, matmul_chain_model  # noqa: E402
+from testsupport.inference_support import Agent, install, make_bundle  # noqa: E402
 
 HEAVY_W, HEAVY_ROWS = 512, 128
 MLP_W = 1024

@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from provisioning.bundle import create_bundle  # noqa: E402
-from provisioning.models import matmul_chain_model, save_golden  # noqa: E402
-from tests.inference_support import Agent  # noqa: E402
-from tests.updates_support import node_state, registry_with  # noqa: E402
+from provisioning.demo.models import matmul_chain_model, save_golden  # noqa: E402
+from testsupport.inference_support import Agent  # noqa: E402
+from testsupport.updates_support import node_state, registry_with  # noqa: E402
 
 
 def bundle(tmp: Path, version: str, width: int, depth: int, seed: int) -> Path:

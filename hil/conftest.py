@@ -10,35 +10,30 @@
 The registry checks need the registry's own directory (``appliance registry init``; its
 ``published/`` tree is what nodes trust): the suite copies it and publishes new bundle
 versions into the copy, so the site registry is never changed. Under qemu the copy is served
-on the host's 127.0.0.1:18480, which the guest reaches as 10.0.2.100:18480 (images/hil.toml's
-update source) through a qemu guestfwd: the guest's user network is restricted, so nothing it
-sends leaves this machine, and every frame is recorded for the egress check (test_egress.py).
-On a real bench, serve it yourself and say where with ``--registry-url``... or leave
-``--registry`` out and those checks skip.
+on a free port of the host's loopback, which the guest reaches as 10.0.2.100:18480
+(images/hil.toml's update source) through a qemu guestfwd: the guest's user network is
+restricted, so nothing it sends leaves this machine, and every frame is recorded for the egress
+check (test_egress.py, run last). On a real bench, serve it yourself and say
+where with ``--registry-url``... or leave ``--registry`` out and those checks skip.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
-from provisioning.image.boot import GUEST_FORWARD_ADDR, ConsoleWatch, Machine
-from provisioning.image.boot import load as load_machine
+from provisioning.image.boot import GUEST_FORWARD_ADDR
+from testsupport.appliance import REGISTRY_GUEST_PORT, Appliance, free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
-REGISTRY_GUEST_PORT = 18480  # images/hil.toml: [agent.updates] sources = ["http://10.0.2.100:18480"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -72,136 +67,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--os-release", type=Path, help="an OS release file (`appliance os-release`) "
                 "newer than the image: checks the A->B update through the registry")
     g.addoption("--broken-os-release", type=Path, help="an OS release newer still whose agent never "
-                "serves (`python -m provisioning.bench prepare --os-release`): checks the node falls back")
+                "serves (`python -m provisioning.demo.bench prepare --os-release`): checks the node "
+                "falls back")
     g.addoption("--hang-after", type=float, default=float(os.environ.get(
         "APPLIANCE_HIL_HANG_AFTER", "300")), help="qemu: a guest whose console prints nothing for "
-                "this many seconds while it should be booting is reported hung (default 300: TCG)")
+                "this many seconds while its agent does not answer is reported hung (default 300: TCG)")
     g.addoption("--egress-watch", type=float, default=600.0,
                 help="qemu: seconds after the first power-on whose guest traffic the egress check "
                 "reads (default 600); the check waits only for what is left of them")
     g.addoption("--serving-bound", type=float, default=float(os.environ.get(
         "APPLIANCE_HIL_SERVING_BOUND", "900")), help="seconds from power-on to agent SERVING "
                 "(default 900: TCG; a real appliance or KVM should take far less)")
-
-
-@dataclass
-class Appliance:
-    """One appliance under test: where its agent is and how to reach it with mTLS."""
-
-    target: str
-    credentials: grpc.ChannelCredentials
-    tls_name: str | None = None
-    console: Path | None = None
-    image: Path | None = None
-    state: Path | None = None  # qemu machine state directory
-    ports: dict[int, int] = field(default_factory=dict)
-    accel: str = "auto"
-    serving_seconds: list[float] = field(default_factory=list)  # power-on -> SERVING, per boot
-    hang_after: float = 300.0  # console silence that means a hung guest (qemu only)
-    registry_port: int = 0  # the host port the guest's update source is forwarded to
-    pcaps: list[Path] = field(default_factory=list)  # every frame on the guest's network, per boot
-    first_power_on: float | None = None  # time.monotonic() of the first power-on
-    machine: Machine | None = None  # the running qemu
-
-    def channel(self) -> grpc.Channel:
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
-        if self.tls_name:
-            options.append(("grpc.ssl_target_name_override", self.tls_name))
-        return grpc.secure_channel(self.target, self.credentials, options=options)
-
-    @property
-    def manifest(self) -> dict[str, Any] | None:
-        if self.image is None:
-            return None
-        path = self.image.parent / "image-manifest.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    # ------------------------------------------------------------ qemu only
-
-    def power_on(self, *, keep_disk: bool, bound: float) -> float:
-        """Start the machine (again) and wait for SERVING; return the seconds it took."""
-        assert self.image is not None and self.state is not None
-        # A restricted user network: the guest reaches nothing on or beyond this machine but
-        # the registry (a guestfwd of images/hil.toml's source) and replies on the agent's
-        # forwarded ports; every frame it sends is recorded for the egress check.
-        pcap = self.state.parent / f"egress-boot{len(self.serving_seconds) + 1}.pcap"
-        args: list[str] = ["boot", str(self.image), "--state", str(self.state), "--accel", self.accel,
-                           "--memory", "2048", "--detach", "--json", "--pcap", str(pcap),
-                           "--restrict-net",
-                           "--guest-forward", f"{REGISTRY_GUEST_PORT}={self.registry_port}"]
-        for guest, host in sorted(self.ports.items()):
-            args += ["--port", f"{guest}={host}"]
-        if keep_disk:
-            args.append("--keep-disk")
-        began = time.monotonic()
-        if self.first_power_on is None:
-            self.first_power_on = began
-        proc = _appliance(*args, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"appliance boot failed:\n{proc.stderr[-3000:]}")
-        self.pcaps.append(pcap)
-        self.console = self.state / "console.log"
-        self.machine = load_machine(self.state)
-        seconds = wait_serving(self, began, bound)
-        self.serving_seconds.append(seconds)
-        return seconds
-
-    def watch(self) -> ConsoleWatch | None:
-        """A watch for a hung guest on the running qemu (None on a bench)."""
-        return ConsoleWatch(self.machine, self.hang_after) if self.machine is not None else None
-
-    def power_off(self) -> None:
-        if self.console is not None and self.console.is_file() and self.state is not None:
-            # `appliance boot` starts the next console log afresh: keep this boot's
-            keep = self.state / f"console-boot{len(self.serving_seconds)}.log"
-            shutil.copyfile(self.console, keep)
-        if self.state is not None and (self.state / "machine.json").exists():
-            _appliance("boot", "--stop", str(self.state), "--json", timeout=120)
-
-
-def _appliance(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "provisioning.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def serving_status(node: Appliance, timeout: float = 5.0) -> str:
-    """grpc.health.v1 status of the whole server, over mTLS ("" when unreachable)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        with node.channel() as ch:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
-                                                         timeout=timeout)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-    except grpc.RpcError:
-        return ""
-
-
-def wait_serving(node: Appliance, began: float, bound: float) -> float:
-    """Poll until SERVING; seconds since ``began``.
-
-    Raises:
-        TimeoutError: not SERVING after ``bound`` seconds.
-        GuestHungError: under qemu, the console printed nothing for ``node.hang_after`` seconds.
-    """
-    watch = node.watch()
-    while time.monotonic() - began < bound:
-        if serving_status(node) == "SERVING":
-            return time.monotonic() - began
-        if watch is not None:
-            watch.check()
-        time.sleep(1.0)
-    tail = node.console.read_text(errors="replace")[-3000:] if node.console else ""
-    raise TimeoutError(f"agent not SERVING within {bound:.0f} s; console tail:\n{tail}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _credentials(config: pytest.Config, work: Path) -> grpc.ChannelCredentials:
@@ -227,12 +103,12 @@ def appliance(request: pytest.FixtureRequest,
     target: str | None = config.getoption("--target")
     bound = float(config.getoption("--serving-bound"))
     if image is not None:
-        ports = {8001: _free_port(), 8002: _free_port()}
+        ports = {8001: free_port(), 8002: free_port()}
         node = Appliance(f"127.0.0.1:{ports[8001]}", creds, config.getoption("--tls-name"),
                          image=image.resolve(), state=work / "vm", ports=ports,
                          accel=config.getoption("--accel"),
-                         hang_after=float(config.getoption("--hang-after")),
-                         registry_port=int(config.getoption("--registry-port")) or _free_port())
+                         hang_after=float(config.getoption("--hang-after")), record_network=True,
+                         registry_port=int(config.getoption("--registry-port")) or free_port())
         try:
             seconds = node.power_on(keep_disk=False, bound=bound)
             print(f"\nhil: power-on to agent SERVING over mTLS: {seconds:.1f} s "
@@ -259,7 +135,7 @@ class SiteRegistry:
     url: str
 
     def publish_bundle(self, version: str) -> str:
-        from provisioning.bench import affine_bundle
+        from provisioning.demo.bench import affine_bundle
         from provisioning.registry import add_target, publish, target_path
 
         bundle = affine_bundle(self.directory.parent / "bundles", version)
@@ -268,7 +144,7 @@ class SiteRegistry:
         return target_path("bundle", "affine", version, bundle.name)
 
     def publish_os(self, release: Path) -> str:
-        from provisioning.image.osrelease import read_release, registry_version
+        from agent.osrelease import read_release, registry_version
         from provisioning.registry import add_target, publish, target_path
 
         rel = read_release(release)
@@ -301,9 +177,8 @@ def site_registry(request: pytest.FixtureRequest, appliance: Appliance,
         pytest.skip("--registry on a real appliance: serve the copy yourself (not automated yet)")
     from provisioning.registry import make_server
 
-    port = appliance.registry_port
     # the guest's 10.0.2.100:18480 is forwarded here (Appliance.power_on: a guestfwd)
-    server = make_server(copy, port, "127.0.0.1")
+    server = make_server(copy, appliance.registry_port, "127.0.0.1")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

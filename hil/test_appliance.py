@@ -16,8 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
-from hil.conftest import Appliance, SiteRegistry, serving_status
-from provisioning.bench import BAKED_VERSION, BUNDLE, X, expected
+from hil.conftest import SiteRegistry
+from provisioning.demo.bench import BAKED_VERSION, BUNDLE, X, expected
+from testsupport.appliance import Appliance, serving_status
 
 ALLOWED_TCP = {8001, 8002}  # the agent's gRPC and metrics ports (images/*.toml [agent.server])
 ALLOWED_UDP = {68}  # systemd-networkd's DHCP client

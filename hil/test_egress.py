@@ -16,10 +16,10 @@ from collections import Counter
 
 import pytest
 
-from hil.conftest import Appliance
 from provisioning.image.boot import AGENT_PORTS, GUEST_MAC
 from provisioning.image.egress import Destination, from_json, unplanned
 from provisioning.image.pcap import Packet, read_pcap
+from testsupport.appliance import Appliance
 
 pytestmark = [pytest.mark.egress_last, pytest.mark.timeout(1800)]
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from hil.conftest import Appliance, SiteRegistry
+from hil.conftest import SiteRegistry
 from hil.test_appliance import _active, _apply, _infer, _inventory, _node
-from provisioning.bench import expected
+from provisioning.demo.bench import expected
+from testsupport.appliance import Appliance
 
 pytestmark = pytest.mark.timeout(3600)
 UNBLESSED = "appliance-boot: agent not serving, rebooting unblessed"  # plan.boot_check_unit()
@@ -46,12 +47,13 @@ def _wait_for_root(appliance: Appliance, roothash: str, began: float, bound: flo
 
 def test_os_update_a_to_b(appliance: Appliance, site_registry: SiteRegistry,
                           request: pytest.FixtureRequest) -> None:
+    from agent.osrelease import read_release
     from agent.proto import node_pb2
-    from provisioning.image.osrelease import read_release
 
     release_file: Path | None = request.config.getoption("--os-release")
     if release_file is None:
-        pytest.skip("no --os-release: build one with `python -m provisioning.bench prepare --os-release`")
+        pytest.skip("no --os-release: build one with "
+                    "`python -m provisioning.demo.bench prepare --os-release`")
     release = read_release(release_file)
     before = _inventory(appliance)
     assert before.root_hash != release.roothash and before.active_slot == "A"
@@ -89,12 +91,12 @@ def test_a_root_that_never_serves_falls_back_by_itself(appliance: Appliance, sit
     returns to the running slot with no help; the agent then reports update.os.failed."""
     import grpc
 
-    from provisioning.image.osrelease import read_release
+    from agent.osrelease import read_release
 
     broken_file: Path | None = request.config.getoption("--broken-os-release")
     if broken_file is None:
         pytest.skip("no --broken-os-release: build one with "
-                    "`python -m provisioning.bench prepare --os-release`")
+                    "`python -m provisioning.demo.bench prepare --os-release`")
     broken = read_release(broken_file)
     before = _inventory(appliance)
     assert before.root_hash != broken.roothash

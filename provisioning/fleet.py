@@ -27,8 +27,9 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from agent.errors import ConfigError, FleetError, NotFoundError
+from agent.errors import ConfigError, NotFoundError
 from agent.proto import node_pb2, node_pb2_grpc
+from provisioning.errors import FleetError
 
 __all__ = [
     "DEFAULT_PORT",

@@ -46,6 +46,7 @@ __all__ = [
     "issue_node",
     "list_certs",
     "load_passphrase",
+    "make_request",
     "revoke",
     "write_crl",
 ]
@@ -279,8 +280,9 @@ def _check_name(name: str) -> None:
 
 def _issue(directory: Path, *, kind: str, name: str, role: str | None, dns: Sequence[str],
            ips: Sequence[str], days: int, passphrase: bytes | None, out: Path | None,
-           valid_from: dt.datetime | None) -> IssuedCert:
+           valid_from: dt.datetime | None, csr: bytes | None = None) -> IssuedCert:
     _check_name(name)
+    requested = _requested_key(csr) if csr is not None else None
     if days <= 0:
         raise ConfigError(f"--days = {days}: must be positive")
     addresses = []
@@ -304,11 +306,12 @@ def _issue(directory: Path, *, kind: str, name: str, role: str | None, dns: Sequ
         if role is not None:
             attrs.append(x509.NameAttribute(ROLE_ATTRIBUTE, role))
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = None if requested is not None else ec.generate_private_key(ec.SECP256R1())
+        public_key = requested if requested is not None else key.public_key()  # type: ignore[union-attr]
         usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == "node" else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name(attrs)).issuer_name(ca_cert.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .public_key(public_key).serial_number(x509.random_serial_number())
                    .not_valid_before(not_before).not_valid_after(not_after)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
@@ -317,7 +320,7 @@ def _issue(directory: Path, *, kind: str, name: str, role: str | None, dns: Sequ
                                                 crl_sign=False, encipher_only=False,
                                                 decipher_only=False), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
                                   critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                        ca_key.public_key()), critical=False))
@@ -329,13 +332,14 @@ def _issue(directory: Path, *, kind: str, name: str, role: str | None, dns: Sequ
         dest = out or directory / "issued" / name
         dest.mkdir(parents=True, exist_ok=True)
         cert_path, key_path = dest / f"{name}.crt", dest / f"{name}.key"
-        atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
+        if key is not None:
+            atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
         atomic_write_bytes(cert_path, _pem(cert))
         atomic_write_bytes(dest / "ca.crt", _pem(ca_cert))
         issued = IssuedCert(serial=cert.serial_number, kind=kind, name=name, role=role,
                             subject=cert.subject.rfc4514_string(), not_before=not_before,
                             not_after=not_after, dns=tuple(dns), ips=tuple(str(a) for a in addresses),
-                            cert_path=str(cert_path), key_path=str(key_path))
+                            cert_path=str(cert_path), key_path=str(key_path) if key is not None else "")
         index["certificates"].append(issued.to_json())
         _write_index(directory, index)
     return issued
@@ -343,10 +347,13 @@ def _issue(directory: Path, *, kind: str, name: str, role: str | None, dns: Sequ
 
 def issue_node(directory: Path, name: str, *, dns: Sequence[str] = (), ips: Sequence[str] = (),
                days: int = 365, passphrase: bytes | None = None, out: Path | None = None,
-               valid_from: dt.datetime | None = None) -> IssuedCert:
+               valid_from: dt.datetime | None = None, csr: bytes | None = None) -> IssuedCert:
     """Issue a node (server) certificate for ``name`` with DNS/IP subject alternative names.
 
-    With no ``dns`` given, ``name`` itself is the one DNS name.
+    With no ``dns`` given, ``name`` itself is the one DNS name.  With ``csr`` (PEM, from
+    :func:`make_request` on the node) the certificate is for the request's key, whose
+    private half never left the node; no key is written.  The request's subject and
+    extensions are ignored: the CA decides the names.
 
     Raises:
         ConfigError: bad name, DNS name, IP address or validity; wrong/missing passphrase.
@@ -354,7 +361,48 @@ def issue_node(directory: Path, name: str, *, dns: Sequence[str] = (), ips: Sequ
         VerificationError: the passphrase does not decrypt the CA key.
     """
     return _issue(directory, kind="node", name=name, role=None, dns=tuple(dns) or (name,),
-                  ips=ips, days=days, passphrase=passphrase, out=out, valid_from=valid_from)
+                  ips=ips, days=days, passphrase=passphrase, out=out, valid_from=valid_from, csr=csr)
+
+
+def _requested_key(csr: bytes) -> ec.EllipticCurvePublicKey:
+    try:
+        request = x509.load_pem_x509_csr(csr)
+    except ValueError as exc:
+        raise ConfigError(f"--csr: not a PEM certificate signing request: {exc}") from None
+    if not request.is_signature_valid:
+        raise VerificationError("--csr: the request's signature does not verify")
+    key = request.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ConfigError("--csr: the request's key must be ECDSA P-256 (what `appliance pki request` makes)")
+    return key
+
+
+def make_request(name: str, key_path: Path, csr_path: Path) -> bool:
+    """On the node: a private key at ``key_path`` (mode 0600, made once, kept) and a
+    certificate signing request for it at ``csr_path``.  Only the request leaves the node.
+    Returns whether a new key was made.
+
+    Raises:
+        ConfigError: bad name, or ``key_path`` holds no usable P-256 key.
+    """
+    _check_name(name)
+    made = False
+    try:
+        loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except FileNotFoundError:
+        loaded = ec.generate_private_key(ec.SECP256R1())
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(key_path, _key_pem(loaded), mode=0o600)
+        made = True
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{key_path}: not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{key_path}: not an ECDSA key")
+    request = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .sign(loaded, hashes.SHA256()))
+    atomic_write_bytes(csr_path, request.public_bytes(serialization.Encoding.PEM))
+    return made
 
 
 def issue_client(directory: Path, name: str, role: str, *, days: int = 90,

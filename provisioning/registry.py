@@ -19,7 +19,6 @@ metadata first, ``timestamp.json`` (the commit point for clients) last.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -36,7 +35,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 
 from agent.errors import NotFoundError, RegistryError
-from agent.fsutil import fsync_dir
+from agent.fsutil import fsync_dir, stream_sha256
 from agent.updates.clock import ISSUED_FIELD, format_time, parse_time
 from provisioning._registry_store import (
     DEFAULT_EXPIRY_DAYS,
@@ -248,20 +247,15 @@ def _copy_hashed(src: Path, dest_dir: Path) -> tuple[Path, int, str]:
     """Copy ``src`` into ``dest_dir`` under a temporary name; return it with length and sha256."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".add-", dir=dest_dir)
-    digest = hashlib.sha256()
-    length = 0
     try:
         with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
-            while chunk := inp.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                length += len(chunk)
+            digest, length = stream_sha256(inp, _CHUNK, out=out)
             out.flush()
             os.fsync(out.fileno())
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    return Path(tmp_name), length, digest.hexdigest()
+    return Path(tmp_name), length, digest
 
 
 def _describe(file: Path, kind: str | None, name: str | None, version: str | None) -> tuple[str, str, str]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from provisioning.cli import main as cli_main
-from provisioning.models import affine_model, save_golden
+from provisioning.demo.models import affine_model, save_golden
 
 ROOT = Path(__file__).resolve().parent.parent
 

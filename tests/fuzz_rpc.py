@@ -336,9 +336,9 @@ def local_server(workdir: Path) -> Iterator[tuple[str, grpc.ChannelCredentials, 
     from agent.config import InferenceSection
     from agent.inference.repository import ModelRepository
     from provisioning.bundle import create_bundle
-    from provisioning.models import affine_model, save_golden
+    from provisioning.demo.models import affine_model, save_golden
     from provisioning.pki import init_pki, issue_client, issue_node
-    from tests.secure_server import ROOT, mtls_config
+    from testsupport.secure_server import ROOT, mtls_config
 
     pki = workdir / "pki"
     init_pki(pki, organization="Fuzz Site")

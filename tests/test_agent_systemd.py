@@ -1,4 +1,7 @@
-"""The agent speaks systemd's notify protocol (Type=notify, WatchdogSec=) on a real socket."""
+"""The agent speaks systemd's notify protocol (Type=notify, WatchdogSec=) on a real socket.
+
+Started as the image's unit starts it: the node's own entry point (``appliance-agent serve``).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ def test_ready_watchdog_and_stopping_are_notified(tmp_path: Path) -> None:
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("WATCHDOG_PID", None)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", "agent", "serve", "--state-dir",
+            [sys.executable, "-m", "agent", "serve", "--state-dir",
              str(tmp_path / "state"), "--port", "0", "--metrics-port", "0"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from provisioning.pki import init_pki, issue_client, issue_node
-from tests.secure_server import mtls_config, spawn
+from testsupport.secure_server import mtls_config, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = ROOT / "provisioning" / "ansible"
@@ -32,30 +35,41 @@ def _playbook(tmp_path: Path, playbook: str, inventory: Path,
 
 
 def test_enroll_then_query_the_enrolled_agent(tmp_path: Path) -> None:
+    """The key is made on the node and never leaves it; the CA signs the node's request; the
+    agent's config is switched to 0.0.0.0 with mTLS, and an agent started from it answers."""
     pki = tmp_path / "pki"
     init_pki(pki, organization="Ansible Site")
     issue_client(pki, "observer", "observer")
+    tls = tmp_path / "node-tls"
+    config = tmp_path / "agent.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1"\nport = 0\nmetrics_port = 0\n\n[tls]\n'
+                      'loopback_role = "admin"\n')
     inventory = tmp_path / "hosts.ini"
     inventory.write_text("[appliances]\n"
                          f"localhost ansible_connection=local ansible_host=127.0.0.1 "
-                         f"appliance_tls_dir={tmp_path / 'node-tls'}\n")
-    extra = {"pki_dir": str(pki), "appliance_restart": False}
+                         f"appliance_tls_dir={tls} appliance_config={config}\n")
+    extra = {"pki_dir": str(pki), "appliance_restart": False, "appliance_key_owner": getpass.getuser()}
     first = _playbook(tmp_path, "enroll.yml", inventory, extra)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
-    tls = tmp_path / "node-tls"
     assert stat.S_IMODE((tls / "node.key").stat().st_mode) == 0o600
     cert = x509.load_pem_x509_certificate((tls / "node.crt").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
     assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    # The certificate is for the key made on the node; no private key of it is on the control side.
+    key = serialization.load_pem_private_key((tls / "node.key").read_bytes(), password=None)
+    assert cert.public_key() == key.public_key()
+    assert not (pki / "issued" / "localhost" / "localhost.key").exists()
+    assert sorted(p.name for p in (pki / "requests").iterdir()) == ["localhost.csr"]
+    settings = tomllib.loads(config.read_text())
+    assert settings["server"] == {"listen": "0.0.0.0", "port": 0, "metrics_port": 0}
+    assert settings["tls"] == {"loopback_role": "admin", "cert": f"{tls}/node.crt", "key": f"{tls}/node.key",
+                               "ca": f"{tls}/ca.crt", "crl": f"{tls}/crl.pem"}
     again = _playbook(tmp_path, "enroll.yml", inventory, extra)  # idempotent: nothing re-issued
     assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-2000:]
     assert x509.load_pem_x509_certificate((tls / "node.crt").read_bytes()) == cert
 
-    # The installed files are what an agent serves with; the fleet CLI reaches it over mTLS.
-    config = tmp_path / "agent.toml"
-    config.write_text(f'[server]\nlisten = "127.0.0.1"\nport = 0\n[tls]\ncert = "{tls / "node.crt"}"\n'
-                      f'key = "{tls / "node.key"}"\nca = "{tls / "ca.crt"}"\ncrl = "{tls / "crl.pem"}"\n')
+    # The agent serves from the edited config; the fleet CLI reaches it over mTLS.
     with spawn(config) as (ports, _pid):
         nodes = tmp_path / "nodes.toml"
         nodes.write_text(f'[[nodes]]\nname = "localhost"\naddress = "127.0.0.1"\nport = {ports[0]}\n')

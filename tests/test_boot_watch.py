@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ImageError
 from provisioning.commands.boot import register
+from provisioning.errors import ImageError
 from provisioning.image import boot as vm
 
 ROOT = Path(__file__).resolve().parent.parent

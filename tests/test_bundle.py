@@ -14,7 +14,7 @@ from onnx import TensorProto
 from agent.bundle import read_bundle
 from agent.errors import BundleError, NotFoundError, VerificationError
 from provisioning.bundle import create_bundle, verify_bundle
-from provisioning.models import affine_model, identity_model, save_golden
+from provisioning.demo.models import affine_model, identity_model, save_golden
 from tests.conftest import run_appliance
 
 

@@ -17,8 +17,8 @@ from agent.bundle import GOLDEN, MAX_DIM, TensorSpec, read_bundle, write_bundle
 from agent.config import InferenceSection
 from agent.errors import BundleError
 from agent.inference.repository import ModelRepository
-from provisioning.models import affine_model
-from tests.inference_support import make_bundle, place_unchecked
+from provisioning.demo.models import affine_model
+from testsupport.inference_support import make_bundle, place_unchecked
 
 
 @pytest.fixture

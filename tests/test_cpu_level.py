@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from agent.cpu import LEVELS, check_line, cpu_flags, image_level, main, missing_features
-from agent.errors import ImageError
 from agent.health.inventory import collect_inventory
 from agent.proto import node_pb2
 from provisioning.cli import main as cli_main
 from provisioning.commands.node import _print_inventory
+from provisioning.errors import ImageError
 from provisioning.image import boot as vm
 from provisioning.image.configure import write_image_metadata
 from provisioning.image.plan import (

@@ -23,9 +23,10 @@ from agent.config import load_config
 from agent.events import EventLog
 from agent.proto import node_pb2, node_pb2_grpc
 from agent.security import AccessInterceptor, RevocationList, crl_facts
+from agent.state import StateLayout
 from provisioning.pki import init_pki, issue_client, issue_node, revoke, write_crl
-from tests.secure_server import start
 from tests.test_security import channel, client_creds, code_of, write_config
+from testsupport.secure_server import start
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def test_rollback_by_number_and_by_this_update_is_refused_with_an_event(pki: Pat
     cert, _ = _ca(pki)
     events = EventLog()
     crl = RevocationList(crl_path, cert)
-    crl.attach(events, tmp_path / "state" / "tls" / "crl-in-force.pem")
+    crl.attach(events, StateLayout(tmp_path / "state").crl_in_force)
     crl._RECHECK_S = 0.0
     assert crl.is_revoked(gone)
 
@@ -144,13 +145,13 @@ def test_a_restart_keeps_the_newest_crl_it_saw(pki: Path, tmp_path: Path) -> Non
     state = tmp_path / "state"
     config = load_config(write_config(tmp_path, pki, server=f'state_dir = "{state}"'))
     first = AccessInterceptor(config)
-    first.attach(EventLog(), state)
+    first.attach(EventLog(), StateLayout(state).crl_in_force)
     assert first._crl is not None and first._crl.is_revoked(gone)
 
     _replace(crl_path, older)  # rolled back while the agent was down
     events = EventLog()
     second = AccessInterceptor(config)
-    second.attach(events, state)
+    second.attach(events, StateLayout(state).crl_in_force)
     assert second._crl is not None and second._crl.is_revoked(gone)
     (event,) = events.recent(kind_prefix="tls.crl.refused")
     assert event.details["offered_number"] < event.details["held_number"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ImageError
+from provisioning.errors import ImageError
 from provisioning.image.audit import egress
 from provisioning.image.configure import write_image_metadata
 from provisioning.image.egress import (
@@ -236,3 +236,19 @@ def test_the_check_flags_only_what_nothing_configured_explains(tmp_path: Path) -
     # a DHCP request must come from the client port
     spoof = Packet(0.0, "", "", "ipv4", "10.0.2.15", "10.0.2.2", "udp", 5000, 67)
     assert explain(spoof, egress_allowlist(p), frozenset()) == ""
+
+
+def test_the_disk_stage_records_the_allowlist_in_the_image_manifest(tmp_path: Path) -> None:
+    from provisioning.image.disk import _manifest_extra, write_manifest
+    from provisioning.image.stages import BuildContext, stage_context
+
+    p = _profile(tmp_path, "images/hil.toml")
+    build = BuildContext(profile=p, mirror=tmp_path / "mirror", lock=None,  # type: ignore[arg-type]
+                         out=tmp_path / "out", source_date_epoch=1767225600, packages=())
+    ctx = stage_context(build, "disk")
+    (tmp_path / "m").mkdir()
+    write_manifest(tmp_path / "m", name="appliance", version="1", epoch=1, roothash="00",
+                   artifacts={}, extra=_manifest_extra(ctx))
+    doc = json.loads((tmp_path / "m/image-manifest.json").read_text())
+    assert from_json(doc["egress"]) == egress_allowlist(p)
+    assert doc["cpu_level"] == p.image.cpu_level

@@ -13,7 +13,7 @@ import pytest
 from provisioning.fleet import Node, load_inventory, plan_rollout
 from provisioning.pki import init_pki, issue_client, issue_node
 from tests.conftest import CliResult
-from tests.secure_server import mtls_config, spawn
+from testsupport.secure_server import mtls_config, spawn
 
 DEADLINE = "2"
 

@@ -16,19 +16,12 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ProfileError, VerificationError
-from provisioning.gpu import (
-    AGENT_DEVICE_ALLOW,
-    DEVICES_UNIT,
-    check_compatibility,
-    check_lock,
-    check_wheel_files,
-    dkms_conf,
-    load_manifest,
-    wheel_fits,
-)
+from agent.errors import VerificationError
+from provisioning.errors import ProfileError
+from provisioning.image.gpu_manifest import check_compatibility, load_manifest, wheel_fits
+from provisioning.image.gpu_stage import check_lock, check_wheel_files, dkms_conf
 from provisioning.image.mirror import Lock, LockedFile
-from provisioning.image.plan import AGENT_UNIT, configure_plan
+from provisioning.image.plan import AGENT_DEVICE_ALLOW, AGENT_UNIT, DEVICES_UNIT, configure_plan
 from provisioning.image.profile import load_profile, package_set
 
 ROOT = Path(__file__).resolve().parent.parent

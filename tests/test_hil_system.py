@@ -27,7 +27,13 @@ def test_hil_suite_passes_against_the_built_image_under_qemu(tmp_path: Path) -> 
                if shutil.which(t) is None]
     if missing or os.geteuid() != 0:
         pytest.skip(f"needs root and {', '.join(missing) or 'the tools'}")
-    from provisioning.bench import BROKEN_VERSION, DEFAULT_CACHE, NEVER_SERVES, prepare, prepare_os_release
+    from provisioning.demo.bench import (
+        BROKEN_VERSION,
+        DEFAULT_CACHE,
+        NEVER_SERVES,
+        prepare,
+        prepare_os_release,
+    )
 
     bench = prepare(Path(os.environ.get("APPLIANCE_HIL_CACHE", DEFAULT_CACHE)))
     assert bench.image.is_file()
@@ -55,7 +61,7 @@ def test_demo_image_boots_the_bench_image_and_the_fleet_cli_reads_it(tmp_path: P
         pytest.skip("needs root and qemu")
     import json
 
-    from provisioning.bench import DEFAULT_CACHE
+    from provisioning.demo.bench import DEFAULT_CACHE
     from provisioning.image.boot import _alive
 
     cache = Path(os.environ.get("APPLIANCE_HIL_CACHE", DEFAULT_CACHE))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from agent.errors import ProfileError
 from agent.health.inventory import collect_inventory
+from provisioning.errors import ProfileError
 from provisioning.image.configure import bake_node_tls, write_image_metadata
 from provisioning.image.plan import LISTEN_REPORT_UNIT, configure_plan
 from provisioning.image.profile import load_profile

@@ -9,7 +9,7 @@ import pytest
 
 from agent.errors import NotFoundError, VerificationError
 from provisioning.image.mirror import load_lock, verify_mirror, wheel_requirements
-from tests.image_helpers import make_signed_mirror
+from testsupport.image_helpers import make_signed_mirror
 
 PACKAGES = {"hello-appliance": "1.0-1", "libdemo1": "2:0.9-3"}
 

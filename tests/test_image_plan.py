@@ -16,7 +16,7 @@ from provisioning.image.mirror import LOCK, Lock, LockedFile
 from provisioning.image.plan import AGENT_UNIT, configure_plan, nftables_ruleset
 from provisioning.image.profile import load_profile, package_set
 from provisioning.image.stages import plan_build, stage_packages
-from tests.image_helpers import make_registry
+from testsupport.image_helpers import make_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 PIP = "/usr/share/python-wheels/pip-25.1.1-py3-none-any.whl"
@@ -61,7 +61,7 @@ def test_agent_toml_round_trips_through_the_agents_loader(tmp_path: Path) -> Non
 
 
 def test_profile_listening_beyond_loopback_without_mtls_is_refused(tmp_path: Path) -> None:
-    from agent.errors import ProfileError
+    from provisioning.errors import ProfileError
 
     text = (ROOT / "images/minimal.toml").read_text().replace('listen = "127.0.0.1"', 'listen = "0.0.0.0"')
     (tmp_path / "lan.toml").write_text(text)
@@ -165,7 +165,7 @@ def test_a_package_the_mirror_lacks_fails_before_any_work(tmp_path: Path) -> Non
     path.parent.mkdir()
     path.write_text('[debian]\npackages = ["htop"]\n')
     _fake_lock(tmp_path / "mirror", package_set(load_profile(ROOT / "images/minimal.toml"), stage_packages()))
-    from agent.errors import ProfileError
+    from provisioning.errors import ProfileError
 
     with pytest.raises(ProfileError, match=r"p.toml: \[debian\] packages = 'htop': not in the mirror"):
         plan_build(path, tmp_path / "mirror", tmp_path / "out")

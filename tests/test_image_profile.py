@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ProfileError
+from provisioning.errors import ProfileError
 from provisioning.image.profile import load_profile, package_set
-from tests.image_helpers import make_registry
+from testsupport.image_helpers import make_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ import pytest
 
 from provisioning.image.bake import verify_targets
 from tests.conftest import run_appliance
-from tests.image_helpers import make_registry
+from testsupport.image_helpers import make_registry
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import numpy as np
 
     from provisioning.bundle import create_bundle
-    from provisioning.models import affine_model, save_golden
+    from provisioning.demo.models import affine_model, save_golden
 
     tmp = tmp_path_factory.mktemp("image")
     model = affine_model(tmp / "affine.onnx")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,8 @@ from onnx import TensorProto
 from tritonclient.utils import InferenceServerException
 
 from agent.bundle import Batching
-from provisioning.models import affine_model, identity_model
-from tests.inference_support import (
+from provisioning.demo.models import affine_model, identity_model
+from testsupport.inference_support import (
     Agent,
     free_port,
     install,
@@ -241,7 +242,8 @@ def test_statistics(client: Any) -> None:
     x = np.ones((3, 4), dtype=np.float32)
     _affine(client, x, "1.0.0")
     stats = client.get_inference_statistics("affine", "1.0.0", as_json=True)["model_stats"]
-    assert [(s["name"], s["version"]) for s in stats] == [("affine", "1.0.0")]
+    # Triton's integer version, as perf_analyzer reads it (1.0.0 and 2.0.0 are 1 and 2).
+    assert [(s["name"], s["version"]) for s in stats] == [("affine", "1")]
     s = stats[0]
     assert int(s["inference_count"]) >= 3 and int(s["execution_count"]) >= 1
     for key in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
@@ -249,6 +251,68 @@ def test_statistics(client: Any) -> None:
     assert int(s["inference_stats"]["success"]["ns"]) > 0
     everything = client.get_inference_statistics(as_json=True)["model_stats"]
     assert {"affine", "ident_bytes"} <= {m["name"] for m in everything}
+
+
+def test_triton_version_numbers_are_accepted_wherever_a_version_is(served: Agent, client: Any) -> None:
+    """Bundle versions 1.0.0 and 2.0.0 are Triton versions 1 and 2 in every RPC that takes a
+    version; the bundle version stays what metadata and parameters show."""
+    x = np.array([[1, 2, 3, 4]], dtype=np.float32)
+    np.testing.assert_allclose(_affine(client, x, "1"), x * 2 + 1)
+    np.testing.assert_allclose(_affine(client, x, "2"), x * 3 + 1)
+    assert client.is_model_ready("affine", "1") and client.is_model_ready("affine", "2.0.0")
+    assert not client.is_model_ready("affine", "3")
+    assert client.get_model_metadata("affine", "2", as_json=True)["versions"] == ["1.0.0", "2.0.0"]
+    for version, semver in (("1", "1.0.0"), ("2", "2.0.0"), ("2.0.0", "2.0.0")):
+        params = client.get_model_config("affine", version, as_json=True)["config"]["parameters"]
+        assert params["version"]["string_value"] == semver
+        assert params["triton_version"]["string_value"] == semver[0]
+    stats = client.get_inference_statistics("affine", "2", as_json=True)["model_stats"]
+    assert [s["version"] for s in stats] == ["2"]
+    with pytest.raises(InferenceServerException) as info:
+        _affine(client, x, "7")
+    assert "(served: 1.0.0 (Triton version 1), 2.0.0 (Triton version 2))" in info.value.message()
+    # Numbers are kept with the state: they stay the same across restarts and deletions.
+    state = served.log_path.parent / "state"
+    numbers = json.loads((state / "models" / "triton-versions.json").read_text())
+    assert numbers["affine"] == {"1.0.0": 1, "2.0.0": 2}
+
+
+def test_a_triton_number_works_before_anything_asked_for_one(tmp_path: Path) -> None:
+    """perf_analyzer -x 2 asks ModelMetadata for version 2 first: nothing numbered yet."""
+    import asyncio
+
+    from agent.config import InferenceSection
+    from agent.inference.repository import ModelRepository
+    from testsupport.updates_support import affine_bundle_at
+
+    state = tmp_path / "state"
+    install(state, affine_bundle_at(tmp_path, "1.0.1"), affine_bundle_at(tmp_path, "1.0.2"))
+    repo = ModelRepository.for_state_dir(state, InferenceSection())
+
+    async def run() -> tuple[str, str, str]:
+        await repo.load("affine", "2")
+        await repo.load("affine", "1.0.1")
+        try:
+            return (repo.get("affine", "2").version, repo.get("affine", "1").version,
+                    repo.get("affine").version)
+        finally:
+            await repo.close()
+
+    assert asyncio.run(run()) == ("1.0.2", "1.0.1", "1.0.2")
+
+
+def test_triton_numbers_are_stable_and_never_reused(tmp_path: Path) -> None:
+    from agent.inference.versions import TritonVersions
+
+    path = tmp_path / "triton-versions.json"
+    numbers = TritonVersions(path)
+    assert numbers.number("m", "1.10.0", lambda: ["1.9.0", "1.10.0"]) == 2  # version order, not text
+    assert numbers.number("m", "1.9.0") == 1
+    assert numbers.number("m", "0.5.0") == 3  # first seen later: the next number, never a shift
+    assert numbers.number("other", "7") == 1
+    again = TritonVersions(path)
+    assert [again.version_of("m", n) for n in ("1", "2", "3", "4", "x")] == ["1.9.0", "1.10.0", "0.5.0",
+                                                                           None, None]
 
 
 # ---------------------------------------------------------------- errors

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from agent.errors import echo
-from provisioning.models import affine_model
-from tests.inference_support import Agent, install, make_bundle, raw_request, stub
+from provisioning.demo.models import affine_model
+from testsupport.inference_support import Agent, install, make_bundle, raw_request, stub
 
 HUGE = "m" * 100_000
 

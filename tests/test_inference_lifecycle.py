@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.bundle import Batching
-from provisioning.models import affine_model, matmul_chain_model
+from provisioning.demo.models import affine_model, matmul_chain_model
 from tests.conftest import run_appliance
-from tests.inference_support import ROOT, Agent, install, make_bundle, raw_request, stub
+from testsupport.inference_support import ROOT, Agent, install, make_bundle, raw_request, stub
 
 WIDTH = 256
 
@@ -46,6 +46,11 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         Batching(4, 10_000_000, ())),
             # perf_analyzer matches statistics by integer versions (std::stoll): version "3"
             make_bundle(tmp, affine_model(tmp / "t.onnx"), "tiny", "3", {"x": x}, Batching(8, 200, ())),
+            # and semver bundles, which it reaches through their Triton numbers (1, 2)
+            make_bundle(tmp, affine_model(tmp / "s1.onnx"), "semver", "1.0.0", {"x": x},
+                        Batching(8, 200, ())),
+            make_bundle(tmp, affine_model(tmp / "s2.onnx", scale=3.0), "semver", "1.2.0", {"x": x},
+                        Batching(8, 200, ())),
             _heavy_bundle(tmp))
     return state
 
@@ -286,3 +291,19 @@ def test_perf_analyzer_benchmarks_the_agent(fuzz_agent: Agent) -> None:
     for ln in lines:
         throughput = float(ln.split("throughput: ")[1].split()[0])
         assert throughput > 0
+
+
+@pytest.mark.parametrize("version", [[], ["-x", "2"]], ids=["active", "numbered"])
+def test_perf_analyzer_measures_semver_bundles(fuzz_agent: Agent, version: list[str]) -> None:
+    """Bundle versions 1.0.0 and 1.2.0 (active, served): Triton versions 1 and 2, and
+    perf_analyzer 2.41 reads statistics by integer version."""
+    pa = _perf_analyzer()
+    proc = subprocess.run([pa, "-i", "grpc", "-u", fuzz_agent.url, "-m", "semver", *version,
+                           "--concurrency-range", "2", "--measurement-interval", "300",
+                           "--stability-percentage", "999", "--max-trials", "3"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("Concurrency: ")]
+    assert len(lines) == 1, proc.stdout
+    assert float(lines[0].split("throughput: ")[1].split()[0]) > 0
+    assert "Server:" in proc.stdout and "Inference count:" in proc.stdout  # server-side statistics

@@ -18,8 +18,8 @@ from agent.errors import BundleError, InferenceError, NotFoundError
 from agent.inference.repository import ModelRepository
 from agent.inference.tensors import TYPED_FIELD, decode_inputs, encode_output, serialize_bytes
 from agent.proto import grpc_service_pb2 as pb
-from provisioning.models import affine_model
-from tests.inference_support import make_bundle, with_wrong_golden
+from provisioning.demo.models import affine_model
+from testsupport.inference_support import make_bundle, with_wrong_golden
 
 
 def _repo(tmp_path: Path) -> ModelRepository:

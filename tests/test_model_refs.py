@@ -32,9 +32,9 @@ from agent.modelrefs import check_model_files, data_refs, safe_member_name
 from agent.ort import make_session
 from agent.proto import node_pb2, node_pb2_grpc, onnx_refs_pb2
 from provisioning.bundle import create_bundle
-from provisioning.models import save_golden
-from tests.inference_support import Agent, place_unchecked
-from tests.updates_support import affine_bundle_at, node_state, registry_with, state_hash
+from provisioning.demo.models import save_golden
+from testsupport.inference_support import Agent, place_unchecked
+from testsupport.updates_support import affine_bundle_at, node_state, registry_with, state_hash
 
 SECRET = b"-----BEGIN KEY--"  # 16 bytes, as a private key file starts
 N = len(SECRET)

@@ -58,7 +58,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     events = EventLog.open(state)
     sampler = Sampler(cfg.health, state, nvml=fake, events=events)
     sampler.XID_WAIT_MS = 50
-    ctx.components.update(events=events, sampler=sampler)
+    ctx.events, ctx.sampler = events, sampler
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -205,7 +205,7 @@ def test_inventory_prefers_the_inference_component(node: Node) -> None:
                 }
             ]
 
-    node.ctx.components["inference"] = Repo()
+    node.ctx.inference = Repo()
     inv = node.stub.GetInventory(node_pb2.GetInventoryRequest(), timeout=30)
     assert [(b.name, b.version, b.installed_at.seconds) for b in inv.bundles] == [("resnet", "2.1", 5)]
 

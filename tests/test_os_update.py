@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from agent.errors import UpdateError, VerificationError
+from agent.osrelease import read_release, registry_version, root_uuids
 from agent.osupdate import ATTEMPT, attempt_outcome, install_release, os_dir, set_partition_uuid
-from provisioning.image.disk import root_uuids
-from provisioning.image.osrelease import make_os_release, read_release, registry_version
+from provisioning.image.osrelease import make_os_release
 
 OLD, NEW = "1" * 64, "ab" * 32
 
@@ -233,7 +233,7 @@ def test_install_pending_refuses_a_staged_file_the_registry_did_not_sign(tmp_pat
     forged = bytearray(release.read_bytes())
     forged[-1] ^= 1
     _stage(state, release, target, reg / "published", bytes(forged))
-    with pytest.raises(VerificationError, match="not the signed target"):
+    with pytest.raises(VerificationError, match="the signed target"):
         install_pending(state, tmp_path / "trust", reg / "published/metadata/root.json",
                         **{k: v for k, v in m.items() if k != "disk"})
     assert [p.name for p in (m["esp"] / "EFI/Linux").iterdir()] == ["appliance-20260101.000000+1-2.efi"]

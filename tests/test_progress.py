@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agent import tools
-from agent.errors import ToolError
-from agent.tools import run_lines
+from provisioning import tools
+from provisioning.errors import ToolError
 from provisioning.image.aptlog import AptLog, parse_size
 from provisioning.image.mirror import _store_debian
 from provisioning.image.profile import load_profile
 from provisioning.image.rootfs import build_rootfs_tar
 from provisioning.output import Progress, format_progress, human_bytes
+from provisioning.tools import run_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,7 +158,7 @@ def test_rootfs_stage_shows_unpacked_packages_against_the_closure(
                     f'echo tar > "$last2"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     # first on the gate's clean PATH, ahead of a real mmdebstrap (the system tier installs one)
-    monkeypatch.setattr("agent.tools.CLEAN_PATH", f"{bindir}{os.pathsep}{tools.CLEAN_PATH}")
+    monkeypatch.setattr("provisioning.tools.CLEAN_PATH", f"{bindir}{os.pathsep}{tools.CLEAN_PATH}")
     profile = load_profile(ROOT / "images/minimal.toml")
     out = tmp_path / "rootfs.tar"
     build_rootfs_tar(profile, ("base-files",), tmp_path / "mirror", out, 0, closure=3)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ImageError, NotFoundError, VerificationError
+from agent.errors import NotFoundError, VerificationError
+from agent.osrelease import root_uuids, uki_file_name
+from provisioning.errors import ImageError
 from provisioning.image import boot as vm
 from provisioning.image import flash as flash_mod
 from provisioning.image.disk import (
@@ -21,9 +23,7 @@ from provisioning.image.disk import (
     derived_uuid,
     disk_mib,
     layout,
-    root_uuids,
     sfdisk_script,
-    uki_file_name,
     verity_mib,
     write_manifest,
 )
@@ -45,7 +45,7 @@ def test_root_uuids_are_systemds_halves_of_the_root_hash() -> None:
 
 @pytest.mark.parametrize("bad", ["xyz", "abcd", ""])
 def test_malformed_root_hash_is_refused(bad: str) -> None:
-    with pytest.raises(ImageError, match="root hash"):
+    with pytest.raises(VerificationError, match="root hash"):
         root_uuids(bad)
 
 
@@ -382,18 +382,16 @@ def test_root_cmdline_joins_but_cannot_override(tmp_path: Path) -> None:
     assert root_cmdline(tmp_path) == ("apparmor=1", "security=apparmor", "rodata=on")
 
 
-def test_pipeline_build_context_is_adapted(tmp_path: Path) -> None:
-    from types import SimpleNamespace
+def test_the_pipeline_gives_each_stage_its_context(tmp_path: Path) -> None:
+    from provisioning.image.profile import load_profile
+    from provisioning.image.stages import BuildContext, stage_context
 
-    from provisioning.image.stage import as_stage_context
-
-    disk = SimpleNamespace(esp_mib=512, root_mib=2048, data_mib=1024, data_label="data")
-    profile = SimpleNamespace(image=SimpleNamespace(name="minimal"), disk=disk)
-    build = SimpleNamespace(profile=profile, root=tmp_path / "root", source_date_epoch=1767225600,
-                            stage_path=lambda name: tmp_path / "stages" / name)
-    ctx = as_stage_context(build, "disk")
-    assert ctx.rootfs == tmp_path / "root" and ctx.out == tmp_path / "stages/disk"
-    assert ctx.sealed == tmp_path / "stages/seal" and ctx.name == "minimal"
-    assert ctx.version == "20260101.000000" and ctx.sizes == DiskSizes(512, 2048, 1024, "data")
-    with pytest.raises(ImageError, match="build context"):
-        as_stage_context(object(), "seal")
+    profile = load_profile(Path(__file__).resolve().parent.parent / "images/minimal.toml")
+    build = BuildContext(profile=profile, mirror=tmp_path / "mirror", lock=None,  # type: ignore[arg-type]
+                         out=tmp_path, source_date_epoch=1767225600, packages=())
+    ctx = stage_context(build, "disk")
+    assert ctx.rootfs == tmp_path / "stages/configure/root" and ctx.out == tmp_path / "stages/disk"
+    assert ctx.sealed == tmp_path / "stages/seal" and ctx.name == profile.image.name
+    assert ctx.version == (profile.image.version or "20260101.000000")
+    d = profile.disk
+    assert ctx.sizes == DiskSizes(d.esp_mib, d.root_mib, d.data_mib, d.data_label)

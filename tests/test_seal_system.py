@@ -19,7 +19,7 @@ from provisioning.image.disk import disk, load_sealed
 from provisioning.image.seal import seal
 from provisioning.image.stage import DiskSizes, StageContext
 from tests.conftest import run_appliance
-from tests.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
+from testsupport.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 SIZES = DiskSizes(esp_mib=160, root_mib=512, data_mib=64)  # the ESP holds two ~50 MiB UKIs

@@ -29,7 +29,7 @@ from agent.security import (
     server_options,
 )
 from provisioning.pki import init_pki, issue_client, issue_node, revoke
-from tests.secure_server import start
+from testsupport.secure_server import start
 
 ROLES = ("observer", "operator", "admin")
 

@@ -22,9 +22,9 @@ import pytest
 
 from agent.proto import node_pb2, node_pb2_grpc
 from provisioning.bundle import create_bundle
-from provisioning.models import IR_VERSION, OPSET, save_golden
-from tests.inference_support import Agent, with_wrong_golden
-from tests.updates_support import X, affine_bundle_at, expected, node_state, registry_with, state_hash
+from provisioning.demo.models import IR_VERSION, OPSET, save_golden
+from testsupport.inference_support import Agent, with_wrong_golden
+from testsupport.updates_support import X, affine_bundle_at, expected, node_state, registry_with, state_hash
 
 DEADLINE_S = 1.0
 SLOW_S = 4.0  # the golden run of the slow version takes at least this long

@@ -3,7 +3,7 @@
 - check/apply/rollback/history through the CLI, with events and inventory;
 - hot swap under load: tritonclient keeps inferring through an update and a rollback;
 - refusals leave the state directory byte-for-byte unchanged (apart from the event log,
-  see ``tests.updates_support.EXCLUDED_FROM_STATE_HASH``): a tampered bundle at the
+  see ``testsupport.updates_support.EXCLUDED_FROM_STATE_HASH``): a tampered bundle at the
   source, a registry that stops mid-body, golden vectors that fail on the node, an older
   version offered as new, a full disk while staging;
 - USB: a registry copied to a directory under ``mount_glob`` is found and applied with no
@@ -30,9 +30,9 @@ import pytest
 
 from agent.proto import node_pb2, node_pb2_grpc
 from provisioning.bundle import create_bundle
-from provisioning.models import matmul_chain_model, save_golden
-from tests.inference_support import Agent, free_port, with_wrong_golden
-from tests.updates_support import (
+from provisioning.demo.models import matmul_chain_model, save_golden
+from testsupport.inference_support import Agent, free_port, with_wrong_golden
+from testsupport.updates_support import (
     X,
     affine_bundle_at,
     expected,

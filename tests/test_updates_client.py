@@ -91,7 +91,7 @@ def test_newest_version_and_not_found(tmp_path: Path, reg: Path, affine_bundle: 
     import numpy as np
 
     from provisioning.bundle import create_bundle
-    from provisioning.models import affine_model, save_golden
+    from provisioning.demo.models import affine_model, save_golden
 
     model = affine_model(tmp_path / "m.onnx")
     golden = save_golden(tmp_path / "g.npz", {"x": np.ones((1, 4), np.float32)})

@@ -18,8 +18,8 @@ import grpc
 import pytest
 
 from agent.proto import node_pb2, node_pb2_grpc
-from tests.inference_support import ROOT, Agent
-from tests.updates_support import X, affine_bundle_at, expected, node_state, registry_with
+from testsupport.inference_support import ROOT, Agent
+from testsupport.updates_support import X, affine_bundle_at, expected, node_state, registry_with
 
 
 def _setup(tmp: Path, versions: int) -> tuple[Path, Path]:

@@ -12,8 +12,8 @@ from agent.config import InferenceSection, UpdatesSection
 from agent.events import EventLog
 from agent.inference.repository import ModelRepository
 from agent.updates.manager import KEPT_AFTER_REFUSAL, UpdateManager
-from tests.inference_support import with_wrong_golden
-from tests.updates_support import affine_bundle_at, node_state, registry_with, state_hash
+from testsupport.inference_support import with_wrong_golden
+from testsupport.updates_support import affine_bundle_at, node_state, registry_with, state_hash
 
 
 def _kept(rel: str) -> bool:

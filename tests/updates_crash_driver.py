@@ -45,7 +45,7 @@ from agent.inference.repository import ModelRepository  # noqa: E402
 from agent.updates import journal as journal_mod  # noqa: E402
 from agent.updates.client import RegistryClient  # noqa: E402
 from agent.updates.manager import UpdateManager  # noqa: E402
-from tests.updates_support import X, expected  # noqa: E402
+from testsupport.updates_support import X, expected  # noqa: E402
 
 NAME = "affine"
 STEPS = ("journal:begin", "journal:downloading", "downloaded", "journal:unpacking", "loaded",

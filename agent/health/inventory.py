@@ -12,12 +12,13 @@ Sources:
   label (``root-a``/``root-b``) of the partition under the device-mapper device named ``root``
   (read from /sys, which the sandboxed agent can see without any device access).
 - bundles: the inference component's ``installed()`` when it runs, else the model store's
-  layout ``STATE/models/NAME/VERSION/install.json`` and ``STATE/models/NAME/active``.
+  (:meth:`agent.inference.store.ModelStore.installed`, which owns that layout).
 - CPU: the image's ``cpu_level`` (:data:`IMAGE_METADATA`, default x86-64-v2) and the flags of
   that level missing from /proc/cpuinfo (:mod:`agent.cpu`; x86-64 machines only).
-- registry root version: ``signed.version`` of ``STATE/tuf/metadata/root.json``.
+- registry root version: ``signed.version`` of ``root.json`` in the trusted TUF metadata
+  (:attr:`agent.state.StateLayout.tuf_metadata`).
 - GPU stack: the ``gpu`` object of :data:`IMAGE_METADATA` (driver, CUDA and ONNX Runtime
-  versions pinned by the firmware manifest; see provisioning/gpu.py); the ONNX Runtime
+  versions pinned by the firmware manifest; see provisioning/image/gpu_manifest.py); the ONNX Runtime
   actually installed from the package metadata (nothing imported).
 """
 
@@ -36,6 +37,9 @@ from typing import Any
 from agent import __version__
 from agent.cpu import CPUINFO, cpu_flags, image_level, missing_features
 from agent.fsutil import atomic_write_text
+from agent.inference.store import ModelStore
+from agent.osrelease import active_slot, running_root_hash
+from agent.state import StateLayout
 
 __all__ = ["IMAGE_METADATA", "OS_RELEASE", "Bundle", "GpuInfo", "Inventory", "collect_inventory",
            "node_id"]
@@ -89,7 +93,7 @@ class Inventory:
 
 def node_id(state_dir: Path) -> str:
     """This node's stable id, created on first call; "" when the state dir is not writable."""
-    path = state_dir / "node-id"
+    path = StateLayout(state_dir).node_id
     try:
         text = path.read_text().strip()
         if text:
@@ -139,56 +143,9 @@ def _image(image_metadata: Path, os_release: Path) -> tuple[str, str, str]:
     return _os_release(os_release).get("IMAGE_VERSION", ""), "", ""
 
 
-def _root_hash(cmdline: Path) -> str:
-    try:
-        args = cmdline.read_text().split()
-    except OSError:
-        return ""
-    found = [a.removeprefix("roothash=") for a in args if a.startswith("roothash=")]
-    return found[-1] if found else ""
-
-
-def _slot(sys_block: Path) -> str:
-    """"A" or "B": the GPT label of the verity root's data partition, "" when not found."""
-    try:
-        devices = sorted(sys_block.glob("dm-*"))
-    except OSError:
-        return ""
-    for dm in devices:
-        try:
-            if (dm / "dm" / "name").read_text().strip() != "root":
-                continue
-            for slave in sorted((dm / "slaves").iterdir()):
-                for line in (slave / "uevent").read_text().splitlines():
-                    if line in ("PARTNAME=root-a", "PARTNAME=root-b"):
-                        return line[-1].upper()
-        except OSError:
-            continue
-    return ""
-
-
 def _bundles_from_store(state_dir: Path) -> list[Bundle]:
-    root = state_dir / "models"
-    out: list[Bundle] = []
-    if not root.is_dir():
-        return out
-    for mdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            active = (mdir / "active").read_text().strip()
-        except OSError:
-            active = ""
-        try:
-            rolled_back = (mdir / "rolled-back").read_text().strip()
-        except OSError:
-            rolled_back = ""
-        for vdir in sorted(p for p in mdir.iterdir() if p.is_dir()):
-            rec = _json(vdir / "install.json")
-            if not isinstance(rec, dict) or rec.get("verified") is not True:
-                continue  # an interrupted or unverified install is not installed
-            out.append(Bundle(mdir.name, vdir.name, str(rec.get("sha256", "")), vdir.name == active,
-                              float(rec.get("installed_at", 0) or 0),
-                              bool(rolled_back) and vdir.name == rolled_back == active))
-    return out
+    return [Bundle(m.name, m.version, m.sha256, m.active, m.installed_at, m.rolled_back)
+            for m in ModelStore(state_dir).installed()]
 
 
 def _bundles(state_dir: Path, inference: Any) -> list[Bundle]:
@@ -205,7 +162,7 @@ def _bundles(state_dir: Path, inference: Any) -> list[Bundle]:
 
 
 def _root_version(state_dir: Path) -> int:
-    root = _json(state_dir / "tuf" / "metadata" / "root.json")
+    root = _json(StateLayout(state_dir).tuf_metadata / "root.json")
     try:
         return int(root["signed"]["version"])
     except (TypeError, KeyError, ValueError):
@@ -253,7 +210,7 @@ def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
                       sys_block: Path = SYS_BLOCK, cpuinfo: Path = CPUINFO) -> Inventory:
     """This node's inventory. Raises nothing: absent sources read as empty fields."""
     version, slot, firmware = _image(image_metadata, os_release)
-    slot = slot or _slot(sys_block)
+    slot = slot or active_slot(sys_block)
     cpu_level, cpu_missing = _cpu(image_metadata, cpuinfo)
     return Inventory(
         node_id=node_id(state_dir),
@@ -269,7 +226,7 @@ def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
         execution_providers=providers,
         gpu_stack=_gpu_stack(image_metadata),
         onnxruntime_version=_onnxruntime_version(),
-        root_hash=_root_hash(cmdline),
+        root_hash=running_root_hash(cmdline),
         cpu_level_required=cpu_level,
         cpu_missing_features=cpu_missing,
     )

@@ -2,7 +2,7 @@
 
 Requests never sample: ``GetHealth`` returns the sampler's latest report, ``WatchHealth``
 streams reports as the sampler publishes them.  The update RPCs belong to the updates
-component: when one is published as ``ctx.components["updates"]`` its methods of the same
+component: when one is published as ``ctx.updates`` its methods of the same
 names answer them, otherwise they answer UNIMPLEMENTED.
 
 grpc.health.v1 (README "Health rules"): ``appliance.v1.Node`` is always SERVING (a failed
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -31,6 +30,7 @@ from agent.health.inventory import GpuInfo, Inventory, collect_inventory
 from agent.health.metrics import NodeCollector
 from agent.health.report import HealthReport, Verdict
 from agent.health.sampler import Sampler
+from agent.metrics import REGISTRY, register_collector
 from agent.proto import node_pb2 as pb
 from agent.proto import node_pb2_grpc as pb_grpc
 
@@ -231,7 +231,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             providers = await self._providers_once()
             inv = await asyncio.to_thread(
                 collect_inventory, self.ctx.state_dir, gpus=self.gpu_info(), providers=providers,
-                inference=self.ctx.component("inference"))
+                inference=self.ctx.inference)
             return inventory_to_proto(inv)
 
         return await _guard(context, run)
@@ -243,7 +243,7 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     # Update RPCs: answered by the updates component once there is one.
     async def _updates(self, method: str, request: Any, context: Any) -> Any:
-        updates = self.ctx.component("updates")
+        updates = self.ctx.updates
         handler = getattr(updates, method, None)
         if handler is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
@@ -299,27 +299,27 @@ def _health_gate(ctx: AgentContext, loop: asyncio.AbstractEventLoop) -> Callable
 async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     """Start the sampler, register ``appliance.v1.Node``, wire health gating and metrics.
 
-    Publishes ``ctx.components["events"]`` (the event log; an already published one is
-    reused) and ``ctx.components["sampler"]`` (a sampler already published there, e.g. one
+    Publishes ``ctx.events`` (the event log; an already published one is
+    reused) and ``ctx.sampler`` (a sampler already published there, e.g. one
     built on a fake NVML in tests, is used instead of a new one on the real ``pynvml``).
-    When :mod:`agent.metrics` exists, the node collector joins its registry.
+    The node collector joins :mod:`agent.metrics`' registry.
     Stop with :func:`close`.  Raises nothing for missing hardware: that is a reported state.
     """
     cfg = ctx.config.health
-    events = ctx.component("events")
+    events = ctx.events
     if events is None:
         events = EventLog.open(ctx.state_dir, keep=cfg.events_keep, max_bytes=cfg.events_max_bytes)
-        ctx.components["events"] = events
-    sampler = ctx.component("sampler")
+        ctx.events = events
+    sampler = ctx.sampler
     if sampler is None:
         sampler = Sampler(cfg, ctx.state_dir, events=events)
-        ctx.components["sampler"] = sampler
+        ctx.sampler = sampler
     loop = asyncio.get_running_loop()
     servicer = NodeServicer(ctx, sampler, events)
     unsubscribe = [servicer.bind(loop)]
     if cfg.gate_serving:
         unsubscribe.append(sampler.subscribe(_health_gate(ctx, loop)))
-    ctx.components["health.unsubscribe"] = unsubscribe
+    ctx.health_unsubscribe = unsubscribe
     await asyncio.to_thread(sampler.start)
     pb_grpc.add_NodeServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     if ctx.health is not None:
@@ -329,23 +329,20 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
 
 
 def _register_metrics(ctx: AgentContext, sampler: Sampler) -> None:
-    try:
-        metrics: Any = importlib.import_module("agent.metrics")
-    except ModuleNotFoundError:
-        return  # the metrics endpoint is not part of this build
     collector = NodeCollector(lambda: sampler.latest)
-    metrics.register_collector(collector)
-    ctx.components["health.collector"] = collector
+    register_collector(collector)
+    ctx.health_collector = collector
 
 
 async def close(ctx: AgentContext) -> None:
     """Stop what :func:`attach` started (sampler threads, NVML, metrics collector)."""
-    for undo in ctx.components.pop("health.unsubscribe", []):
+    for undo in ctx.health_unsubscribe:
         undo()
-    collector = ctx.components.pop("health.collector", None)
+    ctx.health_unsubscribe = []
+    collector, ctx.health_collector = ctx.health_collector, None
     if collector is not None:
         with contextlib.suppress(Exception):
-            importlib.import_module("agent.metrics").REGISTRY.unregister(collector)
-    sampler = ctx.component("sampler")
+            REGISTRY.unregister(collector)
+    sampler = ctx.sampler
     if sampler is not None:
         await asyncio.to_thread(sampler.stop)

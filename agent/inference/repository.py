@@ -1,12 +1,14 @@
 """The model repository: which installed models are served, and the read API other parts use.
 
-Published as ``ctx.components["inference"]``.  Read API (safe from any thread):
+Published as ``ctx.inference``.  Read API (safe from any thread):
 
 - :meth:`ModelRepository.installed` -> list of dicts: name, version, sha256, length,
   installed_at, active, loaded, provider (inventory reads this);
 - :meth:`ModelRepository.statistics` -> list of dicts in Triton's ModelStatistics shape plus
   ``pending`` (the Prometheus collector reads this);
-- :meth:`ModelRepository.index` -> (name, version, state, reason) of every installed version.
+- :meth:`ModelRepository.index` -> (name, version, state, reason) of every installed version;
+- :meth:`ModelRepository.triton_version` -> a version's Triton number (see
+  :mod:`agent.inference.versions`); every lookup takes either form.
 
 A model is served only after its installed files re-check against their manifest and its
 golden vectors reproduce on the very session that will serve it; otherwise it is recorded
@@ -28,6 +30,7 @@ from agent.errors import ApplianceError, BundleError, NotFoundError, echo
 from agent.inference.model import LoadedModel, build_session
 from agent.inference.signature import check_signature
 from agent.inference.store import InstalledModel, ModelStore, golden_verifier
+from agent.inference.versions import FILE_NAME, TritonVersions
 
 __all__ = ["IndexEntry", "ModelRepository"]
 
@@ -55,6 +58,7 @@ class ModelRepository:
         self._failed: dict[tuple[str, str], str] = {}
         self._listeners: list[Listener] = []
         self._lock = asyncio.Lock()
+        self.numbers = TritonVersions(store.root / FILE_NAME)
 
     @classmethod
     def for_state_dir(cls, state_dir: Path, settings: InferenceSection) -> ModelRepository:
@@ -213,7 +217,7 @@ class ModelRepository:
                 vectors fail on this node; it is not served.
         """
         async with self._lock:
-            installed = self.store.find(name, version)
+            installed = self.store.find(name, self._installed_version(name, version))
             current = self._served.get(name, {}).get(installed.version)
             if current is not None:
                 return current
@@ -252,8 +256,29 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ lookups
 
+    def triton_version(self, name: str, version: str) -> str:
+        """The Triton version number of ``name``'s bundle ``version``, as a string."""
+        known = lambda: [m.version for m in self.store.installed(name)]  # noqa: E731
+        return str(self.numbers.number(name, version, known))
+
+    def _by_number(self, name: str, number: str) -> str | None:
+        """The bundle version whose Triton number is ``number``; the installed versions are
+        numbered first, so a number works before anything else asked for one."""
+        if not number.isdigit():
+            return None
+        self.numbers.number_all(name, [m.version for m in self.store.installed(name)])
+        return self.numbers.version_of(name, number)
+
+    def _installed_version(self, name: str, version: str | None) -> str | None:
+        """``version`` as a bundle version: a Triton number that names no installed bundle
+        version is translated."""
+        if not version or any(m.version == version for m in self.store.installed(name)):
+            return version
+        return self._by_number(name, version) or version
+
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The served model for a request; without a version, the active one (else the newest).
+        ``version`` is a bundle version or its Triton number (the bundle version wins).
 
         Raises:
             NotFoundError: the model or that version is not being served.
@@ -265,8 +290,12 @@ class ModelRepository:
         if version:
             model = versions.get(version)
             if model is None:
+                model = versions.get(self._by_number(name, version) or "")
+            if model is None:
+                served = ", ".join(f"{v} (Triton version {self.triton_version(name, v)})"
+                                   for v in sorted(versions))
                 raise NotFoundError(f"model {echo(name)} has no served version {echo(version)} "
-                                    f"(served: {', '.join(sorted(versions))})")
+                                    f"(served: {served})")
             return model
         active = self.store.active_version(name)
         if active in versions:
@@ -316,7 +345,8 @@ class ModelRepository:
                 raise NotFoundError(f"unknown model {echo(name)}: not being served")
         else:
             models = self.served()
-        return [m.stats.snapshot() for m in sorted(models, key=lambda m: (m.name, m.manifest.version_tuple))]
+        return [m.stats.snapshot() | {"triton_version": self.triton_version(m.name, m.version)}
+                for m in sorted(models, key=lambda m: (m.name, m.manifest.version_tuple))]
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every installed version with its state (READY when served)."""

@@ -4,7 +4,7 @@
 :func:`attach` is this component's entry point for agent.server: it builds the model
 repository over the state directory, installs and loads the configured models, registers
 the servicer and per-model health, and publishes the repository as
-``ctx.components["inference"]``.
+``ctx.inference``.
 
 This module and agent.server are the only places where the exception family becomes gRPC
 status codes (ApplianceError.grpc_code); anything unexpected becomes INTERNAL, never a
@@ -75,8 +75,9 @@ def _status(exc: ApplianceError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
 
 
-def model_config(model: LoadedModel) -> Any:
-    """The Triton ModelConfig of a served model (provider and sha256 in ``parameters``)."""
+def model_config(model: LoadedModel, triton_version: str = "") -> Any:
+    """The Triton ModelConfig of a served model (provider, bundle version, its Triton
+    version number and sha256 in ``parameters``)."""
     batched = model.max_batch > 0
     cfg = mc.ModelConfig(name=model.name, platform=PLATFORM, backend="onnxruntime",
                          max_batch_size=model.max_batch, default_model_filename="model.onnx")
@@ -101,6 +102,7 @@ def model_config(model: LoadedModel) -> Any:
         "execution_provider": model.provider,
         "execution_providers": ",".join(model.providers),
         "version": model.version,
+        "triton_version": triton_version,
         "bundle_sha256": model.sha256,
     }
     for key, value in params.items():
@@ -114,7 +116,8 @@ def _duration(target: Any, data: dict[str, int]) -> None:
 
 
 def _statistics(snap: dict[str, Any]) -> Any:
-    out = pb.ModelStatistics(name=snap["name"], version=snap["version"],
+    # Triton's integer version: perf_analyzer matches statistics by std::stoll(version).
+    out = pb.ModelStatistics(name=snap["name"], version=snap["triton_version"],
                              last_inference=snap["last_inference"],
                              inference_count=snap["inference_count"],
                              execution_count=snap["execution_count"])
@@ -176,7 +179,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            return pb.ModelConfigResponse(config=model_config(self.repo.get(request.name, request.version)))
+            model = self.repo.get(request.name, request.version)
+            number = self.repo.triton_version(model.name, model.version)
+            return pb.ModelConfigResponse(config=model_config(model, number))
 
         return await self._guard(context, run)
 
@@ -335,8 +340,8 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     repo = ModelRepository.for_state_dir(ctx.state_dir, ctx.config.inference)
     repo.add_listener(_health_listener(ctx))
     servicer = InferenceServicer(repo)
-    ctx.components["inference"] = repo
-    ctx.components["inference.servicer"] = servicer
+    ctx.inference = repo
+    ctx.inference_servicer = servicer
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     wanted = await ensure_models(repo, ctx.config)
     for name, version in wanted:

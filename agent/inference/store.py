@@ -51,6 +51,7 @@ from agent.bundle import (
 from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.fsutil import atomic_write_text, fsync_dir
 from agent.modelrefs import check_model_files
+from agent.state import StateLayout
 
 __all__ = ["InstalledModel", "ModelStore", "OpenedModel"]
 
@@ -107,7 +108,7 @@ class ModelStore:
     """Installed model bundles under ``state_dir/models``; see the module docstring."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.root = Path(state_dir) / "models"
+        self.root = StateLayout(state_dir).models
 
     # ------------------------------------------------------------------ reading
 

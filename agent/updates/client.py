@@ -28,6 +28,7 @@ from tuf.ngclient import Updater
 
 from agent.errors import NotFoundError, UpdateError, VerificationError
 from agent.fsutil import atomic_write_bytes
+from agent.state import StateLayout
 from agent.updates import _session
 from agent.updates.clock import ClockPolicy, ClockStatus, issued_times, system_now
 from agent.updates.fetchers import parse_source
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def metadata_dir(state_dir: Path) -> Path:
     """Where a node keeps its trusted TUF metadata."""
-    return Path(state_dir) / "tuf" / "metadata"
+    return StateLayout(state_dir).tuf_metadata
 
 
 @dataclass(frozen=True)
@@ -124,21 +125,55 @@ class RegistryClient:
         Raises:
             VerificationError: not root metadata, or not self-signed to threshold.
         """
-        try:
-            md = Metadata[Root].from_bytes(trusted_root)
-            if not isinstance(md.signed, Root):
-                raise VerificationError(f"trusted root: expected a root role, got {md.signed.type!r}")
-            md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
-        except DeserializationError as exc:
-            raise VerificationError(f"trusted root: not TUF root metadata: {exc}") from None
-        except tuf_exc.RepositoryError as exc:
-            raise VerificationError(f"trusted root: does not verify: {exc}") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise VerificationError(f"trusted root: not TUF root metadata: {exc}") from None
+        md = _self_signed_root(trusted_root)
         target = metadata_dir(Path(state_dir))
         target.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target / "root.json", trusted_root)
         ClockPolicy(Path(state_dir)).observe(issued_times([md.signed.to_dict()]))
+
+    @staticmethod
+    def adopt_root(state_dir: Path, trusted_root: bytes, origin: str = "trusted root") -> str:
+        """Make ``trusted_root`` the node's trust anchor unless that would change whom it trusts.
+
+        On a node without a root this is :meth:`initialize`.  A node that has one keeps it
+        when ``trusted_root`` is the same file or an older version (the node has since
+        rotated past it through the registry); the next version is taken only when it
+        chains, i.e. is signed by the threshold of the root the node trusts (TUF root
+        rotation, as the updater would take it).  Returns what happened: ``initialised``,
+        ``unchanged``, ``older`` or ``rotated``.
+
+        Raises:
+            VerificationError: not a self-signed root, or a different root that does not
+                chain from the node's (same version, a skipped version, other keys).
+        """
+        path = metadata_dir(Path(state_dir)) / "root.json"
+        try:
+            current = path.read_bytes()
+        except FileNotFoundError:
+            RegistryClient.initialize(state_dir, trusted_root)
+            return "initialised"
+        new = _self_signed_root(trusted_root, origin)
+        if trusted_root == current:
+            return "unchanged"
+        old = _self_signed_root(current, str(path))
+        have, offered = old.signed.version, new.signed.version
+        if offered < have:
+            return "older"
+        if offered != have + 1:
+            why = ("differs from it at the same version" if offered == have else
+                   "skips versions; a node rotates one version at a time (a refresh from the "
+                   "registry walks the whole chain)")
+            raise VerificationError(f"{origin}: root v{offered} is not the node's trusted root v{have} "
+                                    f"({path}) and {why}; refusing to change the trust anchor")
+        try:
+            old.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+        except tuf_exc.RepositoryError as exc:
+            raise VerificationError(f"{origin}: root v{offered} is not signed by the threshold of the "
+                                    f"node's trusted root v{have} ({path}): {exc}; refusing to change "
+                                    "the trust anchor") from None
+        atomic_write_bytes(path, trusted_root)
+        ClockPolicy(Path(state_dir)).observe(issued_times([new.signed.to_dict()]))
+        return "rotated"
 
     def clock_status(self) -> ClockStatus:
         """System time, floor of signed times, override and reference time (for inventory)."""
@@ -263,3 +298,23 @@ class RegistryClient:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         return versions
+
+
+def _self_signed_root(data: bytes, origin: str = "trusted root") -> Metadata[Root]:
+    """``data`` parsed as TUF root metadata signed by its own threshold of root keys.
+
+    Raises:
+        VerificationError: not root metadata, or not self-signed to threshold.
+    """
+    try:
+        md = Metadata[Root].from_bytes(data)
+        if not isinstance(md.signed, Root):
+            raise VerificationError(f"{origin}: expected a root role, got {md.signed.type!r}")
+        md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
+    except DeserializationError as exc:
+        raise VerificationError(f"{origin}: not TUF root metadata: {exc}") from None
+    except tuf_exc.RepositoryError as exc:
+        raise VerificationError(f"{origin}: does not verify: {exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VerificationError(f"{origin}: not TUF root metadata: {exc}") from None
+    return md

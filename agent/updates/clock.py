@@ -27,6 +27,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.fsutil import atomic_write_text
+from agent.state import StateLayout
 
 __all__ = [
     "ISSUED_FIELD",
@@ -43,7 +44,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ISSUED_FIELD = "x-appliance-issued"
-_FILE = Path("tuf") / "clock.json"
 
 
 def system_now() -> datetime:
@@ -98,7 +98,7 @@ class ClockPolicy:
     """
 
     def __init__(self, state_dir: Path, system_clock: Callable[[], datetime] = system_now) -> None:
-        self.path = Path(state_dir) / _FILE
+        self.path = StateLayout(state_dir).clock
         self._system_clock = system_clock
 
     # ------------------------------------------------------------ persisted state

@@ -35,6 +35,7 @@ from typing import Any
 
 from agent.errors import UpdateError
 from agent.fsutil import atomic_write_text, fsync_dir
+from agent.state import StateLayout
 
 __all__ = [
     "CRASH_ENV",
@@ -114,10 +115,11 @@ class Journal:
     """The journal files of one state directory; see the module docstring."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.dir = Path(state_dir) / "updates"
-        self.path = self.dir / "journal.json"
-        self.history_path = self.dir / "history.jsonl"
-        self.staging = self.dir / "staging"
+        layout = StateLayout(state_dir)
+        self.dir = layout.updates
+        self.path = layout.updates_journal
+        self.history_path = layout.updates_history
+        self.staging = layout.updates_staging
 
     def ensure(self) -> None:
         """Create the directories (at agent start, so refusals later change nothing)."""

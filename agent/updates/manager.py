@@ -47,6 +47,7 @@ from agent.fsutil import atomic_write_text
 from agent.inference.model import LoadedModel
 from agent.inference.repository import ModelRepository
 from agent.inference.store import ModelStore
+from agent.state import StateLayout
 from agent.updates.client import RegistryClient, TargetInfo
 from agent.updates.journal import HistoryEntry, Journal, Transaction, checkpoint
 from agent.updates.sources import registry_sources
@@ -646,7 +647,7 @@ class UpdateManager:
 
     def _clean_tuf_temp(self) -> list[str]:
         notes = []
-        for directory in (self.state_dir / "tuf", self.state_dir / "tuf" / "metadata"):
+        for directory in (StateLayout(self.state_dir).tuf, StateLayout(self.state_dir).tuf_metadata):
             if not directory.is_dir():
                 continue
             for tmp in directory.glob(".*.tmp"):

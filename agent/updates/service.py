@@ -1,7 +1,7 @@
 """The updates component: ``appliance.v1.Node`` CheckUpdates/ApplyUpdate/Rollback/UpdateHistory.
 
 The Node servicer (agent.health.service) forwards those four RPCs to
-``ctx.components["updates"]``, an :class:`UpdatesComponent`, whose async methods of the
+``ctx.updates``, an :class:`UpdatesComponent`, whose async methods of the
 same names take the request and the gRPC context and return the response message; they
 raise :class:`~agent.errors.ApplianceError` subclasses, which that servicer turns into
 status codes.
@@ -22,6 +22,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent.context import AgentContext
 from agent.events import EventLog
+from agent.health.inventory import KERNEL_CMDLINE
+from agent.osrelease import running_root_hash
 from agent.proto import node_pb2 as pb
 from agent.updates.manager import Outcome, UpdateManager
 
@@ -76,31 +78,29 @@ class UpdatesComponent:
 
 
 async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
-    """Recover an interrupted update, then publish ``ctx.components["updates"]``.
+    """Recover an interrupted update, then publish ``ctx.updates``.
 
     Adds no gRPC service of its own (the Node servicer forwards to it); publishes the event
-    log as ``ctx.components["events"]`` when no component did yet (the health component
+    log as ``ctx.events`` when no component did yet (the health component
     reuses it).
 
     Raises:
         UpdateError: the update journal is unreadable (the agent does not guess what runs).
         ConfigError: a malformed ``[updates] pins`` entry.
     """
-    events = ctx.component("events")
+    events = ctx.events
     if events is None:
         cfg = ctx.config.health
         events = EventLog.open(ctx.state_dir, keep=cfg.events_keep, max_bytes=cfg.events_max_bytes)
-        ctx.components["events"] = events
-    manager = UpdateManager(ctx.state_dir, ctx.config.updates, lambda: ctx.component("inference"), events,
+        ctx.events = events
+    manager = UpdateManager(ctx.state_dir, ctx.config.updates, lambda: ctx.inference, events,
                             drain_s=ctx.config.server.grace_period_s)
     notes = await asyncio.to_thread(manager.recover)
-    from agent.health.inventory import KERNEL_CMDLINE, _root_hash
-
-    os_result = await asyncio.to_thread(manager.report_os_attempt, _root_hash(KERNEL_CMDLINE))
+    os_result = await asyncio.to_thread(manager.report_os_attempt, running_root_hash(KERNEL_CMDLINE))
     if os_result is not None:
         log.warning("OS update attempt: %s", os_result)
     if notes:
         log.warning("update recovery done: %d action(s)", len(notes))
-    ctx.components["updates"] = UpdatesComponent(manager)
-    ctx.components["updates.manager"] = manager
+    ctx.updates = UpdatesComponent(manager)
+    ctx.update_manager = manager
     return []

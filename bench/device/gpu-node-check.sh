@@ -45,7 +45,7 @@ from pathlib import Path
 from agent.ort import usable_providers
 if "CUDAExecutionProvider" not in usable_providers():
     print("onnxruntime", o.__version__, "here cannot use CUDA (providers usable:", usable_providers(), "): comparison not run"); raise SystemExit(0)
-from provisioning.models import matmul_chain_model
+from provisioning.demo.models import matmul_chain_model
 m = matmul_chain_model(Path(tempfile.mkdtemp()) / "m.onnx", width=1024, depth=16)
 x = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)
 res = {}

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.errors import ImageError
+from provisioning.errors import ImageError
 from provisioning.image import boot as vm
 from provisioning.image.flash import check_image, flash
 from provisioning.output import emit_json, progress

@@ -71,7 +71,7 @@ def _free_port() -> int:
 
 def _make_bundle(work: Path) -> Path:
     from provisioning.bundle import create_bundle
-    from provisioning.models import affine_model, save_golden
+    from provisioning.demo.models import affine_model, save_golden
 
     model = affine_model(work / "model" / "affine.onnx")
     golden = save_golden(work / "model" / "golden.npz", {"x": np.arange(8, dtype=np.float32).reshape(2, 4)})
@@ -174,7 +174,7 @@ def _infer(url: str, requests: int) -> dict[str, Any]:
     infer = stats["inference_stats"]
     return {
         "model": MODEL,
-        "version": stats["version"],
+        "version": config["parameters"]["version"]["string_value"],
         "versions": meta["versions"],
         "provider": config["parameters"]["execution_provider"]["string_value"],
         "bundle_sha256": config["parameters"]["bundle_sha256"]["string_value"],
@@ -223,8 +223,8 @@ def run_demo(work: Path, requests: int = 20) -> dict[str, Any]:
 
 
 def _image_demo(args: argparse.Namespace) -> int:
-    from provisioning.bench import DEFAULT_CACHE
-    from provisioning.image_demo import run_image_demo
+    from provisioning.demo.bench import DEFAULT_CACHE
+    from provisioning.demo.image import run_image_demo
 
     if os.geteuid() != 0:
         raise ApplianceError("appliance demo --image: building an image needs root "

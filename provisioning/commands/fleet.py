@@ -1,9 +1,10 @@
-"""``appliance fleet status|health|inventory|update|rollout``: many nodes at once, over mTLS."""
+"""``appliance fleet status|health|inventory|update|rollout|sd``: many nodes at once, over mTLS."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import resource
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.fsutil import atomic_write_text
 from provisioning.fleet import (
     Action,
     FleetAuth,
@@ -29,6 +31,7 @@ from provisioning.fleet import (
     update_action,
 )
 from provisioning.output import emit_json, print_table, progress
+from provisioning.prometheus import DEFAULT_METRICS_PORT, file_sd_targets, scrape_config
 
 __all__ = ["register"]
 
@@ -79,6 +82,23 @@ def register(
                    help="failed nodes tolerated, percent of all (default: 0: halt at the first)")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     r.set_defaults(handler=_rollout)
+    d = fsub.add_parser(
+        "sd", parents=[common],
+        help="Prometheus file_sd targets for the nodes' metrics port, and the scrape job's mTLS",
+        description="Writes the targets (JSON) to --out, or prints them, and prints a scrape_configs "
+                    "entry with the TLS settings the nodes' mTLS metrics port needs (--ca, --cert, "
+                    "--key: the site CA and a client certificate of any role). Asks no node.",
+        epilog="example: appliance fleet sd -i hosts.ini --out /etc/prometheus/appliance.json "
+               "--ca ca.crt --cert prometheus.crt --key prometheus.key")
+    d.add_argument("-i", "--inventory", type=Path, default=os.environ.get("APPLIANCE_INVENTORY") or None,
+                   help="Ansible inventory (INI/YAML) or a .toml node list (default: $APPLIANCE_INVENTORY)")
+    d.add_argument("--limit", "-l", default="all",
+                   help="hosts or groups to include (an Ansible pattern; default: all)")
+    d.add_argument("--out", type=Path, metavar="FILE", help="write the targets here (default: stdout)")
+    d.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help=f"the agents' metrics port (default: {DEFAULT_METRICS_PORT})")
+    add_credential_flags(d)
+    d.set_defaults(handler=_sd)
 
 
 def _setup(args: argparse.Namespace) -> tuple[list[Node], FleetAuth]:
@@ -91,6 +111,27 @@ def _setup(args: argparse.Namespace) -> tuple[list[Node], FleetAuth]:
         raise ConfigError("fleet access uses mTLS: give --ca, --cert and --key "
                           "(or --insecure for agents on loopback without TLS)")
     return nodes, auth
+
+
+def _sd(args: argparse.Namespace) -> int:
+    if args.inventory is None:
+        raise ConfigError("no inventory: give -i FILE or set $APPLIANCE_INVENTORY")
+    nodes = load_inventory(args.inventory, args.limit)
+    targets = file_sd_targets(nodes, args.metrics_port)
+    text = json.dumps(targets, indent=2) + "\n"
+    sd_file = args.out.resolve() if args.out is not None else "/etc/prometheus/appliance.json"
+    snippet = scrape_config(sd_file, nodes, ca=args.ca, cert=args.cert, key=args.key)
+    if args.out is not None:
+        atomic_write_text(args.out, text)
+    if args.json:
+        emit_json({"targets": targets, "out": str(args.out) if args.out else None, "scrape_config": snippet})
+        return 0
+    if args.out is None:
+        print(text, end="")
+    else:
+        print(f"# {len(targets)} targets written to {args.out}", file=sys.stderr)
+    print(snippet, end="", file=sys.stderr if args.out is None else sys.stdout)
+    return 0
 
 
 def _raise_fd_limit(connections: int) -> None:

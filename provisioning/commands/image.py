@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from agent.errors import ImageError
+from provisioning.errors import ImageError
 from provisioning.output import emit_json, print_table, progress
 
 __all__ = ["register"]

@@ -1,4 +1,4 @@
-"""``appliance pki init|issue-node|issue-client|revoke|list|crl``: the site's certificates."""
+"""``appliance pki init|issue-node|issue-client|revoke|list|crl|request``: the site's certificates."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from agent.errors import NotFoundError
 from provisioning.output import emit_json, print_table
 from provisioning.pki import (
     CRL_DAYS,
@@ -17,6 +18,7 @@ from provisioning.pki import (
     issue_node,
     list_certs,
     load_passphrase,
+    make_request,
     revoke,
     write_crl,
 )
@@ -60,7 +62,19 @@ def register(
     n.add_argument("--days", type=int, default=365, help="validity (default: 365)")
     n.add_argument("--out", type=Path, help="where to write NAME.crt, NAME.key, ca.crt "
                                             "(default: DIR/issued/NAME)")
+    n.add_argument("--csr", type=Path, metavar="FILE",
+                   help="sign this request (from `pki request` on the node) instead of making a "
+                        "key here: the node's private key never leaves it")
     n.set_defaults(handler=_issue_node)
+
+    r = psub.add_parser("request", parents=[common],
+                        help="(on the node) make its private key once and a signing request for it",
+                        description="Writes KEY (mode 0600; an existing one is kept) and CSR. Only "
+                                    "CSR leaves the node; `pki issue-node NAME --csr CSR` signs it.")
+    r.add_argument("name", help="node name ([a-z0-9._-])")
+    r.add_argument("--key", type=Path, required=True, help="the private key to make or reuse")
+    r.add_argument("--csr", type=Path, required=True, help="where to write the request (PEM)")
+    r.set_defaults(handler=_request)
 
     c = psub.add_parser("issue-client", parents=[common],
                         help="issue a person's or tool's client certificate with a role")
@@ -116,12 +130,25 @@ def _print_issued(cert: IssuedCert) -> None:
     print(f"{cert.kind} certificate {cert.subject}  serial {cert.serial:x}")
     print(f"  valid {cert.not_before:%Y-%m-%d} to {cert.not_after:%Y-%m-%d}"
           + (f"  role {cert.role}" if cert.role else "") + (f"  names {names}" if names else ""))
-    print(f"  {cert.cert_path}\n  {cert.key_path}  (mode 0600)")
+    print(f"  {cert.cert_path}" + (f"\n  {cert.key_path}  (mode 0600)" if cert.key_path else ""))
+
+
+def _request(args: argparse.Namespace) -> int:
+    made = make_request(args.name, args.key, args.csr)
+    if args.json:
+        emit_json({"key": str(args.key), "csr": str(args.csr), "new_key": made})
+    else:
+        print(f"{'new' if made else 'kept'} key {args.key}; request {args.csr}")
+    return 0
 
 
 def _issue_node(args: argparse.Namespace) -> int:
+    try:
+        csr = args.csr.read_bytes() if args.csr is not None else None
+    except OSError as exc:
+        raise NotFoundError(f"--csr {args.csr}: cannot read it: {exc.strerror}") from None
     cert = issue_node(args.dir, args.name, dns=args.dns, ips=args.ip, days=args.days,
-                      passphrase=_passphrase(args), out=args.out)
+                      passphrase=_passphrase(args), out=args.out, csr=csr)
     emit_json(cert.to_json()) if args.json else _print_issued(cert)
     return 0
 

@@ -56,7 +56,7 @@ class AptLog:
 
 
 def follow(bar: Progress, measure: Callable[[AptLog], tuple[int, int | None]]) -> Callable[[str], None]:
-    """A line handler for :func:`agent.tools.run_lines`: each line goes to the debug log (the
+    """A line handler for :func:`provisioning.tools.run_lines`: each line goes to the debug log (the
     build log keeps mmdebstrap's whole output) and updates ``bar`` with ``measure(log)``'s
     (done, total) and the current phase."""
     state = AptLog()

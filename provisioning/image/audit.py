@@ -22,8 +22,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError, NotFoundError, ToolError
-from agent.tools import require_tool, run
+from agent.errors import NotFoundError
+from provisioning.errors import ImageError, ToolError
+from provisioning.tools import require_tool, run
 
 __all__ = ["audit", "egress", "fetch_scap_content", "lynis", "print_report", "scap", "unit_exposure"]
 

@@ -7,10 +7,11 @@ The registry is a directory in python-tuf's static layout::
 
 :func:`verify_targets` runs python-tuf's ``Updater`` over that directory (through a fetcher
 that reads files, since the default fetcher cannot read ``file://``), starting from the trusted
-root the image will carry.  It is the one place that touches python-tuf here; when the
-registry engineer's ``agent.updates.client.RegistryClient`` lands it should replace this
-function's body, nothing else.  Each downloaded bundle then passes :func:`agent.bundle.read_bundle`
-and its golden vectors, and is extracted to ``STATE/models/NAME/VERSION/``.
+root the image will carry, into a scratch directory: at build time nothing of the node's
+state exists yet, so the node's own client (``agent.updates.client.RegistryClient``) is only
+initialised with that root for the image's state directory.  Each downloaded bundle then
+passes :func:`agent.bundle.read_bundle` and its golden vectors, and is extracted to
+``STATE/models/NAME/VERSION/``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from agent.errors import ProfileError, VerificationError
+from agent.errors import VerificationError
+from agent.state import StateLayout
+from provisioning.errors import ProfileError
 
 __all__ = [
     "BakedBundle",
@@ -157,7 +160,7 @@ def _install_as_the_agent_does(state_dir: Path, bundle_path: Path, target: str,
     from agent.inference.store import INSTALL_RECORD
 
     installed = ModelRepository.for_state_dir(state_dir, InferenceSection()).install(bundle_path)
-    record_path = state_dir / "models" / installed.name / installed.version / INSTALL_RECORD
+    record_path = StateLayout(state_dir).models / installed.name / installed.version / INSTALL_RECORD
     record = json.loads(record_path.read_text())
     record |= {"installed_at": installed_at, "source": f"baked:{target}"}
     atomic_write_text(record_path, json.dumps(record, sort_keys=True) + "\n")
@@ -190,7 +193,7 @@ def bake_bundles(registry: Path, targets: tuple[str, ...], state_dir: Path,
         for target, path in files.items():
             bundle, _ = verify_bundle(path)
             m = bundle.manifest
-            dest = state_dir / "models" / m.name / m.version
+            dest = StateLayout(state_dir).models / m.name / m.version
             if dest.exists():
                 raise VerificationError(f"{target}: {m.name} {m.version} is baked twice")
             _install_as_the_agent_does(state_dir, path, target, installed_at)

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.cpu import DEFAULT_LEVEL, LEVELS
-from agent.errors import ImageError, NotFoundError
-from agent.tools import require_tool, run
+from agent.errors import NotFoundError
+from provisioning.errors import ImageError
 from provisioning.image.disk import MANIFEST_NAME
+from provisioning.tools import require_tool, run
 
 __all__ = ["AGENT_PORTS", "GUEST_FORWARD_ADDR", "GUEST_MAC", "OVMF_CODE", "OVMF_CODE_SECBOOT",
            "OVMF_VARS", "OVMF_VARS_SNAKEOIL", "QEMU_CPU_LEVELS", "SNAKEOIL_CERT", "SNAKEOIL_KEY",

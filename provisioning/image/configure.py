@@ -20,13 +20,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError, ToolError, VerificationError
-from agent.tools import run
+from agent.errors import VerificationError
+from provisioning.errors import ImageError, ToolError
 from provisioning.image.bake import BakedBundle, bake_bundles
 from provisioning.image.egress import egress_json
+from provisioning.image.gpu_manifest import image_record
+from provisioning.image.gpu_stage import check_built_modules, check_lock, kernel_release_in_root, stage_gpu
 from provisioning.image.mirror import Lock, file_sha256
 from provisioning.image.plan import AGENT_UID, WHEELS_IN_ROOT, configure_plan
 from provisioning.image.profile import Profile
+from provisioning.tools import run
 
 __all__ = ["DEPLOY", "IMAGE_METADATA_IN_ROOT", "REGISTRY_IN_ROOT", "bake_node_tls", "configure_root",
            "image_version", "run_deploy", "stage_payload", "write_image_metadata"]
@@ -196,8 +199,6 @@ def configure_root(profile: Profile, lock: Lock, mirror: Path, root: Path,
     gpu = _stage_gpu(profile, lock, mirror, root)
     run_deploy(profile, root, source_date_epoch, debug=debug, gpu=gpu)
     if gpu is not None:
-        from provisioning.gpu import check_built_modules
-
         modules = check_built_modules(root, gpu["kernel_release"],
                                       signed=profile.gpu_signing is not None)
         log.info("GPU modules for %s: %s", gpu["kernel_release"],
@@ -213,8 +214,6 @@ def _stage_gpu(profile: Profile, lock: Lock, mirror: Path, root: Path) -> dict[s
     """Stage the driver set into the root; the plan's GPU arguments (None without a GPU)."""
     if profile.gpu_set is None:
         return None
-    from provisioning.gpu import check_lock, image_record, kernel_release_in_root, stage_gpu
-
     compat = check_lock(profile, lock)
     release = kernel_release_in_root(root)
     debs = stage_gpu(profile, lock, mirror, root)

@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.errors import ImageError
 from agent.fsutil import atomic_write_text, file_sha256
-from provisioning.image.egress import egress_json
-from provisioning.image.stage import DiskSizes, RunFn, StageContext, as_stage_context
+from agent.osrelease import root_uuids, uki_file_name
+from provisioning.errors import ImageError
+from provisioning.image.stage import DiskSizes, RunFn, StageContext
 
 __all__ = [
     "DISK_NAME", "MANIFEST_NAME", "TYPE", "Partition", "Sealed", "build_disk", "data_uuid", "disk",
-    "esp_uuid", "layout", "load_sealed", "root_uuids", "sfdisk_script", "uki_file_name", "verity_mib",
+    "esp_uuid", "layout", "load_sealed", "sfdisk_script", "verity_mib",
     "write_manifest",
 ]
 
@@ -66,23 +66,6 @@ def derived_uuid(*parts: str) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
-def root_uuids(roothash: str) -> tuple[str, str]:
-    """(root, verity) partition UUIDs for a root hash: its first and last 128 bits.
-
-    This is what systemd-veritysetup-generator looks for when only ``roothash=`` is given.
-
-    Raises:
-        ImageError: ``roothash`` is not hex of at least 32 bytes.
-    """
-    try:
-        raw = bytes.fromhex(roothash)
-    except ValueError as exc:
-        raise ImageError(f"root hash {roothash!r} is not hexadecimal") from exc
-    if len(raw) < 32:
-        raise ImageError(f"root hash {roothash!r} is shorter than 256 bits")
-    return str(uuid.UUID(bytes=raw[:16])), str(uuid.UUID(bytes=raw[-16:]))
-
-
 def esp_uuid(name: str) -> str:
     """The ESP's partition UUID: from the image name only, stable across versions."""
     return derived_uuid(name, "esp")
@@ -106,11 +89,6 @@ def verity_mib(root_mib: int) -> int:
         blocks = math.ceil(blocks / 128)  # 128 sha256 digests per 4 KiB hash block
         hashes += blocks
     return max(1, math.ceil((hashes + 1) * 4096 / MiB))  # + the verity superblock
-
-
-def uki_file_name(name: str, version: str, tries: int | None) -> str:
-    """``NAME-VERSION+TRIES-0.efi`` (systemd-boot's boot counting), or without counter."""
-    return f"{name}-{version}.efi" if tries is None else f"{name}-{version}+{tries}-0.efi"
 
 
 @dataclass(frozen=True)
@@ -380,12 +358,17 @@ def write_manifest(out: Path, *, name: str, version: str, epoch: int, roothash: 
     return path
 
 
-def disk(ctx: StageContext | object) -> Path:
+def _manifest_extra(ctx: StageContext) -> dict[str, object] | None:
+    """What the profile adds to image-manifest.json: the CPU level and the egress allowlist."""
+    extra: dict[str, object] = {"cpu_level": ctx.cpu_level} if ctx.cpu_level else {}
+    if ctx.egress is not None:
+        extra["egress"] = [dict(d) for d in ctx.egress]
+    return extra or None
+
+
+def disk(ctx: StageContext) -> Path:
     """The disk stage: reads the seal stage's outputs (``ctx.sealed``, default ``ctx.out``),
     writes ``disk.raw`` and ``image-manifest.json`` to ``ctx.out``; returns the image's path.
-
-    ``ctx`` may also be the image pipeline's build context (see
-    :func:`provisioning.image.stage.as_stage_context`).
 
     Slot B is left empty (an OS update writes it later). The data partition is populated
     from the root filesystem's /var.
@@ -393,8 +376,6 @@ def disk(ctx: StageContext | object) -> Path:
     Raises:
         ImageError: the seal outputs are missing or do not fit. ToolError: a tool failed.
     """
-    profile = getattr(ctx, "profile", None)  # the pipeline's context: the profile's CPU level
-    ctx = as_stage_context(ctx, "disk")
     sealed = load_sealed(ctx.sealed or ctx.out)
     loader = sealed.uki.parent / "systemd-bootx64.efi"
     if not loader.is_file():
@@ -409,7 +390,6 @@ def disk(ctx: StageContext | object) -> Path:
                       sealed.uki.name: "uki", loader.name: "boot-loader"}
     write_manifest(ctx.out, name=ctx.name, version=sealed.version, epoch=ctx.source_date_epoch,
                    roothash=sealed.roothash, artifacts=artifacts,
-                   extra={"cpu_level": profile.image.cpu_level, "egress": egress_json(profile)}
-                   if profile is not None else None)
+                   extra=_manifest_extra(ctx))
     shutil.rmtree(ctx.work / "disk", ignore_errors=True)
     return image

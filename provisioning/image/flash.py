@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ImageError, NotFoundError, VerificationError
+from agent.errors import NotFoundError, VerificationError
 from agent.fsutil import file_sha256
+from provisioning.errors import ImageError
 from provisioning.image.disk import MANIFEST_NAME
 
 __all__ = ["FlashResult", "Target", "check_image", "flash", "inspect_target", "refuse_in_use"]

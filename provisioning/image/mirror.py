@@ -36,9 +36,9 @@ from email.parser import Parser
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError, NotFoundError, VerificationError
+from agent.errors import NotFoundError, VerificationError
 from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, stream_sha256
-from agent.tools import require_tool, run, run_lines
+from provisioning.errors import ImageError
 from provisioning.image._debian import (
     deb_filename_key,
     package_entries,
@@ -46,8 +46,11 @@ from provisioning.image._debian import (
     strip_clearsign,
 )
 from provisioning.image.aptlog import follow
+from provisioning.image.gpu_manifest import wheel_requirements as gpu_wheel_requirements
+from provisioning.image.gpu_stage import check_lock, check_wheel_files
 from provisioning.image.profile import Profile, package_set
 from provisioning.output import Progress
+from provisioning.tools import require_tool, run, run_lines
 
 __all__ = [
     "DEBIAN_KEYRING",
@@ -430,8 +433,6 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step,
         bar.set_phase("downloading its dependencies (pip)")
     reqs = [*wheel_requirements(agent, profile.python.onnxruntime), *profile.python.extra]
     if profile.gpu_set is not None:  # the driver set's wheels, exactly as pinned
-        from provisioning.gpu import wheel_requirements as gpu_wheel_requirements
-
         reqs += gpu_wheel_requirements(profile.gpu_set)
     py = profile.python_version
     argv: list[str | Path] = [
@@ -442,8 +443,6 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step,
         argv += ["--platform", tag]
     run([*argv, *reqs], env={"PIP_NO_INPUT": "1"})
     if profile.gpu_set is not None:
-        from provisioning.gpu import check_wheel_files
-
         check_wheel_files(profile.gpu_set, sorted(wheels.glob("*.whl")))
     locked = []
     lines = []
@@ -514,8 +513,6 @@ def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ..
     try:
         verify_mirror(mirror, keyring=keyring, step=(lambda _p: bar.advance()) if bar else None)
         if profile.gpu_set is not None:  # every pin of the driver set, by version and sha256
-            from provisioning.gpu import check_lock
-
             check_lock(profile, lock)
     except BaseException:
         (mirror / LOCK).unlink(missing_ok=True)

@@ -10,8 +10,8 @@ owners) of::
 
 It is made from an ``appliance build`` output directory (its seal stage) and published with
 ``appliance registry add REGISTRY FILE --kind os --name NAME --version VERSION``; TUF signs
-the file's length and hashes, and :func:`read_release` checks each member against
-``release.json`` before anything is written to a slot.
+the file's length and hashes, and the node's :func:`agent.osrelease.read_release` checks
+each member against ``release.json`` before anything is written to a slot.
 """
 
 from __future__ import annotations
@@ -19,36 +19,17 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError, VerificationError
-from agent.fsutil import file_sha256, stream_sha256
+from agent.fsutil import file_sha256
+from agent.osrelease import MEMBERS, SCHEMA, read_release, registry_version
+from provisioning.errors import ImageError
+from provisioning.image.disk import load_sealed
 
-__all__ = ["MEMBERS", "SCHEMA", "Release", "make_os_release", "read_release", "registry_version"]
-
-SCHEMA = "sovereign-appliance/os-release/1"
-MEMBERS = ("root.squashfs", "root.verity", "uki.efi")
-_BLOCK = 1 << 20
-
-
-def registry_version(image_version: str) -> str:
-    """The registry version of an image version (``YYYYMMDD.HHMMSS`` is already numeric)."""
-    return ".".join(str(int(p)) for p in image_version.split("."))
-
-
-@dataclass(frozen=True)
-class Release:
-    name: str
-    version: str
-    roothash: str
-    files: dict[str, dict[str, Any]]
-    path: Path
-
-    def member(self, name: str) -> tarfile.TarInfo:
-        with tarfile.open(self.path, "r:") as tar:
-            return tar.getmember(name)
+# read_release and registry_version are the node's (agent.osrelease); the operator's commands
+# read a release they just wrote with the same code the node verifies it with.
+__all__ = ["make_os_release", "read_release", "registry_version"]
 
 
 def make_os_release(build_out: Path, dest: Path) -> Path:
@@ -57,8 +38,6 @@ def make_os_release(build_out: Path, dest: Path) -> Path:
     Raises:
         ImageError: the build has no sealed root (run ``appliance build`` to the seal stage).
     """
-    from provisioning.image.disk import load_sealed
-
     seal_dir = build_out / "stages" / "seal"
     if not (seal_dir / "seal.json").is_file():
         raise ImageError(f"{build_out}: no sealed root ({seal_dir}/seal.json missing)")
@@ -85,37 +64,3 @@ def make_os_release(build_out: Path, dest: Path) -> Path:
                 add(name, sources[name].stat().st_size, f)
     tmp.replace(dest)
     return dest
-
-
-def read_release(path: Path) -> Release:
-    """Open an OS release file and check every member against its ``release.json``.
-
-    Raises:
-        VerificationError: not an OS release, a member missing, extra, or with another
-            size or sha256 than ``release.json`` says (names the member and both values).
-    """
-    try:
-        with tarfile.open(path, "r:") as tar:
-            names = tar.getnames()
-            if names[:1] != ["release.json"] or sorted(names[1:]) != sorted(MEMBERS):
-                raise VerificationError(f"{path}: members {names}: expected release.json then "
-                                        f"{', '.join(MEMBERS)}")
-            meta_file = tar.extractfile("release.json")
-            assert meta_file is not None
-            doc = json.loads(meta_file.read())
-            if doc.get("schema") != SCHEMA:
-                raise VerificationError(f"{path}: release.json schema = {doc.get('schema')!r}: "
-                                        f"expected {SCHEMA!r}")
-            for name in MEMBERS:
-                want = doc["files"][name]
-                member = tar.getmember(name)
-                f = tar.extractfile(member)
-                assert f is not None
-                got, _ = stream_sha256(f, _BLOCK)
-                if member.size != want["size"] or got != want["sha256"]:
-                    raise VerificationError(
-                        f"{path}: {name}: size {member.size} sha256 {got}, but release.json "
-                        f"says size {want['size']} sha256 {want['sha256']}")
-    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise VerificationError(f"{path}: not a readable OS release: {exc}") from None
-    return Release(str(doc["name"]), str(doc["version"]), str(doc["roothash"]), dict(doc["files"]), path)

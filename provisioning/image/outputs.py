@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.fsutil import file_sha256
-from agent.tools import run
 from provisioning.image._debian import parse_stanzas
 from provisioning.image.plan import VENV
+from provisioning.tools import run
 
 __all__ = ["debian_packages", "file_manifest", "normalise", "python_packages", "spdx_sbom"]
 

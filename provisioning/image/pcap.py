@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ImageError
+from provisioning.errors import ImageError
 
 __all__ = ["LINKTYPE_ETHERNET", "Packet", "format_mac", "parse_frame", "read_pcap", "write_pcap"]
 

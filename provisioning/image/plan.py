@@ -12,11 +12,16 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agent.config import SECTIONS as AGENT_SECTIONS
 from agent.settings import to_json
 from provisioning.image.egress import nft_output_rules
+from provisioning.image.gpu_manifest import gpu_stack, headers_package
+from provisioning.image.gpu_stage import DEBS_IN_ROOT, DKMS_CONF, KEYS_IN_ROOT, dkms_conf
 from provisioning.image.profile import Profile
 
 __all__ = [
+    "AGENT_BIN",
+    "AGENT_DEVICE_ALLOW",
     "AGENT_EXEC",
     "AGENT_GROUP",
     "AGENT_UID",
@@ -24,7 +29,10 @@ __all__ = [
     "AGENT_USER",
     "BOOT_CHECK_UNIT",
     "CPU_CHECK_UNIT",
+    "DEVICES_UNIT",
+    "GPU_RECORD",
     "IDLE_TIMERS",
+    "IMAGE_METADATA",
     "LISTEN_PREFIX",
     "LISTEN_REPORT_UNIT",
     "OS_UPDATE_PATH",
@@ -37,6 +45,8 @@ __all__ = [
     "boot_check_unit",
     "configure_plan",
     "cpu_check_unit",
+    "gpu_devices_unit",
+    "gpu_plan",
     "listen_report_unit",
     "nftables_ruleset",
     "os_update_units",
@@ -47,8 +57,10 @@ VENV = "/opt/appliance/venv"
 AGENT_USER = AGENT_GROUP = "appliance"
 AGENT_UID = 800  # fixed: the same uid in every build (and below Debian's dynamic range users)
 AGENT_UNIT = "appliance-agent.service"
-# The agent's entry point (`appliance agent serve`, provisioning/commands/agent.py).
-AGENT_EXEC = (f"{VENV}/bin/appliance", "agent", "serve", "--config", "/etc/appliance/agent.toml")
+# The node's own entry point (agent/cli.py): the console script that pip installs into the venv
+# from the agent wheel's [project.scripts].
+AGENT_BIN = f"{VENV}/bin/appliance-agent"
+AGENT_EXEC = (AGENT_BIN, "serve", "--config", "/etc/appliance/agent.toml")
 WHEELS_IN_ROOT = "/var/tmp/appliance-wheels"  # noqa: S108 - inside the image's root; removed again by the plan's last commands
 
 
@@ -120,9 +132,7 @@ def agent_toml(profile: Profile) -> str:
 
 
 def _agent_sections() -> tuple[str, ...]:
-    from agent.config import SECTIONS
-
-    return tuple(SECTIONS)
+    return tuple(AGENT_SECTIONS)
 
 
 # ------------------------------------------------------------------ hardening content
@@ -247,15 +257,114 @@ AUDIT_RULES = """\
 """
 
 
+# ------------------------------------------------------------------ GPU
+
+GPU_RECORD = "/usr/lib/appliance/gpu.json"
+IMAGE_METADATA = "/usr/lib/appliance/image.json"  # read by agent/health/inventory.py
+DEVICES_UNIT = "appliance-nvidia-devices.service"
+# What the agent's unit may open: the control device, every GPU (major 195, whose group is
+# "nvidia" in /proc/devices, "nvidia-frontend" in older drivers) and the unified memory device.
+# Not nvidia-uvm-tools, nvidia-caps, nvidia-nvswitch or nvidia-modeset.
+AGENT_DEVICE_ALLOW = ("/dev/nvidiactl rw", "/dev/nvidia-uvm rw", "char-nvidia rw",
+                      "char-nvidia-frontend rw")
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+
+def _agent_device_lines(profile: Profile) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Device-related lines of the agent's unit, ([Unit] lines, [Service] lines).
+
+    Without a GPU: no physical devices at all.  With one: exactly the NVIDIA nodes.
+    """
+    if profile.gpu_set is None:
+        # No ProcSubset=pid: ONNX Runtime reads /proc/cpuinfo at load and aborts without it
+        # (seen as a core dump of the agent in a booted image).
+        return (), ("PrivateDevices=yes", "DevicePolicy=closed")
+    # PrivateDevices would hide /dev/nvidia*: the device cgroup (DevicePolicy=closed plus the
+    # list) is what limits the agent instead.  CUDA and NVML read /proc/driver/nvidia, which
+    # ProcSubset=pid would hide.
+    return ((f"After={DEVICES_UNIT} nvidia-persistenced.service",
+             f"Wants={DEVICES_UNIT} nvidia-persistenced.service"),
+            ("PrivateDevices=no", "DevicePolicy=closed",
+             *(f"DeviceAllow={d}" for d in AGENT_DEVICE_ALLOW), "ProcSubset=all"))
+
+
+def gpu_devices_unit() -> str:
+    """The oneshot unit that loads the NVIDIA modules and creates /dev/nvidia* before the agent."""
+    return "\n".join((
+        "[Unit]",
+        "Description=Load the NVIDIA modules and create /dev/nvidia* for the agent",
+        "ConditionPathExists=/usr/bin/nvidia-modprobe",
+        "Before=nvidia-persistenced.service appliance-agent.service",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        # One node per GPU the driver found, the control node, and the UVM node CUDA needs.
+        "ExecStart=/bin/sh -c 'i=0; for g in /proc/driver/nvidia/gpus/*; do "
+        "[ -e \"$g\" ] || continue; /usr/bin/nvidia-modprobe -c \"$i\"; i=$((i+1)); done; "
+        "exec /usr/bin/nvidia-modprobe -u -c 0'",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ))
+
+
+def gpu_plan(profile: Profile, kernel_release: str,
+             record: dict[str, Any]) -> tuple[list[FileSpec], list[tuple[str, ...]], list[str]]:
+    """The GPU part of the configure plan: (files, commands, units to enable).
+
+    The GPU stage (:func:`~provisioning.image.gpu_stage.stage_gpu`) has put the packages under
+    :data:`DEBS_IN_ROOT` (the set and the part of the mirror's closure the root lacks);
+    ``kernel_release`` is the image's (``/lib/modules``).  Commands: install the pinned
+    packages offline from the staged flat repository (their DKMS postinst builds for every
+    kernel with headers in the root, i.e. the image's), build again explicitly for
+    ``kernel_release`` so a build failure stops the stage, then remove the staged packages and
+    keys.
+    """
+    m = profile.gpu_set
+    assert m is not None
+    # apt reads only the staged packages (a flat repository made by stage_gpu), with its lists
+    # kept beside them so nothing of it stays in the image.
+    opts = ("-o", f"Dir::Etc::SourceList={DEBS_IN_ROOT}/sources.list",
+            "-o", "Dir::Etc::SourceParts=/nonexistent", "-o", f"Dir::State::Lists={DEBS_IN_ROOT}/lists",
+            "-o", "Acquire::Languages=none", "-o", "Dpkg::Options::=--force-confold")
+    wanted = sorted(f"{d.name}={d.version}" for d in m.debs)
+    wanted.append(headers_package(profile.kernel_package))
+    update = ("apt-get", *opts, "update")
+    apt = ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", *opts, "install", "--yes",
+           "--no-install-recommends", *wanted)
+    dkms = ("dkms", "autoinstall", "-k", kernel_release)
+    status = ("dkms", "status", "-k", kernel_release, f"{m.driver.dkms_module}/{m.driver.version}")
+    commands: list[tuple[str, ...]] = [
+        ("mkdir", "-p", f"{DEBS_IN_ROOT}/lists/partial"), update, apt, dkms, status,
+        ("rm", "-rf", DEBS_IN_ROOT, KEYS_IN_ROOT, "/var/lib/dkms/mok.key", "/var/lib/dkms/mok.pub"),
+        # The packages' triggers rebuild the kernel's initrd, whose bytes differ from run to run;
+        # the node boots the seal stage's own initrd (as the rootfs stage, see rootfs.py).
+        ("sh", "-c", "rm -f /boot/initrd.img-*"),
+        ("apt-get", "clean"),
+    ]
+    files = [
+        FileSpec(DKMS_CONF, dkms_conf(signing=False)),
+        FileSpec(f"/etc/systemd/system/{DEVICES_UNIT}", gpu_devices_unit()),
+        FileSpec(GPU_RECORD, _json_text(record)),
+        FileSpec(IMAGE_METADATA, _json_text({"image": profile.image.name,
+                                            "firmware_manifest": m.manifest.id,
+                                            "gpu": gpu_stack(m, record, kernel_release)})),
+    ]
+    return files, commands, ["nvidia-persistenced.service", DEVICES_UNIT]
+
+
 def agent_unit(profile: Profile) -> str:
     """The agent's sandboxed systemd unit (no capabilities, strict FS; devices: none, or the GPU's)."""
     state = str(profile.agent.server.state_dir)
     if not state.startswith("/var/lib/"):
         raise ValueError(f"state_dir {state} must be under /var/lib (systemd StateDirectory=)")
     state_name = state.removeprefix("/var/lib/")
-    from provisioning.gpu import agent_unit_lines
-
-    unit_devices, service_devices = agent_unit_lines(profile)
+    unit_devices, service_devices = _agent_device_lines(profile)
     return "\n".join((
         "[Unit]",
         "Description=Sovereign Appliance agent (inference, health, updates over gRPC)",
@@ -552,7 +661,7 @@ def os_update_units(profile: Profile) -> dict[str, str]:
         "",
         "[Service]",
         "Type=oneshot",
-        f"ExecStart={VENV}/bin/appliance agent os-install --state-dir {state}",
+        f"ExecStart={AGENT_BIN} os-install --state-dir {state}",
         "ExecStartPost=/bin/systemctl reboot",
         "StateDirectory=appliance-os",
         "StateDirectoryMode=0700",
@@ -609,7 +718,7 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     ``pip_wheel`` is the path (inside the root) of the pip wheel that Debian's python3-venv
     ships; it installs the agent without leaving pip in the venv.  For a GPU profile,
     ``kernel_release`` (the root's kernel) and ``gpu_record`` (the driver set baked into the
-    image) come from :mod:`provisioning.gpu`'s staging.
+    image) come from the GPU stage (:mod:`provisioning.image.gpu_stage`).
     """
     files = [
         FileSpec("/etc/hostname", profile.image.hostname + "\n"),
@@ -661,9 +770,7 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     remove = ("/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/resolv.conf",
               "/var/lib/dbus/machine-id")
     if profile.gpu_set is not None:
-        from provisioning.gpu import configure_gpu
-
-        gpu_files, gpu_commands, gpu_enable = configure_gpu(profile, kernel_release, gpu_record or {})
+        gpu_files, gpu_commands, gpu_enable = gpu_plan(profile, kernel_release, gpu_record or {})
         files += gpu_files
         commands = gpu_commands + commands  # the driver first: the agent's venv does not need it
         enable += gpu_enable

@@ -16,16 +16,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.config import SECTIONS as AGENT_SECTIONS
 from agent.config import AgentConfig
 from agent.cpu import DEFAULT_LEVEL as DEFAULT_CPU_LEVEL
-from agent.errors import ConfigError, ProfileError
+from agent.errors import ConfigError
 from agent.settings import from_table, read_toml, setting, to_json
-
-if TYPE_CHECKING:
-    from provisioning.gpu import GpuManifest
+from provisioning.errors import ProfileError
+from provisioning.image.gpu_manifest import GpuManifest, check_compatibility, gpu_packages, load_manifest
 
 __all__ = [
     "BASE_PACKAGES",
@@ -396,8 +395,6 @@ def package_set(profile: Profile, extra: tuple[str, ...] = ()) -> tuple[str, ...
     """The sorted Debian packages the image installs: base, kernel, sshd when on, profile, extra."""
     names = {*BASE_PACKAGES, profile.kernel_package, *profile.debian.packages, *extra}
     if profile.gpu_set is not None:
-        from provisioning.gpu import gpu_packages
-
         names.update(gpu_packages(profile))
     if profile.ssh.enabled:
         names.add("openssh-server")
@@ -445,8 +442,6 @@ def load_profile(path: Path) -> Profile:
 
 def _gpu_set(p: Profile) -> GpuManifest:
     """Load the [gpu] manifest and refuse a driver set that cannot work on this image."""
-    from provisioning.gpu import check_compatibility, load_manifest
-
     where = f"{p.path}: [gpu] manifest = {p.gpu.manifest!r}"
     assert p.gpu_manifest is not None
     manifest = load_manifest(p.gpu_manifest)

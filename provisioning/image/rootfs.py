@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.tools import require_tool, run_lines
 from provisioning.image.aptlog import follow
 from provisioning.image.mirror import debian_source
 from provisioning.image.profile import Profile
 from provisioning.output import progress
+from provisioning.tools import require_tool, run_lines
 
 __all__ = ["CUSTOMIZE_HOOKS", "build_rootfs_tar", "mmdebstrap_argv"]
 

@@ -26,11 +26,11 @@ import shutil
 import uuid
 from pathlib import Path
 
-from agent.errors import ImageError
 from agent.fsutil import atomic_write_text, file_sha256
+from provisioning.errors import ImageError
 from provisioning.image.disk import Sealed, data_uuid, esp_uuid
 from provisioning.image.profile import SEAL_OWNED_ARGS
-from provisioning.image.stage import RunFn, StageContext, as_stage_context, check_paths
+from provisioning.image.stage import RunFn, StageContext, check_paths
 
 __all__ = ["PACKAGES", "REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version", "seal",
            "squashfs_argv", "verity_format", "verity_params"]
@@ -234,18 +234,16 @@ def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path) -> Path:
     return work / "uki.efi"
 
 
-def seal(ctx: StageContext | object) -> Sealed:
+def seal(ctx: StageContext) -> Sealed:
     """Run the seal stage (see the module docstring); return what it made.
 
-    ``ctx`` may also be the image pipeline's build context (see
-    :func:`provisioning.image.stage.as_stage_context`). Arguments in the root's
-    /etc/kernel/cmdline (the configure stage's, e.g. ``apparmor=1``) join the sealed command line.
+    Arguments in the root's /etc/kernel/cmdline (the configure stage's, e.g. ``apparmor=1``)
+    join the sealed command line.
 
     Raises:
         ImageError: the root lacks a needed package, has no single kernel, or a signing key
             is missing. ToolError: mksquashfs, veritysetup, dracut, ukify or sbsign failed.
     """
-    ctx = as_stage_context(ctx, "seal")
     _check_rootfs(ctx.rootfs)
     check_paths([("Secure Boot key", ctx.secure_boot_key), ("Secure Boot certificate", ctx.secure_boot_cert)])
     kver = kernel_version(ctx.rootfs)

@@ -1,7 +1,8 @@
 """What the seal and disk stages are given: a small frozen context.
 
-The image pipeline (``appliance build``) makes one :class:`StageContext` per build and passes
-it to :func:`provisioning.image.seal.seal` and then :func:`provisioning.image.disk.disk`.
+The image pipeline (``appliance build``, :mod:`provisioning.image.stages`) makes one
+:class:`StageContext` per stage from its build context (:func:`~provisioning.image.stages.stage_context`)
+and passes it to :func:`provisioning.image.seal.seal` and then :func:`provisioning.image.disk.disk`.
 Everything that can change the output bytes is a field here, so the pipeline can hash the
 context (see :meth:`StageContext.cache_key`) to decide whether a stage must rerun.
 """
@@ -17,13 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ImageError
-from agent.tools import Completed
-from agent.tools import run as tools_run
+from provisioning.errors import ImageError
+from provisioning.tools import Completed
+from provisioning.tools import run as tools_run
 
-__all__ = ["DiskSizes", "RunFn", "StageContext", "as_stage_context", "check_paths", "version_from_epoch"]
+__all__ = ["DiskSizes", "RunFn", "StageContext", "check_paths", "version_from_epoch"]
 
-# The signature of agent.tools.run; tests may pass a wrapper that injects faults.
+# The signature of provisioning.tools.run; tests may pass a wrapper that injects faults.
 RunFn = Callable[..., Completed]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -71,6 +72,9 @@ class StageContext:
     boot_tries: int = 3
     keep_xattrs: bool = False
     sealed: Path | None = None  # where the disk stage finds the seal stage's outputs (default: out)
+    cpu_level: str = ""  # the profile's [image] cpu_level, recorded in image-manifest.json
+    # the profile's egress allowlist (provisioning.image.egress), recorded in image-manifest.json
+    egress: tuple[dict[str, object], ...] | None = None
     run: RunFn = tools_run
 
     def __post_init__(self) -> None:
@@ -111,35 +115,6 @@ class StageContext:
 def version_from_epoch(epoch: int) -> str:
     """An image version that sorts like its SOURCE_DATE_EPOCH (``YYYYMMDD.HHMMSS``, UTC)."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y%m%d.%H%M%S")
-
-
-def as_stage_context(ctx: object, stage: str) -> StageContext:
-    """``ctx`` itself, or a StageContext for the image pipeline's build context.
-
-    The pipeline (provisioning/image/stages.py) calls ``seal(ctx)`` and ``disk(ctx)`` with its
-    own context: the configured root is ``ctx.root``, each stage writes to
-    ``ctx.stage_path(NAME)``, the sizes are the profile's ``[disk]`` section.
-
-    Raises:
-        ImageError: ``ctx`` is neither.
-    """
-    if isinstance(ctx, StageContext):
-        return ctx
-    try:
-        profile = ctx.profile  # type: ignore[attr-defined]
-        disk = profile.disk
-        out = ctx.stage_path(stage)  # type: ignore[attr-defined]
-        epoch = int(ctx.source_date_epoch)  # type: ignore[attr-defined]
-        return StageContext(
-            rootfs=ctx.root, out=out, work=out / ".work", source_date_epoch=epoch,  # type: ignore[attr-defined]
-            version=getattr(profile.image, "version", "") or version_from_epoch(epoch),
-            name=profile.image.name,
-            sizes=DiskSizes(disk.esp_mib, disk.root_mib, disk.data_mib, getattr(disk, "data_label", "data")),
-            sealed=ctx.stage_path("seal"),  # type: ignore[attr-defined]
-        )
-    except AttributeError as exc:
-        raise ImageError(f"stage {stage}: cannot read a build context from "
-                         f"{type(ctx).__name__} ({exc})") from exc
 
 
 def _file_hash(path: Path | None) -> str | None:

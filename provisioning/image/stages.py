@@ -2,8 +2,8 @@
 
     rootfs     mmdebstrap from the mirror          -> stages/rootfs/rootfs.tar
     configure  pyinfra in the chroot, normalise    -> stages/configure/root/, manifest, SBOM
-    seal       provisioning.image.seal.seal(ctx)   (the seal engineer's; skipped if absent)
-    disk       provisioning.image.disk.disk(ctx)   (likewise)
+    seal       provisioning.image.seal.seal         -> stages/seal/ (squashfs, verity, UKI)
+    disk       provisioning.image.disk.disk         -> stages/disk/disk.raw, image-manifest.json
 
 A stage's key hashes its inputs, the source of the code that runs it and the previous
 stage's key, so changing a baked bundle reruns configure and what follows, never rootfs.
@@ -24,40 +24,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from agent.errors import ImageError, ProfileError
 from agent.fsutil import atomic_write_text
-from agent.tools import require_tool, run
+from provisioning.errors import ImageError, ProfileError
+from provisioning.image.disk import disk
+from provisioning.image.egress import egress_json
+from provisioning.image.gpu_manifest import gpu_packages
+from provisioning.image.gpu_stage import check_lock
 from provisioning.image.mirror import Lock, load_lock, missing_packages, verify_mirror
 from provisioning.image.profile import Profile, load_profile, package_set
+from provisioning.image.seal import PACKAGES as SEAL_PACKAGES
+from provisioning.image.seal import seal
+from provisioning.image.stage import DiskSizes, StageContext, version_from_epoch
+from provisioning.tools import require_tool, run
 
 __all__ = ["BuildContext", "BuildPlan", "PlannedStage", "Stage", "build", "plan_build",
-           "stage_key", "stage_packages"]
+           "stage_context", "stage_key", "stage_packages"]
 
 log = logging.getLogger(__name__)
 
-_OPTIONAL_STAGES = ("seal", "disk")
-
-
-def _optional_module(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(f"provisioning.image.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"provisioning.image.{name}":
-            return None
-        raise
-
-
 def stage_packages() -> tuple[str, ...]:
-    """Debian packages later stages need in the root (their module's ``PACKAGES``)."""
-    extra: set[str] = set()
-    for name in _OPTIONAL_STAGES:
-        module = _optional_module(name)
-        if module is not None:
-            extra.update(getattr(module, "PACKAGES", ()))
-    return tuple(sorted(extra))
+    """Debian packages later stages need in the root (the seal stage's tools)."""
+    return tuple(sorted(SEAL_PACKAGES))
 
 
 @dataclass
@@ -220,39 +209,55 @@ def _configure_outputs(ctx: BuildContext) -> dict[str, Path]:
 # ------------------------------------------------------------------ seal, disk (other modules)
 
 
-def _optional_stage(name: str, module: ModuleType) -> Stage:
+def stage_context(ctx: BuildContext, stage: str) -> StageContext:
+    """What the seal or disk stage ``stage`` is given in this build: the configured root as
+    input, its own stage directory as output, the profile's name, version and ``[disk]`` sizes."""
+    profile = ctx.profile
+    out = ctx.stage_path(stage)
+    disk_section = profile.disk
+    return StageContext(
+        rootfs=ctx.root, out=out, work=out / ".work", source_date_epoch=ctx.source_date_epoch,
+        version=profile.image.version or version_from_epoch(ctx.source_date_epoch),
+        name=profile.image.name,
+        sizes=DiskSizes(disk_section.esp_mib, disk_section.root_mib, disk_section.data_mib,
+                        disk_section.data_label),
+        sealed=ctx.stage_path("seal"),
+        cpu_level=profile.image.cpu_level,
+        egress=tuple(egress_json(profile)),
+    )
+
+
+def _sealed_stage(name: str, module: str, run_stage: Callable[[StageContext], object]) -> Stage:
+    """The seal or disk stage: ``run_stage`` on this build's :func:`stage_context`."""
     def inputs(ctx: BuildContext) -> dict[str, Any]:
         data: dict[str, Any] = {"sde": ctx.source_date_epoch}
         if name == "disk":
             data["disk"] = ctx.profile.to_json()["disk"]
+            data["cpu_level"] = ctx.profile.image.cpu_level  # recorded in image-manifest.json
+            data["egress"] = egress_json(ctx.profile)  # recorded in image-manifest.json too
         return data
-
-    def run_stage(ctx: BuildContext) -> None:
-        getattr(module, name)(ctx)
 
     def outputs(ctx: BuildContext) -> dict[str, Path]:
         d = ctx.stage_path(name)
         return {f"{name}/{p.name}": p for p in sorted(d.iterdir()) if not p.name.startswith(".")}
 
-    return Stage(name, (module.__name__,), inputs, run_stage, outputs)
+    def run(ctx: BuildContext) -> None:
+        run_stage(stage_context(ctx, name))
+
+    return Stage(name, (module,), inputs, run, outputs)
 
 
 def _stages() -> list[Stage]:
-    stages = [
+    return [
         Stage("rootfs", ("provisioning.image.rootfs", "provisioning.image.stages"),
               _rootfs_inputs, _rootfs_run, lambda ctx: {"rootfs.tar": ctx.rootfs_tar}),
         Stage("configure", ("provisioning.image.configure", "provisioning.image.plan",
                             "provisioning.image.outputs", "provisioning.image.bake",
-                            "provisioning.gpu"),
+                            "provisioning.image.gpu_manifest", "provisioning.image.gpu_stage"),
               _configure_inputs, _configure_run, _configure_outputs),
+        _sealed_stage("seal", "provisioning.image.seal", seal),
+        _sealed_stage("disk", "provisioning.image.disk", disk),
     ]
-    for name in _OPTIONAL_STAGES:
-        module = _optional_module(name)
-        if module is None:
-            log.info("stage %s: provisioning/image/%s.py is not on this branch; skipped", name, name)
-            continue
-        stages.append(_optional_stage(name, module))
-    return stages
 
 
 # ------------------------------------------------------------------ plan and build
@@ -283,8 +288,6 @@ def _check_mirror(profile: Profile, lock: Lock, mirror: Path, extra: tuple[str, 
         raise ProfileError(f"{where}: [python] onnxruntime = {profile.python.onnxruntime!r}: the "
                            f"mirror's wheels were synced for {lock.onnxruntime!r}")
     if profile.gpu_set is not None:
-        from provisioning.gpu import check_lock
-
         check_lock(profile, lock)
 
 
@@ -324,8 +327,6 @@ def _rootfs_packages(ctx: BuildContext) -> tuple[str, ...]:
     """The rootfs stage's packages: the GPU set is installed by the configure stage instead."""
     if ctx.profile.gpu_set is None:
         return ctx.packages
-    from provisioning.gpu import gpu_packages
-
     gpu = set(gpu_packages(ctx.profile))
     return tuple(p for p in ctx.packages if p not in gpu)
 

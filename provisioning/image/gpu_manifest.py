@@ -1,13 +1,15 @@
-"""GPU driver sets: pinned NVIDIA driver packages and CUDA runtime wheels, checked to fit together.
+"""GPU driver sets (the pure part): firmware manifests, compatibility rules, wheel tags.
 
 A firmware manifest (``firmware-manifests/NAME.toml``) names one driver set: the Debian packages
 of an NVIDIA driver (exact versions and sha256 from Debian's signed Packages indices), the
 kernel series its module builds for, and the agent's ONNX Runtime GPU wheels with the CUDA
 libraries they load (versions, file names and sha256).  :func:`load_manifest` parses it into
 frozen dataclasses; :func:`check_compatibility` refuses a set that cannot work, naming the
-versions.  Both are pure (no network, no mirror): ``load_profile`` runs them.  What needs the
-mirror (the pinned files are the ones synced, the kernel the mirror holds) is
-:func:`check_lock`.
+versions.  Both are pure (no network, no mirror, no files but the manifest): ``load_profile``
+runs them.  What needs the mirror or the image's root (the pinned files are the ones synced,
+the kernel the mirror holds, the staging into the root, the modules DKMS built) is the GPU
+stage, :mod:`provisioning.image.gpu_stage`; the GPU's files and units in the image are part
+of the configure plan (:func:`provisioning.image.plan.configure_plan`).
 
 The rules (README.md, "GPU layer"), after NVIDIA's CUDA Compatibility guide
 (docs.nvidia.com/deploy/cuda-compatibility, "Minor Version Compatibility", table 1):
@@ -39,16 +41,16 @@ import dataclasses
 import re
 import tomllib
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import ConfigError, ProfileError, VerificationError
+from agent.errors import ConfigError
 from agent.settings import from_table, setting, to_json
+from provisioning.errors import ProfileError
 
 if TYPE_CHECKING:
-    from provisioning.image.mirror import Lock
     from provisioning.image.profile import Profile
 
 __all__ = [
@@ -64,13 +66,16 @@ __all__ = [
     "RuntimeSection",
     "WheelPin",
     "check_compatibility",
-    "check_lock",
-    "check_wheel_files",
+    "deb_closure_names",
     "gpu_packages",
-    "kernel_release_from_lock",
+    "gpu_stack",
+    "headers_package",
+    "image_record",
     "load_manifest",
+    "normalise_name",
     "ort_built_with_cuda",
     "wheel_fits",
+    "wheel_requirements",
 ]
 
 # Driver branch -> the highest CUDA version it supports (CUDA Toolkit release notes, table 3).
@@ -175,7 +180,7 @@ class WheelPin:
 
     @property
     def key(self) -> str:
-        return _normalise(self.name)
+        return normalise_name(self.name)
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,7 @@ class GpuManifest:
         return int(self.driver.version.split(".")[0])
 
     def wheel(self, name: str) -> WheelPin | None:
-        key = _normalise(name)
+        key = normalise_name(name)
         return next((w for w in self.wheels if w.key == key), None)
 
     def deb(self, name: str) -> DebPin | None:
@@ -233,7 +238,8 @@ class Compatibility:
 # ------------------------------------------------------------------ parsing
 
 
-def _normalise(name: str) -> str:
+def normalise_name(name: str) -> str:
+    """A distribution name as PEP 503 compares it (lower case, runs of ``-_.`` as one ``-``)."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -302,7 +308,7 @@ def _pins(path: Path, raw: Any, key: str, cls: type[Any]) -> tuple[Any, ...]:
         pin = from_table(cls, table, where)
         _complete(pin, where)
         pins.append(pin)
-    names = [_normalise(p.name) for p in pins]
+    names = [normalise_name(p.name) for p in pins]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise ProfileError(f"{path}: [[{key}]] name = {dup!r}: listed twice")
@@ -330,7 +336,7 @@ def _check_pins(m: GpuManifest) -> None:
                            f"[runtime] onnxruntime_version is {m.runtime.onnxruntime_version!r}")
     for w in m.wheels:
         parsed = _parse_wheel_filename(w.filename)
-        if parsed is None or _normalise(parsed[0]) != w.key or parsed[1] != w.version:
+        if parsed is None or normalise_name(parsed[0]) != w.key or parsed[1] != w.version:
             raise ProfileError(f"{where}: [[wheels]] {w.name} filename = {w.filename!r}: not a "
                                f"wheel of {w.name} {w.version}")
     if not any(_CU_SUFFIX.match(w.key) and w.key.startswith("nvidia-cuda-runtime-")
@@ -500,10 +506,11 @@ def _check_kernel(m: GpuManifest, kernel_release: str) -> None:
                            f"([kernel] min = {m.kernel.min!r}, max = {m.kernel.max!r})")
 
 
-# ------------------------------------------------------------------ profile and mirror
+# ------------------------------------------------------------------ what the profile adds
 
 
-def _headers_package(kernel_package: str) -> str:
+def headers_package(kernel_package: str) -> str:
+    """The kernel headers package that matches ``kernel_package`` (DKMS builds against it)."""
     return "linux-headers-" + kernel_package.removeprefix("linux-image-")
 
 
@@ -512,61 +519,12 @@ def gpu_packages(profile: Profile) -> tuple[str, ...]:
     m = profile.gpu_set
     if m is None:
         return ()
-    return tuple(sorted({*(d.name for d in m.debs), _headers_package(profile.kernel_package)}))
+    return tuple(sorted({*(d.name for d in m.debs), headers_package(profile.kernel_package)}))
 
 
-def kernel_release_from_lock(lock: Lock, kernel_package: str) -> str:
-    """The kernel release (``uname -r`` of the image) the mirror's kernel package installs.
-
-    Raises:
-        ProfileError: the mirror holds no versioned linux-image package for it.
-    """
-    if re.match(r"^linux-image-\d", kernel_package):
-        return kernel_package.removeprefix("linux-image-")
-    flavour = kernel_package.removeprefix("linux-image-")
-    releases = sorted(d.name.removeprefix("linux-image-") for d in lock.debs
-                      if re.match(rf"^linux-image-\d.*-{re.escape(flavour)}$", d.name))
-    if not releases:
-        raise ProfileError(f"the mirror holds no versioned kernel for {kernel_package!r}")
-    return releases[-1]
-
-
-def check_lock(profile: Profile, lock: Lock) -> Compatibility:
-    """The mirror holds exactly the manifest's pins, and its kernel fits the module.
-
-    Raises:
-        ProfileError: a pinned package or wheel is missing from the mirror or differs in
-            version or sha256; the mirror's kernel is outside the module's range, or its
-            headers do not match it.
-    """
-    m = profile.gpu_set
-    assert m is not None
-    where = f"{profile.path}: [gpu] manifest = {profile.gpu.manifest!r}"
-    debs = {d.name: d for d in lock.debs}
-    for pin in m.debs:
-        have = debs.get(pin.name)
-        if have is None or (have.version, have.sha256) != (pin.version, pin.sha256):
-            got = f"{have.version} sha256 {have.sha256}" if have else "nothing"
-            raise ProfileError(f"{where}: {m.path.name} pins {pin.name} {pin.version} sha256 "
-                               f"{pin.sha256}; the mirror holds {got}; run `appliance mirror "
-                               "sync` again, or update the manifest")
-    wheels = {w.path.rsplit("/", 1)[-1]: w for w in lock.wheels}
-    for w in m.wheels:
-        have_w = wheels.get(w.filename)
-        if have_w is None or have_w.sha256 != w.sha256:
-            raise ProfileError(f"{where}: {m.path.name} pins {w.filename} sha256 {w.sha256}; the "
-                               f"mirror holds {have_w.sha256 if have_w else 'no such wheel'}")
-    release = kernel_release_from_lock(lock, profile.kernel_package)
-    image = debs.get(f"linux-image-{release}")
-    headers = debs.get(f"linux-headers-{release}")
-    if image is None or headers is None or headers.version != image.version:
-        raise ProfileError(f"{where}: the mirror's kernel {release} "
-                           f"({image.version if image else 'missing'}) has no headers of the same "
-                           f"version ({headers.version if headers else 'missing'}); DKMS needs them")
-    return check_compatibility(m, suite=profile.debian.suite,
-                               architecture=profile.debian.architecture, machine=profile.machine,
-                               python=profile.python_version, glibc=profile.glibc_version,
-                               kernel_release=release)
+def wheel_requirements(m: GpuManifest) -> list[str]:
+    """pip requirements that fetch exactly the pinned wheels (checked by :func:`check_wheel_files`)."""
+    return [f"{w.name}=={w.version}" for w in m.wheels]
 
 
 def ort_built_with_cuda(wheel: Path) -> str:
@@ -580,151 +538,12 @@ def ort_built_with_cuda(wheel: Path) -> str:
     return found.group(1) if found else ""
 
 
-def check_wheel_files(m: GpuManifest, wheels: Iterable[Path]) -> None:
-    """Downloaded wheels against the manifest: every pin present with its sha256, no other version.
-
-    Raises:
-        VerificationError: a pinned wheel is missing or differs, a second version of a pinned
-            distribution was fetched, or onnxruntime-gpu says it was built with another CUDA.
-    """
-    from provisioning.image.mirror import file_sha256
-
-    by_name: dict[str, list[Path]] = {}
-    for path in wheels:
-        by_name.setdefault(_normalise(path.name.split("-")[0]), []).append(path)
-    for w in m.wheels:
-        found = by_name.get(w.key, [])
-        names = sorted(p.name for p in found)
-        if names != [w.filename]:
-            raise VerificationError(f"{m.path}: pins {w.filename}; the download gave "
-                                    f"{names or 'nothing'}")
-        actual = file_sha256(found[0])
-        if actual != w.sha256:
-            raise VerificationError(f"{found[0]}: sha256 {actual} does not match {m.path.name}'s "
-                                    f"{w.sha256}")
-    ort = m.wheel(m.runtime.onnxruntime)
-    assert ort is not None
-    built = ort_built_with_cuda(by_name[ort.key][0])
-    if built and built != m.runtime.built_with_cuda:
-        raise VerificationError(f"{by_name[ort.key][0]}: built with CUDA {built}, but "
-                                f"{m.path.name} says [runtime] built_with_cuda = "
-                                f"{m.runtime.built_with_cuda!r}")
-
-
-def wheel_requirements(m: GpuManifest) -> list[str]:
-    """pip requirements that fetch exactly the pinned wheels (checked by :func:`check_wheel_files`)."""
-    return [f"{w.name}=={w.version}" for w in m.wheels]
-
-
 def image_record(m: GpuManifest, compat: Compatibility | None = None) -> dict[str, Any]:
     """The driver set as baked into the image (``/usr/lib/appliance/gpu.json``)."""
     record: dict[str, Any] = {"id": m.manifest.id, **m.to_json()}
     if compat is not None:
         record["compatibility"] = compat.to_json()
     return record
-
-
-def deb_closure_names(status: str) -> set[str]:
-    """Installed package names from a dpkg status file's text."""
-    names = set()
-    for stanza in status.split("\n\n"):
-        fields: Mapping[str, str] = dict(re.findall(r"^([A-Za-z-]+): (.*)$", stanza, re.M))
-        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
-            names.add(fields["Package"])
-    return names
-
-
-# ------------------------------------------------------------------ configure stage
-
-DEBS_IN_ROOT = "/var/tmp/appliance-gpu-debs"  # noqa: S108 - inside the image's root; removed by the plan
-KEYS_IN_ROOT = "/var/tmp/appliance-gpu-mok"  # noqa: S108 - likewise
-DKMS_CONF = "/etc/dkms/framework.conf.d/50-appliance.conf"
-GPU_RECORD = "/usr/lib/appliance/gpu.json"
-IMAGE_METADATA = "/usr/lib/appliance/image.json"  # read by agent/health/inventory.py
-DEVICES_UNIT = "appliance-nvidia-devices.service"
-# What the agent's unit may open: the control device, every GPU (major 195, whose group is
-# "nvidia" in /proc/devices, "nvidia-frontend" in older drivers) and the unified memory device.
-# Not nvidia-uvm-tools, nvidia-caps, nvidia-nvswitch or nvidia-modeset.
-AGENT_DEVICE_ALLOW = ("/dev/nvidiactl rw", "/dev/nvidia-uvm rw", "char-nvidia rw",
-                      "char-nvidia-frontend rw")
-
-
-def dkms_conf(*, signing: bool) -> str:
-    """DKMS settings: sign with the staged key, or never sign (and so never mint a key)."""
-    head = "# Written by `appliance build`.\n"
-    if signing:
-        return (head + f"mok_signing_key={KEYS_IN_ROOT}/module.key\n"
-                f"mok_certificate={KEYS_IN_ROOT}/module.crt\n")
-    # Without a sign-file DKMS skips signing; with one and no key it would create a random key
-    # in /var/lib/dkms, baking a private key into the image.
-    return head + "sign_file=/nonexistent\n"
-
-
-def _devices_unit() -> str:
-    return "\n".join((
-        "[Unit]",
-        "Description=Load the NVIDIA modules and create /dev/nvidia* for the agent",
-        "ConditionPathExists=/usr/bin/nvidia-modprobe",
-        "Before=nvidia-persistenced.service appliance-agent.service",
-        "",
-        "[Service]",
-        "Type=oneshot",
-        "RemainAfterExit=yes",
-        # One node per GPU the driver found, the control node, and the UVM node CUDA needs.
-        "ExecStart=/bin/sh -c 'i=0; for g in /proc/driver/nvidia/gpus/*; do "
-        "[ -e \"$g\" ] || continue; /usr/bin/nvidia-modprobe -c \"$i\"; i=$((i+1)); done; "
-        "exec /usr/bin/nvidia-modprobe -u -c 0'",
-        "",
-        "[Install]",
-        "WantedBy=multi-user.target",
-        "",
-    ))
-
-
-def configure_gpu(profile: Profile, kernel_release: str,
-                  record: dict[str, Any]) -> tuple[list[Any], list[tuple[str, ...]], list[str]]:
-    """The GPU part of the configure plan: (files, commands, units to enable).
-
-    :func:`stage_gpu` has put the packages under :data:`DEBS_IN_ROOT` (the set and the part of
-    the mirror's closure the root lacks); ``kernel_release`` is the image's (``/lib/modules``).
-    Commands: install the pinned packages offline from the staged flat repository (their DKMS
-    postinst builds for every kernel with headers in the root, i.e. the image's), build again
-    explicitly for ``kernel_release`` so a build failure stops the stage, then remove the
-    staged packages and keys.
-    """
-    from provisioning.image.plan import FileSpec
-
-    m = profile.gpu_set
-    assert m is not None
-    # apt reads only the staged packages (a flat repository made by stage_gpu), with its lists
-    # kept beside them so nothing of it stays in the image.
-    opts = ("-o", f"Dir::Etc::SourceList={DEBS_IN_ROOT}/sources.list",
-            "-o", "Dir::Etc::SourceParts=/nonexistent", "-o", f"Dir::State::Lists={DEBS_IN_ROOT}/lists",
-            "-o", "Acquire::Languages=none", "-o", "Dpkg::Options::=--force-confold")
-    wanted = sorted(f"{d.name}={d.version}" for d in m.debs)
-    wanted.append(_headers_package(profile.kernel_package))
-    update = ("apt-get", *opts, "update")
-    apt = ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", *opts, "install", "--yes",
-           "--no-install-recommends", *wanted)
-    dkms = ("dkms", "autoinstall", "-k", kernel_release)
-    status = ("dkms", "status", "-k", kernel_release, f"{m.driver.dkms_module}/{m.driver.version}")
-    commands: list[tuple[str, ...]] = [
-        ("mkdir", "-p", f"{DEBS_IN_ROOT}/lists/partial"), update, apt, dkms, status,
-        ("rm", "-rf", DEBS_IN_ROOT, KEYS_IN_ROOT, "/var/lib/dkms/mok.key", "/var/lib/dkms/mok.pub"),
-        # The packages' triggers rebuild the kernel's initrd, whose bytes differ from run to run;
-        # the node boots the seal stage's own initrd (as the rootfs stage, see rootfs.py).
-        ("sh", "-c", "rm -f /boot/initrd.img-*"),
-        ("apt-get", "clean"),
-    ]
-    files = [
-        FileSpec(DKMS_CONF, dkms_conf(signing=False)),
-        FileSpec(f"/etc/systemd/system/{DEVICES_UNIT}", _devices_unit()),
-        FileSpec(GPU_RECORD, json_text(record)),
-        FileSpec(IMAGE_METADATA, json_text({"image": profile.image.name,
-                                            "firmware_manifest": m.manifest.id,
-                                            "gpu": gpu_stack(m, record, kernel_release)})),
-    ]
-    return files, commands, ["nvidia-persistenced.service", DEVICES_UNIT]
 
 
 def gpu_stack(m: GpuManifest, record: dict[str, Any], kernel_release: str) -> dict[str, str]:
@@ -741,123 +560,11 @@ def gpu_stack(m: GpuManifest, record: dict[str, Any], kernel_release: str) -> di
             "compatibility": str(compat.get("basis", "")), "kernel_release": kernel_release}
 
 
-def json_text(data: Any) -> str:
-    import json
-
-    return json.dumps(data, indent=1, sort_keys=True) + "\n"
-
-
-def agent_unit_lines(profile: Profile) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Device-related lines of the agent's unit, ([Unit] lines, [Service] lines).
-
-    Without a GPU: no physical devices at all.  With one: exactly the NVIDIA nodes.
-    """
-    if profile.gpu_set is None:
-        # No ProcSubset=pid: ONNX Runtime reads /proc/cpuinfo at load and aborts without it
-        # (seen as a core dump of the agent in a booted image).
-        return (), ("PrivateDevices=yes", "DevicePolicy=closed")
-    # PrivateDevices would hide /dev/nvidia*: the device cgroup (DevicePolicy=closed plus the
-    # list) is what limits the agent instead.  CUDA and NVML read /proc/driver/nvidia, which
-    # ProcSubset=pid would hide.
-    return ((f"After={DEVICES_UNIT} nvidia-persistenced.service",
-             f"Wants={DEVICES_UNIT} nvidia-persistenced.service"),
-            ("PrivateDevices=no", "DevicePolicy=closed",
-             *(f"DeviceAllow={d}" for d in AGENT_DEVICE_ALLOW), "ProcSubset=all"))
-
-
-def installed_packages(root: Path) -> set[str]:
-    """Names dpkg lists as installed in ``root``."""
-    return deb_closure_names((root / "var/lib/dpkg/status").read_text())
-
-
-def stage_gpu(profile: Profile, lock: Lock, mirror: Path, root: Path) -> tuple[str, ...]:
-    """Put the GPU packages (and the signing key) into the root before the deploy runs.
-
-    Returns the staged .deb file names: every locked package the root does not have yet (the
-    driver set and what it pulls: DKMS, compiler, kernel headers).
-
-    Raises:
-        VerificationError: a staged .deb does not match the lock.
-    """
-    import shutil
-
-    from provisioning.image.mirror import file_sha256
-
-    have = installed_packages(root)
-    dest = root / DEBS_IN_ROOT.lstrip("/")
-    dest.mkdir(parents=True, exist_ok=True)
-    staged = []
-    for deb in lock.debs:
-        if deb.name in have:
-            continue
-        src = mirror / deb.path
-        if file_sha256(src) != deb.sha256:
-            raise VerificationError(f"{src}: does not match the lock's sha256 {deb.sha256}")
-        shutil.copyfile(src, dest / src.name)
-        staged.append(src.name)
-    _flat_repository(dest)
-    conf = root / DKMS_CONF.lstrip("/")
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    signing = profile.gpu_signing
-    conf.write_text(dkms_conf(signing=signing is not None))
-    if signing is not None:
-        keys = root / KEYS_IN_ROOT.lstrip("/")
-        keys.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for src, name in zip(signing, ("module.key", "module.crt"), strict=True):
-            shutil.copyfile(src, keys / name)
-            (keys / name).chmod(0o600)
-    return tuple(sorted(staged))
-
-
-def _flat_repository(directory: Path) -> None:
-    """Packages, Release and a sources.list that make ``directory`` an apt repository."""
-    from agent.tools import require_tool, run
-
-    tool = require_tool("apt-ftparchive")
-    (directory / "Packages").write_bytes(run([tool, "packages", "."], cwd=directory).stdout)
-    (directory / "Release").write_bytes(run([tool, "release", "."], cwd=directory).stdout)
-    (directory / "sources.list").write_text(f"deb [trusted=yes] file:{DEBS_IN_ROOT} ./\n")
-
-
-def kernel_release_in_root(root: Path) -> str:
-    """The one kernel release installed in ``root`` (``/lib/modules/RELEASE``).
-
-    Raises:
-        ImageError: none, or more than one.
-    """
-    from agent.errors import ImageError
-
-    releases = sorted(p.name for p in (root / "lib/modules").iterdir() if (p / "kernel").is_dir())
-    if len(releases) != 1:
-        raise ImageError(f"{root}/lib/modules: expected one kernel, found {releases}")
-    return releases[0]
-
-
-def check_built_modules(root: Path, kernel_release: str, *, signed: bool) -> list[dict[str, str]]:
-    """The DKMS modules in the root were built for ``kernel_release`` (and signed when asked).
-
-    Reads each module's vermagic and signer with the build host's modinfo (a file read, nothing
-    is loaded).  Returns one record per module.
-
-    Raises:
-        ImageError: no nvidia module, a vermagic of another kernel, or a missing signature.
-    """
-    from agent.errors import ImageError
-    from agent.tools import require_tool, run
-
-    moddir = root / "lib/modules" / kernel_release / "updates/dkms"
-    modules = sorted(p for p in moddir.glob("*.ko*") if p.is_file())
-    if not any(p.name.startswith("nvidia") for p in modules):
-        raise ImageError(f"{moddir}: no nvidia module was built for {kernel_release}")
-    modinfo = require_tool("modinfo")
-    out = []
-    for path in modules:
-        vermagic = run([modinfo, "-F", "vermagic", path]).text.strip()
-        signer = run([modinfo, "-F", "signer", path]).text.strip()
-        if vermagic.split(" ", 1)[0] != kernel_release:
-            raise ImageError(f"{path}: vermagic {vermagic!r} is not for the image's kernel "
-                             f"{kernel_release}")
-        if signed and not signer:
-            raise ImageError(f"{path}: not signed, but [gpu] signing_key is set")
-        out.append({"module": path.name, "vermagic": vermagic, "signer": signer})
-    return out
+def deb_closure_names(status: str) -> set[str]:
+    """Installed package names from a dpkg status file's text."""
+    names = set()
+    for stanza in status.split("\n\n"):
+        fields: Mapping[str, str] = dict(re.findall(r"^([A-Za-z-]+): (.*)$", stanza, re.M))
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            names.add(fields["Package"])
+    return names

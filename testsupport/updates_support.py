@@ -12,7 +12,7 @@ from agent.config import InferenceSection
 from agent.inference.repository import ModelRepository
 from agent.updates.client import RegistryClient
 from provisioning.bundle import create_bundle
-from provisioning.models import affine_model, save_golden
+from provisioning.demo.models import affine_model, save_golden
 from provisioning.registry import add_target, init_registry, publish, trusted_root
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)

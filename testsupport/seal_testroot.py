@@ -1,4 +1,5 @@
-"""A small trixie root for the seal/disk/boot system tests (until the image profile's root exists).
+"""A small trixie root for the seal/disk/boot system tests, made without the image pipeline so
+that those stages are tested on their own.
 
 Built once with mmdebstrap from Debian's archive (test-only; the product builds from a mirror)
 and cached: under $APPLIANCE_TEST_CACHE when set, else in the test session's temp dir.
@@ -11,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from agent.tools import run
+from provisioning.tools import run
 
 EPOCH = 1700000000
 SUITE = "trixie"

@@ -3,7 +3,7 @@
 It serves the real gRPC health service and server reflection, a test-local
 ``appliance.v1.Node`` servicer that answers with empty replies (the interceptor is what is
 under test), and raw-bytes handlers for a few ``inference.GRPCInferenceService`` methods.
-Run as a process (``python -m tests.secure_server --config agent.toml --port-file F``) it
+Run as a process (``python -m testsupport.secure_server --config agent.toml --port-file F``) it
 serves until SIGTERM; the fuzz tests use it that way so that its memory can be watched.
 """
 
@@ -141,7 +141,7 @@ def spawn(config: Path, ports: int = 1) -> Iterator[tuple[list[int], int]]:
     port_file = config.with_name(f"{config.stem}.ports")
     port_file.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.secure_server", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "testsupport.secure_server", "--config", str(config),
                              "--port-file", str(port_file), "--ports", str(ports)], env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120

@@ -1,6 +1,6 @@
 """``appliance demo --image``: the main job on its embedded default, end to end on one machine.
 
-1. a bench in WORK (:mod:`provisioning.bench`): a site PKI, a TUF registry holding the bundle
+1. a bench in WORK (:mod:`provisioning.demo.bench`): a site PKI, a TUF registry holding the bundle
    ``affine``, ``images/hil.toml`` pointed at both, the offline mirror (``appliance mirror
    sync``, the only step that uses the network) and the image (``appliance build --offline``);
    everything is cached, so a second run only boots;
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ApplianceError
-from provisioning.bench import Bench, _appliance, prepare
+from provisioning.demo.bench import Bench, _appliance, prepare
 
 __all__ = ["DEFAULT_PORTS", "run_image_demo"]
 

@@ -5,7 +5,7 @@ runs share ``/var/tmp/appliance-hil`` unless told otherwise), so a second run ne
 builds again: the mirror is synced only when it has no lock, and ``appliance build`` reruns only
 the stages whose inputs changed.
 
-    python -m provisioning.bench prepare [--cache DIR]      # PKI, registry, mirror, image; prints JSON
+    python -m provisioning.demo.bench prepare [--cache DIR]      # PKI, registry, mirror, image; prints JSON
 
 The bundle ``affine`` computes ``y = x * scale + 1`` with ``scale`` 2 for odd last version parts
 and 3 for even ones, so a reply shows which version served it.
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.tools import require_tool, run
+from provisioning.tools import require_tool, run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # A fixed, root-owned cache that CI and operators share (builds need root anyway).
 DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_HIL_CACHE", "/var/tmp/appliance-hil"))  # noqa: S108
 REGISTRY_PORT = 18480  # images/hil.toml: [agent.updates] sources = ["http://10.0.2.100:18480"]
@@ -70,7 +70,7 @@ def bench_paths(cache: Path = DEFAULT_CACHE) -> Bench:
 def affine_bundle(work: Path, version: str) -> Path:
     """A real signed-off bundle ``affine`` at ``version`` (golden vectors included)."""
     from provisioning.bundle import create_bundle
-    from provisioning.models import affine_model, save_golden
+    from provisioning.demo.models import affine_model, save_golden
 
     work.mkdir(parents=True, exist_ok=True)
     model = affine_model(work / f"{BUNDLE}-{version}.onnx", scale=scale_of(version))
@@ -213,7 +213,7 @@ def prepare_os_release(bench: Bench, version: str = OS_B_VERSION, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m provisioning.bench")
+    parser = argparse.ArgumentParser(prog="python -m provisioning.demo.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="PKI, registry, mirror and the hil image (cached)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)

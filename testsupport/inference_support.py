@@ -21,7 +21,7 @@ from agent.bundle import GOLDEN, Accelerator, Batching, FileEntry, encode_golden
 from agent.config import InferenceSection
 from agent.inference.repository import ModelRepository
 from provisioning.bundle import create_bundle
-from provisioning.models import save_golden
+from provisioning.demo.models import save_golden
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ToolError
+from provisioning.errors import ToolError
 
 __all__ = ["CLEAN_PATH", "Completed", "clean_env", "require_tool", "run", "run_lines"]
 

@@ -1,0 +1,176 @@
+"""``appliance-agent`` (and ``python -m agent``): the node's own entry point.
+
+Two commands, both run by the image's systemd units:
+
+- ``serve``: the agent (gRPC on 8001, metrics on 8002), run by ``appliance-agent.service``;
+- ``os-install``: as root, run by ``appliance-os-update.service``: verify the OS release the
+  agent staged and write it to the inactive root slot.
+
+Flags and /etc/appliance/agent.toml come from the same table (agent.config); a flag given
+on the command line overrides the file.  The operator's ``appliance agent ...`` registers
+the same parsers (:func:`add_commands`), so both spell the flags and help alike.  This module
+is where the node's :class:`~agent.errors.ApplianceError` becomes an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent import __version__
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, InferenceSection, ServerSection, load_config
+from agent.errors import ApplianceError, NotFoundError
+from agent.settings import add_flags, apply_flags
+
+__all__ = ["add_commands", "build_parser", "config_from_args", "main"]
+
+log = logging.getLogger("appliance-agent")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_commands(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """Add the ``serve`` and ``os-install`` subcommands to ``parser`` (``common``: --debug, --json)."""
+    asub = parser.add_subparsers(dest="agent_command", metavar="ACTION")
+    asub.required = True
+    s = asub.add_parser(
+        "serve", parents=[common],
+        help="serve KServe v2 / Triton gRPC inference on verified bundles, with health and metrics",
+        description="Serve the models installed in the state directory (or those named with "
+                    "--model, installed from the registry with full verification first). "
+                    "Without TLS material the agent listens on loopback only.")
+    o = asub.add_parser(
+        "os-install", parents=[common],
+        help="(root, run by appliance-os-update.service) verify the OS release the agent staged "
+             "through TUF again, write it to the inactive root slot, install its UKI on trial",
+        description="Consumes STATE/os/pending.json. Never run by hand on a node in service: "
+                    "it rewrites the inactive root slot and the boot entries.")
+    o.add_argument("--state-dir", type=Path, default=Path("/var/lib/appliance"))
+    o.add_argument("--trust-dir", type=Path, default=Path("/var/lib/appliance-os"),
+                   help="the installer's own TUF metadata (root-owned)")
+    o.add_argument("--trusted-root", type=Path, default=Path("/etc/appliance/registry/root.json"),
+                   help="the image's baked registry root (first use of --trust-dir)")
+    o.add_argument("--tries", type=int, default=3, help="boot tries before the firmware falls back")
+    o.set_defaults(handler=_os_install)
+    s.add_argument("--config", type=Path, default=None,
+                   help=f"agent.toml to read (default: {DEFAULT_CONFIG_PATH} when it exists)")
+    server = s.add_argument_group("[server] settings")
+    add_flags(server, ServerSection)  # type: ignore[arg-type]
+    inference = s.add_argument_group("[inference] settings")
+    add_flags(inference, InferenceSection)  # type: ignore[arg-type]
+    inference.add_argument("--model", dest="models", action="append", metavar="NAME[@VERSION]",
+                           help="serve this model (repeatable; same as --models)")
+    s.add_argument("--registry", dest="sources", action="append", metavar="URL|DIR",
+                   help="registry source to install missing models from ([updates] sources)")
+    s.add_argument("--trusted-root", type=Path, default=None, metavar="FILE",
+                   help="the registry's root.json: the node's TUF trust anchor when the state "
+                        "directory has none yet; a different root later is refused unless it "
+                        "chains from the trusted one (TUF root rotation)")
+    s.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration (JSON) and exit")
+    s.set_defaults(handler=_serve)
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """agent.toml (if any) with the command line's settings applied on top.
+
+    Raises:
+        ConfigError, NotFoundError: a bad file, flag or value.
+    """
+    path = args.config
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    config = load_config(path)
+    return dataclasses.replace(
+        config,
+        server=apply_flags(config.server, args),
+        inference=apply_flags(config.inference, args),
+        updates=apply_flags(config.updates, args),
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(config.to_json(), indent=2, sort_keys=True))
+        return 0
+    if args.trusted_root is not None:
+        _adopt_root(config.server.state_dir, args.trusted_root)
+    # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime.
+    from agent.server import run_agent
+
+    return asyncio.run(run_agent(config))
+
+
+def _adopt_root(state_dir: Path, path: Path) -> None:
+    """Give the node ``path`` as its trust anchor (see RegistryClient.adopt_root).
+
+    Raises:
+        NotFoundError: ``path`` cannot be read.
+        VerificationError: not a usable root, or one that does not chain from the node's.
+    """
+    from agent.updates.client import RegistryClient
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise NotFoundError(f"--trusted-root {path}: cannot read it: {exc.strerror}") from None
+    outcome = RegistryClient.adopt_root(state_dir, data, origin=f"--trusted-root {path}")
+    log.info("trusted root %s: %s", path, {
+        "initialised": "the node's trust anchor from now on",
+        "unchanged": "already the node's trust anchor",
+        "older": "older than the node's trusted root (rotated since); not used",
+        "rotated": "the next root version, chained from the trusted one; adopted",
+    }[outcome])
+
+
+def _os_install(args: argparse.Namespace) -> int:
+    from agent.osupdate import install_pending
+
+    attempt = install_pending(args.state_dir, args.trust_dir, args.trusted_root, tries=args.tries)
+    if args.json:
+        print(json.dumps(attempt, indent=2, sort_keys=True, default=str))
+    else:
+        print(f"OS {attempt['name']} {attempt['version']} written to slot {attempt['slot']}; "
+              f"boot entry {attempt['uki']} (on trial)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``appliance-agent``'s parser: ``serve`` and ``os-install``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser = argparse.ArgumentParser(
+        prog="appliance-agent", parents=[common],
+        description="The appliance's on-device agent: serve verified models, install OS updates.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_commands(parser, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``appliance-agent``; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(message)s" if not args.debug else "%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ApplianceError as exc:
+        if args.debug:
+            log.exception("appliance-agent: error")
+        print(f"appliance-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("appliance-agent: interrupted", file=sys.stderr)
+        return 130
