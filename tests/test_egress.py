@@ -64,6 +64,9 @@ def test_hil_profile_may_reach_its_registry_and_dhcp_only(tmp_path: Path) -> Non
     assert 'ip daddr 10.0.2.100 tcp dport 18480 accept comment "registry"' in chain
     assert 'udp sport 68 udp dport 67 accept comment "dhcp"' in chain
     assert 'udp sport 546 udp dport 547 accept comment "dhcpv6"' in chain
+    (icmpv6,) = [r for r in chain if "icmpv6 type" in r]
+    assert icmpv6.startswith("meta l4proto ipv6-icmp ")  # MLD reports carry a hop-by-hop header
+    assert "mld2-listener-report" in icmpv6 and "nd-neighbor-solicit" in icmpv6
     assert chain[-1] == (f'limit rate 10/minute burst 20 packets log prefix "{DROP_LOG_PREFIX}" '
                          "level warn")
     assert not any("dport 53" in r or "dport 123" in r for r in chain)  # no DNS, no NTP configured

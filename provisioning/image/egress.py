@@ -112,8 +112,10 @@ def nft_output_rules(profile: Profile) -> list[str]:
         # errors about packets we received, and path MTU discovery
         "ip protocol icmp icmp type { destination-unreachable, time-exceeded, parameter-problem }"
         " limit rate 10/second accept",
-        # neighbour discovery, router solicitation and multicast listener reports on the link
-        "ip6 nexthdr icmpv6 icmpv6 type { destination-unreachable, packet-too-big, time-exceeded,"
+        # neighbour discovery, router solicitation and multicast listener reports on the link;
+        # l4proto, not the IPv6 header's next header: an MLD report starts with a hop-by-hop
+        # option (router alert), so its next header is 0
+        "meta l4proto ipv6-icmp icmpv6 type { destination-unreachable, packet-too-big, time-exceeded,"
         " parameter-problem, nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert,"
         " mld-listener-report, mld2-listener-report } accept",
     ]
