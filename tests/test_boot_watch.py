@@ -3,6 +3,7 @@ guestfwd relay) and the watch that reports a hung guest within minutes."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -53,6 +54,34 @@ def test_a_pcap_name_qemu_would_split_is_refused(tmp_path: Path) -> None:
     (tmp_path / "disk.raw").write_bytes(b"")
     with pytest.raises(ImageError, match="comma"):
         vm.start(_plan(tmp_path, pcap=tmp_path / "a,b.pcap"))
+
+
+def test_qemu_that_cannot_start_under_kvm_starts_again_under_tcg(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: qemu under KVM exits 1 at start (a host whose KVM refuses an MSR)."""
+    from provisioning.errors import ToolError
+
+    real_run = vm.run
+    started: list[list[str]] = []
+
+    def run(argv: list[str], **kw: object) -> object:
+        if argv[0] != "qemu-system-x86_64":
+            return real_run(argv, **kw)  # qemu-img: the real overlay
+        started.append(argv)
+        if "q35,accel=kvm" in argv:
+            raise ToolError("qemu-system-x86_64", 1, "qemu-system-x86_64: error: failed to set "
+                            "MSR 0x10a to 0x69")
+        Path(argv[argv.index("-pidfile") + 1]).write_text(f"{os.getpid()}\n")
+        return None
+
+    monkeypatch.setattr(vm, "run", run)
+    (tmp_path / "disk.raw").write_bytes(bytes(1 << 20))
+    plan = vm.BootPlan(tmp_path / "disk.raw", tmp_path / "vm", True)
+    machine = vm.start(plan, fallback_tcg=True)
+    assert not machine.plan.kvm and [a[a.index("-machine") + 1] for a in started] == \
+        ["q35,accel=kvm", "q35,accel=tcg"]
+    with pytest.raises(ToolError, match="MSR 0x10a"):
+        vm.start(dataclasses.replace(plan, state=tmp_path / "vm2"), fallback_tcg=False)
 
 
 def test_relay_carries_a_guest_connection_both_ways(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from agent.cpu import DEFAULT_LEVEL, LEVELS
 from agent.errors import NotFoundError
-from provisioning.errors import ImageError
+from provisioning.errors import ImageError, ToolError
 from provisioning.image.disk import MANIFEST_NAME
 from provisioning.tools import require_tool, run
 
@@ -260,8 +260,9 @@ def _read_pid(path: Path) -> int:
 def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
     """Prepare ``plan.state`` and start qemu (and swtpm) in the background.
 
-    Under KVM, a qemu that dies at once with an empty console (KVM that cannot run OVMF, as
-    under some nested virtualization) is started again under TCG when ``fallback_tcg``.
+    Under KVM, a qemu that cannot start, or dies at once with an empty console (KVM that
+    cannot run OVMF, as under some nested virtualization), is started again under TCG when
+    ``fallback_tcg``.
 
     Raises:
         NotFoundError: the image or firmware is missing. ImageError: the state directory
@@ -297,7 +298,8 @@ def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
         (plan.state / "tpm").mkdir(exist_ok=True)
         run(swtpm_argv(plan.state))
         tpm_pid = _read_pid(plan.state / "swtpm.pid")
-    run(qemu_argv(plan), timeout=60)
+    if _kvm_refused_start(plan, tpm_pid, fallback_tcg):
+        return start(dataclasses.replace(plan, kvm=False))
     machine = Machine(plan, _read_pid(plan.pidfile), tpm_pid)
     (plan.state / _STATE).write_text(json.dumps(machine.to_json(), indent=2) + "\n")
     if plan.kvm and _kvm_failed(machine):
@@ -309,6 +311,30 @@ def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
         raise ImageError("KVM stopped the guest before the firmware printed anything: this host's KVM "
                          "cannot run OVMF (seen under nested virtualization); use --accel tcg")
     return machine
+
+
+def _kvm_refused_start(plan: BootPlan, tpm_pid: int | None, fallback_tcg: bool) -> bool:
+    """Start qemu; True when it could not start under KVM and TCG is to be tried (the TPM
+    emulator started for it is stopped then).
+
+    Some hosts' KVM stops qemu before it starts at all (nested KVM refusing an MSR that
+    ``-cpu host`` passes: "failed to set MSR 0x10a"), not only after the firmware starts.
+
+    Raises:
+        ToolError: qemu failed, and TCG is not to be tried.
+    """
+    try:
+        run(qemu_argv(plan), timeout=60)
+    except ToolError as exc:
+        if not (plan.kvm and fallback_tcg):
+            raise
+        if tpm_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(tpm_pid, signal.SIGTERM)
+        log.warning("qemu could not start under KVM, starting again under TCG: %s",
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.tool)
+        return True
+    return False
 
 
 def _kvm_failed(machine: Machine, settle: float = 8.0) -> bool:
