@@ -383,8 +383,8 @@ def test_root_cmdline_joins_but_cannot_override(tmp_path: Path) -> None:
 
 
 def test_the_pipeline_gives_each_stage_its_context(tmp_path: Path) -> None:
+    from provisioning.image.pipeline import BuildContext, stage_context
     from provisioning.image.profile import load_profile
-    from provisioning.image.stages import BuildContext, stage_context
 
     profile = load_profile(Path(__file__).resolve().parent.parent / "images/minimal.toml")
     build = BuildContext(profile=profile, mirror=tmp_path / "mirror", lock=None,  # type: ignore[arg-type]

@@ -84,8 +84,8 @@ def _os_release(args: argparse.Namespace) -> int:
 
 def _sync(args: argparse.Namespace) -> int:
     from provisioning.image.mirror import sync_mirror
+    from provisioning.image.pipeline import stage_packages
     from provisioning.image.profile import load_profile
-    from provisioning.image.stages import stage_packages
 
     profile = load_profile(args.profile)
     with progress("mirror", None) as bar:
@@ -146,7 +146,7 @@ def _check_offline() -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from provisioning.image.stages import build, plan_build
+    from provisioning.image.pipeline import build, plan_build
 
     if args.offline and os.environ.get("APPLIANCE_OFFLINE") != "1":
         _reexec_offline(args)

@@ -246,7 +246,7 @@ def _sealed_stage(name: str, module: str, run_stage: Callable[[StageContext], ob
 
 def _stages() -> list[Stage]:
     return [
-        Stage("rootfs", ("provisioning.image.rootfs", "provisioning.image.stages"),
+        Stage("rootfs", ("provisioning.image.rootfs", "provisioning.image.pipeline"),
               _rootfs_inputs, _rootfs_run, lambda ctx: {"rootfs.tar": ctx.rootfs_tar}),
         Stage("configure", ("provisioning.image.configure", "provisioning.image.plan",
                             "provisioning.image.outputs", "provisioning.image.bake",
