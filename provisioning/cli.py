@@ -37,19 +37,27 @@ COMMAND_MODULES: tuple[str, ...] = (
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="echo tool commands, show tracebacks")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+def _common(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="echo tool commands, show tracebacks")
+    parser.add_argument("--json", action="store_true", default=default, help="print machine-readable JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser, with every available command module registered."""
+    """The full parser, with every available command module registered.
+
+    ``--debug`` and ``--json`` work before and after the subcommand: the top level sets them to
+    False, and the subcommands' copies set them only when given (a default there would
+    overwrite the top level's True).
+    """
     common = argparse.ArgumentParser(add_help=False)
-    _common(common)
+    _common(common, argparse.SUPPRESS)
+    top = argparse.ArgumentParser(add_help=False)
+    _common(top, False)
     parser = argparse.ArgumentParser(
         prog="appliance",
         description="Build, sign, serve and manage sovereign AI appliances (no network needed).",
-        parents=[common],
+        parents=[top],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -160,7 +160,14 @@ def load_passphrase(file: Path | None = None, env: str | None = None) -> bytes |
 
 
 @contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def _locked(directory: Path, *, new: bool = False) -> Iterator[None]:
+    """Hold the directory's lock; unless ``new``, the directory must already hold a CA.
+
+    Raises:
+        NotFoundError: no CA in ``directory`` (and not ``new``).
+    """
+    if not new:
+        _require(directory)  # before the lock file, which would otherwise need the directory
     with (directory / ".lock").open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -246,7 +253,7 @@ def init_pki(directory: Path, *, organization: str, days: int = 3650,
         raise ConfigError(f"{directory}: a site CA already exists there; refusing to replace it")
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
-    with _locked(directory):
+    with _locked(directory, new=True):
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
                           x509.NameAttribute(NameOID.COMMON_NAME, f"{organization} site CA")])

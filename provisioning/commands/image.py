@@ -124,7 +124,6 @@ def _reexec_offline(args: argparse.Namespace) -> None:
     argv += ["--debug"] if args.debug else []
     argv += ["build", str(args.profile.resolve()), "--mirror", str(args.mirror.resolve()),
              "--out", str(args.out.resolve())]
-    # After the subcommand: its own --json default would override a global one.
     argv += ["--json"] if args.json else []
     if args.source_date_epoch is not None:
         argv += ["--source-date-epoch", str(args.source_date_epoch)]
