@@ -15,7 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from agent import __version__
-from agent.errors import ApplianceError
+from agent.errors import AccessDeniedError, ApplianceError, NotFoundError
+from provisioning.output import emit_json
 
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
@@ -73,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _path_error(exc: OSError) -> ApplianceError:
+    """A path the user named is missing, of the wrong kind or not ours to touch: their error."""
+    text = f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return NotFoundError(text)
+    if isinstance(exc, PermissionError):
+        return AccessDeniedError(text)
+    return ApplianceError(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     parser = build_parser()
@@ -84,11 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler: Handler = args.handler
     try:
-        return handler(args)
+        try:
+            return handler(args)
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            raise _path_error(exc) from exc
     except ApplianceError as exc:
         if args.debug:
             log.exception("appliance: error")
         print(f"appliance: error: {exc}", file=sys.stderr)
+        if args.json:  # a script reading stdout gets a document, not nothing
+            emit_json({"error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code})
         return exc.exit_code
     except KeyboardInterrupt:
         print("appliance: interrupted", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 For a person at one node (a table or a summary) or a script (``--json``; with ``--watch``,
 one JSON document per line).  ``node health --check`` exits 0, 1 or 2 for PASS, WARN or
-FAIL, as monitoring plugins do.  The fleet-wide view is ``appliance fleet``.
+FAIL and 3 (UNKNOWN) when the node cannot be asked, as monitoring plugins do.  The fleet-wide
+view is ``appliance fleet``.
 ``node update check|apply|rollback|history`` drives the node's updates component: apply and
 rollback exit 1 when an update was refused (the reason is printed), 0 otherwise.
 """
@@ -22,9 +23,22 @@ from provisioning.output import emit_json, print_table
 
 __all__ = ["DEFAULT_TARGET", "register"]
 
-DEFAULT_TARGET = "127.0.0.1:8001"
+DEFAULT_PORT = 8001
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 _VERDICTS = {0: "UNSPECIFIED", 1: "PASS", 2: "WARN", 3: "FAIL"}
 _CHECK_EXIT = {1: 0, 2: 1, 3: 2}
+CHECK_UNKNOWN = 3  # monitoring plugin convention: the node could not be asked
+
+
+def _target(text: str) -> str:
+    """HOST, HOST:PORT, [V6] or [V6]:PORT; without a port, the agent's 8001."""
+    if text.startswith("["):
+        return text if "]:" in text else f"{text}:{DEFAULT_PORT}"
+    if text.count(":") == 1:
+        return text
+    if ":" in text:  # a bare IPv6 address
+        return f"[{text}]:{DEFAULT_PORT}"
+    return f"{text}:{DEFAULT_PORT}"
 
 
 # ---------------------------------------------------------------------- gRPC plumbing
@@ -166,7 +180,16 @@ def _health(args: argparse.Namespace) -> int:
 
     stub = _stub(args)
     if not args.watch:
-        report = _call(args, lambda: stub.GetHealth(node_pb2.GetHealthRequest(), timeout=args.timeout))
+        try:
+            report = _call(args, lambda: stub.GetHealth(node_pb2.GetHealthRequest(), timeout=args.timeout))
+        except ApplianceError as exc:
+            if not args.check:
+                raise
+            # A monitoring plugin reports an unreachable node as UNKNOWN (3), not as FAIL.
+            print(f"UNKNOWN: {exc}", file=sys.stderr)
+            if args.json:
+                emit_json({"overall": "UNKNOWN", "error": str(exc)})
+            return CHECK_UNKNOWN
         if args.json:
             emit_json(_to_dict(report))
         else:
@@ -315,8 +338,9 @@ def _register_update(verbs: Any, common: argparse.ArgumentParser, target: argpar
     uverbs = update.add_subparsers(dest="update_command", metavar="VERB")
     uverbs.required = True
     long_call = argparse.ArgumentParser(add_help=False)
-    long_call.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
-                           help=f"the node's agent (default: {DEFAULT_TARGET})")
+    long_call.add_argument("--target", type=_target, default=DEFAULT_TARGET, metavar="HOST[:PORT]",
+                           help=f"the node's agent (default: {DEFAULT_TARGET}; port {DEFAULT_PORT} "
+                                "when not given)")
     long_call.add_argument("--timeout", type=float, default=600.0,
                            help="seconds the node may take (default: 600)")
     _tls_flags(long_call)
@@ -345,8 +369,9 @@ def _register_update(verbs: Any, common: argparse.ArgumentParser, target: argpar
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add ``appliance node ...`` to the CLI."""
     target = argparse.ArgumentParser(add_help=False)
-    target.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
-                        help=f"the node's agent (default: {DEFAULT_TARGET})")
+    target.add_argument("--target", type=_target, default=DEFAULT_TARGET, metavar="HOST[:PORT]",
+                        help=f"the node's agent (default: {DEFAULT_TARGET}; port {DEFAULT_PORT} "
+                             "when not given)")
     target.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default: 10)")
     _tls_flags(target)
     node = sub.add_parser("node", parents=[common], help="ask one node for its health, inventory, events",
@@ -359,7 +384,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     health.add_argument("--interval", type=float, default=0.0,
                         help="with --watch: seconds between reports (default 0: on verdict change)")
     health.add_argument("--check", action="store_true",
-                        help="exit 0/1/2 for PASS/WARN/FAIL (monitoring plugin convention)")
+                        help="exit 0/1/2 for PASS/WARN/FAIL, 3 (UNKNOWN) when the node cannot be "
+                             "asked (monitoring plugin convention)")
     health.set_defaults(handler=_health)
 
     inventory = verbs.add_parser("inventory", parents=[common, target],
