@@ -77,7 +77,10 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from agent.server import check_config
+
     config = config_from_args(args)
+    check_config(config)  # --print-config refuses what serve refuses
     if args.print_config:
         print(json.dumps(config.to_json(), indent=2, sort_keys=True))
         return 0
