@@ -18,7 +18,7 @@ from provisioning.cli import build_parser, main
 # file, {new} a path that does not exist yet (an output).
 _NODE_TLS = ["--timeout", "2", "--ca", "{P}", "--cert", "{P}", "--key", "{P}"]
 CASES: dict[str, list[list[str]]] = {
-    "demo": [["--workdir", "{file}"]],
+    "demo": [["--work", "{file}"]],
     "bundle create": [["{P}", "--name", "m", "--version", "1.0.0", "--golden", "{P}", "--out", "{new}"]],
     "bundle inspect": [["{P}"]],
     "bundle verify": [["{P}"]],

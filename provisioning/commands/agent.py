@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, InferenceSection, ServerSection, load_config
 from agent.settings import add_flags, apply_flags
+from provisioning.output import examples
 
 __all__ = ["config_from_args", "register"]
 
@@ -21,22 +22,29 @@ __all__ = ["config_from_args", "register"]
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    p = sub.add_parser("agent", help="run the on-device agent", parents=[common])
+    p = sub.add_parser("agent", **examples(
+            "appliance agent serve --state-dir /tmp/state --registry site-registry/published --model tiny"),
+        help="run the on-device agent", parents=[common])
     asub = p.add_subparsers(dest="agent_command", metavar="ACTION")
     asub.required = True
-    s = asub.add_parser(
-        "serve", parents=[common],
+    s = asub.add_parser("serve", **examples(
+            "appliance agent serve --state-dir /tmp/state --registry site-registry/published --model "
+            "tiny@1.0.0",
+            "appliance agent serve --config /etc/appliance/agent.toml --print-config"),
+        parents=[common],
         help="serve KServe v2 / Triton gRPC inference on verified bundles, with health and metrics",
         description="Serve the models installed in the state directory (or those named with "
                     "--model, installed from the registry with full verification first). "
                     "Without TLS material the agent listens on loopback only.")
-    o = asub.add_parser(
-        "os-install", parents=[common],
+    o = asub.add_parser("os-install", **examples(
+            "appliance agent os-install --state-dir /var/lib/appliance"),
+        parents=[common],
         help="(root, run by appliance-os-update.service) verify the OS release the agent staged "
              "through TUF again, write it to the inactive root slot, install its UKI on trial",
         description="Consumes STATE/os/pending.json. Never run by hand on a node in service: "
                     "it rewrites the inactive root slot and the boot entries.")
-    o.add_argument("--state-dir", type=Path, default=Path("/var/lib/appliance"))
+    o.add_argument("--state-dir", type=Path, default=Path("/var/lib/appliance"),
+                   help="the agent's state directory, holding os/pending.json (default: /var/lib/appliance)")
     o.add_argument("--trust-dir", type=Path, default=Path("/var/lib/appliance-os"),
                    help="the installer's own TUF metadata (root-owned)")
     o.add_argument("--trusted-root", type=Path, default=Path("/etc/appliance/registry/root.json"),

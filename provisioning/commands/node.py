@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from agent.errors import AccessDeniedError, ApplianceError, NotFoundError
-from provisioning.output import emit_json, print_table
+from provisioning.output import emit_json, examples, print_table
 
 __all__ = ["DEFAULT_TARGET", "register"]
 
@@ -334,7 +334,10 @@ def _update_history(args: argparse.Namespace) -> int:
 
 
 def _register_update(verbs: Any, common: argparse.ArgumentParser, target: argparse.ArgumentParser) -> None:
-    update = verbs.add_parser("update", parents=[common], help="check, apply, roll back and list updates")
+    update = verbs.add_parser("update", **examples(
+            "appliance node update check --target node7",
+            "appliance node update apply --target node7 tiny@1.1.0"),
+        parents=[common], help="check, apply, roll back and list updates")
     uverbs = update.add_subparsers(dest="update_command", metavar="VERB")
     uverbs.required = True
     long_call = argparse.ArgumentParser(add_help=False)
@@ -344,22 +347,31 @@ def _register_update(verbs: Any, common: argparse.ArgumentParser, target: argpar
     long_call.add_argument("--timeout", type=float, default=600.0,
                            help="seconds the node may take (default: 600)")
     _tls_flags(long_call)
-    check = uverbs.add_parser("check", parents=[common, long_call],
+    check = uverbs.add_parser("check", **examples(
+            "appliance node update check --target node7 --json"),
+        parents=[common, long_call],
                               help="refresh from the registry; list bundles newer than what runs")
     check.set_defaults(handler=_update_check)
-    apply = uverbs.add_parser("apply", parents=[common, long_call],
+    apply = uverbs.add_parser("apply", **examples(
+            "appliance node update apply --target node7 --dry-run",
+            "appliance node update apply --target node7 tiny@1.1.0"),
+        parents=[common, long_call],
                               help="apply named targets, or everything pending on the node's channel")
     apply.add_argument("targets", nargs="*", metavar="TARGET",
                        help="NAME, NAME@VERSION or a TUF target path (default: everything pending)")
     apply.add_argument("--dry-run", action="store_true", help="say what would be applied; change nothing")
     apply.set_defaults(handler=_update_apply)
-    rollback = uverbs.add_parser("rollback", parents=[common, long_call],
+    rollback = uverbs.add_parser("rollback", **examples(
+            "appliance node update rollback --target node7 tiny 1.0.0 --reason 'accuracy regression'"),
+        parents=[common, long_call],
                                  help="make a kept earlier version active again (admin)")
     rollback.add_argument("name", help="bundle name")
     rollback.add_argument("version", help="a version kept on the node")
     rollback.add_argument("--reason", default="", help="why (recorded in the event and history)")
     rollback.set_defaults(handler=_update_rollback)
-    history = uverbs.add_parser("history", parents=[common, target], help="applied, refused, rolled back")
+    history = uverbs.add_parser("history", **examples(
+            "appliance node update history --target node7 --limit 20"),
+        parents=[common, target], help="applied, refused, rolled back")
     history.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     history.set_defaults(handler=_update_history)
 
@@ -374,12 +386,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                              "when not given)")
     target.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default: 10)")
     _tls_flags(target)
-    node = sub.add_parser("node", parents=[common], help="ask one node for its health, inventory, events",
+    node = sub.add_parser("node", **examples(
+            "appliance node health --target node7 --check",
+            "appliance node inventory --target 10.0.0.7:8001 --json"),
+        parents=[common], help="ask one node for its health, inventory, events",
                           description=__doc__)
     verbs = node.add_subparsers(dest="node_command", metavar="VERB")
     verbs.required = True
 
-    health = verbs.add_parser("health", parents=[common, target], help="hardware health and verdicts")
+    health = verbs.add_parser("health", **examples(
+            "appliance node health --target node7 --check",
+            "appliance node health --target node7 --watch --json"),
+        parents=[common, target], help="hardware health and verdicts")
     health.add_argument("--watch", action="store_true", help="keep streaming reports")
     health.add_argument("--interval", type=float, default=0.0,
                         help="with --watch: seconds between reports (default 0: on verdict change)")
@@ -388,11 +406,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                              "asked (monitoring plugin convention)")
     health.set_defaults(handler=_health)
 
-    inventory = verbs.add_parser("inventory", parents=[common, target],
+    inventory = verbs.add_parser("inventory", **examples(
+            "appliance node inventory --target node7 --ca pki/ca.crt --cert me.crt --key me.key"),
+        parents=[common, target],
                                  help="identity, image, bundles, GPUs, execution providers")
     inventory.set_defaults(handler=_inventory)
 
-    events = verbs.add_parser("events", parents=[common, target], help="recent events (XID, throttling, ...)")
+    events = verbs.add_parser("events", **examples(
+            "appliance node events --target node7 --kind gpu. --watch"),
+        parents=[common, target], help="recent events (XID, throttling, ...)")
     events.add_argument("--after", type=int, default=0, metavar="SEQ", help="only events after SEQ")
     events.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     events.add_argument("--kind", default="", metavar="PREFIX", help="only kinds starting with PREFIX")
