@@ -163,7 +163,7 @@ def create_bundle(
         raise NotFoundError(f"{model_path}: no such model file")
     for gpath in golden:
         if not gpath.is_file():
-            raise NotFoundError(f"--golden {gpath}: no such file")
+            raise NotFoundError(f"{gpath}: no such golden-vector file")
     model = model_path.read_bytes()
     try:
         session = make_session(model, providers=[CPU])

@@ -58,7 +58,7 @@ def test_bundle_create_checks_its_cheap_arguments_before_the_model(tmp_path: Pat
     version = _appliance(*base, "--name", "ok", "--version", "v1", cwd=tmp_path)
     assert version.returncode == 1 and "--version: version 'v1'" in version.stderr
     golden = _appliance(*base, "--name", "ok", "--version", "1.0.0", cwd=tmp_path)
-    assert golden.returncode == 4 and "--golden g.npz: no such file" in golden.stderr
+    assert golden.returncode == 4 and "g.npz: no such golden-vector file" in golden.stderr
     assert not (tmp_path / "o.bundle").exists()
 
 
