@@ -141,6 +141,19 @@ def to_json(section: Any) -> dict[str, Any]:
     return out
 
 
+def _shown(value: object) -> str:
+    """A default as a person writes it: ``/var/lib/appliance``, not ``PosixPath(...)``."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value) or "none"
+    if value == "":
+        return "empty"
+    return str(value)
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type[Any], prefix: str = "") -> None:
     """Add ``--prefix-name`` flags for every flaggable field of section ``cls`` (default: unset)."""
     hints = typing.get_type_hints(cls)
@@ -150,7 +163,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Any], prefix: str = "")
         flag = "--" + (prefix + f.name).replace("_", "-")
         tp = hints[f.name]
         dest = (prefix + f.name).replace("-", "_")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        help_text = f.metadata.get("help", "")
+        if "default" not in help_text:  # some say what the default means in their own words
+            help_text += f" (default: {_shown(f.default)})"
         if tp is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)

@@ -161,11 +161,40 @@ def _toml_inventory(path: Path) -> list[Node]:
     return nodes
 
 
+def _check_ansible_parses(path: Path, loader: Any) -> None:
+    """Parse ``path`` with the one ansible plugin its name calls for, to report its error.
+
+    InventoryManager tries every plugin, prints each one's failure as a warning and then
+    carries on with an empty inventory; the error worth showing is the INI or YAML parser's.
+
+    Raises:
+        ConfigError: that plugin cannot parse the file (its message, naming the line).
+    """
+    from ansible.errors import AnsibleError
+    from ansible.inventory.data import InventoryData
+    from ansible.plugins.loader import inventory_loader
+
+    if path.is_dir():
+        if not any(path.iterdir()):
+            raise ConfigError(f"{path}: an empty directory, not an Ansible inventory")
+        return  # a directory of sources: ansible's own reporting
+    plugin = inventory_loader.get("yaml" if path.suffix in (".yml", ".yaml") else "ini")
+    if plugin is None or not plugin.verify_file(str(path)):
+        return
+    try:
+        plugin.parse(InventoryData(), loader, str(path.resolve()), cache=False)
+    except AnsibleError as exc:
+        text = " ".join(str(exc.message).split())
+        raise ConfigError(f"{path}: not an Ansible inventory: {text}") from None
+
+
 def _ansible_inventory(path: Path, pattern: str) -> list[Node]:
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
 
-    manager = InventoryManager(loader=DataLoader(), sources=[str(path)])
+    loader = DataLoader()
+    _check_ansible_parses(path, loader)
+    manager = InventoryManager(loader=loader, sources=[str(path)])
     if not manager.hosts and not manager.groups.get("all", None):
         raise ConfigError(f"{path}: ansible could not read any hosts from it")
     nodes = []

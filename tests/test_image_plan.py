@@ -145,6 +145,7 @@ def _profile_with_bundle(tmp_path: Path, bundle: Path, target: str) -> Path:
     return path
 
 
+@pytest.mark.system  # the plan asks mmdebstrap for its version (system set-up)
 def test_changing_a_baked_bundle_reruns_configure_but_not_rootfs(tmp_path: Path, affine_bundle: Path) -> None:
     a = _profile_with_bundle(tmp_path, affine_bundle, "a.bundle")
     b = _profile_with_bundle(tmp_path, affine_bundle, "b.bundle")
