@@ -29,7 +29,7 @@ from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, InferenceSection, Ser
 from agent.errors import ApplianceError, NotFoundError
 from agent.settings import add_flags, apply_flags
 
-__all__ = ["add_commands", "build_parser", "config_from_args", "main"]
+__all__ = ["add_commands", "build_parser", "config_from_args", "main", "setup_logging"]
 
 log = logging.getLogger("appliance-agent")
 
@@ -177,14 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging(debug: bool) -> None:
+    """Plain messages on stderr; with ``debug``, everything, with times and logger names."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(message)s" if not debug else "%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``appliance-agent``; return the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(message)s" if not args.debug else "%(asctime)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.debug)
     handler: Handler = args.handler
     try:
         return handler(args)

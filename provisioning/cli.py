@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from agent import __version__
+from agent.cli import setup_logging
 from agent.errors import AccessDeniedError, ApplianceError, NotFoundError
 from provisioning.output import emit_json
 
@@ -82,11 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(message)s" if not args.debug else "%(asctime)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.debug)
     handler: Handler = args.handler
     try:
         try:
