@@ -6,14 +6,19 @@ of them; each parser must refuse them with its own error, naming the field or th
 
 from __future__ import annotations
 
+import base64
 import json
+from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from agent.bundle import _parse_manifest, decode_golden
-from agent.errors import BundleError
+from agent.errors import BundleError, ConfigError
 from agent.modelrefs import check_model_files
+from agent.security import RevocationList, client_identity
 from bench.fuzz_targets import CORPUS_DIR
+from provisioning import pki
 
 
 def saved(target: str, name: str) -> bytes:
@@ -58,3 +63,53 @@ def test_external_data_location_that_is_not_utf8_is_refused() -> None:
     model = saved("model_refs", "location-not-utf8.onnx")
     with pytest.raises(BundleError, match=r"keeps its data in 'we\\\\xe7ihts.bin', outside the bundle"):
         check_model_files(model, ("weights.bin",), "m.onnx")
+
+
+# ------------------------------------------------------------------ certificates and CRLs
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("pki") / "pki"
+    pki.init_pki(directory, organization="Findings")
+    return directory
+
+
+@pytest.mark.parametrize(("name", "why"), [("invalid-version.pem", "105 is not a valid CRL version"),
+                                           ("malformed-issuer.pem", "error parsing asn1 value")])
+def test_malformed_crl_is_a_config_error(site: Path, tmp_path: Path, name: str, why: str) -> None:
+    ca = x509.load_pem_x509_certificate((site / "ca.crt").read_bytes())
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(saved("crl", name))
+    with pytest.raises(ConfigError, match=f"crl: not a PEM revocation list .*{why}"):
+        RevocationList(crl, ca)
+
+
+def test_certificate_whose_key_cannot_be_read_is_a_config_error(site: Path, tmp_path: Path) -> None:
+    from agent.config import AgentConfig, TlsSection
+    from agent.security import _check_material
+
+    issued = pki.issue_node(site, "n1")
+    cert = tmp_path / "node.crt"
+    cert.write_bytes(saved("certificate", "invalid-public-key.pem"))
+    config = AgentConfig(tls=TlsSection(cert=cert, key=Path(issued.key_path), ca=site / "ca.crt"))
+    with pytest.raises(ConfigError, match=r"\[tls\] cert: not a PEM certificate \(Invalid key\)"):
+        _check_material(config)
+
+
+def test_client_certificate_of_an_unknown_version_is_refused_not_raised(site: Path) -> None:
+    """cryptography raises InvalidVersion, which is no ValueError, for a version other than
+    v1/v3; the access interceptor turns it into an identity it refuses (UNAUTHENTICATED)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    issued = pki.issue_client(site, "ops", "operator")
+    cert = x509.load_pem_x509_certificate(Path(issued.cert_path).read_bytes())
+    der = cert.public_bytes(Encoding.DER)
+    v3 = b"\xa0\x03\x02\x01\x02"  # tbsCertificate's [0] EXPLICIT INTEGER 2 (v3)
+    assert der.count(v3) == 1
+    bad = der.replace(v3, b"\xa0\x03\x02\x01\x07")
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad) + b"-----END CERTIFICATE-----\n"
+    with pytest.raises(x509.InvalidVersion):
+        x509.load_pem_x509_certificate(pem)
+    assert client_identity(pem).problem == "client certificate cannot be parsed"
+    assert client_identity(Path(issued.cert_path).read_bytes()).role == "operator"
