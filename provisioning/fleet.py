@@ -132,9 +132,11 @@ def add_credential_flags(parser: argparse.ArgumentParser) -> None:
 
 def _toml_inventory(path: Path) -> list[Node]:
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     default_port = data.get("port", DEFAULT_PORT)
     entries = data.get("nodes")
     if not isinstance(entries, list):
@@ -151,13 +153,18 @@ def _toml_inventory(path: Path) -> list[Node]:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where} name = {name!r}: expected a non-empty string")
         address = entry.get("address", name)
+        if not isinstance(address, str) or not address:
+            raise ConfigError(f"{where} address = {address!r}: expected a host name or IP address")
         port = entry.get("port", default_port)
-        if not isinstance(port, int) or not 0 < port < 65536:
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ConfigError(f"{where} port = {port!r}: not a TCP port")
+        tls_name = entry.get("tls_name")
+        if tls_name is not None and not isinstance(tls_name, str):
+            raise ConfigError(f"{where} tls_name = {tls_name!r}: expected a host name")
         groups = entry.get("groups", [])
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise ConfigError(f"{where} groups = {groups!r}: expected a list of strings")
-        nodes.append(Node(name, str(address), port, tuple(groups), entry.get("tls_name")))
+        nodes.append(Node(name, address, port, tuple(groups), tls_name))
     return nodes
 
 

@@ -14,11 +14,15 @@ import pytest
 from cryptography import x509
 
 from agent.bundle import _parse_manifest, decode_golden
-from agent.errors import BundleError, ConfigError
+from agent.config import load_config
+from agent.errors import BundleError, ConfigError, ProfileError
 from agent.modelrefs import check_model_files
 from agent.security import RevocationList, client_identity
+from agent.settings import path_problem
 from bench.fuzz_targets import CORPUS_DIR
 from provisioning import pki
+from provisioning.fleet import load_inventory
+from provisioning.image.profile import load_profile
 
 
 def saved(target: str, name: str) -> bytes:
@@ -113,3 +117,59 @@ def test_client_certificate_of_an_unknown_version_is_refused_not_raised(site: Pa
         x509.load_pem_x509_certificate(pem)
     assert client_identity(pem).problem == "client certificate cannot be parsed"
     assert client_identity(Path(issued.cert_path).read_bytes()).role == "operator"
+
+
+# ------------------------------------------------------------------ configuration files
+
+
+def test_agent_toml_nested_too_deeply_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes(saved("agent_toml", "deep-nesting.toml"))
+    with pytest.raises(ConfigError, match="not valid TOML: arrays or tables nested too deeply"):
+        load_config(path)
+
+
+def test_agent_toml_path_with_nul_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes(saved("agent_toml", "nul-in-state-dir.toml"))
+    with pytest.raises(ConfigError, match=r"\[server\] state_dir = .*: a path cannot hold a NUL"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("name", "key", "why"), [
+    ("nul-in-pki-dir.toml", r"\[pki\] dir", "a path cannot hold a NUL character"),
+    ("overlong-gpu-manifest.toml", r"\[gpu\] manifest", "not a usable path"),
+])
+def test_profile_path_that_cannot_name_a_file_names_the_key(tmp_path: Path, name: str, key: str,
+                                                            why: str) -> None:
+    path = tmp_path / "p.toml"
+    path.write_bytes(saved("image_profile", name))
+    with pytest.raises(ProfileError, match=f"{key} = .*: {why}"):
+        load_profile(path)
+
+
+def test_path_problem() -> None:
+    assert path_problem("/etc/appliance/tls/node.crt") is None
+    assert path_problem("a" * 255) is None
+    assert path_problem("a" * 256) is not None
+    assert path_problem("a/" * 600) is not None
+    assert path_problem("a\0") is not None
+
+
+def test_toml_inventory_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_bytes(saved("inventory_toml", "not-utf8.toml"))
+    with pytest.raises(ConfigError, match=r"fleet\.toml: not valid TOML: 'utf-8' codec"):
+        load_inventory(path)
+
+
+@pytest.mark.parametrize(("entry", "why"), [
+    ('tls_name = 5', "tls_name = 5: expected a host name"),
+    ('address = ["a"]', r"address = \['a'\]: expected a host name or IP address"),
+    ('port = true', "port = True: not a TCP port"),
+])
+def test_toml_inventory_fields_of_the_wrong_type(tmp_path: Path, entry: str, why: str) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(f'[[nodes]]\nname = "n1"\n{entry}\n')
+    with pytest.raises(ConfigError, match=f"nodes\\[0\\] {why}"):
+        load_inventory(path)
