@@ -342,7 +342,7 @@ def _certificate(work: Path) -> tuple[Callable[[bytes], None], list[bytes]]:
 
 
 def _os_release_bytes(members: dict[str, bytes]) -> bytes:
-    from provisioning.image.osrelease import SCHEMA
+    from agent.osrelease import SCHEMA
 
     doc = {"schema": SCHEMA, "name": "appliance", "version": "20261129.120000", "roothash": "ab" * 32,
            "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
@@ -357,7 +357,7 @@ def _os_release_bytes(members: dict[str, bytes]) -> bytes:
 
 
 def _os_release(work: Path) -> tuple[Callable[[bytes], None], list[bytes]]:
-    from provisioning.image.osrelease import read_release
+    from agent.osrelease import read_release
 
     write = _file_writer(work / "release.tar")
     seed = _os_release_bytes({"root.squashfs": b"hsqs" + bytes(60), "root.verity": b"verity\0" * 4,
@@ -463,7 +463,7 @@ _PREPARE: dict[str, tuple[str, Callable[[Path], tuple[Callable[[bytes], None], l
     "inventory_ansible": ("provisioning.fleet.load_inventory (Ansible INI/YAML)", _inventory_ansible),
     "crl": ("agent.security.RevocationList", _crl),
     "certificate": ("agent.security client_identity / _check_material", _certificate),
-    "os_release": ("provisioning.image.osrelease.read_release", _os_release),
+    "os_release": ("agent.osrelease.read_release", _os_release),
     "proto_requests": ("gRPC request decoders + inference.tensors", _proto_requests),
 }
 

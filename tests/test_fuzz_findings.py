@@ -7,7 +7,9 @@ of them; each parser must refuse them with its own error, naming the field or th
 from __future__ import annotations
 
 import base64
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,14 @@ from cryptography import x509
 
 from agent.bundle import _parse_manifest, decode_golden
 from agent.config import load_config
-from agent.errors import BundleError, ConfigError, ProfileError
+from agent.errors import BundleError, ConfigError, ProfileError, VerificationError
 from agent.modelrefs import check_model_files
 from agent.security import RevocationList, client_identity
 from agent.settings import path_problem
 from bench.fuzz_targets import CORPUS_DIR
 from provisioning import pki
 from provisioning.fleet import load_inventory
+from agent.osrelease import read_release
 from provisioning.image.profile import load_profile
 
 
@@ -173,3 +176,27 @@ def test_toml_inventory_fields_of_the_wrong_type(tmp_path: Path, entry: str, why
     path.write_text(f'[[nodes]]\nname = "n1"\n{entry}\n')
     with pytest.raises(ConfigError, match=f"nodes\\[0\\] {why}"):
         load_inventory(path)
+
+
+# ------------------------------------------------------------------ OS releases
+
+
+def test_os_release_without_version_is_a_verification_error(tmp_path: Path) -> None:
+    path = tmp_path / "release.tar"
+    path.write_bytes(saved("os_release", "no-version.tar"))
+    with pytest.raises(VerificationError, match="not a readable OS release: KeyError: 'version'"):
+        read_release(path)
+
+
+def test_os_release_json_that_is_not_an_object(tmp_path: Path) -> None:
+    path = tmp_path / "release.tar"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:") as tar:
+        for name, data in (("release.json", b"[1]"), ("root.squashfs", b""), ("root.verity", b""),
+                           ("uki.efi", b"")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(VerificationError, match=r"release\.json holds list, expected an object"):
+        read_release(path)
