@@ -52,7 +52,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -135,9 +135,13 @@ def role_of(cert: x509.Certificate) -> str | None:
     return str(roles[0]) if len(roles) == 1 and len(values) == 1 else None
 
 
-# What cryptography raises for malformed DER: ValueError, and InvalidVersion (not a
-# ValueError) for a version field other than v1/v3 (certificates) or v1/v2 (CRLs).
-X509_ERRORS = (ValueError, x509.InvalidVersion)
+# What cryptography raises for malformed DER, much of it parsed lazily on first access:
+# ValueError; InvalidVersion for a version other than v1/v3 (certificates) or v1/v2
+# (CRLs); DuplicateExtension and UnsupportedGeneralNameType for extensions; TypeError for
+# a name attribute of the wrong ASN.1 type; UnsupportedAlgorithm for a key of an unknown
+# type or curve.  None of those but ValueError is a ValueError.
+X509_ERRORS = (ValueError, TypeError, x509.InvalidVersion, x509.DuplicateExtension,
+               x509.UnsupportedGeneralNameType, UnsupportedAlgorithm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +244,7 @@ def _load_cert(path: Path, what: str) -> x509.Certificate:
 def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except (*X509_ERRORS, InvalidSignature):
         return False
     return True
 
@@ -454,14 +458,15 @@ class RevocationList:
         self._load()  # raises on the first load: a bad CRL at start-up is a config error
 
     def _parse(self, data: bytes, where: Path) -> x509.CertificateRevocationList:
+        public = self._ca.public_key()
         try:
             crl = x509.load_pem_x509_crl(data)
-            issuer = crl.issuer  # parsed lazily: a malformed name fails here
+            # The issuer and the signature algorithm are parsed lazily: malformed ones fail here.
+            genuine = crl.issuer == self._ca.subject and isinstance(public, ec.EllipticCurvePublicKey) \
+                and crl.is_signature_valid(public)
         except X509_ERRORS as exc:
             raise ConfigError(f"{where}: [tls] crl: not a PEM revocation list ({exc})") from None
-        public = self._ca.public_key()
-        if issuer != self._ca.subject or not isinstance(public, ec.EllipticCurvePublicKey) \
-                or not crl.is_signature_valid(public):
+        if not genuine:
             raise VerificationError(f"{where}: [tls] crl is not signed by the site CA "
                                     f"({self._ca.subject.rfc4514_string()})")
         return crl

@@ -82,8 +82,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize(("name", "why"), [("invalid-version.pem", "105 is not a valid CRL version"),
-                                           ("malformed-issuer.pem", "error parsing asn1 value")])
+@pytest.mark.parametrize(("name", "why"), [
+    ("invalid-version.pem", "105 is not a valid CRL version"),
+    ("malformed-issuer.pem", "error parsing asn1 value"),
+    ("issuer-bitstring-attribute.pem", "oid must be X500_UNIQUE_IDENTIFIER for BitString type"),
+])
 def test_malformed_crl_is_a_config_error(site: Path, tmp_path: Path, name: str, why: str) -> None:
     ca = x509.load_pem_x509_certificate((site / "ca.crt").read_bytes())
     crl = tmp_path / "crl.pem"
@@ -102,6 +105,25 @@ def test_certificate_whose_key_cannot_be_read_is_a_config_error(site: Path, tmp_
     config = AgentConfig(tls=TlsSection(cert=cert, key=Path(issued.key_path), ca=site / "ca.crt"))
     with pytest.raises(ConfigError, match=r"\[tls\] cert: not a PEM certificate \(Invalid key\)"):
         _check_material(config)
+
+
+def test_node_certificate_with_a_key_of_an_unknown_type(site: Path, tmp_path: Path) -> None:
+    """cryptography raises UnsupportedAlgorithm (no ValueError) when the key is first read."""
+    from agent.config import AgentConfig, TlsSection
+    from agent.security import _check_material
+
+    issued = pki.issue_node(site, "n2")
+    cert = tmp_path / "node.crt"
+    cert.write_bytes(saved("certificate", "unknown-key-type.pem"))
+    config = AgentConfig(tls=TlsSection(cert=cert, key=Path(issued.key_path), ca=site / "ca.crt"))
+    with pytest.raises(ConfigError, match=r"cert: not a PEM certificate \(Unknown key type: "):
+        _check_material(config)
+
+
+def test_client_certificate_with_a_duplicate_extension_is_refused_not_raised() -> None:
+    """DuplicateExtension (no ValueError) comes when the extensions are first read."""
+    assert client_identity(saved("certificate", "duplicate-extension.pem")).problem == \
+        "client certificate cannot be parsed"
 
 
 def test_client_certificate_of_an_unknown_version_is_refused_not_raised(site: Path) -> None:
