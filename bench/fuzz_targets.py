@@ -288,7 +288,8 @@ def _inventory_toml(work: Path) -> tuple[Callable[[bytes], None], list[bytes]]:
 def _inventory_ansible(work: Path) -> tuple[Callable[[bytes], None], list[bytes]]:
     from provisioning.fleet import load_inventory
 
-    write = _file_writer(work / "hosts")
+    # The file's name picks the parser ansible reports on (.yml: YAML, else INI).
+    ini, yaml = _file_writer(work / "hosts"), _file_writer(work / "hosts.yml")
     seeds = [
         b"[edge]\ne1 ansible_host=192.0.2.10 appliance_port=8001\ne2 appliance_tls_name=e2.local\n"
         b"[core]\nc1\n[site:children]\nedge\ncore\n[edge:vars]\nappliance_port=9001\n",
@@ -297,7 +298,7 @@ def _inventory_ansible(work: Path) -> tuple[Callable[[bytes], None], list[bytes]
     ]
 
     def fn(data: bytes) -> None:
-        load_inventory(write(data))
+        load_inventory((yaml if data.startswith((b"all:", b"---")) else ini)(data))
 
     return fn, seeds
 
@@ -432,7 +433,8 @@ def _proto_requests(work: Path) -> tuple[Callable[[bytes], None], list[bytes]]:
 def _refusals() -> dict[str, tuple[type[BaseException], ...]]:
     from google.protobuf.message import DecodeError
 
-    from agent.errors import BundleError, ConfigError, InferenceError, ProfileError, VerificationError
+    from agent.errors import BundleError, ConfigError, InferenceError, VerificationError
+    from provisioning.errors import ProfileError
 
     return {
         "bundle_archive": (BundleError, VerificationError),

@@ -17,14 +17,15 @@ from cryptography import x509
 
 from agent.bundle import _parse_manifest, decode_golden
 from agent.config import load_config
-from agent.errors import BundleError, ConfigError, ProfileError, VerificationError
+from agent.errors import BundleError, ConfigError, VerificationError
 from agent.modelrefs import check_model_files
+from agent.osrelease import read_release
 from agent.security import RevocationList, client_identity
 from agent.settings import path_problem
 from bench.fuzz_targets import CORPUS_DIR
 from provisioning import pki
+from provisioning.errors import ProfileError
 from provisioning.fleet import load_inventory
-from agent.osrelease import read_release
 from provisioning.image.profile import load_profile
 
 
