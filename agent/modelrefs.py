@@ -47,14 +47,16 @@ class DataRef:
     data_location: int
 
 
-def _shown(text: str) -> str:
+def _shown(name: str | bytes) -> str:
+    text = _text(name)
     return repr(text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + f"...({len(text)} chars)")
 
 
 def _text(value: str | bytes) -> str:
     """A proto2 ``string`` field as text.  The wire may hold bytes that are not UTF-8 (ONNX
     Runtime takes them as they are), and protobuf then hands them back as ``bytes``; they
-    come out escaped (``\\xe7``), so such a location is never a plain member name."""
+    come out escaped (``\\xe7``), so such a location is never a plain member name, and any
+    name shows as text."""
     return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 

@@ -73,6 +73,12 @@ def test_external_data_location_that_is_not_utf8_is_refused() -> None:
         check_model_files(model, ("weights.bin",), "m.onnx")
 
 
+def test_attribute_name_that_is_not_utf8_is_read_as_text() -> None:
+    """A node attribute named in bytes that are not UTF-8 (protobuf hands it back as bytes)
+    made describing where a tensor sits raise TypeError; this model keeps no data outside."""
+    check_model_files(saved("model_refs", "attribute-name-not-utf8.onnx"), (), "m.onnx")
+
+
 # ------------------------------------------------------------------ certificates and CRLs
 
 
@@ -165,6 +171,8 @@ def test_agent_toml_path_with_nul_names_the_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("name", "key", "why"), [
     ("nul-in-pki-dir.toml", r"\[pki\] dir", "a path cannot hold a NUL character"),
     ("overlong-gpu-manifest.toml", r"\[gpu\] manifest", "not a usable path"),
+    # 255 characters: a file name the kernel takes, until '.toml' is added to look it up
+    ("gpu-manifest-name-too-long-with-toml.toml", r"\[gpu\] manifest", "not a usable path"),
 ])
 def test_profile_path_that_cannot_name_a_file_names_the_key(tmp_path: Path, name: str, key: str,
                                                             why: str) -> None:

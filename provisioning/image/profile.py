@@ -176,7 +176,7 @@ class BundlesSection:
 @dataclass(frozen=True)
 class GpuSection:
     manifest: str = setting("", "firmware manifest (firmware-manifests/NAME.toml or NAME)",
-                            check=path_problem)
+                            check=lambda v: path_problem(v if v.endswith(".toml") else f"{v}.toml"))
     signing_key: str = setting("", "PEM private key that signs the DKMS-built modules for Secure "
                                "Boot (the key enrolled through the image's Secure Boot settings; "
                                "relative paths are from the profile's directory)", check=path_problem)
