@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import math
 import os
+import re
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
@@ -195,10 +196,43 @@ def _check_ansible_parses(path: Path, loader: Any) -> None:
         raise ConfigError(f"{path}: not an Ansible inventory: {text}") from None
 
 
+# Ansible expands host ranges (web[01:50], db-[a:f], with an optional :stride) into every
+# host they name, several ranges in one name multiplying: a 40-byte line such as
+# h[a:z][a:z][a:z][a:z] is half a million hosts, and ansible works at it for minutes.
+MAX_RANGE_HOSTS = 50_000
+_RANGE_RE = re.compile(r"\[(\d+|[a-zA-Z]):(\d+|[a-zA-Z])(?::(\d+))?\]")
+
+
+def _range_size(match: re.Match[str]) -> int:
+    start, end, stride = match.group(1), match.group(2), match.group(3) or "1"
+    if max(len(start), len(end), len(stride)) > 12:  # numbers no real fleet counts to
+        return MAX_RANGE_HOSTS + 1
+    first, last = (int(start), int(end)) if start.isdigit() else (ord(start), ord(end))
+    return max(0, last - first) // max(1, int(stride)) + 1
+
+
+def _check_host_ranges(path: Path) -> None:
+    """Refuse an inventory whose host ranges name more than :data:`MAX_RANGE_HOSTS` hosts.
+
+    Raises:
+        ConfigError: naming the line and how many hosts it expands to.
+    """
+    if path.is_dir():
+        return
+    total = 0
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        sizes = [min(_range_size(m), MAX_RANGE_HOSTS + 1) for m in _RANGE_RE.finditer(line)]
+        total += math.prod(sizes) if sizes else 0
+        if total > MAX_RANGE_HOSTS:
+            raise ConfigError(f"{path}:{number}: host ranges expand to more than {MAX_RANGE_HOSTS} "
+                              f"hosts ({line.strip()[:80]!r})")
+
+
 def _ansible_inventory(path: Path, pattern: str) -> list[Node]:
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
 
+    _check_host_ranges(path)
     loader = DataLoader()
     _check_ansible_parses(path, loader)
     manager = InventoryManager(loader=loader, sources=[str(path)])

@@ -209,6 +209,28 @@ def test_toml_inventory_fields_of_the_wrong_type(tmp_path: Path, entry: str, why
         load_inventory(path)
 
 
+@pytest.mark.parametrize("line", ["h[a:z][a:z][a:z][a:z]", "node[0:99999999999999999999]",
+                                  "n[000:999][a:c] appliance_port=8001\nm[0:99999]"])
+def test_ansible_host_ranges_that_expand_to_a_huge_fleet_are_refused(tmp_path: Path, line: str) -> None:
+    """ansible expands every host of a range, ranges in one name multiplying: the fuzzer's
+    66-byte inventory (saved) kept it busy past libFuzzer's 20 s timeout."""
+    path = tmp_path / "hosts"
+    path.write_text(f"[edge]\n{line}\n")
+    with pytest.raises(ConfigError, match=r"hosts:\d: host ranges expand to more than 50000 hosts"):
+        load_inventory(path)
+    path.write_bytes(saved("inventory_ansible", "many-host-ranges.ini"))
+    with pytest.raises(ConfigError, match="host ranges expand to more than 50000 hosts"):
+        load_inventory(path)
+
+
+def test_ansible_host_range_of_a_real_fleet_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_text("[edge]\nn[01:50:2] appliance_port=9001\n[core]\nc[a:c]\n")
+    nodes = load_inventory(path)
+    assert [n.name for n in nodes][:3] == ["n01", "n03", "n05"]
+    assert len(nodes) == 25 + 3
+
+
 # ------------------------------------------------------------------ OS releases
 
 
