@@ -168,7 +168,9 @@ def run_target(name: str, seconds: int, runs: int, out: Path, log: Path) -> Resu
             execs, cov, ft = (int(x) for x in status[-1])
             result.executions += execs
             result.cov, result.ft = max(result.cov, cov), max(result.ft, ft)
-        artifact = _ARTIFACT_RE.search(output)
+        # A "slow-unit" artifact is libFuzzer's report of its slowest input, not a finding.
+        artifact = next((m for m in _ARTIFACT_RE.finditer(output)
+                         if not Path(m.group(1)).name.startswith("slow-unit-")), None)
         if artifact is None:
             if "Done" not in output and not result.error:
                 result.error = output.strip().splitlines()[-1][:300] if output.strip() else "no output"
