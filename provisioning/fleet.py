@@ -205,6 +205,8 @@ _RANGE_RE = re.compile(r"\[(\d+|[a-zA-Z]):(\d+|[a-zA-Z])(?::(\d+))?\]")
 
 def _range_size(match: re.Match[str]) -> int:
     start, end, stride = match.group(1), match.group(2), match.group(3) or "1"
+    if start.isdigit() != end.isdigit():
+        return 1  # not a range ansible expands ([1:z]): its parser says what is wrong
     if max(len(start), len(end), len(stride)) > 12:  # numbers no real fleet counts to
         return MAX_RANGE_HOSTS + 1
     first, last = (int(start), int(end)) if start.isdigit() else (ord(start), ord(end))

@@ -224,6 +224,13 @@ def test_ansible_host_ranges_that_expand_to_a_huge_fleet_are_refused(tmp_path: P
             load_inventory(path)
 
 
+def test_ansible_host_range_mixing_a_number_and_a_letter(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_bytes(saved("inventory_ansible", "number-to-letter-range.ini"))
+    with pytest.raises(ConfigError):
+        load_inventory(path)
+
+
 def test_ansible_host_range_of_a_real_fleet_is_read(tmp_path: Path) -> None:
     path = tmp_path / "hosts"
     path.write_text("[edge]\nn[01:50:2] appliance_port=9001\n[core]\nc[a:c]\n")
