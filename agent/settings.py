@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from agent.errors import ConfigError
 
-__all__ = ["add_flags", "apply_flags", "from_table", "read_toml", "setting", "to_json"]
+__all__ = ["add_flags", "apply_flags", "from_table", "path_problem", "read_toml", "setting", "to_json"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,24 @@ def setting(default: Any, help: str, *, check: Callable[[Any], str | None] | Non
     if isinstance(default, list | dict | set):
         raise TypeError("use a tuple or a frozen mapping for mutable defaults")
     return dataclasses.field(default=default, metadata=meta)
+
+
+MAX_PATH_CHARS = 1024  # far beyond any real path, well inside the kernel's PATH_MAX of 4096
+_NAME_MAX = 255
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a file (a NUL, or longer than the kernel looks up), or None.
+
+    A ``setting`` check for path-valued strings: the file system would otherwise answer
+    such a value with ValueError or ENAMETOOLONG at the first lookup, far from the key.
+    """
+    if "\0" in value:
+        return "a path cannot hold a NUL character"
+    if len(value) > MAX_PATH_CHARS or any(len(part.encode()) > _NAME_MAX for part in value.split("/")):
+        return (f"not a usable path (at most {MAX_PATH_CHARS} characters, "
+                f"{_NAME_MAX} bytes per component)")
+    return None
 
 
 def _type_name(tp: Any) -> str:
@@ -77,6 +95,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise TypeError(f"unsupported setting type {tp!r}")
     if not accept(value):
         raise bad
+    if tp is Path and (problem := path_problem(str(value))):
+        raise ConfigError(f"{where} = {value!r}: {problem}")
     return Path(value) if tp is Path else float(value) if tp is float else value
 
 
@@ -99,6 +119,8 @@ def read_toml(path: Path, *, what: str = "configuration file",
         return tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise error(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise error(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
 
 
 def from_table(cls: type[T], table: Mapping[str, Any], origin: str) -> T:
