@@ -618,6 +618,10 @@ def print_table(result: dict[str, Any]) -> None:
                   f"({g['growth_pct']:+.2f} %; {g['samples_after_warmup']} samples)")
     print(f"answers by version: {result['answers_by_version']}")
     print(f"update events: {result['events']}")
+    if "agent_log" in result:
+        a = result["agent_log"]
+        print(f"agent log: {a['lines']} lines, {a['tracebacks']} tracebacks, "
+              f"{a['update_lines']} update lines")
     for name, c in result["criteria"].items():
         print(f"{'PASS' if c['ok'] else 'FAIL'} {name}: {c['detail']}")
 
@@ -668,8 +672,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             exit_status = agent.stop()
         result = evaluate(run, final, steps, opts, alive, exit_status)
+        log = agent.log()
+        result["agent_log"] = {"lines": log.count("\n"), "tracebacks": log.count("Traceback"),
+                               "update_lines": sum(1 for line in log.splitlines() if "update." in line)}
         if not result["ok"]:
-            result["agent_log_tail"] = agent.log()[-4000:]
+            result["agent_log_tail"] = log[-4000:]
     text = json.dumps(result, indent=1)
     if out is not None:
         out.write_text(text + "\n")
