@@ -73,6 +73,14 @@ def test_plan_events_and_growth(soak: ModuleType) -> None:
     assert math.isclose(g["growth_pct"], 25.0)
     assert "growth_pct" not in soak.growth(samples, 1, 55.0)  # one sample is no trend
 
+    # fds: one more for a single sample comes and goes; one that stays is a leak
+    fds = [19, 19, 20, 19, 19, 20, 19, 19]
+    blip = [(float(t), 0, n, 0, n) for t, n in enumerate(fds)]
+    assert soak.growth(blip, 2, 0.0)["growth_pct"] > 5
+    assert soak.growth(blip, 2, 0.0, 3)["growth_pct"] == 0
+    leak = [(float(t), 0, n, 0, n) for t, n in enumerate([19, 19, 19, 20, 20, 20, 20, 21])]
+    assert soak.growth(leak, 2, 0.0, 3)["growth_pct"] > 5
+
 
 @pytest.mark.slow
 def test_twenty_second_soak_passes(tmp_path: Path) -> None:
