@@ -63,7 +63,7 @@ from agent.inference.repository import ModelRepository  # noqa: E402
 from agent.proto import grpc_service_pb2, grpc_service_pb2_grpc, node_pb2, node_pb2_grpc  # noqa: E402
 from agent.updates.client import RegistryClient  # noqa: E402
 from provisioning.bundle import create_bundle  # noqa: E402
-from provisioning.models import affine_model, save_golden  # noqa: E402
+from provisioning.demo.models import affine_model, save_golden  # noqa: E402
 from provisioning.pki import init_pki, issue_client, issue_node  # noqa: E402
 from provisioning.registry import add_target, init_registry, publish, trusted_root  # noqa: E402
 
