@@ -20,6 +20,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
@@ -221,11 +222,20 @@ def _tensor(f: _Fields, data: Any, where: str) -> TensorSpec:
     return TensorSpec(name, datatype, tuple(shape))
 
 
+def _json(raw: bytes) -> Any:
+    """``json.loads``, with every way it refuses input as ValueError: bad UTF-8, bad JSON,
+    an integer of more than 4300 digits, and nesting deeper than the parser goes."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("arrays or objects nested too deeply") from None
+
+
 def _parse_manifest(raw: bytes, origin: str) -> Manifest:
     f = _Fields(origin)
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = _json(raw)
+    except ValueError as exc:
         raise BundleError(f"{origin}: manifest.json is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BundleError(f"{origin}: manifest.json must hold an object")
@@ -270,11 +280,22 @@ def _parse_manifest(raw: bytes, origin: str) -> Manifest:
     )
     t = f.get(data, "tolerance", dict, "", {})
     f.only(t, ("atol", "rtol"), "tolerance")
-    tolerance = Tolerance(float(f.get(t, "atol", (int, float), "tolerance.", 1e-5)),
-                          float(f.get(t, "rtol", (int, float), "tolerance.", 1e-4)))
+    tolerance = Tolerance(_finite(f, t, "atol", 1e-5), _finite(f, t, "rtol", 1e-4))
     description = f.get(data, "description", str, "", "")
     return Manifest(name, version, inputs, outputs, files, batching, accelerator, tolerance,
                     description, fmt)
+
+
+def _finite(f: _Fields, t: Mapping[str, Any], key: str, default: float) -> float:
+    """A tolerance as a finite float (JSON allows integers no float holds, and NaN)."""
+    value = f.get(t, key, (int, float), "tolerance.", default)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise f.fail(f"tolerance.{key}", f"expected a finite number, got {str(value)[:40]}")
+    return number
 
 
 def _parse_files(f: _Fields, files_raw: dict[str, Any]) -> dict[str, FileEntry]:
@@ -341,7 +362,7 @@ def _decode_array(data: Any, where: str) -> np.ndarray[Any, Any]:
             return array.reshape(shape)
         raw = base64.b64decode(data["data"], validate=True)
         return np.frombuffer(raw, dtype=dtype.numpy.newbyteorder("<")).astype(dtype.numpy).reshape(shape)
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:  # Overflow: a dimension of 1e999
         raise BundleError(f"golden.json: {where}: {exc}") from None
 
 
@@ -360,15 +381,16 @@ def encode_golden(cases: Sequence[GoldenCase], manifest_specs: Mapping[str, str]
 def decode_golden(raw: bytes) -> list[GoldenCase]:
     """Parse golden.json. Raises BundleError naming the case and tensor that is malformed."""
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = _json(raw)
+    except ValueError as exc:
         raise BundleError(f"golden.json is not valid JSON: {exc}") from None
     if not isinstance(doc, list) or not doc:
         raise BundleError("golden.json must hold a non-empty list of cases")
     cases = []
     for i, case in enumerate(doc):
-        if not isinstance(case, dict) or set(case) != {"inputs", "outputs"}:
-            raise BundleError(f"golden.json: case {i}: expected inputs and outputs")
+        if not isinstance(case, dict) or set(case) != {"inputs", "outputs"} \
+                or not all(isinstance(case[k], dict) for k in case):
+            raise BundleError(f"golden.json: case {i}: expected inputs and outputs, each an object")
         cases.append(GoldenCase(
             {n: _decode_array(a, f"case {i} input {n}") for n, a in case["inputs"].items()},
             {n: _decode_array(a, f"case {i} output {n}") for n, a in case["outputs"].items()},

@@ -22,36 +22,53 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, InferenceSection, ServerSection, load_config
 from agent.errors import ApplianceError, NotFoundError
 from agent.settings import add_flags, apply_flags
 
-__all__ = ["add_commands", "build_parser", "config_from_args", "main"]
+__all__ = ["add_commands", "build_parser", "config_from_args", "main", "setup_logging"]
 
 log = logging.getLogger("appliance-agent")
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def add_commands(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    """Add the ``serve`` and ``os-install`` subcommands to ``parser`` (``common``: --debug, --json)."""
+def _examples(*commands: str) -> dict[str, Any]:
+    """``add_parser`` keywords that end a command's --help with real examples, kept as written."""
+    text = "examples:\n" + "\n".join(f"  {c}" for c in commands)
+    return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def add_commands(parser: argparse.ArgumentParser, common: argparse.ArgumentParser,
+                 prog: str = "appliance-agent") -> None:
+    """Add the ``serve`` and ``os-install`` subcommands to ``parser`` (``common``: --debug, --json;
+    ``prog``: how the examples in their help spell the command)."""
     asub = parser.add_subparsers(dest="agent_command", metavar="ACTION")
     asub.required = True
     s = asub.add_parser(
-        "serve", parents=[common],
+        "serve", **_examples(
+            f"{prog} serve --state-dir /tmp/state --registry site-registry/published "
+            "--model tiny@1.0.0",
+            f"{prog} serve --state-dir /tmp/state --trusted-root root.json "
+            "--registry site-registry/published --model tiny",
+            f"{prog} serve --config /etc/appliance/agent.toml --print-config"),
+        parents=[common],
         help="serve KServe v2 / Triton gRPC inference on verified bundles, with health and metrics",
         description="Serve the models installed in the state directory (or those named with "
                     "--model, installed from the registry with full verification first). "
                     "Without TLS material the agent listens on loopback only.")
     o = asub.add_parser(
-        "os-install", parents=[common],
+        "os-install", **_examples(f"{prog} os-install --state-dir /var/lib/appliance"),
+        parents=[common],
         help="(root, run by appliance-os-update.service) verify the OS release the agent staged "
              "through TUF again, write it to the inactive root slot, install its UKI on trial",
         description="Consumes STATE/os/pending.json. Never run by hand on a node in service: "
                     "it rewrites the inactive root slot and the boot entries.")
-    o.add_argument("--state-dir", type=Path, default=Path("/var/lib/appliance"))
+    o.add_argument("--state-dir", type=Path, default=Path("/var/lib/appliance"),
+                   help="the agent's state directory, holding os/pending.json (default: /var/lib/appliance)")
     o.add_argument("--trust-dir", type=Path, default=Path("/var/lib/appliance-os"),
                    help="the installer's own TUF metadata (root-owned)")
     o.add_argument("--trusted-root", type=Path, default=Path("/etc/appliance/registry/root.json"),
@@ -96,15 +113,16 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime.
+    from agent.server import check_config, run_agent
+
     config = config_from_args(args)
+    check_config(config)  # --print-config refuses what serve refuses
     if args.print_config:
         print(json.dumps(config.to_json(), indent=2, sort_keys=True))
         return 0
     if args.trusted_root is not None:
         _adopt_root(config.server.state_dir, args.trusted_root)
-    # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime.
-    from agent.server import run_agent
-
     return asyncio.run(run_agent(config))
 
 
@@ -144,25 +162,34 @@ def _os_install(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """``appliance-agent``'s parser: ``serve`` and ``os-install``."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    # The subcommands' copies of --debug/--json set a value only when given, so either
+    # position works (a default there would overwrite the top level's True).
+    top, common = (argparse.ArgumentParser(add_help=False) for _ in range(2))
+    for parser_, default in ((top, False), (common, argparse.SUPPRESS)):
+        parser_.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+        parser_.add_argument("--json", action="store_true", default=default,
+                             help="print machine-readable JSON")
     parser = argparse.ArgumentParser(
-        prog="appliance-agent", parents=[common],
+        prog="appliance-agent", parents=[top],
         description="The appliance's on-device agent: serve verified models, install OS updates.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_commands(parser, common)
     return parser
 
 
+def setup_logging(debug: bool) -> None:
+    """Plain messages on stderr; with ``debug``, everything, with times and logger names."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(message)s" if not debug else "%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``appliance-agent``; return the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(message)s" if not args.debug else "%(asctime)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.debug)
     handler: Handler = args.handler
     try:
         return handler(args)

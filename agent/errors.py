@@ -48,7 +48,7 @@ class ApplianceError(Exception):
 class ConfigError(ApplianceError):
     """A configuration file (agent.toml, registry config) is malformed or inconsistent."""
 
-    exit_code = 2
+    exit_code = 6  # not 2: argparse exits 2 for a usage error
     grpc_code = "INVALID_ARGUMENT"
 
 

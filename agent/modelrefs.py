@@ -47,8 +47,17 @@ class DataRef:
     data_location: int
 
 
-def _shown(text: str) -> str:
+def _shown(name: str | bytes) -> str:
+    text = _text(name)
     return repr(text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + f"...({len(text)} chars)")
+
+
+def _text(value: str | bytes) -> str:
+    """A proto2 ``string`` field as text.  The wire may hold bytes that are not UTF-8 (ONNX
+    Runtime takes them as they are), and protobuf then hands them back as ``bytes``; they
+    come out escaped (``\\xe7``), so such a location is never a plain member name, and any
+    name shows as text."""
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
 def _tensor_ref(t: pb.Tensor, where: str) -> DataRef | None:
@@ -56,9 +65,9 @@ def _tensor_ref(t: pb.Tensor, where: str) -> DataRef | None:
         return None
     location = None
     for entry in t.external_data:
-        if entry.key == "location":
-            location = entry.value
-    return DataRef(t.name, where, location, t.data_location)
+        if _text(entry.key) == "location":
+            location = _text(entry.value)
+    return DataRef(_text(t.name), where, location, t.data_location)
 
 
 def _attribute(a: pb.Attribute, where: str, refs: list[DataRef], graphs: list[tuple[pb.Graph, str]]) -> None:

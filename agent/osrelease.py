@@ -120,6 +120,9 @@ def read_release(path: Path) -> Release:
             meta_file = tar.extractfile("release.json")
             assert meta_file is not None
             doc = json.loads(meta_file.read())
+            if not isinstance(doc, dict):
+                raise VerificationError(f"{path}: release.json holds {type(doc).__name__}, "
+                                        "expected an object")
             if doc.get("schema") != SCHEMA:
                 raise VerificationError(f"{path}: release.json schema = {doc.get('schema')!r}: "
                                         f"expected {SCHEMA!r}")
@@ -133,6 +136,8 @@ def read_release(path: Path) -> Release:
                     raise VerificationError(
                         f"{path}: {name}: size {member.size} sha256 {got}, but release.json "
                         f"says size {want['size']} sha256 {want['sha256']}")
-    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise VerificationError(f"{path}: not a readable OS release: {exc}") from None
-    return Release(str(doc["name"]), str(doc["version"]), str(doc["roothash"]), dict(doc["files"]), path)
+            return Release(str(doc["name"]), str(doc["version"]), str(doc["roothash"]),
+                           dict(doc["files"]), path)
+    # RecursionError: JSON nested deeper than the parser goes; KeyError: a field missing.
+    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise VerificationError(f"{path}: not a readable OS release: {type(exc).__name__}: {exc}") from None

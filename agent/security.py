@@ -52,7 +52,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -65,12 +65,14 @@ __all__ = [
     "METHOD_ROLES",
     "ROLES",
     "ROLE_ATTRIBUTE",
+    "X509_ERRORS",
     "AccessInterceptor",
     "CrlFacts",
     "CrlRollbackError",
     "Identity",
     "RevocationList",
     "check_listen",
+    "client_identity",
     "crl_facts",
     "crl_rollback",
     "identity_of",
@@ -133,6 +135,15 @@ def role_of(cert: x509.Certificate) -> str | None:
     return str(roles[0]) if len(roles) == 1 and len(values) == 1 else None
 
 
+# What cryptography raises for malformed DER, much of it parsed lazily on first access:
+# ValueError; InvalidVersion for a version other than v1/v3 (certificates) or v1/v2
+# (CRLs); DuplicateExtension and UnsupportedGeneralNameType for extensions; TypeError for
+# a name attribute of the wrong ASN.1 type; UnsupportedAlgorithm for a key of an unknown
+# type or curve.  None of those but ValueError is a ValueError.
+X509_ERRORS = (ValueError, TypeError, x509.InvalidVersion, x509.DuplicateExtension,
+               x509.UnsupportedGeneralNameType, UnsupportedAlgorithm)
+
+
 @dataclasses.dataclass(frozen=True)
 class Identity:
     """Who is calling: from the client certificate, or the loopback stand-in without TLS."""
@@ -160,6 +171,16 @@ def identity_of(cert: x509.Certificate) -> Identity:
     return Identity(subject=cert.subject.rfc4514_string(), serial=cert.serial_number,
                     role=role_of(cert), not_after=cert.not_valid_after_utc,
                     client_auth=client_auth, problem=problem)
+
+
+def client_identity(pem: bytes) -> Identity:
+    """The :class:`Identity` of a client's PEM certificate as TLS handed it over; one that
+    cannot be parsed gives an identity with a ``problem`` (refused as UNAUTHENTICATED)."""
+    try:
+        return identity_of(x509.load_pem_x509_certificate(pem))
+    except X509_ERRORS:
+        return Identity(subject="(unparsable)", serial=None, role=None,
+                        problem="client certificate cannot be parsed")
 
 
 # ------------------------------------------------------------------ listening and credentials
@@ -213,15 +234,17 @@ def _read(path: Path, what: str) -> bytes:
 
 def _load_cert(path: Path, what: str) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(_read(path, what))
-    except ValueError as exc:
+        cert = x509.load_pem_x509_certificate(_read(path, what))
+        cert.public_key()  # parsed lazily: a key the certificate cannot hold fails here
+    except X509_ERRORS as exc:
         raise ConfigError(f"{path}: [tls] {what}: not a PEM certificate ({exc})") from None
+    return cert
 
 
 def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except (*X509_ERRORS, InvalidSignature):
         return False
     return True
 
@@ -435,13 +458,15 @@ class RevocationList:
         self._load()  # raises on the first load: a bad CRL at start-up is a config error
 
     def _parse(self, data: bytes, where: Path) -> x509.CertificateRevocationList:
+        public = self._ca.public_key()
         try:
             crl = x509.load_pem_x509_crl(data)
-        except ValueError as exc:
+            # The issuer and the signature algorithm are parsed lazily: malformed ones fail here.
+            genuine = crl.issuer == self._ca.subject and isinstance(public, ec.EllipticCurvePublicKey) \
+                and crl.is_signature_valid(public)
+        except X509_ERRORS as exc:
             raise ConfigError(f"{where}: [tls] crl: not a PEM revocation list ({exc})") from None
-        public = self._ca.public_key()
-        if crl.issuer != self._ca.subject or not isinstance(public, ec.EllipticCurvePublicKey) \
-                or not crl.is_signature_valid(public):
+        if not genuine:
             raise VerificationError(f"{where}: [tls] crl is not signed by the site CA "
                                     f"({self._ca.subject.rfc4514_string()})")
         return crl
@@ -652,11 +677,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         pem = pems[0]
         ident = self._identities.get(pem)
         if ident is None:
-            try:
-                ident = identity_of(x509.load_pem_x509_certificate(pem))
-            except ValueError:
-                ident = Identity(subject="(unparsable)", serial=None, role=None,
-                                 problem="client certificate cannot be parsed")
+            ident = client_identity(pem)
             if len(self._identities) >= self._CACHE_MAX:
                 self._identities.clear()
             self._identities[pem] = ident

@@ -38,7 +38,7 @@ from agent.metrics import InferenceCollector, register_collector, start_metrics_
 from agent.proto._pool import POOL
 from agent.updates import service as updates_service
 
-__all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "run_agent", "server_credentials"]
+__all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "check_config", "run_agent", "server_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,31 @@ async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentConte
     return server, ctx, names
 
 
+def check_config(config: AgentConfig) -> None:
+    """Refuse what the agent would refuse at start, without touching the state directory.
+
+    Raises:
+        ConfigError, NotFoundError: a listener beyond loopback without mTLS, unreadable TLS files.
+    """
+    server_credentials(config)
+
+
+def _ports_free(config: AgentConfig) -> None:
+    """Fail before start-up writes anything when a port is taken (gRPC would find out later)."""
+    metrics_host = config.server.listen if config.tls.cert else LOOPBACK
+    wanted = ((config.server.listen, config.server.port), (metrics_host, config.server.metrics_port))
+    for host, port in wanted:
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 def _bind(server: grpc.aio.Server, config: AgentConfig) -> tuple[str, int]:
     host = config.server.listen
     creds = server_credentials(config)  # refuses a listener beyond loopback without mTLS
@@ -175,6 +200,8 @@ async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | 
     Raises:
         ApplianceError: the server cannot start (a port in use, a model that cannot be provided).
     """
+    check_config(config)
+    _ports_free(config)  # before any component writes to the state directory
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from agent.errors import ConfigError
 
-__all__ = ["add_flags", "apply_flags", "from_table", "read_toml", "setting", "to_json"]
+__all__ = ["add_flags", "apply_flags", "from_table", "path_problem", "read_toml", "setting", "to_json"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,24 @@ def setting(default: Any, help: str, *, check: Callable[[Any], str | None] | Non
     if isinstance(default, list | dict | set):
         raise TypeError("use a tuple or a frozen mapping for mutable defaults")
     return dataclasses.field(default=default, metadata=meta)
+
+
+MAX_PATH_CHARS = 1024  # far beyond any real path, well inside the kernel's PATH_MAX of 4096
+_NAME_MAX = 255
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a file (a NUL, or longer than the kernel looks up), or None.
+
+    A ``setting`` check for path-valued strings: the file system would otherwise answer
+    such a value with ValueError or ENAMETOOLONG at the first lookup, far from the key.
+    """
+    if "\0" in value:
+        return "a path cannot hold a NUL character"
+    if len(value) > MAX_PATH_CHARS or any(len(part.encode()) > _NAME_MAX for part in value.split("/")):
+        return (f"not a usable path (at most {MAX_PATH_CHARS} characters, "
+                f"{_NAME_MAX} bytes per component)")
+    return None
 
 
 def _type_name(tp: Any) -> str:
@@ -77,6 +95,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise TypeError(f"unsupported setting type {tp!r}")
     if not accept(value):
         raise bad
+    if tp is Path and (problem := path_problem(str(value))):
+        raise ConfigError(f"{where} = {value!r}: {problem}")
     return Path(value) if tp is Path else float(value) if tp is float else value
 
 
@@ -99,6 +119,8 @@ def read_toml(path: Path, *, what: str = "configuration file",
         return tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise error(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise error(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
 
 
 def from_table(cls: type[T], table: Mapping[str, Any], origin: str) -> T:
@@ -141,6 +163,19 @@ def to_json(section: Any) -> dict[str, Any]:
     return out
 
 
+def _shown(value: object) -> str:
+    """A default as a person writes it: ``/var/lib/appliance``, not ``PosixPath(...)``."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value) or "none"
+    if value == "":
+        return "empty"
+    return str(value)
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type[Any], prefix: str = "") -> None:
     """Add ``--prefix-name`` flags for every flaggable field of section ``cls`` (default: unset)."""
     hints = typing.get_type_hints(cls)
@@ -150,7 +185,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Any], prefix: str = "")
         flag = "--" + (prefix + f.name).replace("_", "-")
         tp = hints[f.name]
         dest = (prefix + f.name).replace("-", "_")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        help_text = f.metadata.get("help", "")
+        if "default" not in help_text:  # some say what the default means in their own words
+            help_text += f" (default: {_shown(f.default)})"
         if tp is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)

@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 
 from provisioning.bundle import create_bundle  # noqa: E402
 from provisioning.demo.models import affine_model, save_golden  # noqa: E402
+from provisioning.image.pipeline import build, plan_build, stage_packages  # noqa: E402
 from provisioning.image.profile import load_profile, package_set  # noqa: E402
 from provisioning.image.rootfs import build_rootfs_tar  # noqa: E402
-from provisioning.image.stages import build, plan_build, stage_packages  # noqa: E402
 from testsupport.image_helpers import make_registry  # noqa: E402
 
 

@@ -26,7 +26,9 @@ from agent.bundle import (
     _parse_manifest,
     check_golden,
     encode_golden,
+    parse_version,
     read_bundle,
+    valid_name,
     write_bundle,
 )
 from agent.dtypes import by_onnx
@@ -148,10 +150,21 @@ def create_bundle(
         BundleError: the model does not load, a name/version/setting is invalid, or the
             golden vectors do not reproduce.
     """
-    if not model_path.is_file():
-        raise NotFoundError(f"{model_path}: no such model file")
+    # The cheap checks first: a typo should not wait for the model to load.
+    if not valid_name(name):
+        raise BundleError(f"--name {name!r}: use 1-64 characters of [a-z0-9._-], starting with a "
+                          "letter or digit")
+    try:
+        parse_version(version)
+    except ValueError as exc:
+        raise BundleError(f"--version: {exc}") from None
     if not golden:
         raise BundleError("at least one golden-vector file (--golden FILE.npz) is required")
+    if not model_path.is_file():
+        raise NotFoundError(f"{model_path}: no such model file")
+    for gpath in golden:
+        if not gpath.is_file():
+            raise NotFoundError(f"{gpath}: no such golden-vector file")
     model = model_path.read_bytes()
     # No data files in this bundle format: a tensor kept outside model.onnx is refused here,
     # as the node refuses it at install and at every load.

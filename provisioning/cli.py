@@ -15,7 +15,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from agent import __version__
-from agent.errors import ApplianceError
+from agent.cli import setup_logging
+from agent.errors import AccessDeniedError, ApplianceError, NotFoundError
+from provisioning.output import emit_json
 
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
@@ -37,19 +39,27 @@ COMMAND_MODULES: tuple[str, ...] = (
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="echo tool commands, show tracebacks")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+def _common(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="echo tool commands, show tracebacks")
+    parser.add_argument("--json", action="store_true", default=default, help="print machine-readable JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser, with every command module registered."""
+    """The full parser, with every command module registered.
+
+    ``--debug`` and ``--json`` work before and after the subcommand: the top level sets them to
+    False, and the subcommands' copies set them only when given (a default there would
+    overwrite the top level's True).
+    """
     common = argparse.ArgumentParser(add_help=False)
-    _common(common)
+    _common(common, argparse.SUPPRESS)
+    top = argparse.ArgumentParser(add_help=False)
+    _common(top, False)
     parser = argparse.ArgumentParser(
         prog="appliance",
         description="Build, sign, serve and manage sovereign AI appliances (no network needed).",
-        parents=[common],
+        parents=[top],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,22 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _path_error(exc: OSError) -> ApplianceError:
+    """A path the user named is missing, of the wrong kind or not ours to touch: their error."""
+    text = f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return NotFoundError(text)
+    if isinstance(exc, PermissionError):
+        return AccessDeniedError(text)
+    return ApplianceError(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(message)s" if not args.debug else "%(asctime)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.debug)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        try:
+            return handler(args)
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            raise _path_error(exc) from exc
     except ApplianceError as exc:
         if args.debug:
             log.exception("appliance: error")
         print(f"appliance: error: {exc}", file=sys.stderr)
+        if args.json:  # a script reading stdout gets a document, not nothing
+            emit_json({"error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code})
         return exc.exit_code
     except KeyboardInterrupt:
         print("appliance: interrupted", file=sys.stderr)

@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import math
 import os
+import re
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
@@ -132,9 +133,11 @@ def add_credential_flags(parser: argparse.ArgumentParser) -> None:
 
 def _toml_inventory(path: Path) -> list[Node]:
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     default_port = data.get("port", DEFAULT_PORT)
     entries = data.get("nodes")
     if not isinstance(entries, list):
@@ -151,21 +154,90 @@ def _toml_inventory(path: Path) -> list[Node]:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where} name = {name!r}: expected a non-empty string")
         address = entry.get("address", name)
+        if not isinstance(address, str) or not address:
+            raise ConfigError(f"{where} address = {address!r}: expected a host name or IP address")
         port = entry.get("port", default_port)
-        if not isinstance(port, int) or not 0 < port < 65536:
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ConfigError(f"{where} port = {port!r}: not a TCP port")
+        tls_name = entry.get("tls_name")
+        if tls_name is not None and not isinstance(tls_name, str):
+            raise ConfigError(f"{where} tls_name = {tls_name!r}: expected a host name")
         groups = entry.get("groups", [])
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise ConfigError(f"{where} groups = {groups!r}: expected a list of strings")
-        nodes.append(Node(name, str(address), port, tuple(groups), entry.get("tls_name")))
+        nodes.append(Node(name, address, port, tuple(groups), tls_name))
     return nodes
+
+
+def _check_ansible_parses(path: Path, loader: Any) -> None:
+    """Parse ``path`` with the one ansible plugin its name calls for, to report its error.
+
+    InventoryManager tries every plugin, prints each one's failure as a warning and then
+    carries on with an empty inventory; the error worth showing is the INI or YAML parser's.
+
+    Raises:
+        ConfigError: that plugin cannot parse the file (its message, naming the line).
+    """
+    from ansible.errors import AnsibleError
+    from ansible.inventory.data import InventoryData
+    from ansible.plugins.loader import inventory_loader
+
+    if path.is_dir():
+        if not any(path.iterdir()):
+            raise ConfigError(f"{path}: an empty directory, not an Ansible inventory")
+        return  # a directory of sources: ansible's own reporting
+    plugin = inventory_loader.get("yaml" if path.suffix in (".yml", ".yaml") else "ini")
+    if plugin is None or not plugin.verify_file(str(path)):
+        return
+    try:
+        plugin.parse(InventoryData(), loader, str(path.resolve()), cache=False)
+    except AnsibleError as exc:
+        text = " ".join(str(exc.message).split())
+        raise ConfigError(f"{path}: not an Ansible inventory: {text}") from None
+
+
+# Ansible expands host ranges (web[01:50], db-[a:f], with an optional :stride) into every
+# host they name, several ranges in one name multiplying: a 40-byte line such as
+# h[a:z][a:z][a:z][a:z] is half a million hosts, and ansible takes about half a millisecond a host.
+MAX_RANGE_HOSTS = 10_000
+_RANGE_RE = re.compile(r"\[(\d+|[a-zA-Z]):(\d+|[a-zA-Z])(?::(\d+))?\]")
+
+
+def _range_size(match: re.Match[str]) -> int:
+    start, end, stride = match.group(1), match.group(2), match.group(3) or "1"
+    if start.isdigit() != end.isdigit():
+        return 1  # not a range ansible expands ([1:z]): its parser says what is wrong
+    if max(len(start), len(end), len(stride)) > 12:  # numbers no real fleet counts to
+        return MAX_RANGE_HOSTS + 1
+    first, last = (int(start), int(end)) if start.isdigit() else (ord(start), ord(end))
+    return max(0, last - first) // max(1, int(stride)) + 1
+
+
+def _check_host_ranges(path: Path) -> None:
+    """Refuse an inventory whose host ranges name more than :data:`MAX_RANGE_HOSTS` hosts.
+
+    Raises:
+        ConfigError: naming the line and how many hosts it expands to.
+    """
+    if path.is_dir():
+        return
+    total = 0
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        sizes = [min(_range_size(m), MAX_RANGE_HOSTS + 1) for m in _RANGE_RE.finditer(line)]
+        total += math.prod(sizes) if sizes else 0
+        if total > MAX_RANGE_HOSTS:
+            raise ConfigError(f"{path}:{number}: host ranges expand to more than {MAX_RANGE_HOSTS} "
+                              f"hosts ({line.strip()[:80]!r})")
 
 
 def _ansible_inventory(path: Path, pattern: str) -> list[Node]:
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
 
-    manager = InventoryManager(loader=DataLoader(), sources=[str(path)])
+    _check_host_ranges(path)
+    loader = DataLoader()
+    _check_ansible_parses(path, loader)
+    manager = InventoryManager(loader=loader, sources=[str(path)])
     if not manager.hosts and not manager.groups.get("all", None):
         raise ConfigError(f"{path}: ansible could not read any hosts from it")
     nodes = []

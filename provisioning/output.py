@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-__all__ = ["Progress", "emit_json", "format_progress", "human_bytes", "print_table", "progress"]
+__all__ = ["Progress", "emit_json", "examples", "format_progress", "human_bytes", "print_table",
+           "progress"]
 
 
 def emit_json(data: Any, stream: TextIO | None = None) -> None:
@@ -163,3 +164,11 @@ def progress(label: str, total: int | None, *, unit: str = "") -> Iterator[Progr
         yield bar
     finally:
         bar.finish()
+
+
+def examples(*commands: str) -> dict[str, Any]:
+    """``add_parser`` keywords that end a command's --help with real examples, kept as written."""
+    import argparse
+
+    text = "examples:\n" + "\n".join(f"  {c}" for c in commands)
+    return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}

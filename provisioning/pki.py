@@ -161,7 +161,14 @@ def load_passphrase(file: Path | None = None, env: str | None = None) -> bytes |
 
 
 @contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def _locked(directory: Path, *, new: bool = False) -> Iterator[None]:
+    """Hold the directory's lock; unless ``new``, the directory must already hold a CA.
+
+    Raises:
+        NotFoundError: no CA in ``directory`` (and not ``new``).
+    """
+    if not new:
+        _require(directory)  # before the lock file, which would otherwise need the directory
     with (directory / ".lock").open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -247,7 +254,7 @@ def init_pki(directory: Path, *, organization: str, days: int = 3650,
         raise ConfigError(f"{directory}: a site CA already exists there; refusing to replace it")
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
-    with _locked(directory):
+    with _locked(directory, new=True):
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
                           x509.NameAttribute(NameOID.COMMON_NAME, f"{organization} site CA")])
@@ -391,8 +398,6 @@ def make_request(name: str, key_path: Path, csr_path: Path) -> bool:
         loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except FileNotFoundError:
         loaded = ec.generate_private_key(ec.SECP256R1())
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(key_path, _key_pem(loaded), mode=0o600)
         made = True
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{key_path}: not an unencrypted PEM private key: {exc}") from None
@@ -401,7 +406,16 @@ def make_request(name: str, key_path: Path, csr_path: Path) -> bool:
     request = (x509.CertificateSigningRequestBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                .sign(loaded, hashes.SHA256()))
+    # The request first: a new key is kept only once its request is written, so a failure
+    # leaves neither (a request for a key that was never kept would be useless).
     atomic_write_bytes(csr_path, request.public_bytes(serialization.Encoding.PEM))
+    if made:
+        try:
+            key_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(key_path, _key_pem(loaded), mode=0o600)
+        except BaseException:
+            csr_path.unlink(missing_ok=True)
+            raise
     return made
 
 

@@ -25,7 +25,10 @@ __all__ = ["CLEAN_PATH", "Completed", "clean_env", "require_tool", "run", "run_l
 
 log = logging.getLogger(__name__)
 
-CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Tools are looked up on this fixed path, not the caller's.  `./dev test` narrows it (through
+# APPLIANCE_TOOL_PATH) to a folder without the system-tier packages' programs.
+CLEAN_PATH = (os.environ.get("APPLIANCE_TOOL_PATH")
+              or "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 _KEEP = ("LANG", "TZ", "SOURCE_DATE_EPOCH", "TMPDIR")
 _TAIL_LINES = 25
 

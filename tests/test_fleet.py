@@ -112,14 +112,14 @@ def test_inventory_errors_are_clear(cli: Callable[..., CliResult], site: dict[st
     bad = tmp_path / "bad.toml"
     bad.write_text('[[nodes]]\nname = "x"\nport = 70000\n')
     result = cli("fleet", "status", "-i", bad, *_auth(site, "observer"))
-    assert result.code == 2 and "nodes[0] port = 70000: not a TCP port" in result.err
+    assert result.code == 6 and "nodes[0] port = 70000: not a TCP port" in result.err
     inv = _toml(site, tmp_path / "nodes.toml")
     nomatch = cli("fleet", "status", "-i", inv, "--limit", "nosuch", *_auth(site, "observer"))
-    assert nomatch.code == 2 and "no nodes match 'nosuch'" in nomatch.err
+    assert nomatch.code == 6 and "no nodes match 'nosuch'" in nomatch.err
     plain = cli("fleet", "status", "-i", inv)
-    assert plain.code == 2 and "uses mTLS" in plain.err
+    assert plain.code == 6 and "uses mTLS" in plain.err
     half = cli("fleet", "status", "-i", inv, "--ca", site["pki"] / "ca.crt")
-    assert half.code == 2 and "missing --cert, --key" in half.err
+    assert half.code == 6 and "missing --cert, --key" in half.err
 
 
 def test_update_needs_operator(cli: Callable[..., CliResult], site: dict[str, Any], tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ from agent.config import load_config
 from agent.errors import VerificationError
 from provisioning.image.bake import bake_bundles
 from provisioning.image.mirror import LOCK, Lock, LockedFile
+from provisioning.image.pipeline import plan_build, stage_packages
 from provisioning.image.plan import AGENT_UNIT, configure_plan, nftables_ruleset
 from provisioning.image.profile import load_profile, package_set
-from provisioning.image.stages import plan_build, stage_packages
 from testsupport.image_helpers import make_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +145,7 @@ def _profile_with_bundle(tmp_path: Path, bundle: Path, target: str) -> Path:
     return path
 
 
+@pytest.mark.system  # the plan asks mmdebstrap for its version (system set-up)
 def test_changing_a_baked_bundle_reruns_configure_but_not_rootfs(tmp_path: Path, affine_bundle: Path) -> None:
     a = _profile_with_bundle(tmp_path, affine_bundle, "a.bundle")
     b = _profile_with_bundle(tmp_path, affine_bundle, "b.bundle")

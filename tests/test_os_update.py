@@ -98,6 +98,7 @@ def test_os_release_with_a_changed_member_is_refused(tmp_path: Path) -> None:
         read_release(path)
 
 
+@pytest.mark.system  # sfdisk makes the GPT image (package fdisk, system set-up)
 def test_install_writes_the_inactive_slot_uuids_and_a_uki_on_trial(tmp_path: Path) -> None:
     release = make_os_release(_fake_build(tmp_path), tmp_path / "os.release")
     m = _machine(tmp_path)
@@ -126,6 +127,7 @@ def test_install_writes_the_inactive_slot_uuids_and_a_uki_on_trial(tmp_path: Pat
     assert json.loads((os_dir(state) / ATTEMPT).read_text()) == attempt
 
 
+@pytest.mark.system  # sfdisk makes the GPT image (package fdisk, system set-up)
 def test_install_refuses_the_running_root_and_a_release_too_big(tmp_path: Path) -> None:
     release = make_os_release(_fake_build(tmp_path), tmp_path / "os.release")
     m = _machine(tmp_path, slot_size=4096)
@@ -138,6 +140,7 @@ def test_install_refuses_the_running_root_and_a_release_too_big(tmp_path: Path) 
     assert [p.name for p in (m["esp"] / "EFI/Linux").iterdir()] == ["appliance-20260101.000000+1-2.efi"]
 
 
+@pytest.mark.system  # sfdisk makes the GPT image (package fdisk, system set-up)
 def test_install_drops_entries_whose_slot_it_overwrites_and_keeps_the_running_one(tmp_path: Path) -> None:
     """Only two roots exist after the install: the running one and the new one. An entry for any
     other root (an older release in the slot being overwritten, one already marked bad) would
@@ -207,6 +210,7 @@ def _stage(state: Path, release: Path, target: str, source: Path, data: bytes | 
         {"target": target, "source": str(source), "file": str(staged)}))
 
 
+@pytest.mark.system  # sfdisk makes the GPT image (package fdisk, system set-up)
 def test_install_pending_verifies_the_staged_release_through_its_own_tuf(tmp_path: Path) -> None:
     from agent.osupdate import install_pending
 
@@ -223,6 +227,7 @@ def test_install_pending_verifies_the_staged_release_through_its_own_tuf(tmp_pat
     assert not list((os_dir(state) / "staged").iterdir())
 
 
+@pytest.mark.system  # sfdisk makes the GPT image (package fdisk, system set-up)
 def test_install_pending_refuses_a_staged_file_the_registry_did_not_sign(tmp_path: Path) -> None:
     from agent.osupdate import install_pending
 

@@ -83,7 +83,7 @@ def test_encrypted_ca_key(cli: Callable[..., CliResult], tmp_path: Path,
     assert b"ENCRYPTED PRIVATE KEY" in (d / "ca.key").read_bytes()
 
     missing = cli("pki", "issue-client", "bob", "--role", "admin", "--dir", d)
-    assert missing.code == 2 and "encrypted; give its passphrase" in missing.err
+    assert missing.code == 6 and "encrypted; give its passphrase" in missing.err
     monkeypatch.setenv("CA_PASS", "wrong")
     wrong = cli("pki", "issue-client", "bob", "--role", "admin", "--dir", d, "--passphrase-env", "CA_PASS")
     assert wrong.code == 3 and "wrong passphrase" in wrong.err
@@ -99,7 +99,7 @@ def test_clear_errors_and_nothing_half_written(cli: Callable[..., CliResult], tm
     assert nothing.code == 4 and "run `appliance pki init` first" in nothing.err
     assert cli("pki", "init", "--dir", d).code == 0
     again = cli("pki", "init", "--dir", d)
-    assert again.code == 2 and "already exists" in again.err
+    assert again.code == 6 and "already exists" in again.err
     index = (d / "index.json").read_bytes()
     for args, message in [
         (("issue-node", "Bad Name"), "name 'Bad Name'"),

@@ -161,15 +161,15 @@ def test_malformed_registry_toml(reg: Path, affine_bundle: Path, cli: Cli, comma
     config = reg / "registry.toml"
     extra = {"add": [affine_bundle], "rotate-key": ["timestamp"]}.get(command, [])
     config.write_text(config.read_text().replace("expiry_days = 7", "expiry_days = \"seven\""))
-    _unchanged(reg, cli, "registry", command, reg, *extra, code=2,
+    _unchanged(reg, cli, "registry", command, reg, *extra, code=6,
                needles=(str(config), "[roles.timestamp] expiry_days = 'seven': expected int"))
     config.write_text("format = [")
-    _unchanged(reg, cli, "registry", command, reg, *extra, code=2, needles=(str(config), "not valid TOML"))
+    _unchanged(reg, cli, "registry", command, reg, *extra, code=6, needles=(str(config), "not valid TOML"))
 
 
 def test_malformed_pending_and_metadata_json(reg: Path, affine_bundle: Path, cli: Cli) -> None:
     (reg / "pending.json").write_text("{not json")
-    _unchanged(reg, cli, "registry", "publish", reg, code=2, needles=("pending.json", "not valid JSON"))
+    _unchanged(reg, cli, "registry", "publish", reg, code=6, needles=("pending.json", "not valid JSON"))
     (reg / "pending.json").unlink()
     ts = reg / "published" / "metadata" / "timestamp.json"
     ts.write_text('{"signed": ')

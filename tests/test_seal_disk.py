@@ -99,6 +99,7 @@ def test_verity_partition_holds_the_hash_tree(root_mib: int, expected: int) -> N
     assert verity_mib(root_mib) == expected
 
 
+@pytest.mark.system  # sfdisk (package fdisk, system set-up)
 def test_sfdisk_writes_the_computed_table(tmp_path: Path) -> None:
     if shutil.which("sfdisk") is None:
         pytest.skip("needs sfdisk (Debian package fdisk)")
@@ -276,6 +277,7 @@ def _loop(backing: Path) -> str:
                           text=True, check=True).stdout.strip()
 
 
+@pytest.mark.system  # mkfs.ext4 and loop devices (system set-up)
 def test_flash_refuses_a_mounted_loop_device_and_writes_a_free_one(built: Path, tmp_path: Path) -> None:
     backing = tmp_path / "loop.img"
     with backing.open("wb") as f:
@@ -324,6 +326,7 @@ def test_boot_cli_refuses_a_missing_image(tmp_path: Path, cli) -> None:  # type:
     assert res.code == 4 and "nope.raw" in res.err
 
 
+@pytest.mark.system  # sbsign and systemd-boot-efi (system set-up)
 def test_signing_uses_sbsign_with_the_configured_key(tmp_path: Path) -> None:
     """A throwaway key signs an EFI binary; sbverify accepts it with that certificate only."""
     from provisioning.image.seal import sign
@@ -383,8 +386,8 @@ def test_root_cmdline_joins_but_cannot_override(tmp_path: Path) -> None:
 
 
 def test_the_pipeline_gives_each_stage_its_context(tmp_path: Path) -> None:
+    from provisioning.image.pipeline import BuildContext, stage_context
     from provisioning.image.profile import load_profile
-    from provisioning.image.stages import BuildContext, stage_context
 
     profile = load_profile(Path(__file__).resolve().parent.parent / "images/minimal.toml")
     build = BuildContext(profile=profile, mirror=tmp_path / "mirror", lock=None,  # type: ignore[arg-type]

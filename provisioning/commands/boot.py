@@ -10,7 +10,7 @@ from pathlib import Path
 from provisioning.errors import ImageError
 from provisioning.image import boot as vm
 from provisioning.image.flash import check_image, flash
-from provisioning.output import emit_json, progress
+from provisioning.output import emit_json, examples, progress
 
 __all__ = ["register"]
 
@@ -28,7 +28,11 @@ def _port_map(text: str) -> tuple[int, int]:
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    b = sub.add_parser("boot", parents=[common], help="boot a disk image under qemu (UEFI, image untouched)",
+    b = sub.add_parser("boot", **examples(
+            "appliance boot out/disk.raw --detach",
+            "appliance boot out/disk.raw --wait-for 'agent: serving' --timeout 900",
+            "appliance boot --stop out/disk.raw.vm"),
+        parents=[common], help="boot a disk image under qemu (UEFI, image untouched)",
                        description="Boot IMAGE under qemu with OVMF through a copy-on-write overlay. "
                        "The serial console goes to STATE/console.log; the agent's ports are forwarded "
                        "to 127.0.0.1.")
@@ -37,7 +41,7 @@ def register(
     b.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="auto: KVM when /dev/kvm opens, TCG otherwise (or when KVM cannot run OVMF)")
     b.add_argument("--memory", type=int, default=2048, help="MiB (default 2048)")
-    b.add_argument("--cpus", type=int, default=2)
+    b.add_argument("--cpus", type=int, default=2, help="virtual CPUs (default 2)")
     b.add_argument("--cpu", metavar="MODEL",
                    help="qemu CPU model (default: host under KVM, max under TCG); a model below the "
                    "image's x86-64 level (image-manifest.json's cpu_level, else x86-64-v2) is "
@@ -77,10 +81,12 @@ def register(
     b.add_argument("--stop", type=Path, metavar="STATE", help="stop the machine started in STATE")
     b.set_defaults(handler=_boot)
 
-    f = sub.add_parser("flash", parents=[common], help="write a disk image to a device, verified",
+    f = sub.add_parser("flash", **examples(
+            "appliance flash out/disk.raw /dev/sdX --yes"),
+        parents=[common], help="write a disk image to a device, verified",
                        description="Check IMAGE against image-manifest.json beside it, refuse mounted or "
                        "system disks, write it, read it back and compare hashes.")
-    f.add_argument("image", type=Path)
+    f.add_argument("image", type=Path, help="the disk image (disk.raw)")
     f.add_argument("device", type=Path, help="block device (or a file)")
     f.add_argument("--manifest", type=Path, help="default: image-manifest.json next to IMAGE")
     f.add_argument("--yes", action="store_true", help="really overwrite DEVICE")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent.bundle import Accelerator, Batching, Bundle, Tolerance, read_bundle
 from provisioning.bundle import create_bundle, verify_bundle
-from provisioning.output import emit_json
+from provisioning.output import emit_json, examples
 
 __all__ = ["register"]
 
@@ -15,11 +15,20 @@ __all__ = ["register"]
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    p = sub.add_parser("bundle", help="create, inspect and verify model bundles", parents=[common])
+    p = sub.add_parser("bundle", **examples(
+            "appliance bundle create model.onnx --name tiny --version 1.0.0 --golden golden.npz --out "
+            "tiny.bundle",
+            "appliance bundle verify tiny.bundle"),
+        help="create, inspect and verify model bundles", parents=[common])
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION")
     bsub.required = True
 
-    c = bsub.add_parser("create", parents=[common],
+    c = bsub.add_parser("create", **examples(
+            "appliance bundle create model.onnx --name tiny --version 1.0.0 --golden golden.npz --out "
+            "tiny.bundle",
+            "appliance bundle create resnet.onnx --name resnet --version 2.1.0 --golden g.npz --out "
+            "r.bundle --max-batch-size 8 --requires-gpu"),
+        parents=[common],
                         help="check a model and its golden vectors, write a bundle")
     c.add_argument("model", type=Path, help="the ONNX model file")
     c.add_argument("--name", required=True, help="bundle name (lowercase, [a-z0-9._-])")
@@ -27,10 +36,12 @@ def register(
     c.add_argument("--golden", type=Path, action="append", default=[], required=True,
                    help=".npz with inputs/NAME (and optional outputs/NAME) arrays; repeatable")
     c.add_argument("--out", "-o", type=Path, required=True, help="bundle file to write")
-    c.add_argument("--description", default="")
+    c.add_argument("--description", default="", help="one line shown by inspect and in the registry")
     c.add_argument("--max-batch-size", type=int, default=0, help="0: no dynamic batching")
-    c.add_argument("--max-queue-delay-us", type=int, default=0)
-    c.add_argument("--preferred-batch-size", type=int, action="append", default=[])
+    c.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="how long a request may wait for others to batch with (default: 0)")
+    c.add_argument("--preferred-batch-size", type=int, action="append", default=[],
+                   help="batch sizes the scheduler aims for; repeatable")
     c.add_argument("--provider", action="append", default=[],
                    help="execution provider in order of preference (default CUDA, then CPU)")
     c.add_argument("--requires-gpu", action="store_true",
@@ -40,17 +51,24 @@ def register(
     c.add_argument("--tf32", action="store_true",
                    help="the outputs stay within --atol/--rtol when CUDA computes FP32 matrix "
                         "products in TF32 (faster; default: full FP32)")
-    c.add_argument("--atol", type=float, default=1e-5)
-    c.add_argument("--rtol", type=float, default=1e-4)
+    c.add_argument("--atol", type=float, default=1e-5,
+                   help="absolute tolerance of the golden outputs (default: 1e-05)")
+    c.add_argument("--rtol", type=float, default=1e-4,
+                   help="relative tolerance of the golden outputs (default: 0.0001)")
     c.set_defaults(handler=_create)
 
-    i = bsub.add_parser("inspect", parents=[common],
+    i = bsub.add_parser("inspect", **examples(
+            "appliance bundle inspect tiny.bundle",
+            "appliance bundle inspect tiny.bundle --json"),
+        parents=[common],
                         help="show a bundle's manifest (structure and hashes checked)")
-    i.add_argument("bundle", type=Path)
+    i.add_argument("bundle", type=Path, help="the bundle file")
     i.set_defaults(handler=_inspect)
 
-    v = bsub.add_parser("verify", parents=[common], help="check hashes and run the golden vectors")
-    v.add_argument("bundle", type=Path)
+    v = bsub.add_parser("verify", **examples(
+            "appliance bundle verify tiny.bundle"),
+        parents=[common], help="check hashes and run the golden vectors")
+    v.add_argument("bundle", type=Path, help="the bundle file")
     v.set_defaults(handler=_verify)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from agent.bundle import Batching
 from agent.errors import ApplianceError
-from provisioning.output import emit_json, print_table
+from provisioning.output import emit_json, examples, print_table
 
 __all__ = ["register", "run_demo"]
 
@@ -39,19 +39,21 @@ VERSION = "1"  # an integer version: perf_analyzer matches statistics by integer
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    p = sub.add_parser("demo", parents=[common],
+    p = sub.add_parser("demo", **examples(
+            "appliance demo",
+            "appliance demo --image --work /var/tmp/appliance-hil --json"),
+        parents=[common],
                        help="sign a small model into a local registry, serve it, run inference on it")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep everything in this (new or empty) directory instead of a temporary one")
-    p.add_argument("--requests", type=int, default=20, help="inference requests to send (default 20)")
+    p.add_argument("--work", type=Path, default=None, metavar="DIR",
+                   help="the quick demo: keep everything in this new or empty directory (default: a "
+                   "temporary one, removed); --image: the bench's cache "
+                   "(default: $APPLIANCE_HIL_CACHE or /var/tmp/appliance-hil)")
+    p.add_argument("--requests", type=int, default=20, help="inference requests to send (default: 20)")
     i = p.add_argument_group("the main job (--image): build the default image, boot it, ask it")
     i.add_argument("--image", action="store_true",
                    help="build images/hil.toml with a site PKI and registry of its own (cached in "
                    "--work), boot it under qemu and query its agent over mTLS with the fleet CLI "
                    "(needs root and the system packages; the first run syncs a mirror: ~10 min)")
-    i.add_argument("--work", type=Path, default=None,
-                   help="the bench's cache directory "
-                   "(default $APPLIANCE_HIL_CACHE or /var/tmp/appliance-hil)")
     i.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="qemu accelerator")
     i.add_argument("--bound", type=float, default=900.0,
                    help="seconds from power-on for the agent to answer (default 900)")
@@ -242,11 +244,11 @@ def _image_demo(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     if args.image:
         return _image_demo(args)
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        if any(args.workdir.iterdir()):
-            raise ApplianceError(f"--workdir {args.workdir}: not empty")
-        result = run_demo(args.workdir, args.requests)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        if any(args.work.iterdir()):
+            raise ApplianceError(f"--work {args.work}: not empty")
+        result = run_demo(args.work, args.requests)
     else:
         with tempfile.TemporaryDirectory(prefix="appliance-demo-") as tmp:
             result = run_demo(Path(tmp), args.requests)

@@ -30,7 +30,7 @@ from provisioning.fleet import (
     status_action,
     update_action,
 )
-from provisioning.output import emit_json, print_table, progress
+from provisioning.output import emit_json, examples, print_table, progress
 from provisioning.prometheus import DEFAULT_METRICS_PORT, file_sd_targets, scrape_config
 
 __all__ = ["register"]
@@ -55,22 +55,33 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    p = sub.add_parser("fleet", parents=[common], help="ask many nodes at once; roll updates out")
+    p = sub.add_parser("fleet", **examples(
+            "appliance fleet status -i inventory.ini --ca pki/ca.crt --cert me.crt --key me.key",
+            "appliance fleet rollout -i inventory.ini --target tiny@1.1.0 --dry-run"),
+        parents=[common], help="ask many nodes at once; roll updates out")
     fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION")
     fsub.required = True
     for name, help_text in (("status", "reachability, health verdict, versions"),
                             ("health", "full health reports"),
                             ("inventory", "full inventories")):
-        q = fsub.add_parser(name, parents=[common], help=help_text)
+        q = fsub.add_parser(name, **examples(f"appliance fleet {name} -i inventory.ini --limit lab "
+                                             "--ca pki/ca.crt --cert me.crt --key me.key",
+                                             f"appliance fleet {name} -i nodes.toml --insecure --json"),
+                            parents=[common], help=help_text)
         _common_flags(q)
         q.set_defaults(handler=_query_handler(name))
-    u = fsub.add_parser("update", parents=[common], help="ApplyUpdate on every selected node at once")
+    u = fsub.add_parser("update", **examples(
+            "appliance fleet update -i inventory.ini --limit lab --target tiny@1.1.0 --dry-run"),
+        parents=[common], help="ApplyUpdate on every selected node at once")
     _common_flags(u)
     u.add_argument("--target", action="append", default=[],
                    help="registry target to apply; repeatable (default: all pending on the channel)")
     u.add_argument("--dry-run", action="store_true", help="ask the nodes what they would do")
     u.set_defaults(handler=_update)
-    r = fsub.add_parser("rollout", parents=[common],
+    r = fsub.add_parser("rollout", **examples(
+            "appliance fleet rollout -i inventory.ini --target tiny@1.1.0 --canary 1 --batch-percent 25 "
+            "--dry-run"),
+        parents=[common],
                         help="update in waves: a canary, then batches; halt past the failure budget")
     _common_flags(r)
     r.add_argument("--target", action="append", default=[], help="registry target; repeatable")
@@ -83,13 +94,15 @@ def register(
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     r.set_defaults(handler=_rollout)
     d = fsub.add_parser(
-        "sd", parents=[common],
+        "sd", **examples(
+            "appliance fleet sd -i hosts.ini --out /etc/prometheus/appliance.json "
+            "--ca ca.crt --cert prometheus.crt --key prometheus.key",
+            "appliance fleet sd -i nodes.toml --json"),
+        parents=[common],
         help="Prometheus file_sd targets for the nodes' metrics port, and the scrape job's mTLS",
         description="Writes the targets (JSON) to --out, or prints them, and prints a scrape_configs "
                     "entry with the TLS settings the nodes' mTLS metrics port needs (--ca, --cert, "
-                    "--key: the site CA and a client certificate of any role). Asks no node.",
-        epilog="example: appliance fleet sd -i hosts.ini --out /etc/prometheus/appliance.json "
-               "--ca ca.crt --cert prometheus.crt --key prometheus.key")
+                    "--key: the site CA and a client certificate of any role). Asks no node.")
     d.add_argument("-i", "--inventory", type=Path, default=os.environ.get("APPLIANCE_INVENTORY") or None,
                    help="Ansible inventory (INI/YAML) or a .toml node list (default: $APPLIANCE_INVENTORY)")
     d.add_argument("--limit", "-l", default="all",

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from provisioning.errors import ImageError
-from provisioning.output import emit_json, print_table, progress
+from provisioning.output import emit_json, examples, print_table, progress
 
 __all__ = ["register"]
 
@@ -19,20 +19,28 @@ log = logging.getLogger(__name__)
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    m = sub.add_parser("mirror", help="sync and verify the air-gapped local mirror", parents=[common])
+    m = sub.add_parser("mirror", **examples(
+            "appliance mirror sync images/edge.toml --mirror /srv/mirror",
+            "appliance mirror verify /srv/mirror"),
+        help="sync and verify the air-gapped local mirror", parents=[common])
     msub = m.add_subparsers(dest="mirror_command", metavar="ACTION")
     msub.required = True
-    s = msub.add_parser("sync", parents=[common],
+    s = msub.add_parser("sync", **examples(
+            "appliance mirror sync images/edge.toml --mirror /srv/mirror"),
+        parents=[common],
                         help="fetch a profile's packages and wheels into a local mirror (network)")
     s.add_argument("profile", type=Path, help="image profile (images/*.toml)")
     s.add_argument("--mirror", type=Path, required=True, help="mirror directory")
     s.set_defaults(handler=_sync)
-    v = msub.add_parser("verify", parents=[common],
+    v = msub.add_parser("verify", **examples('appliance mirror verify /srv/mirror --json'), parents=[common],
                         help="recheck every file of a mirror against its lock and Debian's signatures")
-    v.add_argument("mirror", type=Path)
+    v.add_argument("mirror", type=Path, help="the mirror directory")
     v.set_defaults(handler=_verify)
 
-    b = sub.add_parser("build", parents=[common],
+    b = sub.add_parser("build", **examples(
+            "appliance build images/edge.toml --mirror /srv/mirror --out out --dry-run",
+            "appliance build images/edge.toml --mirror /srv/mirror --out out --offline"),
+        parents=[common],
                        help="build an image from a profile and a local mirror (no network)")
     b.add_argument("profile", type=Path, help="image profile (images/*.toml)")
     b.add_argument("--mirror", type=Path, required=True, help="a mirror synced for this profile")
@@ -46,7 +54,9 @@ def register(
                         "else the profile's)")
     b.set_defaults(handler=_build)
 
-    r = sub.add_parser("os-release", parents=[common],
+    r = sub.add_parser("os-release", **examples(
+            "appliance os-release out --out edge-os.release --json"),
+        parents=[common],
                        help="pack a build's sealed root (root + verity + UKI) as an OS release file",
                        description="Publish the file with `appliance registry add REGISTRY FILE --kind os "
                                    "--name NAME --version VERSION` (the JSON output gives both).")
@@ -54,7 +64,10 @@ def register(
     r.add_argument("--out", type=Path, required=True, help="the OS release file to write")
     r.set_defaults(handler=_os_release)
 
-    a = sub.add_parser("audit", parents=[common],
+    a = sub.add_parser("audit", **examples(
+            "appliance audit out",
+            "appliance audit out/stages/configure/root --json"),
+        parents=[common],
                        help="compliance report of a built root filesystem (OpenSCAP, Lynis, systemd)")
     a.add_argument("target", type=Path, help="a root filesystem directory or a build --out directory")
     a.add_argument("--tools", type=Path, default=None,
@@ -84,8 +97,8 @@ def _os_release(args: argparse.Namespace) -> int:
 
 def _sync(args: argparse.Namespace) -> int:
     from provisioning.image.mirror import sync_mirror
+    from provisioning.image.pipeline import stage_packages
     from provisioning.image.profile import load_profile
-    from provisioning.image.stages import stage_packages
 
     profile = load_profile(args.profile)
     with progress("mirror", None) as bar:
@@ -123,7 +136,6 @@ def _reexec_offline(args: argparse.Namespace) -> None:
     argv += ["--debug"] if args.debug else []
     argv += ["build", str(args.profile.resolve()), "--mirror", str(args.mirror.resolve()),
              "--out", str(args.out.resolve())]
-    # After the subcommand: its own --json default would override a global one.
     argv += ["--json"] if args.json else []
     if args.source_date_epoch is not None:
         argv += ["--source-date-epoch", str(args.source_date_epoch)]
@@ -146,7 +158,7 @@ def _check_offline() -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from provisioning.image.stages import build, plan_build
+    from provisioning.image.pipeline import build, plan_build
 
     if args.offline and os.environ.get("APPLIANCE_OFFLINE") != "1":
         _reexec_offline(args)

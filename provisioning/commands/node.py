@@ -2,7 +2,8 @@
 
 For a person at one node (a table or a summary) or a script (``--json``; with ``--watch``,
 one JSON document per line).  ``node health --check`` exits 0, 1 or 2 for PASS, WARN or
-FAIL, as monitoring plugins do.  The fleet-wide view is ``appliance fleet``.
+FAIL and 3 (UNKNOWN) when the node cannot be asked, as monitoring plugins do.  The fleet-wide
+view is ``appliance fleet``.
 ``node update check|apply|rollback|history`` drives the node's updates component: apply and
 rollback exit 1 when an update was refused (the reason is printed), 0 otherwise.
 """
@@ -18,13 +19,26 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from agent.errors import AccessDeniedError, ApplianceError, NotFoundError
-from provisioning.output import emit_json, print_table
+from provisioning.output import emit_json, examples, print_table
 
 __all__ = ["DEFAULT_TARGET", "register"]
 
-DEFAULT_TARGET = "127.0.0.1:8001"
+DEFAULT_PORT = 8001
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 _VERDICTS = {0: "UNSPECIFIED", 1: "PASS", 2: "WARN", 3: "FAIL"}
 _CHECK_EXIT = {1: 0, 2: 1, 3: 2}
+CHECK_UNKNOWN = 3  # monitoring plugin convention: the node could not be asked
+
+
+def _target(text: str) -> str:
+    """HOST, HOST:PORT, [V6] or [V6]:PORT; without a port, the agent's 8001."""
+    if text.startswith("["):
+        return text if "]:" in text else f"{text}:{DEFAULT_PORT}"
+    if text.count(":") == 1:
+        return text
+    if ":" in text:  # a bare IPv6 address
+        return f"[{text}]:{DEFAULT_PORT}"
+    return f"{text}:{DEFAULT_PORT}"
 
 
 # ---------------------------------------------------------------------- gRPC plumbing
@@ -176,7 +190,16 @@ def _health(args: argparse.Namespace) -> int:
 
     stub = _stub(args)
     if not args.watch:
-        report = _call(args, lambda: stub.GetHealth(node_pb2.GetHealthRequest(), timeout=args.timeout))
+        try:
+            report = _call(args, lambda: stub.GetHealth(node_pb2.GetHealthRequest(), timeout=args.timeout))
+        except ApplianceError as exc:
+            if not args.check:
+                raise
+            # A monitoring plugin reports an unreachable node as UNKNOWN (3), not as FAIL.
+            print(f"UNKNOWN: {exc}", file=sys.stderr)
+            if args.json:
+                emit_json({"overall": "UNKNOWN", "error": str(exc)})
+            return CHECK_UNKNOWN
         if args.json:
             emit_json(_to_dict(report))
         else:
@@ -321,31 +344,44 @@ def _update_history(args: argparse.Namespace) -> int:
 
 
 def _register_update(verbs: Any, common: argparse.ArgumentParser, target: argparse.ArgumentParser) -> None:
-    update = verbs.add_parser("update", parents=[common], help="check, apply, roll back and list updates")
+    update = verbs.add_parser("update", **examples(
+            "appliance node update check --target node7",
+            "appliance node update apply --target node7 tiny@1.1.0"),
+        parents=[common], help="check, apply, roll back and list updates")
     uverbs = update.add_subparsers(dest="update_command", metavar="VERB")
     uverbs.required = True
     long_call = argparse.ArgumentParser(add_help=False)
-    long_call.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
-                           help=f"the node's agent (default: {DEFAULT_TARGET})")
+    long_call.add_argument("--target", type=_target, default=DEFAULT_TARGET, metavar="HOST[:PORT]",
+                           help=f"the node's agent (default: {DEFAULT_TARGET}; port {DEFAULT_PORT} "
+                                "when not given)")
     long_call.add_argument("--timeout", type=float, default=600.0,
                            help="seconds the node may take (default: 600)")
     _tls_flags(long_call)
-    check = uverbs.add_parser("check", parents=[common, long_call],
+    check = uverbs.add_parser("check", **examples(
+            "appliance node update check --target node7 --json"),
+        parents=[common, long_call],
                               help="refresh from the registry; list bundles newer than what runs")
     check.set_defaults(handler=_update_check)
-    apply = uverbs.add_parser("apply", parents=[common, long_call],
+    apply = uverbs.add_parser("apply", **examples(
+            "appliance node update apply --target node7 --dry-run",
+            "appliance node update apply --target node7 tiny@1.1.0"),
+        parents=[common, long_call],
                               help="apply named targets, or everything pending on the node's channel")
     apply.add_argument("targets", nargs="*", metavar="TARGET",
                        help="NAME, NAME@VERSION or a TUF target path (default: everything pending)")
     apply.add_argument("--dry-run", action="store_true", help="say what would be applied; change nothing")
     apply.set_defaults(handler=_update_apply)
-    rollback = uverbs.add_parser("rollback", parents=[common, long_call],
+    rollback = uverbs.add_parser("rollback", **examples(
+            "appliance node update rollback --target node7 tiny 1.0.0 --reason 'accuracy regression'"),
+        parents=[common, long_call],
                                  help="make a kept earlier version active again (admin)")
     rollback.add_argument("name", help="bundle name")
     rollback.add_argument("version", help="a version kept on the node")
     rollback.add_argument("--reason", default="", help="why (recorded in the event and history)")
     rollback.set_defaults(handler=_update_rollback)
-    history = uverbs.add_parser("history", parents=[common, target], help="applied, refused, rolled back")
+    history = uverbs.add_parser("history", **examples(
+            "appliance node update history --target node7 --limit 20"),
+        parents=[common, target], help="applied, refused, rolled back")
     history.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     history.set_defaults(handler=_update_history)
 
@@ -355,28 +391,40 @@ def _register_update(verbs: Any, common: argparse.ArgumentParser, target: argpar
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add ``appliance node ...`` to the CLI."""
     target = argparse.ArgumentParser(add_help=False)
-    target.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
-                        help=f"the node's agent (default: {DEFAULT_TARGET})")
+    target.add_argument("--target", type=_target, default=DEFAULT_TARGET, metavar="HOST[:PORT]",
+                        help=f"the node's agent (default: {DEFAULT_TARGET}; port {DEFAULT_PORT} "
+                             "when not given)")
     target.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default: 10)")
     _tls_flags(target)
-    node = sub.add_parser("node", parents=[common], help="ask one node for its health, inventory, events",
+    node = sub.add_parser("node", **examples(
+            "appliance node health --target node7 --check",
+            "appliance node inventory --target 10.0.0.7:8001 --json"),
+        parents=[common], help="ask one node for its health, inventory, events",
                           description=__doc__)
     verbs = node.add_subparsers(dest="node_command", metavar="VERB")
     verbs.required = True
 
-    health = verbs.add_parser("health", parents=[common, target], help="hardware health and verdicts")
+    health = verbs.add_parser("health", **examples(
+            "appliance node health --target node7 --check",
+            "appliance node health --target node7 --watch --json"),
+        parents=[common, target], help="hardware health and verdicts")
     health.add_argument("--watch", action="store_true", help="keep streaming reports")
     health.add_argument("--interval", type=float, default=0.0,
                         help="with --watch: seconds between reports (default 0: on verdict change)")
     health.add_argument("--check", action="store_true",
-                        help="exit 0/1/2 for PASS/WARN/FAIL (monitoring plugin convention)")
+                        help="exit 0/1/2 for PASS/WARN/FAIL, 3 (UNKNOWN) when the node cannot be "
+                             "asked (monitoring plugin convention)")
     health.set_defaults(handler=_health)
 
-    inventory = verbs.add_parser("inventory", parents=[common, target],
+    inventory = verbs.add_parser("inventory", **examples(
+            "appliance node inventory --target node7 --ca pki/ca.crt --cert me.crt --key me.key"),
+        parents=[common, target],
                                  help="identity, image, bundles, GPUs, execution providers")
     inventory.set_defaults(handler=_inventory)
 
-    events = verbs.add_parser("events", parents=[common, target], help="recent events (XID, throttling, ...)")
+    events = verbs.add_parser("events", **examples(
+            "appliance node events --target node7 --kind gpu. --watch"),
+        parents=[common, target], help="recent events (XID, throttling, ...)")
     events.add_argument("--after", type=int, default=0, metavar="SEQ", help="only events after SEQ")
     events.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     events.add_argument("--kind", default="", metavar="PREFIX", help="only kinds starting with PREFIX")

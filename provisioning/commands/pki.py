@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from agent.errors import NotFoundError
-from provisioning.output import emit_json, print_table
+from provisioning.output import emit_json, examples, print_table
 from provisioning.pki import (
     CRL_DAYS,
     REASONS,
@@ -41,19 +41,27 @@ def _dir_and_passphrase(parser: argparse.ArgumentParser) -> None:
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    p = sub.add_parser("pki", parents=[common],
+    p = sub.add_parser("pki", **examples(
+            "appliance pki init --dir pki",
+            "appliance pki issue-client alice --role operator --dir pki"),
+        parents=[common],
                        help="site CA, node and client certificates, revocation list")
     psub = p.add_subparsers(dest="pki_command", metavar="ACTION")
     psub.required = True
 
-    i = psub.add_parser("init", parents=[common], help="create the site CA (ECDSA P-256) and its CRL")
+    i = psub.add_parser("init", **examples(
+            "appliance pki init --dir pki",
+            "appliance pki init --dir pki --passphrase-env CA_PASS"),
+        parents=[common], help="create the site CA (ECDSA P-256) and its CRL")
     _dir_and_passphrase(i)
     i.add_argument("--organization", "-O", default="Sovereign Appliance",
                    help="organization name in every certificate's subject")
     i.add_argument("--days", type=int, default=3650, help="CA validity (default: 3650)")
     i.set_defaults(handler=_init)
 
-    n = psub.add_parser("issue-node", parents=[common],
+    n = psub.add_parser("issue-node", **examples(
+            "appliance pki issue-node node7 --ip 10.0.0.7 --dir pki"),
+        parents=[common],
                         help="issue a node's server certificate (DNS/IP names)")
     _dir_and_passphrase(n)
     n.add_argument("name", help="node name ([a-z0-9._-]); also its DNS name unless --dns is given")
@@ -67,16 +75,20 @@ def register(
                         "key here: the node's private key never leaves it")
     n.set_defaults(handler=_issue_node)
 
-    r = psub.add_parser("request", parents=[common],
-                        help="(on the node) make its private key once and a signing request for it",
-                        description="Writes KEY (mode 0600; an existing one is kept) and CSR. Only "
-                                    "CSR leaves the node; `pki issue-node NAME --csr CSR` signs it.")
+    r = psub.add_parser("request", **examples(
+            "appliance pki request node1 --key /etc/appliance/tls/node.key --csr node1.csr"),
+        parents=[common],
+        help="(on the node) make its private key once and a signing request for it",
+        description="Writes KEY (mode 0600; an existing one is kept) and CSR. Only "
+                    "CSR leaves the node; `pki issue-node NAME --csr CSR` signs it.")
     r.add_argument("name", help="node name ([a-z0-9._-])")
     r.add_argument("--key", type=Path, required=True, help="the private key to make or reuse")
     r.add_argument("--csr", type=Path, required=True, help="where to write the request (PEM)")
     r.set_defaults(handler=_request)
 
-    c = psub.add_parser("issue-client", parents=[common],
+    c = psub.add_parser("issue-client", **examples(
+            "appliance pki issue-client alice --role operator --dir pki"),
+        parents=[common],
                         help="issue a person's or tool's client certificate with a role")
     _dir_and_passphrase(c)
     c.add_argument("name", help="who holds it ([a-z0-9._-])")
@@ -88,20 +100,25 @@ def register(
                                             "(default: DIR/issued/NAME)")
     c.set_defaults(handler=_issue_client)
 
-    r = psub.add_parser("revoke", parents=[common],
+    r = psub.add_parser("revoke", **examples(
+            "appliance pki revoke alice --reason key-compromise --dir pki"),
+        parents=[common],
                         help="revoke by serial or name and re-sign the CRL")
     _dir_and_passphrase(r)
     r.add_argument("which", help="hex serial, or a name (revokes every certificate issued to it)")
-    r.add_argument("--reason", choices=sorted(REASONS), default="unspecified")
+    r.add_argument("--reason", choices=sorted(REASONS), default="unspecified",
+                   help="the CRL reason code (default: unspecified)")
     r.add_argument("--crl-days", type=int, default=CRL_DAYS,
                    help=f"the new CRL's validity (default: {CRL_DAYS})")
     r.set_defaults(handler=_revoke)
 
-    ls = psub.add_parser("list", parents=[common], help="certificates issued, with status")
+    ls = psub.add_parser("list", **examples(
+            "appliance pki list --dir pki --json"),
+        parents=[common], help="certificates issued, with status")
     _dir_and_passphrase(ls)
     ls.set_defaults(handler=_list)
 
-    crl = psub.add_parser("crl", parents=[common],
+    crl = psub.add_parser("crl", **examples('appliance pki crl --dir pki --days 30'), parents=[common],
                           help="re-sign the CRL with a fresh next-update time (run before it lapses)")
     _dir_and_passphrase(crl)
     crl.add_argument("--days", type=int, default=CRL_DAYS, help=f"validity (default: {CRL_DAYS})")

@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.errors import ConfigError, NotFoundError
 from provisioning import registry
-from provisioning.output import emit_json, print_table
+from provisioning.output import emit_json, examples, print_table
 
 __all__ = ["register"]
 
@@ -25,46 +25,65 @@ def _passphrase_args(p: argparse.ArgumentParser) -> None:
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    p = sub.add_parser("registry", help="the site's local TUF registry: keys, targets, publish, serve",
+    p = sub.add_parser("registry", **examples(
+            "appliance registry init site-registry",
+            "appliance registry status site-registry"),
+        help="the site's local TUF registry: keys, targets, publish, serve",
                        parents=[common])
     rsub = p.add_subparsers(dest="registry_command", metavar="ACTION")
     rsub.required = True
 
-    i = rsub.add_parser("init", parents=[common], help="create keys and version 1 of every role")
-    i.add_argument("dir", type=Path)
+    i = rsub.add_parser("init", **examples(
+            "appliance registry init site-registry",
+            "appliance registry init site-registry --root-threshold 2 --root-keys 3"),
+        parents=[common], help="create keys and version 1 of every role")
+    i.add_argument("dir", type=Path, help="the registry directory to create (new or empty)")
     i.add_argument("--root-threshold", type=int, default=1,
                    help="root signatures needed (default 1 for a lab; use >= 2 in production)")
     i.add_argument("--root-keys", type=int, default=None, help="number of root keys (default: the threshold)")
     _passphrase_args(i)
     i.set_defaults(handler=_init)
 
-    a = rsub.add_parser("add", parents=[common], help="add a bundle or other artifact as a pending target")
-    a.add_argument("dir", type=Path)
-    a.add_argument("file", type=Path)
+    a = rsub.add_parser("add", **examples(
+            "appliance registry add site-registry tiny.bundle",
+            "appliance registry add site-registry os.release --kind os --name edge --version 1"),
+        parents=[common], help="add a bundle or other artifact as a pending target")
+    a.add_argument("dir", type=Path, help="the registry directory")
+    a.add_argument("file", type=Path, help="the bundle or other artifact")
     a.add_argument("--kind", choices=registry.KINDS, help="default: bundle for *.bundle, else file")
     a.add_argument("--name", help="target name (bundles: from the manifest)")
     a.add_argument("--version", help="target version (bundles: from the manifest)")
     a.set_defaults(handler=_add)
 
-    pu = rsub.add_parser("publish", parents=[common],
+    pu = rsub.add_parser("publish", **examples(
+            "appliance registry publish site-registry",
+            "appliance registry publish site-registry --passphrase-file /run/secrets/registry"),
+        parents=[common],
                          help="sign new targets, snapshot and timestamp versions (renews expiries)")
-    pu.add_argument("dir", type=Path)
+    pu.add_argument("dir", type=Path, help="the registry directory")
     _passphrase_args(pu)
     pu.set_defaults(handler=_publish)
 
-    r = rsub.add_parser("rotate-key", parents=[common], help="replace a role's key(s); new root version")
-    r.add_argument("dir", type=Path)
-    r.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    r = rsub.add_parser("rotate-key", **examples(
+            "appliance registry rotate-key site-registry timestamp"),
+        parents=[common], help="replace a role's key(s); new root version")
+    r.add_argument("dir", type=Path, help="the registry directory")
+    r.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"),
+                   help="the role whose key(s) to replace")
     r.add_argument("--key", help="key id (or unique prefix) to replace; default: all of the role's keys")
     _passphrase_args(r)
     r.set_defaults(handler=_rotate)
 
-    s = rsub.add_parser("status", parents=[common], help="versions, expiries, keys, targets, warnings")
-    s.add_argument("dir", type=Path)
+    s = rsub.add_parser("status", **examples(
+            "appliance registry status site-registry --json"),
+        parents=[common], help="versions, expiries, keys, targets, warnings")
+    s.add_argument("dir", type=Path, help="the registry directory")
     s.set_defaults(handler=_status)
 
-    v = rsub.add_parser("serve", parents=[common], help="read-only HTTP of the published tree")
-    v.add_argument("dir", type=Path)
+    v = rsub.add_parser("serve", **examples(
+            "appliance registry serve site-registry --port 8080 --bind 0.0.0.0"),
+        parents=[common], help="read-only HTTP of the published tree")
+    v.add_argument("dir", type=Path, help="the registry directory (its published/ tree is served)")
     v.add_argument("--port", type=int, required=True, help="TCP port (0: any free port)")
     v.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     v.set_defaults(handler=_serve)

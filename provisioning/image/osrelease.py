@@ -1,13 +1,7 @@
 """OS releases: what an A/B update of the root carries, as one registry target of kind ``os``.
 
-An OS release file is an uncompressed ustar archive (deterministic: sorted, fixed times and
-owners) of::
-
-    release.json     name, version, root hash, and each member's sha256 and size
-    root.squashfs    the sealed root (slot payload)
-    root.verity      its dm-verity hash tree
-    uki.efi          the Unified Kernel Image whose command line carries the root hash
-
+The format (an uncompressed, deterministic ustar archive of ``release.json``, the sealed root,
+its verity tree and the UKI) is the node's: :mod:`agent.osrelease` reads it.
 It is made from an ``appliance build`` output directory (its seal stage) and published with
 ``appliance registry add REGISTRY FILE --kind os --name NAME --version VERSION``; TUF signs
 the file's length and hashes, and the node's :func:`agent.osrelease.read_release` checks

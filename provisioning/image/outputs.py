@@ -3,23 +3,20 @@
 :func:`normalise` removes what differs between two builds of the same inputs (logs, caches,
 machine-id, backup files, timestamped pycs, shadow's last-change days) and clamps every
 mtime to SOURCE_DATE_EPOCH.  :func:`file_manifest` hashes every file (the witness two builds
-are compared by); :func:`spdx_sbom` turns dpkg's status and the venv's dist-infos into
-SPDX 2.3 JSON.
+are compared by, with the sha1 the SBOM needs); :func:`spdx_sbom` (from
+:mod:`provisioning.image.sbom`) turns them, dpkg's records and the mirror's lock into SPDX 2.3.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.fsutil import file_sha256
-from provisioning.image._debian import parse_stanzas
 from provisioning.image.plan import VENV
+from provisioning.image.sbom import file_digests, installed_debs, installed_wheels, spdx_sbom
 from provisioning.tools import run
 
 __all__ = ["debian_packages", "file_manifest", "normalise", "python_packages", "spdx_sbom"]
@@ -123,7 +120,8 @@ def _file_entry(root: Path, path: Path) -> dict[str, Any]:
                              "gid": st.st_gid, "mtime": int(st.st_mtime)}
     if stat.S_ISREG(st.st_mode):
         entry["size"] = st.st_size
-        entry["sha256"] = file_sha256(path)
+        # sha1 too, read in the same pass: the SBOM's file entries need both (SPDX 2.3)
+        entry["sha1"], entry["sha256"] = file_digests(path)
     elif stat.S_ISLNK(st.st_mode):
         entry["target"] = str(path.readlink())
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
@@ -138,77 +136,10 @@ def file_manifest(root: Path) -> list[dict[str, Any]]:
 
 def debian_packages(root: Path) -> list[dict[str, str]]:
     """Installed packages from ``root``'s dpkg status, sorted by name."""
-    status = root / "var/lib/dpkg/status"
-    with status.open(encoding="utf-8") as handle:
-        stanzas = [s for s in parse_stanzas(handle) if s.get("Status", "").endswith(" installed")]
-    return sorted(({"name": s["Package"], "version": s["Version"],
-                    "architecture": s.get("Architecture", ""),
-                    "source": s.get("Source", s["Package"]).split(" ")[0],
-                    "maintainer": s.get("Maintainer", "")} for s in stanzas),
-                  key=lambda p: p["name"])
+    return [{"name": p.name, "version": p.version, "architecture": p.architecture,
+             "source": p.source, "maintainer": p.maintainer} for p in installed_debs(root)]
 
 
 def python_packages(root: Path) -> list[dict[str, str]]:
     """Distributions installed in the agent's venv (from their dist-info METADATA)."""
-    found = []
-    for meta in sorted(root.glob(f"{VENV.lstrip('/')}/lib/python3*/site-packages/*.dist-info/METADATA")):
-        name = version = ""
-        for line in meta.read_text(errors="replace").splitlines():
-            if line.startswith("Name: "):
-                name = line[6:].strip()
-            elif line.startswith("Version: "):
-                version = line[9:].strip()
-            elif not line:
-                break
-        if name:
-            found.append({"name": name, "version": version})
-    return found
-
-
-def _spdx_id(kind: str, name: str, version: str) -> str:
-    safe = "".join(c if c.isalnum() or c in ".-" else "-" for c in f"{name}-{version}")
-    return f"SPDXRef-{kind}-{safe}"
-
-
-def spdx_sbom(root: Path, image_name: str, source_date_epoch: int, suite: str,
-              distro_version: str) -> dict[str, Any]:
-    """An SPDX 2.3 JSON document of the image: Debian packages and the agent venv's wheels."""
-    import datetime
-
-    debs = debian_packages(root)
-    wheels = python_packages(root)
-    created = datetime.datetime.fromtimestamp(source_date_epoch, tz=datetime.UTC)
-    identity = hashlib.sha256(repr((image_name, debs, wheels)).encode()).hexdigest()
-    packages: list[dict[str, Any]] = []
-    for p in debs:
-        purl = (f"pkg:deb/debian/{p['name']}@{p['version']}?arch={p['architecture']}"
-                f"&distro=debian-{distro_version}")
-        packages.append({
-            "SPDXID": _spdx_id("deb", p["name"], p["version"]), "name": p["name"],
-            "versionInfo": p["version"], "supplier": f"Organization: {p['maintainer']}"
-            if p["maintainer"] else "NOASSERTION", "downloadLocation": "NOASSERTION",
-            "filesAnalyzed": False, "licenseConcluded": "NOASSERTION",
-            "licenseDeclared": "NOASSERTION", "copyrightText": "NOASSERTION",
-            "sourceInfo": f"Debian source package {p['source']} ({suite})",
-            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
-                              "referenceLocator": purl}]})
-    for w in wheels:
-        packages.append({
-            "SPDXID": _spdx_id("pypi", w["name"], w["version"]), "name": w["name"],
-            "versionInfo": w["version"], "supplier": "NOASSERTION",
-            "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
-            "licenseConcluded": "NOASSERTION", "licenseDeclared": "NOASSERTION",
-            "copyrightText": "NOASSERTION", "sourceInfo": f"installed in {VENV}",
-            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
-                              "referenceLocator": f"pkg:pypi/{w['name'].lower()}@{w['version']}"}]})
-    return {
-        "spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT",
-        "name": f"{image_name} image",
-        "documentNamespace": f"https://sovereign-appliance.invalid/spdx/{image_name}/"
-                             f"{uuid.UUID(identity[:32])}",
-        "creationInfo": {"created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                         "creators": ["Tool: sovereign-appliance-build"]},
-        "packages": packages,
-        "relationships": [{"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES",
-                           "relatedSpdxElement": p["SPDXID"]} for p in packages],
-    }
+    return [{"name": w.name, "version": w.version} for w in installed_wheels(root)]

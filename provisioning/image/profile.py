@@ -22,7 +22,7 @@ from agent.config import SECTIONS as AGENT_SECTIONS
 from agent.config import AgentConfig
 from agent.cpu import DEFAULT_LEVEL as DEFAULT_CPU_LEVEL
 from agent.errors import ConfigError
-from agent.settings import from_table, read_toml, setting, to_json
+from agent.settings import from_table, path_problem, read_toml, setting, to_json
 from provisioning.errors import ProfileError
 from provisioning.image.gpu_manifest import GpuManifest, check_compatibility, gpu_packages, load_manifest
 
@@ -167,7 +167,7 @@ class HardeningSection:
 @dataclass(frozen=True)
 class BundlesSection:
     registry: str = setting("", "local TUF registry directory (metadata/ and targets/); "
-                            "relative paths are from the profile's directory")
+                            "relative paths are from the profile's directory", check=path_problem)
     targets: tuple[str, ...] = setting((), "target names of the bundles to bake in",
                                        check=lambda v: next((f"not a target name: {t!r}" for t in v
                                                              if not _TARGET_RE.match(t)), None))
@@ -175,11 +175,12 @@ class BundlesSection:
 
 @dataclass(frozen=True)
 class GpuSection:
-    manifest: str = setting("", "firmware manifest (firmware-manifests/NAME.toml or NAME)")
+    manifest: str = setting("", "firmware manifest (firmware-manifests/NAME.toml or NAME)",
+                            check=lambda v: path_problem(v if v.endswith(".toml") else f"{v}.toml"))
     signing_key: str = setting("", "PEM private key that signs the DKMS-built modules for Secure "
                                "Boot (the key enrolled through the image's Secure Boot settings; "
-                               "relative paths are from the profile's directory)")
-    signing_cert: str = setting("", "its X.509 certificate (PEM or DER)")
+                               "relative paths are from the profile's directory)", check=path_problem)
+    signing_cert: str = setting("", "its X.509 certificate (PEM or DER)", check=path_problem)
 
 
 @dataclass(frozen=True)
@@ -224,14 +225,16 @@ class PkiSection:
     """
 
     dir: str = setting("", "site PKI directory (`appliance pki init`); empty: no baked "
-                       "certificate; relative paths are from the profile's directory")
+                       "certificate; relative paths are from the profile's directory",
+                       check=path_problem)
     node: str = setting("", "the node certificate's name (default: [image] hostname)")
     dns: tuple[str, ...] = setting((), "DNS subject alternative names (default: the node name)")
     ips: tuple[str, ...] = setting((), "IP subject alternative names, e.g. 127.0.0.1 for a "
                                    "qemu port forward", check=_ips)
     days: int = setting(30, "validity of the baked certificate",
                         check=lambda v: None if 1 <= v <= 3650 else "must be 1..3650 days")
-    passphrase_file: str = setting("", "file holding the CA key's passphrase (if it has one)")
+    passphrase_file: str = setting("", "file holding the CA key's passphrase (if it has one)",
+                                   check=path_problem)
 
 
 @dataclass(frozen=True)

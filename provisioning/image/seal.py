@@ -49,7 +49,7 @@ REQUIRED_IN_ROOTFS = {
     "usr/lib/systemd/systemd-bless-boot": "systemd-boot",
     "usr/lib/systemd/system/systemd-repart.service": "systemd-repart",
 }
-# What the pipeline adds to the image's package set for this stage (stages.stage_packages()).
+# What the pipeline adds to the image's package set for this stage (pipeline.stage_packages()).
 PACKAGES = ("dracut", "linux-image-amd64", "systemd-boot", "systemd-boot-efi", "systemd-cryptsetup",
             "systemd-repart", "systemd-ukify", "zstd")
 DRACUT_MODULES = ("systemd", "systemd-veritysetup", "dm")

@@ -1,7 +1,7 @@
 """What the seal and disk stages are given: a small frozen context.
 
-The image pipeline (``appliance build``, :mod:`provisioning.image.stages`) makes one
-:class:`StageContext` per stage from its build context (:func:`~provisioning.image.stages.stage_context`)
+The image pipeline (``appliance build``, :mod:`provisioning.image.pipeline`) makes one
+:class:`StageContext` per stage from its build context (:func:`~provisioning.image.pipeline.stage_context`)
 and passes it to :func:`provisioning.image.seal.seal` and then :func:`provisioning.image.disk.disk`.
 Everything that can change the output bytes is a field here, so the pipeline can hash the
 context (see :meth:`StageContext.cache_key`) to decide whether a stage must rerun.

@@ -186,7 +186,6 @@ def _configure_run(ctx: BuildContext) -> None:
          "--numeric-owner", "--preserve-permissions", "--xattrs", "--xattrs-include=*"])
     baked = configure_root(ctx.profile, ctx.lock, ctx.mirror, root, ctx.source_date_epoch,
                            debug=ctx.debug)
-    distro = "13" if ctx.profile.debian.suite == "trixie" else "12"
     manifest = {
         "image": ctx.profile.image.name, "suite": ctx.profile.debian.suite,
         "architecture": ctx.profile.debian.architecture,
@@ -196,8 +195,7 @@ def _configure_run(ctx: BuildContext) -> None:
     }
     atomic_write_text(ctx.stage_dir / "manifest.json",
                       json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    sbom = spdx_sbom(root, ctx.profile.image.name, ctx.source_date_epoch,
-                     ctx.profile.debian.suite, distro)
+    sbom = spdx_sbom(root, ctx.profile, ctx.lock, ctx.mirror, ctx.source_date_epoch, files=manifest["files"])
     atomic_write_text(ctx.stage_dir / "sbom.spdx.json", json.dumps(sbom, indent=1, sort_keys=True) + "\n")
 
 
@@ -249,7 +247,7 @@ def _sealed_stage(name: str, module: str, run_stage: Callable[[StageContext], ob
 
 def _stages() -> list[Stage]:
     return [
-        Stage("rootfs", ("provisioning.image.rootfs", "provisioning.image.stages"),
+        Stage("rootfs", ("provisioning.image.rootfs", "provisioning.image.pipeline"),
               _rootfs_inputs, _rootfs_run, lambda ctx: {"rootfs.tar": ctx.rootfs_tar}),
         Stage("configure", ("provisioning.image.configure", "provisioning.image.plan",
                             "provisioning.image.outputs", "provisioning.image.bake",
