@@ -243,7 +243,7 @@ def test_the_check_flags_only_what_nothing_configured_explains(tmp_path: Path) -
 
 def test_the_disk_stage_records_the_allowlist_in_the_image_manifest(tmp_path: Path) -> None:
     from provisioning.image.disk import _manifest_extra, write_manifest
-    from provisioning.image.stages import BuildContext, stage_context
+    from provisioning.image.pipeline import BuildContext, stage_context
 
     p = _profile(tmp_path, "images/hil.toml")
     build = BuildContext(profile=p, mirror=tmp_path / "mirror", lock=None,  # type: ignore[arg-type]
