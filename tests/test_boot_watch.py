@@ -56,6 +56,7 @@ def test_a_pcap_name_qemu_would_split_is_refused(tmp_path: Path) -> None:
         vm.start(_plan(tmp_path, pcap=tmp_path / "a,b.pcap"))
 
 
+@pytest.mark.system  # the overlay is a real qemu-img one, and start() requires qemu's binary
 def test_qemu_that_cannot_start_under_kvm_starts_again_under_tcg(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault injection: qemu under KVM exits 1 at start (a host whose KVM refuses an MSR)."""
