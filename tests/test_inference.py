@@ -271,6 +271,11 @@ def test_triton_version_numbers_are_accepted_wherever_a_version_is(served: Agent
     with pytest.raises(InferenceServerException) as info:
         _affine(client, x, "7")
     assert "(served: 1.0.0 (Triton version 1), 2.0.0 (Triton version 2))" in info.value.message()
+    # Characters that str.isdigit() takes but int() refuses are a version like any unknown one.
+    for odd in ("\u00b2", "\u0661", "9" * 40):
+        with pytest.raises(InferenceServerException) as info:
+            _affine(client, x, odd)
+        assert info.value.status() == "StatusCode.NOT_FOUND", (odd, info.value.status())
     # Numbers are kept with the state: they stay the same across restarts and deletions.
     state = served.log_path.parent / "state"
     numbers = json.loads((state / "models" / "triton-versions.json").read_text())

@@ -30,7 +30,7 @@ from agent.errors import ApplianceError, BundleError, NotFoundError, echo
 from agent.inference.model import LoadedModel, build_session
 from agent.inference.signature import check_signature
 from agent.inference.store import InstalledModel, ModelStore, golden_verifier
-from agent.inference.versions import FILE_NAME, TritonVersions
+from agent.inference.versions import FILE_NAME, TritonVersions, is_number
 
 __all__ = ["IndexEntry", "ModelRepository"]
 
@@ -264,7 +264,7 @@ class ModelRepository:
     def _by_number(self, name: str, number: str) -> str | None:
         """The bundle version whose Triton number is ``number``; the installed versions are
         numbered first, so a number works before anything else asked for one."""
-        if not number.isdigit():
+        if not is_number(number):
             return None
         self.numbers.number_all(name, [m.version for m in self.store.installed(name)])
         return self.numbers.version_of(name, number)

@@ -22,7 +22,7 @@ from pathlib import Path
 from agent.bundle import parse_version
 from agent.fsutil import atomic_write_text
 
-__all__ = ["FILE_NAME", "TritonVersions"]
+__all__ = ["FILE_NAME", "TritonVersions", "is_number"]
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +62,39 @@ class TritonVersions:
         """The Triton number of ``name``'s ``version``, numbering it (and the not yet numbered
         versions that ``known()`` lists, in version order) first when it has none."""
         with self._lock:
-            numbers = self._numbers.setdefault(name, {})
-            if version not in numbers:
-                fresh = sorted({version, *known()} - numbers.keys(), key=_order)
-                start = max(numbers.values(), default=0) + 1
-                numbers.update({v: start + i for i, v in enumerate(fresh)})
-                self._save()
-            return numbers[version]
+            if version not in self._numbers.get(name, {}):
+                self._assign(name, {version, *known()})
+            return self._numbers[name][version]
 
     def number_all(self, name: str, versions: Iterable[str]) -> None:
         """Number every one of ``versions`` that has no number yet (in version order)."""
         with self._lock:
-            numbers = self._numbers.setdefault(name, {})
-            fresh = sorted(set(versions) - numbers.keys(), key=_order)
-            if fresh:
-                start = max(numbers.values(), default=0) + 1
-                numbers.update({v: start + i for i, v in enumerate(fresh)})
-                self._save()
+            self._assign(name, set(versions))
+
+    def _assign(self, name: str, versions: set[str]) -> None:
+        """Give the ones of ``versions`` without a number the next numbers (caller holds the lock)."""
+        numbers = self._numbers.setdefault(name, {})
+        fresh = sorted(versions - numbers.keys(), key=_order)
+        if fresh:
+            start = max(numbers.values(), default=0) + 1
+            numbers.update({v: start + i for i, v in enumerate(fresh)})
+            self._save()
 
     def version_of(self, name: str, number: str) -> str | None:
         """The bundle version numbered ``number`` (a decimal string), or None."""
-        if not number.isdigit():
+        if not is_number(number):
             return None
         with self._lock:
             for version, n in self._numbers.get(name, {}).items():
                 if n == int(number):
                     return version
         return None
+
+
+def is_number(text: str) -> bool:
+    """Whether ``text`` can be a Triton version number: ASCII digits only (``str.isdigit``
+    also accepts characters such as '²' that ``int`` refuses)."""
+    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
 
 
 def _order(version: str) -> tuple[int, ...]:
