@@ -11,11 +11,11 @@ Layout::
                                                because of an explicit Rollback (one line)
 
 A version directory appears (by an atomic rename) only after its bundle was read, its
-members re-checked against the manifest, its model found to read tensor data from no file
-outside the bundle, and its golden vectors reproduced on a real ONNX Runtime session;
-``install.json`` is written last.  :meth:`ModelStore.open` re-checks the member hashes and
-the model's file references before anything is loaded, so a file changed on disk is refused
-too.
+members re-checked against the manifest and its golden vectors reproduced on a real ONNX
+Runtime session; ``install.json`` is written last.  :meth:`ModelStore.open` re-checks the
+member hashes before anything is loaded, so a file changed on disk is refused too.  Every
+session, at install and at each load, is built by :func:`agent.ort.make_session`, which first
+refuses a model that reads tensor data from any file outside its bundle.
 The signature layer (TUF) lies before this: callers install only bundle files that the
 registry client verified (or, in tests, files made on the spot).
 """
@@ -50,7 +50,6 @@ from agent.bundle import (
 )
 from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.fsutil import atomic_write_text, fsync_dir
-from agent.modelrefs import check_model_files
 from agent.state import StateLayout
 
 __all__ = ["InstalledModel", "ModelStore", "OpenedModel"]
@@ -183,8 +182,7 @@ class ModelStore:
         """Read an installed version back, re-checking each member against its manifest.
 
         Raises:
-            BundleError: the manifest or golden vectors are malformed, or the model refers to
-                a file outside its bundle (:func:`agent.modelrefs.check_model_files`).
+            BundleError: the manifest or golden vectors are malformed.
             VerificationError: a member no longer matches the manifest's hash.
         """
         vdir = installed.path
@@ -192,7 +190,6 @@ class ModelStore:
         if (manifest.name, manifest.version) != (installed.name, installed.version):
             raise VerificationError(f"{vdir}: manifest says {manifest.name} {manifest.version}")
         model = _check_member(vdir / MODEL, manifest.files[MODEL])
-        check_model_files(model, manifest.data_files, f"{manifest.name} {manifest.version}")
         golden = decode_golden(_check_member(vdir / GOLDEN, manifest.files[GOLDEN]))
         return OpenedModel(installed, manifest, model, golden)
 
@@ -226,7 +223,6 @@ class ModelStore:
         try:
             bundle.extract(tmp)
             opened_model = _check_member(tmp / MODEL, m.files[MODEL])
-            check_model_files(opened_model, m.data_files, f"{m.name} {m.version}")
             verify(m, opened_model, bundle.golden_cases())
             record = {"name": m.name, "version": m.version, "sha256": bundle.sha256,
                       "length": bundle.length, "installed_at": time.time(), "verified": True,
