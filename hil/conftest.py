@@ -72,6 +72,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--hang-after", type=float, default=float(os.environ.get(
         "APPLIANCE_HIL_HANG_AFTER", "300")), help="qemu: a guest whose console prints nothing for "
                 "this many seconds while its agent does not answer is reported hung (default 300: TCG)")
+    g.addoption("--reset-after", type=float, default=float(os.environ.get(
+        "APPLIANCE_HIL_RESET_AFTER", "120")), help="qemu: a console silent this many seconds right "
+                "after the kernel's 'reboot: Restarting system' is a machine stuck in its reset "
+                "(seen under TCG): reset is pressed over QMP once, and the press is reported "
+                "(default 120; the firmware prints within seconds of a reset)")
     g.addoption("--egress-watch", type=float, default=600.0,
                 help="qemu: seconds after the first power-on whose guest traffic the egress check "
                 "reads (default 600); the check waits only for what is left of them")
@@ -107,7 +112,8 @@ def appliance(request: pytest.FixtureRequest,
         node = Appliance(f"127.0.0.1:{ports[8001]}", creds, config.getoption("--tls-name"),
                          image=image.resolve(), state=work / "vm", ports=ports,
                          accel=config.getoption("--accel"),
-                         hang_after=float(config.getoption("--hang-after")), record_network=True,
+                         hang_after=float(config.getoption("--hang-after")),
+                         reset_after=float(config.getoption("--reset-after")), record_network=True,
                          registry_port=int(config.getoption("--registry-port")) or free_port())
         try:
             seconds = node.power_on(keep_disk=False, bound=bound)
@@ -116,6 +122,15 @@ def appliance(request: pytest.FixtureRequest,
             yield node
         finally:
             node.power_off()
+            if node.firmware_resets:
+                print(f"\nhil: {len(node.firmware_resets)} time(s) the machine did not come back from "
+                      "a warm reset (console silent after 'reboot: Restarting system'); reset was "
+                      "pressed over QMP. Where qemu's CPUs were:")
+                for kept in node.firmware_resets:
+                    state = (kept / "qemu-state.txt").read_text(errors="replace")
+                    print(f"  {kept}:\n" + "\n".join(
+                        "    " + line for line in state.splitlines()
+                        if line.startswith(("RIP=", "EIP=", "CR0=", "==", "{", " \"status"))))
             if node.console is not None and node.console.is_file():
                 keep = Path(os.environ.get("APPLIANCE_HIL_CONSOLE_COPY", work / "console-copy.log"))
                 shutil.copyfile(node.console, keep)

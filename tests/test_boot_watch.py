@@ -185,3 +185,149 @@ def test_a_silent_guest_that_answers_another_way_is_not_hung(tmp_path: Path) -> 
     time.sleep(0.6)
     with pytest.raises(vm.GuestHungError, match=r"nothing for [01] s"):
         watch.check()
+
+
+# --- a machine that does not come back from its reset ---------------------------------------
+
+class _FakeQmp:
+    """A QMP server on the machine's socket, as strict as qemu's about the protocol: a greeting,
+    no command before ``qmp_capabilities``, ``CommandNotFound`` for what it does not know.
+    ``system_reset`` makes the "firmware" print its first line, as a reset that works does."""
+
+    COMMANDS = ("query-status", "query-cpus-fast", "human-monitor-command", "system_reset")
+
+    def __init__(self, machine: vm.Machine, *, firmware_comes_back: bool = True) -> None:
+        self.machine, self.comes_back = machine, firmware_comes_back
+        self.seen: list[tuple[str, object]] = []
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(machine.plan.qmp))
+        self.server.listen(4)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import json
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                f.write(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}}, '
+                        b'"capabilities": ["oob"]}}\r\n')
+                f.flush()
+                negotiated = False
+                for raw in f:
+                    msg = json.loads(raw)
+                    cmd = msg.get("execute")
+                    self.seen.append((cmd, msg.get("arguments")))
+                    reply: dict[str, object]
+                    if cmd == "qmp_capabilities":
+                        negotiated, reply = True, {"return": {}}
+                    elif not negotiated or cmd not in self.COMMANDS:
+                        reply = {"error": {"class": "CommandNotFound", "desc": f"{cmd} not found"}}
+                    elif cmd == "query-status":
+                        reply = {"return": {"status": "running", "running": True}}
+                    elif cmd == "query-cpus-fast":
+                        reply = {"return": [{"cpu-index": 0, "thread-id": 1, "target": "x86_64"}]}
+                    elif cmd == "human-monitor-command":
+                        reply = {"return": "CPU#0\r\nRIP=00000000fffffff0 RFL=00000002\r\n"}
+                    else:
+                        f.write(b'{"event": "RESET", "data": {"guest": false, '
+                                b'"reason": "host-qmp-system-reset"}}\r\n')
+                        reply = {"return": {}}
+                        if self.comes_back:
+                            with self.machine.plan.console.open("a") as c:
+                                c.write("BdsDxe: loading Boot0001\r\n")
+                    f.write(json.dumps(reply).encode() + b"\r\n")
+                    f.flush()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _short_state(tmp_path: Path) -> Path:
+    # AF_UNIX paths are limited to 108 bytes: pytest's tmp_path can be longer
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="qmp-", dir="/tmp"))
+
+
+def test_a_machine_silent_after_its_reset_gets_reset_pressed_once(tmp_path: Path) -> None:
+    short = _short_state(tmp_path)
+    machine = _machine(short)
+    machine.plan.console.write_text("[   79.9] systemd-shutdown[1]: Unable to finalize\r\n"
+                                    "[   79.97] reboot: Restarting system\r\n")
+    qmp = _FakeQmp(machine)
+    try:
+        resets: list[Path] = []
+        watch = vm.ConsoleWatch(machine, stall=5.0, reset_after=0.3, resets=resets)
+        watch.check()
+        time.sleep(0.4)
+        watch.check()  # silent past reset_after, right after the restart line: pressed
+        assert [c for c, _ in qmp.seen if c == "system_reset"] == ["system_reset"]
+        assert ("human-monitor-command", {"command-line": "info registers -a"}) in qmp.seen
+        (kept,) = resets
+        assert kept.name.startswith("reset-hang-")
+        state = (kept / "qemu-state.txt").read_text()
+        assert "RIP=00000000fffffff0" in state and '"running": true' in state
+        assert "reboot: Restarting system" in (kept / "console.log").read_text()
+        assert (kept / "OVMF_VARS.fd").read_bytes() == b"uefi variables"
+        assert machine.plan.console.read_bytes().endswith(b"BdsDxe: loading Boot0001\r\n")
+        watch.check()  # the firmware printed: the guest lives again, nothing more is pressed
+        time.sleep(0.4)
+        watch.check()  # silent again, but no longer after the restart line
+        assert [c for c, _ in qmp.seen].count("system_reset") == 1 and len(resets) == 1
+    finally:
+        qmp.close()
+        import shutil
+
+        shutil.rmtree(short)
+
+
+def test_a_machine_still_silent_after_the_press_is_reported_hung(tmp_path: Path) -> None:
+    short = _short_state(tmp_path)
+    machine = _machine(short)
+    machine.plan.console.write_text("[   79.97] reboot: Restarting system\r\n")
+    qmp = _FakeQmp(machine, firmware_comes_back=False)
+    try:
+        watch = vm.ConsoleWatch(machine, stall=0.8, reset_after=0.2)
+        watch.check()
+        time.sleep(0.3)
+        watch.check()  # pressed once
+        assert len(watch.resets) == 1
+        deadline = time.monotonic() + 5
+        with pytest.raises(vm.GuestHungError) as caught:
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+                watch.check()  # never pressed twice for the same silence
+        assert [c for c, _ in qmp.seen].count("system_reset") == 1
+        text = str(caught.value)
+        assert "reset was pressed over QMP 1 time(s) before" in text
+        assert "stopped after: '[   79.97] reboot: Restarting system'" in text
+    finally:
+        qmp.close()
+        import shutil
+
+        shutil.rmtree(short)
+
+
+def test_a_silence_after_any_other_line_is_not_a_reset_hang(tmp_path: Path) -> None:
+    short = _short_state(tmp_path)
+    machine = _machine(short)
+    machine.plan.console.write_text("[   12.0] appliance-agent[512]: serving on :8001\r\n")
+    qmp = _FakeQmp(machine)
+    try:
+        watch = vm.ConsoleWatch(machine, stall=0.6, reset_after=0.1)
+        watch.check()
+        time.sleep(0.3)
+        watch.check()  # silent past reset_after, but the kernel did not restart: nothing pressed
+        assert watch.resets == [] and qmp.seen == []
+        time.sleep(0.4)
+        with pytest.raises(vm.GuestHungError):
+            watch.check()
+    finally:
+        qmp.close()
+        import shutil
+
+        shutil.rmtree(short)

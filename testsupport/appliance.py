@@ -41,6 +41,10 @@ class Appliance:
     accel: str = "auto"
     serving_seconds: list[float] = field(default_factory=list)  # power-on -> SERVING, per boot
     hang_after: float | None = None  # console silence that means a hung guest (qemu only)
+    # qemu only: console silence after the kernel's restart line that means the machine never
+    # came back from its reset (pressed once over QMP; the evidence folders are listed here)
+    reset_after: float | None = None
+    firmware_resets: list[Path] = field(default_factory=list)
     # qemu only: a restricted user network whose frames are recorded (one pcap per power-on),
     # the guest's update source (10.0.2.100:REGISTRY_GUEST_PORT) forwarded to this host port
     record_network: bool = False
@@ -97,7 +101,8 @@ class Appliance:
         """A watch for a hung guest on the running qemu (None on a real node, or unasked)."""
         if self.machine is None or self.hang_after is None:
             return None
-        return ConsoleWatch(self.machine, self.hang_after)
+        return ConsoleWatch(self.machine, self.hang_after, reset_after=self.reset_after,
+                            resets=self.firmware_resets)
 
     def power_off(self) -> None:
         if self.console is not None and self.console.is_file() and self.state is not None:

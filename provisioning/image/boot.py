@@ -383,17 +383,32 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+# The kernel's last words before it resets the machine; the firmware prints within seconds
+# of them (under TCG too), so a console silent after them is stuck in the reset or the firmware.
+_RESTART_LINE = re.compile(r"\breboot: Restarting system\s*$")
+
+
 @dataclass
 class ConsoleWatch:
     """Notices a guest that stopped making progress: its serial console has not grown for
     ``stall`` seconds.  Callers that see life another way (the agent answering) call
-    :meth:`alive`, since an idle, healthy guest prints nothing either."""
+    :meth:`alive`, since an idle, healthy guest prints nothing either.
+
+    With ``reset_after``, a console silent that long right after the kernel's "reboot:
+    Restarting system" is a machine that never came back from its reset (seen under TCG, about
+    once in a few dozen warm resets; nothing of the image runs by then). The watch keeps the
+    evidence (console, UEFI variables, where qemu's CPUs were) and presses reset over QMP once
+    for that silence, as a node's BMC or an operator would; each press is listed in
+    ``resets``.  A second silence at the same place is reported hung."""
 
     machine: Machine
     stall: float
+    reset_after: float | None = None
+    resets: list[Path] = field(default_factory=list)
     _size: int = -1
     _since: float = 0.0
     _cpu: float | None = None
+    _pressed_at: int = -1  # console size when reset was last pressed
 
     def alive(self) -> None:
         """The guest showed life some other way: start the silent period again."""
@@ -415,9 +430,29 @@ class ConsoleWatch:
             self.alive()
             return
         silent = time.monotonic() - self._since
-        if silent < self.stall or not self.machine.alive():
+        if not self.machine.alive():
+            return
+        if (self.reset_after is not None and silent >= self.reset_after
+                and size != self._pressed_at and _RESTART_LINE.search(_last_line(self.machine))):
+            self._press_reset(silent, size)
+            return
+        if silent < self.stall:
             return
         raise GuestHungError(self.report(silent))
+
+    def _press_reset(self, silent: float, size: int) -> None:
+        kept = keep_evidence(self.machine, "reset-hang")
+        (kept / "qemu-state.txt").write_text(_qemu_state(self.machine))
+        self._pressed_at = size
+        try:
+            _qmp(self.machine.plan.qmp, "system_reset")
+        except (OSError, ValueError) as exc:
+            raise GuestHungError(f"{self.report(silent)}\n(pressing reset over QMP failed: {exc})") from exc
+        self.resets.append(kept)
+        log.warning("the machine did not come back from its reset: its console has been silent "
+                    "for %.0f s since 'reboot: Restarting system'; pressed reset over QMP "
+                    "(evidence in %s)", silent, kept)
+        self.alive()
 
     def report(self, silent: float) -> str:
         """What a person needs to look into the hang; keeps the console and UEFI variables."""
@@ -426,11 +461,35 @@ class ConsoleWatch:
                  if cpu_now is not None and cpu_then is not None else
                  f"qemu (pid {self.machine.pid}) still runs")
         kept = keep_evidence(self.machine, "hung")
+        with contextlib.suppress(OSError):
+            (kept / "qemu-state.txt").write_text(_qemu_state(self.machine))
         tail = _tail(self.machine)
         last = tail.splitlines()[-1] if tail else "(nothing)"
+        pressed = (f"; reset was pressed over QMP {len(self.resets)} time(s) before "
+                   f"({', '.join(str(r) for r in self.resets)})" if self.resets else "")
         return (f"guest hung: the console printed nothing for {silent:.0f} s (bound "
-                f"{self.stall:.0f} s); {burnt}; it stopped after: {last!r}; console and UEFI "
-                f"variables kept in {kept}; last console lines:\n{tail}")
+                f"{self.stall:.0f} s); {burnt}; it stopped after: {last!r}; console, UEFI "
+                f"variables and qemu's CPU state kept in {kept}{pressed}; last console lines:\n{tail}")
+
+
+def _last_line(machine: Machine) -> str:
+    lines = _tail(machine, 1).splitlines()
+    return lines[-1] if lines else ""
+
+
+def _qemu_state(machine: Machine) -> str:
+    """Where qemu's virtual CPUs are (QMP status, CPU list, registers), for a hang report;
+    what QMP cannot answer is said in place."""
+    parts = []
+    for command, arguments in (("query-status", None), ("query-cpus-fast", None),
+                               ("human-monitor-command", {"command-line": "info registers -a"})):
+        try:
+            answer = _qmp_any(machine.plan.qmp, command, arguments)
+        except (OSError, ValueError) as exc:
+            answer = f"(no answer: {exc})"
+        shown = answer if isinstance(answer, str) else json.dumps(answer, indent=1)
+        parts.append(f"== {command} {json.dumps(arguments) if arguments else ''}\n{shown}\n")
+    return "".join(parts)
 
 
 def keep_evidence(machine: Machine, label: str) -> Path:
@@ -487,7 +546,18 @@ def _tail(machine: Machine, lines: int = 15) -> str:
 
 
 def _qmp(sock_path: Path, command: str) -> dict[str, object]:
-    """Run one QMP command; return its ``return`` object (events in between are skipped).
+    """Run one QMP command; return its ``return`` object ({} when it is not an object).
+
+    Raises:
+        OSError: no QMP socket. ValueError: qemu answered with an error.
+    """
+    result = _qmp_any(sock_path, command)
+    return result if isinstance(result, dict) else {}
+
+
+def _qmp_any(sock_path: Path, command: str, arguments: Mapping[str, object] | None = None) -> object:
+    """Run one QMP command with ``arguments``; return what it returned (events in between are
+    skipped).
 
     Raises:
         OSError: no QMP socket. ValueError: qemu answered with an error.
@@ -498,8 +568,11 @@ def _qmp(sock_path: Path, command: str) -> dict[str, object]:
         f = sock.makefile("rwb")
         f.readline()  # greeting
         answer: dict[str, object] = {}
-        for cmd in ("qmp_capabilities", command):
-            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+        for cmd, args in (("qmp_capabilities", None), (command, arguments)):
+            message: dict[str, object] = {"execute": cmd}
+            if args is not None:
+                message["arguments"] = dict(args)
+            f.write(json.dumps(message).encode() + b"\n")
             f.flush()
             while True:
                 answer = json.loads(f.readline() or b"{}")
@@ -507,8 +580,7 @@ def _qmp(sock_path: Path, command: str) -> dict[str, object]:
                     break
             if "error" in answer or "return" not in answer:
                 raise ValueError(f"qmp {cmd}: {answer}")
-        result = answer["return"]
-        return result if isinstance(result, dict) else {}
+        return answer["return"]
 
 
 def stop(machine: Machine, grace: float = 30.0) -> str:
