@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,7 @@ def test_relay_carries_a_guest_connection_both_ways(tmp_path: Path) -> None:
     assert answer == b"got 300000"
     assert proc.wait(timeout=20) == 0
     server.close()
+    guest.close()
 
 
 def test_relay_closes_the_guest_connection_quietly_when_nothing_listens() -> None:
@@ -127,6 +129,7 @@ def test_relay_closes_the_guest_connection_quietly_when_nothing_listens() -> Non
         assert proc.wait(timeout=20) == 1
     guest.settimeout(5)
     assert guest.recv(100) == b""  # closed, and no traceback sent to the guest
+    guest.close()
 
 
 # --- a hung guest -------------------------------------------------------------------------
@@ -246,88 +249,90 @@ class _FakeQmp:
         self.server.close()
 
 
-def _short_state(tmp_path: Path) -> Path:
-    # AF_UNIX paths are limited to 108 bytes: pytest's tmp_path can be longer
+@pytest.fixture
+def short_machine() -> Iterator[vm.Machine]:
+    """A machine whose state lies in a short folder: an AF_UNIX path is limited to 108 bytes,
+    and pytest's tmp_path can be longer."""
+    import shutil
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix="qmp-", dir="/tmp"))
+    short = Path(tempfile.mkdtemp(prefix="qmp-", dir="/tmp"))
+    try:
+        yield _machine(short)
+    finally:
+        shutil.rmtree(short)
 
 
-def test_a_machine_silent_after_its_reset_gets_reset_pressed_once(tmp_path: Path) -> None:
-    short = _short_state(tmp_path)
-    machine = _machine(short)
+@pytest.fixture
+def fake_qmp(short_machine: vm.Machine) -> Iterator[Callable[..., _FakeQmp]]:
+    made: list[_FakeQmp] = []
+
+    def make(**kw: bool) -> _FakeQmp:
+        made.append(_FakeQmp(short_machine, **kw))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def test_a_machine_silent_after_its_reset_gets_reset_pressed_once(
+        short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
+    machine = short_machine
     machine.plan.console.write_text("[   79.9] systemd-shutdown[1]: Unable to finalize\r\n"
                                     "[   79.97] reboot: Restarting system\r\n")
-    qmp = _FakeQmp(machine)
-    try:
-        resets: list[Path] = []
-        watch = vm.ConsoleWatch(machine, stall=5.0, reset_after=0.3, resets=resets)
-        watch.check()
-        time.sleep(0.4)
-        watch.check()  # silent past reset_after, right after the restart line: pressed
-        assert [c for c, _ in qmp.seen if c == "system_reset"] == ["system_reset"]
-        assert ("human-monitor-command", {"command-line": "info registers -a"}) in qmp.seen
-        (kept,) = resets
-        assert kept.name.startswith("reset-hang-")
-        state = (kept / "qemu-state.txt").read_text()
-        assert "RIP=00000000fffffff0" in state and '"running": true' in state
-        assert "reboot: Restarting system" in (kept / "console.log").read_text()
-        assert (kept / "OVMF_VARS.fd").read_bytes() == b"uefi variables"
-        assert machine.plan.console.read_bytes().endswith(b"BdsDxe: loading Boot0001\r\n")
-        watch.check()  # the firmware printed: the guest lives again, nothing more is pressed
-        time.sleep(0.4)
-        watch.check()  # silent again, but no longer after the restart line
-        assert [c for c, _ in qmp.seen].count("system_reset") == 1 and len(resets) == 1
-    finally:
-        qmp.close()
-        import shutil
-
-        shutil.rmtree(short)
+    qmp = fake_qmp()
+    resets: list[Path] = []
+    watch = vm.ConsoleWatch(machine, stall=5.0, reset_after=0.3, resets=resets)
+    watch.check()
+    time.sleep(0.4)
+    watch.check()  # silent past reset_after, right after the restart line: pressed
+    assert [c for c, _ in qmp.seen if c == "system_reset"] == ["system_reset"]
+    assert ("human-monitor-command", {"command-line": "info registers -a"}) in qmp.seen
+    (kept,) = resets
+    assert kept.name.startswith("reset-hang-")
+    state = (kept / "qemu-state.txt").read_text()
+    assert "RIP=00000000fffffff0" in state and '"running": true' in state
+    assert "reboot: Restarting system" in (kept / "console.log").read_text()
+    assert (kept / "OVMF_VARS.fd").read_bytes() == b"uefi variables"
+    assert machine.plan.console.read_bytes().endswith(b"BdsDxe: loading Boot0001\r\n")
+    watch.check()  # the firmware printed: the guest lives again, nothing more is pressed
+    time.sleep(0.4)
+    watch.check()  # silent again, but no longer after the restart line
+    assert [c for c, _ in qmp.seen].count("system_reset") == 1 and len(resets) == 1
 
 
-def test_a_machine_still_silent_after_the_press_is_reported_hung(tmp_path: Path) -> None:
-    short = _short_state(tmp_path)
-    machine = _machine(short)
+def test_a_machine_still_silent_after_the_press_is_reported_hung(
+        short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
+    machine = short_machine
     machine.plan.console.write_text("[   79.97] reboot: Restarting system\r\n")
-    qmp = _FakeQmp(machine, firmware_comes_back=False)
-    try:
-        watch = vm.ConsoleWatch(machine, stall=0.8, reset_after=0.2)
-        watch.check()
-        time.sleep(0.3)
-        watch.check()  # pressed once
-        assert len(watch.resets) == 1
-        deadline = time.monotonic() + 5
-        with pytest.raises(vm.GuestHungError) as caught:
-            while time.monotonic() < deadline:
-                time.sleep(0.1)
-                watch.check()  # never pressed twice for the same silence
-        assert [c for c, _ in qmp.seen].count("system_reset") == 1
-        text = str(caught.value)
-        assert "reset was pressed over QMP 1 time(s) before" in text
-        assert "stopped after: '[   79.97] reboot: Restarting system'" in text
-    finally:
-        qmp.close()
-        import shutil
-
-        shutil.rmtree(short)
+    qmp = fake_qmp(firmware_comes_back=False)
+    watch = vm.ConsoleWatch(machine, stall=0.8, reset_after=0.2)
+    watch.check()
+    time.sleep(0.3)
+    watch.check()  # pressed once
+    assert len(watch.resets) == 1
+    deadline = time.monotonic() + 5
+    with pytest.raises(vm.GuestHungError) as caught:
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            watch.check()  # never pressed twice for the same silence
+    assert [c for c, _ in qmp.seen].count("system_reset") == 1
+    text = str(caught.value)
+    assert "reset was pressed over QMP 1 time(s) before" in text
+    assert "stopped after: '[   79.97] reboot: Restarting system'" in text
 
 
-def test_a_silence_after_any_other_line_is_not_a_reset_hang(tmp_path: Path) -> None:
-    short = _short_state(tmp_path)
-    machine = _machine(short)
+def test_a_silence_after_any_other_line_is_not_a_reset_hang(
+        short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
+    machine = short_machine
     machine.plan.console.write_text("[   12.0] appliance-agent[512]: serving on :8001\r\n")
-    qmp = _FakeQmp(machine)
-    try:
-        watch = vm.ConsoleWatch(machine, stall=0.6, reset_after=0.1)
+    qmp = fake_qmp()
+    watch = vm.ConsoleWatch(machine, stall=0.6, reset_after=0.1)
+    watch.check()
+    time.sleep(0.3)
+    watch.check()  # silent past reset_after, but the kernel did not restart: nothing pressed
+    assert watch.resets == [] and qmp.seen == []
+    time.sleep(0.4)
+    with pytest.raises(vm.GuestHungError):
         watch.check()
-        time.sleep(0.3)
-        watch.check()  # silent past reset_after, but the kernel did not restart: nothing pressed
-        assert watch.resets == [] and qmp.seen == []
-        time.sleep(0.4)
-        with pytest.raises(vm.GuestHungError):
-            watch.check()
-    finally:
-        qmp.close()
-        import shutil
-
-        shutil.rmtree(short)

@@ -565,7 +565,11 @@ def _qmp_any(sock_path: Path, command: str, arguments: Mapping[str, object] | No
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)
         sock.connect(str(sock_path))
-        f = sock.makefile("rwb")
+        return _qmp_exchange(sock, command, arguments)
+
+
+def _qmp_exchange(sock: socket.socket, command: str, arguments: Mapping[str, object] | None) -> object:
+    with sock.makefile("rwb") as f:
         f.readline()  # greeting
         answer: dict[str, object] = {}
         for cmd, args in (("qmp_capabilities", None), (command, arguments)):
