@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the components import this module; the context only names t
     from agent.health.sampler import Sampler
     from agent.inference.repository import ModelRepository
     from agent.inference.service import InferenceServicer
+    from agent.security import RevocationList
     from agent.updates.manager import UpdateManager
     from agent.updates.service import UpdatesComponent
 
@@ -38,6 +39,7 @@ class AgentContext:
     # Published by agent.updates.service.attach or agent.health.service.attach, whichever
     # runs first (a test may publish its own before either).
     events: EventLog | None = None
+    revocation: RevocationList | None = None  # the site CRL in force, one list for every port
     # Published by agent.health.service.attach (a test may publish one on a fake NVML first).
     sampler: Sampler | None = None
     health_collector: NodeCollector | None = None

@@ -297,12 +297,15 @@ def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=True)
 
 
-def metrics_tls(config: AgentConfig) -> tuple[ssl.SSLContext, Callable[[bytes], str | None]] | None:
+def metrics_tls(config: AgentConfig, crl: RevocationList | None = None,
+                ) -> tuple[ssl.SSLContext, Callable[[bytes], str | None]] | None:
     """What the metrics port needs to speak HTTPS with the gRPC port's rules, or None on loopback.
 
     Returns an SSL context (TLS 1.2+, a client certificate from the site CA required) and an
     admission check for the client certificate (DER): the reason it is refused (expired,
-    revoked by the site CRL, no role), or None.
+    revoked by the site CRL, no role), or None.  ``crl`` is the gRPC port's revocation list
+    (:attr:`AccessInterceptor.revocation`), so that both ports enforce the one list in force,
+    rollback refusal and its persistence included; without it the file is read afresh.
 
     Raises:
         the errors of :func:`server_credentials`.
@@ -316,7 +319,8 @@ def metrics_tls(config: AgentConfig) -> tuple[ssl.SSLContext, Callable[[bytes], 
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
     ctx.load_verify_locations(cafile=str(tls.ca))
     ctx.verify_mode = ssl.CERT_REQUIRED
-    crl = RevocationList(tls.crl, _load_cert(tls.ca, "ca")) if tls.crl is not None else None
+    if crl is None and tls.crl is not None:
+        crl = RevocationList(tls.crl, _load_cert(tls.ca, "ca"))
 
     def admit(der: bytes) -> str | None:
         try:
@@ -657,6 +661,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._total = 0
         self._identities: dict[bytes, Identity] = {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    @property
+    def revocation(self) -> RevocationList | None:
+        """The site CRL this interceptor enforces (None without TLS or without a CRL)."""
+        return self._crl
 
     def attach(self, events: Any, held_path: Path) -> None:
         """Once the agent's event log exists: CRL refusals become events, and the CRL in force

@@ -113,6 +113,7 @@ async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentConte
     for guard in guards:
         if isinstance(guard, security.AccessInterceptor):
             guard.attach(ctx.events, ctx.layout.crl_in_force)
+            ctx.revocation = guard.revocation
     names.append(reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=_reflection_pool(names))
     return server, ctx, names
@@ -244,7 +245,8 @@ def _start_metrics(config: AgentConfig, ctx: AgentContext) -> Any:
     repo = ctx.inference
     if repo is not None:
         register_collector(InferenceCollector(repo.statistics))
-    tls = security.metrics_tls(config)  # the gRPC port's mTLS rules, or None on loopback
+    # the gRPC port's mTLS rules and its revocation list in force, or None on loopback
+    tls = security.metrics_tls(config, ctx.revocation)
     host = config.server.listen if tls else LOOPBACK
     try:
         return start_metrics_server(config.server.metrics_port, host, tls)

@@ -7,6 +7,7 @@ checked by the agent's RevocationList and through a real mTLS gRPC server on loo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -26,6 +27,7 @@ from agent.security import AccessInterceptor, RevocationList, crl_facts
 from agent.state import StateLayout
 from provisioning.pki import init_pki, issue_client, issue_node, revoke, write_crl
 from tests.test_security import channel, client_creds, code_of, write_config
+from testsupport.appliance import free_port
 from testsupport.secure_server import start
 
 
@@ -155,3 +157,45 @@ def test_a_restart_keeps_the_newest_crl_it_saw(pki: Path, tmp_path: Path) -> Non
     assert second._crl is not None and second._crl.is_revoked(gone)
     (event,) = events.recent(kind_prefix="tls.crl.refused")
     assert event.details["offered_number"] < event.details["held_number"]
+
+
+def test_the_metrics_port_enforces_the_grpc_ports_crl_in_force(pki: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metrics port shares the gRPC port's revocation list: a CRL rolled back while the agent
+    was down, or written over the file while it runs, un-revokes nothing there either."""
+    import urllib.error
+
+    from agent.context import AgentContext
+    from agent.server import _start_metrics, build_server
+    from tests.test_security import _scrape
+
+    monkeypatch.setattr(RevocationList, "_RECHECK_S", 0.0)
+    issue_client(pki, "fine", "observer")
+    crl_path = pki / "crl.pem"
+    older = crl_path.read_bytes()  # genuine, signed before "later" was revoked
+    revoke(pki, "later")
+    state = tmp_path / "state"
+    config = load_config(write_config(tmp_path, pki, server=f'state_dir = "{state}"'))
+    AccessInterceptor(config).attach(EventLog(), StateLayout(state).crl_in_force)  # a first run saw it
+    _replace(crl_path, older)  # rolled back while the agent was down
+
+    async def build() -> AgentContext:
+        server, ctx, _ = await build_server(config)
+        await server.stop(None)
+        return ctx
+
+    ctx = asyncio.run(build())
+    assert ctx.revocation is not None and ctx.revocation.is_revoked(_serial(pki, "later"))
+    metrics = _start_metrics(dataclasses.replace(
+        config, server=dataclasses.replace(config.server, metrics_port=free_port())), ctx)
+    try:
+        port = metrics.server_port
+        assert _scrape(port, pki, "fine").startswith("200 ")
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            _scrape(port, pki, "later")
+        _replace(crl_path, older)  # and again while it runs
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            _scrape(port, pki, "later")
+    finally:
+        metrics.shutdown()
+        metrics.server_close()
