@@ -328,11 +328,25 @@ def test_a_silence_after_any_other_line_is_not_a_reset_hang(
     machine = short_machine
     machine.plan.console.write_text("[   12.0] appliance-agent[512]: serving on :8001\r\n")
     qmp = fake_qmp()
-    watch = vm.ConsoleWatch(machine, stall=0.6, reset_after=0.1)
+    watch = vm.ConsoleWatch(machine, stall=2.0, reset_after=0.1)
     watch.check()
     time.sleep(0.3)
     watch.check()  # silent past reset_after, but the kernel did not restart: nothing pressed
     assert watch.resets == [] and qmp.seen == []
-    time.sleep(0.4)
+    time.sleep(2.0)
     with pytest.raises(vm.GuestHungError):
         watch.check()
+
+
+def test_presses_stop_at_max_resets(short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
+    """A reset that hangs every time is not pressed forever: past ``max_resets`` it is a hang."""
+    machine = short_machine
+    machine.plan.console.write_text("[   79.97] reboot: Restarting system\r\n")
+    qmp = fake_qmp()
+    earlier = [machine.plan.state / "reset-hang-1", machine.plan.state / "reset-hang-2"]
+    watch = vm.ConsoleWatch(machine, stall=0.5, reset_after=0.1, resets=earlier, max_resets=2)
+    watch.check()
+    time.sleep(0.6)
+    with pytest.raises(vm.GuestHungError, match="pressed over QMP 2 time"):
+        watch.check()
+    assert "system_reset" not in [c for c, _ in qmp.seen]
