@@ -192,7 +192,7 @@ def profile(pki: Pki, agent: Agent, out: Path, seconds: float) -> None:
         raise SystemExit("--py-spy needs py-spy (pip install py-spy into the venv)")
     raw = out.with_suffix(".raw")
     rec = subprocess.Popen([spy, "record", "--pid", str(agent.proc.pid), "--format", "raw",
-                            "--rate", "250", "-o", str(raw), "--nonblocking"],
+                            "--rate", "250", "-o", str(raw), "--nonblocking", "--gil"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(1)
