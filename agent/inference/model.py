@@ -1,7 +1,9 @@
 """A loaded model version: its ONNX Runtime session, scheduler and statistics.
 
-Sessions run on a small thread pool per model (Triton's instance count), never on the event
-loop.  Two schedulers:
+Sessions run on a small thread pool per model (Triton's instance count).  The one exception:
+a model whose runs take less than the hop to a worker thread and back (a few microseconds of
+compute against tens of microseconds of thread hand-off) runs small requests on the event
+loop itself; see :data:`INLINE_MAX_NS`.  Two schedulers:
 
 - direct: each request runs on its own (models without dynamic batching);
 - dynamic batching: requests wait up to ``max_queue_delay_us`` to be joined, along the first
@@ -40,6 +42,16 @@ __all__ = ["ExecutionError", "LoadedModel", "QueueFullError", "Result", "build_s
 log = logging.getLogger(__name__)
 
 Array = np.ndarray[Any, Any]
+
+# A direct (unbatched) request runs on the event loop instead of the model's thread pool
+# when all of these hold, so the loop is never held longer than a pool hand-off would cost:
+# the model runs on the CPU; the request's inputs hold at most INLINE_MAX_BYTES; and the
+# median of the model's last RUN_WINDOW runs of such requests (on the pool or inline) is at
+# most INLINE_MAX_NS.  The first RUN_WINDOW small requests always go to the pool, to measure;
+# a model that grows slow (a busy machine, other inputs) goes back to the pool by itself.
+INLINE_MAX_NS = 50_000
+INLINE_MAX_BYTES = 64 << 10
+RUN_WINDOW = 32
 
 
 class QueueFullError(InferenceError):
@@ -197,6 +209,10 @@ class LoadedModel:
         self._slots = asyncio.Semaphore(self.instances)
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._on_cpu = self.provider == CPU
+        self._runs: collections.deque[int] = collections.deque(maxlen=RUN_WINDOW)
+        self._runs_seen = 0
+        self.inline = False  # see INLINE_MAX_NS
 
     # ------------------------------------------------------------------ running
 
@@ -240,15 +256,30 @@ class LoadedModel:
     async def _direct(self, feeds: dict[str, Array], outputs: list[str]) -> Result:
         t0 = time.perf_counter_ns()
         prepared = feeds_for_session(feeds)
+        small = self._on_cpu and sum(a.nbytes for a in feeds.values()) <= INLINE_MAX_BYTES
         t1 = time.perf_counter_ns()
-        loop = asyncio.get_running_loop()
-        results, start, end = await loop.run_in_executor(self._executor, self._execute, prepared, outputs)
+        if small and self.inline:
+            results, start, end = self._execute(prepared, outputs)
+        else:
+            loop = asyncio.get_running_loop()
+            results, start, end = await loop.run_in_executor(self._executor, self._execute, prepared, outputs)
+        if small:
+            self._measured(end - start)
         t2 = time.perf_counter_ns()
         out = {n: to_bytes_array(np.asarray(r)) for n, r in zip(outputs, results, strict=True)}
         t3 = time.perf_counter_ns()
         batch = self._batch_of(feeds)
         self.stats.record_execution(batch, t1 - t0, end - start, t3 - t2)
         return Result(out, queue_ns=start - t1, input_ns=t1 - t0, infer_ns=end - start, output_ns=t3 - t2)
+
+    def _measured(self, run_ns: int) -> None:
+        """Note one small request's run time; decide again, every RUN_WINDOW runs, whether
+        small requests run inline (see INLINE_MAX_NS)."""
+        self._runs.append(run_ns)
+        self._runs_seen += 1
+        if self._runs_seen % RUN_WINDOW == 0:
+            ordered = sorted(self._runs)
+            self.inline = ordered[len(ordered) // 2] <= INLINE_MAX_NS
 
     def _batch_of(self, feeds: dict[str, Array]) -> int:
         if self.max_batch <= 0:

@@ -297,6 +297,8 @@ class ModelRepository:
                 raise NotFoundError(f"model {echo(name)} has no served version {echo(version)} "
                                     f"(served: {served})")
             return model
+        if len(versions) == 1:  # the active one, or else the newest: the only one either way
+            return next(iter(versions.values()))
         active = self.store.active_version(name)
         if active in versions:
             return versions[active]
