@@ -29,7 +29,8 @@ from google.protobuf.message import DecodeError
 from agent.errors import BundleError
 from agent.proto import onnx_refs_pb2 as pb
 
-__all__ = ["DataRef", "check_model_files", "data_refs", "safe_member_name"]
+__all__ = ["FIXED_COST_OPS", "DataRef", "check_model_files", "data_refs", "fixed_cost",
+           "safe_member_name"]
 
 _EXTERNAL = 1  # onnx.TensorProto.DataLocation.EXTERNAL
 _DEFAULT = 0
@@ -180,3 +181,43 @@ def check_model_files(model: bytes, members: Collection[str], origin: str) -> No
             have = ", ".join(sorted(members)) or "none"
             raise BundleError(f"{what}: keeps its data in {_shown(ref.location)}, which is not a "
                               f"file of the bundle (its data files: {have}); refused")
+
+
+# Operators whose output shapes follow from their input shapes and attributes alone: with
+# fixed input shapes, a graph made of these costs the same whatever values a request carries.
+# Left out on purpose: control flow (Loop, Scan, If), and every operator that takes a size,
+# count or shape from a tensor (Expand, Tile, ConstantOfShape, Range, Resize, Upsample, Pad,
+# OneHot, DFT/STFT, ...), since a request's values would then set the work.
+FIXED_COST_OPS = frozenset({
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "AveragePool", "BatchNormalization", "Cast",
+    "Ceil", "Clip", "Concat", "Constant", "Conv", "DequantizeLinear", "Div", "Dropout", "Elu",
+    "Equal", "Erf", "Exp", "Flatten", "Floor", "Gather", "Gelu", "Gemm", "GlobalAveragePool",
+    "GlobalMaxPool", "Greater", "GreaterOrEqual", "HardSigmoid", "Identity",
+    "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul",
+    "Max", "MaxPool", "Mean", "Min", "Mul", "Neg", "Not", "Or", "Pow", "QuantizeLinear",
+    "Reciprocal", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum", "Relu", "Round",
+    "Selu", "Shape", "Sigmoid", "Sign", "Size", "Softmax", "Softplus", "Sqrt", "Squeeze", "Sub",
+    "Sum", "Tanh", "Transpose", "Unsqueeze", "Where", "Xor",
+})
+
+
+def fixed_cost(model: bytes) -> bool:
+    """True when every node of ``model`` is an operator of :data:`FIXED_COST_OPS` in ONNX's
+    default domain, in the main graph only (no subgraph, model-local function or training
+    graph): its run time then cannot be chosen by the values of a request of fixed shape.
+    Reshape and Slice are left out as well (their shape inputs may come from a request).
+    False for anything that does not parse."""
+    if model[4:8] == _ORT_FORMAT_ID:
+        return False
+    try:
+        parsed = pb.Model.FromString(model)
+    except DecodeError:
+        return False
+    if parsed.functions or parsed.training_info or not parsed.HasField("graph"):
+        return False
+    for node in parsed.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in FIXED_COST_OPS:
+            return False
+        if any(a.HasField("g") or a.graphs for a in node.attribute):
+            return False
+    return True

@@ -16,6 +16,7 @@ import pytest
 from agent.bundle import read_bundle
 from agent.inference import model as model_mod
 from agent.inference.model import INLINE_MAX_BYTES, RUN_WINDOW, LoadedModel
+from agent.modelrefs import fixed_cost
 from agent.ort import make_session
 from provisioning.demo.models import affine_model
 from testsupport.inference_support import make_bundle
@@ -44,7 +45,9 @@ def affine(tmp_path: Path) -> tuple[LoadedModel, RecordingSession]:
     path = affine_model(tmp_path / "a.onnx")
     bundle = read_bundle(make_bundle(tmp_path, path, "affine", "1", {"x": np.ones((1, 4), np.float32)}))
     session = RecordingSession(make_session(path.read_bytes()))
-    return LoadedModel(bundle.manifest, session, instances=2, max_queue=64, batching=False), session
+    assert fixed_cost(path.read_bytes())  # Mul and Add: its cost follows the request's shapes
+    return LoadedModel(bundle.manifest, session, instances=2, max_queue=64, batching=False,
+                       fixed_cost=True), session
 
 
 def _run(model: LoadedModel, rows: int, times: int) -> list[np.ndarray]:
@@ -97,8 +100,53 @@ def test_a_slow_model_stays_on_the_pool_and_one_that_slows_down_goes_back(
 
     # a model never measured below the bound never runs inline
     monkeypatch.setattr(model_mod, "INLINE_MAX_NS", 0)
-    fresh = LoadedModel(model.manifest, session, instances=2, max_queue=64, batching=False)
+    fresh = LoadedModel(model.manifest, session, instances=2, max_queue=64, batching=False,
+                        fixed_cost=True)
     session.delay_s = 0.0
     _run(fresh, 1, 3 * RUN_WINDOW)
     assert not fresh.inline
     assert here not in session.threads[-3 * RUN_WINDOW:]
+
+
+def test_a_new_shape_runs_on_the_pool_until_it_is_measured(
+        affine: tuple[LoadedModel, RecordingSession]) -> None:
+    """A request cannot pick a shape nobody measured and hold the loop with it."""
+    model, session = affine
+    here = threading.get_ident()
+    _run(model, 1, RUN_WINDOW)
+    assert model.inline
+    _run(model, 64, RUN_WINDOW - 1)  # another shape, small enough, not yet measured
+    assert here not in session.threads[-(RUN_WINDOW - 1):]
+    _run(model, 64, 2)  # its window completes: it is as fast, so it runs inline from now on
+    assert session.threads[-1] == here
+    _run(model, 1, 1)
+    assert session.threads[-1] == here  # the first shape still does
+
+
+def test_a_model_whose_work_a_request_can_choose_never_runs_inline(tmp_path: Path) -> None:
+    """Tile takes its repeat counts from a tensor: a request would set the work. Such a model
+    is measured as fast as any and still never holds the loop."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    r = helper.make_tensor_value_info("r", TensorProto.INT64, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Tile", ["x", "r"], ["y"])], "tile", [x, r], [y])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    data = model.SerializeToString()
+    assert not fixed_cost(data)
+    path = tmp_path / "tile.onnx"
+    path.write_bytes(data)
+    feeds = {"x": np.ones((1, 4), np.float32), "r": np.array([1, 1], np.int64)}
+    bundle = read_bundle(make_bundle(tmp_path, path, "tile", "1", feeds))
+    session = RecordingSession(make_session(data))
+    loaded = LoadedModel(bundle.manifest, session, instances=2, max_queue=64, batching=False,
+                         fixed_cost=fixed_cost(data))
+
+    async def go() -> None:
+        for _ in range(3 * RUN_WINDOW):
+            await loaded.infer(feeds, ["y"])
+
+    asyncio.run(go())
+    assert not loaded.inline
+    assert threading.get_ident() not in session.threads

@@ -28,7 +28,7 @@ from agent.bundle import GOLDEN, MODEL, GoldenCase, _parse_manifest, encode_gold
 from agent.config import InferenceSection
 from agent.errors import BundleError
 from agent.inference.repository import ModelRepository
-from agent.modelrefs import check_model_files, data_refs, safe_member_name
+from agent.modelrefs import check_model_files, data_refs, fixed_cost, safe_member_name
 from agent.ort import make_session
 from agent.proto import node_pb2, node_pb2_grpc, onnx_refs_pb2
 from provisioning.bundle import create_bundle
@@ -304,3 +304,22 @@ def test_a_signed_update_carrying_the_attack_is_refused_by_a_running_agent(tmp_p
     finally:
         agent.stop()
     assert SECRET.decode() not in agent.log()
+
+
+# --- fixed cost: which models may run on the agent's event loop ----------------------------
+
+def test_fixed_cost_is_only_plain_graphs_of_shape_bound_operators() -> None:
+    plain = in_initializer("W.bin")  # Equal and Where, in the main graph
+    assert fixed_cost(plain)
+    assert not fixed_cost(in_subgraph("S.bin"))  # control flow: If
+    assert not fixed_cost(in_function("W.bin"))  # a model-local function, another domain
+    ms = helper.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([ms], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    assert not fixed_cost(_model(graph))  # a contrib operator
+    for op in ("Expand", "Tile", "Reshape", "Range", "ConstantOfShape", "Loop", "Resize", "Pad"):
+        node = helper.make_node(op, ["x", "x"], ["y"])
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.INT64, [2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+        assert not fixed_cost(_model(graph)), op  # a size or a count from a tensor
+    assert not fixed_cost(b"not a model") and not fixed_cost(b"\0\0\0\0ORTM....")

@@ -45,13 +45,19 @@ Array = np.ndarray[Any, Any]
 
 # A direct (unbatched) request runs on the event loop instead of the model's thread pool
 # when all of these hold, so the loop is never held longer than a pool hand-off would cost:
-# the model runs on the CPU; the request's inputs hold at most INLINE_MAX_BYTES; and the
-# median of the model's last RUN_WINDOW runs of such requests (on the pool or inline) is at
-# most INLINE_MAX_NS.  The first RUN_WINDOW small requests always go to the pool, to measure;
-# a model that grows slow (a busy machine, other inputs) goes back to the pool by itself.
+# - the model runs on the CPU and is made of fixed-cost operators only (no control flow, no
+#   operator that takes a size from a tensor: agent.modelrefs.fixed_cost), so its run time
+#   is set by the shapes of a request, never by its values;
+# - the request's inputs are numeric and hold at most INLINE_MAX_BYTES;
+# - requests of exactly these input shapes were measured: the median of their last
+#   RUN_WINDOW runs (on the pool, or inline) is at most INLINE_MAX_NS.  Shapes not yet
+#   measured run on the pool (a request cannot choose a slow shape and hold the loop); at
+#   most INLINE_SHAPES shapes are measured per model; a shape that grows slow (a busy
+#   machine) goes back to the pool at its next window.
 INLINE_MAX_NS = 50_000
 INLINE_MAX_BYTES = 64 << 10
 RUN_WINDOW = 32
+INLINE_SHAPES = 16
 
 
 class QueueFullError(InferenceError):
@@ -185,7 +191,7 @@ class LoadedModel:
     """One served model version; see the module docstring."""
 
     def __init__(self, manifest: Manifest, session: Any, *, instances: int, max_queue: int,
-                 batching: bool, sha256: str = "") -> None:
+                 batching: bool, sha256: str = "", fixed_cost: bool = False) -> None:
         self.manifest = manifest
         self.name = manifest.name
         self.version = manifest.version
@@ -209,10 +215,13 @@ class LoadedModel:
         self._slots = asyncio.Semaphore(self.instances)
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
-        self._on_cpu = self.provider == CPU
-        self._runs: collections.deque[int] = collections.deque(maxlen=RUN_WINDOW)
-        self._runs_seen = 0
-        self.inline = False  # see INLINE_MAX_NS
+        # Only a model whose work a request's values cannot choose may ever hold the event
+        # loop: a CPU session of fixed-cost operators (agent.modelrefs.fixed_cost).
+        self._may_inline = self.provider == CPU and fixed_cost
+        # per input-shape signature: its last runs, how many were seen (see INLINE_MAX_NS)
+        self._runs: dict[tuple[Any, ...], collections.deque[int]] = {}
+        self._runs_seen: dict[tuple[Any, ...], int] = {}
+        self._inline: set[tuple[Any, ...]] = set()
 
     # ------------------------------------------------------------------ running
 
@@ -256,15 +265,15 @@ class LoadedModel:
     async def _direct(self, feeds: dict[str, Array], outputs: list[str]) -> Result:
         t0 = time.perf_counter_ns()
         prepared = feeds_for_session(feeds)
-        small = self._on_cpu and sum(a.nbytes for a in feeds.values()) <= INLINE_MAX_BYTES
+        shapes = self._inline_signature(feeds)
         t1 = time.perf_counter_ns()
-        if small and self.inline:
+        if shapes is not None and shapes in self._inline:
             results, start, end = self._execute(prepared, outputs)
         else:
             loop = asyncio.get_running_loop()
             results, start, end = await loop.run_in_executor(self._executor, self._execute, prepared, outputs)
-        if small:
-            self._measured(end - start)
+        if shapes is not None:
+            self._measured(shapes, end - start)
         t2 = time.perf_counter_ns()
         out = {n: to_bytes_array(np.asarray(r)) for n, r in zip(outputs, results, strict=True)}
         t3 = time.perf_counter_ns()
@@ -272,14 +281,35 @@ class LoadedModel:
         self.stats.record_execution(batch, t1 - t0, end - start, t3 - t2)
         return Result(out, queue_ns=start - t1, input_ns=t1 - t0, infer_ns=end - start, output_ns=t3 - t2)
 
-    def _measured(self, run_ns: int) -> None:
-        """Note one small request's run time; decide again, every RUN_WINDOW runs, whether
-        small requests run inline (see INLINE_MAX_NS)."""
-        self._runs.append(run_ns)
-        self._runs_seen += 1
-        if self._runs_seen % RUN_WINDOW == 0:
-            ordered = sorted(self._runs)
-            self.inline = ordered[len(ordered) // 2] <= INLINE_MAX_NS
+    @property
+    def inline(self) -> bool:
+        """True when requests of some input shapes run on the event loop (see INLINE_MAX_NS)."""
+        return bool(self._inline)
+
+    def _inline_signature(self, feeds: dict[str, Array]) -> tuple[Any, ...] | None:
+        """The input shapes of a request that may run inline once measured, else None."""
+        if not self._may_inline:
+            return None
+        if sum(a.nbytes for a in feeds.values()) > INLINE_MAX_BYTES \
+                or any(a.dtype.kind not in "biuf" for a in feeds.values()):
+            return None  # big, or strings (whose nbytes does not count their text)
+        return tuple(sorted((k, a.shape, a.dtype.str) for k, a in feeds.items()))
+
+    def _measured(self, shapes: tuple[Any, ...], run_ns: int) -> None:
+        """Note one run of a request of these input shapes; decide again, every RUN_WINDOW
+        runs of them, whether they run inline (see INLINE_MAX_NS)."""
+        runs = self._runs.get(shapes)
+        if runs is None:
+            if len(self._runs) >= INLINE_SHAPES:
+                return  # enough shapes measured: the others stay on the pool
+            runs = self._runs[shapes] = collections.deque(maxlen=RUN_WINDOW)
+        runs.append(run_ns)
+        seen = self._runs_seen[shapes] = self._runs_seen.get(shapes, 0) + 1
+        if seen % RUN_WINDOW == 0:
+            if sorted(runs)[len(runs) // 2] <= INLINE_MAX_NS:
+                self._inline.add(shapes)
+            else:
+                self._inline.discard(shapes)
 
     def _batch_of(self, feeds: dict[str, Array]) -> int:
         if self.max_batch <= 0:

@@ -31,6 +31,7 @@ from agent.inference.model import LoadedModel, build_session
 from agent.inference.signature import check_signature
 from agent.inference.store import InstalledModel, ModelStore, golden_verifier
 from agent.inference.versions import FILE_NAME, TritonVersions, is_number
+from agent.modelrefs import fixed_cost
 
 __all__ = ["IndexEntry", "ModelRepository"]
 
@@ -119,7 +120,7 @@ class ModelRepository:
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
                 raise BundleError(f"{manifest.name} {manifest.version}: ONNX Runtime cannot load "
                                   f"the model: {exc}") from None
-            model = self._loaded(manifest, session, "")
+            model = self._loaded(manifest, session, "", model_bytes)
             try:
                 _golden_on(model, cases)
             except BaseException:
@@ -184,10 +185,11 @@ class ModelRepository:
                             name, previous.version, drain_s)
             previous.close()
 
-    def _loaded(self, manifest: Manifest, session: Any, sha256: str) -> LoadedModel:
+    def _loaded(self, manifest: Manifest, session: Any, sha256: str, model: bytes) -> LoadedModel:
         return LoadedModel(manifest, session, instances=self.settings.instances,
                            max_queue=self.settings.max_queue,
-                           batching=self.settings.dynamic_batching, sha256=sha256)
+                           batching=self.settings.dynamic_batching, sha256=sha256,
+                           fixed_cost=fixed_cost(model))
 
     # ------------------------------------------------------------------ load / unload
 
@@ -200,7 +202,7 @@ class ModelRepository:
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
             raise BundleError(f"{installed.name} {installed.version}: ONNX Runtime cannot load the "
                               f"model: {exc}") from None
-        model = self._loaded(opened.manifest, session, installed.sha256)
+        model = self._loaded(opened.manifest, session, installed.sha256, opened.model)
         try:
             _golden_on(model, opened.golden)
         except BaseException:
