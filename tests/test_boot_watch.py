@@ -81,7 +81,8 @@ def test_qemu_that_cannot_start_under_kvm_starts_again_under_tcg(
     plan = vm.BootPlan(tmp_path / "disk.raw", tmp_path / "vm", True)
     machine = vm.start(plan, fallback_tcg=True)
     assert not machine.plan.kvm and [a[a.index("-machine") + 1] for a in started] == \
-        ["q35,accel=kvm", "q35,accel=tcg"]
+        ["q35,accel=kvm", "q35"]
+    assert started[-1][started[-1].index("-accel") + 1] == "tcg,thread=single"
     with pytest.raises(ToolError, match="MSR 0x10a"):
         vm.start(dataclasses.replace(plan, state=tmp_path / "vm2"), fallback_tcg=False)
 

@@ -175,7 +175,9 @@ def test_qemu_argv_with_kvm(tmp_path: Path) -> None:
 
 def test_qemu_argv_without_kvm_and_with_tpm(tmp_path: Path) -> None:
     argv = vm.qemu_argv(_plan(tmp_path, kvm=False, tpm=True))
-    assert argv[argv.index("-machine") + 1] == "q35,accel=tcg" and argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-machine") + 1] == "q35" and argv[argv.index("-cpu") + 1] == "max"
+    # every vCPU on one host thread: multi-threaded TCG let the guest run stale patched code
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
     assert "accel=kvm" not in " ".join(argv) and "host" not in argv
     assert argv[argv.index("-tpmdev") + 1] == "emulator,id=tpm0,chardev=tpmchr"
     assert f"socket,id=tpmchr,path={tmp_path}/vm/swtpm.sock" in argv
@@ -351,7 +353,8 @@ def test_qemu_argv_for_secure_boot(tmp_path: Path) -> None:
     plan = vm.BootPlan(tmp_path / "disk.raw", tmp_path / "vm", False, firmware=vm.OVMF_CODE_SECBOOT,
                        vars_template=vm.OVMF_VARS_SNAKEOIL, secure_boot=True)
     argv = vm.qemu_argv(plan)
-    assert argv[argv.index("-machine") + 1] == "q35,accel=tcg,smm=on"
+    assert argv[argv.index("-machine") + 1] == "q35,smm=on"
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
     assert "driver=cfi.pflash01,property=secure,value=on" in argv
     assert f"if=pflash,format=raw,unit=0,readonly=on,file={vm.OVMF_CODE_SECBOOT}" in argv
 

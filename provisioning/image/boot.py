@@ -172,7 +172,12 @@ def qemu_argv(plan: BootPlan) -> list[str]:
     if plan.kvm:
         accel = ["-machine", "q35,accel=kvm", "-cpu", plan.cpu_model or "host"]
     else:
-        accel = ["-machine", "q35,accel=tcg", "-cpu", plan.cpu_model or "max"]
+        # One host thread runs every vCPU (not multi-threaded TCG): under MTTCG an x86 guest
+        # that patches its own code while another vCPU runs it (the kernel's int3-based text
+        # patching) can execute a stale translation. Seen here: "Oops: int3" in
+        # sched_clock_cpu, a kernel panic at 12 s into a boot of the hil suite, which spent
+        # one of the A/B trial boots.
+        accel = ["-machine", "q35", "-accel", "tcg,thread=single", "-cpu", plan.cpu_model or "max"]
     forwards = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
                        for guest, host in sorted(plan.ports.items()))
     # slirp runs the command per guest connection (argv split like a shell, no shell): a relay
