@@ -10,16 +10,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
+import psutil
 
 from agent.modelrefs import check_model_files
 
-__all__ = ["CPU", "CUDA", "TENSORRT", "build_cuda_version", "cuda_libraries", "make_session",
-           "provider_entries", "usable_providers"]
+__all__ = ["CPU", "CUDA", "TENSORRT", "build_cuda_version", "cuda_libraries", "default_intra_op_threads",
+           "make_session", "provider_entries", "usable_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,16 @@ def provider_entries(providers: Sequence[str], *, tf32: bool = False) -> list[An
 _DATA_DIR_KEY = "session.model_external_initializers_file_folder_path"
 
 
+def default_intra_op_threads() -> int:
+    """ONNX Runtime's own default, one thread per physical core, within the CPUs this process
+    may run on.  Given explicitly, because with the default ONNX Runtime pins its threads to
+    cores, and pinning needs ``sched_setaffinity``, which the agent's unit forbids
+    (``SystemCallFilter=~@resources``): every session then logged an error."""
+    available = len(os.sched_getaffinity(0))
+    physical = psutil.cpu_count(logical=False) or available
+    return max(1, min(physical, available))
+
+
 def make_session(
     model: bytes,
     *,
@@ -140,8 +152,7 @@ def make_session(
     opts.log_severity_level = 3  # errors only: the provider choice above avoids false alarms
     if model_dir is not None:
         opts.add_session_config_entry(_DATA_DIR_KEY, str(model_dir))
-    if intra_op_threads:
-        opts.intra_op_num_threads = intra_op_threads
+    opts.intra_op_num_threads = intra_op_threads or default_intra_op_threads()
     if inter_op_threads:
         opts.inter_op_num_threads = inter_op_threads
     chosen = [p for p in (providers or usable_providers()) if p in usable_providers()] or [CPU]
