@@ -119,8 +119,14 @@ def default_intra_op_threads() -> int:
     may run on.  Given explicitly, because with the default ONNX Runtime pins its threads to
     cores, and pinning needs ``sched_setaffinity``, which the agent's unit forbids
     (``SystemCallFilter=~@resources``): every session then logged an error."""
-    available = len(os.sched_getaffinity(0))
-    physical = psutil.cpu_count(logical=False) or available
+    try:
+        available = len(os.sched_getaffinity(0))
+    except OSError:  # a sandbox that refuses even the question
+        available = os.cpu_count() or 1
+    try:
+        physical = psutil.cpu_count(logical=False) or available
+    except OSError:  # no topology in /sys and no /proc/cpuinfo
+        physical = available
     return max(1, min(physical, available))
 
 

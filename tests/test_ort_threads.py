@@ -59,3 +59,15 @@ def test_a_session_in_a_sandbox_that_forbids_pinning_logs_no_error(tmp_path: Pat
 
 def test_the_default_thread_count_stays_within_the_cpus_the_process_may_use() -> None:
     assert 1 <= default_intra_op_threads() <= len(os.sched_getaffinity(0))
+
+
+def test_the_default_thread_count_survives_a_sandbox_that_hides_the_cpus(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    def refused(*_: object, **__: object) -> object:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_getaffinity", refused)
+    monkeypatch.setattr(psutil, "cpu_count", refused)
+    assert default_intra_op_threads() == (os.cpu_count() or 1)

@@ -59,8 +59,10 @@ def test_sigkill_at_random_points_fast(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_at_least_200_times(tmp_path: Path) -> None:
-    summary = _drive(tmp_path, 300, 170, seed=11)
-    _assert_meaningful(summary, 300)
+    # about two in three iterations end in a SIGKILL (a random delay may outlast a quick
+    # update, a named step may not be reached): 400 leave a margin over the 200 asked for
+    summary = _drive(tmp_path, 400, 220, seed=11)
+    _assert_meaningful(summary, 400)
     ends = summary["ends"]
     assert isinstance(ends, dict) and ends["signal 9"] >= 200, ends
     points = summary["crash_points"]
