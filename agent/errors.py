@@ -12,6 +12,7 @@ __all__ = [
     "AccessDeniedError",
     "ApplianceError",
     "BundleError",
+    "CapacityError",
     "ConfigError",
     "HealthError",
     "InferenceError",
@@ -78,6 +79,13 @@ class InferenceError(ApplianceError):
     """A request cannot be served as asked (bad tensor, unknown model, full queue)."""
 
     grpc_code = "INVALID_ARGUMENT"
+
+
+class CapacityError(InferenceError):
+    """The request is valid but the model has no room for it now (KV-cache budget, queue):
+    the caller may retry later (gRPC ``RESOURCE_EXHAUSTED``, HTTP 429)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class NotFoundError(ApplianceError):
