@@ -67,12 +67,16 @@ __all__ = [
     "ROLE_ATTRIBUTE",
     "X509_ERRORS",
     "AccessInterceptor",
+    "ClientTls",
     "CrlFacts",
     "CrlRollbackError",
     "Identity",
     "RevocationList",
+    "admitted",
+    "audit_decision",
     "check_listen",
     "client_identity",
+    "client_tls",
     "crl_facts",
     "crl_rollback",
     "identity_of",
@@ -80,7 +84,9 @@ __all__ = [
     "is_loopback",
     "maximum_concurrent_rpcs",
     "metrics_tls",
+    "refusal",
     "required_role",
+    "role_allows",
     "role_of",
     "server_credentials",
     "server_options",
@@ -117,6 +123,9 @@ METHOD_ROLES: Mapping[str, str] = {
     _NODE + "CheckUpdates": "operator",
     _NODE + "ApplyUpdate": "operator",
     _NODE + "Rollback": "admin",
+    # The HTTPS port's OpenAI-compatible routes (agent.web.openai_api): generation and
+    # embeddings are inference, for everyone with a role.
+    "/openai.v1/": "observer",
 }
 
 
@@ -171,6 +180,48 @@ def identity_of(cert: x509.Certificate) -> Identity:
     return Identity(subject=cert.subject.rfc4514_string(), serial=cert.serial_number,
                     role=role_of(cert), not_after=cert.not_valid_after_utc,
                     client_auth=client_auth, problem=problem)
+
+
+def role_allows(role: str | None, need: str) -> bool:
+    """Whether ``role`` (None: no role) ranks at least ``need`` (observer < operator < admin)."""
+    return role is not None and _RANK[role] >= _RANK[need]
+
+
+def refusal(ident: Identity, method: str, *, tls: bool = True) -> tuple[str, str] | None:
+    """Why ``ident`` may not call ``method``, as (status code name, reason), or None when it
+    may: the one access decision of every port (``UNAUTHENTICATED`` for a certificate with a
+    ``problem``, ``PERMISSION_DENIED`` for a missing or too low role).  ``tls`` False: the
+    caller is a loopback client without TLS."""
+    if ident.problem:
+        return "UNAUTHENTICATED", ident.problem
+    need = required_role(method)
+    if ident.role is None:
+        reason = (f"certificate carries no role (one OU of {', '.join(ROLES)})"
+                  if tls else "loopback callers are refused ([tls] loopback_role = 'none')")
+        return "PERMISSION_DENIED", reason
+    if not role_allows(ident.role, need):
+        return "PERMISSION_DENIED", f"role {ident.role} may not call {method} (needs {need})"
+    return None
+
+
+def admitted(ident: Identity, crl: RevocationList | None) -> Identity:
+    """``ident`` with its ``problem`` set when the certificate has expired or the site CRL
+    revokes it: the checks every port makes on every call, whatever the transport."""
+    if ident.problem:
+        return ident
+    if ident.not_after is not None and ident.not_after < dt.datetime.now(dt.UTC):
+        return dataclasses.replace(ident, problem=f"certificate expired at {ident.not_after}")
+    if crl is not None and ident.serial is not None and crl.is_revoked(ident.serial):
+        return dataclasses.replace(ident, problem="certificate is revoked")
+    return ident
+
+
+def audit_decision(level: int, decision: str, method: str, ident: Identity, peer: str, *,
+                   reason: str) -> None:
+    """The audit line of one access decision, the same for every port."""
+    if audit.isEnabledFor(level):
+        audit.log(level, "audit decision=%s method=%s subject=%r serial=%s role=%s peer=%s reason=%r",
+                  decision, method, ident.subject, ident.serial_hex, ident.role or "-", peer, reason)
 
 
 def client_identity(pem: bytes) -> Identity:
@@ -297,14 +348,37 @@ def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=True)
 
 
-def metrics_tls(config: AgentConfig, crl: RevocationList | None = None,
-                ) -> tuple[ssl.SSLContext, Callable[[bytes], str | None]] | None:
-    """What the metrics port needs to speak HTTPS with the gRPC port's rules, or None on loopback.
+@dataclasses.dataclass(frozen=True)
+class ClientTls:
+    """An HTTPS port's TLS with the gRPC port's rules: ``context`` (TLS 1.2+, a client
+    certificate from the site CA required) and :meth:`identify`, the identity a client
+    certificate gives, expiry and the site CRL checked (:func:`admitted`)."""
 
-    Returns an SSL context (TLS 1.2+, a client certificate from the site CA required) and an
-    admission check for the client certificate (DER): the reason it is refused (expired,
-    revoked by the site CRL, no role), or None.  ``crl`` is the gRPC port's revocation list
-    (:attr:`AccessInterceptor.revocation`), so that both ports enforce the one list in force,
+    context: ssl.SSLContext
+    crl: RevocationList | None
+
+    @staticmethod
+    def parse(der: bytes | None) -> Identity:
+        """The :class:`Identity` a client certificate (DER, as TLS handed it over) asserts;
+        ``problem`` is set when it is missing, unparsable or not for clients."""
+        if der is None:
+            return Identity(subject="(no certificate)", serial=None, role=None,
+                            problem="no client certificate")
+        try:
+            return identity_of(x509.load_der_x509_certificate(der))
+        except X509_ERRORS:
+            return Identity(subject="(unparsable)", serial=None, role=None,
+                            problem="client certificate cannot be parsed")
+
+    def identify(self, der: bytes | None) -> Identity:
+        """:meth:`parse`, then expiry and the site CRL checked now (:func:`admitted`)."""
+        return admitted(self.parse(der), self.crl)
+
+
+def client_tls(config: AgentConfig, crl: RevocationList | None = None) -> ClientTls | None:
+    """TLS for an HTTPS port (metrics, the HTTP API) with the gRPC port's rules, or None on
+    loopback without TLS.  ``crl`` is the gRPC port's revocation list
+    (:attr:`AccessInterceptor.revocation`), so that every port enforces the one list in force,
     rollback refusal and its persistence included; without it the file is read afresh.
 
     Raises:
@@ -321,23 +395,33 @@ def metrics_tls(config: AgentConfig, crl: RevocationList | None = None,
     ctx.verify_mode = ssl.CERT_REQUIRED
     if crl is None and tls.crl is not None:
         crl = RevocationList(tls.crl, _load_cert(tls.ca, "ca"))
+    return ClientTls(ctx, crl)
+
+
+def metrics_tls(config: AgentConfig, crl: RevocationList | None = None,
+                ) -> tuple[ssl.SSLContext, Callable[[bytes], str | None]] | None:
+    """What the metrics port needs to speak HTTPS with the gRPC port's rules, or None on loopback.
+
+    Returns an SSL context and an admission check for the client certificate (DER): the
+    reason it is refused (expired, revoked by the site CRL, no role), or None; see
+    :func:`client_tls` for ``crl``.
+
+    Raises:
+        the errors of :func:`server_credentials`.
+    """
+    tls = client_tls(config, crl)
+    if tls is None:
+        return None
 
     def admit(der: bytes) -> str | None:
-        try:
-            ident = identity_of(x509.load_der_x509_certificate(der))
-        except ValueError:
-            return "client certificate cannot be parsed"
+        ident = tls.identify(der)
         if ident.problem:
             return ident.problem
-        if ident.not_after is not None and ident.not_after < dt.datetime.now(dt.UTC):
-            return f"certificate expired at {ident.not_after}"
-        if crl is not None and ident.serial is not None and crl.is_revoked(ident.serial):
-            return "certificate is revoked"
         if ident.role is None:
             return f"certificate carries no role (one OU of {', '.join(ROLES)})"
         return None
 
-    return ctx, admit
+    return tls.context, admit
 
 
 def server_options(config: AgentConfig) -> list[tuple[str, Any]]:
@@ -690,30 +774,17 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if len(self._identities) >= self._CACHE_MAX:
                 self._identities.clear()
             self._identities[pem] = ident
-        if not ident.problem:
-            if ident.not_after is not None and ident.not_after < dt.datetime.now(dt.UTC):
-                return dataclasses.replace(ident, problem=f"certificate expired at {ident.not_after}")
-            if self._crl is not None and ident.serial is not None and self._crl.is_revoked(ident.serial):
-                return dataclasses.replace(ident, problem="certificate is revoked")
-        return ident
+        return admitted(ident, self._crl)
 
     def _decide(self, method: str, context: grpc.aio.ServicerContext) -> tuple[Identity, str]:
         """Return who calls and the peer key, or raise :class:`_DeniedError` (audited)."""
         ident = self._identify(context)
         peer = context.peer()
-        need = required_role(method)
-        if ident.problem:
-            self._audit(logging.WARNING, "deny", method, ident, peer, reason=ident.problem)
-            raise _DeniedError(grpc.StatusCode.UNAUTHENTICATED, ident.problem)
-        if ident.role is None:
-            reason = (f"certificate carries no role (one OU of {', '.join(ROLES)})"
-                      if self._tls else "loopback callers are refused ([tls] loopback_role = 'none')")
+        denied = refusal(ident, method, tls=self._tls)
+        if denied is not None:
+            code, reason = denied
             self._audit(logging.WARNING, "deny", method, ident, peer, reason=reason)
-            raise _DeniedError(grpc.StatusCode.PERMISSION_DENIED, reason)
-        if _RANK[ident.role] < _RANK[need]:
-            reason = f"role {ident.role} may not call {method} (needs {need})"
-            self._audit(logging.WARNING, "deny", method, ident, peer, reason=reason)
-            raise _DeniedError(grpc.StatusCode.PERMISSION_DENIED, reason)
+            raise _DeniedError(getattr(grpc.StatusCode, code), reason)
         host = _peer_host(peer)
         if self._calls.get(host, 0) >= self._per_peer:
             reason = f"peer {host} already has {self._per_peer} calls in progress"
@@ -726,12 +797,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._audit(logging.DEBUG, "allow", method, ident, peer, reason=f"role {ident.role}")
         return ident, host
 
-    @staticmethod
-    def _audit(level: int, decision: str, method: str, ident: Identity, peer: str, *,
-               reason: str) -> None:
-        if audit.isEnabledFor(level):
-            audit.log(level, "audit decision=%s method=%s subject=%r serial=%s role=%s peer=%s reason=%r",
-                      decision, method, ident.subject, ident.serial_hex, ident.role or "-", peer, reason)
+    _audit = staticmethod(audit_decision)
 
     @contextlib.contextmanager
     def _counted(self, host: str) -> Iterator[None]:

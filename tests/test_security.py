@@ -29,7 +29,7 @@ from agent.security import (
     server_options,
 )
 from provisioning.pki import init_pki, issue_client, issue_node, revoke
-from testsupport.secure_server import start
+from testsupport.secure_server import roleless_client, start
 
 ROLES = ("observer", "operator", "admin")
 
@@ -170,37 +170,8 @@ def test_certificate_expiring_on_an_open_connection(pki: Path, tmp_path: Path) -
                                                             grpc.StatusCode.UNAUTHENTICATED)
 
 
-def _roleless_client(pki: Path, ou: str | None) -> str:
-    """A client certificate from the site CA whose OU is not one role (as another tool might make)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
-    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, "norole")]
-    if ou:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-    name = f"norole-{ou}"
-    d = pki / "issued" / name
-    d.mkdir(parents=True, exist_ok=True)
-    (d / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                       serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    (d / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return name
-
-
 def test_certificate_without_a_role_or_for_servers(pki: Path, tmp_path: Path) -> None:
-    clients = [_roleless_client(pki, None), _roleless_client(pki, "root"), "node1"]
+    clients = [roleless_client(pki, None), roleless_client(pki, "root"), "node1"]
 
     async def scenario(port: int) -> list[grpc.StatusCode]:
         codes = []
