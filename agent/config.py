@@ -45,6 +45,8 @@ def _non_negative(v: int) -> str | None:
 class ServerSection:
     listen: str = setting("127.0.0.1", "address to listen on; beyond loopback needs mTLS")
     port: int = setting(8001, "gRPC port (Triton's)", check=_port)
+    http_port: int = setting(8000, "HTTPS port (Triton's HTTP port): OpenAI-compatible /v1 and "
+                                   "KServe v2 REST /v2 routes; 0 disables", check=_port)
     metrics_port: int = setting(8002, "Prometheus metrics port (Triton's); 0 disables", check=_port)
     state_dir: Path = setting(Path("/var/lib/appliance"), "state on the data partition")
     max_message_bytes: int = setting(64 << 20, "largest request or response message",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the components import this module; the context only names t
     from agent.health.sampler import Sampler
     from agent.inference.repository import ModelRepository
     from agent.inference.service import InferenceServicer
+    from agent.llm.types import GenerativeModels
     from agent.security import RevocationList
     from agent.updates.manager import UpdateManager
     from agent.updates.service import UpdatesComponent
@@ -36,6 +37,9 @@ class AgentContext:
     # Published by agent.inference.service.attach.
     inference: ModelRepository | None = None
     inference_servicer: InferenceServicer | None = None
+    # The served generative models (LLMs, text encoders), published by the generative
+    # runtime; the HTTPS port's /v1 routes serve them.
+    generative: GenerativeModels | None = None
     # Published by agent.updates.service.attach or agent.health.service.attach, whichever
     # runs first (a test may publish its own before either).
     events: EventLog | None = None

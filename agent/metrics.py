@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import Metric
 
-__all__ = ["REGISTRY", "InferenceCollector", "exposition", "register_collector", "start_metrics_server"]
+__all__ = ["GENAI", "REGISTRY", "GenAiMetrics", "InferenceCollector", "exposition", "register_collector",
+           "start_metrics_server"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,45 @@ class InferenceCollector:
                 metric.add_sample(name, {"model": snap["name"], "version": snap["version"]},
                                   float(value(snap)))
             yield metric
+
+
+# Bucket bounds of OpenTelemetry's GenAI semantic conventions (advisory explicit buckets).
+_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                     40.96, 81.92)
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0)
+_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_LABELS = ("gen_ai_operation_name", "gen_ai_request_model")
+
+
+class GenAiMetrics:
+    """Per-model metrics of the generative routes, named after OpenTelemetry's GenAI semantic
+    conventions in Prometheus form (``gen_ai.server.time_to_first_token`` in seconds becomes
+    ``gen_ai_server_time_to_first_token_seconds``), labelled with the operation
+    (``chat``, ``text_completion``, ``embeddings``) and the model."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.request_duration = Histogram(
+            "gen_ai_server_request_duration_seconds", "Generative AI server request duration",
+            [*_LABELS, "error_type"], buckets=_DURATION_BUCKETS, registry=registry)
+        self.time_to_first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "Time to generate the first token",
+            _LABELS, buckets=_TTFT_BUCKETS, registry=registry)
+        self.time_per_output_token = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token generated after the first token", _LABELS,
+            buckets=_TPOT_BUCKETS, registry=registry)
+        self.token_usage = Counter(
+            "gen_ai_server_token_usage", "Tokens processed, by type (input: prompt, output: completion)",
+            [*_LABELS, "gen_ai_token_type"], registry=registry)
+
+    def tokens(self, operation: str, model: str, prompt: int, completion: int) -> None:
+        self.token_usage.labels(operation, model, "input").inc(prompt)
+        if completion:
+            self.token_usage.labels(operation, model, "output").inc(completion)
+
+
+GENAI = GenAiMetrics()
 
 
 def register_collector(collector: Any) -> None:

@@ -8,8 +8,11 @@ server reflection for all of them, binds and serves.
 Transport security is chosen in one place, :func:`server_credentials`.  Without TLS
 material the agent binds to loopback only, whatever address was asked for, and says so.
 
-SIGTERM (or SIGINT): every health status goes NOT_SERVING, new calls are refused, calls in
-flight get ``grace_period_s`` to finish, then the process exits 0.
+The HTTPS port (:mod:`agent.web.serve`, ``[server] http_port``) runs on the same event loop
+with the same mTLS, CRL and roles.
+
+SIGTERM (or SIGINT): every health status goes NOT_SERVING, new calls are refused on both
+ports, calls in flight get ``grace_period_s`` to finish, then the process exits 0.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from agent.inference import service as inference_service
 from agent.metrics import InferenceCollector, register_collector, start_metrics_server
 from agent.proto._pool import POOL
 from agent.updates import service as updates_service
+from agent.web import serve as http_service
 
 __all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "check_config", "run_agent", "server_credentials"]
 
@@ -130,8 +134,9 @@ def check_config(config: AgentConfig) -> None:
 
 def _ports_free(config: AgentConfig) -> None:
     """Fail before start-up writes anything when a port is taken (gRPC would find out later)."""
-    metrics_host = config.server.listen if config.tls.cert else LOOPBACK
-    wanted = ((config.server.listen, config.server.port), (metrics_host, config.server.metrics_port))
+    https_host = config.server.listen if config.tls.cert else LOOPBACK
+    wanted = ((config.server.listen, config.server.port), (https_host, config.server.metrics_port),
+              (https_host, config.server.http_port))
     for host, port in wanted:
         if not port:
             continue
@@ -211,6 +216,8 @@ async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | 
     host, port = _bind(server, config)
     metrics = _start_metrics(config, ctx)
     await server.start()
+    # the HTTPS port: the gRPC port's mTLS, CRL in force and roles, or plain HTTP on loopback
+    http = await http_service.start(ctx, config.server.listen if config.tls.cert else LOOPBACK)
     serving = health_pb2.HealthCheckResponse.SERVING
     await _set_all(ctx, [n for n in names if n != reflection.SERVICE_NAME], serving)
     log.info("agent: serving on %s:%d", host, port)
@@ -227,7 +234,9 @@ async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | 
     if servicer is not None:
         servicer.ready = False
     await ctx.health.enter_graceful_shutdown()
-    await server.stop(config.server.grace_period_s)
+    # both ports stop accepting at once; calls in flight on either get the grace period
+    await asyncio.gather(server.stop(config.server.grace_period_s),
+                         http.cleanup() if http is not None else asyncio.sleep(0))
     repo = ctx.inference
     if repo is not None:
         await repo.close()

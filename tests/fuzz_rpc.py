@@ -350,7 +350,7 @@ def local_server(workdir: Path) -> Iterator[tuple[str, grpc.ChannelCredentials, 
     bundle = create_bundle(model, name="affine", version="1", golden=[golden],
                            out=workdir / "affine.bundle")
     ModelRepository.for_state_dir(state, InferenceSection()).install(bundle.path)
-    config = mtls_config(workdir, pki, extra=f'max_message_bytes = 1048576\nmetrics_port = 0\n'
+    config = mtls_config(workdir, pki, extra=f'max_message_bytes = 1048576\nmetrics_port = 0\nhttp_port = 0\n'
                                           f'state_dir = "{state}"')
     log = workdir / "agent.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -26,7 +26,7 @@ def test_ready_watchdog_and_stopping_are_notified(tmp_path: Path) -> None:
         env.pop("WATCHDOG_PID", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "serve", "--state-dir",
-             str(tmp_path / "state"), "--port", "0", "--metrics-port", "0"],
+             str(tmp_path / "state"), "--port", "0", "--metrics-port", "0", "--http-port", "0"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             seen: list[str] = []

@@ -67,7 +67,9 @@ def test_an_agent_that_cannot_start_leaves_the_state_directory_alone(tmp_path: P
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for flags in (["--port", port, "--metrics-port", "0"], ["--port", "0", "--metrics-port", port]):
+        for flags in (["--port", port, "--metrics-port", "0", "--http-port", "0"],
+                      ["--port", "0", "--metrics-port", port, "--http-port", "0"],
+                      ["--port", "0", "--metrics-port", "0", "--http-port", port]):
             r = _appliance("agent", "serve", "--state-dir", "state", *flags, cwd=tmp_path)
             assert r.returncode == 6 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
             assert not (tmp_path / "state").exists()

@@ -260,7 +260,7 @@ def test_protos_are_wire_compatible_with_triton() -> None:
 
 def test_named_model_missing_without_registry_refuses_to_start(tmp_path: Path) -> None:
     proc = run_appliance("agent", "serve", "--state-dir", tmp_path / "state", "--port", "0",
-                         "--metrics-port", "0", "--model", "ghost@1.0", timeout=60)
+                         "--metrics-port", "0", "--http-port", "0", "--model", "ghost@1.0", timeout=60)
     assert proc.returncode == 6
     assert "model 'ghost' is not installed and no registry source is configured" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -57,6 +57,7 @@ def test_a_foreign_root_is_refused_and_the_anchor_kept(registry: Path, tmp_path:
     init_registry(other)
     foreign = _root_file(other, tmp_path / "foreign.json")
     proc = run_appliance("agent", "serve", "--state-dir", state, "--port", "0", "--metrics-port", "0",
+                         "--http-port", "0",
                          "--trusted-root", foreign, timeout=60)
     assert proc.returncode != 0
     assert f"--trusted-root {foreign}: root v1 is not the node's trusted root v1" in proc.stderr
@@ -69,7 +70,7 @@ def test_not_a_root_is_refused_on_a_fresh_state(tmp_path: Path) -> None:
     bogus = tmp_path / "root.json"
     bogus.write_text('{"signed": {}, "signatures": []}')
     proc = run_appliance("agent", "serve", "--state-dir", tmp_path / "state", "--port", "0",
-                         "--metrics-port", "0", "--trusted-root", bogus, timeout=60)
+                         "--metrics-port", "0", "--http-port", "0", "--trusted-root", bogus, timeout=60)
     assert proc.returncode != 0
     assert "not TUF root metadata" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -82,7 +82,7 @@ def install(state: Path, *bundles: Path, activate: bool = True) -> None:
 class Agent:
     """``appliance agent serve`` in its own process; stderr goes to a file."""
 
-    def __init__(self, state: Path, *args: str, metrics_port: int = 0,
+    def __init__(self, state: Path, *args: str, metrics_port: int = 0, http_port: int = 0,
                  env: dict[str, str] | None = None) -> None:
         self.log_path = state.parent / f"agent-{os.getpid()}-{time.monotonic_ns()}.log"
         full_env = dict(os.environ)
@@ -91,7 +91,7 @@ class Agent:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "provisioning.cli", "agent", "serve", "--state-dir", str(state),
-             "--port", "0", "--metrics-port", str(metrics_port), *args],
+             "--port", "0", "--metrics-port", str(metrics_port), "--http-port", str(http_port), *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self.port = self._wait_ready()
         self.url = f"127.0.0.1:{self.port}"

@@ -164,16 +164,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
+    def metadata(self, name: str, version: str = "") -> Any:
+        """The ModelMetadataResponse of a served model (both ports); raises NotFoundError."""
+        model = self.repo.get(name, version)
+        resp = pb.ModelMetadataResponse(name=model.name, versions=self.repo.versions(model.name),
+                                        platform=PLATFORM)
+        for spec in model.manifest.inputs:
+            resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+        for spec in model.manifest.outputs:
+            resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+        return resp
+
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            model = self.repo.get(request.name, request.version)
-            resp = pb.ModelMetadataResponse(name=model.name, versions=self.repo.versions(model.name),
-                                            platform=PLATFORM)
-            for spec in model.manifest.inputs:
-                resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
-            for spec in model.manifest.outputs:
-                resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
-            return resp
+            return self.metadata(request.name, request.version)
 
         return await self._guard(context, run)
 
@@ -194,8 +198,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------ inference
 
-    async def _infer(self, request: Any) -> Any:
-        """Run one request; raises ApplianceError subclasses for what the caller got wrong."""
+    async def infer(self, request: Any) -> Any:
+        """Run one ModelInferRequest (the one request path of both ports); raises ApplianceError
+        subclasses for what the caller got wrong."""
         start = time.perf_counter_ns()
         model = self.repo.get(request.model_name, request.model_version)
         ok = False
@@ -226,7 +231,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._guard(context, lambda: self._infer(request))
+        return await self._guard(context, lambda: self.infer(request))
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any],
                                context: Any) -> AsyncIterator[Any]:
@@ -239,7 +244,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(req: Any) -> None:
             try:
-                resp = await self._infer(req)
+                resp = await self.infer(req)
                 await results.put(pb.ModelStreamInferResponse(infer_response=resp))
             except ApplianceError as exc:
                 await results.put(pb.ModelStreamInferResponse(

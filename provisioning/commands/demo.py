@@ -115,7 +115,7 @@ def _agent(state: Path, work: Path, source: str) -> Iterator[_AgentProcess]:
     log = work / "agent.log"
     metrics_port = _free_port()
     argv = [sys.executable, "-m", "provisioning.cli", "agent", "serve", "--state-dir", str(state),
-            "--listen", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port),
+            "--listen", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port), "--http-port", "0",
             "--model", f"{MODEL}@{VERSION}"]
     if source:
         argv += ["--registry", source]

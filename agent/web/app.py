@@ -1,0 +1,211 @@
+"""The HTTPS port: one aiohttp application on the agent's event loop.
+
+**Access** is the gRPC port's: the same site CA and CRL object (:func:`agent.security.client_tls`),
+and the same decision (:func:`agent.security.refusal` over :data:`agent.security.METHOD_ROLES`).
+Every route names the RPC it stands for (the KServe v2 routes name the gRPC method they mirror,
+so a role may do the same on both ports).  The client certificate is parsed once per
+connection; expiry and revocation are checked on every request, as on gRPC.  Decisions are
+audit lines on ``agent.audit`` in the gRPC port's format.
+
+**Hostile bodies**: a body over ``[server] max_message_bytes`` is refused (413) before it is
+read whole; JSON must parse, be an object, and hold no NaN/Infinity constants.
+
+**Errors** are translated here only: :class:`~agent.errors.ApplianceError` by its
+``grpc_code`` to an HTTP status, written in the shape of the route's protocol (OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` under ``/v1``, KServe's ``{"error": msg}``
+elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from agent.errors import AccessDeniedError, ApplianceError, InferenceError
+from agent.security import ClientTls, Identity, admitted, audit_decision, refusal
+
+__all__ = [
+    "RequestError",
+    "Surface",
+    "error_body",
+    "http_status",
+    "parse_json",
+    "read_json",
+    "rpc",
+    "start_http",
+]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# grpc_code of the exception family -> HTTP status
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+}
+# HTTP status -> OpenAI's error "type"
+_OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
+                503: "server_error"}
+
+
+class RequestError(InferenceError):
+    """A request body field the node cannot take; ``param`` names it (OpenAI's ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def http_status(exc: ApplianceError) -> int:
+    return _HTTP_STATUS.get(exc.grpc_code, 500)
+
+
+def error_body(path: str, status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """The error JSON of the protocol ``path`` belongs to."""
+    if path.startswith("/v1/"):
+        code = str(status) if status != 429 else "rate_limit_exceeded"
+        return {"error": {"message": message, "type": _OPENAI_TYPE.get(status, "server_error"),
+                          "param": param, "code": code}}
+    return {"error": message}
+
+
+H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
+
+
+def rpc(method: str) -> Callable[[H], H]:
+    """Mark a route handler with the RPC name the access table knows it by."""
+    def mark(handler: H) -> H:
+        handler.rpc_method = method  # type: ignore[attr-defined]
+        return handler
+    return mark
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object (:func:`parse_json`)."""
+    return parse_json(await request.read())
+
+
+def parse_json(data: bytes) -> dict[str, Any]:
+    """``data`` as a JSON object.
+
+    Raises:
+        RequestError: not UTF-8, not JSON, NaN/Infinity, nested too deep, or not an object.
+    """
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise RequestError("request body is not UTF-8") from None
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
+    except ValueError as exc:
+        raise RequestError(f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+@dataclass
+class _Connection:
+    identity: Identity
+
+
+class Surface:
+    """Access and error translation for the HTTPS port's routes (an aiohttp middleware)."""
+
+    def __init__(self, tls: ClientTls | None, loopback_role: str | None) -> None:
+        self._tls = tls
+        self._loopback = Identity(subject="loopback (no TLS)", serial=None, role=loopback_role)
+        # One entry per TLS connection, gone with it: the certificate is parsed once.
+        self._connections: weakref.WeakKeyDictionary[Any, _Connection] = weakref.WeakKeyDictionary()
+
+    def identity(self, request: web.Request) -> Identity:
+        """Who sends ``request``: its connection's certificate, expiry and CRL checked now."""
+        if self._tls is None:
+            return self._loopback
+        transport = request.transport
+        sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+        if not isinstance(sslobj, ssl.SSLObject):
+            return self._tls.identify(None)
+        conn = self._connections.get(sslobj)
+        if conn is None:
+            conn = _Connection(self._tls.parse(sslobj.getpeercert(binary_form=True)))
+            self._connections[sslobj] = conn
+        return admitted(conn.identity, self._tls.crl)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        try:
+            self._admit(request)
+            return await handler(request)
+        except ApplianceError as exc:
+            status = http_status(exc)
+            if status == 500:
+                log.error("%s %s: %s", request.method, path, exc)  # noqa: TRY400 - expected
+            return web.json_response(error_body(path, status, str(exc), getattr(exc, "param", None)),
+                                     status=status)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return web.json_response(error_body(path, exc.status, exc.reason), status=exc.status)
+
+    def _admit(self, request: web.Request) -> None:
+        route_handler = request.match_info.route.handler
+        method = getattr(route_handler, "rpc_method", None)
+        ident = self.identity(request)
+        peer = str(request.remote)
+        name = method or f"HTTP {request.path}"
+        denied = refusal(ident, method or "", tls=self._tls is not None)
+        if method is None and ident.role is not None and not ident.problem:
+            denied = None  # no such route: only a caller with a role learns that it is a 404
+        if denied is not None:
+            code, reason = denied
+            audit_decision(logging.WARNING, "deny", name, ident, peer, reason=reason)
+            exc_type = _DENIALS[code]
+            raise exc_type(reason)
+        audit_decision(logging.DEBUG, "allow", name, ident, peer, reason=f"role {ident.role}")
+        request["identity"] = ident
+
+
+class _UnauthenticatedError(ApplianceError):
+    grpc_code = "UNAUTHENTICATED"
+
+
+_DENIALS: dict[str, type[ApplianceError]] = {"UNAUTHENTICATED": _UnauthenticatedError,
+                                             "PERMISSION_DENIED": AccessDeniedError}
+
+
+async def start_http(app: web.Application, host: str, port: int, tls: ClientTls | None,
+                     grace_s: float) -> web.AppRunner:
+    """Serve ``app`` on ``host:port`` (HTTPS with ``tls``); the runner's ``cleanup()`` stops
+    accepting, then lets requests in flight run for ``grace_s`` seconds.
+
+    Raises:
+        OSError: the port cannot be bound.
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=tls.context if tls else None,
+                       reuse_address=True)
+    await site.start()
+    return runner
+

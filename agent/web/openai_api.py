@@ -1,0 +1,403 @@
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings``, over the generative runtime's contract (:mod:`agent.llm.types`).
+
+Request bodies are checked field by field (type and range, unknown fields refused) before the
+model sees them; errors name the field (OpenAI's ``param``) and the value.  Streams are
+server-sent events in OpenAI's chunk format ending with ``data: [DONE]``.  A stream's errors
+before its first token (unknown model, prompt over the context, KV budget spent) are plain
+HTTP errors; the model's stream is always closed when the handler ends, so a client that goes
+away ends its sequence and frees its KV cache.
+
+Privacy: prompts and completions are never logged; each request leaves one ``agent.audit``
+line with the subject, model, token counts and outcome, and per-model metrics
+(:class:`agent.metrics.GenAiMetrics`).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from agent.errors import ApplianceError, NotFoundError, echo
+from agent.llm.types import Chunk, EmbeddingModel, GenerativeModels, LanguageModel, Message, Sampling
+from agent.metrics import GENAI
+from agent.security import Identity
+from agent.web.app import RequestError, error_body, http_status, read_json, rpc
+
+__all__ = ["OpenAiRoutes"]
+
+audit = logging.getLogger("agent.audit")
+
+_M = "/openai.v1/"
+_SAMPLING_KEYS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+                  "stop", "stream", "stream_options", "n", "user"}
+_CHAT_KEYS = _SAMPLING_KEYS | {"messages"}
+_COMPLETION_KEYS = _SAMPLING_KEYS | {"prompt"}
+_EMBEDDING_KEYS = {"model", "input", "encoding_format", "user"}
+_MAX_STOPS = 4  # OpenAI's limit
+
+# The contract's "cancelled" (deadline passed) has no OpenAI word; the output was cut short.
+_FINISH = {"stop": "stop", "length": "length", "cancelled": "length"}
+
+
+def _bad(param: str, value: Any, want: str) -> RequestError:
+    return RequestError(f"{param}: expected {want}, got {echo(json.dumps(value))}", param)
+
+
+def _opt_int(body: dict[str, Any], key: str, low: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise _bad(key, value, f"an integer >= {low}")
+    return value
+
+
+def _opt_number(body: dict[str, Any], key: str, low: float, high: float, default: float,
+                *, open_low: bool = False) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and \
+        (low < value if open_low else low <= value) and value <= high
+    if not ok:
+        raise _bad(key, value, f"a number in {'(' if open_low else '['}{low:g}, {high:g}]")
+    return float(value)
+
+
+def _opt_bool(obj: dict[str, Any], key: str, param: str) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(param, value, "true or false")
+    return value
+
+
+def _string(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise _bad(key, value, "a non-empty string")
+    return value
+
+
+def _known(body: dict[str, Any], keys: set[str]) -> None:
+    unknown = sorted(set(body) - keys)
+    if unknown:
+        raise RequestError(f"{echo(unknown[0])}: unsupported parameter (supported: "
+                           f"{', '.join(sorted(keys))})", unknown[0])
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > _MAX_STOPS or \
+            not all(isinstance(s, str) and s for s in items):
+        raise _bad("stop", value, f"a string or a list of up to {_MAX_STOPS} non-empty strings")
+    return tuple(items)
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    if body.get("n") not in (None, 1):
+        raise _bad("n", body["n"], "1 (one choice per request)")
+    max_tokens = _opt_int(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _opt_int(body, "max_tokens", 1)
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise _bad("seed", seed, "an integer")
+    return Sampling(max_tokens=max_tokens,
+                    temperature=_opt_number(body, "temperature", 0.0, 2.0, 1.0),
+                    top_p=_opt_number(body, "top_p", 0.0, 1.0, 1.0, open_low=True),
+                    top_k=_opt_int(body, "top_k", 0) or 0, seed=seed, stop=_stop(body))
+
+
+def _content(value: Any, param: str) -> str:
+    """A message's content: a string, or a list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise _bad(param, value, "a string or a list of text parts")
+
+
+def _messages(body: dict[str, Any]) -> list[Message]:
+    value = body.get("messages")
+    if not isinstance(value, list) or not value:
+        raise _bad("messages", value, "a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad(f"messages[{i}]", m, 'an object with a string "role"')
+        out.append(Message(role=m["role"], content=_content(m.get("content"), f"messages[{i}].content")))
+    return out
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    value = body.get("prompt")
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise _bad("prompt", value, "a string (or a list of one string)")
+    return value
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise _bad("stream_options", options, 'an object with "include_usage"')
+    return _opt_bool(options, "include_usage", "stream_options.include_usage")
+
+
+@dataclass
+class _Call:
+    """One generation request as it runs: for the response, the metrics and the audit line."""
+
+    operation: str  # OpenTelemetry's gen_ai.operation.name
+    route: str
+    identity: Identity
+    model: str = "-"
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    last_token: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    outcome: str = "ok"
+
+    def saw(self, chunk: Chunk) -> None:
+        if chunk.token_ids:
+            now = time.perf_counter()
+            if self.first_token is None:
+                self.first_token = now
+            self.last_token = now
+        if chunk.finish_reason is not None:
+            self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def finish(self) -> None:
+        """Metrics and the audit line; never the prompt or the completion."""
+        labels = (self.operation, self.model)
+        GENAI.request_duration.labels(*labels, "" if self.outcome == "ok" else self.outcome).observe(
+            time.perf_counter() - self.started)
+        GENAI.tokens(self.operation, self.model, self.prompt_tokens, self.completion_tokens)
+        if self.first_token is not None:
+            GENAI.time_to_first_token.labels(*labels).observe(self.first_token - self.started)
+            if self.completion_tokens > 1 and self.last_token is not None:
+                GENAI.time_per_output_token.labels(*labels).observe(
+                    (self.last_token - self.first_token) / (self.completion_tokens - 1))
+        ident = self.identity
+        audit.info("audit llm route=%s subject=%r serial=%s model=%s prompt_tokens=%d "
+                   "completion_tokens=%d outcome=%s", self.route, ident.subject, ident.serial_hex,
+                   self.model, self.prompt_tokens, self.completion_tokens, self.outcome)
+
+
+@contextlib.asynccontextmanager
+async def _closing(chunks: AsyncIterator[Chunk]) -> AsyncIterator[AsyncIterator[Chunk]]:
+    """Close the model's stream however the handler ends (the client went away, an error,
+    the task cancelled): that ends the sequence and frees its KV cache."""
+    try:
+        yield chunks
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+class OpenAiRoutes:
+    """The ``/v1`` routes over a :class:`GenerativeModels` (None: no generative runtime)."""
+
+    def __init__(self, models: GenerativeModels | None, max_call_s: float, max_stream_s: float) -> None:
+        self._models = models
+        self._max_call_s = max_call_s
+        self._max_stream_s = max_stream_s or None
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+
+    def _language_model(self, name: str) -> LanguageModel:
+        if self._models is None:
+            raise NotFoundError(f"model {echo(name)} is not served (no generative models on this node)")
+        return self._models.language_model(name)
+
+    def _embedding_model(self, name: str) -> EmbeddingModel:
+        if self._models is None:
+            raise NotFoundError(f"model {echo(name)} is not served (no generative models on this node)")
+        return self._models.embedding_model(name)
+
+    @rpc(_M + "ListModels")
+    async def list_models(self, request: web.Request) -> web.Response:
+        cards = self._models.cards() if self._models is not None else []
+        return web.json_response({"object": "list", "data": [
+            {"id": c.name, "object": "model", "created": c.created, "owned_by": "site"} for c in cards]})
+
+    @rpc(_M + "ChatCompletions")
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        _known(body, _CHAT_KEYS)
+        call = _Call("chat", request.path, request["identity"])
+        return await self._generate(request, body, call, lambda model: model.chat_prompt(_messages(body)))
+
+    @rpc(_M + "Completions")
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        _known(body, _COMPLETION_KEYS)
+        call = _Call("text_completion", request.path, request["identity"])
+        return await self._generate(request, body, call, lambda model: _prompt(body))
+
+    async def _generate(self, request: web.Request, body: dict[str, Any], call: _Call,
+                        prompt_of: Callable[[LanguageModel], str]) -> web.StreamResponse:
+        try:
+            name = _string(body, "model")
+            sampling = _sampling(body)
+            stream = _opt_bool(body, "stream", "stream")
+            include_usage = _include_usage(body)
+            call.model = name
+            model = self._language_model(name)
+            prompt = prompt_of(model)
+            limit = self._max_stream_s if stream else self._max_call_s
+            deadline = None if limit is None else time.monotonic() + limit
+            chunks = model.generate(prompt, sampling, deadline=deadline)
+            async with _closing(chunks):
+                if stream:
+                    return await self._stream(request, chunks, call, include_usage)
+                return await self._whole(chunks, call)
+        except ApplianceError as exc:
+            call.outcome = type(exc).__name__
+            raise
+        except (ConnectionResetError, OSError) as exc:
+            call.outcome = "disconnected"
+            raise web.HTTPBadRequest(reason="client went away") from exc
+        except BaseException:
+            call.outcome = "cancelled"
+            raise
+        finally:
+            call.finish()
+
+    async def _whole(self, chunks: AsyncIterator[Chunk], call: _Call) -> web.Response:
+        parts: list[str] = []
+        reason = "stop"
+        async for chunk in chunks:
+            call.saw(chunk)
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                reason = _FINISH[chunk.finish_reason]
+        text = "".join(parts)
+        chat = call.operation == "chat"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return web.json_response({
+            "id": _id(chat), "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": call.model, "choices": [choice],
+            "usage": call.usage()})
+
+    async def _stream(self, request: web.Request, chunks: AsyncIterator[Chunk], call: _Call,
+                      include_usage: bool) -> web.StreamResponse:
+        chat = call.operation == "chat"
+        head = {"id": _id(chat), "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": call.model}
+        first = await anext(chunks, None)  # errors before the first token are plain HTTP errors
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        if chat:
+            await resp.write(_sse(_chunk(head, {"role": "assistant", "content": ""}, None, include_usage)))
+        chunk = first
+        try:
+            while chunk is not None:
+                call.saw(chunk)
+                reason = None if chunk.finish_reason is None else _FINISH[chunk.finish_reason]
+                if chunk.text or reason is not None:
+                    payload = {"content": chunk.text} if chat else chunk.text
+                    if chat and not chunk.text:
+                        payload = {}
+                    await resp.write(_sse(_chunk(head, payload, reason, include_usage)))
+                chunk = await anext(chunks, None)
+        except ApplianceError as exc:  # after the first token the status is sent: an error event
+            call.outcome = type(exc).__name__
+            await resp.write(_sse(error_body(request.path, http_status(exc), str(exc))))
+            await resp.write(_sse("[DONE]"))
+            return resp
+        if include_usage:
+            await resp.write(_sse({**head, "choices": [], "usage": call.usage()}))
+        await resp.write(_sse("[DONE]"))
+        await resp.write_eof()
+        return resp
+
+    @rpc(_M + "Embeddings")
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        _known(body, _EMBEDDING_KEYS)
+        call = _Call("embeddings", request.path, request["identity"])
+        try:
+            call.model = _string(body, "model")
+            texts = body.get("input")
+            if isinstance(texts, str):
+                texts = [texts]
+            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+                raise _bad("input", body.get("input"), "a string or a non-empty list of strings")
+            fmt = body.get("encoding_format", "float")
+            if fmt not in ("float", "base64"):
+                raise _bad("encoding_format", fmt, '"float" or "base64"')
+            result = await self._embedding_model(call.model).embed(texts)
+            call.prompt_tokens = result.prompt_tokens
+        except ApplianceError as exc:
+            call.outcome = type(exc).__name__
+            raise
+        finally:
+            call.finish()
+        data = [{"object": "embedding", "index": i, "embedding": _vector(v, fmt)}
+                for i, v in enumerate(result.vectors)]
+        return web.json_response({"object": "list", "data": data, "model": call.model,
+                                  "usage": {"prompt_tokens": result.prompt_tokens,
+                                            "total_tokens": result.prompt_tokens}})
+
+
+def _vector(values: tuple[float, ...], fmt: str) -> list[float] | str:
+    if fmt == "float":
+        return list(values)
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+
+
+def _id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
+
+
+def _chunk(head: dict[str, Any], payload: Any, reason: str | None, include_usage: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+    if isinstance(payload, dict):
+        choice["delta"] = payload
+    else:
+        choice["text"] = payload
+    out = {**head, "choices": [choice]}
+    if include_usage:
+        out["usage"] = None
+    return out
