@@ -111,6 +111,9 @@ def test_wheel_requirements_choose_the_onnxruntime_flavour(tmp_path: Path) -> No
         zf.writestr("sovereign_appliance-0.1.0.dist-info/METADATA",
                     "Name: sovereign-appliance\nRequires-Dist: grpcio>=1.66\n"
                     "Requires-Dist: onnxruntime-gpu<1.24,>=1.23\n"
+                    "Requires-Dist: onnxruntime-genai-cuda==0.11.2\n"
                     "Requires-Dist: onnx>=1.16; extra == \"operator\"\n\n")
-    assert wheel_requirements(wheel, "onnxruntime") == ["grpcio>=1.66", "onnxruntime<1.24,>=1.23"]
-    assert wheel_requirements(wheel, "onnxruntime-gpu")[1] == "onnxruntime-gpu<1.24,>=1.23"
+    assert wheel_requirements(wheel, "onnxruntime") == [
+        "grpcio>=1.66", "onnxruntime<1.24,>=1.23", "onnxruntime-genai==0.11.2"]
+    assert wheel_requirements(wheel, "onnxruntime-gpu")[1:] == [
+        "onnxruntime-gpu<1.24,>=1.23", "onnxruntime-genai-cuda==0.11.2"]

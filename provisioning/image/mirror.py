@@ -391,16 +391,26 @@ def build_agent_wheel(dest: Path) -> Path:
     return wheels[0]
 
 
+# onnxruntime-genai comes in builds matched to an onnxruntime flavour: the -cuda one requires
+# onnxruntime-gpu, the plain one the CPU onnxruntime.  Installing the wrong one next to the
+# profile's flavour would put both onnxruntime packages (one module) into the venv.
+_GENAI_FOR = {"onnxruntime": "onnxruntime-genai", "onnxruntime-gpu": "onnxruntime-genai-cuda"}
+_END = r"(?=[\s<>=!~;\[]|$)"
+
+
 def wheel_requirements(wheel: Path, onnxruntime: str) -> list[str]:
-    """The wheel's unconditional Requires-Dist, with the onnxruntime flavour chosen by the profile."""
+    """The wheel's unconditional Requires-Dist, with the onnxruntime flavour chosen by the
+    profile (and the onnxruntime-genai build matched to it)."""
     with zipfile.ZipFile(wheel) as zf:
         meta_name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         meta = Parser().parsestr(zf.read(meta_name).decode())
+    genai = _GENAI_FOR.get(onnxruntime, "onnxruntime-genai")
     reqs = []
     for req in meta.get_all("Requires-Dist") or []:
         if ";" in req and "extra ==" in req.split(";", 1)[1]:
             continue  # optional extras (operator, test) are not part of the agent
-        chosen = re.sub(r"^onnxruntime(-gpu)?(?=[\s<>=!~;\[]|$)", onnxruntime, req)
+        chosen = re.sub(rf"^onnxruntime(-gpu)?{_END}", onnxruntime, req)
+        chosen = re.sub(rf"^onnxruntime-genai(-cuda)?{_END}", genai, chosen)
         reqs.append(chosen.strip())
     return reqs
 
