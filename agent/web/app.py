@@ -32,6 +32,7 @@ from agent.errors import AccessDeniedError, ApplianceError, InferenceError
 from agent.security import ClientTls, Identity, admitted, audit_decision, refusal
 
 __all__ = [
+    "IDENTITY",
     "RequestError",
     "Surface",
     "error_body",
@@ -45,6 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+IDENTITY = web.RequestKey("identity", Identity)  # who sent the request, set once it is admitted
 
 # grpc_code of the exception family -> HTTP status
 _HTTP_STATUS = {
@@ -183,7 +185,7 @@ class Surface:
             exc_type = _DENIALS[code]
             raise exc_type(reason)
         audit_decision(logging.DEBUG, "allow", name, ident, peer, reason=f"role {ident.role}")
-        request["identity"] = ident
+        request[IDENTITY] = ident
 
 
 class _UnauthenticatedError(ApplianceError):

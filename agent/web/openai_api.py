@@ -32,7 +32,7 @@ from agent.errors import ApplianceError, NotFoundError, echo
 from agent.llm.types import Chunk, EmbeddingModel, GenerativeModels, LanguageModel, Message, Sampling
 from agent.metrics import GENAI
 from agent.security import Identity
-from agent.web.app import RequestError, error_body, http_status, read_json, rpc
+from agent.web.app import IDENTITY, RequestError, error_body, http_status, read_json, rpc
 
 __all__ = ["OpenAiRoutes"]
 
@@ -185,6 +185,7 @@ class _Call:
             if self.first_token is None:
                 self.first_token = now
             self.last_token = now
+            self.completion_tokens += len(chunk.token_ids)  # so far; the last chunk says exactly
         if chunk.finish_reason is not None:
             self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
 
@@ -260,14 +261,14 @@ class OpenAiRoutes:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         _known(body, _CHAT_KEYS)
-        call = _Call("chat", request.path, request["identity"])
+        call = _Call("chat", request.path, request[IDENTITY])
         return await self._generate(request, body, call, lambda model: model.chat_prompt(_messages(body)))
 
     @rpc(_M + "Completions")
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         _known(body, _COMPLETION_KEYS)
-        call = _Call("text_completion", request.path, request["identity"])
+        call = _Call("text_completion", request.path, request[IDENTITY])
         return await self._generate(request, body, call, lambda model: _prompt(body))
 
     async def _generate(self, request: web.Request, body: dict[str, Any], call: _Call,
@@ -290,9 +291,6 @@ class OpenAiRoutes:
         except ApplianceError as exc:
             call.outcome = type(exc).__name__
             raise
-        except (ConnectionResetError, OSError) as exc:
-            call.outcome = "disconnected"
-            raise web.HTTPBadRequest(reason="client went away") from exc
         except BaseException:
             call.outcome = "cancelled"
             raise
@@ -327,36 +325,39 @@ class OpenAiRoutes:
         first = await anext(chunks, None)  # errors before the first token are plain HTTP errors
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        if chat:
-            await resp.write(_sse(_chunk(head, {"role": "assistant", "content": ""}, None, include_usage)))
         chunk = first
         try:
+            await resp.prepare(request)
+            if chat:
+                await resp.write(_sse(_chunk(head, {"role": "assistant", "content": ""}, None,
+                                             include_usage)))
             while chunk is not None:
                 call.saw(chunk)
                 reason = None if chunk.finish_reason is None else _FINISH[chunk.finish_reason]
                 if chunk.text or reason is not None:
-                    payload = {"content": chunk.text} if chat else chunk.text
-                    if chat and not chunk.text:
-                        payload = {}
+                    payload: Any = chunk.text
+                    if chat:
+                        payload = {"content": chunk.text} if chunk.text else {}
                     await resp.write(_sse(_chunk(head, payload, reason, include_usage)))
                 chunk = await anext(chunks, None)
+            if include_usage:
+                await resp.write(_sse({**head, "choices": [], "usage": call.usage()}))
+            await resp.write(_sse("[DONE]"))
+            await resp.write_eof()
         except ApplianceError as exc:  # after the first token the status is sent: an error event
             call.outcome = type(exc).__name__
-            await resp.write(_sse(error_body(request.path, http_status(exc), str(exc))))
-            await resp.write(_sse("[DONE]"))
-            return resp
-        if include_usage:
-            await resp.write(_sse({**head, "choices": [], "usage": call.usage()}))
-        await resp.write(_sse("[DONE]"))
-        await resp.write_eof()
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(_sse(error_body(request.path, http_status(exc), str(exc))))
+                await resp.write(_sse("[DONE]"))
+        except ConnectionResetError:  # the client went away; the caller closes the model's stream
+            call.outcome = "disconnected"
         return resp
 
     @rpc(_M + "Embeddings")
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         _known(body, _EMBEDDING_KEYS)
-        call = _Call("embeddings", request.path, request["identity"])
+        call = _Call("embeddings", request.path, request[IDENTITY])
         try:
             call.model = _string(body, "model")
             texts = body.get("input")
