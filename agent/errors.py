@@ -18,6 +18,7 @@ __all__ = [
     "InferenceError",
     "NotFoundError",
     "RegistryError",
+    "RequestError",
     "UpdateError",
     "VerificationError",
     "echo",
@@ -79,6 +80,14 @@ class InferenceError(ApplianceError):
     """A request cannot be served as asked (bad tensor, unknown model, full queue)."""
 
     grpc_code = "INVALID_ARGUMENT"
+
+
+class RequestError(InferenceError):
+    """A request field the node cannot take; ``param`` names it (OpenAI's error ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class CapacityError(InferenceError):

@@ -28,12 +28,11 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from agent.errors import AccessDeniedError, ApplianceError, InferenceError
+from agent.errors import AccessDeniedError, ApplianceError, RequestError
 from agent.security import ClientTls, Identity, admitted, audit_decision, refusal
 
 __all__ = [
     "IDENTITY",
-    "RequestError",
     "Surface",
     "error_body",
     "http_status",
@@ -63,14 +62,6 @@ _HTTP_STATUS = {
 _OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
                 503: "server_error"}
-
-
-class RequestError(InferenceError):
-    """A request body field the node cannot take; ``param`` names it (OpenAI's ``param``)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def http_status(exc: ApplianceError) -> int:

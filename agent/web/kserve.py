@@ -23,11 +23,11 @@ from aiohttp import web
 
 from agent import __version__
 from agent.dtypes import by_kserve
-from agent.errors import echo
+from agent.errors import RequestError, echo
 from agent.inference.service import EXTENSIONS, SERVER_NAME, InferenceServicer
 from agent.inference.tensors import TYPED_FIELD, deserialize_bytes
 from agent.proto import grpc_service_pb2 as pb
-from agent.web.app import RequestError, parse_json, rpc
+from agent.web.app import parse_json, rpc
 
 __all__ = ["HEADER_LENGTH", "add_routes", "to_infer_request"]
 

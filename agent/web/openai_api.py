@@ -29,99 +29,31 @@ import numpy as np
 from aiohttp import web
 
 from agent.errors import ApplianceError, NotFoundError, echo
-from agent.llm.types import Chunk, EmbeddingModel, GenerativeModels, LanguageModel, Message, Sampling
+from agent.llm.params import (
+    SAMPLING_KEYS,
+    bad_value,
+    known_keys,
+    optional_bool,
+    required_string,
+    sampling_of,
+)
+from agent.llm.types import Chunk, EmbeddingModel, GenerativeModels, LanguageModel, Message
 from agent.metrics import GENAI
 from agent.security import Identity
-from agent.web.app import IDENTITY, RequestError, error_body, http_status, read_json, rpc
+from agent.web.app import IDENTITY, error_body, http_status, read_json, rpc
 
 __all__ = ["OpenAiRoutes"]
 
 audit = logging.getLogger("agent.audit")
 
 _M = "/openai.v1/"
-_SAMPLING_KEYS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-                  "stop", "stream", "stream_options", "n", "user"}
+_SAMPLING_KEYS = {"model", "stream", "stream_options", "n", "user", *SAMPLING_KEYS}
 _CHAT_KEYS = _SAMPLING_KEYS | {"messages"}
 _COMPLETION_KEYS = _SAMPLING_KEYS | {"prompt"}
 _EMBEDDING_KEYS = {"model", "input", "encoding_format", "user"}
-_MAX_STOPS = 4  # OpenAI's limit
 
 # The contract's "cancelled" (deadline passed) has no OpenAI word; the output was cut short.
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "length"}
-
-
-def _bad(param: str, value: Any, want: str) -> RequestError:
-    return RequestError(f"{param}: expected {want}, got {echo(json.dumps(value))}", param)
-
-
-def _opt_int(body: dict[str, Any], key: str, low: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise _bad(key, value, f"an integer >= {low}")
-    return value
-
-
-def _opt_number(body: dict[str, Any], key: str, low: float, high: float, default: float,
-                *, open_low: bool = False) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and \
-        (low < value if open_low else low <= value) and value <= high
-    if not ok:
-        raise _bad(key, value, f"a number in {'(' if open_low else '['}{low:g}, {high:g}]")
-    return float(value)
-
-
-def _opt_bool(obj: dict[str, Any], key: str, param: str) -> bool:
-    value = obj.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _bad(param, value, "true or false")
-    return value
-
-
-def _string(body: dict[str, Any], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value:
-        raise _bad(key, value, "a non-empty string")
-    return value
-
-
-def _known(body: dict[str, Any], keys: set[str]) -> None:
-    unknown = sorted(set(body) - keys)
-    if unknown:
-        raise RequestError(f"{echo(unknown[0])}: unsupported parameter (supported: "
-                           f"{', '.join(sorted(keys))})", unknown[0])
-
-
-def _stop(body: dict[str, Any]) -> tuple[str, ...]:
-    value = body.get("stop")
-    if value is None:
-        return ()
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or len(items) > _MAX_STOPS or \
-            not all(isinstance(s, str) and s for s in items):
-        raise _bad("stop", value, f"a string or a list of up to {_MAX_STOPS} non-empty strings")
-    return tuple(items)
-
-
-def _sampling(body: dict[str, Any]) -> Sampling:
-    if body.get("n") not in (None, 1):
-        raise _bad("n", body["n"], "1 (one choice per request)")
-    max_tokens = _opt_int(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _opt_int(body, "max_tokens", 1)
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise _bad("seed", seed, "an integer")
-    return Sampling(max_tokens=max_tokens,
-                    temperature=_opt_number(body, "temperature", 0.0, 2.0, 1.0),
-                    top_p=_opt_number(body, "top_p", 0.0, 1.0, 1.0, open_low=True),
-                    top_k=_opt_int(body, "top_k", 0) or 0, seed=seed, stop=_stop(body))
 
 
 def _content(value: Any, param: str) -> str:
@@ -131,17 +63,17 @@ def _content(value: Any, param: str) -> str:
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                        and isinstance(p.get("text"), str) for p in value):
         return "".join(p["text"] for p in value)
-    raise _bad(param, value, "a string or a list of text parts")
+    raise bad_value(param, value, "a string or a list of text parts")
 
 
 def _messages(body: dict[str, Any]) -> list[Message]:
     value = body.get("messages")
     if not isinstance(value, list) or not value:
-        raise _bad("messages", value, "a non-empty list of messages")
+        raise bad_value("messages", value, "a non-empty list of messages")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _bad(f"messages[{i}]", m, 'an object with a string "role"')
+            raise bad_value(f"messages[{i}]", m, 'an object with a string "role"')
         out.append(Message(role=m["role"], content=_content(m.get("content"), f"messages[{i}].content")))
     return out
 
@@ -151,7 +83,7 @@ def _prompt(body: dict[str, Any]) -> str:
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if not isinstance(value, str):
-        raise _bad("prompt", value, "a string (or a list of one string)")
+        raise bad_value("prompt", value, "a string (or a list of one string)")
     return value
 
 
@@ -160,8 +92,8 @@ def _include_usage(body: dict[str, Any]) -> bool:
     if options is None:
         return False
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise _bad("stream_options", options, 'an object with "include_usage"')
-    return _opt_bool(options, "include_usage", "stream_options.include_usage")
+        raise bad_value("stream_options", options, 'an object with "include_usage"')
+    return optional_bool(options, "include_usage", "stream_options.include_usage")
 
 
 @dataclass
@@ -260,23 +192,23 @@ class OpenAiRoutes:
     @rpc(_M + "ChatCompletions")
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
-        _known(body, _CHAT_KEYS)
+        known_keys(body, _CHAT_KEYS)
         call = _Call("chat", request.path, request[IDENTITY])
         return await self._generate(request, body, call, lambda model: model.chat_prompt(_messages(body)))
 
     @rpc(_M + "Completions")
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
-        _known(body, _COMPLETION_KEYS)
+        known_keys(body, _COMPLETION_KEYS)
         call = _Call("text_completion", request.path, request[IDENTITY])
         return await self._generate(request, body, call, lambda model: _prompt(body))
 
     async def _generate(self, request: web.Request, body: dict[str, Any], call: _Call,
                         prompt_of: Callable[[LanguageModel], str]) -> web.StreamResponse:
         try:
-            name = _string(body, "model")
-            sampling = _sampling(body)
-            stream = _opt_bool(body, "stream", "stream")
+            name = required_string(body, "model")
+            sampling = sampling_of(body)
+            stream = optional_bool(body, "stream", "stream")
             include_usage = _include_usage(body)
             call.model = name
             model = self._language_model(name)
@@ -356,18 +288,18 @@ class OpenAiRoutes:
     @rpc(_M + "Embeddings")
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        _known(body, _EMBEDDING_KEYS)
+        known_keys(body, _EMBEDDING_KEYS)
         call = _Call("embeddings", request.path, request[IDENTITY])
         try:
-            call.model = _string(body, "model")
+            call.model = required_string(body, "model")
             texts = body.get("input")
             if isinstance(texts, str):
                 texts = [texts]
             if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-                raise _bad("input", body.get("input"), "a string or a non-empty list of strings")
+                raise bad_value("input", body.get("input"), "a string or a non-empty list of strings")
             fmt = body.get("encoding_format", "float")
             if fmt not in ("float", "base64"):
-                raise _bad("encoding_format", fmt, '"float" or "base64"')
+                raise bad_value("encoding_format", fmt, '"float" or "base64"')
             result = await self._embedding_model(call.model).embed(texts)
             call.prompt_tokens = result.prompt_tokens
         except ApplianceError as exc:
