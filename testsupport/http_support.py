@@ -50,13 +50,29 @@ def tls_config(workdir: Path, pki: Path, extra: str = "") -> Path:
     return config
 
 
-class HttpsPort:
+class LoopThread:
+    """An asyncio loop running in its own thread, for servers that synchronous clients call."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="server-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run ``coro`` on the loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class HttpsPort(LoopThread):
     """The agent's HTTPS application over ``models`` on 127.0.0.1, on a loop in its own thread."""
 
     def __init__(self, config_path: Path, models: GenerativeModels | None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="https-port", daemon=True)
-        self._thread.start()
+        super().__init__()
         config = load_config(config_path)
         ctx = AgentContext(config=config)
         ctx.generative = models
@@ -65,12 +81,6 @@ class HttpsPort:
             start_http(build_app(ctx, Surface(tls, None)), "127.0.0.1", 0, tls, 5.0))
         self.port = bound_port(self.runner)
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        """Run ``coro`` on the port's loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
     def close(self) -> None:
         self.call(self.runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+        self.stop()

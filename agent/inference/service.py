@@ -24,11 +24,13 @@ from grpc_health.v1 import health_pb2
 
 from agent import __version__
 from agent.context import AgentContext
-from agent.errors import ApplianceError
+from agent.errors import ApplianceError, NotFoundError
 from agent.inference.install import ensure_models
+from agent.inference.llm_stream import llm_responses
 from agent.inference.model import LoadedModel
 from agent.inference.repository import ModelRepository
 from agent.inference.tensors import check_requested_outputs, decode_inputs, encode_output
+from agent.llm.types import GenerativeModels, LanguageModel
 from agent.proto import grpc_service_pb2 as pb
 from agent.proto import grpc_service_pb2_grpc as pb_grpc
 from agent.proto import model_config_pb2 as mc
@@ -133,9 +135,19 @@ def _statistics(snap: dict[str, Any]) -> Any:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton servicer over a :class:`ModelRepository`."""
 
-    def __init__(self, repo: ModelRepository) -> None:
+    def __init__(self, repo: ModelRepository, generative: GenerativeModels | None = None) -> None:
         self.repo = repo
+        self.generative = generative  # language models answer ModelStreamInfer too
         self.ready = True  # False once the agent is shutting down
+
+    def _language_model(self, name: str) -> LanguageModel | None:
+        """The language model ``name`` when one is served under it (and no tensor model is)."""
+        if self.generative is None or self.repo.is_ready(name):
+            return None
+        try:
+            return self.generative.language_model(name)
+        except NotFoundError:
+            return None
 
     async def _guard(self, context: Any, call: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -244,6 +256,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(req: Any) -> None:
             try:
+                llm = self._language_model(req.model_name)
+                if llm is not None:  # decoupled: a response per chunk (Triton's LLM convention)
+                    async for resp in llm_responses(llm, req):
+                        await results.put(pb.ModelStreamInferResponse(infer_response=resp))
+                    return
                 resp = await self.infer(req)
                 await results.put(pb.ModelStreamInferResponse(infer_response=resp))
             except ApplianceError as exc:

@@ -12,7 +12,8 @@ from typing import Any
 from agent.errors import RequestError, echo
 from agent.llm.types import Sampling
 
-__all__ = ["SAMPLING_KEYS", "bad_value", "known_keys", "optional_bool", "required_string", "sampling_of"]
+__all__ = ["SAMPLING_KEYS", "bad_value", "known_keys", "optional_bool", "parse_json", "required_string",
+           "sampling_of"]
 
 SAMPLING_KEYS = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
                            "stop"})
@@ -98,3 +99,24 @@ def sampling_of(body: dict[str, Any]) -> Sampling:
                     top_k=_opt_int(body, "top_k", 0) or 0, seed=seed, stop=_stop(body))
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(data: bytes, what: str = "request body") -> dict[str, Any]:
+    """``data`` (``what``, for messages) as a JSON object.
+
+    Raises:
+        RequestError: not UTF-8, not JSON, NaN/Infinity, nested too deep, or not an object.
+    """
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise RequestError(f"{what} is not UTF-8") from None
+    except RecursionError:
+        raise RequestError(f"{what} is nested too deeply") from None
+    except ValueError as exc:
+        raise RequestError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"{what} must be a JSON object, not {type(body).__name__}")
+    return body

@@ -18,7 +18,6 @@ elsewhere).
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 import weakref
@@ -28,7 +27,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from agent.errors import AccessDeniedError, ApplianceError, RequestError
+from agent.errors import AccessDeniedError, ApplianceError
+from agent.llm.params import parse_json
 from agent.security import ClientTls, Identity, admitted, audit_decision, refusal
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "Surface",
     "error_body",
     "http_status",
-    "parse_json",
     "read_json",
     "rpc",
     "start_http",
@@ -88,32 +87,9 @@ def rpc(method: str) -> Callable[[H], H]:
     return mark
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object (:func:`parse_json`)."""
     return parse_json(await request.read())
-
-
-def parse_json(data: bytes) -> dict[str, Any]:
-    """``data`` as a JSON object.
-
-    Raises:
-        RequestError: not UTF-8, not JSON, NaN/Infinity, nested too deep, or not an object.
-    """
-    try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise RequestError("request body is not UTF-8") from None
-    except RecursionError:
-        raise RequestError("request body is nested too deeply") from None
-    except ValueError as exc:
-        raise RequestError(f"request body is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise RequestError(f"request body must be a JSON object, not {type(body).__name__}")
-    return body
 
 
 @dataclass

@@ -26,8 +26,9 @@ from agent.dtypes import by_kserve
 from agent.errors import RequestError, echo
 from agent.inference.service import EXTENSIONS, SERVER_NAME, InferenceServicer
 from agent.inference.tensors import TYPED_FIELD, deserialize_bytes
+from agent.llm.params import parse_json
 from agent.proto import grpc_service_pb2 as pb
-from agent.web.app import parse_json, rpc
+from agent.web.app import rpc
 
 __all__ = ["HEADER_LENGTH", "add_routes", "to_infer_request"]
 
