@@ -151,6 +151,22 @@ class GenaiLanguageModel:
         """Token ids of ``text`` (for golden checks and prompt accounting)."""
         return [int(t) for t in self._tokenizer.encode(text)]
 
+    def greedy(self, prompt: str, max_new: int) -> list[int]:
+        """Token ids of ``prompt`` decoded greedily in the calling thread (the golden check:
+        the same model object that then serves).
+
+        Raises:
+            InferenceError: the prompt does not fit.
+        """
+        ids = self.encode(prompt)
+        options = _search_options(Sampling(temperature=0), len(ids) + self._max_new(len(ids), max_new))
+        seq = _Sequence(self, 0)
+        self._prefill(seq, ids, options)
+        out = []
+        while not seq.generator.is_done():
+            out.append(self._next(seq)[0])
+        return out
+
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompt: str, sampling: Sampling, *,
