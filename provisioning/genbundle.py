@@ -8,6 +8,7 @@ fixed texts); the bundle file then appears atomically, and is read back and veri
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from agent.llm.bundle import (
     GoldenPrompt,
     Kind,
     LlmLimits,
+    extract_bundle,
     folder_files,
     parse_gen_manifest,
     verify_bundle,
@@ -30,9 +32,10 @@ from agent.llm.bundle import (
 from agent.llm.embedding import OrtEmbeddingModel
 from agent.llm.engine import GenaiLanguageModel
 from agent.llm.folder import GENAI_CONFIG, check_llm_folder
-from agent.llm.installed import open_model, record_golden_embeddings, record_golden_prompts
+from agent.llm.installed import check_golden, open_model, record_golden_embeddings, record_golden_prompts
 
-__all__ = ["DEFAULT_PROMPTS", "DEFAULT_TEXTS", "create_generative_bundle", "model_size"]
+__all__ = ["DEFAULT_PROMPTS", "DEFAULT_TEXTS", "create_generative_bundle", "llm_context_length",
+           "model_size", "verify_generative_bundle"]
 
 DEFAULT_PROMPTS = ("The appliance keeps", "<|user|>Hello<|end|><|assistant|>")
 DEFAULT_TEXTS = ("a signed model bundle", "the quick brown fox")
@@ -108,3 +111,29 @@ def _check_draft(manifest: GenManifest) -> None:
         probe = replace(manifest, golden_prompts=(GoldenPrompt("x", (0,)),),
                         golden_embeddings=(GoldenEmbedding("x", (0.0,)),))
     parse_gen_manifest(probe.canonical(), f"{manifest.name} {manifest.version}: manifest")
+
+
+def llm_context_length(folder: Path) -> int:
+    """The context length an LLM folder's genai_config.json declares.
+
+    Raises:
+        BundleError: the folder is refused.
+    """
+    return check_llm_folder(folder, folder_files(folder), str(folder)).context_length
+
+
+def verify_generative_bundle(path: Path) -> GenManifest:
+    """Check every member of a bundle file, then open its model as a node would and run its
+    golden check.
+
+    Raises:
+        NotFoundError, BundleError, VerificationError.
+    """
+    with tempfile.TemporaryDirectory(prefix="genbundle-") as tmp:
+        manifest = extract_bundle(path, Path(tmp))
+        model = open_model(Path(tmp), manifest, time.time())
+        try:
+            check_golden(model, manifest)
+        finally:
+            model.close()
+    return manifest

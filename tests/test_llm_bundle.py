@@ -226,3 +226,19 @@ def test_create_refuses_a_folder_with_a_link(folders: tuple[Path, Path], tmp_pat
     with pytest.raises(BundleError, match="only regular files"):
         create_generative_bundle(folder, tmp_path / "out", kind="llm", name="x", version="1", **LIMITS)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_creates_inspects_and_verifies(folders: tuple[Path, Path], tmp_path: Path,
+                                           cli: Callable[..., Any]) -> None:
+    out = tmp_path / "cli.bundle"
+    made = cli("bundle", "create-llm", folders[0], "--name", "tiny-llm", "--version", "1.0.0",
+               "--max-tokens", "32", "--prompt", "The quick brown fox", "--out", out, "--json")
+    assert made.code == 0, made.err
+    manifest = json.loads(made.out)["manifest"]
+    assert manifest["limits"] == {"context_length": 256, "kv_budget_tokens": 1024, "max_tokens": 32}
+    assert [g["prompt"] for g in manifest["golden"]] == ["The quick brown fox"]
+    checked = cli("bundle", "verify", out)
+    assert checked.code == 0 and "golden check reproduces" in checked.out
+    wrong = cli("bundle", "create-embedding", folders[0], "--name", "x", "--version", "1", "--out",
+                tmp_path / "x.bundle")
+    assert wrong.code != 0 and "genai_config.json" in wrong.err
