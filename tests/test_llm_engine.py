@@ -283,3 +283,19 @@ def test_external_data_outside_the_bundle_is_refused(decoder_dir: Path, tmp_path
     (folder / "model.onnx").write_bytes(model.SerializeToString())
     with pytest.raises(BundleError, match="outside the bundle"):
         _llm(folder)
+
+
+def test_unloading_ends_streams_and_refuses_new_ones(decoder_dir: Path) -> None:
+    model = _llm(decoder_dir)
+
+    async def main() -> list[Chunk]:
+        stream = model.generate(PROMPT, Sampling(max_tokens=64, temperature=0.8, seed=3))
+        chunks = [await stream.__anext__()]
+        model.close()
+        chunks += [c async for c in stream]
+        return chunks
+
+    chunks = asyncio.run(main())
+    assert chunks[-1].finish_reason == "cancelled" and model.active_sequences == 0
+    with pytest.raises(NotFoundError, match="was unloaded"):
+        model.generate(PROMPT, Sampling())

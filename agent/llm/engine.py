@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
-from agent.errors import BundleError, InferenceError
+from agent.errors import BundleError, InferenceError, NotFoundError
 from agent.llm.budget import KvBudget
 from agent.llm.stops import StopScanner
 from agent.llm.types import Chunk, FinishReason, Message, ModelCard, Sampling
@@ -92,7 +92,10 @@ class _Sequence:
         self._freed = False
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        self._step = self.owner._pool.submit(fn, self, *args)
+        try:
+            self._step = self.owner._pool.submit(fn, self, *args)
+        except RuntimeError:  # the pool was shut down: the model is being unloaded
+            raise NotFoundError(f"model {self.owner.card.name} was unloaded") from None
         return await asyncio.wrap_future(self._step)
 
     def close(self) -> None:
@@ -121,6 +124,7 @@ class GenaiLanguageModel:
         self._eos = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         self.budget = KvBudget(limits.kv_budget_tokens, card.name)
         workers = decode_threads or max(2, len(os.sched_getaffinity(0)))
+        self._closed = False
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"llm-{card.name}")
 
     @property
@@ -129,7 +133,9 @@ class GenaiLanguageModel:
         return self.budget.sequences
 
     def close(self) -> None:
-        """Stop taking steps; sequences in flight end with their current step."""
+        """Stop taking steps: streams in flight end after their current step, with
+        ``finish_reason="cancelled"``; new requests are refused."""
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ prompts
@@ -174,6 +180,8 @@ class GenaiLanguageModel:
         """See :class:`~agent.llm.types.LanguageModel`.  A request the model cannot take
         raises ``InferenceError`` here, before any stream exists; ``CapacityError`` comes from
         the stream's first step (after the bounded wait for budget)."""
+        if self._closed:
+            raise NotFoundError(f"model {self.card.name} was unloaded")
         _check_sampling(self.card.name, sampling)
         ids = self.encode(prompt)
         new = self._max_new(len(ids), sampling.max_tokens)
@@ -208,7 +216,7 @@ class GenaiLanguageModel:
             count = 0
             finish: FinishReason
             while True:
-                if deadline is not None and time.monotonic() >= deadline:
+                if self._closed or (deadline is not None and time.monotonic() >= deadline):
                     finish, tail = "cancelled", scanner.flush()
                     break
                 token, piece, done = await seq.run(self._next)
