@@ -242,3 +242,38 @@ def test_cli_creates_inspects_and_verifies(folders: tuple[Path, Path], tmp_path:
     wrong = cli("bundle", "create-embedding", folders[0], "--name", "x", "--version", "1", "--out",
                 tmp_path / "x.bundle")
     assert wrong.code != 0 and "genai_config.json" in wrong.err
+
+
+def test_signed_llm_bundle_installs_from_the_registry(llm_bundle: Path, tmp_path: Path) -> None:
+    from agent.inference.install import install_from_registry
+    from agent.updates.client import RegistryClient
+    from provisioning.registry import init_registry, publish_bundle, trusted_root
+
+    registry, state = tmp_path / "registry", tmp_path / "state"
+    init_registry(registry)
+    publish_bundle(registry, llm_bundle)
+    RegistryClient.initialize(state, trusted_root(registry))
+    repo = _repo(state)
+    installed = install_from_registry(repo, state, (str(registry / "published"),), "tiny-llm", None)
+    assert (installed.kind, installed.version) == ("llm", "1.0.0")
+    asyncio.run(repo.serve("tiny-llm"))
+    assert [c.name for c in repo.generative.cards()] == ["tiny-llm"]
+
+
+def test_bundle_changed_after_signing_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    from agent.inference.install import install_from_registry
+    from agent.updates.client import RegistryClient
+    from provisioning.registry import init_registry, publish_bundle, trusted_root
+
+    registry, state = tmp_path / "registry", tmp_path / "state"
+    init_registry(registry)
+    publish_bundle(registry, llm_bundle)
+    for target in (p for p in (registry / "published" / "targets").rglob("*") if p.is_file()):
+        data = bytearray(target.read_bytes())
+        data[-2048] ^= 1
+        target.write_bytes(bytes(data))
+    RegistryClient.initialize(state, trusted_root(registry))
+    before = _store_files(state)
+    with pytest.raises(VerificationError):
+        install_from_registry(_repo(state), state, (str(registry / "published"),), "tiny-llm", None)
+    assert _store_files(state) == before
