@@ -277,3 +277,9 @@ def test_bundle_changed_after_signing_is_refused(llm_bundle: Path, tmp_path: Pat
     with pytest.raises(VerificationError):
         install_from_registry(_repo(state), state, (str(registry / "published"),), "tiny-llm", None)
     assert _store_files(state) == before
+
+
+def test_hot_swap_update_of_a_generative_bundle_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="cannot be applied as a hot-swap update"):
+        _repo(tmp_path).install_for_serving(llm_bundle)
+    assert _store_files(tmp_path) == []

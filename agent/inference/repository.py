@@ -138,6 +138,11 @@ class ModelRepository:
         Raises:
             NotFoundError, BundleError, VerificationError: the bundle is refused; nothing changes.
         """
+        if is_generative_bundle(bundle_path):
+            # The hot swap, drain and crash journal of updates hold tensor models; a generative
+            # model is installed with install() and served with serve() instead.
+            raise BundleError(f"{bundle_path.name}: a generative bundle cannot be applied as a "
+                              "hot-swap update by this agent; install it and serve it instead")
         made: list[LoadedModel] = []
 
         def verify(manifest: Manifest, model_bytes: bytes, cases: list[GoldenCase]) -> None:
