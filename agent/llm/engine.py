@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import json
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from agent.errors import BundleError, InferenceError, NotFoundError
 from agent.llm.budget import KvBudget
 from agent.llm.stops import StopScanner
 from agent.llm.types import Chunk, FinishReason, Message, ModelCard, Sampling
-from agent.ort import CUDA, usable_providers
+from agent.ort import CUDA, default_intra_op_threads, usable_providers
 
 __all__ = ["GenaiLanguageModel", "Limits", "open_genai_model"]
 
@@ -69,7 +68,7 @@ def open_genai_model(folder: Path, providers: Sequence[str] = (), intra_op_threa
     config.clear_providers()
     if CUDA in allowed:
         config.append_provider("cuda")
-    threads = intra_op_threads or max(1, len(os.sched_getaffinity(0)))
+    threads = intra_op_threads or default_intra_op_threads()
     # Explicit thread counts: ONNX Runtime's default pins threads to cores, which the agent's
     # sandbox forbids (see agent.ort.default_intra_op_threads).
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
@@ -123,7 +122,7 @@ class GenaiLanguageModel:
         self._tokenizer = og.Tokenizer(model)
         self._eos = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         self.budget = KvBudget(limits.kv_budget_tokens, card.name)
-        workers = decode_threads or max(2, len(os.sched_getaffinity(0)))
+        workers = decode_threads or max(2, default_intra_op_threads())
         self._closed = False
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"llm-{card.name}")
 
