@@ -263,8 +263,11 @@ def _describe(file: Path, kind: str | None, name: str | None, version: str | Non
         kind = "bundle" if file.suffix == ".bundle" else "file"
     if kind == "bundle":
         from agent.bundle import read_bundle  # numpy: only when a bundle is added
+        from agent.llm.bundle import is_generative_bundle, verify_bundle
 
-        manifest = read_bundle(file).manifest
+        # A generative bundle (LLM, text encoder) is the same kind of target: nodes tell the
+        # two formats apart when they install it.
+        manifest = verify_bundle(file) if is_generative_bundle(file) else read_bundle(file).manifest
         checks = (("--name", name, manifest.name), ("--version", version, manifest.version))
         for flag, given, actual in checks:
             if given is not None and given != actual:

@@ -20,6 +20,8 @@ _NODE_TLS = ["--timeout", "2", "--ca", "{P}", "--cert", "{P}", "--key", "{P}"]
 CASES: dict[str, list[list[str]]] = {
     "demo": [["--work", "{file}"]],
     "bundle create": [["{P}", "--name", "m", "--version", "1.0.0", "--golden", "{P}", "--out", "{new}"]],
+    "bundle create-llm": [["{P}", "--name", "m", "--version", "1.0.0", "--out", "{new}"]],
+    "bundle create-embedding": [["{P}", "--name", "m", "--version", "1.0.0", "--out", "{new}"]],
     "bundle inspect": [["{P}"]],
     "bundle verify": [["{P}"]],
     "registry init": [["{file}"], ["{new}", "--passphrase-file", "{missing}"]],

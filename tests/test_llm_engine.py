@@ -283,3 +283,49 @@ def test_external_data_outside_the_bundle_is_refused(decoder_dir: Path, tmp_path
     (folder / "model.onnx").write_bytes(model.SerializeToString())
     with pytest.raises(BundleError, match="outside the bundle"):
         _llm(folder)
+
+
+def test_unloading_ends_streams_and_refuses_new_ones(decoder_dir: Path) -> None:
+    model = _llm(decoder_dir)
+
+    async def main() -> list[Chunk]:
+        stream = model.generate(PROMPT, Sampling(max_tokens=64, temperature=0.8, seed=3))
+        chunks = [await stream.__anext__()]
+        model.close()
+        chunks += [c async for c in stream]
+        return chunks
+
+    chunks = asyncio.run(main())
+    assert chunks[-1].finish_reason == "cancelled" and model.active_sequences == 0
+    with pytest.raises(NotFoundError, match="was unloaded"):
+        model.generate(PROMPT, Sampling())
+
+
+def test_budget_waiters_are_served_in_order_and_a_cancelled_one_leaves() -> None:
+    from agent.llm.budget import KvBudget
+
+    budget = KvBudget(100, "m")
+
+    async def main() -> list[str]:
+        order: list[str] = []
+        await budget.acquire(80, 1)
+
+        async def want(tag: str, tokens: int) -> None:
+            await budget.acquire(tokens, 5)
+            order.append(tag)
+
+        gone = asyncio.create_task(want("cancelled", 50))
+        first = asyncio.create_task(want("first", 60))
+        second = asyncio.create_task(want("second", 30))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        budget.release(80)  # 60 fits, then 30 fits beside it
+        await asyncio.gather(first, second)
+        return order
+
+    assert asyncio.run(main()) == ["first", "second"]
+    assert budget.in_use == 90 and budget.peak == 90 and budget.sequences == 2
+    with pytest.raises(CapacityError, match="more than the model's whole budget"):
+        asyncio.run(budget.acquire(101, 1))

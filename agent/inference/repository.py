@@ -13,6 +13,11 @@ Published as ``ctx.inference``.  Read API (safe from any thread):
 A model is served only after its installed files re-check against their manifest and its
 golden vectors reproduce on the very session that will serve it; otherwise it is recorded
 as UNAVAILABLE with the reason, and never answers a request.
+
+Generative bundles (LLMs, text encoders) live in the same store and pass the same steps
+(their golden check: greedy token ids, or embedding vectors); once loaded they are served
+through :attr:`ModelRepository.generative`, the :class:`~agent.llm.types.GenerativeModels`
+the OpenAI-compatible and streaming front ends ask.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from agent.inference.model import LoadedModel, build_session
 from agent.inference.signature import check_signature
 from agent.inference.store import InstalledModel, ModelStore, golden_verifier
 from agent.inference.versions import FILE_NAME, TritonVersions, is_number
+from agent.llm.bundle import GenManifest, is_generative_bundle
+from agent.llm.installed import GenerativeModel, open_model
+from agent.llm.installed import check_golden as check_generative_golden
+from agent.llm.served import ServedGenerative
 from agent.modelrefs import fixed_cost
 
 __all__ = ["IndexEntry", "ModelRepository"]
@@ -60,6 +69,8 @@ class ModelRepository:
         self._listeners: list[Listener] = []
         self._lock = asyncio.Lock()
         self.numbers = TritonVersions(store.root / FILE_NAME)
+        self.generative = ServedGenerative()
+        self._generative_versions: dict[str, str] = {}  # served generative name -> version
 
     @classmethod
     def for_state_dir(cls, state_dir: Path, settings: InferenceSection) -> ModelRepository:
@@ -93,12 +104,29 @@ class ModelRepository:
             NotFoundError, BundleError, VerificationError: the bundle is refused; nothing changes.
         """
 
+        if is_generative_bundle(bundle_path):
+            return self.store.install_generative(bundle_path, self._verify_generative, activate=activate)
+
         def runner(manifest: Manifest, model: bytes) -> Any:
             session = self._session(model, manifest)
             names = [o.name for o in manifest.outputs]
             return lambda feeds: _run(session, names, feeds)
 
         return self.store.install(bundle_path, golden_verifier(runner), activate=activate)
+
+    def _open_generative(self, manifest: GenManifest, folder: Path, created: float) -> GenerativeModel:
+        """Open a generative model folder and run its golden check on that very model."""
+        model = open_model(folder, manifest, created, providers=self.settings.providers,
+                           intra_op_threads=self.settings.intra_op_threads)
+        try:
+            check_generative_golden(model, manifest)
+        except BaseException:
+            model.close()
+            raise
+        return model
+
+    def _verify_generative(self, manifest: GenManifest, folder: Path) -> None:
+        self._open_generative(manifest, folder, 0).close()
 
     def install_for_serving(self, bundle_path: Path) -> tuple[InstalledModel, LoadedModel]:
         """Install a verified bundle file without activating it, and return the session the
@@ -110,6 +138,11 @@ class ModelRepository:
         Raises:
             NotFoundError, BundleError, VerificationError: the bundle is refused; nothing changes.
         """
+        if is_generative_bundle(bundle_path):
+            # The hot swap, drain and crash journal of updates hold tensor models; a generative
+            # model is installed with install() and served with serve() instead.
+            raise BundleError(f"{bundle_path.name}: a generative bundle cannot be applied as a "
+                              "hot-swap update by this agent; install it and serve it instead")
         made: list[LoadedModel] = []
 
         def verify(manifest: Manifest, model_bytes: bytes, cases: list[GoldenCase]) -> None:
@@ -220,6 +253,9 @@ class ModelRepository:
         """
         async with self._lock:
             installed = self.store.find(name, self._installed_version(name, version))
+            if installed.kind != "tensor":
+                raise NotFoundError(f"model {echo(name)} is a generative ({installed.kind}) bundle: "
+                                    "served by serve(), not as a tensor model")
             current = self._served.get(name, {}).get(installed.version)
             if current is not None:
                 return current
@@ -236,6 +272,40 @@ class ModelRepository:
         self._notify(name, True)
         return model
 
+    async def serve(self, name: str, version: str | None = None) -> None:
+        """Serve an installed version of ``name`` (default: the active one), whatever its
+        kind: a tensor model as :meth:`load` does, a generative one through
+        :attr:`generative` after its files re-check and its golden check passes.
+
+        Raises:
+            NotFoundError: not installed.
+            BundleError, VerificationError: its files no longer match, or its golden check
+                fails on this node; it is not served.
+        """
+        installed = self.store.find(name, self._installed_version(name, version))
+        if installed.kind == "tensor":
+            await self.load(name, version)
+            return
+        async with self._lock:
+            if self._generative_versions.get(name) == installed.version:
+                return
+            loop = asyncio.get_running_loop()
+            try:
+                model = await loop.run_in_executor(None, self._load_generative_blocking, installed)
+            except ApplianceError as exc:
+                self._failed[(name, installed.version)] = str(exc)
+                log.error("not serving %s %s: %s", name, installed.version, exc)  # noqa: TRY400
+                raise
+            self._failed.pop((name, installed.version), None)
+            self.generative.add(model)
+            self._generative_versions[name] = installed.version
+            log.info("serving %s %s (%s)", name, installed.version, installed.kind)
+        self._notify(name, True)
+
+    def _load_generative_blocking(self, installed: InstalledModel) -> GenerativeModel:
+        manifest, folder = self.store.open_generative(installed)
+        return self._open_generative(manifest, folder, installed.installed_at)
+
     async def unload(self, name: str) -> None:
         """Stop serving every version of ``name``; running requests finish.
 
@@ -243,7 +313,11 @@ class ModelRepository:
             NotFoundError: ``name`` is not being served.
         """
         async with self._lock:
-            versions = self._served.pop(name, None)
+            if self._generative_versions.pop(name, None) is not None:
+                self.generative.remove(name)
+                versions: dict[str, LoadedModel] | None = {}
+            else:
+                versions = self._served.pop(name, None)
             if versions is None:
                 raise NotFoundError(f"model {echo(name)} is not loaded")
             for model in versions.values():
@@ -253,7 +327,7 @@ class ModelRepository:
 
     async def close(self) -> None:
         """Unload everything (agent shutdown)."""
-        for name in list(self._served):
+        for name in [*self._served, *self._generative_versions]:
             await self.unload(name)
 
     # ------------------------------------------------------------------ lookups
@@ -316,7 +390,7 @@ class ModelRepository:
 
     def is_served(self, name: str) -> bool:
         """Whether any version of ``name`` is being served."""
-        return bool(self._served.get(name))
+        return bool(self._served.get(name)) or name in self._generative_versions
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -333,7 +407,8 @@ class ModelRepository:
         out = []
         for inst in self.store.installed():
             model = served.get((inst.name, inst.version))
-            out.append(inst.to_json() | {"loaded": model is not None,
+            generative = self._generative_versions.get(inst.name) == inst.version
+            out.append(inst.to_json() | {"loaded": model is not None or generative,
                                          "provider": model.provider if model else ""})
         return out
 
@@ -354,7 +429,7 @@ class ModelRepository:
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every installed version with its state (READY when served)."""
-        served = {(m.name, m.version) for m in self.served()}
+        served = {(m.name, m.version) for m in self.served()} | set(self._generative_versions.items())
         out = []
         for inst in self.store.installed():
             key = (inst.name, inst.version)

@@ -318,7 +318,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             param = request.parameters.get("version")
             if param is not None and param.WhichOneof("parameter_choice") == "string_param":
                 version = param.string_param
-            await self.repo.load(request.model_name, version or None)
+            await self.repo.serve(request.model_name, version or None)
             return pb.RepositoryModelLoadResponse()
 
         return await self._guard(context, run)
@@ -368,7 +368,7 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     wanted = await ensure_models(repo, ctx.config)
     for name, version in wanted:
         try:
-            await repo.load(name, version)
+            await repo.serve(name, version)
         except ApplianceError as exc:
             log.error("model %s%s is not served: %s",  # noqa: TRY400 - expected, no traceback
                       name, f"@{version}" if version else "", exc)

@@ -6,6 +6,8 @@ Layout::
     STATE/models/NAME/VERSION/model.onnx
     STATE/models/NAME/VERSION/golden.json
     STATE/models/NAME/VERSION/install.json     bundle sha256 and length, install time, verified
+    STATE/models/NAME/VERSION/model/...         a generative bundle's model folder (its
+                                               manifest.json is then the generative one)
     STATE/models/NAME/active                   the active version (one line)
     STATE/models/NAME/rolled-back              present while the active version is there
                                                because of an explicit Rollback (one line)
@@ -22,6 +24,7 @@ registry client verified (or, in tests, files made on the spot).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,7 +52,8 @@ from agent.bundle import (
     valid_name,
 )
 from agent.errors import BundleError, NotFoundError, VerificationError
-from agent.fsutil import atomic_write_text, fsync_dir
+from agent.fsutil import atomic_write_text, file_sha256, fsync_dir
+from agent.llm.bundle import GenManifest, extract_bundle, parse_gen_manifest, read_gen_manifest
 from agent.state import StateLayout
 
 __all__ = ["InstalledModel", "ModelStore", "OpenedModel"]
@@ -73,11 +77,12 @@ class InstalledModel:
     active: bool
     path: Path
     rolled_back: bool = False  # active because of an explicit Rollback
+    kind: str = "tensor"  # or a generative bundle's kind: "llm", "embedding"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256,
                 "length": self.length, "installed_at": self.installed_at, "active": self.active,
-                "rolled_back": self.rolled_back}
+                "rolled_back": self.rolled_back, "kind": self.kind}
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,9 @@ class OpenedModel:
 
 # Loads a session from model bytes and returns a golden-vector runner over it.
 Verifier = Callable[[Manifest, bytes, list[GoldenCase]], None]
+# Opens a generative model folder and runs its golden check (raises BundleError).
+GenVerifier = Callable[[GenManifest, Path], None]
+GEN_MODEL_DIR = "model"
 
 
 def _check_member(path: Path, entry: FileEntry) -> bytes:
@@ -155,7 +163,8 @@ class ModelStore:
                 out.append(InstalledModel(model, vdir.name, str(rec.get("sha256", "")),
                                           int(rec.get("length", 0)), float(rec.get("installed_at", 0)),
                                           vdir.name == active, vdir,
-                                          rolled_back is not None and vdir.name == rolled_back == active))
+                                          rolled_back is not None and vdir.name == rolled_back == active,
+                                          str(rec.get("kind", "tensor"))))
         return sorted(out, key=lambda m: (m.name, parse_version(m.version)))
 
     def find(self, name: str, version: str | None = None) -> InstalledModel:
@@ -238,6 +247,78 @@ class ModelStore:
             self.activate(m.name, m.version)
         return self.find(m.name, m.version)
 
+    def install_generative(self, bundle_path: Path, verify: GenVerifier, *,
+                           activate: bool = True) -> InstalledModel:
+        """Install a generative bundle file: its members are checked while they stream into a
+        hidden directory beside their final place (one pass, no second copy), ``verify``
+        opens the model folder there and runs its golden check, then the directory is
+        renamed into place.
+
+        Raises:
+            NotFoundError, BundleError, VerificationError: from reading the bundle or from
+                ``verify``; nothing is left behind in the store.
+        """
+        m = read_gen_manifest(bundle_path)
+        digest = file_sha256(bundle_path)
+        final = self.root / m.name / m.version
+        if final.exists():
+            return self._reinstall(final, m.name, m.version, digest, activate)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{m.version}.", dir=final.parent))
+        try:
+            _fill_generative(bundle_path, tmp, m, verify)
+            record = {"name": m.name, "version": m.version, "sha256": digest, "kind": m.kind,
+                      "length": bundle_path.stat().st_size, "installed_at": time.time(),
+                      "verified": True, "source": str(bundle_path)}
+            atomic_write_text(tmp / INSTALL_RECORD, json.dumps(record, sort_keys=True) + "\n")
+            tmp.rename(final)
+            fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):  # a name first seen here leaves no trace
+                final.parent.rmdir()
+            raise
+        log.info("installed %s %s %s (sha256 %s)", m.kind, m.name, m.version, digest)
+        if activate or self.active_version(m.name) is None:
+            self.activate(m.name, m.version)
+        return self.find(m.name, m.version)
+
+    def _reinstall(self, final: Path, name: str, version: str, digest: str, activate: bool) -> InstalledModel:
+        rec = self._record(final)
+        if rec is not None and rec.get("sha256") == digest:
+            if activate:
+                self.activate(name, version)
+            return self.find(name, version)
+        raise BundleError(f"{name} {version} is already installed from a different bundle "
+                          f"(sha256 {rec.get('sha256') if rec else 'unverified'}); "
+                          "a version is never replaced in place")
+
+    def open_generative(self, installed: InstalledModel) -> tuple[GenManifest, Path]:
+        """An installed generative version's manifest and model folder, every member
+        re-hashed (streaming) and nothing else in the folder.
+
+        Raises:
+            BundleError: the manifest is malformed, or the folder holds other files.
+            VerificationError: a member no longer matches the manifest.
+        """
+        vdir = installed.path
+        manifest = parse_gen_manifest((vdir / MANIFEST).read_bytes(), str(vdir / MANIFEST))
+        if (manifest.name, manifest.version) != (installed.name, installed.version):
+            raise VerificationError(f"{vdir}: manifest says {manifest.name} {manifest.version}")
+        folder = vdir / GEN_MODEL_DIR
+        present = sorted(p.name for p in folder.iterdir())
+        if present != manifest.members:
+            raise BundleError(f"{folder}: holds {present[:8]}, the manifest lists {manifest.members[:8]}")
+        for name in manifest.members:
+            entry, path = manifest.files[name], folder / name
+            if path.is_symlink() or not path.is_file():
+                raise VerificationError(f"{path}: not a regular file")
+            digest, size = file_sha256(path), path.stat().st_size
+            if (digest, size) != (entry.sha256, entry.length):
+                raise VerificationError(f"{path}: sha256 {digest} ({size} bytes) does not match the "
+                                        f"manifest's {entry.sha256} ({entry.length} bytes)")
+        return manifest, folder
+
     def activate(self, name: str, version: str) -> None:
         """Record ``version`` as the active version of ``name``.
 
@@ -307,6 +388,16 @@ class ModelStore:
             if removed:
                 fsync_dir(mdir)
         return removed
+
+
+def _fill_generative(bundle_path: Path, tmp: Path, expected: GenManifest, verify: GenVerifier) -> None:
+    """Extract a generative bundle into ``tmp`` (checked while it streams) and verify it there."""
+    (tmp / GEN_MODEL_DIR).mkdir()
+    manifest = extract_bundle(bundle_path, tmp / GEN_MODEL_DIR)
+    if (manifest.name, manifest.version) != (expected.name, expected.version):
+        raise VerificationError(f"{bundle_path}: the manifest changed while it was read")
+    atomic_write_text(tmp / MANIFEST, manifest.canonical().decode())
+    verify(manifest, tmp / GEN_MODEL_DIR)
 
 
 def golden_verifier(make_runner: Callable[[Manifest, bytes], Any]) -> Verifier:

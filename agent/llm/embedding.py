@@ -36,19 +36,27 @@ class OrtEmbeddingModel:
         """Nothing to free beyond the session (dropped with this object)."""
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
+        rows = self._encode(texts)
+        vectors = await asyncio.get_running_loop().run_in_executor(None, self._run, rows)
+        return _embeddings(vectors, rows)
+
+    def embed_sync(self, texts: Sequence[str]) -> Embeddings:
+        """:meth:`embed` in the calling thread (golden checks, which run off the loop)."""
+        rows = self._encode(texts)
+        return _embeddings(self._run(rows), rows)
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         name = self.card.name
         if not texts or len(texts) > MAX_TEXTS:
             raise InferenceError(f"model {name}: input takes 1..{MAX_TEXTS} texts, got {len(texts)}")
-        rows = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+        rows = [list(e.ids) for e in self._tokenizer.encode_batch(list(texts))]
         for i, ids in enumerate(rows):
             if not ids:
                 raise InferenceError(f"model {name}: input[{i}] is empty")
             if len(ids) > self.card.context_length:
                 raise InferenceError(f"model {name}: input[{i}] is {len(ids)} tokens; the context "
                                      f"length is {self.card.context_length}")
-        vectors = await asyncio.get_running_loop().run_in_executor(None, self._run, rows)
-        return Embeddings(tuple(tuple(float(x) for x in v) for v in vectors),
-                          sum(len(r) for r in rows))
+        return rows
 
     def _run(self, rows: list[list[int]]) -> np.ndarray[Any, Any]:
         width = max(len(r) for r in rows)
@@ -59,6 +67,10 @@ class OrtEmbeddingModel:
             mask[i, :len(r)] = 1
         (hidden,) = self._session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})
         return pool_and_normalise(np.asarray(hidden, dtype=np.float32), mask)
+
+
+def _embeddings(vectors: np.ndarray[Any, Any], rows: list[list[int]]) -> Embeddings:
+    return Embeddings(tuple(tuple(float(x) for x in v) for v in vectors), sum(len(r) for r in rows))
 
 
 def pool_and_normalise(hidden: np.ndarray[Any, Any], mask: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

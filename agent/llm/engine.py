@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import json
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -27,11 +26,11 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
-from agent.errors import BundleError, InferenceError
+from agent.errors import BundleError, InferenceError, NotFoundError
 from agent.llm.budget import KvBudget
 from agent.llm.stops import StopScanner
 from agent.llm.types import Chunk, FinishReason, Message, ModelCard, Sampling
-from agent.ort import CUDA, usable_providers
+from agent.ort import CUDA, default_intra_op_threads, usable_providers
 
 __all__ = ["GenaiLanguageModel", "Limits", "open_genai_model"]
 
@@ -69,7 +68,7 @@ def open_genai_model(folder: Path, providers: Sequence[str] = (), intra_op_threa
     config.clear_providers()
     if CUDA in allowed:
         config.append_provider("cuda")
-    threads = intra_op_threads or max(1, len(os.sched_getaffinity(0)))
+    threads = intra_op_threads or default_intra_op_threads()
     # Explicit thread counts: ONNX Runtime's default pins threads to cores, which the agent's
     # sandbox forbids (see agent.ort.default_intra_op_threads).
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
@@ -92,7 +91,10 @@ class _Sequence:
         self._freed = False
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        self._step = self.owner._pool.submit(fn, self, *args)
+        try:
+            self._step = self.owner._pool.submit(fn, self, *args)
+        except RuntimeError:  # the pool was shut down: the model is being unloaded
+            raise NotFoundError(f"model {self.owner.card.name} was unloaded") from None
         return await asyncio.wrap_future(self._step)
 
     def close(self) -> None:
@@ -120,7 +122,8 @@ class GenaiLanguageModel:
         self._tokenizer = og.Tokenizer(model)
         self._eos = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         self.budget = KvBudget(limits.kv_budget_tokens, card.name)
-        workers = decode_threads or max(2, len(os.sched_getaffinity(0)))
+        workers = decode_threads or max(2, default_intra_op_threads())
+        self._closed = False
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"llm-{card.name}")
 
     @property
@@ -129,7 +132,9 @@ class GenaiLanguageModel:
         return self.budget.sequences
 
     def close(self) -> None:
-        """Stop taking steps; sequences in flight end with their current step."""
+        """Stop taking steps: streams in flight end after their current step, with
+        ``finish_reason="cancelled"``; new requests are refused."""
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ prompts
@@ -151,6 +156,22 @@ class GenaiLanguageModel:
         """Token ids of ``text`` (for golden checks and prompt accounting)."""
         return [int(t) for t in self._tokenizer.encode(text)]
 
+    def greedy(self, prompt: str, max_new: int) -> list[int]:
+        """Token ids of ``prompt`` decoded greedily in the calling thread (the golden check:
+        the same model object that then serves).
+
+        Raises:
+            InferenceError: the prompt does not fit.
+        """
+        ids = self.encode(prompt)
+        options = _search_options(Sampling(temperature=0), len(ids) + self._max_new(len(ids), max_new))
+        seq = _Sequence(self, 0)
+        self._prefill(seq, ids, options)
+        out = []
+        while not seq.generator.is_done():
+            out.append(self._next(seq)[0])
+        return out
+
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompt: str, sampling: Sampling, *,
@@ -158,6 +179,8 @@ class GenaiLanguageModel:
         """See :class:`~agent.llm.types.LanguageModel`.  A request the model cannot take
         raises ``InferenceError`` here, before any stream exists; ``CapacityError`` comes from
         the stream's first step (after the bounded wait for budget)."""
+        if self._closed:
+            raise NotFoundError(f"model {self.card.name} was unloaded")
         _check_sampling(self.card.name, sampling)
         ids = self.encode(prompt)
         new = self._max_new(len(ids), sampling.max_tokens)
@@ -192,7 +215,7 @@ class GenaiLanguageModel:
             count = 0
             finish: FinishReason
             while True:
-                if deadline is not None and time.monotonic() >= deadline:
+                if self._closed or (deadline is not None and time.monotonic() >= deadline):
                     finish, tail = "cancelled", scanner.flush()
                     break
                 token, piece, done = await seq.run(self._next)

@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 
 from agent.bundle import Accelerator, Batching, Bundle, Tolerance, read_bundle
+from agent.fsutil import file_sha256
+from agent.llm.bundle import GenManifest, is_generative_bundle
+from agent.llm.bundle import verify_bundle as check_members
 from provisioning.bundle import create_bundle, verify_bundle
+from provisioning.genbundle import (
+    DEFAULT_PROMPTS,
+    DEFAULT_TEXTS,
+    create_generative_bundle,
+    llm_context_length,
+    verify_generative_bundle,
+)
 from provisioning.output import emit_json, examples
 
 __all__ = ["register"]
@@ -57,6 +67,8 @@ def register(
                    help="relative tolerance of the golden outputs (default: 0.0001)")
     c.set_defaults(handler=_create)
 
+    _register_generative(bsub, common)
+
     i = bsub.add_parser("inspect", **examples(
             "appliance bundle inspect tiny.bundle",
             "appliance bundle inspect tiny.bundle --json"),
@@ -70,6 +82,80 @@ def register(
         parents=[common], help="check hashes and run the golden vectors")
     v.add_argument("bundle", type=Path, help="the bundle file")
     v.set_defaults(handler=_verify)
+
+
+def _register_generative(bsub: argparse._SubParsersAction[argparse.ArgumentParser],
+                         common: argparse.ArgumentParser) -> None:
+    g = bsub.add_parser("create-llm", **examples(
+            "appliance bundle create-llm ./phi-3-mini-int4 --name phi3 --version 1.0.0 --out phi3.bundle",
+            "appliance bundle create-llm ./model --name chat --version 2.0.0 --max-tokens 512 "
+            "--kv-budget 32768 --prompt 'Hello' --out chat.bundle"),
+        parents=[common], help="bundle an onnxruntime-genai LLM folder, recording golden token ids")
+    g.add_argument("folder", type=Path, help="the model folder (genai_config.json, graph, weights, "
+                                              "tokenizer files)")
+    g.add_argument("--context-length", type=int, default=0,
+                   help="tokens of prompt + completion (default: genai_config.json's)")
+    g.add_argument("--max-tokens", type=int, default=0,
+                   help="completion tokens one request may ask for (default: min(1024, context))")
+    g.add_argument("--kv-budget", type=int, default=0,
+                   help="tokens all sequences hold at once (default: 4 x context)")
+    g.add_argument("--prompt", action="append", default=[],
+                   help="a golden prompt, decoded greedily at creation and on every node; repeatable")
+    g.add_argument("--golden-tokens", type=int, default=16, help="tokens recorded per golden prompt")
+    _common_generative(g)
+    g.set_defaults(handler=_create_llm)
+
+    e = bsub.add_parser("create-embedding", **examples(
+            "appliance bundle create-embedding ./minilm --name minilm --version 1.0.0 --out m.bundle"),
+        parents=[common], help="bundle a text-encoder folder (model.onnx + tokenizer.json)")
+    e.add_argument("folder", type=Path, help="the model folder")
+    e.add_argument("--context-length", type=int, default=512, help="tokens per text (default: 512)")
+    e.add_argument("--graph", default="model.onnx", help="the encoder's ONNX file in the folder")
+    e.add_argument("--text", action="append", default=[], help="a golden text; repeatable")
+    e.add_argument("--atol", type=float, default=1e-4, help="tolerance of the golden vectors")
+    _common_generative(e)
+    e.set_defaults(handler=_create_embedding)
+
+
+def _common_generative(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", required=True, help="bundle name (lowercase, [a-z0-9._-])")
+    p.add_argument("--version", required=True, help="version such as 1.2.0")
+    p.add_argument("--out", "-o", type=Path, required=True, help="bundle file to write")
+    p.add_argument("--description", default="", help="one line shown by inspect and in the registry")
+
+
+def _create_llm(args: argparse.Namespace) -> int:
+    context = args.context_length or llm_context_length(args.folder)
+    manifest = create_generative_bundle(
+        args.folder, args.out, kind="llm", name=args.name, version=args.version,
+        context_length=context, max_tokens=args.max_tokens or min(1024, context),
+        kv_budget_tokens=args.kv_budget or 4 * context, prompts=tuple(args.prompt) or DEFAULT_PROMPTS,
+        golden_tokens=args.golden_tokens, description=args.description)
+    return _show_generative(args, args.out, manifest, "created; golden token ids recorded")
+
+
+def _create_embedding(args: argparse.Namespace) -> int:
+    manifest = create_generative_bundle(
+        args.folder, args.out, kind="embedding", name=args.name, version=args.version,
+        context_length=args.context_length, max_tokens=1, kv_budget_tokens=args.context_length,
+        graph=args.graph, texts=tuple(args.text) or DEFAULT_TEXTS, atol=args.atol,
+        description=args.description)
+    return _show_generative(args, args.out, manifest, "created; golden vectors recorded")
+
+
+def _show_generative(args: argparse.Namespace, path: Path, m: GenManifest, verdict: str) -> int:
+    if args.json:
+        emit_json({"file": str(path), "sha256": file_sha256(path), "length": path.stat().st_size,
+                   "manifest": m.to_json()})
+        return 0
+    print(f"{m.name} {m.version}  {m.kind}  ({verdict})")
+    print(f"  file    {path}  {path.stat().st_size} bytes")
+    print(f"  context {m.limits.context_length} tokens, max_tokens {m.limits.max_tokens}, "
+          f"KV budget {m.limits.kv_budget_tokens}")
+    print(f"  model   {m.graph}  {m.parameters} parameters  {m.quantisation}")
+    for name in m.members:
+        print(f"  file    {name}  {m.files[name].length} bytes  sha256 {m.files[name].sha256}")
+    return 0
 
 
 def _summary(bundle: Bundle) -> dict[str, object]:
@@ -111,6 +197,9 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if is_generative_bundle(args.bundle):
+        return _show_generative(args, args.bundle, check_members(args.bundle),
+                                "structure and hashes OK; golden check not run")
     bundle = read_bundle(args.bundle)
     if args.json:
         emit_json(_summary(bundle))
@@ -120,6 +209,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if is_generative_bundle(args.bundle):
+        return _show_generative(args, args.bundle, verify_generative_bundle(args.bundle),
+                                "verified: hashes match, golden check reproduces")
     bundle, _ = verify_bundle(args.bundle)
     if args.json:
         emit_json(_summary(bundle) | {"verified": True})

@@ -1,0 +1,285 @@
+"""Generative bundles: made from the tiny models, installed and served through the model
+repository, and hostile ones refused with the store unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import InferenceSection
+from agent.errors import BundleError, NotFoundError, VerificationError
+from agent.inference.repository import ModelRepository
+from agent.llm.bundle import MAX_CONTEXT, verify_bundle
+from agent.llm.types import Sampling
+from provisioning.demo.llm_models import write_decoder, write_encoder
+from provisioning.genbundle import create_generative_bundle
+
+LIMITS: dict[str, Any] = {"context_length": 256, "max_tokens": 64, "kv_budget_tokens": 2048}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return write_decoder(root / "llm"), write_encoder(root / "embed")
+
+
+@pytest.fixture(scope="module")
+def llm_bundle(folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-llm.bundle"
+    create_generative_bundle(folders[0], out, kind="llm", name="tiny-llm", version="1.0.0", **LIMITS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def embed_bundle(folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-embed.bundle"
+    create_generative_bundle(folders[1], out, kind="embedding", name="tiny-embed", version="1.0.0",
+                             context_length=256, max_tokens=1, kv_budget_tokens=256)
+    return out
+
+
+def _repo(state: Path) -> ModelRepository:
+    return ModelRepository.for_state_dir(state, InferenceSection(intra_op_threads=1))
+
+
+def _store_files(state: Path) -> list[Path]:
+    return sorted((state / "models").rglob("*")) if (state / "models").exists() else []
+
+
+def test_bundle_is_deterministic_and_verifies(folders: tuple[Path, Path], llm_bundle: Path,
+                                              tmp_path: Path) -> None:
+    again = tmp_path / "again.bundle"
+    manifest = create_generative_bundle(folders[0], again, kind="llm", name="tiny-llm", version="1.0.0",
+                                        **LIMITS)
+    assert again.read_bytes() == llm_bundle.read_bytes()
+    assert verify_bundle(again) == manifest
+    assert set(manifest.files) == {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json",
+                                   "tokenizer_config.json"}
+    assert manifest.graph == "model.onnx" and manifest.parameters > 100_000
+    assert all(len(g.token_ids) == 16 for g in manifest.golden_prompts)
+
+
+def test_llm_bundle_installs_and_serves(llm_bundle: Path, tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    installed = repo.install(llm_bundle)
+    assert installed.kind == "llm" and installed.active
+
+    async def main() -> str:
+        await repo.serve("tiny-llm")
+        model = repo.generative.language_model("tiny-llm")
+        assert model.card.context_length == 256 and model.card.kind == "llm"
+        chunks = [c async for c in model.generate("The appliance", Sampling(max_tokens=8, temperature=0))]
+        assert chunks[-1].completion_tokens == 8
+        assert [e.state for e in repo.index()] == ["READY"]
+        await repo.unload("tiny-llm")
+        return "ok"
+
+    assert asyncio.run(main()) == "ok"
+    with pytest.raises(NotFoundError):
+        repo.generative.language_model("tiny-llm")
+
+
+def test_embedding_bundle_installs_and_serves(embed_bundle: Path, tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    repo.install(embed_bundle)
+
+    async def main() -> int:
+        await repo.serve("tiny-embed")
+        result = await repo.generative.embedding_model("tiny-embed").embed(["a signed model bundle"])
+        return len(result.vectors[0])
+
+    assert asyncio.run(main()) == 64
+
+
+def test_changed_installed_file_is_not_served(llm_bundle: Path, tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    installed = repo.install(llm_bundle)
+    with (installed.path / "model" / "model.onnx.data").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x7f")
+    with pytest.raises(VerificationError, match=r"model\.onnx\.data: sha256"):
+        asyncio.run(repo.serve("tiny-llm"))
+    assert "sha256" in repo.index()[0].reason
+
+
+# ---------------------------------------------------------------- hostile bundles
+
+def _members(bundle: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(bundle) as tar:
+        out = []
+        for info in tar.getmembers():
+            f = tar.extractfile(info)
+            assert f is not None
+            out.append((info.name, f.read()))
+        return out
+
+
+def _write(out: Path, members: list[tuple[str, bytes]], link: str | None = None) -> Path:
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link is not None:
+            info = tarfile.TarInfo(link)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/shadow"
+            tar.addfile(info)
+    return out
+
+
+def _edit(bundle: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    members = _members(bundle)
+    manifest = json.loads(members[0][1])
+    edit(manifest)
+    return _write(out, [("manifest.json", json.dumps(manifest).encode()), *members[1:]])
+
+
+def _refused(bundle: Path, state: Path, error: type[Exception], match: str) -> None:
+    before = _store_files(state)
+    with pytest.raises(error, match=match):
+        _repo(state).install(bundle)
+    assert _store_files(state) == before
+
+
+def test_tampered_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    members = _members(llm_bundle)
+    members = [(n, d[:-1] + bytes([d[-1] ^ 1]) if n == "model/model.onnx.data" else d) for n, d in members]
+    _refused(_write(tmp_path / "b", members), tmp_path / "state", VerificationError,
+             r"model/model\.onnx\.data.*sha256")
+
+
+def test_extra_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    bundle = _write(tmp_path / "b", [*_members(llm_bundle), ("model/zz-extra.so", b"\x7fELF")])
+    _refused(bundle, tmp_path / "state", BundleError, "unexpected member 'model/zz-extra.so'")
+
+
+def test_link_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    bundle = _write(tmp_path / "b", _members(llm_bundle), link="model/zz")
+    _refused(bundle, tmp_path / "state", BundleError, "'model/zz' is not a regular file")
+
+
+def test_path_outside_the_folder_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    def edit(m: dict[str, Any]) -> None:
+        m["files"]["../../etc/cron.d/x"] = m["files"].pop("tokenizer.json")
+
+    _refused(_edit(llm_bundle, tmp_path / "b", edit), tmp_path / "state", BundleError,
+             r"files: '\.\./\.\./etc/cron\.d/x' is not a plain file name")
+
+
+def test_oversized_limits_are_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    def edit(m: dict[str, Any]) -> None:
+        m["limits"]["context_length"] = MAX_CONTEXT + 1
+
+    _refused(_edit(llm_bundle, tmp_path / "b", edit), tmp_path / "state", BundleError,
+             r"limits\.context_length: expected an integer in 1\.\.")
+
+    def member(m: dict[str, Any]) -> None:
+        m["files"]["model.onnx.data"]["length"] = 1 << 40
+
+    _refused(_edit(llm_bundle, tmp_path / "c", member), tmp_path / "state", BundleError,
+             r"files\.model\.onnx\.data\.length: expected an integer")
+
+
+def test_golden_token_mismatch_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    def edit(m: dict[str, Any]) -> None:
+        ids = m["golden"][0]["token_ids"]
+        ids[3] = (ids[3] + 1) % 300
+
+    _refused(_edit(llm_bundle, tmp_path / "b", edit), tmp_path / "state", BundleError,
+             "golden prompt 0: greedy decoding gave token .* at position 3")
+
+
+def test_external_data_outside_the_bundle_is_refused(folders: tuple[Path, Path], llm_bundle: Path,
+                                                     tmp_path: Path) -> None:
+    import hashlib
+
+    import onnx
+
+    model = onnx.load(str(folders[0] / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../../../etc/appliance/tls/node.key"
+    graph = model.SerializeToString()
+    members = _members(llm_bundle)
+    manifest = json.loads(members[0][1])
+    manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(graph).hexdigest(), "length": len(graph)}
+    members = [("manifest.json", json.dumps(manifest).encode()),
+               *[(n, graph if n == "model/model.onnx" else d) for n, d in members[1:]]]
+    _refused(_write(tmp_path / "b", members), tmp_path / "state", BundleError, "outside the bundle")
+
+
+def test_create_refuses_a_folder_with_a_link(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(folders[0], folder)
+    (folder / "extra").symlink_to("/etc/hostname")
+    with pytest.raises(BundleError, match="only regular files"):
+        create_generative_bundle(folder, tmp_path / "out", kind="llm", name="x", version="1", **LIMITS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_creates_inspects_and_verifies(folders: tuple[Path, Path], tmp_path: Path,
+                                           cli: Callable[..., Any]) -> None:
+    out = tmp_path / "cli.bundle"
+    made = cli("bundle", "create-llm", folders[0], "--name", "tiny-llm", "--version", "1.0.0",
+               "--max-tokens", "32", "--prompt", "The quick brown fox", "--out", out, "--json")
+    assert made.code == 0, made.err
+    manifest = json.loads(made.out)["manifest"]
+    assert manifest["limits"] == {"context_length": 256, "kv_budget_tokens": 1024, "max_tokens": 32}
+    assert [g["prompt"] for g in manifest["golden"]] == ["The quick brown fox"]
+    checked = cli("bundle", "verify", out)
+    assert checked.code == 0 and "golden check reproduces" in checked.out
+    wrong = cli("bundle", "create-embedding", folders[0], "--name", "x", "--version", "1", "--out",
+                tmp_path / "x.bundle")
+    assert wrong.code != 0 and "genai_config.json" in wrong.err
+
+
+def test_signed_llm_bundle_installs_from_the_registry(llm_bundle: Path, tmp_path: Path) -> None:
+    from agent.inference.install import install_from_registry
+    from agent.updates.client import RegistryClient
+    from provisioning.registry import init_registry, publish_bundle, trusted_root
+
+    registry, state = tmp_path / "registry", tmp_path / "state"
+    init_registry(registry)
+    publish_bundle(registry, llm_bundle)
+    RegistryClient.initialize(state, trusted_root(registry))
+    repo = _repo(state)
+    installed = install_from_registry(repo, state, (str(registry / "published"),), "tiny-llm", None)
+    assert (installed.kind, installed.version) == ("llm", "1.0.0")
+    asyncio.run(repo.serve("tiny-llm"))
+    assert [c.name for c in repo.generative.cards()] == ["tiny-llm"]
+
+
+def test_bundle_changed_after_signing_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    from agent.inference.install import install_from_registry
+    from agent.updates.client import RegistryClient
+    from provisioning.registry import init_registry, publish_bundle, trusted_root
+
+    registry, state = tmp_path / "registry", tmp_path / "state"
+    init_registry(registry)
+    publish_bundle(registry, llm_bundle)
+    for target in (p for p in (registry / "published" / "targets").rglob("*") if p.is_file()):
+        data = bytearray(target.read_bytes())
+        data[-2048] ^= 1
+        target.write_bytes(bytes(data))
+    RegistryClient.initialize(state, trusted_root(registry))
+    before = _store_files(state)
+    with pytest.raises(VerificationError):
+        install_from_registry(_repo(state), state, (str(registry / "published"),), "tiny-llm", None)
+    assert _store_files(state) == before
+
+
+def test_hot_swap_update_of_a_generative_bundle_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="cannot be applied as a hot-swap update"):
+        _repo(tmp_path).install_for_serving(llm_bundle)
+    assert _store_files(tmp_path) == []
