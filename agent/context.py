@@ -37,8 +37,8 @@ class AgentContext:
     # Published by agent.inference.service.attach.
     inference: ModelRepository | None = None
     inference_servicer: InferenceServicer | None = None
-    # The served generative models (LLMs, text encoders), published by the generative
-    # runtime; the HTTPS port's /v1 routes serve them.
+    # The served generative models (LLMs, text encoders), published by
+    # agent.inference.service.attach (the repository's); the HTTPS port's /v1 routes serve them.
     generative: GenerativeModels | None = None
     # Published by agent.updates.service.attach or agent.health.service.attach, whichever
     # runs first (a test may publish its own before either).

@@ -114,8 +114,6 @@ async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentConte
         added = await module.attach(server, ctx)
         names.extend(added)
         log.debug("%s added %s", module.__name__, ", ".join(added))
-    if ctx.inference_servicer is not None:  # language models also stream on ModelStreamInfer
-        ctx.inference_servicer.generative = ctx.generative
     for guard in guards:
         if isinstance(guard, security.AccessInterceptor):
             guard.attach(ctx.events, ctx.layout.crl_in_force)

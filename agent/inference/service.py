@@ -361,9 +361,10 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     """
     repo = ModelRepository.for_state_dir(ctx.state_dir, ctx.config.inference)
     repo.add_listener(_health_listener(ctx))
-    servicer = InferenceServicer(repo)
+    servicer = InferenceServicer(repo, repo.generative)
     ctx.inference = repo
     ctx.inference_servicer = servicer
+    ctx.generative = repo.generative  # for the HTTPS port's /v1 routes
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     wanted = await ensure_models(repo, ctx.config)
     for name, version in wanted:

@@ -1,0 +1,100 @@
+"""End to end: a real agent process serving installed generative bundles (the tiny LLM and
+encoder) answers the ``openai`` client on its HTTPS port and ``tritonclient.grpc``'s streaming
+client on its gRPC port, both over mTLS, and both stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import queue
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import tritonclient.grpc as tg
+
+from agent.config import InferenceSection
+from agent.inference.repository import ModelRepository
+from provisioning.demo.llm_models import write_decoder, write_encoder
+from provisioning.genbundle import create_generative_bundle
+from testsupport.http_support import site_pki, tls_config
+from testsupport.inference_support import Agent, free_port
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return site_pki(tmp_path_factory.mktemp("pki") / "site", tmp_path_factory.mktemp("pki") / "other")
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[tuple[Agent, int]]:
+    tmp = tmp_path_factory.mktemp("llm-agent")
+    llm = tmp / "tiny-llm.bundle"
+    create_generative_bundle(write_decoder(tmp / "dec"), llm, kind="llm", name="tiny-llm", version="1.0.0",
+                             context_length=256, max_tokens=64, kv_budget_tokens=2048)
+    embed = tmp / "tiny-embed.bundle"
+    create_generative_bundle(write_encoder(tmp / "enc"), embed, kind="embedding", name="tiny-embed",
+                             version="1.0.0", context_length=256, max_tokens=1, kv_budget_tokens=256)
+    state = tmp / "state"
+    repo = ModelRepository.for_state_dir(state, InferenceSection(intra_op_threads=1))
+    repo.install(llm)
+    repo.install(embed)
+    http_port = free_port()
+    a = Agent(state, "--config", str(tls_config(tmp, pki)), "--model", "tiny-llm", "--model", "tiny-embed",
+              http_port=http_port)
+    yield a, http_port
+    assert a.stop() == 0, a.log()
+
+
+def _files(pki: Path, who: str) -> tuple[str, str]:
+    d = pki / "issued" / who
+    return str(d / f"{who}.crt"), str(d / f"{who}.key")
+
+
+def test_openai_client_against_the_agent(agent: tuple[Agent, int], pki: Path) -> None:
+    _, port = agent
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(*_files(pki, "observer"))
+    with openai.OpenAI(base_url=f"https://localhost:{port}/v1", api_key="unused", max_retries=0,
+                       http_client=httpx.Client(verify=ctx, timeout=60)) as client:
+        assert {m.id for m in client.models.list().data} == {"tiny-llm", "tiny-embed"}
+        messages: Any = [{"role": "user", "content": "Hello"}]
+        whole = client.chat.completions.create(model="tiny-llm", messages=messages, max_tokens=12,
+                                               temperature=0)
+        text = whole.choices[0].message.content
+        assert text and whole.usage is not None and whole.usage.completion_tokens > 0
+        streamed = client.chat.completions.create(model="tiny-llm", messages=messages, max_tokens=12,
+                                                  temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+        vectors = client.embeddings.create(model="tiny-embed", input=["a", "b"]).data
+        assert len(vectors) == 2 and abs(float(np.linalg.norm(vectors[0].embedding)) - 1.0) < 1e-5
+
+
+def test_tritonclient_streams_the_llm_from_the_agent(agent: tuple[Agent, int], pki: Path) -> None:
+    a, _ = agent
+    crt, key = _files(pki, "observer")
+    client = tg.InferenceServerClient(f"localhost:{a.port}", ssl=True, root_certificates=str(pki / "ca.crt"),
+                                      private_key=key, certificate_chain=crt)
+    text = tg.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"Hello"], dtype=object))
+    stream = tg.InferInput("stream", [1], "BOOL")
+    stream.set_data_from_numpy(np.array([True]))
+    params = tg.InferInput("sampling_parameters", [1], "BYTES")
+    params.set_data_from_numpy(np.array([b'{"max_tokens": 8, "temperature": 0}'], dtype=object))
+    got: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    client.async_stream_infer("tiny-llm", [text, stream, params], enable_empty_final_response=True)
+    pieces = []
+    while True:
+        result, error = got.get(timeout=60)
+        assert error is None, error
+        response = result.get_response()
+        if response.parameters["triton_final_response"].bool_param:
+            break
+        pieces.append(result.as_numpy("text_output")[0].decode())
+    client.stop_stream()
+    client.close()
+    assert pieces and all(pieces)
