@@ -22,7 +22,6 @@ import logging
 import ssl
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -92,11 +91,6 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return parse_json(await request.read())
 
 
-@dataclass
-class _Connection:
-    identity: Identity
-
-
 class Surface:
     """Access and error translation for the HTTPS port's routes (an aiohttp middleware)."""
 
@@ -104,7 +98,7 @@ class Surface:
         self._tls = tls
         self._loopback = Identity(subject="loopback (no TLS)", serial=None, role=loopback_role)
         # One entry per TLS connection, gone with it: the certificate is parsed once.
-        self._connections: weakref.WeakKeyDictionary[Any, _Connection] = weakref.WeakKeyDictionary()
+        self._connections: weakref.WeakKeyDictionary[ssl.SSLObject, Identity] = weakref.WeakKeyDictionary()
 
     def identity(self, request: web.Request) -> Identity:
         """Who sends ``request``: its connection's certificate, expiry and CRL checked now."""
@@ -114,11 +108,11 @@ class Surface:
         sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
         if not isinstance(sslobj, ssl.SSLObject):
             return self._tls.identify(None)
-        conn = self._connections.get(sslobj)
-        if conn is None:
-            conn = _Connection(self._tls.parse(sslobj.getpeercert(binary_form=True)))
-            self._connections[sslobj] = conn
-        return admitted(conn.identity, self._tls.crl)
+        ident = self._connections.get(sslobj)
+        if ident is None:
+            ident = self._tls.parse(sslobj.getpeercert(binary_form=True))
+            self._connections[sslobj] = ident
+        return admitted(ident, self._tls.crl)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -136,6 +130,10 @@ class Surface:
             if exc.status < 400:
                 raise
             return web.json_response(error_body(path, exc.status, exc.reason), status=exc.status)
+        except Exception as exc:  # a bug must still answer in the protocol's shape, never hang
+            log.exception("%s %s: internal error", request.method, path)
+            return web.json_response(error_body(path, 500, f"internal error: {type(exc).__name__}"),
+                                     status=500)
 
     def _admit(self, request: web.Request) -> None:
         route_handler = request.match_info.route.handler
