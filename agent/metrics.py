@@ -14,13 +14,18 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import Metric
 
-__all__ = ["GENAI", "REGISTRY", "GenAiMetrics", "InferenceCollector", "exposition", "register_collector",
-           "start_metrics_server"]
+from agent.errors import NotFoundError
+
+if TYPE_CHECKING:  # the runtime's type only; this module must not load the runtime
+    from agent.llm.served import ServedGenerative
+
+__all__ = ["GENAI", "REGISTRY", "GenAiMetrics", "InferenceCollector", "KvCacheCollector", "exposition",
+           "register_collector", "start_metrics_server"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,51 @@ class GenAiMetrics:
 
 
 GENAI = GenAiMetrics()
+
+
+_KvRow = tuple[str, int, int, int]  # model, tokens reserved, budget, sequences
+_KV_METRICS: tuple[tuple[str, str, Callable[[_KvRow], float]], ...] = (
+    ("gen_ai_server_kv_cache_tokens", "KV-cache tokens reserved by running sequences", lambda r: r[1]),
+    ("gen_ai_server_kv_cache_budget_tokens", "KV-cache token budget of the model", lambda r: r[2]),
+    ("gen_ai_server_kv_cache_usage_ratio", "Share of the KV-cache budget reserved",
+     lambda r: r[1] / r[2] if r[2] else 0.0),
+    ("gen_ai_server_active_sequences", "Sequences holding KV cache", lambda r: r[3]),
+)
+
+
+class KvCacheCollector:
+    """KV-cache use of each served language model: tokens reserved and the budget
+    (``gen_ai_server_kv_cache_tokens``, ``gen_ai_server_kv_cache_budget_tokens``), their ratio
+    (``gen_ai_server_kv_cache_usage_ratio``) and sequences holding cache
+    (``gen_ai_server_active_sequences``); OpenTelemetry has no name for these yet, so they
+    follow its ``gen_ai_server_`` prefix and Prometheus' unit suffixes."""
+
+    def __init__(self, served: ServedGenerative) -> None:
+        self._served = served
+
+    def _rows(self) -> list[_KvRow]:
+        rows = []
+        for card in self._served.cards():
+            if card.kind != "llm":
+                continue
+            try:
+                budget = self._served.language_model(card.name).budget
+            except NotFoundError:  # unloaded between the two calls: nothing to report
+                continue
+            rows.append((card.name, budget.in_use, budget.total, budget.sequences))
+        return rows
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            rows = self._rows()
+        except Exception:  # a scrape must never take the agent down
+            log.exception("collecting KV-cache use failed")
+            rows = []
+        for name, doc, value in _KV_METRICS:
+            metric = Metric(name, doc, "gauge")
+            for row in rows:
+                metric.add_sample(name, {"gen_ai_request_model": row[0]}, float(value(row)))
+            yield metric
 
 
 def register_collector(collector: Any) -> None:

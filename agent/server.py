@@ -37,7 +37,7 @@ from agent.context import AgentContext
 from agent.errors import ConfigError
 from agent.health import service as health_service
 from agent.inference import service as inference_service
-from agent.metrics import InferenceCollector, register_collector, start_metrics_server
+from agent.metrics import InferenceCollector, KvCacheCollector, register_collector, start_metrics_server
 from agent.proto._pool import POOL
 from agent.updates import service as updates_service
 from agent.web import serve as http_service
@@ -254,6 +254,7 @@ def _start_metrics(config: AgentConfig, ctx: AgentContext) -> Any:
     repo = ctx.inference
     if repo is not None:
         register_collector(InferenceCollector(repo.statistics))
+        register_collector(KvCacheCollector(repo.generative))
     # the gRPC port's mTLS rules and its revocation list in force, or None on loopback
     tls = security.metrics_tls(config, ctx.revocation)
     host = config.server.listen if tls else LOOPBACK

@@ -23,7 +23,7 @@ from agent.llm.engine import GenaiLanguageModel, Limits
 from agent.llm.load import load_embedding_model, load_language_model
 from agent.llm.served import ServedGenerative
 from agent.llm.types import Chunk, Message, ModelCard, Sampling
-from agent.metrics import REGISTRY
+from agent.metrics import REGISTRY, KvCacheCollector
 from provisioning.demo.llm_models import DecoderShape, write_decoder, write_encoder
 from testsupport.http_support import HttpsPort, site_pki, tls_config
 
@@ -66,7 +66,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGenerativ
 def port(tmp_path_factory: pytest.TempPathFactory, pki: Path,
          served: ServedGenerative) -> Iterator[HttpsPort]:
     p = HttpsPort(tls_config(tmp_path_factory.mktemp("cfg"), pki), served)
+    kv = KvCacheCollector(served)  # as the agent registers it for its repository's models
+    REGISTRY.register(kv)
     yield p
+    REGISTRY.unregister(kv)
     p.close()
 
 
@@ -205,6 +208,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(
                                            seed=1, stream=True)
         first = next(iter(stream))
         assert first.choices[0].text is not None
+        held = _sample("gen_ai_server_kv_cache_tokens", gen_ai_request_model="long-llm")
+        assert held > 0 and _sample("gen_ai_server_active_sequences", gen_ai_request_model="long-llm") == 1
         stream.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any("outcome=disconnected" in r.getMessage()
@@ -217,6 +222,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(
     while time.monotonic() < deadline and long.active_sequences:
         time.sleep(0.05)
     assert long.active_sequences == 0
+    assert _sample("gen_ai_server_kv_cache_tokens", gen_ai_request_model="long-llm") == 0
+    assert _sample("gen_ai_server_kv_cache_budget_tokens", gen_ai_request_model="long-llm") == LONG + 96
 
 
 def _sample(name: str, **labels: str) -> float:

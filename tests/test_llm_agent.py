@@ -44,7 +44,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[tuple
     repo.install(embed)
     http_port = free_port()
     a = Agent(state, "--config", str(tls_config(tmp, pki)), "--model", "tiny-llm", "--model", "tiny-embed",
-              http_port=http_port)
+              http_port=http_port, metrics_port=free_port())
     yield a, http_port
     assert a.stop() == 0, a.log()
 
@@ -71,6 +71,14 @@ def test_openai_client_against_the_agent(agent: tuple[Agent, int], pki: Path) ->
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
         vectors = client.embeddings.create(model="tiny-embed", input=["a", "b"]).data
         assert len(vectors) == 2 and abs(float(np.linalg.norm(vectors[0].embedding)) - 1.0) < 1e-5
+    with httpx.Client(verify=ctx) as scrape:
+        text = scrape.get(f"https://localhost:{agent[0].metrics_port}/metrics").text
+    model = 'gen_ai_request_model="tiny-llm"'
+    assert f'gen_ai_server_kv_cache_budget_tokens{{{model}}} 2048.0' in text
+    assert f'gen_ai_server_kv_cache_tokens{{{model}}} 0.0' in text
+    usage = [ln for ln in text.splitlines()
+             if ln.startswith("gen_ai_server_token_usage_total{") and model in ln and "output" in ln]
+    assert usage and float(usage[0].split()[-1]) >= 2 * whole.usage.completion_tokens
 
 
 def test_tritonclient_streams_the_llm_from_the_agent(agent: tuple[Agent, int], pki: Path) -> None:

@@ -94,6 +94,8 @@ class Agent:
              "--port", "0", "--metrics-port", str(metrics_port), "--http-port", str(http_port), *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self.port = self._wait_ready()
+        self.metrics_port = metrics_port
+        self.http_port = http_port
         self.url = f"127.0.0.1:{self.port}"
 
     def log(self) -> str:
