@@ -27,6 +27,7 @@ GENAI_CONFIG = "genai_config.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 MAX_CONFIG = 1 << 20
+MAX_TOKENIZER = 64 << 20  # real tokenizer.json files are tens of MB; parsed whole by the runtime
 MAX_GRAPH = 2 << 30  # the graph without its weights (protobuf's own limit is 2 GiB)
 
 # Decoder-only types of onnxruntime-genai that read nothing beyond the decoder graph.
@@ -101,6 +102,12 @@ def _read_json(path: Path, origin: str) -> Any:
         raise _fail(origin, path.name, f"not valid JSON ({str(exc)[:80]})") from None
 
 
+def _check_tokenizer(folder: Path, members: Collection[str], origin: str) -> None:
+    for name in (TOKENIZER, TOKENIZER_CONFIG):
+        if name in members and (folder / name).stat().st_size > MAX_TOKENIZER:
+            raise _fail(origin, name, f"over {MAX_TOKENIZER} bytes; refused")
+
+
 def _check_graph(folder: Path, graph: str, members: Collection[str], origin: str) -> None:
     path = folder / graph
     if path.stat().st_size > MAX_GRAPH:
@@ -118,6 +125,7 @@ def check_llm_folder(folder: Path, members: Collection[str], origin: str) -> Llm
     for required in (GENAI_CONFIG, TOKENIZER, TOKENIZER_CONFIG):
         if required not in members:
             raise _fail(origin, required, "missing from the model folder")
+    _check_tokenizer(folder, members, origin)
     cfg = _object(_read_json(folder / GENAI_CONFIG, origin), origin, GENAI_CONFIG, {"model", "search"})
     _object(cfg.get("search", {}), origin, "search", _SEARCH_KEYS)
     model = _object(cfg.get("model"), origin, "model", _MODEL_KEYS)
@@ -145,4 +153,5 @@ def check_encoder_folder(folder: Path, members: Collection[str], graph: str, ori
     for required in (graph, TOKENIZER):
         if required not in members:
             raise _fail(origin, required, "missing from the model folder")
+    _check_tokenizer(folder, members, origin)
     _check_graph(folder, graph, members, origin)
