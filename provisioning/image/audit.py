@@ -266,8 +266,6 @@ def print_report(result: AuditResult) -> None:
     print(f"root {result.root}; scanner: {result.scanner}")  # noqa: T201
     for s in result.profiles:
         print(s.line())  # noqa: T201
-        for rule in s.stale_waivers:
-            print(f"  waived but passes (drop the waiver): {rule}")  # noqa: T201
     ly = result.lynis
     print(f"Lynis {ly['version']}: hardening index {ly['hardening_index']}, "  # noqa: T201
           f"{len(ly['warnings'])} warnings, {ly['suggestions']} suggestions")

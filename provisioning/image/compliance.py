@@ -4,8 +4,8 @@ The audit (:mod:`provisioning.image.audit`) runs OpenSCAP; this module reads wha
 
 - the tailoring file (``images/compliance/tailoring.xml``): one tailored profile per
   ComplianceAsCode profile, each waiver an ``xccdf:refine-rule`` with ``role="unscored"``
-  (OpenSCAP still evaluates the rule and shows its result, but leaves it out of its score)
-  and two remarks: the reason, then ``Control: `` and what replaces the rule;
+  (OpenSCAP keeps the rule in its report, marked "informational", and out of its score) and
+  two remarks: the reason, then ``Control: `` and what replaces the rule;
 - an XCCDF results file: the per-rule results, counted into one :class:`ProfileSummary`,
   where a waived rule counts as ``waived`` whatever its result, never as a pass;
 - the baseline (``images/compliance/baseline.json``): the pass ratio each profile reached,
@@ -18,7 +18,7 @@ import json
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,6 @@ class ProfileSummary:
     counts: Mapping[str, int]
     failed: tuple[str, ...]
     waived: tuple[str, ...]
-    stale_waivers: tuple[str, ...] = field(default=())  # waived, yet the rule passes
 
     @property
     def applicable(self) -> int:
@@ -148,8 +147,7 @@ class ProfileSummary:
         ratio = self.pass_ratio
         return {"profile": self.profile, "counts": dict(self.counts), "applicable": self.applicable,
                 "pass_ratio": round(ratio, 4) if ratio is not None else None,
-                "failed": list(self.failed), "waived": list(self.waived),
-                "stale_waivers": list(self.stale_waivers)}
+                "failed": list(self.failed), "waived": list(self.waived)}
 
     def line(self) -> str:
         c = self.counts
@@ -160,11 +158,11 @@ class ProfileSummary:
 
 
 def _buckets(result: str, waived: bool) -> tuple[str, ...]:
-    """The counters one rule result adds to (``stale``: a waived rule that passes)."""
+    """The counters one rule result adds to."""
     if result == "notselected":
         return ()
-    if waived and result in _APPLICABLE:
-        return ("waived", "stale") if result == "pass" else ("waived",)
+    if waived and result in (*_APPLICABLE, "informational"):  # unscored: "informational"
+        return ("waived",)
     if result in ("pass", "fail", "notapplicable"):
         return (result,)
     return ("other", result) if result in _APPLICABLE else ("other",)
@@ -173,7 +171,8 @@ def _buckets(result: str, waived: bool) -> tuple[str, ...]:
 def summarize(results: Path, profile: str, waivers: Mapping[str, Waiver] | None = None) -> ProfileSummary:
     """Count an XCCDF results file (``oscap xccdf eval --results``, or the ARF holding one).
 
-    Buckets: pass, fail, waived (a rule in ``waivers`` that was evaluated), notapplicable and
+    Buckets: pass, fail, waived (a rule in ``waivers`` that applies: OpenSCAP reports it
+    "informational" under the tailoring, or its real result without it), notapplicable and
     other (error, unknown, notchecked, informational, fixed); notselected rules are not counted.
 
     Raises:
@@ -181,7 +180,7 @@ def summarize(results: Path, profile: str, waivers: Mapping[str, Waiver] | None 
     """
     waivers = waivers or {}
     counts: Counter[str] = Counter()
-    by_bucket: dict[str, list[str]] = {"fail": [], "waived": [], "stale": []}
+    by_bucket: dict[str, list[str]] = {"fail": [], "waived": []}
     seen = False
     try:
         for _, el in ET.iterparse(results):  # noqa: S314 - our own scanner's output
@@ -202,9 +201,7 @@ def summarize(results: Path, profile: str, waivers: Mapping[str, Waiver] | None 
         raise ImageError(f"{results}: no xccdf:TestResult (not an `oscap xccdf eval` result)")
     for key in ("pass", "fail", "waived", "notapplicable", "other"):
         counts.setdefault(key, 0)
-    counts.pop("stale", None)
-    return ProfileSummary(profile, dict(counts), tuple(by_bucket["fail"]),
-                          tuple(by_bucket["waived"]), tuple(by_bucket["stale"]))
+    return ProfileSummary(profile, dict(counts), tuple(by_bucket["fail"]), tuple(by_bucket["waived"]))
 
 
 # ------------------------------------------------------------------ baseline
