@@ -20,11 +20,13 @@ from provisioning.image.compliance import (
     baseline_failures,
     load_baseline,
     load_tailoring,
+    runtime_only,
     summarize,
     write_baseline,
 )
 
 RESULTS = Path(__file__).parent / "data/compliance/cis_level1_server.xccdf.xml"
+ARF = Path(__file__).parent / "data/compliance/cis_level1_server.arf-excerpt.xml"
 TAILORED = Path(__file__).parent / "data/compliance/cis_level1_server.tailored.xccdf.xml"
 BASELINE = DEFAULT_TAILORING.parent / "baseline.json"
 _NS = 'xmlns:xccdf="http://checklists.nist.gov/xccdf/1.2"'
@@ -170,3 +172,17 @@ def test_baseline_file_errors(tmp_path: Path, text: str, message: str) -> None:
 def test_the_shipped_baseline_covers_every_audited_profile() -> None:
     floors = load_baseline(BASELINE)
     assert set(floors) == set(PROFILES)
+
+
+def test_runtime_only_fails_are_named_from_the_oval_results(tmp_path: Path) -> None:
+    """dmesg_restrict and forwarding: file right, kernel unseen; kptr_restrict: the file holds 2
+    where CIS wants exactly 1, a real failure of the configuration."""
+    failed = ("sysctl_kernel_kptr_restrict", "sysctl_kernel_dmesg_restrict",
+              "sysctl_net_ipv4_conf_all_forwarding", "partition_for_var", "package_sudo_installed")
+    assert runtime_only(ARF, failed) == ("sysctl_kernel_dmesg_restrict",
+                                         "sysctl_net_ipv4_conf_all_forwarding")
+    s = ProfileSummary("p", {"pass": 1, "fail": 2}, failed[:2], (), runtime_only(ARF, failed[:2]))
+    assert s.line().endswith("; 1 of the fails check only the running kernel")
+    assert s.to_json()["runtime_only"] == ["sysctl_kernel_dmesg_restrict"]
+    with pytest.raises(ImageError, match="cannot read the ARF results"):
+        runtime_only(tmp_path / "none.xml", failed)

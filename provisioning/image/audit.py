@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from provisioning.image.compliance import (
     baseline_failures,
     load_baseline,
     load_tailoring,
+    runtime_only,
     summarize,
 )
 from provisioning.image.mirror import SCANNER_DIR, SCANNER_PACKAGES, SCANNER_SUITE, Lock, verify_mirror
@@ -149,7 +150,8 @@ def scap(scanner: Path, root: Path, out: Path, profile: str, tailoring: Tailorin
     (out / f"{profile}.log").write_bytes(proc.stdout + proc.stderr)
     if proc.returncode not in (0, 2) or not (out / f"{profile}.xccdf.xml").is_file():  # 2: a rule failed
         raise ToolError("oscap", proc.returncode, proc.stderr.decode(errors="replace")[-2000:])
-    return summarize(out / f"{profile}.xccdf.xml", profile, tailoring.waivers.get(profile, {}))
+    summary = summarize(out / f"{profile}.xccdf.xml", profile, tailoring.waivers.get(profile, {}))
+    return replace(summary, runtime_only=runtime_only(out / f"{profile}.arf.xml", summary.failed))
 
 
 def _content_version(scanner: Path) -> str:

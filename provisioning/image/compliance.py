@@ -33,6 +33,7 @@ __all__ = [
     "baseline_failures",
     "load_baseline",
     "load_tailoring",
+    "runtime_only",
     "summarize",
     "write_baseline",
 ]
@@ -134,6 +135,9 @@ class ProfileSummary:
     counts: Mapping[str, int]
     failed: tuple[str, ...]
     waived: tuple[str, ...]
+    # Failed rules whose configuration part passed and whose running-kernel part failed:
+    # an offline scan cannot pass them (see :func:`runtime_only`); still counted as fail.
+    runtime_only: tuple[str, ...] = ()
 
     @property
     def applicable(self) -> int:
@@ -147,14 +151,17 @@ class ProfileSummary:
         ratio = self.pass_ratio
         return {"profile": self.profile, "counts": dict(self.counts), "applicable": self.applicable,
                 "pass_ratio": round(ratio, 4) if ratio is not None else None,
-                "failed": list(self.failed), "waived": list(self.waived)}
+                "failed": list(self.failed), "waived": list(self.waived),
+                "runtime_only": list(self.runtime_only)}
 
     def line(self) -> str:
         c = self.counts
         ratio = f"{self.pass_ratio * 100:.1f}%" if self.pass_ratio is not None else "n/a"
         return (f"{self.profile}: {ratio} pass ({c.get('pass', 0)} pass, {c.get('fail', 0)} fail, "
                 f"{c.get('waived', 0)} waived, {c.get('notapplicable', 0)} notapplicable, "
-                f"{c.get('other', 0)} other)")
+                f"{c.get('other', 0)} other)"
+                + (f"; {len(self.runtime_only)} of the fails check only the running kernel"
+                   if self.runtime_only else ""))
 
 
 def _buckets(result: str, waived: bool) -> tuple[str, ...]:
@@ -202,6 +209,32 @@ def summarize(results: Path, profile: str, waivers: Mapping[str, Waiver] | None 
     for key in ("pass", "fail", "waived", "notapplicable", "other"):
         counts.setdefault(key, 0)
     return ProfileSummary(profile, dict(counts), tuple(by_bucket["fail"]), tuple(by_bucket["waived"]))
+
+
+_OVAL_RESULTS = "{http://oval.mitre.org/XMLSchema/oval-results-5}"
+
+
+def runtime_only(arf: Path, failed: Iterable[str]) -> tuple[str, ...]:
+    """The rules of ``failed`` whose OVAL check splits into a configuration part that passed
+    (``RULE_static`` true) and a running-kernel part that did not (``RULE_runtime``).
+
+    ComplianceAsCode checks a sysctl both in /etc/sysctl.d and in /proc/sys; the offline scan
+    has no running kernel of the image, so such a rule fails there whatever the image holds.
+
+    Raises:
+        ImageError: the ARF file is missing or not XML.
+    """
+    results: dict[str, str] = {}
+    try:
+        for _, el in ET.iterparse(arf):  # noqa: S314 - our own scanner's output
+            if el.tag == f"{_OVAL_RESULTS}definition" and el.get("result"):
+                results.setdefault(el.get("definition_id", ""), el.get("result", ""))
+            el.clear()
+    except (OSError, ET.ParseError) as exc:
+        raise ImageError(f"{arf}: cannot read the ARF results: {exc}") from None
+    return tuple(r for r in failed
+                 if results.get(f"oval:ssg-{r}_static:def:1") == "true"
+                 and results.get(f"oval:ssg-{r}_runtime:def:1") not in (None, "true"))
 
 
 # ------------------------------------------------------------------ baseline
