@@ -36,7 +36,14 @@ from provisioning.image.compliance import (
     runtime_only,
     summarize,
 )
-from provisioning.image.mirror import SCANNER_DIR, SCANNER_PACKAGES, SCANNER_SUITE, Lock, verify_mirror
+from provisioning.image.mirror import (
+    DEBIAN_KEYRING,
+    SCANNER_DIR,
+    SCANNER_PACKAGES,
+    SCANNER_SUITE,
+    Lock,
+    verify_mirror,
+)
 from provisioning.tools import Completed, require_tool, run
 
 __all__ = ["PROFILES", "AuditResult", "audit", "egress", "lynis", "print_report", "root_of",
@@ -86,7 +93,7 @@ def _scanner_key(lock: Lock) -> str:
     return h.hexdigest()
 
 
-def scanner_root(mirror: Path, cache: Path) -> Path:
+def scanner_root(mirror: Path, cache: Path, *, keyring: Path = DEBIAN_KEYRING) -> Path:
     """The scanner root for ``mirror``'s scanner packages, built once into ``cache``.
 
     The mirror is verified first (every .deb back to Debian's signatures).
@@ -96,7 +103,7 @@ def scanner_root(mirror: Path, cache: Path) -> Path:
         VerificationError: the mirror does not verify.
         ToolError: mmdebstrap fails.
     """
-    lock = verify_mirror(mirror)
+    lock = verify_mirror(mirror, keyring=keyring)
     if not lock.scanner_debs:
         raise ImageError(f"{mirror}: the lock holds no scanner packages; run `appliance mirror "
                          f"sync-scanner --mirror {mirror}` (network) first")
@@ -234,7 +241,8 @@ class AuditResult:
 
 def audit(target: Path, *, mirror: Path, out: Path, cache: Path | None = None,
           profiles: tuple[str, ...] = PROFILES, tailoring: Path = DEFAULT_TAILORING,
-          baseline: Path | None = None, unit: str = "appliance-agent.service") -> AuditResult:
+          baseline: Path | None = None, unit: str = "appliance-agent.service",
+          keyring: Path = DEBIAN_KEYRING) -> AuditResult:
     """Audit ``target`` (a root directory or a build's --out directory) offline.
 
     ``out`` receives, per profile, the ARF and XCCDF results, an HTML report and the log, plus
@@ -252,7 +260,7 @@ def audit(target: Path, *, mirror: Path, out: Path, cache: Path | None = None,
     floors = load_baseline(baseline) if baseline is not None else {}
     for profile in profiles:
         tailor.profile_id(profile)  # fail before the scans, not after the first
-    scanner = scanner_root(mirror, cache or mirror.resolve().parent / "scanner-cache")
+    scanner = scanner_root(mirror, cache or mirror.resolve().parent / "scanner-cache", keyring=keyring)
     out.mkdir(parents=True, exist_ok=True)
     summaries = tuple(scap(scanner, root, out, p, tailor) for p in profiles)
     result = AuditResult(
