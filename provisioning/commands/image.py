@@ -85,7 +85,7 @@ def register(
     a.add_argument("--out", type=Path, required=True,
                    help="directory for the ARF/XCCDF results, HTML reports and summary.json")
     a.add_argument("--cache", type=Path, default=None,
-                   help="where the scanner root is kept (default: MIRROR/../scanner-cache)")
+                   help="where the scanner root is kept (default: scanner-cache beside the mirror)")
     a.add_argument("--profile", dest="profiles", action="append", default=None,
                    help="ComplianceAsCode profile id suffix, repeatable (default: anssi_bp28_enhanced, "
                         "anssi_bp28_high, cis_level1_server, cis_level2_server)")
