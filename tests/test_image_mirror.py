@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent.errors import NotFoundError, VerificationError
-from provisioning.image.mirror import load_lock, verify_mirror, wheel_requirements
+from provisioning.errors import ImageError
+from provisioning.image.mirror import _release_path, load_lock, verify_mirror, wheel_requirements
 from testsupport.image_helpers import make_signed_mirror
 
 PACKAGES = {"hello-appliance": "1.0-1", "libdemo1": "2:0.9-3"}
@@ -117,3 +120,67 @@ def test_wheel_requirements_choose_the_onnxruntime_flavour(tmp_path: Path) -> No
         "grpcio>=1.66", "onnxruntime<1.24,>=1.23", "onnxruntime-genai==0.11.2"]
     assert wheel_requirements(wheel, "onnxruntime-gpu")[1:] == [
         "onnxruntime-gpu<1.24,>=1.23", "onnxruntime-genai-cuda==0.11.2"]
+
+
+def _with_scanner(m: Path, keyring: Path, name: str = "libdemo1") -> Path:
+    """Move one signed .deb of the fixture into the scanner section of the lock."""
+    lock = load_lock(m)
+    deb = next(d for d in lock.debs if d.name == name)
+    dest = m / "scanner/pool" / Path(deb.path).name
+    dest.parent.mkdir(parents=True)
+    (m / deb.path).rename(dest)
+    scanner = (replace(deb, path=f"scanner/pool/{dest.name}"),)
+    new = replace(lock, debs=tuple(d for d in lock.debs if d.name != name), scanner=scanner)
+    (m / "lock.json").write_bytes(new.canonical())
+    verify_mirror(m, keyring=keyring)
+    return dest
+
+
+def test_scanner_debs_are_locked_and_checked_back_to_the_signed_index(mirror: tuple[Path, Path]) -> None:
+    m, keyring = mirror
+    dest = _with_scanner(m, keyring)
+    lock = load_lock(m)
+    assert [d.name for d in lock.scanner_debs] == ["libdemo1"]
+    assert "scanner" in json.loads((m / "lock.json").read_text())
+    dest.write_bytes(dest.read_bytes() + b"x")
+    with pytest.raises(VerificationError, match=r"scanner/pool/libdemo1_.*does not match the lock"):
+        verify_mirror(m, keyring=keyring)
+
+
+def test_scanner_deb_outside_any_signed_index_is_refused(mirror: tuple[Path, Path]) -> None:
+    m, keyring = mirror
+    _with_scanner(m, keyring)
+    lock = load_lock(m)
+    forged = replace(lock.scanner[0], version="9.9-9")
+    (m / "lock.json").write_bytes(replace(lock, scanner=(forged,)).canonical())
+    with pytest.raises(VerificationError, match=r"libdemo1 9\.9-9 is in no signed Packages index"):
+        verify_mirror(m, keyring=keyring)
+
+
+def test_stray_file_in_the_scanner_pool_is_refused(mirror: tuple[Path, Path]) -> None:
+    m, keyring = mirror
+    _with_scanner(m, keyring)
+    (m / "scanner/pool/extra_1.0_all.deb").write_bytes(b"!<arch>\n")
+    with pytest.raises(VerificationError, match=r"scanner/pool/extra_1\.0_all\.deb is not in the lock"):
+        verify_mirror(m, keyring=keyring)
+
+
+def test_a_lock_without_scanner_reads_as_before(mirror: tuple[Path, Path]) -> None:
+    m, _ = mirror
+    lock = load_lock(m)
+    assert lock.scanner == () and "scanner" not in lock.to_json()
+
+
+@pytest.mark.parametrize(("name", "release", "inner"), [
+    ("deb.debian.org_debian_dists_forky_main_binary-amd64_Packages",
+     "deb.debian.org_debian_dists_forky_InRelease", "main/binary-amd64/Packages"),
+    ("deb.debian.org_debian_dists_trixie_non-free-firmware_binary-amd64_Packages",
+     "deb.debian.org_debian_dists_trixie_InRelease", "non-free-firmware/binary-amd64/Packages"),
+])
+def test_release_path_of_any_suite(name: str, release: str, inner: str) -> None:
+    assert _release_path(name) == (release, inner)
+
+
+def test_release_path_of_a_foreign_name_is_an_error() -> None:
+    with pytest.raises(ImageError, match="no _dists_SUITE_"):
+        _release_path("example_Packages")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -216,3 +218,56 @@ def test_agent_unit_never_hides_proc_cpuinfo() -> None:
     unit = agent_unit(load_profile(ROOT / "images/minimal.toml"))
     assert "ProcSubset=pid" not in unit
     assert "PrivateDevices=yes" in unit
+
+
+def test_compliance_remediations_are_in_the_plan() -> None:
+    """Each fix named after the ComplianceAsCode rule it answers (see plan.py)."""
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    sysctl = plan.file("/etc/sysctl.d/90-appliance.conf").content.splitlines()
+    for line in ("kernel.yama.ptrace_scope = 2", "kernel.kptr_restrict = 2",  # sysctl_kernel_*
+                 "kernel.dmesg_restrict = 1", "fs.suid_dumpable = 0",
+                 "net.ipv4.conf.all.forwarding = 0", "net.ipv6.conf.default.forwarding = 0",
+                 "net.ipv6.conf.all.accept_ra = 0", "net.ipv6.conf.default.accept_ra = 0",
+                 "net.ipv4.conf.all.accept_redirects = 0", "net.ipv6.conf.all.accept_source_route = 0"):
+        assert line in sysctl
+    assert len({line.split(" = ")[0] for line in sysctl}) == len(sysctl)  # no key set twice
+    modprobe = plan.file("/etc/modprobe.d/50-appliance.conf").content.splitlines()
+    for module in ("atm", "can", "dccp", "sctp", "rds", "tipc", "cramfs", "overlay"):
+        assert f"install {module} /bin/false" in modprobe and f"blacklist {module}" in modprobe
+    for needed in ("virtio_net", "virtio_blk", "squashfs", "dm_verity", "ext4", "vfat", "nvidia"):
+        assert not any(needed in line for line in modprobe)  # boot, root, data and GPU stay loadable
+    journald = plan.file("/etc/systemd/journald.conf").content
+    assert {"Storage=persistent", "Compress=yes", "ForwardToSyslog=no"} <= set(journald.splitlines())
+    assert "tmpfs /dev/shm tmpfs mode=1777,nodev,nosuid,noexec 0 0" in plan.file("/etc/fstab").content
+    assert "declare -xr TMOUT=600" in plan.file("/etc/profile.d/50-appliance-umask.sh").content
+    assert plan.file("/etc/at.allow").mode == plan.file("/etc/cron.allow").mode == 0o640
+    assert ("sed", "-i", "$a UMASK\t077", "/etc/login.defs") in plan.commands
+    assert ("sed", "-i", "$a umask 077", "/etc/profile") in plan.commands
+    assert ("sed", "-i", "$a umask 077", "/etc/bash.bashrc") in plan.commands
+    assert ("chage", "--maxdays", "365", "root") in plan.commands
+
+
+def test_audit_rules_cover_both_abis_and_leave_daemons_out() -> None:
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    rules = plan.file("/etc/audit/rules.d/50-appliance.rules").content.splitlines()
+    syscall = [r for r in rules if r.startswith("-a always,exit -F arch=")]
+    b64 = [r for r in syscall if "arch=b64" in r]
+    assert len(b64) == len(syscall) - len(b64) > 10  # every b64 rule has its b32 twin
+    for r in b64:
+        twin = r.replace("arch=b64", "arch=b32")
+        key = r.rsplit(" -k ", 1)[1]
+        assert any(t.startswith(twin.split(" -S ")[0]) and t.endswith(f"-k {key}") for t in syscall)
+    assert "-w /var/run/faillock/ -p wa -k logins" in rules
+    assert ("-a always,exit -F path=/usr/bin/kmod -F perm=x -F auid>=1000 -F auid!=unset "
+            "-k privileged") in rules
+    assert rules.index("-c") < rules.index(syscall[0])  # a refused rule does not stop the load
+
+
+def test_plan_commands_reach_the_chroot_unchanged() -> None:
+    """deploys/configure.py joins each argv with shlex for the shell: $, * and tabs must arrive
+    as written."""
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    for argv in plan.commands:
+        out = subprocess.run(["sh", "-c", "printf '%s\\0' " + shlex.join(argv)], check=True,
+                             capture_output=True).stdout
+        assert out.split(b"\0")[:-1] == [a.encode() for a in argv]

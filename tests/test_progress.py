@@ -177,7 +177,7 @@ def test_mirror_store_shows_packages_and_bytes_with_totals(tmp_path: Path) -> No
     out, clock = io.StringIO(), Clock()
     bar = Progress("mirror", None, out, clock=clock)
     steps: list[str] = []
-    locked, _ = _store_debian(load_profile(ROOT / "images/minimal.toml"), mirror, debs, lists,
+    locked, _ = _store_debian(mirror, debs, lists,
                               steps.append, bar=bar)
     assert len(locked) == 4 == len(steps)
     lines = out.getvalue().splitlines()

@@ -32,6 +32,14 @@ def register(
     s.add_argument("profile", type=Path, help="image profile (images/*.toml)")
     s.add_argument("--mirror", type=Path, required=True, help="mirror directory")
     s.set_defaults(handler=_sync)
+    sc = msub.add_parser("sync-scanner", **examples(
+            "appliance mirror sync-scanner --mirror /srv/mirror"), parents=[common],
+                         help="add the audit's scanner packages (OpenSCAP, ComplianceAsCode content, "
+                              "Lynis) to a synced mirror (network)")
+    sc.add_argument("--mirror", type=Path, required=True, help="a synced mirror directory")
+    sc.add_argument("--archive", default="http://deb.debian.org/debian", help="Debian archive")
+    sc.set_defaults(handler=_sync_scanner)
+
     v = msub.add_parser("verify", **examples('appliance mirror verify /srv/mirror --json'), parents=[common],
                         help="recheck every file of a mirror against its lock and Debian's signatures")
     v.add_argument("mirror", type=Path, help="the mirror directory")
@@ -65,15 +73,27 @@ def register(
     r.set_defaults(handler=_os_release)
 
     a = sub.add_parser("audit", **examples(
-            "appliance audit out",
-            "appliance audit out/stages/configure/root --json"),
+            "appliance audit out --mirror /srv/mirror --out out/audit",
+            "appliance audit out/stages/configure/root --mirror /srv/mirror --out audit "
+            "--baseline images/compliance/baseline.json --json"),
         parents=[common],
-                       help="compliance report of a built root filesystem (OpenSCAP, Lynis, systemd)")
+                       help="compliance report of a built root filesystem, offline from the mirror "
+                            "(OpenSCAP, Lynis, systemd)")
     a.add_argument("target", type=Path, help="a root filesystem directory or a build --out directory")
-    a.add_argument("--tools", type=Path, default=None,
-                   help="where to keep the SCAP content (default: TARGET's build dir or ./.tools)")
-    a.add_argument("--scap-profile", default="anssi_bp28_enhanced",
-                   help="XCCDF profile id suffix (default anssi_bp28_enhanced)")
+    a.add_argument("--mirror", type=Path, required=True,
+                   help="a mirror holding the scanner packages (`appliance mirror sync-scanner`)")
+    a.add_argument("--out", type=Path, required=True,
+                   help="directory for the ARF/XCCDF results, HTML reports and summary.json")
+    a.add_argument("--cache", type=Path, default=None,
+                   help="where the scanner root is kept (default: scanner-cache beside the mirror)")
+    a.add_argument("--profile", dest="profiles", action="append", default=None,
+                   help="ComplianceAsCode profile id suffix, repeatable (default: anssi_bp28_enhanced, "
+                        "anssi_bp28_high, cis_level1_server, cis_level2_server)")
+    a.add_argument("--tailoring", type=Path, default=None,
+                   help="XCCDF tailoring file with the waivers (default: images/compliance/tailoring.xml)")
+    a.add_argument("--baseline", type=Path, default=None,
+                   help="fail when a profile's pass ratio is below this file's (images/compliance/"
+                        "baseline.json)")
     a.add_argument("--unit", default="appliance-agent.service", help="unit for systemd-analyze security")
     a.set_defaults(handler=_audit)
 
@@ -112,6 +132,20 @@ def _sync(args: argparse.Namespace) -> int:
     else:
         print(f"mirror {args.mirror}: {len(lock.debs)} packages, {len(lock.wheels)} wheels, "
               f"{size / 1e6:.0f} MB; lock sha256 {lock.sha256}")
+    return 0
+
+
+def _sync_scanner(args: argparse.Namespace) -> int:
+    from provisioning.image.mirror import sync_scanner
+
+    lock = sync_scanner(args.mirror, archive=args.archive)
+    summary = {"mirror": str(args.mirror), "lock_sha256": lock.sha256,
+               "scanner_debs": len(lock.scanner_debs)}
+    if args.json:
+        emit_json(summary)
+    else:
+        print(f"mirror {args.mirror}: {len(lock.scanner_debs)} scanner packages; "
+              f"lock sha256 {lock.sha256}")
     return 0
 
 
@@ -186,11 +220,16 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from provisioning.image.audit import audit, print_report
+    from provisioning.image.audit import DEFAULT_TAILORING, PROFILES, audit, print_report
 
-    report = audit(args.target, tools=args.tools, scap_profile=args.scap_profile, unit=args.unit)
+    result = audit(args.target, mirror=args.mirror, out=args.out, cache=args.cache,
+                   profiles=tuple(args.profiles or PROFILES),
+                   tailoring=args.tailoring or DEFAULT_TAILORING, baseline=args.baseline,
+                   unit=args.unit)
     if args.json:
-        emit_json(report)
+        emit_json(result.to_json())
     else:
-        print_report(report)
+        print_report(result)
+    if result.baseline:
+        raise ImageError("below the baseline: " + "; ".join(result.baseline))
     return 0

@@ -1,41 +1,81 @@
-"""``appliance audit``: a compliance report of a built root filesystem.
+"""``appliance audit``: a compliance report of a root filesystem, offline.
 
-Three independent scanners, each run from outside the image:
+The scanners run from a scanner root, never from the host: a small trixie root built with
+mmdebstrap from the mirror's ``scanner/`` packages (OpenSCAP 1.4, the ComplianceAsCode
+content of ``ssg-debian`` 0.1.82+, Lynis; all pinned in the mirror's lock) and cached by the
+hash of those packages.  Each scan runs in a private mount namespace, chrooted into the scanner
+root, with the audited root bind-mounted read-only at ``/target`` and the output directory at
+``/out``; OpenSCAP reads the target through its offline mode (``OSCAP_PROBE_ROOT``).  No /proc
+or /sys is mounted in the scanner root, so nothing reads the build host's kernel state: rules
+that check the running kernel (sysctl runtime values, loaded modules, mounts) fail offline and
+are for the audit of the booted image.
 
-- OpenSCAP (``oscap-chroot``) with the SCAP Security Guide's Debian 12 data stream from the
-  ``ssg-debian`` package of Debian 13's archive (Debian 12's own package has content only for
-  Debian 10/11).  The .deb is fetched with apt (signature checked, from a private apt state
-  directory) and unpacked into a tools directory; nothing is installed on the host.
-- Lynis' hardening index (``lynis audit system --rootdir``; some of its tests still read the
-  host's /proc, so its index is indicative).
-- ``systemd-analyze security --offline=yes --root=ROOT`` for the agent's unit.
+:func:`audit` takes any root directory, so the same code can audit a booted image's ``/``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
-import tempfile
-import xml.etree.ElementTree as ET
-from collections import Counter
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from agent.errors import NotFoundError
 from provisioning.errors import ImageError, ToolError
-from provisioning.tools import require_tool, run
+from provisioning.image.compliance import (
+    ProfileSummary,
+    Tailoring,
+    baseline_failures,
+    load_baseline,
+    load_tailoring,
+    runtime_only,
+    summarize,
+)
+from provisioning.image.mirror import (
+    DEBIAN_KEYRING,
+    SCANNER_DIR,
+    SCANNER_PACKAGES,
+    SCANNER_SUITE,
+    Lock,
+    verify_mirror,
+)
+from provisioning.tools import Completed, require_tool, run
 
-__all__ = ["audit", "egress", "fetch_scap_content", "lynis", "print_report", "scap", "unit_exposure"]
+__all__ = ["PROFILES", "AuditResult", "audit", "egress", "lynis", "print_report", "root_of",
+           "scanner_root", "unit_exposure"]
 
 log = logging.getLogger(__name__)
 
-SCAP_SUITE = "trixie"
-SCAP_DATASTREAM = "usr/share/xml/scap/ssg/content/ssg-debian12-ds.xml"
-_XCCDF = "{http://checklists.nist.gov/xccdf/1.2}"
+PROFILES = ("anssi_bp28_enhanced", "anssi_bp28_high", "cis_level1_server", "cis_level2_server")
+DATASTREAM = "/usr/share/xml/scap/ssg/content/ssg-debian13-ds.xml"
+COMPLIANCE_DIR = Path(__file__).resolve().parents[2] / "images" / "compliance"
+DEFAULT_TAILORING = COMPLIANCE_DIR / "tailoring.xml"
+_SCANNER_FORMAT = "1"  # bump when the scanner root's recipe changes (its cache key)
+
+# Runs as root in a new mount namespace: the target read-only at /target, the output at /out,
+# then the command chrooted into the scanner root with an empty environment plus $ENV.
+_IN_SCANNER = """set -eu
+scanner=$1 target=$2 out=$3
+shift 3
+mount --bind "$target" "$scanner/target"
+mount -o remount,bind,ro "$scanner/target"
+mount --bind "$out" "$scanner/out"
+exec chroot "$scanner" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 "$@"
+"""
 
 
-def _root_of(target: Path) -> Path:
+def root_of(target: Path) -> Path:
+    """The root filesystem in ``target`` (itself, or a build's --out directory).
+
+    Raises:
+        NotFoundError: ``target`` holds no root filesystem.
+        ImageError: ``target`` is a file (a disk image).
+    """
     for candidate in (target / "rootfs", target / "stages/configure/root", target):
         if (candidate / "etc/os-release").exists() or (candidate / "usr/lib/os-release").exists():
             return candidate.resolve()
@@ -45,74 +85,104 @@ def _root_of(target: Path) -> Path:
     raise NotFoundError(f"{target}: not a root filesystem or build output directory")
 
 
-def fetch_scap_content(tools: Path) -> tuple[Path, str]:
-    """The ssg-debian12 data stream (and the package version), fetched once into ``tools``.
+def _scanner_key(lock: Lock) -> str:
+    h = hashlib.sha256(_SCANNER_FORMAT.encode())
+    for f in sorted(lock.scanner_debs, key=lambda f: f.path):
+        h.update(f"{f.path} {f.sha256}\n".encode())
+    h.update(" ".join(SCANNER_PACKAGES).encode())
+    return h.hexdigest()
+
+
+def scanner_root(mirror: Path, cache: Path, *, keyring: Path = DEBIAN_KEYRING) -> Path:
+    """The scanner root for ``mirror``'s scanner packages, built once into ``cache``.
+
+    The mirror is verified first (every .deb back to Debian's signatures).
 
     Raises:
-        ToolError: apt cannot fetch the package (no network and nothing cached).
+        NotFoundError, ImageError: no lock, or a lock without scanner packages.
+        VerificationError: the mirror does not verify.
+        ToolError: mmdebstrap fails.
     """
-    dest = tools / "ssg-debian"
-    stream = dest / SCAP_DATASTREAM
-    version_file = dest / "VERSION"
-    if stream.is_file() and version_file.is_file():
-        return stream, version_file.read_text().strip()
-    with tempfile.TemporaryDirectory(prefix="ssg-") as tmp:
-        t = Path(tmp)
-        (t / "lists/partial").mkdir(parents=True)
-        (t / "archives/partial").mkdir(parents=True)
-        (t / "sources.list").write_text(
-            f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-            f"http://deb.debian.org/debian {SCAP_SUITE} main\n")
-        opts = ["-o", f"Dir::Etc::SourceList={t}/sources.list", "-o", "Dir::Etc::SourceParts=/dev/null",
-                "-o", f"Dir::State::Lists={t}/lists", "-o", f"Dir::Cache={t}",
-                "-o", f"Dir::Cache::Archives={t}/archives", "-o", "APT::Architecture=amd64",
-                "-o", "Debug::NoLocking=1"]
-        apt = require_tool("apt-get")
-        run([apt, *opts, "update"])
-        run([apt, *opts, "download", "ssg-debian"], cwd=t)
-        deb = next(t.glob("ssg-debian_*.deb"))
-        dest.mkdir(parents=True, exist_ok=True)
-        run([require_tool("dpkg-deb"), "-x", deb, dest])
-        version = run([require_tool("dpkg-deb"), "-f", deb, "Version"]).text.strip()
-        version_file.write_text(version + "\n")
-    return stream, version
+    lock = verify_mirror(mirror, keyring=keyring)
+    if not lock.scanner_debs:
+        raise ImageError(f"{mirror}: the lock holds no scanner packages; run `appliance mirror "
+                         f"sync-scanner --mirror {mirror}` (network) first")
+    key = _scanner_key(lock)[:16]
+    dest = cache / f"scanner-{key}"
+    if (dest / ".complete").is_file():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".scanner-{key}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    log.info("building the scanner root %s from %s", dest, mirror / SCANNER_DIR)
+    run([require_tool("mmdebstrap"), "--variant=minbase", f"--include={','.join(SCANNER_PACKAGES)}",
+         "--format=directory", SCANNER_SUITE, tmp,
+         f"deb [trusted=yes] copy://{(mirror / SCANNER_DIR).resolve()} ./"], timeout=1800)
+    for sub in ("target", "out"):
+        (tmp / sub).mkdir()
+    (tmp / ".complete").write_text(key + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
 
 
-def scap(root: Path, stream: Path, profile: str) -> dict[str, Any]:
-    """Evaluate XCCDF profile ``profile`` (e.g. anssi_bp28_enhanced) on ``root``."""
-    full = profile if profile.startswith("xccdf_") else f"xccdf_org.ssgproject.content_profile_{profile}"
-    with tempfile.TemporaryDirectory(prefix="oscap-") as tmp:
-        results = Path(tmp) / "results.xml"
-        proc = run([require_tool("oscap-chroot"), root, "xccdf", "eval", "--profile", full,
-                    "--results", results, stream], check=False, timeout=1800)
-        if proc.returncode not in (0, 2) or not results.is_file():  # 2: some rule failed
-            raise ToolError("oscap-chroot", proc.returncode, proc.stderr.decode(errors="replace"))
-        tree = ET.parse(results)  # noqa: S314 - our own oscap's output
-    rules = []
-    benchmark_version = ""
-    for el in tree.iter(f"{_XCCDF}Benchmark"):
-        version = el.find(f"{_XCCDF}version")
-        benchmark_version = version.text or "" if version is not None else ""
-        break
-    for rr in tree.iter(f"{_XCCDF}rule-result"):
-        result = rr.find(f"{_XCCDF}result")
-        rules.append({"rule": rr.get("idref", "").removeprefix("xccdf_org.ssgproject.content_rule_"),
-                      "severity": rr.get("severity", ""),
-                      "result": result.text if result is not None else "unknown"})
-    counts = Counter(r["result"] for r in rules)
-    applicable = counts["pass"] + counts["fail"]
-    return {"profile": full, "content_version": benchmark_version, "counts": dict(counts),
-            "pass_rate": round(counts["pass"] / applicable, 4) if applicable else None,
-            "rules": rules}
+def _in_scanner(scanner: Path, root: Path, out: Path, argv: list[str],
+                env: dict[str, str] | None = None) -> Completed:
+    if os.geteuid() != 0:
+        raise ImageError("the audit needs root: it bind-mounts the target read-only and chroots "
+                         "into the scanner root (run it with sudo)")
+    assignments = [f"{k}={v}" for k, v in sorted((env or {}).items())]
+    return run([require_tool("unshare"), "--mount", "--propagation", "private",
+                require_tool("sh"), "-c", _IN_SCANNER, "sh", scanner, root, out.resolve(),
+                *assignments, *argv], check=False, timeout=3600)
 
 
-def lynis(root: Path) -> dict[str, Any]:
-    """Lynis' hardening index of ``root`` (``--rootdir``, quick mode)."""
-    with tempfile.TemporaryDirectory(prefix="lynis-") as tmp:
-        report = Path(tmp) / "report.dat"
-        run([require_tool("lynis"), "audit", "system", "--rootdir", root, "--quick", "--no-colors",
-             "--logfile", Path(tmp) / "lynis.log", "--report-file", report], check=False, timeout=1800)
-        data = report.read_text(errors="replace") if report.is_file() else ""
+def scap(scanner: Path, root: Path, out: Path, profile: str, tailoring: Tailoring) -> ProfileSummary:
+    """Evaluate ``profile`` (short id) tailored by ``tailoring`` on ``root``; results in ``out``.
+
+    Writes PROFILE.arf.xml, PROFILE.xccdf.xml, PROFILE.html and PROFILE.log.
+
+    Raises:
+        ImageError: the tailoring file has no profile extending ``profile``.
+        ToolError: oscap fails (other than "some rule failed").
+    """
+    tailored = tailoring.profile_id(profile)
+    shutil.copyfile(tailoring.path, out / "tailoring.xml")
+    proc = _in_scanner(scanner, root, out, [
+        "oscap", "xccdf", "eval", "--profile", tailored, "--tailoring-file", "/out/tailoring.xml",
+        "--results", f"/out/{profile}.xccdf.xml", "--results-arf", f"/out/{profile}.arf.xml",
+        "--report", f"/out/{profile}.html", DATASTREAM], env={"OSCAP_PROBE_ROOT": "/target"})
+    (out / f"{profile}.log").write_bytes(proc.stdout + proc.stderr)
+    if proc.returncode not in (0, 2) or not (out / f"{profile}.xccdf.xml").is_file():  # 2: a rule failed
+        raise ToolError("oscap", proc.returncode, proc.stderr.decode(errors="replace")[-2000:])
+    summary = summarize(out / f"{profile}.xccdf.xml", profile, tailoring.waivers.get(profile, {}))
+    return replace(summary, runtime_only=runtime_only(out / f"{profile}.arf.xml", summary.failed))
+
+
+def _content_version(scanner: Path) -> str:
+    status = (scanner / "var/lib/dpkg/status").read_text(errors="replace")
+    versions = []
+    for name in ("ssg-debian", "openscap-scanner", "lynis"):
+        found = re.search(rf"^Package: {re.escape(name)}\n(?:[^\n]+\n)*?Version: (\S+)", status,
+                          re.MULTILINE)
+        versions.append(f"{name} {found.group(1) if found else '?'}")
+    return ", ".join(versions)
+
+
+def lynis(scanner: Path, root: Path, out: Path) -> dict[str, Any]:
+    """Lynis' hardening index of ``root``, run from the scanner root (``--rootdir /target``).
+
+    The scanner root has no /proc or /sys, so the tests that read the running kernel (sysctl
+    values, processes, loaded modules, mounts) find nothing rather than the build host's state;
+    the kernel release Lynis prints is the host's (uname), which no file test uses.
+    """
+    _in_scanner(scanner, root, out, [
+        "lynis", "audit", "system", "--rootdir", "/target", "--quick", "--no-colors",
+        "--logfile", "/out/lynis.log", "--report-file", "/out/lynis-report.dat"])
+    report = out / "lynis-report.dat"
+    data = report.read_text(errors="replace") if report.is_file() else ""
     index = re.search(r"^hardening_index=(\d+)", data, re.MULTILINE)
     version = re.search(r"^lynis_version=(.+)$", data, re.MULTILINE)
     warnings = re.findall(r"^warning\[\]=(.+)$", data, re.MULTILINE)
@@ -152,39 +222,69 @@ def egress(root: Path) -> dict[str, Any]:
             "output_policy": chain.group(1) if chain else "none"}
 
 
-def audit(target: Path, *, tools: Path | None = None, scap_profile: str = "anssi_bp28_enhanced",
-          unit: str = "appliance-agent.service") -> dict[str, Any]:
-    """Run all three scanners on ``target`` (a root directory or a build's --out directory).
+@dataclass(frozen=True)
+class AuditResult:
+    root: Path
+    scanner: str
+    profiles: tuple[ProfileSummary, ...]
+    lynis: dict[str, Any]
+    systemd: dict[str, Any]
+    egress: dict[str, Any]
+    baseline: tuple[str, ...] = ()  # a message per profile below the baseline
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root": str(self.root), "scanner": self.scanner,
+                "openscap": [s.to_json() for s in self.profiles], "lynis": self.lynis,
+                "systemd": self.systemd, "egress": self.egress,
+                "baseline_failures": list(self.baseline)}
+
+
+def audit(target: Path, *, mirror: Path, out: Path, cache: Path | None = None,
+          profiles: tuple[str, ...] = PROFILES, tailoring: Path = DEFAULT_TAILORING,
+          baseline: Path | None = None, unit: str = "appliance-agent.service",
+          keyring: Path = DEBIAN_KEYRING) -> AuditResult:
+    """Audit ``target`` (a root directory or a build's --out directory) offline.
+
+    ``out`` receives, per profile, the ARF and XCCDF results, an HTML report and the log, plus
+    Lynis' report and ``summary.json``.  The scanner root is cached in ``cache`` (default:
+    ``MIRROR/../scanner-cache``).
 
     Raises:
-        NotFoundError, ImageError: ``target`` is not a root filesystem.
-        ToolError: a scanner is missing or fails.
+        NotFoundError, ImageError: ``target`` is not a root filesystem; the mirror has no
+            scanner; the tailoring or baseline file is malformed.
+        VerificationError: the mirror does not verify.
+        ToolError: a scanner fails.
     """
-    root = _root_of(target)
-    tools = tools or (target / ".tools" if (target / "stages").is_dir() else Path(".tools"))
-    stream, ssg_version = fetch_scap_content(tools.resolve())
-    result = scap(root, stream, scap_profile)
-    result["ssg_package"] = f"ssg-debian {ssg_version} (Debian {SCAP_SUITE})"
-    return {"root": str(root), "openscap": result, "lynis": lynis(root),
-            "systemd": unit_exposure(root, unit), "egress": egress(root)}
+    root = root_of(target)
+    tailor = load_tailoring(tailoring)
+    floors = load_baseline(baseline) if baseline is not None else {}
+    for profile in profiles:
+        tailor.profile_id(profile)  # fail before the scans, not after the first
+    scanner = scanner_root(mirror, cache or mirror.resolve().parent / "scanner-cache", keyring=keyring)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = tuple(scap(scanner, root, out, p, tailor) for p in profiles)
+    result = AuditResult(
+        root, _content_version(scanner), summaries, lynis(scanner, root, out),
+        unit_exposure(root, unit), egress(root),
+        tuple(baseline_failures(summaries, floors, baseline)) if baseline is not None else ())
+    (out / "summary.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    return result
 
 
-def print_report(report: dict[str, Any]) -> None:
-    """The report for people: per-rule results, then the three headline figures."""
-    o = report["openscap"]
-    for rule in o["rules"]:
-        if rule["result"] in ("pass", "fail"):
-            print(f"{rule['result']:<5} {rule['severity']:<7} {rule['rule']}")  # noqa: T201
-    rate = f"{o['pass_rate'] * 100:.1f}%" if o["pass_rate"] is not None else "n/a"
-    print(f"OpenSCAP {o['profile']} ({o['ssg_package']}, content {o['content_version']}): "  # noqa: T201
-          f"{rate} of applicable rules pass; {o['counts']}")
-    ly = report["lynis"]
+def print_report(result: AuditResult) -> None:
+    """The report for people: one line per profile, then Lynis, systemd and egress."""
+    print(f"root {result.root}; scanner: {result.scanner}")  # noqa: T201
+    for s in result.profiles:
+        print(s.line())  # noqa: T201
+    ly = result.lynis
     print(f"Lynis {ly['version']}: hardening index {ly['hardening_index']}, "  # noqa: T201
           f"{len(ly['warnings'])} warnings, {ly['suggestions']} suggestions")
-    s = report["systemd"]
-    print(f"systemd-analyze security {s['unit']}: exposure {s['exposure']} {s['verdict']}")  # noqa: T201
-    e = report["egress"]
+    sd = result.systemd
+    print(f"systemd-analyze security {sd['unit']}: exposure {sd['exposure']} {sd['verdict']}")  # noqa: T201
+    e = result.egress
     allowed = e["allowed"]
     listed = ", ".join(f"{d['why']} {d['proto']} {d['host'] or '*'}:{d['port']}" for d in allowed) \
         if allowed is not None else "not recorded in image.json"
     print(f"egress: output policy {e['output_policy']}; allowed: {listed or 'nothing'}")  # noqa: T201
+    for line in result.baseline:
+        print(f"below baseline: {line}")  # noqa: T201

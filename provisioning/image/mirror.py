@@ -8,6 +8,8 @@ Layout of ``MIRROR``::
     debian/Packages, Release  a flat repository over pool/ that mmdebstrap installs from
     wheels/*.whl              the agent's wheel and its runtime dependencies for the image's
     wheels/requirements.txt   Python and platform, pinned with --hash for pip --require-hashes
+    scanner/pool, indices,    the audit's scanner root (OpenSCAP 1.4, ComplianceAsCode content,
+    scanner/Packages, Release Lynis): the same chain as debian/, locked in the lock's "scanner"
 
 Trust, and why no site mirror key: every .deb is checked back to Debian's own signature.
 :func:`verify_mirror` checks each InRelease with gpgv against the Debian archive keyring,
@@ -31,7 +33,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.parser import Parser
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,8 @@ from provisioning.tools import require_tool, run, run_lines
 __all__ = [
     "DEBIAN_KEYRING",
     "LOCK",
+    "SCANNER_DIR",
+    "SCANNER_PACKAGES",
     "Lock",
     "LockedFile",
     "debian_source",
@@ -62,6 +66,7 @@ __all__ = [
     "load_lock",
     "missing_packages",
     "sync_mirror",
+    "sync_scanner",
     "verify_mirror",
 ]
 
@@ -70,6 +75,16 @@ log = logging.getLogger(__name__)
 LOCK = "lock.json"
 LOCK_FORMAT = 1
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+
+# The audit's scanner root: trixie's OpenSCAP 1.4 (the host's 1.3 cannot read a trixie root's
+# dpkg database) and Lynis, with the ComplianceAsCode content from forky, the first suite whose
+# ssg-debian (0.1.82) carries ssg-debian13-ds.xml.  Apt prefers trixie (Default-Release) and
+# takes only the two content packages from forky.
+SCANNER_DIR = "scanner"
+SCANNER_SUITE = "trixie"
+SCANNER_CONTENT_SUITE = "forky"
+SCANNER_CONTENT = ("ssg-debian", "ssg-base")
+SCANNER_PACKAGES = ("openscap-scanner", "lynis", *SCANNER_CONTENT)
 _CHUNK = 1 << 20
 Step = Callable[[str], None]
 
@@ -113,13 +128,20 @@ class Lock:
     repo: tuple[LockedFile, ...]
     wheels: tuple[LockedFile, ...]
     onnxruntime: str = "onnxruntime"
+    # The audit's scanner root (debs, indices and flat repository under scanner/); empty in
+    # a lock written before the mirror carried it.
+    scanner: tuple[LockedFile, ...] = ()
 
     @property
     def package_names(self) -> frozenset[str]:
         return frozenset(d.name for d in self.debs)
 
     def files(self) -> tuple[LockedFile, ...]:
-        return self.debs + self.indices + self.repo + self.wheels
+        return self.debs + self.indices + self.repo + self.wheels + self.scanner
+
+    @property
+    def scanner_debs(self) -> tuple[LockedFile, ...]:
+        return tuple(f for f in self.scanner if f.path.startswith(f"{SCANNER_DIR}/pool/"))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,6 +152,7 @@ class Lock:
             "indices": [f.to_json() for f in self.indices],
             "repo": [f.to_json() for f in self.repo],
             "wheels": [f.to_json() for f in self.wheels],
+            **({"scanner": [f.to_json() for f in self.scanner]} if self.scanner else {}),
         }
 
     def canonical(self) -> bytes:
@@ -162,7 +185,8 @@ def load_lock(mirror: Path) -> Lock:
                  for k in ("debs", "indices", "repo", "wheels")}
         return Lock(data["suite"], data["architecture"], data["python_version"],
                     tuple(data["requested"]), files["debs"], files["indices"], files["repo"],
-                    files["wheels"], data.get("onnxruntime", "onnxruntime"))
+                    files["wheels"], data.get("onnxruntime", "onnxruntime"),
+                    tuple(LockedFile.from_json(f) for f in data.get("scanner", [])))
     except (KeyError, TypeError, ValueError) as exc:
         raise ImageError(f"{path}: malformed lock: {type(exc).__name__}: {exc}") from None
 
@@ -250,15 +274,17 @@ def verify_mirror(mirror: Path, *, keyring: Path = DEBIAN_KEYRING,
     """
     lock = load_lock(mirror)
     _check_files(mirror, lock.files(), step)
-    entries = _debian_entries(mirror, lock.indices, keyring, {d.name for d in lock.debs})
-    for d in lock.debs:
+    scanner_indices = tuple(f for f in lock.scanner if "kind" in f.extra)
+    entries = _debian_entries(mirror, lock.indices + scanner_indices, keyring,
+                              {d.name for d in lock.debs + lock.scanner_debs})
+    for d in lock.debs + lock.scanner_debs:
         signed = entries.get((d.name, d.version, d.architecture))
         if signed != d.sha256:
             raise VerificationError(f"{mirror}: {d.path}: {d.name} {d.version} "
                                     + ("is in no signed Packages index" if signed is None else
                                        f"has sha256 {d.sha256}, Debian's index says {signed}"))
     listed = {f.path for f in lock.files()}
-    for sub in ("debian/pool", "wheels"):
+    for sub in ("debian/pool", "wheels", f"{SCANNER_DIR}/pool"):
         for path in sorted((mirror / sub).glob("*")):
             rel = path.relative_to(mirror).as_posix()
             if rel not in listed and rel != "wheels/requirements.txt":
@@ -291,17 +317,25 @@ def _mmdebstrap_download(profile: Profile, packages: tuple[str, ...], debs: Path
               follow(bar, lambda state: (state.downloaded_bytes, state.need_bytes or None)))
 
 
-def _release_path(list_name: str, suite: str) -> tuple[str, str]:
-    """apt list file name -> (InRelease list file name, path inside the Release file)."""
-    marker = f"_dists_{suite}_"
-    prefix, _, rest = list_name.partition(marker)
-    return prefix + marker + "InRelease", rest.replace("_", "/")
+def _release_path(list_name: str) -> tuple[str, str]:
+    """apt list file name -> (InRelease list file name, path inside the Release file).
+
+    ``deb.debian.org_debian_dists_trixie_main_binary-amd64_Packages`` ->
+    (``..._dists_trixie_InRelease``, ``main/binary-amd64/Packages``); suite names have no ``_``.
+
+    Raises:
+        ImageError: the name has no ``_dists_SUITE_`` part.
+    """
+    found = re.search(r"_dists_[^_]+_", list_name)
+    if found is None:
+        raise ImageError(f"{list_name}: not an apt list file name (no _dists_SUITE_)")
+    return list_name[:found.end()] + "InRelease", list_name[found.end():].replace("_", "/")
 
 
-def _store_debian(profile: Profile, mirror: Path, debs: Path, lists: Path, step: Step, *,
+def _store_debian(mirror: Path, debs: Path, lists: Path, step: Step, *, sub: str = "debian",
                   bar: Progress | None = None) -> tuple[tuple[LockedFile, ...], tuple[LockedFile, ...]]:
-    pool = mirror / "debian" / "pool"
-    indices_dir = mirror / "debian" / "indices"
+    pool = mirror / sub / "pool"
+    indices_dir = mirror / sub / "indices"
     for d in (pool, indices_dir):
         if d.exists():
             shutil.rmtree(d)
@@ -310,19 +344,19 @@ def _store_debian(profile: Profile, mirror: Path, debs: Path, lists: Path, step:
     for src in sorted(lists.iterdir()):
         if src.name.endswith("_InRelease"):
             shutil.copyfile(src, indices_dir / src.name)
-            rel = f"debian/indices/{src.name}"
+            rel = f"{sub}/indices/{src.name}"
             indices.append(LockedFile(rel, file_sha256(indices_dir / src.name),
                                       src.stat().st_size, extra={"kind": "InRelease"}))
         elif src.name.endswith("_Packages"):
-            release, inner = _release_path(src.name, profile.debian.suite)
+            release, inner = _release_path(src.name)
             dest = indices_dir / (src.name + ".gz")
             with src.open("rb") as fin, dest.open("wb") as raw, \
                     gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as fout:
                 shutil.copyfileobj(fin, fout, _CHUNK)
-            indices.append(LockedFile(f"debian/indices/{dest.name}", file_sha256(dest),
+            indices.append(LockedFile(f"{sub}/indices/{dest.name}", file_sha256(dest),
                                       dest.stat().st_size,
                                       extra={"kind": "Packages",
-                                             "release": f"debian/indices/{release}",
+                                             "release": f"{sub}/indices/{release}",
                                              "release_path": inner}))
     locked: list[LockedFile] = []
     downloaded = sorted(debs.glob("*.deb"))
@@ -332,7 +366,7 @@ def _store_debian(profile: Profile, mirror: Path, debs: Path, lists: Path, step:
     for src in downloaded:
         name, version, arch = deb_filename_key(src.name)
         shutil.copyfile(src, pool / src.name)
-        locked.append(LockedFile(f"debian/pool/{src.name}", file_sha256(pool / src.name),
+        locked.append(LockedFile(f"{sub}/pool/{src.name}", file_sha256(pool / src.name),
                                  src.stat().st_size, name, version, arch))
         step(src.name)
         if bar is not None:
@@ -340,9 +374,9 @@ def _store_debian(profile: Profile, mirror: Path, debs: Path, lists: Path, step:
     return tuple(locked), tuple(indices)
 
 
-def _flat_repo(mirror: Path, suite: str) -> tuple[LockedFile, ...]:
-    """debian/Packages and debian/Release over pool/, so apt can read it as ``./``."""
-    repo = mirror / "debian"
+def _flat_repo(mirror: Path, suite: str, sub: str = "debian") -> tuple[LockedFile, ...]:
+    """SUB/Packages and SUB/Release over pool/, so apt can read it as ``./``."""
+    repo = mirror / sub
     tool = require_tool("apt-ftparchive")
     packages = run([tool, "packages", "pool"], cwd=repo).stdout
     atomic_write_bytes(repo / "Packages", packages)
@@ -354,7 +388,7 @@ def _flat_repo(mirror: Path, suite: str) -> tuple[LockedFile, ...]:
         ("Origin", "Debian"), ("Label", "Debian"))]
     release = run([tool, *(a for o in opts for a in ("-o", o)), "release", "."], cwd=repo).stdout
     atomic_write_bytes(repo / "Release", release)
-    return tuple(LockedFile(f"debian/{n}", file_sha256(repo / n), (repo / n).stat().st_size)
+    return tuple(LockedFile(f"{sub}/{n}", file_sha256(repo / n), (repo / n).stat().st_size)
                  for n in ("Packages", "Release"))
 
 
@@ -472,13 +506,63 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step,
     return tuple(locked)
 
 
+# ------------------------------------------------------------------ sync: the audit's scanner
+
+
+def _scanner_files(mirror: Path, archive: str, step: Step) -> tuple[LockedFile, ...]:
+    """Download the scanner root's closure into MIRROR/scanner (apt checks the signatures)."""
+    include = ",".join(f"{p}/{SCANNER_CONTENT_SUITE}" if p in SCANNER_CONTENT else p
+                       for p in SCANNER_PACKAGES)
+    with tempfile.TemporaryDirectory(prefix="scanner-sync-", dir=mirror) as tmp:
+        debs, lists = Path(tmp) / "debs", Path(tmp) / "lists"
+        debs.mkdir()
+        lists.mkdir()
+        run([require_tool("mmdebstrap"), "--variant=minbase", "--architectures=amd64",
+             "--components=main", f"--include={include}", "--skip=essential/unlink",
+             f"--keyring={DEBIAN_KEYRING}", f'--aptopt=APT::Default-Release "{SCANNER_SUITE}"',
+             f"--customize-hook=sync-out /var/cache/apt/archives {debs}",
+             f"--customize-hook=sync-out /var/lib/apt/lists {lists}",
+             "--format=null", SCANNER_SUITE, "/dev/null", f"deb {archive} {SCANNER_SUITE} main",
+             # forky (testing) carries a Valid-Until that a stale archive copy outlives; the
+             # signature is still checked, and the InRelease is pinned by hash in the lock.
+             f"deb [check-valid-until=no] {archive} {SCANNER_CONTENT_SUITE} main"])
+        locked, indices = _store_debian(mirror, debs, lists, step, sub=SCANNER_DIR)
+    return locked + indices + _flat_repo(mirror, SCANNER_SUITE, SCANNER_DIR)
+
+
+def sync_scanner(mirror: Path, *, archive: str = "http://deb.debian.org/debian",
+                 keyring: Path = DEBIAN_KEYRING, step: Step | None = None) -> Lock:
+    """Add (or refresh) the audit's scanner packages in an already synced ``mirror``.
+
+    The existing lock is verified first; the new one (old entries plus ``scanner``) replaces
+    it only after the whole mirror verifies again, so a failed refresh leaves the old lock.
+
+    Raises:
+        NotFoundError, ImageError: no lock, or a malformed one.
+        VerificationError: the mirror, or the downloaded scanner packages, do not verify.
+        ToolError: mmdebstrap cannot fetch the packages (no network ...).
+    """
+    lock = verify_mirror(mirror, keyring=keyring)
+    files = _scanner_files(mirror, archive, step or (lambda _p: None))
+    new = replace(lock, scanner=files)
+    old = (mirror / LOCK).read_bytes()
+    atomic_write_bytes(mirror / LOCK, new.canonical())
+    try:
+        return verify_mirror(mirror, keyring=keyring)
+    except BaseException:
+        atomic_write_bytes(mirror / LOCK, old)
+        raise
+
+
 # ------------------------------------------------------------------ sync
 
 
 def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ...] = (),
                 step: Step | None = None, keyring: Path = DEBIAN_KEYRING,
-                bar: Progress | None = None) -> Lock:
+                bar: Progress | None = None, scanner: bool = True) -> Lock:
     """Fetch everything ``profile`` needs into ``mirror`` and write its lock (last, atomically).
+
+    With ``scanner``, also the audit's scanner root (:data:`SCANNER_PACKAGES`).
 
     ``bar`` shows each part with its totals: apt's download (bytes), the pool's and the
     wheels' hashing (bytes, with the number of files) and the final verification (files).
@@ -507,13 +591,15 @@ def sync_mirror(profile: Profile, mirror: Path, *, extra_packages: tuple[str, ..
         log.info("resolving and downloading %d packages for %s/%s (signatures checked by apt)",
                  len(packages), profile.debian.suite, profile.debian.architecture)
         _mmdebstrap_download(profile, packages, debs, lists, bar)
-        locked_debs, indices = _store_debian(profile, mirror, debs, lists, step, bar=bar)
+        locked_debs, indices = _store_debian(mirror, debs, lists, step, bar=bar)
     repo = _flat_repo(mirror, profile.debian.suite)
     log.info("downloading the agent's wheels for Python %s (%s)", profile.python_version,
              profile.machine)
     wheels = _sync_wheels(profile, mirror, step, bar)
+    scanned = _scanner_files(mirror, profile.debian.archive, step) if scanner else ()
     lock = Lock(profile.debian.suite, profile.debian.architecture, profile.python_version,
-                packages, locked_debs, indices, repo, wheels, profile.python.onnxruntime)
+                packages, locked_debs, indices, repo, wheels, profile.python.onnxruntime,
+                scanned)
     # Check the chain before publishing the lock: a mirror with a lock is a verified mirror.
     tmp_lock = mirror / (LOCK + ".new")
     atomic_write_bytes(tmp_lock, lock.canonical())

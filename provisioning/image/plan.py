@@ -176,6 +176,10 @@ def nftables_ruleset(profile: Profile) -> str:
     )
 
 
+# Kernel parameters.  Each is checked by the ComplianceAsCode rule named after it
+# (``sysctl_`` + the key with ``.`` as ``_``, e.g. kernel.yama.ptrace_scope ->
+# sysctl_kernel_yama_ptrace_scope).  The rules check this file and the running kernel; the
+# offline audit can only see the file.
 SYSCTLS: tuple[tuple[str, str], ...] = (
     ("kernel.kptr_restrict", "2"),
     ("kernel.dmesg_restrict", "1"),
@@ -213,48 +217,140 @@ SYSCTLS: tuple[tuple[str, str], ...] = (
     ("net.ipv6.conf.all.accept_source_route", "0"),
     ("net.ipv6.conf.default.accept_source_route", "0"),
     ("net.ipv6.conf.all.forwarding", "0"),
+    # ANSSI-BP-028 / CIS: the appliance is an end host, never a router; it takes its address
+    # from networkd (DHCPv4 or static), which handles IPv6 router advertisements in user space
+    # itself, so the kernel's own RA processing, autoconf and forwarding stay off.
+    ("net.ipv6.conf.default.forwarding", "0"),
+    ("net.ipv4.conf.all.forwarding", "0"),
+    ("net.ipv4.conf.default.forwarding", "0"),
+    ("net.ipv6.conf.all.accept_ra", "0"),
+    ("net.ipv6.conf.default.accept_ra", "0"),
+    ("net.ipv6.conf.all.accept_ra_defrtr", "0"),
+    ("net.ipv6.conf.default.accept_ra_defrtr", "0"),
+    ("net.ipv6.conf.all.accept_ra_pinfo", "0"),
+    ("net.ipv6.conf.default.accept_ra_pinfo", "0"),
+    ("net.ipv6.conf.all.accept_ra_rtr_pref", "0"),
+    ("net.ipv6.conf.default.accept_ra_rtr_pref", "0"),
+    ("net.ipv6.conf.all.autoconf", "0"),
+    ("net.ipv6.conf.default.autoconf", "0"),
+    ("net.ipv6.conf.all.router_solicitations", "0"),
+    ("net.ipv6.conf.default.router_solicitations", "0"),
+    ("net.ipv6.conf.all.max_addresses", "1"),
+    ("net.ipv6.conf.default.max_addresses", "1"),
+    ("net.ipv4.conf.all.accept_local", "0"),
+    ("net.ipv4.conf.all.arp_filter", "1"),
+    ("net.ipv4.conf.all.arp_ignore", "2"),
+    ("net.ipv4.conf.all.drop_gratuitous_arp", "1"),
+    ("net.ipv4.conf.all.route_localnet", "0"),
+    ("net.ipv4.conf.all.shared_media", "0"),
+    ("net.ipv4.conf.default.shared_media", "0"),
+    ("net.ipv4.ip_local_port_range", "32768 65535"),
+    ("kernel.panic_on_oops", "1"),  # the same as oops=panic on the kernel command line
+    ("kernel.perf_cpu_time_max_percent", "1"),
+    ("kernel.perf_event_max_sample_rate", "1"),
+    ("vm.mmap_min_addr", "65536"),
 )
 NO_CORE_SYSCTLS = (("fs.suid_dumpable", "0"), ("kernel.core_pattern", "|/bin/false"))
 
-AUDIT_RULES = """\
-## Written by `appliance build`.  Loaded by augenrules; immutable until reboot when -e 2.
--D
--b 8192
--f 1
---backlog_wait_time 60000
--w /etc/appliance/ -p wa -k appliance-config
--w /etc/passwd -p wa -k identity
--w /etc/group -p wa -k identity
--w /etc/shadow -p wa -k identity
--w /etc/gshadow -p wa -k identity
--w /etc/sudoers -p wa -k scope
--w /etc/sudoers.d/ -p wa -k scope
--w /etc/ssh/sshd_config -p wa -k sshd
--w /etc/nftables.conf -p wa -k firewall
--w /etc/sysctl.conf -p wa -k sysctl
--w /etc/sysctl.d/ -p wa -k sysctl
--w /var/log/audit/ -p wa -k audit-log
--w /var/log/lastlog -p wa -k logins
--w /var/log/faillog -p wa -k logins
--w /var/run/faillock/ -p wa -k logins
--w /usr/sbin/insmod -p x -k modules
--w /usr/sbin/rmmod -p x -k modules
--w /usr/sbin/modprobe -p x -k modules
--a always,exit -F arch=b64 -S adjtimex,settimeofday,clock_settime -k time-change
--a always,exit -F arch=b32 -S adjtimex,settimeofday,clock_settime,stime -k time-change
--a always,exit -F arch=b64 -S sethostname,setdomainname -k system-locale
--a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k modules
--a always,exit -F arch=b32 -S init_module,finit_module,delete_module -k modules
--a always,exit -F arch=b64 -S mount,umount2 -F auid>=1000 -F auid!=unset -k mounts
--a always,exit -F arch=b64 -S chmod,fchmod,fchmodat -F auid>=1000 -F auid!=unset -k perm_mod
--a always,exit -F arch=b64 -S chown,fchown,fchownat,lchown -F auid>=1000 -F auid!=unset -k perm_mod
--a always,exit -F arch=b64 -S setxattr,lsetxattr,fsetxattr -F auid>=1000 -F auid!=unset -k perm_mod
--a always,exit -F arch=b64 -S removexattr,lremovexattr,fremovexattr -F auid>=1000 -F auid!=unset -k perm_mod
--a always,exit -F arch=b64 -S unlink,unlinkat,rename,renameat -F auid>=1000 -F auid!=unset -k delete
--a always,exit -F arch=b64 -S open,openat,creat,truncate -F exit=-EACCES -F auid>=1000 -k access
--a always,exit -F arch=b64 -S open,openat,creat,truncate -F exit=-EPERM -F auid>=1000 -k access
--a always,exit -F arch=b64 -S execve -F euid=0 -F auid>=1000 -F auid!=unset -k root-commands
-"""
+# Kernel modules the appliance never loads: `install M /bin/false` stops modprobe (also
+# when a device or socket asks for it), `blacklist M` stops alias autoloading.  Rule ids:
+# kernel_module_<name>_disabled (overlay: kernel_module_overlayfs_disabled).  Kept loadable:
+# virtio*, nvidia*, dm-verity and the filesystems the image mounts (squashfs, ext4, vfat, tmpfs).
+DISABLED_MODULES = ("dccp", "sctp", "rds", "tipc", "atm", "can", "cramfs", "freevxfs", "jffs2",
+                    "hfs", "hfsplus", "udf", "overlay", "usb-storage",
+                    "firewire-core", "bluetooth")
+
+# Shell and account defaults (ComplianceAsCode rule ids):
+# accounts_umask_etc_login_defs, accounts_umask_etc_profile, accounts_umask_etc_bashrc: 077
+# (ANSSI-BP-028's value, stricter than CIS's 027); accounts_maximum_age_login_defs,
+# accounts_minimum_age_login_defs, account_disable_post_pw_expiration.  The appliance has no
+# password logins; these only govern accounts an operator might add on a bench variant.
+UMASK = "077"
+LOGIN_DEFS = (("UMASK", UMASK), ("PASS_MAX_DAYS", "365"), ("PASS_MIN_DAYS", "1"))
+
+# Audit rules in the form ComplianceAsCode checks (rule ids in the comments): syscall rules for
+# both ABIs (a 32-bit process bypasses b64-only rules) and the auid filters that leave daemons
+# out.  -c: a rule the running kernel refuses (a path that does not exist on a variant) is
+# skipped instead of stopping the load of every rule after it.
+_AUDIT_IDENTITY = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow",
+                   "/etc/security/opasswd",  # audit_rules_usergroup_modification_opasswd
+                   # audit_rules_usergroup_modification_{nsswitch_conf,pam_conf,pamd}
+                   "/etc/nsswitch.conf", "/etc/pam.conf", "/etc/pam.d/")
+_AUDIT_WATCHES = (
+    *((f, "identity") for f in _AUDIT_IDENTITY),
+    ("/etc/appliance/", "appliance-config"),
+    ("/etc/sudoers", "scope"), ("/etc/sudoers.d/", "scope"),
+    ("/etc/ssh/sshd_config", "sshd"), ("/etc/nftables.conf", "firewall"),
+    ("/etc/sysctl.conf", "sysctl"), ("/etc/sysctl.d/", "sysctl"),
+    ("/var/log/audit/", "audit-log"),
+    ("/var/log/lastlog", "logins"), ("/var/log/faillog", "logins"),
+    ("/var/run/faillock/", "logins"),  # audit_rules_login_events_faillock
+    ("/var/run/utmp", "session"), ("/var/log/wtmp", "session"),  # audit_rules_session_events_{utmp,wtmp,btmp}
+    ("/var/log/btmp", "session"),
+    ("/etc/localtime", "time-change"),  # audit_rules_time_watch_localtime
+    # audit_rules_networkconfig_modification_{etc_issue,etc_issue_net,etc_hosts,hostname_file}
+    ("/etc/issue", "system-locale"), ("/etc/issue.net", "system-locale"),
+    ("/etc/hosts", "system-locale"), ("/etc/hostname", "system-locale"),
+    ("/etc/systemd/network/", "system-locale"),
+    ("/etc/apparmor/", "MAC-policy"), ("/etc/apparmor.d/", "MAC-policy"),  # audit_rules_mac_modification_*
+    ("/var/log/sudo.log", "actions"),  # audit_sudo_log_events
+)
+_AUDIT_SYSCALLS = (  # (syscalls for b64, for b32, extra filters, key)
+    # audit_rules_time_*: adjtimex, settimeofday, clock_settime (the realtime clock only)
+    ("adjtimex,settimeofday", "adjtimex,settimeofday,stime", "", "time-change"),
+    ("clock_settime", "clock_settime", "-F a0=0x0", "time-change"),
+    # audit_rules_networkconfig_modification, _setdomainname, _sethostname
+    ("sethostname,setdomainname", "sethostname,setdomainname", "", "system-locale"),
+    # audit_rules_kernel_module_loading_{init,finit,delete,create,query}
+    ("init_module,finit_module,delete_module", "init_module,finit_module,delete_module", "", "modules"),
+    ("create_module,query_module", "create_module,query_module", "", "modules"),
+    # audit_rules_media_export, audit_rules_dac_modification_umount2
+    ("mount", "mount", "-F auid>=1000 -F auid!=unset", "export"),
+    ("umount2", "umount,umount2", "-F auid>=1000 -F auid!=unset", "delete"),
+    # audit_rules_dac_modification_*
+    ("chmod,fchmod,fchmodat,fchmodat2", "chmod,fchmod,fchmodat,fchmodat2",
+     "-F auid>=1000 -F auid!=unset", "perm_mod"),
+    ("chown,fchown,fchownat,lchown", "chown,fchown,fchownat,lchown,chown32,fchown32,lchown32",
+     "-F auid>=1000 -F auid!=unset", "perm_mod"),
+    ("setxattr,lsetxattr,fsetxattr,removexattr,lremovexattr,fremovexattr",
+     "setxattr,lsetxattr,fsetxattr,removexattr,lremovexattr,fremovexattr",
+     "-F auid>=1000 -F auid!=unset", "perm_mod"),
+    # audit_rules_file_deletion_events_*
+    ("rename,renameat,renameat2,unlink,unlinkat,rmdir", "rename,renameat,renameat2,unlink,unlinkat,rmdir",
+     "-F auid>=1000 -F auid!=unset", "delete"),
+    # audit_rules_unsuccessful_file_modification_*
+    ("creat,open,openat,open_by_handle_at,truncate,ftruncate",
+     "creat,open,openat,open_by_handle_at,truncate,ftruncate",
+     "-F exit=-EACCES -F auid>=1000 -F auid!=unset", "access"),
+    ("creat,open,openat,open_by_handle_at,truncate,ftruncate",
+     "creat,open,openat,open_by_handle_at,truncate,ftruncate",
+     "-F exit=-EPERM -F auid>=1000 -F auid!=unset", "access"),
+    # audit_rules_suid_auid_privilege_function
+    ("execve", "execve", "-C uid!=euid -F euid=0", "setuid"),
+    ("execve", "execve", "-C gid!=egid -F egid=0", "setgid"),
+    ("execve", "execve", "-F euid=0 -F auid>=1000 -F auid!=unset", "root-commands"),
+)
+# audit_rules_privileged_commands_{kmod,insmod,rmmod,modprobe,usermod,sudo} and
+# audit_rules_execution_{chacl,setfacl,chcon}
+_AUDIT_PRIVILEGED = ("/usr/bin/kmod", "/usr/sbin/insmod", "/usr/sbin/rmmod", "/usr/sbin/modprobe",
+                     "/usr/sbin/usermod", "/usr/bin/sudo", "/usr/bin/chacl", "/usr/bin/setfacl",
+                     "/usr/bin/chcon")
+
+
+def _audit_rules() -> str:
+    lines = ["## Written by `appliance build`.  Loaded by augenrules; immutable until reboot when -e 2.",
+             "-D", "-b 8192", "-f 1", "--backlog_wait_time 60000", "-c"]
+    lines += [f"-w {path} -p wa -k {key}" for path, key in _AUDIT_WATCHES]
+    for b64, b32, extra, key in _AUDIT_SYSCALLS:
+        for arch, calls in (("b64", b64), ("b32", b32)):
+            lines.append(" ".join(filter(None, (f"-a always,exit -F arch={arch} -S {calls}", extra,
+                                                f"-k {key}"))))
+    lines += [f"-a always,exit -F path={p} -F perm=x -F auid>=1000 -F auid!=unset -k privileged"
+              for p in _AUDIT_PRIVILEGED]
+    return "\n".join(lines) + "\n"
+
+
+AUDIT_RULES = _audit_rules()
 
 
 # ------------------------------------------------------------------ GPU
@@ -456,6 +552,9 @@ def _fstab(profile: Profile) -> str:
         "# the data partition is /var (kernel command line: systemd.mount-extra).\n"
         f"tmpfs /tmp tmpfs mode=1777,{tmp},size=25% 0 0\n"
         f"tmpfs /var/tmp tmpfs mode=1777,{tmp},size=10% 0 0\n"
+        # mount_option_dev_shm_{nodev,nosuid,noexec}: systemd mounts /dev/shm before fstab;
+        # this line makes it remount with the options (nothing on the appliance runs from shm).
+        "tmpfs /dev/shm tmpfs mode=1777,nodev,nosuid,noexec 0 0\n"
     )
 
 
@@ -484,15 +583,22 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
         FileSpec("/etc/systemd/journald.conf.d/50-appliance.conf",
                  "[Journal]\nStorage=persistent\nCompress=yes\nSystemMaxUse=512M\n"
                  "ForwardToSyslog=no\n"),
+        # journald_storage, journald_compress, journald_disable_forward_to_syslog: the
+        # content reads journald.conf itself, not its drop-ins; the same values as above.
+        FileSpec("/etc/systemd/journald.conf",
+                 "# Written by `appliance build`; drop-ins in journald.conf.d/ add to it.\n"
+                 "[Journal]\nStorage=persistent\nCompress=yes\nForwardToSyslog=no\n"),
         FileSpec("/etc/fstab", _fstab(profile)),
         FileSpec("/etc/modprobe.d/50-appliance.conf", "".join(
-            f"install {m} /bin/false\n" for m in ("dccp", "sctp", "rds", "tipc", "cramfs",
-                                                   "freevxfs", "jffs2", "hfs", "hfsplus", "udf",
-                                                   "usb-storage", "firewire-core", "bluetooth"))),
+            f"install {m} /bin/false\nblacklist {m}\n" for m in DISABLED_MODULES)),
         FileSpec("/etc/issue", "Authorized uses only. All activity may be monitored and reported.\n"),
         FileSpec("/etc/issue.net", "Authorized uses only. All activity may be monitored and reported.\n"),
-        FileSpec("/etc/profile.d/50-appliance-umask.sh", "umask 027\nTMOUT=600\nreadonly TMOUT\n"
-                 "export TMOUT\n"),
+        # accounts_tmout: an idle shell ends after 10 minutes, and cannot lift the limit.
+        FileSpec("/etc/profile.d/50-appliance-umask.sh", f"umask {UMASK}\ndeclare -xr TMOUT=600\n"),
+        # file_at_allow_exists, file_cron_allow_exists: neither at nor cron is installed; the
+        # allow files (root only) keep a later install closed to other users.
+        FileSpec("/etc/at.allow", "root\n", 0o640),
+        FileSpec("/etc/cron.allow", "root\n", 0o640),
     ]
     sysctls = list(SYSCTLS) if h.sysctl else []
     if not h.core_dumps:
@@ -544,6 +650,26 @@ def _user_commands(profile: Profile) -> list[tuple[str, ...]]:
         cmds += [(*argv, u.name), ("usermod", "--lock", u.name)]
     if profile.hardening.lock_root:
         cmds += [("usermod", "--lock", "root"), ("usermod", "--shell", "/usr/sbin/nologin", "root")]
+    return cmds
+
+
+def _account_commands() -> list[tuple[str, ...]]:
+    """Edits of Debian's own files (login.defs, profile, bash.bashrc, useradd defaults) in place,
+    so their other settings stay Debian's; rule ids at LOGIN_DEFS and UMASK."""
+    cmds: list[tuple[str, ...]] = []
+    for key, value in LOGIN_DEFS:  # trixie's login.defs has no UMASK line: drop, then append
+        cmds += [("sed", "-i", "-E", f"/^[[:space:]]*{key}[[:space:]]/d", "/etc/login.defs"),
+                 ("sed", "-i", f"$a {key}\t{value}", "/etc/login.defs")]
+    cmds += [
+        ("sed", "-i", "-E", "s/^#?[[:space:]]*INACTIVE=.*/INACTIVE=45/", "/etc/default/useradd"),
+        # accounts_password_set_max_life_root (root is locked; the limit still applies)
+        ("chage", "--maxdays", "365", "root"),
+        # file_permissions_systemmap: the kernel's symbol map is for root only
+        ("find", "/boot", "-maxdepth", "1", "-name", "System.map-*", "-exec", "chmod", "0600",
+         "{}", "+"),
+    ]
+    for path in ("/etc/profile", "/etc/bash.bashrc"):
+        cmds.append(("sed", "-i", f"$a umask {UMASK}", path))
     return cmds
 
 
@@ -745,6 +871,7 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     py = f"{VENV}/bin/python"
     commands: list[tuple[str, ...]] = [
         *_user_commands(profile),
+        *_account_commands(),
         ("python3", "-m", "venv", "--without-pip", VENV),
         (py, f"{pip_wheel}/pip", "install", "--no-index", "--no-deps", "--require-hashes",
          "--no-compile", "--disable-pip-version-check", "--no-cache-dir", "--root-user-action=ignore",

@@ -7,6 +7,7 @@ so what an image gets is readable in plan.py and testable without a chroot.
 
 import io
 import json
+import shlex
 from pathlib import Path
 
 from pyinfra import host  # type: ignore[attr-defined]
@@ -18,9 +19,10 @@ env = {"SOURCE_DATE_EPOCH": str(host.data.source_date_epoch), "LC_ALL": "C.UTF-8
 for path in plan["remove"]:
     server.shell(name=f"remove {path}", commands=[f"rm -rf -- {json.dumps(path)}"])
 
+# shlex, not JSON, quoting: inside JSON's double quotes the shell still expands $ and `,
+# so an argument such as sed's "$a LINE" would change on its way to the program.
 for argv in plan["commands"]:
-    server.shell(name=" ".join(argv)[:100], commands=[" ".join(json.dumps(a) for a in argv)],
-                 _env=env)
+    server.shell(name=" ".join(argv)[:100], commands=[shlex.join(argv)], _env=env)
 
 for spec in plan["files"]:
     files.put(name=f"write {spec['path']}", src=io.BytesIO(spec["content"].encode()),

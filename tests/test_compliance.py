@@ -1,0 +1,188 @@
+"""Compliance summary, tailoring waivers and the baseline gate, on a real OpenSCAP result excerpt.
+
+The fixture is trimmed from a real ``oscap xccdf eval`` results file (OpenSCAP 1.4.2,
+ssg-debian 0.1.82, cis_level1_server, the hil image before remediation): 4 pass, 7 fail,
+2 notapplicable, 3 notselected, 1 notchecked, 1 unknown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from provisioning.errors import ImageError
+from provisioning.image.audit import DEFAULT_TAILORING, PROFILES
+from provisioning.image.compliance import (
+    ProfileSummary,
+    Waiver,
+    baseline_failures,
+    load_baseline,
+    load_tailoring,
+    runtime_only,
+    summarize,
+    write_baseline,
+)
+
+RESULTS = Path(__file__).parent / "data/compliance/cis_level1_server.xccdf.xml"
+ARF = Path(__file__).parent / "data/compliance/cis_level1_server.arf-excerpt.xml"
+TAILORED = Path(__file__).parent / "data/compliance/cis_level1_server.tailored.xccdf.xml"
+BASELINE = DEFAULT_TAILORING.parent / "baseline.json"
+_NS = 'xmlns:xccdf="http://checklists.nist.gov/xccdf/1.2"'
+
+
+def _tailoring(tmp_path: Path, refine: str, extends: str = "cis_level1_server") -> Path:
+    path = tmp_path / "tailoring.xml"
+    path.write_text(
+        f'<xccdf:Tailoring {_NS} id="xccdf_t_tailoring_t">'
+        f'<xccdf:Profile id="xccdf_t_profile_{extends}" '
+        f'extends="xccdf_org.ssgproject.content_profile_{extends}">'
+        f"<xccdf:title>t</xccdf:title>{refine}</xccdf:Profile></xccdf:Tailoring>")
+    return path
+
+
+def _waiver(rule: str, *remarks: str, role: str = "unscored") -> str:
+    body = "".join(f"<xccdf:remark>{r}</xccdf:remark>" for r in remarks)
+    return (f'<xccdf:refine-rule idref="xccdf_org.ssgproject.content_rule_{rule}" role="{role}">'
+            f"{body}</xccdf:refine-rule>")
+
+
+def test_summary_counts_a_real_result() -> None:
+    s = summarize(RESULTS, "cis_level1_server")
+    assert {k: s.counts[k] for k in ("pass", "fail", "waived", "notapplicable", "other")} == \
+        {"pass": 4, "fail": 7, "waived": 0, "notapplicable": 2, "other": 2}
+    assert s.applicable == 12  # pass + fail + unknown; notchecked and notselected are not counted
+    assert s.pass_ratio == pytest.approx(4 / 12)
+    assert "sysctl_kernel_kptr_restrict" in s.failed and "partition_for_home" not in s.failed
+    assert s.line().startswith("cis_level1_server: 33.3% pass (4 pass, 7 fail, 0 waived")
+
+
+def test_waivers_count_as_waived_never_as_pass() -> None:
+    waivers = {r: Waiver(r, "why", "instead") for r in
+               ("package_aide_installed", "aide_build_database", "disable_prelink", "partition_for_home")}
+    s = summarize(RESULTS, "cis_level1_server", waivers)
+    assert (s.counts["pass"], s.counts["fail"], s.counts["waived"]) == (3, 5, 3)
+    assert s.pass_ratio == pytest.approx(3 / 12)  # the waiver lowers the passes, not the denominator
+    assert "partition_for_home" not in s.waived  # not selected by the profile: nothing to waive
+
+
+def test_tailored_result_counts_unscored_rules_as_waived() -> None:
+    """Under the tailoring OpenSCAP reports a waived rule as "informational"."""
+    waivers = load_tailoring(DEFAULT_TAILORING).waivers["cis_level1_server"]
+    s = summarize(TAILORED, "cis_level1_server", waivers)
+    assert set(s.waived) == {"package_aide_installed", "aide_build_database", "grub2_enable_apparmor"}
+    assert {k: s.counts[k] for k in ("pass", "fail", "waived", "other")} == \
+        {"pass": 5, "fail": 1, "waived": 3, "other": 0}
+    assert s.pass_ratio == pytest.approx(5 / 9)
+    unwaived = summarize(TAILORED, "cis_level1_server")  # without the table: just "informational"
+    assert (unwaived.counts["waived"], unwaived.counts["other"]) == (0, 3)
+    assert unwaived.pass_ratio == pytest.approx(5 / 6)
+
+
+def test_results_file_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "r.xml"
+    bad.write_text("<x>")
+    with pytest.raises(ImageError, match=r"r\.xml: cannot read the XCCDF results"):
+        summarize(bad, "p")
+    bad.write_text(f"<xccdf:Benchmark {_NS}/>")
+    with pytest.raises(ImageError, match="no xccdf:TestResult"):
+        summarize(bad, "p")
+
+
+def test_tailoring_reads_reason_and_control(tmp_path: Path) -> None:
+    t = load_tailoring(_tailoring(tmp_path, _waiver("partition_for_home", "No users.",
+                                                    "Control: read-only verity root")))
+    assert t.profile_id("cis_level1_server") == "xccdf_t_profile_cis_level1_server"
+    assert t.waivers["cis_level1_server"]["partition_for_home"] == \
+        Waiver("partition_for_home", "No users.", "read-only verity root")
+    with pytest.raises(ImageError, match=r"no tailored profile extends .*cis_level2_server"):
+        t.profile_id("cis_level2_server")
+
+
+@pytest.mark.parametrize(("refine", "message"), [
+    (_waiver("partition_for_home", "No users."), "needs a reason remark and a 'Control: ...'"),
+    (_waiver("partition_for_home", "Control: verity"), "needs a reason remark"),
+    (_waiver("partition_for_home", "r", "Control: c", role="full"), "role = 'full': a waiver is"),
+    (_waiver("x", "r", "Control: c") * 2, "rule x: waived twice"),
+])
+def test_tailoring_rejects_a_waiver_without_its_reasons(tmp_path: Path, refine: str, message: str) -> None:
+    with pytest.raises(ImageError, match=message) as err:
+        load_tailoring(_tailoring(tmp_path, refine))
+    assert "tailoring.xml: profile xccdf_t_profile_cis_level1_server" in str(err.value)
+
+
+def test_tailoring_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="cannot read the tailoring file"):
+        load_tailoring(tmp_path / "missing.xml")
+    path = tmp_path / "t.xml"
+    path.write_text(f'<xccdf:Tailoring {_NS}><xccdf:Profile id="p" extends="xccdf_other"/>'
+                    "</xccdf:Tailoring>")
+    with pytest.raises(ImageError, match="extends = 'xccdf_other': not a ComplianceAsCode profile"):
+        load_tailoring(path)
+    (tmp_path / "b.xml").write_text(f"<xccdf:Benchmark {_NS}/>")
+    with pytest.raises(ImageError, match="not xccdf:Tailoring"):
+        load_tailoring(tmp_path / "b.xml")
+
+
+def test_the_shipped_tailoring_covers_every_audited_profile() -> None:
+    t = load_tailoring(DEFAULT_TAILORING)
+    for profile in PROFILES:
+        assert t.profile_id(profile).endswith(profile)
+        for w in t.waivers[profile].values():
+            assert len(w.reason) > 20 and len(w.control) > 10, w
+
+
+def test_baseline_gate_names_profile_and_both_ratios(tmp_path: Path) -> None:
+    s = summarize(RESULTS, "cis_level1_server")
+    path = tmp_path / "baseline.json"
+    write_baseline(path, [s], "test")
+    assert load_baseline(path) == {"cis_level1_server": 0.3333}
+    assert baseline_failures([s], load_baseline(path), path) == []
+    path.write_text(json.dumps({"format": 1, "profiles": {"cis_level1_server": {"pass_ratio": 0.5},
+                                                          "anssi_bp28_high": {"pass_ratio": 0.9}}}))
+    failures = baseline_failures([s], load_baseline(path), path)
+    assert failures == [f"anssi_bp28_high: in the baseline {path} but not audited",
+                        f"cis_level1_server: pass ratio 0.3333 is below the baseline's 0.5000 ({path})"]
+
+
+def test_baseline_gate_with_no_applicable_rule(tmp_path: Path) -> None:
+    empty = ProfileSummary("p", {"notapplicable": 3}, (), ())
+    assert empty.pass_ratio is None
+    assert baseline_failures([empty], {"p": 0.1}, tmp_path) == \
+        [f"p: pass ratio n/a is below the baseline's 0.1000 ({tmp_path})"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{", "not valid JSON"),
+    ('{"format": 2, "profiles": {}}', "format = 2: this version reads 1"),
+    ('{"format": 1, "profiles": {}}', "'profiles' must map"),
+    ('{"format": 1, "profiles": {"p": {"pass_ratio": 1.5}}}', r"profiles\.p\.pass_ratio = 1\.5"),
+    ('{"format": 1, "profiles": {"p": {"pass_ratio": true}}}', r"profiles\.p\.pass_ratio = True"),
+])
+def test_baseline_file_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "baseline.json"
+    path.write_text(text)
+    with pytest.raises(ImageError, match=message):
+        load_baseline(path)
+    with pytest.raises(ImageError, match="cannot read the baseline"):
+        load_baseline(tmp_path / "none.json")
+
+
+def test_the_shipped_baseline_covers_every_audited_profile() -> None:
+    floors = load_baseline(BASELINE)
+    assert set(floors) == set(PROFILES)
+
+
+def test_runtime_only_fails_are_named_from_the_oval_results(tmp_path: Path) -> None:
+    """dmesg_restrict and forwarding: file right, kernel unseen; kptr_restrict: the file holds 2
+    where CIS wants exactly 1, a real failure of the configuration."""
+    failed = ("sysctl_kernel_kptr_restrict", "sysctl_kernel_dmesg_restrict",
+              "sysctl_net_ipv4_conf_all_forwarding", "partition_for_var", "package_sudo_installed")
+    assert runtime_only(ARF, failed) == ("sysctl_kernel_dmesg_restrict",
+                                         "sysctl_net_ipv4_conf_all_forwarding")
+    s = ProfileSummary("p", {"pass": 1, "fail": 2}, failed[:2], (), runtime_only(ARF, failed[:2]))
+    assert s.line().endswith("; 1 of the fails check only the running kernel")
+    assert s.to_json()["runtime_only"] == ["sysctl_kernel_dmesg_restrict"]
+    with pytest.raises(ImageError, match="cannot read the ARF results"):
+        runtime_only(tmp_path / "none.xml", failed)
