@@ -123,6 +123,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     if args.trusted_root is not None:
         _adopt_root(config.server.state_dir, args.trusted_root)
+    from agent.workers import run_supervisor, worker_count
+
+    count = worker_count(config)
+    if count > 1:
+        return run_supervisor(config, count, debug=bool(args.debug))
     return asyncio.run(run_agent(config))
 
 
@@ -177,11 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(debug: bool) -> None:
-    """Plain messages on stderr; with ``debug``, everything, with times and logger names."""
+def setup_logging(debug: bool, prefix: str = "") -> None:
+    """Plain messages on stderr; with ``debug``, everything, with times and logger names.
+    ``prefix`` starts every line (a worker process's name)."""
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
-        format="%(message)s" if not debug else "%(asctime)s %(name)s: %(message)s",
+        format=prefix + ("%(message)s" if not debug else "%(asctime)s %(name)s: %(message)s"),
         stream=sys.stderr,
     )
 
