@@ -140,8 +140,8 @@ def test_a_killed_worker_is_restarted_and_service_continues(agent: Agent) -> Non
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        _, restarting, after = agent.log().partition(f"(pid {victim}) exited with -9; restarting it")
-        if restarting and ") serving" in after:
+        _, restarting, later = agent.log().partition(f"(pid {victim}) exited with -9; restarting it")
+        if restarting and ") serving" in later:
             break
         time.sleep(0.1)
     after = _workers(agent)
