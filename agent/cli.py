@@ -113,21 +113,25 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime.
-    from agent.server import check_config, run_agent
+    # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime, and a
+    # supervisor of several serving processes never does (agent.workers).
+    from agent.workers import run_supervisor, worker_count
 
     config = config_from_args(args)
-    check_config(config)  # --print-config refuses what serve refuses
+    count = worker_count(config)
+    if args.print_config or count == 1:
+        from agent.server import check_config
+
+        check_config(config)  # --print-config refuses what serve refuses
     if args.print_config:
         print(json.dumps(config.to_json(), indent=2, sort_keys=True))
         return 0
     if args.trusted_root is not None:
         _adopt_root(config.server.state_dir, args.trusted_root)
-    from agent.workers import run_supervisor, worker_count
-
-    count = worker_count(config)
     if count > 1:
         return run_supervisor(config, count, debug=bool(args.debug))
+    from agent.server import run_agent
+
     return asyncio.run(run_agent(config))
 
 

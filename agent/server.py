@@ -18,7 +18,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from agent.context import AgentContext
 from agent.errors import ConfigError
 from agent.health import service as health_service
 from agent.inference import service as inference_service
+from agent.lifecycle import LOOPBACK, ports_free, sd_notify
 from agent.metrics import InferenceCollector, register_collector, start_metrics_server
 from agent.proto._pool import POOL
 from agent.updates import service as updates_service
@@ -41,17 +41,13 @@ from agent.updates import service as updates_service
 if TYPE_CHECKING:  # agent.workers runs this module's run_agent in each worker process
     from agent.workers import WorkerLink
 
-__all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "check_config", "ports_free", "run_agent",
-           "sd_notify", "server_credentials"]
+__all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "check_config", "run_agent", "server_credentials"]
 
 log = logging.getLogger(__name__)
 
 # Components that add gRPC services; each has `async def attach(server, ctx) -> list[str]`.
 # The updates component comes first: it resolves an interrupted update before any model loads.
 SERVICE_MODULES: tuple[ModuleType, ...] = (updates_service, inference_service, health_service)
-
-LOOPBACK = "127.0.0.1"
-
 
 def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
     """The server's transport credentials, or None for plaintext on loopback.
@@ -134,22 +130,6 @@ def check_config(config: AgentConfig) -> None:
     server_credentials(config)
 
 
-def ports_free(config: AgentConfig) -> None:
-    """Fail before start-up writes anything when a port is taken (gRPC would find out later)."""
-    metrics_host = config.server.listen if config.tls.cert else LOOPBACK
-    wanted = ((config.server.listen, config.server.port), (metrics_host, config.server.metrics_port))
-    for host, port in wanted:
-        if not port:
-            continue
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-
-
 def _bind(server: grpc.aio.Server, config: AgentConfig) -> tuple[str, int]:
     host = config.server.listen
     creds = server_credentials(config)  # refuses a listener beyond loopback without mTLS
@@ -163,19 +143,6 @@ def _bind(server: grpc.aio.Server, config: AgentConfig) -> tuple[str, int]:
     if port == 0:
         raise ConfigError(f"cannot listen on {address} (address in use?)")
     return host, port
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state, when started by it."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    addr = "\0" + target[1:] if target.startswith("@") else target
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(message.encode(), addr)
-        except OSError:
-            log.debug("sd_notify failed", exc_info=True)
 
 
 async def _watchdog() -> None:

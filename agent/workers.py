@@ -46,8 +46,7 @@ from typing import Any
 from agent.cli import setup_logging
 from agent.config import AgentConfig
 from agent.errors import ConfigError, UpdateError
-from agent.ort import default_intra_op_threads
-from agent.server import check_config, ports_free, run_agent, sd_notify
+from agent.lifecycle import physical_cores, ports_free, sd_notify
 
 __all__ = ["Peer", "Supervisor", "WorkerLink", "run_supervisor", "worker_count"]
 
@@ -57,6 +56,7 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 LINE_LIMIT = 64 << 20  # statistics of every served model travel in one line
 HEARTBEAT_S = 1.0
+STALL_MIN_S = 10.0
 REPLY_TIMEOUT_S = 300.0  # a replayed load runs golden vectors on a new session
 RESTART_LIMIT = 5  # restarts within RESTART_WINDOW_S before the supervisor gives up
 RESTART_WINDOW_S = 60.0
@@ -64,10 +64,10 @@ RESTART_WINDOW_S = 60.0
 
 def worker_count(config: AgentConfig) -> int:
     """``[server] workers`` as a number (``auto``: one per physical core within the CPU
-    affinity mask, as ONNX Runtime counts them)."""
+    affinity mask)."""
     value = config.server.workers
     if value == "auto":
-        return default_intra_op_threads()
+        return physical_cores()
     return int(value)
 
 
@@ -205,7 +205,11 @@ class WorkerLink:
         """
         if self.peer is None:
             return
-        reply = await self.peer.request({"kind": "broadcast", "op": op})
+        try:
+            reply = await self.peer.request({"kind": "broadcast", "op": op})
+        except (ConnectionError, TimeoutError) as exc:
+            raise UpdateError(f"{op.get('op')} {op.get('name', '')}: done here, but the supervisor "
+                              f"did not confirm the other workers followed: {exc}") from None
         problems = reply.get("problems") or []
         if problems:
             raise UpdateError(f"{op.get('op')} {op.get('name', '')}: done here, but "
@@ -236,6 +240,9 @@ def _die_with_parent() -> None:
 
 def worker_main(config: AgentConfig, index: int, count: int, conn: Connection, debug: bool) -> None:
     """A worker process's body (started by :class:`Supervisor` with multiprocessing's spawn)."""
+    # Imported here, in the worker only: the supervisor never loads gRPC or ONNX Runtime.
+    from agent.server import run_agent
+
     _die_with_parent()
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(name, None)  # systemd hears from the supervisor only
@@ -254,7 +261,7 @@ def worker_main(config: AgentConfig, index: int, count: int, conn: Connection, d
     try:
         code = asyncio.run(main())
     except Exception as exc:
-        log.error("worker %d: %s", index, exc, exc_info=debug)  # noqa: TRY400
+        log.error("%s", exc, exc_info=debug)  # noqa: TRY400 - the prefix names the worker
         code = getattr(exc, "exit_code", 1)
     raise SystemExit(code)
 
@@ -307,7 +314,10 @@ class Supervisor:
         self._mp = multiprocessing.get_context("spawn")
         self._all_ready = asyncio.Event()
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        self.stall_s = usec / 1e6 if usec > 0 else 0.0
+        self.ping_s = usec / 2e6 if usec > 0 else 0.0
+        # A worker is killed after this long without a heartbeat: systemd's interval, but
+        # never so short that a busy machine's scheduling delay looks like a hung loop.
+        self.stall_s = max(usec / 1e6, STALL_MIN_S) if usec > 0 else 0.0
 
     # ------------------------------------------------------------ workers
 
@@ -418,7 +428,7 @@ class Supervisor:
     async def _watchdog(self) -> None:
         """WATCHDOG=1 at half systemd's interval; a worker silent for a whole interval is
         killed (and so restarted)."""
-        if self.stall_s <= 0:
+        if self.ping_s <= 0:
             return
         while True:
             sd_notify("WATCHDOG=1")
@@ -429,7 +439,7 @@ class Supervisor:
                               w.pid, now - w.seen)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(w.pid, signal.SIGKILL)
-            await asyncio.sleep(self.stall_s / 2)
+            await asyncio.sleep(self.ping_s)
 
     async def run(self, reserved: socket.socket) -> int:
         loop = asyncio.get_running_loop()
@@ -489,18 +499,19 @@ class Supervisor:
 
 def run_supervisor(config: AgentConfig, count: int, debug: bool = False) -> int:
     """Serve with ``count`` worker processes until SIGTERM/SIGINT; return the exit code.
+    The TLS material is checked by each worker as it starts (a worker that cannot start fails
+    the agent with its exit code).
 
     Raises:
-        ConfigError: the gRPC port is taken.
+        ConfigError: a port is taken.
     """
-    check_config(config)
     ports_free(config)
     reserved = reserve_port(config.server.listen, config.server.port)
     port = reserved.getsockname()[1]
     server = dataclasses.replace(config.server, port=port)
     inference = config.inference
     if not inference.intra_op_threads:  # N workers share the cores: no oversubscription
-        threads = max(1, default_intra_op_threads() // count)
+        threads = max(1, physical_cores() // count)
         inference = dataclasses.replace(inference, intra_op_threads=threads)
     shared = dataclasses.replace(config, server=server, inference=inference)
     return asyncio.run(Supervisor(shared, count, debug).run(reserved))
