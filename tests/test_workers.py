@@ -217,3 +217,47 @@ def test_ready_once_every_worker_serves_then_sigterm_drains_all(tmp_path: Path, 
     assert "worker 0: agent: stopped" in text and "worker 1: agent: stopped" in text, text
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in workers)
+
+
+# ---------------------------------------------------------------- the shared pieces, in-process
+
+
+def _snap(version: str, success: int, sizes: dict[int, int], last: int) -> dict[str, Any]:
+    def d(n: int) -> dict[str, int]:
+        return {"count": n, "ns": 10 * n}
+
+    keys = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+    return {"name": "m", "version": version, "last_inference": last, "inference_count": success,
+            "execution_count": success, "pending": 1,
+            "inference_stats": {k: d(success) for k in keys},
+            "batch_stats": [{"batch_size": s, "compute_input": d(n), "compute_infer": d(n),
+                             "compute_output": d(n)} for s, n in sorted(sizes.items())]}
+
+
+def test_statistics_of_workers_add_up_per_version() -> None:
+    from agent.inference.stats import add_snapshots
+
+    a, b = _snap("1", 3, {1: 3}, last=5), _snap("1", 4, {1: 2, 4: 2}, last=9)
+    other = _snap("2", 1, {1: 1}, last=1)
+    total, second = add_snapshots([a, other, b])
+    assert second == other
+    assert total["inference_count"] == 7 and total["pending"] == 2 and total["last_inference"] == 9
+    assert total["inference_stats"]["success"] == {"count": 7, "ns": 70}
+    assert [(s["batch_size"], s["compute_infer"]["count"]) for s in total["batch_stats"]] == [(1, 5), (4, 2)]
+    assert a["inference_count"] == 3 and len(a["batch_stats"]) == 1, "the inputs are left alone"
+
+
+def test_a_shared_event_log_numbers_events_once_for_every_process(tmp_path: Path) -> None:
+    from agent.events import EventLog
+
+    # two logs on one file stand for two workers (each process has its own EventLog)
+    first = EventLog.open(tmp_path, shared=True)
+    second = EventLog.open(tmp_path, shared=True)
+    first.record("update.applied", "info", "m", "one")
+    second.record("update.applied", "info", "m", "two")
+    first.record("update.rolled_back", "warning", "m", "three")
+    for log in (first, second):
+        assert [(e.seq, e.message) for e in log.recent()] == [(1, "one"), (2, "two"), (3, "three")]
+        assert log.last_seq == 3
+    lines = (tmp_path / "events" / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == [1, 2, 3]
