@@ -34,19 +34,21 @@ import ctypes
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from agent.cli import setup_logging
-from agent.config import AgentConfig
+from agent.config import SECTIONS, AgentConfig
 from agent.errors import ConfigError, UpdateError
 from agent.lifecycle import physical_cores, ports_free, sd_notify
+from agent.settings import from_table
 
 __all__ = ["Peer", "Supervisor", "WorkerLink", "run_supervisor", "worker_count"]
 
@@ -238,17 +240,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def worker_main(config: AgentConfig, index: int, count: int, conn: Connection, debug: bool) -> None:
-    """A worker process's body (started by :class:`Supervisor` with multiprocessing's spawn)."""
+def worker_main(config: AgentConfig, index: int, count: int, fd: int, debug: bool) -> int:
+    """A worker process's body: serve over the control socket ``fd``; return the exit code."""
     # Imported here, in the worker only: the supervisor never loads gRPC or ONNX Runtime.
     from agent.server import run_agent
 
     _die_with_parent()
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-        os.environ.pop(name, None)  # systemd hears from the supervisor only
     setup_logging(debug, prefix=f"worker {index}: ")  # whose line is it, in the shared journal
-    sock = socket.socket(fileno=os.dup(conn.fileno()))
-    conn.close()
+    sock = socket.socket(fileno=fd)
 
     async def main() -> int:
         link = WorkerLink(index, count)
@@ -263,7 +262,26 @@ def worker_main(config: AgentConfig, index: int, count: int, conn: Connection, d
     except Exception as exc:
         log.error("%s", exc, exc_info=debug)  # noqa: TRY400 - the prefix names the worker
         code = getattr(exc, "exit_code", 1)
-    raise SystemExit(code)
+    return int(code)
+
+
+def config_from_json(data: dict[str, Any], origin: str) -> AgentConfig:
+    """:meth:`AgentConfig.to_json` read back, every value checked as in agent.toml.
+
+    Raises:
+        ConfigError: a section or value the configuration would refuse.
+    """
+    return AgentConfig(**{name: from_table(cls, data.get(name, {}), f"{origin}: [{name}]")
+                          for name, cls in SECTIONS.items()}, origin=origin)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agent.workers FD INDEX COUNT [--debug]``, the configuration (JSON) on stdin:
+    how the supervisor starts a worker."""
+    args = sys.argv[1:] if argv is None else argv
+    fd, index, count = (int(a) for a in args[:3])
+    config = config_from_json(json.loads(sys.stdin.buffer.read()), "the supervisor's configuration")
+    return worker_main(config, index, count, fd, "--debug" in args[3:])
 
 
 # ---------------------------------------------------------------------- the supervisor
@@ -272,7 +290,7 @@ def worker_main(config: AgentConfig, index: int, count: int, conn: Connection, d
 @dataclasses.dataclass
 class _Worker:
     index: int
-    process: Any  # multiprocessing's SpawnProcess
+    process: subprocess.Popen[bytes]
     peer: Peer | None = None
     pid: int = 0
     ready: bool = False
@@ -298,6 +316,23 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _spawn(config: AgentConfig, index: int, count: int, fd: int, debug: bool) -> subprocess.Popen[bytes]:
+    """Start worker ``index``: ``python -m agent.workers`` with the control socket ``fd`` and the
+    configuration on stdin.  Not through a run-to-completion tool gate: a worker lives as
+    long as the agent, and its output is the agent's own log."""
+    argv = [sys.executable, "-m", "agent.workers", str(fd), str(index), str(count)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}  # systemd: supervisor only
+    here = str(Path(__file__).resolve().parent.parent)  # the very code the supervisor runs
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    process = subprocess.Popen([*argv, *(["--debug"] if debug else [])], stdin=subprocess.PIPE,
+                               pass_fds=[fd], env=env)
+    assert process.stdin is not None
+    with process.stdin:
+        process.stdin.write(json.dumps(config.to_json()).encode())
+    return process
+
+
 class Supervisor:
     """Starts ``count`` workers, replays model changes between them, adds up their statistics,
     restarts one that dies, and drains them all on SIGTERM."""
@@ -311,7 +346,6 @@ class Supervisor:
         self.failed = asyncio.Event()
         self.exit_code = 1  # when failed
         self._restarts: list[float] = []
-        self._mp = multiprocessing.get_context("spawn")
         self._all_ready = asyncio.Event()
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         self.ping_s = usec / 2e6 if usec > 0 else 0.0
@@ -322,34 +356,30 @@ class Supervisor:
     # ------------------------------------------------------------ workers
 
     async def start(self, index: int) -> None:
-        mine, theirs = self._mp.Pipe(duplex=True)
-        process = self._mp.Process(target=worker_main, name=f"agent-worker-{index}",
-                                   args=(self.config, index, self.count, theirs, self.debug))
-        process.start()
-        theirs.close()
-        worker = _Worker(index, process, pid=process.pid or 0, seen=time.monotonic())
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            process = _spawn(self.config, index, self.count, theirs.fileno(), self.debug)
+        worker = _Worker(index, process, pid=process.pid, seen=time.monotonic())
         self.workers[index] = worker
-        sock = socket.socket(fileno=os.dup(mine.fileno()))
-        mine.close()
-        worker.peer = await Peer.over(sock, lambda m: self._handle(worker, m))
+        worker.peer = await Peer.over(mine, lambda m: self._handle(worker, m))
         worker.tasks.append(asyncio.create_task(self._watch(worker, worker.peer)))
 
     async def _watch(self, worker: _Worker, peer: Peer) -> None:
         """Serve the worker's messages until it goes; then restart it (unless stopping)."""
         with contextlib.suppress(ConnectionError, ValueError):
             await peer.run()
-        await asyncio.to_thread(worker.process.join)
+        await asyncio.to_thread(worker.process.wait)
         worker.ready = False
         if self.stopping.is_set():
             return
         if not self._all_ready.is_set():  # it could not start: starting it again would not help
             log.error("agent: worker %d (pid %d) failed to start (exit code %s)", worker.index,
-                      worker.pid, worker.process.exitcode)
-            self.exit_code = worker.process.exitcode or 1
+                      worker.pid, worker.process.returncode)
+            self.exit_code = worker.process.returncode or 1
             self.failed.set()
             return
         log.error("agent: worker %d (pid %d) exited with %s; restarting it", worker.index,
-                  worker.pid, worker.process.exitcode)
+                  worker.pid, worker.process.returncode)
         now = time.monotonic()
         self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
         if len(self._restarts) > RESTART_LIMIT:
@@ -434,7 +464,7 @@ class Supervisor:
             sd_notify("WATCHDOG=1")
             now = time.monotonic()
             for w in list(self.workers.values()):
-                if w.ready and now - w.seen > self.stall_s and w.process.is_alive():
+                if w.ready and now - w.seen > self.stall_s and w.process.poll() is None:
                     log.error("agent: worker %d (pid %d) silent for %.0f s; killing it", w.index,
                               w.pid, now - w.seen)
                     with contextlib.suppress(ProcessLookupError):
@@ -480,18 +510,20 @@ class Supervisor:
         """SIGTERM to every worker (each drains its calls), SIGKILL past the grace period."""
         self.stopping.set()
         for w in self.workers.values():
-            if w.process.is_alive():
+            if w.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGTERM)
         limit = self.config.server.grace_period_s + 10.0
         codes = []
         for w in self.workers.values():
-            await asyncio.to_thread(w.process.join, limit)
-            if w.process.is_alive():
-                log.error("agent: worker %d (pid %d) did not stop; killing it", w.index, w.pid)
+            try:
+                await asyncio.to_thread(w.process.wait, limit)
+            except subprocess.TimeoutExpired:
+                log.error("agent: worker %d (pid %d) did not stop; killing it",  # noqa: TRY400
+                          w.index, w.pid)
                 w.process.kill()
-                await asyncio.to_thread(w.process.join)
-            codes.append(w.process.exitcode or 0)
+                await asyncio.to_thread(w.process.wait)
+            codes.append(w.process.returncode or 0)
             for task in w.tasks:
                 task.cancel()
         return [c if c >= 0 else 1 for c in codes]
@@ -515,3 +547,7 @@ def run_supervisor(config: AgentConfig, count: int, debug: bool = False) -> int:
         inference = dataclasses.replace(inference, intra_op_threads=threads)
     shared = dataclasses.replace(config, server=server, inference=inference)
     return asyncio.run(Supervisor(shared, count, debug).run(reserved))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

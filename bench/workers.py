@@ -8,9 +8,8 @@ For workers = 1 and 2 (in turn, every round), tiny at concurrency 1 and 16:
 - req/s, p50, p99 as perf_analyzer measures them; perf_analyzer gets one connection per
   concurrent request (TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1), as many clients would
   have: the kernel spreads connections, not requests, over the workers;
-- server CPU per request: CPU seconds of every agent process (supervisor, workers and
-  multiprocessing's helper) over the run / requests answered (the agent's statistics, which
-  are totals over its workers);
+- server CPU per request: CPU seconds of every agent process (supervisor and workers) over
+  the run / requests answered (the agent's statistics, which are totals over its workers);
 - RSS of each agent process and their total.
 
 RSS per model: an agent serving nothing, tiny, or mlp (workers = 1) gives the gRPC process's
@@ -120,7 +119,7 @@ def load(pki: Pki, agent: Agent, concurrency: int, seconds: float) -> dict[str, 
 def start(pki: Pki, tmp: Path, state: Path, workers: int) -> Agent:
     toml = pki.agent_toml(tmp / f"agent-{workers}.toml")
     toml.write_text(toml.read_text().replace("[server]\n", f"[server]\nworkers = {workers}\n"))
-    return Agent(state, "--config", str(toml))
+    return Agent(state, "--config", str(toml), entry=("agent",))  # the node's entry point
 
 
 def serving_rounds(pki: Pki, tmp: Path, state: Path, rounds: int, seconds: float,

@@ -71,8 +71,7 @@ def _infer(client: Any) -> tuple[str, np.ndarray]:
 
 
 def _workers(agent: Agent) -> set[int]:
-    """Worker processes as the supervisor sees them (its children, minus multiprocessing's
-    resource tracker, which runs no agent)."""
+    """Worker processes as the supervisor sees them (its children)."""
     return _agent_children(agent.proc.pid)
 
 
@@ -80,9 +79,9 @@ def _agent_children(pid: int) -> set[int]:
     out = set()
     for kid in psutil.Process(pid).children():
         try:
-            if "resource_tracker" not in " ".join(kid.cmdline()):
+            if kid.status() != psutil.STATUS_ZOMBIE:  # one not yet reaped is gone already
                 out.add(kid.pid)
-        except psutil.Error:  # gone, or a zombie not yet reaped
+        except psutil.Error:
             continue
     return out
 
