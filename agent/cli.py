@@ -27,6 +27,7 @@ from typing import Any
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, InferenceSection, ServerSection, load_config
 from agent.errors import ApplianceError, NotFoundError
+from agent.lifecycle import setup_logging
 from agent.settings import add_flags, apply_flags
 
 __all__ = ["add_commands", "build_parser", "config_from_args", "main", "setup_logging"]
@@ -184,16 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_commands(parser, common)
     return parser
-
-
-def setup_logging(debug: bool, prefix: str = "") -> None:
-    """Plain messages on stderr; with ``debug``, everything, with times and logger names.
-    ``prefix`` starts every line (a worker process's name)."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format=prefix + ("%(message)s" if not debug else "%(asctime)s %(name)s: %(message)s"),
-        stream=sys.stderr,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""What the agent's serving processes need before (and without) gRPC: systemd's notify
-protocol, the check that the ports are free, and the number of cores to serve with.
+"""What the agent's serving processes need before (and without) gRPC: logging, systemd's
+notify protocol, the check that the ports are free, and the number of cores to serve with.
 
 The supervisor of several serving processes (agent.workers) uses only this, so it does not
 load gRPC and ONNX Runtime (about 70 MiB of RSS it would hold for nothing).
@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 
 import psutil
 
 from agent.config import AgentConfig
 from agent.errors import ConfigError
 
-__all__ = ["LOOPBACK", "physical_cores", "ports_free", "sd_notify"]
+__all__ = ["LOOPBACK", "physical_cores", "ports_free", "sd_notify", "setup_logging"]
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +64,13 @@ def sd_notify(message: str) -> None:
             sock.sendto(message.encode(), addr)
         except OSError:
             log.debug("sd_notify failed", exc_info=True)
+
+
+def setup_logging(debug: bool, prefix: str = "") -> None:
+    """Plain messages on stderr; with ``debug``, everything, with times and logger names.
+    ``prefix`` starts every line (a worker process's name)."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format=prefix + ("%(message)s" if not debug else "%(asctime)s %(name)s: %(message)s"),
+        stream=sys.stderr,
+    )

@@ -44,10 +44,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent.cli import setup_logging
 from agent.config import SECTIONS, AgentConfig
 from agent.errors import ConfigError, UpdateError
-from agent.lifecycle import physical_cores, ports_free, sd_notify
+from agent.lifecycle import physical_cores, ports_free, sd_notify, setup_logging
 from agent.settings import from_table
 
 __all__ = ["Peer", "Supervisor", "WorkerLink", "run_supervisor", "worker_count"]
