@@ -652,10 +652,11 @@ class UpdateManager:
         Raises:
             UpdateError: the journal is unreadable (the agent must not guess).
         """
-        fd = self._flock(blocking=False)
-        if fd is None:  # a sibling serving process is updating: that transaction is its own
-            log.info("update recovery: another serving process holds the update lock; skipped")
-            return []
+        # Under the update lock: a sibling serving process (agent.workers) recovering at the
+        # same start, or updating while this one restarts, finishes first; a journal found
+        # after that was left by a process that died.
+        fd = self._flock(blocking=True)
+        assert fd is not None
         try:
             return self._recover()
         finally:
