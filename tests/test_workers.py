@@ -218,6 +218,28 @@ def test_ready_once_every_worker_serves_then_sigterm_drains_all(tmp_path: Path, 
                    for p in workers)
 
 
+@pytest.mark.parametrize(("crash_at", "survivor"), [("journal:committing", "1.0.1"), ("swapped", "1.0.2")])
+def test_an_interrupted_update_is_recovered_once_and_every_worker_serves_its_outcome(
+        tmp_path: Path, reg: Path, state: Path, crash_at: str, survivor: str) -> None:
+    single = Agent(state, "--config", str(_config(tmp_path, reg, workers=1)),
+                   env={"APPLIANCE_UPDATES_CRASH_AT": crash_at})
+    try:
+        with pytest.raises(grpc.RpcError):
+            _node(single).ApplyUpdate(node_pb2.ApplyUpdateRequest(targets=["affine@1.0.2"]), timeout=60)
+        assert single.proc.wait(30) == -9
+    finally:
+        single.stop()
+    assert (state / "updates" / "journal.json").exists()
+    agent = Agent(state, "--config", str(_config(tmp_path, reg)))
+    try:
+        for replies in _each_worker(agent, _infer).values():
+            assert all(v == survivor and np.allclose(y, expected(survivor)) for v, y in replies)
+        assert agent.log().count("update recovery: ") == 1, agent.log()  # one worker did it
+    finally:
+        assert agent.stop() == 0
+    assert not (state / "updates" / "journal.json").exists()
+
+
 # ---------------------------------------------------------------- the shared pieces, in-process
 
 
