@@ -27,6 +27,7 @@ from typing import Any
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, InferenceSection, ServerSection, load_config
 from agent.errors import ApplianceError, NotFoundError
+from agent.lifecycle import setup_logging
 from agent.settings import add_flags, apply_flags
 
 __all__ = ["add_commands", "build_parser", "config_from_args", "main", "setup_logging"]
@@ -113,16 +114,25 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime.
-    from agent.server import check_config, run_agent
+    # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime, and a
+    # supervisor of several serving processes never does (agent.workers).
+    from agent.workers import run_supervisor, worker_count
 
     config = config_from_args(args)
-    check_config(config)  # --print-config refuses what serve refuses
+    count = worker_count(config)
+    if args.print_config or count == 1:
+        from agent.server import check_config
+
+        check_config(config)  # --print-config refuses what serve refuses
     if args.print_config:
         print(json.dumps(config.to_json(), indent=2, sort_keys=True))
         return 0
     if args.trusted_root is not None:
         _adopt_root(config.server.state_dir, args.trusted_root)
+    if count > 1:
+        return run_supervisor(config, count, debug=bool(args.debug))
+    from agent.server import run_agent
+
     return asyncio.run(run_agent(config))
 
 
@@ -175,15 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_commands(parser, common)
     return parser
-
-
-def setup_logging(debug: bool) -> None:
-    """Plain messages on stderr; with ``debug``, everything, with times and logger names."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(message)s" if not debug else "%(asctime)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,12 @@ def _non_negative(v: int) -> str | None:
     return None if v >= 0 else "must not be negative"
 
 
+def _workers(v: int | str) -> str | None:
+    if v == "auto" or (isinstance(v, int) and v > 0) or (isinstance(v, str) and v.isdigit() and int(v) > 0):
+        return None
+    return "expected a positive number of processes or 'auto'"
+
+
 @dataclass(frozen=True)
 class ServerSection:
     listen: str = setting("127.0.0.1", "address to listen on; beyond loopback needs mTLS")
@@ -52,6 +58,9 @@ class ServerSection:
     max_message_bytes: int = setting(64 << 20, "largest request or response message",
                                      check=_positive)
     grace_period_s: float = setting(10.0, "on SIGTERM, how long in-flight requests may finish")
+    workers: int | str = setting(1, "serving processes sharing the gRPC port (SO_REUSEPORT); "
+                                    "'auto': one per physical core the agent may run on",
+                                 check=_workers)
 
 
 @dataclass(frozen=True)

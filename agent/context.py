@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the components import this module; the context only names t
     from agent.security import RevocationList
     from agent.updates.manager import UpdateManager
     from agent.updates.service import UpdatesComponent
+    from agent.workers import WorkerLink
 
 __all__ = ["AgentContext"]
 
@@ -51,6 +52,8 @@ class AgentContext:
     # Published by agent.updates.service.attach.
     updates: UpdatesComponent | None = None
     update_manager: UpdateManager | None = None
+    # This process's line to the supervisor when it is one of several serving processes.
+    workers: WorkerLink | None = None
 
     @property
     def state_dir(self) -> Path:

@@ -5,6 +5,10 @@ directory so a fleet manager can still read what went wrong after the agent rest
 Each record is written with one ``write`` on an ``O_APPEND`` descriptor and fsynced before
 :meth:`EventLog.record` returns; a line torn by a power cut is skipped on reload.
 
+With ``shared`` (several serving processes, agent.workers), the file is the log: a record is
+numbered and appended under an ``flock`` after taking in what the others appended, and readers
+take in new lines before answering, so every process numbers and lists the same events.
+
 Kinds are dotted names: ``gpu.xid``, ``gpu.throttle.start``/``stop``, ``gpu.ecc``,
 ``gpu.remap``, ``gpu.lost``, ``disk.filling``, ``health.changed``, ``update.*`` ...
 Any thread may record; readers get copies.
@@ -12,13 +16,15 @@ Any thread may record; readers get copies.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,11 +68,14 @@ class EventLog:
 
     ``path`` None keeps events in memory only (tests, tools). ``max_bytes`` bounds the file:
     past it, the file becomes ``events.jsonl.1`` (replacing an older one) and a new one starts.
+    ``shared``: other processes record into the same file (see the module docstring).
     """
 
     def __init__(self, path: Path | None = None, *, keep: int = 1000, max_bytes: int = 8 << 20,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, shared: bool = False) -> None:
         self.path = path
+        self._shared = shared and path is not None
+        self._seen = (0, 0)  # (inode, offset) of the file read so far, in shared mode
         self._keep = keep
         self._max_bytes = max_bytes
         self._clock = clock
@@ -78,9 +87,10 @@ class EventLog:
             self._load(path)
 
     @classmethod
-    def open(cls, state_dir: Path, *, keep: int = 1000, max_bytes: int = 8 << 20) -> EventLog:
+    def open(cls, state_dir: Path, *, keep: int = 1000, max_bytes: int = 8 << 20,
+             shared: bool = False) -> EventLog:
         """The log persisted at ``state_dir/events/events.jsonl`` (created when absent)."""
-        return cls(StateLayout(state_dir).events_log, keep=keep, max_bytes=max_bytes)
+        return cls(StateLayout(state_dir).events_log, keep=keep, max_bytes=max_bytes, shared=shared)
 
     # ------------------------------------------------------------------ persistence
 
@@ -104,6 +114,48 @@ class EventLog:
                     continue
                 self._recent.append(event)
                 self._seq = max(self._seq, event.seq)
+
+    def _take_in(self) -> None:
+        """Take in the events other processes appended since this one last looked (shared
+        mode; under ``self._lock``).  A line still being written waits for the next look."""
+        assert self.path is not None
+        try:
+            with self.path.open("rb") as f:
+                st = os.fstat(f.fileno())
+                ino, offset = self._seen
+                if st.st_ino != ino or st.st_size < offset:  # rotated: a new file
+                    offset = 0
+                f.seek(offset)
+                data = f.read(st.st_size - offset)
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1
+        self._seen = (st.st_ino, offset + end)
+        for line in data[:end].splitlines():
+            try:
+                event = Event.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if event.seq > self._seq:
+                self._recent.append(event)
+                self._seq = event.seq
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """In shared mode: the file to ourselves (flock on its directory), up to date."""
+        if not self._shared:
+            yield
+            return
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._take_in()
+            yield
+            self._take_in()  # our own line: read past it
+        finally:
+            os.close(fd)
 
     def _append(self, event: Event) -> None:
         assert self.path is not None
@@ -136,7 +188,7 @@ class EventLog:
             raise HealthError(f"event {kind!r}: severity {severity!r} is not one of {SEVERITIES}")
         if not kind:
             raise HealthError("an event needs a kind")
-        with self._lock:
+        with self._lock, self._writing():
             self._seq += 1
             event = Event(self._seq, self._clock(), kind, severity, subject, message, dict(details))
             self._recent.append(event)
@@ -160,6 +212,8 @@ class EventLog:
         """Events with ``seq > after_seq`` whose kind starts with ``kind_prefix``, oldest
         first, at most ``limit`` of them (the newest ones when more match)."""
         with self._lock:
+            if self._shared:
+                self._take_in()
             matched = [e for e in self._recent
                        if e.seq > after_seq and e.kind.startswith(kind_prefix)]
         return matched[-limit:] if limit > 0 else matched
@@ -167,6 +221,8 @@ class EventLog:
     @property
     def last_seq(self) -> int:
         with self._lock:
+            if self._shared:
+                self._take_in()
             return self._seq
 
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
-import psutil
 
+from agent.lifecycle import physical_cores
 from agent.modelrefs import check_model_files
 
 __all__ = ["CPU", "CUDA", "TENSORRT", "build_cuda_version", "cuda_libraries", "default_intra_op_threads",
@@ -119,15 +118,7 @@ def default_intra_op_threads() -> int:
     may run on.  Given explicitly, because with the default ONNX Runtime pins its threads to
     cores, and pinning needs ``sched_setaffinity``, which the agent's unit forbids
     (``SystemCallFilter=~@resources``): every session then logged an error."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except OSError:  # a sandbox that refuses even the question
-        available = os.cpu_count() or 1
-    try:
-        physical = psutil.cpu_count(logical=False) or available
-    except OSError:  # no topology in /sys and no /proc/cpuinfo
-        physical = available
-    return max(1, min(physical, available))
+    return physical_cores()
 
 
 def make_session(

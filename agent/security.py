@@ -424,8 +424,9 @@ def metrics_tls(config: AgentConfig, crl: RevocationList | None = None,
     return tls.context, admit
 
 
-def server_options(config: AgentConfig) -> list[tuple[str, Any]]:
-    """gRPC core channel arguments for the server, from ``[server]`` and ``[limits]``."""
+def server_options(config: AgentConfig, *, shared_port: bool = False) -> list[tuple[str, Any]]:
+    """gRPC core channel arguments for the server, from ``[server]`` and ``[limits]``;
+    ``shared_port``: one of the agent's worker processes, which all bind the gRPC port."""
     lim = config.limits
     size = config.server.max_message_bytes
 
@@ -445,8 +446,9 @@ def server_options(config: AgentConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.min_ping_interval_without_data_ms", ms(lim.min_ping_interval_s)),
         ("grpc.http2.max_ping_strikes", lim.max_ping_strikes),
         ("grpc.keepalive_permit_without_calls", int(lim.permit_keepalive_without_calls)),
-        # Without this, a second process of the same user could bind the port beside us.
-        ("grpc.so_reuseport", 0),
+        # Without this, a second process of the same user could bind the port beside us; the
+        # agent's own worker processes (agent.workers) share it on purpose.
+        ("grpc.so_reuseport", int(shared_port)),
     ]
     if lim.max_connection_idle_s:
         options.append(("grpc.max_connection_idle_ms", ms(lim.max_connection_idle_s)))

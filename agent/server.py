@@ -21,10 +21,9 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -37,10 +36,14 @@ from agent.context import AgentContext
 from agent.errors import ConfigError
 from agent.health import service as health_service
 from agent.inference import service as inference_service
+from agent.lifecycle import LOOPBACK, ports_free, sd_notify
 from agent.metrics import InferenceCollector, KvCacheCollector, register_collector, start_metrics_server
 from agent.proto._pool import POOL
 from agent.updates import service as updates_service
 from agent.web import serve as http_service
+
+if TYPE_CHECKING:  # agent.workers runs this module's run_agent in each worker process
+    from agent.workers import WorkerLink
 
 __all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "check_config", "run_agent", "server_credentials"]
 
@@ -49,9 +52,6 @@ log = logging.getLogger(__name__)
 # Components that add gRPC services; each has `async def attach(server, ctx) -> list[str]`.
 # The updates component comes first: it resolves an interrupted update before any model loads.
 SERVICE_MODULES: tuple[ModuleType, ...] = (updates_service, inference_service, health_service)
-
-LOOPBACK = "127.0.0.1"
-
 
 def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
     """The server's transport credentials, or None for plaintext on loopback.
@@ -94,19 +94,21 @@ def _reflection_pool(service_names: list[str]) -> Any:
     return merged
 
 
-async def build_server(config: AgentConfig) -> tuple[grpc.aio.Server, AgentContext, list[str]]:
-    """A server with health, every component and reflection; not yet bound.
+async def build_server(config: AgentConfig, worker: WorkerLink | None = None,
+                       ) -> tuple[grpc.aio.Server, AgentContext, list[str]]:
+    """A server with health, every component and reflection; not yet bound.  ``worker``: this
+    process is one of several sharing the port (agent.workers).
 
     Raises:
         ApplianceError: a component refused to start (e.g. a named model cannot be installed).
     """
     guards = security.interceptors(config)
     server = grpc.aio.server(
-        options=security.server_options(config),
+        options=security.server_options(config, shared_port=worker is not None),
         interceptors=guards,
         maximum_concurrent_rpcs=security.maximum_concurrent_rpcs(config),
     )
-    ctx = AgentContext(config=config)
+    ctx = AgentContext(config=config, workers=worker)
     ctx.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(ctx.health, server)
     names = [health.SERVICE_NAME]
@@ -132,23 +134,6 @@ def check_config(config: AgentConfig) -> None:
     server_credentials(config)
 
 
-def _ports_free(config: AgentConfig) -> None:
-    """Fail before start-up writes anything when a port is taken (gRPC would find out later)."""
-    https_host = config.server.listen if config.tls.cert else LOOPBACK
-    wanted = ((config.server.listen, config.server.port), (https_host, config.server.metrics_port),
-              (https_host, config.server.http_port))
-    for host, port in wanted:
-        if not port:
-            continue
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-
-
 def _bind(server: grpc.aio.Server, config: AgentConfig) -> tuple[str, int]:
     host = config.server.listen
     creds = server_credentials(config)  # refuses a listener beyond loopback without mTLS
@@ -164,19 +149,6 @@ def _bind(server: grpc.aio.Server, config: AgentConfig) -> tuple[str, int]:
     return host, port
 
 
-def _sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state, when started by it."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    addr = "\0" + target[1:] if target.startswith("@") else target
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(message.encode(), addr)
-        except OSError:
-            log.debug("sd_notify failed", exc_info=True)
-
-
 async def _watchdog() -> None:
     """Ping systemd's watchdog at half its interval while the event loop is alive.
 
@@ -186,7 +158,7 @@ async def _watchdog() -> None:
     if usec <= 0 or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
         return
     while True:
-        _sd_notify("WATCHDOG=1")
+        sd_notify("WATCHDOG=1")
         await asyncio.sleep(usec / 2e6)
 
 
@@ -200,35 +172,43 @@ async def _set_all(ctx: AgentContext, names: list[str], status: Any) -> None:
         await ctx.health.set(name, status)
 
 
-async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; return the exit code.
+async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | None = None,
+                    worker: WorkerLink | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit code.  ``worker``: serve as one of several
+    processes on the port (the supervisor checked the ports and holds the gRPC one).
 
     Raises:
         ApplianceError: the server cannot start (a port in use, a model that cannot be provided).
     """
     check_config(config)
-    _ports_free(config)  # before any component writes to the state directory
+    if worker is None:
+        ports_free(config)  # before any component writes to the state directory
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server, ctx, names = await build_server(config)
+    server, ctx, names = await build_server(config, worker)
     host, port = _bind(server, config)
-    metrics = _start_metrics(config, ctx)
+    metrics = _start_metrics(config, ctx) if worker is None or worker.leader else None
     await server.start()
-    # the HTTPS port: the gRPC port's mTLS, CRL in force and roles, or plain HTTP on loopback
-    http = await http_service.start(ctx, config.server.listen if config.tls.cert else LOOPBACK)
+    # the HTTPS port: the gRPC port's mTLS, CRL in force and roles, or plain HTTP on loopback;
+    # with several workers only the leader serves it, as it serves the metrics port
+    http = (await http_service.start(ctx, config.server.listen if config.tls.cert else LOOPBACK)
+            if worker is None or worker.leader else None)
     serving = health_pb2.HealthCheckResponse.SERVING
     await _set_all(ctx, [n for n in names if n != reflection.SERVICE_NAME], serving)
-    log.info("agent: serving on %s:%d", host, port)
-    _sd_notify("READY=1")
+    if worker is None:
+        log.info("agent: serving on %s:%d", host, port)
+        sd_notify("READY=1")
+    else:
+        worker.ready(port)  # the supervisor tells systemd once every worker serves
     watchdog = asyncio.create_task(_watchdog())
     if on_ready is not None:
         on_ready(host, port)
     await stop.wait()
 
     log.info("agent: stopping (in-flight requests get %.1f s)", config.server.grace_period_s)
-    _sd_notify("STOPPING=1")
+    sd_notify("STOPPING=1")
     watchdog.cancel()
     servicer = ctx.inference_servicer
     if servicer is not None:
@@ -251,10 +231,10 @@ async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | 
 def _start_metrics(config: AgentConfig, ctx: AgentContext) -> Any:
     if not config.server.metrics_port:
         return None
-    repo = ctx.inference
-    if repo is not None:
-        register_collector(InferenceCollector(repo.statistics))
-        register_collector(KvCacheCollector(repo.generative))
+    if ctx.inference_servicer is not None:
+        register_collector(InferenceCollector(ctx.inference_servicer.statistics_blocking))
+    if ctx.inference is not None:
+        register_collector(KvCacheCollector(ctx.inference.generative))
     # the gRPC port's mTLS rules and its revocation list in force, or None on loopback
     tls = security.metrics_tls(config, ctx.revocation)
     host = config.server.listen if tls else LOOPBACK

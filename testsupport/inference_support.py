@@ -80,17 +80,19 @@ def install(state: Path, *bundles: Path, activate: bool = True) -> None:
 
 
 class Agent:
-    """``appliance agent serve`` in its own process; stderr goes to a file."""
+    """``appliance agent serve`` in its own process; stderr goes to a file.  ``entry``: the
+    module that runs it (``("agent",)``: the node's own ``appliance-agent``)."""
 
     def __init__(self, state: Path, *args: str, metrics_port: int = 0, http_port: int = 0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 entry: Sequence[str] = ("provisioning.cli", "agent")) -> None:
         self.log_path = state.parent / f"agent-{os.getpid()}-{time.monotonic_ns()}.log"
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env.update(env or {})
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", "agent", "serve", "--state-dir", str(state),
+            [sys.executable, "-m", *entry, "serve", "--state-dir", str(state),
              "--port", "0", "--metrics-port", str(metrics_port), "--http-port", str(http_port), *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self.port = self._wait_ready()

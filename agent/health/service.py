@@ -308,11 +308,15 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     cfg = ctx.config.health
     events = ctx.events
     if events is None:
-        events = EventLog.open(ctx.state_dir, keep=cfg.events_keep, max_bytes=cfg.events_max_bytes)
+        events = EventLog.open(ctx.state_dir, keep=cfg.events_keep, max_bytes=cfg.events_max_bytes,
+                               shared=ctx.workers is not None)
         ctx.events = events
     sampler = ctx.sampler
     if sampler is None:
-        sampler = Sampler(cfg, ctx.state_dir, events=events)
+        # One sampler records the node's transitions; the other workers' samplers only
+        # answer health questions (each would record the same transition again).
+        recorder = ctx.workers is None or ctx.workers.leader
+        sampler = Sampler(cfg, ctx.state_dir, events=events if recorder else None)
         ctx.sampler = sampler
     loop = asyncio.get_running_loop()
     servicer = NodeServicer(ctx, sampler, events)

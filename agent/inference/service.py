@@ -14,10 +14,12 @@ crashed server or a hung call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -29,11 +31,15 @@ from agent.inference.install import ensure_models
 from agent.inference.llm_stream import llm_responses
 from agent.inference.model import LoadedModel
 from agent.inference.repository import ModelRepository
+from agent.inference.stats import add_snapshots
 from agent.inference.tensors import check_requested_outputs, decode_inputs, encode_output
 from agent.llm.types import GenerativeModels, LanguageModel
 from agent.proto import grpc_service_pb2 as pb
 from agent.proto import grpc_service_pb2_grpc as pb_grpc
 from agent.proto import model_config_pb2 as mc
+
+if TYPE_CHECKING:
+    from agent.workers import WorkerLink
 
 __all__ = ["MODEL_HEALTH_PREFIX", "SERVICE_NAME", "InferenceServicer", "attach", "model_health_name"]
 
@@ -106,6 +112,8 @@ def model_config(model: LoadedModel, triton_version: str = "") -> Any:
         "version": model.version,
         "triton_version": triton_version,
         "bundle_sha256": model.sha256,
+        # which serving process answered (several share the port: agent.workers)
+        "worker_pid": str(os.getpid()),
     }
     for key, value in params.items():
         cfg.parameters[key].string_value = value
@@ -135,10 +143,32 @@ def _statistics(snap: dict[str, Any]) -> Any:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton servicer over a :class:`ModelRepository`."""
 
-    def __init__(self, repo: ModelRepository, generative: GenerativeModels | None = None) -> None:
+    def __init__(self, repo: ModelRepository, link: WorkerLink | None = None,
+                 generative: GenerativeModels | None = None) -> None:
         self.repo = repo
+        self.link = link  # the other serving processes, when there are any
         self.generative = generative  # language models answer ModelStreamInfer too
         self.ready = True  # False once the agent is shutting down
+        self.loop: asyncio.AbstractEventLoop | None = None  # where statistics_blocking asks
+
+    async def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """Statistics snapshots (:meth:`ModelRepository.statistics`), totals over every serving
+        process.
+
+        Raises:
+            NotFoundError: ``name`` (or that version) is not being served.
+        """
+        mine = self.repo.statistics(name, version)
+        if self.link is None:
+            return mine
+        return add_snapshots(mine + await self.link.sibling_statistics(name, version))
+
+    def statistics_blocking(self) -> list[dict[str, Any]]:
+        """:meth:`statistics` of every model, from another thread (the metrics collector)."""
+        loop = self.loop
+        if self.link is None or loop is None:
+            return self.repo.statistics()
+        return asyncio.run_coroutine_threadsafe(self.statistics(), loop).result(timeout=15)
 
     def _language_model(self, name: str) -> LanguageModel | None:
         """The language model ``name`` when one is served under it (and no tensor model is)."""
@@ -203,7 +233,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            snaps = self.repo.statistics(request.name, request.version)
+            snaps = await self.statistics(request.name, request.version)
             return pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in snaps])
 
         return await self._guard(context, run)
@@ -319,6 +349,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if param is not None and param.WhichOneof("parameter_choice") == "string_param":
                 version = param.string_param
             await self.repo.serve(request.model_name, version or None)
+            if self.link is not None:
+                await self.link.broadcast({"op": "load", "name": request.model_name,
+                                           "version": version})
             return pb.RepositoryModelLoadResponse()
 
         return await self._guard(context, run)
@@ -326,6 +359,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
             await self.repo.unload(request.model_name)
+            if self.link is not None:
+                await self.link.broadcast({"op": "unload", "name": request.model_name})
             return pb.RepositoryModelUnloadResponse()
 
         return await self._guard(context, run)
@@ -361,7 +396,10 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     """
     repo = ModelRepository.for_state_dir(ctx.state_dir, ctx.config.inference)
     repo.add_listener(_health_listener(ctx))
-    servicer = InferenceServicer(repo, repo.generative)
+    servicer = InferenceServicer(repo, ctx.workers, repo.generative)
+    servicer.loop = asyncio.get_running_loop()
+    if ctx.workers is not None:
+        _follow_siblings(ctx.workers, repo, ctx.config.server.grace_period_s)
     ctx.inference = repo
     ctx.inference_servicer = servicer
     ctx.generative = repo.generative  # for the HTTPS port's /v1 routes
@@ -374,3 +412,55 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
             log.error("model %s%s is not served: %s",  # noqa: TRY400 - expected, no traceback
                       name, f"@{version}" if version else "", exc)
     return [SERVICE_NAME]
+
+
+# ---------------------------------------------------------------------- several serving processes
+
+
+async def follow_active(repo: ModelRepository, drain_s: float, name: str = "") -> None:
+    """Serve the store's active version of ``name`` (default: of every served model) where
+    another serving process switched it (an update or rollback it applied)."""
+    for served in [name] if name else sorted({m.name for m in repo.served()}):
+        active = repo.store.active_version(served)
+        if not active or not repo.is_served(served) or repo.versions(served) == [active]:
+            continue
+        model = await repo.stage(served, active)
+        await repo.swap(model, drain_s=drain_s)
+
+
+async def _match(repo: ModelRepository, served: list[list[str]]) -> None:
+    """Serve the models a sibling serves (a restarted worker catching up with load/unload)."""
+    wanted = {name for name, _version in served}
+    for name in sorted(wanted - {m.name for m in repo.served()}):
+        await repo.load(name)
+    for name in sorted({m.name for m in repo.served()} - wanted):
+        with contextlib.suppress(NotFoundError):
+            await repo.unload(name)
+
+
+def _follow_siblings(link: WorkerLink, repo: ModelRepository, drain_s: float) -> None:
+    """Let ``link`` replay here the model changes another serving process made."""
+
+    async def apply(op: dict[str, Any]) -> None:
+        kind = op.get("op")
+        if kind == "load":
+            await repo.serve(op["name"], op.get("version") or None)
+        elif kind == "unload":
+            with contextlib.suppress(NotFoundError):  # already not served here
+                await repo.unload(op["name"])
+        elif kind == "sync":
+            await follow_active(repo, drain_s, op.get("name", ""))
+        elif kind == "match":
+            await _match(repo, op["served"])
+        else:
+            raise ValueError(f"unknown model change {kind!r}")
+
+    def statistics(name: str, version: str) -> list[dict[str, Any]]:
+        try:
+            return repo.statistics(name, version)
+        except NotFoundError:
+            return []
+
+    link.apply = apply
+    link.statistics = statistics
+    link.served = lambda: [[m.name, m.version] for m in repo.served()]

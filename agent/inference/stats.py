@@ -7,11 +7,13 @@ enough for monitoring.
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BatchStats", "Duration", "ModelStats"]
+__all__ = ["BatchStats", "Duration", "ModelStats", "add_snapshots"]
 
 
 @dataclass
@@ -100,3 +102,39 @@ class ModelStats:
                 for size, b in sorted(self.batches.items())
             ],
         }
+
+
+def _add_durations(into: dict[str, int], more: dict[str, int]) -> None:
+    into["count"] += more["count"]
+    into["ns"] += more["ns"]
+
+
+def _add_one(into: dict[str, Any], more: dict[str, Any]) -> None:
+    into["last_inference"] = max(into["last_inference"], more["last_inference"])
+    for key in ("inference_count", "execution_count", "pending"):
+        into[key] += more[key]
+    for key, value in more["inference_stats"].items():
+        _add_durations(into["inference_stats"][key], value)
+    sizes = {b["batch_size"]: b for b in into["batch_stats"]}
+    for b in more["batch_stats"]:
+        mine = sizes.get(b["batch_size"])
+        if mine is None:
+            into["batch_stats"].append(copy.deepcopy(b))
+            continue
+        for key in ("compute_input", "compute_infer", "compute_output"):
+            _add_durations(mine[key], b[key])
+    into["batch_stats"].sort(key=lambda b: b["batch_size"])
+
+
+def add_snapshots(snapshots: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Snapshots of the same model version (several serving processes) added into one each,
+    in the order each version first appears.  Counts, durations and pending requests add up;
+    ``last_inference`` is the latest."""
+    totals: dict[tuple[str, str], dict[str, Any]] = {}
+    for snap in snapshots:
+        key = (snap["name"], snap["version"])
+        if key in totals:
+            _add_one(totals[key], snap)
+        else:
+            totals[key] = copy.deepcopy(snap)
+    return list(totals.values())

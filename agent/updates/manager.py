@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -170,6 +172,9 @@ class UpdateManager:
         self.store = ModelStore(self.state_dir)
         self._lock = asyncio.Lock()
         self._work: set[asyncio.Task[Any]] = set()  # update work whose caller may be gone
+        # Called with a bundle name once its switch committed, the update lock still held:
+        # the agent's other serving processes follow it (agent.workers).
+        self.after_switch: Callable[[str], Awaitable[None]] | None = None
         self._pins = dict(self._parse_pin(p) for p in settings.pins)
 
     @staticmethod
@@ -253,13 +258,48 @@ class UpdateManager:
                                    best.length))
         return out
 
+    def _flock(self, blocking: bool) -> int | None:
+        """The update lock between the agent's serving processes: ``flock`` on the updates
+        directory (the kernel drops it when a holder dies).  None: busy (only when not
+        ``blocking``)."""
+        self.journal.ensure()
+        fd = os.open(self.journal.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """This process's lock, then the one shared with the agent's other serving processes."""
+        async with self._lock:
+            fd = await asyncio.to_thread(self._flock, True)
+            assert fd is not None
+            try:
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+    async def _switched(self, name: str) -> None:
+        if self.after_switch is None:
+            return
+        try:
+            await self.after_switch(name)
+        except ApplianceError as exc:  # committed here; the others say why they could not follow
+            log.error("%s: switched in this process; %s", name, exc)  # noqa: TRY400
+
     async def check(self) -> tuple[list[Pending], str]:
         """Refresh from the first source that verifies; list what is newer than what runs.
 
         Raises:
             UpdateError: no source configured or none could be refreshed.
         """
-        async with self._lock:
+        async with self._locked():
             client, source = await asyncio.to_thread(self._client)
             return await asyncio.to_thread(self._pending, client), source
 
@@ -313,7 +353,7 @@ class UpdateManager:
             raise
 
     async def _apply(self, targets: list[str], dry_run: bool) -> list[Outcome]:
-        async with self._lock:
+        async with self._locked():
             client, source = await asyncio.to_thread(self._client)
             if targets:
                 wanted: list[TargetInfo | tuple[str, Exception]] = []
@@ -414,6 +454,7 @@ class UpdateManager:
             raise
         checkpoint("swapped")
         await _in_thread(lambda: self._finish(tx))
+        await self._switched(t.name)
         return self._applied(t, current, source, tx)
 
     def _applied(self, t: TargetInfo, current: str | None, source: str, tx: Transaction) -> Outcome:
@@ -550,7 +591,7 @@ class UpdateManager:
         return await self._shielded(self._rollback(name, version, reason))
 
     async def _rollback(self, name: str, version: str, reason: str) -> Outcome:
-        async with self._lock:
+        async with self._locked():
             current = self.store.active_version(name)
             try:
                 kept = self.store.find(name, version)
@@ -590,6 +631,7 @@ class UpdateManager:
                 raise
             checkpoint("swapped")
             await _in_thread(lambda: self._finish(tx))
+            await self._switched(name)
             return self._rolled_back(tx, current, kept.sha256)
 
     def _rolled_back(self, tx: Transaction, current: str | None, sha256: str) -> Outcome:
@@ -610,7 +652,17 @@ class UpdateManager:
         Raises:
             UpdateError: the journal is unreadable (the agent must not guess).
         """
-        self.journal.ensure()
+        # Under the update lock: a sibling serving process (agent.workers) recovering at the
+        # same start, or updating while this one restarts, finishes first; a journal found
+        # after that was left by a process that died.
+        fd = self._flock(blocking=True)
+        assert fd is not None
+        try:
+            return self._recover()
+        finally:
+            os.close(fd)
+
+    def _recover(self) -> list[str]:
         notes: list[str] = []
         tx = self.journal.current()
         if tx is not None:

@@ -91,7 +91,8 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     events = ctx.events
     if events is None:
         cfg = ctx.config.health
-        events = EventLog.open(ctx.state_dir, keep=cfg.events_keep, max_bytes=cfg.events_max_bytes)
+        events = EventLog.open(ctx.state_dir, keep=cfg.events_keep, max_bytes=cfg.events_max_bytes,
+                               shared=ctx.workers is not None)
         ctx.events = events
     manager = UpdateManager(ctx.state_dir, ctx.config.updates, lambda: ctx.inference, events,
                             drain_s=ctx.config.server.grace_period_s)
@@ -101,6 +102,12 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
         log.warning("OS update attempt: %s", os_result)
     if notes:
         log.warning("update recovery done: %d action(s)", len(notes))
+    link = ctx.workers
+    if link is not None:  # the agent's other serving processes follow every switch
+        async def follow(name: str) -> None:
+            await link.broadcast({"op": "sync", "name": name})
+
+        manager.after_switch = follow
     ctx.updates = UpdatesComponent(manager)
     ctx.update_manager = manager
     return []
