@@ -219,8 +219,11 @@ class ModelRepository:
         model.sha256 = installed.sha256
         return model
 
-    async def load(self, name: str, version: str | None = None) -> LoadedModel:
+    async def load(self, name: str, version: str | None = None, *, isolated: bool = True) -> LoadedModel:
         """Serve an installed version of ``name`` (default: the active one); return it.
+        ``isolated``: its files are re-checked in a worker process, so that a load while
+        requests are served does not hold their interpreter (False at start-up, where
+        starting a worker per model would only cost time).
 
         Raises:
             NotFoundError: not installed.
@@ -233,9 +236,7 @@ class ModelRepository:
             if current is not None:
                 return current
             try:
-                # once anything is served, the file work must not hold its interpreter
-                model = await asyncio.to_thread(self._load_blocking, installed,
-                                                isolated=bool(self._served))
+                model = await asyncio.to_thread(self._load_blocking, installed, isolated=isolated)
             except ApplianceError as exc:
                 self._failed[(name, installed.version)] = str(exc)
                 log.error("not serving %s %s: %s", name, installed.version, exc)  # noqa: TRY400
