@@ -50,7 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MLSERVER_VENV = Path("/var/tmp/appliance-bench-mlserver")
-MLSERVER_PINS = ("mlserver>=1.7,<1.8", "onnxruntime==1.23.2")
+# uvloop 0.22 stopped making an event loop on demand, and MLServer 1.7.1's parallel workers die
+# at start asking for one ("There is no current event loop"): kept below it.
+MLSERVER_PINS = ("mlserver>=1.7,<1.8", "onnxruntime==1.23.2", "uvloop<0.22")
 MODELS = {"tiny": 4, "mlp": 1024, "heavy": 2048}  # input width
 CONCURRENCY = (1, 16)
 BATCH_MAX, BATCH_DELAY_US = 16, 500
