@@ -20,6 +20,7 @@ fields that can carry tensors), so the node needs no ``onnx`` package.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -29,8 +30,8 @@ from google.protobuf.message import DecodeError
 from agent.errors import BundleError
 from agent.proto import onnx_refs_pb2 as pb
 
-__all__ = ["FIXED_COST_OPS", "DataRef", "check_model_files", "data_refs", "fixed_cost",
-           "safe_member_name"]
+__all__ = ["FIXED_COST_OPS", "DataRef", "ModelCheck", "check_model", "check_model_files", "data_refs",
+           "fixed_cost", "safe_member_name"]
 
 _EXTERNAL = 1  # onnx.TensorProto.DataLocation.EXTERNAL
 _DEFAULT = 0
@@ -103,19 +104,31 @@ def _graph(graph: pb.Graph, where: str, refs: list[DataRef], nodes: list[tuple[p
     nodes.extend((n, gwhere) for n in graph.node)
 
 
-def data_refs(model: bytes) -> list[DataRef]:
-    """Every tensor of ``model`` that ONNX Runtime would read from a file (in no set order).
+def _parse(model: bytes) -> pb.Model:
+    """``model`` parsed for its tensor references.
 
     Raises:
-        BundleError: ``model`` is not an ONNX protobuf model (an ORT-format model included:
-            only the ONNX format is accepted, so that this check sees everything).
+        BundleError: an ORT-format model (only the ONNX format is accepted, so that this check
+            sees everything), or bytes that are not an ONNX protobuf.
     """
     if model[4:8] == _ORT_FORMAT_ID:
         raise BundleError("an ONNX Runtime format (.ort) model: only ONNX protobuf models are accepted")
     try:
-        parsed = pb.Model.FromString(model)
+        return pb.Model.FromString(model)
     except DecodeError as exc:
         raise BundleError(f"not an ONNX model: its protobuf does not parse ({exc})") from None
+
+
+def data_refs(model: bytes) -> list[DataRef]:
+    """Every tensor of ``model`` that ONNX Runtime would read from a file (in no set order).
+
+    Raises:
+        BundleError: ``model`` is not an ONNX protobuf model (an ORT-format model included).
+    """
+    return _refs(_parse(model))
+
+
+def _refs(parsed: pb.Model) -> list[DataRef]:
     refs: list[DataRef] = []
     # An explicit stack, not recursion: subgraph nesting depth is the model author's choice.
     graphs: list[tuple[pb.Graph, str]] = []
@@ -164,11 +177,18 @@ def check_model_files(model: bytes, members: Collection[str], origin: str) -> No
             bundle, a missing location, an unknown data location, or a model that is not
             ONNX protobuf.
     """
+    _check_refs(_parse_for(model, origin), members, origin)
+
+
+def _parse_for(model: bytes, origin: str) -> pb.Model:
     try:
-        refs = data_refs(model)
+        return _parse(model)
     except BundleError as exc:
         raise BundleError(f"{origin}: {exc}") from None
-    for ref in refs:
+
+
+def _check_refs(parsed: pb.Model, members: Collection[str], origin: str) -> None:
+    for ref in _refs(parsed):
         what = f"{origin}: tensor {_shown(ref.tensor)} ({ref.where})"
         if ref.data_location not in (_DEFAULT, _EXTERNAL):
             raise BundleError(f"{what}: unknown data_location {ref.data_location}")
@@ -181,6 +201,31 @@ def check_model_files(model: bytes, members: Collection[str], origin: str) -> No
             have = ", ".join(sorted(members)) or "none"
             raise BundleError(f"{what}: keeps its data in {_shown(ref.location)}, which is not a "
                               f"file of the bundle (its data files: {have}); refused")
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """The verdict of :func:`check_model` on one model: the bytes it passed (by sha256), the
+    data files they may read, and whether the model is of fixed cost (:func:`fixed_cost`).
+
+    It lets the check run where parsing a large model cannot hold a serving interpreter (a
+    worker process); :func:`agent.ort.make_session` accepts it in place of the check only
+    for bytes of that very hash and the same data files."""
+
+    sha256: str
+    members: frozenset[str]
+    fixed_cost: bool
+
+
+def check_model(model: bytes, members: Collection[str], origin: str) -> ModelCheck:
+    """:func:`check_model_files` and :func:`fixed_cost` from one parse of ``model``.
+
+    Raises:
+        BundleError: as :func:`check_model_files`.
+    """
+    parsed = _parse_for(model, origin)
+    _check_refs(parsed, members, origin)
+    return ModelCheck(hashlib.sha256(model).hexdigest(), frozenset(members), _fixed_cost(parsed))
 
 
 # Operators whose output shapes follow from their input shapes and attributes alone: with
@@ -207,12 +252,14 @@ def fixed_cost(model: bytes) -> bool:
     graph): its run time then cannot be chosen by the values of a request of fixed shape.
     Reshape and Slice are left out as well (their shape inputs may come from a request).
     False for anything that does not parse."""
-    if model[4:8] == _ORT_FORMAT_ID:
-        return False
     try:
-        parsed = pb.Model.FromString(model)
-    except DecodeError:
+        parsed = _parse(model)
+    except BundleError:
         return False
+    return _fixed_cost(parsed)
+
+
+def _fixed_cost(parsed: pb.Model) -> bool:
     if parsed.functions or parsed.training_info or not parsed.HasField("graph"):
         return False
     for node in parsed.graph.node:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any
 
 import onnxruntime as ort
 
+from agent.errors import BundleError
 from agent.lifecycle import physical_cores
-from agent.modelrefs import check_model_files
+from agent.modelrefs import ModelCheck, check_model_files
 
 __all__ = ["CPU", "CUDA", "TENSORRT", "build_cuda_version", "cuda_libraries", "default_intra_op_threads",
            "make_session", "provider_entries", "usable_providers"]
@@ -121,6 +123,17 @@ def default_intra_op_threads() -> int:
     return physical_cores()
 
 
+def _same_check(checked: ModelCheck, model: bytes, members: frozenset[str], origin: str) -> None:
+    """Raises BundleError unless ``checked`` is the verdict on ``model`` with ``members``."""
+    digest = hashlib.sha256(model).hexdigest()  # hashlib lets go of the GIL on large buffers
+    if digest != checked.sha256:
+        raise BundleError(f"{origin}: the model's bytes (sha256 {digest}) are not the ones its file "
+                          f"check passed (sha256 {checked.sha256}); refused")
+    if checked.members != members:
+        raise BundleError(f"{origin}: its file check allowed the data files "
+                          f"{sorted(checked.members)}, not {sorted(members)}; refused")
+
+
 def make_session(
     model: bytes,
     *,
@@ -131,6 +144,7 @@ def make_session(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     tf32: bool = False,
+    checked: ModelCheck | None = None,
 ) -> Any:
     """An ``InferenceSession`` on the best usable providers (or the given subset of them).
 
@@ -139,12 +153,20 @@ def make_session(
     model only in one of ``data_files`` (hashed members of its bundle), which resolve inside
     ``model_dir`` and nowhere else (without ``model_dir``, nowhere at all).
     ``tf32``: let CUDA run FP32 matrix products in TF32 (see :func:`provider_entries`).
+    ``checked``: that check made already (:func:`agent.modelrefs.check_model`, in a worker
+    process so that parsing a large model does not hold this interpreter); it stands in for
+    the check only when it was made on bytes of this very sha256 with the same data files.
 
     Raises:
-        BundleError: the model refers to a file it may not read (naming ``origin``).
+        BundleError: the model refers to a file it may not read (naming ``origin``), or
+            ``checked`` was made on other bytes or other data files.
         Whatever ONNX Runtime raises for a model it cannot load; callers translate.
     """
-    check_model_files(model, data_files if model_dir is not None else (), origin)
+    members = frozenset(data_files if model_dir is not None else ())
+    if checked is None:
+        check_model_files(model, members, origin)
+    else:
+        _same_check(checked, model, members, origin)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: the provider choice above avoids false alarms
     if model_dir is not None:

@@ -34,6 +34,7 @@ import numpy as np
 from agent.bundle import Manifest, TensorSpec
 from agent.errors import BundleError, InferenceError
 from agent.inference.stats import ModelStats
+from agent.modelrefs import ModelCheck
 from agent.ort import CPU, build_cuda_version, make_session, usable_providers
 
 __all__ = ["ExecutionError", "LoadedModel", "QueueFullError", "Result", "build_session",
@@ -119,10 +120,12 @@ def choose_providers(manifest: Manifest, allowed: Sequence[str], usable: Sequenc
 
 
 def build_session(model: bytes, manifest: Manifest, allowed: Sequence[str],
-                  intra_op_threads: int, model_dir: Path | None = None) -> Any:
+                  intra_op_threads: int, model_dir: Path | None = None, *,
+                  checked: ModelCheck | None = None) -> Any:
     """An ONNX Runtime session for a bundle's model on :func:`choose_providers`' providers, with
     TF32 only where the bundle allows it.  The model may keep tensor data only in its bundle's
-    hashed data files, read from ``model_dir`` (see :func:`agent.ort.make_session`).
+    hashed data files, read from ``model_dir`` (see :func:`agent.ort.make_session`, which also
+    says how ``checked`` stands in for its file check).
 
     Raises:
         BundleError: no provider fits (see :func:`choose_providers`), or the model refers to
@@ -132,7 +135,8 @@ def build_session(model: bytes, manifest: Manifest, allowed: Sequence[str],
     providers = choose_providers(manifest, allowed, usable_providers(), build_cuda_version())
     return make_session(model, model_dir=model_dir, data_files=manifest.data_files,
                         origin=f"{manifest.name} {manifest.version}", providers=providers,
-                        intra_op_threads=intra_op_threads, tf32=manifest.accelerator.tf32)
+                        intra_op_threads=intra_op_threads, tf32=manifest.accelerator.tf32,
+                        checked=checked)
 
 
 def to_bytes_array(array: Array) -> Array:

@@ -32,6 +32,7 @@ from typing import Any
 from agent.bundle import GoldenCase, Manifest, check_golden
 from agent.config import InferenceSection
 from agent.errors import ApplianceError, BundleError, NotFoundError, echo
+from agent.inference.isolated import check_installed, stage_install
 from agent.inference.model import LoadedModel, build_session
 from agent.inference.signature import check_signature
 from agent.inference.store import InstalledModel, ModelStore, golden_verifier
@@ -40,7 +41,7 @@ from agent.llm.bundle import GenManifest, is_generative_bundle
 from agent.llm.installed import GenerativeModel, open_model
 from agent.llm.installed import check_golden as check_generative_golden
 from agent.llm.served import ServedGenerative
-from agent.modelrefs import fixed_cost
+from agent.modelrefs import ModelCheck, fixed_cost
 
 __all__ = ["IndexEntry", "ModelRepository"]
 
@@ -89,9 +90,10 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ install
 
-    def _session(self, model: bytes, manifest: Manifest, model_dir: Path | None = None) -> Any:
+    def _session(self, model: bytes, manifest: Manifest, model_dir: Path | None = None,
+                 checked: ModelCheck | None = None) -> Any:
         session = build_session(model, manifest, self.settings.providers, self.settings.intra_op_threads,
-                                model_dir)
+                                model_dir, checked=checked)
         check_signature(manifest, session)  # before any golden vector runs on it
         return session
 
@@ -132,6 +134,9 @@ class ModelRepository:
         """Install a verified bundle file without activating it, and return the session the
         golden vectors passed on, ready to serve (blocking; for updates).
 
+        The file work (hashes, unpacking, the model's file-reference check) runs in a worker
+        process (:mod:`agent.inference.isolated`), so that it does not hold the interpreter
+        that serves requests meanwhile; the session and its golden vectors are made here.
         The version is not served until :meth:`swap`.  When that version was already
         installed from the same bundle, it is loaded (and its golden vectors run) again.
 
@@ -143,34 +148,46 @@ class ModelRepository:
             # model is installed with install() and served with serve() instead.
             raise BundleError(f"{bundle_path.name}: a generative bundle cannot be applied as a "
                               "hot-swap update by this agent; install it and serve it instead")
+        staged, checked = stage_install(self.store, bundle_path)
+        if isinstance(staged, InstalledModel):  # already installed: load and check it now
+            return staged, self._load_blocking(staged, isolated=True)
         made: list[LoadedModel] = []
 
         def verify(manifest: Manifest, model_bytes: bytes, cases: list[GoldenCase]) -> None:
-            try:
-                session = self._session(model_bytes, manifest)
-            except BundleError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
-                raise BundleError(f"{manifest.name} {manifest.version}: ONNX Runtime cannot load "
-                                  f"the model: {exc}") from None
-            model = self._loaded(manifest, session, "", model_bytes)
-            try:
-                _golden_on(model, cases)
-            except BaseException:
-                model.close()
-                raise
+            model = self._checked_model(manifest, model_bytes, cases, None, checked)
             made.append(model)
 
         try:
-            installed = self.store.install(bundle_path, verify, activate=False)
+            installed = self.store.commit(staged, verify, activate=False)
         except BaseException:
             for model in made:
                 model.close()
             raise
-        if not made:  # already installed: nothing ran, so load and check it now
-            return installed, self._load_blocking(installed)
         made[0].sha256 = installed.sha256
         return installed, made[0]
+
+    def _checked_model(self, manifest: Manifest, model_bytes: bytes, cases: list[GoldenCase],
+                       model_dir: Path | None, checked: ModelCheck | None) -> LoadedModel:
+        """A session for the model whose golden vectors passed on it, ready to serve.
+
+        Raises:
+            BundleError, VerificationError: it does not load, or a golden case fails.
+        """
+        try:
+            session = self._session(model_bytes, manifest, model_dir, checked)
+        except BundleError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
+            raise BundleError(f"{manifest.name} {manifest.version}: ONNX Runtime cannot load "
+                              f"the model: {exc}") from None
+        fixed = checked.fixed_cost if checked is not None else fixed_cost(model_bytes)
+        model = self._loaded(manifest, session, "", fixed)
+        try:
+            _golden_on(model, cases)
+        except BaseException:
+            model.close()
+            raise
+        return model
 
     async def stage(self, name: str, version: str) -> LoadedModel:
         """Load an installed version and run its golden vectors on that session, without
@@ -182,7 +199,7 @@ class ModelRepository:
                 fail on this node.
         """
         installed = self.store.find(name, version)
-        return await asyncio.get_running_loop().run_in_executor(None, self._load_blocking, installed)
+        return await asyncio.to_thread(self._load_blocking, installed, isolated=True)
 
     async def swap(self, model: LoadedModel, *, serve: bool = True, drain_s: float = 30.0) -> None:
         """Make ``model``'s version the active one: the atomic switch of an update or rollback.
@@ -218,33 +235,28 @@ class ModelRepository:
                             name, previous.version, drain_s)
             previous.close()
 
-    def _loaded(self, manifest: Manifest, session: Any, sha256: str, model: bytes) -> LoadedModel:
+    def _loaded(self, manifest: Manifest, session: Any, sha256: str, fixed: bool) -> LoadedModel:
         return LoadedModel(manifest, session, instances=self.settings.instances,
                            max_queue=self.settings.max_queue,
-                           batching=self.settings.dynamic_batching, sha256=sha256,
-                           fixed_cost=fixed_cost(model))
+                           batching=self.settings.dynamic_batching, sha256=sha256, fixed_cost=fixed)
 
     # ------------------------------------------------------------------ load / unload
 
-    def _load_blocking(self, installed: InstalledModel) -> LoadedModel:
+    def _load_blocking(self, installed: InstalledModel, *, isolated: bool = False) -> LoadedModel:
+        """Load an installed version and run its golden vectors on the session.  ``isolated``:
+        re-check its files in a worker process first (:mod:`agent.inference.isolated`), for a
+        load while requests are being served."""
+        checked = check_installed(self.store, installed) if isolated else None
         opened = self.store.open(installed)
-        try:
-            session = self._session(opened.model, opened.manifest, installed.path)
-        except BundleError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
-            raise BundleError(f"{installed.name} {installed.version}: ONNX Runtime cannot load the "
-                              f"model: {exc}") from None
-        model = self._loaded(opened.manifest, session, installed.sha256, opened.model)
-        try:
-            _golden_on(model, opened.golden)
-        except BaseException:
-            model.close()
-            raise
+        model = self._checked_model(opened.manifest, opened.model, opened.golden, installed.path, checked)
+        model.sha256 = installed.sha256
         return model
 
-    async def load(self, name: str, version: str | None = None) -> LoadedModel:
+    async def load(self, name: str, version: str | None = None, *, isolated: bool = True) -> LoadedModel:
         """Serve an installed version of ``name`` (default: the active one); return it.
+        ``isolated``: its files are re-checked in a worker process, so that a load while
+        requests are served does not hold their interpreter (False at start-up, where
+        starting a worker per model would only cost time).
 
         Raises:
             NotFoundError: not installed.
@@ -259,9 +271,8 @@ class ModelRepository:
             current = self._served.get(name, {}).get(installed.version)
             if current is not None:
                 return current
-            loop = asyncio.get_running_loop()
             try:
-                model = await loop.run_in_executor(None, self._load_blocking, installed)
+                model = await asyncio.to_thread(self._load_blocking, installed, isolated=isolated)
             except ApplianceError as exc:
                 self._failed[(name, installed.version)] = str(exc)
                 log.error("not serving %s %s: %s", name, installed.version, exc)  # noqa: TRY400
@@ -272,7 +283,7 @@ class ModelRepository:
         self._notify(name, True)
         return model
 
-    async def serve(self, name: str, version: str | None = None) -> None:
+    async def serve(self, name: str, version: str | None = None, *, isolated: bool = True) -> None:
         """Serve an installed version of ``name`` (default: the active one), whatever its
         kind: a tensor model as :meth:`load` does, a generative one through
         :attr:`generative` after its files re-check and its golden check passes.
@@ -284,7 +295,7 @@ class ModelRepository:
         """
         installed = self.store.find(name, self._installed_version(name, version))
         if installed.kind == "tensor":
-            await self.load(name, version)
+            await self.load(name, version, isolated=isolated)
             return
         async with self._lock:
             if self._generative_versions.get(name) == installed.version:

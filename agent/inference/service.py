@@ -407,7 +407,7 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
     wanted = await ensure_models(repo, ctx.config)
     for name, version in wanted:
         try:
-            await repo.serve(name, version)
+            await repo.serve(name, version, isolated=False)  # nothing is served yet
         except ApplianceError as exc:
             log.error("model %s%s is not served: %s",  # noqa: TRY400 - expected, no traceback
                       name, f"@{version}" if version else "", exc)

@@ -56,7 +56,7 @@ from agent.fsutil import atomic_write_text, file_sha256, fsync_dir
 from agent.llm.bundle import GenManifest, extract_bundle, parse_gen_manifest, read_gen_manifest
 from agent.state import StateLayout
 
-__all__ = ["InstalledModel", "ModelStore", "OpenedModel"]
+__all__ = ["InstalledModel", "ModelStore", "OpenedModel", "StagedBundle"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,18 @@ class OpenedModel:
     golden: list[GoldenCase]
 
 
+@dataclass(frozen=True)
+class StagedBundle:
+    """A bundle read, checked and unpacked into a hidden directory of the store
+    (``.VERSION.*``, debris to :meth:`ModelStore.clean_debris`), not installed yet."""
+
+    tmp: Path
+    manifest: Manifest
+    sha256: str  # of the bundle file
+    length: int
+    source: str
+
+
 # Loads a session from model bytes and returns a golden-vector runner over it.
 Verifier = Callable[[Manifest, bytes, list[GoldenCase]], None]
 # Opens a generative model folder and runs its golden check (raises BundleError).
@@ -115,6 +127,7 @@ class ModelStore:
     """Installed model bundles under ``state_dir/models``; see the module docstring."""
 
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
         self.root = StateLayout(state_dir).models
 
     # ------------------------------------------------------------------ reading
@@ -210,10 +223,28 @@ class ModelStore:
         ``verify(manifest, model_bytes, golden_cases)`` must load the model on a real session
         and raise BundleError when a golden case does not reproduce.  Installing a version
         that is already installed with the same bundle hash is a no-op (apart from ``activate``).
+        The same as :meth:`stage` then :meth:`commit`.
 
         Raises:
             NotFoundError, BundleError, VerificationError: from reading the bundle or from
                 ``verify``; nothing is left behind in the store.
+        """
+        staged = self.stage(bundle_path)
+        if isinstance(staged, InstalledModel):
+            if activate:
+                self.activate(staged.name, staged.version)
+            return self.find(staged.name, staged.version)
+        return self.commit(staged, verify, activate=activate)
+
+    def stage(self, bundle_path: Path) -> StagedBundle | InstalledModel:
+        """Read and check a bundle file and unpack it into a hidden directory of the store:
+        the file work of an install, which may run in another process (:meth:`commit` makes
+        it an installed version).  The version that is installed already from this very
+        bundle is returned as it is.
+
+        Raises:
+            NotFoundError, BundleError, VerificationError: the bundle is refused, or that
+                version is installed from another bundle; nothing is left behind.
         """
         bundle: Bundle = read_bundle(bundle_path)
         m = bundle.manifest
@@ -221,8 +252,6 @@ class ModelStore:
         if final.exists():
             rec = self._record(final)
             if rec is not None and rec.get("sha256") == bundle.sha256:
-                if activate:
-                    self.activate(m.name, m.version)
                 return self.find(m.name, m.version)
             raise BundleError(f"{m.name} {m.version} is already installed from a different bundle "
                               f"(sha256 {rec.get('sha256') if rec else 'unverified'}); "
@@ -231,18 +260,36 @@ class ModelStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".{m.version}.", dir=final.parent))
         try:
             bundle.extract(tmp)
-            opened_model = _check_member(tmp / MODEL, m.files[MODEL])
-            verify(m, opened_model, bundle.golden_cases())
-            record = {"name": m.name, "version": m.version, "sha256": bundle.sha256,
-                      "length": bundle.length, "installed_at": time.time(), "verified": True,
-                      "source": str(bundle_path)}
-            atomic_write_text(tmp / INSTALL_RECORD, json.dumps(record, sort_keys=True) + "\n")
-            tmp.rename(final)
-            fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("installed %s %s (sha256 %s)", m.name, m.version, bundle.sha256)
+        return StagedBundle(tmp, m, bundle.sha256, bundle.length, str(bundle_path))
+
+    def commit(self, staged: StagedBundle, verify: Verifier, *, activate: bool = True) -> InstalledModel:
+        """Re-check a staged bundle's model and golden vectors, ``verify`` them (see
+        :meth:`install`), then make the version visible (one rename) and, with ``activate``
+        (or when the model has no active version), active.
+
+        Raises:
+            BundleError, VerificationError: from the re-check or ``verify``; the staged
+                directory is removed and nothing is installed.
+        """
+        m = staged.manifest
+        final = self.root / m.name / m.version
+        try:
+            model = _check_member(staged.tmp / MODEL, m.files[MODEL])
+            golden = decode_golden(_check_member(staged.tmp / GOLDEN, m.files[GOLDEN]))
+            verify(m, model, golden)
+            record = {"name": m.name, "version": m.version, "sha256": staged.sha256,
+                      "length": staged.length, "installed_at": time.time(), "verified": True,
+                      "source": staged.source}
+            atomic_write_text(staged.tmp / INSTALL_RECORD, json.dumps(record, sort_keys=True) + "\n")
+            staged.tmp.rename(final)
+            fsync_dir(final.parent)
+        except BaseException:
+            self.discard(staged.tmp)
+            raise
+        log.info("installed %s %s (sha256 %s)", m.name, m.version, staged.sha256)
         if activate or self.active_version(m.name) is None:
             self.activate(m.name, m.version)
         return self.find(m.name, m.version)
@@ -318,6 +365,21 @@ class ModelStore:
                 raise VerificationError(f"{path}: sha256 {digest} ({size} bytes) does not match the "
                                         f"manifest's {entry.sha256} ({entry.length} bytes)")
         return manifest, folder
+
+    def discard(self, tmp: Path) -> None:
+        """Remove a staged bundle's directory (:attr:`StagedBundle.tmp`) that will not be committed."""
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def staged_manifest(self, tmp: Path) -> Manifest:
+        """The manifest of a bundle staged in ``tmp`` (by :meth:`stage`, in another process).
+
+        Raises:
+            BundleError: it is malformed, or names another model or version than ``tmp`` is for.
+        """
+        manifest = _parse_manifest((tmp / MANIFEST).read_bytes(), f"{tmp / MANIFEST}")
+        if tmp.parent != self.root / manifest.name or not tmp.name.startswith(f".{manifest.version}."):
+            raise BundleError(f"{tmp}: its manifest is for {manifest.name} {manifest.version}")
+        return manifest
 
     def activate(self, name: str, version: str) -> None:
         """Record ``version`` as the active version of ``name``.
