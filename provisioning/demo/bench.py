@@ -95,6 +95,7 @@ def tiny_llm_bundle(work: Path, name: str = LLM, version: str = LLM_VERSION) -> 
 
     out = work / f"{name}-{version}.bundle"
     if not out.is_file():
+        work.mkdir(parents=True, exist_ok=True)
         folder = write_decoder(work / f"{name}-{version}")
         create_generative_bundle(folder, out, kind="llm", name=name, version=version,
                                  context_length=256, max_tokens=64, kv_budget_tokens=1024,
