@@ -64,7 +64,7 @@ class _GrpcPort(LoopThread):
             server = grpc.aio.server(interceptors=interceptors(config))
             repo = ModelRepository.for_state_dir(state, InferenceSection())
             pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-                InferenceServicer(repo, models), server)
+                InferenceServicer(repo, generative=models), server)
             creds = server_credentials(config)
             assert creds is not None
             port = server.add_secure_port("127.0.0.1:0", creds)
