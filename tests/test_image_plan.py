@@ -200,6 +200,26 @@ def test_bake_installs_verified_bundles_as_the_agent_would(tmp_path: Path, affin
         registry / "metadata/1.root.json").read_bytes()
 
 
+def test_bake_installs_an_llm_bundle_next_to_a_model_bundle(tmp_path: Path, affine_bundle: Path) -> None:
+    """A generative bundle is verified on its own runtime (golden token ids), not read as an
+    ONNX model bundle, and installed where the agent serves it from."""
+    from agent.config import InferenceSection
+    from agent.fsutil import file_sha256
+    from agent.inference.repository import ModelRepository
+    from provisioning.demo.bench import tiny_llm_bundle
+
+    llm = tiny_llm_bundle(tmp_path / "llm")
+    registry = make_registry(tmp_path / "registry", {"affine-1.0.0.bundle": affine_bundle,
+                                                     "tiny-llm-1.0.0.bundle": llm})
+    baked = bake_bundles(registry, ("affine-1.0.0.bundle", "tiny-llm-1.0.0.bundle"), tmp_path / "state",
+                         tmp_path / "trust")
+    assert [(b.name, b.version) for b in baked] == [("affine", "1.0.0"), ("tiny-llm", "1.0.0")]
+    assert baked[1].sha256 == file_sha256(llm)
+    repo = ModelRepository.for_state_dir(tmp_path / "state", InferenceSection())
+    installed = sorted((m["name"], m["active"]) for m in repo.installed())
+    assert installed == [("affine", True), ("tiny-llm", True)]
+
+
 def test_bake_refuses_a_target_that_does_not_match_signed_metadata(tmp_path: Path,
                                                                   affine_bundle: Path) -> None:
     registry = make_registry(tmp_path / "registry", {"affine-1.0.0.bundle": affine_bundle})
