@@ -48,7 +48,7 @@ def test_firewall_denies_inbound_by_default_and_opens_only_agent_ports() -> None
     rules = nftables_ruleset(p)
     assert "hook input priority filter; policy drop;" in rules
     assert "hook forward priority filter; policy drop;" in rules
-    assert "tcp dport { 8001, 8002 } accept" in rules
+    assert "tcp dport { 8000, 8001, 8002 } accept" in rules
     assert "22" not in rules.split("tcp dport")[1]
 
 
@@ -115,7 +115,7 @@ def test_ssh_when_enabled_is_key_only(tmp_path: Path) -> None:
     assert "PasswordAuthentication no" in sshd and "PermitRootLogin no" in sshd
     assert "AuthenticationMethods publickey" in sshd and "ssh.service" in plan.enable
     assert plan.file("/home/ops/.ssh/authorized_keys").content == "ssh-ed25519 AAAAC3 ops\n"
-    assert "tcp dport { 22, 8001, 8002 }" in plan.file("/etc/nftables.conf").content
+    assert "tcp dport { 22, 8000, 8001, 8002 }" in plan.file("/etc/nftables.conf").content
 
 
 def test_static_network(tmp_path: Path) -> None:
