@@ -85,7 +85,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 "(default 900: TCG; a real appliance or KVM should take far less)")
 
 
-def _credentials(config: pytest.Config, work: Path) -> grpc.ChannelCredentials:
+def _credentials(config: pytest.Config, work: Path) -> tuple[Path, Path, Path]:
+    """The suite's client: CA, certificate and key files."""
     pki: Path | None = config.getoption("--pki")
     ca, cert, key = (config.getoption(o) for o in ("--ca", "--cert", "--key"))
     if pki is not None:
@@ -95,7 +96,7 @@ def _credentials(config: pytest.Config, work: Path) -> grpc.ChannelCredentials:
         ca, cert, key = pki / "ca.crt", Path(issued.cert_path), Path(issued.key_path)
     if not (ca and cert and key):
         raise pytest.UsageError("hil/: give --pki DIR, or --ca, --cert and --key")
-    return grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+    return Path(ca), Path(cert), Path(key)
 
 
 @pytest.fixture(scope="session")
@@ -103,13 +104,16 @@ def appliance(request: pytest.FixtureRequest,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     config = request.config
     work = tmp_path_factory.mktemp("hil")
-    creds = _credentials(config, work)
+    files = _credentials(config, work)
+    ca, cert, key = files
+    creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
     image: Path | None = config.getoption("--qemu")
     target: str | None = config.getoption("--target")
     bound = float(config.getoption("--serving-bound"))
     if image is not None:
-        ports = {8001: free_port(), 8002: free_port()}
+        ports = {8000: free_port(), 8001: free_port(), 8002: free_port()}
         node = Appliance(f"127.0.0.1:{ports[8001]}", creds, config.getoption("--tls-name"),
+                         tls_files=files,
                          image=image.resolve(), state=work / "vm", ports=ports,
                          accel=config.getoption("--accel"),
                          hang_after=float(config.getoption("--hang-after")),
@@ -137,7 +141,8 @@ def appliance(request: pytest.FixtureRequest,
         return
     if target is None:
         raise pytest.UsageError("hil/: give --qemu IMAGE or --target HOST:PORT")
-    node = Appliance(target, creds, config.getoption("--tls-name"), console=config.getoption("--console"))
+    node = Appliance(target, creds, config.getoption("--tls-name"), console=config.getoption("--console"),
+                     tls_files=files)
     wait_serving(node, time.monotonic(), bound)
     yield node
 

@@ -20,7 +20,7 @@ from hil.conftest import SiteRegistry
 from provisioning.demo.bench import BAKED_VERSION, BUNDLE, X, expected
 from testsupport.appliance import Appliance, serving_status
 
-ALLOWED_TCP = {8001, 8002}  # the agent's gRPC and metrics ports (images/*.toml [agent.server])
+ALLOWED_TCP = {8000, 8001, 8002}  # the agent's HTTPS, gRPC and metrics ports ([agent.server])
 ALLOWED_UDP = {68}  # systemd-networkd's DHCP client
 LISTEN_PREFIX = "appliance-listen:"
 LISTEN_REPORT_BOUND_S = 300.0  # the report unit starts after the agent's READY=1; TCG is slow

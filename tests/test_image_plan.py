@@ -48,7 +48,7 @@ def test_firewall_denies_inbound_by_default_and_opens_only_agent_ports() -> None
     rules = nftables_ruleset(p)
     assert "hook input priority filter; policy drop;" in rules
     assert "hook forward priority filter; policy drop;" in rules
-    assert "tcp dport { 8001, 8002 } accept" in rules
+    assert "tcp dport { 8000, 8001, 8002 } accept" in rules
     assert "22" not in rules.split("tcp dport")[1]
 
 
@@ -115,7 +115,7 @@ def test_ssh_when_enabled_is_key_only(tmp_path: Path) -> None:
     assert "PasswordAuthentication no" in sshd and "PermitRootLogin no" in sshd
     assert "AuthenticationMethods publickey" in sshd and "ssh.service" in plan.enable
     assert plan.file("/home/ops/.ssh/authorized_keys").content == "ssh-ed25519 AAAAC3 ops\n"
-    assert "tcp dport { 22, 8001, 8002 }" in plan.file("/etc/nftables.conf").content
+    assert "tcp dport { 22, 8000, 8001, 8002 }" in plan.file("/etc/nftables.conf").content
 
 
 def test_static_network(tmp_path: Path) -> None:
@@ -198,6 +198,26 @@ def test_bake_installs_verified_bundles_as_the_agent_would(tmp_path: Path, affin
     # the node's update client starts from the registry's root
     assert (tmp_path / "state/tuf/metadata/root.json").read_bytes() == (
         registry / "metadata/1.root.json").read_bytes()
+
+
+def test_bake_installs_an_llm_bundle_next_to_a_model_bundle(tmp_path: Path, affine_bundle: Path) -> None:
+    """A generative bundle is verified on its own runtime (golden token ids), not read as an
+    ONNX model bundle, and installed where the agent serves it from."""
+    from agent.config import InferenceSection
+    from agent.fsutil import file_sha256
+    from agent.inference.repository import ModelRepository
+    from provisioning.demo.bench import tiny_llm_bundle
+
+    llm = tiny_llm_bundle(tmp_path / "llm")
+    registry = make_registry(tmp_path / "registry", {"affine-1.0.0.bundle": affine_bundle,
+                                                     "tiny-llm-1.0.0.bundle": llm})
+    baked = bake_bundles(registry, ("affine-1.0.0.bundle", "tiny-llm-1.0.0.bundle"), tmp_path / "state",
+                         tmp_path / "trust")
+    assert [(b.name, b.version) for b in baked] == [("affine", "1.0.0"), ("tiny-llm", "1.0.0")]
+    assert baked[1].sha256 == file_sha256(llm)
+    repo = ModelRepository.for_state_dir(tmp_path / "state", InferenceSection())
+    installed = sorted((m["name"], m["active"]) for m in repo.installed())
+    assert installed == [("affine", True), ("tiny-llm", True)]
 
 
 def test_bake_refuses_a_target_that_does_not_match_signed_metadata(tmp_path: Path,

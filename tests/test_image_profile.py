@@ -25,7 +25,7 @@ def test_minimal_profile_is_the_cpu_default() -> None:
     assert p.debian.suite == "trixie" and p.python_version == "3.13"
     assert p.python.onnxruntime == "onnxruntime"
     assert p.ssh.enabled is False and "openssh-server" not in package_set(p)
-    assert p.inbound_tcp == (8001, 8002)
+    assert p.inbound_tcp == (8000, 8001, 8002)  # HTTPS, gRPC, metrics
     assert {"linux-image-amd64", "python3-venv", "nftables", "apparmor", "auditd"} <= set(package_set(p))
 
 

@@ -52,12 +52,22 @@ class Appliance:
     pcaps: list[Path] = field(default_factory=list)
     first_power_on: float | None = None  # time.monotonic() of the first power-on
     machine: Machine | None = None  # the running qemu
+    # the client's CA, certificate and key files (PEM), for clients other than gRPC's
+    tls_files: tuple[Path, Path, Path] | None = None
 
     def channel(self) -> grpc.Channel:
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
         if self.tls_name:
             options.append(("grpc.ssl_target_name_override", self.tls_name))
         return grpc.secure_channel(self.target, self.credentials, options=options)
+
+    def https_base(self) -> str:
+        """The agent's HTTPS port (8000): the forwarded loopback port under qemu, else the
+        gRPC target's host."""
+        if 8000 in self.ports:
+            return f"https://127.0.0.1:{self.ports[8000]}"
+        host = self.target.rsplit(":", 1)[0]
+        return f"https://{host}:8000"
 
     @property
     def manifest(self) -> dict[str, Any] | None:

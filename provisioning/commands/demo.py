@@ -5,7 +5,12 @@
 3. start the agent on loopback (free ports), which installs the model from the registry
    with full verification (signatures, hashes, golden vectors on its own session);
 4. run inference through Triton's official client, print outputs, statistics and the
-   execution provider; stop the agent (SIGTERM) and remove everything.
+   execution provider;
+5. the same path for a generative bundle: a tiny decoder LLM made on the spot, bundled with
+   golden token ids, signed into the same registry and installed by the agent, which streams a
+   chat reply to the official ``openai`` client on its HTTP port (plain HTTP: the demo's agent
+   listens on loopback without TLS, as its gRPC port does);
+6. stop the agent (SIGTERM) and remove everything.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import numpy as np
 
 from agent.bundle import Batching
 from agent.errors import ApplianceError
+from provisioning.demo.bench import LLM, LLM_VERSION, tiny_llm_bundle
 from provisioning.output import emit_json, examples, print_table
 
 __all__ = ["register", "run_demo"]
 
 MODEL = "affine"
 VERSION = "1"  # an integer version: perf_analyzer matches statistics by integer versions
+CHAT_PROMPT = "What does the appliance keep?"
 
 
 def register(
@@ -43,7 +50,8 @@ def register(
             "appliance demo",
             "appliance demo --image --work /var/tmp/appliance-hil --json"),
         parents=[common],
-                       help="sign a small model into a local registry, serve it, run inference on it")
+                       help="sign a small model and a tiny LLM into a local registry, serve them, "
+                       "run inference and a streamed chat on them")
     p.add_argument("--work", type=Path, default=None, metavar="DIR",
                    help="the quick demo: keep everything in this new or empty directory (default: a "
                    "temporary one, removed); --image: the bench's cache "
@@ -84,8 +92,8 @@ def _make_bundle(work: Path) -> Path:
     return bundle.path
 
 
-def publish_to_registry(work: Path, bundle: Path, state: Path) -> dict[str, Any]:
-    """Sign ``bundle`` into a new registry under ``work`` and initialise the node's trust.
+def publish_to_registry(work: Path, bundles: list[Path], state: Path) -> dict[str, Any]:
+    """Sign ``bundles`` into a new registry under ``work`` and initialise the node's trust.
 
     Returns what the agent needs: ``{"source": ..., "mode": "signed local TUF registry"}``.
 
@@ -97,7 +105,8 @@ def publish_to_registry(work: Path, bundle: Path, state: Path) -> dict[str, Any]
 
     registry = work / "registry"
     init_registry(registry)
-    publish_bundle(registry, bundle)
+    for bundle in bundles:
+        publish_bundle(registry, bundle)
     RegistryClient.initialize(state, trusted_root(registry))
     return {"mode": "signed local TUF registry", "source": str(registry / "published")}
 
@@ -108,15 +117,17 @@ class _AgentProcess:
     log: Path
     url: str
     metrics_url: str
+    http_url: str  # the HTTP port's base (plain HTTP on loopback)
 
 
 @contextlib.contextmanager
 def _agent(state: Path, work: Path, source: str) -> Iterator[_AgentProcess]:
     log = work / "agent.log"
-    metrics_port = _free_port()
+    metrics_port, http_port = _free_port(), _free_port()
     argv = [sys.executable, "-m", "provisioning.cli", "agent", "serve", "--state-dir", str(state),
-            "--listen", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port), "--http-port", "0",
-            "--model", f"{MODEL}@{VERSION}"]
+            "--listen", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port),
+            "--http-port", str(http_port), "--model", f"{MODEL}@{VERSION}",
+            "--model", f"{LLM}@{LLM_VERSION}"]
     if source:
         argv += ["--registry", source]
     env = dict(os.environ)
@@ -126,7 +137,8 @@ def _agent(state: Path, work: Path, source: str) -> Iterator[_AgentProcess]:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         url = _wait_ready(proc, log)
-        yield _AgentProcess(proc, log, url, f"http://127.0.0.1:{metrics_port}/metrics")
+        yield _AgentProcess(proc, log, url, f"http://127.0.0.1:{metrics_port}/metrics",
+                            f"http://127.0.0.1:{http_port}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -195,6 +207,33 @@ def _infer(url: str, requests: int) -> dict[str, Any]:
     }
 
 
+def _chat(http_url: str) -> dict[str, Any]:
+    """Ask the LLM for a streamed chat reply with the official ``openai`` client."""
+    import openai
+
+    with openai.OpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        start = time.perf_counter()
+        stream = client.chat.completions.create(
+            model=LLM, messages=[{"role": "user", "content": CHAT_PROMPT}], max_tokens=24,
+            temperature=0, stream=True, stream_options={"include_usage": True})
+        pieces: list[str] = []
+        first_ms = None
+        usage = None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                if first_ms is None:
+                    first_ms = (time.perf_counter() - start) * 1000
+                pieces.append(chunk.choices[0].delta.content)
+            if chunk.usage is not None:
+                usage = chunk.usage
+    if usage is None or usage.completion_tokens <= 0 or not pieces:
+        raise ApplianceError(f"{LLM}: the streamed reply was empty (usage {usage})")
+    return {"model": LLM, "version": LLM_VERSION, "prompt": CHAT_PROMPT, "reply": "".join(pieces),
+            "chunks": len(pieces), "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "first_token_ms": round(first_ms or 0.0, 1)}
+
+
 def run_demo(work: Path, requests: int = 20) -> dict[str, Any]:
     """Run the demo in ``work``; return its findings.
 
@@ -204,8 +243,10 @@ def run_demo(work: Path, requests: int = 20) -> dict[str, Any]:
     state = work / "state"
     _step("making a small ONNX model and a bundle with golden vectors")
     bundle = _make_bundle(work)
-    _step("signing the bundle into a local registry")
-    registry = publish_to_registry(work, bundle, state)
+    _step("making a tiny decoder LLM and a bundle with golden token ids")
+    llm = tiny_llm_bundle(work / "llm")
+    _step("signing both bundles into a local registry")
+    registry = publish_to_registry(work, [bundle, llm], state)
     _step("starting the agent on loopback")
     with _agent(state, work, registry["source"]) as agent:
         _step(f"agent listening on {agent.url}; running {requests} requests with tritonclient")
@@ -216,6 +257,8 @@ def run_demo(work: Path, requests: int = 20) -> dict[str, Any]:
             metrics = resp.read().decode()
         result["metrics_sample"] = [ln for ln in metrics.splitlines()
                                     if ln.startswith("nv_inference_count{")]
+        _step(f"asking {LLM} for a streamed chat reply with the openai client on {agent.http_url}")
+        result["chat"] = _chat(agent.http_url)
     _step("agent stopped")
     if agent.proc.returncode != 0:
         raise ApplianceError(f"the agent exited with code {agent.proc.returncode} on SIGTERM")
@@ -267,4 +310,8 @@ def _demo(args: argparse.Namespace) -> int:
                   s["avg_compute_us"], result["client_p50_ms"]]])
     for line in result["metrics_sample"]:
         print(f"metrics   {line}")
+    c = result["chat"]
+    print(f"chat      {c['model']} {c['version']}: {c['prompt']!r} -> {c['reply']!r}")
+    print(f"          streamed in {c['chunks']} chunks; {c['prompt_tokens']} prompt + "
+          f"{c['completion_tokens']} completion tokens; first token after {c['first_token_ms']} ms")
     return 0

@@ -7,6 +7,9 @@ the stages whose inputs changed.
 
     python -m provisioning.demo.bench prepare [--cache DIR]      # PKI, registry, mirror, image; prints JSON
 
+The bench also bakes ``tiny-llm`` (the tiny decoder of :mod:`provisioning.demo.llm_models`,
+bundled with golden token ids), which hil/ asks for chat completions on the HTTPS port.
+
 The bundle ``affine`` computes ``y = x * scale + 1`` with ``scale`` 2 for odd last version parts
 and 3 for even ones, so a reply shows which version served it.
 """
@@ -31,6 +34,8 @@ DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_HIL_CACHE", "/var/tmp/appliance-h
 REGISTRY_PORT = 18480  # images/hil.toml: [agent.updates] sources = ["http://10.0.2.100:18480"]
 BUNDLE = "affine"
 BAKED_VERSION = "1.0.1"
+LLM = "tiny-llm"
+LLM_VERSION = "1.0.0"
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
 
@@ -79,6 +84,25 @@ def affine_bundle(work: Path, version: str) -> Path:
                          out=work / f"{BUNDLE}-{version}.bundle").path
 
 
+def tiny_llm_bundle(work: Path, name: str = LLM, version: str = LLM_VERSION) -> Path:
+    """A real LLM bundle of the tiny decoder (golden token ids recorded on onnxruntime-genai).
+
+    Raises:
+        BundleError, VerificationError: as :func:`provisioning.genbundle.create_generative_bundle`.
+    """
+    from provisioning.demo.llm_models import write_decoder
+    from provisioning.genbundle import create_generative_bundle
+
+    out = work / f"{name}-{version}.bundle"
+    if not out.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        folder = write_decoder(work / f"{name}-{version}")
+        create_generative_bundle(folder, out, kind="llm", name=name, version=version,
+                                 context_length=256, max_tokens=64, kv_budget_tokens=1024,
+                                 description="tiny test decoder (provisioning.demo.llm_models)")
+    return out
+
+
 def ensure_pki(bench: Bench) -> None:
     """The bench's site CA and an admin client certificate for the checks."""
     from provisioning.pki import init_pki, issue_client
@@ -105,12 +129,27 @@ def publish_bundle_version(bench: Bench, version: str) -> str:
     return path
 
 
-def write_profile(bench: Bench, baked_target: str) -> Path:
+def publish_llm(bench: Bench) -> str:
+    """Add ``tiny-llm`` to the registry (made by :func:`publish_bundle_version`) and publish;
+    returns its target path."""
+    from provisioning.image.bake import registry_targets
+    from provisioning.registry import add_target, publish, target_path
+
+    bundle_name = f"{LLM}-{LLM_VERSION}.bundle"
+    path = target_path("bundle", LLM, LLM_VERSION, bundle_name)
+    if path in registry_targets(bench.registry / "published"):
+        return path
+    add_target(bench.registry, tiny_llm_bundle(bench.cache / "bundles"), kind="bundle")
+    publish(bench.registry)
+    return path
+
+
+def write_profile(bench: Bench, *baked_targets: str) -> Path:
     """images/hil.toml with this bench's PKI and registry (absolute paths)."""
     text = (ROOT / "images" / "hil.toml").read_text()
     text = text.replace('dir = "../hil/site-pki"', f'dir = "{bench.pki}"')
     text = text.replace('registry = ""', f'registry = "{bench.registry / "published"}"')
-    text = text.replace("targets = []", f"targets = [{json.dumps(baked_target)}]")
+    text = text.replace("targets = []", f"targets = {json.dumps(list(baked_targets))}")
     bench.profile.parent.mkdir(parents=True, exist_ok=True)
     if not bench.profile.is_file() or bench.profile.read_text() != text:
         bench.profile.write_text(text)
@@ -149,8 +188,8 @@ def _check(proc: subprocess.CompletedProcess[str], what: str) -> None:
 
 
 def prepare(cache: Path = DEFAULT_CACHE, *, offline: bool = True, stream: bool = False) -> Bench:
-    """PKI, registry (``affine`` 1.0.1 baked), profile, mirror and image, reusing what exists.
-    With ``stream``, mirror sync and build show their progress on stderr.
+    """PKI, registry (``affine`` 1.0.1 and ``tiny-llm`` baked), profile, mirror and image,
+    reusing what exists.  With ``stream``, mirror sync and build show their progress on stderr.
 
     Raises:
         RuntimeError: mirror sync or the build failed (with the tail of its output).
@@ -159,7 +198,7 @@ def prepare(cache: Path = DEFAULT_CACHE, *, offline: bool = True, stream: bool =
     cache.mkdir(parents=True, exist_ok=True)
     ensure_pki(bench)
     target = publish_bundle_version(bench, BAKED_VERSION)
-    profile = write_profile(bench, target)
+    profile = write_profile(bench, target, publish_llm(bench))
     stamp = bench.cache / "mirror-source.sha256"
     digest = source_digest()
     if (not (bench.mirror / "lock.json").is_file() or not stamp.is_file()

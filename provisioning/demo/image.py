@@ -28,7 +28,7 @@ from provisioning.demo.bench import Bench, _appliance, prepare
 
 __all__ = ["DEFAULT_PORTS", "run_image_demo"]
 
-DEFAULT_PORTS = {8001: 18001, 8002: 18002}  # guest port -> host loopback port
+DEFAULT_PORTS = {8000: 18000, 8001: 18001, 8002: 18002}  # guest port -> host loopback port
 NODE = "appliance-hil"  # images/hil.toml [image] hostname, and its certificate's name
 
 

@@ -166,6 +166,24 @@ def _install_as_the_agent_does(state_dir: Path, bundle_path: Path, target: str,
     atomic_write_text(record_path, json.dumps(record, sort_keys=True) + "\n")
 
 
+def _verify(path: Path) -> tuple[str, str, str]:
+    """Check a bundle of either kind as its own tooling does; its name, version and sha256.
+
+    Generative bundles (LLM, embedding) are opened on their runtime and their golden check run;
+    model bundles run their golden vectors on ONNX Runtime.
+    """
+    from agent.fsutil import file_sha256
+    from agent.llm.bundle import is_generative_bundle
+    from provisioning.bundle import verify_bundle
+    from provisioning.genbundle import verify_generative_bundle
+
+    if is_generative_bundle(path):
+        manifest = verify_generative_bundle(path)
+        return manifest.name, manifest.version, file_sha256(path)
+    bundle, _ = verify_bundle(path)
+    return bundle.manifest.name, bundle.manifest.version, bundle.sha256
+
+
 def bake_bundles(registry: Path, targets: tuple[str, ...], state_dir: Path,
                  trusted_dir: Path, *, installed_at: float = 0.0) -> list[BakedBundle]:
     """Verify ``targets`` through TUF and install them under ``state_dir/models/NAME/VERSION``.
@@ -181,7 +199,6 @@ def bake_bundles(registry: Path, targets: tuple[str, ...], state_dir: Path,
         BundleError: a target is not a well-formed bundle.
     """
     from agent.updates.client import RegistryClient
-    from provisioning.bundle import verify_bundle
 
     root = trusted_root(registry)
     trusted_dir.mkdir(parents=True, exist_ok=True)
@@ -191,11 +208,10 @@ def bake_bundles(registry: Path, targets: tuple[str, ...], state_dir: Path,
     with tempfile.TemporaryDirectory(prefix="bake-") as tmp:
         files = verify_targets(registry, root, targets, trusted_dir / "metadata", Path(tmp))
         for target, path in files.items():
-            bundle, _ = verify_bundle(path)
-            m = bundle.manifest
-            dest = StateLayout(state_dir).models / m.name / m.version
+            name, version, sha256 = _verify(path)
+            dest = StateLayout(state_dir).models / name / version
             if dest.exists():
-                raise VerificationError(f"{target}: {m.name} {m.version} is baked twice")
+                raise VerificationError(f"{target}: {name} {version} is baked twice")
             _install_as_the_agent_does(state_dir, path, target, installed_at)
-            baked.append(BakedBundle(target, m.name, m.version, bundle.sha256))
+            baked.append(BakedBundle(target, name, version, sha256))
     return baked

@@ -45,7 +45,7 @@ OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 OVMF_VARS_SNAKEOIL = Path("/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd")
 SNAKEOIL_KEY = Path("/usr/share/ovmf/PkKek-1-snakeoil.key")  # encrypted; passphrase "snakeoil"
 SNAKEOIL_CERT = Path("/usr/share/ovmf/PkKek-1-snakeoil.pem")
-AGENT_PORTS = (8001, 8002)  # gRPC (inference + node) and Prometheus metrics
+AGENT_PORTS = (8000, 8001, 8002)  # HTTPS (OpenAI, KServe REST), gRPC (inference + node), metrics
 GUEST_MAC = "52:54:00:12:34:56"  # qemu's first NIC address, set explicitly: pcaps are read by it
 # Where a guestfwd appears to the guest: in slirp's 10.0.2.0/24, and not the host (10.0.2.2)
 # or DNS (10.0.2.3) addresses, which slirp refuses for forwards.

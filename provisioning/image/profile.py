@@ -360,10 +360,12 @@ class Profile:
 
     @property
     def inbound_tcp(self) -> tuple[int, ...]:
-        """Every TCP port the firewall opens: the agent's, sshd's when enabled, the extras."""
+        """Every TCP port the firewall opens: the agent's three, sshd's when enabled, the extras."""
         ports = {self.agent.server.port, *self.network.allow_tcp}
         if self.agent.server.metrics_port:
             ports.add(self.agent.server.metrics_port)
+        if self.agent.server.http_port:  # the HTTPS port (OpenAI-compatible and KServe REST)
+            ports.add(self.agent.server.http_port)
         if self.ssh.enabled:
             ports.add(self.ssh.port)
         return tuple(sorted(ports))
