@@ -61,7 +61,7 @@ def test_demo_image_boots_the_bench_image_and_the_fleet_cli_reads_it(tmp_path: P
         pytest.skip("needs root and qemu")
     import json
 
-    from provisioning.demo.bench import DEFAULT_CACHE
+    from provisioning.demo.bench import DEFAULT_CACHE, LLM, LLM_VERSION
     from provisioning.image.boot import _alive
 
     cache = Path(os.environ.get("APPLIANCE_HIL_CACHE", DEFAULT_CACHE))
@@ -77,7 +77,7 @@ def test_demo_image_boots_the_bench_image_and_the_fleet_cli_reads_it(tmp_path: P
     assert status["ok"] and inventory["ok"] and health["ok"], result
     assert status["data"]["image_version"] == manifest["version"]
     assert inventory["data"]["root_hash"] == manifest["roothash"]
-    assert status["data"]["bundles"] == ["affine@1.0.1"]
+    assert sorted(status["data"]["bundles"]) == ["affine@1.0.1", f"{LLM}@{LLM_VERSION}"]  # both baked
     assert health["data"]["overall"] in {"PASS", "WARN"}, health["data"]
     assert "appliance fleet status" in proc.stderr  # it showed the commands it ran
     assert result["running"] is False and not _alive(int(result["pid"]))
