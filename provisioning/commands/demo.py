@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -211,6 +212,10 @@ def _chat(http_url: str) -> dict[str, Any]:
     """Ask the LLM for a streamed chat reply with the official ``openai`` client."""
     import openai
 
+    # the openai client's HTTP library logs every request at INFO; the demo prints its own
+    # line for the one it makes (the library is httpx, or its fork httpx2 in newer clients)
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     with openai.OpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
         start = time.perf_counter()
         stream = client.chat.completions.create(
