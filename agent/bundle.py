@@ -52,6 +52,7 @@ __all__ = [
     "encode_golden",
     "parse_version",
     "read_bundle",
+    "tar_entry",
     "valid_name",
     "write_bundle",
 ]
@@ -435,7 +436,8 @@ def check_golden(manifest: Manifest, cases: Sequence[GoldenCase], run: Runner) -
 
 # ---------------------------------------------------------------- reading and writing
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+def tar_entry(name: str, size: int) -> tarfile.TarInfo:
+    """A regular-file tar header that is the same on every machine (0:0, 0644, mtime 0)."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mode = 0o644
@@ -454,7 +456,7 @@ def write_bundle(out: IO[bytes], manifest: Manifest, model: bytes, golden: bytes
             raise BundleError(f"internal: manifest entry for {member} does not match its data")
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for member, data in ((MANIFEST, manifest.canonical()), (MODEL, model), (GOLDEN, golden)):
-            tar.addfile(_tarinfo(member, len(data)), io.BytesIO(data))
+            tar.addfile(tar_entry(member, len(data)), io.BytesIO(data))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ verification as a whole file; these checks are the second layer.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import tarfile
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from agent.bundle import _NAME_RE, FileEntry, parse_version
+from agent.bundle import FileEntry, parse_version, tar_entry, valid_name
 from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.fsutil import copy_verified, file_sha256
 from agent.modelrefs import safe_member_name
@@ -214,7 +215,7 @@ def parse_gen_manifest(raw: bytes, origin: str) -> GenManifest:
     if kind not in ("llm", "embedding"):
         raise r.fail("kind", f"expected 'llm' or 'embedding', got {str(kind)[:20]!r}")
     name = r.text(d, "name", "", 64)
-    if not _NAME_RE.match(name):
+    if not valid_name(name):
         raise r.fail("name", f"{name!r} is not a lowercase name of 1-64 characters [a-z0-9._-]")
     version = r.text(d, "version", "", 64)
     try:
@@ -235,15 +236,6 @@ def parse_gen_manifest(raw: bytes, origin: str) -> GenManifest:
 
 
 # ---------------------------------------------------------------- writing
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, 0o644, 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
-
 
 def folder_files(folder: Path) -> dict[str, FileEntry]:
     """Hash every file of a flat model folder (streaming).
@@ -273,21 +265,11 @@ def write_bundle(out: IO[bytes], manifest: GenManifest, folder: Path) -> None:
     """
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         raw = manifest.canonical()
-        tar.addfile(_tarinfo(MANIFEST, len(raw)), _BytesReader(raw))
+        tar.addfile(tar_entry(MANIFEST, len(raw)), io.BytesIO(raw))
         for name in manifest.members:
             entry = manifest.files[name]
             with (folder / name).open("rb") as src:
-                tar.addfile(_tarinfo(PREFIX + name, entry.length), _Hashing(src, entry, str(folder / name)))
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        chunk, self._pos = self._data[self._pos:end], min(end, len(self._data))
-        return chunk
+                tar.addfile(tar_entry(PREFIX + name, entry.length), _Hashing(src, entry, str(folder / name)))
 
 
 class _Hashing:
