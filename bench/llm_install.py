@@ -14,7 +14,6 @@ peak RSS above idle, bytes written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.fsutil import file_sha256  # noqa: E402
 from agent.llm.bundle import GenManifest, GoldenPrompt, LlmLimits, folder_files, write_bundle  # noqa: E402
 from provisioning.demo.llm_models import write_decoder  # noqa: E402
 
@@ -72,10 +72,7 @@ def child(bundle: Path, dest: Path) -> tuple[float, int]:
 
 def sha256_seconds(path: Path) -> float:
     start = time.perf_counter()
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    file_sha256(path, 1 << 20)  # the block size the install reads with
     return time.perf_counter() - start
 
 
