@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import Metric
@@ -28,6 +28,7 @@ __all__ = ["GENAI", "REGISTRY", "GenAiMetrics", "InferenceCollector", "KvCacheCo
            "register_collector", "start_metrics_server"]
 
 log = logging.getLogger(__name__)
+_Row = TypeVar("_Row")
 
 REGISTRY = CollectorRegistry(auto_describe=False)
 
@@ -52,6 +53,15 @@ _INFERENCE_METRICS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], float]
 )
 
 
+def _scrape(read: Callable[[], list[_Row]], what: str) -> list[_Row]:
+    """``read()``, or no rows when it fails: a scrape must never take the agent down."""
+    try:
+        return read()
+    except Exception:
+        log.exception("collecting %s failed", what)
+        return []
+
+
 class InferenceCollector:
     """Collects Triton's ``nv_inference_*`` metrics from ``statistics()`` snapshots.
 
@@ -63,11 +73,7 @@ class InferenceCollector:
         self._statistics = statistics
 
     def collect(self) -> Iterator[Metric]:
-        try:
-            snaps = self._statistics()
-        except Exception:  # a scrape must never take the agent down
-            log.exception("collecting inference statistics failed")
-            snaps = []
+        snaps = _scrape(self._statistics, "inference statistics")
         for name, doc, kind, value in _INFERENCE_METRICS:
             metric = Metric(name, doc, kind)
             for snap in snaps:
@@ -148,11 +154,7 @@ class KvCacheCollector:
         return rows
 
     def collect(self) -> Iterator[Metric]:
-        try:
-            rows = self._rows()
-        except Exception:  # a scrape must never take the agent down
-            log.exception("collecting KV-cache use failed")
-            rows = []
+        rows = _scrape(self._rows, "KV-cache use")
         for name, doc, value in _KV_METRICS:
             metric = Metric(name, doc, "gauge")
             for row in rows:
