@@ -119,7 +119,8 @@ def llm_context_length(folder: Path) -> int:
     Raises:
         BundleError: the folder is refused.
     """
-    return check_llm_folder(folder, folder_files(folder), str(folder)).context_length
+    # Names only: hashing gigabytes of weights is create_generative_bundle's job, done once there.
+    return check_llm_folder(folder, [p.name for p in folder.iterdir()], str(folder)).context_length
 
 
 def verify_generative_bundle(path: Path) -> GenManifest:
