@@ -200,6 +200,8 @@ def test_requests_the_model_cannot_take_are_refused(llm: GenaiLanguageModel) -> 
         llm.generate(PROMPT, Sampling(max_tokens=65))
     with pytest.raises(InferenceError, match="temperature"):
         llm.generate(PROMPT, Sampling(temperature=math.nan))
+    with pytest.raises(InferenceError, match=r"top_k 4294967296 is outside 0\.\.1048576"):
+        llm.generate(PROMPT, Sampling(top_k=1 << 32))
     with pytest.raises(InferenceError, match="prompt is empty"):
         llm.generate("", Sampling())
     with pytest.raises(InferenceError, match="role 'robot'"):

@@ -37,6 +37,8 @@ __all__ = ["GenaiLanguageModel", "Limits", "open_genai_model"]
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
+# top_k goes to the runtime as a C int; no vocabulary comes near this, so above it is a mistake or an attack
+MAX_TOP_K = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -258,8 +260,8 @@ def _check_sampling(name: str, s: Sampling) -> None:
         raise bad("temperature", s.temperature, "0..2")
     if not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
         raise bad("top_p", s.top_p, "(0, 1]")
-    if s.top_k < 0:
-        raise bad("top_k", s.top_k, "0.. (0: no limit)")
+    if not 0 <= s.top_k <= MAX_TOP_K:
+        raise bad("top_k", s.top_k, f"0..{MAX_TOP_K} (0: no limit)")
     if len(s.stop) > MAX_STOPS or any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
         raise InferenceError(f"model {name}: stop takes up to {MAX_STOPS} non-empty strings of at "
                              f"most {MAX_STOP_CHARS} characters")
