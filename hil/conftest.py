@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from provisioning.image.boot import GUEST_FORWARD_ADDR
+from provisioning.image.boot import AGENT_PORTS, GUEST_FORWARD_ADDR
 from testsupport.appliance import REGISTRY_GUEST_PORT, Appliance, free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +111,7 @@ def appliance(request: pytest.FixtureRequest,
     target: str | None = config.getoption("--target")
     bound = float(config.getoption("--serving-bound"))
     if image is not None:
-        ports = {8000: free_port(), 8001: free_port(), 8002: free_port()}
+        ports = {p: free_port() for p in AGENT_PORTS}
         node = Appliance(f"127.0.0.1:{ports[8001]}", creds, config.getoption("--tls-name"),
                          tls_files=files,
                          image=image.resolve(), state=work / "vm", ports=ports,

@@ -157,6 +157,16 @@ def test_scanner_deb_outside_any_signed_index_is_refused(mirror: tuple[Path, Pat
         verify_mirror(m, keyring=keyring)
 
 
+def test_image_debs_answer_only_to_the_image_indices(mirror: tuple[Path, Path]) -> None:
+    """An index locked in the scanner section (testing) cannot vouch for the image's pool."""
+    m, keyring = mirror
+    lock = load_lock(m)
+    moved = replace(lock, indices=(), scanner=lock.indices)
+    (m / "lock.json").write_bytes(moved.canonical())
+    with pytest.raises(VerificationError, match=r"debian/pool/.* is in no signed Packages index"):
+        verify_mirror(m, keyring=keyring)
+
+
 def test_stray_file_in_the_scanner_pool_is_refused(mirror: tuple[Path, Path]) -> None:
     m, keyring = mirror
     _with_scanner(m, keyring)

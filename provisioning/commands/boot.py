@@ -47,8 +47,8 @@ def register(
                    "image's x86-64 level (image-manifest.json's cpu_level, else x86-64-v2) is "
                    "refused, e.g. qemu64")
     b.add_argument("--port", type=_port_map, action="append", default=[], metavar="GUEST=HOST",
-                   help="forward a guest TCP port to 127.0.0.1:HOST "
-                   "(default 8000=18000, 8001=18001, 8002=18002)")
+                   help="forward a guest TCP port to 127.0.0.1:HOST (default "
+                   + ", ".join(f"{g}={h}" for g, h in vm.LOOPBACK_FORWARDS.items()) + ")")
     b.add_argument("--pcap", type=Path, metavar="FILE",
                    help="record every frame on the guest's network to FILE (pcap; qemu filter-dump)")
     b.add_argument("--restrict-net", action="store_true",
@@ -108,7 +108,7 @@ def _boot(args: argparse.Namespace) -> int:
     if args.cpu:  # before anything starts: a CPU below the image's level ends in SIGILL
         vm.check_cpu_model(args.cpu, vm.image_cpu_level(args.image))
     kvm = {"kvm": True, "tcg": False}.get(args.accel, vm.kvm_usable())
-    ports = dict(args.port) or {8000: 18000, 8001: 18001, 8002: 18002}
+    ports = dict(args.port) or dict(vm.LOOPBACK_FORWARDS)
     state = args.state or args.image.with_name(args.image.name + ".vm")
     firmware, template = ((vm.OVMF_CODE_SECBOOT, vm.OVMF_VARS_SNAKEOIL) if args.secure_boot
                           else (vm.OVMF_CODE, vm.OVMF_VARS))

@@ -41,12 +41,9 @@ def register(
         parents=[common],
                         help="check a model and its golden vectors, write a bundle")
     c.add_argument("model", type=Path, help="the ONNX model file")
-    c.add_argument("--name", required=True, help="bundle name (lowercase, [a-z0-9._-])")
-    c.add_argument("--version", required=True, help="version such as 1.2.0")
+    _identity_args(c)
     c.add_argument("--golden", type=Path, action="append", default=[], required=True,
                    help=".npz with inputs/NAME (and optional outputs/NAME) arrays; repeatable")
-    c.add_argument("--out", "-o", type=Path, required=True, help="bundle file to write")
-    c.add_argument("--description", default="", help="one line shown by inspect and in the registry")
     c.add_argument("--max-batch-size", type=int, default=0, help="0: no dynamic batching")
     c.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="how long a request may wait for others to batch with (default: 0)")
@@ -102,7 +99,7 @@ def _register_generative(bsub: argparse._SubParsersAction[argparse.ArgumentParse
     g.add_argument("--prompt", action="append", default=[],
                    help="a golden prompt, decoded greedily at creation and on every node; repeatable")
     g.add_argument("--golden-tokens", type=int, default=16, help="tokens recorded per golden prompt")
-    _common_generative(g)
+    _identity_args(g)
     g.set_defaults(handler=_create_llm)
 
     e = bsub.add_parser("create-embedding", **examples(
@@ -113,11 +110,12 @@ def _register_generative(bsub: argparse._SubParsersAction[argparse.ArgumentParse
     e.add_argument("--graph", default="model.onnx", help="the encoder's ONNX file in the folder")
     e.add_argument("--text", action="append", default=[], help="a golden text; repeatable")
     e.add_argument("--atol", type=float, default=1e-4, help="tolerance of the golden vectors")
-    _common_generative(e)
+    _identity_args(e)
     e.set_defaults(handler=_create_embedding)
 
 
-def _common_generative(p: argparse.ArgumentParser) -> None:
+def _identity_args(p: argparse.ArgumentParser) -> None:
+    """The options every ``create*`` action shares: what the bundle is called and where it goes."""
     p.add_argument("--name", required=True, help="bundle name (lowercase, [a-z0-9._-])")
     p.add_argument("--version", required=True, help="version such as 1.2.0")
     p.add_argument("--out", "-o", type=Path, required=True, help="bundle file to write")

@@ -25,10 +25,11 @@ from typing import Any
 
 from agent.errors import ApplianceError
 from provisioning.demo.bench import Bench, _appliance, prepare
+from provisioning.image.boot import LOOPBACK_FORWARDS
 
 __all__ = ["DEFAULT_PORTS", "run_image_demo"]
 
-DEFAULT_PORTS = {8000: 18000, 8001: 18001, 8002: 18002}  # guest port -> host loopback port
+DEFAULT_PORTS = LOOPBACK_FORWARDS  # guest port -> host loopback port
 NODE = "appliance-hil"  # images/hil.toml [image] hostname, and its certificate's name
 
 

@@ -31,8 +31,9 @@ from provisioning.errors import ImageError, ToolError
 from provisioning.image.disk import MANIFEST_NAME
 from provisioning.tools import require_tool, run
 
-__all__ = ["AGENT_PORTS", "GUEST_FORWARD_ADDR", "GUEST_MAC", "OVMF_CODE", "OVMF_CODE_SECBOOT",
-           "OVMF_VARS", "OVMF_VARS_SNAKEOIL", "QEMU_CPU_LEVELS", "SNAKEOIL_CERT", "SNAKEOIL_KEY",
+__all__ = ["AGENT_PORTS", "GUEST_FORWARD_ADDR", "GUEST_MAC", "LOOPBACK_FORWARDS", "OVMF_CODE",
+           "OVMF_CODE_SECBOOT", "OVMF_VARS", "OVMF_VARS_SNAKEOIL", "QEMU_CPU_LEVELS", "SNAKEOIL_CERT",
+           "SNAKEOIL_KEY",
            "BootPlan", "ConsoleWatch", "GuestHungError", "Machine", "check_cpu_model",
            "image_cpu_level", "keep_evidence", "kvm_usable", "qemu_argv", "start", "stop",
            "wait_for"]
@@ -46,6 +47,9 @@ OVMF_VARS_SNAKEOIL = Path("/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd")
 SNAKEOIL_KEY = Path("/usr/share/ovmf/PkKek-1-snakeoil.key")  # encrypted; passphrase "snakeoil"
 SNAKEOIL_CERT = Path("/usr/share/ovmf/PkKek-1-snakeoil.pem")
 AGENT_PORTS = (8000, 8001, 8002)  # HTTPS (OpenAI, KServe REST), gRPC (inference + node), metrics
+# The default forwards to host loopback (guest port -> host port: 8001 -> 18001); the README's
+# commands use them.
+LOOPBACK_FORWARDS = {p: 10000 + p for p in AGENT_PORTS}
 GUEST_MAC = "52:54:00:12:34:56"  # qemu's first NIC address, set explicitly: pcaps are read by it
 # Where a guestfwd appears to the guest: in slirp's 10.0.2.0/24, and not the host (10.0.2.2)
 # or DNS (10.0.2.3) addresses, which slirp refuses for forwards.

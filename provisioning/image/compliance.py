@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.fsutil import atomic_write_text
 from provisioning.errors import ImageError
 
 __all__ = [
@@ -286,5 +287,5 @@ def write_baseline(path: Path, summaries: Iterable[ProfileSummary], content: str
     """Record the ratios reached (rounded down to 4 places, so a rerun meets them)."""
     profiles = {s.profile: {"pass_ratio": int(s.pass_ratio * 10000) / 10000}
                 for s in summaries if s.pass_ratio is not None}
-    path.write_text(json.dumps({"format": BASELINE_FORMAT, "content": content,
-                                "profiles": profiles}, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps({"format": BASELINE_FORMAT, "content": content,
+                                        "profiles": profiles}, indent=1, sort_keys=True) + "\n")

@@ -261,6 +261,17 @@ def _debian_entries(mirror: Path, indices: tuple[LockedFile, ...], keyring: Path
     return entries
 
 
+def _check_debs(mirror: Path, debs: tuple[LockedFile, ...],
+                signed_by: dict[tuple[str, str, str], str]) -> None:
+    """Raise VerificationError unless every deb's sha256 is the one ``signed_by`` holds for it."""
+    for d in debs:
+        signed = signed_by.get((d.name, d.version, d.architecture))
+        if signed != d.sha256:
+            raise VerificationError(f"{mirror}: {d.path}: {d.name} {d.version} "
+                                    + ("is in no signed Packages index" if signed is None else
+                                       f"has sha256 {d.sha256}, Debian's index says {signed}"))
+
+
 def verify_mirror(mirror: Path, *, keyring: Path = DEBIAN_KEYRING,
                   step: Step | None = None) -> Lock:
     """Recheck every file of the mirror against the lock, and every .deb back to Debian's signature.
@@ -274,15 +285,14 @@ def verify_mirror(mirror: Path, *, keyring: Path = DEBIAN_KEYRING,
     """
     lock = load_lock(mirror)
     _check_files(mirror, lock.files(), step)
-    scanner_indices = tuple(f for f in lock.scanner if "kind" in f.extra)
-    entries = _debian_entries(mirror, lock.indices + scanner_indices, keyring,
-                              {d.name for d in lock.debs + lock.scanner_debs})
-    for d in lock.debs + lock.scanner_debs:
-        signed = entries.get((d.name, d.version, d.architecture))
-        if signed != d.sha256:
-            raise VerificationError(f"{mirror}: {d.path}: {d.name} {d.version} "
-                                    + ("is in no signed Packages index" if signed is None else
-                                       f"has sha256 {d.sha256}, Debian's index says {signed}"))
+    # The image's pool answers only to the image's indices, never to the scanner's testing
+    # (forky) one; the scanner's pool may answer to either.
+    image = _debian_entries(mirror, lock.indices, keyring,
+                            {d.name for d in lock.debs + lock.scanner_debs})
+    scanner = _debian_entries(mirror, tuple(f for f in lock.scanner if "kind" in f.extra),
+                              keyring, {d.name for d in lock.scanner_debs})
+    _check_debs(mirror, lock.debs, image)
+    _check_debs(mirror, lock.scanner_debs, image | scanner)
     listed = {f.path for f in lock.files()}
     for sub in ("debian/pool", "wheels", f"{SCANNER_DIR}/pool"):
         for path in sorted((mirror / sub).glob("*")):
@@ -517,6 +527,8 @@ def _scanner_files(mirror: Path, archive: str, step: Step) -> tuple[LockedFile, 
         debs, lists = Path(tmp) / "debs", Path(tmp) / "lists"
         debs.mkdir()
         lists.mkdir()
+        log.info("scanner: %s InRelease accepted past its Valid-Until (its signature is still "
+                 "checked, and the lock pins it by hash)", SCANNER_CONTENT_SUITE)
         run([require_tool("mmdebstrap"), "--variant=minbase", "--architectures=amd64",
              "--components=main", f"--include={include}", "--skip=essential/unlink",
              f"--keyring={DEBIAN_KEYRING}", f'--aptopt=APT::Default-Release "{SCANNER_SUITE}"',
