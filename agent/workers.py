@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -46,7 +45,7 @@ from typing import Any
 
 from agent.config import SECTIONS, AgentConfig
 from agent.errors import ConfigError, UpdateError
-from agent.lifecycle import physical_cores, ports_free, sd_notify, setup_logging
+from agent.lifecycle import die_with_parent, physical_cores, ports_free, sd_notify, setup_logging
 from agent.settings import from_table
 
 __all__ = ["Peer", "Supervisor", "WorkerLink", "run_supervisor", "worker_count"]
@@ -232,19 +231,13 @@ class WorkerLink:
             self.peer = None
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel for SIGTERM when the supervisor dies, however it dies, so no worker
-    keeps the port after it (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
 def worker_main(config: AgentConfig, index: int, count: int, fd: int, debug: bool) -> int:
     """A worker process's body: serve over the control socket ``fd``; return the exit code."""
     # Imported here, in the worker only: the supervisor never loads gRPC or ONNX Runtime.
     from agent.server import run_agent
 
-    _die_with_parent()
+    # SIGTERM when the supervisor dies, however it dies, so no worker keeps the port after it
+    die_with_parent(signal.SIGTERM)
     setup_logging(debug, prefix=f"worker {index}: ")  # whose line is it, in the shared journal
     sock = socket.socket(fileno=fd)
 
