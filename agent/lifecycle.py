@@ -7,8 +7,11 @@ load gRPC and ONNX Runtime (about 70 MiB of RSS it would hold for nothing).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -65,6 +68,17 @@ def sd_notify(message: str) -> None:
             sock.sendto(message.encode(), addr)
         except OSError:
             log.debug("sd_notify failed", exc_info=True)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: signal.Signals) -> None:
+    """Ask the kernel to send ``sig`` to this process when the thread that started it ends,
+    however it ends (``PR_SET_PDEATHSIG``).  Best effort: a unit's system-call filter may
+    deny it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
 
 
 def setup_logging(debug: bool, prefix: str = "") -> None:

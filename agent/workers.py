@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -46,7 +45,7 @@ from typing import Any
 
 from agent.config import SECTIONS, AgentConfig
 from agent.errors import ConfigError, UpdateError
-from agent.lifecycle import physical_cores, ports_free, sd_notify, setup_logging
+from agent.lifecycle import die_with_parent, physical_cores, ports_free, sd_notify, setup_logging
 from agent.settings import from_table
 
 __all__ = ["Peer", "Supervisor", "WorkerLink", "run_supervisor", "worker_count"]
@@ -188,7 +187,7 @@ class WorkerLink:
     def ready(self, port: int) -> None:
         """Tell the supervisor this worker serves; start the heartbeat."""
         assert self.peer is not None
-        self.peer.note({"kind": "ready", "port": port, "pid": os.getpid()})
+        self.peer.note({"kind": "ready", "port": port})
         self._tasks.append(asyncio.create_task(self._heartbeat()))
 
     async def _heartbeat(self) -> None:
@@ -232,19 +231,13 @@ class WorkerLink:
             self.peer = None
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel for SIGTERM when the supervisor dies, however it dies, so no worker
-    keeps the port after it (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
 def worker_main(config: AgentConfig, index: int, count: int, fd: int, debug: bool) -> int:
     """A worker process's body: serve over the control socket ``fd``; return the exit code."""
     # Imported here, in the worker only: the supervisor never loads gRPC or ONNX Runtime.
     from agent.server import run_agent
 
-    _die_with_parent()
+    # SIGTERM when the supervisor dies, however it dies, so no worker keeps the port after it
+    die_with_parent(signal.SIGTERM)
     setup_logging(debug, prefix=f"worker {index}: ")  # whose line is it, in the shared journal
     sock = socket.socket(fileno=fd)
 
@@ -291,10 +284,13 @@ class _Worker:
     index: int
     process: subprocess.Popen[bytes]
     peer: Peer | None = None
-    pid: int = 0
     ready: bool = False
     seen: float = 0.0  # monotonic time of the last heartbeat
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid  # the worker is the process the supervisor started
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -358,7 +354,7 @@ class Supervisor:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             process = _spawn(self.config, index, self.count, theirs.fileno(), self.debug)
-        worker = _Worker(index, process, pid=process.pid, seen=time.monotonic())
+        worker = _Worker(index, process, seen=time.monotonic())
         self.workers[index] = worker
         worker.peer = await Peer.over(mine, lambda m: self._handle(worker, m))
         worker.tasks.append(asyncio.create_task(self._watch(worker, worker.peer)))
@@ -393,15 +389,14 @@ class Supervisor:
         if kind == "alive":
             worker.seen = time.monotonic()
         elif kind == "ready":
-            await self._ready(worker, message)
+            await self._ready(worker)
         elif kind == "broadcast":
             return {"problems": await self._replay(worker, message["op"])}
         elif kind == "stats":
             return {"stats": await self._gather(worker, message)}
         return {}
 
-    async def _ready(self, worker: _Worker, message: dict[str, Any]) -> None:
-        worker.pid = int(message["pid"])
+    async def _ready(self, worker: _Worker) -> None:
         worker.seen = time.monotonic()
         if self._all_ready.is_set():
             # A restarted worker: it serves the store's active versions; it takes a sibling's

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,20 +22,27 @@ from testsupport.inference_support import make_bundle
 
 
 class RecordingSession:
-    """A real ONNX Runtime session that notes the thread of every run and can be slowed down."""
+    """A real ONNX Runtime session that notes the thread of every run, with a clock of its own
+    that each run moves on by ``cost_ns``: the inline decision reads this clock, so it does
+    not depend on how busy the machine running the tests is."""
+
+    FAST_NS = 1_000  # well under INLINE_MAX_NS, and never 0
 
     def __init__(self, session: Any) -> None:
         self.session = session
         self.threads: list[int] = []
-        self.delay_s = 0.0
+        self.cost_ns = self.FAST_NS
+        self.now_ns = 0
+
+    def clock(self) -> int:
+        return self.now_ns
 
     def get_providers(self) -> list[str]:
         return list(self.session.get_providers())
 
     def run(self, outputs: Sequence[str], feeds: dict[str, Any]) -> Any:
         self.threads.append(threading.get_ident())
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        self.now_ns += self.cost_ns
         return self.session.run(outputs, feeds)
 
 
@@ -47,7 +53,7 @@ def affine(tmp_path: Path) -> tuple[LoadedModel, RecordingSession]:
     session = RecordingSession(make_session(path.read_bytes()))
     assert fixed_cost(path.read_bytes())  # Mul and Add: its cost follows the request's shapes
     return LoadedModel(bundle.manifest, session, instances=2, max_queue=64, batching=False,
-                       fixed_cost=True), session
+                       fixed_cost=True, clock=session.clock), session
 
 
 def _run(model: LoadedModel, rows: int, times: int) -> list[np.ndarray]:
@@ -92,7 +98,7 @@ def test_a_slow_model_stays_on_the_pool_and_one_that_slows_down_goes_back(
     here = threading.get_ident()
     _run(model, 1, RUN_WINDOW)
     assert model.inline
-    session.delay_s = 2 * model_mod.INLINE_MAX_NS / 1e9
+    session.cost_ns = 2 * model_mod.INLINE_MAX_NS
     _run(model, 1, RUN_WINDOW)  # one window of slow runs, inline while it is measured
     assert not model.inline
     _run(model, 1, RUN_WINDOW)
@@ -101,8 +107,8 @@ def test_a_slow_model_stays_on_the_pool_and_one_that_slows_down_goes_back(
     # a model never measured below the bound never runs inline
     monkeypatch.setattr(model_mod, "INLINE_MAX_NS", 0)
     fresh = LoadedModel(model.manifest, session, instances=2, max_queue=64, batching=False,
-                        fixed_cost=True)
-    session.delay_s = 0.0
+                        fixed_cost=True, clock=session.clock)
+    session.cost_ns = RecordingSession.FAST_NS
     _run(fresh, 1, 3 * RUN_WINDOW)
     assert not fresh.inline
     assert here not in session.threads[-3 * RUN_WINDOW:]
@@ -141,7 +147,7 @@ def test_a_model_whose_work_a_request_can_choose_never_runs_inline(tmp_path: Pat
     bundle = read_bundle(make_bundle(tmp_path, path, "tile", "1", feeds))
     session = RecordingSession(make_session(data))
     loaded = LoadedModel(bundle.manifest, session, instances=2, max_queue=64, batching=False,
-                         fixed_cost=fixed_cost(data))
+                         fixed_cost=fixed_cost(data), clock=session.clock)
 
     async def go() -> None:
         for _ in range(3 * RUN_WINDOW):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +23,7 @@ import psutil
 import pytest
 
 from agent.proto import node_pb2, node_pb2_grpc
-from tests.conftest import ROOT
-from testsupport.inference_support import Agent, free_port
+from testsupport.inference_support import Agent, free_port, notify_socket, stop_notified
 from testsupport.updates_support import X, affine_bundle_at, expected, node_state, registry_with
 
 TRIES = 400  # fresh connections before giving up on meeting both workers
@@ -182,13 +180,7 @@ def test_update_unload_load_and_rollback_reach_every_worker(agent: Agent) -> Non
 
 def test_ready_once_every_worker_serves_then_sigterm_drains_all(tmp_path: Path, reg: Path,
                                                                 state: Path) -> None:
-    sock_path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(str(sock_path))
-        sock.settimeout(60)
-        env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="2000000",
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("WATCHDOG_PID", None)
+    with notify_socket(tmp_path / "notify.sock", 2_000_000) as (sock, env):
         log_path = tmp_path / "agent.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
@@ -203,11 +195,7 @@ def test_ready_once_every_worker_serves_then_sigterm_drains_all(tmp_path: Path, 
             assert sock.recv(256).decode() == "WATCHDOG=1"
             workers = _agent_children(proc.pid)
             assert len(workers) == 2
-            proc.send_signal(signal.SIGTERM)
-            while (msg := sock.recv(256).decode()) == "WATCHDOG=1":
-                pass
-            assert msg == "STOPPING=1"
-            assert proc.wait(60) == 0
+            stop_notified(proc, sock)
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,28 @@ def install(state: Path, *bundles: Path, activate: bool = True) -> None:
     repo = ModelRepository.for_state_dir(state, InferenceSection())
     for b in bundles:
         repo.install(b, activate=activate)
+
+
+@contextlib.contextmanager
+def notify_socket(path: Path, watchdog_usec: int) -> Iterator[tuple[socket.socket, dict[str, str]]]:
+    """A systemd notify socket bound at ``path`` (60 s receive timeout) and the environment
+    that points an agent started from this tree at it with a watchdog of ``watchdog_usec``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(60)
+        env = dict(os.environ, NOTIFY_SOCKET=str(path), WATCHDOG_USEC=str(watchdog_usec),
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("WATCHDOG_PID", None)
+        yield sock, env
+
+
+def stop_notified(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    """SIGTERM ``proc``; assert that it notifies STOPPING=1 after any WATCHDOG=1 and exits 0."""
+    proc.send_signal(signal.SIGTERM)
+    while (msg := sock.recv(256).decode()) == "WATCHDOG=1":
+        pass
+    assert msg == "STOPPING=1", msg
+    assert proc.wait(60) == 0
 
 
 class Agent:

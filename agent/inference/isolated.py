@@ -22,7 +22,6 @@ the thread that started it (``PR_SET_PDEATHSIG``), so a killed agent leaves no w
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any
 from agent.bundle import MODEL, valid_name
 from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.inference.store import InstalledModel, ModelStore, StagedBundle
+from agent.lifecycle import die_with_parent
 from agent.modelrefs import ModelCheck, check_model
 
 __all__ = ["check_installed", "stage_install"]
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 # os.nice's ceiling: the worker runs only when serving leaves a CPU idle.
 _LOWEST = 19
-_PR_SET_PDEATHSIG = 1
 # Errors the worker may report, by name; anything else is reported as a BundleError.
 _ERRORS: dict[str, type[BundleError | VerificationError | NotFoundError]] = {
     "BundleError": BundleError, "VerificationError": VerificationError, "NotFoundError": NotFoundError}
@@ -159,8 +158,7 @@ def _check_json(check: ModelCheck) -> dict[str, Any]:
 def _prepare_worker() -> None:
     """Die with the thread that started this worker; run only on CPU that serving leaves idle.
     Both best effort: a unit's system-call filter may deny them."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.nice(_LOWEST)
 

@@ -258,17 +258,14 @@ class UpdateManager:
                                    best.length))
         return out
 
-    def _flock(self, blocking: bool) -> int | None:
-        """The update lock between the agent's serving processes: ``flock`` on the updates
-        directory (the kernel drops it when a holder dies).  None: busy (only when not
-        ``blocking``)."""
+    def _flock(self) -> int:
+        """Take the update lock between the agent's serving processes (``flock`` on the
+        updates directory; the kernel drops it when a holder dies), waiting for it; the
+        descriptor to close to release it."""
         self.journal.ensure()
         fd = os.open(self.journal.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
             os.close(fd)
             raise
@@ -278,8 +275,7 @@ class UpdateManager:
     async def _locked(self) -> AsyncIterator[None]:
         """This process's lock, then the one shared with the agent's other serving processes."""
         async with self._lock:
-            fd = await asyncio.to_thread(self._flock, True)
-            assert fd is not None
+            fd = await asyncio.to_thread(self._flock)
             try:
                 yield
             finally:
@@ -655,8 +651,7 @@ class UpdateManager:
         # Under the update lock: a sibling serving process (agent.workers) recovering at the
         # same start, or updating while this one restarts, finishes first; a journal found
         # after that was left by a process that died.
-        fd = self._flock(blocking=True)
-        assert fd is not None
+        fd = self._flock()
         try:
             return self._recover()
         finally:
