@@ -662,8 +662,9 @@ def _account_commands() -> list[tuple[str, ...]]:
                  ("sed", "-i", f"$a {key}\t{value}", "/etc/login.defs")]
     cmds += [
         ("sed", "-i", "-E", "s/^#?[[:space:]]*INACTIVE=.*/INACTIVE=45/", "/etc/default/useradd"),
-        # accounts_password_set_max_life_root (root is locked; the limit still applies)
-        ("chage", "--maxdays", "365", "root"),
+        # accounts_password_set_max_life_root is waived (images/compliance/tailoring.xml): root
+        # has no password, and an age counted from the build date would expire root on one
+        # fixed date on every node of a release
         # file_permissions_systemmap: the kernel's symbol map is for root only
         ("find", "/boot", "-maxdepth", "1", "-name", "System.map-*", "-exec", "chmod", "0600",
          "{}", "+"),
