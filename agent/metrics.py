@@ -108,6 +108,11 @@ class GenAiMetrics:
             "gen_ai_server_time_per_output_token_seconds",
             "Time per output token generated after the first token", _LABELS,
             buckets=_TPOT_BUCKETS, registry=registry)
+        # OpenTelemetry names no queue time yet: the gen_ai_server_ prefix, Prometheus' unit suffix
+        self.queue_time = Histogram(
+            "gen_ai_server_request_queue_time_seconds",
+            "Time a request waited for the model's KV-cache budget before its first step", _LABELS,
+            buckets=_TTFT_BUCKETS, registry=registry)
         self.token_usage = Counter(
             "gen_ai_server_token_usage", "Tokens processed, by type (input: prompt, output: completion)",
             [*_LABELS, "gen_ai_token_type"], registry=registry)

@@ -74,6 +74,7 @@ __all__ = [
     "RevocationList",
     "admitted",
     "audit_decision",
+    "caller_of",
     "check_listen",
     "client_identity",
     "client_tls",
@@ -222,6 +223,15 @@ def audit_decision(level: int, decision: str, method: str, ident: Identity, peer
     if audit.isEnabledFor(level):
         audit.log(level, "audit decision=%s method=%s subject=%r serial=%s role=%s peer=%s reason=%r",
                   decision, method, ident.subject, ident.serial_hex, ident.role or "-", peer, reason)
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Identity:
+    """Who made an RPC the interceptor already admitted (for accounting, not for decisions):
+    the client certificate's identity, or the loopback caller when the port has no TLS."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    if not pems:
+        return Identity(subject="loopback (no TLS)", serial=None, role=None)
+    return client_identity(pems[0])
 
 
 def client_identity(pem: bytes) -> Identity:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import queue
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from agent.llm.engine import Limits
 from agent.llm.load import load_language_model
 from agent.llm.served import ServedGenerative
 from agent.llm.types import Chunk, ModelCard, Sampling
+from agent.metrics import REGISTRY
 from agent.proto import grpc_service_pb2_grpc as pb_grpc
 from agent.security import interceptors, server_credentials
 from provisioning.demo.llm_models import DecoderShape, write_decoder
@@ -174,16 +177,61 @@ def test_bad_sampling_parameters_are_named(port: _GrpcPort, pki: Path, params: A
     assert error is not None and fragment in str(error)
 
 
-def test_cancelled_stream_frees_its_sequence(port: _GrpcPort, pki: Path, served: ServedGenerative) -> None:
+def _audit_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "agent.audit" and "audit llm" in r.getMessage()]
+
+
+def test_cancelled_stream_frees_its_sequence(port: _GrpcPort, pki: Path, served: ServedGenerative,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     long = served.language_model("long-llm")
     client = _client(port, pki, "observer")
     params = {"max_tokens": LONG, "temperature": 1.0, "seed": 1}
-    responses = _stream(client, "long-llm", _inputs(PROMPT, True, params), stop_after=1)
-    assert responses[0][1] is None
-    deadline = time.monotonic() + 60
+    with caplog.at_level(logging.INFO, logger="agent.audit"):
+        responses = _stream(client, "long-llm", _inputs(PROMPT, True, params), stop_after=1)
+        assert responses[0][1] is None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("outcome=cancelled" in s for s in _audit_lines(caplog)):
+            time.sleep(0.05)
+    # the sequence ended because the client went away, not because it ran out of tokens
+    line = next(s for s in _audit_lines(caplog) if "outcome=cancelled" in s)
+    assert "model=long-llm" in line
+    assert int(line.split("completion_tokens=")[1].split()[0]) < LONG
     while time.monotonic() < deadline and long.active_sequences:
         time.sleep(0.05)
     assert long.active_sequences == 0
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_streams_are_audited_and_measured_like_the_https_routes(port: _GrpcPort, pki: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    labels = {"gen_ai_operation_name": "text_completion", "gen_ai_request_model": "tiny-llm"}
+    names = ("gen_ai_server_time_to_first_token_seconds_count",
+             "gen_ai_server_request_queue_time_seconds_count", "gen_ai_server_request_duration_seconds_count")
+    before = [_sample(n, **labels) for n in names[:2]]
+    before.append(_sample(names[2], **labels, error_type=""))
+    out_before = _sample("gen_ai_server_token_usage_total", **labels, gen_ai_token_type="output")
+    secret = "the launch code is 0000"
+    with caplog.at_level(logging.INFO, logger="agent.audit"):
+        texts = _texts(_stream(_client(port, pki, "observer"), "tiny-llm",
+                               _inputs(secret, True, {"max_tokens": 8, "temperature": 0})))
+    assert texts
+    lines = _audit_lines(caplog)
+    assert len(lines) == 1
+    m = re.fullmatch(r"audit llm route=/inference.GRPCInferenceService/ModelStreamInfer "
+                     r"subject='CN=observer,[^']*' serial=[0-9a-f]+ model=tiny-llm "
+                     r"prompt_tokens=(\d+) completion_tokens=(\d+) outcome=ok", lines[0])
+    assert m, lines[0]
+    assert int(m[1]) > 0 and 0 < int(m[2]) <= 8
+    assert secret not in caplog.text and "".join(texts) not in caplog.text
+    after = [_sample(n, **labels) for n in names[:2]]
+    after.append(_sample(names[2], **labels, error_type=""))
+    assert after == [b + 1 for b in before]
+    assert _sample("gen_ai_server_token_usage_total", **labels, gen_ai_token_type="output") == \
+        out_before + int(m[2])
 
 
 def test_revoked_certificate_is_refused(port: _GrpcPort, pki: Path) -> None:

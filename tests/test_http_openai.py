@@ -234,7 +234,8 @@ def test_audit_lines_and_metrics_carry_counts_not_text(client: openai.OpenAI,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     labels = {"gen_ai_operation_name": "text_completion", "gen_ai_request_model": "tiny-llm"}
     before = (_sample("gen_ai_server_time_to_first_token_seconds_count", **labels),
-              _sample("gen_ai_server_token_usage_total", **labels, gen_ai_token_type="output"))
+              _sample("gen_ai_server_token_usage_total", **labels, gen_ai_token_type="output"),
+              _sample("gen_ai_server_request_queue_time_seconds_count", **labels))
     secret = "the launch code is 0000"
     with caplog.at_level(logging.INFO, logger="agent.audit"):
         resp = client.completions.create(model="tiny-llm", prompt=secret, max_tokens=8, temperature=0)
@@ -248,9 +249,11 @@ def test_audit_lines_and_metrics_carry_counts_not_text(client: openai.OpenAI,
                         rf"completion_tokens={resp.usage.completion_tokens} outcome=ok", lines[0]), lines[0]
     assert secret not in caplog.text
     after = (_sample("gen_ai_server_time_to_first_token_seconds_count", **labels),
-             _sample("gen_ai_server_token_usage_total", **labels, gen_ai_token_type="output"))
+             _sample("gen_ai_server_token_usage_total", **labels, gen_ai_token_type="output"),
+             _sample("gen_ai_server_request_queue_time_seconds_count", **labels))
     assert after[0] == before[0] + 1
     assert after[1] == before[1] + resp.usage.completion_tokens
+    assert after[2] == before[2] + 1
 
 
 def test_raw_sse_framing_ends_with_done(port: HttpsPort, pki: Path) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from agent.bundle import TensorSpec
-from agent.errors import InferenceError, echo
+from agent.errors import ApplianceError, InferenceError, echo
 from agent.inference.tensors import decode_inputs, serialize_bytes
+from agent.llm.accounting import GenerationCall
 from agent.llm.params import SAMPLING_KEYS, known_keys, parse_json, sampling_of
 from agent.llm.types import LanguageModel, Sampling
 from agent.proto import grpc_service_pb2 as pb
@@ -92,29 +93,43 @@ def _bytes_array(text: str) -> Any:
     return array
 
 
-async def llm_responses(model: LanguageModel, req: Any) -> AsyncIterator[Any]:
+async def llm_responses(model: LanguageModel, req: Any, call: GenerationCall) -> AsyncIterator[Any]:
     """The ``ModelInferResponse`` messages answering ``req``; the model's stream is closed
-    however this ends (the client cancelled, an error), which frees the sequence.
+    however this ends (the client cancelled, an error), which frees the sequence.  ``call``
+    accounts the request (metrics, the audit line) as the HTTPS routes do.
 
     Raises:
         InferenceError: a bad input or sampling parameter, or the model refused the request
             (``CapacityError`` when its KV budget is spent).
     """
-    prompt, stream, sampling, exclude = _request(req)
-    flags = _final_flags(req)
-    chunk_final = False if flags else None  # the flag only for a client that asked for it
-    chunks = model.generate(prompt, sampling)
+    call.model = req.model_name
     try:
-        if stream:
+        prompt, stream, sampling, exclude = _request(req)
+        flags = _final_flags(req)
+        chunk_final = False if flags else None  # the flag only for a client that asked for it
+        chunks = model.generate(prompt, sampling)
+        try:
+            parts: list[str] = []
             async for chunk in chunks:
-                if chunk.text:
+                call.saw(chunk)
+                if not stream:
+                    parts.append(chunk.text)
+                elif chunk.text:
                     yield _response(req, model, chunk.text, chunk_final)
-        else:
-            text = "".join([c.text async for c in chunks])
-            yield _response(req, model, text if exclude else prompt + text, chunk_final)
+            if not stream:
+                text = "".join(parts)
+                yield _response(req, model, text if exclude else prompt + text, chunk_final)
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if flags:
+            yield _response(req, model, "", True)
+    except ApplianceError as exc:
+        call.outcome = type(exc).__name__
+        raise
+    except BaseException:  # the client went away, the call was cancelled
+        call.outcome = "cancelled"
+        raise
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-    if flags:
-        yield _response(req, model, "", True)
+        call.finish()

@@ -33,10 +33,12 @@ from agent.inference.model import LoadedModel
 from agent.inference.repository import ModelRepository
 from agent.inference.stats import add_snapshots
 from agent.inference.tensors import check_requested_outputs, decode_inputs, encode_output
+from agent.llm.accounting import GenerationCall
 from agent.llm.types import GenerativeModels, LanguageModel
 from agent.proto import grpc_service_pb2 as pb
 from agent.proto import grpc_service_pb2_grpc as pb_grpc
 from agent.proto import model_config_pb2 as mc
+from agent.security import caller_of
 
 if TYPE_CHECKING:
     from agent.workers import WorkerLink
@@ -46,6 +48,7 @@ __all__ = ["MODEL_HEALTH_PREFIX", "SERVICE_NAME", "InferenceServicer", "attach",
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+_STREAM_METHOD = f"/{SERVICE_NAME}/ModelStreamInfer"
 MODEL_HEALTH_PREFIX = "inference.model/"
 SERVER_NAME = "sovereign-appliance"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
@@ -288,7 +291,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 llm = self._language_model(req.model_name)
                 if llm is not None:  # decoupled: a response per chunk (Triton's LLM convention)
-                    async for resp in llm_responses(llm, req):
+                    call = GenerationCall("text_completion", _STREAM_METHOD, caller_of(context))
+                    async for resp in llm_responses(llm, req, call):
                         await results.put(pb.ModelStreamInferResponse(infer_response=resp))
                     return
                 resp = await self.infer(req)

@@ -208,7 +208,9 @@ class GenaiLanguageModel:
 
     async def _stream(self, ids: list[int], new: int, options: dict[str, Any], stops: tuple[str, ...],
                       deadline: float | None) -> AsyncIterator[Chunk]:
+        asked = time.monotonic()
         await self.budget.acquire(len(ids) + new, self.limits.queue_wait_s)
+        queued = time.monotonic() - asked
         seq = _Sequence(self, len(ids) + new)
         try:
             await seq.run(self._prefill, ids, options)
@@ -231,9 +233,9 @@ class GenaiLanguageModel:
                     finish, tail = ("stop" if token in self._eos else "length"), text + scanner.flush()
                     break
                 if text:
-                    yield Chunk(text, tuple(held))
+                    yield Chunk(text, tuple(held), queue_s=queued)
                     held = []
-            yield Chunk(tail, tuple(held), finish, len(ids), count)
+            yield Chunk(tail, tuple(held), finish, len(ids), count, queued)
         finally:
             seq.close()
 

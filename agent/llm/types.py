@@ -15,7 +15,7 @@ bad parameter), ``CapacityError`` when the KV budget is spent and the bounded wa
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 __all__ = [
@@ -65,6 +65,8 @@ class Chunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # how long the request waited for the model to take it (on every chunk; not its content)
+    queue_s: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)

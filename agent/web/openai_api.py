@@ -10,7 +10,7 @@ away ends its sequence and frees its KV cache.
 
 Privacy: prompts and completions are never logged; each request leaves one ``agent.audit``
 line with the subject, model, token counts and outcome, and per-model metrics
-(:class:`agent.metrics.GenAiMetrics`).
+(:class:`agent.metrics.GenAiMetrics`), through :class:`~agent.llm.accounting.GenerationCall`.
 """
 
 from __future__ import annotations
@@ -18,17 +18,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
 from agent.errors import ApplianceError, NotFoundError, echo
+from agent.llm.accounting import GenerationCall
 from agent.llm.params import (
     SAMPLING_KEYS,
     bad_value,
@@ -38,13 +37,9 @@ from agent.llm.params import (
     sampling_of,
 )
 from agent.llm.types import Chunk, EmbeddingModel, GenerativeModels, LanguageModel, Message
-from agent.metrics import GENAI
-from agent.security import Identity
 from agent.web.app import IDENTITY, error_body, http_status, read_json, rpc
 
 __all__ = ["OpenAiRoutes"]
-
-audit = logging.getLogger("agent.audit")
 
 _M = "/openai.v1/"
 _SAMPLING_KEYS = {"model", "stream", "stream_options", "n", "user", *SAMPLING_KEYS}
@@ -94,52 +89,6 @@ def _include_usage(body: dict[str, Any]) -> bool:
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise bad_value("stream_options", options, 'an object with "include_usage"')
     return optional_bool(options, "include_usage", "stream_options.include_usage")
-
-
-@dataclass
-class _Call:
-    """One generation request as it runs: for the response, the metrics and the audit line."""
-
-    operation: str  # OpenTelemetry's gen_ai.operation.name
-    route: str
-    identity: Identity
-    model: str = "-"
-    started: float = field(default_factory=time.perf_counter)
-    first_token: float | None = None
-    last_token: float | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    outcome: str = "ok"
-
-    def saw(self, chunk: Chunk) -> None:
-        if chunk.token_ids:
-            now = time.perf_counter()
-            if self.first_token is None:
-                self.first_token = now
-            self.last_token = now
-            self.completion_tokens += len(chunk.token_ids)  # so far; the last chunk says exactly
-        if chunk.finish_reason is not None:
-            self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    def finish(self) -> None:
-        """Metrics and the audit line; never the prompt or the completion."""
-        labels = (self.operation, self.model)
-        GENAI.request_duration.labels(*labels, "" if self.outcome == "ok" else self.outcome).observe(
-            time.perf_counter() - self.started)
-        GENAI.tokens(self.operation, self.model, self.prompt_tokens, self.completion_tokens)
-        if self.first_token is not None:
-            GENAI.time_to_first_token.labels(*labels).observe(self.first_token - self.started)
-            if self.completion_tokens > 1 and self.last_token is not None:
-                GENAI.time_per_output_token.labels(*labels).observe(
-                    (self.last_token - self.first_token) / (self.completion_tokens - 1))
-        ident = self.identity
-        audit.info("audit llm route=%s subject=%r serial=%s model=%s prompt_tokens=%d "
-                   "completion_tokens=%d outcome=%s", self.route, ident.subject, ident.serial_hex,
-                   self.model, self.prompt_tokens, self.completion_tokens, self.outcome)
 
 
 @contextlib.asynccontextmanager
@@ -193,17 +142,17 @@ class OpenAiRoutes:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         known_keys(body, _CHAT_KEYS)
-        call = _Call("chat", request.path, request[IDENTITY])
+        call = GenerationCall("chat", request.path, request[IDENTITY])
         return await self._generate(request, body, call, lambda model: model.chat_prompt(_messages(body)))
 
     @rpc(_M + "Completions")
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         known_keys(body, _COMPLETION_KEYS)
-        call = _Call("text_completion", request.path, request[IDENTITY])
+        call = GenerationCall("text_completion", request.path, request[IDENTITY])
         return await self._generate(request, body, call, lambda model: _prompt(body))
 
-    async def _generate(self, request: web.Request, body: dict[str, Any], call: _Call,
+    async def _generate(self, request: web.Request, body: dict[str, Any], call: GenerationCall,
                         prompt_of: Callable[[LanguageModel], str]) -> web.StreamResponse:
         try:
             name = required_string(body, "model")
@@ -229,7 +178,7 @@ class OpenAiRoutes:
         finally:
             call.finish()
 
-    async def _whole(self, chunks: AsyncIterator[Chunk], call: _Call) -> web.Response:
+    async def _whole(self, chunks: AsyncIterator[Chunk], call: GenerationCall) -> web.Response:
         parts: list[str] = []
         reason = "stop"
         async for chunk in chunks:
@@ -249,7 +198,7 @@ class OpenAiRoutes:
             "created": int(time.time()), "model": call.model, "choices": [choice],
             "usage": call.usage()})
 
-    async def _stream(self, request: web.Request, chunks: AsyncIterator[Chunk], call: _Call,
+    async def _stream(self, request: web.Request, chunks: AsyncIterator[Chunk], call: GenerationCall,
                       include_usage: bool) -> web.StreamResponse:
         chat = call.operation == "chat"
         head = {"id": _id(chat), "object": "chat.completion.chunk" if chat else "text_completion",
@@ -289,7 +238,7 @@ class OpenAiRoutes:
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         known_keys(body, _EMBEDDING_KEYS)
-        call = _Call("embeddings", request.path, request[IDENTITY])
+        call = GenerationCall("embeddings", request.path, request[IDENTITY])
         try:
             call.model = required_string(body, "model")
             texts = body.get("input")
