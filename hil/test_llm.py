@@ -3,7 +3,9 @@ client over mTLS, as a site's application would; a client without a certificate 
 
 from __future__ import annotations
 
+import socket
 import ssl
+import urllib.parse
 from typing import Any
 
 import httpx
@@ -17,12 +19,23 @@ pytestmark = pytest.mark.timeout(900)  # the first reply under TCG can take a wh
 MESSAGES: Any = [{"role": "user", "content": "Hello, appliance"}]
 
 
+class _NodeNamed(ssl.SSLContext):
+    """A client context that checks the node's certificate for the node's name even though
+    the connection goes to a forwarded loopback port (httpx names the URL's host)."""
+
+    node_name = ""
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["server_hostname"] = self.node_name or kwargs.get("server_hostname")
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 def _context(appliance: Appliance, *, with_cert: bool) -> ssl.SSLContext:
     assert appliance.tls_files is not None
     ca, cert, key = appliance.tls_files
-    ctx = ssl.create_default_context(cafile=str(ca))
-    if appliance.tls_name:
-        ctx.check_hostname = False  # the node's name is checked by the gRPC channel's override
+    ctx = _NodeNamed(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
+    ctx.node_name = appliance.tls_name or ""
+    ctx.load_verify_locations(cafile=str(ca))
     if with_cert:
         ctx.load_cert_chain(str(cert), str(key))
     return ctx
@@ -61,5 +74,20 @@ def test_chat_completion_over_mtls(appliance: Appliance) -> None:
 
 
 def test_client_without_certificate_is_refused(appliance: Appliance) -> None:
-    with _client(appliance, with_cert=False) as client, pytest.raises(openai.APIConnectionError):
-        client.chat.completions.create(model=LLM, messages=MESSAGES, max_tokens=4)
+    url = urllib.parse.urlsplit(appliance.https_base())
+    host, port = url.hostname or "localhost", url.port or 443
+    ctx = _context(appliance, with_cert=False)
+    # The node's certificate verifies (chain and name): the refusal below is the node's, not a
+    # dead port or another server.
+    with socket.create_connection((host, port), timeout=120) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        assert tls.version() == "TLSv1.3"
+        tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: node\r\n\r\n")
+        try:
+            answer = tls.recv(4096)
+        except (ssl.SSLError, ConnectionResetError):
+            answer = b""
+    assert answer == b"", f"the node answered a client without a certificate: {answer[:80]!r}"
+    # the same port, asked with the site's certificate a moment later, answers
+    with _client(appliance) as client:
+        assert LLM in {m.id for m in client.models.list().data}
