@@ -5,6 +5,7 @@ on the tiny encoder made by provisioning.demo.llm_models)."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import logging
 import re
@@ -54,11 +55,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGenerativ
                                    ModelCard("long-llm", "1.0.0", "llm", LONG + 96, 0, "fp32", 7),
                                    Limits(LONG + 96, LONG, LONG + 96, 5.0), intra_op_threads=1,
                                    decode_threads=2))
+    # room for about six sequences of the 32-stream test at once: the rest wait for budget
+    models.add(load_language_model(dec, _members(dec),
+                                   ModelCard("narrow-llm", "1.0.0", "llm", 256, 0, "fp32", 7),
+                                   Limits(256, 64, 6 * 64, 30.0), intra_op_threads=1, decode_threads=2))
     models.add(load_embedding_model(enc, _members(enc), "model.onnx",
                                     ModelCard("tiny-embed", "1.0.0", "embedding", 256, 0, "fp32", 7),
                                     intra_op_threads=1))
     yield models
-    for name in ("tiny-llm", "long-llm", "tiny-embed"):
+    for name in ("tiny-llm", "long-llm", "narrow-llm", "tiny-embed"):
         models.remove(name)
 
 
@@ -99,7 +104,8 @@ def _direct(port: HttpsPort, model: GenaiLanguageModel, prompt: str, sampling: S
 
 def test_models_are_listed(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert [(m.id, m.created) for m in models.data] == [("long-llm", 7), ("tiny-embed", 7), ("tiny-llm", 7)]
+    assert [(m.id, m.created) for m in models.data] == [
+        ("long-llm", 7), ("narrow-llm", 7), ("tiny-embed", 7), ("tiny-llm", 7)]
 
 
 def test_chat_matches_the_runtime_and_streams_the_same_text(client: openai.OpenAI, port: HttpsPort,
@@ -279,3 +285,30 @@ def test_base64_is_little_endian_float32(client: openai.OpenAI, port: HttpsPort,
     vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
     assert abs(float(np.linalg.norm(vec)) - 1.0) < 1e-5
 
+
+
+def test_32_concurrent_streams_complete_within_the_kv_budget(port: HttpsPort, pki: Path,
+                                                            served: ServedGenerative) -> None:
+    narrow = served.language_model("narrow-llm")
+    assert isinstance(narrow, GenaiLanguageModel)
+    budget = narrow.budget
+
+    def one(i: int) -> tuple[str | None, int]:
+        with _client(port, pki, "observer") as c:
+            stream = c.completions.create(model="narrow-llm", prompt=f"{PROMPT} {i}", max_tokens=40,
+                                          temperature=0.7, seed=i, stream=True,
+                                          stream_options={"include_usage": True})
+            reason, tokens = None, 0
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason is not None:
+                    reason = chunk.choices[0].finish_reason
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+            return reason, tokens
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert all(reason in ("length", "stop") and tokens > 0 for reason, tokens in results), results
+    assert budget.peak <= budget.total
+    assert budget.peak > 2 * 64  # several ran at once
+    assert narrow.active_sequences == 0 and budget.in_use == 0
