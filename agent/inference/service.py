@@ -433,13 +433,25 @@ async def follow_active(repo: ModelRepository, drain_s: float, name: str = "") -
 
 
 async def _match(repo: ModelRepository, served: list[list[str]]) -> None:
-    """Serve the models a sibling serves (a restarted worker catching up with load/unload)."""
-    wanted = {name for name, _version in served}
-    for name in sorted(wanted - {m.name for m in repo.served()}):
-        await repo.load(name)
-    for name in sorted({m.name for m in repo.served()} - wanted):
+    """Serve the model versions a sibling serves, generative ones too (a restarted worker
+    catching up with the loads, unloads, updates and rollbacks made while it was down): a
+    name served here in other versions than the sibling's is served again in exactly its."""
+    wanted: dict[str, set[str]] = {}
+    for name, version in served:
+        wanted.setdefault(name, set()).add(version)
+    have: dict[str, set[str]] = {}
+    for e in repo.index(ready_only=True):
+        have.setdefault(e.name, set()).add(e.version)
+    for name in sorted(have.keys() - wanted.keys()):
         with contextlib.suppress(NotFoundError):
             await repo.unload(name)
+    for name, versions in sorted(wanted.items()):
+        if have.get(name, set()) - versions:  # a version the sibling does not serve
+            with contextlib.suppress(NotFoundError):
+                await repo.unload(name)
+            have.pop(name, None)
+        for version in sorted(versions - have.get(name, set())):
+            await repo.serve(name, version)
 
 
 def _follow_siblings(link: WorkerLink, repo: ModelRepository, drain_s: float) -> None:
@@ -467,4 +479,4 @@ def _follow_siblings(link: WorkerLink, repo: ModelRepository, drain_s: float) ->
 
     link.apply = apply
     link.statistics = statistics
-    link.served = lambda: [[m.name, m.version] for m in repo.served()]
+    link.served = lambda: [[e.name, e.version] for e in repo.index(ready_only=True)]
