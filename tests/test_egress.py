@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -255,3 +256,24 @@ def test_the_disk_stage_records_the_allowlist_in_the_image_manifest(tmp_path: Pa
     doc = json.loads((tmp_path / "m/image-manifest.json").read_text())
     assert from_json(doc["egress"]) == egress_allowlist(p)
     assert doc["cpu_level"] == p.image.cpu_level
+
+
+@pytest.mark.parametrize(("entries", "fragment"), [
+    ([{"why": "registry", "proto": "tcp", "host": "10.0.0.1", "port": "443"}], "[0].port is '443', not int"),
+    ([{"why": "dns", "proto": "udp", "host": "", "port": 53}, "dns"], "[1] is str, not an object"),
+    ([{"why": "ntp", "proto": "udp", "host": "", "port": True}], "[0].port is True, not int"),
+    ([{"why": "dhcp", "proto": "udp", "host": "", "port": 67, "source_port": "68"}], "[0].source_port"),
+])
+def test_from_json_names_the_bad_entry_and_field(entries: list[object], fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        from_json(entries)
+
+
+@pytest.mark.parametrize("listed", [
+    '{"registry": 1}', '[{"why": "registry"}]', '[{"why": "x", "proto": "tcp", "host": "h", "port": "443"}]'])
+def test_audit_refuses_malformed_egress_metadata_naming_the_file(tmp_path: Path, listed: str) -> None:
+    meta = tmp_path / "usr/lib/appliance/image.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(f'{{"egress": {listed}}}')
+    with pytest.raises(ImageError, match=re.escape(str(meta)) + ": egress"):
+        egress(tmp_path)

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from provisioning.image.compliance import (
     runtime_only,
     summarize,
 )
+from provisioning.image.egress import from_json
 from provisioning.image.mirror import (
     DEBIAN_KEYRING,
     SCANNER_DIR,
@@ -178,12 +179,18 @@ def lynis(scanner: Path, root: Path, out: Path) -> dict[str, Any]:
     values, processes, loaded modules, mounts) find nothing rather than the build host's state;
     the kernel release Lynis prints is the host's (uname), which no file test uses.
     """
-    _in_scanner(scanner, root, out, [
+    proc = _in_scanner(scanner, root, out, [
         "lynis", "audit", "system", "--rootdir", "/target", "--quick", "--no-colors",
         "--logfile", "/out/lynis.log", "--report-file", "/out/lynis-report.dat"])
     report = out / "lynis-report.dat"
     data = report.read_text(errors="replace") if report.is_file() else ""
     index = re.search(r"^hardening_index=(\d+)", data, re.MULTILINE)
+    if index is None:  # Lynis writes the index last: without it the run did not finish
+        raise ToolError("lynis", proc.returncode,
+                        f"no hardening_index in {report}: "
+                        + (proc.stderr.decode(errors="replace") or proc.text)[-2000:])
+    if proc.returncode != 0:
+        log.warning("lynis exited %d after a complete report (%s)", proc.returncode, report)
     version = re.search(r"^lynis_version=(.+)$", data, re.MULTILINE)
     warnings = re.findall(r"^warning\[\]=(.+)$", data, re.MULTILINE)
     suggestions = re.findall(r"^suggestion\[\]=(.+)$", data, re.MULTILINE)
@@ -208,8 +215,9 @@ def unit_exposure(root: Path, unit: str) -> dict[str, Any]:
 def egress(root: Path) -> dict[str, Any]:
     """What the image is configured to send to: the allowlist its metadata lists
     (``usr/lib/appliance/image.json``) and whether its firewall's output chain drops the rest."""
+    path = root / "usr/lib/appliance/image.json"
     try:
-        meta = json.loads((root / "usr/lib/appliance/image.json").read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError):
         meta = {}
     try:
@@ -217,9 +225,16 @@ def egress(root: Path) -> dict[str, Any]:
     except OSError:
         rules = ""
     chain = re.search(r"hook output priority filter; policy (\w+);", rules)
-    allowed = meta.get("egress") if isinstance(meta, dict) else None
-    return {"allowed": allowed if isinstance(allowed, list) else None,
-            "output_policy": chain.group(1) if chain else "none"}
+    listed = meta.get("egress") if isinstance(meta, dict) else None
+    allowed = None
+    if listed is not None:
+        if not isinstance(listed, list):
+            raise ImageError(f"{path}: egress is {type(listed).__name__}, not a list of destinations")
+        try:
+            allowed = [asdict(d) for d in from_json(listed)]
+        except ValueError as exc:
+            raise ImageError(f"{path}: egress: {exc}") from None
+    return {"allowed": allowed, "output_policy": chain.group(1) if chain else "none"}
 
 
 @dataclass(frozen=True)

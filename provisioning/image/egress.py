@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from provisioning.image.pcap import Packet
@@ -83,16 +84,43 @@ def egress_json(profile: Profile) -> list[dict[str, object]]:
     return [asdict(d) for d in egress_allowlist(profile)]
 
 
-def from_json(entries: Iterable[dict[str, object]]) -> tuple[Destination, ...]:
+_FIELDS: dict[str, type] = {"why": str, "proto": str, "host": str, "port": int, "source_port": int,
+                             "note": str}
+_REQUIRED = ("why", "proto", "host", "port")
+
+
+def _entry_problem(e: object) -> str:
+    """What makes ``e`` not a :class:`Destination` (after its index), or ""."""
+    if not isinstance(e, dict):
+        return f" is {type(e).__name__}, not an object"
+    for name in e:
+        if name not in _FIELDS:
+            return f": unknown field {str(name)[:40]!r}"
+    for name in _REQUIRED:
+        if name not in e:
+            return f": missing field {name!r}"
+    for name, value in e.items():
+        if name == "source_port" and value is None:
+            continue
+        kind = _FIELDS[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f".{name} is {value!r:.40}, not {kind.__name__}"
+    return ""
+
+
+def from_json(entries: Iterable[object]) -> tuple[Destination, ...]:
     """The allowlist back from image metadata (:func:`egress_json`).
 
     Raises:
-        ValueError: an entry is not a destination.
+        ValueError: an entry is not a destination (the message names its index and field).
     """
-    try:
-        return tuple(Destination(**e) for e in entries)  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise ValueError(f"not an egress entry: {exc}") from None
+    out = []
+    for i, e in enumerate(entries):
+        problem = _entry_problem(e)
+        if problem:
+            raise ValueError(f"not an egress entry: [{i}]{problem}")
+        out.append(Destination(**cast("dict[str, Any]", e)))
+    return tuple(out)
 
 
 def _rule(d: Destination) -> str:
