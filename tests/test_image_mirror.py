@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent.errors import NotFoundError, VerificationError
-from provisioning.errors import ImageError
-from provisioning.image.mirror import _release_path, load_lock, verify_mirror, wheel_requirements
+from provisioning.errors import ImageError, ToolError
+from provisioning.image import mirror as mirror_mod
+from provisioning.image.mirror import (
+    LockedFile,
+    _release_path,
+    load_lock,
+    sync_scanner,
+    verify_mirror,
+    wheel_requirements,
+)
 from testsupport.image_helpers import make_signed_mirror
 
 PACKAGES = {"hello-appliance": "1.0-1", "libdemo1": "2:0.9-3"}
@@ -194,3 +203,49 @@ def test_release_path_of_any_suite(name: str, release: str, inner: str) -> None:
 def test_release_path_of_a_foreign_name_is_an_error() -> None:
     with pytest.raises(ImageError, match="no _dists_SUITE_"):
         _release_path("example_Packages")
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_scanner_refresh_ends_finished_or_undone(mirror: tuple[Path, Path],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync_scanner with its download faked (the real one needs Debian's archive): a failed
+    download or verification puts the old scanner files and lock back; a killed refresh is
+    undone by the next; a good one replaces both."""
+    m, keyring = mirror
+    _with_scanner(m, keyring)
+    before_tree, before_lock = _tree(m / "scanner"), (m / "lock.json").read_bytes()
+    locked = load_lock(m).scanner
+
+    def failing(mirror_dir: Path, _archive: str, _step: object) -> tuple[LockedFile, ...]:
+        (mirror_dir / "scanner/pool").mkdir(parents=True)
+        (mirror_dir / "scanner/pool/half_1.0_all.deb").write_bytes(b"!<arch>\n")
+        raise ToolError("mmdebstrap", 1, "network unreachable")
+
+    def unverifiable(mirror_dir: Path, _archive: str, _step: object) -> tuple[LockedFile, ...]:
+        (mirror_dir / "scanner/pool").mkdir(parents=True)
+        (mirror_dir / "scanner/pool/bad_1.0_all.deb").write_bytes(b"!<arch>\n")
+        return (replace(locked[0], path="scanner/pool/bad_1.0_all.deb"),)
+
+    def good(mirror_dir: Path, _archive: str, _step: object) -> tuple[LockedFile, ...]:
+        previous = mirror_dir / "scanner.previous"
+        shutil.copytree(previous, mirror_dir / "scanner")  # the same signed .deb, downloaded again
+        return locked
+
+    for fake, error in ((failing, ToolError), (unverifiable, VerificationError)):
+        monkeypatch.setattr(mirror_mod, "_scanner_files", fake)
+        with pytest.raises(error):
+            sync_scanner(m, keyring=keyring)
+        assert _tree(m / "scanner") == before_tree and (m / "lock.json").read_bytes() == before_lock
+        assert not (m / "scanner.previous").exists()
+        verify_mirror(m, keyring=keyring)
+    # killed midway: the old directory aside, a partial new one in place
+    (m / "scanner").rename(m / "scanner.previous")
+    (m / "scanner/pool").mkdir(parents=True)
+    (m / "scanner/pool/half_1.0_all.deb").write_bytes(b"!<arch>\n")
+    monkeypatch.setattr(mirror_mod, "_scanner_files", good)
+    lock = sync_scanner(m, keyring=keyring)
+    assert lock.scanner == locked and _tree(m / "scanner") == before_tree
+    assert not (m / "scanner.previous").exists()

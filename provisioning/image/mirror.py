@@ -546,24 +546,37 @@ def sync_scanner(mirror: Path, *, archive: str = "http://deb.debian.org/debian",
                  keyring: Path = DEBIAN_KEYRING, step: Step | None = None) -> Lock:
     """Add (or refresh) the audit's scanner packages in an already synced ``mirror``.
 
-    The existing lock is verified first; the new one (old entries plus ``scanner``) replaces
-    it only after the whole mirror verifies again, so a failed refresh leaves the old lock.
+    Finished or undone: the scanner directory the existing lock pins is moved aside (not
+    overwritten) while the new one downloads; the new lock (old entries plus ``scanner``)
+    replaces the old only after the whole mirror verifies again.  A failure puts the old
+    directory and lock back; a refresh killed midway is undone by the next call.
 
     Raises:
         NotFoundError, ImageError: no lock, or a malformed one.
         VerificationError: the mirror, or the downloaded scanner packages, do not verify.
         ToolError: mmdebstrap cannot fetch the packages (no network ...).
     """
+    current, aside = mirror / SCANNER_DIR, mirror / f"{SCANNER_DIR}.previous"
+    if aside.exists():  # an earlier refresh was killed before it finished: undo it
+        log.warning("%s: undoing an interrupted scanner refresh", mirror)
+        shutil.rmtree(current, ignore_errors=True)
+        aside.rename(current)
     lock = verify_mirror(mirror, keyring=keyring)
-    files = _scanner_files(mirror, archive, step or (lambda _p: None))
-    new = replace(lock, scanner=files)
     old = (mirror / LOCK).read_bytes()
-    atomic_write_bytes(mirror / LOCK, new.canonical())
+    if current.exists():
+        current.rename(aside)
     try:
-        return verify_mirror(mirror, keyring=keyring)
+        files = _scanner_files(mirror, archive, step or (lambda _p: None))
+        atomic_write_bytes(mirror / LOCK, replace(lock, scanner=files).canonical())
+        verified = verify_mirror(mirror, keyring=keyring)
     except BaseException:
         atomic_write_bytes(mirror / LOCK, old)
+        shutil.rmtree(current, ignore_errors=True)
+        if aside.exists():
+            aside.rename(current)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return verified
 
 
 # ------------------------------------------------------------------ sync
