@@ -8,7 +8,7 @@ import pytest
 
 from agent.errors import NotFoundError
 from provisioning.errors import ImageError
-from provisioning.image.audit import DEFAULT_TAILORING, audit, root_of, scanner_root
+from provisioning.image.audit import DEFAULT_TAILORING, audit, root_of, scanner_root, tree_digest
 from testsupport.image_helpers import make_signed_mirror
 
 
@@ -50,3 +50,30 @@ def test_profile_and_baseline_are_checked_before_the_mirror(tmp_path: Path) -> N
     with pytest.raises(NotFoundError, match="no lock"):
         audit(root, mirror=missing_mirror, out=tmp_path / "a", tailoring=DEFAULT_TAILORING)
     assert not (tmp_path / "a").exists()
+
+
+def test_the_scanner_root_digest_sees_every_change_but_its_mount_points(tmp_path: Path) -> None:
+    root = tmp_path / "scanner"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/oscap").write_bytes(b"\x7fELF scanner")
+    (root / "usr/bin/oscap").chmod(0o755)
+    (root / "bin").symlink_to("usr/bin")
+    for sub in ("target", "out"):
+        (root / sub).mkdir()
+    first = tree_digest(root)
+    (root / "out/report.html").write_text("results")  # the mount points are not the root
+    (root / "target/etc").mkdir()
+    assert tree_digest(root) == first
+    changes = [
+        lambda: (root / "usr/bin/oscap").write_bytes(b"\x7fELF scanned"),
+        lambda: (root / "usr/bin/oscap").chmod(0o4755),
+        lambda: ((root / "bin").unlink(), (root / "bin").symlink_to("/tmp")),
+        lambda: (root / "usr/bin/extra").write_text(""),
+        (root / "usr/lib").mkdir,
+    ]
+    seen = {first}
+    for change in changes:
+        change()
+        now = tree_digest(root)
+        assert now not in seen
+        seen.add(now)

@@ -21,11 +21,13 @@ import logging
 import os
 import re
 import shutil
+import stat
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from agent.errors import NotFoundError
+from agent.fsutil import file_sha256
 from provisioning.errors import ImageError, ToolError
 from provisioning.image.compliance import (
     ProfileSummary,
@@ -48,7 +50,7 @@ from provisioning.image.mirror import (
 from provisioning.tools import Completed, require_tool, run
 
 __all__ = ["PROFILES", "AuditResult", "audit", "egress", "lynis", "print_report", "root_of",
-           "scanner_root", "unit_exposure"]
+           "scanner_root", "tree_digest", "unit_exposure"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ _SCANNER_FORMAT = "1"  # bump when the scanner root's recipe changes (its cache 
 _IN_SCANNER = """set -eu
 scanner=$1 target=$2 out=$3
 shift 3
+mount --bind "$scanner" "$scanner"
+mount -o remount,bind,ro "$scanner"
+for d in tmp var/tmp run; do mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$scanner/$d"; done
 mount --bind "$target" "$scanner/target"
 mount -o remount,bind,ro "$scanner/target"
 mount --bind "$out" "$scanner/out"
@@ -94,6 +99,35 @@ def _scanner_key(lock: Lock) -> str:
     return h.hexdigest()
 
 
+_NOT_TREE = frozenset({"target", "out", ".complete"})  # mount points and the record itself
+
+
+def tree_digest(root: Path) -> str:
+    """A digest of every name, type, mode, link target and file content under ``root`` (not
+    following links; the scanner's mount points left out): the cached scanner root must be
+    exactly what mmdebstrap built from the verified packages.  The audit mounts it read-only,
+    so its own runs do not change it."""
+    h = hashlib.sha256()
+    for top, dirs, names in os.walk(root):
+        here = Path(top)
+        rel = here.relative_to(root)
+        files = sorted(names)
+        if rel == Path():
+            dirs[:] = [d for d in dirs if d not in _NOT_TREE]
+            files = [f for f in files if f not in _NOT_TREE]
+        dirs.sort()
+        for name in files + dirs:
+            path = here / name
+            st = path.lstat()
+            h.update(f"{rel / name}\0{st.st_mode:o}\0".encode())
+            if stat.S_ISLNK(st.st_mode):
+                h.update(str(path.readlink()).encode())
+            elif stat.S_ISREG(st.st_mode):
+                h.update(file_sha256(path).encode())
+            h.update(b"\n")
+    return h.hexdigest()
+
+
 def scanner_root(mirror: Path, cache: Path, *, keyring: Path = DEBIAN_KEYRING) -> Path:
     """The scanner root for ``mirror``'s scanner packages, built once into ``cache``.
 
@@ -111,7 +145,13 @@ def scanner_root(mirror: Path, cache: Path, *, keyring: Path = DEBIAN_KEYRING) -
     key = _scanner_key(lock)[:16]
     dest = cache / f"scanner-{key}"
     if (dest / ".complete").is_file():
-        return dest
+        try:
+            recorded = json.loads((dest / ".complete").read_text())
+        except ValueError:
+            recorded = None
+        if recorded == {"key": key, "tree": tree_digest(dest)}:
+            return dest
+        log.warning("%s: the cached scanner root changed since it was built; building it again", dest)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".scanner-{key}.tmp"
     if tmp.exists():
@@ -120,9 +160,9 @@ def scanner_root(mirror: Path, cache: Path, *, keyring: Path = DEBIAN_KEYRING) -
     run([require_tool("mmdebstrap"), "--variant=minbase", f"--include={','.join(SCANNER_PACKAGES)}",
          "--format=directory", SCANNER_SUITE, tmp,
          f"deb [trusted=yes] copy://{(mirror / SCANNER_DIR).resolve()} ./"], timeout=1800)
-    for sub in ("target", "out"):
-        (tmp / sub).mkdir()
-    (tmp / ".complete").write_text(key + "\n")
+    for sub in ("target", "out", "var/tmp", "run"):
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+    (tmp / ".complete").write_text(json.dumps({"key": key, "tree": tree_digest(tmp)}) + "\n")
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
