@@ -33,6 +33,14 @@ The rules (README.md, "GPU layer"), after NVIDIA's CUDA Compatibility guide
 * The kernel's release series lies within ``kernel.min``..``kernel.max`` (the module source's
   supported range); the module is built by DKMS for the image's kernel, never the build host's.
 * Every wheel has a tag triple the image's CPython, glibc and machine accept.
+* The LLM runtime, ``onnxruntime-genai-cuda``, is pinned too, at a release whose recorded facts
+  (:data:`GENAI_FACTS`) fit the set: it accepts the pinned onnxruntime-gpu (its Requires-Dist
+  floor), and the CUDA major its own kernels link is the one ONNX Runtime was built with.  So
+  the chain genai -> onnxruntime -> CUDA -> driver is checked link by link: e.g. genai 0.18.0
+  needs onnxruntime-gpu >= 1.31.0, which is built with CUDA 13.0, which needs a 580-series
+  driver; on Debian 13's 550 driver (CUDA 12.4) the newest set that runs natively is
+  onnxruntime-gpu 1.23.2 (CUDA 12.2) with genai 0.11.x (1.24 to 1.26 are built with CUDA 12.8,
+  which would rest on minor version compatibility).
 """
 
 from __future__ import annotations
@@ -55,8 +63,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CUDA_BY_BRANCH",
+    "GENAI_FACTS",
+    "GENAI_WHEEL",
     "MODULE_PACKAGES",
     "MVC_MIN_DRIVER",
+    "ORT_GPU_BUILT_WITH",
     "Compatibility",
     "DebPin",
     "DriverSection",
@@ -88,6 +99,34 @@ CUDA_BY_BRANCH: dict[int, tuple[int, int]] = {
 # CUDA major -> minimum driver for minor version compatibility within that major
 # (CUDA Compatibility guide, "Minor Version Compatibility", table 1 and its note on 11.x).
 MVC_MIN_DRIVER: dict[int, str] = {11: "450.80.02", 12: "525.60.13", 13: "580"}
+
+# The LLM runtime's GPU build, pinned in every driver set next to onnxruntime-gpu.
+GENAI_WHEEL = "onnxruntime-genai-cuda"
+# onnxruntime-genai-cuda release -> (the oldest onnxruntime-gpu it accepts, the CUDA major its
+# kernels link).  Read 2026-11-30 from PyPI's cp313 manylinux_2_28 x86_64 wheel of each release:
+# the first is its METADATA's `Requires-Dist: onnxruntime-gpu>=X` (pip install --dry-run
+# --no-deps --report), the second the libcudart.so.M that onnxruntime_genai/
+# libonnxruntime-genai-cuda.so names as DT_NEEDED.  A release not listed is refused until
+# both facts are read from its wheel and added here.
+GENAI_FACTS: dict[str, tuple[str, int]] = {
+    "0.11.2": ("1.23.2", 12), "0.11.3": ("1.23.2", 12), "0.11.4": ("1.23.2", 12),
+    "0.12.0": ("1.24.1", 12), "0.12.1": ("1.24.1", 12), "0.12.2": ("1.24.1", 12),
+    "0.13.0": ("1.24.4", 12), "0.13.1": ("1.24.4", 12), "0.13.2": ("1.25.1", 12),
+    "0.14.0": ("1.26.0", 12), "0.14.1": ("1.26.0", 12),
+    "0.15.0": ("1.28.0", 13), "0.15.1": ("1.28.0", 13), "0.15.2": ("1.28.0", 13),
+    "0.16.0": ("1.30.0", 13), "0.17.0": ("1.30.0", 13), "0.17.1": ("1.30.0", 13),
+    "0.18.0": ("1.31.0", 13),
+}
+# onnxruntime-gpu release -> the CUDA version it was built with: `cuda_version` in the wheel's
+# onnxruntime/capi/build_and_package_info.py (PyPI cp313 manylinux x86_64 wheels, read
+# 2026-11-30).  Their `cuda` extras agree: nvidia-*-cu12 up to 1.26.0, CUDA 13 wheels from 1.27.0.
+# A manifest's [runtime] built_with_cuda for a listed release must say the same; for another
+# release mirror sync reads it from the wheel (gpu_stage.check_wheel_files).
+ORT_GPU_BUILT_WITH: dict[str, str] = {
+    "1.23.2": "12.2", "1.24.1": "12.8", "1.24.4": "12.8", "1.25.0": "12.8", "1.25.1": "12.8",
+    "1.26.0": "12.8", "1.27.0": "13.0", "1.28.0": "13.0", "1.30.0": "13.0",
+    "1.31.0": "13.0", "1.31.1": "13.0",
+}
 # manifest driver.module -> the Debian package that carries the DKMS source.
 MODULE_PACKAGES = {"proprietary": "nvidia-kernel-dkms", "open": "nvidia-open-kernel-dkms"}
 # Packages a driver set must pin (besides the module package): the user-space driver, NVML,
@@ -230,6 +269,7 @@ class Compatibility:
     kernel: str = ""
     python: str = ""
     notes: tuple[str, ...] = field(default=())
+    genai: str = ""  # the onnxruntime-genai-cuda release checked against the set
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -339,6 +379,9 @@ def _check_pins(m: GpuManifest) -> None:
         if parsed is None or normalise_name(parsed[0]) != w.key or parsed[1] != w.version:
             raise ProfileError(f"{where}: [[wheels]] {w.name} filename = {w.filename!r}: not a "
                                f"wheel of {w.name} {w.version}")
+    if m.wheel(GENAI_WHEEL) is None:
+        raise ProfileError(f"{where}: [[wheels]]: no pin for {GENAI_WHEEL!r} (the agent's LLM "
+                           "runtime, a build matched to the pinned onnxruntime-gpu)")
     if not any(_CU_SUFFIX.match(w.key) and w.key.startswith("nvidia-cuda-runtime-")
                for w in m.wheels):
         raise ProfileError(f"{where}: [[wheels]]: no nvidia-cuda-runtime-cuNN pin (the CUDA "
@@ -413,7 +456,7 @@ def _cuda_basis(component: str, version: tuple[int, int], m: GpuManifest) -> str
     if version[0] > driver_cuda[0]:
         raise ProfileError(f"{head}: a newer CUDA major version never runs on an older driver "
                            f"(a CUDA {version[0]} component needs a driver of the CUDA "
-                           f"{version[0]} family)")
+                           f"{version[0]} family{_branch_floor(version[0])})")
     if version[1] <= driver_cuda[1]:
         return "native"
     floor = MVC_MIN_DRIVER.get(version[0])
@@ -426,6 +469,53 @@ def _cuda_basis(component: str, version: tuple[int, int], m: GpuManifest) -> str
                            f"{m.driver.cuda} libraries, or set [runtime] "
                            "minor_version_compatibility = true to accept the limits")
     return "minor version compatibility"
+
+
+def _branch_floor(cuda_major: int) -> str:
+    """", the NNN-series or newer": the oldest driver branch of a CUDA major ('' if unknown)."""
+    branches = [b for b, cuda in CUDA_BY_BRANCH.items() if cuda[0] == cuda_major]
+    return f", the {min(branches)}-series or newer" if branches else ""
+
+
+def _check_ort_build(m: GpuManifest) -> None:
+    """[runtime] built_with_cuda agrees with what the pinned onnxruntime-gpu release is known
+    to be built with (:data:`ORT_GPU_BUILT_WITH`)."""
+    known = ORT_GPU_BUILT_WITH.get(m.runtime.onnxruntime_version)
+    if known is not None and known != m.runtime.built_with_cuda:
+        raise ProfileError(f"{m.path}: [runtime] built_with_cuda = {m.runtime.built_with_cuda!r}: "
+                           f"{m.runtime.onnxruntime} {m.runtime.onnxruntime_version} is built with "
+                           f"CUDA {known} (its build_and_package_info.py)")
+
+
+def _check_genai(m: GpuManifest) -> str:
+    """The pinned onnxruntime-genai-cuda fits the pinned onnxruntime-gpu and its CUDA major;
+    returns its version.  The driver side is then the onnxruntime/CUDA checks that follow."""
+    genai = m.wheel(GENAI_WHEEL)
+    assert genai is not None  # load_manifest requires the pin
+    head = f"{m.path}: [[wheels]] {genai.name} version = {genai.version!r}"
+    facts = GENAI_FACTS.get(genai.version)
+    if facts is None:
+        raise ProfileError(f"{head}: no recorded onnxruntime and CUDA requirements for this "
+                           f"release (known: {', '.join(GENAI_FACTS)}); read its wheel's "
+                           "Requires-Dist and the libcudart its CUDA library links, and add "
+                           "them to gpu_manifest.GENAI_FACTS")
+    min_ort, cuda_major = facts
+    ort = m.runtime.onnxruntime_version
+    if _vtuple(ort) < _vtuple(min_ort):
+        chain = ""
+        if (built := ORT_GPU_BUILT_WITH.get(min_ort)) is not None:
+            chain = (f"; {m.runtime.onnxruntime} {min_ort} is built with CUDA {built}, which needs "
+                     f"a driver of the CUDA {_vtuple(built)[0]} family"
+                     f"{_branch_floor(_vtuple(built)[0])}")
+        raise ProfileError(f"{head}: requires {m.runtime.onnxruntime} >= {min_ort}, but [runtime] "
+                           f"onnxruntime_version = {ort!r}{chain}")
+    built_major = _vtuple(m.runtime.built_with_cuda)[0]
+    if cuda_major != built_major:
+        raise ProfileError(f"{head}: its CUDA kernels link CUDA {cuda_major} (libcudart.so."
+                           f"{cuda_major}), but [runtime] built_with_cuda = "
+                           f"{m.runtime.built_with_cuda!r}: {m.runtime.onnxruntime} {ort} uses CUDA "
+                           f"{built_major} (one CUDA major per process)")
+    return genai.version
 
 
 def _wheel_cuda(w: WheelPin) -> tuple[int, int]:
@@ -441,8 +531,10 @@ def check_compatibility(m: GpuManifest, *, suite: str, architecture: str, machin
     against the module's kernel range when known (a versioned kernel package, or the mirror's).
 
     Raises:
-        ProfileError: the reason and the versions (CUDA major/minor against the driver, cuDNN,
-            kernel series, Python and platform tags, suite or architecture).
+        ProfileError: the reason and the versions (onnxruntime-genai-cuda against
+            onnxruntime-gpu and its CUDA major, onnxruntime-gpu's recorded CUDA build, CUDA
+            major/minor against the driver, cuDNN, kernel series, Python and platform tags,
+            suite or architecture).
     """
     where = str(m.path)
     if (m.manifest.suite, m.manifest.architecture) != (suite, architecture):
@@ -487,13 +579,17 @@ def check_compatibility(m: GpuManifest, *, suite: str, architecture: str, machin
         if not wheel_fits(w.filename, python, glibc, machine):
             raise ProfileError(f"{where}: [[wheels]] {w.name} filename = {w.filename!r}: no tag "
                                f"for CPython {python}, glibc {glibc}, {machine}")
+    # The recorded facts of the pinned builds, once the CUDA side fits the driver (so a set
+    # that cannot run on it is refused for that, the more basic reason).
+    _check_ort_build(m)
+    genai = _check_genai(m)
     if kernel_release:
         _check_kernel(m, kernel_release)
     order = ["minor version compatibility", "native", "backward compatibility"]
     basis = next(b for b in order if b in bases)
     return Compatibility(m.driver.version, m.driver.cuda,
                          f"{runtime_v[0]}.{runtime_v[1]}", m.runtime.built_with_cuda, basis,
-                         kernel_release, python)
+                         kernel_release, python, genai=genai)
 
 
 def _check_kernel(m: GpuManifest, kernel_release: str) -> None:
