@@ -572,7 +572,8 @@ def test_inventory_reports_the_image_gpu_stack(tmp_path: Path) -> None:
     msg = inventory_to_proto(inv)
     assert msg.firmware_manifest_id == "nvidia-550.163.01-trixie-ort-1.23.2-genai-0.11.2"
     assert (msg.gpu_stack.driver_version, msg.gpu_stack.cuda_version, msg.gpu_stack.runtime_cuda_version,
-            msg.gpu_stack.onnxruntime_version) == ("550.163.01", "12.4", "12.4", "1.23.2")
+            msg.gpu_stack.onnxruntime_version, msg.gpu_stack.genai_version) == (
+        "550.163.01", "12.4", "12.4", "1.23.2", "0.11.2")
     assert msg.onnxruntime_version.startswith("onnxruntime")
     assert not inventory_to_proto(collect_inventory(tmp_path / "s2", image_metadata=tmp_path / "no",
                                                     os_release=tmp_path / "no")).HasField("gpu_stack")

@@ -183,7 +183,7 @@ def _root_version(state_dir: Path) -> int:
 
 GPU_STACK_FIELDS = ("manifest_id", "driver_version", "cuda_version", "runtime_cuda_version",
                     "built_with_cuda", "onnxruntime_version", "cudnn_version", "compatibility",
-                    "kernel_release")
+                    "kernel_release", "genai_version")
 
 
 def _gpu_stack(image_metadata: Path) -> dict[str, str]:

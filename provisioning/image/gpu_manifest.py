@@ -646,6 +646,7 @@ def gpu_stack(m: GpuManifest, record: dict[str, Any], kernel_release: str) -> di
     """The flat summary the agent's inventory reports (appliance.v1.GpuStack's fields)."""
     runtime = next((w for w in m.wheels if w.key.startswith("nvidia-cuda-runtime-")), None)
     cudnn = next((w for w in m.wheels if w.key.startswith("nvidia-cudnn-")), None)
+    genai = m.wheel(GENAI_WHEEL)
     compat = record.get("compatibility", {})
     return {"manifest_id": m.manifest.id, "driver_version": m.driver.version,
             "cuda_version": m.driver.cuda,
@@ -653,7 +654,8 @@ def gpu_stack(m: GpuManifest, record: dict[str, Any], kernel_release: str) -> di
             "built_with_cuda": m.runtime.built_with_cuda,
             "onnxruntime_version": m.runtime.onnxruntime_version,
             "cudnn_version": cudnn.version if cudnn else "",
-            "compatibility": str(compat.get("basis", "")), "kernel_release": kernel_release}
+            "compatibility": str(compat.get("basis", "")), "kernel_release": kernel_release,
+            "genai_version": genai.version if genai else ""}
 
 
 def deb_closure_names(status: str) -> set[str]:
