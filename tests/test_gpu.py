@@ -498,6 +498,9 @@ def test_downloaded_wheels_must_be_the_pinned_files(tmp_path: Path) -> None:
             if w["name"] == "onnxruntime-gpu":
                 zf.writestr("onnxruntime/capi/build_and_package_info.py",
                             "package_name = 'onnxruntime-gpu'\ncuda_version = '12.2'\n")
+            elif w["name"] == "onnxruntime-genai-cuda":
+                zf.writestr(_GENAI_META, "Name: onnxruntime-genai-cuda\nVersion: 0.11.2\n"
+                            "Requires-Dist: numpy>=1.21.6\nRequires-Dist: onnxruntime-gpu>=1.23.2\n")
             else:
                 zf.writestr("x.txt", w["name"])
         w["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -516,6 +519,20 @@ def test_downloaded_wheels_must_be_the_pinned_files(tmp_path: Path) -> None:
     d["wheels"][0]["sha256"] = hashlib.sha256(ort.read_bytes()).hexdigest()
     with pytest.raises(VerificationError, match=r"built with CUDA 12.8, but .* built_with_cuda = '12.2'"):
         check_wheel_files(load_manifest(_write(tmp_path, d)), sorted(files.iterdir()))
+    with zipfile.ZipFile(ort, "w") as zf:
+        zf.writestr("onnxruntime/capi/build_and_package_info.py", "cuda_version = '12.2'\n")
+    d["wheels"][0]["sha256"] = hashlib.sha256(ort.read_bytes()).hexdigest()
+    pin = next(w for w in d["wheels"] if w["name"] == "onnxruntime-genai-cuda")
+    genai = files / pin["filename"]
+    with zipfile.ZipFile(genai, "w") as zf:  # a wheel whose metadata contradicts the record
+        zf.writestr(_GENAI_META, "Requires-Dist: onnxruntime-gpu>=1.24.1\n")
+    pin["sha256"] = hashlib.sha256(genai.read_bytes()).hexdigest()
+    with pytest.raises(VerificationError, match=r"onnxruntime_genai_cuda-0.11.2-cp313.*requires "
+                       r"onnxruntime-gpu >= 1.24.1, but .*GENAI_FACTS\) says >= 1.23.2"):
+        check_wheel_files(load_manifest(_write(tmp_path, d)), sorted(files.iterdir()))
+
+
+_GENAI_META = "onnxruntime_genai_cuda-0.11.2.dist-info/METADATA"
 
 
 # ------------------------------------------------------------------ configure plan

@@ -78,6 +78,7 @@ __all__ = [
     "WheelPin",
     "check_compatibility",
     "deb_closure_names",
+    "genai_onnxruntime_floor",
     "gpu_packages",
     "gpu_stack",
     "headers_package",
@@ -631,6 +632,16 @@ def ort_built_with_cuda(wheel: Path) -> str:
         except KeyError:
             return ""
     found = re.search(r"^cuda_version\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    return found.group(1) if found else ""
+
+
+def genai_onnxruntime_floor(wheel: Path) -> str:
+    """X in an onnxruntime-genai wheel's ``Requires-Dist: onnxruntime-gpu>=X`` ('' if none)."""
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next((n for n in zf.namelist() if n.endswith(".dist-info/METADATA")), None)
+        text = zf.read(meta).decode() if meta else ""
+    found = re.search(r"^Requires-Dist:\s*onnxruntime(?:-gpu)?\s*\(?\s*>=\s*([0-9][0-9.]*)", text,
+                      re.M | re.I)
     return found.group(1) if found else ""
 
 
