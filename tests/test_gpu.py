@@ -307,10 +307,11 @@ BAD = [
     ("genai 0.18 on onnxruntime-gpu 1.23.2", _genai_018,
      "[[wheels]] onnxruntime-genai-cuda version = '0.18.0': requires onnxruntime-gpu >= 1.31.0, "
      "but [runtime] onnxruntime_version = '1.23.2'; onnxruntime-gpu 1.31.0 is built with CUDA "
-     "13.0, which needs a driver of the CUDA 13 family, the 580-series or newer"),
+     "13.0, which needs a 580-series driver or newer to run natively"),
     ("genai 0.12 on onnxruntime-gpu 1.23.2", _genai("0.12.0"),
      "requires onnxruntime-gpu >= 1.24.1, but [runtime] onnxruntime_version = '1.23.2'; "
-     "onnxruntime-gpu 1.24.1 is built with CUDA 12.8"),
+     "onnxruntime-gpu 1.24.1 is built with CUDA 12.8, which needs a 570-series driver or newer "
+     "to run natively"),
     ("genai 0.14 + onnxruntime-gpu 1.26 (CUDA 12.8) on a 550 driver", _genai_014_ort_126,
      "onnxruntime-gpu 1.26.0 (built with CUDA 12.8) needs CUDA 12.8, but driver 550.163.01 "
      "supports CUDA up to 12.4: this relies on CUDA minor version compatibility"),

@@ -478,6 +478,13 @@ def _branch_floor(cuda_major: int) -> str:
     return f", the {min(branches)}-series or newer" if branches else ""
 
 
+def _native_branch(cuda: str) -> int | None:
+    """The oldest driver branch that supports CUDA ``cuda`` natively (None if unknown)."""
+    v = _vtuple(cuda)[:2]
+    branches = [b for b, supported in CUDA_BY_BRANCH.items() if supported >= (v[0], v[1])]
+    return min(branches) if branches else None
+
+
 def _check_ort_build(m: GpuManifest) -> None:
     """[runtime] built_with_cuda agrees with what the pinned onnxruntime-gpu release is known
     to be built with (:data:`ORT_GPU_BUILT_WITH`)."""
@@ -490,7 +497,8 @@ def _check_ort_build(m: GpuManifest) -> None:
 
 def _check_genai(m: GpuManifest) -> str:
     """The pinned onnxruntime-genai-cuda fits the pinned onnxruntime-gpu and its CUDA major;
-    returns its version.  The driver side is then the onnxruntime/CUDA checks that follow."""
+    returns its version.  The driver side of the chain is the onnxruntime/CUDA checks, which
+    run first."""
     genai = m.wheel(GENAI_WHEEL)
     assert genai is not None  # load_manifest requires the pin
     head = f"{m.path}: [[wheels]] {genai.name} version = {genai.version!r}"
@@ -504,10 +512,11 @@ def _check_genai(m: GpuManifest) -> str:
     ort = m.runtime.onnxruntime_version
     if _vtuple(ort) < _vtuple(min_ort):
         chain = ""
-        if (built := ORT_GPU_BUILT_WITH.get(min_ort)) is not None:
+        built = ORT_GPU_BUILT_WITH.get(min_ort)
+        branch = _native_branch(built) if built else None
+        if built and branch:
             chain = (f"; {m.runtime.onnxruntime} {min_ort} is built with CUDA {built}, which needs "
-                     f"a driver of the CUDA {_vtuple(built)[0]} family"
-                     f"{_branch_floor(_vtuple(built)[0])}")
+                     f"a {branch}-series driver or newer to run natively")
         raise ProfileError(f"{head}: requires {m.runtime.onnxruntime} >= {min_ort}, but [runtime] "
                            f"onnxruntime_version = {ort!r}{chain}")
     built_major = _vtuple(m.runtime.built_with_cuda)[0]
