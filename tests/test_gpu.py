@@ -18,7 +18,13 @@ import pytest
 
 from agent.errors import VerificationError
 from provisioning.errors import ProfileError
-from provisioning.image.gpu_manifest import check_compatibility, load_manifest, wheel_fits
+from provisioning.image.gpu_manifest import (
+    GENAI_FACTS,
+    ORT_GPU_BUILT_WITH,
+    check_compatibility,
+    load_manifest,
+    wheel_fits,
+)
 from provisioning.image.gpu_stage import check_lock, check_wheel_files, dkms_conf
 from provisioning.image.mirror import Lock, LockedFile
 from provisioning.image.plan import AGENT_DEVICE_ALLOW, AGENT_UNIT, DEVICES_UNIT, configure_plan
@@ -99,6 +105,28 @@ def test_shipped_manifest_fits_trixie_natively() -> None:
                                                                     "nvidia-kernel-dkms")
     c = check_compatibility(m, **TRIXIE, kernel_release="6.12.117+deb13-amd64")
     assert (c.basis, c.runtime_cuda, c.built_with_cuda) == ("native", "12.4", "12.2")
+    assert c.genai == "0.11.2" and m.wheel("onnxruntime_genai_cuda") is not None
+
+
+def test_the_genai_facts_of_the_installed_build_are_the_recorded_ones() -> None:
+    """The table entry for the onnxruntime-genai-cuda in this venv, read from the real wheel's
+    metadata and its CUDA library's DT_NEEDED (the way every entry was read from PyPI)."""
+    import importlib.metadata
+    import re
+    import subprocess
+
+    dist = importlib.metadata.distribution("onnxruntime-genai-cuda")
+    floor, cuda_major = GENAI_FACTS[dist.version]
+    assert f"onnxruntime-gpu>={floor}" in [r.replace(" ", "") for r in dist.requires or []]
+    lib = Path(str(dist.locate_file("onnxruntime_genai/libonnxruntime-genai-cuda.so")))
+    dynamic = subprocess.run(["readelf", "-d", str(lib)], check=True, capture_output=True,
+                             text=True).stdout
+    assert re.findall(r"\[libcudart\.so\.(\d+)\]", dynamic) == [str(cuda_major)]
+    onnxruntime = importlib.metadata.version("onnxruntime-gpu")
+    if onnxruntime in ORT_GPU_BUILT_WITH:
+        from onnxruntime.capi import build_and_package_info as info
+
+        assert info.cuda_version == ORT_GPU_BUILT_WITH[onnxruntime]
 
 
 def test_edge_gpu_profile_adds_the_driver_set_and_headers() -> None:
@@ -116,10 +144,17 @@ def test_edge_gpu_profile_adds_the_driver_set_and_headers() -> None:
 # ------------------------------------------------------------------ the compatibility table
 
 
+def _set_ort(d: dict[str, Any], version: str, built: str) -> None:
+    _set_wheel(d, "onnxruntime-gpu", version)
+    d["runtime"]["onnxruntime_version"], d["runtime"]["built_with_cuda"] = version, built
+
+
 def _cuda13_ort(d: dict[str, Any]) -> None:
-    d["runtime"]["built_with_cuda"] = "13.0"
+    """The CUDA 13 stack: onnxruntime-gpu 1.31.0 (built with 13.0), genai 0.18.0 matched to it."""
     _rename_wheels(d, "cu12", "cu13")
     _set_wheel(d, "nvidia-cuda-runtime-cu13", "13.0.96")
+    _set_ort(d, "1.31.0", "13.0")
+    _set_wheel(d, "onnxruntime-genai-cuda", "0.18.0")
 
 
 def _runtime_128(d: dict[str, Any]) -> None:
@@ -207,7 +242,38 @@ def _open_module(d: dict[str, Any]) -> None:
             deb["name"] = "nvidia-open-kernel-dkms"
 
 
+def _genai(version: str) -> Any:
+    return lambda d: _set_wheel(d, "onnxruntime-genai-cuda", version)
+
+
+def _genai_018(d: dict[str, Any]) -> None:  # what issue 15 names: genai 0.18 on the 550 set
+    _set_wheel(d, "onnxruntime-genai-cuda", "0.18.0")
+
+
+def _genai_018_chain_580(d: dict[str, Any]) -> None:  # the CUDA 13 stack on the driver it wants
+    _cuda13_ort(d)
+    _driver_580(d)
+
+
+def _genai_014_ort_126(d: dict[str, Any]) -> None:  # the newest CUDA 12 pair: built with 12.8
+    _set_wheel(d, "onnxruntime-genai-cuda", "0.14.1")
+    _set_ort(d, "1.26.0", "12.8")
+
+
+def _ort_126_claims_122(d: dict[str, Any]) -> None:
+    _set_ort(d, "1.26.0", "12.2")
+
+
+def _genai_cu12_ort_cu13(d: dict[str, Any]) -> None:  # genai 0.11.2 accepts 1.27.0 by version
+    _cuda13_ort(d)
+    _set_ort(d, "1.27.0", "13.0")
+    _set_wheel(d, "onnxruntime-genai-cuda", "0.11.2")
+    _driver_580(d)
+
+
 GOOD = [
+    ("genai 0.11.4 on the shipped set", _genai("0.11.4"), "native"),
+    ("genai 0.18 + onnxruntime-gpu 1.31 + CUDA 13 on a 580 driver", _genai_018_chain_580, "native"),
     ("shipped", None, "native"),
     ("runtime 12.8 on 12.4 driver, opted in", _runtime_128_opt_in, "minor version compatibility"),
     ("CUDA 12 set on a 580 (CUDA 13.0) driver", _driver_580, "backward compatibility"),
@@ -216,8 +282,10 @@ GOOD = [
 ]
 
 BAD = [
-    ("onnxruntime-gpu for CUDA 13 on a 550 driver", _cuda13_ort,
-     "needs CUDA 13.0, but driver 550.163.01 supports CUDA up to 12.4: a newer CUDA major"),
+    ("genai 0.18 + onnxruntime-gpu 1.31 (CUDA 13) on a 550 driver", _cuda13_ort,
+     "onnxruntime-gpu 1.31.0 (built with CUDA 13.0) needs CUDA 13.0, but driver 550.163.01 "
+     "supports CUDA up to 12.4: a newer CUDA major version never runs on an older driver (a "
+     "CUDA 13 component needs a driver of the CUDA 13 family, the 580-series or newer)"),
     ("runtime 12.8 on 12.4 driver, no opt-in", _runtime_128,
      "nvidia-cuda-runtime-cu12 12.8.90 needs CUDA 12.8, but driver 550.163.01 supports CUDA up to "
      "12.4: this relies on CUDA minor version compatibility"),
@@ -236,6 +304,24 @@ BAD = [
     ("manylinux_2_42 on glibc 2.41", _glibc_too_new, "no tag for CPython 3.13"),
     ("aarch64 wheel on x86_64", _aarch64_wheel, "no tag for CPython 3.13"),
     ("manifest for Python 3.12", _python_312, "[runtime] python = '3.12': the image's Python is 3.13"),
+    ("genai 0.18 on onnxruntime-gpu 1.23.2", _genai_018,
+     "[[wheels]] onnxruntime-genai-cuda version = '0.18.0': requires onnxruntime-gpu >= 1.31.0, "
+     "but [runtime] onnxruntime_version = '1.23.2'; onnxruntime-gpu 1.31.0 is built with CUDA "
+     "13.0, which needs a 580-series driver or newer to run natively"),
+    ("genai 0.12 on onnxruntime-gpu 1.23.2", _genai("0.12.0"),
+     "requires onnxruntime-gpu >= 1.24.1, but [runtime] onnxruntime_version = '1.23.2'; "
+     "onnxruntime-gpu 1.24.1 is built with CUDA 12.8, which needs a 570-series driver or newer "
+     "to run natively"),
+    ("genai 0.14 + onnxruntime-gpu 1.26 (CUDA 12.8) on a 550 driver", _genai_014_ort_126,
+     "onnxruntime-gpu 1.26.0 (built with CUDA 12.8) needs CUDA 12.8, but driver 550.163.01 "
+     "supports CUDA up to 12.4: this relies on CUDA minor version compatibility"),
+    ("onnxruntime-gpu 1.26 said to be built with CUDA 12.2", _ort_126_claims_122,
+     "[runtime] built_with_cuda = '12.2': onnxruntime-gpu 1.26.0 is built with CUDA 12.8"),
+    ("a CUDA 12 genai beside a CUDA 13 onnxruntime", _genai_cu12_ort_cu13,
+     "onnxruntime-genai-cuda version = '0.11.2': its CUDA kernels link CUDA 12 (libcudart.so.12), "
+     "but [runtime] built_with_cuda = '13.0'"),
+    ("a genai release with no recorded facts", _genai("0.10.0"),
+     "onnxruntime-genai-cuda version = '0.10.0': no recorded onnxruntime and CUDA requirements"),
 ]
 
 
@@ -300,6 +386,10 @@ def _no_cuda(d: dict[str, Any]) -> None:
     del d["driver"]["cuda"]
 
 
+def _no_genai(d: dict[str, Any]) -> None:
+    d["wheels"] = [w for w in d["wheels"] if w["name"] != "onnxruntime-genai-cuda"]
+
+
 def _filename_mismatch(d: dict[str, Any]) -> None:
     d["wheels"][0]["version"] = "1.23.1"
     d["runtime"]["onnxruntime_version"] = "1.23.1"
@@ -312,6 +402,7 @@ def _filename_mismatch(d: dict[str, Any]) -> None:
     (_unknown_key, "[driver]: unknown key 'branch'"),
     (_no_cuda, "[driver] cuda = '': not a CUDA version"),
     (_filename_mismatch, "filename = 'onnxruntime_gpu-1.23.2-cp313"),
+    (_no_genai, "[[wheels]]: no pin for 'onnxruntime-genai-cuda' (the agent's LLM runtime"),
 ])
 def test_malformed_manifests_name_file_key_and_value(tmp_path: Path, change: Any, expected: str) -> None:
     d = copy.deepcopy(_shipped())
@@ -408,6 +499,9 @@ def test_downloaded_wheels_must_be_the_pinned_files(tmp_path: Path) -> None:
             if w["name"] == "onnxruntime-gpu":
                 zf.writestr("onnxruntime/capi/build_and_package_info.py",
                             "package_name = 'onnxruntime-gpu'\ncuda_version = '12.2'\n")
+            elif w["name"] == "onnxruntime-genai-cuda":
+                zf.writestr(_GENAI_META, "Name: onnxruntime-genai-cuda\nVersion: 0.11.2\n"
+                            "Requires-Dist: numpy>=1.21.6\nRequires-Dist: onnxruntime-gpu>=1.23.2\n")
             else:
                 zf.writestr("x.txt", w["name"])
         w["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -426,6 +520,20 @@ def test_downloaded_wheels_must_be_the_pinned_files(tmp_path: Path) -> None:
     d["wheels"][0]["sha256"] = hashlib.sha256(ort.read_bytes()).hexdigest()
     with pytest.raises(VerificationError, match=r"built with CUDA 12.8, but .* built_with_cuda = '12.2'"):
         check_wheel_files(load_manifest(_write(tmp_path, d)), sorted(files.iterdir()))
+    with zipfile.ZipFile(ort, "w") as zf:
+        zf.writestr("onnxruntime/capi/build_and_package_info.py", "cuda_version = '12.2'\n")
+    d["wheels"][0]["sha256"] = hashlib.sha256(ort.read_bytes()).hexdigest()
+    pin = next(w for w in d["wheels"] if w["name"] == "onnxruntime-genai-cuda")
+    genai = files / pin["filename"]
+    with zipfile.ZipFile(genai, "w") as zf:  # a wheel whose metadata contradicts the record
+        zf.writestr(_GENAI_META, "Requires-Dist: onnxruntime-gpu>=1.24.1\n")
+    pin["sha256"] = hashlib.sha256(genai.read_bytes()).hexdigest()
+    with pytest.raises(VerificationError, match=r"onnxruntime_genai_cuda-0.11.2-cp313.*requires "
+                       r"onnxruntime-gpu >= 1.24.1, but .*GENAI_FACTS\) says >= 1.23.2"):
+        check_wheel_files(load_manifest(_write(tmp_path, d)), sorted(files.iterdir()))
+
+
+_GENAI_META = "onnxruntime_genai_cuda-0.11.2.dist-info/METADATA"
 
 
 # ------------------------------------------------------------------ configure plan
@@ -460,7 +568,7 @@ def test_gpu_plan_builds_for_the_image_kernel_and_enables_persistenced(tmp_path:
     assert any(c[:2] == ("rm", "-rf") and "/var/lib/dkms/mok.key" in c for c in plan.commands)
     assert "nvidia-persistenced.service" in plan.enable and DEVICES_UNIT in plan.enable
     image = json.loads(plan.file("/usr/lib/appliance/image.json").content)
-    assert image["firmware_manifest"] == "nvidia-550.163.01-trixie-ort-1.23.2"
+    assert image["firmware_manifest"] == "nvidia-550.163.01-trixie-ort-1.23.2-genai-0.11.2"
     assert image["gpu"]["driver_version"] == "550.163.01" and image["gpu"]["compatibility"] == "native"
     assert "sign_file=/nonexistent" in plan.file("/etc/dkms/framework.conf.d/50-appliance.conf").content
 
@@ -480,9 +588,10 @@ def test_inventory_reports_the_image_gpu_stack(tmp_path: Path) -> None:
     meta.write_text(plan.file("/usr/lib/appliance/image.json").content)
     inv = collect_inventory(tmp_path / "state", image_metadata=meta, os_release=tmp_path / "none")
     msg = inventory_to_proto(inv)
-    assert msg.firmware_manifest_id == "nvidia-550.163.01-trixie-ort-1.23.2"
+    assert msg.firmware_manifest_id == "nvidia-550.163.01-trixie-ort-1.23.2-genai-0.11.2"
     assert (msg.gpu_stack.driver_version, msg.gpu_stack.cuda_version, msg.gpu_stack.runtime_cuda_version,
-            msg.gpu_stack.onnxruntime_version) == ("550.163.01", "12.4", "12.4", "1.23.2")
+            msg.gpu_stack.onnxruntime_version, msg.gpu_stack.genai_version) == (
+        "550.163.01", "12.4", "12.4", "1.23.2", "0.11.2")
     assert msg.onnxruntime_version.startswith("onnxruntime")
     assert not inventory_to_proto(collect_inventory(tmp_path / "s2", image_metadata=tmp_path / "no",
                                                     os_release=tmp_path / "no")).HasField("gpu_stack")

@@ -131,6 +131,36 @@ def test_wheel_requirements_choose_the_onnxruntime_flavour(tmp_path: Path) -> No
         "onnxruntime-gpu<1.24,>=1.23", "onnxruntime-genai-cuda==0.11.2"]
 
 
+def test_wheel_requirements_follow_the_gpu_sets_pins(tmp_path: Path) -> None:
+    import zipfile
+
+    from provisioning.errors import ProfileError
+    from provisioning.image.gpu_manifest import load_manifest
+    from provisioning.image.gpu_manifest import wheel_requirements as gpu_wheel_requirements
+
+    shipped = Path(__file__).resolve().parents[1] / "firmware-manifests/nvidia-550-trixie.toml"
+    m = load_manifest(shipped)
+    wheel = tmp_path / "sovereign_appliance-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("sovereign_appliance-0.1.0.dist-info/METADATA",
+                    "Name: sovereign-appliance\nRequires-Dist: grpcio>=1.66\n"
+                    "Requires-Dist: onnxruntime-gpu<1.24,>=1.23\n"
+                    "Requires-Dist: onnxruntime-genai-cuda>=0.11.2,<0.12\n\n")
+    reqs = wheel_requirements(wheel, "onnxruntime-gpu", m) + gpu_wheel_requirements(m)
+    genai = [r for r in reqs if r.startswith("onnxruntime-genai")]
+    assert genai == ["onnxruntime-genai-cuda==0.11.2"]  # the manifest's pin, and only it
+    assert [r for r in reqs if r.startswith("onnxruntime-gpu")] == ["onnxruntime-gpu==1.23.2"]
+    assert "grpcio>=1.66" in reqs
+    text = shipped.read_text().replace('version = "0.11.2"', 'version = "0.12.0"').replace(
+        "onnxruntime_genai_cuda-0.11.2-", "onnxruntime_genai_cuda-0.12.0-")
+    (tmp_path / "set.toml").write_text(text)
+    other = load_manifest(tmp_path / "set.toml")
+    with pytest.raises(ProfileError, match=r"set.toml: \[\[wheels\]\] onnxruntime-genai-cuda "
+                       r"version = '0.12.0': the agent \(sovereign_appliance-0.1.0-py3-none-any.whl\) "
+                       r"requires onnxruntime-genai-cuda>=0.11.2,<0.12"):
+        wheel_requirements(wheel, "onnxruntime-gpu", other)
+
+
 def _with_scanner(m: Path, keyring: Path, name: str = "libdemo1") -> Path:
     """Move one signed .deb of the fixture into the scanner section of the lock."""
     lock = load_lock(m)

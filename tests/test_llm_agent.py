@@ -4,6 +4,7 @@ client on its gRPC port, both over mTLS, and both stop cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import queue
 import ssl
 from collections.abc import Iterator
@@ -106,3 +107,58 @@ def test_tritonclient_streams_the_llm_from_the_agent(agent: tuple[Agent, int], p
     client.stop_stream()
     client.close()
     assert pieces and all(pieces)
+
+
+def test_fleet_inventory_lists_the_llm_bundles_model(agent: tuple[Agent, int], pki: Path, cli: Any,
+                                                      tmp_path: Path) -> None:
+    """`appliance fleet inventory` (gRPC GetInventory over mTLS) shows each generative bundle's
+    kind, context length, parameter count and quantisation, as its verified manifest states."""
+    from provisioning.genbundle import model_size
+
+    a, _ = agent
+    params, quant = model_size(write_decoder(tmp_path / "dec") / "model.onnx")
+    assert params > 0 and quant
+    nodes = tmp_path / "nodes.toml"
+    nodes.write_text(f'[[nodes]]\nname = "n0"\naddress = "127.0.0.1"\nport = {a.port}\n'
+                     'tls_name = "localhost"\n')
+    crt, key = _files(pki, "observer")
+    auth = ["--ca", str(pki / "ca.crt"), "--cert", crt, "--key", key]
+    result = cli("fleet", "inventory", "-i", nodes, "--json", *auth)
+    assert result.code == 0, result.err
+    bundles = {b["name"]: b for b in json.loads(result.out)["nodes"][0]["data"]["bundles"]}
+    llm = bundles["tiny-llm"]
+    # protobuf's JSON form writes a uint64 as a string
+    assert (llm["kind"], llm["context_length"], llm["parameters"], llm["quantisation"]) == (
+        "llm", 256, str(params), quant)
+    assert (bundles["tiny-embed"]["kind"], bundles["tiny-embed"]["context_length"]) == ("embedding", 256)
+    text = cli("fleet", "inventory", "-i", nodes, *auth)
+    assert text.code == 0, text.err
+    block = text.out.split("name: tiny-llm", 1)[1].split("name: tiny-embed", 1)[0]
+    for line in ("kind: llm", "context_length: 256", f"parameters: {params}", f"quantisation: {quant}"):
+        assert line in block, text.out
+
+
+def test_inventory_from_the_store_alone_lists_the_same_and_survives_a_bad_manifest(
+        agent: tuple[Agent, int], tmp_path: Path) -> None:
+    """Without the inference component (the agent not serving), inventory reads the store:
+    the same model facts; a manifest that no longer parses drops them and nothing else."""
+    import shutil
+
+    from agent.health.inventory import collect_inventory
+
+    a, _ = agent
+    state = tmp_path / "state"
+    shutil.copytree(a.log_path.parent / "state/models", state / "models")  # the agent's store
+    missing = tmp_path / "none"
+    kw: dict[str, Any] = {"image_metadata": missing, "os_release": missing, "cmdline": missing,
+                          "sys_block": missing, "cpuinfo": missing}
+    bundles = {b.name: b for b in collect_inventory(state, **kw).bundles}
+    llm = bundles["tiny-llm"]
+    assert (llm.kind, llm.context_length, llm.parameters > 0, llm.quantisation != "") == (
+        "llm", 256, True, True)
+    (state / "models/tiny-llm/1.0.0/manifest.json").write_text("{not json")
+    bundles = {b.name: b for b in collect_inventory(state, **kw).bundles}
+    llm = bundles["tiny-llm"]
+    assert (llm.version, llm.kind, llm.context_length, llm.parameters, llm.quantisation) == (
+        "1.0.0", "llm", 0, 0, "")
+    assert bundles["tiny-embed"].context_length == 256

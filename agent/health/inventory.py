@@ -29,6 +29,7 @@ import logging
 import platform
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +61,11 @@ class Bundle:
     active: bool
     installed_at: float = 0.0
     rolled_back: bool = False  # active because of an explicit Rollback
+    kind: str = "tensor"  # or a generative bundle's: "llm", "embedding"
+    # A generative bundle's model, from its verified manifest (0 / "" for a tensor bundle).
+    context_length: int = 0
+    parameters: int = 0
+    quantisation: str = ""
 
 
 @dataclass(frozen=True)
@@ -143,19 +149,25 @@ def _image(image_metadata: Path, os_release: Path) -> tuple[str, str, str]:
     return _os_release(os_release).get("IMAGE_VERSION", ""), "", ""
 
 
+def _bundle(b: Mapping[str, Any]) -> Bundle:
+    """A bundle from its listing (``ModelStore.describe``, which the repository extends)."""
+    return Bundle(str(b["name"]), str(b["version"]), str(b.get("sha256", "")),
+                  bool(b.get("active")), float(b.get("installed_at", 0) or 0),
+                  bool(b.get("rolled_back")), str(b.get("kind", "tensor")),
+                  int(b.get("context_length", 0)), int(b.get("parameters", 0)),
+                  str(b.get("quantisation", "")))
+
+
 def _bundles_from_store(state_dir: Path) -> list[Bundle]:
-    return [Bundle(m.name, m.version, m.sha256, m.active, m.installed_at, m.rolled_back)
-            for m in ModelStore(state_dir).installed()]
+    store = ModelStore(state_dir)
+    return [_bundle(store.describe(m)) for m in store.installed()]
 
 
 def _bundles(state_dir: Path, inference: Any) -> list[Bundle]:
     installed = getattr(inference, "installed", None)
     if callable(installed):
         try:
-            return [Bundle(str(b["name"]), str(b["version"]), str(b.get("sha256", "")),
-                           bool(b.get("active")), float(b.get("installed_at", 0) or 0),
-                           bool(b.get("rolled_back")))
-                    for b in installed()]
+            return [_bundle(b) for b in installed()]
         except Exception:  # the component's view failed: fall back to the files
             log.exception("inference component's installed() failed")
     return _bundles_from_store(state_dir)
@@ -171,7 +183,7 @@ def _root_version(state_dir: Path) -> int:
 
 GPU_STACK_FIELDS = ("manifest_id", "driver_version", "cuda_version", "runtime_cuda_version",
                     "built_with_cuda", "onnxruntime_version", "cudnn_version", "compatibility",
-                    "kernel_release")
+                    "kernel_release", "genai_version")
 
 
 def _gpu_stack(image_metadata: Path) -> dict[str, str]:

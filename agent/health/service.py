@@ -100,7 +100,9 @@ def inventory_to_proto(inv: Inventory) -> pb.Inventory:
         active_slot=inv.active_slot, kernel=inv.kernel, agent_version=inv.agent_version,
         bundles=[pb.InstalledBundle(name=b.name, version=b.version, sha256=b.sha256, active=b.active,
                                     rolled_back=b.rolled_back,
-                                    installed_at=_ts(b.installed_at) if b.installed_at else None)
+                                    installed_at=_ts(b.installed_at) if b.installed_at else None,
+                                    kind=b.kind, context_length=b.context_length,
+                                    parameters=b.parameters, quantisation=b.quantisation)
                  for b in inv.bundles],
         registry_root_version=inv.registry_root_version,
         firmware_manifest_id=inv.firmware_manifest_id,

@@ -419,7 +419,7 @@ class ModelRepository:
         for inst in self.store.installed():
             model = served.get((inst.name, inst.version))
             generative = self._generative_versions.get(inst.name) == inst.version
-            out.append(inst.to_json() | {"loaded": model is not None or generative,
+            out.append(self.store.describe(inst) | {"loaded": model is not None or generative,
                                          "provider": model.provider if model else ""})
         return out
 

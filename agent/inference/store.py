@@ -340,6 +340,36 @@ class ModelStore:
                           f"(sha256 {rec.get('sha256') if rec else 'unverified'}); "
                           "a version is never replaced in place")
 
+    def generative_manifest(self, installed: InstalledModel) -> GenManifest:
+        """An installed generative version's manifest, as checked when it was installed.  Its
+        members are not re-hashed: this is for listing, never for loading (open_generative).
+
+        Raises:
+            BundleError: the manifest is malformed.
+            VerificationError: it names another model or version.
+        """
+        vdir = installed.path
+        manifest = parse_gen_manifest((vdir / MANIFEST).read_bytes(), str(vdir / MANIFEST))
+        if (manifest.name, manifest.version) != (installed.name, installed.version):
+            raise VerificationError(f"{vdir}: manifest says {manifest.name} {manifest.version}")
+        return manifest
+
+    def describe(self, installed: InstalledModel) -> dict[str, Any]:
+        """``installed.to_json()``, plus for a generative version what its manifest says about
+        the model: context_length, parameters, quantisation (inventory lists them).  A manifest
+        that no longer reads leaves them out (the version is then never served either)."""
+        out = installed.to_json()
+        if installed.kind == "tensor":
+            return out
+        try:
+            m = self.generative_manifest(installed)
+        except (OSError, BundleError, VerificationError) as exc:
+            log.warning("%s %s: manifest unreadable for listing: %s", installed.name,
+                        installed.version, exc)
+            return out
+        return out | {"context_length": m.limits.context_length, "parameters": m.parameters,
+                      "quantisation": m.quantisation}
+
     def open_generative(self, installed: InstalledModel) -> tuple[GenManifest, Path]:
         """An installed generative version's manifest and model folder, every member
         re-hashed (streaming) and nothing else in the folder.
@@ -349,9 +379,7 @@ class ModelStore:
             VerificationError: a member no longer matches the manifest.
         """
         vdir = installed.path
-        manifest = parse_gen_manifest((vdir / MANIFEST).read_bytes(), str(vdir / MANIFEST))
-        if (manifest.name, manifest.version) != (installed.name, installed.version):
-            raise VerificationError(f"{vdir}: manifest says {manifest.name} {manifest.version}")
+        manifest = self.generative_manifest(installed)
         folder = vdir / GEN_MODEL_DIR
         present = sorted(p.name for p in folder.iterdir())
         if present != manifest.members:

@@ -33,6 +33,14 @@ The rules (README.md, "GPU layer"), after NVIDIA's CUDA Compatibility guide
 * The kernel's release series lies within ``kernel.min``..``kernel.max`` (the module source's
   supported range); the module is built by DKMS for the image's kernel, never the build host's.
 * Every wheel has a tag triple the image's CPython, glibc and machine accept.
+* The LLM runtime, ``onnxruntime-genai-cuda``, is pinned too, at a release whose recorded facts
+  (:data:`GENAI_FACTS`) fit the set: it accepts the pinned onnxruntime-gpu (its Requires-Dist
+  floor), and the CUDA major its own kernels link is the one ONNX Runtime was built with.  So
+  the chain genai -> onnxruntime -> CUDA -> driver is checked link by link: e.g. genai 0.18.0
+  needs onnxruntime-gpu >= 1.31.0, which is built with CUDA 13.0, which needs a 580-series
+  driver; on Debian 13's 550 driver (CUDA 12.4) the newest set that runs natively is
+  onnxruntime-gpu 1.23.2 (CUDA 12.2) with genai 0.11.x (1.24 to 1.26 are built with CUDA 12.8,
+  which would rest on minor version compatibility).
 """
 
 from __future__ import annotations
@@ -55,8 +63,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CUDA_BY_BRANCH",
+    "GENAI_FACTS",
+    "GENAI_WHEEL",
     "MODULE_PACKAGES",
     "MVC_MIN_DRIVER",
+    "ORT_GPU_BUILT_WITH",
     "Compatibility",
     "DebPin",
     "DriverSection",
@@ -67,6 +78,7 @@ __all__ = [
     "WheelPin",
     "check_compatibility",
     "deb_closure_names",
+    "genai_onnxruntime_floor",
     "gpu_packages",
     "gpu_stack",
     "headers_package",
@@ -88,6 +100,34 @@ CUDA_BY_BRANCH: dict[int, tuple[int, int]] = {
 # CUDA major -> minimum driver for minor version compatibility within that major
 # (CUDA Compatibility guide, "Minor Version Compatibility", table 1 and its note on 11.x).
 MVC_MIN_DRIVER: dict[int, str] = {11: "450.80.02", 12: "525.60.13", 13: "580"}
+
+# The LLM runtime's GPU build, pinned in every driver set next to onnxruntime-gpu.
+GENAI_WHEEL = "onnxruntime-genai-cuda"
+# onnxruntime-genai-cuda release -> (the oldest onnxruntime-gpu it accepts, the CUDA major its
+# kernels link).  Read 2026-11-30 from PyPI's cp313 manylinux_2_28 x86_64 wheel of each release:
+# the first is its METADATA's `Requires-Dist: onnxruntime-gpu>=X` (pip install --dry-run
+# --no-deps --report), the second the libcudart.so.M that onnxruntime_genai/
+# libonnxruntime-genai-cuda.so names as DT_NEEDED.  A release not listed is refused until
+# both facts are read from its wheel and added here.
+GENAI_FACTS: dict[str, tuple[str, int]] = {
+    "0.11.2": ("1.23.2", 12), "0.11.3": ("1.23.2", 12), "0.11.4": ("1.23.2", 12),
+    "0.12.0": ("1.24.1", 12), "0.12.1": ("1.24.1", 12), "0.12.2": ("1.24.1", 12),
+    "0.13.0": ("1.24.4", 12), "0.13.1": ("1.24.4", 12), "0.13.2": ("1.25.1", 12),
+    "0.14.0": ("1.26.0", 12), "0.14.1": ("1.26.0", 12),
+    "0.15.0": ("1.28.0", 13), "0.15.1": ("1.28.0", 13), "0.15.2": ("1.28.0", 13),
+    "0.16.0": ("1.30.0", 13), "0.17.0": ("1.30.0", 13), "0.17.1": ("1.30.0", 13),
+    "0.18.0": ("1.31.0", 13),
+}
+# onnxruntime-gpu release -> the CUDA version it was built with: `cuda_version` in the wheel's
+# onnxruntime/capi/build_and_package_info.py (PyPI cp313 manylinux x86_64 wheels, read
+# 2026-11-30).  Their `cuda` extras agree: nvidia-*-cu12 up to 1.26.0, CUDA 13 wheels from 1.27.0.
+# A manifest's [runtime] built_with_cuda for a listed release must say the same; for another
+# release mirror sync reads it from the wheel (gpu_stage.check_wheel_files).
+ORT_GPU_BUILT_WITH: dict[str, str] = {
+    "1.23.2": "12.2", "1.24.1": "12.8", "1.24.4": "12.8", "1.25.0": "12.8", "1.25.1": "12.8",
+    "1.26.0": "12.8", "1.27.0": "13.0", "1.28.0": "13.0", "1.30.0": "13.0",
+    "1.31.0": "13.0", "1.31.1": "13.0",
+}
 # manifest driver.module -> the Debian package that carries the DKMS source.
 MODULE_PACKAGES = {"proprietary": "nvidia-kernel-dkms", "open": "nvidia-open-kernel-dkms"}
 # Packages a driver set must pin (besides the module package): the user-space driver, NVML,
@@ -230,6 +270,7 @@ class Compatibility:
     kernel: str = ""
     python: str = ""
     notes: tuple[str, ...] = field(default=())
+    genai: str = ""  # the onnxruntime-genai-cuda release checked against the set
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -339,6 +380,9 @@ def _check_pins(m: GpuManifest) -> None:
         if parsed is None or normalise_name(parsed[0]) != w.key or parsed[1] != w.version:
             raise ProfileError(f"{where}: [[wheels]] {w.name} filename = {w.filename!r}: not a "
                                f"wheel of {w.name} {w.version}")
+    if m.wheel(GENAI_WHEEL) is None:
+        raise ProfileError(f"{where}: [[wheels]]: no pin for {GENAI_WHEEL!r} (the agent's LLM "
+                           "runtime, a build matched to the pinned onnxruntime-gpu)")
     if not any(_CU_SUFFIX.match(w.key) and w.key.startswith("nvidia-cuda-runtime-")
                for w in m.wheels):
         raise ProfileError(f"{where}: [[wheels]]: no nvidia-cuda-runtime-cuNN pin (the CUDA "
@@ -413,7 +457,7 @@ def _cuda_basis(component: str, version: tuple[int, int], m: GpuManifest) -> str
     if version[0] > driver_cuda[0]:
         raise ProfileError(f"{head}: a newer CUDA major version never runs on an older driver "
                            f"(a CUDA {version[0]} component needs a driver of the CUDA "
-                           f"{version[0]} family)")
+                           f"{version[0]} family{_branch_floor(version[0])})")
     if version[1] <= driver_cuda[1]:
         return "native"
     floor = MVC_MIN_DRIVER.get(version[0])
@@ -426,6 +470,62 @@ def _cuda_basis(component: str, version: tuple[int, int], m: GpuManifest) -> str
                            f"{m.driver.cuda} libraries, or set [runtime] "
                            "minor_version_compatibility = true to accept the limits")
     return "minor version compatibility"
+
+
+def _branch_floor(cuda_major: int) -> str:
+    """", the NNN-series or newer": the oldest driver branch of a CUDA major ('' if unknown)."""
+    branches = [b for b, cuda in CUDA_BY_BRANCH.items() if cuda[0] == cuda_major]
+    return f", the {min(branches)}-series or newer" if branches else ""
+
+
+def _native_branch(cuda: str) -> int | None:
+    """The oldest driver branch that supports CUDA ``cuda`` natively (None if unknown)."""
+    v = _vtuple(cuda)[:2]
+    branches = [b for b, supported in CUDA_BY_BRANCH.items() if supported >= (v[0], v[1])]
+    return min(branches) if branches else None
+
+
+def _check_ort_build(m: GpuManifest) -> None:
+    """[runtime] built_with_cuda agrees with what the pinned onnxruntime-gpu release is known
+    to be built with (:data:`ORT_GPU_BUILT_WITH`)."""
+    known = ORT_GPU_BUILT_WITH.get(m.runtime.onnxruntime_version)
+    if known is not None and known != m.runtime.built_with_cuda:
+        raise ProfileError(f"{m.path}: [runtime] built_with_cuda = {m.runtime.built_with_cuda!r}: "
+                           f"{m.runtime.onnxruntime} {m.runtime.onnxruntime_version} is built with "
+                           f"CUDA {known} (its build_and_package_info.py)")
+
+
+def _check_genai(m: GpuManifest) -> str:
+    """The pinned onnxruntime-genai-cuda fits the pinned onnxruntime-gpu and its CUDA major;
+    returns its version.  The driver side of the chain is the onnxruntime/CUDA checks, which
+    run first."""
+    genai = m.wheel(GENAI_WHEEL)
+    assert genai is not None  # load_manifest requires the pin
+    head = f"{m.path}: [[wheels]] {genai.name} version = {genai.version!r}"
+    facts = GENAI_FACTS.get(genai.version)
+    if facts is None:
+        raise ProfileError(f"{head}: no recorded onnxruntime and CUDA requirements for this "
+                           f"release (known: {', '.join(GENAI_FACTS)}); read its wheel's "
+                           "Requires-Dist and the libcudart its CUDA library links, and add "
+                           "them to gpu_manifest.GENAI_FACTS")
+    min_ort, cuda_major = facts
+    ort = m.runtime.onnxruntime_version
+    if _vtuple(ort) < _vtuple(min_ort):
+        chain = ""
+        built = ORT_GPU_BUILT_WITH.get(min_ort)
+        branch = _native_branch(built) if built else None
+        if built and branch:
+            chain = (f"; {m.runtime.onnxruntime} {min_ort} is built with CUDA {built}, which needs "
+                     f"a {branch}-series driver or newer to run natively")
+        raise ProfileError(f"{head}: requires {m.runtime.onnxruntime} >= {min_ort}, but [runtime] "
+                           f"onnxruntime_version = {ort!r}{chain}")
+    built_major = _vtuple(m.runtime.built_with_cuda)[0]
+    if cuda_major != built_major:
+        raise ProfileError(f"{head}: its CUDA kernels link CUDA {cuda_major} (libcudart.so."
+                           f"{cuda_major}), but [runtime] built_with_cuda = "
+                           f"{m.runtime.built_with_cuda!r}: {m.runtime.onnxruntime} {ort} uses CUDA "
+                           f"{built_major} (one CUDA major per process)")
+    return genai.version
 
 
 def _wheel_cuda(w: WheelPin) -> tuple[int, int]:
@@ -441,8 +541,10 @@ def check_compatibility(m: GpuManifest, *, suite: str, architecture: str, machin
     against the module's kernel range when known (a versioned kernel package, or the mirror's).
 
     Raises:
-        ProfileError: the reason and the versions (CUDA major/minor against the driver, cuDNN,
-            kernel series, Python and platform tags, suite or architecture).
+        ProfileError: the reason and the versions (onnxruntime-genai-cuda against
+            onnxruntime-gpu and its CUDA major, onnxruntime-gpu's recorded CUDA build, CUDA
+            major/minor against the driver, cuDNN, kernel series, Python and platform tags,
+            suite or architecture).
     """
     where = str(m.path)
     if (m.manifest.suite, m.manifest.architecture) != (suite, architecture):
@@ -487,13 +589,17 @@ def check_compatibility(m: GpuManifest, *, suite: str, architecture: str, machin
         if not wheel_fits(w.filename, python, glibc, machine):
             raise ProfileError(f"{where}: [[wheels]] {w.name} filename = {w.filename!r}: no tag "
                                f"for CPython {python}, glibc {glibc}, {machine}")
+    # The recorded facts of the pinned builds, once the CUDA side fits the driver (so a set
+    # that cannot run on it is refused for that, the more basic reason).
+    _check_ort_build(m)
+    genai = _check_genai(m)
     if kernel_release:
         _check_kernel(m, kernel_release)
     order = ["minor version compatibility", "native", "backward compatibility"]
     basis = next(b for b in order if b in bases)
     return Compatibility(m.driver.version, m.driver.cuda,
                          f"{runtime_v[0]}.{runtime_v[1]}", m.runtime.built_with_cuda, basis,
-                         kernel_release, python)
+                         kernel_release, python, genai=genai)
 
 
 def _check_kernel(m: GpuManifest, kernel_release: str) -> None:
@@ -538,6 +644,16 @@ def ort_built_with_cuda(wheel: Path) -> str:
     return found.group(1) if found else ""
 
 
+def genai_onnxruntime_floor(wheel: Path) -> str:
+    """X in an onnxruntime-genai wheel's ``Requires-Dist: onnxruntime-gpu>=X`` ('' if none)."""
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next((n for n in zf.namelist() if n.endswith(".dist-info/METADATA")), None)
+        text = zf.read(meta).decode() if meta else ""
+    found = re.search(r"^Requires-Dist:\s*onnxruntime(?:-gpu)?\s*\(?\s*>=\s*([0-9][0-9.]*)", text,
+                      re.M | re.I)
+    return found.group(1) if found else ""
+
+
 def image_record(m: GpuManifest, compat: Compatibility | None = None) -> dict[str, Any]:
     """The driver set as baked into the image (``/usr/lib/appliance/gpu.json``)."""
     record: dict[str, Any] = {"id": m.manifest.id, **m.to_json()}
@@ -550,6 +666,7 @@ def gpu_stack(m: GpuManifest, record: dict[str, Any], kernel_release: str) -> di
     """The flat summary the agent's inventory reports (appliance.v1.GpuStack's fields)."""
     runtime = next((w for w in m.wheels if w.key.startswith("nvidia-cuda-runtime-")), None)
     cudnn = next((w for w in m.wheels if w.key.startswith("nvidia-cudnn-")), None)
+    genai = m.wheel(GENAI_WHEEL)
     compat = record.get("compatibility", {})
     return {"manifest_id": m.manifest.id, "driver_version": m.driver.version,
             "cuda_version": m.driver.cuda,
@@ -557,7 +674,8 @@ def gpu_stack(m: GpuManifest, record: dict[str, Any], kernel_release: str) -> di
             "built_with_cuda": m.runtime.built_with_cuda,
             "onnxruntime_version": m.runtime.onnxruntime_version,
             "cudnn_version": cudnn.version if cudnn else "",
-            "compatibility": str(compat.get("basis", "")), "kernel_release": kernel_release}
+            "compatibility": str(compat.get("basis", "")), "kernel_release": kernel_release,
+            "genai_version": genai.version if genai else ""}
 
 
 def deb_closure_names(status: str) -> set[str]:

@@ -20,10 +20,13 @@ from agent.errors import VerificationError
 from agent.fsutil import file_sha256
 from provisioning.errors import ImageError, ProfileError
 from provisioning.image.gpu_manifest import (
+    GENAI_FACTS,
+    GENAI_WHEEL,
     Compatibility,
     GpuManifest,
     check_compatibility,
     deb_closure_names,
+    genai_onnxruntime_floor,
     normalise_name,
     ort_built_with_cuda,
 )
@@ -122,7 +125,8 @@ def check_wheel_files(m: GpuManifest, wheels: Iterable[Path]) -> None:
 
     Raises:
         VerificationError: a pinned wheel is missing or differs, a second version of a pinned
-            distribution was fetched, or onnxruntime-gpu says it was built with another CUDA.
+            distribution was fetched, onnxruntime-gpu says it was built with another CUDA, or
+            onnxruntime-genai-cuda requires another onnxruntime-gpu than recorded.
     """
     by_name: dict[str, list[Path]] = {}
     for path in wheels:
@@ -144,6 +148,14 @@ def check_wheel_files(m: GpuManifest, wheels: Iterable[Path]) -> None:
         raise VerificationError(f"{by_name[ort.key][0]}: built with CUDA {built}, but "
                                 f"{m.path.name} says [runtime] built_with_cuda = "
                                 f"{m.runtime.built_with_cuda!r}")
+    genai = m.wheel(GENAI_WHEEL)
+    assert genai is not None
+    facts = GENAI_FACTS.get(genai.version)
+    floor = genai_onnxruntime_floor(by_name[genai.key][0])
+    if facts is not None and floor != facts[0]:
+        raise VerificationError(f"{by_name[genai.key][0]}: requires onnxruntime-gpu >= "
+                                f"{floor or '(nothing)'}, but the compatibility check's record "
+                                f"(gpu_manifest.GENAI_FACTS) says >= {facts[0]}")
 
 
 def installed_packages(root: Path) -> set[str]:

@@ -38,9 +38,11 @@ from email.parser import Parser
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import Requirement
+
 from agent.errors import NotFoundError, VerificationError
 from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, stream_sha256
-from provisioning.errors import ImageError
+from provisioning.errors import ImageError, ProfileError
 from provisioning.image._debian import (
     deb_filename_key,
     package_entries,
@@ -48,6 +50,7 @@ from provisioning.image._debian import (
     strip_clearsign,
 )
 from provisioning.image.aptlog import follow
+from provisioning.image.gpu_manifest import GpuManifest
 from provisioning.image.gpu_manifest import wheel_requirements as gpu_wheel_requirements
 from provisioning.image.gpu_stage import check_lock, check_wheel_files
 from provisioning.image.profile import Profile, package_set
@@ -442,9 +445,19 @@ _GENAI_FOR = {"onnxruntime": "onnxruntime-genai", "onnxruntime-gpu": "onnxruntim
 _END = r"(?=[\s<>=!~;\[]|$)"
 
 
-def wheel_requirements(wheel: Path, onnxruntime: str) -> list[str]:
+def wheel_requirements(wheel: Path, onnxruntime: str,
+                       gpu_set: GpuManifest | None = None) -> list[str]:
     """The wheel's unconditional Requires-Dist, with the onnxruntime flavour chosen by the
-    profile (and the onnxruntime-genai build matched to it)."""
+    profile (and the onnxruntime-genai build matched to it).
+
+    With a GPU driver set, a requirement on a distribution the set pins (onnxruntime-gpu,
+    onnxruntime-genai-cuda) is left out: the set's exact pins (gpu_manifest.wheel_requirements)
+    decide which build is fetched, once the agent is seen to accept each pinned version (else
+    the image's venv could not be installed).
+
+    Raises:
+        ProfileError: the agent's requirement excludes a version the driver set pins.
+    """
     with zipfile.ZipFile(wheel) as zf:
         meta_name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         meta = Parser().parsestr(zf.read(meta_name).decode())
@@ -454,9 +467,27 @@ def wheel_requirements(wheel: Path, onnxruntime: str) -> list[str]:
         if ";" in req and "extra ==" in req.split(";", 1)[1]:
             continue  # optional extras (operator, test) are not part of the agent
         chosen = re.sub(rf"^onnxruntime(-gpu)?{_END}", onnxruntime, req)
-        chosen = re.sub(rf"^onnxruntime-genai(-cuda)?{_END}", genai, chosen)
-        reqs.append(chosen.strip())
+        chosen = re.sub(rf"^onnxruntime-genai(-cuda)?{_END}", genai, chosen).strip()
+        if gpu_set is None or not _pinned_by(gpu_set, chosen, wheel):
+            reqs.append(chosen)
     return reqs
+
+
+def _pinned_by(gpu_set: GpuManifest, requirement: str, wheel: Path) -> bool:
+    """Whether the driver set pins ``requirement``'s distribution, at a version it accepts.
+
+    Raises:
+        ProfileError: it pins a version the requirement excludes.
+    """
+    req = Requirement(requirement)
+    pin = gpu_set.wheel(req.name)
+    if pin is None:
+        return False
+    if not req.specifier.contains(pin.version, prereleases=True):
+        raise ProfileError(f"{gpu_set.path}: [[wheels]] {pin.name} version = {pin.version!r}: the "
+                           f"agent ({wheel.name}) requires {requirement}; pin a version it "
+                           "accepts, or change the agent's requirement")
+    return True
 
 
 def _platforms(profile: Profile) -> list[str]:
@@ -485,7 +516,8 @@ def _sync_wheels(profile: Profile, mirror: Path, step: Step,
     step(agent.name)
     if bar is not None:
         bar.set_phase("downloading its dependencies (pip)")
-    reqs = [*wheel_requirements(agent, profile.python.onnxruntime), *profile.python.extra]
+    reqs = [*wheel_requirements(agent, profile.python.onnxruntime, profile.gpu_set),
+            *profile.python.extra]
     if profile.gpu_set is not None:  # the driver set's wheels, exactly as pinned
         reqs += gpu_wheel_requirements(profile.gpu_set)
     py = profile.python_version
