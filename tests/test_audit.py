@@ -8,7 +8,15 @@ import pytest
 
 from agent.errors import NotFoundError
 from provisioning.errors import ImageError
-from provisioning.image.audit import DEFAULT_TAILORING, audit, root_of, scanner_root, tree_digest
+from provisioning.image.audit import (
+    DEFAULT_TAILORING,
+    audit,
+    enabled_services,
+    root_of,
+    scanner_root,
+    services_exposure,
+    tree_digest,
+)
 from testsupport.image_helpers import make_signed_mirror
 
 
@@ -77,3 +85,39 @@ def test_the_scanner_root_digest_sees_every_change_but_its_mount_points(tmp_path
         now = tree_digest(root)
         assert now not in seen
         seen.add(now)
+
+
+def _unit(root: Path, name: str, body: str = "[Service]\nExecStart=/usr/bin/true\n") -> None:
+    path = root / "usr/lib/systemd/system" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"[Unit]\nDescription={name}\n{body}")
+
+
+def _want(root: Path, where: str, target: str, name: str) -> None:
+    wants = root / where / f"{target}.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / name).symlink_to(f"/usr/lib/systemd/system/{name}")
+
+
+def test_enabled_services_are_what_the_booted_image_runs(tmp_path: Path) -> None:
+    root = tmp_path
+    for name in ("agent.service", "journald.service", "dbus.service", "getty@.service", "debug.service",
+                 "setup.service", "dracut-mount.service", "stray.service"):
+        _unit(root, name, "[Service]\nType=oneshot\nExecStart=/usr/bin/true\n" if name == "setup.service"
+              else "[Service]\nExecStart=/usr/bin/true\n")
+    _unit(root, "dbus.socket", "[Socket]\nListenStream=/run/dbus/system_bus_socket\n")
+    etc, lib = "etc/systemd/system", "usr/lib/systemd/system"
+    _want(root, etc, "multi-user.target", "agent.service")  # enabled by the image
+    _want(root, etc, "multi-user.target", "setup.service")  # runs once and exits
+    _want(root, etc, "multi-user.target", "debug.service")
+    (root / etc / "debug.service").symlink_to("/dev/null")  # masked
+    (root / etc / "getty.target.wants").mkdir()
+    (root / etc / "getty.target.wants/getty@tty1.service").symlink_to(f"/{lib}/getty@.service")
+    _want(root, lib, "sysinit.target", "journald.service")  # the package's own, static
+    _want(root, lib, "sockets.target", "dbus.socket")  # socket-activated: dbus.service runs
+    _want(root, lib, "initrd.target", "dracut-mount.service")  # the initrd's, not the system's
+    assert enabled_services(root) == ["agent.service", "dbus.service", "getty@tty1.service",
+                                      "journald.service"]
+    exposure = services_exposure(root)  # real systemd-analyze, offline, on this root
+    assert [e["unit"] for e in exposure] == enabled_services(root)
+    assert all(0 <= e["exposure"] <= 10 and e["verdict"] for e in exposure)

@@ -49,8 +49,20 @@ from provisioning.image.mirror import (
 )
 from provisioning.tools import Completed, require_tool, run
 
-__all__ = ["PROFILES", "AuditResult", "audit", "egress", "lynis", "print_report", "root_of",
-           "scanner_root", "tree_digest", "unit_exposure"]
+__all__ = [
+    "PROFILES",
+    "AuditResult",
+    "audit",
+    "egress",
+    "enabled_services",
+    "lynis",
+    "print_report",
+    "root_of",
+    "scanner_root",
+    "services_exposure",
+    "tree_digest",
+    "unit_exposure",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +111,7 @@ def _scanner_key(lock: Lock) -> str:
     return h.hexdigest()
 
 
+SERVICE_EXPOSURE_GOAL = 5.0  # "OK" or better in systemd-analyze's words (issue #16's goal)
 _NOT_TREE = frozenset({"target", "out", ".complete"})  # mount points and the record itself
 
 
@@ -252,6 +265,62 @@ def unit_exposure(root: Path, unit: str) -> dict[str, Any]:
             "failing": failing}
 
 
+# Targets whose static wants (the packages' own, under /usr) run in the booted system
+_BOOT_TARGETS = ("sysinit", "basic", "sockets", "multi-user", "graphical", "timers")
+_UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
+
+
+def _unit_file(root: Path, name: str) -> Path | None:
+    template = re.sub(r"@[^.]+\.", "@.", name)
+    for d in _UNIT_DIRS:
+        for candidate in (name, template):
+            path = root / d / candidate
+            if path.is_file() and not path.resolve().samefile(os.devnull):
+                return path
+    return None
+
+
+def _masked(root: Path, name: str) -> bool:
+    link = root / "etc/systemd/system" / name
+    return link.is_symlink() and str(link.readlink()) == os.devnull
+
+
+def enabled_services(root: Path) -> list[str]:
+    """The services the booted image runs: those enabled in /etc (``*.wants``, ``*.requires``),
+    those the boot targets want statically, and the services behind enabled sockets and
+    paths; masked units and one-shot jobs that run and exit (they serve nothing) left out."""
+    links: set[str] = set()
+    for d, targets in (("etc/systemd/system", ("*",)), ("usr/lib/systemd/system", _BOOT_TARGETS),
+                       ("lib/systemd/system", _BOOT_TARGETS)):
+        for target in targets:
+            for kind in ("wants", "requires"):
+                pattern = f"{target}.target.{kind}" if target != "*" else f"*.{kind}"
+                for wants in sorted((root / d).glob(pattern)):
+                    links.update(p.name for p in wants.iterdir())
+    names: set[str] = set()
+    for link in links:
+        stem, _, kind = link.rpartition(".")
+        if kind == "service":
+            names.add(link)
+        elif kind in ("socket", "path"):  # activates the service of the same name
+            names.add(f"{stem.removesuffix('@')}{'@' if stem.endswith('@') else ''}.service")
+    out = []
+    for name in sorted(names):
+        unit = _unit_file(root, name)
+        if unit is None or _masked(root, name) or name.endswith("@.service"):
+            continue
+        service_type = re.search(r"^\s*Type\s*=\s*(\S+)", unit.read_text(errors="replace"), re.MULTILINE)
+        if service_type is not None and service_type.group(1) == "oneshot":
+            continue
+        out.append(name)
+    return out
+
+
+def services_exposure(root: Path) -> list[dict[str, Any]]:
+    """``systemd-analyze security`` of every service :func:`enabled_services` lists."""
+    return [unit_exposure(root, name) for name in enabled_services(root)]
+
+
 def egress(root: Path) -> dict[str, Any]:
     """What the image is configured to send to: the allowlist its metadata lists
     (``usr/lib/appliance/image.json``) and whether its firewall's output chain drops the rest."""
@@ -286,11 +355,12 @@ class AuditResult:
     systemd: dict[str, Any]
     egress: dict[str, Any]
     baseline: tuple[str, ...] = ()  # a message per profile below the baseline
+    services: tuple[dict[str, Any], ...] = ()  # systemd-analyze security of every enabled service
 
     def to_json(self) -> dict[str, Any]:
         return {"root": str(self.root), "scanner": self.scanner,
                 "openscap": [s.to_json() for s in self.profiles], "lynis": self.lynis,
-                "systemd": self.systemd, "egress": self.egress,
+                "systemd": self.systemd, "services": list(self.services), "egress": self.egress,
                 "baseline_failures": list(self.baseline)}
 
 
@@ -321,7 +391,8 @@ def audit(target: Path, *, mirror: Path, out: Path, cache: Path | None = None,
     result = AuditResult(
         root, _content_version(scanner), summaries, lynis(scanner, root, out),
         unit_exposure(root, unit), egress(root),
-        tuple(baseline_failures(summaries, floors, baseline)) if baseline is not None else ())
+        tuple(baseline_failures(summaries, floors, baseline)) if baseline is not None else (),
+        tuple(services_exposure(root)))
     (out / "summary.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return result
 
@@ -336,6 +407,12 @@ def print_report(result: AuditResult) -> None:
           f"{len(ly['warnings'])} warnings, {ly['suggestions']} suggestions")
     sd = result.systemd
     print(f"systemd-analyze security {sd['unit']}: exposure {sd['exposure']} {sd['verdict']}")  # noqa: T201
+    if result.services:
+        worst = sorted(result.services, key=lambda s: -float(s["exposure"]))
+        over = [s for s in worst if float(s["exposure"]) > SERVICE_EXPOSURE_GOAL]
+        listed = ", ".join(f"{s['unit']} {s['exposure']}" for s in over) or "none"
+        print(f"enabled services: {len(worst)}, {len(over)} above exposure "  # noqa: T201
+              f"{SERVICE_EXPOSURE_GOAL}: {listed}")
     e = result.egress
     allowed = e["allowed"]
     listed = ", ".join(f"{d['why']} {d['proto']} {d['host'] or '*'}:{d['port']}" for d in allowed) \
