@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -331,3 +332,29 @@ def test_budget_waiters_are_served_in_order_and_a_cancelled_one_leaves() -> None
     assert budget.in_use == 90 and budget.peak == 90 and budget.sequences == 2
     with pytest.raises(CapacityError, match="more than the model's whole budget"):
         asyncio.run(budget.acquire(101, 1))
+
+
+def test_a_step_waiting_for_a_thread_when_the_model_closes_ends_the_stream_as_cancelled(
+        decoder_dir: Path) -> None:
+    """close() drops queued steps; their streams end with a "cancelled" chunk and free their
+    budget, never with a CancelledError the caller did not ask for."""
+    model = load_language_model(decoder_dir, _members(decoder_dir), LLM_CARD, Limits(256, 64, 4096, 5.0),
+                                intra_op_threads=1, decode_threads=1)
+    release = threading.Event()
+
+    async def main() -> tuple[list[Chunk], list[Chunk]]:
+        running = model.generate(PROMPT, Sampling(max_tokens=64, temperature=0))
+        first = [await anext(running)]
+        model._pool.submit(release.wait)  # the one decode thread is busy: the next steps queue
+        queued = model.generate(PROMPT, Sampling(max_tokens=8))
+        waiting = asyncio.ensure_future(_collect(queued))  # its prefill waits for the thread
+        rest = asyncio.ensure_future(_collect(running))  # its next step waits too
+        await asyncio.sleep(0.2)
+        model.close()
+        release.set()
+        return await waiting, first + await rest
+
+    waiting, running = asyncio.run(main())
+    assert [(c.finish_reason, c.completion_tokens) for c in waiting] == [("cancelled", 0)]
+    assert running[-1].finish_reason == "cancelled"
+    assert model.active_sequences == 0 and model.budget.in_use == 0

@@ -91,6 +91,10 @@ def open_genai_model(folder: Path, providers: Sequence[str] = (), intra_op_threa
         raise BundleError(f"{folder}: onnxruntime-genai cannot load the model: {exc}") from None
 
 
+class _ClosedError(Exception):
+    """The model was closed while a step of the sequence waited for a decode thread."""
+
+
 class _Sequence:
     """One generation: its generator, detokeniser stream and budget reservation."""
 
@@ -103,11 +107,23 @@ class _Sequence:
         self._freed = False
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(self, *args)`` on a decode thread.
+
+        Raises:
+            NotFoundError: the model was unloaded before the step could be queued.
+            _ClosedError: the model was unloaded while the step waited for a thread.
+        """
         try:
-            self._step = self.owner._pool.submit(fn, self, *args)
+            step = self._step = self.owner._pool.submit(fn, self, *args)
         except RuntimeError:  # the pool was shut down: the model is being unloaded
             raise NotFoundError(f"model {self.owner.card.name} was unloaded") from None
-        return await asyncio.wrap_future(self._step)
+        try:
+            return await asyncio.wrap_future(step)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if step.cancelled() and (task is None or not task.cancelling()):
+                raise _ClosedError from None  # close() dropped the queued step, nobody cancelled us
+            raise
 
     def close(self) -> None:
         """Free the generator and the reservation once no step is running on it."""
@@ -223,7 +239,11 @@ class GenaiLanguageModel:
         queued = time.monotonic() - asked
         seq = _Sequence(self, len(ids) + new)
         try:
-            await seq.run(self._prefill, ids, options)
+            try:
+                await seq.run(self._prefill, ids, options)
+            except _ClosedError:
+                yield Chunk("", (), "cancelled", len(ids), 0, queued)
+                return
             scanner = StopScanner(stops)
             held: list[int] = []  # token ids not yet sent in a chunk
             count = 0
@@ -232,7 +252,11 @@ class GenaiLanguageModel:
                 if self._closed or (deadline is not None and time.monotonic() >= deadline):
                     finish, tail = "cancelled", scanner.flush()
                     break
-                token, piece, done = await seq.run(self._next)
+                try:
+                    token, piece, done = await seq.run(self._next)
+                except _ClosedError:
+                    finish, tail = "cancelled", scanner.flush()
+                    break
                 count += 1
                 held.append(token)
                 text, hit = scanner.feed(piece)
