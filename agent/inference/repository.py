@@ -127,8 +127,8 @@ class ModelRepository:
             raise
         return model
 
-    def _verify_generative(self, manifest: GenManifest, folder: Path) -> None:
-        self._open_generative(manifest, folder, 0).close()
+    def _verify_generative(self, manifest: GenManifest, folder: Path, installed_at: float) -> None:
+        self._open_generative(manifest, folder, installed_at).close()
 
     def install_for_serving(self, bundle_path: Path) -> tuple[InstalledModel, LoadedModel]:
         """Install a verified bundle file without activating it, and return the session the

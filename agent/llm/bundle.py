@@ -33,9 +33,9 @@ from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.fsutil import copy_verified, file_sha256
 from agent.modelrefs import safe_member_name
 
-__all__ = ["GEN_FORMAT", "GenManifest", "GoldenEmbedding", "GoldenPrompt", "LlmLimits",
-           "extract_bundle", "is_generative_bundle", "read_gen_manifest", "verify_bundle",
-           "write_bundle"]
+__all__ = ["GEN_FORMAT", "GenManifest", "GoldenEmbedding", "GoldenPrompt", "LlmLimits", "Walked",
+           "extract_bundle", "extract_bundle_hashed", "is_generative_bundle", "read_gen_manifest",
+           "verify_bundle", "write_bundle"]
 
 GEN_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -313,33 +313,73 @@ def _open_manifest(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo], ori
     return parse_gen_manifest(src.read(), f"{origin}: {MANIFEST}")
 
 
-def _walk(path: Path, dest: Path | None) -> GenManifest:
-    """Check a bundle file member by member, writing the members into ``dest`` when given."""
+class _Counting:
+    """A file read front to back while its sha256 and length are taken (the TUF target hash
+    of the bytes that were really read, not of a second read that could see other bytes)."""
+
+    def __init__(self, src: IO[bytes]) -> None:
+        self._src = src
+        self._digest = hashlib.sha256()
+        self.length = 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._src.read(n)
+        self._digest.update(chunk)
+        self.length += len(chunk)
+        return chunk
+
+    def finish(self) -> str:
+        """Read what is left (the archive's end padding) and return the hex sha256."""
+        while self.read(_CHUNK):
+            pass
+        return self._digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Walked:
+    """A bundle file checked in one pass: its manifest, and the sha256 and length of the file."""
+
+    manifest: GenManifest
+    sha256: str
+    length: int
+
+
+def _walk(path: Path, dest: Path | None) -> Walked:
+    """Check a bundle file member by member in one sequential pass (the archive is read as a
+    stream), writing the members into ``dest`` when given and hashing the whole file."""
     origin = str(path)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such bundle file")
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            members = _members(tar, origin)
-            manifest = _open_manifest(tar, members, origin)
-            expected = iter(manifest.members)
-            for info in members:
-                want = next(expected, None)
-                if want is None or info.name != PREFIX + want:
-                    raise BundleError(f"{origin}: unexpected member {info.name[:80]!r} (expected "
-                                      f"{(PREFIX + want) if want else 'the end of the archive'})")
-                entry = manifest.files[want]
-                if info.size != entry.length:
-                    raise VerificationError(f"{path.name}:{info.name}: {info.size} bytes, the manifest "
-                                            f"declares {entry.length}")
-                src = tar.extractfile(info)
-                assert src is not None
-                _copy(src, dest / want if dest is not None else None, entry, f"{path.name}:{info.name}")
-            missing = next(expected, None)
-            if missing is not None:
-                raise BundleError(f"{origin}: member {PREFIX}{missing} listed in the manifest is missing")
+        with path.open("rb") as raw:
+            counting = _Counting(raw)
+            with tarfile.open(fileobj=counting, mode="r|") as tar:  # type: ignore[call-overload]
+                manifest = _walk_members(tar, path, dest)
+            return Walked(manifest, counting.finish(), counting.length)
     except tarfile.TarError as exc:
         raise BundleError(f"{origin}: not a generative bundle (unreadable archive: {exc})") from None
+
+
+def _walk_members(tar: tarfile.TarFile, path: Path, dest: Path | None) -> GenManifest:
+    origin = str(path)
+    members = _members(tar, origin)
+    manifest = _open_manifest(tar, members, origin)
+    expected = iter(manifest.members)
+    for info in members:
+        want = next(expected, None)
+        if want is None or info.name != PREFIX + want:
+            raise BundleError(f"{origin}: unexpected member {info.name[:80]!r} (expected "
+                              f"{(PREFIX + want) if want else 'the end of the archive'})")
+        entry = manifest.files[want]
+        if info.size != entry.length:
+            raise VerificationError(f"{path.name}:{info.name}: {info.size} bytes, the manifest "
+                                    f"declares {entry.length}")
+        src = tar.extractfile(info)
+        assert src is not None
+        _copy(src, dest / want if dest is not None else None, entry, f"{path.name}:{info.name}")
+    missing = next(expected, None)
+    if missing is not None:
+        raise BundleError(f"{origin}: member {PREFIX}{missing} listed in the manifest is missing")
     return manifest
 
 
@@ -388,13 +428,23 @@ def verify_bundle(path: Path) -> GenManifest:
     Raises:
         NotFoundError, BundleError, VerificationError.
     """
-    return _walk(path, None)
+    return _walk(path, None).manifest
 
 
 def extract_bundle(path: Path, dest: Path) -> GenManifest:
     """Check a bundle file and write its members into the existing, empty directory ``dest``
     in one streaming pass.  On an error ``dest`` holds part of the members: the caller
     deletes it.
+
+    Raises:
+        NotFoundError, BundleError, VerificationError.
+    """
+    return _walk(path, dest).manifest
+
+
+def extract_bundle_hashed(path: Path, dest: Path) -> Walked:
+    """:func:`extract_bundle`, also returning the sha256 and length of the file taken from
+    the same single read (what an install records as the bundle's hash).
 
     Raises:
         NotFoundError, BundleError, VerificationError.
