@@ -329,9 +329,3 @@ def test_a_manifest_changed_between_reads_is_refused(folders: tuple[Path, Path],
     with pytest.raises(VerificationError, match="the manifest changed while it was read"):
         _repo(state).install(target)
     assert _store_files(state) == []
-
-
-def test_hot_swap_update_of_a_generative_bundle_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="cannot be applied as a hot-swap update"):
-        _repo(tmp_path).install_for_serving(llm_bundle)
-    assert _store_files(tmp_path) == []

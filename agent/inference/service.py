@@ -418,11 +418,11 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
 
 
 async def follow_active(repo: ModelRepository, drain_s: float, name: str = "") -> None:
-    """Serve the store's active version of ``name`` (default: of every served model) where
-    another serving process switched it (an update or rollback it applied)."""
-    for served in [name] if name else sorted({m.name for m in repo.served()}):
+    """Serve the store's active version of ``name`` (default: of every served model, tensor
+    or generative) where another serving process switched it (an update or rollback it applied)."""
+    for served in [name] if name else sorted({n for n, _ in repo.serving()}):
         active = repo.store.active_version(served)
-        if not active or not repo.is_served(served) or repo.versions(served) == [active]:
+        if not active or not repo.is_served(served) or repo.serving_versions(served) == [active]:
             continue
         model = await repo.stage(served, active)
         await repo.swap(model, drain_s=drain_s)
@@ -431,9 +431,9 @@ async def follow_active(repo: ModelRepository, drain_s: float, name: str = "") -
 async def _match(repo: ModelRepository, served: list[list[str]]) -> None:
     """Serve the models a sibling serves (a restarted worker catching up with load/unload)."""
     wanted = {name for name, _version in served}
-    for name in sorted(wanted - {m.name for m in repo.served()}):
-        await repo.load(name)
-    for name in sorted({m.name for m in repo.served()} - wanted):
+    for name in sorted(wanted - {n for n, _ in repo.serving()}):
+        await repo.serve(name)
+    for name in sorted({n for n, _ in repo.serving()} - wanted):
         with contextlib.suppress(NotFoundError):
             await repo.unload(name)
 
@@ -463,4 +463,4 @@ def _follow_siblings(link: WorkerLink, repo: ModelRepository, drain_s: float) ->
 
     link.apply = apply
     link.statistics = statistics
-    link.served = lambda: [[m.name, m.version] for m in repo.served()]
+    link.served = lambda: [[n, v] for n, v in repo.serving()]
