@@ -160,6 +160,19 @@ def test_tampered_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
              r"model/model\.onnx\.data.*sha256")
 
 
+@pytest.mark.parametrize("keep", [0.3, 0.9])
+def test_a_truncated_bundle_is_refused(llm_bundle: Path, tmp_path: Path, keep: float) -> None:
+    """Cut inside a member: the one-pass reader stops with an error naming the file, and
+    nothing is installed."""
+    data = llm_bundle.read_bytes()
+    cut = tmp_path / "cut.bundle"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    state = tmp_path / "state"
+    with pytest.raises((BundleError, VerificationError), match=str(cut.name)):
+        _repo(state).install(cut)
+    assert _store_files(state) == []
+
+
 def test_extra_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
     bundle = _write(tmp_path / "b", [*_members(llm_bundle), ("model/zz-extra.so", b"\x7fELF")])
     _refused(bundle, tmp_path / "state", BundleError, "unexpected member 'model/zz-extra.so'")

@@ -313,26 +313,50 @@ def _open_manifest(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo], ori
     return parse_gen_manifest(src.read(), f"{origin}: {MANIFEST}")
 
 
-class _Counting:
-    """A file read front to back while its sha256 and length are taken (the TUF target hash
-    of the bytes that were really read, not of a second read that could see other bytes)."""
+class _Hashed:
+    """A seekable file read by tarfile while the sha256 and length of the whole file are taken
+    from the very bytes read (not from a second read that could see other bytes).
+
+    Each byte is hashed once, at its first read, in file order: a forward seek past bytes not
+    read yet (the padding after a member) hashes them on the way; tarfile's re-read of a byte
+    already read (its end-of-archive probe) is not hashed again."""
 
     def __init__(self, src: IO[bytes]) -> None:
         self._src = src
         self._digest = hashlib.sha256()
-        self.length = 0
+        self._pos = 0  # where the next read starts
+        self._hashed = 0  # the file's first _hashed bytes went into the digest
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0:  # tarfile seeks to absolute offsets only
+            raise OSError(f"seek whence {whence} is not supported here")
+        if offset > self._hashed:
+            self._src.seek(self._hashed)
+            self._pos = self._hashed
+            while self._pos < offset and self.read(min(_CHUNK, offset - self._pos)):
+                pass
+        self._src.seek(offset)
+        self._pos = offset
+        return offset
 
     def read(self, n: int = -1) -> bytes:
-        chunk = self._src.read(n)
-        self._digest.update(chunk)
-        self.length += len(chunk)
-        return chunk
+        data = self._src.read(n)
+        end = self._pos + len(data)
+        if end > self._hashed:
+            self._digest.update(memoryview(data)[self._hashed - self._pos:])
+            self._hashed = end
+        self._pos = end
+        return data
 
-    def finish(self) -> str:
-        """Read what is left (the archive's end padding) and return the hex sha256."""
+    def finish(self) -> tuple[str, int]:
+        """Hash what is left (the archive's end padding); the hex sha256 and the file's length."""
+        self.seek(self._hashed)
         while self.read(_CHUNK):
             pass
-        return self._digest.hexdigest()
+        return self._digest.hexdigest(), self._hashed
 
 
 @dataclass(frozen=True)
@@ -345,17 +369,17 @@ class Walked:
 
 
 def _walk(path: Path, dest: Path | None) -> Walked:
-    """Check a bundle file member by member in one sequential pass (the archive is read as a
-    stream), writing the members into ``dest`` when given and hashing the whole file."""
+    """Check a bundle file member by member in one pass, writing the members into ``dest``
+    when given and hashing the whole file on the way."""
     origin = str(path)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such bundle file")
     try:
         with path.open("rb") as raw:
-            counting = _Counting(raw)
-            with tarfile.open(fileobj=counting, mode="r|") as tar:  # type: ignore[call-overload]
+            hashed = _Hashed(raw)
+            with tarfile.open(fileobj=hashed, mode="r:") as tar:  # type: ignore[call-overload]
                 manifest = _walk_members(tar, path, dest)
-            return Walked(manifest, counting.finish(), counting.length)
+            return Walked(manifest, *hashed.finish())
     except tarfile.TarError as exc:
         raise BundleError(f"{origin}: not a generative bundle (unreadable archive: {exc})") from None
 
