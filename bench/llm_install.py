@@ -1,5 +1,6 @@
 """Benchmark: unpacking a large generative bundle the way a node installs it (every member
-hashed while it streams into place), against plain sha256 of the same file as the line rate.
+hashed while it streams into place, and the whole file hashed in the same read), against
+plain sha256 of the same file as the line rate.
 
     python bench/llm_install.py [--mib 1024] [--runs 3]
 

@@ -4,8 +4,11 @@ repository, and hostile ones refused with the store unchanged."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
+import os
+import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +19,8 @@ import pytest
 from agent.config import InferenceSection
 from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.inference.repository import ModelRepository
-from agent.llm.bundle import MAX_CONTEXT, verify_bundle
+from agent.inference.store import ModelStore
+from agent.llm.bundle import MAX_CONTEXT, read_gen_manifest, verify_bundle
 from agent.llm.types import Sampling
 from provisioning.demo.llm_models import write_decoder, write_encoder
 from provisioning.genbundle import create_generative_bundle
@@ -156,6 +160,19 @@ def test_tampered_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
              r"model/model\.onnx\.data.*sha256")
 
 
+@pytest.mark.parametrize("keep", [0.3, 0.9])
+def test_a_truncated_bundle_is_refused(llm_bundle: Path, tmp_path: Path, keep: float) -> None:
+    """Cut inside a member: the one-pass reader stops with an error naming the file, and
+    nothing is installed."""
+    data = llm_bundle.read_bytes()
+    cut = tmp_path / "cut.bundle"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    state = tmp_path / "state"
+    with pytest.raises((BundleError, VerificationError), match=str(cut.name)):
+        _repo(state).install(cut)
+    assert _store_files(state) == []
+
+
 def test_extra_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
     bundle = _write(tmp_path / "b", [*_members(llm_bundle), ("model/zz-extra.so", b"\x7fELF")])
     _refused(bundle, tmp_path / "state", BundleError, "unexpected member 'model/zz-extra.so'")
@@ -279,7 +296,49 @@ def test_bundle_changed_after_signing_is_refused(llm_bundle: Path, tmp_path: Pat
     assert _store_files(state) == before
 
 
-def test_hot_swap_update_of_a_generative_bundle_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="cannot be applied as a hot-swap update"):
-        _repo(tmp_path).install_for_serving(llm_bundle)
-    assert _store_files(tmp_path) == []
+def _bytes_read() -> int | None:
+    """Bytes this process has read through system calls so far (``rchar``), if the kernel says."""
+    try:
+        lines = Path("/proc/self/io").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(ln.split()[1]) for ln in lines if ln.startswith("rchar:")), None)
+
+
+def test_an_install_reads_the_bundle_once(llm_bundle: Path, tmp_path: Path) -> None:
+    """Hashing and unpacking share one read of the file (weights are gigabytes); only the
+    manifest, the archive's first member, is read before it."""
+    store = ModelStore(tmp_path)
+    size = llm_bundle.stat().st_size
+    assert size > 500_000  # the manifest's few KiB must not matter below
+    before = _bytes_read()
+    if before is None:
+        pytest.skip("no read accounting in /proc/self/io here")
+    installed = store.install_generative(llm_bundle, lambda manifest, folder, at: None)
+    read = (_bytes_read() or 0) - before
+    assert size <= read < 1.2 * size, f"{read} bytes read for a {size}-byte bundle"
+    assert installed.sha256 == hashlib.sha256(llm_bundle.read_bytes()).hexdigest()
+    assert installed.length == size
+
+
+def test_a_manifest_changed_between_reads_is_refused(folders: tuple[Path, Path], llm_bundle: Path,
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same name and version, other limits: the bundle file is replaced after its manifest was
+    first read (to find the final place) and before the pass that installs it."""
+    other = tmp_path / "other.bundle"
+    create_generative_bundle(folders[0], other, kind="llm", name="tiny-llm", version="1.0.0",
+                             **(LIMITS | {"kv_budget_tokens": 4096}))
+    target = tmp_path / "offered.bundle"
+    shutil.copyfile(llm_bundle, target)
+    real = read_gen_manifest
+
+    def then_replaced(path: Path) -> Any:
+        manifest = real(path)
+        os.replace(other, target)  # a fault injected into the real read: the file changes
+        return manifest
+
+    monkeypatch.setattr("agent.inference.store.read_gen_manifest", then_replaced)
+    state = tmp_path / "state"
+    with pytest.raises(VerificationError, match="the manifest changed while it was read"):
+        _repo(state).install(target)
+    assert _store_files(state) == []

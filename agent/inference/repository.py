@@ -17,7 +17,10 @@ as UNAVAILABLE with the reason, and never answers a request.
 Generative bundles (LLMs, text encoders) live in the same store and pass the same steps
 (their golden check: greedy token ids, or embedding vectors); once loaded they are served
 through :attr:`ModelRepository.generative`, the :class:`~agent.llm.types.GenerativeModels`
-the OpenAI-compatible and streaming front ends ask.
+the OpenAI-compatible and streaming front ends ask.  Updates and rollbacks switch them the
+way they switch tensor models (:meth:`ModelRepository.install_for_serving`,
+:meth:`ModelRepository.stage`, :meth:`ModelRepository.swap`): the model object whose golden
+check passed is the one that serves, and streams already running finish on the old one.
 """
 
 from __future__ import annotations
@@ -37,18 +40,22 @@ from agent.inference.model import LoadedModel, build_session
 from agent.inference.signature import check_signature
 from agent.inference.store import InstalledModel, ModelStore, golden_verifier
 from agent.inference.versions import FILE_NAME, TritonVersions, is_number
-from agent.llm.bundle import GenManifest, is_generative_bundle
+from agent.llm.bundle import GenManifest, is_generative_bundle, read_gen_manifest
 from agent.llm.installed import GenerativeModel, open_model
 from agent.llm.installed import check_golden as check_generative_golden
-from agent.llm.served import ServedGenerative
+from agent.llm.served import ServedGenerative, drain_generative
 from agent.modelrefs import ModelCheck, fixed_cost
 
-__all__ = ["IndexEntry", "ModelRepository"]
+__all__ = ["IndexEntry", "ModelRepository", "Servable"]
 
 log = logging.getLogger(__name__)
 
 # Called with (model name, serving) when a model starts or stops being served.
 Listener = Callable[[str, bool], None]
+
+# A version loaded and checked (its golden check passed on this very object), not yet served:
+# what an update or rollback switches to.
+Servable = LoadedModel | GenerativeModel
 
 
 @dataclass(frozen=True)
@@ -127,10 +134,17 @@ class ModelRepository:
             raise
         return model
 
-    def _verify_generative(self, manifest: GenManifest, folder: Path) -> None:
-        self._open_generative(manifest, folder, 0).close()
+    def _verify_generative(self, manifest: GenManifest, folder: Path, installed_at: float) -> None:
+        self._open_generative(manifest, folder, installed_at).close()
 
-    def install_for_serving(self, bundle_path: Path) -> tuple[InstalledModel, LoadedModel]:
+    def _same_kind(self, name: str, version: str, kind: str) -> None:
+        """Refuse an update that would turn a model of one kind into another under one name."""
+        kinds = {m.kind for m in self.store.installed(name)}
+        if kinds and kinds != {kind}:
+            raise BundleError(f"{name} {version}: the node has {name} as a {'/'.join(sorted(kinds))} "
+                              f"model; a bundle of kind {kind} does not update it")
+
+    def install_for_serving(self, bundle_path: Path) -> tuple[InstalledModel, Servable]:
         """Install a verified bundle file without activating it, and return the session the
         golden vectors passed on, ready to serve (blocking; for updates).
 
@@ -140,17 +154,23 @@ class ModelRepository:
         The version is not served until :meth:`swap`.  When that version was already
         installed from the same bundle, it is loaded (and its golden vectors run) again.
 
+        A generative bundle streams into the store (one read hashes and unpacks it) on this
+        thread: its model is opened from the unpacked folder and its golden check runs on the
+        very object returned, which then serves.
+
         Raises:
             NotFoundError, BundleError, VerificationError: the bundle is refused; nothing changes.
         """
         if is_generative_bundle(bundle_path):
-            # The hot swap, drain and crash journal of updates hold tensor models; a generative
-            # model is installed with install() and served with serve() instead.
-            raise BundleError(f"{bundle_path.name}: a generative bundle cannot be applied as a "
-                              "hot-swap update by this agent; install it and serve it instead")
+            return self._install_generative_for_serving(bundle_path)
         staged, checked = stage_install(self.store, bundle_path)
         if isinstance(staged, InstalledModel):  # already installed: load and check it now
             return staged, self._load_blocking(staged, isolated=True)
+        try:
+            self._same_kind(staged.manifest.name, staged.manifest.version, "tensor")
+        except BundleError:
+            self.store.discard(staged.tmp)
+            raise
         made: list[LoadedModel] = []
 
         def verify(manifest: Manifest, model_bytes: bytes, cases: list[GoldenCase]) -> None:
@@ -164,6 +184,24 @@ class ModelRepository:
                 model.close()
             raise
         made[0].sha256 = installed.sha256
+        return installed, made[0]
+
+    def _install_generative_for_serving(self, bundle_path: Path) -> tuple[InstalledModel, GenerativeModel]:
+        manifest = read_gen_manifest(bundle_path)
+        self._same_kind(manifest.name, manifest.version, manifest.kind)
+        made: list[GenerativeModel] = []
+
+        def verify(manifest: GenManifest, folder: Path, installed_at: float) -> None:
+            made.append(self._open_generative(manifest, folder, installed_at))
+
+        try:
+            installed = self.store.install_generative(bundle_path, verify, activate=False)
+        except BaseException:
+            for model in made:
+                model.close()
+            raise
+        if not made:  # that version was installed from this very bundle already: open it again
+            return installed, self._load_generative_blocking(installed)
         return installed, made[0]
 
     def _checked_model(self, manifest: Manifest, model_bytes: bytes, cases: list[GoldenCase],
@@ -189,9 +227,9 @@ class ModelRepository:
             raise
         return model
 
-    async def stage(self, name: str, version: str) -> LoadedModel:
-        """Load an installed version and run its golden vectors on that session, without
-        serving it yet (see :meth:`swap`).
+    async def stage(self, name: str, version: str) -> Servable:
+        """Load an installed version (of either kind) and run its golden vectors or golden
+        check on that very model, without serving it yet (see :meth:`swap`).
 
         Raises:
             NotFoundError: not installed.
@@ -199,9 +237,11 @@ class ModelRepository:
                 fail on this node.
         """
         installed = self.store.find(name, version)
+        if installed.kind != "tensor":
+            return await asyncio.to_thread(self._load_generative_blocking, installed)
         return await asyncio.to_thread(self._load_blocking, installed, isolated=True)
 
-    async def swap(self, model: LoadedModel, *, serve: bool = True, drain_s: float = 30.0) -> None:
+    async def swap(self, model: Servable, *, serve: bool = True, drain_s: float = 30.0) -> None:
         """Make ``model``'s version the active one: the atomic switch of an update or rollback.
 
         The active-version record is replaced first (durable: the commit point); from then
@@ -210,10 +250,18 @@ class ModelRepository:
         ``drain_s`` seconds) before it is closed.  With ``serve`` False (the name is not
         being served) only the record changes and ``model`` is closed.
 
+        A generative model replaces the served one of its name the same way: new requests
+        get ``model`` at once; streams running on the old one finish (up to ``drain_s``
+        seconds, then they end with ``finish_reason="cancelled"``), then it is closed,
+        which frees its KV budget.
+
         Raises:
             NotFoundError: that version is not installed.
             OSError: the record cannot be written (nothing changed).
         """
+        if not isinstance(model, LoadedModel):
+            await self._swap_generative(model, serve=serve, drain_s=drain_s)
+            return
         name = model.name
         async with self._lock:
             self.store.activate(name, model.version)
@@ -234,6 +282,28 @@ class ModelRepository:
                 log.warning("%s %s: requests still running after %.0f s; closing it anyway",
                             name, previous.version, drain_s)
             previous.close()
+
+    async def _swap_generative(self, model: GenerativeModel, *, serve: bool, drain_s: float) -> None:
+        name, version = model.card.name, model.card.version
+        old: GenerativeModel | None = None
+        async with self._lock:
+            self.store.activate(name, version)
+            if serve:
+                old = self.generative.replace(model)
+                self._generative_versions[name] = version
+                self._failed.pop((name, version), None)
+        if not serve:
+            model.close()
+            return
+        log.info("serving %s %s (%s, swapped from %s)", name, version, model.card.kind,
+                 old.card.version if old is not None else "nothing")
+        self._notify(name, True)
+        if old is None or old is model:
+            return
+        if not await drain_generative(old, drain_s):
+            log.warning("%s %s: streams still running after %.0f s; closing it anyway (they end "
+                        "as cancelled)", name, old.card.version, drain_s)
+        old.close()
 
     def _loaded(self, manifest: Manifest, session: Any, sha256: str, fixed: bool) -> LoadedModel:
         return LoadedModel(manifest, session, instances=self.settings.instances,
@@ -398,6 +468,16 @@ class ModelRepository:
 
     def served(self) -> list[LoadedModel]:
         return [m for versions in self._served.values() for m in versions.values()]
+
+    def serving(self) -> list[tuple[str, str]]:
+        """(name, version) of every served model, tensor and generative, sorted."""
+        tensor = [(m.name, m.version) for m in self.served()]
+        return sorted(tensor + list(self._generative_versions.items()))
+
+    def serving_versions(self, name: str) -> list[str]:
+        """Served versions of ``name`` of either kind, oldest first."""
+        generative = self._generative_versions.get(name)
+        return [generative] if generative is not None else self.versions(name)
 
     def is_served(self, name: str) -> bool:
         """Whether any version of ``name`` is being served."""

@@ -422,11 +422,11 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
 
 
 async def follow_active(repo: ModelRepository, drain_s: float, name: str = "") -> None:
-    """Serve the store's active version of ``name`` (default: of every served model) where
-    another serving process switched it (an update or rollback it applied)."""
-    for served in [name] if name else sorted({m.name for m in repo.served()}):
+    """Serve the store's active version of ``name`` (default: of every served model, tensor
+    or generative) where another serving process switched it (an update or rollback it applied)."""
+    for served in [name] if name else sorted({n for n, _ in repo.serving()}):
         active = repo.store.active_version(served)
-        if not active or not repo.is_served(served) or repo.versions(served) == [active]:
+        if not active or not repo.is_served(served) or repo.serving_versions(served) == [active]:
             continue
         model = await repo.stage(served, active)
         await repo.swap(model, drain_s=drain_s)
@@ -440,8 +440,8 @@ async def _match(repo: ModelRepository, served: list[list[str]]) -> None:
     for name, version in served:
         wanted.setdefault(name, set()).add(version)
     have: dict[str, set[str]] = {}
-    for e in repo.index(ready_only=True):
-        have.setdefault(e.name, set()).add(e.version)
+    for name, version in repo.serving():
+        have.setdefault(name, set()).add(version)
     for name in sorted(have.keys() - wanted.keys()):
         with contextlib.suppress(NotFoundError):
             await repo.unload(name)
@@ -479,4 +479,4 @@ def _follow_siblings(link: WorkerLink, repo: ModelRepository, drain_s: float) ->
 
     link.apply = apply
     link.statistics = statistics
-    link.served = lambda: [[e.name, e.version] for e in repo.index(ready_only=True)]
+    link.served = lambda: [[n, v] for n, v in repo.serving()]

@@ -53,7 +53,13 @@ from agent.bundle import (
 )
 from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.fsutil import atomic_write_text, file_sha256, fsync_dir
-from agent.llm.bundle import GenManifest, extract_bundle, parse_gen_manifest, read_gen_manifest
+from agent.llm.bundle import (
+    GenManifest,
+    Walked,
+    extract_bundle_hashed,
+    parse_gen_manifest,
+    read_gen_manifest,
+)
 from agent.state import StateLayout
 
 __all__ = ["InstalledModel", "ModelStore", "OpenedModel", "StagedBundle"]
@@ -109,8 +115,9 @@ class StagedBundle:
 
 # Loads a session from model bytes and returns a golden-vector runner over it.
 Verifier = Callable[[Manifest, bytes, list[GoldenCase]], None]
-# Opens a generative model folder and runs its golden check (raises BundleError).
-GenVerifier = Callable[[GenManifest, Path], None]
+# Opens a generative model folder and runs its golden check (raises BundleError); gets the
+# manifest, the folder and the install time to be recorded.
+GenVerifier = Callable[[GenManifest, Path, float], None]
 GEN_MODEL_DIR = "model"
 
 
@@ -297,25 +304,29 @@ class ModelStore:
     def install_generative(self, bundle_path: Path, verify: GenVerifier, *,
                            activate: bool = True) -> InstalledModel:
         """Install a generative bundle file: its members are checked while they stream into a
-        hidden directory beside their final place (one pass, no second copy), ``verify``
-        opens the model folder there and runs its golden check, then the directory is
-        renamed into place.
+        hidden directory beside their final place, in the same single read that hashes the
+        whole file (the recorded sha256 is that of the bytes installed); ``verify`` opens the
+        model folder there and runs its golden check, then the directory is renamed into
+        place.  Only the manifest (the archive's first member) is read before that pass, to
+        know the final place; the streamed manifest must be the same, whole.
+
+        ``verify`` gets the manifest, the folder and the install time that will be recorded.
 
         Raises:
             NotFoundError, BundleError, VerificationError: from reading the bundle or from
                 ``verify``; nothing is left behind in the store.
         """
         m = read_gen_manifest(bundle_path)
-        digest = file_sha256(bundle_path)
         final = self.root / m.name / m.version
         if final.exists():
-            return self._reinstall(final, m.name, m.version, digest, activate)
+            return self._reinstall(final, m.name, m.version, file_sha256(bundle_path), activate)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{m.version}.", dir=final.parent))
         try:
-            _fill_generative(bundle_path, tmp, m, verify)
-            record = {"name": m.name, "version": m.version, "sha256": digest, "kind": m.kind,
-                      "length": bundle_path.stat().st_size, "installed_at": time.time(),
+            installed_at = time.time()
+            walked = _fill_generative(bundle_path, tmp, m, verify, installed_at)
+            record = {"name": m.name, "version": m.version, "sha256": walked.sha256, "kind": m.kind,
+                      "length": walked.length, "installed_at": installed_at,
                       "verified": True, "source": str(bundle_path)}
             atomic_write_text(tmp / INSTALL_RECORD, json.dumps(record, sort_keys=True) + "\n")
             tmp.rename(final)
@@ -325,7 +336,7 @@ class ModelStore:
             with contextlib.suppress(OSError):  # a name first seen here leaves no trace
                 final.parent.rmdir()
             raise
-        log.info("installed %s %s %s (sha256 %s)", m.kind, m.name, m.version, digest)
+        log.info("installed %s %s %s (sha256 %s)", m.kind, m.name, m.version, walked.sha256)
         if activate or self.active_version(m.name) is None:
             self.activate(m.name, m.version)
         return self.find(m.name, m.version)
@@ -480,14 +491,20 @@ class ModelStore:
         return removed
 
 
-def _fill_generative(bundle_path: Path, tmp: Path, expected: GenManifest, verify: GenVerifier) -> None:
-    """Extract a generative bundle into ``tmp`` (checked while it streams) and verify it there."""
+def _fill_generative(bundle_path: Path, tmp: Path, expected: GenManifest, verify: GenVerifier,
+                     installed_at: float) -> Walked:
+    """Extract a generative bundle into ``tmp`` (checked and hashed while it streams) and verify it there."""
     (tmp / GEN_MODEL_DIR).mkdir()
-    manifest = extract_bundle(bundle_path, tmp / GEN_MODEL_DIR)
-    if (manifest.name, manifest.version) != (expected.name, expected.version):
-        raise VerificationError(f"{bundle_path}: the manifest changed while it was read")
+    walked = extract_bundle_hashed(bundle_path, tmp / GEN_MODEL_DIR)
+    manifest = walked.manifest
+    if manifest.canonical() != expected.canonical():  # the whole manifest, not only its name
+        raise VerificationError(
+            f"{bundle_path}: the manifest changed while it was read (sha256 "
+            f"{hashlib.sha256(expected.canonical()).hexdigest()} first, then "
+            f"{hashlib.sha256(manifest.canonical()).hexdigest()})")
     atomic_write_text(tmp / MANIFEST, manifest.canonical().decode())
-    verify(manifest, tmp / GEN_MODEL_DIR)
+    verify(manifest, tmp / GEN_MODEL_DIR, installed_at)
+    return walked
 
 
 def golden_verifier(make_runner: Callable[[Manifest, bytes], Any]) -> Verifier:

@@ -33,9 +33,9 @@ from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.fsutil import copy_verified, file_sha256
 from agent.modelrefs import safe_member_name
 
-__all__ = ["GEN_FORMAT", "GenManifest", "GoldenEmbedding", "GoldenPrompt", "LlmLimits",
-           "extract_bundle", "is_generative_bundle", "read_gen_manifest", "verify_bundle",
-           "write_bundle"]
+__all__ = ["GEN_FORMAT", "GenManifest", "GoldenEmbedding", "GoldenPrompt", "LlmLimits", "Walked",
+           "extract_bundle", "extract_bundle_hashed", "is_generative_bundle", "read_gen_manifest",
+           "verify_bundle", "write_bundle"]
 
 GEN_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -313,33 +313,97 @@ def _open_manifest(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo], ori
     return parse_gen_manifest(src.read(), f"{origin}: {MANIFEST}")
 
 
-def _walk(path: Path, dest: Path | None) -> GenManifest:
-    """Check a bundle file member by member, writing the members into ``dest`` when given."""
+class _Hashed:
+    """A seekable file read by tarfile while the sha256 and length of the whole file are taken
+    from the very bytes read (not from a second read that could see other bytes).
+
+    Each byte is hashed once, at its first read, in file order: a forward seek past bytes not
+    read yet (the padding after a member) hashes them on the way; tarfile's re-read of a byte
+    already read (its end-of-archive probe) is not hashed again."""
+
+    def __init__(self, src: IO[bytes]) -> None:
+        self._src = src
+        self._digest = hashlib.sha256()
+        self._pos = 0  # where the next read starts
+        self._hashed = 0  # the file's first _hashed bytes went into the digest
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0:  # tarfile seeks to absolute offsets only
+            raise OSError(f"seek whence {whence} is not supported here")
+        if offset > self._hashed:
+            self._src.seek(self._hashed)
+            self._pos = self._hashed
+            while self._pos < offset and self.read(min(_CHUNK, offset - self._pos)):
+                pass
+        self._src.seek(offset)
+        self._pos = offset
+        return offset
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        end = self._pos + len(data)
+        if end > self._hashed:
+            self._digest.update(memoryview(data)[self._hashed - self._pos:])
+            self._hashed = end
+        self._pos = end
+        return data
+
+    def finish(self) -> tuple[str, int]:
+        """Hash what is left (the archive's end padding); the hex sha256 and the file's length."""
+        self.seek(self._hashed)
+        while self.read(_CHUNK):
+            pass
+        return self._digest.hexdigest(), self._hashed
+
+
+@dataclass(frozen=True)
+class Walked:
+    """A bundle file checked in one pass: its manifest, and the sha256 and length of the file."""
+
+    manifest: GenManifest
+    sha256: str
+    length: int
+
+
+def _walk(path: Path, dest: Path | None) -> Walked:
+    """Check a bundle file member by member in one pass, writing the members into ``dest``
+    when given and hashing the whole file on the way."""
     origin = str(path)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such bundle file")
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            members = _members(tar, origin)
-            manifest = _open_manifest(tar, members, origin)
-            expected = iter(manifest.members)
-            for info in members:
-                want = next(expected, None)
-                if want is None or info.name != PREFIX + want:
-                    raise BundleError(f"{origin}: unexpected member {info.name[:80]!r} (expected "
-                                      f"{(PREFIX + want) if want else 'the end of the archive'})")
-                entry = manifest.files[want]
-                if info.size != entry.length:
-                    raise VerificationError(f"{path.name}:{info.name}: {info.size} bytes, the manifest "
-                                            f"declares {entry.length}")
-                src = tar.extractfile(info)
-                assert src is not None
-                _copy(src, dest / want if dest is not None else None, entry, f"{path.name}:{info.name}")
-            missing = next(expected, None)
-            if missing is not None:
-                raise BundleError(f"{origin}: member {PREFIX}{missing} listed in the manifest is missing")
+        with path.open("rb") as raw:
+            hashed = _Hashed(raw)
+            with tarfile.open(fileobj=hashed, mode="r:") as tar:  # type: ignore[call-overload]
+                manifest = _walk_members(tar, path, dest)
+            return Walked(manifest, *hashed.finish())
     except tarfile.TarError as exc:
         raise BundleError(f"{origin}: not a generative bundle (unreadable archive: {exc})") from None
+
+
+def _walk_members(tar: tarfile.TarFile, path: Path, dest: Path | None) -> GenManifest:
+    origin = str(path)
+    members = _members(tar, origin)
+    manifest = _open_manifest(tar, members, origin)
+    expected = iter(manifest.members)
+    for info in members:
+        want = next(expected, None)
+        if want is None or info.name != PREFIX + want:
+            raise BundleError(f"{origin}: unexpected member {info.name[:80]!r} (expected "
+                              f"{(PREFIX + want) if want else 'the end of the archive'})")
+        entry = manifest.files[want]
+        if info.size != entry.length:
+            raise VerificationError(f"{path.name}:{info.name}: {info.size} bytes, the manifest "
+                                    f"declares {entry.length}")
+        src = tar.extractfile(info)
+        assert src is not None
+        _copy(src, dest / want if dest is not None else None, entry, f"{path.name}:{info.name}")
+    missing = next(expected, None)
+    if missing is not None:
+        raise BundleError(f"{origin}: member {PREFIX}{missing} listed in the manifest is missing")
     return manifest
 
 
@@ -388,13 +452,23 @@ def verify_bundle(path: Path) -> GenManifest:
     Raises:
         NotFoundError, BundleError, VerificationError.
     """
-    return _walk(path, None)
+    return _walk(path, None).manifest
 
 
 def extract_bundle(path: Path, dest: Path) -> GenManifest:
     """Check a bundle file and write its members into the existing, empty directory ``dest``
     in one streaming pass.  On an error ``dest`` holds part of the members: the caller
     deletes it.
+
+    Raises:
+        NotFoundError, BundleError, VerificationError.
+    """
+    return _walk(path, dest).manifest
+
+
+def extract_bundle_hashed(path: Path, dest: Path) -> Walked:
+    """:func:`extract_bundle`, also returning the sha256 and length of the file taken from
+    the same single read (what an install records as the bundle's hash).
 
     Raises:
         NotFoundError, BundleError, VerificationError.

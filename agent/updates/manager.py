@@ -9,9 +9,12 @@ recorded in the journal (:mod:`agent.updates.journal`) before the next begins:
 3. stage: download into ``STATE/updates/staging/`` with the signed length and hashes
    enforced while the bytes arrive;
 4. unpack into the model store (manifest hashes re-checked) and load the ONNX Runtime
-   session that will serve it; the golden vectors run on that very session;
+   session that will serve it; the golden vectors run on that very session (a generative
+   bundle: its model opened with onnxruntime-genai or ONNX Runtime, and its golden check,
+   greedy token ids or embedding vectors, run on that very model object);
 5. switch (:meth:`ModelRepository.swap`): the store's ``active`` record names NEW (the
-   commit point); new requests go to NEW, requests already admitted finish on OLD;
+   commit point); new requests go to NEW, requests already admitted (streams of a language
+   model included) finish on OLD, for up to ``drain_s`` seconds, before it is closed;
 6. keep ``[updates] keep_versions`` earlier versions and delete the rest;
 7. a history line, then the journal is removed and staging emptied.
 
@@ -46,8 +49,7 @@ from agent.bundle import parse_version
 from agent.config import UpdatesSection
 from agent.errors import ApplianceError, NotFoundError, UpdateError
 from agent.fsutil import atomic_write_text
-from agent.inference.model import LoadedModel
-from agent.inference.repository import ModelRepository
+from agent.inference.repository import ModelRepository, Servable
 from agent.inference.store import ModelStore
 from agent.state import StateLayout
 from agent.updates.client import RegistryClient, TargetInfo
@@ -143,6 +145,11 @@ async def _to_end(work: Coroutine[Any, Any, T], discard: Callable[[T], None] | N
 def _in_thread(fn: Callable[[], T], discard: Callable[[T], None] | None = None) -> Coroutine[Any, Any, T]:
     """``fn()`` on a worker thread, awaited to its end (:func:`_to_end`)."""
     return _to_end(asyncio.to_thread(fn), discard)
+
+
+def _close(model: Servable) -> None:
+    """Close a loaded model that will not be served (a result nobody takes)."""
+    model.close()
 
 
 def _reap(task: asyncio.Task[Any]) -> None:
@@ -422,7 +429,7 @@ class UpdateManager:
                          t.length, source, preexisting)
         serve = self.repo.is_served(t.name)
         created = [p for p in (self.store.root, self.store.root / t.name) if not p.exists()]
-        model: LoadedModel | None = None
+        model: Servable | None = None
         try:
             tx = await _in_thread(lambda: self.journal.write(tx, "begin"))
             model = await self._prepare(client, tx)
@@ -505,15 +512,15 @@ class UpdateManager:
                         f"{attempt.get('slot')}; the firmware went back to slot {attempt.get('from_slot')}")
         return result
 
-    async def _prepare(self, client: RegistryClient, tx: Transaction) -> LoadedModel:
+    async def _prepare(self, client: RegistryClient, tx: Transaction) -> Servable:
         """Stage, verify, unpack and load ``tx.to_version``; its golden vectors pass on the result."""
         if tx.preexisting:
-            model = await _to_end(self.repo.stage(tx.name, tx.to_version), LoadedModel.close)
+            model = await _to_end(self.repo.stage(tx.name, tx.to_version), _close)
             checkpoint("loaded")
             return model
         staging = self.journal.staging_dir(tx)
 
-        def fetch_and_install() -> LoadedModel:
+        def fetch_and_install() -> Servable:
             staging.mkdir(parents=True, exist_ok=True)
             self.journal.write(tx, "downloading")
             path = client.download(tx.target, staging)
@@ -528,7 +535,7 @@ class UpdateManager:
                                   "signed metadata describes")
             return model
 
-        return await _in_thread(fetch_and_install, LoadedModel.close)
+        return await _in_thread(fetch_and_install, _close)
 
     def _undo(self, tx: Transaction, created: Sequence[Path] = ()) -> None:
         """Remove what an uncommitted transaction made; the node is as it was before it."""
@@ -600,10 +607,10 @@ class UpdateManager:
             tx = Transaction(uuid.uuid4().hex, "rollback", name, current, version, "", kept.sha256,
                              kept.length, "", True, reason)
             serve = self.repo.is_served(name)
-            model: LoadedModel | None = None
+            model: Servable | None = None
             try:
                 tx = await _in_thread(lambda: self.journal.write(tx, "begin"))
-                model = await _to_end(self.repo.stage(name, version), LoadedModel.close)
+                model = await _to_end(self.repo.stage(name, version), _close)
                 checkpoint("loaded")
                 tx = await _in_thread(lambda: self.journal.write(tx, "committing"))
                 await _to_end(self.repo.swap(model, serve=serve, drain_s=self.drain_s))
