@@ -223,20 +223,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._guard(context, run)
 
+    def config(self, name: str, version: str = "") -> Any:
+        """The ModelConfig of a served model (both ports); raises NotFoundError."""
+        model = self.repo.get(name, version)
+        return model_config(model, self.repo.triton_version(model.name, model.version))
+
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            model = self.repo.get(request.name, request.version)
-            number = self.repo.triton_version(model.name, model.version)
-            return pb.ModelConfigResponse(config=model_config(model, number))
+            return pb.ModelConfigResponse(config=self.config(request.name, request.version))
 
         return await self._guard(context, run)
+
+    async def statistics_response(self, name: str = "", version: str = "") -> Any:
+        """The ModelStatisticsResponse for all models or one (both ports); raises NotFoundError."""
+        snaps = await self.statistics(name, version)
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in snaps])
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        async def run() -> Any:
-            snaps = await self.statistics(request.name, request.version)
-            return pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in snaps])
-
-        return await self._guard(context, run)
+        return await self._guard(context, lambda: self.statistics_response(request.name, request.version))
 
     # ------------------------------------------------------------------ inference
 
@@ -333,12 +337,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------ repository
 
+    def repository_index(self, ready_only: bool = False) -> Any:
+        """The RepositoryIndexResponse: every installed version and its state (both ports)."""
+        resp = pb.RepositoryIndexResponse()
+        for e in self.repo.index(ready_only=ready_only):
+            resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+        return resp
+
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            resp = pb.RepositoryIndexResponse()
-            for e in self.repo.index(ready_only=request.ready):
-                resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
-            return resp
+            return self.repository_index(request.ready)
 
         return await self._guard(context, run)
 
