@@ -36,6 +36,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init_pki(d, organization="Test Site")
     issue_node(d, "node1", dns=["localhost"], ips=["127.0.0.1"])
     issue_client(d, "observer", "observer")
+    issue_client(d, "operator", "operator")
     issue_client(d, "gone", "admin")
     revoke(d, "gone", reason="key-compromise")
     issue_client(d, "old", "admin", days=1, valid_from=dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
@@ -291,3 +292,33 @@ def test_extensions_refuse_as_grpc_does(agent: Agent, pki: Path, who: str, statu
             pytest.raises(InferenceServerException) as err:
         g.get_model_config("affine")
     assert err.value.status() == f"StatusCode.{code.name}" and fragment in err.value.message()
+
+
+def test_load_and_unload_need_an_operator(agent: Agent, pki: Path, client: Any) -> None:
+    with pytest.raises(InferenceServerException, match=r"role observer may not call .*RepositoryModelUnload "
+                                                       r"\(needs operator\)") as err:
+        client.unload_model("ident_bytes")
+    assert err.value.status() == "403"
+    assert client.is_model_ready("ident_bytes"), "a refused unload changes nothing"
+    operator = th.InferenceServerClient(f"localhost:{_http_port(agent)}", ssl=True,
+                                        ssl_options=_files(pki, "operator"))
+    try:
+        operator.unload_model("ident_bytes")
+        assert not client.is_model_ready("ident_bytes")
+        assert [m["state"] for m in client.get_model_repository_index() if m["name"] == "ident_bytes"] == [
+            "UNAVAILABLE"]
+        with pytest.raises(InferenceServerException, match=r"parameters: 'config' is not accepted here"):
+            operator.load_model("ident_bytes", config='{"backend": "python"}')
+        assert not client.is_model_ready("ident_bytes"), "a refused load changes nothing"
+        with pytest.raises(InferenceServerException, match="'ghost'"):
+            operator.load_model("ghost")
+        operator.load_model("ident_bytes")
+        assert client.is_model_ready("ident_bytes")
+        status, doc = _request(agent, pki, "operator", "POST", "/v2/repository/models/affine/load",
+                               b'{"parameters": {"version": "9.9.9"}}')
+        assert status == 404 and "9.9.9" in doc["error"], "the version parameter reaches the repository"
+        status, doc = _request(agent, pki, "operator", "POST", "/v2/repository/models/affine/load",
+                               b'{"parameters": {"version": 1}}')
+        assert status == 400 and "request.parameters.version: expected str" in doc["error"]
+    finally:
+        operator.close()

@@ -350,25 +350,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._guard(context, run)
 
+    async def load(self, name: str, version: str = "") -> None:
+        """Serve an installed version of ``name`` (default: the active one) in every serving
+        process (both ports).
+
+        Raises:
+            NotFoundError, BundleError, VerificationError: see :meth:`ModelRepository.serve`.
+        """
+        await self.repo.serve(name, version or None)
+        if self.link is not None:
+            await self.link.broadcast({"op": "load", "name": name, "version": version})
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name`` in every serving process (both ports); raises NotFoundError."""
+        await self.repo.unload(name)
+        if self.link is not None:
+            await self.link.broadcast({"op": "unload", "name": name})
+
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
             version = ""
             param = request.parameters.get("version")
             if param is not None and param.WhichOneof("parameter_choice") == "string_param":
                 version = param.string_param
-            await self.repo.serve(request.model_name, version or None)
-            if self.link is not None:
-                await self.link.broadcast({"op": "load", "name": request.model_name,
-                                           "version": version})
+            await self.load(request.model_name, version)
             return pb.RepositoryModelLoadResponse()
 
         return await self._guard(context, run)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            await self.repo.unload(request.model_name)
-            if self.link is not None:
-                await self.link.broadcast({"op": "unload", "name": request.model_name})
+            await self.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
 
         return await self._guard(context, run)

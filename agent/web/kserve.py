@@ -253,6 +253,26 @@ def _split_body(data: bytes, header: str | None) -> tuple[dict[str, Any], bytes]
     return parse_json(data[:size]), data[size:]
 
 
+def _parameters(data: bytes, known: dict[str, type]) -> dict[str, Any]:
+    """The ``parameters`` of a repository request body (which may be empty), each of a known
+    name and type.  Anything else is refused, Triton's ``config`` and ``file:`` overrides
+    above all: this node serves only the verified bundle's own files and settings.
+
+    Raises:
+        RequestError: the body is not JSON, or a parameter is unknown or of the wrong type.
+    """
+    body = parse_json(data) if data.strip() else {}
+    params = _field(body, "parameters", dict, "request", {})
+    for key in params:
+        if key not in known:
+            raise RequestError(f"request.parameters: {echo(key)} is not accepted here (known: "
+                               f"{', '.join(sorted(known))}); this node serves a model only from "
+                               "its verified bundle, with no config or file override",
+                               "request.parameters")
+        _field(params, key, known[key], "request.parameters")
+    return dict(params)
+
+
 def add_routes(app: web.Application, servicer: InferenceServicer) -> None:
     """Add the ``/v2`` routes over ``servicer`` to ``app``."""
 
@@ -309,11 +329,25 @@ def add_routes(app: web.Application, servicer: InferenceServicer) -> None:
         ready = _field(body, "ready", bool, "request", False)
         return web.json_response([triton_json(m) for m in servicer.repository_index(ready).models])
 
+    @rpc(_M + "RepositoryModelLoad")
+    async def model_load(request: web.Request) -> web.Response:
+        params = _parameters(await request.read(), {"version": str})
+        await servicer.load(request.match_info["model"], params.get("version", ""))
+        return web.json_response({})
+
+    @rpc(_M + "RepositoryModelUnload")
+    async def model_unload(request: web.Request) -> web.Response:
+        _parameters(await request.read(), {"unload_dependents": bool})  # no model has dependents
+        await servicer.unload(request.match_info["model"])
+        return web.json_response({})
+
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/models/stats", model_statistics)  # before {model} would take "stats"
     app.router.add_post("/v2/repository/index", repository_index)
+    app.router.add_post("/v2/repository/models/{model}/load", model_load)
+    app.router.add_post("/v2/repository/models/{model}/unload", model_unload)
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_get(base, model_metadata)
         app.router.add_get(base + "/ready", model_ready)
