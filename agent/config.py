@@ -159,9 +159,11 @@ class LimitsSection:
     max_concurrent_streams: int = setting(64, "concurrent calls on one HTTP/2 connection",
                                           check=_positive)
     max_concurrent_rpcs: int = setting(
-        512, "calls in progress or queued, whole server; beyond: RESOURCE_EXHAUSTED", check=_positive)
+        512, "calls in progress or queued, whole server (each port); beyond: RESOURCE_EXHAUSTED, "
+        "HTTP 429", check=_positive)
     max_calls_per_peer: int = setting(
-        128, "calls in progress from one peer address; beyond: RESOURCE_EXHAUSTED", check=_positive)
+        128, "calls in progress from one peer address (each port); beyond: RESOURCE_EXHAUSTED, "
+        "HTTP 429", check=_positive)
     max_deadline_s: float = setting(
         300.0, "longest a unary call may run; a longer or missing client deadline is cut to this",
         check=_positive)

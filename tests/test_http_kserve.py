@@ -12,9 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as th
+from google.protobuf import json_format
 from onnx import TensorProto
 from tritonclient.utils import InferenceServerException
 
@@ -33,6 +36,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init_pki(d, organization="Test Site")
     issue_node(d, "node1", dns=["localhost"], ips=["127.0.0.1"])
     issue_client(d, "observer", "observer")
+    issue_client(d, "operator", "operator")
     issue_client(d, "gone", "admin")
     revoke(d, "gone", reason="key-compromise")
     issue_client(d, "old", "admin", days=1, valid_from=dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
@@ -213,3 +217,108 @@ def test_refusals_are_audited(agent: Agent, pki: Path) -> None:
     line = next(ln for ln in agent.log().splitlines()
                 if "decision=deny" in ln and "CN=gone" in ln and "ModelMetadata" in ln)
     assert "revoked" in line
+
+
+# ------------------------------------------------------------------ Triton's extensions over REST
+
+
+def test_model_config_in_tritons_shape(client: Any, agent: Agent, pki: Path) -> None:
+    config = client.get_model_config("affine")
+    assert config["name"] == "affine" and config["platform"] == "onnxruntime_onnx"
+    assert config["max_batch_size"] == 8, "64-bit fields are JSON numbers, as Triton writes them"
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [4],
+                                **{k: v for k, v in config["input"][0].items()
+                                   if k not in ("name", "data_type", "dims")}}]
+    assert config["dynamic_batching"]["preferred_batch_size"] == [4]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 2000
+    assert config["parameters"]["version"] == {"string_value": "2.0.0"}
+    for version in ("1.0.0", "1"):  # a bundle version or its Triton number, as on gRPC
+        old = client.get_model_config("affine", version)
+        assert old["parameters"]["version"] == {"string_value": "1.0.0"}
+        assert old["parameters"]["triton_version"] == {"string_value": "1"}
+    with pytest.raises(InferenceServerException, match="model 'ghost'"):
+        client.get_model_config("ghost")
+    with grpcclient.InferenceServerClient(agent.url, ssl=True, root_certificates=str(pki / "ca.crt"),
+                                          private_key=_files(pki, "observer")["keyfile"],
+                                          certificate_chain=_files(pki, "observer")["certfile"]) as g:
+        over_grpc = g.get_model_config("affine").config
+    assert json_format.ParseDict(config, type(over_grpc)()) == over_grpc, "the same config on both ports"
+
+
+def test_statistics_count_the_inferences(client: Any) -> None:
+    before = client.get_inference_statistics("affine", "1.0.0")["model_stats"]
+    assert [(s["name"], s["version"]) for s in before] == [("affine", "1")]
+    x = np.ones((3, 4), dtype=np.float32)
+    inp = th.InferInput("x", [3, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    for _ in range(2):
+        client.infer("affine", [inp], model_version="1.0.0")
+    after = client.get_inference_statistics("affine", "1")["model_stats"][0]
+    success = after["inference_stats"]["success"]
+    assert success["count"] == before[0]["inference_stats"]["success"]["count"] + 2
+    assert after["inference_count"] == before[0]["inference_count"] + 6
+    assert isinstance(success["ns"], int) and success["ns"] > 0
+    assert after["last_inference"] > 0
+    every = client.get_inference_statistics()["model_stats"]
+    assert {(s["name"], s["version"]) for s in every} == {("affine", "1"), ("affine", "2"),
+                                                           ("ident_bytes", "1")}
+    with pytest.raises(InferenceServerException, match="model 'ghost'"):
+        client.get_inference_statistics("ghost")
+
+
+def test_repository_index(client: Any, agent: Agent, pki: Path) -> None:
+    index = client.get_model_repository_index()
+    assert sorted((m["name"], m["version"], m["state"]) for m in index) == [
+        ("affine", "1.0.0", "READY"), ("affine", "2.0.0", "READY"), ("ident_bytes", "1", "READY")]
+    status, doc = _request(agent, pki, "observer", "POST", "/v2/repository/index", b'{"ready": "yes"}')
+    assert status == 400 and "request.ready: expected bool" in doc["error"]
+
+
+@pytest.mark.parametrize(("who", "status", "code", "fragment"), [
+    ("norole-None", 403, grpc.StatusCode.PERMISSION_DENIED, "certificate carries no role"),
+    ("gone", 401, grpc.StatusCode.UNAUTHENTICATED, "certificate is revoked"),
+])
+@pytest.mark.parametrize("path", ["/v2/models/affine/config", "/v2/models/affine/versions/1/stats",
+                                  "/v2/models/stats"])
+def test_extensions_refuse_as_grpc_does(agent: Agent, pki: Path, who: str, status: int,
+                                        code: grpc.StatusCode, fragment: str, path: str) -> None:
+    got, doc = _request(agent, pki, who, "GET", path)
+    assert got == status and fragment in doc["error"]
+    got, doc = _request(agent, pki, who, "POST", "/v2/repository/index")
+    assert got == status and fragment in doc["error"]
+    f = _files(pki, who)
+    with grpcclient.InferenceServerClient(agent.url, ssl=True, root_certificates=str(pki / "ca.crt"),
+                                          private_key=f["keyfile"], certificate_chain=f["certfile"]) as g, \
+            pytest.raises(InferenceServerException) as err:
+        g.get_model_config("affine")
+    assert err.value.status() == f"StatusCode.{code.name}" and fragment in err.value.message()
+
+
+def test_load_and_unload_need_an_operator(agent: Agent, pki: Path, client: Any) -> None:
+    with pytest.raises(InferenceServerException, match=r"role observer may not call .*RepositoryModelUnload "
+                                                       r"\(needs operator\)") as err:
+        client.unload_model("ident_bytes")
+    assert err.value.status() == "403"
+    assert client.is_model_ready("ident_bytes"), "a refused unload changes nothing"
+    operator = th.InferenceServerClient(f"localhost:{_http_port(agent)}", ssl=True,
+                                        ssl_options=_files(pki, "operator"))
+    try:
+        operator.unload_model("ident_bytes")
+        assert not client.is_model_ready("ident_bytes")
+        assert [m["state"] for m in client.get_model_repository_index() if m["name"] == "ident_bytes"] == [
+            "UNAVAILABLE"]
+        with pytest.raises(InferenceServerException, match=r"parameters: 'config' is not accepted here"):
+            operator.load_model("ident_bytes", config='{"backend": "python"}')
+        assert not client.is_model_ready("ident_bytes"), "a refused load changes nothing"
+        with pytest.raises(InferenceServerException, match="'ghost'"):
+            operator.load_model("ghost")
+        operator.load_model("ident_bytes")
+        assert client.is_model_ready("ident_bytes")
+        status, doc = _request(agent, pki, "operator", "POST", "/v2/repository/models/affine/load",
+                               b'{"parameters": {"version": "9.9.9"}}')
+        assert status == 404 and "9.9.9" in doc["error"], "the version parameter reaches the repository"
+        status, doc = _request(agent, pki, "operator", "POST", "/v2/repository/models/affine/load",
+                               b'{"parameters": {"version": 1}}')
+        assert status == 400 and "request.parameters.version: expected str" in doc["error"]
+    finally:
+        operator.close()

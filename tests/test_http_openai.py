@@ -207,8 +207,20 @@ def test_untrusted_certificates_are_refused(port: HttpsPort, pki: Path, who: str
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_sequence(
-        client: openai.OpenAI, served: ServedGenerative, caplog: pytest.LogCaptureFixture) -> None:
+        client: openai.OpenAI, served: ServedGenerative, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     long = served.language_model("long-llm")
+    assert isinstance(long, GenaiLanguageModel)
+    # Keep the model's streams referenced, so that only the handler's own close can end the
+    # sequence (a stream nothing refers to would also be closed by the garbage collector).
+    streams: list[AsyncIterator[Chunk]] = []
+
+    def generate(prompt: str, sampling: Sampling, *, deadline: float | None = None) -> AsyncIterator[Chunk]:
+        stream = GenaiLanguageModel.generate(long, prompt, sampling, deadline=deadline)
+        streams.append(stream)
+        return stream
+
+    monkeypatch.setattr(long, "generate", generate)
     with caplog.at_level(logging.INFO, logger="agent.audit"):
         stream = client.completions.create(model="long-llm", prompt=PROMPT, max_tokens=LONG, temperature=1.0,
                                            seed=1, stream=True)
@@ -227,7 +239,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(
     assert produced < LONG
     while time.monotonic() < deadline and long.active_sequences:
         time.sleep(0.05)
-    assert long.active_sequences == 0
+    assert len(streams) == 1 and long.active_sequences == 0
     assert _sample("gen_ai_server_kv_cache_tokens", gen_ai_request_model="long-llm") == 0
     assert _sample("gen_ai_server_kv_cache_budget_tokens", gen_ai_request_model="long-llm") == LONG + 96
 

@@ -78,7 +78,8 @@ class HttpsPort(LoopThread):
         ctx.generative = models
         tls = security.client_tls(config)
         self.runner: web.AppRunner = self.call(
-            start_http(build_app(ctx, Surface(tls, None)), "127.0.0.1", 0, tls, 5.0))
+            start_http(build_app(ctx, Surface(tls, None, config.limits, config.server.max_message_bytes)),
+                       "127.0.0.1", 0, tls, 5.0))
         self.port = bound_port(self.runner)
 
     def close(self) -> None:

@@ -226,20 +226,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._guard(context, run)
 
+    def config(self, name: str, version: str = "") -> Any:
+        """The ModelConfig of a served model (both ports); raises NotFoundError."""
+        model = self.repo.get(name, version)
+        return model_config(model, self.repo.triton_version(model.name, model.version))
+
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            model = self.repo.get(request.name, request.version)
-            number = self.repo.triton_version(model.name, model.version)
-            return pb.ModelConfigResponse(config=model_config(model, number))
+            return pb.ModelConfigResponse(config=self.config(request.name, request.version))
 
         return await self._guard(context, run)
+
+    async def statistics_response(self, name: str = "", version: str = "") -> Any:
+        """The ModelStatisticsResponse for all models or one (both ports); raises NotFoundError."""
+        snaps = await self.statistics(name, version)
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in snaps])
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        async def run() -> Any:
-            snaps = await self.statistics(request.name, request.version)
-            return pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in snaps])
-
-        return await self._guard(context, run)
+        return await self._guard(context, lambda: self.statistics_response(request.name, request.version))
 
     # ------------------------------------------------------------------ inference
 
@@ -337,14 +341,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------ repository
 
+    def repository_index(self, ready_only: bool = False) -> Any:
+        """The RepositoryIndexResponse: every installed version and its state (both ports)."""
+        resp = pb.RepositoryIndexResponse()
+        for e in self.repo.index(ready_only=ready_only):
+            resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+        return resp
+
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            resp = pb.RepositoryIndexResponse()
-            for e in self.repo.index(ready_only=request.ready):
-                resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
-            return resp
+            return self.repository_index(request.ready)
 
         return await self._guard(context, run)
+
+    async def load(self, name: str, version: str = "") -> None:
+        """Serve an installed version of ``name`` (default: the active one) in every serving
+        process (both ports).
+
+        Raises:
+            NotFoundError, BundleError, VerificationError: see :meth:`ModelRepository.serve`.
+        """
+        await self.repo.serve(name, version or None)
+        if self.link is not None:
+            await self.link.broadcast({"op": "load", "name": name, "version": version})
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name`` in every serving process (both ports); raises NotFoundError."""
+        await self.repo.unload(name)
+        if self.link is not None:
+            await self.link.broadcast({"op": "unload", "name": name})
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
@@ -352,19 +377,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             param = request.parameters.get("version")
             if param is not None and param.WhichOneof("parameter_choice") == "string_param":
                 version = param.string_param
-            await self.repo.serve(request.model_name, version or None)
-            if self.link is not None:
-                await self.link.broadcast({"op": "load", "name": request.model_name,
-                                           "version": version})
+            await self.load(request.model_name, version)
             return pb.RepositoryModelLoadResponse()
 
         return await self._guard(context, run)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            await self.repo.unload(request.model_name)
-            if self.link is not None:
-                await self.link.broadcast({"op": "unload", "name": request.model_name})
+            await self.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
 
         return await self._guard(context, run)

@@ -7,8 +7,14 @@ so a role may do the same on both ports).  The client certificate is parsed once
 connection; expiry and revocation are checked on every request, as on gRPC.  Decisions are
 audit lines on ``agent.audit`` in the gRPC port's format.
 
-**Hostile bodies**: a body over ``[server] max_message_bytes`` is refused (413) before it is
-read whole; JSON must parse, be an object, and hold no NaN/Infinity constants.
+**Limits** are the gRPC port's ``[limits]``, counted on this port: requests in progress per
+peer address (``max_calls_per_peer``) and overall (``max_concurrent_rpcs``); beyond them a
+request is refused with 429, a JSON error and ``Retry-After`` (where gRPC answers
+RESOURCE_EXHAUSTED).  A streamed response counts until its last event.
+
+**Hostile bodies**: a body over ``[server] max_message_bytes`` is refused (413): by its
+``Content-Length`` before any of it is read, a chunked one as soon as it passes the limit;
+JSON must parse, be an object, and hold no NaN/Infinity constants.
 
 **Errors** are translated here only: :class:`~agent.errors.ApplianceError` by its
 ``grpc_code`` to an HTTP status, written in the shape of the route's protocol (OpenAI's
@@ -18,20 +24,23 @@ elsewhere).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from agent.config import LimitsSection
 from agent.errors import AccessDeniedError, ApplianceError
 from agent.llm.params import parse_json
 from agent.security import ClientTls, Identity, admitted, audit_decision, refusal
 
 __all__ = [
     "IDENTITY",
+    "RETRY_AFTER_S",
     "Surface",
     "error_body",
     "http_status",
@@ -44,6 +53,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IDENTITY = web.RequestKey("identity", Identity)  # who sent the request, set once it is admitted
+RETRY_AFTER_S = 1  # the Retry-After of a 429: calls in progress end in about that time
 
 # grpc_code of the exception family -> HTTP status
 _HTTP_STATUS = {
@@ -94,9 +104,15 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 class Surface:
     """Access and error translation for the HTTPS port's routes (an aiohttp middleware)."""
 
-    def __init__(self, tls: ClientTls | None, loopback_role: str | None) -> None:
+    def __init__(self, tls: ClientTls | None, loopback_role: str | None, limits: LimitsSection,
+                 max_body: int) -> None:
         self._tls = tls
         self._loopback = Identity(subject="loopback (no TLS)", serial=None, role=loopback_role)
+        self._per_peer = limits.max_calls_per_peer
+        self._overall = limits.max_concurrent_rpcs
+        self._max_body = max_body
+        self._calls: dict[str, int] = {}  # peer address -> requests in progress
+        self._total = 0
         # One entry per TLS connection, gone with it: the certificate is parsed once.
         self._connections: weakref.WeakKeyDictionary[ssl.SSLObject, Identity] = weakref.WeakKeyDictionary()
 
@@ -118,24 +134,32 @@ class Surface:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         try:
-            self._admit(request)
-            return await handler(request)
+            host = self._admit(request)
+            with self._counted(host):
+                self._check_size(request)
+                return await handler(request)
         except ApplianceError as exc:
             status = http_status(exc)
             if status == 500:
                 log.error("%s %s: %s", request.method, path, exc)  # noqa: TRY400 - expected
-            return web.json_response(error_body(path, status, str(exc), getattr(exc, "param", None)),
-                                     status=status)
+            return _error(path, status, str(exc), getattr(exc, "param", None))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return web.json_response(error_body(path, exc.status, exc.reason), status=exc.status)
+            message = exc.reason
+            if exc.status == 413:
+                declared = "" if request.content_length is None else f"of {request.content_length} bytes "
+                message = (f"request body {declared}is over the node's limit of {self._max_body} bytes "
+                           "([server] max_message_bytes)")
+            return _error(path, exc.status, message)
         except Exception as exc:  # a bug must still answer in the protocol's shape, never hang
             log.exception("%s %s: internal error", request.method, path)
             return web.json_response(error_body(path, 500, f"internal error: {type(exc).__name__}"),
                                      status=500)
 
-    def _admit(self, request: web.Request) -> None:
+    def _admit(self, request: web.Request) -> str:
+        """Decide who may send ``request`` (audited), then whether the limits let it run now.
+        Returns the peer address the request counts against."""
         route_handler = request.match_info.route.handler
         method = getattr(route_handler, "rpc_method", None)
         ident = self.identity(request)
@@ -149,8 +173,47 @@ class Surface:
             audit_decision(logging.WARNING, "deny", name, ident, peer, reason=reason)
             exc_type = _DENIALS[code]
             raise exc_type(reason)
+        busy = None
+        if self._calls.get(peer, 0) >= self._per_peer:
+            busy = f"peer {peer} already has {self._per_peer} calls in progress"
+        elif self._total >= self._overall:
+            busy = f"the node already has {self._overall} calls in progress"
+        if busy is not None:
+            audit_decision(logging.WARNING, "deny", name, ident, peer, reason=busy)
+            raise _BusyError(busy)
         audit_decision(logging.DEBUG, "allow", name, ident, peer, reason=f"role {ident.role}")
         request[IDENTITY] = ident
+        return peer
+
+    def _check_size(self, request: web.Request) -> None:
+        """Refuse a body whose declared size is over the limit before reading any of it
+        (aiohttp's ``client_max_size`` stops a chunked one once it passes the limit)."""
+        size = request.content_length
+        if size is not None and size > self._max_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=self._max_body, actual_size=size)
+
+    @contextlib.contextmanager
+    def _counted(self, peer: str) -> Iterator[None]:
+        self._calls[peer] = self._calls.get(peer, 0) + 1
+        self._total += 1
+        try:
+            yield
+        finally:
+            self._total -= 1
+            left = self._calls[peer] - 1
+            if left:
+                self._calls[peer] = left
+            else:
+                del self._calls[peer]
+
+
+def _error(path: str, status: int, message: str, param: str | None = None) -> web.Response:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    return web.json_response(error_body(path, status, message, param), status=status, headers=headers)
+
+
+class _BusyError(ApplianceError):
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class _UnauthenticatedError(ApplianceError):

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from agent import __version__
 from agent.dtypes import by_kserve
@@ -30,7 +32,7 @@ from agent.llm.params import parse_json
 from agent.proto import grpc_service_pb2 as pb
 from agent.web.app import rpc
 
-__all__ = ["HEADER_LENGTH", "add_routes", "to_infer_request"]
+__all__ = ["HEADER_LENGTH", "add_routes", "to_infer_request", "triton_json"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _M = "/inference.GRPCInferenceService/"
@@ -207,6 +209,40 @@ def _response(resp: Any, binary_out: set[str], all_binary: bool) -> web.Response
                         headers={HEADER_LENGTH: str(len(header))})
 
 
+# protobuf's JSON writes 64-bit integers as strings; Triton writes numbers (perf_analyzer reads
+# max_batch_size and dims as numbers), so those fields are turned back.
+_INT64 = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64})
+
+
+def triton_json(message: Any) -> dict[str, Any]:
+    """``message`` as Triton's HTTP endpoint writes it: proto field names, enums by name,
+    fields without presence printed even when zero, 64-bit integers as JSON numbers."""
+    doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+    _numbers(message.DESCRIPTOR, doc)
+    return doc
+
+
+def _numbers(desc: Descriptor, doc: dict[str, Any]) -> None:
+    for f in desc.fields:
+        if f.name not in doc:
+            continue
+        value = doc[f.name]
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            target = f.message_type.fields_by_name["value"]
+            if target.message_type is not None:
+                for item in value.values():
+                    _numbers(target.message_type, item)
+            elif target.type in _INT64:
+                doc[f.name] = {k: int(v) for k, v in value.items()}
+        elif f.message_type is not None:
+            for item in value if f.is_repeated else [value]:
+                _numbers(f.message_type, item)
+        elif f.type in _INT64:
+            doc[f.name] = [int(v) for v in value] if f.is_repeated else int(value)
+
+
 def _split_body(data: bytes, header: str | None) -> tuple[dict[str, Any], bytes]:
     if header is None:
         return parse_json(data), b""
@@ -215,6 +251,26 @@ def _split_body(data: bytes, header: str | None) -> tuple[dict[str, Any], bytes]
                            f"{len(data)}-byte body", HEADER_LENGTH)
     size = int(header)
     return parse_json(data[:size]), data[size:]
+
+
+def _parameters(data: bytes, known: dict[str, type]) -> dict[str, Any]:
+    """The ``parameters`` of a repository request body (which may be empty), each of a known
+    name and type.  Anything else is refused, Triton's ``config`` and ``file:`` overrides
+    above all: this node serves only the verified bundle's own files and settings.
+
+    Raises:
+        RequestError: the body is not JSON, or a parameter is unknown or of the wrong type.
+    """
+    body = parse_json(data) if data.strip() else {}
+    params = _field(body, "parameters", dict, "request", {})
+    for key in params:
+        if key not in known:
+            raise RequestError(f"request.parameters: {echo(key)} is not accepted here (known: "
+                               f"{', '.join(sorted(known))}); this node serves a model only from "
+                               "its verified bundle, with no config or file override",
+                               "request.parameters")
+        _field(params, key, known[key], "request.parameters")
+    return dict(params)
 
 
 def add_routes(app: web.Application, servicer: InferenceServicer) -> None:
@@ -255,10 +311,46 @@ def add_routes(app: web.Application, servicer: InferenceServicer) -> None:
             body, binary, request.match_info["model"], request.match_info.get("version", ""))
         return _response(await servicer.infer(req), binary_out, all_binary)
 
+    @rpc(_M + "ModelConfig")
+    async def model_config(request: web.Request) -> web.Response:
+        config = servicer.config(request.match_info["model"], request.match_info.get("version", ""))
+        return web.json_response(triton_json(config))
+
+    @rpc(_M + "ModelStatistics")
+    async def model_statistics(request: web.Request) -> web.Response:
+        resp = await servicer.statistics_response(request.match_info.get("model", ""),
+                                                  request.match_info.get("version", ""))
+        return web.json_response(triton_json(resp))
+
+    @rpc(_M + "RepositoryIndex")
+    async def repository_index(request: web.Request) -> web.Response:
+        data = await request.read()
+        body = parse_json(data) if data.strip() else {}  # tritonclient sends an empty body
+        ready = _field(body, "ready", bool, "request", False)
+        return web.json_response([triton_json(m) for m in servicer.repository_index(ready).models])
+
+    @rpc(_M + "RepositoryModelLoad")
+    async def model_load(request: web.Request) -> web.Response:
+        params = _parameters(await request.read(), {"version": str})
+        await servicer.load(request.match_info["model"], params.get("version", ""))
+        return web.json_response({})
+
+    @rpc(_M + "RepositoryModelUnload")
+    async def model_unload(request: web.Request) -> web.Response:
+        _parameters(await request.read(), {"unload_dependents": bool})  # no model has dependents
+        await servicer.unload(request.match_info["model"])
+        return web.json_response({})
+
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/models/stats", model_statistics)  # before {model} would take "stats"
+    app.router.add_post("/v2/repository/index", repository_index)
+    app.router.add_post("/v2/repository/models/{model}/load", model_load)
+    app.router.add_post("/v2/repository/models/{model}/unload", model_unload)
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_get(base, model_metadata)
         app.router.add_get(base + "/ready", model_ready)
+        app.router.add_get(base + "/config", model_config)
+        app.router.add_get(base + "/stats", model_statistics)
         app.router.add_post(base + "/infer", infer)
