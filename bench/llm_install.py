@@ -6,8 +6,10 @@ of the same file (the line rate) and a plain copy of it.
 The bundle holds the tiny decoder's folder plus a weight file of ``--mib`` MiB (random bytes:
 hashing and copying do not care what the weights mean), made by the release engineer's
 ``create_generative_bundle`` (streaming, golden ids recorded).  Two figures per run, each in a
-child process so that its peak RSS (``ru_maxrss``) and its bytes written to storage
-(``write_bytes`` of /proc/self/io) are its own:
+child process so that its peak RSS and its bytes written to storage (``write_bytes`` of
+/proc/self/io) are its own.  Peak RSS counts from the child's RSS once its modules are
+imported (the peak is reset there through /proc/self/clear_refs), so "above idle" is what
+the work itself added:
 
 - unpack: ``extract_bundle_hashed``, every member hashed while it streams into place, and the
   whole file hashed in the same read;
@@ -15,7 +17,7 @@ child process so that its peak RSS (``ru_maxrss``) and its bytes written to stor
   the unpack, the golden check on the loaded model, the install record, the rename into
   place and the activation.
 
-The idle figure is a child that only imports the same modules.  Prints medians.
+Prints medians.
 """
 
 from __future__ import annotations
@@ -38,13 +40,20 @@ from provisioning.demo.llm_models import write_decoder  # noqa: E402
 from provisioning.genbundle import create_generative_bundle  # noqa: E402
 
 CHILD = """
-import resource, sys, time
+import sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from agent.config import InferenceSection
 from agent.inference.repository import ModelRepository
 from agent.llm.bundle import extract_bundle_hashed
+
+def status(key):
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+    return int(line.split()[1])
+
 how, bundle, dest = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+Path("/proc/self/clear_refs").write_text("5")  # peak RSS starts again from here, after the imports
+idle = status("VmRSS:")
 start = time.perf_counter()
 if how == "unpack":
     dest.mkdir()
@@ -53,7 +62,7 @@ elif how == "install":
     ModelRepository.for_state_dir(dest, InferenceSection()).install(bundle)
 seconds = time.perf_counter() - start
 io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
-print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, io["write_bytes"])
+print(seconds, idle, status("VmHWM:"), io["write_bytes"])
 """
 
 
@@ -70,13 +79,14 @@ def make_bundle(base: Path, mib: int) -> Path:
 
 
 def child(how: str, bundle: Path, dest: Path) -> tuple[float, int, int]:
-    """(seconds, peak RSS in KiB, bytes written to storage) of one child."""
+    """(seconds, peak RSS above the RSS it had before starting in KiB, bytes written to
+    storage) of one child."""
     done = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), how, bundle, dest],
                           capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{how} child failed:\n{done.stderr}")
-    seconds, rss_kib, written = done.stdout.split()
-    return float(seconds), int(rss_kib), int(written)
+    seconds, before_kib, peak_kib, written = done.stdout.split()
+    return float(seconds), int(peak_kib) - int(before_kib), int(written)
 
 
 def sha256_seconds(path: Path) -> float:
@@ -94,7 +104,6 @@ def main() -> int:
         base = Path(tmp)
         bundle = make_bundle(base, args.mib)
         size = bundle.stat().st_size
-        _, idle_kib, _ = child("idle", bundle, base / "idle")
         hashing, copying = [], []
         unpacks: list[tuple[float, int, int]] = []
         installs: list[tuple[float, int, int]] = []
@@ -120,8 +129,7 @@ def main() -> int:
         written = statistics.median(r[2] for r in runs)
         print(f"{label:31} {t:7.2f} s  {mb / t:8.0f} MB/s   ratio {t_hash / t:.2f}x of sha256's rate, "
               f"{t_copy / t:.2f}x of the copy's")
-        print(f"  peak RSS above idle           {(rss - idle_kib) / 1024:7.1f} MiB "
-              f"(idle {idle_kib / 1024:.0f} MiB)")
+        print(f"  peak RSS above idle           {rss / 1024:7.1f} MiB")
         print(f"  bytes written to storage      {written / 1e6:7.0f} MB ({written / size:.3f}x the bundle)")
     return 0
 
