@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -78,11 +78,16 @@ def train_tokenizer(folder: Path, vocab_size: int = 320, context_length: int = 2
 
 @dataclass(frozen=True)
 class DecoderShape:
+    """Sizes of the tiny decoder.  ``activation`` is the FFN's: ``relu`` (the default, which
+    the recorded fixtures were made with) or ``gelu`` (GPT-2's, tanh form: the benchmark
+    writes the same weights for llama.cpp's gpt2 architecture, which has GELU built in)."""
+
     layers: int = 2
     hidden: int = 64
     heads: int = 4
     context_length: int = 256
     ffn: int = 128
+    activation: Literal["relu", "gelu"] = "relu"
 
 
 class _Graph:
@@ -176,6 +181,24 @@ def _mask(g: _Graph) -> tuple[str, str]:
     return positions, g.op("And", [causal, keep])
 
 
+def _gelu_tanh(g: _Graph, x: str, prefix: str) -> str:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), from opset-17 operators (ONNX's
+    ``Gelu`` op needs opset 20)."""
+    cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Add", [x, g.op("Mul", [cube, g.const(f"{prefix}.gelu.c", 0.044715, np.float32)])])
+    t = g.op("Tanh", [g.op("Mul", [inner, g.const(f"{prefix}.gelu.k", np.sqrt(2 / np.pi), np.float32)])])
+    half_x = g.op("Mul", [x, g.const(f"{prefix}.gelu.half", 0.5, np.float32)])
+    out: str = g.op("Mul", [half_x, g.op("Add", [t, g.const(f"{prefix}.gelu.one", 1.0, np.float32)])])
+    return out
+
+
+def _ffn_activation(g: _Graph, x: str, shape: DecoderShape, prefix: str) -> str:
+    if shape.activation == "gelu":
+        return _gelu_tanh(g, x, prefix)
+    out: str = g.op("Relu", [x])
+    return out
+
+
 def _decoder_graph(shape: DecoderShape, vocab: int, seed: int) -> Any:
     from onnx import TensorProto, helper
 
@@ -186,8 +209,8 @@ def _decoder_graph(shape: DecoderShape, vocab: int, seed: int) -> Any:
                      g.op("Gather", [g.weight("pos_embed", (shape.context_length, e), 0.3), positions])])
     for i in range(shape.layers):
         x = g.op("Add", [x, _attention(g, g.layer_norm(x, e, f"l{i}.attn"), i, mask4, shape)])
-        up = g.op("Relu", [g.op("MatMul", [g.layer_norm(x, e, f"l{i}.ffn"),
-                                          g.weight(f"l{i}.w1", (e, shape.ffn))])])
+        up = _ffn_activation(g, g.op("MatMul", [g.layer_norm(x, e, f"l{i}.ffn"),
+                                                g.weight(f"l{i}.w1", (e, shape.ffn))]), shape, f"l{i}")
         x = g.op("Add", [x, g.op("MatMul", [up, g.weight(f"l{i}.w2", (shape.ffn, e))])])
     g.named("MatMul", [g.layer_norm(x, e, "final"), g.weight("lm_head", (e, vocab), 0.5)], "logits")
     kv: list[str | int | None] = ["batch", shape.heads, "past", head]

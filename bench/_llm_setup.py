@@ -1,0 +1,206 @@
+"""What the LLM benchmarks share: their options, the seeded decoder, onnxruntime-genai driven
+in-process (the baseline), a real agent serving the decoder over HTTPS as an installed
+generative bundle, and a client that times one streamed completion."""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+import onnxruntime_genai as og
+import openai
+
+from agent.config import InferenceSection
+from agent.inference.repository import ModelRepository
+from agent.llm.engine import GenaiLanguageModel, Limits, open_genai_model
+from agent.llm.types import ModelCard
+from provisioning.demo.llm_models import DecoderShape
+from provisioning.genbundle import create_generative_bundle
+from testsupport.http_support import site_pki, tls_config
+from testsupport.inference_support import Agent, free_port
+
+PROMPT = "The appliance keeps its models on the node and answers the fleet"
+CONTEXT = 512
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options every LLM benchmark takes (a script adds its own)."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    return ap
+
+
+def shape_of(args: argparse.Namespace, activation: Literal["relu", "gelu"] = "relu") -> DecoderShape:
+    return DecoderShape(layers=args.layers, hidden=args.hidden, heads=8, ffn=4 * args.hidden,
+                        context_length=CONTEXT, activation=activation)
+
+
+def describe(shape: DecoderShape, args: argparse.Namespace) -> str:
+    return (f"decoder: {shape.layers} layers, hidden {shape.hidden}, {shape.activation} FFN; "
+            f"{args.tokens} tokens; {args.runs} runs; medians")
+
+
+def open_engine(folder: Path, tokens: int) -> tuple[og.Model, GenaiLanguageModel]:
+    """The decoder opened with onnxruntime-genai, and the agent's engine over that model."""
+    model = open_genai_model(folder)
+    card = ModelCard("bench", "1.0.0", "llm", CONTEXT, 0, "fp32", 0)
+    return model, GenaiLanguageModel(model, card, Limits(CONTEXT, tokens, CONTEXT * 16, 60.0))
+
+
+def og_in_process(model: og.Model, tokens: int, batch: int = 1) -> tuple[float, int, float]:
+    """onnxruntime-genai driven directly: one generator decoding ``batch`` copies of the prompt
+    greedily.  Returns (seconds to the first token with text, tokens in all, seconds)."""
+    tok = og.Tokenizer(model)
+    ids = tok.encode(PROMPT)
+    stream = tok.create_stream()
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + tokens, do_sample=False, batch_size=batch)
+    start = time.perf_counter()
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.tile(np.asarray(ids, np.int32), (batch, 1)) if batch > 1 else ids)
+    first = 0.0
+    steps = 0
+    while not gen.is_done():
+        gen.generate_next_token()
+        text = stream.decode(int(gen.get_next_tokens()[0]))
+        steps += 1
+        if text and not first:  # as the engine's first chunk: the first token with text
+            first = time.perf_counter() - start
+    return first, steps * batch, time.perf_counter() - start
+
+
+def og_greedy(model: og.Model, prompt: str, tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt token ids, greedy continuation ids, ending at the end-of-text token if any)."""
+    ids = list(og.Tokenizer(model).encode(prompt))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out: list[int] = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return ids, out
+
+
+@dataclass
+class Served:
+    """The agent serving the decoder: its HTTPS base URL and an mTLS context for clients."""
+
+    base_url: str
+    tls: ssl.SSLContext
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0,
+                             http_client=httpx.Client(verify=self.tls, timeout=300))
+
+
+@contextmanager
+def https_agent(folder: Path, tokens: int) -> Iterator[Served]:
+    """A real agent process (``appliance agent serve``) with the decoder folder installed as a
+    signed-off generative bundle named ``bench``, its HTTPS port on loopback, mTLS with a site
+    PKI made here; the client certificate is the observer's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pki = site_pki(work / "pki", work / "other")
+        bundle = work / "bench.bundle"
+        create_generative_bundle(folder, bundle, kind="llm", name="bench", version="1.0.0",
+                                 context_length=CONTEXT, max_tokens=tokens, kv_budget_tokens=CONTEXT * 16,
+                                 golden_tokens=2)
+        state = work / "state"
+        ModelRepository.for_state_dir(state, InferenceSection()).install(bundle)
+        http_port = free_port()
+        agent = Agent(state, "--config", str(tls_config(work, pki)), "--model", "bench", http_port=http_port)
+        try:
+            ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+            d = pki / "issued" / "observer"
+            ctx.load_cert_chain(str(d / "observer.crt"), str(d / "observer.key"))
+            yield Served(f"https://localhost:{http_port}/v1", ctx)
+        finally:
+            agent.stop()
+
+
+def stream_completion(client: openai.OpenAI, tokens: int, model: str = "bench",
+                      extra: dict[str, Any] | None = None) -> tuple[float, int, float]:
+    """One streamed ``/v1/completions`` of :data:`PROMPT`, greedy.  Returns (seconds to the
+    first chunk with text, completion tokens, seconds).  The count is the server's ``usage``
+    when it sends one, else ``max_tokens`` when the stream ended for length.
+
+    Raises:
+        RuntimeError: the server sent no usage and stopped before ``max_tokens``.
+    """
+    start = time.perf_counter()
+    first = 0.0
+    count = 0
+    finish = None
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=tokens, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body=extra)
+    for event in stream:
+        if event.choices and event.choices[0].text and not first:
+            first = time.perf_counter() - start
+        if event.choices and event.choices[0].finish_reason:
+            finish = event.choices[0].finish_reason
+        if event.usage is not None:
+            count = event.usage.completion_tokens
+    seconds = time.perf_counter() - start
+    if not count:
+        if finish != "length":
+            raise RuntimeError(f"{model}: stream ended with {finish!r} and no usage: tokens unknown")
+        count = tokens
+    return first, count, seconds
+
+
+def concurrently(make: Callable[[], openai.OpenAI], tokens: int, n: int,
+                 extra: dict[str, Any] | None = None) -> tuple[float, int, float]:
+    """``n`` streams at once, each on its own client and thread.  Returns (median seconds to
+    the first chunk, completion tokens in all, wall seconds from the first start to the last end)."""
+    clients = [make() for _ in range(n)]
+    results: list[tuple[float, int, float]] = []
+    errors: list[Exception] = []
+    gate = threading.Barrier(n + 1)
+
+    def one(c: openai.OpenAI) -> None:
+        gate.wait()
+        try:
+            results.append(stream_completion(c, tokens, extra=extra))
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    gate.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    for c in clients:
+        c.close()
+    if errors:
+        raise errors[0]
+    return statistics.median(r[0] for r in results), sum(r[1] for r in results), wall
+
+
+def median_rate(runs: Sequence[tuple[float, int, float]]) -> float:
+    """Median tokens per second over runs of (ttft, tokens, seconds)."""
+    return statistics.median(n / s for _, n, s in runs)
+
+
+def median_ttft(runs: Sequence[tuple[float, int, float]]) -> float:
+    return statistics.median(f for f, _, _ in runs)
