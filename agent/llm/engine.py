@@ -17,10 +17,13 @@ one after another (1.9x), but two prompts of different lengths hung ``Engine.ste
 after 300 s); a sequence reaching its ``max_length`` while another still ran failed the KV
 concat (``{2,4,256,16}`` vs ``{2,4,257,16}``); and ``remove_request`` did not stop a sequence,
 so a client that leaves could not free its cache.  Static batching (one generator with
-``batch_size`` N over left-padded prompts) is 5x faster at 8 sequences in-process, but on the
-tiny decoder its padded rows decoded other tokens than the same prompts alone, although the
-ONNX graph itself gives identical logits for a left-padded row (checked with ONNX Runtime
-directly): not safe to serve until that is understood.  Until the runtime's scheduler takes mixed
+``batch_size`` N) is 5x faster at 8 sequences in-process and decodes exactly the tokens of each
+prompt alone when the prompts are right-padded with the pad id, as ``Tokenizer.encode_batch``
+pads them (checked: 4 prompts of 1 to 12 tokens, 40 greedy tokens each); left padding is
+taken as real tokens.  Serving it needs a batcher (requests grouped by equal search options,
+a seeded request alone, the budget reserved for the padded batch, rows dropped by their
+client discarded until the batch ends): not built yet.  Until then, or until the runtime's
+scheduler takes mixed
 requests, concurrent sequences share the model through the decode threads, each with its own
 generator (ONNX Runtime runs their steps in parallel on the intra-op pool).
 """
