@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, LimitsSection
 from agent.errors import ApplianceError, ConfigError, NotFoundError, VerificationError
 from agent.fsutil import atomic_write_bytes
 
@@ -67,6 +67,7 @@ __all__ = [
     "ROLE_ATTRIBUTE",
     "X509_ERRORS",
     "AccessInterceptor",
+    "CallLimits",
     "ClientTls",
     "CrlFacts",
     "CrlRollbackError",
@@ -736,6 +737,40 @@ async def _checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIte
         yield request
 
 
+class CallLimits:
+    """Calls in progress per peer address and overall, against ``[limits]``'s
+    ``max_calls_per_peer`` and ``max_concurrent_rpcs``; each port counts its own."""
+
+    def __init__(self, limits: LimitsSection) -> None:
+        self._per_peer = limits.max_calls_per_peer
+        self._overall = limits.max_concurrent_rpcs
+        self._calls: dict[str, int] = {}
+        self._total = 0
+
+    def busy(self, host: str) -> str | None:
+        """Why a new call from ``host`` may not start now, or None."""
+        if self._calls.get(host, 0) >= self._per_peer:
+            return f"peer {host} already has {self._per_peer} calls in progress"
+        if self._total >= self._overall:
+            return f"the node already has {self._overall} calls in progress"
+        return None
+
+    @contextlib.contextmanager
+    def counted(self, host: str) -> Iterator[None]:
+        """Count a call from ``host`` while the block runs."""
+        self._calls[host] = self._calls.get(host, 0) + 1
+        self._total += 1
+        try:
+            yield
+        finally:
+            self._total -= 1
+            left = self._calls[host] - 1
+            if left:
+                self._calls[host] = left
+            else:
+                del self._calls[host]
+
+
 class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Identity, revocation, role check, audit, per-peer and overall call limits, deadline cap."""
 
@@ -749,12 +784,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             assert config.tls.ca is not None
             self._crl = RevocationList(config.tls.crl, _load_cert(config.tls.ca, "ca"))
         lim = config.limits
-        self._per_peer = lim.max_calls_per_peer
-        self._overall = lim.max_concurrent_rpcs
+        self._limits = CallLimits(lim)
         self._max_deadline = lim.max_deadline_s
         self._max_stream = lim.max_stream_s or None
-        self._calls: dict[str, int] = {}
-        self._total = 0
         self._identities: dict[bytes, Identity] = {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -798,32 +830,14 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._audit(logging.WARNING, "deny", method, ident, peer, reason=reason)
             raise _DeniedError(getattr(grpc.StatusCode, code), reason)
         host = _peer_host(peer)
-        if self._calls.get(host, 0) >= self._per_peer:
-            reason = f"peer {host} already has {self._per_peer} calls in progress"
-            self._audit(logging.WARNING, "deny", method, ident, peer, reason=reason)
-            raise _DeniedError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
-        if self._total >= self._overall:
-            reason = f"the node already has {self._overall} calls in progress"
-            self._audit(logging.WARNING, "deny", method, ident, peer, reason=reason)
-            raise _DeniedError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        busy = self._limits.busy(host)
+        if busy is not None:
+            self._audit(logging.WARNING, "deny", method, ident, peer, reason=busy)
+            raise _DeniedError(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
         self._audit(logging.DEBUG, "allow", method, ident, peer, reason=f"role {ident.role}")
         return ident, host
 
     _audit = staticmethod(audit_decision)
-
-    @contextlib.contextmanager
-    def _counted(self, host: str) -> Iterator[None]:
-        self._calls[host] = self._calls.get(host, 0) + 1
-        self._total += 1
-        try:
-            yield
-        finally:
-            self._total -= 1
-            left = self._calls[host] - 1
-            if left:
-                self._calls[host] = left
-            else:
-                del self._calls[host]
 
     def _cap(self, context: grpc.aio.ServicerContext, cap: float | None) -> float | None:
         """Seconds to allow this call, when the client's deadline is missing or longer than ``cap``."""
@@ -853,7 +867,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap_unary_response(self, method: str, behavior: Behavior, streaming: bool) -> Behavior:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             host, request = await self._admit(method, request, context, streaming)
-            with self._counted(host):
+            with self._limits.counted(host):
                 limit = self._cap(context, self._max_deadline)
                 try:
                     async with asyncio.timeout(limit):
@@ -872,7 +886,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if inspect.isasyncgenfunction(behavior) or inspect.isgeneratorfunction(behavior):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 host, request = await self._admit(method, request, context, streaming)
-                with self._counted(host):
+                with self._limits.counted(host):
                     limit = self._cap(context, self._max_stream)
                     deadline = None if limit is None else time.monotonic() + limit
                     responses = behavior(request, context)
@@ -899,7 +913,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
             host, request = await self._admit(method, request, context, streaming)
-            with self._counted(host):
+            with self._limits.counted(host):
                 limit = self._cap(context, self._max_stream)
                 try:
                     async with asyncio.timeout(limit):

@@ -55,9 +55,7 @@ class ServedGenerative:
 
     def add(self, model: GenaiLanguageModel | OrtEmbeddingModel) -> None:
         """Serve ``model`` under its card's name, replacing (and closing) one of that name."""
-        with self._lock:
-            old = self._models.get(model.card.name)
-            self._models[model.card.name] = model
+        old = self.replace(model)
         if old is not None and old is not model:
             old.close()
 

@@ -24,11 +24,10 @@ elsewhere).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import ssl
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -36,7 +35,7 @@ from aiohttp import web
 from agent.config import LimitsSection
 from agent.errors import AccessDeniedError, ApplianceError
 from agent.llm.params import parse_json
-from agent.security import ClientTls, Identity, admitted, audit_decision, refusal
+from agent.security import CallLimits, ClientTls, Identity, admitted, audit_decision, refusal
 
 __all__ = [
     "IDENTITY",
@@ -108,11 +107,8 @@ class Surface:
                  max_body: int) -> None:
         self._tls = tls
         self._loopback = Identity(subject="loopback (no TLS)", serial=None, role=loopback_role)
-        self._per_peer = limits.max_calls_per_peer
-        self._overall = limits.max_concurrent_rpcs
+        self._limits = CallLimits(limits)
         self._max_body = max_body
-        self._calls: dict[str, int] = {}  # peer address -> requests in progress
-        self._total = 0
         # One entry per TLS connection, gone with it: the certificate is parsed once.
         self._connections: weakref.WeakKeyDictionary[ssl.SSLObject, Identity] = weakref.WeakKeyDictionary()
 
@@ -135,7 +131,7 @@ class Surface:
         path = request.path
         try:
             host = self._admit(request)
-            with self._counted(host):
+            with self._limits.counted(host):
                 self._check_size(request)
                 return await handler(request)
         except ApplianceError as exc:
@@ -173,11 +169,7 @@ class Surface:
             audit_decision(logging.WARNING, "deny", name, ident, peer, reason=reason)
             exc_type = _DENIALS[code]
             raise exc_type(reason)
-        busy = None
-        if self._calls.get(peer, 0) >= self._per_peer:
-            busy = f"peer {peer} already has {self._per_peer} calls in progress"
-        elif self._total >= self._overall:
-            busy = f"the node already has {self._overall} calls in progress"
+        busy = self._limits.busy(peer)
         if busy is not None:
             audit_decision(logging.WARNING, "deny", name, ident, peer, reason=busy)
             raise _BusyError(busy)
@@ -192,19 +184,6 @@ class Surface:
         if size is not None and size > self._max_body:
             raise web.HTTPRequestEntityTooLarge(max_size=self._max_body, actual_size=size)
 
-    @contextlib.contextmanager
-    def _counted(self, peer: str) -> Iterator[None]:
-        self._calls[peer] = self._calls.get(peer, 0) + 1
-        self._total += 1
-        try:
-            yield
-        finally:
-            self._total -= 1
-            left = self._calls[peer] - 1
-            if left:
-                self._calls[peer] = left
-            else:
-                del self._calls[peer]
 
 
 def _error(path: str, status: int, message: str, param: str | None = None) -> web.Response:
