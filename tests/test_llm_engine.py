@@ -349,7 +349,12 @@ def test_a_step_waiting_for_a_thread_when_the_model_closes_ends_the_stream_as_ca
         queued = model.generate(PROMPT, Sampling(max_tokens=8))
         waiting = asyncio.ensure_future(_collect(queued))  # its prefill waits for the thread
         rest = asyncio.ensure_future(_collect(running))  # its next step waits too
-        await asyncio.sleep(0.2)
+        queued = model._pool._work_queue  # type: ignore[attr-defined]
+        for _ in range(500):  # both steps queued behind the busy thread, however loaded the machine
+            if queued.qsize() >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert queued.qsize() >= 2
         model.close()
         release.set()
         return await waiting, first + await rest
