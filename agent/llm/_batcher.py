@@ -45,7 +45,7 @@ from agent.llm.types import Chunk, FinishReason
 
 __all__ = ["READ_AHEAD", "BatchStats", "Batcher", "Row"]
 
-READ_AHEAD = 4  # chunks a batch may make for a row before its reader has taken them
+READ_AHEAD = 16  # chunks a batch may make for a row before its reader has taken them
 
 Item = Chunk | Exception | None  # a chunk, the runtime's failure, or "look again" (closed)
 
