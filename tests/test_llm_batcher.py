@@ -207,3 +207,48 @@ def test_32_concurrent_greedy_streams_batch_within_the_kv_budget(decoder_dir: Pa
     assert model.batching.cache_peak <= model.budget.total and model.budget.peak <= model.budget.total
     assert model.active_sequences == 0 and model.budget.in_use == 0 and model.batching.cache_tokens == 0
 
+
+
+def test_a_stop_string_ends_its_row_only(model: GenaiLanguageModel) -> None:
+    greedy = Sampling(max_tokens=48, temperature=0)
+    full = "".join(c.text for c in asyncio.run(_collect(model.generate(PROMPT, greedy))))
+    stop = full[6:8]
+    streams = [model.generate(PROMPT, Sampling(max_tokens=48, temperature=0, stop=(stop,))),
+               model.generate(PROMPT, greedy)]
+    stopped, whole = asyncio.run(_queued(model, [partial(_collect, s) for s in streams]))
+    assert model.batching.sizes[2] == 1
+    assert "".join(c.text for c in stopped) == full[:full.find(stop)] and stopped[-1].finish_reason == "stop"
+    assert "".join(c.text for c in whole) == full
+
+
+class _FailingGenerator:
+    """A real generator whose third step fails, as the runtime's would (out of memory, say)."""
+
+    def __init__(self, real: object) -> None:
+        self._real = real
+        self._steps = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def generate_next_token(self) -> None:
+        self._steps += 1
+        if self._steps == 3:
+            raise RuntimeError("injected failure")
+        self._real.generate_next_token()  # type: ignore[attr-defined]
+
+
+def test_a_runtime_failure_reaches_every_row_of_the_batch_and_frees_it(
+        model: GenaiLanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = model._batcher.generator
+    monkeypatch.setattr(model._batcher, "generator", lambda *a: _FailingGenerator(real(*a)))
+
+    async def fails(stream: AsyncIterator[Chunk]) -> str:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            await _collect(stream)
+        return "raised"
+
+    streams = [model.generate(p, Sampling(max_tokens=32, temperature=0)) for p in PROMPTS[:3]]
+    assert asyncio.run(_queued(model, [partial(fails, s) for s in streams])) == ["raised"] * 3
+    assert model.batching.sizes == Counter({3: 1})
+    assert model.active_sequences == 0 and model.budget.in_use == 0 and model.batching.cache_tokens == 0
