@@ -433,7 +433,8 @@ class Batcher:
                 return
             batch.over = True
             self._batches.discard(batch)
-            self.stats.paused -= not batch.stepping
+            if not batch.stepping:
+                self.stats.paused -= 1
         for row in batch.live:  # only when the model was closed while it waited for a reader
             if row not in batch.ending:
                 batch.ending[row] = row.stopped()
