@@ -252,3 +252,55 @@ def test_a_runtime_failure_reaches_every_row_of_the_batch_and_frees_it(
     assert asyncio.run(_queued(model, [partial(fails, s) for s in streams])) == ["raised"] * 3
     assert model.batching.sizes == Counter({3: 1})
     assert model.active_sequences == 0 and model.budget.in_use == 0 and model.batching.cache_tokens == 0
+
+
+def test_requests_that_come_while_a_batch_steps_wait_for_it_then_start_together(
+        model: GenaiLanguageModel) -> None:
+    """One decode thread: one batch steps at a time, and a request waits for a thread to be free
+    of a batch, not only of a step (the steps of different batches would contend)."""
+    greedy = Sampling(max_tokens=12, temperature=0)
+
+    async def main() -> tuple[Counter[int], list[list[Chunk]]]:
+        hold, gate = threading.Event(), threading.Event()
+        model._pool.submit(hold.wait)
+        long = Sampling(max_tokens=64, temperature=0)
+        first = asyncio.ensure_future(_collect(model.generate(PROMPT, long)))
+        await _until(lambda: model.active_sequences == 1)
+        model._pool.submit(gate.wait)  # after the first request's batch starts and takes one step
+        hold.set()
+        await _until(lambda: model.batching.sizes[1] == 1)
+        later = [asyncio.ensure_future(_collect(model.generate(p, greedy))) for p in PROMPTS[:2]]
+        await _until(lambda: model.active_sequences == 3)
+        # the batches started once the later requests' own tries to start one have run
+        during = model._pool.submit(lambda: Counter(model.batching.sizes))
+        gate.set()
+        return await asyncio.wrap_future(during), await asyncio.gather(first, *later)
+
+    during, results = asyncio.run(main())
+    assert during == Counter({1: 1})  # the first batch steps; the later requests wait...
+    assert model.batching.sizes == Counter({1: 1, 2: 1})  # ...and start together when it ends
+    alone = [model.greedy(PROMPT, 64), *(model.greedy(p, 12) for p in PROMPTS[:2])]
+    assert [_ids(r) for r in results] == alone
+
+
+def test_a_batch_waiting_for_a_slow_reader_lets_the_next_batch_start(model: GenaiLanguageModel) -> None:
+    async def main() -> tuple[list[Chunk], list[Chunk], int]:
+        hold, gate = threading.Event(), threading.Event()
+        model._pool.submit(hold.wait)
+        slow = model.generate(PROMPT, Sampling(max_tokens=64, temperature=0))
+        first = asyncio.ensure_future(_first(slow))
+        await _until(lambda: model.active_sequences == 1)
+        model._pool.submit(gate.wait)  # after the slow reader's batch starts and takes one step
+        hold.set()
+        await _until(lambda: model.batching.sizes[1] == 1)
+        short = Sampling(max_tokens=8, temperature=0)
+        other = asyncio.ensure_future(_collect(model.generate(PROMPTS[0], short)))
+        await _until(lambda: model.active_sequences == 2)
+        gate.set()  # the other request finds the one decode thread taken by a stepping batch, and waits
+        done = await asyncio.wait_for(other, 60)  # until that batch waits for its reader
+        paused = model.batching.paused
+        return [await first, *await _collect(slow)], done, paused
+
+    slow, other, paused = asyncio.run(main())
+    assert paused == 1 and model.batching.sizes == Counter({1: 2})
+    assert _ids(other) == model.greedy(PROMPTS[0], 8) and _ids(slow) == model.greedy(PROMPT, 64)

@@ -9,8 +9,9 @@ own ``max_tokens``, end-of-text token, stop string, deadline, or when its reader
 the tokens the batch makes for it afterwards are dropped.  A batch whose rows have all ended
 stops stepping and frees its generator and budget at once.
 
-No fixed delay: at concurrency 1 a request starts as soon as a thread is free; under load a
-batch is whatever waited meanwhile.
+No fixed delay: at concurrency 1 a request starts at once.  At most ``workers`` batches step
+at once (one per decode thread; a batch waiting for a reader does not count), so under load a
+request waits for a batch to end and starts with the others that waited meanwhile.
 
 KV budget: each row reserves its own ``prompt + max_tokens`` before it queues (the bounded
 wait and ``CapacityError`` are :class:`~agent.llm.budget.KvBudget`'s).  A batch holds
@@ -139,6 +140,7 @@ class Batcher:
         self.budget = budget
         self.context_length = context_length
         self.max_batch = max_batch
+        self.workers = workers
         self.stats = BatchStats()
         self.closed = False
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"llm-{name}")
@@ -310,8 +312,9 @@ class Batcher:
         waits for a later batch.
         """
         with self._lock:
-            if self.closed or not self._waiting:
-                return None
+            stepping = sum(1 for b in self._batches if b.stepping)
+            if self.closed or not self._waiting or stepping >= self.workers:
+                return None  # _next_batch asks again when a batch ends or waits for a reader
             first = self._waiting[0]
             rows, longest, most, extra = [first], len(first.ids), first.new, 0
             for row in self._waiting[1:]:
@@ -352,11 +355,24 @@ class Batcher:
             return
         self._deliver(batch)
         with self._lock:
-            if _behind(batch):
+            wait = _behind(batch)
+            if wait:  # from here a reader's _resume may queue the next step
                 batch.stepping = False
                 self.stats.paused += 1
+        if wait:
+            self._next_batch()
+        else:
+            self._submit(batch)
+
+    def _next_batch(self) -> None:
+        """A batch ended or waits for a reader: let the rows waiting form the next one."""
+        with self._lock:
+            # Closed: the rows are ended; and a close cancelling queued steps runs _finish
+            # inside the pool's shutdown, where a submit would deadlock.
+            if self.closed or not self._waiting:
                 return
-        self._submit(batch)
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            self.pool.submit(self._drive)
 
     def _resume(self, batch: _Batch) -> None:
         """Queue the next step of ``batch`` if it waits for readers that are now within
@@ -446,6 +462,7 @@ class Batcher:
                 row.scanner = row.stream = None
                 self._unhold(row)
         self._deliver(batch)
+        self._next_batch()
 
     def _deliver(self, batch: _Batch) -> None:
         """Mark the rows in ``ending`` ended and send each its last chunk (or the error)."""

@@ -49,6 +49,11 @@ __all__ = ["BatchStats", "GenaiLanguageModel", "Limits", "open_genai_model"]
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
+# Batches stepping at once.  One step already spreads over the intra-op threads, so more
+# generators in parallel mostly contend for them (one generator per request gave about 1.0x the
+# tokens/s of concurrency 1 at concurrency 8, bench/llm.py); two let one batch take its prefill
+# while another decodes, and keep requests waiting, to start together, when more arrive.
+DECODE_THREADS = 2
 # top_k goes to the runtime as a C int; no vocabulary comes near this, so above it is a mistake or an attack
 MAX_TOP_K = 1 << 20
 
@@ -107,7 +112,7 @@ class GenaiLanguageModel:
         self.budget = KvBudget(limits.kv_budget_tokens, card.name)
         self._batcher = Batcher(model, self._tokenizer, self.budget, name=card.name,
                                 context_length=limits.context_length, max_batch=limits.max_batch,
-                                workers=decode_threads or max(2, default_intra_op_threads()))
+                                workers=decode_threads or DECODE_THREADS)
         self._pool = self._batcher.pool  # the decode threads
 
     @property
