@@ -80,6 +80,8 @@ def main() -> int:
     print(f"ratio engine/in-process c1     {e_tps / b_tps:8.3f}x   added TTFT "
           f"{(e_ttft - b_ttft) * 1000:+.2f} ms")
     print(f"ratio c8 total / c1            {a_tps / e_tps:8.3f}x")
+    sizes = ", ".join(f"{rows}: {n}" for rows, n in sorted(engine.batching.sizes.items()))
+    print(f"batches started (rows: count)  {sizes}")
     return 0
 
 

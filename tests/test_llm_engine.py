@@ -17,6 +17,7 @@ import onnxruntime_genai as og
 import pytest
 
 from agent.errors import BundleError, CapacityError, InferenceError, NotFoundError
+from agent.llm.budget import KvBudget
 from agent.llm.embedding import OrtEmbeddingModel
 from agent.llm.engine import GenaiLanguageModel, Limits
 from agent.llm.load import load_embedding_model, load_language_model
@@ -332,6 +333,16 @@ def test_budget_waiters_are_served_in_order_and_a_cancelled_one_leaves() -> None
     assert budget.in_use == 90 and budget.peak == 90 and budget.sequences == 2
     with pytest.raises(CapacityError, match="more than the model's whole budget"):
         asyncio.run(budget.acquire(101, 1))
+
+
+def test_budget_extends_only_within_its_total_and_counts_no_sequence() -> None:
+    budget = KvBudget(100, "m")
+    asyncio.run(budget.acquire(60, 1))
+    assert budget.try_extend(40) and not budget.try_extend(1)
+    assert (budget.in_use, budget.sequences, budget.peak) == (100, 1, 100)
+    budget.release(40, 0)
+    budget.release(60)
+    assert (budget.in_use, budget.sequences) == (0, 0)
 
 
 def test_a_step_waiting_for_a_thread_when_the_model_closes_ends_the_stream_as_cancelled(

@@ -6,6 +6,11 @@ many clients ask at once.  A request that does not fit waits, first come first s
 bound, then is refused with :class:`~agent.errors.CapacityError` (HTTP 429 /
 ``RESOURCE_EXHAUSTED``): never an out-of-memory kill.
 
+Sequences decoded in one batch hold more than the sum of their own reservations (every row
+of the batch is as long as its longest prompt plus its largest ``max_tokens``); the batch
+takes the difference with :meth:`KvBudget.try_extend`, which never waits and never passes
+the total: a row whose padding does not fit waits for a later batch instead.
+
 The budget is shared by every event loop and thread of the process (tests run several loops;
 releases come from decode threads), so it is guarded by a lock and wakes waiters through
 their own loop.
@@ -75,6 +80,19 @@ class KvBudget:
             self._abandon(waiter)
             raise
 
+    def try_extend(self, tokens: int) -> bool:
+        """Reserve ``tokens`` more for sequences already counted, at once or not at all.
+
+        It does not queue behind waiting requests: a release grants those first (in
+        :meth:`release`), so this only takes room the head of the queue could not use yet.
+        """
+        with self._lock:
+            if self.in_use + tokens > self.total:
+                return False
+            self.in_use += tokens
+            self.peak = max(self.peak, self.in_use)
+            return True
+
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gave up: hand back what it was granted meanwhile, or leave the queue."""
         with self._lock:
@@ -86,11 +104,12 @@ class KvBudget:
         else:
             self._wake()  # a smaller request behind this one may fit now
 
-    def release(self, tokens: int) -> None:
-        """Give back a reservation (any thread)."""
+    def release(self, tokens: int, sequences: int = 1) -> None:
+        """Give back ``tokens`` held by ``sequences`` sequences (any thread); ``sequences=0``
+        for tokens taken by :meth:`try_extend`."""
         with self._lock:
             self.in_use -= tokens
-            self.sequences -= 1
+            self.sequences -= sequences
         self._wake()
 
     def _wake(self) -> None:

@@ -1,59 +1,59 @@
 """A decoder LLM served with onnxruntime-genai: the :class:`~agent.llm.types.LanguageModel`.
 
-Each request is one sequence with its own ``og.Generator`` (its KV cache).  Steps (the
-prompt's prefill, then one token each) run on the model's decode threads, never on the event
-loop; the caller gets an async stream of :class:`~agent.llm.types.Chunk`.  Before a sequence
-starts it reserves ``prompt + max_tokens`` tokens of the model's :class:`KvBudget`; the
-reservation and the generator are freed when the stream ends, is closed (``aclose``), or the
-task iterating it is cancelled, once the step then in flight (if any) has returned, since
-the decode thread still uses the generator until then.
+Requests are decoded in static batches (one ``og.Generator`` with ``batch_size`` N) by the
+model's :mod:`~agent.llm._batcher`: requests with equal search options that wait when a decode
+thread becomes free are decoded together, a seeded one alone.  Steps (the prefill, then one
+token for every row) run on the model's decode threads, never on the event loop; the caller
+gets an async stream of :class:`~agent.llm.types.Chunk`.  Before a request queues it reserves
+``prompt + max_tokens`` tokens of the model's :class:`KvBudget` (a batch reserves its padding
+on top); the stream ends at the row's stop string, end-of-text token, ``max_tokens`` or
+deadline, or when it is closed (``aclose``) or the task iterating it is cancelled; the batch
+then drops the row, and frees its generator and budget when no row is left.
 
 Prompts and completions are never logged: an error names the model and sizes, not text.
 
-Batching across sequences: onnxruntime-genai 0.11.2 has an experimental ``og.Engine`` /
-``og.Request`` scheduler that steps several sequences in one batch.  Tried on the tiny decoder
-(4 layers, hidden 512): eight greedy requests of equal prompt length took 0.41 s against 0.77 s
-one after another (1.9x), but two prompts of different lengths hung ``Engine.step`` (killed
-after 300 s); a sequence reaching its ``max_length`` while another still ran failed the KV
-concat (``{2,4,256,16}`` vs ``{2,4,257,16}``); and ``remove_request`` did not stop a sequence,
-so a client that leaves could not free its cache.  Static batching (one generator with
-``batch_size`` N) is 5x faster at 8 sequences in-process and decodes exactly the tokens of each
-prompt alone when the prompts are right-padded with the pad id, as ``Tokenizer.encode_batch``
-pads them (checked: 4 prompts of 1 to 12 tokens, 40 greedy tokens each); left padding is
-taken as real tokens.  Serving it needs a batcher (requests grouped by equal search options,
-a seeded request alone, the budget reserved for the padded batch, rows dropped by their
-client discarded until the batch ends): not built yet.  Until then, or until the runtime's
-scheduler takes mixed
-requests, concurrent sequences share the model through the decode threads, each with its own
-generator (ONNX Runtime runs their steps in parallel on the intra-op pool).
+Why static batches: onnxruntime-genai 0.11.2 has an experimental ``og.Engine`` / ``og.Request``
+scheduler (continuous batching).  Tried on the tiny decoder (4 layers, hidden 512): eight
+greedy requests of equal prompt length took 0.41 s against 0.77 s one after another (1.9x), but
+two prompts of different lengths hung ``Engine.step`` (killed after 300 s); a sequence reaching
+its ``max_length`` while another still ran failed the KV concat (``{2,4,256,16}`` vs
+``{2,4,257,16}``); and ``remove_request`` did not stop a sequence, so a client that leaves could
+not free its cache.  One generator with ``batch_size`` N is 5x faster at 8 sequences
+in-process and decodes exactly the tokens of each prompt alone when the prompts are
+right-padded with the pad id, as ``Tokenizer.encode_batch`` pads them (tests check it for
+mixed prompt lengths and ``max_tokens``); left padding is taken as real tokens.  The cost: a
+batch admits no row once started, and every row of it holds cache for the batch's longest
+prompt plus largest ``max_tokens``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime_genai as og
 
 from agent.errors import BundleError, InferenceError, NotFoundError
+from agent.llm._batcher import Batcher, BatchStats
 from agent.llm.budget import KvBudget
-from agent.llm.stops import StopScanner
-from agent.llm.types import Chunk, FinishReason, Message, ModelCard, Sampling
+from agent.llm.types import Chunk, Message, ModelCard, Sampling
 from agent.ort import CUDA, default_intra_op_threads, usable_providers
 
-__all__ = ["GenaiLanguageModel", "Limits", "open_genai_model"]
+__all__ = ["BatchStats", "GenaiLanguageModel", "Limits", "open_genai_model"]
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
+# Batches stepping at once.  One step already spreads over the intra-op threads, so more
+# generators in parallel mostly contend for them (one generator per request gave about 1.0x the
+# tokens/s of concurrency 1 at concurrency 8, bench/llm.py); two let one batch take its prefill
+# while another decodes, and keep requests waiting, to start together, when more arrive.
+DECODE_THREADS = 2
 # top_k goes to the runtime as a C int; no vocabulary comes near this, so above it is a mistake or an attack
 MAX_TOP_K = 1 << 20
 
@@ -66,8 +66,11 @@ class Limits:
     max_tokens: int  # completion tokens one request may ask for
     kv_budget_tokens: int  # tokens all sequences of the model hold at once
     queue_wait_s: float = 5.0  # how long a request waits for budget before CapacityError
+    max_batch: int = 8  # sequences decoded in one batch
 
     def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {self.max_batch}")
         if not 0 < self.max_tokens <= self.context_length <= self.kv_budget_tokens:
             raise ValueError(f"limits must satisfy 0 < max_tokens ({self.max_tokens}) <= "
                              f"context_length ({self.context_length}) <= kv_budget_tokens "
@@ -98,55 +101,6 @@ def open_genai_model(folder: Path, providers: Sequence[str] = (), intra_op_threa
         raise BundleError(f"{folder}: onnxruntime-genai cannot load the model: {exc}") from None
 
 
-class _ClosedError(Exception):
-    """The model was closed while a step of the sequence waited for a decode thread."""
-
-
-class _Sequence:
-    """One generation: its generator, detokeniser stream and budget reservation."""
-
-    def __init__(self, owner: GenaiLanguageModel, reserved: int) -> None:
-        self.owner = owner
-        self.reserved = reserved
-        self.generator: Any = None
-        self.stream: Any = None
-        self._step: concurrent.futures.Future[Any] | None = None
-        self._freed = False
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(self, *args)`` on a decode thread.
-
-        Raises:
-            NotFoundError: the model was unloaded before the step could be queued.
-            _ClosedError: the model was unloaded while the step waited for a thread.
-        """
-        try:
-            step = self._step = self.owner._pool.submit(fn, self, *args)
-        except RuntimeError:  # the pool was shut down: the model is being unloaded
-            raise NotFoundError(f"model {self.owner.card.name} was unloaded") from None
-        try:
-            return await asyncio.wrap_future(step)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if step.cancelled() and (task is None or not task.cancelling()):
-                raise _ClosedError from None  # close() dropped the queued step, nobody cancelled us
-            raise
-
-    def close(self) -> None:
-        """Free the generator and the reservation once no step is running on it."""
-        if self._step is None:
-            self._free()
-        else:  # runs at once when the step is done (or never started)
-            self._step.add_done_callback(lambda _: self._free())
-
-    def _free(self) -> None:
-        if self._freed:
-            return
-        self._freed = True
-        self.generator = self.stream = None
-        self.owner.budget.release(self.reserved)
-
-
 class GenaiLanguageModel:
     """A :class:`~agent.llm.types.LanguageModel` over an onnxruntime-genai model folder."""
 
@@ -155,22 +109,27 @@ class GenaiLanguageModel:
         self.limits = limits
         self._model = model
         self._tokenizer = og.Tokenizer(model)
-        self._eos = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         self.budget = KvBudget(limits.kv_budget_tokens, card.name)
-        workers = decode_threads or max(2, default_intra_op_threads())
-        self._closed = False
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"llm-{card.name}")
+        self._batcher = Batcher(model, self._tokenizer, self.budget, name=card.name,
+                                context_length=limits.context_length, max_batch=limits.max_batch,
+                                workers=decode_threads or DECODE_THREADS)
+        self._pool = self._batcher.pool  # the decode threads
+
+    @property
+    def batching(self) -> BatchStats:
+        """Batches started so far, by size, and the cache their generators hold."""
+        return self._batcher.stats
 
     @property
     def active_sequences(self) -> int:
-        """Sequences holding a generator (and budget) now."""
+        """Sequences holding KV budget now: their stream has not ended, or their batch's
+        generator still holds their cache."""
         return self.budget.sequences
 
     def close(self) -> None:
-        """Stop taking steps: streams in flight end after their current step, with
-        ``finish_reason="cancelled"``; new requests are refused."""
-        self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop taking steps: streams in flight end with ``finish_reason="cancelled"`` (those
+        of a batch in a step, after it); new requests are refused."""
+        self._batcher.close()
 
     # ------------------------------------------------------------------ prompts
 
@@ -199,12 +158,12 @@ class GenaiLanguageModel:
             InferenceError: the prompt does not fit.
         """
         ids = self.encode(prompt)
-        options = _search_options(Sampling(temperature=0), len(ids) + self._max_new(len(ids), max_new))
-        seq = _Sequence(self, 0)
-        self._prefill(seq, ids, options)
+        new = self._max_new(len(ids), max_new)
+        generator = self._batcher.generator([ids], _search_options(Sampling(temperature=0)), new)
         out = []
-        while not seq.generator.is_done():
-            out.append(self._next(seq)[0])
+        while not generator.is_done():
+            generator.generate_next_token()
+            out.append(int(generator.get_next_tokens()[0]))
         return out
 
     # ------------------------------------------------------------------ generation
@@ -214,13 +173,12 @@ class GenaiLanguageModel:
         """See :class:`~agent.llm.types.LanguageModel`.  A request the model cannot take
         raises ``InferenceError`` here, before any stream exists; ``CapacityError`` comes from
         the stream's first step (after the bounded wait for budget)."""
-        if self._closed:
+        if self._batcher.closed:
             raise NotFoundError(f"model {self.card.name} was unloaded")
         _check_sampling(self.card.name, sampling)
         ids = self.encode(prompt)
         new = self._max_new(len(ids), sampling.max_tokens)
-        options = _search_options(sampling, len(ids) + new)
-        return self._stream(ids, new, options, sampling.stop, deadline)
+        return self._stream(ids, new, _search_options(sampling), sampling.stop, deadline)
 
     def _max_new(self, prompt_tokens: int, asked: int | None) -> int:
         lim, name = self.limits, self.card.name
@@ -243,56 +201,18 @@ class GenaiLanguageModel:
                       deadline: float | None) -> AsyncIterator[Chunk]:
         asked = time.monotonic()
         await self.budget.acquire(len(ids) + new, self.limits.queue_wait_s)
-        queued = time.monotonic() - asked
-        seq = _Sequence(self, len(ids) + new)
+        row = self._batcher.row(ids, new, options, stops, deadline=deadline, asked=asked)
         try:
-            try:
-                await seq.run(self._prefill, ids, options)
-            except _ClosedError:
-                yield Chunk("", (), "cancelled", len(ids), 0, queued)
-                return
-            scanner = StopScanner(stops)
-            held: list[int] = []  # token ids not yet sent in a chunk
-            count = 0
-            finish: FinishReason
+            self._batcher.join(row)
+            sent = 0  # tokens the caller has had
             while True:
-                if self._closed or (deadline is not None and time.monotonic() >= deadline):
-                    finish, tail = "cancelled", scanner.flush()
-                    break
-                try:
-                    token, piece, done = await seq.run(self._next)
-                except _ClosedError:
-                    finish, tail = "cancelled", scanner.flush()
-                    break
-                count += 1
-                held.append(token)
-                text, hit = scanner.feed(piece)
-                if hit:
-                    finish, tail = "stop", text
-                    break
-                if done:
-                    finish, tail = ("stop" if token in self._eos else "length"), text + scanner.flush()
-                    break
-                if text:
-                    yield Chunk(text, tuple(held), queue_s=queued)
-                    held = []
-            yield Chunk(tail, tuple(held), finish, len(ids), count, queued)
+                chunk = await self._batcher.next_chunk(row, sent)
+                sent += len(chunk.token_ids)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
         finally:
-            seq.close()
-
-    def _prefill(self, seq: _Sequence, ids: list[int], options: dict[str, Any]) -> None:
-        params = og.GeneratorParams(self._model)
-        params.set_search_options(**options)
-        seq.generator = og.Generator(self._model, params)
-        seq.stream = self._tokenizer.create_stream()
-        seq.generator.append_tokens(np.asarray(ids, dtype=np.int32))
-
-    @staticmethod
-    def _next(seq: _Sequence) -> tuple[int, str, bool]:
-        gen = seq.generator
-        gen.generate_next_token()
-        token = int(gen.get_next_tokens()[0])
-        return token, str(seq.stream.decode(token)), bool(gen.is_done())
+            await self._batcher.leave(row)
 
 
 def _check_sampling(name: str, s: Sampling) -> None:
@@ -310,11 +230,11 @@ def _check_sampling(name: str, s: Sampling) -> None:
                              f"most {MAX_STOP_CHARS} characters")
 
 
-def _search_options(s: Sampling, max_length: int) -> dict[str, Any]:
-    """onnxruntime-genai search options for ``s`` (``max_length`` counts the prompt too)."""
+def _search_options(s: Sampling) -> dict[str, Any]:
+    """onnxruntime-genai search options for ``s``, but ``max_length`` (set per batch)."""
     if s.temperature == 0 or s.top_k == 1:
-        return {"max_length": max_length, "do_sample": False}
-    options: dict[str, Any] = {"max_length": max_length, "do_sample": True,
+        return {"do_sample": False}
+    options: dict[str, Any] = {"do_sample": True,
                                "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
     if s.seed is not None:
         options["random_seed"] = s.seed & 0x7FFFFFFF  # the runtime's seed is a 31-bit int
