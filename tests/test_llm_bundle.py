@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from agent.config import InferenceSection
 from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.inference.repository import ModelRepository
 from agent.inference.store import ModelStore
-from agent.llm.bundle import MAX_CONTEXT, read_gen_manifest, verify_bundle
+from agent.llm.bundle import MAX_CONTEXT, extract_bundle_hashed, read_gen_manifest, verify_bundle
 from agent.llm.types import Sampling
 from provisioning.demo.llm_models import write_decoder, write_encoder
 from provisioning.genbundle import create_generative_bundle
@@ -183,6 +184,39 @@ def test_link_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
     _refused(bundle, tmp_path / "state", BundleError, "'model/zz' is not a regular file")
 
 
+def test_sparse_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    """A sparse member's content is not the bytes stored at its offset: only plain files."""
+    out = tmp_path / "b"
+    with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in _members(llm_bundle):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if name == "model/tokenizer.json":
+                info.type = tarfile.GNUTYPE_SPARSE
+            tar.addfile(info, io.BytesIO(data))
+    _refused(out, tmp_path / "state", BundleError, "'model/tokenizer.json' is not a regular file")
+
+
+def test_a_header_with_a_negative_size_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    """A GNU long-name header whose size field (base-256) is negative: tarfile asks for a
+    negative read, which is refused as a malformed bundle, not as an internal error."""
+    out = tmp_path / "b"
+    members = _members(llm_bundle)
+    with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, content in [members[0], ("model/" + "x" * 120, b"abc")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    data = bytearray(out.read_bytes())
+    header = 512 + (len(members[0][1]) + 511) // 512 * 512  # the long-name header, after the manifest
+    assert data[header + 156:header + 157] == tarfile.GNUTYPE_LONGNAME
+    data[header + 124:header + 136] = (-(1 << 20)).to_bytes(12, "big", signed=True)
+    data[header + 148:header + 156] = b" " * 8
+    data[header + 148:header + 156] = b"%06o\0 " % sum(data[header:header + 512])
+    out.write_bytes(bytes(data))
+    _refused(out, tmp_path / "state", BundleError, "not a generative bundle.*bounded")
+
+
 def test_path_outside_the_folder_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
     def edit(m: dict[str, Any]) -> None:
         m["files"]["../../etc/cron.d/x"] = m["files"].pop("tokenizer.json")
@@ -342,3 +376,91 @@ def test_a_manifest_changed_between_reads_is_refused(folders: tuple[Path, Path],
     with pytest.raises(VerificationError, match="the manifest changed while it was read"):
         _repo(state).install(target)
     assert _store_files(state) == []
+
+
+# ---------------------------------------------------------------- a bundle bigger than the read buffers
+
+@pytest.fixture(scope="module")
+def big_bundle(folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny decoder with a 20 MiB weight file: the one-pass reader's 4 MiB buffers wrap
+    around its ring of 4, and members start and end inside buffers."""
+    root = tmp_path_factory.mktemp("big")
+    folder = shutil.copytree(folders[0], root / "llm")
+    (folder / "extra-weights.bin").write_bytes(random.Random(15).randbytes(20 << 20))
+    out = root / "big.bundle"
+    create_generative_bundle(folder, out, kind="llm", name="big-llm", version="1.0.0", **LIMITS)
+    return out
+
+
+def _layout(bundle: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(bundle) as tar:
+        return {info.name: info for info in tar.getmembers()}
+
+
+def _changed(bundle: Path, out: Path, offset: int, value: int | None = None) -> Path:
+    data = bytearray(bundle.read_bytes())
+    data[offset] = data[offset] ^ 1 if value is None else value
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_big_bundle_unpacks_to_its_bytes_with_the_file_hash(big_bundle: Path, tmp_path: Path) -> None:
+    data = big_bundle.read_bytes()
+    walked = extract_bundle_hashed(big_bundle, tmp_path)
+    assert (walked.sha256, walked.length) == (hashlib.sha256(data).hexdigest(), len(data))
+    for name, info in _layout(big_bundle).items():
+        if name.startswith("model/"):
+            written = (tmp_path / name.removeprefix("model/")).read_bytes()
+            assert written == data[info.offset_data:info.offset_data + info.size]
+
+
+@pytest.mark.parametrize("where", ["first", "at 4 MiB", "after the ring wrapped", "last"])
+def test_a_byte_changed_in_a_big_member_is_refused(big_bundle: Path, tmp_path: Path, where: str) -> None:
+    info = _layout(big_bundle)["model/extra-weights.bin"]
+    start, end = info.offset_data, info.offset_data + info.size
+    offset = {"first": start, "at 4 MiB": 4 << 20, "after the ring wrapped": (16 << 20) + 4097,
+              "last": end - 1}[where]
+    assert start <= offset < end
+    _refused(_changed(big_bundle, tmp_path / "b", offset), tmp_path / "state", VerificationError,
+             r"b:model/extra-weights\.bin: sha256 [0-9a-f]{64} does not match the manifest's")
+
+
+def test_a_byte_changed_in_the_padding_changes_the_file_hash(big_bundle: Path, tmp_path: Path) -> None:
+    """Padding is in no member: only the whole file's sha256 (the TUF target) covers it, so the
+    one pass must hash the bytes it skips."""
+    info = next(i for n, i in _layout(big_bundle).items() if n.startswith("model/") and i.size % 512)
+    changed = _changed(big_bundle, tmp_path / "b", info.offset_data + info.size, 1)
+    (tmp_path / "x").mkdir()
+    walked = extract_bundle_hashed(changed, tmp_path / "x")
+    assert walked.sha256 == hashlib.sha256(changed.read_bytes()).hexdigest()
+    assert walked.sha256 != hashlib.sha256(big_bundle.read_bytes()).hexdigest()
+
+
+def test_a_byte_changed_in_the_manifest_is_refused(big_bundle: Path, tmp_path: Path) -> None:
+    """One hex digit of a member's hash in the manifest (same length, same layout)."""
+    data = big_bundle.read_bytes()
+    want = read_gen_manifest(big_bundle).files["extra-weights.bin"].sha256
+    offset = data.index(want.encode()) + 10
+    value = ord("0") if data[offset] != ord("0") else ord("1")
+    _refused(_changed(big_bundle, tmp_path / "b", offset, value), tmp_path / "state", VerificationError,
+             rf"b:model/extra-weights\.bin: sha256 {want} does not match the manifest's")
+
+
+@pytest.mark.parametrize("cut", [4 << 20, 16 << 20, (16 << 20) + 1])
+def test_a_big_bundle_cut_inside_a_member_is_refused(big_bundle: Path, tmp_path: Path, cut: int) -> None:
+    cut_file = tmp_path / "cut.bundle"
+    cut_file.write_bytes(big_bundle.read_bytes()[:cut])
+    start = _layout(big_bundle)["model/extra-weights.bin"].offset_data
+    _refused(cut_file, tmp_path / "state", VerificationError,
+             rf"cut\.bundle:model/extra-weights\.bin: {cut - start} bytes, the manifest declares")
+
+
+def test_a_big_bundle_cut_in_its_end_blocks_has_the_hash_of_what_is_left(big_bundle: Path,
+                                                                        tmp_path: Path) -> None:
+    """Every member is whole, so the members pass; the file's sha256 and length are those of
+    the cut file, which the signed target then refuses."""
+    data = big_bundle.read_bytes()
+    cut_file = tmp_path / "cut.bundle"
+    cut_file.write_bytes(data[:-1])
+    walked = extract_bundle_hashed(cut_file, tmp_path)
+    assert (walked.sha256, walked.length) == (hashlib.sha256(data[:-1]).hexdigest(), len(data) - 1)
