@@ -290,6 +290,11 @@ def test_cli_creates_inspects_and_verifies(folders: tuple[Path, Path], tmp_path:
     assert [g["prompt"] for g in manifest["golden"]] == ["The quick brown fox"]
     checked = cli("bundle", "verify", out)
     assert checked.code == 0 and "golden check reproduces" in checked.out
+    file = {"sha256": hashlib.sha256(out.read_bytes()).hexdigest(), "length": out.stat().st_size}
+    for command in ("inspect", "verify"):  # the file's hash from the read that checked the members
+        shown = cli("bundle", command, out, "--json")
+        assert shown.code == 0, shown.err
+        assert {k: json.loads(shown.out)[k] for k in file} == file
     wrong = cli("bundle", "create-embedding", folders[0], "--name", "x", "--version", "1", "--out",
                 tmp_path / "x.bundle")
     assert wrong.code != 0 and "genai_config.json" in wrong.err

@@ -37,7 +37,7 @@ from agent.modelrefs import safe_member_name
 
 __all__ = ["GEN_FORMAT", "GenManifest", "GoldenEmbedding", "GoldenPrompt", "LlmLimits", "Walked",
            "extract_bundle", "extract_bundle_hashed", "is_generative_bundle", "read_gen_manifest",
-           "verify_bundle", "write_bundle"]
+           "verify_bundle", "verify_bundle_hashed", "write_bundle"]
 
 GEN_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -408,6 +408,16 @@ def verify_bundle(path: Path) -> GenManifest:
         NotFoundError, BundleError, VerificationError.
     """
     return _walk(path, None).manifest
+
+
+def verify_bundle_hashed(path: Path) -> Walked:
+    """:func:`verify_bundle`, also returning the sha256 and length of the file taken from the
+    same single read.
+
+    Raises:
+        NotFoundError, BundleError, VerificationError.
+    """
+    return _walk(path, None)
 
 
 def extract_bundle(path: Path, dest: Path) -> GenManifest:
