@@ -597,7 +597,8 @@ def _walk_members(tar: tarfile.TarFile, reader: OnePassReader, path: Path, dest:
         with (dest / info.name).open("wb") as out:
             reader.copy_part(entry.length, out, entry.sha256, where=where, against="the manifest")
     if tuple(seen) != MEMBERS or manifest is None:
-        raise BundleError(f"{path}: not a model bundle: members {seen}, expected {list(MEMBERS)}")
+        raise BundleError(f"{path}: not a model bundle: members {[n[:80] for n in seen]}, "
+                          f"expected {list(MEMBERS)}")
     return manifest
 
 

@@ -189,7 +189,7 @@ class OnePassReader:
 
     :meth:`seek` goes forward (the bytes skipped are read and hashed on the way) or back within
     the buffer in hand (tarfile's end-of-data probe re-reads one byte), never further back.
-    Memory: ``depth`` buffers of ``piece`` bytes.
+    Memory: ``depth`` buffers of ``piece`` bytes, and no read larger than one.
     """
 
     def __init__(self, raw: io.RawIOBase, piece: int = 4 << 20, depth: int = 4) -> None:
@@ -255,14 +255,16 @@ class OnePassReader:
         return self._pos
 
     def read(self, size: int = -1, /) -> bytes:
-        """Up to ``size`` bytes (a copy); fewer only at the end of the file.
+        """Up to ``size`` bytes (a copy); fewer only at the end of the file.  Reads are for
+        headers: bulk bytes go through :meth:`copy_part`.
 
         Raises:
-            io.UnsupportedOperation: ``size`` is negative (reads here are bounded; tarfile asks
-                for a negative size when a header declares one).
+            io.UnsupportedOperation: ``size`` is negative or larger than a buffer (tarfile asks
+                for what a header declares, and memory stays bounded whatever that is).
         """
-        if size < 0:
-            raise io.UnsupportedOperation(f"a read of {size} bytes: reads here are bounded")
+        if not 0 <= size <= len(self._ring[0]):
+            raise io.UnsupportedOperation(f"a read of {size} bytes: reads here are bounded "
+                                          f"(0..{len(self._ring[0])})")
         parts = []
         while size > 0 and (view := self._available()):
             part = view[:size]

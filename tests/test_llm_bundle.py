@@ -140,6 +140,12 @@ def _write(out: Path, members: list[tuple[str, bytes]], link: str | None = None)
     return out
 
 
+def _info(name: str, data: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info
+
+
 def _edit(bundle: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
     members = _members(bundle)
     manifest = json.loads(members[0][1])
@@ -215,6 +221,24 @@ def test_a_header_with_a_negative_size_is_refused(llm_bundle: Path, tmp_path: Pa
     data[header + 148:header + 156] = b"%06o\0 " % sum(data[header:header + 512])
     out.write_bytes(bytes(data))
     _refused(out, tmp_path / "state", BundleError, "not a generative bundle.*bounded")
+
+
+def test_a_pax_header_declaring_gigabytes_is_refused_unread(llm_bundle: Path, tmp_path: Path) -> None:
+    """tarfile reads a pax header's records whole: one declaring 1 GiB (8 MiB of it present)
+    is refused before any of it is read into memory."""
+    members = _members(llm_bundle)
+    out = tmp_path / "b"
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(_info("manifest.json", members[0][1]),
+                    io.BytesIO(members[0][1]))
+    data = bytearray(out.read_bytes()[:512 + (len(members[0][1]) + 511) // 512 * 512])  # no end blocks
+    header = bytearray(_info("././@PaxHeader", b"").tobuf(tarfile.USTAR_FORMAT))
+    header[156:157] = tarfile.XHDTYPE
+    header[124:136] = b"%011o\0" % (1 << 30)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    out.write_bytes(bytes(data + header) + b"1 x\n" * (2 << 20))
+    _refused(out, tmp_path / "state", BundleError, r"a read of 1073741824 bytes: reads here are bounded")
 
 
 def test_path_outside_the_folder_is_refused(llm_bundle: Path, tmp_path: Path) -> None:

@@ -87,8 +87,9 @@ def test_a_seek_back_within_the_buffer_in_hand_rereads_without_hashing_twice(
             reader.seek(100)  # in a buffer already given back to the ring
         with pytest.raises(io.UnsupportedOperation):
             reader.seek(0, io.SEEK_END)
-        with pytest.raises(io.UnsupportedOperation, match="bounded"):
-            reader.read(-512)
+        for size in (-512, PIECE + 1):
+            with pytest.raises(io.UnsupportedOperation, match="bounded"):
+                reader.read(size)
         assert reader.seek(len(data) + 50) == len(data)  # past the end: reads give nothing
         assert reader.read(512) == b""
         assert reader.finish() == (_sha(data), len(data))
