@@ -25,7 +25,7 @@ from typing import IO, Protocol
 from agent.errors import VerificationError
 
 __all__ = ["OnePassReader", "atomic_write", "atomic_write_bytes", "atomic_write_text", "copy_verified",
-           "file_sha256", "fsync_dir", "stream_sha256"]
+           "file_sha256", "fsync_dir", "fsync_tree", "stream_sha256"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -35,6 +35,24 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every regular file and directory under ``root`` (links are not followed): a
+    directory renamed into place afterwards then holds its files' bytes across a power cut."""
+    for top, dirs, files in os.walk(root):
+        for name in files:
+            path = Path(top) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in dirs:
+            fsync_dir(Path(top) / name)
+    fsync_dir(root)
 
 
 @contextlib.contextmanager

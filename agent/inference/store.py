@@ -54,7 +54,7 @@ from agent.bundle import (
     valid_name,
 )
 from agent.errors import BundleError, NotFoundError, VerificationError
-from agent.fsutil import atomic_write_text, file_sha256, fsync_dir
+from agent.fsutil import atomic_write_text, file_sha256, fsync_dir, fsync_tree
 from agent.llm.bundle import (
     GenManifest,
     Walked,
@@ -292,6 +292,7 @@ class ModelStore:
             record = {"name": m.name, "version": m.version, "sha256": staged.sha256,
                       "length": staged.length, "installed_at": time.time(), "verified": True,
                       "source": staged.source}
+            fsync_tree(staged.tmp)  # the members on disk before the record and the rename
             atomic_write_text(staged.tmp / INSTALL_RECORD, json.dumps(record, sort_keys=True) + "\n")
             staged.tmp.rename(final)
             fsync_dir(final.parent)
@@ -330,6 +331,7 @@ class ModelStore:
             record = {"name": m.name, "version": m.version, "sha256": walked.sha256, "kind": m.kind,
                       "length": walked.length, "installed_at": installed_at,
                       "verified": True, "source": str(bundle_path)}
+            fsync_tree(tmp)  # the members on disk before the record and the rename
             atomic_write_text(tmp / INSTALL_RECORD, json.dumps(record, sort_keys=True) + "\n")
             tmp.rename(final)
             fsync_dir(final.parent)
