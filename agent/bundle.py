@@ -8,8 +8,10 @@ mtime 0, so the same inputs always give the same bytes)::
     golden.json     golden vectors: inputs, expected outputs (tolerances in the manifest)
 
 The manifest lists the sha256 and length of the other two members.  Reading a bundle checks
-the archive's shape, parses the manifest in one pass (errors name the file, the field and the
-value) and checks every member against its hash and length while it streams.
+the archive's shape, parses the manifest (errors name the file, the field and the value) and
+checks every member against its hash and length while it streams, in one read of the file
+that also takes the sha256 of the whole file (:class:`agent.fsutil.OnePassReader`): the hash
+recorded for an install is that of the bytes checked and unpacked.
 A bundle reaching a node has already passed TUF verification as a whole file; these checks
 are the second, independent layer and the only one for ``appliance bundle verify``.
 """
@@ -31,8 +33,8 @@ from typing import IO, Any
 import numpy as np
 
 from agent.dtypes import by_kserve
-from agent.errors import BundleError, VerificationError
-from agent.fsutil import copy_verified, file_sha256
+from agent.errors import BundleError, NotFoundError, VerificationError
+from agent.fsutil import OnePassReader, copy_verified
 
 __all__ = [
     "FORMAT",
@@ -50,8 +52,10 @@ __all__ = [
     "check_golden",
     "decode_golden",
     "encode_golden",
+    "extract_bundle",
     "parse_version",
     "read_bundle",
+    "read_manifest",
     "tar_entry",
     "valid_name",
     "write_bundle",
@@ -475,15 +479,17 @@ class Bundle:
         return decode_golden(_read_member(self.path, GOLDEN, self.manifest.files[GOLDEN]))
 
     def extract(self, dest: Path) -> None:
-        """Write manifest.json, model.onnx and golden.json into ``dest`` (re-checking hashes)."""
-        dest.mkdir(parents=True, exist_ok=True)
-        (dest / MANIFEST).write_bytes(self.manifest.canonical())
-        for member in (MODEL, GOLDEN):
-            entry = self.manifest.files[member]
-            with tarfile.open(self.path, mode="r:") as tar, (dest / member).open("wb") as out:
-                src = tar.extractfile(member)
-                assert src is not None
-                _copy_checked(src, out, entry, f"{self.path.name}:{member}")
+        """Write manifest.json, model.onnx and golden.json into ``dest``, reading the file once
+        more (every member re-checked).
+
+        Raises:
+            BundleError, VerificationError: the file no longer holds this bundle; ``dest`` may
+                hold part of it (the caller discards it).
+        """
+        again = extract_bundle(self.path, dest)
+        if (again.sha256, again.length) != (self.sha256, self.length):
+            raise VerificationError(f"{self.path}: changed since it was checked (sha256 {self.sha256} "
+                                    f"then {again.sha256})")
 
 
 def _copy_checked(src: IO[bytes], out: IO[bytes] | None, entry: FileEntry, where: str) -> None:
@@ -501,46 +507,108 @@ def _read_member(path: Path, member: str, entry: FileEntry) -> bytes:
 
 
 def read_bundle(path: Path) -> Bundle:
-    """Open and check a bundle file.
+    """Open and check a bundle file: its shape, its manifest, each member against the manifest
+    and the sha256 of the whole file, all from one read of it.
 
     Raises:
         NotFoundError: the file does not exist.
         BundleError: not a bundle, or a malformed manifest.
         VerificationError: a member's length or sha256 differs from the manifest.
     """
-    from agent.errors import NotFoundError
+    return _walk(Path(path), None)
 
+
+def extract_bundle(path: Path, dest: Path) -> Bundle:
+    """:func:`read_bundle`, writing manifest.json, model.onnx and golden.json into ``dest``
+    (created if missing) in the same read: the file's sha256, the manifest and the members
+    written all come from the same bytes.
+
+    Raises:
+        As :func:`read_bundle`; ``dest`` may then hold part of the members (the caller
+        discards it).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    bundle = _walk(Path(path), dest)
+    (dest / MANIFEST).write_bytes(bundle.manifest.canonical())
+    return bundle
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Only the manifest of a bundle file (the archive's first member), to know where it goes;
+    the members are not checked.
+
+    Raises:
+        NotFoundError, BundleError.
+    """
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such bundle file")
-    whole = file_sha256(path, _CHUNK)
-    length = path.stat().st_size
     try:
         with tarfile.open(path, mode="r:") as tar:
-            members = tar.getmembers()
-            names = tuple(m.name for m in members)
-            if names != MEMBERS:
-                raise BundleError(f"{path}: not a model bundle: members {list(names)}, "
-                                  f"expected {list(MEMBERS)}")
-            for m in members:
-                if not m.isreg():
-                    raise BundleError(f"{path}: member {m.name} is not a regular file")
-            if members[0].size > MAX_MANIFEST:
-                raise BundleError(f"{path}: manifest.json is {members[0].size} bytes "
-                                  f"(limit {MAX_MANIFEST})")
-            src = tar.extractfile(members[0])
-            assert src is not None
-            manifest = _parse_manifest(src.read(), f"{path}: manifest.json")
-            for m in members[1:]:
-                entry = manifest.files[m.name]
-                if m.size != entry.length:
-                    raise VerificationError(f"{path.name}:{m.name}: {m.size} bytes, manifest "
-                                            f"declares {entry.length}")
-                src = tar.extractfile(m)
-                assert src is not None
-                _copy_checked(src, None, entry, f"{path.name}:{m.name}")
+            first = tar.next()
+            if first is None or first.name != MANIFEST or first.type not in (tarfile.REGTYPE,
+                                                                              tarfile.AREGTYPE):
+                raise BundleError(f"{path}: not a model bundle: the first member must be {MANIFEST}")
+            return _read_manifest(tar, first, path)
     except tarfile.TarError as exc:
         raise BundleError(f"{path}: not a model bundle (unreadable archive: {exc})") from None
+
+
+def _walk(path: Path, dest: Path | None) -> Bundle:
+    """One read of a bundle file through :class:`OnePassReader`: tarfile parses the headers
+    from its buffers, members are hashed (and written into ``dest``) from the same buffers,
+    and the whole file is hashed on the way."""
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such bundle file")
+    try:
+        with path.open("rb", buffering=0) as raw, OnePassReader(raw) as reader:
+            with tarfile.open(fileobj=reader, mode="r:") as tar:  # type: ignore[call-overload]
+                manifest = _walk_members(tar, reader, path, dest)
+            sha256, length = reader.finish()
+    except tarfile.TarError as exc:
+        raise BundleError(f"{path}: not a model bundle (unreadable archive: {exc})") from None
+    except io.UnsupportedOperation as exc:  # a negative size, an offset behind what was read
+        raise BundleError(f"{path}: not a model bundle ({exc})") from None
+    return Bundle(path, manifest, sha256, length)
+
+
+def _walk_members(tar: tarfile.TarFile, reader: OnePassReader, path: Path, dest: Path | None) -> Manifest:
+    seen: list[str] = []
+    manifest: Manifest | None = None
+    for info in iter(tar.next, None):
+        seen.append(info.name)
+        if tuple(seen) != MEMBERS[:len(seen)]:
+            break
+        # Plain files only: a sparse member's bytes are not the stored bytes at its offset.
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None:
+            raise BundleError(f"{path}: member {info.name} is not a regular file")
+        if manifest is None:
+            manifest = _read_manifest(tar, info, path)
+            continue
+        entry = manifest.files[info.name]
+        if info.size != entry.length:
+            raise VerificationError(f"{path.name}:{info.name}: {info.size} bytes, manifest "
+                                    f"declares {entry.length}")
+        reader.seek(info.offset_data)  # the member's bytes, straight from the reader's buffers
+        where = f"{path.name}:{info.name}"
+        if dest is None:
+            reader.copy_part(entry.length, None, entry.sha256, where=where, against="the manifest")
+            continue
+        with (dest / info.name).open("wb") as out:
+            reader.copy_part(entry.length, out, entry.sha256, where=where, against="the manifest")
+    if tuple(seen) != MEMBERS or manifest is None:
+        raise BundleError(f"{path}: not a model bundle: members {[n[:80] for n in seen]}, "
+                          f"expected {list(MEMBERS)}")
+    return manifest
+
+
+def _read_manifest(tar: tarfile.TarFile, info: tarfile.TarInfo, path: Path) -> Manifest:
+    if info.size > MAX_MANIFEST:
+        raise BundleError(f"{path}: manifest.json is {info.size} bytes (limit {MAX_MANIFEST})")
+    src = tar.extractfile(info)
+    assert src is not None
+    manifest = _parse_manifest(src.read(), f"{path}: manifest.json")
+    # before any member is read: a declared size over the limit is refused without hashing it
     if manifest.files[GOLDEN].length > MAX_GOLDEN or manifest.files[MODEL].length > MAX_MODEL:
         raise BundleError(f"{path}: golden vectors or model over the size limit")
-    return Bundle(path, manifest, whole, length)
+    return manifest

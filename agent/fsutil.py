@@ -3,23 +3,29 @@
 Atomic writes: temp file in the same directory, fsync, ``os.replace``, fsync the dir; a reader
 sees the old file or the new one, never a torn one, even across a power cut.  A verified copy
 (:func:`copy_verified`) hashes the very bytes it writes and never reads past the declared
-length, so what was checked is what was written.
+length, so what was checked is what was written.  :class:`OnePassReader` does the same for
+the parts of a file read once: the whole file's sha256 and each part's sha256 come from the
+one buffer that is parsed and written, each digest on a thread of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import queue
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Protocol
 
 from agent.errors import VerificationError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "copy_verified", "file_sha256",
-           "fsync_dir", "stream_sha256"]
+__all__ = ["OnePassReader", "atomic_write", "atomic_write_bytes", "atomic_write_text", "copy_verified",
+           "file_sha256", "fsync_dir", "fsync_tree", "stream_sha256"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,6 +35,24 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every regular file and directory under ``root`` (links are not followed): a
+    directory renamed into place afterwards then holds its files' bytes across a power cut."""
+    for top, dirs, files in os.walk(root):
+        for name in files:
+            path = Path(top) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in dirs:
+            fsync_dir(Path(top) / name)
+    fsync_dir(root)
 
 
 @contextlib.contextmanager
@@ -119,3 +143,184 @@ def file_sha256(path: Path, block: int = 4 << 20,
     """Hex sha256 of a file's bytes (see :func:`stream_sha256`)."""
     with path.open("rb") as f:
         return stream_sha256(f, block, progress)[0]
+
+
+class _Digester:
+    """A sha256 fed in order on a thread of its own: hashlib releases the GIL while it hashes a
+    buffer of more than 2 KiB, so two digests of the same bytes, and the write of them, run on
+    separate cores.  A buffer fed here must not change until :meth:`wait` for the number
+    :meth:`feed` gave it has returned."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._todo: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._fed = 0
+        self._done = 0  # buffers hashed, in the order fed
+        self._stopped = False
+        self._failure: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (data := self._todo.get()) is not None:
+                self._sha.update(data)
+                with self._cond:
+                    self._done += 1
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that asks for the digest
+            self._failure = exc
+        finally:
+            with self._cond:
+                self._stopped = True
+                self._cond.notify_all()
+
+    def feed(self, data: memoryview) -> int:
+        self._fed += 1
+        self._todo.put(data)
+        return self._fed
+
+    def wait(self, fed: int) -> None:
+        """Return once the ``fed``-th buffer has been hashed (or the thread has stopped)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._done >= fed or self._stopped)
+
+    def close(self) -> None:
+        """Let the thread hash what it was fed, and end it."""
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._failure is not None:
+            raise self._failure
+        return self._sha.hexdigest()
+
+
+class OnePassReader:
+    """A file read once, front to back, through a ring of buffers: every buffer is hashed (the
+    sha256 of the whole file) on a thread of its own, and the same bytes are what :meth:`read`
+    hands out (to a parser such as tarfile) and what :meth:`copy_part` checks and writes.  No
+    byte is read twice, so no digest can come from bytes other than those used.
+
+    :meth:`seek` goes forward (the bytes skipped are read and hashed on the way) or back within
+    the buffer in hand (tarfile's end-of-data probe re-reads one byte), never further back.
+    Memory: ``depth`` buffers of ``piece`` bytes, and no read larger than one.
+    """
+
+    def __init__(self, raw: io.RawIOBase, piece: int = 4 << 20, depth: int = 4) -> None:
+        self._raw = raw
+        self._ring = [memoryview(bytearray(piece)) for _ in range(depth)]
+        # Per buffer: the digests that still may read it, and up to which item.
+        self._users: list[list[tuple[_Digester, int]]] = [[] for _ in range(depth)]
+        self._slot = depth - 1  # the buffer in hand
+        self._whole = _Digester()
+        self._view = memoryview(b"")  # the bytes of the buffer in hand
+        self._start = 0  # file offset of _view[0]
+        self._pos = 0  # file offset of the next byte handed out
+
+    def __enter__(self) -> OnePassReader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._whole.close()
+
+    def _end(self) -> int:
+        return self._start + len(self._view)
+
+    def _advance(self) -> bool:
+        """Read the next buffer's worth of the file; False at the end of the file."""
+        slot = (self._slot + 1) % len(self._ring)
+        for digester, fed in self._users[slot]:  # no digest may see this buffer change
+            digester.wait(fed)
+        buf = self._ring[slot]
+        n = 0
+        while n < len(buf) and (got := self._raw.readinto(buf[n:])):
+            n += got
+        if not n:  # the buffer in hand stays, for a seek back within it
+            return False
+        self._start, self._view, self._slot = self._end(), buf[:n], slot
+        self._users[slot] = [(self._whole, self._whole.feed(self._view))]
+        return True
+
+    def _available(self) -> memoryview:
+        """The bytes from the current position to the end of the buffer in hand (reading the
+        next buffer when that is empty); empty at the end of the file."""
+        if self._pos == self._end() and not self._advance():
+            return self._view[:0]
+        return self._view[self._pos - self._start:]
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Raises:
+            io.UnsupportedOperation: a relative seek, or a seek back before the buffer in hand.
+        """
+        if whence != os.SEEK_SET:
+            raise io.UnsupportedOperation(f"seek whence {whence}: only absolute offsets here")
+        if offset < self._start:
+            raise io.UnsupportedOperation(f"seek back to {offset}: the file is read once, "
+                                          f"and {self._start} bytes are behind")
+        while offset > self._end():
+            self._pos = self._end()
+            if not self._advance():
+                break
+        self._pos = min(offset, self._end())  # past the end of the file: reads give b""
+        return self._pos
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes (a copy); fewer only at the end of the file.  Reads are for
+        headers: bulk bytes go through :meth:`copy_part`.
+
+        Raises:
+            io.UnsupportedOperation: ``size`` is negative or larger than a buffer (tarfile asks
+                for what a header declares, and memory stays bounded whatever that is).
+        """
+        if not 0 <= size <= len(self._ring[0]):
+            raise io.UnsupportedOperation(f"a read of {size} bytes: reads here are bounded "
+                                          f"(0..{len(self._ring[0])})")
+        parts = []
+        while size > 0 and (view := self._available()):
+            part = view[:size]
+            parts.append(part)
+            self._pos += len(part)
+            size -= len(part)
+        return b"".join(parts)
+
+    def copy_part(self, length: int, dst: IO[bytes] | None, sha256: str, *, where: str,
+                  against: str = "the declared") -> None:
+        """Copy the next ``length`` bytes to ``dst`` (``None``: only check); they must have hex
+        ``sha256``.  Their digest is taken on a thread of its own from the buffers written.
+
+        Raises:
+            VerificationError: the file ends first, or another sha256; ``dst`` may then hold
+                the bytes (the caller discards it).
+        """
+        part = _Digester()
+        seen = 0
+        try:
+            while seen < length and (view := self._available()):
+                piece = view[:length - seen]
+                self._users[self._slot].append((part, part.feed(piece)))
+                if dst is not None:
+                    dst.write(piece)
+                self._pos += len(piece)
+                seen += len(piece)
+            digest = part.hexdigest()
+        finally:
+            part.close()
+        if seen != length:
+            raise VerificationError(f"{where}: {seen} bytes, {against} declares {length}")
+        if digest != sha256:
+            raise VerificationError(f"{where}: sha256 {digest} does not match {against}'s {sha256}")
+
+    def finish(self) -> tuple[str, int]:
+        """Read the rest of the file; the hex sha256 and length of all of it."""
+        while self._advance():
+            pass
+        self._pos = self._end()
+        return self._whole.hexdigest(), self._end()

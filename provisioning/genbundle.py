@@ -23,7 +23,8 @@ from agent.llm.bundle import (
     GoldenPrompt,
     Kind,
     LlmLimits,
-    extract_bundle,
+    Walked,
+    extract_bundle_hashed,
     folder_files,
     parse_gen_manifest,
     verify_bundle,
@@ -123,18 +124,19 @@ def llm_context_length(folder: Path) -> int:
     return check_llm_folder(folder, [p.name for p in folder.iterdir()], str(folder)).context_length
 
 
-def verify_generative_bundle(path: Path) -> GenManifest:
+def verify_generative_bundle(path: Path) -> Walked:
     """Check every member of a bundle file, then open its model as a node would and run its
-    golden check.
+    golden check.  The manifest comes with the sha256 and length of the file, taken in the
+    same single read as the members' hashes.
 
     Raises:
         NotFoundError, BundleError, VerificationError.
     """
     with tempfile.TemporaryDirectory(prefix="genbundle-") as tmp:
-        manifest = extract_bundle(path, Path(tmp))
-        model = open_model(Path(tmp), manifest, time.time())
+        walked = extract_bundle_hashed(path, Path(tmp))
+        model = open_model(Path(tmp), walked.manifest, time.time())
         try:
-            check_golden(model, manifest)
+            check_golden(model, walked.manifest)
         finally:
             model.close()
-    return manifest
+    return walked

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
+import random
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -244,3 +248,66 @@ def test_create_refuses_a_bad_min_cuda_and_writes_nothing(tmp_path: Path) -> Non
     assert proc.returncode != 0 and "min_cuda" in proc.stderr and "'latest'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _files(tmp_path) == before
+
+
+# ---------------------------------------------------------------- one read of a big bundle
+
+def _with_model(bundle: Path, out: Path, model: bytes, **change: Any) -> Path:
+    """A copy of ``bundle`` with another model.onnx (and manifest fields), through write_bundle."""
+    from agent.bundle import MODEL, FileEntry, write_bundle
+
+    manifest = read_bundle(bundle).manifest
+    files = dict(manifest.files) | {MODEL: FileEntry(hashlib.sha256(model).hexdigest(), len(model))}
+    with tarfile.open(bundle) as tar:
+        golden = tar.extractfile("golden.json").read()  # type: ignore[union-attr]
+    with out.open("wb") as f:
+        write_bundle(f, dataclasses.replace(manifest, files=files, **change), model, golden)
+    return out
+
+
+@pytest.fixture
+def big_bundle(affine_bundle: Path, tmp_path: Path) -> Path:
+    """20 MiB of model: the reader's 4 MiB buffers wrap around their ring of 4."""
+    return _with_model(affine_bundle, tmp_path / "big.bundle", random.Random(3).randbytes(20 << 20))
+
+
+def test_a_big_bundle_is_hashed_and_unpacked_from_one_read(big_bundle: Path, tmp_path: Path) -> None:
+    from agent.bundle import extract_bundle
+
+    data = big_bundle.read_bytes()
+    bundle = extract_bundle(big_bundle, tmp_path / "out")
+    assert (bundle.sha256, bundle.length) == (hashlib.sha256(data).hexdigest(), len(data))
+    with tarfile.open(big_bundle) as tar:
+        for info in tar.getmembers():
+            written = (tmp_path / "out" / info.name).read_bytes()
+            assert written == data[info.offset_data:info.offset_data + info.size]
+    assert read_bundle(big_bundle) == dataclasses.replace(bundle, path=big_bundle)
+
+
+@pytest.mark.parametrize("offset", [4 << 20, (16 << 20) + 4097])
+def test_a_byte_changed_in_a_big_model_is_refused(big_bundle: Path, offset: int) -> None:
+    data = bytearray(big_bundle.read_bytes())
+    data[offset] ^= 1
+    big_bundle.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match=r"big\.bundle:model\.onnx: sha256 [0-9a-f]{64} does not "
+                       "match the manifest's"):
+        read_bundle(big_bundle)
+
+
+def test_a_declared_size_over_the_limit_is_refused_before_the_member_is_read(
+        affine_bundle: Path, tmp_path: Path) -> None:
+    from agent.bundle import MAX_MODEL
+
+    with tarfile.open(affine_bundle) as tar:
+        parts = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    manifest = json.loads(parts["manifest.json"])
+    manifest["files"]["model.onnx"]["length"] = MAX_MODEL + 1
+    parts["manifest.json"] = json.dumps(manifest).encode()
+    out = tmp_path / "huge.bundle"
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in parts.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(BundleError, match=r"huge\.bundle: golden vectors or model over the size limit"):
+        read_bundle(out)

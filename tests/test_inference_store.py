@@ -201,3 +201,84 @@ def test_cuda_gets_tf32_only_when_the_bundle_allows_it(tf32: bool, flag: str) ->
     assert provider_entries([_TRT, _CUDA, _CPU], tf32=tf32) == [
         _TRT, (_CUDA, {"use_tf32": flag}), _CPU]
     assert provider_entries([_CPU], tf32=tf32) == [_CPU]
+
+
+# ------------------------------------------------------------------ one read of the bundle file
+
+def _big_bundle(tmp_path: Path, **change: Any) -> Path:
+    """An affine bundle whose model.onnx is 8 MiB of other bytes (the store does not look
+    inside it; the verifier below does not run it), written by the project's write_bundle."""
+    import dataclasses
+    import hashlib
+    import random
+    import tarfile
+
+    from agent.bundle import MODEL, FileEntry, read_bundle, write_bundle
+
+    x = np.ones((1, 4), np.float32)
+    small = make_bundle(tmp_path, affine_model(tmp_path / "a.onnx"), "affine", "1.0.0", {"x": x})
+    model = random.Random(5).randbytes(8 << 20)
+    manifest = read_bundle(small).manifest
+    files = dict(manifest.files) | {MODEL: FileEntry(hashlib.sha256(model).hexdigest(), len(model))}
+    with tarfile.open(small) as tar:
+        golden = tar.extractfile("golden.json").read()  # type: ignore[union-attr]
+    out = tmp_path / f"big-{len(change)}.bundle"
+    with out.open("wb") as f:
+        write_bundle(f, dataclasses.replace(manifest, files=files, **change), model, golden)
+    return out
+
+
+def _bytes_read() -> int | None:
+    """Bytes this process has read through system calls so far (``rchar``), if the kernel says."""
+    try:
+        lines = Path("/proc/self/io").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(ln.split()[1]) for ln in lines if ln.startswith("rchar:")), None)
+
+
+def _no_check(manifest: Any, model: bytes, golden: Any) -> None:
+    pass
+
+
+def test_an_install_reads_the_bundle_once_and_records_the_hash_of_those_bytes(tmp_path: Path) -> None:
+    """One read checks, hashes and unpacks the file; the commit reads the staged model back
+    (to load it): about twice the bundle, where four reads were made before."""
+    import hashlib
+
+    from agent.inference.store import ModelStore
+
+    bundle = _big_bundle(tmp_path)
+    size = bundle.stat().st_size
+    before = _bytes_read()
+    if before is None:
+        pytest.skip("no read accounting in /proc/self/io here")
+    installed = ModelStore(tmp_path / "state").install(bundle, _no_check)
+    read = (_bytes_read() or 0) - before
+    assert size < read < 2.2 * size, f"{read} bytes read for a {size}-byte bundle"
+    assert installed.sha256 == hashlib.sha256(bundle.read_bytes()).hexdigest()
+    assert installed.length == size
+
+
+def test_a_manifest_changed_between_reads_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same name and version, another description: the file is replaced after its manifest was
+    read (to find the version's place) and before the read that installs it."""
+    import os
+
+    from agent.bundle import read_manifest
+    from agent.errors import VerificationError
+    from agent.inference.store import ModelStore
+
+    target, other = _big_bundle(tmp_path), _big_bundle(tmp_path, description="another")
+
+    def then_replaced(path: Path) -> Any:
+        manifest = read_manifest(path)
+        os.replace(other, target)  # a fault injected into the real read: the file changes
+        return manifest
+
+    monkeypatch.setattr("agent.inference.store.read_manifest", then_replaced)
+    store = ModelStore(tmp_path / "state")
+    with pytest.raises(VerificationError, match="the manifest changed while it was read"):
+        store.install(target, _no_check)
+    assert store.installed() == []
+    assert list((tmp_path / "state" / "models" / "affine").iterdir()) == []

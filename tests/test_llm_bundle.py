@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from agent.config import InferenceSection
 from agent.errors import BundleError, NotFoundError, VerificationError
 from agent.inference.repository import ModelRepository
 from agent.inference.store import ModelStore
-from agent.llm.bundle import MAX_CONTEXT, read_gen_manifest, verify_bundle
+from agent.llm.bundle import MAX_CONTEXT, extract_bundle_hashed, read_gen_manifest, verify_bundle
 from agent.llm.types import Sampling
 from provisioning.demo.llm_models import write_decoder, write_encoder
 from provisioning.genbundle import create_generative_bundle
@@ -139,6 +140,12 @@ def _write(out: Path, members: list[tuple[str, bytes]], link: str | None = None)
     return out
 
 
+def _info(name: str, data: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info
+
+
 def _edit(bundle: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
     members = _members(bundle)
     manifest = json.loads(members[0][1])
@@ -181,6 +188,57 @@ def test_extra_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
 def test_link_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
     bundle = _write(tmp_path / "b", _members(llm_bundle), link="model/zz")
     _refused(bundle, tmp_path / "state", BundleError, "'model/zz' is not a regular file")
+
+
+def test_sparse_member_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    """A sparse member's content is not the bytes stored at its offset: only plain files."""
+    out = tmp_path / "b"
+    with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in _members(llm_bundle):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if name == "model/tokenizer.json":
+                info.type = tarfile.GNUTYPE_SPARSE
+            tar.addfile(info, io.BytesIO(data))
+    _refused(out, tmp_path / "state", BundleError, "'model/tokenizer.json' is not a regular file")
+
+
+def test_a_header_with_a_negative_size_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
+    """A GNU long-name header whose size field (base-256) is negative: tarfile asks for a
+    negative read, which is refused as a malformed bundle, not as an internal error."""
+    out = tmp_path / "b"
+    members = _members(llm_bundle)
+    with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, content in [members[0], ("model/" + "x" * 120, b"abc")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    data = bytearray(out.read_bytes())
+    header = 512 + (len(members[0][1]) + 511) // 512 * 512  # the long-name header, after the manifest
+    assert data[header + 156:header + 157] == tarfile.GNUTYPE_LONGNAME
+    data[header + 124:header + 136] = (-(1 << 20)).to_bytes(12, "big", signed=True)
+    data[header + 148:header + 156] = b" " * 8
+    data[header + 148:header + 156] = b"%06o\0 " % sum(data[header:header + 512])
+    out.write_bytes(bytes(data))
+    _refused(out, tmp_path / "state", BundleError, "not a generative bundle.*bounded")
+
+
+def test_a_pax_header_declaring_gigabytes_is_refused_unread(llm_bundle: Path, tmp_path: Path) -> None:
+    """tarfile reads a pax header's records whole: one declaring 1 GiB (8 MiB of it present)
+    is refused before any of it is read into memory."""
+    members = _members(llm_bundle)
+    out = tmp_path / "b"
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(_info("manifest.json", members[0][1]),
+                    io.BytesIO(members[0][1]))
+    data = bytearray(out.read_bytes()[:512 + (len(members[0][1]) + 511) // 512 * 512])  # no end blocks
+    header = bytearray(_info("././@PaxHeader", b"").tobuf(tarfile.USTAR_FORMAT))
+    header[156:157] = tarfile.XHDTYPE
+    header[124:136] = b"%011o\0" % (1 << 30)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    out.write_bytes(bytes(data + header) + b"1 x\n" * (2 << 20))
+    _refused(out, tmp_path / "state", BundleError, r"a read of 1073741824 bytes: reads here are bounded")
 
 
 def test_path_outside_the_folder_is_refused(llm_bundle: Path, tmp_path: Path) -> None:
@@ -256,6 +314,11 @@ def test_cli_creates_inspects_and_verifies(folders: tuple[Path, Path], tmp_path:
     assert [g["prompt"] for g in manifest["golden"]] == ["The quick brown fox"]
     checked = cli("bundle", "verify", out)
     assert checked.code == 0 and "golden check reproduces" in checked.out
+    file = {"sha256": hashlib.sha256(out.read_bytes()).hexdigest(), "length": out.stat().st_size}
+    for command in ("inspect", "verify"):  # the file's hash from the read that checked the members
+        shown = cli("bundle", command, out, "--json")
+        assert shown.code == 0, shown.err
+        assert {k: json.loads(shown.out)[k] for k in file} == file
     wrong = cli("bundle", "create-embedding", folders[0], "--name", "x", "--version", "1", "--out",
                 tmp_path / "x.bundle")
     assert wrong.code != 0 and "genai_config.json" in wrong.err
@@ -342,3 +405,91 @@ def test_a_manifest_changed_between_reads_is_refused(folders: tuple[Path, Path],
     with pytest.raises(VerificationError, match="the manifest changed while it was read"):
         _repo(state).install(target)
     assert _store_files(state) == []
+
+
+# ---------------------------------------------------------------- a bundle bigger than the read buffers
+
+@pytest.fixture(scope="module")
+def big_bundle(folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny decoder with a 20 MiB weight file: the one-pass reader's 4 MiB buffers wrap
+    around its ring of 4, and members start and end inside buffers."""
+    root = tmp_path_factory.mktemp("big")
+    folder = shutil.copytree(folders[0], root / "llm")
+    (folder / "extra-weights.bin").write_bytes(random.Random(15).randbytes(20 << 20))
+    out = root / "big.bundle"
+    create_generative_bundle(folder, out, kind="llm", name="big-llm", version="1.0.0", **LIMITS)
+    return out
+
+
+def _layout(bundle: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(bundle) as tar:
+        return {info.name: info for info in tar.getmembers()}
+
+
+def _changed(bundle: Path, out: Path, offset: int, value: int | None = None) -> Path:
+    data = bytearray(bundle.read_bytes())
+    data[offset] = data[offset] ^ 1 if value is None else value
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_big_bundle_unpacks_to_its_bytes_with_the_file_hash(big_bundle: Path, tmp_path: Path) -> None:
+    data = big_bundle.read_bytes()
+    walked = extract_bundle_hashed(big_bundle, tmp_path)
+    assert (walked.sha256, walked.length) == (hashlib.sha256(data).hexdigest(), len(data))
+    for name, info in _layout(big_bundle).items():
+        if name.startswith("model/"):
+            written = (tmp_path / name.removeprefix("model/")).read_bytes()
+            assert written == data[info.offset_data:info.offset_data + info.size]
+
+
+@pytest.mark.parametrize("where", ["first", "at 4 MiB", "after the ring wrapped", "last"])
+def test_a_byte_changed_in_a_big_member_is_refused(big_bundle: Path, tmp_path: Path, where: str) -> None:
+    info = _layout(big_bundle)["model/extra-weights.bin"]
+    start, end = info.offset_data, info.offset_data + info.size
+    offset = {"first": start, "at 4 MiB": 4 << 20, "after the ring wrapped": (16 << 20) + 4097,
+              "last": end - 1}[where]
+    assert start <= offset < end
+    _refused(_changed(big_bundle, tmp_path / "b", offset), tmp_path / "state", VerificationError,
+             r"b:model/extra-weights\.bin: sha256 [0-9a-f]{64} does not match the manifest's")
+
+
+def test_a_byte_changed_in_the_padding_changes_the_file_hash(big_bundle: Path, tmp_path: Path) -> None:
+    """Padding is in no member: only the whole file's sha256 (the TUF target) covers it, so the
+    one pass must hash the bytes it skips."""
+    info = next(i for n, i in _layout(big_bundle).items() if n.startswith("model/") and i.size % 512)
+    changed = _changed(big_bundle, tmp_path / "b", info.offset_data + info.size, 1)
+    (tmp_path / "x").mkdir()
+    walked = extract_bundle_hashed(changed, tmp_path / "x")
+    assert walked.sha256 == hashlib.sha256(changed.read_bytes()).hexdigest()
+    assert walked.sha256 != hashlib.sha256(big_bundle.read_bytes()).hexdigest()
+
+
+def test_a_byte_changed_in_the_manifest_is_refused(big_bundle: Path, tmp_path: Path) -> None:
+    """One hex digit of a member's hash in the manifest (same length, same layout)."""
+    data = big_bundle.read_bytes()
+    want = read_gen_manifest(big_bundle).files["extra-weights.bin"].sha256
+    offset = data.index(want.encode()) + 10
+    value = ord("0") if data[offset] != ord("0") else ord("1")
+    _refused(_changed(big_bundle, tmp_path / "b", offset, value), tmp_path / "state", VerificationError,
+             rf"b:model/extra-weights\.bin: sha256 {want} does not match the manifest's")
+
+
+@pytest.mark.parametrize("cut", [4 << 20, 16 << 20, (16 << 20) + 1])
+def test_a_big_bundle_cut_inside_a_member_is_refused(big_bundle: Path, tmp_path: Path, cut: int) -> None:
+    cut_file = tmp_path / "cut.bundle"
+    cut_file.write_bytes(big_bundle.read_bytes()[:cut])
+    start = _layout(big_bundle)["model/extra-weights.bin"].offset_data
+    _refused(cut_file, tmp_path / "state", VerificationError,
+             rf"cut\.bundle:model/extra-weights\.bin: {cut - start} bytes, the manifest declares")
+
+
+def test_a_big_bundle_cut_in_its_end_blocks_has_the_hash_of_what_is_left(big_bundle: Path,
+                                                                        tmp_path: Path) -> None:
+    """Every member is whole, so the members pass; the file's sha256 and length are those of
+    the cut file, which the signed target then refuses."""
+    data = big_bundle.read_bytes()
+    cut_file = tmp_path / "cut.bundle"
+    cut_file.write_bytes(data[:-1])
+    walked = extract_bundle_hashed(cut_file, tmp_path)
+    assert (walked.sha256, walked.length) == (hashlib.sha256(data[:-1]).hexdigest(), len(data) - 1)

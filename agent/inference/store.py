@@ -47,12 +47,14 @@ from agent.bundle import (
     _parse_manifest,
     check_golden,
     decode_golden,
+    extract_bundle,
     parse_version,
     read_bundle,
+    read_manifest,
     valid_name,
 )
 from agent.errors import BundleError, NotFoundError, VerificationError
-from agent.fsutil import atomic_write_text, file_sha256, fsync_dir
+from agent.fsutil import atomic_write_text, file_sha256, fsync_dir, fsync_tree
 from agent.llm.bundle import (
     GenManifest,
     Walked,
@@ -253,10 +255,10 @@ class ModelStore:
             NotFoundError, BundleError, VerificationError: the bundle is refused, or that
                 version is installed from another bundle; nothing is left behind.
         """
-        bundle: Bundle = read_bundle(bundle_path)
-        m = bundle.manifest
+        m = read_manifest(bundle_path)  # only the first member: where the version goes
         final = self.root / m.name / m.version
         if final.exists():
+            bundle: Bundle = read_bundle(bundle_path)
             rec = self._record(final)
             if rec is not None and rec.get("sha256") == bundle.sha256:
                 return self.find(m.name, m.version)
@@ -266,11 +268,11 @@ class ModelStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{m.version}.", dir=final.parent))
         try:
-            bundle.extract(tmp)
+            bundle = _fill(bundle_path, tmp, m)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return StagedBundle(tmp, m, bundle.sha256, bundle.length, str(bundle_path))
+        return StagedBundle(tmp, bundle.manifest, bundle.sha256, bundle.length, str(bundle_path))
 
     def commit(self, staged: StagedBundle, verify: Verifier, *, activate: bool = True) -> InstalledModel:
         """Re-check a staged bundle's model and golden vectors, ``verify`` them (see
@@ -290,6 +292,7 @@ class ModelStore:
             record = {"name": m.name, "version": m.version, "sha256": staged.sha256,
                       "length": staged.length, "installed_at": time.time(), "verified": True,
                       "source": staged.source}
+            fsync_tree(staged.tmp)  # the members on disk before the record and the rename
             atomic_write_text(staged.tmp / INSTALL_RECORD, json.dumps(record, sort_keys=True) + "\n")
             staged.tmp.rename(final)
             fsync_dir(final.parent)
@@ -328,6 +331,7 @@ class ModelStore:
             record = {"name": m.name, "version": m.version, "sha256": walked.sha256, "kind": m.kind,
                       "length": walked.length, "installed_at": installed_at,
                       "verified": True, "source": str(bundle_path)}
+            fsync_tree(tmp)  # the members on disk before the record and the rename
             atomic_write_text(tmp / INSTALL_RECORD, json.dumps(record, sort_keys=True) + "\n")
             tmp.rename(final)
             fsync_dir(final.parent)
@@ -491,6 +495,20 @@ class ModelStore:
         return removed
 
 
+def _manifest_changed(bundle_path: Path, first: bytes, then: bytes) -> VerificationError:
+    return VerificationError(f"{bundle_path}: the manifest changed while it was read (sha256 "
+                             f"{hashlib.sha256(first).hexdigest()} first, then "
+                             f"{hashlib.sha256(then).hexdigest()})")
+
+
+def _fill(bundle_path: Path, tmp: Path, expected: Manifest) -> Bundle:
+    """Check, hash and unpack a model bundle into ``tmp`` in one read of the file."""
+    bundle = extract_bundle(bundle_path, tmp)
+    if bundle.manifest.canonical() != expected.canonical():  # the whole manifest, not only its name
+        raise _manifest_changed(bundle_path, expected.canonical(), bundle.manifest.canonical())
+    return bundle
+
+
 def _fill_generative(bundle_path: Path, tmp: Path, expected: GenManifest, verify: GenVerifier,
                      installed_at: float) -> Walked:
     """Extract a generative bundle into ``tmp`` (checked and hashed while it streams) and verify it there."""
@@ -498,10 +516,7 @@ def _fill_generative(bundle_path: Path, tmp: Path, expected: GenManifest, verify
     walked = extract_bundle_hashed(bundle_path, tmp / GEN_MODEL_DIR)
     manifest = walked.manifest
     if manifest.canonical() != expected.canonical():  # the whole manifest, not only its name
-        raise VerificationError(
-            f"{bundle_path}: the manifest changed while it was read (sha256 "
-            f"{hashlib.sha256(expected.canonical()).hexdigest()} first, then "
-            f"{hashlib.sha256(manifest.canonical()).hexdigest()})")
+        raise _manifest_changed(bundle_path, expected.canonical(), manifest.canonical())
     atomic_write_text(tmp / MANIFEST, manifest.canonical().decode())
     verify(manifest, tmp / GEN_MODEL_DIR, installed_at)
     return walked

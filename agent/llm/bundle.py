@@ -9,7 +9,9 @@ gives the same bytes)::
 
 Weights are gigabytes, so nothing is read whole: reading checks each member's size and
 sha256 while it streams, and :func:`extract_bundle` writes the members into a directory in
-the same single pass (a member that fails leaves the caller to delete the directory).
+the same single pass (a member that fails leaves the caller to delete the directory): the
+file is read once through :class:`agent.fsutil.OnePassReader`, which takes the whole file's
+sha256 and each member's on threads of their own from the very buffers that are written.
 Hostile input: only plain relative names of one component, only regular files, exactly
 the members the manifest lists, sizes and counts capped, and the manifest's limits (context,
 max_tokens, KV budget, golden prompts) bounded.  A bundle reaching a node already passed TUF
@@ -30,12 +32,12 @@ from typing import IO, Any, Literal
 
 from agent.bundle import FileEntry, parse_version, tar_entry, valid_name
 from agent.errors import BundleError, NotFoundError, VerificationError
-from agent.fsutil import copy_verified, file_sha256
+from agent.fsutil import OnePassReader, file_sha256
 from agent.modelrefs import safe_member_name
 
 __all__ = ["GEN_FORMAT", "GenManifest", "GoldenEmbedding", "GoldenPrompt", "LlmLimits", "Walked",
            "extract_bundle", "extract_bundle_hashed", "is_generative_bundle", "read_gen_manifest",
-           "verify_bundle", "write_bundle"]
+           "verify_bundle", "verify_bundle_hashed", "write_bundle"]
 
 GEN_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -296,9 +298,10 @@ def _members(tar: tarfile.TarFile, origin: str) -> Iterator[tarfile.TarInfo]:
         info = tar.next()
         if info is None:
             return
-        if not info.isreg():
-            raise BundleError(f"{origin}: member {info.name[:80]!r} is not a regular file (links, "
-                              "directories and devices are refused)")
+        # Plain files only: a sparse member's bytes are not the stored bytes at its offset.
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None:
+            raise BundleError(f"{origin}: member {info.name[:80]!r} is not a regular file "
+                              "(links, directories, devices and sparse files are refused)")
         yield info
 
 
@@ -313,52 +316,6 @@ def _open_manifest(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo], ori
     return parse_gen_manifest(src.read(), f"{origin}: {MANIFEST}")
 
 
-class _Hashed:
-    """A seekable file read by tarfile while the sha256 and length of the whole file are taken
-    from the very bytes read (not from a second read that could see other bytes).
-
-    Each byte is hashed once, at its first read, in file order: a forward seek past bytes not
-    read yet (the padding after a member) hashes them on the way; tarfile's re-read of a byte
-    already read (its end-of-archive probe) is not hashed again."""
-
-    def __init__(self, src: IO[bytes]) -> None:
-        self._src = src
-        self._digest = hashlib.sha256()
-        self._pos = 0  # where the next read starts
-        self._hashed = 0  # the file's first _hashed bytes went into the digest
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        if whence != 0:  # tarfile seeks to absolute offsets only
-            raise OSError(f"seek whence {whence} is not supported here")
-        if offset > self._hashed:
-            self._src.seek(self._hashed)
-            self._pos = self._hashed
-            while self._pos < offset and self.read(min(_CHUNK, offset - self._pos)):
-                pass
-        self._src.seek(offset)
-        self._pos = offset
-        return offset
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._src.read(n)
-        end = self._pos + len(data)
-        if end > self._hashed:
-            self._digest.update(memoryview(data)[self._hashed - self._pos:])
-            self._hashed = end
-        self._pos = end
-        return data
-
-    def finish(self) -> tuple[str, int]:
-        """Hash what is left (the archive's end padding); the hex sha256 and the file's length."""
-        self.seek(self._hashed)
-        while self.read(_CHUNK):
-            pass
-        return self._digest.hexdigest(), self._hashed
-
-
 @dataclass(frozen=True)
 class Walked:
     """A bundle file checked in one pass: its manifest, and the sha256 and length of the file."""
@@ -370,21 +327,22 @@ class Walked:
 
 def _walk(path: Path, dest: Path | None) -> Walked:
     """Check a bundle file member by member in one pass, writing the members into ``dest``
-    when given and hashing the whole file on the way."""
+    when given and hashing the whole file on the way (from the same buffers)."""
     origin = str(path)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such bundle file")
     try:
-        with path.open("rb") as raw:
-            hashed = _Hashed(raw)
-            with tarfile.open(fileobj=hashed, mode="r:") as tar:  # type: ignore[call-overload]
-                manifest = _walk_members(tar, path, dest)
-            return Walked(manifest, *hashed.finish())
+        with path.open("rb", buffering=0) as raw, OnePassReader(raw) as reader:
+            with tarfile.open(fileobj=reader, mode="r:") as tar:  # type: ignore[call-overload]
+                manifest = _walk_members(tar, reader, path, dest)
+            return Walked(manifest, *reader.finish())
     except tarfile.TarError as exc:
         raise BundleError(f"{origin}: not a generative bundle (unreadable archive: {exc})") from None
+    except io.UnsupportedOperation as exc:  # a negative size, an offset behind what was read
+        raise BundleError(f"{origin}: not a generative bundle ({exc})") from None
 
 
-def _walk_members(tar: tarfile.TarFile, path: Path, dest: Path | None) -> GenManifest:
+def _walk_members(tar: tarfile.TarFile, reader: OnePassReader, path: Path, dest: Path | None) -> GenManifest:
     origin = str(path)
     members = _members(tar, origin)
     manifest = _open_manifest(tar, members, origin)
@@ -398,23 +356,20 @@ def _walk_members(tar: tarfile.TarFile, path: Path, dest: Path | None) -> GenMan
         if info.size != entry.length:
             raise VerificationError(f"{path.name}:{info.name}: {info.size} bytes, the manifest "
                                     f"declares {entry.length}")
-        src = tar.extractfile(info)
-        assert src is not None
-        _copy(src, dest / want if dest is not None else None, entry, f"{path.name}:{info.name}")
+        reader.seek(info.offset_data)  # a plain member's bytes, straight from the file's buffers
+        _copy(reader, dest / want if dest is not None else None, entry, f"{path.name}:{info.name}")
     missing = next(expected, None)
     if missing is not None:
         raise BundleError(f"{origin}: member {PREFIX}{missing} listed in the manifest is missing")
     return manifest
 
 
-def _copy(src: IO[bytes], out: Path | None, entry: FileEntry, where: str) -> None:
+def _copy(reader: OnePassReader, out: Path | None, entry: FileEntry, where: str) -> None:
     if out is None:
-        copy_verified(src, None, entry.length, entry.sha256, where=where, against="the manifest",
-                      block=_CHUNK)
+        reader.copy_part(entry.length, None, entry.sha256, where=where, against="the manifest")
         return
     with out.open("xb") as handle:  # x: a name listed twice cannot overwrite a checked file
-        copy_verified(src, handle, entry.length, entry.sha256, where=where, against="the manifest",
-                      block=_CHUNK)
+        reader.copy_part(entry.length, handle, entry.sha256, where=where, against="the manifest")
 
 
 def is_generative_bundle(path: Path) -> bool:
@@ -453,6 +408,16 @@ def verify_bundle(path: Path) -> GenManifest:
         NotFoundError, BundleError, VerificationError.
     """
     return _walk(path, None).manifest
+
+
+def verify_bundle_hashed(path: Path) -> Walked:
+    """:func:`verify_bundle`, also returning the sha256 and length of the file taken from the
+    same single read.
+
+    Raises:
+        NotFoundError, BundleError, VerificationError.
+    """
+    return _walk(path, None)
 
 
 def extract_bundle(path: Path, dest: Path) -> GenManifest:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from agent.bundle import Accelerator, Batching, Bundle, Tolerance, read_bundle
 from agent.fsutil import file_sha256
-from agent.llm.bundle import GenManifest, is_generative_bundle
-from agent.llm.bundle import verify_bundle as check_members
+from agent.llm.bundle import GenManifest, Walked, is_generative_bundle, verify_bundle_hashed
 from provisioning.bundle import create_bundle, verify_bundle
 from provisioning.genbundle import (
     DEFAULT_PROMPTS,
@@ -141,10 +140,15 @@ def _create_embedding(args: argparse.Namespace) -> int:
     return _show_generative(args, args.out, manifest, "created; golden vectors recorded")
 
 
-def _show_generative(args: argparse.Namespace, path: Path, m: GenManifest, verdict: str) -> int:
+def _show_generative(args: argparse.Namespace, path: Path, checked: GenManifest | Walked,
+                     verdict: str) -> int:
+    """A manifest alone (a bundle just created) has its file hashed here; a :class:`Walked`
+    carries the file's sha256 and length from the read that checked it."""
+    m = checked.manifest if isinstance(checked, Walked) else checked
     if args.json:
-        emit_json({"file": str(path), "sha256": file_sha256(path), "length": path.stat().st_size,
-                   "manifest": m.to_json()})
+        sha256, length = ((checked.sha256, checked.length) if isinstance(checked, Walked)
+                          else (file_sha256(path), path.stat().st_size))
+        emit_json({"file": str(path), "sha256": sha256, "length": length, "manifest": m.to_json()})
         return 0
     print(f"{m.name} {m.version}  {m.kind}  ({verdict})")
     print(f"  file    {path}  {path.stat().st_size} bytes")
@@ -196,7 +200,7 @@ def _create(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     if is_generative_bundle(args.bundle):
-        return _show_generative(args, args.bundle, check_members(args.bundle),
+        return _show_generative(args, args.bundle, verify_bundle_hashed(args.bundle),
                                 "structure and hashes OK; golden check not run")
     bundle = read_bundle(args.bundle)
     if args.json:

@@ -172,14 +172,13 @@ def _verify(path: Path) -> tuple[str, str, str]:
     Generative bundles (LLM, embedding) are opened on their runtime and their golden check run;
     model bundles run their golden vectors on ONNX Runtime.
     """
-    from agent.fsutil import file_sha256
     from agent.llm.bundle import is_generative_bundle
     from provisioning.bundle import verify_bundle
     from provisioning.genbundle import verify_generative_bundle
 
-    if is_generative_bundle(path):
-        manifest = verify_generative_bundle(path)
-        return manifest.name, manifest.version, file_sha256(path)
+    if is_generative_bundle(path):  # the file's sha256 from the read that checked the members
+        walked = verify_generative_bundle(path)
+        return walked.manifest.name, walked.manifest.version, walked.sha256
     bundle, _ = verify_bundle(path)
     return bundle.manifest.name, bundle.manifest.version, bundle.sha256
 
