@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.proto import node_pb2
 from provisioning import attest as a
 from provisioning.errors import AttestError
 from testsupport import tpm2
@@ -243,3 +244,15 @@ def test_arbitrary_bytes_raise_only_attest_errors(data: bytes) -> None:
     for parse in (a.parse_attest, a.parse_signature, a.parse_public):
         with contextlib.suppress(AttestError):
             parse(data)
+
+
+def test_the_attest_response_message_carries_what_the_verifier_needs() -> None:
+    parts = real("ecc")
+    sent = node_pb2.AttestResponse(attest=parts["attest"], signature=parts["signature"],
+                                   pcr_values=parts["pcr_values"], ak_public=parts["ak_public"])
+    got = node_pb2.AttestResponse.FromString(sent.SerializeToString())
+    request = node_pb2.AttestRequest(nonce=parts["nonce"]).SerializeToString()
+    nonce = node_pb2.AttestRequest.FromString(request).nonce
+    result = a.verify_quote(ak_public=got.ak_public, attest=got.attest, signature=got.signature,
+                            pcr_values=got.pcr_values, nonce=nonce, expected=expected(REAL_PCRS))
+    assert result.ok
