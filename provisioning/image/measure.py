@@ -31,7 +31,8 @@ from pathlib import Path
 
 from provisioning.errors import ImageError
 
-__all__ = ["MEASURED_SECTIONS", "PHASES", "PcrPhase", "expected_pcr11", "pe_sections"]
+__all__ = ["MEASURED_SECTIONS", "PHASES", "Pcr11Event", "PcrPhase", "expected_pcr11", "pcr11_events",
+           "pe_sections"]
 
 MEASURED_SECTIONS = (".linux", ".osrel", ".cmdline", ".initrd", ".ucode", ".splash", ".dtb", ".uname",
                      ".sbat", ".pcrpkey")
@@ -90,8 +91,16 @@ def pe_sections(data: bytes, what: str = "PE file") -> dict[str, bytes]:
     return sections
 
 
-def expected_pcr11(uki: Path | bytes, bank: str = "sha256") -> tuple[PcrPhase, ...]:
-    """PCR 11 after each boot phase of ``uki`` (a path or its bytes), in the order of PHASES.
+@dataclass(frozen=True)
+class Pcr11Event:
+    """One extension of PCR 11: what was measured (a section's name or data, or a phase) and its digest."""
+
+    description: str
+    digest: bytes
+
+
+def pcr11_events(uki: Path | bytes, bank: str = "sha256") -> tuple[Pcr11Event, ...]:
+    """Every extension of PCR 11 a boot of ``uki`` makes, in order: the stub's, then the phases.
 
     Raises:
         ImageError: the file is no PE image, lacks ``.linux``, or is a kind of UKI whose
@@ -108,15 +117,28 @@ def expected_pcr11(uki: Path | bytes, bank: str = "sha256") -> tuple[PcrPhase, .
     if ".linux" not in sections:
         raise ImageError(f"{what}: no .linux section: not a UKI")
 
-    def extend(pcr: bytes, data: bytes) -> bytes:
-        return hashlib.new(bank, pcr + hashlib.new(bank, data).digest()).digest()
+    def event(description: str, data: bytes) -> Pcr11Event:
+        return Pcr11Event(description, hashlib.new(bank, data).digest())
 
-    pcr = bytes(hashlib.new(bank).digest_size)
+    events = []
     for name in MEASURED_SECTIONS:
         if name in sections:
-            pcr = extend(extend(pcr, name.encode() + b"\0"), sections[name])
-    out = []
-    for i, word in enumerate(PHASES):
-        pcr = extend(pcr, word.encode())
-        out.append(PcrPhase(":".join(PHASES[:i + 1]), bank, pcr))
+            events += [event(f"section name {name}", name.encode() + b"\0"),
+                       event(f"section data {name}", sections[name])]
+    return (*events, *(event(f"phase {word}", word.encode()) for word in PHASES))
+
+
+def expected_pcr11(uki: Path | bytes, bank: str = "sha256") -> tuple[PcrPhase, ...]:
+    """PCR 11 after each boot phase of ``uki`` (a path or its bytes), in the order of PHASES.
+
+    Raises:
+        ImageError: as :func:`pcr11_events`.
+    """
+    events = pcr11_events(uki, bank)
+    pcr = bytes(hashlib.new(bank).digest_size)
+    out: list[PcrPhase] = []
+    for ev in events:
+        pcr = hashlib.new(bank, pcr + ev.digest).digest()
+        if ev.description.startswith("phase "):
+            out.append(PcrPhase(":".join(PHASES[:len(out) + 1]), bank, pcr))
     return tuple(out)
