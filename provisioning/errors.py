@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from agent.errors import ApplianceError, ConfigError
 
-__all__ = ["FleetError", "ImageError", "ProfileError", "ToolError"]
+__all__ = ["AttestError", "FleetError", "ImageError", "ProfileError", "ToolError"]
 
 
 class ProfileError(ConfigError):
     """An image profile is malformed or refers to something that does not exist."""
+
+
+class AttestError(ApplianceError):
+    """A node's TPM quote, its signature or its attestation key is malformed or does not check out."""
 
 
 class FleetError(ApplianceError):
