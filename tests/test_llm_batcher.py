@@ -109,7 +109,6 @@ def test_rows_whose_reader_leaves_or_deadline_passes_are_dropped_and_the_others_
     async def leaves() -> list[Chunk]:
         stream = model.generate(PROMPTS[1], greedy)
         first = await anext(stream)
-        await _paused(model)  # the batch waits for this reader, the others having read on
         await stream.aclose()  # type: ignore[attr-defined]
         return [first]
 
@@ -117,7 +116,9 @@ def test_rows_whose_reader_leaves_or_deadline_passes_are_dropped_and_the_others_
         deadline = time.monotonic() + 0.3
         stream = model.generate(PROMPTS[3], greedy, deadline=deadline)
         first = await anext(stream)
-        await _until(lambda: time.monotonic() > deadline)  # its batch waits for it meanwhile
+        # reads no more: once the others have ended, the batch waits for this reader alone,
+        # READ_AHEAD chunks ahead of it, until its deadline passes
+        await _until(lambda: time.monotonic() > deadline)
         return [first, *await _collect(stream)]
 
     def reads(prompt: str) -> Callable[[], Awaitable[list[Chunk]]]:
@@ -132,6 +133,38 @@ def test_rows_whose_reader_leaves_or_deadline_passes_are_dropped_and_the_others_
         assert got == alone[i][:len(got)] and len(got) < len(alone[i])
     for i in (0, 2):
         assert _ids(results[i]) == alone[i] and results[i][-1].finish_reason in ("length", "stop")
+    assert model.active_sequences == 0 and model.budget.in_use == 0 and model.batching.cache_tokens == 0
+
+
+def test_a_slow_reader_does_not_hold_back_the_rows_beside_it(model: GenaiLanguageModel) -> None:
+    """One row's reader takes nothing after its first chunk until the other rows of its batch
+    have all their tokens; then it reads its own, all of them, as decoded alone."""
+    greedy = Sampling(max_tokens=48, temperature=0)
+    alone = [model.greedy(p, 48) for p in PROMPTS[:3]]
+
+    async def main() -> list[list[Chunk]]:
+        others_done, ended = asyncio.Event(), []
+
+        async def reads(prompt: str) -> list[Chunk]:
+            chunks = await _collect(model.generate(prompt, greedy))
+            ended.append(prompt)
+            if len(ended) == 2:
+                others_done.set()
+            return chunks
+
+        async def slow() -> list[Chunk]:
+            stream = model.generate(PROMPTS[1], greedy)
+            first = await anext(stream)
+            # 48 tokens are far more than READ_AHEAD: the others end only if the batch steps on
+            await asyncio.wait_for(others_done.wait(), 30)
+            return [first, *await _collect(stream)]
+
+        return await _queued(model, [partial(reads, PROMPTS[0]), slow, partial(reads, PROMPTS[2])])
+
+    results = asyncio.run(main())
+    assert model.batching.sizes == Counter({3: 1})
+    assert [_ids(r) for r in results] == alone
+    assert all(r[-1].finish_reason in ("length", "stop") for r in results)
     assert model.active_sequences == 0 and model.budget.in_use == 0 and model.batching.cache_tokens == 0
 
 

@@ -20,9 +20,12 @@ difference too; a row whose share of it does not fit now waits for a later batch
 reservation is held until both its stream has ended and its batch's generator is freed.
 
 Pace: each step of a batch is its own task on the decode pool, so new batches, other batches'
-steps and the model's close take turns on the threads.  A batch runs at most
-:data:`READ_AHEAD` chunks ahead of any row's reader, then waits (holding no thread) until that
-reader catches up or leaves; a slow reader thus slows its batch, up to its deadline.
+steps and the model's close take turns on the threads.  A slow reader does not hold back the
+rows beside it: the batch steps on while any of its readers keeps up, and a row's chunks wait
+in its stream's queue (at most its ``max_tokens`` of them, which the manifest caps).  Only when
+every live row is :data:`READ_AHEAD` chunks ahead of its reader does the batch wait (holding no
+thread, its cache kept) until one reader catches up or leaves, up to the rows' deadlines: work
+nobody is reading is not done ahead.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from agent.llm.types import Chunk, FinishReason
 
 __all__ = ["READ_AHEAD", "BatchStats", "Batcher", "Row"]
 
-READ_AHEAD = 16  # chunks a batch may make for a row before its reader has taken them
+READ_AHEAD = 16  # chunks a batch makes ahead of its readers before it waits for one of them
 
 Item = Chunk | Exception | None  # a chunk, the runtime's failure, or "look again" (closed)
 
@@ -111,7 +114,7 @@ class BatchStats:
     sizes: Counter[int] = field(default_factory=Counter)  # batches started, by their number of rows
     cache_tokens: int = 0  # rows x max_length of the generators alive now: the cache they may hold
     cache_peak: int = 0  # the most of that at once (never above the budget's total)
-    paused: int = 0  # batches waiting now for a reader READ_AHEAD chunks behind
+    paused: int = 0  # batches waiting now for readers all READ_AHEAD chunks behind
 
 
 @dataclass(eq=False)
@@ -340,8 +343,8 @@ class Batcher:
 
     def _run(self, batch: _Batch) -> None:
         """One step of ``batch``, then queue the next, behind whatever else waits for a thread
-        (new batches, other batches' steps, the model's close); or wait for a reader
-        :data:`READ_AHEAD` chunks behind; or, its rows all ended, free it."""
+        (new batches, other batches' steps, the model's close); or wait while its readers are
+        all :data:`READ_AHEAD` chunks behind; or, its rows all ended, free it."""
         try:
             if self._still_live(batch):
                 self._step(batch)
@@ -375,8 +378,8 @@ class Batcher:
             self.pool.submit(self._drive)
 
     def _resume(self, batch: _Batch) -> None:
-        """Queue the next step of ``batch`` if it waits for readers that are now within
-        :data:`READ_AHEAD` (or gone)."""
+        """Queue the next step of ``batch`` if it waits for its readers and one of them is
+        now within :data:`READ_AHEAD` (or gone)."""
         with self._lock:
             if batch.stepping or batch.over or _behind(batch):
                 return
@@ -477,9 +480,11 @@ class Batcher:
 
 
 def _behind(batch: _Batch) -> bool:
-    """Whether ``batch`` should wait for a reader (under the lock): one is READ_AHEAD chunks
-    behind, and no row has left (a row that left is dropped first, as its stream waits)."""
-    return not any(r.left for r in batch.live) and any(r.unread >= READ_AHEAD for r in batch.live)
+    """Whether ``batch`` should wait for its readers (under the lock): every live row's is
+    READ_AHEAD chunks behind, and no row has left (a row that left is dropped first, as its
+    stream waits).  One reader keeping up is enough to step on."""
+    live = batch.live
+    return bool(live) and not any(r.left for r in live) and all(r.unread >= READ_AHEAD for r in live)
 
 
 def _late(row: Row) -> bool:
