@@ -351,21 +351,25 @@ def test_a_step_waiting_for_a_thread_when_the_model_closes_ends_the_stream_as_ca
     budget, never with a CancelledError the caller did not ask for."""
     model = load_language_model(decoder_dir, _members(decoder_dir), LLM_CARD, Limits(256, 64, 4096, 5.0),
                                 intra_op_threads=1, decode_threads=1)
-    release = threading.Event()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait()
 
     async def main() -> tuple[list[Chunk], list[Chunk]]:
         running = model.generate(PROMPT, Sampling(max_tokens=64, temperature=0))
         first = [await anext(running)]
-        model._pool.submit(release.wait)  # the one decode thread is busy: the next steps queue
+        model._pool.submit(hold)  # the one decode thread is busy: the next steps queue
         queued = model.generate(PROMPT, Sampling(max_tokens=8))
         waiting = asyncio.ensure_future(_collect(queued))  # its prefill waits for the thread
         rest = asyncio.ensure_future(_collect(running))  # its next step waits too
-        queued = model._pool._work_queue  # type: ignore[attr-defined]
-        for _ in range(500):  # both steps queued behind the busy thread, however loaded the machine
-            if queued.qsize() >= 2:
+        work = model._pool._work_queue  # type: ignore[attr-defined]
+        for _ in range(3000):  # both queued behind the held thread, however loaded the machine
+            if holding.is_set() and model.active_sequences == 2 and work.qsize() >= 2:
                 break
             await asyncio.sleep(0.01)
-        assert queued.qsize() >= 2
+        assert holding.is_set() and model.active_sequences == 2 and work.qsize() >= 2
         model.close()
         release.set()
         return await waiting, first + await rest
