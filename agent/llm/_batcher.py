@@ -1,4 +1,4 @@
-"""Requests to one language model decoded together: static batches of one ``og.Generator``.
+"""Requests to one language model decoded together: static batches of one ``oga.Generator``.
 
 A request becomes a :class:`Row`: it waits in a queue until a decode thread is free, then that
 thread takes it with the other waiting rows it may share a batch with (equal search options,
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import onnxruntime_genai as og
 
 from agent.errors import NotFoundError
+from agent.llm import oga
 from agent.llm.budget import KvBudget
 from agent.llm.stops import StopScanner
 from agent.llm.types import Chunk, FinishReason
@@ -174,7 +174,7 @@ class Batcher:
         """A generator that has taken ``prompts`` (one row each, right-padded with the pad
         id as ``Tokenizer.encode_batch`` pads them), with room for ``new`` tokens per row."""
         longest = max(len(p) for p in prompts)
-        params = og.GeneratorParams(self._model)
+        params = oga.GeneratorParams(self._model)
         if len(prompts) == 1:
             params.set_search_options(**options, max_length=longest + new)
             tokens = np.asarray(prompts[0], dtype=np.int32)
@@ -183,7 +183,7 @@ class Batcher:
             tokens = np.full((len(prompts), longest), self._pad, dtype=np.int32)
             for i, prompt in enumerate(prompts):
                 tokens[i, :len(prompt)] = prompt
-        generator = og.Generator(self._model, params)
+        generator = oga.Generator(self._model, params)
         generator.append_tokens(tokens)
         return generator
 

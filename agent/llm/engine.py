@@ -1,6 +1,6 @@
 """A decoder LLM served with onnxruntime-genai: the :class:`~agent.llm.types.LanguageModel`.
 
-Requests are decoded in static batches (one ``og.Generator`` with ``batch_size`` N) by the
+Requests are decoded in static batches (one ``oga.Generator`` with ``batch_size`` N) by the
 model's :mod:`~agent.llm._batcher`: requests with equal search options that wait when a decode
 thread becomes free are decoded together, a seeded one alone.  Steps (the prefill, then one
 token for every row) run on the model's decode threads, never on the event loop; the caller
@@ -36,9 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnxruntime_genai as og
-
 from agent.errors import BundleError, InferenceError, NotFoundError
+from agent.llm import oga
 from agent.llm._batcher import Batcher, BatchStats
 from agent.llm.budget import KvBudget
 from agent.llm.types import Chunk, Message, ModelCard, Sampling
@@ -78,15 +77,15 @@ class Limits:
 
 
 def open_genai_model(folder: Path, providers: Sequence[str] = (), intra_op_threads: int = 0) -> Any:
-    """An ``og.Model`` from a checked model folder, on CUDA when it is usable here (and
-    allowed by ``providers``), else the CPU, asking for no provider whose libraries do not
-    load (which would log a loud error).
+    """An ``oga.Model`` (onnxruntime-genai through :mod:`agent.llm.oga`) from a checked model
+    folder, on CUDA when it is usable here (and allowed by ``providers``), else the CPU, asking
+    for no provider whose libraries do not load (which would log a loud error).
 
     Raises:
         BundleError: onnxruntime-genai cannot load the folder.
     """
     allowed = [p for p in usable_providers() if not providers or p in providers]
-    config = og.Config(str(folder))
+    config = oga.Config(str(folder))
     config.clear_providers()
     if CUDA in allowed:
         config.append_provider("cuda")
@@ -96,7 +95,7 @@ def open_genai_model(folder: Path, providers: Sequence[str] = (), intra_op_threa
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
         "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
     try:
-        return og.Model(config)
+        return oga.Model(config)
     except RuntimeError as exc:
         raise BundleError(f"{folder}: onnxruntime-genai cannot load the model: {exc}") from None
 
@@ -108,7 +107,7 @@ class GenaiLanguageModel:
         self.card = card
         self.limits = limits
         self._model = model
-        self._tokenizer = og.Tokenizer(model)
+        self._tokenizer = oga.Tokenizer(model)
         self.budget = KvBudget(limits.kv_budget_tokens, card.name)
         self._batcher = Batcher(model, self._tokenizer, self.budget, name=card.name,
                                 context_length=limits.context_length, max_batch=limits.max_batch,
