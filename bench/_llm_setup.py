@@ -55,11 +55,17 @@ def describe(shape: DecoderShape, args: argparse.Namespace) -> str:
             f"{args.tokens} tokens; {args.runs} runs; medians")
 
 
+def open_baseline(folder: Path) -> og.Model:
+    """The decoder opened with onnxruntime-genai's own Python module, with the session options
+    the engine gives it (the engine calls the same library through agent.llm.oga)."""
+    return open_genai_model(folder, binding=og)
+
+
 def open_engine(folder: Path, tokens: int) -> tuple[og.Model, GenaiLanguageModel]:
-    """The decoder opened with onnxruntime-genai, and the agent's engine over that model."""
-    model = open_genai_model(folder)
+    """The decoder opened for the baseline, and the agent's engine over its own copy."""
     card = ModelCard("bench", "1.0.0", "llm", CONTEXT, 0, "fp32", 0)
-    return model, GenaiLanguageModel(model, card, Limits(CONTEXT, tokens, CONTEXT * 16, 60.0))
+    engine = GenaiLanguageModel(open_genai_model(folder), card, Limits(CONTEXT, tokens, CONTEXT * 16, 60.0))
+    return open_baseline(folder), engine
 
 
 def og_in_process(model: og.Model, tokens: int, batch: int = 1) -> tuple[float, int, float]:

@@ -43,7 +43,6 @@ import onnxruntime_genai as og
 import openai
 from onnx import numpy_helper
 
-from agent.llm.engine import open_genai_model
 from bench._llm_setup import (
     PROMPT,
     arguments,
@@ -53,6 +52,7 @@ from bench._llm_setup import (
     median_rate,
     og_greedy,
     og_in_process,
+    open_baseline,
     shape_of,
     stream_completion,
 )
@@ -178,7 +178,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = write_decoder(work / "llm", shape)
-        model = open_genai_model(folder)
+        model = open_baseline(folder)
         gguf = None
         if python:
             (work / "gguf").mkdir()

@@ -76,16 +76,18 @@ class Limits:
                              f"({self.kv_budget_tokens})")
 
 
-def open_genai_model(folder: Path, providers: Sequence[str] = (), intra_op_threads: int = 0) -> Any:
+def open_genai_model(folder: Path, providers: Sequence[str] = (), intra_op_threads: int = 0,
+                     binding: Any = oga) -> Any:
     """An ``oga.Model`` (onnxruntime-genai through :mod:`agent.llm.oga`) from a checked model
     folder, on CUDA when it is usable here (and allowed by ``providers``), else the CPU, asking
-    for no provider whose libraries do not load (which would log a loud error).
+    for no provider whose libraries do not load (which would log a loud error).  ``binding``:
+    :mod:`agent.llm.oga`, or onnxruntime-genai's own Python module for a baseline (benchmarks).
 
     Raises:
         BundleError: onnxruntime-genai cannot load the folder.
     """
     allowed = [p for p in usable_providers() if not providers or p in providers]
-    config = oga.Config(str(folder))
+    config = binding.Config(str(folder))
     config.clear_providers()
     if CUDA in allowed:
         config.append_provider("cuda")
@@ -95,7 +97,7 @@ def open_genai_model(folder: Path, providers: Sequence[str] = (), intra_op_threa
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
         "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
     try:
-        return oga.Model(config)
+        return binding.Model(config)
     except RuntimeError as exc:
         raise BundleError(f"{folder}: onnxruntime-genai cannot load the model: {exc}") from None
 
