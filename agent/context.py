@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the components import this module; the context only names t
     from agent.inference.repository import ModelRepository
     from agent.inference.service import InferenceServicer
     from agent.llm.types import GenerativeModels
-    from agent.security import RevocationList
+    from agent.security import CallLimits, RevocationList
     from agent.updates.manager import UpdateManager
     from agent.updates.service import UpdatesComponent
     from agent.workers import WorkerLink
@@ -45,6 +45,7 @@ class AgentContext:
     # runs first (a test may publish its own before either).
     events: EventLog | None = None
     revocation: RevocationList | None = None  # the site CRL in force, one list for every port
+    call_limits: CallLimits | None = None  # calls in progress, one count for every port
     # Published by agent.health.service.attach (a test may publish one on a fake NVML first).
     sampler: Sampler | None = None
     health_collector: NodeCollector | None = None

@@ -739,7 +739,10 @@ async def _checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIte
 
 class CallLimits:
     """Calls in progress per peer address and overall, against ``[limits]``'s
-    ``max_calls_per_peer`` and ``max_concurrent_rpcs``; each port counts its own."""
+    ``max_calls_per_peer`` and ``max_concurrent_rpcs``.  One count for the process's ports:
+    the gRPC port's interceptor makes it and the HTTPS port's :class:`~agent.web.app.Surface`
+    takes it (``AgentContext.call_limits``), so a peer's calls on both ports add up.  Used on
+    the event loop only."""
 
     def __init__(self, limits: LimitsSection) -> None:
         self._per_peer = limits.max_calls_per_peer
@@ -794,6 +797,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def revocation(self) -> RevocationList | None:
         """The site CRL this interceptor enforces (None without TLS or without a CRL)."""
         return self._crl
+
+    @property
+    def call_limits(self) -> CallLimits:
+        """The calls in progress this interceptor counts (the HTTPS port counts into it too)."""
+        return self._limits
 
     def attach(self, events: Any, held_path: Path) -> None:
         """Once the agent's event log exists: CRL refusals become events, and the CRL in force

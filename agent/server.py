@@ -120,6 +120,7 @@ async def build_server(config: AgentConfig, worker: WorkerLink | None = None,
         if isinstance(guard, security.AccessInterceptor):
             guard.attach(ctx.events, ctx.layout.crl_in_force)
             ctx.revocation = guard.revocation
+            ctx.call_limits = guard.call_limits
     names.append(reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=_reflection_pool(names))
     return server, ctx, names

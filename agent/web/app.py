@@ -104,10 +104,11 @@ class Surface:
     """Access and error translation for the HTTPS port's routes (an aiohttp middleware)."""
 
     def __init__(self, tls: ClientTls | None, loopback_role: str | None, limits: LimitsSection,
-                 max_body: int) -> None:
+                 max_body: int, calls: CallLimits | None = None) -> None:
+        """``calls``: the gRPC port's count of calls in progress, to share; else its own."""
         self._tls = tls
         self._loopback = Identity(subject="loopback (no TLS)", serial=None, role=loopback_role)
-        self._limits = CallLimits(limits)
+        self._limits = calls if calls is not None else CallLimits(limits)
         self._max_body = max_body
         # One entry per TLS connection, gone with it: the certificate is parsed once.
         self._connections: weakref.WeakKeyDictionary[ssl.SSLObject, Identity] = weakref.WeakKeyDictionary()

@@ -44,7 +44,8 @@ async def start(ctx: AgentContext, host: str) -> web.AppRunner | None:
         return None
     tls = security.client_tls(config, ctx.revocation)
     loopback_role = None if config.tls.loopback_role == "none" else config.tls.loopback_role
-    app = build_app(ctx, Surface(tls, loopback_role, config.limits, config.server.max_message_bytes))
+    app = build_app(ctx, Surface(tls, loopback_role, config.limits, config.server.max_message_bytes,
+                                 ctx.call_limits))
     try:
         runner = await start_http(app, host, port, tls, config.server.grace_period_s)
     except OSError as exc:
