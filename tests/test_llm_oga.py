@@ -8,6 +8,7 @@ import gc
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,55 @@ print("stepped")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "stepped"
     assert "leaked" not in proc.stderr and "OGA Error" not in proc.stderr, proc.stderr
+
+
+def _holding(lock: object) -> tuple[threading.Thread, threading.Event, threading.Event]:
+    """A thread that holds ``lock`` (a family's guard) until told to let go."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:  # type: ignore[attr-defined]
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(30)
+    return thread, held, release
+
+
+def test_tokenizing_does_not_wait_for_the_models_calls(both: tuple[oga.Model, object]) -> None:
+    """A decode step holds its model's lock (as long as the step takes); the tokenizer has its
+    own, so a prompt is tokenized on the event loop meanwhile."""
+    model = both[0]
+    tokenizer = oga.Tokenizer(model)
+    thread, _, release = _holding(model.lock)  # as a step in progress would
+    try:
+        done: list[list[int]] = []
+        worker = threading.Thread(target=lambda: done.append([int(t) for t in tokenizer.encode(PROMPTS[0])]))
+        worker.start()
+        worker.join(30)
+        assert done == [[int(t) for t in og.Tokenizer(both[1]).encode(PROMPTS[0])]]
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_an_object_collected_while_another_thread_holds_its_lock_is_destroyed_by_the_next_holder(
+        both: tuple[oga.Model, object]) -> None:
+    """No collection waits for a lock (two threads collecting each other's objects would
+    deadlock): the native generator is destroyed by the next call on its model."""
+    model = both[0]
+    params = oga.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=16)
+    generator = oga.Generator(model, params)
+    thread, _, release = _holding(model.lock)
+    try:
+        del generator  # collected here, in this thread, while the other holds the model's lock
+        gc.collect()
+        assert len(model.lock._later) == 1  # not destroyed, not waited for
+    finally:
+        release.set()
+        thread.join()
+    oga.GeneratorParams(model).close()  # the next call on the model destroys it first
+    assert model.lock._later == []

@@ -16,9 +16,12 @@ one when it is garbage-collected, and keeps the objects it was made from alive a
 lives (a generator its model, a tokenizer stream its tokenizer).  Errors from the library are
 raised as ``RuntimeError`` with its message, as the Python binding raises them.
 
-Thread safety is the library's: one object must not be used by two threads at once (the
-batcher steps a generator from one thread at a time); different generators of one model may
-step at once.
+Threads: the C API is documented as not thread-safe, and the Python binding never ran two
+calls at once (the GIL serialised them).  Letting go of the GIL must not change that, so calls
+are serialised here instead, without blocking Python: every call on a model, its generator
+parameters and generators holds the model's lock; every call on a tokenizer and its streams
+holds the tokenizer's (tokenizing a prompt on the event loop does not wait for a decode step).
+Python code runs beside any of them; two decode steps of one model take turns, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
+import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,16 +116,58 @@ def _text(data: bytes | None) -> str:
     return (data or b"").decode("utf-8", "replace")
 
 
+class _Guard:
+    """A family's lock (re-entrant), and the native objects of the family collected while
+    another thread held it: destroyed by the next holder, so that a garbage collection never
+    waits for a lock (two threads collecting each other's objects would deadlock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._later: list[tuple[str, int]] = []
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._flush()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def _flush(self) -> None:
+        while self._later:
+            destroy, pointer = self._later.pop()
+            getattr(library(), destroy)(pointer)
+
+    def destroy_soon(self, destroy: str, pointer: int) -> None:
+        """Destroy now if the lock is free (or this thread's), after any left before (users
+        before what they use: a family's model goes last), else at the next holder's turn."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._flush()
+                getattr(library(), destroy)(pointer)
+            finally:
+                self._lock.release()
+        else:
+            self._later.append((destroy, pointer))
+
+
 class _Handle:
-    """A native object, destroyed once, when this is collected (or by :meth:`close`)."""
+    """A native object, destroyed once, when this is collected (or by :meth:`close`); its
+    calls hold ``guard`` (its family's lock, see the module docstring)."""
 
     _destroy = ""
     _ptr: int | None = None  # also when __init__ failed before it had one
+    guard: _Guard | None = None  # set by __init__ (its own, or its family's)
 
-    def __init__(self, pointer: int | None, *keep: object) -> None:
+    def __init__(self, pointer: int | None, *keep: object, guard: _Guard | None = None) -> None:
+        self.guard = guard or _Guard()
         self._ptr = pointer
         self._keep = keep  # what must outlive the native object
         _live.add(self)
+
+    @property
+    def lock(self) -> _Guard:
+        assert self.guard is not None
+        return self.guard
 
     @property
     def ptr(self) -> int:
@@ -132,10 +178,13 @@ class _Handle:
     def close(self) -> None:
         pointer, self._ptr = self._ptr, None
         if pointer:
-            getattr(library(), self._destroy)(pointer)
+            with self.lock:
+                getattr(library(), self._destroy)(pointer)
 
     def __del__(self) -> None:
-        self.close()
+        pointer, self._ptr = self._ptr, None
+        if pointer and self.guard is not None:
+            self.guard.destroy_soon(self._destroy, pointer)
 
 
 _live: weakref.WeakSet[_Handle] = weakref.WeakSet()
@@ -204,24 +253,29 @@ class Tokenizer(_Handle):
     _destroy = "OgaDestroyTokenizer"
 
     def __init__(self, model: Model) -> None:
-        super().__init__(_create(library().OgaCreateTokenizer, model.ptr), model)
+        with model.lock:
+            pointer = _create(library().OgaCreateTokenizer, model.ptr)
+        super().__init__(pointer, model)
 
     @property
     def eos_token_ids(self) -> list[int]:
         data, count = _I32P(), ctypes.c_size_t()
-        _check(library().OgaTokenizerGetEosTokenIds(self.ptr, ctypes.byref(data), ctypes.byref(count)))
-        return [int(data[i]) for i in range(count.value)]
+        with self.lock:
+            _check(library().OgaTokenizerGetEosTokenIds(self.ptr, ctypes.byref(data), ctypes.byref(count)))
+            return [int(data[i]) for i in range(count.value)]
 
     @property
     def pad_token_id(self) -> int:
         token = ctypes.c_int32()
-        _check(library().OgaTokenizerGetPadTokenId(self.ptr, ctypes.byref(token)))
+        with self.lock:
+            _check(library().OgaTokenizerGetPadTokenId(self.ptr, ctypes.byref(token)))
         return int(token.value)
 
     def encode(self, text: str) -> np.ndarray[Any, np.dtype[np.int32]]:
         sequences = _Sequences()
         try:
-            _check(library().OgaTokenizerEncode(self.ptr, text.encode("utf-8", "replace"), sequences.ptr))
+            with self.lock:
+                _check(library().OgaTokenizerEncode(self.ptr, text.encode("utf-8", "replace"), sequences.ptr))
             return sequences.first()
         finally:
             sequences.close()
@@ -239,7 +293,8 @@ class Tokenizer(_Handle):
     def _owned_string(self, fn: Any, *args: object) -> str:
         """The string ``fn`` returns, which the caller must destroy."""
         lib, out = library(), _P()
-        _check(fn(self.ptr, *args, ctypes.byref(out)))
+        with self.lock:
+            _check(fn(self.ptr, *args, ctypes.byref(out)))
         if not out.value:
             return ""
         try:
@@ -257,28 +312,35 @@ class TokenizerStream(_Handle):
     _destroy = "OgaDestroyTokenizerStream"
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        super().__init__(_create(library().OgaCreateTokenizerStream, tokenizer.ptr), tokenizer)
+        with tokenizer.lock:
+            pointer = _create(library().OgaCreateTokenizerStream, tokenizer.ptr)
+        super().__init__(pointer, tokenizer, guard=tokenizer.lock)
 
     def decode(self, token: int) -> str:
         out = ctypes.c_char_p()  # the stream's own, valid until its next decode
-        _check(library().OgaTokenizerStreamDecode(self.ptr, int(token), ctypes.byref(out)))
-        return _text(out.value)
+        with self.lock:
+            _check(library().OgaTokenizerStreamDecode(self.ptr, int(token), ctypes.byref(out)))
+            return _text(out.value)
 
 
 class GeneratorParams(_Handle):
     _destroy = "OgaDestroyGeneratorParams"
 
     def __init__(self, model: Model) -> None:
-        super().__init__(_create(library().OgaCreateGeneratorParams, model.ptr), model)
+        with model.lock:
+            pointer = _create(library().OgaCreateGeneratorParams, model.ptr)
+        super().__init__(pointer, model, guard=model.lock)
 
     def set_search_options(self, **options: bool | int | float) -> None:
         """As the Python binding's: a bool goes as a bool option, a number as a number."""
         lib = library()
         for name, value in options.items():
             if isinstance(value, bool):
-                _check(lib.OgaGeneratorParamsSetSearchBool(self.ptr, name.encode(), value))
+                with self.lock:
+                    _check(lib.OgaGeneratorParamsSetSearchBool(self.ptr, name.encode(), value))
             elif isinstance(value, int | float):
-                _check(lib.OgaGeneratorParamsSetSearchNumber(self.ptr, name.encode(), float(value)))
+                with self.lock:
+                    _check(lib.OgaGeneratorParamsSetSearchNumber(self.ptr, name.encode(), float(value)))
             else:
                 raise TypeError(f"search option {name}: {type(value).__name__} is not a bool or number")
 
@@ -289,21 +351,29 @@ class Generator(_Handle):
     _destroy = "OgaDestroyGenerator"
 
     def __init__(self, model: Model, params: GeneratorParams) -> None:
-        super().__init__(_create(library().OgaCreateGenerator, model.ptr, params.ptr), model)
+        with model.lock:
+            pointer = _create(library().OgaCreateGenerator, model.ptr, params.ptr)
+        super().__init__(pointer, model, guard=model.lock)
 
     def append_tokens(self, tokens: np.ndarray[Any, Any]) -> None:
         """Prompt tokens: one row, or one per sequence (``[batch, length]``, padded)."""
         flat = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
-        _check(library().OgaGenerator_AppendTokens(self.ptr, flat.ctypes.data_as(_I32P), flat.size))
+        with self.lock:
+            _check(library().OgaGenerator_AppendTokens(self.ptr, flat.ctypes.data_as(_I32P), flat.size))
 
     def generate_next_token(self) -> None:
-        _check(library().OgaGenerator_GenerateNextToken(self.ptr))
+        with self.lock:
+            _check(library().OgaGenerator_GenerateNextToken(self.ptr))
 
     def get_next_tokens(self) -> np.ndarray[Any, np.dtype[np.int32]]:
         """The token each sequence took in the last step."""
         data, count = _I32P(), ctypes.c_size_t()
-        _check(library().OgaGenerator_GetNextTokens(self.ptr, ctypes.byref(data), ctypes.byref(count)))
-        return np.ctypeslib.as_array(data, shape=(count.value,)).copy()
+        with self.lock:
+            _check(library().OgaGenerator_GetNextTokens(self.ptr, ctypes.byref(data), ctypes.byref(count)))
+            if not count.value:
+                return np.zeros(0, dtype=np.int32)
+            return np.ctypeslib.as_array(data, shape=(count.value,)).copy()
 
     def is_done(self) -> bool:
-        return bool(library().OgaGenerator_IsDone(self.ptr))
+        with self.lock:
+            return bool(library().OgaGenerator_IsDone(self.ptr))
