@@ -34,7 +34,7 @@ import numpy as np
 
 from agent.dtypes import by_kserve
 from agent.errors import BundleError, NotFoundError, VerificationError
-from agent.fsutil import OnePassReader, copy_verified
+from agent.fsutil import OnePassReader, copy_verified, read_tar_once
 
 __all__ = [
     "FORMAT",
@@ -555,20 +555,10 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def _walk(path: Path, dest: Path | None) -> Bundle:
-    """One read of a bundle file through :class:`OnePassReader`: tarfile parses the headers
-    from its buffers, members are hashed (and written into ``dest``) from the same buffers,
-    and the whole file is hashed on the way."""
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such bundle file")
-    try:
-        with path.open("rb", buffering=0) as raw, OnePassReader(raw) as reader:
-            with tarfile.open(fileobj=reader, mode="r:") as tar:  # type: ignore[call-overload]
-                manifest = _walk_members(tar, reader, path, dest)
-            sha256, length = reader.finish()
-    except tarfile.TarError as exc:
-        raise BundleError(f"{path}: not a model bundle (unreadable archive: {exc})") from None
-    except io.UnsupportedOperation as exc:  # a negative size, an offset behind what was read
-        raise BundleError(f"{path}: not a model bundle ({exc})") from None
+    """One read of a bundle file (:func:`~agent.fsutil.read_tar_once`): members are checked,
+    hashed (and written into ``dest``) as they come, and the whole file is hashed on the way."""
+    manifest, sha256, length = read_tar_once(
+        path, lambda tar, reader: _walk_members(tar, reader, path, dest), "model bundle")
     return Bundle(path, manifest, sha256, length)
 
 

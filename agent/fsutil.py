@@ -15,17 +15,20 @@ import hashlib
 import io
 import os
 import queue
+import tarfile
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Protocol
+from typing import IO, Protocol, TypeVar
 
-from agent.errors import VerificationError
+from agent.errors import BundleError, NotFoundError, VerificationError
 
 __all__ = ["OnePassReader", "atomic_write", "atomic_write_bytes", "atomic_write_text", "copy_verified",
-           "file_sha256", "fsync_dir", "fsync_tree", "stream_sha256"]
+           "file_sha256", "fsync_dir", "fsync_tree", "read_tar_once", "stream_sha256"]
+
+T = TypeVar("T")
 
 
 def fsync_dir(path: Path) -> None:
@@ -324,3 +327,28 @@ class OnePassReader:
             pass
         self._pos = self._end()
         return self._whole.hexdigest(), self._end()
+
+
+def read_tar_once(path: Path, walk: Callable[[tarfile.TarFile, OnePassReader], T],
+                  what: str) -> tuple[T, str, int]:
+    """Read the uncompressed tar file ``path`` once through :class:`OnePassReader`: ``walk``
+    gets the archive (its headers parsed from the reader's buffers) and the reader (members
+    hashed, and written, from the same buffers).  Returns what ``walk`` returned, and the whole
+    file's sha256 and length.
+
+    Raises:
+        NotFoundError: ``path`` is not a file.
+        BundleError: the archive cannot be read ("not a {what}"), and what ``walk`` raises.
+    """
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such bundle file")
+    try:
+        with path.open("rb", buffering=0) as raw, OnePassReader(raw) as reader:
+            with tarfile.open(fileobj=reader, mode="r:") as tar:  # type: ignore[call-overload]
+                result = walk(tar, reader)
+            sha256, length = reader.finish()
+    except tarfile.TarError as exc:
+        raise BundleError(f"{path}: not a {what} (unreadable archive: {exc})") from None
+    except io.UnsupportedOperation as exc:  # a negative size, an offset behind what was read
+        raise BundleError(f"{path}: not a {what} ({exc})") from None
+    return result, sha256, length

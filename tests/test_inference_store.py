@@ -19,7 +19,7 @@ from agent.inference.repository import ModelRepository
 from agent.inference.tensors import TYPED_FIELD, decode_inputs, encode_output, serialize_bytes
 from agent.proto import grpc_service_pb2 as pb
 from provisioning.demo.models import affine_model
-from testsupport.inference_support import make_bundle, with_wrong_golden
+from testsupport.inference_support import bytes_read, make_bundle, with_wrong_golden
 
 
 def _repo(tmp_path: Path) -> ModelRepository:
@@ -228,15 +228,6 @@ def _big_bundle(tmp_path: Path, **change: Any) -> Path:
     return out
 
 
-def _bytes_read() -> int | None:
-    """Bytes this process has read through system calls so far (``rchar``), if the kernel says."""
-    try:
-        lines = Path("/proc/self/io").read_text().splitlines()
-    except OSError:
-        return None
-    return next((int(ln.split()[1]) for ln in lines if ln.startswith("rchar:")), None)
-
-
 def _no_check(manifest: Any, model: bytes, golden: Any) -> None:
     pass
 
@@ -250,11 +241,11 @@ def test_an_install_reads_the_bundle_once_and_records_the_hash_of_those_bytes(tm
 
     bundle = _big_bundle(tmp_path)
     size = bundle.stat().st_size
-    before = _bytes_read()
+    before = bytes_read()
     if before is None:
         pytest.skip("no read accounting in /proc/self/io here")
     installed = ModelStore(tmp_path / "state").install(bundle, _no_check)
-    read = (_bytes_read() or 0) - before
+    read = (bytes_read() or 0) - before
     assert size < read < 2.2 * size, f"{read} bytes read for a {size}-byte bundle"
     assert installed.sha256 == hashlib.sha256(bundle.read_bytes()).hexdigest()
     assert installed.length == size

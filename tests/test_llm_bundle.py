@@ -25,6 +25,7 @@ from agent.llm.bundle import MAX_CONTEXT, extract_bundle_hashed, read_gen_manife
 from agent.llm.types import Sampling
 from provisioning.demo.llm_models import write_decoder, write_encoder
 from provisioning.genbundle import create_generative_bundle
+from testsupport.inference_support import bytes_read
 
 LIMITS: dict[str, Any] = {"context_length": 256, "max_tokens": 64, "kv_budget_tokens": 2048}
 
@@ -359,26 +360,17 @@ def test_bundle_changed_after_signing_is_refused(llm_bundle: Path, tmp_path: Pat
     assert _store_files(state) == before
 
 
-def _bytes_read() -> int | None:
-    """Bytes this process has read through system calls so far (``rchar``), if the kernel says."""
-    try:
-        lines = Path("/proc/self/io").read_text().splitlines()
-    except OSError:
-        return None
-    return next((int(ln.split()[1]) for ln in lines if ln.startswith("rchar:")), None)
-
-
 def test_an_install_reads_the_bundle_once(llm_bundle: Path, tmp_path: Path) -> None:
     """Hashing and unpacking share one read of the file (weights are gigabytes); only the
     manifest, the archive's first member, is read before it."""
     store = ModelStore(tmp_path)
     size = llm_bundle.stat().st_size
     assert size > 500_000  # the manifest's few KiB must not matter below
-    before = _bytes_read()
+    before = bytes_read()
     if before is None:
         pytest.skip("no read accounting in /proc/self/io here")
     installed = store.install_generative(llm_bundle, lambda manifest, folder, at: None)
-    read = (_bytes_read() or 0) - before
+    read = (bytes_read() or 0) - before
     assert size <= read < 1.2 * size, f"{read} bytes read for a {size}-byte bundle"
     assert installed.sha256 == hashlib.sha256(llm_bundle.read_bytes()).hexdigest()
     assert installed.length == size

@@ -32,7 +32,7 @@ from typing import IO, Any, Literal
 
 from agent.bundle import FileEntry, parse_version, tar_entry, valid_name
 from agent.errors import BundleError, NotFoundError, VerificationError
-from agent.fsutil import OnePassReader, file_sha256
+from agent.fsutil import OnePassReader, file_sha256, read_tar_once
 from agent.modelrefs import safe_member_name
 
 __all__ = ["GEN_FORMAT", "GenManifest", "GoldenEmbedding", "GoldenPrompt", "LlmLimits", "Walked",
@@ -326,20 +326,10 @@ class Walked:
 
 
 def _walk(path: Path, dest: Path | None) -> Walked:
-    """Check a bundle file member by member in one pass, writing the members into ``dest``
-    when given and hashing the whole file on the way (from the same buffers)."""
-    origin = str(path)
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such bundle file")
-    try:
-        with path.open("rb", buffering=0) as raw, OnePassReader(raw) as reader:
-            with tarfile.open(fileobj=reader, mode="r:") as tar:  # type: ignore[call-overload]
-                manifest = _walk_members(tar, reader, path, dest)
-            return Walked(manifest, *reader.finish())
-    except tarfile.TarError as exc:
-        raise BundleError(f"{origin}: not a generative bundle (unreadable archive: {exc})") from None
-    except io.UnsupportedOperation as exc:  # a negative size, an offset behind what was read
-        raise BundleError(f"{origin}: not a generative bundle ({exc})") from None
+    """Check a bundle file member by member in one pass (:func:`~agent.fsutil.read_tar_once`),
+    writing the members into ``dest`` when given and hashing the whole file on the way."""
+    return Walked(*read_tar_once(
+        path, lambda tar, reader: _walk_members(tar, reader, path, dest), "generative bundle"))
 
 
 def _walk_members(tar: tarfile.TarFile, reader: OnePassReader, path: Path, dest: Path | None) -> GenManifest:
