@@ -88,6 +88,12 @@ def test_the_library_is_called_so_that_it_lets_go_of_the_gil() -> None:
     lib = oga.library()
     assert isinstance(lib, ctypes.CDLL) and not isinstance(lib, ctypes.PyDLL)
     assert Path(lib._name).parent == Path(og.__file__).resolve().parent  # the one the binding loaded
+    keeps_gil = ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
+    for slow in ("OgaGenerator_GenerateNextToken", "OgaGenerator_AppendTokens", "OgaCreateGenerator",
+                 "OgaTokenizerEncode", "OgaCreateModelFromConfig", "OgaDestroyGenerator"):
+        assert not getattr(lib, slow)._flags_ & keeps_gil, slow
+    for quick in ("OgaGenerator_GetNextTokens", "OgaGenerator_IsDone", "OgaTokenizerStreamDecode"):
+        assert getattr(lib, quick)._flags_ & keeps_gil, quick  # microseconds: not worth a GIL round trip
 
 
 def test_library_errors_are_runtime_errors_with_its_message(tmp_path: Path, decoder_dir: Path,

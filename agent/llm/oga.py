@@ -84,20 +84,33 @@ _SIGNATURES: tuple[tuple[str, list[Any], Any], ...] = (
 )
 
 
+# Calls that take microseconds keep the GIL (through ctypes.PyDLL): letting go of it and
+# taking it back costs more than they do, and each take-back may wait for the event loop.
+_QUICK = frozenset({
+    "OgaResultGetError", "OgaDestroyResult", "OgaDestroyString", "OgaConfigClearProviders",
+    "OgaConfigAppendProvider", "OgaTokenizerGetEosTokenIds", "OgaTokenizerGetPadTokenId",
+    "OgaTokenizerStreamDecode", "OgaCreateSequences", "OgaDestroySequences", "OgaSequencesCount",
+    "OgaSequencesGetSequenceCount", "OgaSequencesGetSequenceData", "OgaGeneratorParamsSetSearchNumber",
+    "OgaGeneratorParamsSetSearchBool", "OgaGenerator_IsDone", "OgaGenerator_GetNextTokens",
+})
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
     """``libonnxruntime-genai.so`` beside the Python module (the one it loaded), with the
-    signatures above declared.
+    signatures above declared; the :data:`_QUICK` calls keep the GIL, the others let go of it.
 
     Raises:
         RuntimeError: the library or one of its functions is missing.
     """
     path = Path(_og.__file__).resolve().parent / "libonnxruntime-genai.so"
     try:
-        lib = ctypes.CDLL(str(path))  # CDLL, not PyDLL: each call lets go of the GIL
+        lib = ctypes.CDLL(str(path))  # CDLL: a call lets go of the GIL
+        holding = ctypes.PyDLL(str(path))  # the same library, its calls keeping the GIL
         for name, argtypes, restype in _SIGNATURES:
-            fn = getattr(lib, name)
+            fn = getattr(holding if name in _QUICK else lib, name)
             fn.argtypes, fn.restype = argtypes, restype
+            setattr(lib, name, fn)
     except (OSError, AttributeError) as exc:
         raise RuntimeError(f"onnxruntime-genai's C API is not usable from {path}: {exc}") from None
     return lib
