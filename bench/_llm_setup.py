@@ -42,6 +42,9 @@ def arguments(doc: str | None) -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intra-op-threads", type=int, default=0,
+                    help="ONNX Runtime intra-op threads of every path (0: the agent's default, one "
+                         "per physical core); 1 leaves a core to the server and the client")
     return ap
 
 
@@ -51,21 +54,23 @@ def shape_of(args: argparse.Namespace, activation: Literal["relu", "gelu"] = "re
 
 
 def describe(shape: DecoderShape, args: argparse.Namespace) -> str:
+    threads = args.intra_op_threads or "default"
     return (f"decoder: {shape.layers} layers, hidden {shape.hidden}, {shape.activation} FFN; "
-            f"{args.tokens} tokens; {args.runs} runs; medians")
+            f"{args.tokens} tokens; {args.runs} runs; medians; intra-op threads {threads}")
 
 
-def open_baseline(folder: Path) -> og.Model:
+def open_baseline(folder: Path, threads: int = 0) -> og.Model:
     """The decoder opened with onnxruntime-genai's own Python module, with the session options
     the engine gives it (the engine calls the same library through agent.llm.oga)."""
-    return open_genai_model(folder, binding=og)
+    return open_genai_model(folder, intra_op_threads=threads, binding=og)
 
 
-def open_engine(folder: Path, tokens: int) -> tuple[og.Model, GenaiLanguageModel]:
+def open_engine(folder: Path, tokens: int, threads: int = 0) -> tuple[og.Model, GenaiLanguageModel]:
     """The decoder opened for the baseline, and the agent's engine over its own copy."""
     card = ModelCard("bench", "1.0.0", "llm", CONTEXT, 0, "fp32", 0)
-    engine = GenaiLanguageModel(open_genai_model(folder), card, Limits(CONTEXT, tokens, CONTEXT * 16, 60.0))
-    return open_baseline(folder), engine
+    engine = GenaiLanguageModel(open_genai_model(folder, intra_op_threads=threads), card,
+                                Limits(CONTEXT, tokens, CONTEXT * 16, 60.0))
+    return open_baseline(folder, threads), engine
 
 
 def og_in_process(model: og.Model, tokens: int, batch: int = 1) -> tuple[float, int, float]:
@@ -117,7 +122,7 @@ class Served:
 
 
 @contextmanager
-def https_agent(folder: Path, tokens: int) -> Iterator[Served]:
+def https_agent(folder: Path, tokens: int, threads: int = 0) -> Iterator[Served]:
     """A real agent process (``appliance agent serve``) with the decoder folder installed as a
     signed-off generative bundle named ``bench``, its HTTPS port on loopback, mTLS with a site
     PKI made here; the client certificate is the observer's."""
@@ -131,7 +136,8 @@ def https_agent(folder: Path, tokens: int) -> Iterator[Served]:
         state = work / "state"
         ModelRepository.for_state_dir(state, InferenceSection()).install(bundle)
         http_port = free_port()
-        agent = Agent(state, "--config", str(tls_config(work, pki)), "--model", "bench", http_port=http_port)
+        config = tls_config(work, pki, f"[inference]\nintra_op_threads = {threads}" if threads else "")
+        agent = Agent(state, "--config", str(config), "--model", "bench", http_port=http_port)
         try:
             ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
             d = pki / "issued" / "observer"

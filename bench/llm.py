@@ -60,7 +60,7 @@ def main() -> int:
     shape = shape_of(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_decoder(Path(tmp) / "llm", shape)
-        model, engine = open_engine(folder, args.tokens)
+        model, engine = open_engine(folder, args.tokens, args.intra_op_threads)
         og_in_process(model, 4)  # warm up
         asyncio.run(through_engine(engine, 4, 1))
         base, c1, c8 = [], [], []

@@ -53,8 +53,8 @@ def main() -> int:
     shape = shape_of(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_decoder(Path(tmp) / "llm", shape)
-        _, engine = open_engine(folder, args.tokens)
-        with https_agent(folder, args.tokens) as served:
+        _, engine = open_engine(folder, args.tokens, args.intra_op_threads)
+        with https_agent(folder, args.tokens, args.intra_op_threads) as served:
             client = served.client()
             try:
                 asyncio.run(in_process(engine, 4))  # warm up both paths

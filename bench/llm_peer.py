@@ -178,7 +178,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = write_decoder(work / "llm", shape)
-        model = open_baseline(folder)
+        model = open_baseline(folder, args.intra_op_threads)
         gguf = None
         if python:
             (work / "gguf").mkdir()
@@ -186,7 +186,7 @@ def main() -> int:
             print(f"greedy token ids, onnxruntime-genai vs llama.cpp ({args.check_tokens} tokens):")
             if not compare_greedy(python, model, gguf, args.check_tokens):
                 print("  NOT the same ids: the peer's figures are for a near, not the same, computation")
-        with (https_agent(folder, args.tokens) as served,
+        with (https_agent(folder, args.tokens, args.intra_op_threads) as served,
               _maybe_peer(python, gguf, work, args.peer_threads) as peer_url):
             def peer_client() -> openai.OpenAI:
                 return openai.OpenAI(base_url=peer_url, api_key="unused", max_retries=0,
