@@ -33,9 +33,14 @@ from provisioning.demo.llm_models import write_decoder
 TICK_S = 0.001
 
 
-def load(folder: Path, binding: Any, tokens: int) -> GenaiLanguageModel:
-    """The engine over ``binding`` (both modules name their classes alike)."""
+def use(binding: Any) -> None:
+    """Make the engine call ``binding`` (both modules name their classes alike)."""
     engine.oga = _batcher.oga = binding  # type: ignore[attr-defined]
+
+
+def load(folder: Path, binding: Any, tokens: int) -> GenaiLanguageModel:
+    """The engine over ``binding``."""
+    use(binding)
     card = ModelCard("bench", "1.0.0", "llm", CONTEXT, 0, "fp32", 0)
     return GenaiLanguageModel(open_genai_model(folder, binding=binding), card,
                               Limits(CONTEXT, tokens, CONTEXT * 16, 60.0), decode_threads=1)
@@ -66,18 +71,17 @@ async def one_run(model: GenaiLanguageModel, tokens: int) -> tuple[list[float], 
 def main() -> int:
     args = arguments(__doc__).parse_args()
     shape = shape_of(args)
-    results: dict[str, list[tuple[list[float], float]]] = {"agent.llm.oga (ctypes)": [],
-                                                          "onnxruntime_genai module": []}
+    bindings = {"agent.llm.oga (ctypes)": oga, "onnxruntime_genai module": og}
+    results: dict[str, list[tuple[list[float], float]]] = {name: [] for name in bindings}
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_decoder(Path(tmp) / "llm", shape)
-        models = {"agent.llm.oga (ctypes)": load(folder, oga, args.tokens),
-                  "onnxruntime_genai module": load(folder, og, args.tokens)}
+        models = {name: load(folder, b, args.tokens) for name, b in bindings.items()}
         for name, model in models.items():  # warm up
-            engine.oga = _batcher.oga = oga if "ctypes" in name else og  # type: ignore[attr-defined]
+            use(bindings[name])
             asyncio.run(one_run(model, 4))
         for _ in range(args.runs):
             for name, model in models.items():
-                engine.oga = _batcher.oga = oga if "ctypes" in name else og  # type: ignore[attr-defined]
+                use(bindings[name])
                 results[name].append(asyncio.run(one_run(model, args.tokens)))
         for model in models.values():
             model.close()

@@ -125,6 +125,11 @@ def _check(result: int | None) -> None:
         raise RuntimeError((message or b"onnxruntime-genai failed").decode("utf-8", "replace"))
 
 
+def _int32s(data: Any, count: int) -> np.ndarray[Any, np.dtype[np.int32]]:
+    """A copy of the library's ``count`` int32s at ``data`` (which it owns)."""
+    return np.ctypeslib.as_array(data, shape=(count,)).copy() if count else np.zeros(0, dtype=np.int32)
+
+
 def _text(data: bytes | None) -> str:
     return (data or b"").decode("utf-8", "replace")
 
@@ -165,22 +170,16 @@ class _Guard:
 
 class _Handle:
     """A native object, destroyed once, when this is collected (or by :meth:`close`); its
-    calls hold ``guard`` (its family's lock, see the module docstring)."""
+    calls hold ``lock`` (its family's, see the module docstring)."""
 
     _destroy = ""
     _ptr: int | None = None  # also when __init__ failed before it had one
-    guard: _Guard | None = None  # set by __init__ (its own, or its family's)
 
-    def __init__(self, pointer: int | None, *keep: object, guard: _Guard | None = None) -> None:
-        self.guard = guard or _Guard()
+    def __init__(self, pointer: int, *keep: object, guard: _Guard | None = None) -> None:
+        self.lock = guard or _Guard()  # its own, or its family's
         self._ptr = pointer
         self._keep = keep  # what must outlive the native object
         _live.add(self)
-
-    @property
-    def lock(self) -> _Guard:
-        assert self.guard is not None
-        return self.guard
 
     @property
     def ptr(self) -> int:
@@ -196,8 +195,8 @@ class _Handle:
 
     def __del__(self) -> None:
         pointer, self._ptr = self._ptr, None
-        if pointer and self.guard is not None:
-            self.guard.destroy_soon(self._destroy, pointer)
+        if pointer:  # set only after the lock
+            self.lock.destroy_soon(self._destroy, pointer)
 
 
 _live: weakref.WeakSet[_Handle] = weakref.WeakSet()
@@ -256,10 +255,9 @@ class _Sequences(_Handle):
     def first(self) -> np.ndarray[Any, np.dtype[np.int32]]:
         lib = library()
         if lib.OgaSequencesCount(self.ptr) == 0:
-            return np.zeros(0, dtype=np.int32)
+            return _int32s(None, 0)
         count = lib.OgaSequencesGetSequenceCount(self.ptr, 0)
-        data = lib.OgaSequencesGetSequenceData(self.ptr, 0)
-        return np.ctypeslib.as_array(data, shape=(count,)).copy() if count else np.zeros(0, dtype=np.int32)
+        return _int32s(lib.OgaSequencesGetSequenceData(self.ptr, 0), count)
 
 
 class Tokenizer(_Handle):
@@ -348,14 +346,13 @@ class GeneratorParams(_Handle):
         """As the Python binding's: a bool goes as a bool option, a number as a number."""
         lib = library()
         for name, value in options.items():
-            if isinstance(value, bool):
-                with self.lock:
-                    _check(lib.OgaGeneratorParamsSetSearchBool(self.ptr, name.encode(), value))
-            elif isinstance(value, int | float):
-                with self.lock:
-                    _check(lib.OgaGeneratorParamsSetSearchNumber(self.ptr, name.encode(), float(value)))
-            else:
+            if not isinstance(value, bool | int | float):
                 raise TypeError(f"search option {name}: {type(value).__name__} is not a bool or number")
+            with self.lock:
+                if isinstance(value, bool):
+                    _check(lib.OgaGeneratorParamsSetSearchBool(self.ptr, name.encode(), value))
+                else:
+                    _check(lib.OgaGeneratorParamsSetSearchNumber(self.ptr, name.encode(), float(value)))
 
 
 class Generator(_Handle):
@@ -383,9 +380,7 @@ class Generator(_Handle):
         data, count = _I32P(), ctypes.c_size_t()
         with self.lock:
             _check(library().OgaGenerator_GetNextTokens(self.ptr, ctypes.byref(data), ctypes.byref(count)))
-            if not count.value:
-                return np.zeros(0, dtype=np.int32)
-            return np.ctypeslib.as_array(data, shape=(count.value,)).copy()
+            return _int32s(data, count.value)
 
     def is_done(self) -> bool:
         with self.lock:
