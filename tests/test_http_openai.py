@@ -274,17 +274,51 @@ def test_audit_lines_and_metrics_carry_counts_not_text(client: openai.OpenAI,
     assert after[2] == before[2] + 1
 
 
-def test_raw_sse_framing_ends_with_done(port: HttpsPort, pki: Path) -> None:
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+@pytest.mark.parametrize("usage", [False, True])
+def test_raw_sse_events_are_whole_openai_chunks(port: HttpsPort, pki: Path, served: ServedGenerative,
+                                                route: str, usage: bool) -> None:
+    """Every event, read off the wire without the ``openai`` client, is one complete chunk
+    object of the kind OpenAI streams: the same id, object, created and model throughout."""
     ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     d = pki / "issued" / "observer"
     ctx.load_cert_chain(str(d / "observer.crt"), str(d / "observer.key"))
-    body = {"model": "tiny-llm", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
+    chat = route.startswith("chat")
+    body: dict[str, Any] = {"model": "tiny-llm", "max_tokens": 6, "temperature": 0, "stream": True}
+    body.update({"messages": [{"role": "user", "content": PROMPT}]} if chat else {"prompt": PROMPT})
+    if usage:
+        body["stream_options"] = {"include_usage": True}
     with httpx.Client(verify=ctx) as c:
-        r = c.post(f"https://localhost:{port.port}/v1/completions", json=body)
+        r = c.post(f"https://localhost:{port.port}/v1/{route}", json=body)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = [e for e in r.text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop")
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    if usage:
+        tail = chunks.pop()
+        assert tail["choices"] == [] and tail["usage"]["completion_tokens"] == 6
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    assert {(c["id"], c["object"], c["created"], c["model"]) for c in chunks} == \
+        {(chunks[0]["id"], kind, chunks[0]["created"], "tiny-llm")}
+    for c in chunks:
+        assert set(c) == {"id", "object", "created", "model", "choices"} | ({"usage"} if usage else set())
+        assert c.get("usage", None) is None
+        (choice,) = c["choices"]
+        assert set(choice) == {"index", "logprobs", "finish_reason", "delta" if chat else "text"}
+        assert choice["index"] == 0 and choice["logprobs"] is None
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert reasons[:-1] == [None] * (len(chunks) - 1) and reasons[-1] == "length"
+    if chat:
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        assert all(set(x) <= {"content"} for x in deltas[1:])
+        text = "".join(x.get("content", "") for x in deltas[1:])
+    else:
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+    llm = served.language_model("tiny-llm")
+    prompt = llm.chat_prompt([Message("user", PROMPT)]) if chat else PROMPT
+    want = _direct(port, llm, prompt, Sampling(max_tokens=6, temperature=0))
+    assert text == "".join(ch.text for ch in want)
 
 
 def test_base64_is_little_endian_float32(client: openai.OpenAI, port: HttpsPort, pki: Path) -> None:

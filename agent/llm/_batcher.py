@@ -226,18 +226,19 @@ class Batcher:
         Raises:
             Exception: what the runtime raised for the row's batch.
         """
-        # Chunks may be queued already: yield to the loop anyway, so that a stream draining
-        # them neither starves other tasks nor outruns a cancel.
-        await asyncio.sleep(0)
+        if not row.chunks.empty():
+            # Queued already: yield to the loop anyway, so that a stream draining its queue
+            # neither starves other tasks nor outruns a cancel.  (An empty queue yields below.)
+            await asyncio.sleep(0)
         waited = row.queue_s if row.batch is not None else time.monotonic() - row.asked
         cancelled = Chunk("", (), "cancelled", len(row.ids), sent, waited)
-        if self.closed:
-            return cancelled
-        wait = None if row.deadline is None else row.deadline - time.monotonic()
-        if wait is not None and wait <= 0:
+        if self.closed or (row.deadline is not None and time.monotonic() >= row.deadline):
             return cancelled
         try:
-            item = await asyncio.wait_for(row.chunks.get(), wait)
+            # A timeout on this task, not wait_for's task per chunk: one turn of the loop per
+            # token at concurrency 1 (row.deadline is time.monotonic() based, as is the loop's clock).
+            async with asyncio.timeout_at(row.deadline):
+                item = await row.chunks.get()
         except TimeoutError:
             return cancelled
         if isinstance(item, Exception):

@@ -104,7 +104,7 @@ async def _closing(chunks: AsyncIterator[Chunk]) -> AsyncIterator[AsyncIterator[
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    text = data if isinstance(data, str) else _dumps(data)
     return f"data: {text}\n\n".encode()
 
 
@@ -203,6 +203,7 @@ class OpenAiRoutes:
         chat = call.operation == "chat"
         head = {"id": _id(chat), "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": call.model}
+        frames = _Frames(head, chat, include_usage)
         first = await anext(chunks, None)  # errors before the first token are plain HTTP errors
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
@@ -210,16 +211,12 @@ class OpenAiRoutes:
         try:
             await resp.prepare(request)
             if chat:
-                await resp.write(_sse(_chunk(head, {"role": "assistant", "content": ""}, None,
-                                             include_usage)))
+                await resp.write(frames.role)
             while chunk is not None:
                 call.saw(chunk)
                 reason = None if chunk.finish_reason is None else _FINISH[chunk.finish_reason]
                 if chunk.text or reason is not None:
-                    payload: Any = chunk.text
-                    if chat:
-                        payload = {"content": chunk.text} if chunk.text else {}
-                    await resp.write(_sse(_chunk(head, payload, reason, include_usage)))
+                    await resp.write(frames.piece(chunk.text, reason))
                 chunk = await anext(chunks, None)
             if include_usage:
                 await resp.write(_sse({**head, "choices": [], "usage": call.usage()}))
@@ -273,13 +270,26 @@ def _id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
 
 
-def _chunk(head: dict[str, Any], payload: Any, reason: str | None, include_usage: bool) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-    if isinstance(payload, dict):
-        choice["delta"] = payload
-    else:
-        choice["text"] = payload
-    out = {**head, "choices": [choice]}
-    if include_usage:
-        out["usage"] = None
-    return out
+class _Frames:
+    """The events of one stream, as bytes: the parts every chunk repeats (id, object, created,
+    model, index, logprobs, usage) are encoded once, so a token costs one ``json.dumps`` of its
+    text.  The JSON is what :func:`json.dumps` of the whole chunk would give, keys reordered."""
+
+    def __init__(self, head: dict[str, Any], chat: bool, include_usage: bool) -> None:
+        self._chat = chat
+        self._open = ("data: " + _dumps(head)[:-1] + ',"choices":[{"index":0,"logprobs":null,'
+                      + ('"delta":' if chat else '"text":')).encode()
+        self._close = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
+        self.role = self._frame('{"role":"assistant","content":""}', None)
+
+    def piece(self, text: str, reason: str | None) -> bytes:
+        if self._chat:
+            return self._frame('{"content":' + _dumps(text) + "}" if text else "{}", reason)
+        return self._frame(_dumps(text), reason)
+
+    def _frame(self, payload: str, reason: str | None) -> bytes:
+        return self._open + (payload + ',"finish_reason":' + _dumps(reason) + self._close).encode()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
