@@ -96,6 +96,13 @@ def test_seed_makes_sampling_repeatable(llm: GenaiLanguageModel) -> None:
     assert len({tuple(sample(s)) for s in (1, 2, 3)}) > 1
 
 
+def test_unseeded_sampling_differs_from_request_to_request(llm: GenaiLanguageModel) -> None:
+    """Without a seed each request samples afresh (the engine seeds every generator from the
+    OS's generator, not from a constant)."""
+    runs = {tuple(_ids(_run(llm, PROMPT, Sampling(max_tokens=32, temperature=1.5)))) for _ in range(4)}
+    assert len(runs) == 4
+
+
 def test_stop_string_ends_the_completion_before_it(llm: GenaiLanguageModel) -> None:
     full = "".join(c.text for c in _run(llm, PROMPT, Sampling(max_tokens=48, temperature=0)))
     assert len(full) >= 8

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import secrets
 import threading
 import time
 from collections import Counter
@@ -174,6 +175,12 @@ class Batcher:
         """A generator that has taken ``prompts`` (one row each, right-padded with the pad
         id as ``Tokenizer.encode_batch`` pads them), with room for ``new`` tokens per row."""
         longest = max(len(p) for p in prompts)
+        if "random_seed" not in options:
+            # A seed from the OS's generator, as the runtime's own would be: unseeded, its
+            # Generator seeds itself from std::random_device, which costs 12-15 ms per
+            # generator where RDSEED traps (virtual machines), all of it in time to first token.
+            # Greedy rows draw nothing from it.
+            options = {**options, "random_seed": secrets.randbits(31)}
         params = oga.GeneratorParams(self._model)
         if len(prompts) == 1:
             params.set_search_options(**options, max_length=longest + new)
