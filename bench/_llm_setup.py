@@ -5,6 +5,7 @@ generative bundle, and a client that times one streamed completion."""
 from __future__ import annotations
 
 import argparse
+import json
 import ssl
 import statistics
 import tempfile
@@ -80,7 +81,10 @@ def og_in_process(model: og.Model, tokens: int, batch: int = 1) -> tuple[float, 
     ids = tok.encode(PROMPT)
     stream = tok.create_stream()
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + tokens, do_sample=False, batch_size=batch)
+    # seeded as the engine seeds every generator: unseeded, the Generator reads std::random_device,
+    # 12-15 ms here (RDSEED traps on this VM), which would load the baseline's first token
+    params.set_search_options(max_length=len(ids) + tokens, do_sample=False, batch_size=batch,
+                              random_seed=0)
     start = time.perf_counter()
     gen = og.Generator(model, params)
     gen.append_tokens(np.tile(np.asarray(ids, np.int32), (batch, 1)) if batch > 1 else ids)
@@ -178,6 +182,33 @@ def stream_completion(client: openai.OpenAI, tokens: int, model: str = "bench",
     return first, count, seconds
 
 
+def stream_completion_plain(http: httpx.Client, base_url: str, tokens: int,
+                            model: str = "bench") -> tuple[float, int, float]:
+    """As :func:`stream_completion`, read with a plain SSE loop (httpx and ``json``) instead of
+    the ``openai`` client: what the API costs without that client's own parsing.  The stream is
+    read to its end, so the connection is kept for the next request (the ``openai`` client closes
+    it at ``[DONE]``, which makes every streamed request a new TLS handshake)."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = 0.0
+    count = 0
+    with http.stream("POST", f"{base_url}/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event["choices"] and event["choices"][0]["text"] and not first:
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                count = event["usage"]["completion_tokens"]
+    seconds = time.perf_counter() - start
+    if not count:
+        raise RuntimeError(f"{model}: the stream sent no usage: tokens unknown")
+    return first, count, seconds
+
+
 def concurrently(make: Callable[[], openai.OpenAI], tokens: int, n: int,
                  extra: dict[str, Any] | None = None) -> tuple[float, int, float]:
     """``n`` streams at once, each on its own client and thread.  Returns (median seconds to
@@ -209,6 +240,19 @@ def concurrently(make: Callable[[], openai.OpenAI], tokens: int, n: int,
     return statistics.median(r[0] for r in results), sum(r[1] for r in results), wall
 
 
+SETTLE_S = 0.05
+
+
+def settle() -> None:
+    """Wait before a timed run until the previous path's threads are idle.  ONNX Runtime's pool
+    workers spin for about 10 ms after their last work before they sleep; on this 2-core machine
+    a run that starts in that window shares the cores with another path's spinning threads
+    (measured: a baseline run started 2 ms after an agent stream took 10 ms longer to its first
+    token; started 10 ms after, nothing).  Without the pause, each path pays for the one before
+    it, which the interleaving turns into a bias against whichever path follows another process."""
+    time.sleep(SETTLE_S)
+
+
 def median_rate(runs: Sequence[tuple[float, int, float]]) -> float:
     """Median tokens per second over runs of (ttft, tokens, seconds)."""
     return statistics.median(n / s for _, n, s in runs)
@@ -216,3 +260,8 @@ def median_rate(runs: Sequence[tuple[float, int, float]]) -> float:
 
 def median_ttft(runs: Sequence[tuple[float, int, float]]) -> float:
     return statistics.median(f for f, _, _ in runs)
+
+
+def median_step(runs: Sequence[tuple[float, int, float]]) -> float:
+    """Median seconds per token after the first: (seconds - ttft) / (tokens - 1)."""
+    return statistics.median((s - f) / (n - 1) for f, n, s in runs)

@@ -29,6 +29,7 @@ from bench._llm_setup import (
     median_ttft,
     og_in_process,
     open_engine,
+    settle,
     shape_of,
 )
 from provisioning.demo.llm_models import write_decoder
@@ -65,8 +66,11 @@ def main() -> int:
         asyncio.run(through_engine(engine, 4, 1))
         base, c1, c8 = [], [], []
         for _ in range(args.runs):  # interleaved, so that drift on a shared machine hits all three
+            settle()
             base.append(og_in_process(model, args.tokens))
+            settle()
             c1.append(asyncio.run(through_engine(engine, args.tokens, 1)))
+            settle()
             c8.append(asyncio.run(through_engine(engine, args.tokens, 8)))
         engine.close()
     b_ttft, b_tps = median_ttft(base), median_rate(base)

@@ -1,24 +1,32 @@
 """Benchmark: tokens/s and time to first token streamed through a real agent's HTTPS port
-(``/v1/completions``, the official ``openai`` client over mTLS, server-sent events; the agent
-serves the decoder as an installed generative bundle) vs the same engine driven in-process,
-on a seeded decoder sized so that one token step takes >= 5 ms.
+(``/v1/completions``, mTLS, server-sent events; the agent serves the decoder as an installed
+generative bundle) vs the same decoder driven in-process with onnxruntime-genai (the baseline
+issue #15 names, >= 0.9x tokens/s and <= 10 ms added time to first token at concurrency 1), on
+a seeded decoder sized so that one token step takes >= 5 ms.
 
-    python bench/llm_http.py [--runs 5] [--tokens 64] [--layers 8] [--hidden 512]
+    python bench/llm_http.py [--runs 30] [--tokens 64] [--layers 14] [--hidden 512]
 
-The baseline is measured in the same run, interleaved with the API runs so that drift on a
-shared machine hits both; prints medians and the ratios (issue #15 asks for >= 0.9x tokens/s
-and <= 10 ms added time to first token at concurrency 1).
+Four paths, interleaved run by run so that drift on a shared machine hits them all:
+onnxruntime-genai in-process (the baseline), the agent's engine in-process, the API read by the
+official ``openai`` client, and the API read by a plain SSE loop (httpx and ``json``: the API
+without that client's own parsing, which shares the cores with the server here).  Prints
+medians, the ratios to the baseline, and the split of the difference into first token and
+time per later token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
 
 from agent.llm.engine import GenaiLanguageModel
 from agent.llm.types import Sampling
@@ -28,10 +36,14 @@ from bench._llm_setup import (
     describe,
     https_agent,
     median_rate,
+    median_step,
     median_ttft,
+    og_in_process,
     open_engine,
+    settle,
     shape_of,
     stream_completion,
+    stream_completion_plain,
 )
 from provisioning.demo.llm_models import write_decoder
 
@@ -49,31 +61,48 @@ async def in_process(engine: GenaiLanguageModel, tokens: int) -> tuple[float, in
 
 
 def main() -> int:
-    args = arguments(__doc__).parse_args()
+    ap = arguments(__doc__)
+    ap.set_defaults(runs=30, layers=14)
+    args = ap.parse_args()
     shape = shape_of(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_decoder(Path(tmp) / "llm", shape)
-        _, engine = open_engine(folder, args.tokens, args.intra_op_threads)
+        baseline, engine = open_engine(folder, args.tokens, args.intra_op_threads)
         with https_agent(folder, args.tokens, args.intra_op_threads) as served:
             client = served.client()
+            plain = httpx.Client(verify=served.tls, timeout=300)
+            paths: dict[str, Callable[[], tuple[float, int, float]]] = {
+                "onnxruntime-genai in-process": lambda: og_in_process(baseline, args.tokens),
+                "engine in-process": lambda: asyncio.run(in_process(engine, args.tokens)),
+                "API, openai client": lambda: stream_completion(client, args.tokens),
+                "API, plain SSE reader": lambda: stream_completion_plain(plain, served.base_url,
+                                                                         args.tokens),
+            }
             try:
-                asyncio.run(in_process(engine, 4))  # warm up both paths
+                og_in_process(baseline, 4)  # warm up every path
+                asyncio.run(in_process(engine, 4))
                 stream_completion(client, 4)
-                base, api = [], []
-                for _ in range(args.runs):  # interleaved, so that drift on a shared machine hits both
-                    base.append(asyncio.run(in_process(engine, args.tokens)))
-                    api.append(stream_completion(client, args.tokens))
+                stream_completion_plain(plain, served.base_url, 4)
+                runs: dict[str, list[tuple[float, int, float]]] = {name: [] for name in paths}
+                for _ in range(args.runs):  # interleaved, so that drift on a shared machine hits all
+                    for name, run in paths.items():
+                        settle()
+                        runs[name].append(run())
             finally:
+                plain.close()
                 client.close()
                 engine.close()
-    b_ttft, b_tps = median_ttft(base), median_rate(base)
-    a_ttft, a_tps = median_ttft(api), median_rate(api)
     print(describe(shape, args) + "; concurrency 1")
-    print(f"token step in-process          {1000 / b_tps:8.2f} ms")
-    print(f"engine in-process              {b_tps:8.1f} tok/s   first token {b_ttft * 1000:7.2f} ms")
-    print(f"HTTPS /v1/completions stream   {a_tps:8.1f} tok/s   first token {a_ttft * 1000:7.2f} ms")
-    print(f"ratio API / in-process         {a_tps / b_tps:8.3f}x   added TTFT "
-          f"{(a_ttft - b_ttft) * 1000:+.2f} ms")
+    print(f"machine: {os.cpu_count()} CPUs, load average at the end "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    base = runs["onnxruntime-genai in-process"]
+    b_tps, b_ttft, b_step = median_rate(base), median_ttft(base), median_step(base)
+    print(f"token step in-process (after the first): {b_step * 1000:.2f} ms")
+    print(f"{'path':30} {'tok/s':>8} {'ratio':>7} {'first token':>12} {'added':>9} {'step':>8} {'added':>8}")
+    for name, rows in runs.items():
+        tps, ttft, step = median_rate(rows), median_ttft(rows), median_step(rows)
+        print(f"{name:30} {tps:8.1f} {tps / b_tps:6.3f}x {ttft * 1000:9.2f} ms "
+              f"{(ttft - b_ttft) * 1000:+6.2f} ms {step * 1000:5.2f} ms {(step - b_step) * 1000:+5.2f} ms")
     return 0
 
 

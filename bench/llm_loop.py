@@ -27,7 +27,7 @@ import onnxruntime_genai as og
 from agent.llm import _batcher, engine, oga
 from agent.llm.engine import GenaiLanguageModel, Limits, open_genai_model
 from agent.llm.types import ModelCard, Sampling
-from bench._llm_setup import CONTEXT, PROMPT, arguments, describe, shape_of
+from bench._llm_setup import CONTEXT, PROMPT, arguments, describe, settle, shape_of
 from provisioning.demo.llm_models import write_decoder
 
 TICK_S = 0.001
@@ -82,6 +82,7 @@ def main() -> int:
         for _ in range(args.runs):
             for name, model in models.items():
                 use(bindings[name])
+                settle()
                 results[name].append(asyncio.run(one_run(model, args.tokens)))
         for model in models.values():
             model.close()

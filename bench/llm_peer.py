@@ -53,6 +53,7 @@ from bench._llm_setup import (
     og_greedy,
     og_in_process,
     open_baseline,
+    settle,
     shape_of,
     stream_completion,
 )
@@ -206,7 +207,9 @@ def main() -> int:
             rows = {name: [[], []] for name in paths}
             for _ in range(args.runs):  # interleaved, so that drift on a shared machine hits every path
                 for name, run in paths.items():
+                    settle()
                     rows[name][0].append(run(1))
+                    settle()
                     rows[name][1].append(run(8))
     print(f"{'aggregate tokens/s':32} {'c=1':>9} {'c=8':>9} {'c8/c1':>7}")
     c1 = {}
