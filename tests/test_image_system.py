@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -83,6 +84,39 @@ def test_verity_root_hash_matches_from_outside(built: dict[str, Path]) -> None:
     assert f"roothash={roothash}" in cmdline
     manifest = json.loads((built["a"] / "stages/disk/image-manifest.json").read_text())
     assert manifest["roothash"] == roothash
+
+
+def test_the_expected_pcr11_is_recorded_as_the_images_own_systemd_measure_computes_it(
+        built: dict[str, Path]) -> None:
+    """seal.json and image-manifest.json carry the UKI's expected PCR 11 (what attestation
+    checks a node against); the image's own systemd-measure (257: it knows .uname and .sbat,
+    the host's 252 does not), run in the root on the sections objcopy cuts out, agrees."""
+    seal = built["a"] / "stages/seal"
+    uki = next(p for p in seal.glob("minimal-*.efi"))
+    manifest = json.loads((built["a"] / "stages/disk/image-manifest.json").read_text())
+    recorded = json.loads((seal / "seal.json").read_text())["pcr11"]
+    assert manifest["pcr11"] == recorded and len(recorded["sha256"]) == 4
+    root = _root(built)
+    work = root / "tmp" / "pcr11-check"
+    work.mkdir()
+    try:
+        headers = subprocess.run(["objdump", "-h", str(uki)], capture_output=True, text=True,
+                                 check=True).stdout
+        present = set(re.findall(r"^\s*\d+\s+\.(\w+)\s", headers, re.MULTILINE))
+        args = []
+        for name in ("linux", "osrel", "cmdline", "initrd", "ucode", "splash", "dtb", "uname", "sbat",
+                     "pcrpkey"):
+            if name in present:
+                subprocess.run(["objcopy", "-O", "binary", f"--only-section=.{name}", str(uki),
+                                str(work / name)], check=True)
+                args.append(f"--{name}=/tmp/pcr11-check/{name}")
+        assert {"linux", "osrel", "cmdline", "initrd"} <= present, present
+        done = subprocess.run(["chroot", str(root), "/usr/lib/systemd/systemd-measure", "calculate", *args,
+                               "--bank=sha256", "--json=short"], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+    finally:
+        shutil.rmtree(work)
+    assert json.loads(done.stdout) == recorded
 
 
 def test_rebuild_in_place_is_fully_cached(built: dict[str, Path]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from provisioning.errors import ImageError
-from provisioning.image.measure import PHASES, expected_pcr11, pe_sections
+from provisioning.image.measure import PHASES, expected_pcr11, pcr11_record, pe_sections
 from provisioning.tools import run
 from testsupport.pe import pe_image
 
@@ -30,6 +31,17 @@ def test_pcr11_of_each_phase_is_what_systemd_measure_printed() -> None:
     phases = expected_pcr11(pe_image(list(SMALL.items())))
     assert [p.phase for p in phases] == [":".join(PHASES[:i]) for i in range(1, 5)]
     assert [p.value.hex() for p in phases] == list(SMALL_PCR11)
+
+
+def test_the_record_is_systemd_measures_json_shape_per_bank(tmp_path: Path) -> None:
+    (tmp_path / "uki.efi").write_bytes(pe_image(list(SMALL.items())))
+    record = pcr11_record(tmp_path / "uki.efi", banks=("sha256", "sha384"))
+    assert list(record) == ["sha256", "sha384"]
+    assert record["sha256"] == [{"phase": ":".join(PHASES[:i]), "pcr": 11, "hash": value}
+                                for i, value in enumerate(SMALL_PCR11, start=1)]
+    assert [e["hash"] for e in record["sha384"]] == [
+        p.value.hex() for p in expected_pcr11(tmp_path / "uki.efi", "sha384")]
+    assert len(str(record["sha384"][0]["hash"])) == 96
 
 
 def test_file_order_and_unmeasured_sections_do_not_matter() -> None:
@@ -107,3 +119,19 @@ def test_pcr11_matches_systemd_measure_on_random_sections(tmp_path: Path, bank: 
     printed = re.findall(rf"^11:{bank}=([0-9a-f]+)$", done.text, re.MULTILINE)
     ours = expected_pcr11(pe_image(sections[::-1]), bank=bank)
     assert printed == [p.value.hex() for p in ours]
+
+
+@pytest.mark.system  # systemd-measure comes with systemd >= 252, not with the fast tier's set-up
+@pytest.mark.skipif(not SYSTEMD_MEASURE.exists(), reason="no systemd-measure on this host")
+def test_the_recorded_pcr11_is_systemd_measures_json(tmp_path: Path) -> None:
+    """What the build records (seal.json, image-manifest.json) is, key for key, what
+    ``systemd-measure calculate --json=short`` prints for the same sections."""
+    options = {".linux": "linux", ".osrel": "osrel", ".cmdline": "cmdline", ".initrd": "initrd"}
+    args, sections = [], []
+    for name, option in options.items():
+        content = os.urandom(64 + os.urandom(1)[0])
+        (tmp_path / option).write_bytes(content)
+        args.append(f"--{option}={tmp_path / option}")
+        sections.append((name, content))
+    done = run([SYSTEMD_MEASURE, "calculate", *args, "--bank=sha256", "--bank=sha384", "--json=short"])
+    assert pcr11_record(pe_image(sections), banks=("sha256", "sha384")) == json.loads(done.text)

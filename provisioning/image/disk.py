@@ -35,6 +35,7 @@ from pathlib import Path
 from agent.fsutil import atomic_write_text, file_sha256
 from agent.osrelease import root_uuids, uki_file_name
 from provisioning.errors import ImageError
+from provisioning.image.measure import pcr11_record
 from provisioning.image.stage import DiskSizes, RunFn, StageContext
 
 __all__ = [
@@ -388,8 +389,9 @@ def disk(ctx: StageContext) -> Path:
     if (ctx.sealed or ctx.out) == ctx.out:  # the seal outputs lie beside the image
         artifacts |= {sealed.root_image.name: "root", sealed.verity_image.name: "verity",
                       sealed.uki.name: "uki", loader.name: "boot-loader"}
+    # expected PCR 11 of slot A's UKI, beside its root hash: what attestation checks a node against
     write_manifest(ctx.out, name=ctx.name, version=sealed.version, epoch=ctx.source_date_epoch,
                    roothash=sealed.roothash, artifacts=artifacts,
-                   extra=_manifest_extra(ctx))
+                   extra=(_manifest_extra(ctx) or {}) | {"pcr11": pcr11_record(sealed.uki)})
     shutil.rmtree(ctx.work / "disk", ignore_errors=True)
     return image

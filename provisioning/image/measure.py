@@ -32,7 +32,7 @@ from pathlib import Path
 from provisioning.errors import ImageError
 
 __all__ = ["MEASURED_SECTIONS", "PHASES", "Pcr11Event", "PcrPhase", "expected_pcr11", "pcr11_events",
-           "pe_sections"]
+           "pcr11_record", "pe_sections"]
 
 MEASURED_SECTIONS = (".linux", ".osrel", ".cmdline", ".initrd", ".ucode", ".splash", ".dtb", ".uname",
                      ".sbat", ".pcrpkey")
@@ -142,3 +142,17 @@ def expected_pcr11(uki: Path | bytes, bank: str = "sha256") -> tuple[PcrPhase, .
         if ev.description.startswith("phase "):
             out.append(PcrPhase(":".join(PHASES[:len(out) + 1]), bank, pcr))
     return tuple(out)
+
+
+def pcr11_record(uki: Path | bytes,
+                 banks: tuple[str, ...] = ("sha256",)) -> dict[str, list[dict[str, object]]]:
+    """The expected PCR 11 of ``uki`` after each boot phase, per bank, in the JSON shape
+    ``systemd-measure calculate --json=short`` prints (``{"sha256": [{"phase": ..., "pcr": 11,
+    "hash": ...}, ...]}``): what the build records with the image's root hash, and what the fleet
+    compares a node's quote with.
+
+    Raises:
+        ImageError: as :func:`pcr11_events`.
+    """
+    return {bank: [{"phase": p.phase, "pcr": 11, "hash": p.value.hex()} for p in expected_pcr11(uki, bank)]
+            for bank in banks}

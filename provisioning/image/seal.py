@@ -29,6 +29,7 @@ from pathlib import Path
 from agent.fsutil import atomic_write_text, file_sha256
 from provisioning.errors import ImageError
 from provisioning.image.disk import Sealed, data_uuid, esp_uuid
+from provisioning.image.measure import pcr11_record
 from provisioning.image.profile import SEAL_OWNED_ARGS
 from provisioning.image.stage import RunFn, StageContext, check_paths
 
@@ -273,7 +274,7 @@ def seal(ctx: StageContext) -> Sealed:
          ctx.out / "systemd-bootx64.efi")
     sealed = Sealed(ctx.name, ctx.version, roothash, root_image, verity_image, uki)
     doc = sealed.to_json() | {"kernel": kver, "signed": ctx.signing,
-                              "cmdline": cmdline}
+                              "cmdline": cmdline, "pcr11": pcr11_record(uki)}
     atomic_write_text(ctx.out / "seal.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return sealed
