@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -19,9 +20,14 @@ import pytest
 from agent.errors import UpdateError, VerificationError
 from agent.osrelease import read_release, registry_version, root_uuids
 from agent.osupdate import ATTEMPT, attempt_outcome, install_release, os_dir, set_partition_uuid
+from provisioning.errors import ImageError
+from provisioning.image.measure import pcr11_record
 from provisioning.image.osrelease import make_os_release
+from testsupport.pe import pe_image
 
 OLD, NEW = "1" * 64, "ab" * 32
+UKI = pe_image([(".linux", b"kernel" * 40), (".osrel", b"ID=debian\n"),
+                (".cmdline", b"roothash=" + NEW.encode()), (".initrd", b"initrd" * 30)])
 
 
 def _fake_build(tmp: Path) -> Path:
@@ -29,7 +35,7 @@ def _fake_build(tmp: Path) -> Path:
     seal.mkdir(parents=True)
     (seal / "root.squashfs").write_bytes(b"squashfs" * 1000)
     (seal / "root.verity").write_bytes(b"verity" * 100)
-    (seal / "appliance-20260102.000000.efi").write_bytes(b"MZ-uki" * 50)
+    (seal / "appliance-20260102.000000.efi").write_bytes(UKI)
     (seal / "systemd-bootx64.efi").write_bytes(b"MZ-boot")
     doc = {"name": "appliance", "version": "20260102.000000", "roothash": NEW,
            "root_image": "root.squashfs", "verity_image": "root.verity",
@@ -86,6 +92,20 @@ def test_os_release_round_trip(tmp_path: Path) -> None:
     release = read_release(path)
     assert (release.name, release.version, release.roothash) == ("appliance", "20260102.000000", NEW)
     assert registry_version(release.version) == "20260102.0"
+    with tarfile.open(path) as tar:
+        meta = tar.extractfile("release.json")
+        assert meta is not None
+        doc = json.load(meta)
+    assert doc["pcr11"] == pcr11_record(UKI) and len(doc["pcr11"]["sha256"]) == 4  # for attestation
+
+
+def test_a_uki_whose_pcr11_cannot_be_computed_gives_no_release(tmp_path: Path) -> None:
+    build = _fake_build(tmp_path)
+    uki = build / "stages/seal/appliance-20260102.000000.efi"
+    uki.write_bytes(b"MZ-not-a-pe" * 20)
+    with pytest.raises(ImageError, match=re.escape(str(uki))):
+        make_os_release(build, tmp_path / "os.release")
+    assert not (tmp_path / "os.release").exists() and not (tmp_path / "os.release.part").exists()
 
 
 def test_os_release_with_a_changed_member_is_refused(tmp_path: Path) -> None:
@@ -122,7 +142,7 @@ def test_install_writes_the_inactive_slot_uuids_and_a_uki_on_trial(tmp_path: Pat
     assert (uuids["root-b"], uuids["root-b-verity"]) == root_uuids(NEW)
     assert uuids["root-a"] != root_uuids(NEW)[0]
     uki = m["esp"] / "EFI/Linux/appliance-20260102.000000+3-0.efi"
-    assert uki.read_bytes() == b"MZ-uki" * 50
+    assert uki.read_bytes() == UKI
     assert not list((m["esp"] / "EFI/Linux").glob("*.part"))
     assert json.loads((os_dir(state) / ATTEMPT).read_text()) == attempt
 
@@ -186,7 +206,7 @@ def test_attempt_outcome_ignores_an_unrelated_root(tmp_path: Path) -> None:
 def test_sha_helper_consistency(tmp_path: Path) -> None:
     release = make_os_release(_fake_build(tmp_path), tmp_path / "os.release")
     doc = read_release(release).files
-    assert doc["uki.efi"]["sha256"] == hashlib.sha256(b"MZ-uki" * 50).hexdigest()
+    assert doc["uki.efi"]["sha256"] == hashlib.sha256(UKI).hexdigest()
     shutil.rmtree(tmp_path / "build")
     with pytest.raises(Exception, match="no sealed root"):
         make_os_release(tmp_path / "build", tmp_path / "x.release")

@@ -20,6 +20,7 @@ from agent.fsutil import file_sha256
 from agent.osrelease import MEMBERS, SCHEMA, read_release, registry_version
 from provisioning.errors import ImageError
 from provisioning.image.disk import load_sealed
+from provisioning.image.measure import pcr11_record
 
 # read_release and registry_version are the node's (agent.osrelease); the operator's commands
 # read a release they just wrote with the same code the node verifies it with.
@@ -30,7 +31,8 @@ def make_os_release(build_out: Path, dest: Path) -> Path:
     """Write the OS release of the build in ``build_out`` (its ``stages/seal``) to ``dest``.
 
     Raises:
-        ImageError: the build has no sealed root (run ``appliance build`` to the seal stage).
+        ImageError: the build has no sealed root (run ``appliance build`` to the seal stage), or
+            its UKI is not one whose PCR 11 can be computed (names the file).
     """
     seal_dir = build_out / "stages" / "seal"
     if not (seal_dir / "seal.json").is_file():
@@ -38,8 +40,10 @@ def make_os_release(build_out: Path, dest: Path) -> Path:
     sealed = load_sealed(seal_dir)
     sources = {"root.squashfs": sealed.root_image, "root.verity": sealed.verity_image,
                "uki.efi": sealed.uki}
+    # the UKI's expected PCR 11 (what attestation checks a node booted from this release against);
+    # the node's reader ignores it, so older agents take these releases as before
     doc = {"schema": SCHEMA, "name": sealed.name, "version": sealed.version,
-           "roothash": sealed.roothash,
+           "roothash": sealed.roothash, "pcr11": pcr11_record(sealed.uki),
            "files": {n: {"sha256": file_sha256(p), "size": p.stat().st_size} for n, p in sources.items()}}
     meta = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
     manifest = build_out / "stages/configure/manifest.json"
