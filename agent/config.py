@@ -17,6 +17,7 @@ from agent.settings import from_table, read_toml, setting, to_json
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AgentConfig",
+    "AttestSection",
     "HealthSection",
     "InferenceSection",
     "LimitsSection",
@@ -185,6 +186,23 @@ class LimitsSection:
                                            check=_non_negative)
 
 
+def _persistent_handle(v: int) -> str | None:
+    return None if 0x81000000 <= v <= 0x81FFFFFF else "not a TPM persistent handle (0x81000000-0x81ffffff)"
+
+
+@dataclass(frozen=True)
+class AttestSection:
+    """Remote attestation (agent.attest): the TPM quote Node/Attest answers with."""
+
+    tcti: str = setting("device:/dev/tpmrm0", "how tpm2-tools reach the TPM (TPM2TOOLS_TCTI): the "
+                                               "kernel's resource manager on a node")
+    ak_handle: int = setting(0x81010002, "persistent handle of the attestation key made at enrolment",
+                             check=_persistent_handle)
+    ak_certificate: Path | None = setting(None, "the AK's certificate from the site CA (DER or PEM); "
+                                                "unset: Node/Attest answers that the node is not enrolled")
+    timeout_s: float = setting(30.0, "longest one quote may take", check=_positive)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     server: ServerSection = field(default_factory=ServerSection)
@@ -193,6 +211,7 @@ class AgentConfig:
     health: HealthSection = field(default_factory=HealthSection)
     tls: TlsSection = field(default_factory=TlsSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    attest: AttestSection = field(default_factory=AttestSection)
     origin: str = "defaults"
 
     def to_json(self) -> dict[str, Any]:
@@ -206,6 +225,7 @@ SECTIONS: dict[str, type[Any]] = {
     "health": HealthSection,
     "tls": TlsSection,
     "limits": LimitsSection,
+    "attest": AttestSection,
 }
 
 

@@ -6,8 +6,6 @@ the first mismatch, PCR 11.  System tier: swtpm and tpm2-tools are system-tier p
 from __future__ import annotations
 
 import os
-import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,62 +13,30 @@ import pytest
 
 from provisioning import attest as a
 from provisioning.image.measure import expected_pcr11, pcr11_events
-from provisioning.tools import run
 from testsupport.pe import pe_image
+from testsupport.swtpm import swtpm_server, tpm
 
 pytestmark = pytest.mark.system
 
 
-def _free_port_pair() -> int:
-    """A port P with P+1 free too: tpm2-tools' swtpm TCTI finds the control channel at P+1."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two adjacent free ports on loopback")
-
-
 @pytest.fixture
-def swtpm(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A fresh swtpm on loopback; yields the environment that points tpm2-tools at it."""
-    state = tmp_path / "state"
-    state.mkdir()
-    port = _free_port_pair()
-    pid_file = tmp_path / "swtpm.pid"
-    run(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--server", f"type=tcp,port={port}",
-         "--ctrl", f"type=tcp,port={port + 1}", "--flags", "not-need-init,startup-clear", "--daemon",
-         "--pid", f"file={pid_file}"])
-    try:
-        yield {"TPM2TOOLS_TCTI": f"swtpm:host=127.0.0.1,port={port}"}
-    finally:
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
-
-
-def _tpm(env: dict[str, str], *argv: str | Path) -> None:
-    run(list(argv), env=env)
-    # no resource manager between tpm2-tools and swtpm: leave no transient object or session behind
-    run(["tpm2_flushcontext", "-t"], env=env)
-    run(["tpm2_flushcontext", "-s"], env=env)
+def swtpm(tmp_path: Path) -> Iterator[str]:
+    with swtpm_server(tmp_path) as tcti:
+        yield tcti
 
 
 def test_a_quote_of_pcr11_extended_as_a_uki_boot_does_verifies_against_the_build_value(
-        tmp_path: Path, swtpm: dict[str, str]) -> None:
+        tmp_path: Path, swtpm: str) -> None:
     uki = pe_image([(".linux", os.urandom(3000)), (".osrel", b"ID=appliance\nIMAGE_VERSION=1\n"),
                     (".cmdline", b"roothash=00 ro"), (".initrd", os.urandom(5000)),
                     (".uname", b"6.12.0-1-amd64"), (".sbat", b"sbat,1,SBAT Version,sbat,1\n")])
     for ev in pcr11_events(uki):
-        _tpm(swtpm, "tpm2_pcrextend", f"11:sha256={ev.digest.hex()}")
-    _tpm(swtpm, "tpm2_createek", "-c", tmp_path / "ek.ctx", "-G", "rsa", "-u", tmp_path / "ek.pub")
-    _tpm(swtpm, "tpm2_createak", "-C", tmp_path / "ek.ctx", "-c", tmp_path / "ak.ctx", "-G", "ecc",
+        tpm(swtpm, "tpm2_pcrextend", f"11:sha256={ev.digest.hex()}")
+    tpm(swtpm, "tpm2_createek", "-c", tmp_path / "ek.ctx", "-G", "rsa", "-u", tmp_path / "ek.pub")
+    tpm(swtpm, "tpm2_createak", "-C", tmp_path / "ek.ctx", "-c", tmp_path / "ak.ctx", "-G", "ecc",
          "-g", "sha256", "-s", "ecdsa", "-u", tmp_path / "ak.pub")
     nonce = os.urandom(32)
-    _tpm(swtpm, "tpm2_quote", "-c", tmp_path / "ak.ctx", "-l", "sha256:0,1,2,3,4,5,6,7,11", "-g", "sha256",
+    tpm(swtpm, "tpm2_quote", "-c", tmp_path / "ak.ctx", "-l", "sha256:0,1,2,3,4,5,6,7,11", "-g", "sha256",
          "-q", nonce.hex(), "-m", tmp_path / "quote.msg", "-s", tmp_path / "quote.sig",
          "-o", tmp_path / "quote.pcrs", "-F", "values")
     quote = {"ak_public": (tmp_path / "ak.pub").read_bytes(), "attest": (tmp_path / "quote.msg").read_bytes(),

@@ -1,0 +1,128 @@
+"""The node's side of remote attestation (issue #17): a TPM2 quote for Node/Attest.
+
+The node only moves bytes: tpm2-tools make the quote with the attestation key (AK) created at
+enrolment and kept at a persistent handle, over sha256 PCRs 0-7 (firmware, Secure Boot) and 11
+(the UKI), with the verifier's nonce as extraData; the answer carries the marshalled TPMS_ATTEST,
+the TPMT_SIGNATURE, the PCR values, the AK's TPM2B_PUBLIC and certificate, and the boot's event
+logs.  Nothing here judges them: the fleet verifies (``provisioning.attest``), so a node that
+booted something else cannot talk its way through.
+
+One quote at a time (the TPM serves one command stream per session; the kernel's resource
+manager at /dev/tpmrm0 lets the tools' transient objects go when they exit).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import AttestSection
+from agent.errors import ApplianceError, RequestError
+
+__all__ = ["NONCE_BYTES", "PCR_SELECTION", "NotEnrolledError", "Quote", "TpmQuoter"]
+
+PCR_SELECTION = "sha256:0,1,2,3,4,5,6,7,11"
+NONCE_BYTES = (16, 64)  # a TPM2B_DATA extraData holds up to 64 bytes; fewer than 16 is guessable
+FIRMWARE_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
+USERSPACE_LOG = Path("/run/log/systemd/tpm2-measure.log")
+_MAX_LOG = 4 << 20  # event logs are tens of KiB; a bigger one is cut, and the verifier sees it
+
+
+class NotEnrolledError(ApplianceError):
+    """The node has no attestation key (not enrolled) or no TPM to use it with."""
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What Node/Attest answers (the fields of ``AttestResponse``)."""
+
+    attest: bytes
+    signature: bytes
+    pcr_values: bytes
+    ak_public: bytes
+    ak_certificate: bytes
+    event_log: bytes
+    userspace_log: bytes
+
+
+def _read_capped(path: Path) -> bytes:
+    try:
+        with path.open("rb") as f:
+            return f.read(_MAX_LOG)
+    except OSError:  # no firmware log (no TPM event log from the firmware) or no systemd log yet
+        return b""
+
+
+def _certificate(path: Path) -> bytes:
+    """The AK certificate as DER (a PEM file is converted)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise NotEnrolledError(f"attestation key certificate {path}: {exc.strerror}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----") \
+            else x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise NotEnrolledError(f"attestation key certificate {path}: not a certificate ({exc})") from None
+    return cert.public_bytes(Encoding.DER)
+
+
+class TpmQuoter:
+    """Quotes with the AK at ``section.ak_handle`` through tpm2-tools on ``section.tcti``."""
+
+    def __init__(self, section: AttestSection, *, firmware_log: Path = FIRMWARE_LOG,
+                 userspace_log: Path = USERSPACE_LOG) -> None:
+        self._section = section
+        self._firmware_log = firmware_log
+        self._userspace_log = userspace_log
+        self._lock = threading.Lock()
+
+    def quote(self, nonce: bytes) -> Quote:
+        """A fresh quote over :data:`PCR_SELECTION` with ``nonce`` as its extraData (blocking:
+        call it from a worker thread).
+
+        Raises:
+            RequestError: the nonce is not 16..64 bytes.
+            NotEnrolledError: no AK certificate configured or readable, no TPM, or no key at
+                the handle; the message says which.
+        """
+        low, high = NONCE_BYTES
+        if not low <= len(nonce) <= high:
+            raise RequestError(f"nonce: {len(nonce)} bytes; expected {low}..{high}")
+        s = self._section
+        if s.ak_certificate is None:
+            raise NotEnrolledError("this node has no attestation key: [attest] ak_certificate is not "
+                                   "set (enrol the node first)")
+        certificate = _certificate(s.ak_certificate)
+        with self._lock, tempfile.TemporaryDirectory(prefix="attest-") as tmp:
+            work = Path(tmp)
+            handle = f"0x{s.ak_handle:08x}"
+            self._tool("tpm2_readpublic", "-c", handle, "-o", str(work / "ak.pub"))
+            self._tool("tpm2_quote", "-c", handle, "-l", PCR_SELECTION, "-g", "sha256",
+                       "-q", nonce.hex(), "-m", str(work / "quote.msg"), "-s", str(work / "quote.sig"),
+                       "-o", str(work / "quote.pcrs"), "-F", "values")
+            return Quote((work / "quote.msg").read_bytes(), (work / "quote.sig").read_bytes(),
+                         (work / "quote.pcrs").read_bytes(), (work / "ak.pub").read_bytes(),
+                         certificate, _read_capped(self._firmware_log), _read_capped(self._userspace_log))
+
+    def _tool(self, *argv: str) -> None:
+        env = dict(os.environ, TPM2TOOLS_TCTI=self._section.tcti)
+        try:
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
+                                  timeout=self._section.timeout_s)
+        except FileNotFoundError:
+            raise NotEnrolledError(f"{argv[0]} is not installed: this image cannot attest") from None
+        except subprocess.TimeoutExpired:
+            raise NotEnrolledError(f"{argv[0]}: the TPM did not answer within "
+                                   f"{self._section.timeout_s:g} s ({self._section.tcti})") from None
+        if done.returncode != 0:
+            detail = " ".join(done.stderr.split())[-400:]
+            raise NotEnrolledError(f"{argv[0]} on {self._section.tcti} (AK handle "
+                                   f"0x{self._section.ak_handle:08x}) failed: {detail}")

@@ -1,0 +1,115 @@
+"""The node's side of attestation (agent.attest) against a real software TPM: an AK made as
+enrolment makes it (under the EK, persisted at the configured handle), a certificate for it from a
+CA made here, PCR 11 extended as a boot of a UKI extends it; the quote the node answers with
+verifies with the fleet's verifier (provisioning.attest), and every way the node cannot attest is
+a clear error.  System tier: swtpm and tpm2-tools are system-tier packages."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from agent.attest import NotEnrolledError, TpmQuoter
+from agent.config import AttestSection
+from agent.errors import RequestError
+from provisioning import attest as a
+from provisioning.image.measure import expected_pcr11, pcr11_events
+from testsupport.pe import pe_image
+from testsupport.swtpm import swtpm_server, tpm
+
+pytestmark = pytest.mark.system
+
+HANDLE = 0x81010002
+UKI = pe_image([(".linux", b"kernel" * 500), (".osrel", b"ID=appliance\nIMAGE_VERSION=7\n"),
+                (".cmdline", b"roothash=00 ro"), (".initrd", b"initrd" * 800)])
+
+
+def _ak_certificate(ak_public: bytes, path: Path) -> x509.Certificate:
+    """A certificate for the AK's key, issued by a CA made here (as `appliance pki` will)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test site CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1 AK")])
+    key = a.public_key(a.parse_public(ak_public))
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca).public_key(key)
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(Encoding.PEM))
+    return cert
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An enrolled node's TPM: PCR 11 as after a boot of UKI, the AK persistent at HANDLE, its
+    certificate at the returned path."""
+    with swtpm_server(tmp_path) as tcti:
+        for ev in pcr11_events(UKI):
+            tpm(tcti, "tpm2_pcrextend", f"11:sha256={ev.digest.hex()}")
+        tpm(tcti, "tpm2_createek", "-c", tmp_path / "ek.ctx", "-G", "rsa", "-u", tmp_path / "ek.pub")
+        tpm(tcti, "tpm2_createak", "-C", tmp_path / "ek.ctx", "-c", tmp_path / "ak.ctx", "-G", "ecc",
+            "-g", "sha256", "-s", "ecdsa", "-u", tmp_path / "ak.pub")
+        tpm(tcti, "tpm2_evictcontrol", "-C", "o", "-c", tmp_path / "ak.ctx", f"0x{HANDLE:08x}")
+        _ak_certificate((tmp_path / "ak.pub").read_bytes(), tmp_path / "ak.crt")
+        yield tcti, tmp_path
+
+
+def _expected(uki: bytes) -> dict[tuple[int, int], bytes]:
+    firmware = {(a.ALG_SHA256, i): bytes(32) for i in range(8)}  # swtpm: no firmware extended them
+    return firmware | {(a.ALG_SHA256, 11): expected_pcr11(uki)[-1].value}
+
+
+def test_the_nodes_quote_verifies_and_carries_its_key_certificate_and_logs(node: tuple[str, Path]) -> None:
+    tcti, tmp = node
+    (tmp / "fw.log").write_bytes(b"firmware events" * 10)
+    quoter = TpmQuoter(AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "ak.crt"),
+                       firmware_log=tmp / "fw.log", userspace_log=tmp / "absent.log")
+    nonce = os.urandom(32)
+    q = quoter.quote(nonce)
+    result = a.verify_quote(ak_public=q.ak_public, attest=q.attest, signature=q.signature,
+                            pcr_values=q.pcr_values, nonce=nonce, expected=_expected(UKI))
+    assert result.ok
+    cert = x509.load_der_x509_certificate(q.ak_certificate)
+    assert cert.public_key() == a.public_key(a.parse_public(q.ak_public))  # the certificate is the AK's
+    assert q.event_log == b"firmware events" * 10 and q.userspace_log == b""
+    # a replayed answer does not pass for a fresh nonce; another UKI is PCR 11's mismatch
+    with pytest.raises(a.AttestError, match="nonce"):
+        a.verify_quote(ak_public=q.ak_public, attest=q.attest, signature=q.signature,
+                       pcr_values=q.pcr_values, nonce=os.urandom(32), expected=_expected(UKI))
+    other = a.verify_quote(ak_public=q.ak_public, attest=q.attest, signature=q.signature,
+                           pcr_values=q.pcr_values, nonce=nonce,
+                           expected=_expected(pe_image([(".linux", b"another kernel")])))
+    assert other.mismatch is not None and other.mismatch.index == 11
+
+
+@pytest.mark.parametrize("size", [0, 15, 65])
+def test_a_nonce_outside_16_to_64_bytes_is_refused(node: tuple[str, Path], size: int) -> None:
+    tcti, tmp = node
+    quoter = TpmQuoter(AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "ak.crt"))
+    with pytest.raises(RequestError, match=f"nonce: {size} bytes; expected 16..64"):
+        quoter.quote(os.urandom(size))
+
+
+def test_each_way_of_not_being_able_to_attest_says_which(node: tuple[str, Path]) -> None:
+    tcti, tmp = node
+    nonce = os.urandom(32)
+    with pytest.raises(NotEnrolledError, match="ak_certificate is not set"):
+        TpmQuoter(AttestSection(tcti=tcti, ak_handle=HANDLE)).quote(nonce)
+    with pytest.raises(NotEnrolledError, match=r"missing\.crt"):
+        TpmQuoter(AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "missing.crt")).quote(nonce)
+    (tmp / "junk.crt").write_bytes(b"not a certificate")
+    with pytest.raises(NotEnrolledError, match=r"junk\.crt: not a certificate"):
+        TpmQuoter(AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "junk.crt")).quote(nonce)
+    with pytest.raises(NotEnrolledError, match="0x81010003"):  # no key persisted there
+        TpmQuoter(AttestSection(tcti=tcti, ak_handle=HANDLE + 1, ak_certificate=tmp / "ak.crt")).quote(nonce)
+    with pytest.raises(NotEnrolledError, match=r"swtpm:host=127\.0\.0\.1,port=1\b"):  # no TPM there
+        TpmQuoter(AttestSection(tcti="swtpm:host=127.0.0.1,port=1", ak_handle=HANDLE,
+                                ak_certificate=tmp / "ak.crt", timeout_s=10)).quote(nonce)
