@@ -122,6 +122,7 @@ METHOD_ROLES: Mapping[str, str] = {
     _NODE + "GetInventory": "observer",
     _NODE + "GetEvents": "observer",
     _NODE + "UpdateHistory": "observer",
+    _NODE + "Attest": "observer",  # a quote tells what the node booted: what inventory tells
     _NODE + "CheckUpdates": "operator",
     _NODE + "ApplyUpdate": "operator",
     _NODE + "Rollback": "admin",

@@ -6,11 +6,16 @@ a clear error.  System tier: swtpm and tpm2-tools are system-tier packages."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -19,8 +24,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from agent.attest import NotEnrolledError, TpmQuoter
-from agent.config import AttestSection
+from agent.config import AgentConfig, AttestSection, HealthSection
+from agent.context import AgentContext
 from agent.errors import RequestError
+from agent.health.service import attach, close
+from agent.osrelease import running_root_hash
+from agent.proto import node_pb2, node_pb2_grpc
 from provisioning import attest as a
 from provisioning.image.measure import expected_pcr11, pcr11_events
 from testsupport.pe import pe_image
@@ -113,3 +122,43 @@ def test_each_way_of_not_being_able_to_attest_says_which(node: tuple[str, Path])
     with pytest.raises(NotEnrolledError, match=r"swtpm:host=127\.0\.0\.1,port=1\b"):  # no TPM there
         TpmQuoter(AttestSection(tcti="swtpm:host=127.0.0.1,port=1", ak_handle=HANDLE,
                                 ak_certificate=tmp / "ak.crt", timeout_s=10)).quote(nonce)
+
+
+def test_node_attest_over_grpc_answers_a_quote_the_fleet_verifies(node: tuple[str, Path]) -> None:
+    """appliance.v1.Node/Attest on a real grpc.aio server, the agent's own servicer over the
+    swtpm: the answer verifies and carries the running root hash from the kernel command line."""
+    tcti, tmp = node
+    state = tmp / "agent-state"
+    state.mkdir()
+    cfg = AgentConfig()
+    enrolled = AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "ak.crt")
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, state_dir=state),
+                              health=HealthSection(interval_s=3600), attest=enrolled)
+    ctx = AgentContext(config=cfg)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def serve() -> tuple[Any, int]:
+        server = grpc.aio.server()
+        await attach(server, ctx)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(serve(), loop).result(60)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            nonce = os.urandom(48)
+            r = node_pb2_grpc.NodeStub(channel).Attest(node_pb2.AttestRequest(nonce=nonce), timeout=60)
+        result = a.verify_quote(ak_public=r.ak_public, attest=r.attest, signature=r.signature,
+                                pcr_values=r.pcr_values, nonce=nonce, expected=_expected(UKI))
+        assert result.ok
+        assert x509.load_der_x509_certificate(r.ak_certificate).public_key() == \
+            a.public_key(a.parse_public(r.ak_public))
+        assert r.root_hash == running_root_hash(Path("/proc/cmdline"))  # this host's: "" off a node
+    finally:
+        asyncio.run_coroutine_threadsafe(close(ctx), loop).result(30)
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

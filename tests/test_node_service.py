@@ -191,6 +191,19 @@ def test_inventory(node: Node) -> None:
         assert tuple(inv.cpu_missing_features) == missing_features("x86-64-v2", cpu_flags())
 
 
+def test_attest_on_a_node_without_an_attestation_key_says_so(node: Node) -> None:
+    """Not enrolled (the default config has no AK certificate): FAILED_PRECONDITION that says
+    so; a nonce a verifier could not trust is refused before the TPM is asked."""
+    with pytest.raises(grpc.RpcError) as err:
+        node.stub.Attest(node_pb2.AttestRequest(nonce=bytes(32)), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "ak_certificate is not set" in str(err.value.details())
+    with pytest.raises(grpc.RpcError) as err:
+        node.stub.Attest(node_pb2.AttestRequest(nonce=b"short"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nonce: 5 bytes; expected 16..64" in str(err.value.details())
+
+
 def test_inventory_prefers_the_inference_component(node: Node) -> None:
     class Repo:
         def installed(self) -> list[dict[str, Any]]:

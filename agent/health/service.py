@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
+from agent.attest import Quote, TpmQuoter
 from agent.context import AgentContext
 from agent.errors import ApplianceError
 from agent.events import Event, EventLog
@@ -163,6 +164,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.events = events
         self._hub: _Hub | None = None
         self._providers: tuple[str, ...] | None = None
+        self._quoter = TpmQuoter(ctx.config.attest)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         """Start forwarding the sampler's reports to watchers on ``loop``; returns the undo."""
@@ -235,6 +237,19 @@ class NodeServicer(pb_grpc.NodeServicer):
                 collect_inventory, self.ctx.state_dir, gpus=self.gpu_info(), providers=providers,
                 inference=self.ctx.inference)
             return inventory_to_proto(inv)
+
+        return await _guard(context, run)
+
+    async def Attest(self, request: Any, context: Any) -> pb.AttestResponse:  # noqa: N802
+        async def run() -> pb.AttestResponse:
+            def quote() -> tuple[Quote, Inventory]:
+                return self._quoter.quote(request.nonce), collect_inventory(self.ctx.state_dir)
+
+            q, inv = await asyncio.to_thread(quote)
+            return pb.AttestResponse(attest=q.attest, signature=q.signature, pcr_values=q.pcr_values,
+                                     ak_public=q.ak_public, ak_certificate=q.ak_certificate,
+                                     event_log=q.event_log, userspace_log=q.userspace_log,
+                                     image_version=inv.image_version, root_hash=inv.root_hash)
 
         return await _guard(context, run)
 
