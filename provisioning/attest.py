@@ -24,11 +24,14 @@ Whether the AK belongs to the node (its certificate from the site PKI) is the ca
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -38,9 +41,10 @@ from provisioning.errors import AttestError
 
 __all__ = [
     "ALG_ECC", "ALG_ECDSA", "ALG_NULL", "ALG_RSA", "ALG_RSAPSS", "ALG_RSASSA", "ALG_SHA256", "ATTEST_QUOTE",
-    "GENERATED_VALUE", "HASH_ALGS", "Attest", "AttestError", "ClockInfo", "EccPoint", "PcrMismatch",
-    "PcrSelection", "Public", "QuoteResult", "RsaKey", "Signature", "check_attestation_key", "parse_attest",
-    "parse_public", "parse_signature", "pcr_digest", "public_key", "split_pcr_values", "verify_quote",
+    "GENERATED_VALUE", "HASH_ALGS", "Answer", "Attest", "AttestError", "ClockInfo", "EccPoint",
+    "PcrMismatch", "PcrSelection", "Public", "QuoteResult", "RsaKey", "Signature", "Verdict",
+    "check_attestation_key", "expected_images", "judge", "parse_attest", "parse_public", "parse_signature",
+    "pcr_digest", "public_key", "split_pcr_values", "verify_quote",
 ]
 
 GENERATED_VALUE = 0xFF544347  # TPM_GENERATED_VALUE: "\xffTCG", only the TPM writes it into TPMS_ATTEST
@@ -490,3 +494,147 @@ def verify_quote(*, ak_public: bytes, attest: bytes, signature: bytes, pcr_value
     if pcr_digest(quote.pcr_select, pcrs, sig.hash_alg) != quote.pcr_digest:
         raise AttestError("quote: the PCR values sent do not hash to the quoted pcrDigest")
     return QuoteResult(quote, pcrs, _first_mismatch(pcrs, expected))
+
+
+# ---------------------------------------------------------------------------------- a node's answer
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a node sent back to ``Node/Attest`` (the fields of ``AttestResponse`` the verdict uses)."""
+
+    attest: bytes
+    signature: bytes
+    pcr_values: bytes
+    ak_public: bytes
+    ak_certificate: bytes
+    root_hash: str
+    image_version: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One node's attestation: ``ok``, or the first reason it failed (and the PCR, for a mismatch)."""
+
+    ok: bool
+    reason: str
+    root_hash: str
+    image_version: str
+    mismatch: PcrMismatch | None = None
+
+    def to_json(self) -> dict[str, object]:
+        doc: dict[str, object] = {"attested": self.ok, "reason": self.reason, "root_hash": self.root_hash,
+                                  "image_version": self.image_version}
+        if self.mismatch is not None:
+            doc["mismatch"] = {"pcr": self.mismatch.index, "bank": HASH_ALGS[self.mismatch.hash_alg][0],
+                               "expected": self.mismatch.expected.hex(),
+                               "seen": None if self.mismatch.seen is None else self.mismatch.seen.hex()}
+        return doc
+
+
+def expected_images(records: Iterable[Mapping[str, object]], origin: Sequence[str]) -> dict[str, bytes]:
+    """Root hash -> the sha256 PCR 11 a boot of that image reaches ("ready", all four phases),
+    from image-manifest.json or release.json documents (``origin[i]`` names ``records[i]`` in
+    errors).
+
+    Raises:
+        AttestError: a document has no ``roothash`` or no ``pcr11`` record of the shape the build
+            writes (an image built before it recorded PCR 11), or two disagree on one root hash.
+    """
+    out: dict[str, bytes] = {}
+    for doc, where in zip(records, origin, strict=True):
+        roothash = doc.get("roothash")
+        record = doc.get("pcr11")
+        phases = record.get("sha256") if isinstance(record, dict) else None
+        if not isinstance(roothash, str) or not isinstance(phases, list) or not phases:
+            raise AttestError(f"{where}: no roothash and pcr11.sha256 record (built before images "
+                              "recorded their expected PCR 11?)")
+        last = phases[-1]
+        value = last.get("hash") if isinstance(last, dict) else None
+        if not isinstance(last, dict) or last.get("phase") != ":".join(_PHASES) or not isinstance(value, str):
+            raise AttestError(f"{where}: pcr11.sha256 does not end with the phase {':'.join(_PHASES)}")
+        try:
+            pcr = bytes.fromhex(value)
+        except ValueError:
+            raise AttestError(f"{where}: pcr11.sha256 hash {value!r} is not hex") from None
+        if len(pcr) != 32:
+            raise AttestError(f"{where}: pcr11.sha256 hash has {len(pcr)} bytes, expected 32")
+        if out.get(roothash, pcr) != pcr:
+            raise AttestError(f"{where}: root hash {roothash} has another expected PCR 11 than an "
+                              "earlier document gave")
+        out[roothash] = pcr
+    return out
+
+
+_PHASES = ("enter-initrd", "leave-initrd", "sysinit", "ready")
+
+
+def _check_ak_certificate(der: bytes, public: Public, site_ca: x509.Certificate, node: str,
+                          now: datetime.datetime) -> str:
+    """"" when ``der`` is a certificate the site CA issued for this AK and node, else why not."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        return f"the AK certificate is not a certificate ({exc})"
+    return _issued_by_site(cert, site_ca, now) or _for_this_key_and_node(cert, public, node)
+
+
+def _issued_by_site(cert: x509.Certificate, site_ca: x509.Certificate, now: datetime.datetime) -> str:
+    if cert.issuer != site_ca.subject:
+        return f"the AK certificate's issuer is {cert.issuer.rfc4514_string()}, not the site CA"
+    try:
+        cert.verify_directly_issued_by(site_ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        return f"the AK certificate is not signed by the site CA ({exc or type(exc).__name__})"
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        return (f"the AK certificate is valid {cert.not_valid_before_utc:%Y-%m-%d} to "
+                f"{cert.not_valid_after_utc:%Y-%m-%d}, not now")
+    return ""
+
+
+def _for_this_key_and_node(cert: x509.Certificate, public: Public, node: str) -> str:
+    if cert.public_key() != public_key(public):
+        return "the AK certificate is for another key than the one that signed the quote"
+    names = {a.value for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
+    with contextlib.suppress(x509.ExtensionNotFound):
+        names |= set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                     .get_values_for_type(x509.DNSName))
+    if node not in names:
+        return f"the AK certificate names {', '.join(sorted(map(str, names))) or 'nothing'}, not node {node}"
+    return ""
+
+
+def judge(answer: Answer, *, nonce: bytes, node: str, site_ca: x509.Certificate,
+          images: Mapping[str, bytes], now: datetime.datetime | None = None) -> Verdict:
+    """Whether ``answer`` proves that ``node`` booted one of ``images`` (root hash -> expected
+    PCR 11): the AK certificate is the site CA's, current, for the quote's key and for this node;
+    the quote verifies (:func:`verify_quote`) with ``nonce``; the root hash the node names is a
+    known image's, and PCR 11 is that image's value (the UKI it measures carries the root hash
+    on its command line, so a node cannot claim another image than the one it booted).  Never
+    raises: every failure is a verdict with its reason."""
+    def fail(reason: str, mismatch: PcrMismatch | None = None) -> Verdict:
+        return Verdict(False, reason, answer.root_hash, answer.image_version, mismatch)
+
+    try:
+        public = parse_public(answer.ak_public)
+    except AttestError as exc:
+        return fail(str(exc))
+    why = _check_ak_certificate(answer.ak_certificate, public, site_ca, node,
+                                now or datetime.datetime.now(datetime.UTC))
+    if why:
+        return fail(why)
+    expected = images.get(answer.root_hash)
+    if expected is None:
+        return fail(f"runs root hash {answer.root_hash or '(none)'}, which no expected image has")
+    try:
+        result = verify_quote(ak_public=answer.ak_public, attest=answer.attest, signature=answer.signature,
+                              pcr_values=answer.pcr_values, nonce=nonce,
+                              expected={(ALG_SHA256, 11): expected})
+    except AttestError as exc:
+        return fail(str(exc))
+    if result.mismatch is not None:
+        m = result.mismatch
+        seen = "not quoted" if m.seen is None else m.seen.hex()
+        return fail(f"PCR {m.index} is {seen}, expected {m.expected.hex()} (the image with root hash "
+                    f"{answer.root_hash}): it booted something else", m)
+    return Verdict(True, "", answer.root_hash, answer.image_version)

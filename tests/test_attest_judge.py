@@ -1,0 +1,150 @@
+"""The fleet's verdict on one node's Node/Attest answer (provisioning.attest.judge): quotes made
+here the way a TPM makes them (testsupport.tpm2, keys generated in the test), AK certificates
+from a site CA made here, expected images as the build records them."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from provisioning import attest as a
+from provisioning.image.measure import expected_pcr11, pcr11_record
+from testsupport import tpm2
+from testsupport.pe import pe_image
+
+NOW = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+UKI_A = pe_image([(".linux", b"kernel A"), (".cmdline", b"roothash=" + b"a" * 64)])
+UKI_B = pe_image([(".linux", b"kernel B"), (".cmdline", b"roothash=" + b"b" * 64)])
+ROOT_A, ROOT_B = "a" * 64, "b" * 64
+
+
+def _manifest(roothash: str, uki: bytes) -> dict[str, object]:
+    return {"roothash": roothash, "pcr11": pcr11_record(uki)}
+
+
+IMAGES = a.expected_images([_manifest(ROOT_A, UKI_A), _manifest(ROOT_B, UKI_B)], ["a.json", "b.json"])
+
+
+def _ca(name: str = "site CA") -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(NOW - datetime.timedelta(days=30))
+            .not_valid_after(NOW + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+SITE_KEY, SITE = _ca()
+
+
+def _ak_certificate(ak: ec.EllipticCurvePrivateKey, node: str = "node1", *,
+                    issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] = (SITE_KEY, SITE),
+                    days: int = 365, san: bool = False) -> bytes:
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "AK" if san else node)]))
+               .issuer_name(issuer[1].subject).public_key(ak.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(NOW - datetime.timedelta(days=1))
+               .not_valid_after(NOW + datetime.timedelta(days=days)))
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
+    return builder.sign(issuer[0], hashes.SHA256()).public_bytes(Encoding.DER)
+
+
+def _answer(nonce: bytes, uki: bytes, root_hash: str, *, ak: ec.EllipticCurvePrivateKey | None = None,
+            certificate: bytes | None = None) -> a.Answer:
+    """What a node that booted ``uki`` answers, naming ``root_hash``."""
+    ak = ak or ec.generate_private_key(ec.SECP256R1())
+    pcrs = {i: bytes(32) for i in range(8)} | {11: expected_pcr11(uki)[-1].value}
+    attest = tpm2.quote_fields(nonce, pcrs).encode()
+    return a.Answer(attest, tpm2.sign(ak, attest), tpm2.pcr_values(pcrs), tpm2.public_area(ak),
+                    certificate if certificate is not None else _ak_certificate(ak), root_hash, "7")
+
+
+def _judge(answer: a.Answer, nonce: bytes, node: str = "node1") -> a.Verdict:
+    return a.judge(answer, nonce=nonce, node=node, site_ca=SITE, images=IMAGES, now=NOW)
+
+
+def test_a_node_that_booted_a_known_image_attests() -> None:
+    nonce = os.urandom(32)
+    verdict = _judge(_answer(nonce, UKI_B, ROOT_B), nonce)
+    assert verdict.ok and verdict.reason == "" and verdict.root_hash == ROOT_B
+    assert verdict.to_json() == {"attested": True, "reason": "", "root_hash": ROOT_B, "image_version": "7"}
+
+
+def test_the_ak_may_be_named_in_a_dns_subject_alternative_name() -> None:
+    nonce = os.urandom(32)
+    ak = ec.generate_private_key(ec.SECP256R1())
+    assert _judge(_answer(nonce, UKI_A, ROOT_A, ak=ak, certificate=_ak_certificate(ak, san=True)), nonce).ok
+
+
+def test_a_node_that_names_one_image_and_booted_another_is_caught_at_pcr_11() -> None:
+    nonce = os.urandom(32)
+    verdict = _judge(_answer(nonce, UKI_A, ROOT_B), nonce)  # booted A, claims B
+    assert not verdict.ok and verdict.mismatch is not None and verdict.mismatch.index == 11
+    assert "booted something else" in verdict.reason
+    assert verdict.to_json()["mismatch"] == {"pcr": 11, "bank": "sha256", "expected": IMAGES[ROOT_B].hex(),
+                                             "seen": IMAGES[ROOT_A].hex()}
+
+
+def test_an_unknown_image_and_a_modified_uki_fail() -> None:
+    nonce = os.urandom(32)
+    unknown = _judge(_answer(nonce, UKI_A, "c" * 64), nonce)
+    assert not unknown.ok and "no expected image" in unknown.reason
+    modified = pe_image([(".linux", b"kernel A, patched"), (".cmdline", b"roothash=" + b"a" * 64)])
+    verdict = _judge(_answer(nonce, modified, ROOT_A), nonce)
+    assert not verdict.ok and verdict.mismatch is not None and verdict.mismatch.index == 11
+
+
+def test_a_replayed_answer_fails_on_the_nonce() -> None:
+    old = os.urandom(32)
+    verdict = _judge(_answer(old, UKI_A, ROOT_A), os.urandom(32))
+    assert not verdict.ok and "nonce" in verdict.reason
+
+
+def test_ak_certificates_the_site_did_not_issue_for_this_key_and_node_fail() -> None:
+    nonce = os.urandom(32)
+    ak = ec.generate_private_key(ec.SECP256R1())
+    other_ca = _ca("another CA")
+    same_name_ca = _ca("site CA")  # the site CA's name, another key
+    cases = {
+        "not the site CA": _ak_certificate(ak, issuer=other_ca),
+        "not signed by the site CA": _ak_certificate(ak, issuer=same_name_ca),
+        "another key": _ak_certificate(ec.generate_private_key(ec.SECP256R1())),
+        "not node node1": _ak_certificate(ak, "node2"),
+        "not now": _ak_certificate(ak, days=-1),  # expired yesterday
+        "not a certificate": b"\x30\x03\x02\x01\x01",
+    }
+    for reason, certificate in cases.items():
+        verdict = _judge(_answer(nonce, UKI_A, ROOT_A, ak=ak, certificate=certificate), nonce)
+        assert not verdict.ok and reason in verdict.reason, (reason, verdict.reason)
+
+
+def test_a_broken_answer_is_a_verdict_not_an_exception() -> None:
+    nonce = os.urandom(32)
+    good = _answer(nonce, UKI_A, ROOT_A)
+    for field in ("attest", "signature", "pcr_values", "ak_public"):
+        broken = dataclasses.replace(good, **{field: getattr(good, field)[:-3]})
+        verdict = _judge(broken, nonce)
+        assert not verdict.ok and verdict.reason, field
+
+
+def test_expected_images_come_from_the_builds_records(tmp_path: Path) -> None:
+    assert IMAGES[ROOT_A] != IMAGES[ROOT_B] and len(IMAGES[ROOT_A]) == 32
+    with pytest.raises(a.AttestError, match=r"old\.json: no roothash and pcr11"):
+        a.expected_images([{"roothash": ROOT_A}], ["old.json"])
+    with pytest.raises(a.AttestError, match="another expected PCR 11"):
+        a.expected_images([_manifest(ROOT_A, UKI_A), _manifest(ROOT_A, UKI_B)], ["x", "y"])
+    partial = {"roothash": ROOT_A, "pcr11": {"sha256": pcr11_record(UKI_A)["sha256"][:2]}}
+    with pytest.raises(a.AttestError, match="does not end with the phase"):
+        a.expected_images([partial], ["p.json"])
