@@ -16,20 +16,24 @@ import argparse
 import asyncio
 import dataclasses
 import fnmatch
+import json
 import math
 import os
 import re
+import tarfile
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 from google.protobuf import json_format
 
 from agent.errors import ConfigError, NotFoundError
 from agent.proto import node_pb2, node_pb2_grpc
+from provisioning import attest
 from provisioning.errors import FleetError
 
 __all__ = [
@@ -41,8 +45,11 @@ __all__ = [
     "RolloutPlan",
     "Wave",
     "WaveOutcome",
+    "attest_action",
+    "attest_nodes",
     "health_action",
     "inventory_action",
+    "load_expected_images",
     "load_inventory",
     "plan_rollout",
     "query",
@@ -323,6 +330,12 @@ class _UpdateRefusedError(Exception):
         self.results = results
 
 
+class _NotAttestedError(Exception):
+    def __init__(self, verdict: attest.Verdict) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
+
+
 def _channel(node: Node, auth: FleetAuth) -> grpc.aio.Channel:
     options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
     if auth.insecure:
@@ -349,6 +362,9 @@ async def _one(node: Node, action: Action, auth: FleetAuth, deadline: float,
                               seconds=time.monotonic() - start)
         except _UpdateRefusedError as exc:
             return NodeResult(node, False, f"update refused: {exc}", data={"results": exc.results},
+                              seconds=time.monotonic() - start)
+        except _NotAttestedError as exc:
+            return NodeResult(node, False, f"not attested: {exc}", data=exc.verdict.to_json(),
                               seconds=time.monotonic() - start)
         finally:
             await channel.close(grace=None)
@@ -410,6 +426,72 @@ def update_action(targets: Sequence[str], dry_run: bool) -> Action:
         return {"results": results}
 
     return apply
+
+
+def attest_action(node: str, *, site_ca: x509.Certificate, images: Mapping[str, bytes]) -> Action:
+    """Node/Attest with a fresh nonce, judged (:func:`provisioning.attest.judge`) against the
+    expected images; a node that does not attest is a failed result with the reason."""
+
+    async def ask(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
+        nonce = os.urandom(32)
+        r = await stub.Attest(node_pb2.AttestRequest(nonce=nonce), timeout=deadline)
+        answer = attest.Answer(r.attest, r.signature, r.pcr_values, r.ak_public, r.ak_certificate,
+                               r.root_hash, r.image_version)
+        verdict = attest.judge(answer, nonce=nonce, node=node, site_ca=site_ca, images=images)
+        if not verdict.ok:
+            raise _NotAttestedError(verdict)
+        return verdict.to_json()
+
+    return ask
+
+
+async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, site_ca: x509.Certificate,
+                       images: Mapping[str, bytes], deadline: float = 10.0, concurrency: int = 1024,
+                       progress: Callable[[NodeResult], None] | None = None) -> list[NodeResult]:
+    """:func:`attest_action` on every node (each judged under its own inventory name), at most
+    ``concurrency`` at a time; results in node order.
+
+    Raises:
+        ConfigError: ``deadline`` or ``concurrency`` is not positive.
+    """
+    if deadline <= 0 or concurrency <= 0:
+        raise ConfigError("--deadline and --concurrency must be positive")
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(node: Node) -> NodeResult:
+        result = await _one(node, attest_action(node.name, site_ca=site_ca, images=images), auth,
+                            deadline, gate)
+        if progress is not None:
+            progress(result)
+        return result
+
+    return list(await asyncio.gather(*(one(n) for n in nodes)))
+
+
+def load_expected_images(paths: Sequence[Path]) -> dict[str, bytes]:
+    """Root hash -> expected PCR 11 from image-manifest.json files and OS release files (their
+    ``release.json``), as the build records them.
+
+    Raises:
+        ConfigError: a file is missing or neither kind; AttestError: a record is missing or bad.
+    """
+    def read(path: Path) -> object:
+        if not tarfile.is_tarfile(path):
+            return json.loads(path.read_text())
+        with tarfile.open(path, "r:") as tar:
+            member = tar.extractfile("release.json")  # KeyError when it has none
+            return json.loads(member.read()) if member is not None else None
+
+    docs: list[Mapping[str, object]] = []
+    for path in paths:
+        try:
+            doc = read(path)
+        except (OSError, ValueError, KeyError, tarfile.TarError) as exc:
+            raise ConfigError(f"{path}: not an image-manifest.json or an OS release ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: holds {type(doc).__name__}, expected a JSON object")
+        docs.append(doc)
+    return attest.expected_images(docs, [str(p) for p in paths])
 
 
 # ------------------------------------------------------------------ rollouts

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import json
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,11 @@ from agent.attest import NotEnrolledError, TpmQuoter
 from agent.config import AgentConfig, AttestSection, HealthSection
 from agent.context import AgentContext
 from agent.errors import RequestError
-from agent.health.service import attach, close
-from agent.osrelease import running_root_hash
+from agent.health import service
 from agent.proto import node_pb2, node_pb2_grpc
 from provisioning import attest as a
-from provisioning.image.measure import expected_pcr11, pcr11_events
+from provisioning.image.measure import expected_pcr11, pcr11_events, pcr11_record
+from tests.conftest import run_appliance
 from testsupport.pe import pe_image
 from testsupport.swtpm import swtpm_server, tpm
 
@@ -43,14 +45,21 @@ UKI = pe_image([(".linux", b"kernel" * 500), (".osrel", b"ID=appliance\nIMAGE_VE
 
 
 def _ak_certificate(ak_public: bytes, path: Path) -> x509.Certificate:
-    """A certificate for the AK's key, issued by a CA made here (as `appliance pki` will)."""
+    """A certificate for the AK's key naming node1, issued by a site CA made here (as `appliance
+    pki` will); the CA's certificate goes beside it as ca.crt."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test site CA")])
     now = datetime.datetime.now(datetime.UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1 AK")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca).issuer_name(ca).public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    (path.parent / "ca.crt").write_bytes(ca_cert.public_bytes(Encoding.PEM))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1")])
     key = a.public_key(a.parse_public(ak_public))
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca).public_key(key)
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
     path.write_bytes(cert.public_bytes(Encoding.PEM))
     return cert
@@ -124,14 +133,19 @@ def test_each_way_of_not_being_able_to_attest_says_which(node: tuple[str, Path])
                                 ak_certificate=tmp / "ak.crt", timeout_s=10)).quote(nonce)
 
 
-def test_node_attest_over_grpc_answers_a_quote_the_fleet_verifies(node: tuple[str, Path]) -> None:
-    """appliance.v1.Node/Attest on a real grpc.aio server, the agent's own servicer over the
-    swtpm: the answer verifies and carries the running root hash from the kernel command line."""
-    tcti, tmp = node
+@contextmanager
+def _serving(tcti: str, tmp: Path, monkeypatch: pytest.MonkeyPatch, root_hash: str = "") -> Iterator[int]:
+    """The agent's Node servicer on a real grpc.aio server (insecure, loopback) with the swtpm's
+    AK enrolled; the kernel command line it reports names ``root_hash``.  Yields the port."""
     state = tmp / "agent-state"
-    state.mkdir()
-    cfg = AgentConfig()
+    state.mkdir(exist_ok=True)
+    cmdline = tmp / "cmdline"
+    cmdline.write_text(f"ro roothash={root_hash}\n" if root_hash else "ro\n")
+    real = service.collect_inventory
+    monkeypatch.setattr(service, "collect_inventory",
+                        lambda state_dir, **kw: real(state_dir, **kw, cmdline=cmdline))
     enrolled = AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "ak.crt")
+    cfg = AgentConfig()
     cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, state_dir=state),
                               health=HealthSection(interval_s=3600), attest=enrolled)
     ctx = AgentContext(config=cfg)
@@ -141,24 +155,64 @@ def test_node_attest_over_grpc_answers_a_quote_the_fleet_verifies(node: tuple[st
 
     async def serve() -> tuple[Any, int]:
         server = grpc.aio.server()
-        await attach(server, ctx)
+        await service.attach(server, ctx)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port
 
     server, port = asyncio.run_coroutine_threadsafe(serve(), loop).result(60)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            nonce = os.urandom(48)
-            r = node_pb2_grpc.NodeStub(channel).Attest(node_pb2.AttestRequest(nonce=nonce), timeout=60)
-        result = a.verify_quote(ak_public=r.ak_public, attest=r.attest, signature=r.signature,
-                                pcr_values=r.pcr_values, nonce=nonce, expected=_expected(UKI))
-        assert result.ok
-        assert x509.load_der_x509_certificate(r.ak_certificate).public_key() == \
-            a.public_key(a.parse_public(r.ak_public))
-        assert r.root_hash == running_root_hash(Path("/proc/cmdline"))  # this host's: "" off a node
+        yield port
     finally:
-        asyncio.run_coroutine_threadsafe(close(ctx), loop).result(30)
+        asyncio.run_coroutine_threadsafe(service.close(ctx), loop).result(30)
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def test_node_attest_over_grpc_answers_a_quote_the_fleet_verifies(
+        node: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """appliance.v1.Node/Attest on a real grpc.aio server, the agent's own servicer over the
+    swtpm: the answer verifies and carries the running root hash from the kernel command line."""
+    tcti, tmp = node
+    with _serving(tcti, tmp, monkeypatch, "ab" * 32) as port, \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        nonce = os.urandom(48)
+        r = node_pb2_grpc.NodeStub(channel).Attest(node_pb2.AttestRequest(nonce=nonce), timeout=60)
+    result = a.verify_quote(ak_public=r.ak_public, attest=r.attest, signature=r.signature,
+                            pcr_values=r.pcr_values, nonce=nonce, expected=_expected(UKI))
+    assert result.ok and r.root_hash == "ab" * 32
+    assert x509.load_der_x509_certificate(r.ak_certificate).public_key() == \
+        a.public_key(a.parse_public(r.ak_public))
+
+
+def test_fleet_attest_passes_the_image_the_node_booted_and_fails_another(
+        node: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`appliance fleet attest` (the CLI, its own process) against the node: it attests against
+    the manifest of the image whose UKI PCR 11 measured; against a manifest whose UKI differs it
+    does not, naming PCR 11; a node the certificate does not name does not either."""
+    tcti, tmp = node
+    root = "cd" * 32
+    good = tmp / "image-manifest.json"
+    good.write_text(json.dumps({"roothash": root, "pcr11": pcr11_record(UKI)}))
+    other = tmp / "other-manifest.json"
+    other.write_text(json.dumps({"roothash": root, "pcr11": pcr11_record(pe_image([(".linux", b"other")]))}))
+    with _serving(tcti, tmp, monkeypatch, root) as port:
+        for name in ("node1", "node2"):
+            (tmp / f"{name}.toml").write_text(
+                f'[[nodes]]\nname = "{name}"\naddress = "127.0.0.1"\nport = {port}\n')
+        # --insecure: the agent here is on loopback without TLS; the AK certificates' CA is --site-ca
+        runs = {label: run_appliance("fleet", "attest", "-i", tmp / f"{name}.toml", "--insecure", "--expect",
+                                     manifest, "--site-ca", tmp / "ca.crt", "--deadline", "60", "--json")
+                for label, name, manifest in (("good", "node1", good), ("other", "node1", other),
+                                              ("renamed", "node2", good))}
+    done = runs["good"]
+    assert done.returncode == 0, done.stderr
+    (ok,) = json.loads(done.stdout)["nodes"]
+    assert ok["ok"] and ok["data"]["attested"] and ok["data"]["root_hash"] == root
+    for label in ("other", "renamed"):
+        assert runs[label].returncode == 1, runs[label].stderr
+    (bad,) = json.loads(runs["other"].stdout)["nodes"]
+    assert not bad["ok"] and bad["data"]["mismatch"]["pcr"] == 11 and "not attested" in bad["reason"]
+    (renamed,) = json.loads(runs["renamed"].stdout)["nodes"]
+    assert "not node node2" in renamed["reason"]

@@ -1,4 +1,4 @@
-"""``appliance fleet status|health|inventory|update|rollout|sd``: many nodes at once, over mTLS."""
+"""``appliance fleet status|health|inventory|attest|update|rollout|sd``: many nodes at once, over mTLS."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from provisioning.fleet import (
     RolloutPlan,
     WaveOutcome,
     add_credential_flags,
+    attest_nodes,
     health_action,
     inventory_action,
+    load_expected_images,
     load_inventory,
     plan_rollout,
     query,
@@ -70,6 +72,22 @@ def register(
                             parents=[common], help=help_text)
         _common_flags(q)
         q.set_defaults(handler=_query_handler(name))
+    t = fsub.add_parser("attest", **examples(
+            "appliance fleet attest -i inventory.ini --expect out/image-manifest.json "
+            "--ca pki/ca.crt --cert me.crt --key me.key",
+            "appliance fleet attest -i nodes.toml --expect appliance-2.osrelease "
+            "--expect out/image-manifest.json --json"),
+        parents=[common], help="ask every node for a TPM quote; check it against the images it may run",
+        description="Sends each node a fresh nonce (Node/Attest) and checks its answer: the attestation "
+                    "key's certificate is the site CA's, current and for that node; the quote is signed "
+                    "by that key over the nonce; the node's root hash is one of the --expect images and "
+                    "its PCR 11 is that image's. Exit status 1 when any node does not attest.")
+    _common_flags(t)
+    t.add_argument("--expect", action="append", type=Path, default=[], metavar="FILE",
+                   help="an image-manifest.json or an OS release the nodes may run; repeatable")
+    t.add_argument("--site-ca", type=Path, metavar="PEM",
+                   help="the CA that certifies attestation keys (default: --ca, the site CA)")
+    t.set_defaults(handler=_attest)
     u = fsub.add_parser("update", **examples(
             "appliance fleet update -i inventory.ini --limit lab --target tiny@1.1.0 --dry-run"),
         parents=[common], help="ApplyUpdate on every selected node at once")
@@ -215,6 +233,36 @@ def _print_data(data: Any, indent: str) -> None:
                 _print_data(item, indent + "  ")
             else:
                 print(f"{indent}- {item}")
+
+
+def _attest(args: argparse.Namespace) -> int:
+    if not args.expect:
+        raise ConfigError("give the images the nodes may run: --expect image-manifest.json or "
+                          "--expect RELEASE.osrelease (repeatable)")
+    images = load_expected_images(args.expect)
+    ca_path = args.site_ca or args.ca
+    if ca_path is None:
+        raise ConfigError("fleet attest checks each attestation key's certificate against the site CA: "
+                          "give --ca (or --site-ca)")
+    from cryptography import x509
+
+    try:
+        site_ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{ca_path}: not a PEM certificate ({exc})") from None
+    nodes, auth = _setup(args)
+    with progress("nodes", len(nodes)) as bar:
+        results = asyncio.run(attest_nodes(nodes, auth=auth, site_ca=site_ca, images=images,
+                                           deadline=args.deadline, concurrency=args.concurrency,
+                                           progress=lambda _: bar.advance()))
+    if args.json:
+        emit_json(_summary(results))
+    else:
+        rows = [(r.node.name, r.node.target, "yes" if r.ok else "NO", r.data.get("image_version") or "-",
+                 (r.data.get("root_hash") or "-")[:16], r.reason or "-") for r in results]
+        print_table(("NODE", "TARGET", "ATTESTED", "IMAGE", "ROOT HASH", "REASON"), rows)
+        print(f"{sum(r.ok for r in results)} of {len(results)} nodes attested", file=sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _update(args: argparse.Namespace) -> int:
