@@ -378,12 +378,20 @@ async def query(nodes: Sequence[Node], action: Action, *, auth: FleetAuth, deadl
     Raises:
         ConfigError: ``deadline`` or ``concurrency`` is not positive.
     """
+    return await _fan_out(nodes, lambda _: action, auth=auth, deadline=deadline, concurrency=concurrency,
+                          progress=progress)
+
+
+async def _fan_out(nodes: Sequence[Node], action_for: Callable[[Node], Action], *, auth: FleetAuth,
+                   deadline: float, concurrency: int,
+                   progress: Callable[[NodeResult], None] | None) -> list[NodeResult]:
+    """``action_for(node)`` on every node, at most ``concurrency`` at a time; results in node order."""
     if deadline <= 0 or concurrency <= 0:
         raise ConfigError("--deadline and --concurrency must be positive")
     gate = asyncio.Semaphore(concurrency)
 
     async def tracked(node: Node) -> NodeResult:
-        result = await _one(node, action, auth, deadline, gate)
+        result = await _one(node, action_for(node), auth, deadline, gate)
         if progress is not None:
             progress(result)
         return result
@@ -454,18 +462,8 @@ async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, site_ca: x509.
     Raises:
         ConfigError: ``deadline`` or ``concurrency`` is not positive.
     """
-    if deadline <= 0 or concurrency <= 0:
-        raise ConfigError("--deadline and --concurrency must be positive")
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(node: Node) -> NodeResult:
-        result = await _one(node, attest_action(node.name, site_ca=site_ca, images=images), auth,
-                            deadline, gate)
-        if progress is not None:
-            progress(result)
-        return result
-
-    return list(await asyncio.gather(*(one(n) for n in nodes)))
+    return await _fan_out(nodes, lambda node: attest_action(node.name, site_ca=site_ca, images=images),
+                          auth=auth, deadline=deadline, concurrency=concurrency, progress=progress)
 
 
 def load_expected_images(paths: Sequence[Path]) -> dict[str, bytes]:
