@@ -29,7 +29,9 @@ PCR_SELECTION = "sha256:0,1,2,3,4,5,6,7,11"
 NONCE_BYTES = (16, 64)  # a TPM2B_DATA extraData holds up to 64 bytes; fewer than 16 is guessable
 FIRMWARE_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
 USERSPACE_LOG = Path("/run/log/systemd/tpm2-measure.log")
-_MAX_LOG = 4 << 20  # event logs are tens of KiB; a bigger one is cut, and the verifier sees it
+# Event logs are tens of KiB; a bigger one is cut.  Both at their cap must fit, with the quote,
+# in the 4 MiB a gRPC client takes by default (the fleet CLI's), or the answer would be refused.
+_MAX_LOG = 1 << 20
 
 
 class NotEnrolledError(ApplianceError):

@@ -32,12 +32,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from provisioning.errors import AttestError
+from provisioning.image.measure import PHASES
 
 __all__ = [
     "ALG_ECC", "ALG_ECDSA", "ALG_NULL", "ALG_RSA", "ALG_RSAPSS", "ALG_RSASSA", "ALG_SHA256", "ATTEST_QUOTE",
@@ -551,8 +552,8 @@ def expected_images(records: Iterable[Mapping[str, object]], origin: Sequence[st
                               "recorded their expected PCR 11?)")
         last = phases[-1]
         value = last.get("hash") if isinstance(last, dict) else None
-        if not isinstance(last, dict) or last.get("phase") != ":".join(_PHASES) or not isinstance(value, str):
-            raise AttestError(f"{where}: pcr11.sha256 does not end with the phase {':'.join(_PHASES)}")
+        if not isinstance(last, dict) or last.get("phase") != ":".join(PHASES) or not isinstance(value, str):
+            raise AttestError(f"{where}: pcr11.sha256 does not end with the phase {':'.join(PHASES)}")
         try:
             pcr = bytes.fromhex(value)
         except ValueError:
@@ -566,9 +567,6 @@ def expected_images(records: Iterable[Mapping[str, object]], origin: Sequence[st
     return out
 
 
-_PHASES = ("enter-initrd", "leave-initrd", "sysinit", "ready")
-
-
 def _check_ak_certificate(der: bytes, public: Public, site_ca: x509.Certificate, node: str,
                           now: datetime.datetime) -> str:
     """"" when ``der`` is a certificate the site CA issued for this AK and node, else why not."""
@@ -576,7 +574,10 @@ def _check_ak_certificate(der: bytes, public: Public, site_ca: x509.Certificate,
         cert = x509.load_der_x509_certificate(der)
     except ValueError as exc:
         return f"the AK certificate is not a certificate ({exc})"
-    return _issued_by_site(cert, site_ca, now) or _for_this_key_and_node(cert, public, node)
+    try:  # the node's bytes: cryptography parses names, extensions and keys when first read
+        return _issued_by_site(cert, site_ca, now) or _for_this_key_and_node(cert, public, node)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        return f"the AK certificate cannot be read ({exc})"
 
 
 def _issued_by_site(cert: x509.Certificate, site_ca: x509.Certificate, now: datetime.datetime) -> str:
