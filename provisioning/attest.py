@@ -41,8 +41,9 @@ from provisioning.errors import AttestError
 from provisioning.image.measure import PHASES
 
 __all__ = [
-    "ALG_ECC", "ALG_ECDSA", "ALG_NULL", "ALG_RSA", "ALG_RSAPSS", "ALG_RSASSA", "ALG_SHA256", "ATTEST_QUOTE",
-    "GENERATED_VALUE", "HASH_ALGS", "Answer", "Attest", "AttestError", "ClockInfo", "EccPoint",
+    "AK_CERTIFICATE_USAGE", "ALG_ECC", "ALG_ECDSA", "ALG_NULL", "ALG_RSA", "ALG_RSAPSS", "ALG_RSASSA",
+    "ALG_SHA256", "ATTEST_QUOTE", "GENERATED_VALUE", "HASH_ALGS", "Answer", "Attest", "AttestError",
+    "ClockInfo", "EccPoint",
     "PcrMismatch", "PcrSelection", "Public", "QuoteResult", "RsaKey", "Signature", "Verdict",
     "check_attestation_key", "expected_images", "judge", "parse_attest", "parse_public", "parse_signature",
     "pcr_digest", "public_key", "split_pcr_values", "verify_quote",
@@ -84,6 +85,10 @@ ATTR_SENSITIVE_DATA_ORIGIN = 1 << 5
 ATTR_RESTRICTED = 1 << 16
 ATTR_DECRYPT = 1 << 17
 ATTR_SIGN = 1 << 18
+# tcg-kp-AIKCertificate (TCG EK Credential Profile): this certificate is for an attestation key.
+# The fleet requires it, so a certificate the same CA issued the node for TLS (a key outside
+# the TPM) cannot vouch for a quote the node forged with that key.
+AK_CERTIFICATE_USAGE = x509.ObjectIdentifier("2.23.133.8.3")
 _AK_ATTRS = {"fixedTPM": ATTR_FIXED_TPM, "fixedParent": ATTR_FIXED_PARENT,
              "sensitiveDataOrigin": ATTR_SENSITIVE_DATA_ORIGIN, "restricted": ATTR_RESTRICTED,
              "sign": ATTR_SIGN}
@@ -576,6 +581,8 @@ def _check_ak_certificate(der: bytes, public: Public, site_ca: x509.Certificate,
         return f"the AK certificate is not a certificate ({exc})"
     try:  # the node's bytes: cryptography parses names, extensions and keys when first read
         return _issued_by_site(cert, site_ca, now) or _for_this_key_and_node(cert, public, node)
+    except AttestError as exc:  # the AK's public area holds no valid key
+        return str(exc)
     except (ValueError, UnsupportedAlgorithm) as exc:
         return f"the AK certificate cannot be read ({exc})"
 
@@ -594,6 +601,13 @@ def _issued_by_site(cert: x509.Certificate, site_ca: x509.Certificate, now: date
 
 
 def _for_this_key_and_node(cert: x509.Certificate, public: Public, node: str) -> str:
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = x509.ExtendedKeyUsage([])
+    if AK_CERTIFICATE_USAGE not in usage:
+        return ("the AK certificate lacks the attestation key usage (2.23.133.8.3): it was not "
+                "issued for a TPM key (`appliance pki issue-ak`)")
     if cert.public_key() != public_key(public):
         return "the AK certificate is for another key than the one that signed the quote"
     names = {a.value for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}

@@ -1,4 +1,5 @@
-"""The site PKI: one CA (ECDSA P-256), node and client certificates, a signed revocation list.
+"""The site PKI: one CA (ECDSA P-256), node and client certificates, the certificates of nodes'
+TPM attestation keys, a signed revocation list.
 
 A PKI directory holds::
 
@@ -6,7 +7,8 @@ A PKI directory holds::
     ca.crt        the CA certificate: what nodes and fleet tools trust
     crl.pem       the signed revocation list; distribute it like any artifact (registry target)
     index.json    every certificate issued: serial, kind, name, role, validity, revocation
-    issued/NAME/  NAME.crt, NAME.key (0600) and a copy of ca.crt, ready to install
+    issued/NAME/  NAME.crt, NAME.key (0600) and a copy of ca.crt, ready to install;
+                  NAME.ak.crt for the node's attestation key (the key itself never leaves its TPM)
 
 Client certificates carry their role in the subject OU (``OU=operator``); see
 :mod:`agent.security` for why, and for how the agent checks it.  Changes to the directory
@@ -29,12 +31,13 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import ConfigError, NotFoundError, VerificationError
 from agent.fsutil import atomic_write_bytes, atomic_write_text
 from agent.security import ROLE_ATTRIBUTE, ROLES
+from provisioning import attest
 
 __all__ = [
     "REASONS",
@@ -42,6 +45,7 @@ __all__ = [
     "IssuedCert",
     "ca_info",
     "init_pki",
+    "issue_attestation_key",
     "issue_client",
     "issue_node",
     "list_certs",
@@ -83,7 +87,7 @@ class CaInfo:
 @dataclasses.dataclass(frozen=True)
 class IssuedCert:
     serial: int
-    kind: str  # "node" or "client"
+    kind: str  # "node", "client" or "ak" (a node's TPM attestation key)
     name: str
     role: str | None
     subject: str
@@ -285,11 +289,17 @@ def _check_name(name: str) -> None:
                           "letter or digit")
 
 
+_USAGE = {"node": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH,
+          "ak": attest.AK_CERTIFICATE_USAGE}
+
+
 def _issue(directory: Path, *, kind: str, name: str, role: str | None, dns: Sequence[str],
            ips: Sequence[str], days: int, passphrase: bytes | None, out: Path | None,
-           valid_from: dt.datetime | None, csr: bytes | None = None) -> IssuedCert:
+           valid_from: dt.datetime | None,
+           requested: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | None = None) -> IssuedCert:
+    """A certificate of ``kind`` for ``requested`` (a key made elsewhere, whose private half this
+    side never sees), or for a key made here and written beside it."""
     _check_name(name)
-    requested = _requested_key(csr) if csr is not None else None
     if days <= 0:
         raise ConfigError(f"--days = {days}: must be positive")
     addresses = []
@@ -315,7 +325,6 @@ def _issue(directory: Path, *, kind: str, name: str, role: str | None, dns: Sequ
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
         key = None if requested is not None else ec.generate_private_key(ec.SECP256R1())
         public_key = requested if requested is not None else key.public_key()  # type: ignore[union-attr]
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == "node" else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name(attrs)).issuer_name(ca_cert.subject)
                    .public_key(public_key).serial_number(x509.random_serial_number())
@@ -326,7 +335,7 @@ def _issue(directory: Path, *, kind: str, name: str, role: str | None, dns: Sequ
                                                 key_agreement=False, key_cert_sign=False,
                                                 crl_sign=False, encipher_only=False,
                                                 decipher_only=False), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([_USAGE[kind]]), critical=False)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
                                   critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
@@ -338,7 +347,8 @@ def _issue(directory: Path, *, kind: str, name: str, role: str | None, dns: Sequ
         cert = builder.sign(ca_key, hashes.SHA256())
         dest = out or directory / "issued" / name
         dest.mkdir(parents=True, exist_ok=True)
-        cert_path, key_path = dest / f"{name}.crt", dest / f"{name}.key"
+        stem = f"{name}.ak" if kind == "ak" else name  # beside the same node's TLS certificate
+        cert_path, key_path = dest / f"{stem}.crt", dest / f"{stem}.key"
         if key is not None:
             atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
         atomic_write_bytes(cert_path, _pem(cert))
@@ -368,7 +378,30 @@ def issue_node(directory: Path, name: str, *, dns: Sequence[str] = (), ips: Sequ
         VerificationError: the passphrase does not decrypt the CA key.
     """
     return _issue(directory, kind="node", name=name, role=None, dns=tuple(dns) or (name,),
-                  ips=ips, days=days, passphrase=passphrase, out=out, valid_from=valid_from, csr=csr)
+                  ips=ips, days=days, passphrase=passphrase, out=out, valid_from=valid_from,
+                  requested=_requested_key(csr) if csr is not None else None)
+
+
+def issue_attestation_key(directory: Path, name: str, ak_public: bytes, *, dns: Sequence[str] = (),
+                          days: int = 365, passphrase: bytes | None = None, out: Path | None = None,
+                          valid_from: dt.datetime | None = None) -> IssuedCert:
+    """Certify node ``name``'s TPM attestation key: ``ak_public`` is its TPM2B_PUBLIC as
+    ``appliance agent attest-key`` wrote it on the node.  The key must be a restricted signing
+    key bound to its TPM (:func:`provisioning.attest.check_attestation_key`): only such a key
+    cannot be made to sign a quote the TPM did not make.  The certificate names the node (CN
+    and DNS names) and carries the TCG's AK certificate usage, which ``fleet attest`` requires,
+    so the node's TLS certificate (same CA, same name, a key outside the TPM) never passes for
+    one.  Written as ``NAME.ak.crt``.
+
+    Raises:
+        AttestError: ``ak_public`` is no TPM2B_PUBLIC or no attestation key.
+        ConfigError, NotFoundError, VerificationError: as :func:`issue_node`.
+    """
+    public = attest.parse_public(ak_public)
+    attest.check_attestation_key(public)
+    return _issue(directory, kind="ak", name=name, role=None, dns=tuple(dns) or (name,), ips=(),
+                  days=days, passphrase=passphrase, out=out, valid_from=valid_from,
+                  requested=attest.public_key(public))
 
 
 def _requested_key(csr: bytes) -> ec.EllipticCurvePublicKey:

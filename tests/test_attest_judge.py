@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from provisioning import attest as a
+from provisioning import pki
 from provisioning.image.measure import expected_pcr11, pcr11_record
 from testsupport import tpm2
 from testsupport.pe import pe_image
@@ -50,12 +51,15 @@ SITE_KEY, SITE = _ca()
 
 def _ak_certificate(ak: ec.EllipticCurvePrivateKey, node: str = "node1", *,
                     issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] = (SITE_KEY, SITE),
-                    days: int = 365, san: bool = False) -> bytes:
+                    days: int = 365, san: bool = False,
+                    usage: x509.ObjectIdentifier | None = a.AK_CERTIFICATE_USAGE) -> bytes:
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "AK" if san else node)]))
                .issuer_name(issuer[1].subject).public_key(ak.public_key())
                .serial_number(x509.random_serial_number()).not_valid_before(NOW - datetime.timedelta(days=1))
                .not_valid_after(NOW + datetime.timedelta(days=days)))
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
     return builder.sign(issuer[0], hashes.SHA256()).public_bytes(Encoding.DER)
@@ -123,6 +127,8 @@ def test_ak_certificates_the_site_did_not_issue_for_this_key_and_node_fail() -> 
         "another key": _ak_certificate(ec.generate_private_key(ec.SECP256R1())),
         "not node node1": _ak_certificate(ak, "node2"),
         "not now": _ak_certificate(ak, days=-1),  # expired yesterday
+        "lacks the attestation key usage": _ak_certificate(ak, usage=ExtendedKeyUsageOID.SERVER_AUTH),
+        "lacks the attestation key usage (2.23": _ak_certificate(ak, usage=None),
         "not a certificate": b"\x30\x03\x02\x01\x01",
     }
     for reason, certificate in cases.items():
@@ -148,3 +154,27 @@ def test_expected_images_come_from_the_builds_records(tmp_path: Path) -> None:
     partial = {"roothash": ROOT_A, "pcr11": {"sha256": pcr11_record(UKI_A)["sha256"][:2]}}
     with pytest.raises(a.AttestError, match="does not end with the phase"):
         a.expected_images([partial], ["p.json"])
+
+
+def test_only_a_certificate_from_pki_issue_ak_vouches_for_a_quote(tmp_path: Path) -> None:
+    """The site's own PKI: the AK certificate `pki issue-ak` makes passes; the node's TLS
+    certificate from the same CA, for the same name, does not, though a node could sign a
+    quote with that key (it is a file on the node, not a key held in a TPM)."""
+    pki_dir = tmp_path / "pki"
+    pki.init_pki(pki_dir, organization="Attesting Site")
+    site = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+    nonce = os.urandom(32)
+    ak = ec.generate_private_key(ec.SECP256R1())
+    issued = pki.issue_attestation_key(pki_dir, "node1", tpm2.public_area(ak))
+    assert issued.kind == "ak" and issued.cert_path.endswith("node1/node1.ak.crt") and not issued.key_path
+    certificate = x509.load_pem_x509_certificate(Path(issued.cert_path).read_bytes()).public_bytes(
+        Encoding.DER)
+    answer = _answer(nonce, UKI_A, ROOT_A, ak=ak, certificate=certificate)
+    assert a.judge(answer, nonce=nonce, node="node1", site_ca=site, images=IMAGES).ok
+    tls = pki.issue_node(pki_dir, "node1")
+    tls_key = serialization.load_pem_private_key(Path(tls.key_path).read_bytes(), password=None)
+    assert isinstance(tls_key, ec.EllipticCurvePrivateKey)
+    tls_cert = x509.load_pem_x509_certificate(Path(tls.cert_path).read_bytes()).public_bytes(Encoding.DER)
+    forged = _answer(nonce, UKI_A, ROOT_A, ak=tls_key, certificate=tls_cert)
+    verdict = a.judge(forged, nonce=nonce, node="node1", site_ca=site, images=IMAGES)
+    assert not verdict.ok and "lacks the attestation key usage" in verdict.reason

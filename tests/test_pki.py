@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.security import role_of
+from provisioning import attest
 from tests.conftest import CliResult
+from testsupport import tpm2
 
 
 def _json(result: CliResult) -> Any:
@@ -113,3 +116,38 @@ def test_clear_errors_and_nothing_half_written(cli: Callable[..., CliResult], tm
         assert result.code != 0 and message in result.err, (args, result.err)
     assert (d / "index.json").read_bytes() == index
     assert not (d / "issued").exists()
+
+
+def test_issue_ak_certifies_only_an_attestation_key(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    """`pki issue-ak` reads the TPM2B_PUBLIC the node wrote: an AK gets a certificate for its key
+    naming the node, with the AK usage; a key a TPM would let sign anything, a file that is no
+    public area, or no file, gets a clear error and changes nothing."""
+    d = tmp_path / "pki"
+    assert cli("pki", "init", "--dir", d).code == 0
+    ak = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "ak.pub").write_bytes(tpm2.public_area(ak))
+    issued = _json(cli("pki", "issue-ak", "node7", "--ak-public", tmp_path / "ak.pub", "--dir", d,
+                       "--dns", "node7.plant3", "--json"))
+    assert issued["kind"] == "ak" and issued["key_path"] == ""
+    cert = x509.load_pem_x509_certificate((d / "issued" / "node7" / "node7.ak.crt").read_bytes())
+    assert cert.public_key() == ak.public_key()
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "node7"
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.DNSName) == ["node7.plant3"]
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == \
+        [attest.AK_CERTIFICATE_USAGE]
+    listed = _json(cli("pki", "list", "--dir", d, "--json"))
+    assert [(c["kind"], c["name"]) for c in listed["certificates"]] == [("ak", "node7")]
+
+    index = (d / "index.json").read_bytes()
+    unrestricted = tpm2.AK_ATTRIBUTES & ~attest.ATTR_RESTRICTED
+    (tmp_path / "signer.pub").write_bytes(tpm2.public_area(ak, attributes=unrestricted))
+    (tmp_path / "junk.pub").write_bytes(b"\x00\x04junk")
+    for file, code, message in [("signer.pub", 1, "signer.pub: attestation key: objectAttributes 0x00040072 "
+                                                  "lack restricted"),
+                                ("junk.pub", 1, "junk.pub: TPMT_PUBLIC"),
+                                ("absent.pub", 4, "--ak-public ")]:
+        result = cli("pki", "issue-ak", "node8", "--ak-public", tmp_path / file, "--dir", d)
+        assert result.code == code and message in result.err, (file, result.code, result.err)
+    assert (d / "index.json").read_bytes() == index
+    assert not (d / "issued" / "node8").exists()

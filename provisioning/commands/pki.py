@@ -1,4 +1,4 @@
-"""``appliance pki init|issue-node|issue-client|revoke|list|crl|request``: the site's certificates."""
+"""``appliance pki init|issue-node|issue-ak|issue-client|revoke|list|crl|request``: site certificates."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from agent.errors import NotFoundError
+from provisioning.errors import AttestError
 from provisioning.output import emit_json, examples, print_table
 from provisioning.pki import (
     CRL_DAYS,
@@ -14,6 +15,7 @@ from provisioning.pki import (
     IssuedCert,
     ca_info,
     init_pki,
+    issue_attestation_key,
     issue_client,
     issue_node,
     list_certs,
@@ -74,6 +76,24 @@ def register(
                    help="sign this request (from `pki request` on the node) instead of making a "
                         "key here: the node's private key never leaves it")
     n.set_defaults(handler=_issue_node)
+
+    ak = psub.add_parser("issue-ak", **examples(
+            "appliance pki issue-ak node7 --ak-public requests/node7.ak.pub --dir pki"),
+        parents=[common],
+        help="certify a node's TPM attestation key (what `fleet attest` trusts)",
+        description="Reads the key's TPM2B_PUBLIC (from `appliance agent attest-key` on the node), "
+                    "refuses any key that is not a restricted signing key bound to its TPM, and "
+                    "writes DIR/issued/NAME/NAME.ak.crt for the node's [attest] ak_certificate.")
+    _dir_and_passphrase(ak)
+    ak.add_argument("name", help="node name ([a-z0-9._-]), as the fleet inventory names it")
+    ak.add_argument("--ak-public", type=Path, required=True, metavar="FILE",
+                    help="the attestation key's TPM2B_PUBLIC, as the node wrote it")
+    ak.add_argument("--dns", action="append", default=[],
+                    help="another name the node goes by in inventories; repeatable (default: NAME)")
+    ak.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+    ak.add_argument("--out", type=Path, help="where to write NAME.ak.crt and ca.crt "
+                                             "(default: DIR/issued/NAME)")
+    ak.set_defaults(handler=_issue_ak)
 
     r = psub.add_parser("request", **examples(
             "appliance pki request node1 --key /etc/appliance/tls/node.key --csr node1.csr"),
@@ -166,6 +186,20 @@ def _issue_node(args: argparse.Namespace) -> int:
         raise NotFoundError(f"--csr {args.csr}: cannot read it: {exc.strerror}") from None
     cert = issue_node(args.dir, args.name, dns=args.dns, ips=args.ip, days=args.days,
                       passphrase=_passphrase(args), out=args.out, csr=csr)
+    emit_json(cert.to_json()) if args.json else _print_issued(cert)
+    return 0
+
+
+def _issue_ak(args: argparse.Namespace) -> int:
+    try:
+        public = args.ak_public.read_bytes()
+    except OSError as exc:
+        raise NotFoundError(f"--ak-public {args.ak_public}: cannot read it: {exc.strerror}") from None
+    try:
+        cert = issue_attestation_key(args.dir, args.name, public, dns=args.dns, days=args.days,
+                                     passphrase=_passphrase(args), out=args.out)
+    except AttestError as exc:
+        raise AttestError(f"--ak-public {args.ak_public}: {exc}") from None
     emit_json(cert.to_json()) if args.json else _print_issued(cert)
     return 0
 
