@@ -22,8 +22,9 @@ from pathlib import Path
 
 from agent.config import AttestSection
 from agent.errors import ApplianceError, RequestError
+from agent.fsutil import atomic_write_bytes
 
-__all__ = ["NONCE_BYTES", "PCR_SELECTION", "NotEnrolledError", "Quote", "TpmQuoter"]
+__all__ = ["NONCE_BYTES", "PCR_SELECTION", "NotEnrolledError", "Quote", "TpmQuoter", "make_attestation_key"]
 
 PCR_SELECTION = "sha256:0,1,2,3,4,5,6,7,11"
 NONCE_BYTES = (16, 64)  # a TPM2B_DATA extraData holds up to 64 bytes; fewer than 16 is guessable
@@ -76,6 +77,61 @@ def _certificate(path: Path) -> bytes:
     return cert.public_bytes(Encoding.DER)
 
 
+def make_attestation_key(section: AttestSection, out: Path) -> bool:
+    """At enrolment: make the node's attestation key in its TPM, once, and write the key's
+    TPM2B_PUBLIC to ``out`` for the site CA to certify (``appliance pki issue-ak``).
+
+    The AK is an ECDSA P-256 restricted signing key (``tpm2_createak``) under the TPM's
+    endorsement key and is made persistent at ``section.ak_handle``; its private half never
+    leaves the TPM.  A key already at the handle is kept, so enrolling again certifies the same
+    key.  Making it persistent is the one step that commits: a failure before it leaves
+    nothing in the TPM, and ``out`` is written only after it.  Returns whether a key was made.
+
+    Raises:
+        NotEnrolledError: no tpm2-tools, no TPM at ``section.tcti``, or a TPM command failed
+            (the message names the tool and the TPM's complaint).
+    """
+    handle = f"0x{section.ak_handle:08x}"
+    with tempfile.TemporaryDirectory(prefix="attest-key-") as tmp:
+        work = Path(tmp)
+        made = False
+        if handle in _tool(section, "tpm2_getcap", "handles-persistent").split():
+            _tool(section, "tpm2_readpublic", "-c", handle, "-o", str(work / "ak.pub"))
+        else:
+            # Each step's transient objects are flushed after it (the tools keep saved contexts
+            # in files): with the kernel's resource manager that is a no-op, on a TPM reached
+            # directly (swtpm, /dev/tpm0) it keeps the TPM's few object slots free.
+            for step in (("tpm2_createek", "-c", str(work / "ek.ctx"), "-G", "ecc"),
+                         ("tpm2_createak", "-C", str(work / "ek.ctx"), "-c", str(work / "ak.ctx"),
+                          "-G", "ecc", "-g", "sha256", "-s", "ecdsa", "-u", str(work / "ak.pub")),
+                         ("tpm2_evictcontrol", "-C", "o", "-c", str(work / "ak.ctx"), handle)):
+                _tool(section, *step)
+                _tool(section, "tpm2_flushcontext", "-t")
+            made = True
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, (work / "ak.pub").read_bytes())
+    return made
+
+
+def _tool(section: AttestSection, *argv: str) -> str:
+    """Run one tpm2-tools command against ``section.tcti``; its standard output.  Every failure
+    is NotEnrolledError."""
+    env = dict(os.environ, TPM2TOOLS_TCTI=section.tcti)
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
+                              timeout=section.timeout_s)
+    except FileNotFoundError:
+        raise NotEnrolledError(f"{argv[0]} is not installed: this image cannot attest") from None
+    except subprocess.TimeoutExpired:
+        raise NotEnrolledError(f"{argv[0]}: the TPM did not answer within {section.timeout_s:g} s "
+                               f"({section.tcti})") from None
+    if done.returncode != 0:
+        detail = " ".join(done.stderr.split())[-400:]
+        raise NotEnrolledError(f"{argv[0]} on {section.tcti} (AK handle 0x{section.ak_handle:08x}) "
+                               f"failed: {detail}")
+    return done.stdout
+
+
 class TpmQuoter:
     """Quotes with the AK at ``section.ak_handle`` through tpm2-tools on ``section.tcti``."""
 
@@ -106,25 +162,10 @@ class TpmQuoter:
         with self._lock, tempfile.TemporaryDirectory(prefix="attest-") as tmp:
             work = Path(tmp)
             handle = f"0x{s.ak_handle:08x}"
-            self._tool("tpm2_readpublic", "-c", handle, "-o", str(work / "ak.pub"))
-            self._tool("tpm2_quote", "-c", handle, "-l", PCR_SELECTION, "-g", "sha256",
-                       "-q", nonce.hex(), "-m", str(work / "quote.msg"), "-s", str(work / "quote.sig"),
-                       "-o", str(work / "quote.pcrs"), "-F", "values")
+            _tool(s, "tpm2_readpublic", "-c", handle, "-o", str(work / "ak.pub"))
+            _tool(s, "tpm2_quote", "-c", handle, "-l", PCR_SELECTION, "-g", "sha256",
+                  "-q", nonce.hex(), "-m", str(work / "quote.msg"), "-s", str(work / "quote.sig"),
+                  "-o", str(work / "quote.pcrs"), "-F", "values")
             return Quote((work / "quote.msg").read_bytes(), (work / "quote.sig").read_bytes(),
                          (work / "quote.pcrs").read_bytes(), (work / "ak.pub").read_bytes(),
                          certificate, _read_capped(self._firmware_log), _read_capped(self._userspace_log))
-
-    def _tool(self, *argv: str) -> None:
-        env = dict(os.environ, TPM2TOOLS_TCTI=self._section.tcti)
-        try:
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
-                                  timeout=self._section.timeout_s)
-        except FileNotFoundError:
-            raise NotEnrolledError(f"{argv[0]} is not installed: this image cannot attest") from None
-        except subprocess.TimeoutExpired:
-            raise NotEnrolledError(f"{argv[0]}: the TPM did not answer within "
-                                   f"{self._section.timeout_s:g} s ({self._section.tcti})") from None
-        if done.returncode != 0:
-            detail = " ".join(done.stderr.split())[-400:]
-            raise NotEnrolledError(f"{argv[0]} on {self._section.tcti} (AK handle "
-                                   f"0x{self._section.ak_handle:08x}) failed: {detail}")

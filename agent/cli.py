@@ -1,10 +1,12 @@
 """``appliance-agent`` (and ``python -m agent``): the node's own entry point.
 
-Two commands, both run by the image's systemd units:
+Two commands run by the image's systemd units, one at enrolment:
 
 - ``serve``: the agent (gRPC on 8001, metrics on 8002), run by ``appliance-agent.service``;
 - ``os-install``: as root, run by ``appliance-os-update.service``: verify the OS release the
-  agent staged and write it to the inactive root slot.
+  agent staged and write it to the inactive root slot;
+- ``attest-key``: as root, run by ``enroll.yml``: make the TPM attestation key once and write
+  its public area for the site CA.
 
 Flags and /etc/appliance/agent.toml come from the same table (agent.config); a flag given
 on the command line overrides the file.  The operator's ``appliance agent ...`` registers
@@ -25,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, InferenceSection, ServerSection, load_config
+from agent.config import (
+    DEFAULT_CONFIG_PATH,
+    AgentConfig,
+    AttestSection,
+    InferenceSection,
+    ServerSection,
+    load_config,
+)
 from agent.errors import ApplianceError, NotFoundError
 from agent.lifecycle import setup_logging
 from agent.settings import add_flags, apply_flags
@@ -45,8 +54,8 @@ def _examples(*commands: str) -> dict[str, Any]:
 
 def add_commands(parser: argparse.ArgumentParser, common: argparse.ArgumentParser,
                  prog: str = "appliance-agent") -> None:
-    """Add the ``serve`` and ``os-install`` subcommands to ``parser`` (``common``: --debug, --json;
-    ``prog``: how the examples in their help spell the command)."""
+    """Add the ``serve``, ``os-install`` and ``attest-key`` subcommands to ``parser`` (``common``:
+    --debug, --json; ``prog``: how the examples in their help spell the command)."""
     asub = parser.add_subparsers(dest="agent_command", metavar="ACTION")
     asub.required = True
     s = asub.add_parser(
@@ -76,6 +85,20 @@ def add_commands(parser: argparse.ArgumentParser, common: argparse.ArgumentParse
                    help="the image's baked registry root (first use of --trust-dir)")
     o.add_argument("--tries", type=int, default=3, help="boot tries before the firmware falls back")
     o.set_defaults(handler=_os_install)
+    k = asub.add_parser(
+        "attest-key", **_examples(f"{prog} attest-key --out /etc/appliance/tls/ak.pub"),
+        parents=[common],
+        help="(root, at enrolment) make the node's TPM attestation key once and write its public "
+             "area for `appliance pki issue-ak`",
+        description="The key (ECDSA P-256, restricted, under the TPM's endorsement key) is made "
+                    "persistent at [attest] ak_handle; one already there is kept. Its private "
+                    "half never leaves the TPM.")
+    k.add_argument("--config", type=Path, default=None,
+                   help=f"agent.toml to read (default: {DEFAULT_CONFIG_PATH} when it exists)")
+    add_flags(k.add_argument_group("[attest] settings"), AttestSection)  # type: ignore[arg-type]
+    k.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="where to write the key's TPM2B_PUBLIC")
+    k.set_defaults(handler=_attest_key)
     s.add_argument("--config", type=Path, default=None,
                    help=f"agent.toml to read (default: {DEFAULT_CONFIG_PATH} when it exists)")
     server = s.add_argument_group("[server] settings")
@@ -170,8 +193,25 @@ def _os_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attest_key(args: argparse.Namespace) -> int:
+    from agent.attest import make_attestation_key
+
+    path = args.config
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    section = apply_flags(load_config(path).attest, args)
+    made = make_attestation_key(section, args.out)
+    handle = f"0x{section.ak_handle:08x}"
+    if args.json:
+        print(json.dumps({"ak_public": str(args.out), "handle": handle, "new_key": made}, indent=2))
+    else:
+        print(f"{'new' if made else 'kept'} attestation key at TPM handle {handle}; "
+              f"its public area in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """``appliance-agent``'s parser: ``serve`` and ``os-install``."""
+    """``appliance-agent``'s parser: ``serve``, ``os-install`` and ``attest-key``."""
     # The subcommands' copies of --debug/--json set a value only when given, so either
     # position works (a default there would overwrite the top level's True).
     top, common = (argparse.ArgumentParser(add_help=False) for _ in range(2))

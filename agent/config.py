@@ -196,8 +196,8 @@ class AttestSection:
 
     tcti: str = setting("device:/dev/tpmrm0", "how tpm2-tools reach the TPM (TPM2TOOLS_TCTI): the "
                                                "kernel's resource manager on a node")
-    ak_handle: int = setting(0x81010002, "persistent handle of the attestation key made at enrolment",
-                             check=_persistent_handle)
+    ak_handle: int = setting(0x81010002, "persistent handle of the attestation key made at enrolment "
+                                         "(default: 0x81010002)", check=_persistent_handle)
     ak_certificate: Path | None = setting(None, "the AK's certificate from the site CA (DER or PEM); "
                                                 "unset: Node/Attest answers that the node is not enrolled")
     timeout_s: float = setting(30.0, "longest one quote may take", check=_positive)

@@ -209,7 +209,7 @@ def apply_flags(section: T, args: argparse.Namespace, prefix: str = "", origin: 
         value: Any = raw
         if tp is int or tp is float:
             try:
-                value = tp(raw)
+                value = int(raw, 0) if tp is int and raw.lower().startswith("0x") else tp(raw)
             except ValueError:
                 raise ConfigError(f"--{(prefix + f.name).replace('_', '-')} = {raw!r}: "
                                   f"expected {tp.__name__}") from None

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = ROOT / "provisioning" / "ansible"
 
 
-def _playbook(tmp_path: Path, playbook: str, inventory: Path,
+def playbook(tmp_path: Path, name: str, inventory: Path,
               extra: dict[str, object]) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), ANSIBLE_HOME=str(tmp_path / ".ansible"),
                ANSIBLE_LOCAL_TEMP=str(tmp_path / ".ansible-tmp"), ANSIBLE_NOCOLOR="1",
@@ -30,7 +30,7 @@ def _playbook(tmp_path: Path, playbook: str, inventory: Path,
     extra = {"appliance_cli": [sys.executable, "-m", "provisioning.cli"],
              "ansible_python_interpreter": sys.executable, **extra}
     return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
-                           str(PLAYBOOKS / playbook), "-e", json.dumps(extra)],
+                           str(PLAYBOOKS / name), "-e", json.dumps(extra)],
                           capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
@@ -48,8 +48,11 @@ def test_enroll_then_query_the_enrolled_agent(tmp_path: Path) -> None:
     inventory.write_text("[appliances]\n"
                          f"localhost ansible_connection=local ansible_host=127.0.0.1 "
                          f"appliance_tls_dir={tls} appliance_config={config}\n")
-    extra = {"pki_dir": str(pki), "appliance_restart": False, "appliance_key_owner": getpass.getuser()}
-    first = _playbook(tmp_path, "enroll.yml", inventory, extra)
+    # appliance_attest off: the host's TPM, if it has one, is not the test's (tests/test_attest_node.py
+    # enrols a software TPM)
+    extra = {"pki_dir": str(pki), "appliance_restart": False, "appliance_key_owner": getpass.getuser(),
+             "appliance_attest": False}
+    first = playbook(tmp_path, "enroll.yml", inventory, extra)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
     assert stat.S_IMODE((tls / "node.key").stat().st_mode) == 0o600
     cert = x509.load_pem_x509_certificate((tls / "node.crt").read_bytes())
@@ -61,11 +64,12 @@ def test_enroll_then_query_the_enrolled_agent(tmp_path: Path) -> None:
     assert cert.public_key() == key.public_key()
     assert not (pki / "issued" / "localhost" / "localhost.key").exists()
     assert sorted(p.name for p in (pki / "requests").iterdir()) == ["localhost.csr"]
+    assert not (tls / "ak.pub").exists() and "attest" not in tomllib.loads(config.read_text())
     settings = tomllib.loads(config.read_text())
     assert settings["server"] == {"listen": "0.0.0.0", "port": 0, "metrics_port": 0}
     assert settings["tls"] == {"loopback_role": "admin", "cert": f"{tls}/node.crt", "key": f"{tls}/node.key",
                                "ca": f"{tls}/ca.crt", "crl": f"{tls}/crl.pem"}
-    again = _playbook(tmp_path, "enroll.yml", inventory, extra)  # idempotent: nothing re-issued
+    again = playbook(tmp_path, "enroll.yml", inventory, extra)  # idempotent: nothing re-issued
     assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-2000:]
     assert x509.load_pem_x509_certificate((tls / "node.crt").read_bytes()) == cert
 
@@ -99,7 +103,7 @@ def test_rollout_in_serial_batches_halts_after_a_failed_batch(tmp_path: Path) ->
                 f"{h} ansible_host=127.0.0.1 appliance_tls_name=localhost ansible_connection=local"
                 for h in hosts) + "\n")
             d = pki / "issued" / "operator"
-            result = _playbook(tmp_path, "rollout.yml", inventory, {
+            result = playbook(tmp_path, "rollout.yml", inventory, {
                 "targets": ["model@2"], "rollout_serial": [1, 2], "rollout_deadline": 2,
                 "fleet_ca": str(pki / "ca.crt"), "fleet_cert": str(d / "operator.crt"),
                 "fleet_key": str(d / "operator.key")})

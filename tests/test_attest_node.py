@@ -1,6 +1,6 @@
 """The node's side of attestation (agent.attest) against a real software TPM: an AK made as
-enrolment makes it (under the EK, persisted at the configured handle), a certificate for it from a
-CA made here, PCR 11 extended as a boot of a UKI extends it; the quote the node answers with
+enrolment makes it (under the EK, persisted at the configured handle), certified by a site PKI
+made here, PCR 11 extended as a boot of a UKI extends it; the quote the node answers with
 verifies with the fleet's verifier (provisioning.attest), and every way the node cannot attest is
 a clear error.  System tier: swtpm and tpm2-tools are system-tier packages."""
 
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
+import getpass
 import json
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,20 +21,18 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
 
-from agent.attest import NotEnrolledError, TpmQuoter
-from agent.config import AgentConfig, AttestSection, HealthSection
+from agent.attest import NotEnrolledError, TpmQuoter, make_attestation_key
+from agent.config import AgentConfig, AttestSection, HealthSection, load_config
 from agent.context import AgentContext
 from agent.errors import RequestError
 from agent.health import service
 from agent.proto import node_pb2, node_pb2_grpc
 from provisioning import attest as a
 from provisioning.image.measure import expected_pcr11, pcr11_events, pcr11_record
+from provisioning.pki import init_pki, issue_attestation_key
 from tests.conftest import run_appliance
+from tests.test_ansible import playbook
 from testsupport.pe import pe_image
 from testsupport.swtpm import swtpm_server, tpm
 
@@ -44,40 +43,26 @@ UKI = pe_image([(".linux", b"kernel" * 500), (".osrel", b"ID=appliance\nIMAGE_VE
                 (".cmdline", b"roothash=00 ro"), (".initrd", b"initrd" * 800)])
 
 
-def _ak_certificate(ak_public: bytes, path: Path) -> x509.Certificate:
-    """A certificate for the AK's key naming node1, issued by a site CA made here (as `appliance
-    pki` will); the CA's certificate goes beside it as ca.crt."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test site CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    ca_cert = (x509.CertificateBuilder().subject_name(ca).issuer_name(ca).public_key(ca_key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-               .sign(ca_key, hashes.SHA256()))
-    (path.parent / "ca.crt").write_bytes(ca_cert.public_bytes(Encoding.PEM))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1")])
-    key = a.public_key(a.parse_public(ak_public))
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca).public_key(key)
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
-    path.write_bytes(cert.public_bytes(Encoding.PEM))
-    return cert
-
-
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """An enrolled node's TPM: PCR 11 as after a boot of UKI, the AK persistent at HANDLE, its
-    certificate at the returned path."""
+def booted(tmp_path: Path) -> Iterator[str]:
+    """A node's TPM before enrolment: PCR 11 as after a boot of UKI, no attestation key."""
     with swtpm_server(tmp_path) as tcti:
         for ev in pcr11_events(UKI):
             tpm(tcti, "tpm2_pcrextend", f"11:sha256={ev.digest.hex()}")
-        tpm(tcti, "tpm2_createek", "-c", tmp_path / "ek.ctx", "-G", "rsa", "-u", tmp_path / "ek.pub")
-        tpm(tcti, "tpm2_createak", "-C", tmp_path / "ek.ctx", "-c", tmp_path / "ak.ctx", "-G", "ecc",
-            "-g", "sha256", "-s", "ecdsa", "-u", tmp_path / "ak.pub")
-        tpm(tcti, "tpm2_evictcontrol", "-C", "o", "-c", tmp_path / "ak.ctx", f"0x{HANDLE:08x}")
-        _ak_certificate((tmp_path / "ak.pub").read_bytes(), tmp_path / "ak.crt")
-        yield tcti, tmp_path
+        yield tcti
+
+
+@pytest.fixture
+def node(booted: str, tmp_path: Path) -> tuple[str, Path]:
+    """An enrolled node's TPM, enrolled as enroll.yml does it: the AK made in the TPM at HANDLE
+    (agent.attest.make_attestation_key), certified by a site PKI made here (`pki issue-ak`).
+    Returns the TCTI and the directory with ak.crt and the site's ca.crt."""
+    assert make_attestation_key(AttestSection(tcti=booted, ak_handle=HANDLE), tmp_path / "ak.pub")
+    init_pki(tmp_path / "pki", organization="Attesting Site")
+    issued = issue_attestation_key(tmp_path / "pki", "node1", (tmp_path / "ak.pub").read_bytes())
+    shutil.copy(issued.cert_path, tmp_path / "ak.crt")
+    shutil.copy(tmp_path / "pki" / "ca.crt", tmp_path / "ca.crt")
+    return booted, tmp_path
 
 
 def _expected(uki: bytes) -> dict[tuple[int, int], bytes]:
@@ -216,3 +201,66 @@ def test_fleet_attest_passes_the_image_the_node_booted_and_fails_another(
     assert not bad["ok"] and bad["data"]["mismatch"]["pcr"] == 11 and "not attested" in bad["reason"]
     (renamed,) = json.loads(runs["renamed"].stdout)["nodes"]
     assert "not node node2" in renamed["reason"]
+
+
+def _verdict(section: AttestSection, site_ca: Path, node: str = "node1") -> a.Verdict:
+    """The fleet's verdict on a quote made with ``section`` (the image UKI, root hash "ef"*32)."""
+    nonce = os.urandom(32)
+    q = TpmQuoter(section).quote(nonce)
+    answer = a.Answer(q.attest, q.signature, q.pcr_values, q.ak_public, q.ak_certificate, "ef" * 32, "7")
+    return a.judge(answer, nonce=nonce, node=node, images={"ef" * 32: expected_pcr11(UKI)[-1].value},
+                   site_ca=x509.load_pem_x509_certificate(site_ca.read_bytes()))
+
+
+def test_enrolment_makes_the_key_in_the_tpm_once_and_the_site_ca_certifies_it(booted: str,
+                                                                             tmp_path: Path) -> None:
+    """`appliance agent attest-key` on the node, `appliance pki issue-ak` on the control machine:
+    the node then attests; a second run keeps the key (the certificate stays good)."""
+    first = run_appliance("agent", "attest-key", "--tcti", booted, "--ak-handle", "0x81010005",
+                          "--out", tmp_path / "node" / "ak.pub", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {"ak_public": str(tmp_path / "node" / "ak.pub"),
+                                        "handle": "0x81010005", "new_key": True}
+    public = (tmp_path / "node" / "ak.pub").read_bytes()
+    again = run_appliance("agent", "attest-key", "--tcti", booted, "--ak-handle", "0x81010005",
+                          "--out", tmp_path / "node" / "ak.pub")
+    assert again.returncode == 0 and "kept attestation key at TPM handle 0x81010005" in again.stdout
+    assert (tmp_path / "node" / "ak.pub").read_bytes() == public
+    pki = tmp_path / "pki"
+    init_pki(pki, organization="Attesting Site")
+    issued = run_appliance("pki", "issue-ak", "node1", "--ak-public", tmp_path / "node" / "ak.pub",
+                           "--dir", pki)
+    assert issued.returncode == 0, issued.stderr
+    section = AttestSection(tcti=booted, ak_handle=0x81010005,
+                            ak_certificate=pki / "issued/node1/node1.ak.crt")
+    assert _verdict(section, pki / "ca.crt").ok
+    no_tpm = run_appliance("agent", "attest-key", "--tcti", "swtpm:host=127.0.0.1,port=1",
+                           "--timeout-s", "10", "--out", tmp_path / "elsewhere" / "ak.pub")
+    assert no_tpm.returncode != 0 and "tpm2_getcap on swtpm:host=127.0.0.1,port=1" in no_tpm.stderr
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_enroll_playbook_enrols_the_tpm_for_attestation(booted: str, tmp_path: Path) -> None:
+    """enroll.yml with appliance_attest on: besides the TLS certificate, an AK in the node's TPM
+    certified by the site CA and agent.toml's [attest] pointing at it; the agent's quote passes
+    the fleet's judgement.  Re-running changes nothing."""
+    pki = tmp_path / "pki"
+    init_pki(pki, organization="Ansible Site")
+    tls = tmp_path / "node-tls"
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1"\nport = 0\n\n[attest]\ntcti = "{booted}"\n')
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[appliances]\n"
+                         f"node1 ansible_connection=local ansible_host=127.0.0.1 "
+                         f"appliance_tls_dir={tls} appliance_config={config}\n")
+    extra = {"pki_dir": str(pki), "appliance_restart": False, "appliance_key_owner": getpass.getuser(),
+             "appliance_attest": True}
+    first = playbook(tmp_path, "enroll.yml", inventory, extra)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
+    settings = load_config(config)
+    assert settings.attest.ak_certificate == tls / "ak.crt" and settings.attest.tcti == booted
+    assert sorted(p.name for p in (pki / "requests").iterdir()) == ["node1.ak.pub", "node1.csr"]
+    assert _verdict(settings.attest, pki / "ca.crt").ok
+    again = playbook(tmp_path, "enroll.yml", inventory, extra)
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-2000:]
+    assert _verdict(load_config(config).attest, pki / "ca.crt").ok

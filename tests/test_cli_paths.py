@@ -33,6 +33,8 @@ CASES: dict[str, list[list[str]]] = {
     "agent serve": [["--config", "{missing}"], ["--config", "{dir}"],  # an empty file is a config
                     ["--state-dir", "{new}", "--trusted-root", "{P}"]],
     "agent os-install": [["--state-dir", "{P}", "--trust-dir", "{P}", "--trusted-root", "{P}"]],
+    "agent attest-key": [["--config", "{missing}", "--out", "{new}"],
+                         ["--config", "{dir}", "--out", "{new}"]],
     "node health": [_NODE_TLS],
     "node inventory": [_NODE_TLS],
     "node events": [_NODE_TLS],
@@ -59,6 +61,7 @@ CASES: dict[str, list[list[str]]] = {
     "fleet sd": [["-i", "{P}"], ["-i", "{missing}", "--out", "{dir}"]],
     "pki init": [["--dir", "{file}"], ["--dir", "{new}", "--passphrase-file", "{missing}"]],
     "pki issue-node": [["n1", "--dir", "{P}"]],
+    "pki issue-ak": [["n1", "--ak-public", "{P}", "--dir", "{P}"]],
     "pki issue-client": [["alice", "--role", "admin", "--dir", "{P}"]],
     "pki revoke": [["alice", "--dir", "{P}"]],
     "pki list": [["--dir", "{P}"]],
