@@ -74,9 +74,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 "this many seconds while its agent does not answer is reported hung (default 300: TCG)")
     g.addoption("--reset-after", type=float, default=float(os.environ.get(
         "APPLIANCE_HIL_RESET_AFTER", "120")), help="qemu: a console silent this many seconds right "
-                "after the kernel's 'reboot: Restarting system' is a machine stuck in its reset "
-                "(seen under TCG): reset is pressed over QMP once, and the press is reported "
-                "(default 120; the firmware prints within seconds of a reset)")
+                "after the kernel's 'reboot: Restarting system' or the firmware's 'BdsDxe: "
+                "starting Boot...' is a machine stuck in its reset or firmware (seen under TCG): "
+                "reset is pressed over QMP once, and the press is reported (default 120; the "
+                "firmware and the boot loader print within seconds)")
     g.addoption("--egress-watch", type=float, default=600.0,
                 help="qemu: seconds after the first power-on whose guest traffic the egress check "
                 "reads (default 600); the check waits only for what is left of them")

@@ -303,6 +303,23 @@ def test_a_machine_silent_after_its_reset_gets_reset_pressed_once(
     assert [c for c, _ in qmp.seen].count("system_reset") == 1 and len(resets) == 1
 
 
+def test_a_machine_silent_after_the_firmware_started_the_boot_loader_gets_reset_pressed(
+        short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
+    """The CI's hang of 2026-11-30: OVMF printed that it starts the boot entry, then nothing."""
+    machine = short_machine
+    machine.plan.console.write_text('BdsDxe: loading Boot0001 "UEFI Misc Device" from '
+                                    'PciRoot(0x0)/Pci(0x3,0x0)\r\n'
+                                    'BdsDxe: starting Boot0001 "UEFI Misc Device" from '
+                                    'PciRoot(0x0)/Pci(0x3,0x0)\r\n')
+    qmp = fake_qmp()
+    watch = vm.ConsoleWatch(machine, stall=5.0, reset_after=0.3)
+    watch.check()
+    time.sleep(0.4)
+    watch.check()
+    assert [c for c, _ in qmp.seen if c == "system_reset"] == ["system_reset"] and len(watch.resets) == 1
+    assert "BdsDxe: starting Boot0001" in (watch.resets[0] / "console.log").read_text()
+
+
 def test_a_machine_still_silent_after_the_press_is_reported_hung(
         short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
     machine = short_machine

@@ -392,9 +392,12 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
-# The kernel's last words before it resets the machine; the firmware prints within seconds
-# of them (under TCG too), so a console silent after them is stuck in the reset or the firmware.
-_RESTART_LINE = re.compile(r"\breboot: Restarting system\s*$")
+# Lines after which a long silence means the machine is stuck before anything of the image
+# runs: the kernel's last words before it resets the machine (the firmware prints within
+# seconds of them, under TCG too), and the firmware's boot manager starting the boot loader
+# (systemd-boot and the kernel print within seconds of it).  Both were seen followed by
+# silence under TCG with qemu burning a core in OVMF's memory.
+_STUCK_AFTER = re.compile(r"\breboot: Restarting system\s*$|\bBdsDxe: starting Boot[0-9A-Fa-f]{4}\b")
 
 
 @dataclass
@@ -404,9 +407,11 @@ class ConsoleWatch:
     :meth:`alive`, since an idle, healthy guest prints nothing either.
 
     With ``reset_after``, a console silent that long right after the kernel's "reboot:
-    Restarting system" is a machine that never came back from its reset (seen under TCG in the
-    hil suite's A/B fallback; not reproduced in 125 warm resets of a minimal guest on the same
-    qemu, OVMF and kernel; nothing of the image runs by then). The watch keeps the evidence
+    Restarting system", or after the firmware's "BdsDxe: starting Boot...", is a machine that
+    never came back from its reset or hung in the firmware (both seen under TCG in the hil
+    suite's A/B fallback, with qemu spinning in OVMF; not reproduced in 125 warm resets of a
+    minimal guest on the same qemu, OVMF and kernel; nothing of the image runs by then). The
+    watch keeps the evidence
     (console, UEFI variables, where qemu's CPUs were) and presses reset over QMP once for that
     silence, as a node's BMC or an operator would; each press is listed in ``resets`` (shared
     by the watches of one machine). A second silence at the same place, or one after
@@ -445,14 +450,16 @@ class ConsoleWatch:
         if not self.machine.alive():
             return
         if (self.reset_after is not None and silent >= self.reset_after and size != self._pressed_at
-                and len(self.resets) < self.max_resets and _RESTART_LINE.search(_last_line(self.machine))):
-            self._press_reset(silent, size)
-            return
+                and len(self.resets) < self.max_resets):
+            last = _last_line(self.machine)
+            if _STUCK_AFTER.search(last):
+                self._press_reset(silent, size, last)
+                return
         if silent < self.stall:
             return
         raise GuestHungError(self.report(silent))
 
-    def _press_reset(self, silent: float, size: int) -> None:
+    def _press_reset(self, silent: float, size: int, last: str) -> None:
         kept = keep_evidence(self.machine, "reset-hang")
         (kept / "qemu-state.txt").write_text(_qemu_state(self.machine))
         self._pressed_at = size
@@ -461,9 +468,8 @@ class ConsoleWatch:
         except (OSError, ValueError) as exc:
             raise GuestHungError(f"{self.report(silent)}\n(pressing reset over QMP failed: {exc})") from exc
         self.resets.append(kept)
-        log.warning("the machine did not come back from its reset: its console has been silent "
-                    "for %.0f s since 'reboot: Restarting system'; pressed reset over QMP "
-                    "(evidence in %s)", silent, kept)
+        log.warning("the machine is stuck before its boot: its console has been silent for %.0f s "
+                    "since %r; pressed reset over QMP (evidence in %s)", silent, last.strip(), kept)
         self.alive()
 
     def report(self, silent: float) -> str:
