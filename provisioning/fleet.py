@@ -7,7 +7,8 @@ deadline for all of its work (connect, handshake, calls), so one dead node costs
 deadline, and every node that does not answer is reported with the reason.
 
 Rollouts are planned first (:func:`plan_rollout`: a canary wave, then batches) and then run
-wave by wave (:func:`run_rollout`), halting once failures pass the threshold.
+wave by wave (:func:`run_rollout`), halting once failures pass the threshold.  With an
+:class:`AttestGate` a node counts as updated only once it attests one of the expected images.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from provisioning.errors import FleetError
 __all__ = [
     "DEFAULT_PORT",
     "Action",
+    "AttestGate",
     "FleetAuth",
     "Node",
     "NodeResult",
@@ -345,29 +347,29 @@ def _channel(node: Node, auth: FleetAuth) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(node.target, auth.credentials(), options=options)
 
 
-async def _one(node: Node, action: Action, auth: FleetAuth, deadline: float,
-               gate: asyncio.Semaphore) -> NodeResult:
-    async with gate:
-        start = time.monotonic()
-        channel = _channel(node, auth)
-        try:
-            async with asyncio.timeout(deadline):
-                stub = node_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
-                data = await action(stub, deadline)
-            return NodeResult(node, True, data=data, seconds=time.monotonic() - start)
-        except grpc.aio.AioRpcError as err:
-            return NodeResult(node, False, _reason(err, deadline), seconds=time.monotonic() - start)
-        except TimeoutError:
-            return NodeResult(node, False, f"no answer within {deadline:g} s",
-                              seconds=time.monotonic() - start)
-        except _UpdateRefusedError as exc:
-            return NodeResult(node, False, f"update refused: {exc}", data={"results": exc.results},
-                              seconds=time.monotonic() - start)
-        except _NotAttestedError as exc:
-            return NodeResult(node, False, f"not attested: {exc}", data=exc.verdict.to_json(),
-                              seconds=time.monotonic() - start)
-        finally:
-            await channel.close(grace=None)
+async def _ask(node: Node, action: Action, auth: FleetAuth, deadline: float) -> NodeResult:
+    """``action`` on ``node`` over a channel of its own, all of it within ``deadline``; every
+    failure is a result with its reason (the channel is closed either way)."""
+    start = time.monotonic()
+    channel = _channel(node, auth)
+    try:
+        async with asyncio.timeout(deadline):
+            stub = node_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
+            data = await action(stub, deadline)
+        return NodeResult(node, True, data=data, seconds=time.monotonic() - start)
+    except grpc.aio.AioRpcError as err:
+        return NodeResult(node, False, _reason(err, deadline), seconds=time.monotonic() - start)
+    except TimeoutError:
+        return NodeResult(node, False, f"no answer within {deadline:g} s",
+                          seconds=time.monotonic() - start)
+    except _UpdateRefusedError as exc:
+        return NodeResult(node, False, f"update refused: {exc}", data={"results": exc.results},
+                          seconds=time.monotonic() - start)
+    except _NotAttestedError as exc:
+        return NodeResult(node, False, f"not attested: {exc}", data=exc.verdict.to_json(),
+                          seconds=time.monotonic() - start)
+    finally:
+        await channel.close(grace=None)
 
 
 async def query(nodes: Sequence[Node], action: Action, *, auth: FleetAuth, deadline: float = 5.0,
@@ -378,20 +380,24 @@ async def query(nodes: Sequence[Node], action: Action, *, auth: FleetAuth, deadl
     Raises:
         ConfigError: ``deadline`` or ``concurrency`` is not positive.
     """
-    return await _fan_out(nodes, lambda _: action, auth=auth, deadline=deadline, concurrency=concurrency,
-                          progress=progress)
+    _check_limits(deadline, concurrency)
+    return await _fan_out(nodes, lambda node: _ask(node, action, auth, deadline),
+                          concurrency=concurrency, progress=progress)
 
 
-async def _fan_out(nodes: Sequence[Node], action_for: Callable[[Node], Action], *, auth: FleetAuth,
-                   deadline: float, concurrency: int,
-                   progress: Callable[[NodeResult], None] | None) -> list[NodeResult]:
-    """``action_for(node)`` on every node, at most ``concurrency`` at a time; results in node order."""
+def _check_limits(deadline: float, concurrency: int) -> None:
     if deadline <= 0 or concurrency <= 0:
         raise ConfigError("--deadline and --concurrency must be positive")
+
+
+async def _fan_out(nodes: Sequence[Node], visit: Callable[[Node], Awaitable[NodeResult]], *,
+                   concurrency: int, progress: Callable[[NodeResult], None] | None) -> list[NodeResult]:
+    """``visit(node)`` for every node, at most ``concurrency`` at a time; results in node order."""
     gate = asyncio.Semaphore(concurrency)
 
     async def tracked(node: Node) -> NodeResult:
-        result = await _one(node, action_for(node), auth, deadline, gate)
+        async with gate:
+            result = await visit(node)
         if progress is not None:
             progress(result)
         return result
@@ -436,16 +442,22 @@ def update_action(targets: Sequence[str], dry_run: bool) -> Action:
     return apply
 
 
+async def _verdict(stub: node_pb2_grpc.NodeStub, node: str, site_ca: x509.Certificate,
+                   images: Mapping[str, bytes], deadline: float) -> attest.Verdict:
+    """Node/Attest with a fresh nonce, judged (:func:`provisioning.attest.judge`) against ``images``."""
+    nonce = os.urandom(32)
+    r = await stub.Attest(node_pb2.AttestRequest(nonce=nonce), timeout=deadline)
+    answer = attest.Answer(r.attest, r.signature, r.pcr_values, r.ak_public, r.ak_certificate,
+                           r.root_hash, r.image_version)
+    return attest.judge(answer, nonce=nonce, node=node, site_ca=site_ca, images=images)
+
+
 def attest_action(node: str, *, site_ca: x509.Certificate, images: Mapping[str, bytes]) -> Action:
     """Node/Attest with a fresh nonce, judged (:func:`provisioning.attest.judge`) against the
     expected images; a node that does not attest is a failed result with the reason."""
 
     async def ask(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
-        nonce = os.urandom(32)
-        r = await stub.Attest(node_pb2.AttestRequest(nonce=nonce), timeout=deadline)
-        answer = attest.Answer(r.attest, r.signature, r.pcr_values, r.ak_public, r.ak_certificate,
-                               r.root_hash, r.image_version)
-        verdict = attest.judge(answer, nonce=nonce, node=node, site_ca=site_ca, images=images)
+        verdict = await _verdict(stub, node, site_ca, images, deadline)
         if not verdict.ok:
             raise _NotAttestedError(verdict)
         return verdict.to_json()
@@ -462,8 +474,12 @@ async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, site_ca: x509.
     Raises:
         ConfigError: ``deadline`` or ``concurrency`` is not positive.
     """
-    return await _fan_out(nodes, lambda node: attest_action(node.name, site_ca=site_ca, images=images),
-                          auth=auth, deadline=deadline, concurrency=concurrency, progress=progress)
+    _check_limits(deadline, concurrency)
+
+    def visit(node: Node) -> Awaitable[NodeResult]:
+        return _ask(node, attest_action(node.name, site_ca=site_ca, images=images), auth, deadline)
+
+    return await _fan_out(nodes, visit, concurrency=concurrency, progress=progress)
 
 
 def load_expected_images(paths: Sequence[Path]) -> dict[str, bytes]:
@@ -505,24 +521,54 @@ class Wave:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttestGate:
+    """When a rollout counts a node as updated: once, after its update, it answers Node/Attest
+    with a quote :func:`provisioning.attest.judge` passes against ``images`` (root hash ->
+    expected PCR 11).  An OS update reboots the node, so it is asked every ``interval`` seconds
+    (a fresh nonce each time) until it attests or ``timeout`` seconds have passed.
+
+    Raises:
+        ConfigError: ``timeout`` or ``interval`` is not positive, or ``images`` is empty.
+    """
+
+    site_ca: x509.Certificate
+    images: Mapping[str, bytes]
+    timeout: float = 600.0
+    interval: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0 or not self.interval > 0:
+            raise ConfigError(f"--attest-timeout {self.timeout:g} and --attest-interval {self.interval:g}: "
+                              "both must be positive")
+        if not self.images:
+            raise ConfigError("an attestation gate needs at least one expected image (--expect FILE)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root_hashes": sorted(self.images), "timeout": self.timeout, "interval": self.interval}
+
+
+@dataclasses.dataclass(frozen=True)
 class RolloutPlan:
     waves: tuple[Wave, ...]
     max_failures: int  # halt once more nodes than this have failed, all waves together
     targets: tuple[str, ...]
+    attest: AttestGate | None = None  # None: a node counts as updated when ApplyUpdate succeeds
 
     def to_json(self) -> dict[str, Any]:
         return {"waves": [w.to_json() for w in self.waves], "max_failures": self.max_failures,
                 "targets": list(self.targets),
-                "nodes": sum(len(w.nodes) for w in self.waves)}
+                "nodes": sum(len(w.nodes) for w in self.waves),
+                "attest": None if self.attest is None else self.attest.to_json()}
 
 
 def plan_rollout(nodes: Sequence[Node], *, canary: int = 1, batch: int | None = None,
                  batch_percent: float = 25.0, max_failure_percent: float = 0.0,
-                 targets: Sequence[str] = ()) -> RolloutPlan:
+                 targets: Sequence[str] = (), attest: AttestGate | None = None) -> RolloutPlan:
     """Waves: ``canary`` nodes first, then batches of ``batch`` (or ``batch_percent`` of the rest).
 
     The failure budget is ``max_failure_percent`` of all nodes, rounded down: with the default
-    0 the first failure halts the rollout.
+    0 the first failure halts the rollout.  With ``attest``, a node counts as updated only once
+    it attests (see :class:`AttestGate`).
 
     Raises:
         FleetError: no nodes, or sizes out of range.
@@ -542,7 +588,7 @@ def plan_rollout(nodes: Sequence[Node], *, canary: int = 1, batch: int | None = 
     for i in range(0, len(rest), size):
         waves.append(Wave(f"batch {i // size + 1}", tuple(rest[i:i + size])))
     budget = math.floor(len(ordered) * max_failure_percent / 100)
-    return RolloutPlan(tuple(waves), budget, tuple(targets))
+    return RolloutPlan(tuple(waves), budget, tuple(targets), attest)
 
 
 @dataclasses.dataclass
@@ -558,16 +604,26 @@ class WaveOutcome:
 async def run_rollout(plan: RolloutPlan, *, auth: FleetAuth, deadline: float, concurrency: int = 64,
                       on_wave: Callable[[WaveOutcome], None] | None = None,
                       ) -> tuple[list[WaveOutcome], list[Wave]]:
-    """Apply the update wave by wave; stop once failures pass the plan's budget.
+    """Apply the update wave by wave (each node then attesting, when the plan has an
+    :class:`AttestGate`); stop once failures pass the plan's budget.
 
     Returns the outcomes of the waves run and the waves not started.
+
+    Raises:
+        ConfigError: ``deadline`` or ``concurrency`` is not positive.
     """
+    _check_limits(deadline, concurrency)
     apply = update_action(plan.targets, dry_run=False)
+
+    def visit(node: Node) -> Awaitable[NodeResult]:
+        # Each node goes on to its attestation as soon as its own update returned: a slow
+        # reboot holds up that node's slot, not the wave's other nodes.
+        return _roll_node(node, apply, plan.attest, auth, deadline)
+
     outcomes: list[WaveOutcome] = []
     failed = 0
     for n, wave in enumerate(plan.waves):
-        results = await query(wave.nodes, apply, auth=auth, deadline=deadline,
-                              concurrency=concurrency)
+        results = await _fan_out(wave.nodes, visit, concurrency=concurrency, progress=None)
         outcome = WaveOutcome(wave, results)
         outcomes.append(outcome)
         if on_wave is not None:
@@ -576,3 +632,52 @@ async def run_rollout(plan: RolloutPlan, *, auth: FleetAuth, deadline: float, co
         if failed > plan.max_failures:
             return outcomes, list(plan.waves[n + 1:])
     return outcomes, []
+
+
+async def _roll_node(node: Node, apply: Action, gate: AttestGate | None, auth: FleetAuth,
+                     deadline: float) -> NodeResult:
+    """Update one node, then (with a gate) wait until it attests: ok only when both happened."""
+    updated = await _ask(node, apply, auth, deadline)
+    if not updated.ok or gate is None:
+        return updated
+    verdict, why, attempts, seconds = await _await_attestation(node, gate, auth, deadline)
+    found = verdict.to_json() if verdict is not None else {"attested": False, "reason": why}
+    data = updated.data | {"attestation": found | {"attempts": attempts}}
+    if verdict is not None and verdict.ok:
+        return NodeResult(node, True, data=data, seconds=updated.seconds + seconds)
+    return NodeResult(node, False, f"updated, not attested within {gate.timeout:g} s: {why}", data=data,
+                      seconds=updated.seconds + seconds)
+
+
+async def _await_attestation(node: Node, gate: AttestGate, auth: FleetAuth,
+                             deadline: float) -> tuple[attest.Verdict | None, str, int, float]:
+    """Ask ``node`` to attest until a verdict passes or ``gate.timeout`` has passed (the last
+    attempt may run up to ``deadline`` past it).  Returns the last attempt's verdict (None when
+    the node did not answer), why it failed ("" when it passed), the attempts and the seconds."""
+    start = time.monotonic()
+    attempts = 0
+    while True:
+        attempts += 1
+        verdict, why = await _attest_once(node, gate, auth, deadline)
+        if verdict is not None and verdict.ok:
+            break
+        if time.monotonic() + gate.interval - start >= gate.timeout:
+            break
+        await asyncio.sleep(gate.interval)
+    return verdict, why, attempts, time.monotonic() - start
+
+
+async def _attest_once(node: Node, gate: AttestGate, auth: FleetAuth,
+                       deadline: float) -> tuple[attest.Verdict | None, str]:
+    """One Node/Attest over a fresh channel: a channel that saw the node go down for its reboot
+    would wait out its reconnect backoff (up to minutes) instead of trying again now."""
+    seen: list[attest.Verdict] = []
+
+    async def ask(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
+        seen.append(await _verdict(stub, node.name, gate.site_ca, gate.images, deadline))
+        return {}
+
+    result = await _ask(node, ask, auth, deadline)
+    if seen:
+        return seen[0], seen[0].reason
+    return None, result.reason

@@ -15,7 +15,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from provisioning.image.measure import pcr11_record
 from provisioning.pki import init_pki, issue_client, issue_node
+from testsupport.pe import pe_image
 from testsupport.secure_server import mtls_config, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,12 +105,27 @@ def test_rollout_in_serial_batches_halts_after_a_failed_batch(tmp_path: Path) ->
                 f"{h} ansible_host=127.0.0.1 appliance_tls_name=localhost ansible_connection=local"
                 for h in hosts) + "\n")
             d = pki / "issued" / "operator"
+            creds = {"fleet_ca": str(pki / "ca.crt"), "fleet_cert": str(d / "operator.crt"),
+                     "fleet_key": str(d / "operator.key")}
             result = playbook(tmp_path, "rollout.yml", inventory, {
-                "targets": ["model@2"], "rollout_serial": [1, 2], "rollout_deadline": 2,
-                "fleet_ca": str(pki / "ca.crt"), "fleet_cert": str(d / "operator.crt"),
-                "fleet_key": str(d / "operator.key")})
+                "targets": ["model@2"], "rollout_serial": [1, 2], "rollout_deadline": 2, **creds})
+            # With attest_expect each node must then pass `fleet attest`; these test agents do not
+            # implement Node/Attest, so the canary never attests and the rollout stops after it.
+            manifest = tmp_path / "image-manifest.json"
+            uki = pe_image([(".linux", b"kernel")])
+            manifest.write_text(json.dumps({"roothash": "ab" * 32, "pcr11": pcr11_record(uki)}))
+            gated = playbook(tmp_path, "rollout.yml", inventory, {
+                "targets": ["model@2"], "rollout_serial": [1, 2], "rollout_deadline": 2, **creds,
+                "attest_expect": [str(manifest)], "fleet_site_ca": str(pki / "ca.crt"),
+                "attest_retries": 1, "attest_delay": 0})
     finally:
         silent.close()
+    gated_out = gated.stdout
+    assert gated.returncode != 0, gated_out[-3000:]
+    assert "Wait until the node attests" in gated_out and "FAILED - RETRYING" in gated_out, gated_out[-3000:]
+    assert "UNIMPLEMENTED" in gated_out, gated_out[-3000:]  # it reached the node and asked
+    gated_recap = gated_out[gated_out.index("PLAY RECAP"):]
+    assert "n0" in gated_recap and "n1" not in gated_recap, gated_recap
     out = result.stdout
     assert result.returncode != 0, out[-3000:]
     recap = out[out.index("PLAY RECAP"):]

@@ -11,68 +11,44 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from provisioning import attest as a
 from provisioning import pki
-from provisioning.image.measure import expected_pcr11, pcr11_record
-from testsupport import tpm2
+from provisioning.image.measure import pcr11_record
+from testsupport import attest_support, tpm2
+from testsupport.attest_support import manifest as _manifest
 from testsupport.pe import pe_image
 
 NOW = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
 UKI_A = pe_image([(".linux", b"kernel A"), (".cmdline", b"roothash=" + b"a" * 64)])
 UKI_B = pe_image([(".linux", b"kernel B"), (".cmdline", b"roothash=" + b"b" * 64)])
 ROOT_A, ROOT_B = "a" * 64, "b" * 64
-
-
-def _manifest(roothash: str, uki: bytes) -> dict[str, object]:
-    return {"roothash": roothash, "pcr11": pcr11_record(uki)}
-
-
 IMAGES = a.expected_images([_manifest(ROOT_A, UKI_A), _manifest(ROOT_B, UKI_B)], ["a.json", "b.json"])
 
 
-def _ca(name: str = "site CA") -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(NOW - datetime.timedelta(days=30))
-            .not_valid_after(NOW + datetime.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return key, cert
+def _ca(name: str = "site CA") -> attest_support.CA:
+    return attest_support.site_ca(NOW, name)
 
 
 SITE_KEY, SITE = _ca()
 
 
 def _ak_certificate(ak: ec.EllipticCurvePrivateKey, node: str = "node1", *,
-                    issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] = (SITE_KEY, SITE),
-                    days: int = 365, san: bool = False,
-                    usage: x509.ObjectIdentifier | None = a.AK_CERTIFICATE_USAGE) -> bytes:
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "AK" if san else node)]))
-               .issuer_name(issuer[1].subject).public_key(ak.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(NOW - datetime.timedelta(days=1))
-               .not_valid_after(NOW + datetime.timedelta(days=days)))
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
-    return builder.sign(issuer[0], hashes.SHA256()).public_bytes(Encoding.DER)
+                    issuer: attest_support.CA = (SITE_KEY, SITE), days: int = 365,
+                    san: bool = False, usage: x509.ObjectIdentifier | None = a.AK_CERTIFICATE_USAGE) -> bytes:
+    return attest_support.ak_certificate(ak, node, issuer=issuer, now=NOW, days=days, san=san, usage=usage)
 
 
 def _answer(nonce: bytes, uki: bytes, root_hash: str, *, ak: ec.EllipticCurvePrivateKey | None = None,
             certificate: bytes | None = None) -> a.Answer:
     """What a node that booted ``uki`` answers, naming ``root_hash``."""
     ak = ak or ec.generate_private_key(ec.SECP256R1())
-    pcrs = {i: bytes(32) for i in range(8)} | {11: expected_pcr11(uki)[-1].value}
-    attest = tpm2.quote_fields(nonce, pcrs).encode()
-    return a.Answer(attest, tpm2.sign(ak, attest), tpm2.pcr_values(pcrs), tpm2.public_area(ak),
-                    certificate if certificate is not None else _ak_certificate(ak), root_hash, "7")
+    return attest_support.answer(nonce, uki, root_hash, ak=ak,
+                                 certificate=certificate if certificate is not None else _ak_certificate(ak))
 
 
 def _judge(answer: a.Answer, nonce: bytes, node: str = "node1") -> a.Verdict:

@@ -1,18 +1,28 @@
-"""`appliance fleet` against real agents' gRPC surfaces on loopback (mTLS), some never answering."""
+"""`appliance fleet` against real agents' gRPC surfaces on loopback (mTLS), some never answering;
+rollouts that wait for attestation against Node servicers on loopback that quote like a TPM."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from agent.proto import node_pb2, node_pb2_grpc
 from provisioning.fleet import Node, load_inventory, plan_rollout
 from provisioning.pki import init_pki, issue_client, issue_node
 from tests.conftest import CliResult
+from testsupport import attest_support
+from testsupport.pe import pe_image
 from testsupport.secure_server import mtls_config, spawn
 
 DEADLINE = "2"
@@ -147,9 +157,10 @@ def test_rollout_dry_run_then_halt_on_failure(cli: Callable[..., CliResult], sit
     auth = _auth(site, "operator")
     dry = cli("fleet", "rollout", "-i", inv, "--target", "m@2", "--batch", "3", "--dry-run", *auth)
     assert dry.code == 0 and "canary" in dry.out and "batch 3" in dry.out and "in 4 waves" in dry.out
+    assert "no attestation" in dry.out and "needs --expect FILE" in dry.err
     # The canary and batch 1 are fine; the dead node is in batch 2, so the rollout halts there.
     done = cli("fleet", "rollout", "-i", inv, "--target", "m@2", "--batch", "3", "--deadline", DEADLINE,
-               "--json", *auth)
+               "--no-attest", "--json", *auth)
     data = _json(done)
     assert done.code == 1 and data["halted"]
     assert [w["name"] for w in data["waves"]] == ["canary", "batch 1", "batch 2"]
@@ -158,11 +169,12 @@ def test_rollout_dry_run_then_halt_on_failure(cli: Callable[..., CliResult], sit
     assert dead["reason"] == f"no answer within {DEADLINE} s"
     # With a failure budget of 10 % (one node of ten) the same rollout goes to the end.
     tolerant = _json(cli("fleet", "rollout", "-i", inv, "--target", "m@2", "--batch", "3",
-                         "--max-failure-percent", "10", "--deadline", DEADLINE, "--json", *auth))
+                         "--max-failure-percent", "10", "--deadline", DEADLINE, "--no-attest", "--json",
+                         *auth))
     assert not tolerant["halted"] and len(tolerant["waves"]) == 4
     # A node refusing the update in the canary wave halts everything after it.
     refused = _json(cli("fleet", "rollout", "-i", inv, "--target", "refuse-me", "--batch", "3",
-                        "--json", *auth))
+                        "--no-attest", "--json", *auth))
     assert refused["halted"] and [w["name"] for w in refused["waves"]] == ["canary"]
     assert "signature does not verify" in refused["waves"][0]["results"][0]["reason"]
     assert [w["name"] for w in refused["not_started"]] == ["batch 1", "batch 2", "batch 3"]
@@ -187,3 +199,134 @@ def test_node_cli_speaks_mtls_with_the_fleet_flags_and_variables(
     monkeypatch.setenv("APPLIANCE_FLEET_KEY", str(d / "observer.key"))
     from_env = cli("node", "health", "--target", target, "--json")
     assert from_env.code == 0, from_env.err
+
+
+# ------------------------------------------------------------------ rollouts gated on attestation
+
+UKI_OLD = pe_image([(".linux", b"kernel 1"), (".cmdline", b"roothash=" + b"1" * 64)])
+UKI_NEW = pe_image([(".linux", b"kernel 2"), (".cmdline", b"roothash=" + b"2" * 64)])
+ROOT_OLD, ROOT_NEW = "1" * 64, "2" * 64
+FAST = ("--attest-interval", "0.05", "--deadline", DEADLINE, "--insecure")
+
+
+class _Rebooting(node_pb2_grpc.NodeServicer):
+    """A node that applies any update, then answers Node/Attest by ``script``, one step a call
+    and the last one for good: "old" (still the old image), "new" (booted the new one), "liar"
+    (booted the old UKI, names the new root hash) or "down" (UNAVAILABLE, as while it reboots)."""
+
+    def __init__(self, name: str, script: Sequence[str], ca: attest_support.CA) -> None:
+        self.script = list(script)
+        self.ak = ec.generate_private_key(ec.SECP256R1())
+        self.certificate = attest_support.ak_certificate(self.ak, name, issuer=ca,
+                                                         now=datetime.datetime.now(datetime.UTC))
+        self.updates = 0
+        self.attests = 0
+
+    def ApplyUpdate(self, request: Any, context: Any) -> Any:
+        self.updates += 1
+        return node_pb2.ApplyUpdateResponse(
+            results=[node_pb2.UpdateResult(target=t, name=t, outcome="applied") for t in request.targets])
+
+    def Attest(self, request: Any, context: Any) -> Any:
+        step = self.script[min(self.attests, len(self.script) - 1)]
+        self.attests += 1
+        if step == "down":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "rebooting")
+        uki, root = {"old": (UKI_OLD, ROOT_OLD), "new": (UKI_NEW, ROOT_NEW),
+                     "liar": (UKI_OLD, ROOT_NEW)}[step]
+        a = attest_support.answer(request.nonce, uki, root, ak=self.ak, certificate=self.certificate,
+                                  image_version="2.0" if root == ROOT_NEW else "1.0")
+        return node_pb2.AttestResponse(attest=a.attest, signature=a.signature, pcr_values=a.pcr_values,
+                                       ak_public=a.ak_public, ak_certificate=a.ak_certificate,
+                                       root_hash=a.root_hash, image_version=a.image_version)
+
+
+Start = Callable[[dict[str, list[str]]], tuple[Path, dict[str, _Rebooting]]]
+
+
+@pytest.fixture
+def attesting(tmp_path: Path) -> Iterator[Start]:
+    """Start one node per name with its Attest script; returns the inventory (in that order),
+    plus an image-manifest.json of the new image and the site CA under ``tmp_path``."""
+    ca = attest_support.site_ca(datetime.datetime.now(datetime.UTC))
+    (tmp_path / "site-ca.crt").write_bytes(ca[1].public_bytes(Encoding.PEM))
+    (tmp_path / "image-manifest.json").write_text(json.dumps(attest_support.manifest(ROOT_NEW, UKI_NEW)))
+    with contextlib.ExitStack() as stack:
+        def start(scripts: dict[str, list[str]]) -> tuple[Path, dict[str, _Rebooting]]:
+            nodes, lines = {}, []
+            for name, script in scripts.items():
+                server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+                nodes[name] = _Rebooting(name, script, ca)
+                node_pb2_grpc.add_NodeServicer_to_server(nodes[name], server)  # type: ignore[no-untyped-call]
+                port = server.add_insecure_port("127.0.0.1:0")
+                server.start()
+                stack.callback(server.stop, None)
+                lines.append(f'[[nodes]]\nname = "{name}"\naddress = "127.0.0.1"\nport = {port}\n')
+            inventory = tmp_path / "nodes.toml"
+            inventory.write_text("\n".join(lines))
+            return inventory, nodes
+
+        yield start
+
+
+def _gate(tmp_path: Path) -> list[str | Path]:
+    return ["--expect", tmp_path / "image-manifest.json", "--site-ca", tmp_path / "site-ca.crt"]
+
+
+def test_rollout_counts_a_node_once_it_attests_the_new_image(
+        cli: Callable[..., CliResult], attesting: Start, tmp_path: Path) -> None:
+    inv, nodes = attesting({"c0": ["new"], "b0": ["down", "old", "down", "new"], "b1": ["new"]})
+    done = cli("fleet", "rollout", "-i", inv, "--target", "os/2", "--batch", "2", "--attest-timeout", "30",
+               *FAST, *_gate(tmp_path), "--json")
+    data = _json(done)
+    assert done.code == 0 and not data["halted"], done.out
+    assert data["plan"]["attest"]["root_hashes"] == [ROOT_NEW]
+    results = {r["name"]: r for w in data["waves"] for r in w["results"]}
+    assert all(r["ok"] for r in results.values())
+    # Silence (the reboot) and an answer of the old image did not count; the fourth ask did.
+    assert results["b0"]["data"]["attestation"] == {"attested": True, "reason": "", "root_hash": ROOT_NEW,
+                                                    "image_version": "2.0", "attempts": 4}
+    assert results["c0"]["data"]["attestation"]["attempts"] == 1
+    assert results["c0"]["data"]["results"][0]["outcome"] == "applied"
+    assert [n.attests for n in nodes.values()] == [1, 4, 1]
+
+
+def test_rollout_halts_when_an_updated_node_does_not_attest(
+        cli: Callable[..., CliResult], attesting: Start, tmp_path: Path) -> None:
+    inv, nodes = attesting({"c0": ["new"], "stuck": ["down", "old"], "liar": ["liar"], "later": ["new"]})
+    done = cli("fleet", "rollout", "-i", inv, "--target", "os/2", "--batch", "2", "--attest-timeout", "0.5",
+               *FAST, *_gate(tmp_path), "--json")
+    data = _json(done)
+    assert done.code == 1 and data["halted"]
+    assert [w["name"] for w in data["waves"]] == ["canary", "batch 1"]
+    assert [w["name"] for w in data["not_started"]] == ["batch 2"] and nodes["later"].updates == 0
+    results = {r["name"]: r for r in data["waves"][1]["results"]}
+    stuck, liar = results["stuck"], results["liar"]
+    assert not stuck["ok"]
+    assert stuck["reason"] == f"updated, not attested within 0.5 s: runs root hash {ROOT_OLD}, which no " \
+                              "expected image has"
+    assert stuck["data"]["attestation"]["root_hash"] == ROOT_OLD
+    assert stuck["data"]["attestation"]["attempts"] > 2
+    assert liar["reason"].startswith("updated, not attested within 0.5 s: PCR 11 is ")
+    assert liar["data"]["attestation"]["mismatch"]["pcr"] == 11
+    text = cli("fleet", "rollout", "-i", inv, "--target", "os/2", "--canary", "0", "--batch", "4",
+               "--attest-timeout", "0.2", *FAST, *_gate(tmp_path))
+    assert text.code == 1 and "stuck: updated, not attested within 0.2 s" in text.out
+    assert "attests one of 1 expected image(s), within 0.2 s" in text.out
+
+
+def test_rollout_needs_expect_or_no_attest(cli: Callable[..., CliResult], attesting: Start,
+                                           tmp_path: Path) -> None:
+    inv, nodes = attesting({"n0": ["new"]})
+    neither = cli("fleet", "rollout", "-i", inv, "--target", "os/2", "--insecure")
+    assert neither.code == 6 and "--expect" in neither.err and "--no-attest" in neither.err
+    both = cli("fleet", "rollout", "-i", inv, "--target", "os/2", "--insecure", "--no-attest",
+               *_gate(tmp_path))
+    assert both.code == 6 and "not both" in both.err
+    no_ca = cli("fleet", "rollout", "-i", inv, "--insecure", "--expect", tmp_path / "image-manifest.json")
+    assert no_ca.code == 6 and "give --ca (or --site-ca)" in no_ca.err
+    assert nodes["n0"].updates == 0
+    dry = _json(cli("fleet", "rollout", "-i", inv, "--insecure", "--dry-run", *_gate(tmp_path), "--json"))
+    assert dry["plan"]["attest"] == {"root_hashes": [ROOT_NEW], "timeout": 600.0, "interval": 5.0}
+    plain = _json(cli("fleet", "rollout", "-i", inv, "--insecure", "--dry-run", "--no-attest", "--json"))
+    assert plain["plan"]["attest"] is None and nodes["n0"].updates == 0

@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from agent.errors import ConfigError
 from agent.fsutil import atomic_write_text
 from provisioning.fleet import (
     Action,
+    AttestGate,
     FleetAuth,
     Node,
     NodeResult,
@@ -98,9 +101,17 @@ def register(
     u.set_defaults(handler=_update)
     r = fsub.add_parser("rollout", **examples(
             "appliance fleet rollout -i inventory.ini --target tiny@1.1.0 --canary 1 --batch-percent 25 "
-            "--dry-run"),
+            "--dry-run",
+            "appliance fleet rollout -i inventory.ini --target os/appliance-2.osrelease "
+            "--expect appliance-2.osrelease --ca pki/ca.crt --cert me.crt --key me.key",
+            "appliance fleet rollout -i inventory.ini --target tiny@1.1.0 --no-attest"),
         parents=[common],
-                        help="update in waves: a canary, then batches; halt past the failure budget")
+        help="update in waves: a canary, then batches; halt past the failure budget",
+        description="Applies the update wave by wave. With --expect, a node counts as updated only once it "
+                    "attests (as `fleet attest` checks) one of the expected images: after its update it is "
+                    "asked for a quote every --attest-interval seconds, through an OS update's reboot, "
+                    "until it attests or --attest-timeout passes; a node that does not is a failed node. "
+                    "--no-attest counts a node as updated when ApplyUpdate succeeds.")
     _common_flags(r)
     r.add_argument("--target", action="append", default=[], help="registry target; repeatable")
     r.add_argument("--canary", type=int, default=1, help="nodes in the first wave (default: 1)")
@@ -109,6 +120,17 @@ def register(
                    help="later waves as a share of the remaining nodes (default: 25)")
     r.add_argument("--max-failure-percent", type=float, default=0.0,
                    help="failed nodes tolerated, percent of all (default: 0: halt at the first)")
+    r.add_argument("--expect", action="append", type=Path, default=[], metavar="FILE",
+                   help="an image-manifest.json or an OS release an updated node must attest; repeatable "
+                        "(this or --no-attest is required)")
+    r.add_argument("--site-ca", type=Path, metavar="PEM",
+                   help="the CA that certifies attestation keys (default: --ca, the site CA)")
+    r.add_argument("--attest-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long an updated node has to attest, its reboot included (default: 600)")
+    r.add_argument("--attest-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds between attestation attempts (default: 5)")
+    r.add_argument("--no-attest", action="store_true",
+                   help="count a node as updated when ApplyUpdate succeeds, without attestation")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     r.set_defaults(handler=_rollout)
     d = fsub.add_parser(
@@ -235,21 +257,28 @@ def _print_data(data: Any, indent: str) -> None:
                 print(f"{indent}- {item}")
 
 
+def _site_ca(args: argparse.Namespace, command: str) -> x509.Certificate:
+    """--site-ca, else --ca: the CA attestation keys' certificates must come from.
+
+    Raises:
+        ConfigError: neither is given, or the file is not a PEM certificate.
+    """
+    ca_path = args.site_ca or args.ca
+    if ca_path is None:
+        raise ConfigError(f"{command} checks each attestation key's certificate against the site CA: "
+                          "give --ca (or --site-ca)")
+    try:
+        return x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{ca_path}: not a PEM certificate ({exc})") from None
+
+
 def _attest(args: argparse.Namespace) -> int:
     if not args.expect:
         raise ConfigError("give the images the nodes may run: --expect image-manifest.json or "
                           "--expect RELEASE.osrelease (repeatable)")
     images = load_expected_images(args.expect)
-    ca_path = args.site_ca or args.ca
-    if ca_path is None:
-        raise ConfigError("fleet attest checks each attestation key's certificate against the site CA: "
-                          "give --ca (or --site-ca)")
-    from cryptography import x509
-
-    try:
-        site_ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{ca_path}: not a PEM certificate ({exc})") from None
+    site_ca = _site_ca(args, "fleet attest")
     nodes, auth = _setup(args)
     with progress("nodes", len(nodes)) as bar:
         results = asyncio.run(attest_nodes(nodes, auth=auth, site_ca=site_ca, images=images,
@@ -285,17 +314,45 @@ def _print_plan(plan: RolloutPlan) -> None:
     total = sum(len(w.nodes) for w in plan.waves)
     print(f"rollout of {', '.join(plan.targets) or 'everything pending'} to {total} nodes "
           f"in {len(plan.waves)} waves; halt after {plan.max_failures + 1} failed node(s)")
+    if plan.attest is None:
+        print("  a node counts as updated when ApplyUpdate succeeds (no attestation)")
+    else:
+        print(f"  a node counts as updated once it attests one of {len(plan.attest.images)} expected "
+              f"image(s), within {plan.attest.timeout:g} s of its update")
     for wave in plan.waves:
         names = ", ".join(n.name for n in wave.nodes[:8]) + (" ..." if len(wave.nodes) > 8 else "")
         print(f"  {wave.name:<10} {len(wave.nodes):>4} nodes  {names}")
 
 
+def _attest_gate(args: argparse.Namespace) -> AttestGate | None:
+    """The rollout's attestation gate from --expect, --site-ca and --attest-*; None with --no-attest.
+
+    Raises:
+        ConfigError: both or neither of --expect and --no-attest (neither is fine for a dry run),
+            or what loading the expected images or the site CA raises.
+    """
+    if args.expect and args.no_attest:
+        raise ConfigError("give --expect FILE or --no-attest, not both")
+    if not args.expect:
+        if args.no_attest or args.dry_run:
+            return None
+        raise ConfigError("a rollout counts a node as updated once it attests the new image: give "
+                          "--expect image-manifest.json or --expect RELEASE.osrelease (repeatable), "
+                          "or --no-attest to count a node as updated when ApplyUpdate succeeds")
+    return AttestGate(_site_ca(args, "fleet rollout --expect"), load_expected_images(args.expect),
+                      timeout=args.attest_timeout, interval=args.attest_interval)
+
+
 def _rollout(args: argparse.Namespace) -> int:
+    gate = _attest_gate(args)
     nodes, auth = _setup(args)
     plan = plan_rollout(nodes, canary=args.canary, batch=args.batch, batch_percent=args.batch_percent,
-                        max_failure_percent=args.max_failure_percent, targets=args.target)
+                        max_failure_percent=args.max_failure_percent, targets=args.target, attest=gate)
     if args.dry_run:
         emit_json({"plan": plan.to_json(), "dry_run": True}) if args.json else _print_plan(plan)
+        if gate is None and not args.no_attest:
+            print("note: the rollout itself needs --expect FILE (wait for attestation) or --no-attest",
+                  file=sys.stderr)
         return 0
     if not args.json:
         _print_plan(plan)
