@@ -133,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         server=apply_flags(config.server, args),
         inference=apply_flags(config.inference, args),
         updates=apply_flags(config.updates, args),
+        attest=apply_flags(config.attest, args),
     )
 
 
@@ -196,10 +197,7 @@ def _os_install(args: argparse.Namespace) -> int:
 def _attest_key(args: argparse.Namespace) -> int:
     from agent.attest import make_attestation_key
 
-    path = args.config
-    if path is None and DEFAULT_CONFIG_PATH.is_file():
-        path = DEFAULT_CONFIG_PATH
-    section = apply_flags(load_config(path).attest, args)
+    section = config_from_args(args).attest
     made = make_attestation_key(section, args.out)
     handle = f"0x{section.ak_handle:08x}"
     if args.json:
