@@ -572,15 +572,16 @@ def expected_images(records: Iterable[Mapping[str, object]], origin: Sequence[st
     return out
 
 
-def _check_ak_certificate(der: bytes, public: Public, site_ca: x509.Certificate, node: str,
-                          now: datetime.datetime) -> str:
+def _check_ak_certificate(der: bytes, public: Public, site_ca: x509.Certificate, node: str, *,
+                          now: datetime.datetime, crl: x509.CertificateRevocationList | None) -> str:
     """"" when ``der`` is a certificate the site CA issued for this AK and node, else why not."""
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError as exc:
         return f"the AK certificate is not a certificate ({exc})"
     try:  # the node's bytes: cryptography parses names, extensions and keys when first read
-        return _issued_by_site(cert, site_ca, now) or _for_this_key_and_node(cert, public, node)
+        return (_issued_by_site(cert, site_ca, now) or _not_revoked(cert, crl)
+                or _for_this_key_and_node(cert, public, node))
     except AttestError as exc:  # the AK's public area holds no valid key
         return str(exc)
     except (ValueError, UnsupportedAlgorithm) as exc:
@@ -598,6 +599,14 @@ def _issued_by_site(cert: x509.Certificate, site_ca: x509.Certificate, now: date
         return (f"the AK certificate is valid {cert.not_valid_before_utc:%Y-%m-%d} to "
                 f"{cert.not_valid_after_utc:%Y-%m-%d}, not now")
     return ""
+
+
+def _not_revoked(cert: x509.Certificate, crl: x509.CertificateRevocationList | None) -> str:
+    entry = None if crl is None else crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    if entry is None:
+        return ""
+    return (f"the AK certificate (serial {cert.serial_number:x}) was revoked by the site CRL on "
+            f"{entry.revocation_date_utc:%Y-%m-%d}")
 
 
 def _for_this_key_and_node(cert: x509.Certificate, public: Public, node: str) -> str:
@@ -620,9 +629,12 @@ def _for_this_key_and_node(cert: x509.Certificate, public: Public, node: str) ->
 
 
 def judge(answer: Answer, *, nonce: bytes, node: str, site_ca: x509.Certificate,
-          images: Mapping[str, bytes], now: datetime.datetime | None = None) -> Verdict:
+          images: Mapping[str, bytes], now: datetime.datetime | None = None,
+          crl: x509.CertificateRevocationList | None = None) -> Verdict:
     """Whether ``answer`` proves that ``node`` booted one of ``images`` (root hash -> expected
-    PCR 11): the AK certificate is the site CA's, current, for the quote's key and for this node;
+    PCR 11): the AK certificate is the site CA's, current, not in ``crl`` (the site CA's CRL,
+    checked by the caller: :func:`provisioning.fleet.load_site_crl`), for the quote's key and
+    for this node;
     the quote verifies (:func:`verify_quote`) with ``nonce``; the root hash the node names is a
     known image's, and PCR 11 is that image's value (the UKI it measures carries the root hash
     on its command line, so a node cannot claim another image than the one it booted).  Never
@@ -635,7 +647,7 @@ def judge(answer: Answer, *, nonce: bytes, node: str, site_ca: x509.Certificate,
     except AttestError as exc:
         return fail(str(exc))
     why = _check_ak_certificate(answer.ak_certificate, public, site_ca, node,
-                                now or datetime.datetime.now(datetime.UTC))
+                                now=now or datetime.datetime.now(datetime.UTC), crl=crl)
     if why:
         return fail(why)
     expected = images.get(answer.root_hash)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime
 import fnmatch
 import json
 import math
@@ -53,6 +54,7 @@ __all__ = [
     "inventory_action",
     "load_expected_images",
     "load_inventory",
+    "load_site_crl",
     "plan_rollout",
     "query",
     "run_rollout",
@@ -442,22 +444,23 @@ def update_action(targets: Sequence[str], dry_run: bool) -> Action:
     return apply
 
 
-async def _verdict(stub: node_pb2_grpc.NodeStub, node: str, site_ca: x509.Certificate,
-                   images: Mapping[str, bytes], deadline: float) -> attest.Verdict:
+async def _verdict(stub: node_pb2_grpc.NodeStub, node: str, deadline: float, *, site_ca: x509.Certificate,
+                   images: Mapping[str, bytes], crl: x509.CertificateRevocationList | None) -> attest.Verdict:
     """Node/Attest with a fresh nonce, judged (:func:`provisioning.attest.judge`) against ``images``."""
     nonce = os.urandom(32)
     r = await stub.Attest(node_pb2.AttestRequest(nonce=nonce), timeout=deadline)
     answer = attest.Answer(r.attest, r.signature, r.pcr_values, r.ak_public, r.ak_certificate,
                            r.root_hash, r.image_version)
-    return attest.judge(answer, nonce=nonce, node=node, site_ca=site_ca, images=images)
+    return attest.judge(answer, nonce=nonce, node=node, site_ca=site_ca, images=images, crl=crl)
 
 
-def attest_action(node: str, *, site_ca: x509.Certificate, images: Mapping[str, bytes]) -> Action:
+def attest_action(node: str, *, site_ca: x509.Certificate, images: Mapping[str, bytes],
+                  crl: x509.CertificateRevocationList | None = None) -> Action:
     """Node/Attest with a fresh nonce, judged (:func:`provisioning.attest.judge`) against the
     expected images; a node that does not attest is a failed result with the reason."""
 
     async def ask(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
-        verdict = await _verdict(stub, node, site_ca, images, deadline)
+        verdict = await _verdict(stub, node, deadline, site_ca=site_ca, images=images, crl=crl)
         if not verdict.ok:
             raise _NotAttestedError(verdict)
         return verdict.to_json()
@@ -467,9 +470,11 @@ def attest_action(node: str, *, site_ca: x509.Certificate, images: Mapping[str, 
 
 async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, site_ca: x509.Certificate,
                        images: Mapping[str, bytes], deadline: float = 10.0, concurrency: int = 1024,
-                       progress: Callable[[NodeResult], None] | None = None) -> list[NodeResult]:
+                       progress: Callable[[NodeResult], None] | None = None,
+                       crl: x509.CertificateRevocationList | None = None) -> list[NodeResult]:
     """:func:`attest_action` on every node (each judged under its own inventory name), at most
-    ``concurrency`` at a time; results in node order.
+    ``concurrency`` at a time; results in node order.  With ``crl`` (:func:`load_site_crl`) a
+    revoked AK certificate fails its node.
 
     Raises:
         ConfigError: ``deadline`` or ``concurrency`` is not positive.
@@ -477,7 +482,8 @@ async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, site_ca: x509.
     _check_limits(deadline, concurrency)
 
     def visit(node: Node) -> Awaitable[NodeResult]:
-        return _ask(node, attest_action(node.name, site_ca=site_ca, images=images), auth, deadline)
+        return _ask(node, attest_action(node.name, site_ca=site_ca, images=images, crl=crl), auth,
+                    deadline)
 
     return await _fan_out(nodes, visit, concurrency=concurrency, progress=progress)
 
@@ -508,6 +514,27 @@ def load_expected_images(paths: Sequence[Path]) -> dict[str, bytes]:
     return attest.expected_images(docs, [str(p) for p in paths])
 
 
+def load_site_crl(path: Path, site_ca: x509.Certificate,
+                  now: datetime.datetime | None = None) -> x509.CertificateRevocationList:
+    """The site CA's revocation list (``appliance pki crl`` writes it as crl.pem), checked: signed
+    by ``site_ca`` and not past its next update (a stale list may miss a revocation).
+
+    Raises:
+        ConfigError: unreadable, not a PEM CRL, another issuer's, a bad signature, or stale.
+    """
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--crl {path}: not a PEM certificate revocation list ({exc})") from None
+    if crl.issuer != site_ca.subject or not crl.is_signature_valid(site_ca.public_key()):  # type: ignore[arg-type]
+        raise ConfigError(f"--crl {path}: not signed by the site CA ({site_ca.subject.rfc4514_string()})")
+    now = now or datetime.datetime.now(datetime.UTC)
+    if crl.next_update_utc is not None and crl.next_update_utc < now:
+        raise ConfigError(f"--crl {path}: stale since {crl.next_update_utc:%Y-%m-%d %H:%M} UTC; re-sign "
+                          "it with `appliance pki crl` and use the new one")
+    return crl
+
+
 # ------------------------------------------------------------------ rollouts
 
 
@@ -535,6 +562,7 @@ class AttestGate:
     images: Mapping[str, bytes]
     timeout: float = 600.0
     interval: float = 5.0
+    crl: x509.CertificateRevocationList | None = None  # the site CA's, from load_site_crl
 
     def __post_init__(self) -> None:
         if not self.timeout > 0 or not self.interval > 0:
@@ -544,7 +572,8 @@ class AttestGate:
             raise ConfigError("an attestation gate needs at least one expected image (--expect FILE)")
 
     def to_json(self) -> dict[str, Any]:
-        return {"root_hashes": sorted(self.images), "timeout": self.timeout, "interval": self.interval}
+        return {"root_hashes": sorted(self.images), "timeout": self.timeout, "interval": self.interval,
+                "crl": self.crl is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -674,7 +703,8 @@ async def _attest_once(node: Node, gate: AttestGate, auth: FleetAuth,
     seen: list[attest.Verdict] = []
 
     async def ask(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
-        seen.append(await _verdict(stub, node.name, gate.site_ca, gate.images, deadline))
+        seen.append(await _verdict(stub, node.name, deadline, site_ca=gate.site_ca, images=gate.images,
+                                   crl=gate.crl))
         return {}
 
     result = await _ask(node, ask, auth, deadline)

@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from provisioning import attest as a
 from provisioning import pki
+from provisioning.fleet import load_site_crl
 from provisioning.image.measure import pcr11_record
 from testsupport import attest_support, tpm2
 from testsupport.attest_support import manifest as _manifest
@@ -154,3 +155,23 @@ def test_only_a_certificate_from_pki_issue_ak_vouches_for_a_quote(tmp_path: Path
     forged = _answer(nonce, UKI_A, ROOT_A, ak=tls_key, certificate=tls_cert)
     verdict = a.judge(forged, nonce=nonce, node="node1", site_ca=site, images=IMAGES)
     assert not verdict.ok and "lacks the attestation key usage" in verdict.reason
+
+
+def test_an_ak_the_site_revoked_does_not_attest(tmp_path: Path) -> None:
+    """`appliance pki revoke NODE` revokes its AK certificate too; the crl.pem the PKI writes is
+    what `fleet attest --crl` loads, and the node's good quote no longer passes."""
+    pki_dir = tmp_path / "pki"
+    pki.init_pki(pki_dir, organization="Attesting Site")
+    site = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+    ak = ec.generate_private_key(ec.SECP256R1())
+    issued = pki.issue_attestation_key(pki_dir, "node1", tpm2.public_area(ak))
+    certificate = x509.load_pem_x509_certificate(Path(issued.cert_path).read_bytes()).public_bytes(
+        Encoding.DER)
+    nonce = os.urandom(32)
+    answer = _answer(nonce, UKI_A, ROOT_A, ak=ak, certificate=certificate)
+    crl = load_site_crl(pki_dir / "crl.pem", site)
+    assert a.judge(answer, nonce=nonce, node="node1", site_ca=site, images=IMAGES, crl=crl).ok
+    pki.revoke(pki_dir, "node1", reason="key-compromise")
+    crl = load_site_crl(pki_dir / "crl.pem", site)
+    verdict = a.judge(answer, nonce=nonce, node="node1", site_ca=site, images=IMAGES, crl=crl)
+    assert not verdict.ok and f"serial {issued.serial:x}) was revoked by the site CRL" in verdict.reason

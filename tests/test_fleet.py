@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -247,9 +248,15 @@ Start = Callable[[dict[str, list[str]]], tuple[Path, dict[str, _Rebooting]]]
 @pytest.fixture
 def attesting(tmp_path: Path) -> Iterator[Start]:
     """Start one node per name with its Attest script; returns the inventory (in that order),
-    plus an image-manifest.json of the new image and the site CA under ``tmp_path``."""
+    plus an image-manifest.json of the new image, the site CA and CRLs (empty, stale, another
+    CA's) under ``tmp_path``, and site-crl.pem revoking the AK certificates of nodes named revoked*."""
     ca = attest_support.site_ca(datetime.datetime.now(datetime.UTC))
     (tmp_path / "site-ca.crt").write_bytes(ca[1].public_bytes(Encoding.PEM))
+    now = datetime.datetime.now(datetime.UTC)
+    (tmp_path / "site-crl-empty.pem").write_bytes(attest_support.crl(ca, [], now=now))
+    (tmp_path / "site-crl-stale.pem").write_bytes(attest_support.crl(ca, [], now=now, days=-1))
+    other = attest_support.site_ca(now, "another CA")
+    (tmp_path / "other-crl.pem").write_bytes(attest_support.crl(other, [], now=now))
     (tmp_path / "image-manifest.json").write_text(json.dumps(attest_support.manifest(ROOT_NEW, UKI_NEW)))
     with contextlib.ExitStack() as stack:
         def start(scripts: dict[str, list[str]]) -> tuple[Path, dict[str, _Rebooting]]:
@@ -264,6 +271,9 @@ def attesting(tmp_path: Path) -> Iterator[Start]:
                 lines.append(f'[[nodes]]\nname = "{name}"\naddress = "127.0.0.1"\nport = {port}\n')
             inventory = tmp_path / "nodes.toml"
             inventory.write_text("\n".join(lines))
+            serials = [x509.load_der_x509_certificate(n.certificate).serial_number
+                       for name, n in nodes.items() if name.startswith("revoked")]
+            (tmp_path / "site-crl.pem").write_bytes(attest_support.crl(ca, serials, now=now))
             return inventory, nodes
 
         yield start
@@ -327,6 +337,39 @@ def test_rollout_needs_expect_or_no_attest(cli: Callable[..., CliResult], attest
     assert no_ca.code == 6 and "give --ca (or --site-ca)" in no_ca.err
     assert nodes["n0"].updates == 0
     dry = _json(cli("fleet", "rollout", "-i", inv, "--insecure", "--dry-run", *_gate(tmp_path), "--json"))
-    assert dry["plan"]["attest"] == {"root_hashes": [ROOT_NEW], "timeout": 600.0, "interval": 5.0}
+    assert dry["plan"]["attest"] == {"root_hashes": [ROOT_NEW], "timeout": 600.0, "interval": 5.0,
+                                     "crl": False}
     plain = _json(cli("fleet", "rollout", "-i", inv, "--insecure", "--dry-run", "--no-attest", "--json"))
     assert plain["plan"]["attest"] is None and nodes["n0"].updates == 0
+
+
+def test_a_revoked_attestation_key_does_not_attest(cli: Callable[..., CliResult], attesting: Start,
+                                                   tmp_path: Path) -> None:
+    """With the site CRL, `fleet attest` and the rollout's gate fail a node whose AK certificate
+    it revokes, though its quote is good; a CRL that is stale or not the site CA's is refused
+    before any node is asked."""
+    inv, nodes = attesting({"good": ["new"], "revoked": ["new"]})
+    ask = ("--deadline", DEADLINE, "--insecure")  # FAST without the rollout's flag
+    done = cli("fleet", "attest", "-i", inv, *ask, *_gate(tmp_path), "--crl", tmp_path / "site-crl.pem",
+               "--json")
+    assert done.code == 1, done.err
+    results = {r["name"]: r for r in _json(done)["nodes"]}
+    assert results["good"]["ok"]
+    assert "was revoked by the site CRL" in results["revoked"]["reason"]
+    without = cli("fleet", "attest", "-i", inv, *ask, *_gate(tmp_path), "--json")  # no CRL: both pass
+    assert without.code == 0 and all(r["ok"] for r in _json(without)["nodes"])
+    rollout = _json(cli("fleet", "rollout", "-i", inv, "--target", "os/2", "--canary", "0", "--batch", "2",
+                        *FAST, *_gate(tmp_path), "--crl", tmp_path / "site-crl.pem",
+                        "--attest-timeout", "0.3", "--json"))
+    reasons = {r["name"]: r["reason"] for w in rollout["waves"] for r in w["results"]}
+    assert reasons["good"] == "" and "was revoked by the site CRL" in reasons["revoked"]
+    asked = sum(n.attests for n in nodes.values())
+    for crl, message in (("site-crl-stale.pem", "stale since"),
+                         ("other-crl.pem", "not signed by the site CA"),
+                         ("image-manifest.json", "not a PEM certificate revocation list")):
+        refused = cli("fleet", "attest", "-i", inv, *ask, *_gate(tmp_path), "--crl", tmp_path / crl)
+        assert refused.code == 6 and f"--crl {tmp_path / crl}: {message}" in refused.err, refused.err
+    assert sum(n.attests for n in nodes.values()) == asked
+    empty = cli("fleet", "attest", "-i", inv, *ask, *_gate(tmp_path),
+                "--crl", tmp_path / "site-crl-empty.pem")
+    assert empty.code == 0, empty.err

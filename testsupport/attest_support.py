@@ -5,6 +5,7 @@ build writes.  Shared by the verdict tests and the fleet's rollout tests."""
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -51,6 +52,20 @@ def ak_certificate(ak: ec.EllipticCurvePrivateKey, node: str, *, issuer: CA, now
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
     return builder.sign(issuer[0], hashes.SHA256()).public_bytes(Encoding.DER)
+
+
+def crl(issuer: CA, revoked: Sequence[int], *, now: datetime.datetime, days: float = 30) -> bytes:
+    """A PEM revocation list by ``issuer`` revoking the ``revoked`` serials (a day before ``now``),
+    due again in ``days`` days (negative: stale already, issued a day before it was due)."""
+    due = now + datetime.timedelta(days=days)
+    issued = min(now - datetime.timedelta(hours=1), due - datetime.timedelta(days=1))
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer[1].subject)
+               .last_update(issued).next_update(due))
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial)
+            .revocation_date(now - datetime.timedelta(days=1)).build())
+    return builder.sign(issuer[0], hashes.SHA256()).public_bytes(Encoding.PEM)
 
 
 def answer(nonce: bytes, uki: bytes, root_hash: str, *, ak: ec.EllipticCurvePrivateKey,

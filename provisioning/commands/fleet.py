@@ -29,6 +29,7 @@ from provisioning.fleet import (
     inventory_action,
     load_expected_images,
     load_inventory,
+    load_site_crl,
     plan_rollout,
     query,
     run_rollout,
@@ -55,6 +56,15 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     add_credential_flags(parser)
     parser.add_argument("--insecure", action="store_true",
                         help="plain-text gRPC, for agents on loopback without TLS")
+
+
+def _trust_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--site-ca", type=Path, metavar="PEM",
+                        help="the CA that certifies attestation keys (default: --ca, the site CA)")
+    parser.add_argument("--crl", type=Path, metavar="PEM",
+                        default=os.environ.get("APPLIANCE_FLEET_CRL") or None,
+                        help="the site CA's revocation list (crl.pem): a node whose attestation key "
+                             "certificate it revokes does not attest (default: $APPLIANCE_FLEET_CRL)")
 
 
 def register(
@@ -88,8 +98,7 @@ def register(
     _common_flags(t)
     t.add_argument("--expect", action="append", type=Path, default=[], metavar="FILE",
                    help="an image-manifest.json or an OS release the nodes may run; repeatable")
-    t.add_argument("--site-ca", type=Path, metavar="PEM",
-                   help="the CA that certifies attestation keys (default: --ca, the site CA)")
+    _trust_flags(t)
     t.set_defaults(handler=_attest)
     u = fsub.add_parser("update", **examples(
             "appliance fleet update -i inventory.ini --limit lab --target tiny@1.1.0 --dry-run"),
@@ -123,8 +132,7 @@ def register(
     r.add_argument("--expect", action="append", type=Path, default=[], metavar="FILE",
                    help="an image-manifest.json or an OS release an updated node must attest; repeatable "
                         "(this or --no-attest is required)")
-    r.add_argument("--site-ca", type=Path, metavar="PEM",
-                   help="the CA that certifies attestation keys (default: --ca, the site CA)")
+    _trust_flags(r)
     r.add_argument("--attest-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long an updated node has to attest, its reboot included (default: 600)")
     r.add_argument("--attest-interval", type=float, default=5.0, metavar="SECONDS",
@@ -257,20 +265,24 @@ def _print_data(data: Any, indent: str) -> None:
                 print(f"{indent}- {item}")
 
 
-def _site_ca(args: argparse.Namespace, command: str) -> x509.Certificate:
-    """--site-ca, else --ca: the CA attestation keys' certificates must come from.
+def _site_trust(args: argparse.Namespace,
+                command: str) -> tuple[x509.Certificate, x509.CertificateRevocationList | None]:
+    """--site-ca, else --ca: the CA attestation keys' certificates must come from; and --crl,
+    its revocation list, checked (:func:`provisioning.fleet.load_site_crl`).
 
     Raises:
-        ConfigError: neither is given, or the file is not a PEM certificate.
+        ConfigError: neither CA flag is given, the file is not a PEM certificate, or the CRL is
+            not the CA's or stale.
     """
     ca_path = args.site_ca or args.ca
     if ca_path is None:
         raise ConfigError(f"{command} checks each attestation key's certificate against the site CA: "
                           "give --ca (or --site-ca)")
     try:
-        return x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
+        site_ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{ca_path}: not a PEM certificate ({exc})") from None
+    return site_ca, (load_site_crl(Path(args.crl), site_ca) if args.crl is not None else None)
 
 
 def _attest(args: argparse.Namespace) -> int:
@@ -278,10 +290,10 @@ def _attest(args: argparse.Namespace) -> int:
         raise ConfigError("give the images the nodes may run: --expect image-manifest.json or "
                           "--expect RELEASE.osrelease (repeatable)")
     images = load_expected_images(args.expect)
-    site_ca = _site_ca(args, "fleet attest")
+    site_ca, crl = _site_trust(args, "fleet attest")
     nodes, auth = _setup(args)
     with progress("nodes", len(nodes)) as bar:
-        results = asyncio.run(attest_nodes(nodes, auth=auth, site_ca=site_ca, images=images,
+        results = asyncio.run(attest_nodes(nodes, auth=auth, site_ca=site_ca, images=images, crl=crl,
                                            deadline=args.deadline, concurrency=args.concurrency,
                                            progress=lambda _: bar.advance()))
     if args.json:
@@ -339,8 +351,9 @@ def _attest_gate(args: argparse.Namespace) -> AttestGate | None:
         raise ConfigError("a rollout counts a node as updated once it attests the new image: give "
                           "--expect image-manifest.json or --expect RELEASE.osrelease (repeatable), "
                           "or --no-attest to count a node as updated when ApplyUpdate succeeds")
-    return AttestGate(_site_ca(args, "fleet rollout --expect"), load_expected_images(args.expect),
-                      timeout=args.attest_timeout, interval=args.attest_interval)
+    site_ca, crl = _site_trust(args, "fleet rollout --expect")
+    return AttestGate(site_ca, load_expected_images(args.expect), timeout=args.attest_timeout,
+                      interval=args.attest_interval, crl=crl)
 
 
 def _rollout(args: argparse.Namespace) -> int:
