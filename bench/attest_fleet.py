@@ -4,7 +4,8 @@ How the nodes are simulated: a swtpm per node is too heavy for one machine, so e
 grpc.aio server of its own (the agent's TLS credentials and interceptors, so handshakes and
 role checks cost what they cost on a node), with its own attestation key: an ECDSA P-256 key in
 software, certified by a site CA with the AK usage, that signs a TPMS_ATTEST quote built the way a
-TPM builds it (testsupport.tpm2) over PCRs 0-7 and 11 of a booted UKI, with the fleet's nonce.
+TPM builds it (testsupport.tpm2) over PCRs 0-7 and 11 of a booted UKI, with the fleet's nonce, and
+the firmware event log of an OVMF-like boot with Secure Boot on (testsupport.eventlog), replayed.
 The fleet side is the real CLI in its own process, judging every answer in full (certificate
 chain, usage, key, signature, nonce, PCR digest, PCR 11 against the expected image).
 
@@ -45,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from provisioning import attest as a  # noqa: E402
 from provisioning.image.measure import expected_pcr11, pcr11_record  # noqa: E402
-from testsupport import attest_support, tpm2  # noqa: E402
+from testsupport import attest_support, eventlog, tpm2  # noqa: E402
 from testsupport.pe import pe_image  # noqa: E402
 
 UKI = pe_image([(".linux", b"kernel" * 4000), (".osrel", b"ID=appliance\nIMAGE_VERSION=7\n"),
@@ -62,15 +63,16 @@ def _servicer(name: str, ca: attest_support.CA) -> Any:
     ak = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     certificate = attest_support.ak_certificate(ak, name, issuer=ca, now=now)
-    pcrs = {i: bytes(32) for i in range(8)} | {11: expected_pcr11(UKI)[-1].value}
-    public, values = tpm2.public_area(ak), tpm2.pcr_values(pcrs)
+    firmware = eventlog.firmware_events()  # an OVMF-like boot with Secure Boot on
+    pcrs = eventlog.pcrs(firmware) | {11: expected_pcr11(UKI)[-1].value}
+    public, values, log = tpm2.public_area(ak), tpm2.pcr_values(pcrs), eventlog.encode(firmware)
 
     class SimulatedNode(EmptyNode):
         async def Attest(self, request: Any, context: Any) -> Any:  # noqa: N802
             quote = tpm2.quote_fields(request.nonce, pcrs).encode()
             return node_pb2.AttestResponse(attest=quote, signature=tpm2.sign(ak, quote), pcr_values=values,
                                            ak_public=public, ak_certificate=certificate,
-                                           root_hash=ROOT_HASH, image_version="7")
+                                           root_hash=ROOT_HASH, image_version="7", event_log=log)
 
     return SimulatedNode()
 
@@ -128,7 +130,7 @@ def _judge_us(ca: attest_support.CA, images: dict[str, bytes], n: int = 300) -> 
         nonce = os.urandom(32)
         answer = attest_support.answer(nonce, UKI, ROOT_HASH, ak=ak, certificate=cert)
         t = time.perf_counter()
-        verdict = a.judge(answer, nonce=nonce, node="n0", site_ca=ca[1], images=images)
+        verdict = a.judge(answer, nonce=nonce, node="n0", policy=a.Policy(ca[1], images))
         times.append(time.perf_counter() - t)
         assert verdict.ok, verdict.reason
     return statistics.median(times) * 1e6

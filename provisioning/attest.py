@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from provisioning import eventlog
 from provisioning.errors import AttestError
 from provisioning.image.measure import PHASES
 
@@ -44,7 +45,7 @@ __all__ = [
     "AK_CERTIFICATE_USAGE", "ALG_ECC", "ALG_ECDSA", "ALG_NULL", "ALG_RSA", "ALG_RSAPSS", "ALG_RSASSA",
     "ALG_SHA256", "ATTEST_QUOTE", "GENERATED_VALUE", "HASH_ALGS", "Answer", "Attest", "AttestError",
     "ClockInfo", "EccPoint",
-    "PcrMismatch", "PcrSelection", "Public", "QuoteResult", "RsaKey", "Signature", "Verdict",
+    "PcrMismatch", "PcrSelection", "Policy", "Public", "QuoteResult", "RsaKey", "Signature", "Verdict",
     "check_attestation_key", "expected_images", "judge", "parse_attest", "parse_public", "parse_signature",
     "pcr_digest", "public_key", "split_pcr_values", "verify_quote",
 ]
@@ -85,6 +86,7 @@ ATTR_SENSITIVE_DATA_ORIGIN = 1 << 5
 ATTR_RESTRICTED = 1 << 16
 ATTR_DECRYPT = 1 << 17
 ATTR_SIGN = 1 << 18
+FIRMWARE_PCRS = range(8)  # firmware, option ROMs, boot loader, Secure Boot policy (PCR 7)
 # tcg-kp-AIKCertificate (TCG EK Credential Profile): this certificate is for an attestation key.
 # The fleet requires it, so a certificate the same CA issued the node for TLS (a key outside
 # the TPM) cannot vouch for a quote the node forged with that key.
@@ -516,6 +518,7 @@ class Answer:
     ak_certificate: bytes
     root_hash: str
     image_version: str = ""
+    event_log: bytes = b""  # the firmware's (binary_bios_measurements); empty: none
 
 
 @dataclass(frozen=True)
@@ -527,10 +530,11 @@ class Verdict:
     root_hash: str
     image_version: str
     mismatch: PcrMismatch | None = None
+    secure_boot: bool | None = None  # as the replayed event log shows it; None: not shown or not reached
 
     def to_json(self) -> dict[str, object]:
         doc: dict[str, object] = {"attested": self.ok, "reason": self.reason, "root_hash": self.root_hash,
-                                  "image_version": self.image_version}
+                                  "image_version": self.image_version, "secure_boot": self.secure_boot}
         if self.mismatch is not None:
             doc["mismatch"] = {"pcr": self.mismatch.index, "bank": HASH_ALGS[self.mismatch.hash_alg][0],
                                "expected": self.mismatch.expected.hex(),
@@ -628,40 +632,90 @@ def _for_this_key_and_node(cert: x509.Certificate, public: Public, node: str) ->
     return ""
 
 
-def judge(answer: Answer, *, nonce: bytes, node: str, site_ca: x509.Certificate,
-          images: Mapping[str, bytes], now: datetime.datetime | None = None,
-          crl: x509.CertificateRevocationList | None = None) -> Verdict:
-    """Whether ``answer`` proves that ``node`` booted one of ``images`` (root hash -> expected
-    PCR 11): the AK certificate is the site CA's, current, not in ``crl`` (the site CA's CRL,
-    checked by the caller: :func:`provisioning.fleet.load_site_crl`), for the quote's key and
-    for this node;
+@dataclass(frozen=True)
+class Policy:
+    """What the fleet accepts from a node: an AK certificate from ``site_ca`` (and not in its
+    ``crl``, checked by the caller: :func:`provisioning.fleet.load_site_crl`), a boot of one of
+    ``images`` (root hash -> expected PCR 11), and, with ``secure_boot`` (the default), firmware
+    that booted with Secure Boot on, as the node's event log shows."""
+
+    site_ca: x509.Certificate
+    images: Mapping[str, bytes]
+    crl: x509.CertificateRevocationList | None = None
+    secure_boot: bool = True
+
+
+def judge(answer: Answer, *, nonce: bytes, node: str, policy: Policy,
+          now: datetime.datetime | None = None) -> Verdict:
+    """Whether ``answer`` proves that ``node`` booted one of the policy's images: the AK
+    certificate is the site CA's, current, not revoked, for the quote's key and for this node;
     the quote verifies (:func:`verify_quote`) with ``nonce``; the root hash the node names is a
     known image's, and PCR 11 is that image's value (the UKI it measures carries the root hash
-    on its command line, so a node cannot claim another image than the one it booted).  Never
-    raises: every failure is a verdict with its reason."""
-    def fail(reason: str, mismatch: PcrMismatch | None = None) -> Verdict:
-        return Verdict(False, reason, answer.root_hash, answer.image_version, mismatch)
+    on its command line, so a node cannot claim another image than the one it booted); the
+    firmware event log replays to the quoted PCRs 0-7, and (unless the policy waives it) shows
+    Secure Boot on.  Never raises: every failure is a verdict with its reason."""
+    try:
+        secure_boot = _judged(answer, nonce, node, policy, now or datetime.datetime.now(datetime.UTC))
+    except _RefusedError as exc:
+        return Verdict(False, str(exc), answer.root_hash, answer.image_version, exc.mismatch, exc.secure_boot)
+    return Verdict(True, "", answer.root_hash, answer.image_version, secure_boot=secure_boot)
 
+
+class _RefusedError(Exception):
+    def __init__(self, reason: str, mismatch: PcrMismatch | None = None,
+                 secure_boot: bool | None = None) -> None:
+        super().__init__(reason)
+        self.mismatch = mismatch
+        self.secure_boot = secure_boot
+
+
+def _judged(answer: Answer, nonce: bytes, node: str, policy: Policy, now: datetime.datetime) -> bool | None:
+    """:func:`judge`'s checks in order; returns Secure Boot's state, raises _RefusedError."""
     try:
         public = parse_public(answer.ak_public)
-    except AttestError as exc:
-        return fail(str(exc))
-    why = _check_ak_certificate(answer.ak_certificate, public, site_ca, node,
-                                now=now or datetime.datetime.now(datetime.UTC), crl=crl)
-    if why:
-        return fail(why)
-    expected = images.get(answer.root_hash)
-    if expected is None:
-        return fail(f"runs root hash {answer.root_hash or '(none)'}, which no expected image has")
-    try:
+        why = _check_ak_certificate(answer.ak_certificate, public, policy.site_ca, node, now=now,
+                                    crl=policy.crl)
+        if why:
+            raise _RefusedError(why)
+        expected = policy.images.get(answer.root_hash)
+        if expected is None:
+            raise _RefusedError(f"runs root hash {answer.root_hash or '(none)'}, which no expected image has")
         result = verify_quote(ak_public=answer.ak_public, attest=answer.attest, signature=answer.signature,
                               pcr_values=answer.pcr_values, nonce=nonce,
                               expected={(ALG_SHA256, 11): expected})
+        if result.mismatch is not None:
+            m = result.mismatch
+            seen = "not quoted" if m.seen is None else m.seen.hex()
+            raise _RefusedError(f"PCR {m.index} is {seen}, expected {m.expected.hex()} (the image with root "
+                                f"hash {answer.root_hash}): it booted something else", m)
+        secure_boot = _firmware(answer.event_log, result.pcrs)
     except AttestError as exc:
-        return fail(str(exc))
-    if result.mismatch is not None:
-        m = result.mismatch
-        seen = "not quoted" if m.seen is None else m.seen.hex()
-        return fail(f"PCR {m.index} is {seen}, expected {m.expected.hex()} (the image with root hash "
-                    f"{answer.root_hash}): it booted something else", m)
-    return Verdict(True, "", answer.root_hash, answer.image_version)
+        raise _RefusedError(str(exc)) from None
+    if policy.secure_boot and not secure_boot:
+        raise _RefusedError("Secure Boot was off (PCR 7 measured SecureBoot = 0)" if secure_boot is False else
+                            "the event log does not show Secure Boot's state (no SecureBoot variable in "
+                            "PCR 7)", secure_boot=secure_boot)
+    return secure_boot
+
+
+def _firmware(log_bytes: bytes, quoted: Mapping[tuple[int, int], bytes]) -> bool | None:
+    """Secure Boot's state from the node's firmware event log, once the log is shown to be the
+    history of the quoted PCRs 0-7 (an empty log: none of them extended).
+
+    Raises:
+        AttestError: the log is malformed, or a PCR 0-7 is not quoted in sha256.
+        _RefusedError: the log replays to another value than a quoted PCR's.
+    """
+    log = eventlog.parse_event_log(log_bytes) if log_bytes else eventlog.EventLog({ALG_SHA256: 32}, ())
+    replayed = eventlog.replay(log, ALG_SHA256)
+    for index in FIRMWARE_PCRS:
+        seen = quoted.get((ALG_SHA256, index))
+        if seen is None:
+            raise AttestError(f"quote: PCR {index} (firmware) is not quoted in sha256")
+        start = bytes(31) + bytes([log.startup_locality]) if index == 0 else bytes(32)
+        value = replayed.get(index, start)
+        if value != seen:
+            raise _RefusedError(f"the firmware event log does not replay to the quoted PCR {index} (log "
+                                f"{value.hex()}, quote {seen.hex()}): the log is not this boot's",
+                                PcrMismatch(ALG_SHA256, index, value, seen))
+    return eventlog.secure_boot(log, ALG_SHA256)

@@ -444,23 +444,22 @@ def update_action(targets: Sequence[str], dry_run: bool) -> Action:
     return apply
 
 
-async def _verdict(stub: node_pb2_grpc.NodeStub, node: str, deadline: float, *, site_ca: x509.Certificate,
-                   images: Mapping[str, bytes], crl: x509.CertificateRevocationList | None) -> attest.Verdict:
-    """Node/Attest with a fresh nonce, judged (:func:`provisioning.attest.judge`) against ``images``."""
+async def _verdict(stub: node_pb2_grpc.NodeStub, node: str, deadline: float,
+                   policy: attest.Policy) -> attest.Verdict:
+    """Node/Attest with a fresh nonce, judged (:func:`provisioning.attest.judge`) by ``policy``."""
     nonce = os.urandom(32)
     r = await stub.Attest(node_pb2.AttestRequest(nonce=nonce), timeout=deadline)
     answer = attest.Answer(r.attest, r.signature, r.pcr_values, r.ak_public, r.ak_certificate,
-                           r.root_hash, r.image_version)
-    return attest.judge(answer, nonce=nonce, node=node, site_ca=site_ca, images=images, crl=crl)
+                           r.root_hash, r.image_version, r.event_log)
+    return attest.judge(answer, nonce=nonce, node=node, policy=policy)
 
 
-def attest_action(node: str, *, site_ca: x509.Certificate, images: Mapping[str, bytes],
-                  crl: x509.CertificateRevocationList | None = None) -> Action:
-    """Node/Attest with a fresh nonce, judged (:func:`provisioning.attest.judge`) against the
-    expected images; a node that does not attest is a failed result with the reason."""
+def attest_action(node: str, policy: attest.Policy) -> Action:
+    """Node/Attest with a fresh nonce, judged (:func:`provisioning.attest.judge`) by ``policy``;
+    a node that does not attest is a failed result with the reason."""
 
     async def ask(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
-        verdict = await _verdict(stub, node, deadline, site_ca=site_ca, images=images, crl=crl)
+        verdict = await _verdict(stub, node, deadline, policy)
         if not verdict.ok:
             raise _NotAttestedError(verdict)
         return verdict.to_json()
@@ -468,13 +467,11 @@ def attest_action(node: str, *, site_ca: x509.Certificate, images: Mapping[str, 
     return ask
 
 
-async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, site_ca: x509.Certificate,
-                       images: Mapping[str, bytes], deadline: float = 10.0, concurrency: int = 1024,
-                       progress: Callable[[NodeResult], None] | None = None,
-                       crl: x509.CertificateRevocationList | None = None) -> list[NodeResult]:
+async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, policy: attest.Policy,
+                       deadline: float = 10.0, concurrency: int = 1024,
+                       progress: Callable[[NodeResult], None] | None = None) -> list[NodeResult]:
     """:func:`attest_action` on every node (each judged under its own inventory name), at most
-    ``concurrency`` at a time; results in node order.  With ``crl`` (:func:`load_site_crl`) a
-    revoked AK certificate fails its node.
+    ``concurrency`` at a time; results in node order.
 
     Raises:
         ConfigError: ``deadline`` or ``concurrency`` is not positive.
@@ -482,8 +479,7 @@ async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, site_ca: x509.
     _check_limits(deadline, concurrency)
 
     def visit(node: Node) -> Awaitable[NodeResult]:
-        return _ask(node, attest_action(node.name, site_ca=site_ca, images=images, crl=crl), auth,
-                    deadline)
+        return _ask(node, attest_action(node.name, policy), auth, deadline)
 
     return await _fan_out(nodes, visit, concurrency=concurrency, progress=progress)
 
@@ -550,30 +546,28 @@ class Wave:
 @dataclasses.dataclass(frozen=True)
 class AttestGate:
     """When a rollout counts a node as updated: once, after its update, it answers Node/Attest
-    with a quote :func:`provisioning.attest.judge` passes against ``images`` (root hash ->
-    expected PCR 11).  An OS update reboots the node, so it is asked every ``interval`` seconds
-    (a fresh nonce each time) until it attests or ``timeout`` seconds have passed.
+    with a quote :func:`provisioning.attest.judge` passes by ``policy`` (the new image among its
+    images).  An OS update reboots the node, so it is asked every ``interval`` seconds (a fresh
+    nonce each time) until it attests or ``timeout`` seconds have passed.
 
     Raises:
-        ConfigError: ``timeout`` or ``interval`` is not positive, or ``images`` is empty.
+        ConfigError: ``timeout`` or ``interval`` is not positive, or the policy has no images.
     """
 
-    site_ca: x509.Certificate
-    images: Mapping[str, bytes]
+    policy: attest.Policy
     timeout: float = 600.0
     interval: float = 5.0
-    crl: x509.CertificateRevocationList | None = None  # the site CA's, from load_site_crl
 
     def __post_init__(self) -> None:
         if not self.timeout > 0 or not self.interval > 0:
             raise ConfigError(f"--attest-timeout {self.timeout:g} and --attest-interval {self.interval:g}: "
                               "both must be positive")
-        if not self.images:
+        if not self.policy.images:
             raise ConfigError("an attestation gate needs at least one expected image (--expect FILE)")
 
     def to_json(self) -> dict[str, Any]:
-        return {"root_hashes": sorted(self.images), "timeout": self.timeout, "interval": self.interval,
-                "crl": self.crl is not None}
+        return {"root_hashes": sorted(self.policy.images), "timeout": self.timeout, "interval": self.interval,
+                "crl": self.policy.crl is not None, "secure_boot": self.policy.secure_boot}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -703,8 +697,7 @@ async def _attest_once(node: Node, gate: AttestGate, auth: FleetAuth,
     seen: list[attest.Verdict] = []
 
     async def ask(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
-        seen.append(await _verdict(stub, node.name, deadline, site_ca=gate.site_ca, images=gate.images,
-                                   crl=gate.crl))
+        seen.append(await _verdict(stub, node.name, deadline, gate.policy))
         return {}
 
     result = await _ask(node, ask, auth, deadline)

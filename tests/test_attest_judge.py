@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -20,7 +21,7 @@ from provisioning import attest as a
 from provisioning import pki
 from provisioning.fleet import load_site_crl
 from provisioning.image.measure import pcr11_record
-from testsupport import attest_support, tpm2
+from testsupport import attest_support, eventlog, tpm2
 from testsupport.attest_support import manifest as _manifest
 from testsupport.pe import pe_image
 
@@ -52,15 +53,16 @@ def _answer(nonce: bytes, uki: bytes, root_hash: str, *, ak: ec.EllipticCurvePri
                                  certificate=certificate if certificate is not None else _ak_certificate(ak))
 
 
-def _judge(answer: a.Answer, nonce: bytes, node: str = "node1") -> a.Verdict:
-    return a.judge(answer, nonce=nonce, node=node, site_ca=SITE, images=IMAGES, now=NOW)
+def _judge(answer: a.Answer, nonce: bytes, node: str = "node1", **policy: Any) -> a.Verdict:
+    return a.judge(answer, nonce=nonce, node=node, policy=a.Policy(SITE, IMAGES, **policy), now=NOW)
 
 
 def test_a_node_that_booted_a_known_image_attests() -> None:
     nonce = os.urandom(32)
     verdict = _judge(_answer(nonce, UKI_B, ROOT_B), nonce)
     assert verdict.ok and verdict.reason == "" and verdict.root_hash == ROOT_B
-    assert verdict.to_json() == {"attested": True, "reason": "", "root_hash": ROOT_B, "image_version": "7"}
+    assert verdict.to_json() == {"attested": True, "reason": "", "root_hash": ROOT_B, "image_version": "7",
+                                 "secure_boot": True}
 
 
 def test_the_ak_may_be_named_in_a_dns_subject_alternative_name() -> None:
@@ -147,13 +149,13 @@ def test_only_a_certificate_from_pki_issue_ak_vouches_for_a_quote(tmp_path: Path
     certificate = x509.load_pem_x509_certificate(Path(issued.cert_path).read_bytes()).public_bytes(
         Encoding.DER)
     answer = _answer(nonce, UKI_A, ROOT_A, ak=ak, certificate=certificate)
-    assert a.judge(answer, nonce=nonce, node="node1", site_ca=site, images=IMAGES).ok
+    assert a.judge(answer, nonce=nonce, node="node1", policy=a.Policy(site, IMAGES)).ok
     tls = pki.issue_node(pki_dir, "node1")
     tls_key = serialization.load_pem_private_key(Path(tls.key_path).read_bytes(), password=None)
     assert isinstance(tls_key, ec.EllipticCurvePrivateKey)
     tls_cert = x509.load_pem_x509_certificate(Path(tls.cert_path).read_bytes()).public_bytes(Encoding.DER)
     forged = _answer(nonce, UKI_A, ROOT_A, ak=tls_key, certificate=tls_cert)
-    verdict = a.judge(forged, nonce=nonce, node="node1", site_ca=site, images=IMAGES)
+    verdict = a.judge(forged, nonce=nonce, node="node1", policy=a.Policy(site, IMAGES))
     assert not verdict.ok and "lacks the attestation key usage" in verdict.reason
 
 
@@ -170,8 +172,43 @@ def test_an_ak_the_site_revoked_does_not_attest(tmp_path: Path) -> None:
     nonce = os.urandom(32)
     answer = _answer(nonce, UKI_A, ROOT_A, ak=ak, certificate=certificate)
     crl = load_site_crl(pki_dir / "crl.pem", site)
-    assert a.judge(answer, nonce=nonce, node="node1", site_ca=site, images=IMAGES, crl=crl).ok
+    assert a.judge(answer, nonce=nonce, node="node1", policy=a.Policy(site, IMAGES, crl)).ok
     pki.revoke(pki_dir, "node1", reason="key-compromise")
     crl = load_site_crl(pki_dir / "crl.pem", site)
-    verdict = a.judge(answer, nonce=nonce, node="node1", site_ca=site, images=IMAGES, crl=crl)
+    verdict = a.judge(answer, nonce=nonce, node="node1", policy=a.Policy(site, IMAGES, crl))
     assert not verdict.ok and f"serial {issued.serial:x}) was revoked by the site CRL" in verdict.reason
+
+
+def test_the_firmware_event_log_must_replay_and_show_secure_boot_on() -> None:
+    """PCRs 0-7 are judged through the node's firmware event log: it must replay to the quoted
+    values, and it must show Secure Boot on unless the policy waives that (then it is reported)."""
+    nonce = os.urandom(32)
+    ak = ec.generate_private_key(ec.SECP256R1())
+    cert = _ak_certificate(ak)
+
+    def answer(**kw: Any) -> a.Answer:
+        return attest_support.answer(nonce, UKI_A, ROOT_A, ak=ak, certificate=cert, **kw)
+
+    off = answer(firmware=eventlog.firmware_events(secure_boot=False))
+    verdict = _judge(off, nonce)
+    assert not verdict.ok and "Secure Boot was off" in verdict.reason and verdict.secure_boot is False
+    waived = _judge(off, nonce, secure_boot=False)
+    assert waived.ok and waived.to_json()["secure_boot"] is False
+    unmeasured = answer(firmware=eventlog.firmware_events(secure_boot=None))
+    assert "does not show Secure Boot's state" in _judge(unmeasured, nonce).reason
+    assert _judge(unmeasured, nonce, secure_boot=False).ok
+    # swtpm or a machine without firmware measurements: no log, PCRs 0-7 never extended
+    assert _judge(answer(firmware=[]), nonce, secure_boot=False).ok
+    # a log of another boot (Secure Boot on, as the fleet wants) with this boot's quote: PCR 7 differs
+    other = eventlog.encode(eventlog.firmware_events(secure_boot=True))
+    swapped = _judge(dataclasses.replace(off, event_log=other), nonce, secure_boot=False)
+    assert not swapped.ok and "does not replay to the quoted PCR 7" in swapped.reason
+    assert swapped.mismatch is not None and swapped.mismatch.index == 7
+    # no log at all for a boot that measured the firmware: PCR 0 is not that of nothing measured
+    withheld = _judge(dataclasses.replace(off, event_log=b""), nonce, secure_boot=False)
+    assert not withheld.ok and "does not replay to the quoted PCR 0" in withheld.reason
+    # a log rewritten to say Secure Boot was on, digests kept so that it still replays
+    lying = dataclasses.replace(off, event_log=off.event_log.replace(
+        eventlog.variable("SecureBoot", b"\x00"), eventlog.variable("SecureBoot", b"\x01")))
+    assert "digest is not the hash of its data" in _judge(lying, nonce).reason
+    assert "event log" in _judge(dataclasses.replace(off, event_log=b"junk"), nonce).reason

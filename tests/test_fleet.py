@@ -239,7 +239,8 @@ class _Rebooting(node_pb2_grpc.NodeServicer):
                                   image_version="2.0" if root == ROOT_NEW else "1.0")
         return node_pb2.AttestResponse(attest=a.attest, signature=a.signature, pcr_values=a.pcr_values,
                                        ak_public=a.ak_public, ak_certificate=a.ak_certificate,
-                                       root_hash=a.root_hash, image_version=a.image_version)
+                                       root_hash=a.root_hash, image_version=a.image_version,
+                                       event_log=a.event_log)
 
 
 Start = Callable[[dict[str, list[str]]], tuple[Path, dict[str, _Rebooting]]]
@@ -295,7 +296,8 @@ def test_rollout_counts_a_node_once_it_attests_the_new_image(
     assert all(r["ok"] for r in results.values())
     # Silence (the reboot) and an answer of the old image did not count; the fourth ask did.
     assert results["b0"]["data"]["attestation"] == {"attested": True, "reason": "", "root_hash": ROOT_NEW,
-                                                    "image_version": "2.0", "attempts": 4}
+                                                    "image_version": "2.0", "attempts": 4,
+                                                    "secure_boot": True}
     assert results["c0"]["data"]["attestation"]["attempts"] == 1
     assert results["c0"]["data"]["results"][0]["outcome"] == "applied"
     assert [n.attests for n in nodes.values()] == [1, 4, 1]
@@ -338,7 +340,7 @@ def test_rollout_needs_expect_or_no_attest(cli: Callable[..., CliResult], attest
     assert nodes["n0"].updates == 0
     dry = _json(cli("fleet", "rollout", "-i", inv, "--insecure", "--dry-run", *_gate(tmp_path), "--json"))
     assert dry["plan"]["attest"] == {"root_hashes": [ROOT_NEW], "timeout": 600.0, "interval": 5.0,
-                                     "crl": False}
+                                     "crl": False, "secure_boot": True}
     plain = _json(cli("fleet", "rollout", "-i", inv, "--insecure", "--dry-run", "--no-attest", "--json"))
     assert plain["plan"]["attest"] is None and nodes["n0"].updates == 0
 

@@ -5,7 +5,8 @@ build writes.  Shared by the verdict tests and the fleet's rollout tests."""
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -15,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from provisioning import attest as a
 from provisioning.image.measure import expected_pcr11, pcr11_record
-from testsupport import tpm2
+from testsupport import eventlog, tpm2
 
 CA = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
 
@@ -69,10 +70,19 @@ def crl(issuer: CA, revoked: Sequence[int], *, now: datetime.datetime, days: flo
 
 
 def answer(nonce: bytes, uki: bytes, root_hash: str, *, ak: ec.EllipticCurvePrivateKey,
-           certificate: bytes, image_version: str = "7") -> a.Answer:
-    """What a node that booted ``uki`` answers to ``nonce``, naming ``root_hash``: PCRs 0-7 zero,
-    PCR 11 what a boot of ``uki`` reaches, quoted and signed by ``ak``."""
-    pcrs = {i: bytes(32) for i in range(8)} | {11: expected_pcr11(uki)[-1].value}
+           certificate: bytes, image_version: str = "7", firmware: Sequence[eventlog.Ev] | None = None,
+           log: bytes | None = None) -> a.Answer:
+    """What a node that booted ``uki`` answers to ``nonce``, naming ``root_hash``: PCRs 0-7 as
+    the ``firmware`` events left them (default: an OVMF-like boot with Secure Boot on), PCR 11
+    what a boot of ``uki`` reaches, quoted and signed by ``ak``; the firmware event log is those
+    events (or ``log``, to send another)."""
+    events = eventlog.firmware_events() if firmware is None else list(firmware)
+    pcrs = eventlog.pcrs(events) | {11: expected_pcr11(uki)[-1].value}
     attest = tpm2.quote_fields(nonce, pcrs).encode()
     return a.Answer(attest, tpm2.sign(ak, attest), tpm2.pcr_values(pcrs), tpm2.public_area(ak),
-                    certificate, root_hash, image_version)
+                    certificate, root_hash, image_version, eventlog.encode(events) if log is None else log)
+
+
+def policy(ca: CA, images: Mapping[str, bytes], **kw: Any) -> a.Policy:
+    """The fleet's policy with the site CA ``ca`` (its certificate) and ``images``."""
+    return a.Policy(ca[1], images, **kw)

@@ -15,6 +15,7 @@ from cryptography import x509
 
 from agent.errors import ConfigError
 from agent.fsutil import atomic_write_text
+from provisioning import attest
 from provisioning.fleet import (
     Action,
     AttestGate,
@@ -65,6 +66,10 @@ def _trust_flags(parser: argparse.ArgumentParser) -> None:
                         default=os.environ.get("APPLIANCE_FLEET_CRL") or None,
                         help="the site CA's revocation list (crl.pem): a node whose attestation key "
                              "certificate it revokes does not attest (default: $APPLIANCE_FLEET_CRL)")
+    parser.add_argument("--secure-boot", choices=("required", "optional"), default="required",
+                        help="required (default): a node whose firmware event log does not show Secure "
+                             "Boot on does not attest; optional: reported, not required (benches, VMs "
+                             "without Secure Boot)")
 
 
 def register(
@@ -92,9 +97,11 @@ def register(
             "--expect out/image-manifest.json --json"),
         parents=[common], help="ask every node for a TPM quote; check it against the images it may run",
         description="Sends each node a fresh nonce (Node/Attest) and checks its answer: the attestation "
-                    "key's certificate is the site CA's, current and for that node; the quote is signed "
-                    "by that key over the nonce; the node's root hash is one of the --expect images and "
-                    "its PCR 11 is that image's. Exit status 1 when any node does not attest.")
+                    "key's certificate is the site CA's, current, not revoked (--crl) and for that node; "
+                    "the quote is signed by that key over the nonce; the node's root hash is one of the "
+                    "--expect images and its PCR 11 is that image's; its firmware event log replays to "
+                    "the quoted PCRs 0-7 and shows Secure Boot on (--secure-boot). Exit status 1 when "
+                    "any node does not attest.")
     _common_flags(t)
     t.add_argument("--expect", action="append", type=Path, default=[], metavar="FILE",
                    help="an image-manifest.json or an OS release the nodes may run; repeatable")
@@ -265,15 +272,19 @@ def _print_data(data: Any, indent: str) -> None:
                 print(f"{indent}- {item}")
 
 
-def _site_trust(args: argparse.Namespace,
-                command: str) -> tuple[x509.Certificate, x509.CertificateRevocationList | None]:
-    """--site-ca, else --ca: the CA attestation keys' certificates must come from; and --crl,
-    its revocation list, checked (:func:`provisioning.fleet.load_site_crl`).
+def _policy(args: argparse.Namespace, command: str) -> attest.Policy:
+    """What the nodes must show: the images of --expect, an AK certificate from --site-ca (else
+    --ca) not revoked by --crl (checked: :func:`provisioning.fleet.load_site_crl`), and Secure
+    Boot unless --secure-boot optional.
 
     Raises:
-        ConfigError: neither CA flag is given, the file is not a PEM certificate, or the CRL is
-            not the CA's or stale.
+        ConfigError: no --expect, neither CA flag, a CA file that is not a PEM certificate, a
+            CRL that is not the CA's or stale; AttestError: an expected image's record is bad.
     """
+    if not args.expect:
+        raise ConfigError(f"{command}: give the images the nodes may run: --expect image-manifest.json or "
+                          "--expect RELEASE.osrelease (repeatable)")
+    images = load_expected_images(args.expect)
     ca_path = args.site_ca or args.ca
     if ca_path is None:
         raise ConfigError(f"{command} checks each attestation key's certificate against the site CA: "
@@ -282,26 +293,24 @@ def _site_trust(args: argparse.Namespace,
         site_ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{ca_path}: not a PEM certificate ({exc})") from None
-    return site_ca, (load_site_crl(Path(args.crl), site_ca) if args.crl is not None else None)
+    crl = load_site_crl(Path(args.crl), site_ca) if args.crl is not None else None
+    return attest.Policy(site_ca, images, crl, secure_boot=args.secure_boot == "required")
 
 
 def _attest(args: argparse.Namespace) -> int:
-    if not args.expect:
-        raise ConfigError("give the images the nodes may run: --expect image-manifest.json or "
-                          "--expect RELEASE.osrelease (repeatable)")
-    images = load_expected_images(args.expect)
-    site_ca, crl = _site_trust(args, "fleet attest")
+    policy = _policy(args, "fleet attest")
     nodes, auth = _setup(args)
     with progress("nodes", len(nodes)) as bar:
-        results = asyncio.run(attest_nodes(nodes, auth=auth, site_ca=site_ca, images=images, crl=crl,
-                                           deadline=args.deadline, concurrency=args.concurrency,
-                                           progress=lambda _: bar.advance()))
+        results = asyncio.run(attest_nodes(nodes, auth=auth, policy=policy, deadline=args.deadline,
+                                           concurrency=args.concurrency, progress=lambda _: bar.advance()))
     if args.json:
         emit_json(_summary(results))
     else:
+        shown = {True: "on", False: "off", None: "-"}
         rows = [(r.node.name, r.node.target, "yes" if r.ok else "NO", r.data.get("image_version") or "-",
-                 (r.data.get("root_hash") or "-")[:16], r.reason or "-") for r in results]
-        print_table(("NODE", "TARGET", "ATTESTED", "IMAGE", "ROOT HASH", "REASON"), rows)
+                 (r.data.get("root_hash") or "-")[:16], shown[r.data.get("secure_boot")], r.reason or "-")
+                for r in results]
+        print_table(("NODE", "TARGET", "ATTESTED", "IMAGE", "ROOT HASH", "SECURE BOOT", "REASON"), rows)
         print(f"{sum(r.ok for r in results)} of {len(results)} nodes attested", file=sys.stderr)
     return 0 if all(r.ok for r in results) else 1
 
@@ -329,7 +338,7 @@ def _print_plan(plan: RolloutPlan) -> None:
     if plan.attest is None:
         print("  a node counts as updated when ApplyUpdate succeeds (no attestation)")
     else:
-        print(f"  a node counts as updated once it attests one of {len(plan.attest.images)} expected "
+        print(f"  a node counts as updated once it attests one of {len(plan.attest.policy.images)} expected "
               f"image(s), within {plan.attest.timeout:g} s of its update")
     for wave in plan.waves:
         names = ", ".join(n.name for n in wave.nodes[:8]) + (" ..." if len(wave.nodes) > 8 else "")
@@ -351,9 +360,8 @@ def _attest_gate(args: argparse.Namespace) -> AttestGate | None:
         raise ConfigError("a rollout counts a node as updated once it attests the new image: give "
                           "--expect image-manifest.json or --expect RELEASE.osrelease (repeatable), "
                           "or --no-attest to count a node as updated when ApplyUpdate succeeds")
-    site_ca, crl = _site_trust(args, "fleet rollout --expect")
-    return AttestGate(site_ca, load_expected_images(args.expect), timeout=args.attest_timeout,
-                      interval=args.attest_interval, crl=crl)
+    return AttestGate(_policy(args, "fleet rollout --expect"), timeout=args.attest_timeout,
+                      interval=args.attest_interval)
 
 
 def _rollout(args: argparse.Namespace) -> int:
