@@ -177,18 +177,11 @@ def main() -> None:
         asyncio.run(_serve(Path(config), Path(ca_dir), int(first), int(count), Path(port_file)))
         return
 
-    from provisioning.pki import init_pki, issue_client, issue_node
-    from testsupport.secure_server import mtls_config
+    from testsupport.secure_server import loopback_site
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         work = Path(tmp)
-        pki = work / "pki"
-        init_pki(pki, organization="Bench Site")
-        issue_node(pki, "node", dns=["localhost"], ips=["127.0.0.1"])
-        issue_client(pki, "observer", "observer")
-        d = pki / "issued" / "observer"
-        auth = ["--ca", str(pki / "ca.crt"), "--cert", str(d / "observer.crt"),
-                "--key", str(d / "observer.key")]
+        _pki, config, auth = loopback_site(work)
         ca = attest_support.site_ca(datetime.datetime.now(datetime.UTC), "Bench AK CA")
         (work / "ak-ca.key").write_bytes(ca[0].private_bytes(serialization.Encoding.PEM,
                                                              serialization.PrivateFormat.PKCS8,
@@ -196,7 +189,6 @@ def main() -> None:
         (work / "ak-ca.crt").write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
         manifest = work / "image-manifest.json"
         manifest.write_text(json.dumps({"roothash": ROOT_HASH, "pcr11": pcr11_record(UKI)}))
-        config = mtls_config(work, pki)
 
         t0 = time.monotonic()
         per = -(-args.nodes // args.processes)

@@ -28,8 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from provisioning.pki import init_pki, issue_client, issue_node  # noqa: E402
-from testsupport.secure_server import mtls_config, spawn  # noqa: E402
+from testsupport.secure_server import loopback_site, spawn  # noqa: E402
 
 
 def run_cli(inventory: Path, auth: list[str], deadline: float, concurrency: int) -> tuple[float, float, dict]:
@@ -75,15 +74,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         work = Path(tmp)
-        pki = work / "pki"
-        init_pki(pki, organization="Bench Site")
-        issue_node(pki, "node", dns=["localhost"], ips=["127.0.0.1"])
-        issue_client(pki, "observer", "observer")
-        d = pki / "issued" / "observer"
-        auth = ["--ca", str(pki / "ca.crt"), "--cert", str(d / "observer.crt"),
-                "--key", str(d / "observer.key")]
+        _pki, config, auth = loopback_site(work)
         per = -(-args.nodes // args.processes)
-        config = mtls_config(work, pki)
         ports: list[int] = []
         t0 = time.monotonic()
         for _ in range(args.processes):

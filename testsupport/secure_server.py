@@ -197,3 +197,18 @@ def mtls_config(workdir: Path, pki: Path, node: str = "node", extra: str = "") -
                       f'[tls]\ncert = "{d / f"{node}.crt"}"\nkey = "{d / f"{node}.key"}"\n'
                       f'ca = "{pki / "ca.crt"}"\ncrl = "{pki / "crl.pem"}"\n')
     return config
+
+
+def loopback_site(workdir: Path) -> tuple[Path, Path, list[str]]:
+    """A site PKI in ``workdir/pki`` with a node certificate for loopback (``localhost``,
+    127.0.0.1) and an observer's client certificate.  Returns the PKI directory, an agent.toml
+    for loopback mTLS (:func:`mtls_config`) and the fleet CLI's flags for the observer."""
+    from provisioning.pki import init_pki, issue_client, issue_node
+
+    pki = workdir / "pki"
+    init_pki(pki, organization="Bench Site")
+    issue_node(pki, "node", dns=["localhost"], ips=["127.0.0.1"])
+    issue_client(pki, "observer", "observer")
+    d = pki / "issued" / "observer"
+    auth = ["--ca", str(pki / "ca.crt"), "--cert", str(d / "observer.crt"), "--key", str(d / "observer.key")]
+    return pki, mtls_config(workdir, pki), auth
