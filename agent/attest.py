@@ -20,11 +20,15 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_public_key
+
 from agent.config import AttestSection
 from agent.errors import ApplianceError, RequestError
 from agent.fsutil import atomic_write_bytes
 
-__all__ = ["NONCE_BYTES", "PCR_SELECTION", "NotEnrolledError", "Quote", "TpmQuoter", "make_attestation_key"]
+__all__ = ["INSTALLED_CERTIFICATE", "NONCE_BYTES", "PCR_SELECTION", "Enrolment", "NotEnrolledError", "Quote",
+           "TpmQuoter", "make_attestation_key"]
 
 PCR_SELECTION = "sha256:0,1,2,3,4,5,6,7,11"
 NONCE_BYTES = (16, 64)  # a TPM2B_DATA extraData holds up to 64 bytes; fewer than 16 is guessable
@@ -33,6 +37,7 @@ USERSPACE_LOG = Path("/run/log/systemd/tpm2-measure.log")
 # Event logs are tens of KiB; a bigger one is cut.  Both at their cap must fit, with the quote,
 # in the 4 MiB a gRPC client takes by default (the fleet CLI's), or the answer would be refused.
 _MAX_LOG = 1 << 20
+INSTALLED_CERTIFICATE = Path("attest") / "ak.crt"  # under the state directory, from Node/EnrolAttestation
 
 
 class NotEnrolledError(ApplianceError):
@@ -60,21 +65,27 @@ def _read_capped(path: Path) -> bytes:
         return b""
 
 
+def _load_certificate(data: bytes) -> x509.Certificate:
+    """A certificate from DER or PEM bytes.
+
+    Raises:
+        ValueError: neither.
+    """
+    if data.lstrip().startswith(b"-----"):
+        return x509.load_pem_x509_certificate(data)
+    return x509.load_der_x509_certificate(data)
+
+
 def _certificate(path: Path) -> bytes:
     """The AK certificate as DER (a PEM file is converted)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise NotEnrolledError(f"attestation key certificate {path}: {exc.strerror}") from None
     try:
-        cert = x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----") \
-            else x509.load_der_x509_certificate(data)
+        return _load_certificate(data).public_bytes(Encoding.DER)
     except ValueError as exc:
         raise NotEnrolledError(f"attestation key certificate {path}: not a certificate ({exc})") from None
-    return cert.public_bytes(Encoding.DER)
 
 
 def make_attestation_key(section: AttestSection, out: Path) -> bool:
@@ -132,15 +143,75 @@ def _tool(section: AttestSection, *argv: str) -> str:
     return done.stdout
 
 
-class TpmQuoter:
-    """Quotes with the AK at ``section.ak_handle`` through tpm2-tools on ``section.tcti``."""
+@dataclass(frozen=True)
+class Enrolment:
+    """What Node/EnrolAttestation answers: the AK's public area, whether this call made the key,
+    and the certificate the node now quotes with (DER; empty: none yet)."""
 
-    def __init__(self, section: AttestSection, *, firmware_log: Path = FIRMWARE_LOG,
-                 userspace_log: Path = USERSPACE_LOG) -> None:
+    ak_public: bytes
+    created: bool
+    ak_certificate: bytes
+
+
+class TpmQuoter:
+    """Quotes with the AK at ``section.ak_handle`` through tpm2-tools on ``section.tcti``, and
+    enrols it over the agent's own API: the key made in the TPM, its certificate installed under
+    ``state_dir`` (``attest/ak.crt``) unless agent.toml names one (``[attest] ak_certificate``,
+    as enroll.yml sets it)."""
+
+    def __init__(self, section: AttestSection, *, state_dir: Path | None = None,
+                 firmware_log: Path = FIRMWARE_LOG, userspace_log: Path = USERSPACE_LOG) -> None:
         self._section = section
+        self._installed = state_dir / INSTALLED_CERTIFICATE if state_dir is not None else None
         self._firmware_log = firmware_log
         self._userspace_log = userspace_log
         self._lock = threading.Lock()
+
+    def _certificate_path(self) -> Path | None:
+        if self._section.ak_certificate is not None:
+            return self._section.ak_certificate
+        if self._installed is not None and self._installed.exists():
+            return self._installed
+        return None
+
+    def enrol(self, certificate: bytes = b"") -> Enrolment:
+        """Without ``certificate``: make the AK if the TPM has none at the handle
+        (:func:`make_attestation_key`) and answer its public area for the site CA.  With one
+        (DER or PEM): install it, once it is shown to be a certificate for this AK's key (the
+        fleet judges the rest: issuer, names, validity).  Blocking: call it from a worker thread.
+
+        Raises:
+            RequestError: ``certificate`` is not a certificate, or is for another key.
+            NotEnrolledError: no TPM or tools; or agent.toml names the certificate file, so it
+                is not installed over the API.
+        """
+        s = self._section
+        with self._lock, tempfile.TemporaryDirectory(prefix="attest-enrol-") as tmp:
+            work = Path(tmp)
+            created = make_attestation_key(s, work / "ak.pub")
+            if certificate:
+                self._install(certificate, work)
+            path = self._certificate_path()
+            current = _certificate(path) if path is not None else b""
+            return Enrolment((work / "ak.pub").read_bytes(), created, current)
+
+    def _install(self, certificate: bytes, work: Path) -> None:
+        if self._section.ak_certificate is not None or self._installed is None:
+            raise NotEnrolledError(f"[attest] ak_certificate = {self._section.ak_certificate} in agent.toml: "
+                                   "this node's certificate is installed the way it was configured "
+                                   "(enroll.yml), not over the API")
+        try:
+            cert = _load_certificate(certificate)
+            key = cert.public_key()
+        except ValueError as exc:
+            raise RequestError(f"ak_certificate: not a certificate ({exc})") from None
+        _tool(self._section, "tpm2_readpublic", "-c", f"0x{self._section.ak_handle:08x}", "-f", "pem",
+              "-o", str(work / "ak.pem"))
+        if key != load_pem_public_key((work / "ak.pem").read_bytes()):
+            raise RequestError("ak_certificate: it is for another key than this node's attestation key "
+                               f"(TPM handle 0x{self._section.ak_handle:08x})")
+        self._installed.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write_bytes(self._installed, cert.public_bytes(Encoding.DER))
 
     def quote(self, nonce: bytes) -> Quote:
         """A fresh quote over :data:`PCR_SELECTION` with ``nonce`` as its extraData (blocking:
@@ -155,10 +226,12 @@ class TpmQuoter:
         if not low <= len(nonce) <= high:
             raise RequestError(f"nonce: {len(nonce)} bytes; expected {low}..{high}")
         s = self._section
-        if s.ak_certificate is None:
-            raise NotEnrolledError("this node has no attestation key: [attest] ak_certificate is not "
-                                   "set (enrol the node first)")
-        certificate = _certificate(s.ak_certificate)
+        path = self._certificate_path()
+        if path is None:
+            raise NotEnrolledError("this node has no attestation key certificate: [attest] ak_certificate "
+                                   "is not set and none was installed (enrol the node: `appliance fleet "
+                                   "enrol-attest`, or enroll.yml)")
+        certificate = _certificate(path)
         with self._lock, tempfile.TemporaryDirectory(prefix="attest-") as tmp:
             work = Path(tmp)
             handle = f"0x{s.ak_handle:08x}"

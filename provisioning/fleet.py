@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from google.protobuf import json_format
 
 from agent.errors import ConfigError, NotFoundError
@@ -50,6 +51,8 @@ __all__ = [
     "WaveOutcome",
     "attest_action",
     "attest_nodes",
+    "enrol_action",
+    "enrol_nodes",
     "health_action",
     "inventory_action",
     "load_expected_images",
@@ -340,6 +343,10 @@ class _NotAttestedError(Exception):
         self.verdict = verdict
 
 
+class _NotEnrolledError(Exception):
+    """The site CA would not certify what the node sent as its attestation key."""
+
+
 def _channel(node: Node, auth: FleetAuth) -> grpc.aio.Channel:
     options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
     if auth.insecure:
@@ -370,6 +377,8 @@ async def _ask(node: Node, action: Action, auth: FleetAuth, deadline: float) -> 
     except _NotAttestedError as exc:
         return NodeResult(node, False, f"not attested: {exc}", data=exc.verdict.to_json(),
                           seconds=time.monotonic() - start)
+    except _NotEnrolledError as exc:
+        return NodeResult(node, False, f"not enrolled: {exc}", seconds=time.monotonic() - start)
     finally:
         await channel.close(grace=None)
 
@@ -480,6 +489,69 @@ async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, policy: attest
 
     def visit(node: Node) -> Awaitable[NodeResult]:
         return _ask(node, attest_action(node.name, policy), auth, deadline)
+
+    return await _fan_out(nodes, visit, concurrency=concurrency, progress=progress)
+
+
+Certify = Callable[[str, bytes], bytes]  # (node name, AK TPM2B_PUBLIC) -> DER certificate
+
+
+def enrol_action(node: str, certify: Certify, site_ca: x509.Certificate, *, renew: bool = False,
+                 renew_within: datetime.timedelta = datetime.timedelta(days=30)) -> Action:
+    """Enrol one node for attestation over its admin API (Node/EnrolAttestation): the node makes
+    its AK if it has none and sends the key's public area; ``certify`` has the site CA certify it
+    (:func:`provisioning.pki.issue_attestation_key`, which refuses a key that is no restricted
+    TPM signing key); the node installs the certificate.  A node whose installed certificate is
+    the site CA's, for its current key and good for more than ``renew_within``, keeps it unless
+    ``renew``."""
+
+    async def enrol(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
+        first = await stub.EnrolAttestation(node_pb2.EnrolAttestationRequest(), timeout=deadline)
+        kept = "" if renew else _still_good(first.ak_certificate, first.ak_public, site_ca, renew_within)
+        if kept:
+            return {"key": "made" if first.created else "kept", "certificate": "kept", "serial": kept}
+        try:
+            der = await asyncio.to_thread(certify, node, first.ak_public)
+        except attest.AttestError as exc:
+            raise _NotEnrolledError(f"the site CA refused the node's attestation key: {exc}") from None
+        second = await stub.EnrolAttestation(node_pb2.EnrolAttestationRequest(ak_certificate=der),
+                                             timeout=deadline)
+        serial = x509.load_der_x509_certificate(second.ak_certificate).serial_number
+        return {"key": "made" if first.created else "kept", "certificate": "installed",
+                "serial": f"{serial:x}"}
+
+    return enrol
+
+
+def _still_good(der: bytes, ak_public: bytes, site_ca: x509.Certificate, margin: datetime.timedelta) -> str:
+    """The serial (hex) of ``der`` when it is a site CA certificate for the key of ``ak_public``
+    valid beyond ``margin`` from now; "" otherwise (none, another key after a TPM clear, another
+    CA's, expiring)."""
+    if not der:
+        return ""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.verify_directly_issued_by(site_ca)
+        key = attest.public_key(attest.parse_public(ak_public))
+    except (ValueError, TypeError, InvalidSignature, attest.AttestError):
+        return ""
+    if cert.public_key() != key or cert.not_valid_after_utc - margin < datetime.datetime.now(datetime.UTC):
+        return ""
+    return f"{cert.serial_number:x}"
+
+
+async def enrol_nodes(nodes: Sequence[Node], *, auth: FleetAuth, certify: Certify, site_ca: x509.Certificate,
+                      renew: bool = False, deadline: float = 30.0, concurrency: int = 64,
+                      progress: Callable[[NodeResult], None] | None = None) -> list[NodeResult]:
+    """:func:`enrol_action` on every node under its inventory name; results in node order.
+
+    Raises:
+        ConfigError: ``deadline`` or ``concurrency`` is not positive.
+    """
+    _check_limits(deadline, concurrency)
+
+    def visit(node: Node) -> Awaitable[NodeResult]:
+        return _ask(node, enrol_action(node.name, certify, site_ca, renew=renew), auth, deadline)
 
     return await _fan_out(nodes, visit, concurrency=concurrency, progress=progress)
 

@@ -44,6 +44,7 @@ __all__ = [
     "CaInfo",
     "IssuedCert",
     "ca_info",
+    "check_passphrase",
     "init_pki",
     "issue_attestation_key",
     "issue_client",
@@ -554,6 +555,15 @@ def _sign_crl(directory: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCur
     atomic_write_bytes(path, crl.public_bytes(serialization.Encoding.PEM))
     _write_index(directory, index)
     return path
+
+
+def check_passphrase(directory: Path, passphrase: bytes | None) -> None:
+    """Fail now, not at the first of many issues, when the CA key cannot be opened.
+
+    Raises:
+        NotFoundError: no CA in ``directory``; ConfigError, VerificationError: as :func:`issue_node`.
+    """
+    _load_ca(directory, passphrase)
 
 
 def ca_info(directory: Path) -> CaInfo:

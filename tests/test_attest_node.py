@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.attest import NotEnrolledError, TpmQuoter, make_attestation_key
 from agent.config import AgentConfig, AttestSection, HealthSection, load_config
@@ -30,9 +32,10 @@ from agent.health import service
 from agent.proto import node_pb2, node_pb2_grpc
 from provisioning import attest as a
 from provisioning.image.measure import expected_pcr11, pcr11_events, pcr11_record
-from provisioning.pki import init_pki, issue_attestation_key
+from provisioning.pki import init_pki, issue_attestation_key, list_certs
 from tests.conftest import run_appliance
 from tests.test_ansible import playbook
+from testsupport import tpm2
 from testsupport.pe import pe_image
 from testsupport.swtpm import swtpm_server, tpm
 
@@ -119,7 +122,8 @@ def test_each_way_of_not_being_able_to_attest_says_which(node: tuple[str, Path])
 
 
 @contextmanager
-def _serving(tcti: str, tmp: Path, monkeypatch: pytest.MonkeyPatch, root_hash: str = "") -> Iterator[int]:
+def _serving(tcti: str, tmp: Path, monkeypatch: pytest.MonkeyPatch, root_hash: str = "",
+             section: AttestSection | None = None) -> Iterator[int]:
     """The agent's Node servicer on a real grpc.aio server (insecure, loopback) with the swtpm's
     AK enrolled; the kernel command line it reports names ``root_hash``.  Yields the port."""
     state = tmp / "agent-state"
@@ -129,7 +133,7 @@ def _serving(tcti: str, tmp: Path, monkeypatch: pytest.MonkeyPatch, root_hash: s
     real = service.collect_inventory
     monkeypatch.setattr(service, "collect_inventory",
                         lambda state_dir, **kw: real(state_dir, **kw, cmdline=cmdline))
-    enrolled = AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "ak.crt")
+    enrolled = section or AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "ak.crt")
     cfg = AgentConfig()
     cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, state_dir=state),
                               health=HealthSection(interval_s=3600), attest=enrolled)
@@ -268,3 +272,66 @@ def test_enroll_playbook_enrols_the_tpm_for_attestation(booted: str, tmp_path: P
     again = playbook(tmp_path, "enroll.yml", inventory, extra)
     assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-2000:]
     assert _verdict(load_config(config).attest, pki / "ca.crt").ok
+
+
+def test_fleet_enrol_attest_enrols_a_node_over_its_api(booted: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`appliance fleet enrol-attest` against the agent's servicer on a TPM with no key yet: the
+    node makes its AK, the site CA certifies it, the node installs the certificate in its state
+    directory and from then on attests; a second run keeps the certificate (nothing issued)."""
+    root = "ab" * 32
+    manifest = tmp_path / "image-manifest.json"
+    manifest.write_text(json.dumps({"roothash": root, "pcr11": pcr11_record(UKI)}))
+    pki = tmp_path / "pki"
+    init_pki(pki, organization="Enrolling Site")
+    fresh = AttestSection(tcti=booted, ak_handle=HANDLE)  # no ak_certificate in agent.toml
+    with _serving(booted, tmp_path, monkeypatch, root, section=fresh) as port:
+        inventory = tmp_path / "nodes.toml"
+        inventory.write_text(f'[[nodes]]\nname = "node7"\naddress = "127.0.0.1"\nport = {port}\n')
+        before = run_appliance("fleet", "attest", "-i", inventory, "--insecure", "--expect", manifest,
+                               "--site-ca", pki / "ca.crt", "--secure-boot", "optional", "--json")
+        enrol = [run_appliance("fleet", "enrol-attest", "-i", inventory, "--insecure", "--pki-dir", pki,
+                               "--json") for _ in range(2)]
+        after = run_appliance("fleet", "attest", "-i", inventory, "--insecure", "--expect", manifest,
+                              "--site-ca", pki / "ca.crt", "--secure-boot", "optional", "--json")
+    assert before.returncode == 1 and "none was installed" in json.loads(before.stdout)["nodes"][0]["reason"]
+    assert enrol[0].returncode == 0, enrol[0].stderr
+    first, second = (json.loads(r.stdout)["nodes"][0]["data"] for r in enrol)
+    assert first["key"] == "made" and first["certificate"] == "installed"
+    assert second == {"key": "kept", "certificate": "kept", "serial": first["serial"]}
+    assert [c.kind for c in list_certs(pki)] == ["ak"]  # the second run issued nothing
+    cert = x509.load_der_x509_certificate((tmp_path / "agent-state" / "attest" / "ak.crt").read_bytes())
+    assert f"{cert.serial_number:x}" == first["serial"]
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert json.loads(after.stdout)["nodes"][0]["data"]["root_hash"] == root
+
+
+def test_the_node_installs_only_a_certificate_for_its_own_key(booted: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node/EnrolAttestation over gRPC: junk and a certificate for another key are INVALID_ARGUMENT
+    and install nothing; a node whose agent.toml names its certificate file is FAILED_PRECONDITION."""
+    pki = tmp_path / "pki"
+    init_pki(pki, organization="Enrolling Site")
+    other = issue_attestation_key(pki, "node7", tpm2.public_area(ec.generate_private_key(ec.SECP256R1())))
+    other_der = x509.load_pem_x509_certificate(Path(other.cert_path).read_bytes()).public_bytes(Encoding.DER)
+    fresh = AttestSection(tcti=booted, ak_handle=HANDLE)
+    with _serving(booted, tmp_path, monkeypatch, section=fresh) as port, \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        for certificate, message in ((b"junk", "not a certificate"), (other_der, "for another key")):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.EnrolAttestation(node_pb2.EnrolAttestationRequest(ak_certificate=certificate),
+                                      timeout=60)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in caught.value.details()
+        assert not (tmp_path / "agent-state" / "attest" / "ak.crt").exists()
+        answer = stub.EnrolAttestation(node_pb2.EnrolAttestationRequest(), timeout=60)
+        assert answer.created is False and answer.ak_public and not answer.ak_certificate  # made above
+    configured = AttestSection(tcti=booted, ak_handle=HANDLE, ak_certificate=tmp_path / "configured.crt")
+    with _serving(booted, tmp_path, monkeypatch, section=configured) as port, \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            node_pb2_grpc.NodeStub(channel).EnrolAttestation(
+                node_pb2.EnrolAttestationRequest(ak_certificate=other_der), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "installed the way it was configured" in caught.value.details()

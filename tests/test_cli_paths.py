@@ -55,6 +55,7 @@ CASES: dict[str, list[list[str]]] = {
     "fleet status": [["-i", "{P}", "--insecure"]],
     "fleet health": [["-i", "{P}", "--insecure"]],
     "fleet inventory": [["-i", "{P}", "--insecure"]],
+    "fleet enrol-attest": [["-i", "{P}", "--insecure", "--pki-dir", "{P}"]],
     "fleet attest": [["-i", "{P}", "--insecure", "--expect", "{P}", "--site-ca", "{P}"]],
     "fleet update": [["-i", "{P}", "--insecure"]],
     "fleet rollout": [["-i", "{P}", "--insecure", "--dry-run"],

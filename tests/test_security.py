@@ -214,6 +214,9 @@ def _calls(ch: grpc.aio.Channel) -> dict[str, Callable[[], Awaitable[Any]]]:
         "/appliance.v1.Node/CheckUpdates": lambda: node.CheckUpdates(node_pb2.CheckUpdatesRequest()),
         "/appliance.v1.Node/ApplyUpdate": lambda: node.ApplyUpdate(node_pb2.ApplyUpdateRequest()),
         "/appliance.v1.Node/Rollback": lambda: node.Rollback(node_pb2.RollbackRequest()),
+        "/appliance.v1.Node/Attest": lambda: node.Attest(node_pb2.AttestRequest()),
+        "/appliance.v1.Node/EnrolAttestation":
+            lambda: node.EnrolAttestation(node_pb2.EnrolAttestationRequest()),
         "/grpc.health.v1.Health/Check": lambda: health_pb2_grpc.HealthStub(ch).Check(
             health_pb2.HealthCheckRequest()),
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": reflect,
@@ -228,6 +231,7 @@ EXPECTED_ROLE = {
     "/appliance.v1.Node/GetInventory": "observer", "/appliance.v1.Node/GetEvents": "observer",
     "/appliance.v1.Node/UpdateHistory": "observer", "/appliance.v1.Node/CheckUpdates": "operator",
     "/appliance.v1.Node/ApplyUpdate": "operator", "/appliance.v1.Node/Rollback": "admin",
+    "/appliance.v1.Node/Attest": "observer", "/appliance.v1.Node/EnrolAttestation": "admin",
     "/grpc.health.v1.Health/Check": "observer",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "observer",
     "/inference.GRPCInferenceService/ServerLive": "observer",

@@ -74,6 +74,12 @@ class EmptyNode(node_pb2_grpc.NodeServicer):
     async def UpdateHistory(self, request: Any, context: Any) -> Any:
         return node_pb2.UpdateHistoryResponse()
 
+    async def Attest(self, request: Any, context: Any) -> Any:
+        return node_pb2.AttestResponse()
+
+    async def EnrolAttestation(self, request: Any, context: Any) -> Any:
+        return node_pb2.EnrolAttestationResponse()
+
 
 async def _raw(request: bytes, context: Any) -> bytes:
     return b""

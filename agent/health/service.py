@@ -20,10 +20,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
-from agent.attest import Quote, TpmQuoter
+from agent.attest import Enrolment, Quote, TpmQuoter
 from agent.context import AgentContext
 from agent.errors import ApplianceError
 from agent.events import Event, EventLog
@@ -164,7 +165,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.events = events
         self._hub: _Hub | None = None
         self._providers: tuple[str, ...] | None = None
-        self._quoter = TpmQuoter(ctx.config.attest)
+        self._quoter = TpmQuoter(ctx.config.attest, state_dir=ctx.state_dir)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         """Start forwarding the sampler's reports to watchers on ``loop``; returns the undo."""
@@ -250,6 +251,24 @@ class NodeServicer(pb_grpc.NodeServicer):
                                      ak_public=q.ak_public, ak_certificate=q.ak_certificate,
                                      event_log=q.event_log, userspace_log=q.userspace_log,
                                      image_version=inv.image_version, root_hash=inv.root_hash)
+
+        return await _guard(context, run)
+
+    async def EnrolAttestation(self, request: Any, context: Any) -> pb.EnrolAttestationResponse:  # noqa: N802
+        def enrol() -> Enrolment:
+            e = self._quoter.enrol(request.ak_certificate)
+            if e.created:
+                self.events.record("attest.key_created", "info", "tpm", "attestation key made in the TPM")
+            if request.ak_certificate:
+                serial = x509.load_der_x509_certificate(e.ak_certificate).serial_number
+                self.events.record("attest.enrolled", "info", "tpm", "attestation key certificate installed",
+                                   serial=f"{serial:x}")
+            return e
+
+        async def run() -> pb.EnrolAttestationResponse:
+            e = await asyncio.to_thread(enrol)
+            return pb.EnrolAttestationResponse(ak_public=e.ak_public, created=e.created,
+                                               ak_certificate=e.ak_certificate)
 
         return await _guard(context, run)
 

@@ -1,4 +1,4 @@
-"""``appliance fleet status|health|inventory|attest|update|rollout|sd``: many nodes at once, over mTLS."""
+"""``appliance fleet status|health|inventory|attest|enrol-attest|update|rollout|sd``: many nodes at once."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.errors import ConfigError
 from agent.fsutil import atomic_write_text
-from provisioning import attest
+from provisioning import attest, pki
 from provisioning.fleet import (
     Action,
     AttestGate,
@@ -26,6 +27,7 @@ from provisioning.fleet import (
     WaveOutcome,
     add_credential_flags,
     attest_nodes,
+    enrol_nodes,
     health_action,
     inventory_action,
     load_expected_images,
@@ -107,6 +109,28 @@ def register(
                    help="an image-manifest.json or an OS release the nodes may run; repeatable")
     _trust_flags(t)
     t.set_defaults(handler=_attest)
+    e = fsub.add_parser("enrol-attest", **examples(
+            "appliance fleet enrol-attest -i inventory.ini --pki-dir pki --ca pki/ca.crt --cert admin.crt "
+            "--key admin.key"),
+        parents=[common], help="enrol every node for attestation over its admin API (no SSH needed)",
+        description="Asks each node (Node/EnrolAttestation, admin role) to make its TPM attestation key "
+                    "if it has none and to send the key's public area; the site CA in --pki-dir refuses "
+                    "any key that is not a restricted TPM signing key and certifies it for the node's "
+                    "inventory name; the node installs the certificate. A node that already holds a "
+                    "certificate of the site CA for its current key, good for 30 more days, keeps it "
+                    "(--renew: issue anew). Then `appliance fleet attest` checks the nodes.")
+    _common_flags(e)
+    e.set_defaults(deadline=60.0, concurrency=64)
+    e.add_argument("--pki-dir", type=Path, default=Path(os.environ.get("APPLIANCE_PKI", "pki")),
+                   help="the site PKI that certifies the keys (default: $APPLIANCE_PKI or ./pki)")
+    passphrase = e.add_mutually_exclusive_group()
+    passphrase.add_argument("--passphrase-file", type=Path, metavar="FILE",
+                            help="file whose first line is the CA key's passphrase")
+    passphrase.add_argument("--passphrase-env", metavar="VAR",
+                            help="environment variable holding the CA key's passphrase")
+    e.add_argument("--days", type=int, default=365, help="validity of the certificates (default: 365)")
+    e.add_argument("--renew", action="store_true", help="certify every node's key anew")
+    e.set_defaults(handler=_enrol)
     u = fsub.add_parser("update", **examples(
             "appliance fleet update -i inventory.ini --limit lab --target tiny@1.1.0 --dry-run"),
         parents=[common], help="ApplyUpdate on every selected node at once")
@@ -312,6 +336,32 @@ def _attest(args: argparse.Namespace) -> int:
                 for r in results]
         print_table(("NODE", "TARGET", "ATTESTED", "IMAGE", "ROOT HASH", "SECURE BOOT", "REASON"), rows)
         print(f"{sum(r.ok for r in results)} of {len(results)} nodes attested", file=sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    passphrase = pki.load_passphrase(args.passphrase_file, args.passphrase_env)
+    pki.check_passphrase(args.pki_dir, passphrase)
+    site_ca = x509.load_pem_x509_certificate((args.pki_dir / "ca.crt").read_bytes())
+    nodes, auth = _setup(args)
+
+    def certify(node: str, ak_public: bytes) -> bytes:
+        issued = pki.issue_attestation_key(args.pki_dir, node, ak_public, days=args.days,
+                                           passphrase=passphrase)
+        return x509.load_pem_x509_certificate(Path(issued.cert_path).read_bytes()).public_bytes(Encoding.DER)
+
+    with progress("nodes", len(nodes)) as bar:
+        results = asyncio.run(enrol_nodes(nodes, auth=auth, certify=certify, site_ca=site_ca,
+                                          renew=args.renew, deadline=args.deadline,
+                                          concurrency=args.concurrency, progress=lambda _: bar.advance()))
+    if args.json:
+        emit_json(_summary(results))
+    else:
+        rows = [(r.node.name, r.data.get("key", "-"), r.data.get("certificate", "-"),
+                 r.data.get("serial", "-"), r.reason or "-") for r in results]
+        print_table(("NODE", "KEY", "CERTIFICATE", "SERIAL", "REASON"), rows)
+        print(f"{sum(r.ok for r in results)} of {len(results)} nodes enrolled; check them with "
+              "`appliance fleet attest`", file=sys.stderr)
     return 0 if all(r.ok for r in results) else 1
 
 
