@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_public_key
 
 from agent.config import AttestSection
@@ -106,7 +107,7 @@ def make_attestation_key(section: AttestSection, out: Path) -> bool:
     with tempfile.TemporaryDirectory(prefix="attest-key-") as tmp:
         work = Path(tmp)
         made = False
-        if handle in _tool(section, "tpm2_getcap", "handles-persistent").split():
+        if _has_key(section):
             _tool(section, "tpm2_readpublic", "-c", handle, "-o", str(work / "ak.pub"))
         else:
             # Each step's transient objects are flushed after it (the tools keep saved contexts
@@ -122,6 +123,11 @@ def make_attestation_key(section: AttestSection, out: Path) -> bool:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, (work / "ak.pub").read_bytes())
     return made
+
+
+def _has_key(section: AttestSection) -> bool:
+    """Whether the TPM holds a persistent object at the AK's handle."""
+    return f"0x{section.ak_handle:08x}" in _tool(section, "tpm2_getcap", "handles-persistent").split()
 
 
 def _tool(section: AttestSection, *argv: str) -> str:
@@ -188,28 +194,37 @@ class TpmQuoter:
         s = self._section
         with self._lock, tempfile.TemporaryDirectory(prefix="attest-enrol-") as tmp:
             work = Path(tmp)
-            created = make_attestation_key(s, work / "ak.pub")
-            if certificate:
+            if certificate:  # refused before anything changes, the TPM included
+                created = False
                 self._install(certificate, work)
+            else:
+                created = make_attestation_key(s, work / "ak.pub")
             path = self._certificate_path()
             current = _certificate(path) if path is not None else b""
             return Enrolment((work / "ak.pub").read_bytes(), created, current)
 
     def _install(self, certificate: bytes, work: Path) -> None:
-        if self._section.ak_certificate is not None or self._installed is None:
-            raise NotEnrolledError(f"[attest] ak_certificate = {self._section.ak_certificate} in agent.toml: "
-                                   "this node's certificate is installed the way it was configured "
-                                   "(enroll.yml), not over the API")
+        """Install ``certificate`` after checking it is for the AK; ``work/ak.pub`` gets the AK's
+        public area."""
+        s = self._section
+        handle = f"0x{s.ak_handle:08x}"
         try:
             cert = _load_certificate(certificate)
             key = cert.public_key()
-        except ValueError as exc:
+        except (ValueError, UnsupportedAlgorithm) as exc:
             raise RequestError(f"ak_certificate: not a certificate ({exc})") from None
-        _tool(self._section, "tpm2_readpublic", "-c", f"0x{self._section.ak_handle:08x}", "-f", "pem",
-              "-o", str(work / "ak.pem"))
+        if s.ak_certificate is not None or self._installed is None:
+            raise NotEnrolledError(f"[attest] ak_certificate = {s.ak_certificate} in agent.toml: this node's "
+                                   "certificate is installed the way it was configured (enroll.yml), not "
+                                   "over the API")
+        if not _has_key(s):
+            raise NotEnrolledError(f"no attestation key at TPM handle {handle} yet: ask without a "
+                                   "certificate first, so that the node makes it")
+        _tool(s, "tpm2_readpublic", "-c", handle, "-o", str(work / "ak.pub"))
+        _tool(s, "tpm2_readpublic", "-c", handle, "-f", "pem", "-o", str(work / "ak.pem"))
         if key != load_pem_public_key((work / "ak.pem").read_bytes()):
-            raise RequestError("ak_certificate: it is for another key than this node's attestation key "
-                               f"(TPM handle 0x{self._section.ak_handle:08x})")
+            raise RequestError(f"ak_certificate: it is for another key than this node's attestation key "
+                               f"(TPM handle {handle})")
         self._installed.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write_bytes(self._installed, cert.public_bytes(Encoding.DER))
 

@@ -309,7 +309,8 @@ def test_fleet_enrol_attest_enrols_a_node_over_its_api(booted: str, tmp_path: Pa
 def test_the_node_installs_only_a_certificate_for_its_own_key(booted: str, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Node/EnrolAttestation over gRPC: junk and a certificate for another key are INVALID_ARGUMENT
-    and install nothing; a node whose agent.toml names its certificate file is FAILED_PRECONDITION."""
+    and install nothing; a certificate before the key exists is FAILED_PRECONDITION and makes no
+    key; a node whose agent.toml names its certificate file is FAILED_PRECONDITION."""
     pki = tmp_path / "pki"
     init_pki(pki, organization="Enrolling Site")
     other = issue_attestation_key(pki, "node7", tpm2.public_area(ec.generate_private_key(ec.SECP256R1())))
@@ -318,15 +319,23 @@ def test_the_node_installs_only_a_certificate_for_its_own_key(booted: str, tmp_p
     with _serving(booted, tmp_path, monkeypatch, section=fresh) as port, \
             grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = node_pb2_grpc.NodeStub(channel)
-        for certificate, message in ((b"junk", "not a certificate"), (other_der, "for another key")):
+
+        def refused(certificate: bytes) -> grpc.RpcError:
             with pytest.raises(grpc.RpcError) as caught:
                 stub.EnrolAttestation(node_pb2.EnrolAttestationRequest(ak_certificate=certificate),
                                       timeout=60)
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert message in caught.value.details()
-        assert not (tmp_path / "agent-state" / "attest" / "ak.crt").exists()
+            return caught.value
+
+        junk = refused(b"junk")
+        assert junk.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a certificate" in junk.details()
+        early = refused(other_der)
+        assert early.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "ask without a certificate first" in early.details()
         answer = stub.EnrolAttestation(node_pb2.EnrolAttestationRequest(), timeout=60)
-        assert answer.created is False and answer.ak_public and not answer.ak_certificate  # made above
+        assert answer.created is True and answer.ak_public and not answer.ak_certificate  # not before
+        wrong = refused(other_der)
+        assert wrong.code() == grpc.StatusCode.INVALID_ARGUMENT and "for another key" in wrong.details()
+        assert not (tmp_path / "agent-state" / "attest" / "ak.crt").exists()
     configured = AttestSection(tcti=booted, ak_handle=HANDLE, ak_certificate=tmp_path / "configured.crt")
     with _serving(booted, tmp_path, monkeypatch, section=configured) as port, \
             grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
