@@ -1,4 +1,10 @@
-"""The node's side of remote attestation (issue #17): a TPM2 quote for Node/Attest.
+"""The node's side of remote attestation (issue #17): its attestation key, and a TPM2 quote for
+Node/Attest.
+
+Enrolment makes the AK once in the TPM (:func:`make_attestation_key`: by ``appliance-agent
+attest-key`` from enroll.yml, or by Node/EnrolAttestation through :meth:`TpmQuoter.enrol`) and
+hands out only its public area; the site CA's certificate for it comes back to agent.toml's
+``[attest] ak_certificate`` or, over the API, to STATE/attest/ak.crt.
 
 The node only moves bytes: tpm2-tools make the quote with the attestation key (AK) created at
 enrolment and kept at a persistent handle, over sha256 PCRs 0-7 (firmware, Secure Boot) and 11
