@@ -109,8 +109,8 @@ def test_rollout_in_serial_batches_halts_after_a_failed_batch(tmp_path: Path) ->
                      "fleet_key": str(d / "operator.key")}
             result = playbook(tmp_path, "rollout.yml", inventory, {
                 "targets": ["model@2"], "rollout_serial": [1, 2], "rollout_deadline": 2, **creds})
-            # With attest_expect each node must then pass `fleet attest`; these test agents do not
-            # implement Node/Attest, so the canary never attests and the rollout stops after it.
+            # With attest_expect each node must then pass `fleet attest`; these test agents answer
+            # Node/Attest with an empty reply, so the canary never attests and the rollout stops.
             manifest = tmp_path / "image-manifest.json"
             uki = pe_image([(".linux", b"kernel")])
             manifest.write_text(json.dumps({"roothash": "ab" * 32, "pcr11": pcr11_record(uki)}))
@@ -123,7 +123,7 @@ def test_rollout_in_serial_batches_halts_after_a_failed_batch(tmp_path: Path) ->
     gated_out = gated.stdout
     assert gated.returncode != 0, gated_out[-3000:]
     assert "Wait until the node attests" in gated_out and "FAILED - RETRYING" in gated_out, gated_out[-3000:]
-    assert "UNIMPLEMENTED" in gated_out, gated_out[-3000:]  # it reached the node and asked
+    assert "not attested: TPM2B_PUBLIC" in gated_out, gated_out[-3000:]  # it asked and judged the answer
     gated_recap = gated_out[gated_out.index("PLAY RECAP"):]
     assert "n0" in gated_recap and "n1" not in gated_recap, gated_recap
     out = result.stdout
