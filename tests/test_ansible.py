@@ -36,24 +36,34 @@ def playbook(tmp_path: Path, name: str, inventory: Path,
                           capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
+def enroll_setup(tmp_path: Path, host: str, agent_toml: str, *,
+                 attest: bool) -> tuple[Path, Path, Path, Path, dict[str, object]]:
+    """A site PKI, a node's TLS directory and agent.toml (``agent_toml``), an inventory naming
+    ``host`` on this machine, and enroll.yml's variables (``appliance_attest`` = ``attest``).
+    Returns the PKI, TLS directory, agent.toml, inventory and variables."""
+    pki = tmp_path / "pki"
+    init_pki(pki, organization="Ansible Site")
+    tls = tmp_path / "node-tls"
+    config = tmp_path / "agent.toml"
+    config.write_text(agent_toml)
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[appliances]\n"
+                         f"{host} ansible_connection=local ansible_host=127.0.0.1 "
+                         f"appliance_tls_dir={tls} appliance_config={config}\n")
+    extra = {"pki_dir": str(pki), "appliance_restart": False, "appliance_key_owner": getpass.getuser(),
+             "appliance_attest": attest}
+    return pki, tls, config, inventory, extra
+
+
 def test_enroll_then_query_the_enrolled_agent(tmp_path: Path) -> None:
     """The key is made on the node and never leaves it; the CA signs the node's request; the
     agent's config is switched to 0.0.0.0 with mTLS, and an agent started from it answers."""
-    pki = tmp_path / "pki"
-    init_pki(pki, organization="Ansible Site")
-    issue_client(pki, "observer", "observer")
-    tls = tmp_path / "node-tls"
-    config = tmp_path / "agent.toml"
-    config.write_text('[server]\nlisten = "127.0.0.1"\nport = 0\nmetrics_port = 0\n\n[tls]\n'
-                      'loopback_role = "admin"\n')
-    inventory = tmp_path / "hosts.ini"
-    inventory.write_text("[appliances]\n"
-                         f"localhost ansible_connection=local ansible_host=127.0.0.1 "
-                         f"appliance_tls_dir={tls} appliance_config={config}\n")
     # appliance_attest off: the host's TPM, if it has one, is not the test's (tests/test_attest_node.py
     # enrols a software TPM)
-    extra = {"pki_dir": str(pki), "appliance_restart": False, "appliance_key_owner": getpass.getuser(),
-             "appliance_attest": False}
+    pki, tls, config, inventory, extra = enroll_setup(
+        tmp_path, "localhost", '[server]\nlisten = "127.0.0.1"\nport = 0\nmetrics_port = 0\n\n[tls]\n'
+        'loopback_role = "admin"\n', attest=False)
+    issue_client(pki, "observer", "observer")
     first = playbook(tmp_path, "enroll.yml", inventory, extra)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
     assert stat.S_IMODE((tls / "node.key").stat().st_mode) == 0o600

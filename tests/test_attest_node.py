@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import getpass
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from provisioning import attest as a
 from provisioning.image.measure import expected_pcr11, pcr11_events, pcr11_record
 from provisioning.pki import init_pki, issue_attestation_key, list_certs
 from tests.conftest import run_appliance
-from tests.test_ansible import playbook
+from tests.test_ansible import enroll_setup, playbook
 from testsupport import tpm2
 from testsupport.pe import pe_image
 from testsupport.swtpm import swtpm_server, tpm
@@ -252,17 +251,9 @@ def test_enroll_playbook_enrols_the_tpm_for_attestation(booted: str, tmp_path: P
     """enroll.yml with appliance_attest on: besides the TLS certificate, an AK in the node's TPM
     certified by the site CA and agent.toml's [attest] pointing at it; the agent's quote passes
     the fleet's judgement.  Re-running changes nothing."""
-    pki = tmp_path / "pki"
-    init_pki(pki, organization="Ansible Site")
-    tls = tmp_path / "node-tls"
-    config = tmp_path / "agent.toml"
-    config.write_text(f'[server]\nlisten = "127.0.0.1"\nport = 0\n\n[attest]\ntcti = "{booted}"\n')
-    inventory = tmp_path / "hosts.ini"
-    inventory.write_text("[appliances]\n"
-                         f"node1 ansible_connection=local ansible_host=127.0.0.1 "
-                         f"appliance_tls_dir={tls} appliance_config={config}\n")
-    extra = {"pki_dir": str(pki), "appliance_restart": False, "appliance_key_owner": getpass.getuser(),
-             "appliance_attest": True}
+    pki, tls, config, inventory, extra = enroll_setup(
+        tmp_path, "node1", f'[server]\nlisten = "127.0.0.1"\nport = 0\n\n[attest]\ntcti = "{booted}"\n',
+        attest=True)
     first = playbook(tmp_path, "enroll.yml", inventory, extra)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
     settings = load_config(config)

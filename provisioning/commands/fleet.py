@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from agent.errors import ConfigError
 from agent.fsutil import atomic_write_text
 from provisioning import attest, pki
+from provisioning.commands.pki import passphrase_flags
 from provisioning.fleet import (
     Action,
     AttestGate,
@@ -123,11 +124,7 @@ def register(
     e.set_defaults(deadline=60.0, concurrency=64)
     e.add_argument("--pki-dir", type=Path, default=Path(os.environ.get("APPLIANCE_PKI", "pki")),
                    help="the site PKI that certifies the keys (default: $APPLIANCE_PKI or ./pki)")
-    passphrase = e.add_mutually_exclusive_group()
-    passphrase.add_argument("--passphrase-file", type=Path, metavar="FILE",
-                            help="file whose first line is the CA key's passphrase")
-    passphrase.add_argument("--passphrase-env", metavar="VAR",
-                            help="environment variable holding the CA key's passphrase")
+    passphrase_flags(e)
     e.add_argument("--days", type=int, default=365, help="validity of the certificates (default: 365)")
     e.add_argument("--renew", action="store_true", help="certify every node's key anew")
     e.set_defaults(handler=_enrol)

@@ -25,7 +25,7 @@ from provisioning.pki import (
     write_crl,
 )
 
-__all__ = ["register"]
+__all__ = ["passphrase_flags", "register"]
 
 _ROLES = ("observer", "operator", "admin")
 
@@ -33,6 +33,11 @@ _ROLES = ("observer", "operator", "admin")
 def _dir_and_passphrase(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("APPLIANCE_PKI", "pki")),
                         help="the PKI directory (default: $APPLIANCE_PKI or ./pki)")
+    passphrase_flags(parser)
+
+
+def passphrase_flags(parser: argparse.ArgumentParser) -> None:
+    """--passphrase-file | --passphrase-env: how a command that signs with the CA key opens it."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--passphrase-file", type=Path, metavar="FILE",
                        help="file whose first line is the CA key's passphrase")
