@@ -35,7 +35,7 @@ from agent.errors import ApplianceError, RequestError
 from agent.fsutil import atomic_write_bytes
 
 __all__ = ["INSTALLED_CERTIFICATE", "NONCE_BYTES", "PCR_SELECTION", "Enrolment", "NotEnrolledError", "Quote",
-           "TpmQuoter", "make_attestation_key"]
+           "TpmQuoter", "handle_name", "make_attestation_key"]
 
 PCR_SELECTION = "sha256:0,1,2,3,4,5,6,7,11"
 NONCE_BYTES = (16, 64)  # a TPM2B_DATA extraData holds up to 64 bytes; fewer than 16 is guessable
@@ -109,7 +109,7 @@ def make_attestation_key(section: AttestSection, out: Path) -> bool:
         NotEnrolledError: no tpm2-tools, no TPM at ``section.tcti``, or a TPM command failed
             (the message names the tool and the TPM's complaint).
     """
-    handle = f"0x{section.ak_handle:08x}"
+    handle = handle_name(section)
     with tempfile.TemporaryDirectory(prefix="attest-key-") as tmp:
         work = Path(tmp)
         made = False
@@ -131,9 +131,14 @@ def make_attestation_key(section: AttestSection, out: Path) -> bool:
     return made
 
 
+def handle_name(section: AttestSection) -> str:
+    """The AK's persistent handle as tpm2-tools take and print it (``0x81010002``)."""
+    return f"0x{section.ak_handle:08x}"
+
+
 def _has_key(section: AttestSection) -> bool:
     """Whether the TPM holds a persistent object at the AK's handle."""
-    return f"0x{section.ak_handle:08x}" in _tool(section, "tpm2_getcap", "handles-persistent").split()
+    return handle_name(section) in _tool(section, "tpm2_getcap", "handles-persistent").split()
 
 
 def _tool(section: AttestSection, *argv: str) -> str:
@@ -150,7 +155,7 @@ def _tool(section: AttestSection, *argv: str) -> str:
                                f"({section.tcti})") from None
     if done.returncode != 0:
         detail = " ".join(done.stderr.split())[-400:]
-        raise NotEnrolledError(f"{argv[0]} on {section.tcti} (AK handle 0x{section.ak_handle:08x}) "
+        raise NotEnrolledError(f"{argv[0]} on {section.tcti} (AK handle {handle_name(section)}) "
                                f"failed: {detail}")
     return done.stdout
 
@@ -213,7 +218,7 @@ class TpmQuoter:
         """Install ``certificate`` after checking it is for the AK; ``work/ak.pub`` gets the AK's
         public area."""
         s = self._section
-        handle = f"0x{s.ak_handle:08x}"
+        handle = handle_name(s)
         try:
             cert = _load_certificate(certificate)
             key = cert.public_key()
@@ -255,7 +260,7 @@ class TpmQuoter:
         certificate = _certificate(path)
         with self._lock, tempfile.TemporaryDirectory(prefix="attest-") as tmp:
             work = Path(tmp)
-            handle = f"0x{s.ak_handle:08x}"
+            handle = handle_name(s)
             _tool(s, "tpm2_readpublic", "-c", handle, "-o", str(work / "ak.pub"))
             _tool(s, "tpm2_quote", "-c", handle, "-l", PCR_SELECTION, "-g", "sha256",
                   "-q", nonce.hex(), "-m", str(work / "quote.msg"), "-s", str(work / "quote.sig"),

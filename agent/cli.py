@@ -195,11 +195,11 @@ def _os_install(args: argparse.Namespace) -> int:
 
 
 def _attest_key(args: argparse.Namespace) -> int:
-    from agent.attest import make_attestation_key
+    from agent.attest import handle_name, make_attestation_key
 
     section = config_from_args(args).attest
     made = make_attestation_key(section, args.out)
-    handle = f"0x{section.ak_handle:08x}"
+    handle = handle_name(section)
     if args.json:
         print(json.dumps({"ak_public": str(args.out), "handle": handle, "new_key": made}, indent=2))
     else:

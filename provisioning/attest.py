@@ -44,10 +44,10 @@ from provisioning.image.measure import PHASES
 __all__ = [
     "AK_CERTIFICATE_USAGE", "ALG_ECC", "ALG_ECDSA", "ALG_NULL", "ALG_RSA", "ALG_RSAPSS", "ALG_RSASSA",
     "ALG_SHA256", "ATTEST_QUOTE", "GENERATED_VALUE", "HASH_ALGS", "Answer", "Attest", "AttestError",
-    "ClockInfo", "EccPoint",
-    "PcrMismatch", "PcrSelection", "Policy", "Public", "QuoteResult", "RsaKey", "Signature", "Verdict",
-    "check_attestation_key", "expected_images", "judge", "parse_attest", "parse_public", "parse_signature",
-    "pcr_digest", "public_key", "split_pcr_values", "verify_quote",
+    "ClockInfo", "EccPoint", "PcrMismatch", "PcrSelection", "Policy", "Public", "QuoteResult", "RsaKey",
+    "Signature", "Verdict", "check_ak_certificate", "check_attestation_key", "expected_images", "judge",
+    "parse_attest", "parse_public", "parse_signature", "pcr_digest", "public_key", "split_pcr_values",
+    "verify_quote",
 ]
 
 GENERATED_VALUE = 0xFF544347  # TPM_GENERATED_VALUE: "\xffTCG", only the TPM writes it into TPMS_ATTEST
@@ -576,9 +576,10 @@ def expected_images(records: Iterable[Mapping[str, object]], origin: Sequence[st
     return out
 
 
-def _check_ak_certificate(der: bytes, public: Public, site_ca: x509.Certificate, node: str, *,
+def check_ak_certificate(der: bytes, public: Public, site_ca: x509.Certificate, node: str, *,
                           now: datetime.datetime, crl: x509.CertificateRevocationList | None) -> str:
-    """"" when ``der`` is a certificate the site CA issued for this AK and node, else why not."""
+    """"" when ``der`` is a certificate the site CA issued for this AK and node, valid at ``now``,
+    with the AK usage and not in ``crl``; else why not."""
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError as exc:
@@ -673,7 +674,7 @@ def _judged(answer: Answer, nonce: bytes, node: str, policy: Policy, now: dateti
     """:func:`judge`'s checks in order; returns Secure Boot's state, raises _RefusedError."""
     try:
         public = parse_public(answer.ak_public)
-        why = _check_ak_certificate(answer.ak_certificate, public, policy.site_ca, node, now=now,
+        why = check_ak_certificate(answer.ak_certificate, public, policy.site_ca, node, now=now,
                                     crl=policy.crl)
         if why:
             raise _RefusedError(why)
@@ -712,8 +713,7 @@ def _firmware(log_bytes: bytes, quoted: Mapping[tuple[int, int], bytes]) -> bool
         seen = quoted.get((ALG_SHA256, index))
         if seen is None:
             raise AttestError(f"quote: PCR {index} (firmware) is not quoted in sha256")
-        start = bytes(31) + bytes([log.startup_locality]) if index == 0 else bytes(32)
-        value = replayed.get(index, start)
+        value = replayed.get(index, eventlog.initial(log, index, 32))
         if value != seen:
             raise _RefusedError(f"the firmware event log does not replay to the quoted PCR {index} (log "
                                 f"{value.hex()}, quote {seen.hex()}): the log is not this boot's",

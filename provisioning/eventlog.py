@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from provisioning.errors import AttestError
 
 __all__ = ["EV_EFI_VARIABLE_DRIVER_CONFIG", "EV_NO_ACTION", "EV_SEPARATOR", "Event", "EventLog",
-           "parse_event_log", "replay", "secure_boot"]
+           "initial", "parse_event_log", "replay", "secure_boot"]
 
 EV_NO_ACTION = 0x00000003
 EV_SEPARATOR = 0x00000004
@@ -159,6 +159,11 @@ def parse_event_log(data: bytes) -> EventLog:
     return EventLog(algorithms, tuple(events), locality)
 
 
+def initial(log: EventLog, pcr: int, size: int) -> bytes:
+    """PCR ``pcr``'s value before any event: zero, but PCR 0 starts at the startup locality."""
+    return bytes(size - 1) + bytes([log.startup_locality]) if pcr == 0 else bytes(size)
+
+
 def replay(log: EventLog, hash_alg: int) -> dict[int, bytes]:
     """The PCR values of bank ``hash_alg`` that the log's events give (PCRs no event touched are
     left out).
@@ -173,8 +178,8 @@ def replay(log: EventLog, hash_alg: int) -> dict[int, bytes]:
     for event in log.events:
         if event.kind == EV_NO_ACTION:
             continue
-        start = bytes(size - 1) + bytes([log.startup_locality]) if event.pcr == 0 else bytes(size)
-        pcrs[event.pcr] = hashlib.new(name, pcrs.get(event.pcr, start) + event.digests[hash_alg]).digest()
+        before = pcrs.get(event.pcr, initial(log, event.pcr, size))
+        pcrs[event.pcr] = hashlib.new(name, before + event.digests[hash_alg]).digest()
     return pcrs
 
 

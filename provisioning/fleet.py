@@ -31,7 +31,6 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from google.protobuf import json_format
 
 from agent.errors import ConfigError, NotFoundError
@@ -507,7 +506,8 @@ def enrol_action(node: str, certify: Certify, site_ca: x509.Certificate, *, rene
 
     async def enrol(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
         first = await stub.EnrolAttestation(node_pb2.EnrolAttestationRequest(), timeout=deadline)
-        kept = "" if renew else _still_good(first.ak_certificate, first.ak_public, site_ca, renew_within)
+        kept = "" if renew else _still_good(first.ak_certificate, first.ak_public, node, site_ca,
+                                               renew_within)
         if kept:
             return {"key": "made" if first.created else "kept", "certificate": "kept", "serial": kept}
         try:
@@ -523,19 +523,20 @@ def enrol_action(node: str, certify: Certify, site_ca: x509.Certificate, *, rene
     return enrol
 
 
-def _still_good(der: bytes, ak_public: bytes, site_ca: x509.Certificate, margin: datetime.timedelta) -> str:
-    """The serial (hex) of ``der`` when it is a site CA certificate for the key of ``ak_public``
-    valid beyond ``margin`` from now; "" otherwise (none, another key after a TPM clear, another
-    CA's, expiring)."""
+def _still_good(der: bytes, ak_public: bytes, node: str, site_ca: x509.Certificate,
+                margin: datetime.timedelta) -> str:
+    """The serial (hex) of ``der`` when it would still pass :func:`provisioning.attest.judge`'s
+    certificate check ``margin`` from now, for the key of ``ak_public``; "" otherwise (none,
+    another key after a TPM clear, another CA's, expiring)."""
     if not der:
         return ""
     try:
+        public = attest.parse_public(ak_public)
         cert = x509.load_der_x509_certificate(der)
-        cert.verify_directly_issued_by(site_ca)
-        key = attest.public_key(attest.parse_public(ak_public))
-    except (ValueError, TypeError, InvalidSignature, attest.AttestError):
+    except (ValueError, attest.AttestError):
         return ""
-    if cert.public_key() != key or cert.not_valid_after_utc - margin < datetime.datetime.now(datetime.UTC):
+    later = datetime.datetime.now(datetime.UTC) + margin
+    if attest.check_ak_certificate(der, public, site_ca, node, now=later, crl=None):
         return ""
     return f"{cert.serial_number:x}"
 
