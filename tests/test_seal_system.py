@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from provisioning.image.disk import disk, load_sealed
 from provisioning.image.seal import seal
 from provisioning.image.stage import DiskSizes, StageContext
 from tests.conftest import run_appliance
+from testsupport.appliance import free_port
+from testsupport.image_helpers import uki_difference
 from testsupport.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
@@ -55,6 +59,9 @@ def test_seal_and_disk_are_reproducible(sealed_a: StageContext) -> None:
     disk(again)
     for name in ("root.squashfs", "root.verity", "root.roothash", "appliance-1.0.efi", "disk.raw",
                  "image-manifest.json"):
+        if name.endswith(".efi"):
+            assert _sha(sealed_a.out / name) == _sha(again.out / name), \
+                f"{name}\n{uki_difference(sealed_a.out / name, again.out / name)}"
         assert _sha(sealed_a.out / name) == _sha(again.out / name), name
 
 
@@ -71,8 +78,10 @@ def test_verity_root_hash_checks_out_from_outside(sealed_a: StageContext) -> Non
 def _boot_cli(image: Path, state: Path, pattern: str, *extra: str) -> dict[str, object]:
     """``appliance boot IMAGE --wait-for PATTERN --json`` as a separate process."""
     accel = "auto" if os.environ.get("APPLIANCE_TEST_KVM", "0") == "1" else "tcg"
+    # one forward to a free port: the default ones (18000-18002) may be taken on a shared host
     proc = run_appliance("boot", image, "--state", state, "--accel", accel, "--memory", "1024",
-                         "--wait-for", pattern, "--timeout", "1500", "--json", *extra, timeout=1800)
+                         "--port", f"8001={free_port()}", "--wait-for", pattern, "--timeout", "1500",
+                         "--json", *extra, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
@@ -157,3 +166,34 @@ def test_a_slot_that_never_blesses_falls_back_to_the_other(
     files = _esp_files(machine.plan.overlay, base)
     assert "appliance-1.0.efi" in files, files       # A blessed: its counter is gone
     assert "appliance-2.0+0-1.efi" in files, files   # B's one try used up: marked bad
+
+
+def test_a_qemu_that_cannot_start_leaves_no_tpm_emulator_behind(tmp_path: Path) -> None:
+    """qemu fails at once (its forwarded port is taken): the swtpm started for it is stopped."""
+    _needs("qemu-system-x86_64", "qemu-img", "swtpm")
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    state = tmp_path / "vm"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_appliance("boot", image, "--state", state, "--accel", "tcg", "--tpm",
+                             "--port", f"8001={port}", "--detach", "--json", timeout=120)
+    assert proc.returncode != 0
+    assert "forwarding" in proc.stderr, proc.stderr[-2000:]
+    def emulators() -> list[str]:  # swtpm processes of this state folder (it deletes its pid file)
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"swtpm") and any(str(state).encode() in a for a in argv):
+                found.append(cmdline.parent.name)
+        return found
+    for _ in range(50):
+        if not emulators():
+            break
+        time.sleep(0.1)
+    assert not emulators(), "swtpm still runs after qemu failed to start"

@@ -22,6 +22,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from provisioning.image.measure import pe_sections
 from provisioning.image.mirror import LOCK, Lock, LockedFile, file_sha256
 
 
@@ -120,3 +121,43 @@ def make_signed_mirror(mirror: Path, work: Path, packages: dict[str, str]) -> Pa
                 (LockedFile("wheels/demo-1.0-py3-none-any.whl", file_sha256(wheel), 22, "demo", "1.0"),))
     (mirror / LOCK).write_bytes(lock.canonical())
     return keyring
+
+
+def _cpio_members(archive: bytes) -> dict[str, str]:
+    """name -> sha256 of each member of a concatenation of newc cpio archives."""
+    members: dict[str, str] = {}
+    at = 0
+    while at + 110 <= len(archive):
+        if archive[at:at + 6] not in (b"070701", b"070702"):
+            at += 1  # padding between concatenated archives
+            continue
+        field = [int(archive[at + 6 + 8 * i:at + 14 + 8 * i], 16) for i in range(13)]
+        size, namesize = field[6], field[11]
+        name_at = at + 110
+        name = archive[name_at:name_at + namesize - 1].decode(errors="replace")
+        data_at = name_at + namesize + (-(110 + namesize) % 4)
+        if name == "TRAILER!!!":
+            at = data_at
+            continue
+        members[name] = hashlib.sha256(archive[data_at:data_at + size]).hexdigest() + f" mode={field[1]:o}"
+        at = data_at + size + (-size % 4)
+    return members
+
+
+def uki_difference(a: Path, b: Path) -> str:
+    """Which sections of two UKIs differ and, for the initrd, which files: for a failure message."""
+    sa, sb = pe_sections(a.read_bytes()), pe_sections(b.read_bytes())
+    differ = sorted(n for n in sa.keys() | sb.keys() if sa.get(n) != sb.get(n))
+    lines = [f"sections that differ: {differ or 'none (headers only)'}"]
+    if ".initrd" in differ and ".initrd" in sa and ".initrd" in sb:
+        def unpack(blob: bytes) -> bytes:
+            start = blob.find(b"\x28\xb5\x2f\xfd")  # zstd after any uncompressed early cpio
+            # no check: zstd complains of the section's zero padding after what it decompressed
+            raw = subprocess.run(["zstd", "-dc"], input=blob[start:], capture_output=True, check=False).stdout
+            return blob[:start] + raw
+        ma, mb = _cpio_members(unpack(sa[".initrd"])), _cpio_members(unpack(sb[".initrd"]))
+        changed = sorted(n for n in ma.keys() & mb.keys() if ma[n] != mb[n])
+        only_a, only_b = sorted(ma.keys() - mb.keys())[:20], sorted(mb.keys() - ma.keys())[:20]
+        lines.append(f"initrd files that differ: {changed[:40] or 'none'}; "
+                     f"only in the first: {only_a}; only in the second: {only_b}")
+    return "\n".join(lines)

@@ -335,11 +335,13 @@ def _kvm_refused_start(plan: BootPlan, tpm_pid: int | None, fallback_tcg: bool) 
     try:
         run(qemu_argv(plan), timeout=60)
     except ToolError as exc:
-        if not (plan.kvm and fallback_tcg):
-            raise
+        # the TPM emulator started for this qemu is stopped, whether qemu is tried again or not
+        # (it once outlived a qemu that could not bind its forwarded port)
         if tpm_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(tpm_pid, signal.SIGTERM)
+        if not (plan.kvm and fallback_tcg):
+            raise
         log.warning("qemu could not start under KVM, starting again under TCG: %s",
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.tool)
         return True

@@ -56,6 +56,13 @@ PACKAGES = ("dracut", "linux-image-amd64", "systemd-boot", "systemd-boot-efi", "
 DRACUT_MODULES = ("systemd", "systemd-veritysetup", "dm")
 DRACUT_DRIVERS = ("squashfs", "dm-verity", "virtio_blk", "virtio_scsi", "virtio_pci", "nvme", "ahci",
                   "sd_mod", "usb_storage", "xhci_pci", "ext4", "vfat")
+# dracut's own "zstd" is `zstd -15 -q -T0`, zstd's multi-threaded mode: the one step of the UKI
+# build that runs on threads. CI once sealed one root twice and got two different UKIs (2026-11-30,
+# the part unknown; 20 runs here, loaded or not, were identical). zstd documents its threaded
+# output as deterministic, but its jobs reference the previous job's data where it lies in memory
+# (cf. ZSTD_c_deterministicRefPrefix), so single-threaded it is: about 2 s more on 2 cores.
+# tests/test_seal_system.py names the differing sections and initrd files if it happens again.
+ZSTD_DETERMINISTIC = "zstd -15 -q --single-thread"
 # The data partition grows into the space behind it on first boot.
 REPART_DATA_CONF = "[Partition]\nType=linux-generic\n"
 
@@ -226,7 +233,7 @@ def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path) -> Path:
     drivers = " ".join(DRACUT_DRIVERS)
     ctx.run(chroot_argv(ctx.rootfs, work, [
         "dracut", "--quiet", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--reproducible",
-        "--compress", "zstd", "--kver", kver, "--add", " ".join(DRACUT_MODULES),
+        "--compress", ZSTD_DETERMINISTIC, "--kver", kver, "--add", " ".join(DRACUT_MODULES),
         "--add-drivers", drivers, "--omit", "plymouth", "/tmp/seal/initrd.img"]), env=epoch)  # noqa: S108 (in the chroot)
     ctx.run(chroot_argv(ctx.rootfs, work, [
         "ukify", "build", f"--linux=/boot/vmlinuz-{kver}", "--initrd=/tmp/seal/initrd.img",
