@@ -18,6 +18,7 @@ import pytest
 
 from provisioning.image import boot as vm
 from provisioning.image.disk import disk, load_sealed
+from provisioning.image.measure import PHASES, expected_pcr11
 from provisioning.image.seal import seal
 from provisioning.image.stage import DiskSizes, StageContext
 from tests.conftest import run_appliance
@@ -99,6 +100,12 @@ def test_boots_to_the_verity_root_and_grows_the_data_partition(sealed_a: StageCo
     assert varsize > 512 * 1024 * 1024, line  # was 64 MiB; the disk has ~800 MiB free behind it
     assert "tpm=yes" in line, line
     assert "sb=0" in line, line  # plain OVMF: no Secure Boot
+    # PCR 11 as the boot left it (stub: the UKI's sections; initrd and root: the phase words)
+    # is the value the build records for the last phase: what the fleet's attestation expects
+    booted = line.split("pcr11=", 1)[1].split(maxsplit=1)[0].lower()
+    phases = {p.value.hex(): p.phase for p in expected_pcr11(sealed_a.out / "appliance-1.0.efi")}
+    assert phases.get(booted) == ":".join(PHASES), \
+        f"PCR 11 {booted} is the value after {phases.get(booted, 'no phase')}; expected {phases}"
     assert result["stopped"] in ("powered off", "terminated", "killed")
     assert _sha(image) == before  # the overlay took every write
 

@@ -20,19 +20,21 @@ PACKAGES = (
     "linux-image-amd64", "systemd", "systemd-sysv", "udev", "kmod", "e2fsprogs", "zstd",
     # what the seal stage needs inside the root (provisioning.image.seal.REQUIRED_IN_ROOTFS)
     "dracut", "systemd-boot", "systemd-boot-efi", "systemd-ukify", "systemd-cryptsetup", "systemd-repart",
+    "tpm2-tools",
 )
 MARKER = "dm-verity root OK"
 # The unit that proves on the serial console which device / and /var came from.
 MARKER_UNIT = f"""[Unit]
 Description=Report the verity root on the console
-After=local-fs.target systemd-growfs@var.service
+After=local-fs.target systemd-growfs@var.service systemd-pcrphase.service
 
 [Service]
 Type=oneshot
 ExecStart=/bin/sh -c 'echo "{MARKER}: $(findmnt -no SOURCE /) var=$(findmnt -no SOURCE /var) \\
 varsize=$(findmnt -bno SIZE /var) efi=$(findmnt -no SOURCE /efi) \\
 slot=$(cat /etc/appliance-slot) tpm=$(test -e /dev/tpmrm0 && echo yes || echo no) \\
-sb=$(dmesg | grep -c Secure.boot.enabled)" > /dev/console'
+sb=$(dmesg | grep -c Secure.boot.enabled) \\
+pcr11=$(cat /sys/class/tpm/tpm0/pcr-sha256/11 2>/dev/null || echo none)" > /dev/console'
 
 [Install]
 WantedBy=multi-user.target

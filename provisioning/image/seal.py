@@ -49,11 +49,17 @@ REQUIRED_IN_ROOTFS = {
     "usr/lib/systemd/system-generators/systemd-veritysetup-generator": "systemd-cryptsetup",
     "usr/lib/systemd/systemd-bless-boot": "systemd-boot",
     "usr/lib/systemd/system/systemd-repart.service": "systemd-repart",
+    # the initrd's PCR 11 phase words (enter-initrd, leave-initrd) need systemd's pcrextend and
+    # the tss2 libraries it loads; dracut's tpm2-tss module wants tpm2-tools' `tpm2`
+    "usr/lib/systemd/systemd-pcrextend": "systemd",
+    "usr/bin/tpm2": "tpm2-tools",
 }
 # What the pipeline adds to the image's package set for this stage (pipeline.stage_packages()).
 PACKAGES = ("dracut", "linux-image-amd64", "systemd-boot", "systemd-boot-efi", "systemd-cryptsetup",
-            "systemd-repart", "systemd-ukify", "zstd")
-DRACUT_MODULES = ("systemd", "systemd-veritysetup", "dm")
+            "systemd-repart", "systemd-ukify", "tpm2-tools", "zstd")
+# systemd-pcrphase: the initrd measures its phases into PCR 11 as systemd-measure expects (without
+# it a booted node's PCR 11 is none of the values the build records, and it cannot attest)
+DRACUT_MODULES = ("systemd", "systemd-veritysetup", "dm", "systemd-pcrphase", "tpm2-tss")
 DRACUT_DRIVERS = ("squashfs", "dm-verity", "virtio_blk", "virtio_scsi", "virtio_pci", "nvme", "ahci",
                   "sd_mod", "usb_storage", "xhci_pci", "ext4", "vfat")
 # dracut's own "zstd" is `zstd -15 -q -T0`, zstd's multi-threaded mode: the one step of the UKI
