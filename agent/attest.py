@@ -39,7 +39,6 @@ __all__ = ["INSTALLED_CERTIFICATE", "NONCE_BYTES", "PCR_SELECTION", "Enrolment",
 
 PCR_SELECTION = "sha256:0,1,2,3,4,5,6,7,11"
 NONCE_BYTES = (16, 64)  # a TPM2B_DATA extraData holds up to 64 bytes; fewer than 16 is guessable
-FIRMWARE_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
 USERSPACE_LOG = Path("/run/log/systemd/tpm2-measure.log")
 # Event logs are tens of KiB; a bigger one is cut.  Both at their cap must fit, with the quote,
 # in the 4 MiB a gRPC client takes by default (the fleet CLI's), or the answer would be refused.
@@ -177,10 +176,10 @@ class TpmQuoter:
     as enroll.yml sets it)."""
 
     def __init__(self, section: AttestSection, *, state_dir: Path | None = None,
-                 firmware_log: Path = FIRMWARE_LOG, userspace_log: Path = USERSPACE_LOG) -> None:
+                 firmware_log: Path | None = None, userspace_log: Path = USERSPACE_LOG) -> None:
         self._section = section
         self._installed = state_dir / INSTALLED_CERTIFICATE if state_dir is not None else None
-        self._firmware_log = firmware_log
+        self._firmware_log = firmware_log or section.firmware_log
         self._userspace_log = userspace_log
         self._lock = threading.Lock()
 

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/agent.toml")
+FIRMWARE_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")  # the kernel's copy
 
 
 def _port(v: int) -> str | None:
@@ -201,6 +202,9 @@ class AttestSection:
     ak_certificate: Path | None = setting(None, "the AK's certificate from the site CA (DER or PEM); "
                                                 "unset: Node/Attest answers that the node is not enrolled")
     timeout_s: float = setting(30.0, "longest one quote may take", check=_positive)
+    firmware_log: Path = setting(FIRMWARE_LOG,
+                                 "the firmware's TPM event log (PCRs 0-7), sent with each quote; only "
+                                 "root may read the kernel's, so an image's unit copies it for the agent")
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,17 @@ where with ``--registry-url``... or leave ``--registry`` out and those checks sk
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -119,7 +123,8 @@ def appliance(request: pytest.FixtureRequest,
                          accel=config.getoption("--accel"),
                          hang_after=float(config.getoption("--hang-after")),
                          reset_after=float(config.getoption("--reset-after")), record_network=True,
-                         registry_port=int(config.getoption("--registry-port")) or free_port())
+                         registry_port=int(config.getoption("--registry-port")) or free_port(),
+                         tpm=True)  # a TPM 2.0 as a node has: attestation (test_attest.py)
         try:
             seconds = node.power_on(keep_disk=False, bound=bound)
             print(f"\nhil: power-on to agent SERVING over mTLS: {seconds:.1f} s "
@@ -207,3 +212,54 @@ def site_registry(request: pytest.FixtureRequest, appliance: Appliance,
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class Attestation:
+    """The node enrolled for attestation (`appliance fleet enrol-attest`, once per session) and
+    how to ask the fleet CLI for its verdict."""
+
+    inventory: Path
+    client: tuple[str, ...]
+    enrolled: dict[str, Any]  # enrol-attest's JSON answer for the node
+
+    def attest(self, expect: Path) -> tuple[int, dict[str, Any]]:
+        """`appliance fleet attest --expect EXPECT`: its exit status and the node's JSON verdict."""
+        proc = _fleet("attest", *self.client, "--expect", str(expect), "--secure-boot", "optional")
+        return proc.returncode, _one_node(proc)
+
+
+def _fleet(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "provisioning.cli", "fleet", *args], env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+
+
+def _one_node(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    try:
+        (node,) = json.loads(proc.stdout)["nodes"]
+    except (ValueError, KeyError) as exc:
+        raise AssertionError(f"no JSON answer ({exc}):\n{proc.stdout[-2000:]}\n"
+                             f"{proc.stderr[-2000:]}") from None
+    return node  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def attestation(request: pytest.FixtureRequest, appliance: Appliance,
+                tmp_path_factory: pytest.TempPathFactory) -> Attestation:
+    """Enrolment over the node's admin API: its TPM makes the attestation key, the site CA
+    (--pki) certifies it for the inventory name, the node installs the certificate.  Under qemu
+    the machine has a swtpm; OVMF has no Secure Boot keys there, so Secure Boot is optional."""
+    pki: Path | None = request.config.getoption("--pki")
+    if pki is None or appliance.tls_files is None or (appliance.image is not None and not appliance.tpm):
+        pytest.skip("attestation needs --pki (the site CA certifies the node's attestation key) and a TPM")
+    host, port = appliance.target.rsplit(":", 1)
+    inventory = tmp_path_factory.mktemp("attest") / "nodes.toml"
+    inventory.write_text(f'[[nodes]]\nname = "hil-node"\naddress = "{host}"\nport = {port}\n'
+                         + (f'tls_name = "{appliance.tls_name}"\n' if appliance.tls_name else ""))
+    ca, cert, key = (str(p) for p in appliance.tls_files)
+    # a TPM makes keys slowly under emulation: the deadline is generous
+    client = ("-i", str(inventory), "--ca", ca, "--cert", cert, "--key", key, "--deadline", "300", "--json")
+    enrol = _fleet("enrol-attest", *client, "--pki-dir", str(pki))
+    assert enrol.returncode == 0, enrol.stdout[-2000:] + enrol.stderr[-2000:]
+    return Attestation(inventory, client, _one_node(enrol))

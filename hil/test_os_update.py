@@ -74,6 +74,13 @@ def test_os_update_a_to_b(appliance: Appliance, site_registry: SiteRegistry,
     events = _node(appliance).GetEvents(node_pb2.GetEventsRequest(kind_prefix="update.os"), timeout=30)
     kinds = [e.kind for e in events.events]
     assert "update.os.staged" in kinds and "update.os.applied" in kinds, kinds
+    if appliance.tpm:  # the new root attests as the release says (its PCR 11), the old one no more
+        attestation = request.getfixturevalue("attestation")
+        status, verdict = attestation.attest(release_file)
+        assert status == 0 and verdict["data"]["root_hash"] == release.roothash, verdict
+        assert appliance.image is not None
+        status, verdict = attestation.attest(appliance.image.parent / "image-manifest.json")
+        assert status == 1 and "not attested" in verdict["reason"], verdict
 
 
 def _os_events(appliance: Appliance) -> list[Any]:

@@ -27,7 +27,13 @@ from provisioning.image.gpu_manifest import (
 )
 from provisioning.image.gpu_stage import check_lock, check_wheel_files, dkms_conf
 from provisioning.image.mirror import Lock, LockedFile
-from provisioning.image.plan import AGENT_DEVICE_ALLOW, AGENT_UNIT, DEVICES_UNIT, configure_plan
+from provisioning.image.plan import (
+    AGENT_DEVICE_ALLOW,
+    AGENT_UNIT,
+    DEVICES_UNIT,
+    TPM_DEVICE_ALLOW,
+    configure_plan,
+)
 from provisioning.image.profile import load_profile, package_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -549,14 +555,15 @@ def test_agent_unit_gets_the_nvidia_devices_and_nothing_more(tmp_path: Path) -> 
     unit = _gpu_plan(tmp_path).file(f"/etc/systemd/system/{AGENT_UNIT}").content.splitlines()
     assert "DevicePolicy=closed" in unit and "PrivateDevices=no" in unit
     allowed = [x for x in unit if x.startswith("DeviceAllow=")]
-    assert allowed == [f"DeviceAllow={d}" for d in AGENT_DEVICE_ALLOW]
+    assert allowed == [f"DeviceAllow={d}" for d in (*AGENT_DEVICE_ALLOW, TPM_DEVICE_ALLOW)]
     assert "PrivateDevices=yes" not in unit and "ProcSubset=pid" not in unit
     service = unit[unit.index("[Service]"):]
     assert not any(x.startswith(("After=", "Wants=")) for x in service)  # [Unit] options stay there
     assert f"Wants={DEVICES_UNIT} nvidia-persistenced.service" in unit[:unit.index("[Service]")]
     cpu = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
     cpu_unit = cpu.file(f"/etc/systemd/system/{AGENT_UNIT}").content.splitlines()
-    assert "PrivateDevices=yes" in cpu_unit and not any(x.startswith("DeviceAllow=") for x in cpu_unit)
+    assert "PrivateDevices=yes" in cpu_unit
+    assert [x for x in cpu_unit if x.startswith("DeviceAllow=")] == [f"DeviceAllow={TPM_DEVICE_ALLOW}"]
 
 
 def test_gpu_plan_builds_for_the_image_kernel_and_enables_persistenced(tmp_path: Path) -> None:

@@ -135,7 +135,7 @@ def test_agent_unit_and_persistenced(built: dict[str, Path]) -> None:
     assert "DevicePolicy=closed" in unit
     assert {x for x in unit if x.startswith("DeviceAllow=")} == {
         "DeviceAllow=/dev/nvidiactl rw", "DeviceAllow=/dev/nvidia-uvm rw", "DeviceAllow=char-nvidia rw",
-        "DeviceAllow=char-nvidia-frontend rw"}
+        "DeviceAllow=char-nvidia-frontend rw", "DeviceAllow=/dev/tpmrm0 rw"}
     image = json.loads((root / "usr/lib/appliance/image.json").read_text())
     assert image["gpu"]["kernel_release"] == _kernel_release(root)
     assert image["gpu"]["driver_version"] == "550.163.01"

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
+from agent.config import FIRMWARE_LOG, AgentConfig, load_config
 from agent.errors import VerificationError
 from provisioning.image.bake import bake_bundles
 from provisioning.image.mirror import LOCK, Lock, LockedFile
 from provisioning.image.pipeline import plan_build, stage_packages
-from provisioning.image.plan import AGENT_UNIT, configure_plan, nftables_ruleset
-from provisioning.image.profile import load_profile, package_set
+from provisioning.image.plan import AGENT_UNIT, TPM_UDEV_RULES, configure_plan, nftables_ruleset
+from provisioning.image.profile import FIRMWARE_LOG_COPY, load_profile, package_set
 from testsupport.image_helpers import make_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +60,33 @@ def test_agent_toml_round_trips_through_the_agents_loader(tmp_path: Path) -> Non
     loaded = load_config(tmp_path / "agent.toml")
     assert loaded.to_json() == p.agent.to_json()
     assert loaded.server.listen == "127.0.0.1" and loaded.server.port == 8001
+
+
+def test_the_agent_reaches_the_tpm_resource_manager_and_a_copy_of_the_firmware_log(tmp_path: Path) -> None:
+    p = load_profile(ROOT / "images/minimal.toml")
+    plan = configure_plan(p, pip_wheel=PIP)
+    unit = plan.file(f"/etc/systemd/system/{AGENT_UNIT}").content.splitlines()
+    # the private /dev gets the resource manager only (the raw /dev/tpm0 stays out), if present
+    assert {"PrivateDevices=yes", "BindPaths=-/dev/tpmrm0", "DeviceAllow=/dev/tpmrm0 rw"} <= set(unit)
+    assert not any("/dev/tpm0" in line or "char-tpm" in line for line in unit)
+    copy = next(x for x in unit if x.startswith("ExecStartPre=+"))
+    assert f"{FIRMWARE_LOG} {FIRMWARE_LOG_COPY}" in copy and "-o appliance -g appliance" in copy
+    assert "$" not in copy  # systemd would expand it
+    assert p.agent.attest.firmware_log == Path(FIRMWARE_LOG_COPY)
+    assert load_config_text(tmp_path, plan.file("/etc/appliance/agent.toml").content).attest.firmware_log \
+        == Path(FIRMWARE_LOG_COPY)
+    rules = plan.file(TPM_UDEV_RULES).content
+    assert 'SUBSYSTEM=="tpmrm"' in rules and 'GROUP="appliance"' in rules and "tpm0" not in rules
+    # an explicit setting is kept
+    profile = tmp_path / "p.toml"
+    profile.write_text((ROOT / "images/minimal.toml").read_text()
+                       + '\n[agent.attest]\nfirmware_log = "/var/lib/appliance/fw.log"\n')
+    assert load_profile(profile).agent.attest.firmware_log == Path("/var/lib/appliance/fw.log")
+
+
+def load_config_text(tmp_path: Path, text: str) -> AgentConfig:
+    (tmp_path / "agent.toml").write_text(text)
+    return load_config(tmp_path / "agent.toml")
 
 
 def test_profile_listening_beyond_loopback_without_mtls_is_refused(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ class Appliance:
     machine: Machine | None = None  # the running qemu
     # the client's CA, certificate and key files (PEM), for clients other than gRPC's
     tls_files: tuple[Path, Path, Path] | None = None
+    tpm: bool = False  # qemu only: a software TPM (swtpm), kept in the state folder across power-ons
 
     def channel(self) -> grpc.Channel:
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
@@ -93,6 +94,8 @@ class Appliance:
             args += ["--port", f"{guest}={host}"]
         if keep_disk:
             args.append("--keep-disk")
+        if self.tpm:
+            args.append("--tpm")
         began = time.monotonic()
         if self.first_power_on is None:
             self.first_power_on = began

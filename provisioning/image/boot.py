@@ -297,6 +297,7 @@ def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
             plan.overlay, plan.console, plan.pidfile, plan.qmp):
         stale.unlink(missing_ok=True)
     if not keep:
+        shutil.rmtree(plan.state / "tpm", ignore_errors=True)  # a new machine, a new TPM
         shutil.copyfile(plan.vars_template, plan.vars)
         size = max(plan.image.stat().st_size, plan.disk_size or 0)
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", plan.image.resolve(),

@@ -12,12 +12,13 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agent.config import FIRMWARE_LOG
 from agent.config import SECTIONS as AGENT_SECTIONS
 from agent.settings import to_json
 from provisioning.image.egress import nft_output_rules
 from provisioning.image.gpu_manifest import gpu_stack, headers_package
 from provisioning.image.gpu_stage import DEBS_IN_ROOT, DKMS_CONF, KEYS_IN_ROOT, dkms_conf
-from provisioning.image.profile import Profile
+from provisioning.image.profile import FIRMWARE_LOG_COPY, Profile
 
 __all__ = [
     "AGENT_BIN",
@@ -61,6 +62,14 @@ AGENT_UNIT = "appliance-agent.service"
 # from the agent wheel's [project.scripts].
 AGENT_BIN = f"{VENV}/bin/appliance-agent"
 AGENT_EXEC = (AGENT_BIN, "serve", "--config", "/etc/appliance/agent.toml")
+# The TPM: the agent quotes and enrols through the kernel's resource manager, /dev/tpmrm0, which
+# udev gives to the agent's group (tpm-udev gives it to "tss", a group the agent's user namespace
+# cannot map); the firmware's event log is root's only, so the unit copies it for the agent.
+TPM_UDEV_RULES = "/etc/udev/rules.d/70-appliance-tpm.rules"
+KERNEL_FIRMWARE_LOG = str(FIRMWARE_LOG)
+# By node: the raw TPM and its resource manager share one major ("tpm" in /proc/devices), so a
+# class would let the raw device (one user at a time, no isolation between sessions) in as well.
+TPM_DEVICE_ALLOW = "/dev/tpmrm0 rw"
 WHEELS_IN_ROOT = "/var/tmp/appliance-wheels"  # noqa: S108 - inside the image's root; removed again by the plan's last commands
 
 
@@ -376,15 +385,18 @@ def _agent_device_lines(profile: Profile) -> tuple[tuple[str, ...], tuple[str, .
     """
     if profile.gpu_set is None:
         # No ProcSubset=pid: ONNX Runtime reads /proc/cpuinfo at load and aborts without it
-        # (seen as a core dump of the agent in a booted image).
-        return (), ("PrivateDevices=yes", "DevicePolicy=closed")
+        # (seen as a core dump of the agent in a booted image).  Of the physical devices, the
+        # TPM's resource manager only, bound into the private /dev when the node has one.
+        return (), ("PrivateDevices=yes", "DevicePolicy=closed", "BindPaths=-/dev/tpmrm0",
+                    f"DeviceAllow={TPM_DEVICE_ALLOW}")
     # PrivateDevices would hide /dev/nvidia*: the device cgroup (DevicePolicy=closed plus the
     # list) is what limits the agent instead.  CUDA and NVML read /proc/driver/nvidia, which
     # ProcSubset=pid would hide.
     return ((f"After={DEVICES_UNIT} nvidia-persistenced.service",
              f"Wants={DEVICES_UNIT} nvidia-persistenced.service"),
             ("PrivateDevices=no", "DevicePolicy=closed",
-             *(f"DeviceAllow={d}" for d in AGENT_DEVICE_ALLOW), "ProcSubset=all"))
+             *(f"DeviceAllow={d}" for d in (*AGENT_DEVICE_ALLOW, TPM_DEVICE_ALLOW)),
+             "ProcSubset=all"))
 
 
 def gpu_devices_unit() -> str:
@@ -454,6 +466,13 @@ def gpu_plan(profile: Profile, kernel_release: str,
     return files, commands, ["nvidia-persistenced.service", DEVICES_UNIT]
 
 
+def tpm_udev_rules() -> str:
+    """After tpm-udev's 60-tpm-udev.rules: the resource manager to the agent's group, the raw
+    TPM (no resource manager: one user at a time) left to root and tss."""
+    return ("# Written by `appliance build`: the agent quotes and enrols through the TPM resource manager.\n"
+            f'SUBSYSTEM=="tpmrm", KERNEL=="tpmrm[0-9]*", GROUP="{AGENT_GROUP}", MODE="0660"\n')
+
+
 def agent_unit(profile: Profile) -> str:
     """The agent's sandboxed systemd unit (no capabilities, strict FS; devices: none, or the GPU's)."""
     state = str(profile.agent.server.state_dir)
@@ -477,6 +496,9 @@ def agent_unit(profile: Profile) -> str:
         # READY=1 comes once it serves: seconds on hardware, a minute or more under emulation
         "TimeoutStartSec=5min",
         *_cpu_check_pre(profile),
+        # '+': as root, outside the sandbox; the log does not change after the firmware's hand-over
+        f"ExecStartPre=+/bin/sh -c '[ -r {KERNEL_FIRMWARE_LOG} ] || exit 0; exec install -m 0400 "
+        f"-o {AGENT_USER} -g {AGENT_GROUP} {KERNEL_FIRMWARE_LOG} {FIRMWARE_LOG_COPY}'",
         f"ExecStart={' '.join(AGENT_EXEC)}",
         "Restart=on-failure",
         "RestartSec=2s",
@@ -854,6 +876,7 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         FileSpec("/etc/machine-id", ""),
         FileSpec("/etc/appliance/agent.toml", agent_toml(profile), 0o640, "root", AGENT_GROUP),
         FileSpec(f"/etc/systemd/system/{AGENT_UNIT}", agent_unit(profile)),
+        FileSpec(TPM_UDEV_RULES, tpm_udev_rules()),
         FileSpec("/etc/systemd/network/50-appliance.network", _network(profile)),
         *_hardening_files(profile),
         *_time_files(profile),

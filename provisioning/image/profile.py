@@ -214,6 +214,8 @@ def _ips(v: tuple[str, ...]) -> str | None:
 
 # Where a baked node certificate lives in the image (the agent's [tls] defaults to these).
 TLS_IN_ROOT = "/etc/appliance/tls"
+# Where the agent's unit copies the firmware's TPM event log (the agent's [attest] default).
+FIRMWARE_LOG_COPY = "/run/appliance-agent/tpm-firmware-log"
 
 
 @dataclass(frozen=True)
@@ -508,6 +510,8 @@ def _agent(path: Path, raw: Any, *, baked_tls: bool = False) -> AgentConfig:
         sections["tls"] = replace(tls, cert=Path(f"{TLS_IN_ROOT}/node.crt"),
                                   key=Path(f"{TLS_IN_ROOT}/node.key"),
                                   ca=Path(f"{TLS_IN_ROOT}/ca.crt"), crl=Path(f"{TLS_IN_ROOT}/crl.pem"))
+    if "firmware_log" not in raw.get("attest", {}):  # the kernel's is root's only
+        sections["attest"] = replace(sections["attest"], firmware_log=Path(FIRMWARE_LOG_COPY))
     config = AgentConfig(**sections, origin=f"{path}: [agent]")
     from agent.security import check_listen
 
