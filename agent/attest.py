@@ -176,10 +176,10 @@ class TpmQuoter:
     as enroll.yml sets it)."""
 
     def __init__(self, section: AttestSection, *, state_dir: Path | None = None,
-                 firmware_log: Path | None = None, userspace_log: Path = USERSPACE_LOG) -> None:
+                 userspace_log: Path = USERSPACE_LOG) -> None:
         self._section = section
         self._installed = state_dir / INSTALLED_CERTIFICATE if state_dir is not None else None
-        self._firmware_log = firmware_log or section.firmware_log
+        self._firmware_log = section.firmware_log
         self._userspace_log = userspace_log
         self._lock = threading.Lock()
 

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ import grpc
 import pytest
 
 from provisioning.image.boot import AGENT_PORTS, GUEST_FORWARD_ADDR
-from testsupport.appliance import REGISTRY_GUEST_PORT, Appliance, free_port, wait_serving
+from testsupport.appliance import REGISTRY_GUEST_PORT, Appliance, appliance_cli, free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -230,9 +229,7 @@ class Attestation:
 
 
 def _fleet(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "provisioning.cli", "fleet", *args], env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    return appliance_cli("fleet", *args, timeout=900)
 
 
 def _one_node(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -75,8 +75,8 @@ def _expected(uki: bytes) -> dict[tuple[int, int], bytes]:
 def test_the_nodes_quote_verifies_and_carries_its_key_certificate_and_logs(node: tuple[str, Path]) -> None:
     tcti, tmp = node
     (tmp / "fw.log").write_bytes(b"firmware events" * 10)
-    quoter = TpmQuoter(AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "ak.crt"),
-                       firmware_log=tmp / "fw.log", userspace_log=tmp / "absent.log")
+    quoter = TpmQuoter(AttestSection(tcti=tcti, ak_handle=HANDLE, ak_certificate=tmp / "ak.crt",
+                                     firmware_log=tmp / "fw.log"), userspace_log=tmp / "absent.log")
     nonce = os.urandom(32)
     q = quoter.quote(nonce)
     result = a.verify_quote(ak_public=q.ak_public, attest=q.attest, signature=q.signature,

@@ -21,7 +21,7 @@ import grpc
 from provisioning.image.boot import ConsoleWatch, Machine
 from provisioning.image.boot import load as load_machine
 
-__all__ = ["REGISTRY_GUEST_PORT", "Appliance", "free_port", "serving_status", "wait_serving"]
+__all__ = ["REGISTRY_GUEST_PORT", "Appliance", "appliance_cli", "free_port", "serving_status", "wait_serving"]
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_GUEST_PORT = 18480  # images/hil.toml: [agent.updates] sources = ["http://10.0.2.100:18480"]
@@ -99,7 +99,7 @@ class Appliance:
         began = time.monotonic()
         if self.first_power_on is None:
             self.first_power_on = began
-        proc = _appliance(*args, timeout=120)
+        proc = appliance_cli(*args, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"appliance boot failed:\n{proc.stderr[-3000:]}")
         if self.record_network:
@@ -123,10 +123,10 @@ class Appliance:
             keep = self.state / f"console-boot{len(self.serving_seconds)}.log"
             shutil.copyfile(self.console, keep)
         if self.state is not None and (self.state / "machine.json").exists():
-            _appliance("boot", "--stop", str(self.state), "--json", timeout=120)
+            appliance_cli("boot", "--stop", str(self.state), "--json", timeout=120)
 
 
-def _appliance(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def appliance_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "provisioning.cli", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)

@@ -152,6 +152,8 @@ def uki_difference(a: Path, b: Path) -> str:
     if ".initrd" in differ and ".initrd" in sa and ".initrd" in sb:
         def unpack(blob: bytes) -> bytes:
             start = blob.find(b"\x28\xb5\x2f\xfd")  # zstd after any uncompressed early cpio
+            if start < 0:
+                return blob
             # no check: zstd complains of the section's zero padding after what it decompressed
             raw = subprocess.run(["zstd", "-dc"], input=blob[start:], capture_output=True, check=False).stdout
             return blob[:start] + raw

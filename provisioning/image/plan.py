@@ -66,7 +66,6 @@ AGENT_EXEC = (AGENT_BIN, "serve", "--config", "/etc/appliance/agent.toml")
 # udev gives to the agent's group (tpm-udev gives it to "tss", a group the agent's user namespace
 # cannot map); the firmware's event log is root's only, so the unit copies it for the agent.
 TPM_UDEV_RULES = "/etc/udev/rules.d/70-appliance-tpm.rules"
-KERNEL_FIRMWARE_LOG = str(FIRMWARE_LOG)
 # By node: the raw TPM and its resource manager share one major ("tpm" in /proc/devices), so a
 # class would let the raw device (one user at a time, no isolation between sessions) in as well.
 TPM_DEVICE_ALLOW = "/dev/tpmrm0 rw"
@@ -497,8 +496,8 @@ def agent_unit(profile: Profile) -> str:
         "TimeoutStartSec=5min",
         *_cpu_check_pre(profile),
         # '+': as root, outside the sandbox; the log does not change after the firmware's hand-over
-        f"ExecStartPre=+/bin/sh -c '[ -r {KERNEL_FIRMWARE_LOG} ] || exit 0; exec install -m 0400 "
-        f"-o {AGENT_USER} -g {AGENT_GROUP} {KERNEL_FIRMWARE_LOG} {FIRMWARE_LOG_COPY}'",
+        f"ExecStartPre=+/bin/sh -c '[ -r {FIRMWARE_LOG} ] || exit 0; exec install -m 0400 "
+        f"-o {AGENT_USER} -g {AGENT_GROUP} {FIRMWARE_LOG} {FIRMWARE_LOG_COPY}'",
         f"ExecStart={' '.join(AGENT_EXEC)}",
         "Restart=on-failure",
         "RestartSec=2s",
