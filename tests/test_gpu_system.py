@@ -14,11 +14,13 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_appliance
+from testsupport.scratch import scratch
 
 pytestmark = [pytest.mark.system, pytest.mark.gpu_image, pytest.mark.timeout(7200)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +34,12 @@ def _chroot(root: Path, *argv: str, env: dict[str, str] | None = None) -> subpro
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("gpu-image")
+def built(request: pytest.FixtureRequest) -> Iterator[dict[str, Path]]:
+    with scratch(request, "gpu-image") as tmp:
+        yield _build(tmp)
+
+
+def _build(tmp: Path) -> dict[str, Path]:
     (tmp / "firmware-manifests").mkdir()
     manifest = ROOT / "firmware-manifests/nvidia-550-trixie.toml"
     (tmp / "firmware-manifests" / manifest.name).write_text(manifest.read_text())

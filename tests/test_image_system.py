@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from provisioning.image.bake import verify_targets
 from tests.conftest import run_appliance
 from testsupport.image_helpers import make_registry
+from testsupport.scratch import scratch
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,13 +31,17 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def built(request: pytest.FixtureRequest) -> Iterator[dict[str, Path]]:
+    with scratch(request, "image") as tmp:
+        yield _build_twice(tmp)
+
+
+def _build_twice(tmp: Path) -> dict[str, Path]:
     import numpy as np
 
     from provisioning.bundle import create_bundle
     from provisioning.demo.models import affine_model, save_golden
 
-    tmp = tmp_path_factory.mktemp("image")
     model = affine_model(tmp / "affine.onnx")
     golden = save_golden(tmp / "g.npz", {"x": np.arange(8, dtype=np.float32).reshape(2, 4)})
     bundle = create_bundle(model, name="affine", version="1.0.0", golden=[golden],

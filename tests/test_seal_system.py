@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from provisioning.image.stage import DiskSizes, StageContext
 from tests.conftest import run_appliance
 from testsupport.appliance import free_port
 from testsupport.image_helpers import uki_difference
+from testsupport.scratch import scratch
 from testsupport.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
@@ -41,15 +43,15 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def sealed_a(tmp_path_factory: pytest.TempPathFactory) -> StageContext:
+def sealed_a(request: pytest.FixtureRequest) -> Iterator[StageContext]:
     _needs("mmdebstrap", "mksquashfs", "veritysetup", "sfdisk", "mkfs.vfat", "mcopy", "faketime", "unshare")
-    base = tmp_path_factory.mktemp("seal")
-    root = make_rootfs(cache_dir(base / "cache"), base / "root-a", "A")
-    ctx = StageContext(rootfs=root, out=base / "out", work=base / "work", source_date_epoch=EPOCH,
-                       version="1.0", sizes=SIZES)
-    seal(ctx)
-    disk(ctx)
-    return ctx
+    with scratch(request, "seal") as base:
+        root = make_rootfs(cache_dir(base / "cache"), base / "root-a", "A")
+        ctx = StageContext(rootfs=root, out=base / "out", work=base / "work", source_date_epoch=EPOCH,
+                           version="1.0", sizes=SIZES)
+        seal(ctx)
+        disk(ctx)
+        yield ctx
 
 
 def test_seal_and_disk_are_reproducible(sealed_a: StageContext) -> None:
@@ -110,11 +112,11 @@ def test_boots_to_the_verity_root_and_grows_the_data_partition(sealed_a: StageCo
 
 
 def test_secure_boot_runs_the_signed_image_and_refuses_the_unsigned(
-        sealed_a: StageContext, tmp_path_factory: pytest.TempPathFactory) -> None:
+        sealed_a: StageContext, tmp_path: Path) -> None:
     _needs("qemu-system-x86_64", "qemu-img", "sbsign")
     if not vm.SNAKEOIL_KEY.exists():
         pytest.skip("Debian's ovmf snakeoil key is missing")
-    base = tmp_path_factory.mktemp("sb")
+    base = tmp_path
     refused = _boot_cli(sealed_a.out / "disk.raw", base / "vm-unsigned", "Access Denied", "--secure-boot")
     assert "Access Denied" in str(refused["matched"])
     import subprocess
@@ -144,13 +146,13 @@ def _esp_files(overlay: Path, work: Path) -> list[str]:
 
 
 def test_a_slot_that_never_blesses_falls_back_to_the_other(
-        sealed_a: StageContext, tmp_path_factory: pytest.TempPathFactory) -> None:
+        sealed_a: StageContext, tmp_path: Path) -> None:
     """Slot B (newer, tried first) fails before boot-complete.target and reboots; its single try is
     used up, so systemd-boot boots slot A by itself, and A blesses itself."""
     _needs("qemu-system-x86_64", "qemu-img", "mdir")
     from provisioning.image.disk import build_disk
 
-    base = tmp_path_factory.mktemp("ab")
+    base = tmp_path
     root_b = make_rootfs(cache_dir(base / "cache"), base / "root-b", "B", broken=True)
     ctx_b = StageContext(rootfs=root_b, out=base / "out-b", work=base / "work-b", source_date_epoch=EPOCH,
                          version="2.0", sizes=SIZES)
