@@ -180,3 +180,22 @@ def test_hil_console_parser_waits_for_a_report_still_being_written(tmp_path: Pat
         assert _listeners(console, bound=60) == [("tcp", "0.0.0.0:8001")]
     finally:
         writer.join()
+
+
+def test_the_bench_site_signs_its_ukis_pcr_policy(tmp_path: Path) -> None:
+    """The hil bench's profile names a PCR key of its own, kept outside the baked PKI folder."""
+    import stat
+    import tomllib
+
+    from provisioning.demo.bench import bench_paths, ensure_pki, write_profile
+    from provisioning.image.pcrsign import load_pcr_key
+
+    bench = bench_paths(tmp_path / "bench")
+    ensure_pki(bench)
+    key = load_pcr_key(bench.pcr_key)
+    assert stat.S_IMODE(bench.pcr_key.stat().st_mode) == 0o600
+    assert not bench.pcr_key.is_relative_to(bench.pki)
+    profile = tomllib.loads(write_profile(bench).read_text())
+    assert profile["tpm"] == {"pcr_key": str(bench.pcr_key)}
+    ensure_pki(bench)  # a second run keeps the key: images it signed still unlock
+    assert load_pcr_key(bench.pcr_key).private_numbers() == key.private_numbers()

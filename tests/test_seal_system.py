@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from provisioning.image import boot as vm
 from provisioning.image.disk import disk, load_sealed
-from provisioning.image.measure import PHASES, expected_pcr11
+from provisioning.image.measure import PHASES, expected_pcr11, pe_sections
+from provisioning.image.pcrsign import check_pcr_signature, key_fingerprint, load_pcr_key, public_pem
 from provisioning.image.seal import seal
 from provisioning.image.stage import DiskSizes, StageContext
 from tests.conftest import run_appliance
@@ -47,8 +50,13 @@ def sealed_a(request: pytest.FixtureRequest) -> Iterator[StageContext]:
     _needs("mmdebstrap", "mksquashfs", "veritysetup", "sfdisk", "mkfs.vfat", "mcopy", "faketime", "unshare")
     with scratch(request, "seal") as base:
         root = make_rootfs(cache_dir(base / "cache"), base / "root-a", "A")
+        # the site signs the UKI's PCR 11 policy: .pcrpkey is measured, so the booted PCR 11
+        # below checks the signed UKI's prediction too
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        (base / "pcr.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         ctx = StageContext(rootfs=root, out=base / "out", work=base / "work", source_date_epoch=EPOCH,
-                           version="1.0", sizes=SIZES)
+                           version="1.0", sizes=SIZES, pcr_key=base / "pcr.key")
         seal(ctx)
         disk(ctx)
         yield ctx
@@ -57,7 +65,7 @@ def sealed_a(request: pytest.FixtureRequest) -> Iterator[StageContext]:
 def test_seal_and_disk_are_reproducible(sealed_a: StageContext) -> None:
     again = StageContext(rootfs=sealed_a.rootfs, out=sealed_a.out.with_name("out2"),
                          work=sealed_a.work.with_name("work2"), source_date_epoch=EPOCH,
-                         version="1.0", sizes=SIZES)
+                         version="1.0", sizes=SIZES, pcr_key=sealed_a.pcr_key)
     seal(again)
     disk(again)
     for name in ("root.squashfs", "root.verity", "root.roothash", "appliance-1.0.efi", "disk.raw",
@@ -75,6 +83,18 @@ def test_verity_root_hash_checks_out_from_outside(sealed_a: StageContext) -> Non
         ["objcopy", "-O", "binary", "--only-section=.cmdline", str(s.uki), "/dev/stdout"],
         capture_output=True, check=True).stdout.decode()
     assert f"roothash={s.roothash}" in cmdline
+
+
+def test_the_uki_carries_the_sites_signature_of_its_initrd_pcr_policy(sealed_a: StageContext) -> None:
+    """ukify (the image's systemd 257) signed the policy; the record is what the check found."""
+    assert sealed_a.pcr_key is not None
+    public = public_pem(load_pcr_key(sealed_a.pcr_key))
+    uki = sealed_a.out / "appliance-1.0.efi"
+    record = json.loads((sealed_a.out / "seal.json").read_text())["pcr_signature"]
+    assert record == check_pcr_signature(uki, public)
+    assert record["phases"] == ["enter-initrd"]
+    assert record["public_key_fingerprint"] == key_fingerprint(load_pcr_key(sealed_a.pcr_key).public_key())
+    assert pe_sections(uki.read_bytes())[".pcrpkey"].rstrip(b"\0") == public
 
 
 def _boot_cli(image: Path, state: Path, pattern: str, *extra: str) -> dict[str, object]:

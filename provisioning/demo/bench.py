@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.fsutil import atomic_write_bytes
 from provisioning.tools import require_tool, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +60,11 @@ class Bench:
     @property
     def image(self) -> Path:
         return self.out / "disk" / "disk.raw"
+
+    @property
+    def pcr_key(self) -> Path:
+        """The bench site's key that signs each UKI's PCR 11 policy ([tpm] pcr_key)."""
+        return self.cache / "pcr.key"
 
     @property
     def client(self) -> dict[str, Path]:
@@ -111,6 +117,14 @@ def ensure_pki(bench: Bench) -> None:
         init_pki(bench.pki, organization="Sovereign Appliance HIL bench")
     if not bench.client["cert"].is_file():
         issue_client(bench.pki, "hil-admin", "admin", days=30)
+    if not bench.pcr_key.is_file():
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        atomic_write_bytes(bench.pcr_key, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            mode=0o600)
 
 
 def publish_bundle_version(bench: Bench, version: str) -> str:
@@ -150,6 +164,7 @@ def write_profile(bench: Bench, *baked_targets: str) -> Path:
     text = text.replace('dir = "../hil/site-pki"', f'dir = "{bench.pki}"')
     text = text.replace('registry = ""', f'registry = "{bench.registry / "published"}"')
     text = text.replace("targets = []", f"targets = {json.dumps(list(baked_targets))}")
+    text += f'\n[tpm]\npcr_key = "{bench.pcr_key}"\n'  # the bench site signs its UKIs' PCR policy
     bench.profile.parent.mkdir(parents=True, exist_ok=True)
     if not bench.profile.is_file() or bench.profile.read_text() != text:
         bench.profile.write_text(text)

@@ -33,6 +33,7 @@ from provisioning.image.egress import egress_json
 from provisioning.image.gpu_manifest import gpu_packages
 from provisioning.image.gpu_stage import check_lock
 from provisioning.image.mirror import Lock, load_lock, missing_packages, verify_mirror
+from provisioning.image.pcrsign import key_fingerprint, load_pcr_key
 from provisioning.image.profile import Profile, load_profile, package_set
 from provisioning.image.seal import PACKAGES as SEAL_PACKAGES
 from provisioning.image.seal import seal
@@ -222,6 +223,7 @@ def stage_context(ctx: BuildContext, stage: str) -> StageContext:
         sealed=ctx.stage_path("seal"),
         cpu_level=profile.image.cpu_level,
         egress=tuple(egress_json(profile)),
+        pcr_key=profile.pcr_key,
     )
 
 
@@ -229,6 +231,8 @@ def _sealed_stage(name: str, module: str, run_stage: Callable[[StageContext], ob
     """The seal or disk stage: ``run_stage`` on this build's :func:`stage_context`."""
     def inputs(ctx: BuildContext) -> dict[str, Any]:
         data: dict[str, Any] = {"sde": ctx.source_date_epoch}
+        if name == "seal" and ctx.profile.pcr_key is not None:  # the key's public half names it
+            data["pcr_key"] = key_fingerprint(load_pcr_key(ctx.profile.pcr_key).public_key())
         if name == "disk":
             data["disk"] = ctx.profile.to_json()["disk"]
             data["cpu_level"] = ctx.profile.image.cpu_level  # recorded in image-manifest.json

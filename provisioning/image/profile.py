@@ -23,8 +23,9 @@ from agent.config import AgentConfig
 from agent.cpu import DEFAULT_LEVEL as DEFAULT_CPU_LEVEL
 from agent.errors import ConfigError
 from agent.settings import from_table, path_problem, read_toml, setting, to_json
-from provisioning.errors import ProfileError
+from provisioning.errors import ImageError, ProfileError
 from provisioning.image.gpu_manifest import GpuManifest, check_compatibility, gpu_packages, load_manifest
+from provisioning.image.pcrsign import load_pcr_key
 
 __all__ = [
     "BASE_PACKAGES",
@@ -42,6 +43,7 @@ __all__ = [
     "PythonSection",
     "SshSection",
     "TimeSection",
+    "TpmSection",
     "User",
     "load_profile",
     "package_set",
@@ -272,6 +274,15 @@ class BootSection:
 
 
 @dataclass(frozen=True)
+class TpmSection:
+    pcr_key: str = setting("", "PEM RSA-2048 private key of the site that signs each UKI's PCR 11 "
+                           "policy (ukify --pcr-private-key): data sealed to the TPM unlocks under "
+                           "any image this key signs and no other (relative paths are from the "
+                           "profile's directory; empty: the UKI's policy is not signed)",
+                           check=path_problem)
+
+
+@dataclass(frozen=True)
 class TimeSection:
     ntp: tuple[str, ...] = setting((), "site NTP servers (none: keep the hardware clock)")
 
@@ -312,6 +323,7 @@ class Profile:
     pki: PkiSection = field(default_factory=PkiSection)
     diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
     boot: BootSection = field(default_factory=BootSection)
+    tpm: TpmSection = field(default_factory=TpmSection)
     users: tuple[User, ...] = ()
     agent: AgentConfig = field(default_factory=AgentConfig)
     gpu_set: GpuManifest | None = None  # the parsed [gpu] manifest, set by load_profile
@@ -361,6 +373,11 @@ class Profile:
         return (base / self.gpu.signing_key).resolve(), (base / self.gpu.signing_cert).resolve()
 
     @property
+    def pcr_key(self) -> Path | None:
+        """The site's PCR policy signing key ([tpm] pcr_key), or None when the UKI is not signed so."""
+        return (self.path.parent / self.tpm.pcr_key).resolve() if self.tpm.pcr_key else None
+
+    @property
     def inbound_tcp(self) -> tuple[int, ...]:
         """Every TCP port the firewall opens: the agent's three, sshd's when enabled, the extras."""
         ports = {self.agent.server.port, *self.network.allow_tcp}
@@ -395,6 +412,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "pki": PkiSection,
     "diagnostics": DiagnosticsSection,
     "boot": BootSection,
+    "tpm": TpmSection,
 }
 
 
@@ -544,6 +562,11 @@ def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads
     elif net.address or net.gateway:
         raise ProfileError(f"{where}: [network] address = {net.address!r}: "
                            "only meaningful with mode = \"static\"")
+    if p.pcr_key is not None:
+        try:
+            load_pcr_key(p.pcr_key)
+        except ImageError as exc:
+            raise ProfileError(f"{where}: [tpm] pcr_key = {p.tpm.pcr_key!r}: {exc}") from None
     if p.ssh.enabled and not any(u.ssh_keys for u in p.users):
         raise ProfileError(f"{where}: [ssh] enabled = true: no [[users]] entry has ssh_keys "
                            "(SSH is key-only)")

@@ -10,7 +10,9 @@
    the root and verity partitions the UUIDs systemd derives from the root hash;
 4. a Unified Kernel Image made by ukify inside the root, its command line carrying the root
    hash and the mounts of the data partition (/var) and the ESP (/efi, for boot blessing);
-5. signed with sbsign when a Secure Boot key is configured (the UKI and systemd-boot).
+5. signed with sbsign when a Secure Boot key is configured (the UKI and systemd-boot); with a
+   site PCR key, ukify also signs the UKI's PCR 11 policy of the initrd phase, which is what a
+   TPM-sealed data partition unlocks with (provisioning.image.pcrsign; checked before recording).
 
 Outputs in ``ctx.out``: ``root.squashfs``, ``root.verity``, ``root.roothash``,
 ``NAME-VERSION.efi`` (the UKI), ``systemd-bootx64.efi`` and ``seal.json``.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -30,6 +33,7 @@ from agent.fsutil import atomic_write_text, file_sha256
 from provisioning.errors import ImageError
 from provisioning.image.disk import Sealed, data_uuid, esp_uuid
 from provisioning.image.measure import pcr11_record
+from provisioning.image.pcrsign import SIGNED_PHASES, check_pcr_signature, load_pcr_key, public_pem
 from provisioning.image.profile import SEAL_OWNED_ARGS
 from provisioning.image.stage import RunFn, StageContext, check_paths
 
@@ -241,10 +245,27 @@ def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path) -> Path:
         "dracut", "--quiet", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--reproducible",
         "--compress", ZSTD_DETERMINISTIC, "--kver", kver, "--add", " ".join(DRACUT_MODULES),
         "--add-drivers", drivers, "--omit", "plymouth", "/tmp/seal/initrd.img"]), env=epoch)  # noqa: S108 (in the chroot)
-    ctx.run(chroot_argv(ctx.rootfs, work, [
-        "ukify", "build", f"--linux=/boot/vmlinuz-{kver}", "--initrd=/tmp/seal/initrd.img",
-        "--cmdline=@/tmp/seal/cmdline", "--os-release=@/tmp/seal/os-release", f"--uname={kver}",
-        "--output=/tmp/seal/uki.efi"]), env=epoch)
+    ukify = ["ukify", "build", f"--linux=/boot/vmlinuz-{kver}", "--initrd=/tmp/seal/initrd.img",
+             "--cmdline=@/tmp/seal/cmdline", "--os-release=@/tmp/seal/os-release", f"--uname={kver}",
+             "--output=/tmp/seal/uki.efi"]
+    if ctx.pcr_key is None:
+        ctx.run(chroot_argv(ctx.rootfs, work, ukify), env=epoch)
+        return work / "uki.efi"
+    # the site signs the PCR 11 policy of the initrd phase (provisioning.image.pcrsign): the
+    # private key is in the work folder for ukify's run only, readable by root alone
+    key = load_pcr_key(ctx.pcr_key)
+    public = public_pem(key)
+    (work / "pcr.pub").write_bytes(public)
+    secret = work / "pcr.key"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(ctx.pcr_key.read_bytes())
+        ctx.run(chroot_argv(ctx.rootfs, work, [
+            *ukify, "--pcr-private-key=/tmp/seal/pcr.key", "--pcr-public-key=/tmp/seal/pcr.pub",
+            "--pcr-banks=sha256", f"--phases={' '.join(SIGNED_PHASES)}"]), env=epoch)
+    finally:
+        secret.unlink(missing_ok=True)
     return work / "uki.efi"
 
 
@@ -259,7 +280,10 @@ def seal(ctx: StageContext) -> Sealed:
             is missing. ToolError: mksquashfs, veritysetup, dracut, ukify or sbsign failed.
     """
     _check_rootfs(ctx.rootfs)
-    check_paths([("Secure Boot key", ctx.secure_boot_key), ("Secure Boot certificate", ctx.secure_boot_cert)])
+    check_paths([("Secure Boot key", ctx.secure_boot_key), ("Secure Boot certificate", ctx.secure_boot_cert),
+                 ("PCR signing key", ctx.pcr_key)])
+    if ctx.pcr_key is not None:
+        load_pcr_key(ctx.pcr_key)  # refused before the long steps, not after them
     kver = kernel_version(ctx.rootfs)
     work = ctx.work / "seal"
     shutil.rmtree(work, ignore_errors=True)
@@ -288,6 +312,8 @@ def seal(ctx: StageContext) -> Sealed:
     sealed = Sealed(ctx.name, ctx.version, roothash, root_image, verity_image, uki)
     doc = sealed.to_json() | {"kernel": kver, "signed": ctx.signing,
                               "cmdline": cmdline, "pcr11": pcr11_record(uki)}
+    if ctx.pcr_key is not None:  # what ukify signed is what unlocks: checked, then recorded
+        doc["pcr_signature"] = check_pcr_signature(uki, public_pem(load_pcr_key(ctx.pcr_key)))
     atomic_write_text(ctx.out / "seal.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return sealed

@@ -68,6 +68,8 @@ class StageContext:
     sizes: DiskSizes = field(default_factory=DiskSizes)
     secure_boot_key: Path | None = None
     secure_boot_cert: Path | None = None
+    # the site's RSA-2048 key that signs the UKI's PCR 11 policy (provisioning.image.pcrsign)
+    pcr_key: Path | None = None
     extra_cmdline: tuple[str, ...] = ()
     boot_tries: int = 3
     keep_xattrs: bool = False
@@ -105,6 +107,7 @@ class StageContext:
             "sizes": [self.sizes.esp_mib, self.sizes.root_mib, self.sizes.data_mib, self.sizes.data_label],
             "cmdline": list(self.extra_cmdline), "tries": self.boot_tries, "xattrs": self.keep_xattrs,
             "signing": [_file_hash(self.secure_boot_key), _file_hash(self.secure_boot_cert)],
+            "pcr_key": _file_hash(self.pcr_key),
         }
         h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
         for item in extra:
