@@ -36,11 +36,15 @@ POLICY = "7051020586abe7e50d137db4eef199775e6692380dbd2ccbafc257d972af7637"
 SECTIONS = [(".linux", b"\x7fkernel" * 300), (".osrel", b"ID=appliance\n"), (".cmdline", b"ro quiet\n")]
 
 
+def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
 def _key(tmp_path: Path, name: str = "pcr.key") -> tuple[Path, rsa.RSAPrivateKey]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path / name
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(_pem(key))
     return path, key
 
 
@@ -120,12 +124,9 @@ def test_the_key_must_be_an_unencrypted_rsa_2048_pem(tmp_path: Path) -> None:
     bad = {
         "no.key": (None, "cannot read it"),
         "text.key": (b"not a key\n", "not a PEM private key"),
-        "ec.key": (ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-            "an EC secp256r1 key; an RSA key of 2048 bits"),
-        "big.key": (rsa.generate_private_key(public_exponent=65537, key_size=3072).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-            "RSA of 3072 bits"),
+        "ec.key": (_pem(ec.generate_private_key(ec.SECP256R1())),
+                   "an EC secp256r1 key; an RSA key of 2048 bits"),
+        "big.key": (_pem(rsa.generate_private_key(public_exponent=65537, key_size=3072)), "RSA of 3072 bits"),
         "locked.key": (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.BestAvailableEncryption(b"pw")), "is encrypted"),
     }
@@ -143,14 +144,12 @@ def test_the_profile_names_the_key_and_refuses_a_wrong_one(tmp_path: Path) -> No
     profile.write_text('[tpm]\npcr_key = "pcr.key"\n')
     assert load_profile(profile).pcr_key == tmp_path / "pcr.key"
     assert load_profile(tmp_path / "p.toml").to_json()["tpm"] == {"pcr_key": "pcr.key"}
-    (tmp_path / "ec.key").write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    profile.write_text('[tpm]\npcr_key = "ec.key"\n')
-    with pytest.raises(ProfileError, match=r"p.toml: \[tpm\] pcr_key = 'ec.key': PCR signing key .*ec.key"):
-        load_profile(profile)
-    profile.write_text('[tpm]\npcr_key = "../../etc/none.key"\n')
-    with pytest.raises(ProfileError, match="pcr_key"):
-        load_profile(profile)
+    (tmp_path / "ec.key").write_bytes(_pem(ec.generate_private_key(ec.SECP256R1())))
+    for name, expected in (("ec.key", r"p.toml: \[tpm\] pcr_key = 'ec.key': PCR signing key .*ec.key"),
+                           ("../../etc/none.key", "pcr_key = '../../etc/none.key'")):
+        profile.write_text(f'[tpm]\npcr_key = "{name}"\n')
+        with pytest.raises(ProfileError, match=expected):
+            load_profile(profile)
 
 
 @pytest.mark.system  # systemd-measure 252 computes the policy with a TPM: swtpm
@@ -162,10 +161,9 @@ def test_a_signature_systemd_measure_made_verifies(tmp_path: Path) -> None:
         pytest.skip("needs systemd-measure and swtpm")
     path, key = _key(tmp_path)
     (tmp_path / "pcr.pub").write_bytes(public_pem(key))
-    args = [f"--{name.removeprefix('.').replace('osrel', 'osrel')}={tmp_path / name.removeprefix('.')}"
-            for name, _ in SECTIONS]
+    args = [f"--{name[1:]}={tmp_path / name[1:]}" for name, _ in SECTIONS]  # --linux=..., --osrel=...
     for name, content in SECTIONS:
-        (tmp_path / name.removeprefix(".")).write_bytes(content)
+        (tmp_path / name[1:]).write_bytes(content)
     (tmp_path / "tpm").mkdir()
     with swtpm_server(tmp_path / "tpm") as tcti:
         signed = subprocess.run(
