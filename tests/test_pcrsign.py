@@ -22,6 +22,7 @@ from provisioning.image.pcrsign import (
     check_pcr_signature,
     key_fingerprint,
     load_pcr_key,
+    new_pcr_key,
     policy_pcr_digest,
     public_pem,
 )
@@ -42,10 +43,7 @@ def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _key(tmp_path: Path, name: str = "pcr.key") -> tuple[Path, rsa.RSAPrivateKey]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    path = tmp_path / name
-    path.write_bytes(_pem(key))
-    return path, key
+    return tmp_path / name, new_pcr_key(tmp_path / name)
 
 
 def _sign(key: rsa.RSAPrivateKey, value: bytes, *, pkfp: str | None = None) -> dict[str, object]:

@@ -16,13 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from provisioning.image import boot as vm
 from provisioning.image.disk import disk, load_sealed
 from provisioning.image.measure import PHASES, expected_pcr11, pe_sections
-from provisioning.image.pcrsign import check_pcr_signature, key_fingerprint, load_pcr_key, public_pem
+from provisioning.image.pcrsign import (
+    check_pcr_signature,
+    key_fingerprint,
+    load_pcr_key,
+    new_pcr_key,
+    public_pem,
+)
 from provisioning.image.seal import seal
 from provisioning.image.stage import DiskSizes, StageContext
 from tests.conftest import run_appliance
@@ -52,9 +56,7 @@ def sealed_a(request: pytest.FixtureRequest) -> Iterator[StageContext]:
         root = make_rootfs(cache_dir(base / "cache"), base / "root-a", "A")
         # the site signs the UKI's PCR 11 policy: .pcrpkey is measured, so the booted PCR 11
         # below checks the signed UKI's prediction too
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        (base / "pcr.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        new_pcr_key(base / "pcr.key")
         ctx = StageContext(rootfs=root, out=base / "out", work=base / "work", source_date_epoch=EPOCH,
                            version="1.0", sizes=SIZES, pcr_key=base / "pcr.key")
         seal(ctx)

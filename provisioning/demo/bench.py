@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.fsutil import atomic_write_bytes
 from provisioning.tools import require_tool, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,13 +117,9 @@ def ensure_pki(bench: Bench) -> None:
     if not bench.client["cert"].is_file():
         issue_client(bench.pki, "hil-admin", "admin", days=30)
     if not bench.pcr_key.is_file():
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
+        from provisioning.image.pcrsign import new_pcr_key
 
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        atomic_write_bytes(bench.pcr_key, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-            mode=0o600)
+        new_pcr_key(bench.pcr_key)
 
 
 def publish_bundle_version(bench: Bench, version: str) -> str:

@@ -40,11 +40,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
+from agent.fsutil import atomic_write_bytes
 from provisioning.errors import ImageError
 from provisioning.image.measure import expected_pcr11, pe_sections
 
-__all__ = ["SIGNED_PHASES", "check_pcr_signature", "key_fingerprint", "load_pcr_key", "policy_pcr_digest",
-           "public_pem"]
+__all__ = ["SIGNED_PHASES", "check_pcr_signature", "key_fingerprint", "load_pcr_key", "new_pcr_key",
+           "policy_pcr_digest", "public_pem"]
 
 SIGNED_PHASES = ("enter-initrd",)
 KEY_BITS = 2048  # what every TPM 2.0 loads for TPM2_PolicyAuthorize (3072/4096 are optional)
@@ -78,6 +79,14 @@ def load_pcr_key(path: Path) -> rsa.RSAPrivateKey:
     if key.key_size != KEY_BITS:
         raise ImageError(f"PCR signing key {path}: RSA of {key.key_size} bits; {KEY_BITS} bits are "
                          "needed (every TPM 2.0 loads RSA-2048; larger sizes are optional)")
+    return key
+
+
+def new_pcr_key(path: Path) -> rsa.RSAPrivateKey:
+    """Make a PCR signing key of the kind :func:`load_pcr_key` takes; written 0600 at ``path``."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+    atomic_write_bytes(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()), mode=0o600)
     return key
 
 
@@ -169,16 +178,15 @@ def check_pcr_signature(uki: Path | bytes, public: bytes,
     unknown = [p for p in phases if p not in values]
     if unknown:
         raise ImageError(f"phase {unknown[0]!r}: not one of {', '.join(values)}")
-    wanted = {policy_pcr_digest(values[p]).hex(): p for p in phases}
+    policies = {phase: policy_pcr_digest(value).hex() for phase, value in values.items()}
+    phase_of = {policy: phase for phase, policy in policies.items()}
     signed: set[str] = set()
     for i, entry in enumerate(_signature_entries(sections[".pcrsig"], what)):
-        phase = wanted.get(entry["pol"].lower())
-        if phase is None:
-            named = next((p for p, v in values.items() if policy_pcr_digest(v).hex() == entry["pol"].lower()),
-                         None)
+        phase = phase_of.get(entry["pol"].lower())
+        if phase not in phases:
             raise ImageError(f"{what}: .pcrsig sha256[{i}] signs the policy of "
-                             + (f"phase {named!r}, which is not to be signed (only {', '.join(phases)}): "
-                                "the key would unseal after the initrd" if named else
+                             + (f"phase {phase!r}, which is not to be signed (only {', '.join(phases)}): "
+                                "the key would unseal after the initrd" if phase else
                                 f"PCR 11 = a value no phase of this UKI reaches ({entry['pol'][:16]}...)"))
         if entry["pkfp"].lower() != fingerprint:
             raise ImageError(f"{what}: .pcrsig sha256[{i}] ({phase}) is by key {entry['pkfp'][:16]}..., "
@@ -195,4 +203,4 @@ def check_pcr_signature(uki: Path | bytes, public: bytes,
         raise ImageError(f"{what}: .pcrsig signs no policy for phase {missing[0]!r} "
                          f"(PCR 11 = {values[missing[0]].hex()})")
     return {"bank": "sha256", "public_key_fingerprint": fingerprint, "phases": list(phases),
-            "policies": {p: policy_pcr_digest(values[p]).hex() for p in phases}}
+            "policies": {p: policies[p] for p in phases}}

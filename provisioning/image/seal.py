@@ -23,13 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import uuid
 from pathlib import Path
 
-from agent.fsutil import atomic_write_text, file_sha256
+from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256
 from provisioning.errors import ImageError
 from provisioning.image.disk import Sealed, data_uuid, esp_uuid
 from provisioning.image.measure import pcr11_record
@@ -235,8 +234,10 @@ def sign(run: RunFn, ctx: StageContext, src: Path, dest: Path) -> None:
     run(["sbsign", "--key", ctx.secure_boot_key, "--cert", ctx.secure_boot_cert, "--output", dest, src])
 
 
-def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path) -> Path:
-    """dracut + ukify inside the root; returns the unsigned UKI in ``work``."""
+def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path,
+              pcr_public: bytes | None = None) -> Path:
+    """dracut + ukify inside the root; returns the unsigned UKI in ``work``.  With ``pcr_public``
+    (the PEM of ``ctx.pcr_key``'s public half) ukify signs the UKI's PCR 11 policy."""
     (work / "cmdline").write_text(cmdline + "\n")
     (work / "os-release").write_text(_os_release(ctx.rootfs, ctx.name, ctx.version))
     epoch = {"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)}
@@ -248,19 +249,16 @@ def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path) -> Path:
     ukify = ["ukify", "build", f"--linux=/boot/vmlinuz-{kver}", "--initrd=/tmp/seal/initrd.img",
              "--cmdline=@/tmp/seal/cmdline", "--os-release=@/tmp/seal/os-release", f"--uname={kver}",
              "--output=/tmp/seal/uki.efi"]
-    if ctx.pcr_key is None:
+    if pcr_public is None:
         ctx.run(chroot_argv(ctx.rootfs, work, ukify), env=epoch)
         return work / "uki.efi"
     # the site signs the PCR 11 policy of the initrd phase (provisioning.image.pcrsign): the
     # private key is in the work folder for ukify's run only, readable by root alone
-    key = load_pcr_key(ctx.pcr_key)
-    public = public_pem(key)
-    (work / "pcr.pub").write_bytes(public)
+    assert ctx.pcr_key is not None
+    (work / "pcr.pub").write_bytes(pcr_public)
     secret = work / "pcr.key"
-    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(ctx.pcr_key.read_bytes())
+        atomic_write_bytes(secret, ctx.pcr_key.read_bytes(), mode=0o600)
         ctx.run(chroot_argv(ctx.rootfs, work, [
             *ukify, "--pcr-private-key=/tmp/seal/pcr.key", "--pcr-public-key=/tmp/seal/pcr.pub",
             "--pcr-banks=sha256", f"--phases={' '.join(SIGNED_PHASES)}"]), env=epoch)
@@ -282,8 +280,8 @@ def seal(ctx: StageContext) -> Sealed:
     _check_rootfs(ctx.rootfs)
     check_paths([("Secure Boot key", ctx.secure_boot_key), ("Secure Boot certificate", ctx.secure_boot_cert),
                  ("PCR signing key", ctx.pcr_key)])
-    if ctx.pcr_key is not None:
-        load_pcr_key(ctx.pcr_key)  # refused before the long steps, not after them
+    # a bad key is refused before the long steps, not after them
+    pcr_public = public_pem(load_pcr_key(ctx.pcr_key)) if ctx.pcr_key is not None else None
     kver = kernel_version(ctx.rootfs)
     work = ctx.work / "seal"
     shutil.rmtree(work, ignore_errors=True)
@@ -304,7 +302,7 @@ def seal(ctx: StageContext) -> Sealed:
     uki_work = work / "uki"
     uki_work.mkdir()
     cmdline = kernel_cmdline(ctx.name, roothash, (*root_cmdline(ctx.rootfs), *ctx.extra_cmdline))
-    unsigned = build_uki(ctx, kver, cmdline, uki_work)
+    unsigned = build_uki(ctx, kver, cmdline, uki_work, pcr_public)
     uki = ctx.out / f"{ctx.name}-{ctx.version}.efi"
     sign(ctx.run, ctx, unsigned, uki)
     sign(ctx.run, ctx, ctx.rootfs / "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
@@ -312,8 +310,8 @@ def seal(ctx: StageContext) -> Sealed:
     sealed = Sealed(ctx.name, ctx.version, roothash, root_image, verity_image, uki)
     doc = sealed.to_json() | {"kernel": kver, "signed": ctx.signing,
                               "cmdline": cmdline, "pcr11": pcr11_record(uki)}
-    if ctx.pcr_key is not None:  # what ukify signed is what unlocks: checked, then recorded
-        doc["pcr_signature"] = check_pcr_signature(uki, public_pem(load_pcr_key(ctx.pcr_key)))
+    if pcr_public is not None:  # what ukify signed is what unlocks: checked, then recorded
+        doc["pcr_signature"] = check_pcr_signature(uki, pcr_public)
     atomic_write_text(ctx.out / "seal.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return sealed
