@@ -28,7 +28,7 @@ from agent.errors import VerificationError
 from agent.fsutil import stream_sha256
 
 __all__ = ["MEMBERS", "SCHEMA", "Release", "active_slot", "read_release", "registry_version",
-           "root_uuids", "running_root_hash", "uki_file_name"]
+           "root_uuids", "running_root_hash", "running_sealed_data", "uki_file_name"]
 
 SCHEMA = "sovereign-appliance/os-release/1"
 MEMBERS = ("root.squashfs", "root.verity", "uki.efi")
@@ -47,6 +47,9 @@ class Release:
     roothash: str
     files: dict[str, dict[str, Any]]
     path: Path
+    # its UKI opens /var from a data partition sealed to the TPM (a node can take it only when
+    # its own data is sealed, and the other way round)
+    sealed_data: bool = False
 
     def member(self, name: str) -> tarfile.TarInfo:
         with tarfile.open(self.path, "r:") as tar:
@@ -83,6 +86,19 @@ def running_root_hash(cmdline: Path) -> str:
         return ""
     found = [a.removeprefix("roothash=") for a in args if a.startswith("roothash=")]
     return found[-1] if found else ""
+
+
+# The sealed kernel command line's /var mount when the data partition is sealed to the TPM
+# (provisioning.image.seal.kernel_cmdline writes it; the node reads it here).
+SEALED_DATA_MOUNT = "systemd.mount-extra=/dev/mapper/data:/var:"
+
+
+def running_sealed_data(cmdline: Path) -> bool:
+    """True when the running image mounts /var from a data partition sealed to the TPM."""
+    try:
+        return any(a.startswith(SEALED_DATA_MOUNT) for a in cmdline.read_text().split())
+    except OSError:
+        return False
 
 
 def active_slot(sys_block: Path) -> str:
@@ -136,8 +152,12 @@ def read_release(path: Path) -> Release:
                     raise VerificationError(
                         f"{path}: {name}: size {member.size} sha256 {got}, but release.json "
                         f"says size {want['size']} sha256 {want['sha256']}")
+            sealed = doc.get("sealed_data", False)  # absent: a release from before sealing
+            if not isinstance(sealed, bool):
+                raise VerificationError(f"{path}: release.json sealed_data = {sealed!r}: "
+                                        "expected true or false")
             return Release(str(doc["name"]), str(doc["version"]), str(doc["roothash"]),
-                           dict(doc["files"]), path)
+                           dict(doc["files"]), path, sealed)
     # RecursionError: JSON nested deeper than the parser goes; KeyError: a field missing.
     except (tarfile.TarError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise VerificationError(f"{path}: not a readable OS release: {type(exc).__name__}: {exc}") from None

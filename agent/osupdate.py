@@ -38,7 +38,14 @@ from typing import Any
 
 from agent.errors import UpdateError, VerificationError
 from agent.fsutil import atomic_write_text, copy_verified
-from agent.osrelease import active_slot, read_release, root_uuids, running_root_hash, uki_file_name
+from agent.osrelease import (
+    active_slot,
+    read_release,
+    root_uuids,
+    running_root_hash,
+    running_sealed_data,
+    uki_file_name,
+)
 from agent.state import StateLayout
 
 __all__ = ["ATTEMPT", "PENDING", "attempt_outcome", "install_pending", "install_release", "os_dir"]
@@ -180,6 +187,13 @@ def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
     if release.roothash == running:
         raise UpdateError(f"{release.name} {release.version}: root hash {release.roothash[:16]}... "
                           "is the running root; nothing to install")
+    sealed = running_sealed_data(cmdline)
+    if release.sealed_data != sealed:  # its UKI would not find /var: the slot would never boot
+        def kind(flag: bool) -> str:
+            return "sealed to the TPM" if flag else "plain"
+        raise UpdateError(f"{release.name} {release.version}: its data partition is "
+                          f"{kind(release.sealed_data)}, this node's is {kind(sealed)}; an OS update "
+                          "cannot change that ([tpm] seal_data of the image's profile)")
     current = active_slot(sys_block) or "A"
     slot = "b" if current == "A" else "a"
     devices = {"root.squashfs": by_partlabel / f"root-{slot}",

@@ -7,6 +7,7 @@ their sizes); the partition UUIDs are set by the real sfdisk on a real GPT image
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -158,6 +159,50 @@ def test_install_refuses_the_running_root_and_a_release_too_big(tmp_path: Path) 
     with pytest.raises(UpdateError, match="is the running root"):
         install_release(release, tmp_path / "state", **kw)
     assert [p.name for p in (m["esp"] / "EFI/Linux").iterdir()] == ["appliance-20260101.000000+1-2.efi"]
+
+
+@pytest.mark.system  # sfdisk makes the GPT image (package fdisk, system set-up)
+def test_install_refuses_a_release_that_would_switch_between_sealed_and_plain_data(tmp_path: Path) -> None:
+    build = _fake_build(tmp_path)
+    plain = make_os_release(build, tmp_path / "plain.release")
+    seal_json = build / "stages/seal/seal.json"
+    seal_json.write_text(json.dumps(json.loads(seal_json.read_text()) | {"sealed_data": True}))
+    sealed = make_os_release(build, tmp_path / "sealed.release")
+    assert (read_release(plain).sealed_data, read_release(sealed).sealed_data) == (False, True)
+    m = _machine(tmp_path)
+    kw = {k: v for k, v in m.items() if k != "disk"}
+    parts = {p: p.read_bytes() for p in (tmp_path / "dev").iterdir()}
+    with pytest.raises(UpdateError, match="its data partition is sealed to the TPM, this node's is plain"):
+        install_release(sealed, tmp_path / "state", **kw)
+    (tmp_path / "cmdline").write_text(
+        f"roothash={OLD} systemd.mount-extra=/dev/mapper/data:/var:ext4:defaults ro\n")
+    with pytest.raises(UpdateError, match="its data partition is plain, this node's is sealed to the TPM"):
+        install_release(plain, tmp_path / "state", **kw)
+    # nothing written: the slots, the ESP, the state
+    assert {p: p.read_bytes() for p in (tmp_path / "dev").iterdir()} == parts
+    assert [p.name for p in (m["esp"] / "EFI/Linux").iterdir()] == ["appliance-20260101.000000+1-2.efi"]
+    assert not (tmp_path / "state").exists()
+    assert install_release(sealed, tmp_path / "state", **kw)["slot"] == "B"  # sealed onto sealed
+
+
+def test_a_release_with_a_malformed_sealed_data_is_refused(tmp_path: Path) -> None:
+    build = _fake_build(tmp_path)
+    seal_json = build / "stages/seal/seal.json"
+    seal_json.write_text(json.dumps(json.loads(seal_json.read_text()) | {"sealed_data": True}))
+    release = make_os_release(build, tmp_path / "os.release")
+    with tarfile.open(release) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    doc = json.loads(members["release.json"])
+    doc["sealed_data"] = "yes"
+    members["release.json"] = json.dumps(doc).encode()
+    bad = tmp_path / "bad.release"
+    with tarfile.open(bad, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(VerificationError, match=r"release\.json sealed_data = 'yes'"):
+        read_release(bad)
 
 
 @pytest.mark.system  # sfdisk makes the GPT image (package fdisk, system set-up)

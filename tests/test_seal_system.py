@@ -6,6 +6,7 @@ archive and cached (set APPLIANCE_TEST_CACHE to keep it between runs).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from tests.conftest import run_appliance
 from testsupport.appliance import free_port
 from testsupport.image_helpers import uki_difference
 from testsupport.scratch import scratch
-from testsupport.seal_testroot import EPOCH, MARKER, cache_dir, make_rootfs
+from testsupport.seal_testroot import CANARY, EPOCH, MARKER, cache_dir, make_rootfs
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 SIZES = DiskSizes(esp_mib=160, root_mib=512, data_mib=64)  # the ESP holds two ~50 MiB UKIs
@@ -55,10 +56,10 @@ def sealed_a(request: pytest.FixtureRequest) -> Iterator[StageContext]:
     with scratch(request, "seal") as base:
         root = make_rootfs(cache_dir(base / "cache"), base / "root-a", "A")
         # the site signs the UKI's PCR 11 policy: .pcrpkey is measured, so the booted PCR 11
-        # below checks the signed UKI's prediction too
+        # below checks the signed UKI's prediction too; the node seals its data partition under it
         new_pcr_key(base / "pcr.key")
         ctx = StageContext(rootfs=root, out=base / "out", work=base / "work", source_date_epoch=EPOCH,
-                           version="1.0", sizes=SIZES, pcr_key=base / "pcr.key")
+                           version="1.0", sizes=SIZES, pcr_key=base / "pcr.key", seal_data=True)
         seal(ctx)
         disk(ctx)
         yield ctx
@@ -67,7 +68,7 @@ def sealed_a(request: pytest.FixtureRequest) -> Iterator[StageContext]:
 def test_seal_and_disk_are_reproducible(sealed_a: StageContext) -> None:
     again = StageContext(rootfs=sealed_a.rootfs, out=sealed_a.out.with_name("out2"),
                          work=sealed_a.work.with_name("work2"), source_date_epoch=EPOCH,
-                         version="1.0", sizes=SIZES, pcr_key=sealed_a.pcr_key)
+                         version="1.0", sizes=SIZES, pcr_key=sealed_a.pcr_key, seal_data=True)
     seal(again)
     disk(again)
     for name in ("root.squashfs", "root.verity", "root.roothash", "appliance-1.0.efi", "disk.raw",
@@ -110,17 +111,39 @@ def _boot_cli(image: Path, state: Path, pattern: str, *extra: str) -> dict[str, 
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
 
-def test_boots_to_the_verity_root_and_grows_the_data_partition(sealed_a: StageContext,
-                                                               tmp_path: Path) -> None:
-    _needs("qemu-system-x86_64", "qemu-img")
+def _data_partition(overlay: Path, work: Path) -> bytes:
+    """The data partition's bytes as the node left them on its disk, read from outside."""
+    import subprocess
+    raw = work / "after.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)], check=True)
+    try:
+        table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, check=True,
+                                          text=True).stdout)["partitiontable"]["partitions"]
+        data = [p for p in table if p.get("name") == SIZES.data_label]
+        assert len(data) == 1, table
+        with raw.open("rb") as f:
+            f.seek(data[0]["start"] * 512)
+            return f.read(data[0]["size"] * 512)
+    finally:
+        raw.unlink()
+
+
+def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_only(
+        sealed_a: StageContext, tmp_path: Path) -> None:
+    """First boot: the initrd makes the data partition as LUKS2 sealed to the TPM (PCR 7 and the
+    site-signed PCR 11 policy), with the image's /var in it; the next boot opens it again; a boot
+    without the TPM leaves it sealed and untouched; read from outside, it holds no plaintext."""
+    _needs("qemu-system-x86_64", "qemu-img", "sfdisk", "swtpm")
     image = sealed_a.out / "disk.raw"
     before = _sha(image)
-    # the guest sees a 2 GiB disk: the 64 MiB data partition must grow into it on first boot
-    result = _boot_cli(image, tmp_path / "vm", MARKER, "--disk-size", "2048", "--tpm")
+    state = tmp_path / "vm"
+    # the guest sees a 2 GiB disk: the data partition is made in all the room behind the roots
+    result = _boot_cli(image, state, MARKER, "--disk-size", "2048", "--tpm")
     line = str(result["matched"])
-    assert "/dev/mapper/root" in line and "var=/dev/vda6" in line and "slot=A" in line, line
+    assert "/dev/mapper/root" in line and "var=/dev/mapper/data" in line and "slot=A" in line, line
+    assert "boots=1 " in line and "canary=sealed-data_canary" in line, line  # the image's /var came along
     varsize = int(line.split("varsize=", 1)[1].split(maxsplit=1)[0])
-    assert varsize > 512 * 1024 * 1024, line  # was 64 MiB; the disk has ~800 MiB free behind it
+    assert varsize > 512 * 1024 * 1024, line  # the image had 64 MiB of room; the disk ~800 MiB more
     assert "tpm=yes" in line, line
     assert "sb=0" in line, line  # plain OVMF: no Secure Boot
     # PCR 11 as the boot left it (stub: the UKI's sections; initrd and root: the phase words)
@@ -131,6 +154,25 @@ def test_boots_to_the_verity_root_and_grows_the_data_partition(sealed_a: StageCo
         f"PCR 11 {booted} is the value after {phases.get(booted, 'no phase')}; expected {phases}"
     assert result["stopped"] in ("powered off", "terminated", "killed")
     assert _sha(image) == before  # the overlay took every write
+
+    overlay = state / "overlay.qcow2"
+    sealed = _data_partition(overlay, tmp_path)
+    assert sealed.startswith(b"LUKS\xba\xbe\x00\x02"), sealed[:8]  # LUKS2
+    header = sealed[:16 * 1024 * 1024]  # LUKS2 header and keyslots: the token is the TPM's, no passphrase
+    assert b'"type":"systemd-tpm2"' in header and b'"tpm2-pcrs":[7]' in header, header[:4096]
+    assert b'"tpm2_pubkey_pcrs":[11]' in header, header[:4096]
+    assert sealed_a.pcr_key is not None  # the signed policy is the site's key's
+    assert base64.b64encode(public_pem(load_pcr_key(sealed_a.pcr_key))) in header
+    assert CANARY[:64].encode() not in sealed  # the canary's ext4 block is ciphertext
+
+    again = _boot_cli(image, state, MARKER, "--tpm", "--keep-disk")  # a power cycle, same TPM
+    line = str(again["matched"])
+    assert "var=/dev/mapper/data" in line and "boots=2 " in line and "canary=sealed-data_canary" in line, line
+
+    # the same disk without its TPM: the initrd cannot open the volume, asks nobody, formats nothing
+    refused = _boot_cli(image, state, "Failed to start.*Cryptography Setup for data", "--keep-disk")
+    assert "Cryptography Setup for data" in str(refused["matched"])
+    assert _data_partition(overlay, tmp_path)[:16 * 1024 * 1024] == header
 
 
 def test_secure_boot_runs_the_signed_image_and_refuses_the_unsigned(
@@ -171,13 +213,13 @@ def test_a_slot_that_never_blesses_falls_back_to_the_other(
         sealed_a: StageContext, tmp_path: Path) -> None:
     """Slot B (newer, tried first) fails before boot-complete.target and reboots; its single try is
     used up, so systemd-boot boots slot A by itself, and A blesses itself."""
-    _needs("qemu-system-x86_64", "qemu-img", "mdir")
+    _needs("qemu-system-x86_64", "qemu-img", "mdir", "swtpm")
     from provisioning.image.disk import build_disk
 
     base = tmp_path
     root_b = make_rootfs(cache_dir(base / "cache"), base / "root-b", "B", broken=True)
     ctx_b = StageContext(rootfs=root_b, out=base / "out-b", work=base / "work-b", source_date_epoch=EPOCH,
-                         version="2.0", sizes=SIZES)
+                         version="2.0", sizes=SIZES, pcr_key=sealed_a.pcr_key, seal_data=True)
     slot_b = seal(ctx_b)
     slot_a = load_sealed(sealed_a.out)
     image = build_disk(sealed_a.run, out=base / "ab", work=base / "work-ab", name="appliance",
@@ -185,7 +227,9 @@ def test_a_slot_that_never_blesses_falls_back_to_the_other(
                        boot_loader=sealed_a.out / "systemd-bootx64.efi", tries=1,
                        data_content=sealed_a.rootfs / "var")
     kvm = os.environ.get("APPLIANCE_TEST_KVM", "0") == "1" and vm.kvm_usable()
-    machine = vm.start(vm.BootPlan(image, base / "vm", kvm, 1024, 2, {8001: 0}))
+    # with a TPM: both slots keep /var on the data partition they seal to it
+    machine = vm.start(vm.BootPlan(image, base / "vm", kvm, 1024, 2, {8001: 0},
+                                   tpm_socket=base / "vm" / "swtpm.sock"))
     try:
         vm.wait_for(machine, "broken slot: rebooting", timeout=1500 if not kvm else 300)
         line = vm.wait_for(machine, f"{MARKER}.*slot=A", timeout=1500 if not kvm else 300)

@@ -23,14 +23,21 @@ PACKAGES = (
     "tpm2-tools",
 )
 MARKER = "dm-verity root OK"
-# The unit that proves on the serial console which device / and /var came from.
+# A file of the image's /var whose bytes must never be found on a sealed data partition read from
+# outside (the start of each line is what the console marker shows)
+CANARY_PATH = "var/lib/seal-test/canary"
+CANARY = "sealed-data canary 5f0c2b7e9d41a386\n" * 256
+# The unit that proves on the serial console which device / and /var came from, how many boots
+# this /var has seen, and that the image's /var came with it.
 MARKER_UNIT = f"""[Unit]
 Description=Report the verity root on the console
 After=local-fs.target systemd-growfs@var.service systemd-pcrphase.service
 
 [Service]
 Type=oneshot
-ExecStart=/bin/sh -c 'echo "{MARKER}: $(findmnt -no SOURCE /) var=$(findmnt -no SOURCE /var) \\
+ExecStart=/bin/sh -c 'echo boot >> /var/lib/seal-test/boots; \\
+echo "{MARKER}: $(findmnt -no SOURCE /) var=$(findmnt -no SOURCE /var) \\
+boots=$(wc -l < /var/lib/seal-test/boots) canary=$(head -c 18 /var/lib/seal-test/canary | tr " " _) \\
 varsize=$(findmnt -bno SIZE /var) efi=$(findmnt -no SOURCE /efi) \\
 slot=$(cat /etc/appliance-slot) tpm=$(test -e /dev/tpmrm0 && echo yes || echo no) \\
 sb=$(dmesg | grep -c Secure.boot.enabled) \\
@@ -90,6 +97,9 @@ def make_rootfs(cache: Path, dest: Path, slot: str, broken: bool = False) -> Pat
     run(["cp", "-a", "--reflink=auto", base, dest])
     (dest / ".complete").unlink()
     (dest / "etc/appliance-slot").write_text(slot + "\n")
+    canary = dest / CANARY_PATH
+    canary.parent.mkdir(parents=True, exist_ok=True)
+    canary.write_text(CANARY)
     _enable(dest, "verity-marker.service", MARKER_UNIT, ("multi-user.target.wants",))
     if broken:
         _enable(dest, "broken-slot.service", BROKEN_UNIT,

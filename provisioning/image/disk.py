@@ -123,12 +123,15 @@ class Sealed:
     root_image: Path
     verity_image: Path
     uki: Path
+    # the UKI's initrd makes the data partition at first boot, as LUKS2 sealed to the TPM
+    # (provisioning.image.seal): the disk leaves its space empty
+    sealed_data: bool = False
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, str | bool]:
         """File names relative to the seal directory."""
         return {"name": self.name, "version": self.version, "roothash": self.roothash,
                 "root_image": self.root_image.name, "verity_image": self.verity_image.name,
-                "uki": self.uki.name}
+                "uki": self.uki.name, "sealed_data": self.sealed_data}
 
 
 def load_sealed(directory: Path) -> Sealed:
@@ -141,9 +144,12 @@ def load_sealed(directory: Path) -> Sealed:
     try:
         doc = json.loads(path.read_text())
         sealed = Sealed(doc["name"], doc["version"], doc["roothash"], directory / doc["root_image"],
-                        directory / doc["verity_image"], directory / doc["uki"])
+                        directory / doc["verity_image"], directory / doc["uki"],
+                        doc.get("sealed_data", False))  # absent: a seal output from before it
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageError(f"{path}: not a seal stage output ({exc})") from exc
+    if not isinstance(sealed.sealed_data, bool):
+        raise ImageError(f"{path}: sealed_data = {sealed.sealed_data!r}: must be true or false")
     for p in (sealed.root_image, sealed.verity_image, sealed.uki):
         if not p.is_file():
             raise ImageError(f"{path}: names {p.name}, which is missing")
@@ -299,6 +305,9 @@ def build_disk(run: RunFn, *, out: Path, work: Path, name: str, sizes: DiskSizes
     Raises:
         ImageError: an input does not fit its partition. ToolError: a tool failed.
     """
+    if slot_b is not None and slot_b.sealed_data != slot_a.sealed_data:
+        raise ImageError(f"slot A ({slot_a.version}) and slot B ({slot_b.version}) disagree on the data "
+                         "partition: one seals it to the TPM, the other does not")
     parts = {p.label: p for p in layout(name, sizes, slot_a.roothash,
                                                  slot_b.roothash if slot_b else None)}
     work.mkdir(parents=True, exist_ok=True)
@@ -317,7 +326,8 @@ def build_disk(run: RunFn, *, out: Path, work: Path, name: str, sizes: DiskSizes
     esp = work / "esp.vfat"
     build_esp(run, esp, name=name, size_mib=sizes.esp_mib, epoch=epoch, files=files)
     data = work / "data.ext4"
-    build_data(run, data, name=name, size_mib=sizes.data_mib, epoch=epoch, content=data_content)
+    if not slot_a.sealed_data:
+        build_data(run, data, name=name, size_mib=sizes.data_mib, epoch=epoch, content=data_content)
 
     image = out / (disk_name + ".partial")
     image.unlink(missing_ok=True)
@@ -325,15 +335,19 @@ def build_disk(run: RunFn, *, out: Path, work: Path, name: str, sizes: DiskSizes
     with image.open("wb") as f:
         f.truncate(disk_mib(table) * MiB)
     disk_id = derived_uuid(name, "disk", slot_a.roothash)
+    # a sealed data partition is made by the node itself, at first boot, with its own key: the
+    # image keeps its space (all zeros) and has no entry for it
+    written = tuple(p for p in table if not (slot_a.sealed_data and p.label == sizes.data_label))
     run(["sfdisk", "--no-reread", "--no-tell-kernel", "--quiet", image],
-        input_bytes=sfdisk_script(disk_id, table).encode())
+        input_bytes=sfdisk_script(disk_id, written).encode())
     _copy_into(image, parts["esp"], esp)
     _copy_into(image, parts["root-a"], slot_a.root_image)
     _copy_into(image, parts["root-a-verity"], slot_a.verity_image)
     if slot_b is not None:
         _copy_into(image, parts["root-b"], slot_b.root_image)
         _copy_into(image, parts["root-b-verity"], slot_b.verity_image)
-    _copy_into(image, parts[sizes.data_label], data)
+    if not slot_a.sealed_data:
+        _copy_into(image, parts[sizes.data_label], data)
     final = out / disk_name
     image.replace(final)
     return final

@@ -43,7 +43,7 @@ def make_os_release(build_out: Path, dest: Path) -> Path:
     # the UKI's expected PCR 11 (what attestation checks a node booted from this release against);
     # the node's reader ignores it, so older agents take these releases as before
     doc = {"schema": SCHEMA, "name": sealed.name, "version": sealed.version,
-           "roothash": sealed.roothash, "pcr11": pcr11_record(sealed.uki),
+           "roothash": sealed.roothash, "pcr11": pcr11_record(sealed.uki), "sealed_data": sealed.sealed_data,
            "files": {n: {"sha256": file_sha256(p), "size": p.stat().st_size} for n, p in sources.items()}}
     meta = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
     manifest = build_out / "stages/configure/manifest.json"

@@ -224,6 +224,7 @@ def stage_context(ctx: BuildContext, stage: str) -> StageContext:
         cpu_level=profile.image.cpu_level,
         egress=tuple(egress_json(profile)),
         pcr_key=profile.pcr_key,
+        seal_data=profile.tpm.seal_data,
     )
 
 
@@ -233,6 +234,7 @@ def _sealed_stage(name: str, module: str, run_stage: Callable[[StageContext], ob
         data: dict[str, Any] = {"sde": ctx.source_date_epoch}
         if name == "seal" and ctx.profile.pcr_key is not None:  # the key's public half names it
             data["pcr_key"] = key_fingerprint(load_pcr_key(ctx.profile.pcr_key).public_key())
+            data["seal_data"] = ctx.profile.tpm.seal_data
         if name == "disk":
             data["disk"] = ctx.profile.to_json()["disk"]
             data["cpu_level"] = ctx.profile.image.cpu_level  # recorded in image-manifest.json

@@ -280,6 +280,10 @@ class TpmSection:
                            "any image this key signs and no other (relative paths are from the "
                            "profile's directory; empty: the UKI's policy is not signed)",
                            check=path_problem)
+    seal_data: bool = setting(False, "the node makes its data partition (/var: models, keys, journal) "
+                              "at first boot as LUKS2, its key sealed to its TPM under PCR 7 and the "
+                              "PCR 11 policy pcr_key signs: readable only on that node, booted from "
+                              "an image the site signed (needs pcr_key and a TPM 2.0)")
 
 
 @dataclass(frozen=True)
@@ -567,6 +571,9 @@ def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads
             load_pcr_key(p.pcr_key)
         except ImageError as exc:
             raise ProfileError(f"{where}: [tpm] pcr_key = {p.tpm.pcr_key!r}: {exc}") from None
+    elif p.tpm.seal_data:
+        raise ProfileError(f"{where}: [tpm] seal_data = true needs [tpm] pcr_key: the TPM unseals the data "
+                           "partition under the PCR 11 policy that key signs")
     if p.ssh.enabled and not any(u.ssh_keys for u in p.users):
         raise ProfileError(f"{where}: [ssh] enabled = true: no [[users]] entry has ssh_keys "
                            "(SSH is key-only)")

@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256
+from agent.osrelease import SEALED_DATA_MOUNT
 from provisioning.errors import ImageError
 from provisioning.image.disk import Sealed, data_uuid, esp_uuid
 from provisioning.image.measure import pcr11_record
@@ -36,8 +37,9 @@ from provisioning.image.pcrsign import SIGNED_PHASES, check_pcr_signature, load_
 from provisioning.image.profile import SEAL_OWNED_ARGS
 from provisioning.image.stage import RunFn, StageContext, check_paths
 
-__all__ = ["PACKAGES", "REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version", "seal",
-           "squashfs_argv", "verity_format", "verity_params"]
+__all__ = ["PACKAGES", "REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version",
+           "repart_data_conf", "seal", "sealed_crypttab", "sealed_initrd_files", "squashfs_argv",
+           "verity_format", "verity_params"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,74 @@ DRACUT_DRIVERS = ("squashfs", "dm-verity", "virtio_blk", "virtio_scsi", "virtio_
 ZSTD_DETERMINISTIC = "zstd -15 -q --single-thread"
 # The data partition grows into the space behind it on first boot.
 REPART_DATA_CONF = "[Partition]\nType=linux-generic\n"
+# A sealed data partition (StageContext.seal_data) is made by the node, in the initrd of its
+# first boot: systemd-repart creates it in the space the disk stage left, as LUKS2 with a fresh
+# volume key that it seals to the TPM2 under PCR 7 (the Secure Boot state) and the site's signed
+# PCR 11 policy (systemd-stub hands the UKI's .pcrpkey to the initrd in /.extra), formats ext4
+# and copies the image's /var in. On every boot systemd-cryptsetup opens it in the initrd, where
+# the signed policy of the enter-initrd phase holds; once the initrd is left, PCR 11 is past
+# every signed value and nothing in the booted system can have the TPM unseal the key again.
+# repart never formats a partition that exists: later boots, and other slots, find it and open it.
+SEALED_DATA_MODULES = ("systemd-repart", "systemd-cryptsetup")
+SEALED_DATA_MAPPER = "data"
+_SEALED_REPART_DROPIN = """[Unit]
+# the image's /var is copied from the root, so the root must be mounted first
+After=sysroot.mount
+Requires=sysroot.mount
+
+[Service]
+ExecStart=
+ExecStart=systemd-repart --dry-run=no --copy-source=/sysroot --tpm2-device=auto --tpm2-pcrs=7 \\
+    --tpm2-public-key=/.extra/tpm2-pcr-public-key.pem --tpm2-public-key-pcrs=11
+"""
+
+
+def repart_data_conf(name: str, label: str, sealed: bool) -> str:
+    """The repart.d definition of the data partition: grown (plain), or made sealed at first boot."""
+    if not sealed:
+        return REPART_DATA_CONF
+    return (f"[Partition]\nType=linux-generic\nLabel={label}\nUUID={data_uuid(name)}\n"
+            "Format=ext4\nEncrypt=tpm2\nCopyFiles=/var:/\n")
+
+
+# When the volume is opened: after repart (which makes it on first boot, and runs once the root
+# is mounted), before the initrd hands over. Not as part of cryptsetup.target, as crypttab entries
+# are by default: dracut mounts the root only after that target, and repart needs the root.
+# Wants, not Requires: repart is stopped when the initrd hands over, and Requires would stop
+# (close) the volume with it.
+_SEALED_CRYPTSETUP_DROPIN = """[Unit]
+After=systemd-repart.service
+Wants=systemd-repart.service
+Before=initrd.target
+"""
+_SEALED_INITRD_DROPIN = f"""[Unit]
+Wants=systemd-cryptsetup@{SEALED_DATA_MAPPER}.service
+"""
+
+
+def sealed_crypttab(name: str) -> str:
+    """The initrd's /etc/crypttab: open the data partition with the TPM2 alone (headless: never
+    ask for a passphrase, a node whose measurements changed stays sealed); ``noauto,nofail``
+    keep it out of cryptsetup.target (see _SEALED_CRYPTSETUP_DROPIN), ``x-initrd.attach`` keeps
+    it open when the initrd hands over to the root."""
+    return (f"{SEALED_DATA_MAPPER} PARTUUID={data_uuid(name)} - "
+            "tpm2-device=auto,headless=true,x-initrd.attach,noauto,nofail,"
+            "x-systemd.device-timeout=5min\n")
+
+
+def sealed_initrd_files(name: str, label: str, tree: Path) -> None:
+    """Write what a sealed data partition adds to the initrd under ``tree`` (dracut --include)."""
+    units = "etc/systemd/system"
+    for rel, text in (("etc/crypttab", sealed_crypttab(name)),
+                      ("usr/lib/repart.d/50-appliance-data.conf", repart_data_conf(name, label, True)),
+                      (f"{units}/systemd-repart.service.d/50-appliance-sealed-data.conf",
+                       _SEALED_REPART_DROPIN),
+                      (f"{units}/systemd-cryptsetup@{SEALED_DATA_MAPPER}.service.d/50-appliance-sealed-data.conf",
+                       _SEALED_CRYPTSETUP_DROPIN),
+                      (f"{units}/initrd.target.d/50-appliance-sealed-data.conf", _SEALED_INITRD_DROPIN)):
+        path = tree / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
 
 _CHROOT_SCRIPT = r"""set -eu
 root=$1; work=$2; shift 2
@@ -153,18 +223,19 @@ def verity_format(run: RunFn, data: Path, hash_image: Path) -> str:
     return match.group(1)
 
 
-def kernel_cmdline(name: str, roothash: str, extra: tuple[str, ...] = ()) -> str:
+def kernel_cmdline(name: str, roothash: str, extra: tuple[str, ...] = (), *,
+                   sealed_data: bool = False) -> str:
     """The sealed kernel command line.
 
     ``roothash=`` alone lets systemd-veritysetup-generator (in the initrd) find the data and
     hash partitions by the UUIDs derived from the hash and map them as /dev/mapper/root.
+    A sealed data partition is mounted from the mapping the initrd opened.
     """
-    data = f"PARTUUID={data_uuid(name)}"
+    var = SEALED_DATA_MOUNT if sealed_data else f"systemd.mount-extra=PARTUUID={data_uuid(name)}:/var:"
     esp = f"PARTUUID={esp_uuid(name)}"
     args = [
         f"roothash={roothash}", "root=/dev/mapper/root", "rootfstype=squashfs", "ro",
-        f"systemd.mount-extra={data}:/var:ext4:defaults,nodev,nosuid,x-systemd.growfs,"
-        "x-systemd.after=systemd-repart.service",
+        f"{var}ext4:defaults,nodev,nosuid,x-systemd.growfs,x-systemd.after=systemd-repart.service",
         f"systemd.mount-extra={esp}:/efi:vfat:umask=0077,nodev,nosuid,noexec",
         # the mounts above are the whole story: no guessing by partition type
         "systemd.gpt_auto=0",
@@ -191,8 +262,9 @@ def root_cmdline(rootfs: Path) -> tuple[str, ...]:
     return tuple(kept)
 
 
-def _pseudo_files(rootfs: Path, work: Path) -> list[str]:
+def _pseudo_files(ctx: StageContext, work: Path) -> list[str]:
     """Files the sealed root needs that the configure stage need not know about."""
+    rootfs = ctx.rootfs
     defs = []
     if not (rootfs / "efi").exists():
         defs.append("efi d 755 0 0")
@@ -200,7 +272,7 @@ def _pseudo_files(rootfs: Path, work: Path) -> list[str]:
     if not repart_dir.exists():
         defs.append("usr/lib/repart.d d 755 0 0")
     conf = work / "50-appliance-data.conf"
-    conf.write_text(REPART_DATA_CONF)
+    conf.write_text(repart_data_conf(ctx.name, ctx.sizes.data_label, ctx.seal_data))
     defs.append(f"usr/lib/repart.d/50-appliance-data.conf f 644 0 0 cat {conf}")
     return defs
 
@@ -242,10 +314,17 @@ def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path,
     (work / "os-release").write_text(_os_release(ctx.rootfs, ctx.name, ctx.version))
     epoch = {"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)}
     drivers = " ".join(DRACUT_DRIVERS)
+    modules: tuple[str, ...] = DRACUT_MODULES
+    sealed_data: list[str] = []
+    if ctx.seal_data:
+        sealed_initrd_files(ctx.name, ctx.sizes.data_label, work / "initrd")
+        modules += SEALED_DATA_MODULES
+        sealed_data = ["--include", "/tmp/seal/initrd", "/", "--install", "mkfs.ext4 mke2fs"]  # noqa: S108 (in the chroot)
     ctx.run(chroot_argv(ctx.rootfs, work, [
         "dracut", "--quiet", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--reproducible",
-        "--compress", ZSTD_DETERMINISTIC, "--kver", kver, "--add", " ".join(DRACUT_MODULES),
-        "--add-drivers", drivers, "--omit", "plymouth", "/tmp/seal/initrd.img"]), env=epoch)  # noqa: S108 (in the chroot)
+        "--compress", ZSTD_DETERMINISTIC, "--kver", kver, "--add", " ".join(modules),
+        "--add-drivers", drivers, "--omit", "plymouth", *sealed_data,
+        "/tmp/seal/initrd.img"]), env=epoch)  # noqa: S108 (in the chroot)
     ukify = ["ukify", "build", f"--linux=/boot/vmlinuz-{kver}", "--initrd=/tmp/seal/initrd.img",
              "--cmdline=@/tmp/seal/cmdline", "--os-release=@/tmp/seal/os-release", f"--uname={kver}",
              "--output=/tmp/seal/uki.efi"]
@@ -292,7 +371,7 @@ def seal(ctx: StageContext) -> Sealed:
     root_image.unlink(missing_ok=True)
     log.info("seal: squashfs of %s", ctx.rootfs)
     ctx.run(squashfs_argv(ctx.rootfs, root_image, ctx.source_date_epoch,
-                          _pseudo_files(ctx.rootfs, work), ctx.keep_xattrs))
+                          _pseudo_files(ctx, work), ctx.keep_xattrs))
     log.info("seal: dm-verity hash tree")
     verity_image = ctx.out / "root.verity"
     roothash = verity_format(ctx.run, root_image, verity_image)
@@ -301,13 +380,14 @@ def seal(ctx: StageContext) -> Sealed:
     log.info("seal: initrd and UKI (kernel %s)", kver)
     uki_work = work / "uki"
     uki_work.mkdir()
-    cmdline = kernel_cmdline(ctx.name, roothash, (*root_cmdline(ctx.rootfs), *ctx.extra_cmdline))
+    cmdline = kernel_cmdline(ctx.name, roothash, (*root_cmdline(ctx.rootfs), *ctx.extra_cmdline),
+                             sealed_data=ctx.seal_data)
     unsigned = build_uki(ctx, kver, cmdline, uki_work, pcr_public)
     uki = ctx.out / f"{ctx.name}-{ctx.version}.efi"
     sign(ctx.run, ctx, unsigned, uki)
     sign(ctx.run, ctx, ctx.rootfs / "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
          ctx.out / "systemd-bootx64.efi")
-    sealed = Sealed(ctx.name, ctx.version, roothash, root_image, verity_image, uki)
+    sealed = Sealed(ctx.name, ctx.version, roothash, root_image, verity_image, uki, ctx.seal_data)
     doc = sealed.to_json() | {"kernel": kver, "signed": ctx.signing,
                               "cmdline": cmdline, "pcr11": pcr11_record(uki)}
     if pcr_public is not None:  # what ukify signed is what unlocks: checked, then recorded

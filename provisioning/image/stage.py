@@ -70,6 +70,9 @@ class StageContext:
     secure_boot_cert: Path | None = None
     # the site's RSA-2048 key that signs the UKI's PCR 11 policy (provisioning.image.pcrsign)
     pcr_key: Path | None = None
+    # the data partition made at first boot as LUKS2, its key sealed to the node's TPM under
+    # PCR 7 and the PCR 11 policy ``pcr_key`` signed (provisioning.image.seal); needs pcr_key
+    seal_data: bool = False
     extra_cmdline: tuple[str, ...] = ()
     boot_tries: int = 3
     keep_xattrs: bool = False
@@ -89,6 +92,9 @@ class StageContext:
         if (self.secure_boot_key is None) != (self.secure_boot_cert is None):
             raise ImageError("Secure Boot signing needs both a key and a certificate "
                              f"(key={self.secure_boot_key}, cert={self.secure_boot_cert})")
+        if self.seal_data and self.pcr_key is None:
+            raise ImageError("a sealed data partition needs the site's PCR signing key ([tpm] pcr_key): "
+                             "the TPM unseals it under the PCR 11 policy that key signs")
         if not 1 <= self.boot_tries <= 9:
             raise ImageError(f"boot_tries = {self.boot_tries}: must be 1..9")
 
@@ -107,7 +113,7 @@ class StageContext:
             "sizes": [self.sizes.esp_mib, self.sizes.root_mib, self.sizes.data_mib, self.sizes.data_label],
             "cmdline": list(self.extra_cmdline), "tries": self.boot_tries, "xattrs": self.keep_xattrs,
             "signing": [_file_hash(self.secure_boot_key), _file_hash(self.secure_boot_cert)],
-            "pcr_key": _file_hash(self.pcr_key),
+            "pcr_key": _file_hash(self.pcr_key), "seal_data": self.seal_data,
         }
         h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
         for item in extra:
