@@ -20,6 +20,7 @@ from agent.errors import BundleError, NotFoundError, VerificationError
 from provisioning.bundle import create_bundle, verify_bundle
 from provisioning.demo.models import affine_model, identity_model, save_golden
 from tests.conftest import run_appliance
+from testsupport.tar_edit import edit_json_member
 
 
 def _files(d: Path) -> list[str]:
@@ -151,19 +152,8 @@ def test_not_a_tar(tmp_path: Path) -> None:
 
 
 def test_manifest_with_unknown_field_is_refused(affine_bundle: Path, tmp_path: Path) -> None:
-    with tarfile.open(affine_bundle) as tar:
-        parts = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
-    manifest = json.loads(parts["manifest.json"])
-    manifest["surprise"] = 1
-    parts["manifest.json"] = json.dumps(manifest).encode()
-    out = tmp_path / "evil.bundle"
-    import io
-
-    with tarfile.open(out, "w") as tar:
-        for name, data in parts.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    out = edit_json_member(affine_bundle, tmp_path / "evil.bundle", "manifest.json",
+                           lambda manifest: manifest.update(surprise=1))
     with pytest.raises(BundleError, match="unknown field"):
         read_bundle(out)
 
@@ -185,19 +175,8 @@ def test_bytes_and_bool_models_round_trip(tmp_path: Path) -> None:
 
 def _rewrite_manifest(bundle: Path, out: Path, change: dict[str, object]) -> Path:
     """A copy of ``bundle`` with ``change`` merged into its manifest's accelerator section."""
-    import io
-
-    with tarfile.open(bundle) as tar:
-        parts = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
-    manifest = json.loads(parts["manifest.json"])
-    manifest["accelerator"].update(change)
-    parts["manifest.json"] = json.dumps(manifest).encode()
-    with tarfile.open(out, "w") as tar:
-        for name, data in parts.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out
+    return edit_json_member(bundle, out, "manifest.json",
+                            lambda manifest: manifest["accelerator"].update(change))
 
 
 def test_accelerator_needs_round_trip_through_cli(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,6 @@ their sizes); the partition UUIDs are set by the real sfdisk on a real GPT image
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import shutil
@@ -25,6 +24,7 @@ from provisioning.errors import ImageError
 from provisioning.image.measure import pcr11_record
 from provisioning.image.osrelease import make_os_release
 from testsupport.pe import pe_image
+from testsupport.tar_edit import edit_json_member
 
 OLD, NEW = "1" * 64, "ab" * 32
 UKI = pe_image([(".linux", b"kernel" * 40), (".osrel", b"ID=debian\n"),
@@ -190,17 +190,8 @@ def test_a_release_with_a_malformed_sealed_data_is_refused(tmp_path: Path) -> No
     seal_json = build / "stages/seal/seal.json"
     seal_json.write_text(json.dumps(json.loads(seal_json.read_text()) | {"sealed_data": True}))
     release = make_os_release(build, tmp_path / "os.release")
-    with tarfile.open(release) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
-    doc = json.loads(members["release.json"])
-    doc["sealed_data"] = "yes"
-    members["release.json"] = json.dumps(doc).encode()
-    bad = tmp_path / "bad.release"
-    with tarfile.open(bad, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    bad = edit_json_member(release, tmp_path / "bad.release", "release.json",
+                           lambda doc: doc.update(sealed_data="yes"))
     with pytest.raises(VerificationError, match=r"release\.json sealed_data = 'yes'"):
         read_release(bad)
 

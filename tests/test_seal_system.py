@@ -132,7 +132,8 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
         sealed_a: StageContext, tmp_path: Path) -> None:
     """First boot: the initrd makes the data partition as LUKS2 sealed to the TPM (PCR 7 and the
     site-signed PCR 11 policy), with the image's /var in it; the next boot opens it again; a boot
-    without the TPM leaves it sealed and untouched; read from outside, it holds no plaintext."""
+    without the TPM, or with a UKI another key signed, leaves it sealed and untouched; read from
+    outside, it holds no plaintext."""
     _needs("qemu-system-x86_64", "qemu-img", "sfdisk", "swtpm")
     image = sealed_a.out / "disk.raw"
     before = _sha(image)
@@ -170,9 +171,44 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     assert "var=/dev/mapper/data" in line and "boots=2 " in line and "canary=sealed-data_canary" in line, line
 
     # the same disk without its TPM: the initrd cannot open the volume, asks nobody, formats nothing
-    refused = _boot_cli(image, state, "Failed to start.*Cryptography Setup for data", "--keep-disk")
+    refused = _boot_cli(image, state, _OPEN_FAILED, "--keep-disk")
     assert "Cryptography Setup for data" in str(refused["matched"])
     assert _data_partition(overlay, tmp_path)[:16 * 1024 * 1024] == header
+
+    # the same disk and TPM, its UKI swapped for one of the same root that another key signed
+    other = StageContext(rootfs=sealed_a.rootfs, out=tmp_path / "other", work=tmp_path / "work-other",
+                         source_date_epoch=EPOCH, version="1.0", sizes=SIZES, pcr_key=tmp_path / "other.key",
+                         seal_data=True)
+    new_pcr_key(tmp_path / "other.key")
+    foreign = seal(other).uki
+    swapped = _with_uki(state, foreign, tmp_path / "swapped")
+    refused = _boot_cli(swapped.image, swapped.state, _OPEN_FAILED, "--keep-disk", "--tpm")
+    assert "Cryptography Setup for data" in str(refused["matched"])
+    assert _data_partition(swapped.overlay, tmp_path)[:16 * 1024 * 1024] == header
+
+
+_OPEN_FAILED = "Failed to start.*Cryptography Setup for data"
+
+
+def _with_uki(state: Path, uki: Path, work: Path) -> vm.BootPlan:
+    """The disk of the machine in ``state`` with ``uki`` in place of its slot A UKI, in a new state
+    folder that keeps the machine's UEFI variables and TPM: the same node, another UKI."""
+    import subprocess
+    work.mkdir()
+    raw = work / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(state / "overlay.qcow2"), str(raw)], check=True)
+    names = _uki_names(raw)
+    slot_a = [n for n in names if n.startswith("appliance-1.0")]
+    assert len(slot_a) == 1, names
+    subprocess.run(["mcopy", "-o", "-i", f"{raw}@@1M", str(uki), f"::/EFI/Linux/{slot_a[0]}"], check=True,
+                   env=_MTOOLS_ENV | {"PATH": os.environ["PATH"]})
+    plan = vm.BootPlan(raw, work / "vm", False)
+    plan.state.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(raw),
+                    str(plan.overlay)], check=True)
+    shutil.copyfile(state / "OVMF_VARS.fd", plan.vars)
+    shutil.copytree(state / "tpm", plan.state / "tpm")
+    return plan
 
 
 def test_secure_boot_runs_the_signed_image_and_refuses_the_unsigned(
@@ -197,16 +233,26 @@ def test_secure_boot_runs_the_signed_image_and_refuses_the_unsigned(
     assert "/dev/mapper/root" in line and "sb=1" in line, line
 
 
+_MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
+
+
+def _uki_names(raw: Path) -> list[str]:
+    """The UKI names on the ESP (the first partition, at 1 MiB) of a raw disk, read with mtools."""
+    import subprocess
+    listing = subprocess.run(["mdir", "-b", "-i", f"{raw}@@1M", "::/EFI/Linux"], capture_output=True,
+                             text=True, check=True, env=_MTOOLS_ENV | {"PATH": os.environ["PATH"]})
+    return sorted(Path(line.strip()).name for line in listing.stdout.splitlines() if line.strip())
+
+
 def _esp_files(overlay: Path, work: Path) -> list[str]:
     """The UKI names on the ESP of a qcow2 overlay (read from outside with mtools)."""
     import subprocess
     raw = work / "after.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)], check=True)
-    env = {"MTOOLS_SKIP_CHECK": "1", "PATH": os.environ["PATH"]}
-    listing = subprocess.run(["mdir", "-b", "-i", f"{raw}@@1M", "::/EFI/Linux"], capture_output=True,
-                             text=True, check=True, env=env)
-    raw.unlink()
-    return sorted(Path(line.strip()).name for line in listing.stdout.splitlines() if line.strip())
+    try:
+        return _uki_names(raw)
+    finally:
+        raw.unlink()
 
 
 def test_a_slot_that_never_blesses_falls_back_to_the_other(
