@@ -68,7 +68,7 @@ def main() -> None:
             profile = load_profile(p1)
             sde = profile.image.source_date_epoch
             started = time.monotonic()
-            build_rootfs_tar(profile, package_set(profile, stage_packages()), args.mirror.resolve(),
+            build_rootfs_tar(profile, package_set(profile, stage_packages(profile)), args.mirror.resolve(),
                              tmp / "baseline.tar", sde)
             base.append(time.monotonic() - started)
             (tmp / "baseline.tar").unlink()

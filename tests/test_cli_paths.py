@@ -69,6 +69,7 @@ CASES: dict[str, list[list[str]]] = {
     "pki list": [["--dir", "{P}"]],
     "pki request": [["n1", "--key", "{dir}", "--csr", "{new}"], ["n1", "--key", "{new}", "--csr", "{dir}"]],
     "pki crl": [["--dir", "{P}"]],
+    "pki recovery-key": [["{P}", "--key", "{P}"]],
 }
 
 

@@ -141,12 +141,21 @@ def test_the_profile_names_the_key_and_refuses_a_wrong_one(tmp_path: Path) -> No
     profile = tmp_path / "p.toml"
     profile.write_text('[tpm]\npcr_key = "pcr.key"\n')
     assert load_profile(profile).pcr_key == tmp_path / "pcr.key"
-    assert load_profile(tmp_path / "p.toml").to_json()["tpm"] == {"pcr_key": "pcr.key", "seal_data": False}
-    profile.write_text('[tpm]\npcr_key = "pcr.key"\nseal_data = true\n')
+    assert load_profile(tmp_path / "p.toml").to_json()["tpm"] == {"pcr_key": "pcr.key", "seal_data": False,
+                                                                   "recovery_key": ""}
+    (tmp_path / "recovery.pub").write_bytes(rsa.generate_private_key(65537, 2048).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    profile.write_text('[tpm]\npcr_key = "pcr.key"\nseal_data = true\nrecovery_key = "recovery.pub"\n')
     assert load_profile(profile).tpm.seal_data is True
-    profile.write_text('[tpm]\nseal_data = true\n')
-    with pytest.raises(ProfileError, match=r"p.toml: \[tpm\] seal_data = true needs \[tpm\] pcr_key"):
-        load_profile(profile)
+    assert load_profile(profile).recovery_key == tmp_path / "recovery.pub"
+    for text, expected in (('seal_data = true\nrecovery_key = "recovery.pub"\n',
+                            r"seal_data = true needs \[tpm\] pcr_key"),
+                           ('seal_data = true\npcr_key = "pcr.key"\n',
+                            r"seal_data = true needs \[tpm\] recovery_key"),
+                           ('recovery_key = "pcr.key"\n', r"recovery_key = 'pcr.key': .*private key")):
+        profile.write_text("[tpm]\n" + text)
+        with pytest.raises(ProfileError, match=r"p.toml: \[tpm\] " + expected):
+            load_profile(profile)
     (tmp_path / "ec.key").write_bytes(_pem(ec.generate_private_key(ec.SECP256R1())))
     for name, expected in (("ec.key", r"p.toml: \[tpm\] pcr_key = 'ec.key': PCR signing key .*ec.key"),
                            ("../../etc/none.key", "pcr_key = '../../etc/none.key'")):

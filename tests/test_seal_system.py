@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from provisioning.image import boot as vm
 from provisioning.image.disk import disk, load_sealed
@@ -28,6 +30,7 @@ from provisioning.image.pcrsign import (
     new_pcr_key,
     public_pem,
 )
+from provisioning.image.recovery import ESCROW_PATH, decrypt_escrow
 from provisioning.image.seal import seal
 from provisioning.image.stage import DiskSizes, StageContext
 from tests.conftest import run_appliance
@@ -50,6 +53,15 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _recovery_key(folder: Path) -> None:
+    """The site's recovery key pair: ``recovery.key`` (kept by the site) and ``recovery.pub``."""
+    site = rsa.generate_private_key(65537, 3072)
+    (folder / "recovery.key").write_bytes(site.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (folder / "recovery.pub").write_bytes(site.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
 @pytest.fixture(scope="module")
 def sealed_a(request: pytest.FixtureRequest) -> Iterator[StageContext]:
     _needs("mmdebstrap", "mksquashfs", "veritysetup", "sfdisk", "mkfs.vfat", "mcopy", "faketime", "unshare")
@@ -58,8 +70,10 @@ def sealed_a(request: pytest.FixtureRequest) -> Iterator[StageContext]:
         # the site signs the UKI's PCR 11 policy: .pcrpkey is measured, so the booted PCR 11
         # below checks the signed UKI's prediction too; the node seals its data partition under it
         new_pcr_key(base / "pcr.key")
+        _recovery_key(base)
         ctx = StageContext(rootfs=root, out=base / "out", work=base / "work", source_date_epoch=EPOCH,
-                           version="1.0", sizes=SIZES, pcr_key=base / "pcr.key", seal_data=True)
+                           version="1.0", sizes=SIZES, pcr_key=base / "pcr.key", seal_data=True,
+                           recovery_key=base / "recovery.pub")
         seal(ctx)
         disk(ctx)
         yield ctx
@@ -68,7 +82,8 @@ def sealed_a(request: pytest.FixtureRequest) -> Iterator[StageContext]:
 def test_seal_and_disk_are_reproducible(sealed_a: StageContext) -> None:
     again = StageContext(rootfs=sealed_a.rootfs, out=sealed_a.out.with_name("out2"),
                          work=sealed_a.work.with_name("work2"), source_date_epoch=EPOCH,
-                         version="1.0", sizes=SIZES, pcr_key=sealed_a.pcr_key, seal_data=True)
+                         version="1.0", sizes=SIZES, pcr_key=sealed_a.pcr_key, seal_data=True,
+                         recovery_key=sealed_a.recovery_key)
     seal(again)
     disk(again)
     for name in ("root.squashfs", "root.verity", "root.roothash", "appliance-1.0.efi", "disk.raw",
@@ -134,7 +149,7 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     site-signed PCR 11 policy), with the image's /var in it; the next boot opens it again; a boot
     without the TPM, or with a UKI another key signed, leaves it sealed and untouched; read from
     outside, it holds no plaintext."""
-    _needs("qemu-system-x86_64", "qemu-img", "sfdisk", "swtpm")
+    _needs("qemu-system-x86_64", "qemu-img", "sfdisk", "swtpm", "mtype", "cryptsetup")
     image = sealed_a.out / "disk.raw"
     before = _sha(image)
     state = tmp_path / "vm"
@@ -165,10 +180,20 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     assert sealed_a.pcr_key is not None  # the signed policy is the site's key's
     assert base64.b64encode(public_pem(load_pcr_key(sealed_a.pcr_key))) in header
     assert CANARY[:64].encode() not in sealed  # the canary's ext4 block is ciphertext
+    # the recovery key: enrolled in the initrd, escrowed to the site's key on the ESP, and it opens
+    # the volume; nothing else of it is on the disk
+    assert _token_types(header) == ["systemd-tpm2", "systemd-recovery"], header[:4096]
+    escrow = _escrow(overlay, tmp_path)
+    recovery = decrypt_escrow(_site_key(sealed_a), escrow)
+    assert _opens(header, recovery)
+    assert not _opens(header, recovery[::-1])  # the check can fail
 
     again = _boot_cli(image, state, MARKER, "--tpm", "--keep-disk")  # a power cycle, same TPM
     line = str(again["matched"])
     assert "var=/dev/mapper/data" in line and "boots=2 " in line and "canary=sealed-data_canary" in line, line
+    header = _data_partition(overlay, tmp_path)[:16 * 1024 * 1024]
+    assert _token_types(header) == ["systemd-tpm2", "systemd-recovery"]  # enrolled once, not every boot
+    assert _escrow(overlay, tmp_path) == escrow
 
     # the same disk without its TPM: the initrd cannot open the volume, asks nobody, formats nothing
     refused = _boot_cli(image, state, _OPEN_FAILED, "--keep-disk")
@@ -178,7 +203,7 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     # the same disk and TPM, its UKI swapped for one of the same root that another key signed
     other = StageContext(rootfs=sealed_a.rootfs, out=tmp_path / "other", work=tmp_path / "work-other",
                          source_date_epoch=EPOCH, version="1.0", sizes=SIZES, pcr_key=tmp_path / "other.key",
-                         seal_data=True)
+                         seal_data=True, recovery_key=sealed_a.recovery_key)
     new_pcr_key(tmp_path / "other.key")
     foreign = seal(other).uki
     swapped = _with_uki(state, foreign, tmp_path / "swapped")
@@ -188,6 +213,44 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
 
 
 _OPEN_FAILED = "Failed to start.*Cryptography Setup for data"
+
+
+def _site_key(ctx: StageContext) -> rsa.RSAPrivateKey:
+    assert ctx.recovery_key is not None
+    key = serialization.load_pem_private_key((ctx.recovery_key.parent / "recovery.key").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key
+
+
+def _escrow(overlay: Path, work: Path) -> bytes:
+    """The recovery key escrow on the ESP of the machine's disk, read from outside with mtools."""
+    import subprocess
+    raw = work / "esp.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)], check=True)
+    try:
+        return subprocess.run(["mtype", "-i", f"{raw}@@1M", f"::/{ESCROW_PATH}"], capture_output=True,
+                              check=True, env=_MTOOLS_ENV | {"PATH": os.environ["PATH"]}).stdout
+    finally:
+        raw.unlink()
+
+
+def _token_types(header: bytes) -> list[str]:
+    """The token types of a LUKS2 header, in token order (from its primary JSON area)."""
+    area = header[4096:16384].split(b"\0", 1)[0]
+    tokens = json.loads(area)["tokens"]
+    return [tokens[k]["type"] for k in sorted(tokens, key=int)]
+
+
+def _opens(header: bytes, passphrase: str) -> bool:
+    """Whether ``passphrase`` opens a keyslot of the LUKS2 ``header`` (cryptsetup, no device made)."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile(dir="/var/tmp", suffix=".luks") as f:
+        f.write(header + bytes(1024 * 1024))  # the header, and a little of the data segment
+        f.flush()
+        done = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--type", "luks2", "--key-file=-",
+                               f.name], input=passphrase.encode(), capture_output=True)
+    return done.returncode == 0
 
 
 def _with_uki(state: Path, uki: Path, work: Path) -> vm.BootPlan:
@@ -265,7 +328,8 @@ def test_a_slot_that_never_blesses_falls_back_to_the_other(
     base = tmp_path
     root_b = make_rootfs(cache_dir(base / "cache"), base / "root-b", "B", broken=True)
     ctx_b = StageContext(rootfs=root_b, out=base / "out-b", work=base / "work-b", source_date_epoch=EPOCH,
-                         version="2.0", sizes=SIZES, pcr_key=sealed_a.pcr_key, seal_data=True)
+                         version="2.0", sizes=SIZES, pcr_key=sealed_a.pcr_key, seal_data=True,
+                         recovery_key=sealed_a.recovery_key)
     slot_b = seal(ctx_b)
     slot_a = load_sealed(sealed_a.out)
     image = build_disk(sealed_a.run, out=base / "ab", work=base / "work-ab", name="appliance",

@@ -19,6 +19,7 @@ from provisioning.image.disk import Sealed, build_disk, data_uuid, layout, load_
 from provisioning.image.seal import (
     REPART_DATA_CONF,
     kernel_cmdline,
+    recovery_script,
     repart_data_conf,
     sealed_crypttab,
     sealed_initrd_files,
@@ -39,17 +40,24 @@ def _ini(text: str) -> dict[str, dict[str, str]]:
     return {name: dict(parser[name]) for name in parser.sections()}
 
 
-def test_sealing_needs_the_sites_pcr_key_and_changes_the_cache_key(tmp_path: Path) -> None:
+def test_sealing_needs_the_sites_two_keys_and_changes_the_cache_key(tmp_path: Path) -> None:
+    key, recovery = tmp_path / "pcr.key", tmp_path / "recovery.pub"
+    key.write_bytes(b"k")
+    recovery.write_bytes(b"r")
     with pytest.raises(ImageError, match=r"PCR signing key \(\[tpm\] pcr_key\)"):
         StageContext(rootfs=tmp_path, out=tmp_path, work=tmp_path, source_date_epoch=0, version="1",
-                     seal_data=True)
-    key = tmp_path / "pcr.key"
-    key.write_bytes(b"k")
+                     seal_data=True, recovery_key=recovery)
+    with pytest.raises(ImageError, match=r"recovery public key \(\[tpm\] recovery_key\)"):
+        StageContext(rootfs=tmp_path, out=tmp_path, work=tmp_path, source_date_epoch=0, version="1",
+                     seal_data=True, pcr_key=key)
     plain = StageContext(rootfs=tmp_path, out=tmp_path, work=tmp_path, source_date_epoch=0, version="1",
                          pcr_key=key)
     sealed = StageContext(rootfs=tmp_path, out=tmp_path, work=tmp_path, source_date_epoch=0, version="1",
-                          pcr_key=key, seal_data=True)
-    assert plain.cache_key() != sealed.cache_key()
+                          pcr_key=key, seal_data=True, recovery_key=recovery)
+    before = sealed.cache_key()
+    assert plain.cache_key() != before
+    recovery.write_bytes(b"another site key")
+    assert sealed.cache_key() != before
 
 
 def test_a_sealed_image_mounts_var_from_the_volume_the_initrd_opened() -> None:
@@ -90,8 +98,15 @@ def test_the_initrd_opens_it_with_the_tpm_alone_after_repart(tmp_path: Path) -> 
     # no key file, no PCRs here: the LUKS2 token holds the policy (PCR 7 and the signed PCR 11)
     assert not any(o.startswith(("tpm2-pcrs", "tpm2-signature", "password")) for o in options)
 
-    sealed_initrd_files("appliance", "data", tmp_path)
+    sealed_initrd_files("appliance", "data", tmp_path, b"-----BEGIN PUBLIC KEY-----\nsite\n")
     units = tmp_path / "etc/systemd/system"
+    assert (tmp_path / "etc/appliance/recovery.pub").read_bytes() == b"-----BEGIN PUBLIC KEY-----\nsite\n"
+    script = tmp_path / "usr/lib/appliance/escrow-recovery-key"
+    assert script.read_text() == recovery_script("appliance") and script.stat().st_mode & 0o777 == 0o755
+    escrow = _ini((units / "appliance-recovery-key.service").read_text())
+    assert escrow["Unit"]["After"] == escrow["Unit"]["Requisite"] == "systemd-cryptsetup@data.service"
+    assert escrow["Unit"]["Before"] == "initrd.target"
+    assert escrow["Service"]["ExecStart"] == "/usr/lib/appliance/escrow-recovery-key"
     assert (tmp_path / "etc/crypttab").read_text() == sealed_crypttab("appliance")
     assert (tmp_path / "usr/lib/repart.d/50-appliance-data.conf").read_text() == \
         repart_data_conf("appliance", "data", True)
@@ -109,7 +124,8 @@ def test_the_initrd_opens_it_with_the_tpm_alone_after_repart(tmp_path: Path) -> 
     # repart stops when the initrd hands over: a Requires on it would close the volume then
     assert "Requires" not in opener["Unit"] and "BindsTo" not in opener["Unit"]
     wants = _ini((units / "initrd.target.d/50-appliance-sealed-data.conf").read_text())
-    assert wants["Unit"]["Wants"] == "systemd-cryptsetup@data.service"
+    assert wants["Unit"]["Wants"].split() == ["systemd-cryptsetup@data.service",
+                                              "appliance-recovery-key.service"]
 
 
 def _slot(tmp_path: Path, roothash: str, version: str, sealed: bool) -> Sealed:
@@ -190,3 +206,24 @@ def test_a_sealed_disk_leaves_the_data_partitions_room_empty_and_unlisted(tmp_pa
     with sealed_image.open("rb") as f:
         f.seek(data.offset)
         assert f.read(data.size) == bytes(data.size)  # nothing of /var in the image's bytes
+
+
+def test_a_sealing_root_without_openssl_is_refused_before_any_step(tmp_path: Path) -> None:
+    from provisioning.image.seal import REQUIRED_IN_ROOTFS, seal
+
+    root = tmp_path / "root"
+    for rel in REQUIRED_IN_ROOTFS:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("")
+    for name in ("pcr.key", "recovery.pub"):
+        (tmp_path / name).write_text("")
+
+    def run(*args: object, **kw: object) -> Completed:
+        raise AssertionError("nothing may run")
+
+    ctx = StageContext(rootfs=root, out=tmp_path / "out", work=tmp_path / "work", source_date_epoch=0,
+                       version="1", pcr_key=tmp_path / "pcr.key", seal_data=True,
+                       recovery_key=tmp_path / "recovery.pub", run=run)
+    with pytest.raises(ImageError, match=r"needs these packages in the image: openssl, systemd-cryptsetup"):
+        seal(ctx)
+    assert not (tmp_path / "out").exists()

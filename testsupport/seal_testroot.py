@@ -21,6 +21,8 @@ PACKAGES = (
     # what the seal stage needs inside the root (provisioning.image.seal.REQUIRED_IN_ROOTFS)
     "dracut", "systemd-boot", "systemd-boot-efi", "systemd-ukify", "systemd-cryptsetup", "systemd-repart",
     "tpm2-tools",
+    # a sealed data partition's initrd escrows its recovery key with openssl (seal.SEALED_DATA_REQUIRED)
+    "openssl",
 )
 MARKER = "dm-verity root OK"
 # A file of the image's /var whose bytes must never be found on a sealed data partition read from

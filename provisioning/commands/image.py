@@ -122,7 +122,7 @@ def _sync(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile)
     with progress("mirror", None) as bar:
-        lock = sync_mirror(profile, args.mirror, extra_packages=stage_packages(), bar=bar)
+        lock = sync_mirror(profile, args.mirror, extra_packages=stage_packages(profile), bar=bar)
     size = sum(f.size for f in lock.files())
     summary = {"mirror": str(args.mirror), "lock_sha256": lock.sha256, "suite": lock.suite,
                "architecture": lock.architecture, "debs": len(lock.debs), "wheels": len(lock.wheels),

@@ -1,4 +1,5 @@
-"""``appliance pki init|issue-node|issue-ak|issue-client|revoke|list|crl|request``: site certificates."""
+"""``appliance pki init|issue-node|issue-ak|issue-client|revoke|list|crl|request|recovery-key``: site
+certificates and keys."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from pathlib import Path
 
 from agent.errors import NotFoundError
-from provisioning.errors import AttestError
+from provisioning.errors import AttestError, ImageError
 from provisioning.output import emit_json, examples, print_table
 from provisioning.pki import (
     CRL_DAYS,
@@ -143,11 +144,35 @@ def register(
     _dir_and_passphrase(ls)
     ls.set_defaults(handler=_list)
 
+    _register_recovery_key(psub, common)
+
+    _register_crl(psub, common)
+
+
+def _register_crl(psub: argparse._SubParsersAction[argparse.ArgumentParser],
+                  common: argparse.ArgumentParser) -> None:
     crl = psub.add_parser("crl", **examples('appliance pki crl --dir pki --days 30'), parents=[common],
                           help="re-sign the CRL with a fresh next-update time (run before it lapses)")
     _dir_and_passphrase(crl)
     crl.add_argument("--days", type=int, default=CRL_DAYS, help=f"validity (default: {CRL_DAYS})")
     crl.set_defaults(handler=_crl)
+
+
+def _register_recovery_key(psub: argparse._SubParsersAction[argparse.ArgumentParser],
+                           common: argparse.ArgumentParser) -> None:
+    rk = psub.add_parser("recovery-key", **examples(
+            "appliance pki recovery-key recovery-key.enc --key keys/recovery.key",
+            "appliance pki recovery-key node7-esp/appliance/recovery-key.enc --key keys/recovery.key "
+            "--passphrase-file pass.txt --json"),
+        parents=[common],
+                         help="decrypt a sealed node's recovery key escrow (appliance/recovery-key.enc "
+                              "on its ESP) with the site's recovery private key")
+    rk.add_argument("escrow", type=Path, help="the escrow file, copied from the node's ESP")
+    rk.add_argument("--key", type=Path, required=True,
+                    help="the site's recovery private key (PEM; the profile's [tpm] recovery_key is its "
+                         "public half)")
+    passphrase_flags(rk)
+    rk.set_defaults(handler=_recovery_key)
 
 
 def _passphrase(args: argparse.Namespace) -> bytes | None:
@@ -237,6 +262,24 @@ def _list(args: argparse.Namespace) -> int:
     rows = [(f"{c.serial:x}"[:16], c.kind, c.name, c.role or "-", f"{c.not_after:%Y-%m-%d}",
              c.status() + (f" ({c.reason})" if c.reason else "")) for c in certs]
     print_table(("SERIAL", "KIND", "NAME", "ROLE", "EXPIRES", "STATUS"), rows)
+    return 0
+
+
+def _recovery_key(args: argparse.Namespace) -> int:
+    from provisioning.image.recovery import decrypt_escrow, load_recovery_private_key
+
+    key = load_recovery_private_key(args.key, _passphrase(args))
+    try:
+        blob = args.escrow.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"recovery key escrow {args.escrow}: does not exist") from None
+    except OSError as exc:
+        raise ImageError(f"recovery key escrow {args.escrow}: {exc.strerror or exc}") from None
+    recovery = decrypt_escrow(key, blob)
+    if args.json:
+        emit_json({"escrow": str(args.escrow), "recovery_key": recovery})
+    else:
+        print(recovery)
     return 0
 
 

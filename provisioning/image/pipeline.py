@@ -35,8 +35,9 @@ from provisioning.image.gpu_stage import check_lock
 from provisioning.image.mirror import Lock, load_lock, missing_packages, verify_mirror
 from provisioning.image.pcrsign import key_fingerprint, load_pcr_key
 from provisioning.image.profile import Profile, load_profile, package_set
+from provisioning.image.recovery import load_recovery_public_key
 from provisioning.image.seal import PACKAGES as SEAL_PACKAGES
-from provisioning.image.seal import seal
+from provisioning.image.seal import SEALED_DATA_PACKAGES, seal
 from provisioning.image.stage import DiskSizes, StageContext, version_from_epoch
 from provisioning.tools import require_tool, run
 
@@ -45,9 +46,11 @@ __all__ = ["BuildContext", "BuildPlan", "PlannedStage", "Stage", "build", "plan_
 
 log = logging.getLogger(__name__)
 
-def stage_packages() -> tuple[str, ...]:
-    """Debian packages later stages need in the root (the seal stage's tools)."""
-    return tuple(sorted(SEAL_PACKAGES))
+def stage_packages(profile: Profile | None = None) -> tuple[str, ...]:
+    """Debian packages later stages need in the root (the seal stage's tools, and those of a
+    sealed data partition's initrd when ``profile`` asks for one)."""
+    extra = SEALED_DATA_PACKAGES if profile is not None and profile.tpm.seal_data else ()
+    return tuple(sorted({*SEAL_PACKAGES, *extra}))
 
 
 @dataclass
@@ -225,6 +228,7 @@ def stage_context(ctx: BuildContext, stage: str) -> StageContext:
         egress=tuple(egress_json(profile)),
         pcr_key=profile.pcr_key,
         seal_data=profile.tpm.seal_data,
+        recovery_key=profile.recovery_key,
     )
 
 
@@ -235,6 +239,8 @@ def _sealed_stage(name: str, module: str, run_stage: Callable[[StageContext], ob
         if name == "seal" and ctx.profile.pcr_key is not None:  # the key's public half names it
             data["pcr_key"] = key_fingerprint(load_pcr_key(ctx.profile.pcr_key).public_key())
             data["seal_data"] = ctx.profile.tpm.seal_data
+        if name == "seal" and ctx.profile.recovery_key is not None:
+            data["recovery_key"] = load_recovery_public_key(ctx.profile.recovery_key).decode()
         if name == "disk":
             data["disk"] = ctx.profile.to_json()["disk"]
             data["cpu_level"] = ctx.profile.image.cpu_level  # recorded in image-manifest.json
@@ -306,7 +312,7 @@ def plan_build(profile_path: Path, mirror: Path, out: Path,
     """
     profile = load_profile(profile_path)
     lock = load_lock(mirror)
-    extra = stage_packages()
+    extra = stage_packages(profile)
     _check_mirror(profile, lock, mirror, extra)
     for tool in ("mmdebstrap", "tar", "chroot", "gpgv"):
         require_tool(tool)

@@ -26,6 +26,7 @@ from agent.settings import from_table, path_problem, read_toml, setting, to_json
 from provisioning.errors import ImageError, ProfileError
 from provisioning.image.gpu_manifest import GpuManifest, check_compatibility, gpu_packages, load_manifest
 from provisioning.image.pcrsign import load_pcr_key
+from provisioning.image.recovery import load_recovery_public_key
 
 __all__ = [
     "BASE_PACKAGES",
@@ -283,7 +284,11 @@ class TpmSection:
     seal_data: bool = setting(False, "the node makes its data partition (/var: models, keys, journal) "
                               "at first boot as LUKS2, its key sealed to its TPM under PCR 7 and the "
                               "PCR 11 policy pcr_key signs: readable only on that node, booted from "
-                              "an image the site signed (needs pcr_key and a TPM 2.0)")
+                              "an image the site signed (needs pcr_key, recovery_key and a TPM 2.0)")
+    recovery_key: str = setting("", "PEM RSA (>= 2048 bits) public key of the site: a node with sealed "
+                                "data escrows its recovery key to it, on its ESP, at first boot; the "
+                                "private half stays with the site (relative paths are from the "
+                                "profile's directory)", check=path_problem)
 
 
 @dataclass(frozen=True)
@@ -380,6 +385,11 @@ class Profile:
     def pcr_key(self) -> Path | None:
         """The site's PCR policy signing key ([tpm] pcr_key), or None when the UKI is not signed so."""
         return (self.path.parent / self.tpm.pcr_key).resolve() if self.tpm.pcr_key else None
+
+    @property
+    def recovery_key(self) -> Path | None:
+        """The site's recovery public key ([tpm] recovery_key), or None."""
+        return (self.path.parent / self.tpm.recovery_key).resolve() if self.tpm.recovery_key else None
 
     @property
     def inbound_tcp(self) -> tuple[int, ...]:
@@ -544,6 +554,26 @@ def _agent(path: Path, raw: Any, *, baked_tls: bool = False) -> AgentConfig:
     return config
 
 
+def _check_tpm(p: Profile, where: str) -> None:
+    """[tpm]: the keys it names load, and sealed data has both of them."""
+    if p.pcr_key is not None:
+        try:
+            load_pcr_key(p.pcr_key)
+        except ImageError as exc:
+            raise ProfileError(f"{where}: [tpm] pcr_key = {p.tpm.pcr_key!r}: {exc}") from None
+    elif p.tpm.seal_data:
+        raise ProfileError(f"{where}: [tpm] seal_data = true needs [tpm] pcr_key: the TPM unseals the data "
+                           "partition under the PCR 11 policy that key signs")
+    if p.recovery_key is not None:
+        try:
+            load_recovery_public_key(p.recovery_key)
+        except ImageError as exc:
+            raise ProfileError(f"{where}: [tpm] recovery_key = {p.tpm.recovery_key!r}: {exc}") from None
+    elif p.tpm.seal_data:
+        raise ProfileError(f"{where}: [tpm] seal_data = true needs [tpm] recovery_key: the node escrows "
+                           "its recovery key to it, or a node whose TPM fails loses its data")
+
+
 def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads best
     """Cross-field checks and the files the profile names (registry, targets, GPU manifest)."""
     where = str(p.path)
@@ -566,14 +596,7 @@ def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads
     elif net.address or net.gateway:
         raise ProfileError(f"{where}: [network] address = {net.address!r}: "
                            "only meaningful with mode = \"static\"")
-    if p.pcr_key is not None:
-        try:
-            load_pcr_key(p.pcr_key)
-        except ImageError as exc:
-            raise ProfileError(f"{where}: [tpm] pcr_key = {p.tpm.pcr_key!r}: {exc}") from None
-    elif p.tpm.seal_data:
-        raise ProfileError(f"{where}: [tpm] seal_data = true needs [tpm] pcr_key: the TPM unseals the data "
-                           "partition under the PCR 11 policy that key signs")
+    _check_tpm(p, where)
     if p.ssh.enabled and not any(u.ssh_keys for u in p.users):
         raise ProfileError(f"{where}: [ssh] enabled = true: no [[users]] entry has ssh_keys "
                            "(SSH is key-only)")

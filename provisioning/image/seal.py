@@ -35,10 +35,12 @@ from provisioning.image.disk import Sealed, data_uuid, esp_uuid
 from provisioning.image.measure import pcr11_record
 from provisioning.image.pcrsign import SIGNED_PHASES, check_pcr_signature, load_pcr_key, public_pem
 from provisioning.image.profile import SEAL_OWNED_ARGS
+from provisioning.image.recovery import ESCROW_PATH, load_recovery_public_key
 from provisioning.image.stage import RunFn, StageContext, check_paths
 
 __all__ = ["PACKAGES", "REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version",
-           "repart_data_conf", "seal", "sealed_crypttab", "sealed_initrd_files", "squashfs_argv",
+           "recovery_script", "repart_data_conf", "seal", "sealed_crypttab", "sealed_initrd_files",
+           "squashfs_argv",
            "verity_format", "verity_params"]
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,11 @@ REPART_DATA_CONF = "[Partition]\nType=linux-generic\n"
 # every signed value and nothing in the booted system can have the TPM unseal the key again.
 # repart never formats a partition that exists: later boots, and other slots, find it and open it.
 SEALED_DATA_MODULES = ("systemd-repart", "systemd-cryptsetup")
+# programs the initrd needs for it beyond dracut's modules: repart's mkfs, the recovery key's escrow
+SEALED_DATA_TOOLS = ("mkfs.ext4", "mke2fs", "systemd-cryptenroll", "openssl", "grep")
+# ... and the packages that put them in the root (the pipeline adds them to a sealing profile's)
+SEALED_DATA_REQUIRED = {"usr/bin/openssl": "openssl", "usr/bin/systemd-cryptenroll": "systemd-cryptsetup"}
+SEALED_DATA_PACKAGES = ("openssl",)
 SEALED_DATA_MAPPER = "data"
 _SEALED_REPART_DROPIN = """[Unit]
 # the image's /var is copied from the root, so the root must be mounted first
@@ -117,7 +124,53 @@ Wants=systemd-repart.service
 Before=initrd.target
 """
 _SEALED_INITRD_DROPIN = f"""[Unit]
-Wants=systemd-cryptsetup@{SEALED_DATA_MAPPER}.service
+Wants=systemd-cryptsetup@{SEALED_DATA_MAPPER}.service appliance-recovery-key.service
+"""
+# The recovery key (provisioning.image.recovery): enrolled once, in the initrd where the TPM
+# policy holds, encrypted at once to the site's key; only the ciphertext is written, to the ESP.
+_RECOVERY_UNIT = f"""[Unit]
+Description=Escrow the sealed data partition's recovery key to the site
+DefaultDependencies=no
+After=systemd-cryptsetup@{SEALED_DATA_MAPPER}.service
+Requisite=systemd-cryptsetup@{SEALED_DATA_MAPPER}.service
+Before=initrd.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/lib/appliance/escrow-recovery-key
+"""
+_RECOVERY_SCRIPT = """#!/bin/sh
+# Enrol the sealed data partition's recovery key once and escrow it to the site (see
+# provisioning/image/recovery.py). The key lives in this shell's memory only; if anything after
+# the enrolment fails, its keyslot is wiped and the next boot tries again.
+set -u
+data=/dev/disk/by-partuuid/@DATA@
+esp=/dev/disk/by-partuuid/@ESP@
+mnt=/run/appliance-esp
+if systemd-cryptenroll "$data" | grep -qw recovery; then
+    exit 0  # enrolled and escrowed on an earlier boot
+fi
+undo() {
+    echo "appliance: recovery key: $1; its keyslot is wiped, the next boot tries again" >&2
+    systemd-cryptenroll --unlock-tpm2-device=auto --wipe-slot=recovery "$data" >/dev/null 2>&1
+    umount "$mnt" 2>/dev/null
+    exit 1
+}
+key=$(systemd-cryptenroll --unlock-tpm2-device=auto --recovery-key "$data" 2>/dev/null) || {
+    echo "appliance: recovery key: systemd-cryptenroll could not enrol one" >&2
+    exit 1
+}
+case "$key" in
+    ""|*[!a-z-]*) undo "systemd-cryptenroll printed no recovery key" ;;
+esac
+mkdir -p "$mnt" && mount -t vfat -o umask=0077 "$esp" "$mnt" || undo "cannot mount the ESP"
+mkdir -p "$mnt/appliance" || undo "cannot write to the ESP"
+printf '%s' "$key" | openssl pkeyutl -encrypt -pubin -inkey /etc/appliance/recovery.pub \\
+    -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 -pkeyopt rsa_mgf1_md:sha256 \\
+    -out "$mnt/@ESCROW@.new" || undo "cannot encrypt it to the site key"
+mv "$mnt/@ESCROW@.new" "$mnt/@ESCROW@" || undo "cannot write the escrow to the ESP"
+umount "$mnt" || undo "cannot unmount the ESP"
+echo "appliance: recovery key enrolled; escrowed to the site's key on the ESP (@ESCROW@)"
 """
 
 
@@ -131,10 +184,23 @@ def sealed_crypttab(name: str) -> str:
             "x-systemd.device-timeout=5min\n")
 
 
-def sealed_initrd_files(name: str, label: str, tree: Path) -> None:
-    """Write what a sealed data partition adds to the initrd under ``tree`` (dracut --include)."""
+def recovery_script(name: str) -> str:
+    """The initrd's script that enrols and escrows the recovery key of image ``name``'s data."""
+    return (_RECOVERY_SCRIPT.replace("@DATA@", data_uuid(name)).replace("@ESP@", esp_uuid(name))
+            .replace("@ESCROW@", ESCROW_PATH))
+
+
+def sealed_initrd_files(name: str, label: str, tree: Path, recovery_public: bytes) -> None:
+    """Write what a sealed data partition adds to the initrd under ``tree`` (dracut --include);
+    ``recovery_public`` is the site's recovery public key (PEM)."""
     units = "etc/systemd/system"
+    script = tree / "usr/lib/appliance/escrow-recovery-key"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(recovery_script(name))
+    script.chmod(0o755)
     for rel, text in (("etc/crypttab", sealed_crypttab(name)),
+                      ("etc/appliance/recovery.pub", recovery_public.decode()),
+                      (f"{units}/appliance-recovery-key.service", _RECOVERY_UNIT),
                       ("usr/lib/repart.d/50-appliance-data.conf", repart_data_conf(name, label, True)),
                       (f"{units}/systemd-repart.service.d/50-appliance-sealed-data.conf",
                        _SEALED_REPART_DROPIN),
@@ -288,10 +354,11 @@ def _os_release(rootfs: Path, name: str, version: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_rootfs(rootfs: Path) -> None:
+def _check_rootfs(rootfs: Path, seal_data: bool = False) -> None:
     if not rootfs.is_dir():
         raise ImageError(f"root filesystem {rootfs} is not a directory")
-    missing = sorted({pkg for rel, pkg in REQUIRED_IN_ROOTFS.items() if not (rootfs / rel).exists()})
+    required = REQUIRED_IN_ROOTFS | (SEALED_DATA_REQUIRED if seal_data else {})
+    missing = sorted({pkg for rel, pkg in required.items() if not (rootfs / rel).exists()})
     if missing:
         raise ImageError(f"{rootfs}: the seal stage needs these packages in the image: {', '.join(missing)}")
 
@@ -317,9 +384,11 @@ def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path,
     modules: tuple[str, ...] = DRACUT_MODULES
     sealed_data: list[str] = []
     if ctx.seal_data:
-        sealed_initrd_files(ctx.name, ctx.sizes.data_label, work / "initrd")
+        assert ctx.recovery_key is not None
+        sealed_initrd_files(ctx.name, ctx.sizes.data_label, work / "initrd",
+                            load_recovery_public_key(ctx.recovery_key))
         modules += SEALED_DATA_MODULES
-        sealed_data = ["--include", "/tmp/seal/initrd", "/", "--install", "mkfs.ext4 mke2fs"]  # noqa: S108 (in the chroot)
+        sealed_data = ["--include", "/tmp/seal/initrd", "/", "--install", " ".join(SEALED_DATA_TOOLS)]  # noqa: S108 (in the chroot)
     ctx.run(chroot_argv(ctx.rootfs, work, [
         "dracut", "--quiet", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--reproducible",
         "--compress", ZSTD_DETERMINISTIC, "--kver", kver, "--add", " ".join(modules),
@@ -356,11 +425,13 @@ def seal(ctx: StageContext) -> Sealed:
         ImageError: the root lacks a needed package, has no single kernel, or a signing key
             is missing. ToolError: mksquashfs, veritysetup, dracut, ukify or sbsign failed.
     """
-    _check_rootfs(ctx.rootfs)
+    _check_rootfs(ctx.rootfs, ctx.seal_data)
     check_paths([("Secure Boot key", ctx.secure_boot_key), ("Secure Boot certificate", ctx.secure_boot_cert),
-                 ("PCR signing key", ctx.pcr_key)])
+                 ("PCR signing key", ctx.pcr_key), ("recovery public key", ctx.recovery_key)])
     # a bad key is refused before the long steps, not after them
     pcr_public = public_pem(load_pcr_key(ctx.pcr_key)) if ctx.pcr_key is not None else None
+    if ctx.recovery_key is not None:
+        load_recovery_public_key(ctx.recovery_key)
     kver = kernel_version(ctx.rootfs)
     work = ctx.work / "seal"
     shutil.rmtree(work, ignore_errors=True)

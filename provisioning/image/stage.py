@@ -73,6 +73,8 @@ class StageContext:
     # the data partition made at first boot as LUKS2, its key sealed to the node's TPM under
     # PCR 7 and the PCR 11 policy ``pcr_key`` signed (provisioning.image.seal); needs pcr_key
     seal_data: bool = False
+    # the site's recovery public key (RSA PEM): the node escrows its data's recovery key to it
+    recovery_key: Path | None = None
     extra_cmdline: tuple[str, ...] = ()
     boot_tries: int = 3
     keep_xattrs: bool = False
@@ -95,6 +97,10 @@ class StageContext:
         if self.seal_data and self.pcr_key is None:
             raise ImageError("a sealed data partition needs the site's PCR signing key ([tpm] pcr_key): "
                              "the TPM unseals it under the PCR 11 policy that key signs")
+        if self.seal_data and self.recovery_key is None:
+            raise ImageError("a sealed data partition needs the site's recovery public key ([tpm] "
+                             "recovery_key): the node escrows its recovery key to it, or a node whose "
+                             "TPM fails loses its data")
         if not 1 <= self.boot_tries <= 9:
             raise ImageError(f"boot_tries = {self.boot_tries}: must be 1..9")
 
@@ -114,6 +120,7 @@ class StageContext:
             "cmdline": list(self.extra_cmdline), "tries": self.boot_tries, "xattrs": self.keep_xattrs,
             "signing": [_file_hash(self.secure_boot_key), _file_hash(self.secure_boot_cert)],
             "pcr_key": _file_hash(self.pcr_key), "seal_data": self.seal_data,
+            "recovery_key": _file_hash(self.recovery_key),
         }
         h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
         for item in extra:
