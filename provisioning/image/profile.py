@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -556,22 +556,19 @@ def _agent(path: Path, raw: Any, *, baked_tls: bool = False) -> AgentConfig:
 
 def _check_tpm(p: Profile, where: str) -> None:
     """[tpm]: the keys it names load, and sealed data has both of them."""
-    if p.pcr_key is not None:
-        try:
-            load_pcr_key(p.pcr_key)
-        except ImageError as exc:
-            raise ProfileError(f"{where}: [tpm] pcr_key = {p.tpm.pcr_key!r}: {exc}") from None
-    elif p.tpm.seal_data:
-        raise ProfileError(f"{where}: [tpm] seal_data = true needs [tpm] pcr_key: the TPM unseals the data "
-                           "partition under the PCR 11 policy that key signs")
-    if p.recovery_key is not None:
-        try:
-            load_recovery_public_key(p.recovery_key)
-        except ImageError as exc:
-            raise ProfileError(f"{where}: [tpm] recovery_key = {p.tpm.recovery_key!r}: {exc}") from None
-    elif p.tpm.seal_data:
-        raise ProfileError(f"{where}: [tpm] seal_data = true needs [tpm] recovery_key: the node escrows "
-                           "its recovery key to it, or a node whose TPM fails loses its data")
+    loaders: tuple[tuple[str, Path | None, Callable[[Path], object], str], ...] = (
+        ("pcr_key", p.pcr_key, load_pcr_key,
+         "the TPM unseals the data partition under the PCR 11 policy that key signs"),
+        ("recovery_key", p.recovery_key, load_recovery_public_key,
+         "the node escrows its recovery key to it, or a node whose TPM fails loses its data"))
+    for name, path, load, why in loaders:
+        if path is not None:
+            try:
+                load(path)
+            except ImageError as exc:
+                raise ProfileError(f"{where}: [tpm] {name} = {getattr(p.tpm, name)!r}: {exc}") from None
+        elif p.tpm.seal_data:
+            raise ProfileError(f"{where}: [tpm] seal_data = true needs [tpm] {name}: {why}")
 
 
 def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads best
