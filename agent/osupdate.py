@@ -189,10 +189,9 @@ def install_release(release_file: Path, state_dir: Path, *, tries: int = 3,
                           "is the running root; nothing to install")
     sealed = running_sealed_data(cmdline)
     if release.sealed_data != sealed:  # its UKI would not find /var: the slot would never boot
-        def kind(flag: bool) -> str:
-            return "sealed to the TPM" if flag else "plain"
+        kind = {True: "sealed to the TPM", False: "plain"}
         raise UpdateError(f"{release.name} {release.version}: its data partition is "
-                          f"{kind(release.sealed_data)}, this node's is {kind(sealed)}; an OS update "
+                          f"{kind[release.sealed_data]}, this node's is {kind[sealed]}; an OS update "
                           "cannot change that ([tpm] seal_data of the image's profile)")
     current = active_slot(sys_block) or "A"
     slot = "b" if current == "A" else "a"

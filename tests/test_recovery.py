@@ -96,8 +96,7 @@ def test_the_initrd_scripts_openssl_command_gives_what_the_site_decrypts(tmp_pat
     script = recovery_script("appliance")
     command = script[script.index("openssl pkeyutl"):script.index("-out")].replace("\\\n", " ")
     argv = command.replace("/etc/appliance/recovery.pub", str(tmp_path / "recovery.pub")).split()
-    blob = subprocess.run([*argv, "-out", str(tmp_path / "escrow")], input=KEY.encode(), check=True)
-    assert blob.returncode == 0
+    subprocess.run([*argv, "-out", str(tmp_path / "escrow")], input=KEY.encode(), check=True)
     assert decrypt_escrow(site, (tmp_path / "escrow").read_bytes()) == KEY
 
 

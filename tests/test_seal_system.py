@@ -126,8 +126,12 @@ def _boot_cli(image: Path, state: Path, pattern: str, *extra: str) -> dict[str, 
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
 
-def _data_partition(overlay: Path, work: Path) -> bytes:
-    """The data partition's bytes as the node left them on its disk, read from outside."""
+_LUKS2_HEADER = 16 * 1024 * 1024  # header, JSON areas and keyslots: what a token or key changes
+
+
+def _data_partition(overlay: Path, work: Path, limit: int | None = None) -> bytes:
+    """The data partition's bytes (its first ``limit``) as the node left them on its disk, read
+    from outside."""
     import subprocess
     raw = work / "after.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)], check=True)
@@ -138,7 +142,7 @@ def _data_partition(overlay: Path, work: Path) -> bytes:
         assert len(data) == 1, table
         with raw.open("rb") as f:
             f.seek(data[0]["start"] * 512)
-            return f.read(data[0]["size"] * 512)
+            return f.read(data[0]["size"] * 512 if limit is None else limit)
     finally:
         raw.unlink()
 
@@ -174,7 +178,7 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     overlay = state / "overlay.qcow2"
     sealed = _data_partition(overlay, tmp_path)
     assert sealed.startswith(b"LUKS\xba\xbe\x00\x02"), sealed[:8]  # LUKS2
-    header = sealed[:16 * 1024 * 1024]  # LUKS2 header and keyslots: the token is the TPM's, no passphrase
+    header = sealed[:_LUKS2_HEADER]  # LUKS2 header and keyslots: the token is the TPM's, no passphrase
     assert b'"type":"systemd-tpm2"' in header and b'"tpm2-pcrs":[7]' in header, header[:4096]
     assert b'"tpm2_pubkey_pcrs":[11]' in header, header[:4096]
     assert sealed_a.pcr_key is not None  # the signed policy is the site's key's
@@ -191,14 +195,14 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     again = _boot_cli(image, state, MARKER, "--tpm", "--keep-disk")  # a power cycle, same TPM
     line = str(again["matched"])
     assert "var=/dev/mapper/data" in line and "boots=2 " in line and "canary=sealed-data_canary" in line, line
-    header = _data_partition(overlay, tmp_path)[:16 * 1024 * 1024]
+    header = _data_partition(overlay, tmp_path, _LUKS2_HEADER)
     assert _token_types(header) == ["systemd-tpm2", "systemd-recovery"]  # enrolled once, not every boot
     assert _escrow(overlay, tmp_path) == escrow
 
     # the same disk without its TPM: the initrd cannot open the volume, asks nobody, formats nothing
     refused = _boot_cli(image, state, _OPEN_FAILED, "--keep-disk")
     assert "Cryptography Setup for data" in str(refused["matched"])
-    assert _data_partition(overlay, tmp_path)[:16 * 1024 * 1024] == header
+    assert _data_partition(overlay, tmp_path, _LUKS2_HEADER) == header
 
     # the same disk and TPM, its UKI swapped for one of the same root that another key signed
     other = StageContext(rootfs=sealed_a.rootfs, out=tmp_path / "other", work=tmp_path / "work-other",
@@ -209,7 +213,7 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     swapped = _with_uki(state, foreign, tmp_path / "swapped")
     refused = _boot_cli(swapped.image, swapped.state, _OPEN_FAILED, "--keep-disk", "--tpm")
     assert "Cryptography Setup for data" in str(refused["matched"])
-    assert _data_partition(swapped.overlay, tmp_path)[:16 * 1024 * 1024] == header
+    assert _data_partition(swapped.overlay, tmp_path, _LUKS2_HEADER) == header
 
 
 _OPEN_FAILED = "Failed to start.*Cryptography Setup for data"

@@ -40,8 +40,7 @@ from provisioning.image.stage import RunFn, StageContext, check_paths
 
 __all__ = ["PACKAGES", "REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version",
            "recovery_script", "repart_data_conf", "seal", "sealed_crypttab", "sealed_initrd_files",
-           "squashfs_argv",
-           "verity_format", "verity_params"]
+           "squashfs_argv", "verity_format", "verity_params"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ SEALED_DATA_MODULES = ("systemd-repart", "systemd-cryptsetup")
 SEALED_DATA_TOOLS = ("mkfs.ext4", "mke2fs", "systemd-cryptenroll", "openssl", "grep")
 # ... and the packages that put them in the root (the pipeline adds them to a sealing profile's)
 SEALED_DATA_REQUIRED = {"usr/bin/openssl": "openssl", "usr/bin/systemd-cryptenroll": "systemd-cryptsetup"}
-SEALED_DATA_PACKAGES = ("openssl",)
+SEALED_DATA_PACKAGES = tuple(sorted(set(SEALED_DATA_REQUIRED.values())))
 SEALED_DATA_MAPPER = "data"
 _SEALED_REPART_DROPIN = """[Unit]
 # the image's /var is copied from the root, so the root must be mounted first
@@ -374,7 +373,7 @@ def sign(run: RunFn, ctx: StageContext, src: Path, dest: Path) -> None:
 
 
 def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path,
-              pcr_public: bytes | None = None) -> Path:
+              pcr_public: bytes | None = None, *, recovery_public: bytes | None = None) -> Path:
     """dracut + ukify inside the root; returns the unsigned UKI in ``work``.  With ``pcr_public``
     (the PEM of ``ctx.pcr_key``'s public half) ukify signs the UKI's PCR 11 policy."""
     (work / "cmdline").write_text(cmdline + "\n")
@@ -384,9 +383,8 @@ def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path,
     modules: tuple[str, ...] = DRACUT_MODULES
     sealed_data: list[str] = []
     if ctx.seal_data:
-        assert ctx.recovery_key is not None
-        sealed_initrd_files(ctx.name, ctx.sizes.data_label, work / "initrd",
-                            load_recovery_public_key(ctx.recovery_key))
+        assert recovery_public is not None  # StageContext refuses seal_data without the key
+        sealed_initrd_files(ctx.name, ctx.sizes.data_label, work / "initrd", recovery_public)
         modules += SEALED_DATA_MODULES
         sealed_data = ["--include", "/tmp/seal/initrd", "/", "--install", " ".join(SEALED_DATA_TOOLS)]  # noqa: S108 (in the chroot)
     ctx.run(chroot_argv(ctx.rootfs, work, [
@@ -430,8 +428,8 @@ def seal(ctx: StageContext) -> Sealed:
                  ("PCR signing key", ctx.pcr_key), ("recovery public key", ctx.recovery_key)])
     # a bad key is refused before the long steps, not after them
     pcr_public = public_pem(load_pcr_key(ctx.pcr_key)) if ctx.pcr_key is not None else None
-    if ctx.recovery_key is not None:
-        load_recovery_public_key(ctx.recovery_key)
+    recovery_public = (load_recovery_public_key(ctx.recovery_key) if ctx.recovery_key is not None
+                       else None)
     kver = kernel_version(ctx.rootfs)
     work = ctx.work / "seal"
     shutil.rmtree(work, ignore_errors=True)
@@ -453,7 +451,7 @@ def seal(ctx: StageContext) -> Sealed:
     uki_work.mkdir()
     cmdline = kernel_cmdline(ctx.name, roothash, (*root_cmdline(ctx.rootfs), *ctx.extra_cmdline),
                              sealed_data=ctx.seal_data)
-    unsigned = build_uki(ctx, kver, cmdline, uki_work, pcr_public)
+    unsigned = build_uki(ctx, kver, cmdline, uki_work, pcr_public, recovery_public=recovery_public)
     uki = ctx.out / f"{ctx.name}-{ctx.version}.efi"
     sign(ctx.run, ctx, unsigned, uki)
     sign(ctx.run, ctx, ctx.rootfs / "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
