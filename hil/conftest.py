@@ -79,8 +79,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "APPLIANCE_HIL_RESET_AFTER", "120")), help="qemu: a console silent this many seconds right "
                 "after the kernel's 'reboot: Restarting system' or the firmware's 'BdsDxe: "
                 "starting Boot...' is a machine stuck in its reset or firmware (seen under TCG): "
-                "reset is pressed over QMP once, and the press is reported (default 120; the "
-                "firmware and the boot loader print within seconds)")
+                "it is power-cycled once (disk, UEFI variables and TPM state kept), and that is "
+                "reported (default 120; the firmware and the boot loader print within seconds)")
     g.addoption("--egress-watch", type=float, default=600.0,
                 help="qemu: seconds after the first power-on whose guest traffic the egress check "
                 "reads (default 600); the check waits only for what is left of them")
@@ -133,13 +133,17 @@ def appliance(request: pytest.FixtureRequest,
             node.power_off()
             if node.firmware_resets:
                 print(f"\nhil: {len(node.firmware_resets)} time(s) the machine did not come back from "
-                      "a warm reset (console silent after 'reboot: Restarting system'); reset was "
-                      "pressed over QMP. Where qemu's CPUs were:")
+                      "a warm reset or hung in its firmware (console silent after 'reboot: "
+                      "Restarting system' or 'BdsDxe: starting'); it was power-cycled. Where "
+                      "qemu's CPUs were:")
                 for kept in node.firmware_resets:
                     state = (kept / "qemu-state.txt").read_text(errors="replace")
                     print(f"  {kept}:\n" + "\n".join(
                         "    " + line for line in state.splitlines()
-                        if line.startswith(("RIP=", "EIP=", "CR0=", "==", "{", " \"status"))))
+                        if line.startswith(("RIP=", "EIP=", "R8 =", "CR0=", "==", "{", " \"status"))))
+                    swtpm = kept / "swtpm.txt"
+                    if swtpm.is_file():
+                        print(f"    {swtpm.read_text().strip()}")
             if node.console is not None and node.console.is_file():
                 keep = Path(os.environ.get("APPLIANCE_HIL_CONSOLE_COPY", work / "console-copy.log"))
                 shutil.copyfile(node.console, keep)

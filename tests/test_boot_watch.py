@@ -337,7 +337,7 @@ def test_a_machine_still_silent_after_the_press_is_reported_hung(
             watch.check()  # never pressed twice for the same silence
     assert [c for c, _ in qmp.seen].count("system_reset") == 1
     text = str(caught.value)
-    assert "reset was pressed over QMP 1 time(s) before" in text
+    assert "reset or power-cycled 1 time(s) before" in text
     assert "stopped after: '[   79.97] reboot: Restarting system'" in text
 
 
@@ -365,6 +365,83 @@ def test_presses_stop_at_max_resets(short_machine: vm.Machine, fake_qmp: Callabl
     watch = vm.ConsoleWatch(machine, stall=0.5, reset_after=0.1, resets=earlier, max_resets=2)
     watch.check()
     time.sleep(0.6)
-    with pytest.raises(vm.GuestHungError, match="pressed over QMP 2 time"):
+    with pytest.raises(vm.GuestHungError, match="reset or power-cycled 2 time"):
         watch.check()
     assert "system_reset" not in [c for c, _ in qmp.seen]
+
+
+def test_a_machine_stuck_after_its_reset_is_power_cycled_when_the_caller_can(
+        short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
+    """The hil suite's hang: a QMP reset never brought it back, a new qemu does. The watch
+    hands the stuck machine to ``power_cycle`` and follows the machine it returns."""
+    machine = dataclasses.replace(short_machine, tpm_pid=os.getpid())  # a live swtpm
+    machine.plan.console.write_text("[  222.13] reboot: Restarting system\r\n")
+    qmp = fake_qmp()
+    reborn = dataclasses.replace(machine, pid=os.getppid())
+    cycled: list[vm.Machine] = []
+
+    def power_cycle() -> vm.Machine:
+        cycled.append(watch.machine)
+        with machine.plan.console.open("a") as c:  # the new qemu's firmware, appended
+            c.write("BdsDxe: loading Boot0001\r\n")
+        return reborn
+
+    watch = vm.ConsoleWatch(machine, stall=5.0, reset_after=0.2, power_cycle=power_cycle)
+    watch.check()
+    time.sleep(0.3)
+    watch.check()
+    assert cycled == [machine] and watch.machine is reborn
+    assert "system_reset" not in [c for c, _ in qmp.seen]  # no QMP reset: it never helped
+    (kept,) = watch.resets
+    assert (kept / "swtpm.txt").read_text() == f"swtpm pid {os.getpid()}: running\n"
+    assert "RIP=00000000fffffff0" in (kept / "qemu-state.txt").read_text()
+    watch.check()  # the firmware printed: alive, nothing more happens
+    assert len(cycled) == 1
+
+
+def test_a_power_cycle_that_fails_is_reported_hung(
+        short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
+    machine = short_machine
+    machine.plan.console.write_text("[   79.97] reboot: Restarting system\r\n")
+    fake_qmp()
+
+    def power_cycle() -> vm.Machine:
+        raise ImageError("appliance boot failed: swtpm: TPM is locked")
+
+    watch = vm.ConsoleWatch(machine, stall=5.0, reset_after=0.1, power_cycle=power_cycle)
+    watch.check()
+    time.sleep(0.2)
+    with pytest.raises(vm.GuestHungError, match="power-cycled it failed: appliance boot failed: swtpm"):
+        watch.check()
+
+
+def test_stop_ends_the_machine_and_waits_for_its_swtpm(tmp_path: Path) -> None:
+    """The next power-on of the same state starts swtpm on the same TPM folder: the old one must
+    be gone by then (it holds the folder's lock)."""
+    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    swtpm = subprocess.Popen([sys.executable, "-c",
+                              "import signal, time; signal.signal(signal.SIGTERM, "
+                              "lambda *a: (time.sleep(1), exit(0))); time.sleep(60)"])
+    try:
+        plan = _plan(tmp_path)
+        plan.state.mkdir(parents=True)
+        machine = vm.Machine(plan, qemu.pid, swtpm.pid)
+        assert vm.stop(machine, grace=0.0) == "terminated"
+        assert qemu.poll() is not None
+        assert swtpm.poll() == 0  # exited (after its 1 s of cleanup) before stop returned
+    finally:
+        for proc in (qemu, swtpm):
+            proc.kill()
+            proc.wait()
+
+
+def test_keep_console_appends_to_the_last_console(tmp_path: Path) -> None:
+    argv = vm.qemu_argv(_plan(tmp_path, keep_disk=True, keep_console=True))
+    assert f"file,id=console,path={tmp_path}/vm/console.log,append=on" in argv
+    assert f"file,id=console,path={tmp_path}/vm/console.log" in vm.qemu_argv(_plan(tmp_path))
+
+
+def test_boot_cli_refuses_keep_console_without_keep_disk(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "provisioning.cli", "boot", str(tmp_path / "d.raw"),
+                           "--keep-console"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "--keep-console" in proc.stderr and "--keep-disk" in proc.stderr

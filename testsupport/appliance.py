@@ -18,8 +18,10 @@ from typing import Any
 
 import grpc
 
+from provisioning.errors import ImageError
 from provisioning.image.boot import ConsoleWatch, Machine
 from provisioning.image.boot import load as load_machine
+from provisioning.image.boot import stop as stop_machine
 
 __all__ = ["REGISTRY_GUEST_PORT", "Appliance", "appliance_cli", "free_port", "serving_status", "wait_serving"]
 
@@ -42,7 +44,7 @@ class Appliance:
     serving_seconds: list[float] = field(default_factory=list)  # power-on -> SERVING, per boot
     hang_after: float | None = None  # console silence that means a hung guest (qemu only)
     # qemu only: console silence after the kernel's restart line that means the machine never
-    # came back from its reset (pressed once over QMP; the evidence folders are listed here)
+    # came back from its reset (power-cycled once; the evidence folders are listed here)
     reset_after: float | None = None
     firmware_resets: list[Path] = field(default_factory=list)
     # qemu only: a restricted user network whose frames are recorded (one pcap per power-on),
@@ -81,10 +83,19 @@ class Appliance:
 
     def power_on(self, *, keep_disk: bool, bound: float) -> float:
         """Start the machine (again) and wait for SERVING; return the seconds it took."""
+        began = time.monotonic()
+        if self.first_power_on is None:
+            self.first_power_on = began
+        self._start(keep_disk=keep_disk)
+        seconds = wait_serving(self, began, bound)
+        self.serving_seconds.append(seconds)
+        return seconds
+
+    def _start(self, *, keep_disk: bool, keep_console: bool = False) -> None:
         assert self.image is not None and self.state is not None
         args: list[str] = ["boot", str(self.image), "--state", str(self.state), "--accel", self.accel,
                            "--memory", "2048", "--detach", "--json"]
-        pcap = self.state.parent / f"egress-boot{len(self.serving_seconds) + 1}.pcap"
+        pcap = self.state.parent / f"egress-boot{len(self.pcaps) + 1}.pcap"
         if self.record_network:
             # nothing the guest sends leaves this machine but to the registry (a guestfwd) and
             # as replies on the forwarded agent ports; every frame is kept for the egress check
@@ -94,11 +105,10 @@ class Appliance:
             args += ["--port", f"{guest}={host}"]
         if keep_disk:
             args.append("--keep-disk")
+        if keep_console:
+            args.append("--keep-console")
         if self.tpm:
             args.append("--tpm")
-        began = time.monotonic()
-        if self.first_power_on is None:
-            self.first_power_on = began
         proc = appliance_cli(*args, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"appliance boot failed:\n{proc.stderr[-3000:]}")
@@ -106,16 +116,26 @@ class Appliance:
             self.pcaps.append(pcap)
         self.console = self.state / "console.log"
         self.machine = load_machine(self.state)
-        seconds = wait_serving(self, began, bound)
-        self.serving_seconds.append(seconds)
-        return seconds
+
+    def power_cycle(self) -> Machine:
+        """Cut the running qemu's power and start it again on the same disk, UEFI variables and
+        TPM state, its console log continued (what a BMC does to a node stuck in its firmware);
+        returns the new machine. Used by :meth:`watch`, not counted as a power-on."""
+        assert self.machine is not None
+        stop_machine(self.machine, grace=0.0)
+        try:
+            self._start(keep_disk=True, keep_console=True)
+        except RuntimeError as exc:
+            raise ImageError(str(exc)) from exc
+        return self.machine
 
     def watch(self) -> ConsoleWatch | None:
-        """A watch for a hung guest on the running qemu (None on a real node, or unasked)."""
+        """A watch for a hung guest on the running qemu (None on a real node, or unasked); a
+        machine stuck in its firmware is power-cycled."""
         if self.machine is None or self.hang_after is None:
             return None
         return ConsoleWatch(self.machine, self.hang_after, reset_after=self.reset_after,
-                            resets=self.firmware_resets)
+                            resets=self.firmware_resets, power_cycle=self.power_cycle)
 
     def power_off(self) -> None:
         if self.console is not None and self.console.is_file() and self.state is not None:

@@ -73,6 +73,8 @@ def register(
     b.add_argument("--keep-disk", action="store_true",
                    help="reuse STATE's disk overlay and UEFI variables if there (power the same "
                         "machine on again: what the guest wrote survives)")
+    b.add_argument("--keep-console", action="store_true",
+                   help="with --keep-disk: append to STATE/console.log instead of starting it afresh")
     b.add_argument("--wait-for", metavar="REGEX",
                    help="block until the console prints a line matching REGEX, then power off "
                    "(with --detach: leave it running); exit 1 on timeout")
@@ -94,6 +96,14 @@ def register(
     f.set_defaults(handler=_flash)
 
 
+def _check_boot_args(args: argparse.Namespace) -> None:
+    if args.image is None:
+        raise ImageError("appliance boot: give IMAGE (or --stop STATE)")
+    if args.keep_console and not args.keep_disk:
+        raise ImageError("appliance boot: --keep-console appends to the last power-on's console: "
+                         "it needs --keep-disk")
+
+
 def _boot(args: argparse.Namespace) -> int:
     if args.stop is not None:
         machine = vm.load(args.stop)
@@ -103,8 +113,7 @@ def _boot(args: argparse.Namespace) -> int:
         else:
             print(f"machine {machine.pid}: {how}")
         return 0
-    if args.image is None:
-        raise ImageError("appliance boot: give IMAGE (or --stop STATE)")
+    _check_boot_args(args)
     if args.cpu:  # before anything starts: a CPU below the image's level ends in SIGILL
         vm.check_cpu_model(args.cpu, vm.image_cpu_level(args.image))
     kvm = {"kvm": True, "tcg": False}.get(args.accel, vm.kvm_usable())
@@ -116,7 +125,8 @@ def _boot(args: argparse.Namespace) -> int:
                        firmware=firmware, vars_template=args.vars or template, secure_boot=args.secure_boot,
                        tpm_socket=state / "swtpm.sock" if args.tpm else None,
                        disk_size=args.disk_size * 1024 * 1024 if args.disk_size else None,
-                       keep_disk=args.keep_disk, cpu_model=args.cpu,
+                       keep_disk=args.keep_disk, keep_console=args.keep_console,
+                       cpu_model=args.cpu,
                        pcap=args.pcap.resolve() if args.pcap else None,
                        restrict_net=args.restrict_net, guest_forwards=dict(args.guest_forward))
     machine = vm.start(plan, fallback_tcg=args.accel == "auto")

@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +139,7 @@ class BootPlan:
     secure_boot: bool = False  # firmware is a Secure Boot build: SMM on, flash locked to SMM
     disk_size: int | None = None  # bytes the guest sees (>= the image: a bigger disk, as when flashed)
     keep_disk: bool = False  # reuse the state's overlay and UEFI variables: a power cycle, not a fresh disk
+    keep_console: bool = False  # with keep_disk: append to the last power-on's console log, not a new one
     cpu_model: str | None = None  # qemu -cpu MODEL (default: host under KVM, max under TCG)
     pcap: Path | None = None  # record every frame on the guest's network here (qemu filter-dump)
     restrict_net: bool = False  # the guest reaches only the forwards: nothing on or beyond the host
@@ -200,7 +201,8 @@ def qemu_argv(plan: BootPlan) -> list[str]:
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={plan.firmware}",
         "-drive", f"if=pflash,format=raw,unit=1,file={plan.vars}",
         "-drive", f"if=virtio,format=qcow2,file={plan.overlay}",
-        "-chardev", f"file,id=console,path={plan.console}", "-serial", "chardev:console",
+        "-chardev", f"file,id=console,path={plan.console}{',append=on' if plan.keep_console else ''}",
+        "-serial", "chardev:console",
         "-qmp", f"unix:{plan.qmp},server=on,wait=off",
         "-netdev", f"user,id=net0,restrict={restrict}{forwards}",
         "-device", f"virtio-net-pci,netdev=net0,mac={GUEST_MAC}",
@@ -293,7 +295,8 @@ def start(plan: BootPlan, *, fallback_tcg: bool = False) -> Machine:
                 raise ImageError(f"{plan.state}: a machine is still running there (stop it first)")
     plan.state.mkdir(parents=True, exist_ok=True)
     keep = plan.keep_disk and plan.overlay.is_file() and plan.vars.is_file()
-    for stale in (plan.console, plan.pidfile, plan.qmp) if keep else (
+    console = () if keep and plan.keep_console else (plan.console,)
+    for stale in (*console, plan.pidfile, plan.qmp) if keep else (
             plan.overlay, plan.console, plan.pidfile, plan.qmp):
         stale.unlink(missing_ok=True)
     if not keep:
@@ -412,23 +415,32 @@ class ConsoleWatch:
     With ``reset_after``, a console silent that long right after the kernel's "reboot:
     Restarting system", or after the firmware's "BdsDxe: starting Boot...", is a machine that
     never came back from its reset or hung in the firmware (both seen under TCG in the hil
-    suite's A/B fallback, with qemu spinning in OVMF; not reproduced in 125 warm resets of a
-    minimal guest on the same qemu, OVMF and kernel; nothing of the image runs by then). The
-    watch keeps the evidence
-    (console, UEFI variables, where qemu's CPUs were) and presses reset over QMP once for that
-    silence, as a node's BMC or an operator would; each press is listed in ``resets`` (shared
-    by the watches of one machine). A second silence at the same place, or one after
-    ``max_resets`` presses, is reported hung: a reset that always hangs fails, loudly."""
+    suite, with qemu spinning in OVMF; nothing of the image runs by then). The watch keeps the
+    evidence (console, UEFI variables, where qemu's CPUs were, whether swtpm ran) and brings
+    the machine back once for that silence, as a node's BMC or an operator would:
+
+    - with ``power_cycle`` (a callable that stops qemu and starts it again on the same disk,
+      UEFI variables and TPM state, returning the new machine), a power cycle. A QMP
+      ``system_reset`` brought none of the eight hangs kept from the CI and here back (qemu
+      still spun in OVMF, in five of them with the TPM's TIS status register, 0xfed40018, in
+      a register): what is stuck outlives a reset (qemu's TPM emulation, swtpm), and only new
+      processes clear it, as removing power does a TPM chip;
+    - without it, a reset pressed over QMP.
+
+    Each recovery's evidence folder is listed in ``resets`` (shared by the watches of one
+    machine). A second silence at the same place, or one after ``max_resets`` recoveries, is
+    reported hung: a machine that never comes back fails, loudly."""
 
     machine: Machine
     stall: float
     reset_after: float | None = None
     resets: list[Path] = field(default_factory=list)
     max_resets: int = 3
+    power_cycle: Callable[[], Machine] | None = None
     _size: int = -1
     _since: float = 0.0
     _cpu: float | None = None
-    _pressed_at: int = -1  # console size when reset was last pressed
+    _pressed_at: int = -1  # console size when the machine was last reset or power-cycled
 
     def alive(self) -> None:
         """The guest showed life some other way: start the silent period again."""
@@ -465,14 +477,22 @@ class ConsoleWatch:
     def _press_reset(self, silent: float, size: int, last: str) -> None:
         kept = keep_evidence(self.machine, "reset-hang")
         (kept / "qemu-state.txt").write_text(_qemu_state(self.machine))
+        tpm = self.machine.tpm_pid
+        if tpm is not None:
+            (kept / "swtpm.txt").write_text(f"swtpm pid {tpm}: {'running' if _alive(tpm) else 'gone'}\n")
         self._pressed_at = size
+        how = "power-cycled it"
         try:
-            _qmp(self.machine.plan.qmp, "system_reset")
-        except (OSError, ValueError) as exc:
-            raise GuestHungError(f"{self.report(silent)}\n(pressing reset over QMP failed: {exc})") from exc
+            if self.power_cycle is not None:
+                self.machine = self.power_cycle()
+            else:
+                how = "pressed reset over QMP"
+                _qmp(self.machine.plan.qmp, "system_reset")
+        except (OSError, ValueError, ImageError) as exc:
+            raise GuestHungError(f"{self.report(silent)}\n({how} failed: {exc})") from exc
         self.resets.append(kept)
         log.warning("the machine is stuck before its boot: its console has been silent for %.0f s "
-                    "since %r; pressed reset over QMP (evidence in %s)", silent, last.strip(), kept)
+                    "since %r; %s (evidence in %s)", silent, last.strip(), how, kept)
         self.alive()
 
     def report(self, silent: float) -> str:
@@ -486,7 +506,7 @@ class ConsoleWatch:
             (kept / "qemu-state.txt").write_text(_qemu_state(self.machine))
         tail = _tail(self.machine)
         last = tail.splitlines()[-1] if tail else "(nothing)"
-        pressed = (f"; reset was pressed over QMP {len(self.resets)} time(s) before "
+        pressed = (f"; the machine was reset or power-cycled {len(self.resets)} time(s) before "
                    f"({', '.join(str(r) for r in self.resets)})" if self.resets else "")
         return (f"guest hung: the console printed nothing for {silent:.0f} s (bound "
                 f"{self.stall:.0f} s); {burnt}; it stopped after: {last!r}; console, UEFI "
@@ -609,23 +629,30 @@ def _qmp_exchange(sock: socket.socket, command: str, arguments: Mapping[str, obj
 
 
 def stop(machine: Machine, grace: float = 30.0) -> str:
-    """Stop the machine: ACPI power-off, then SIGTERM, then SIGKILL; returns how it ended."""
+    """Stop the machine: ACPI power-off, then SIGTERM, then SIGKILL; returns how it ended.
+    Its swtpm is ended too, and waited for: the state's next power-on takes the TPM's lock."""
     how = "already stopped"
     if machine.alive():
-        how = "powered off"
         with contextlib.suppress(OSError, ValueError):
             _qmp(machine.plan.qmp, "system_powerdown")
-        for sig, wait in ((None, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if sig is not None:
-                how = "terminated" if sig == signal.SIGTERM else "killed"
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(machine.pid, sig)
-            deadline = time.monotonic() + wait
-            while machine.alive() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if not machine.alive():
-                break
-    if machine.tpm_pid is not None and _alive(machine.tpm_pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(machine.tpm_pid, signal.SIGTERM)
+        how = _end(machine.pid, grace)
+    if machine.tpm_pid is not None:
+        _end(machine.tpm_pid, 0.0)
+    return how
+
+
+def _end(pid: int, grace: float) -> str:
+    """Wait ``grace`` seconds for ``pid`` to exit, then SIGTERM it, then SIGKILL (5 s each);
+    says which ended it."""
+    how = "powered off"
+    for sig, wait in ((None, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if sig is not None:
+            how = "terminated" if sig == signal.SIGTERM else "killed"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _alive(pid):
+            break
     return how
