@@ -118,3 +118,8 @@ def test_the_operator_decrypts_an_escrow_with_the_cli(tmp_path: Path, cli) -> No
     missing = cli("pki", "recovery-key", tmp_path / "none.enc", "--key", key,
                   "--passphrase-file", tmp_path / "pass")
     assert missing.code != 0 and "none.enc" in missing.err
+    for name, blob in (("huge.enc", bytes(8 << 20)), ("short.enc", bytes(100))):
+        (tmp_path / name).write_bytes(blob)
+        bad = cli("pki", "recovery-key", tmp_path / name, "--key", key,
+                  "--passphrase-file", tmp_path / "pass")
+        assert bad.code != 0 and name in bad.err and "exactly 256" in bad.err, bad.err
