@@ -445,3 +445,51 @@ def test_boot_cli_refuses_keep_console_without_keep_disk(tmp_path: Path) -> None
     proc = subprocess.run([sys.executable, "-m", "provisioning.cli", "boot", str(tmp_path / "d.raw"),
                            "--keep-console"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "--keep-console" in proc.stderr and "--keep-disk" in proc.stderr
+
+
+@pytest.mark.system  # a real qemu (OVMF alone, no image to boot) and a real swtpm
+def test_the_hil_power_cycle_starts_qemu_and_swtpm_again_on_the_same_state(tmp_path: Path) -> None:
+    """What the hil suite does to a machine stuck in its firmware: the old qemu and swtpm are
+    gone, new ones run on the same disk and TPM folder, and the console continues."""
+    import shutil
+
+    import grpc
+
+    from testsupport.appliance import Appliance, free_port
+
+    if any(shutil.which(t) is None for t in ("qemu-system-x86_64", "swtpm", "qemu-img")) \
+            or not vm.OVMF_CODE.is_file():
+        pytest.skip("needs qemu, swtpm and OVMF")
+    image = tmp_path / "blank.raw"
+    image.write_bytes(bytes(1 << 20))  # nothing to boot: OVMF says so within seconds of starting
+    node = Appliance("127.0.0.1:1", grpc.local_channel_credentials(), image=image, state=tmp_path / "vm",
+                     ports={8001: free_port()}, accel="tcg", tpm=True)
+    marker = "BdsDxe: failed to load"  # each power-on's first boot entry fails within seconds
+
+    def firmware_lines(since: int) -> str:
+        """The console once the firmware printed ``marker`` past its first ``since`` characters."""
+        assert node.console is not None
+        deadline = time.monotonic() + 180
+        while marker not in (text := node.console.read_text(errors="replace"))[since:]:
+            assert time.monotonic() < deadline, f"no {marker!r} after character {since}:\n{text[-2000:]}"
+            time.sleep(0.5)
+        return text
+
+    node.start(keep_disk=False)
+    try:
+        first = node.machine
+        assert first is not None and first.tpm_pid is not None
+        before = firmware_lines(0)
+        permall = tmp_path / "vm/tpm/tpm2-00.permall"
+        assert permall.is_file()  # swtpm made the TPM's persistent state
+        again = node.power_cycle()
+        assert again is node.machine and again.pid != first.pid and again.tpm_pid not in (None, first.tpm_pid)
+        assert not first.alive() and not vm._alive(first.tpm_pid)
+        assert again.alive() and vm._alive(again.tpm_pid)  # type: ignore[arg-type]
+        after = firmware_lines(len(before))
+        assert after.startswith(before)  # one console, continued
+        assert permall.is_file() and (tmp_path / "vm/overlay.qcow2").is_file()
+        assert len(node.pcaps) == 0  # no recording was asked for
+    finally:
+        node.power_off()
+    assert node.machine is not None and not node.machine.alive()

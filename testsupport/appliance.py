@@ -86,12 +86,13 @@ class Appliance:
         began = time.monotonic()
         if self.first_power_on is None:
             self.first_power_on = began
-        self._start(keep_disk=keep_disk)
+        self.start(keep_disk=keep_disk)
         seconds = wait_serving(self, began, bound)
         self.serving_seconds.append(seconds)
         return seconds
 
-    def _start(self, *, keep_disk: bool, keep_console: bool = False) -> None:
+    def start(self, *, keep_disk: bool, keep_console: bool = False) -> None:
+        """Start qemu (and swtpm) for this appliance without waiting for its agent."""
         assert self.image is not None and self.state is not None
         args: list[str] = ["boot", str(self.image), "--state", str(self.state), "--accel", self.accel,
                            "--memory", "2048", "--detach", "--json"]
@@ -124,7 +125,7 @@ class Appliance:
         assert self.machine is not None
         stop_machine(self.machine, grace=0.0)
         try:
-            self._start(keep_disk=True, keep_console=True)
+            self.start(keep_disk=True, keep_console=True)
         except RuntimeError as exc:
             raise ImageError(str(exc)) from exc
         return self.machine
