@@ -92,7 +92,11 @@ class Appliance:
         return seconds
 
     def start(self, *, keep_disk: bool, keep_console: bool = False) -> None:
-        """Start qemu (and swtpm) for this appliance without waiting for its agent."""
+        """Start qemu (and swtpm) for this appliance without waiting for its agent.
+
+        Raises:
+            ImageError: ``appliance boot`` failed (its stderr in the message).
+        """
         assert self.image is not None and self.state is not None
         args: list[str] = ["boot", str(self.image), "--state", str(self.state), "--accel", self.accel,
                            "--memory", "2048", "--detach", "--json"]
@@ -112,7 +116,7 @@ class Appliance:
             args.append("--tpm")
         proc = appliance_cli(*args, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"appliance boot failed:\n{proc.stderr[-3000:]}")
+            raise ImageError(f"appliance boot failed:\n{proc.stderr[-3000:]}")
         if self.record_network:
             self.pcaps.append(pcap)
         self.console = self.state / "console.log"
@@ -124,10 +128,7 @@ class Appliance:
         returns the new machine. Used by :meth:`watch`, not counted as a power-on."""
         assert self.machine is not None
         stop_machine(self.machine, grace=0.0)
-        try:
-            self.start(keep_disk=True, keep_console=True)
-        except RuntimeError as exc:
-            raise ImageError(str(exc)) from exc
+        self.start(keep_disk=True, keep_console=True)
         return self.machine
 
     def watch(self) -> ConsoleWatch | None:

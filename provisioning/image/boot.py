@@ -440,7 +440,7 @@ class ConsoleWatch:
     _size: int = -1
     _since: float = 0.0
     _cpu: float | None = None
-    _pressed_at: int = -1  # console size when the machine was last reset or power-cycled
+    _recovered_at: int = -1  # console size when the machine was last reset or power-cycled
 
     def alive(self) -> None:
         """The guest showed life some other way: start the silent period again."""
@@ -464,23 +464,23 @@ class ConsoleWatch:
         silent = time.monotonic() - self._since
         if not self.machine.alive():
             return
-        if (self.reset_after is not None and silent >= self.reset_after and size != self._pressed_at
+        if (self.reset_after is not None and silent >= self.reset_after and size != self._recovered_at
                 and len(self.resets) < self.max_resets):
             last = _last_line(self.machine)
             if _STUCK_AFTER.search(last):
-                self._press_reset(silent, size, last)
+                self._bring_back(silent, size, last)
                 return
         if silent < self.stall:
             return
         raise GuestHungError(self.report(silent))
 
-    def _press_reset(self, silent: float, size: int, last: str) -> None:
+    def _bring_back(self, silent: float, size: int, last: str) -> None:
         kept = keep_evidence(self.machine, "reset-hang")
         (kept / "qemu-state.txt").write_text(_qemu_state(self.machine))
         tpm = self.machine.tpm_pid
         if tpm is not None:
             (kept / "swtpm.txt").write_text(f"swtpm pid {tpm}: {'running' if _alive(tpm) else 'gone'}\n")
-        self._pressed_at = size
+        self._recovered_at = size
         how = "power-cycled it"
         try:
             if self.power_cycle is not None:
