@@ -20,6 +20,9 @@ Sources:
 - GPU stack: the ``gpu`` object of :data:`IMAGE_METADATA` (driver, CUDA and ONNX Runtime
   versions pinned by the firmware manifest; see provisioning/image/gpu_manifest.py); the ONNX Runtime
   actually installed from the package metadata (nothing imported).
+- compliance: the ``compliance`` object of :data:`IMAGE_METADATA`, the build's audit summary
+  (:class:`Compliance`).  The file is checked, not trusted: a summary that is not the
+  builder's shape is logged (the file and the field) and reported as absent.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from agent.inference.store import ModelStore
 from agent.osrelease import active_slot, running_root_hash
 from agent.state import StateLayout
 
-__all__ = ["IMAGE_METADATA", "OS_RELEASE", "Bundle", "GpuInfo", "Inventory", "collect_inventory",
-           "node_id"]
+__all__ = ["IMAGE_METADATA", "OS_RELEASE", "Bundle", "Compliance", "GpuInfo", "Inventory",
+           "ProfileScore", "ServiceExposure", "collect_inventory", "compliance_from_json", "node_id"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,37 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class ProfileScore:
+    """One audited profile's counts (``appliance audit``'s summary)."""
+
+    profile: str
+    pass_ratio: float  # pass / (pass + fail + waived + error + unknown), 0..1
+    passed: int  # "pass" in image.json
+    fail: int
+    waived: int
+    notapplicable: int
+    other: int
+
+
+@dataclass(frozen=True)
+class ServiceExposure:
+    unit: str
+    exposure: float  # systemd-analyze security: 0.0 (locked down) .. 10.0 (fully exposed)
+
+
+@dataclass(frozen=True)
+class Compliance:
+    """The image's compliance summary, as the image builder records it in image.json."""
+
+    scope: str
+    scanner: str
+    profiles: tuple[ProfileScore, ...]
+    lynis_hardening_index: int
+    agent_exposure: float
+    services: tuple[ServiceExposure, ...]
+
+
+@dataclass(frozen=True)
 class Inventory:
     node_id: str
     hostname: str
@@ -95,6 +129,7 @@ class Inventory:
     root_hash: str = ""
     cpu_level_required: str = ""
     cpu_missing_features: tuple[str, ...] = ()
+    compliance: Compliance | None = None
 
 
 def node_id(state_dir: Path) -> str:
@@ -141,8 +176,7 @@ def _os_release(path: Path) -> dict[str, str]:
     return out
 
 
-def _image(image_metadata: Path, os_release: Path) -> tuple[str, str, str]:
-    meta = _json(image_metadata)
+def _image(meta: object, os_release: Path) -> tuple[str, str, str]:
     if isinstance(meta, dict):
         return (str(meta.get("version", "")), str(meta.get("slot", "")),
                 str(meta.get("firmware_manifest", "")))
@@ -186,12 +220,110 @@ GPU_STACK_FIELDS = ("manifest_id", "driver_version", "cuda_version", "runtime_cu
                     "kernel_release", "genai_version")
 
 
-def _gpu_stack(image_metadata: Path) -> dict[str, str]:
-    meta = _json(image_metadata)
+def _gpu_stack(meta: object) -> dict[str, str]:
     gpu = meta.get("gpu") if isinstance(meta, dict) else None
     if not isinstance(gpu, dict):
         return {}
     return {k: str(gpu[k]) for k in GPU_STACK_FIELDS if k in gpu}
+
+
+# Bounds of a summary the builder could have written; anything beyond them is not reported.
+MAX_ITEMS = 1000  # profiles, services
+MAX_TEXT = 1000  # characters of one string
+_UINT32_MAX = 2**32 - 1  # ProfileScore's counts on the wire
+_PROFILE_COUNTS = ("pass", "fail", "waived", "notapplicable", "other")
+
+
+class _MalformedError(ValueError):
+    """A ``compliance`` field that is not what the image builder writes (the message names it)."""
+
+
+def _object(value: object, name: str, keys: tuple[str, ...]) -> dict[str, object]:
+    """``value`` as an object with every one of ``keys`` (others are ignored: a newer builder
+    may record more than this agent reports)."""
+    if not isinstance(value, dict):
+        raise _MalformedError(f"{name} is {value!r:.40}, not an object")
+    for key in keys:
+        if key not in value:
+            raise _MalformedError(f"{name}.{key} is missing")
+    return value
+
+
+def _items(value: object, name: str) -> list[object]:
+    if not isinstance(value, list):
+        raise _MalformedError(f"{name} is {value!r:.40}, not a list")
+    if len(value) > MAX_ITEMS:
+        raise _MalformedError(f"{name} has {len(value)} entries (at most {MAX_ITEMS})")
+    return value
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise _MalformedError(f"{name} is {value!r:.40}, not a string")
+    if len(value) > MAX_TEXT:
+        raise _MalformedError(f"{name} is {len(value)} characters long (at most {MAX_TEXT})")
+    return value
+
+
+def _count(value: object, name: str, high: int = _UINT32_MAX) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _MalformedError(f"{name} is {value!r:.40}, not an integer")
+    if not 0 <= value <= high:
+        raise _MalformedError(f"{name} is {value!r:.40}, not in 0..{high}")
+    return value
+
+
+def _number(value: object, name: str, high: float) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _MalformedError(f"{name} is {value!r:.40}, not a number")
+    if not 0 <= value <= high:  # NaN and infinity (which json.loads accepts) fail this too
+        raise _MalformedError(f"{name} is {value!r:.40}, not in 0..{high:g}")
+    return float(value)
+
+
+def _profile(value: object, name: str) -> ProfileScore:
+    p = _object(value, name, ("profile", "pass_ratio", *_PROFILE_COUNTS))
+    passed, fail, waived, notapplicable, other = (_count(p[k], f"{name}.{k}") for k in _PROFILE_COUNTS)
+    return ProfileScore(_text(p["profile"], f"{name}.profile"),
+                        _number(p["pass_ratio"], f"{name}.pass_ratio", 1.0),
+                        passed, fail, waived, notapplicable, other)
+
+
+def _service(value: object, name: str) -> ServiceExposure:
+    s = _object(value, name, ("unit", "exposure"))
+    return ServiceExposure(_text(s["unit"], f"{name}.unit"), _number(s["exposure"], f"{name}.exposure", 10.0))
+
+
+def compliance_from_json(value: object) -> Compliance:
+    """The ``compliance`` object of image.json, checked field by field.
+
+    Raises:
+        ValueError: it is not the image builder's shape; the message names the field
+            (``compliance.profiles[1].pass_ratio``) and its value.
+    """
+    c = _object(value, "compliance", ("scope", "scanner", "profiles", "lynis_hardening_index",
+                                      "agent_exposure", "services"))
+    return Compliance(
+        scope=_text(c["scope"], "compliance.scope"),
+        scanner=_text(c["scanner"], "compliance.scanner"),
+        profiles=tuple(_profile(p, f"compliance.profiles[{i}]")
+                       for i, p in enumerate(_items(c["profiles"], "compliance.profiles"))),
+        lynis_hardening_index=_count(c["lynis_hardening_index"], "compliance.lynis_hardening_index", 100),
+        agent_exposure=_number(c["agent_exposure"], "compliance.agent_exposure", 10.0),
+        services=tuple(_service(s, f"compliance.services[{i}]")
+                       for i, s in enumerate(_items(c["services"], "compliance.services"))),
+    )
+
+
+def _compliance(meta: object, image_metadata: Path) -> Compliance | None:
+    """The image's compliance summary; None when it recorded none or recorded it malformed."""
+    if not isinstance(meta, dict) or "compliance" not in meta:
+        return None
+    try:
+        return compliance_from_json(meta["compliance"])
+    except ValueError as exc:
+        log.warning("%s: compliance not reported: %s", image_metadata, exc)
+        return None
 
 
 def _onnxruntime_version() -> str:
@@ -217,11 +349,16 @@ def _cpu(image_metadata: Path, cpuinfo: Path) -> tuple[str, tuple[str, ...]]:
 
 def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
                       providers: tuple[str, ...] = (), inference: Any = None,
-                      image_metadata: Path = IMAGE_METADATA,
+                      image_metadata: Path | None = None,
                       os_release: Path = OS_RELEASE, cmdline: Path = KERNEL_CMDLINE,
                       sys_block: Path = SYS_BLOCK, cpuinfo: Path = CPUINFO) -> Inventory:
-    """This node's inventory. Raises nothing: absent sources read as empty fields."""
-    version, slot, firmware = _image(image_metadata, os_release)
+    """This node's inventory (``image_metadata``: default :data:`IMAGE_METADATA`).
+
+    Raises nothing: absent sources read as empty fields, a malformed one is logged.
+    """
+    image_metadata = image_metadata or IMAGE_METADATA
+    meta = _json(image_metadata)
+    version, slot, firmware = _image(meta, os_release)
     slot = slot or active_slot(sys_block)
     cpu_level, cpu_missing = _cpu(image_metadata, cpuinfo)
     return Inventory(
@@ -236,9 +373,10 @@ def collect_inventory(state_dir: Path, *, gpus: tuple[GpuInfo, ...] = (),
         firmware_manifest_id=firmware,
         gpus=gpus,
         execution_providers=providers,
-        gpu_stack=_gpu_stack(image_metadata),
+        gpu_stack=_gpu_stack(meta),
         onnxruntime_version=_onnxruntime_version(),
         root_hash=running_root_hash(cmdline),
         cpu_level_required=cpu_level,
         cpu_missing_features=cpu_missing,
+        compliance=_compliance(meta, image_metadata),
     )

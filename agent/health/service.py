@@ -28,7 +28,7 @@ from agent.attest import Enrolment, Quote, TpmQuoter
 from agent.context import AgentContext
 from agent.errors import ApplianceError
 from agent.events import Event, EventLog
-from agent.health.inventory import GpuInfo, Inventory, collect_inventory
+from agent.health.inventory import Compliance, GpuInfo, Inventory, collect_inventory
 from agent.health.metrics import NodeCollector
 from agent.health.report import HealthReport, Verdict
 from agent.health.sampler import Sampler
@@ -96,6 +96,18 @@ def report_to_proto(report: HealthReport) -> pb.HealthReport:
         cuda_driver_version=s.cuda_driver_version)
 
 
+def _compliance_to_proto(c: Compliance | None) -> pb.Compliance | None:
+    if c is None:
+        return None
+    return pb.Compliance(
+        scope=c.scope, scanner=c.scanner,
+        profiles=[pb.ProfileScore(profile=p.profile, pass_ratio=p.pass_ratio, passed=p.passed,
+                                  fail=p.fail, waived=p.waived, notapplicable=p.notapplicable,
+                                  other=p.other) for p in c.profiles],
+        lynis_hardening_index=c.lynis_hardening_index, agent_exposure=c.agent_exposure,
+        services=[pb.ServiceExposure(unit=s.unit, exposure=s.exposure) for s in c.services])
+
+
 def inventory_to_proto(inv: Inventory) -> pb.Inventory:
     return pb.Inventory(
         node_id=inv.node_id, hostname=inv.hostname, image_version=inv.image_version,
@@ -113,7 +125,8 @@ def inventory_to_proto(inv: Inventory) -> pb.Inventory:
         execution_providers=inv.execution_providers,
         gpu_stack=pb.GpuStack(**inv.gpu_stack) if inv.gpu_stack else None,
         onnxruntime_version=inv.onnxruntime_version, root_hash=inv.root_hash,
-        cpu_level_required=inv.cpu_level_required, cpu_missing_features=inv.cpu_missing_features)
+        cpu_level_required=inv.cpu_level_required, cpu_missing_features=inv.cpu_missing_features,
+        compliance=_compliance_to_proto(inv.compliance))
 
 
 def event_to_proto(e: Event) -> pb.Event:

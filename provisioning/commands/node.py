@@ -154,6 +154,25 @@ def _cpu_level(inv: Any) -> str:
     return f"{inv.cpu_level_required} (met)"
 
 
+EXPOSED = 5.0  # the middle of systemd-analyze security's 0..10 scale: services above it are named
+
+
+def _compliance_rows(inv: Any) -> list[tuple[str, Any]]:
+    """The image's audit summary: the scan, one row per profile, Lynis, exposure."""
+    if not inv.HasField("compliance"):
+        return [("compliance", "-")]
+    c = inv.compliance
+    rows: list[tuple[str, Any]] = [("compliance scan", f"{c.scope} ({c.scanner})")]
+    rows += [("compliance", f"{p.profile} {p.pass_ratio * 100:.1f}% pass ({p.passed} pass, "
+                            f"{p.fail} fail, {p.waived} waived)") for p in c.profiles]
+    exposed = sorted((s for s in c.services if s.exposure > EXPOSED), key=lambda s: (-s.exposure, s.unit))
+    named = ": " + ", ".join(f"{s.unit} {s.exposure:.1f}" for s in exposed) if exposed else ""
+    rows += [("lynis index", c.lynis_hardening_index),
+             ("agent exposure", f"{c.agent_exposure:.1f}"),
+             ("exposed services", f"{len(exposed)} of {len(c.services)} above {EXPOSED:.1f}{named}")]
+    return rows
+
+
 def _print_inventory(inv: Any) -> None:
     rows = [
         ("node id", inv.node_id), ("hostname", inv.hostname),
@@ -163,6 +182,7 @@ def _print_inventory(inv: Any) -> None:
         ("firmware manifest", inv.firmware_manifest_id or "-"),
         ("execution providers", ", ".join(inv.execution_providers) or "-"),
         ("cpu level", _cpu_level(inv)),
+        *_compliance_rows(inv),
     ]
     if inv.clock_override:
         rows.append(("clock override", inv.clock_override))
