@@ -90,6 +90,13 @@ def test_inventory_matches_the_image_manifest(appliance: Appliance) -> None:
     assert inv.active_slot == "A"
     assert inv.agent_version and inv.node_id and inv.kernel
     assert any(b.name == BUNDLE for b in inv.bundles), inv.bundles
+    recorded = manifest.get("compliance")  # the build's audit, reported by the node as built
+    if recorded is not None:
+        assert [(p.profile, round(p.pass_ratio, 4), p.passed, p.fail, p.waived)
+                for p in inv.compliance.profiles] == \
+            [(p["profile"], p["pass_ratio"], p["pass"], p["fail"], p["waived"]) for p in recorded["profiles"]]
+        assert inv.compliance.scope == recorded["scope"]
+        assert inv.compliance.lynis_hardening_index == recorded["lynis_hardening_index"]
 
 
 def test_golden_inference_on_the_baked_bundle(appliance: Appliance) -> None:

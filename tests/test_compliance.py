@@ -186,3 +186,40 @@ def test_runtime_only_fails_are_named_from_the_oval_results(tmp_path: Path) -> N
     assert s.to_json()["runtime_only"] == ["sysctl_kernel_dmesg_restrict"]
     with pytest.raises(ImageError, match="cannot read the ARF results"):
         runtime_only(tmp_path / "none.xml", failed)
+
+
+def test_tailored_values_are_read_and_must_name_a_value(tmp_path: Path) -> None:
+    sv = ('<xccdf:set-value idref="xccdf_org.ssgproject.content_value_sysctl_kernel_yama_ptrace_scope_value">'
+          "2</xccdf:set-value>")
+    t = load_tailoring(_tailoring(tmp_path, sv))
+    assert t.values == {"cis_level1_server": {"sysctl_kernel_yama_ptrace_scope_value": "2"}}
+    assert t.waivers == {"cis_level1_server": {}}
+    for bad in ('<xccdf:set-value idref="xccdf_other_value_x">2</xccdf:set-value>',
+                '<xccdf:set-value idref="xccdf_org.ssgproject.content_value_x"> </xccdf:set-value>'):
+        with pytest.raises(ImageError, match=r"set-value idref = .*a ComplianceAsCode value"):
+            load_tailoring(_tailoring(tmp_path, bad))
+
+
+def test_the_compact_summary_is_what_a_node_reports() -> None:
+    """AuditResult.compact is image.json's ``compliance``; the agent's reader accepts it whole."""
+    from agent.health.inventory import compliance_from_json
+    from provisioning.image.audit import AuditResult
+
+    summary = ProfileSummary("cis_level1_server", {"pass": 3, "fail": 1, "waived": 1, "notapplicable": 2,
+                                                   "other": 1, "unknown": 1}, ("a",), ("w",))
+    empty = ProfileSummary("anssi_bp28_high", {"notapplicable": 4}, (), ())
+    result = AuditResult(Path("/r"), "ssg-debian 0.1.82-1", (summary, empty),
+                         {"hardening_index": 61}, {"unit": "appliance-agent.service", "exposure": 1.2},
+                         {}, services=({"unit": "a.service", "exposure": 1.2, "verdict": "OK"},
+                                       {"unit": "getty@tty1.service", "exposure": 9.6}))
+    doc = result.compact("offline scan of the built root")
+    assert doc["profiles"][0] == {"profile": "cis_level1_server", "pass_ratio": round(3 / 6, 4), "pass": 3,
+                                  "fail": 1, "waived": 1, "notapplicable": 2, "other": 1}
+    assert doc["profiles"][1]["pass_ratio"] == 0.0  # nothing applicable: no pass to claim
+    assert doc["services"] == [{"unit": "a.service", "exposure": 1.2},
+                               {"unit": "getty@tty1.service", "exposure": 9.6}]
+    assert "failed" not in json.dumps(doc)  # rule lists stay in the reports
+    read = compliance_from_json(json.loads(json.dumps(doc)))
+    assert read is not None and read.lynis_hardening_index == 61 and read.agent_exposure == 1.2
+    assert [(p.profile, p.passed) for p in read.profiles] == [("cis_level1_server", 3),
+                                                              ("anssi_bp28_high", 0)]

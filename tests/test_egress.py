@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioning.demo.bench import hil_profile_text
 from provisioning.errors import ImageError
 from provisioning.image.audit import egress
 from provisioning.image.configure import write_image_metadata
@@ -37,7 +38,7 @@ def _profile(tmp_path: Path, base: str, replace: dict[str, str] | None = None, e
     text = (ROOT / base).read_text()
     if "hil" in base:
         init_pki(tmp_path / "pki", organization="Test Site")
-        text = text.replace('dir = "../hil/site-pki"', f'dir = "{tmp_path / "pki"}"')
+        text = hil_profile_text(tmp_path / "pki")
     for old, new in (replace or {}).items():
         assert old in text, old
         text = text.replace(old, new)
@@ -277,3 +278,21 @@ def test_audit_refuses_malformed_egress_metadata_naming_the_file(tmp_path: Path,
     meta.write_text(f'{{"egress": {listed}}}')
     with pytest.raises(ImageError, match=re.escape(str(meta)) + ": egress"):
         egress(tmp_path)
+
+
+def test_the_disk_stage_records_the_roots_compliance_summary(tmp_path: Path) -> None:
+    from provisioning.image.disk import _manifest_extra
+    from provisioning.image.pipeline import BuildContext, stage_context
+
+    p = _profile(tmp_path, "images/hil.toml")
+    build = BuildContext(profile=p, mirror=tmp_path / "mirror", lock=None,  # type: ignore[arg-type]
+                         out=tmp_path / "out", source_date_epoch=1767225600, packages=())
+    ctx = stage_context(build, "disk")
+    write_image_metadata(p, ctx.rootfs, 1767225600)
+    assert "compliance" not in (_manifest_extra(ctx) or {})  # an image built without the audit
+    summary = {"scope": "offline scan of the built root", "profiles": []}
+    from provisioning.image.configure import record_compliance
+
+    record_compliance(ctx.rootfs, summary)
+    assert (_manifest_extra(ctx) or {})["compliance"] == summary
+    assert json.loads((ctx.rootfs / "usr/lib/appliance/image.json").read_text())["egress"]  # kept

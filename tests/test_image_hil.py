@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 
 from agent.health.inventory import collect_inventory
+from provisioning.demo.bench import hil_profile_text
 from provisioning.errors import ProfileError
 from provisioning.image.configure import bake_node_tls, write_image_metadata
 from provisioning.image.plan import LISTEN_REPORT_UNIT, configure_plan
@@ -30,7 +31,7 @@ def pki(tmp_path: Path) -> Path:
 
 
 def _hil_profile(tmp_path: Path, pki: Path, extra: str = "") -> Path:
-    text = (ROOT / "images/hil.toml").read_text().replace('dir = "../hil/site-pki"', f'dir = "{pki}"')
+    text = hil_profile_text(pki)
     path = tmp_path / "images" / "hil.toml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(text + extra)

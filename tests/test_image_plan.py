@@ -306,7 +306,7 @@ def test_audit_rules_cover_both_abis_and_leave_daemons_out() -> None:
         twin = r.replace("arch=b64", "arch=b32")
         key = r.rsplit(" -k ", 1)[1]
         assert any(t.startswith(twin.split(" -S ")[0]) and t.endswith(f"-k {key}") for t in syscall)
-    assert "-w /var/run/faillock/ -p wa -k logins" in rules
+    assert "-w /var/run/faillock -p wa -k logins" in rules
     assert ("-a always,exit -F path=/usr/bin/kmod -F perm=x -F auid>=1000 -F auid!=unset "
             "-k privileged") in rules
     assert rules.index("-c") < rules.index(syscall[0])  # a refused rule does not stop the load
@@ -320,3 +320,107 @@ def test_plan_commands_reach_the_chroot_unchanged() -> None:
         out = subprocess.run(["sh", "-c", "printf '%s\\0' " + shlex.join(argv)], check=True,
                              capture_output=True).stdout
         assert out.split(b"\0")[:-1] == [a.encode() for a in argv]
+
+
+def test_setuid_bits_nothing_uses_are_stripped_and_the_rest_audited(tmp_path: Path) -> None:
+    """The plan's two last commands, run for real on a tree (paths moved under it): the
+    account and mount helpers lose their bits, every setuid/setgid program left gets a rule."""
+    from provisioning.image.plan import PRIVILEGED_RULES, STRIPPED_SETUID
+
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    strip, write = plan.commands[-2:]
+    root = tmp_path / "root"
+    for rel, mode in (("usr/bin/passwd", 0o4755), ("usr/bin/su", 0o4755), ("usr/bin/mount", 0o4755),
+                      ("usr/bin/chage", 0o2755), ("usr/sbin/unix_chkpwd", 0o2755),
+                      ("usr/lib/dbus-1.0/dbus-daemon-launch-helper", 0o4754), ("usr/bin/ls", 0o755),
+                      ("usr/bin/sub/passwd", 0o4755)):  # not at the top of usr/bin: kept
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        path.chmod(mode)
+    (root / "etc/audit/rules.d").mkdir(parents=True)
+    moved = [str(root / a.lstrip("/")) if a in ("/usr/bin", "/usr/sbin") else a for a in strip]
+    subprocess.run(moved, check=True)
+    assert {"passwd", "su", "mount", "chage"} <= set(STRIPPED_SETUID)
+    for rel in ("usr/bin/passwd", "usr/bin/su", "usr/bin/mount", "usr/bin/chage"):
+        assert (root / rel).stat().st_mode & 0o6000 == 0, rel
+    assert (root / "usr/sbin/unix_chkpwd").stat().st_mode & 0o2000
+    assert (root / "usr/bin/sub/passwd").stat().st_mode & 0o4000
+    script = write[2].replace("find / ", f"find {root}/ ").replace(f"> {PRIVILEGED_RULES}",
+                                                                   f"> {root}{PRIVILEGED_RULES}")
+    script = script.replace(f"chmod 0640 {PRIVILEGED_RULES}", f"chmod 0640 {root}{PRIVILEGED_RULES}")
+    subprocess.run(["sh", "-c", script], check=True)
+    rules = (root / PRIVILEGED_RULES.lstrip("/")).read_text().splitlines()
+    paths = [r.split(" -F path=", 1)[1].split(" ", 1)[0].removeprefix(str(root)) for r in rules]
+    assert paths == ["/usr/bin/sub/passwd", "/usr/lib/dbus-1.0/dbus-daemon-launch-helper",
+                     "/usr/sbin/unix_chkpwd"]
+    assert all(r.endswith("-F perm=x -F auid>=1000 -F auid!=unset -k privileged") for r in rules)
+    assert (root / PRIVILEGED_RULES.lstrip("/")).stat().st_mode & 0o777 == 0o640
+
+
+def test_the_tailored_values_are_what_the_image_sets() -> None:
+    """Each xccdf:set-value of the shipped tailoring names a sysctl of the plan, with the plan's
+    value: a tailored value states the appliance's configuration, never a wish."""
+    from provisioning.image.audit import DEFAULT_TAILORING
+    from provisioning.image.compliance import load_tailoring
+    from provisioning.image.plan import SYSCTLS
+
+    sysctls = {f"sysctl_{k.replace('.', '_')}_value": v for k, v in SYSCTLS}
+    values = load_tailoring(DEFAULT_TAILORING).values
+    assert values and all(values.values())
+    for profile, tailored in values.items():
+        for name, value in tailored.items():
+            assert sysctls.get(name) == value, (profile, name, value)
+
+
+def test_audit_rules_in_anssis_forms(tmp_path: Path) -> None:
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    rules = plan.file("/etc/audit/rules.d/50-appliance.rules").content.splitlines()
+    for path in ("/sbin/insmod", "/sbin/rmmod", "/sbin/modprobe"):
+        assert f"-w {path} -p x -k modules" in rules  # audit_rules_privileged_commands_*
+    assert "-w /var/log/faillock -p wa -k logins" in rules  # ANSSI's faillock directory
+    assert "/usr/lib/sysctl.d/50-pid-max.conf" in plan.remove  # no second pid_max
+    assert "-w /etc/networks -p wa -k system-locale" in rules
+    assert "kernel.pid_max = 65536" in plan.file("/etc/sysctl.d/90-appliance.conf").content
+    path = tmp_path / "images/p.toml"
+    path.parent.mkdir(parents=True)
+    path.write_text((ROOT / "images/minimal.toml").read_text().replace("auditd = true", "auditd = false"))
+    commands = configure_plan(load_profile(path), pip_wheel=PIP).commands
+    assert not any("51-privileged" in " ".join(c) for c in commands)  # no auditd, no rules file
+    assert commands[-1][0] == "find"  # the bits are stripped all the same
+
+
+def test_an_audited_build_needs_the_scanner_in_the_mirror(tmp_path: Path) -> None:
+    path = tmp_path / "images/p.toml"
+    path.parent.mkdir()
+    path.write_text("[compliance]\naudit = true\n")
+    _fake_lock(tmp_path / "mirror", package_set(load_profile(ROOT / "images/minimal.toml"), stage_packages()))
+    from provisioning.errors import ProfileError
+
+    with pytest.raises(ProfileError, match=r"p.toml: \[compliance\] audit = true: the mirror .* no scanner "
+                                           r"packages; run `appliance mirror sync-scanner"):
+        plan_build(path, tmp_path / "mirror", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_audit_is_part_of_the_configure_stages_key(tmp_path: Path) -> None:
+    """The tailoring, the baseline and the scanner packages decide the audit's result, which the
+    configure stage writes into the root: each is in the stage's inputs."""
+    from provisioning.image.pipeline import BuildContext, _configure_inputs
+
+    path = tmp_path / "images/p.toml"
+    path.parent.mkdir()
+    floor = tmp_path / "images/floor.json"
+    floor.write_text('{"format": 1, "profiles": {"cis_level1_server": {"pass_ratio": 0.5}}}')
+    lock = Lock("trixie", "amd64", "3.13", (), (), (), (), ())
+
+    def inputs(text: str) -> dict[str, object]:
+        path.write_text(text)
+        ctx = BuildContext(load_profile(path), tmp_path / "mirror", lock, tmp_path / "out", 1, ())
+        return _configure_inputs(ctx)
+
+    assert "compliance" not in inputs("")
+    audited = inputs('[compliance]\naudit = true\nbaseline = "floor.json"\n')
+    assert set(audited["compliance"]) == {"scanner", "tailoring", "baseline"}  # type: ignore[arg-type]
+    floor.write_text('{"format": 1, "profiles": {"cis_level1_server": {"pass_ratio": 0.6}}}')
+    assert inputs('[compliance]\naudit = true\nbaseline = "floor.json"\n') != audited

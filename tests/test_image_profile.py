@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,11 @@ def test_bookworm_profile_selects_python_311(tmp_path: Path) -> None:
     ('[boot]\ncmdline = ["quiet splash"]\n', "not one kernel argument (no spaces or quotes): 'quiet splash'"),
     ('[boot]\ncmdline = ["roothash=00"]\n', "[boot] cmdline = ['roothash=00']: 'roothash=00': the sealed"),
     ('[boot]\ncmdline = ["rw"]\n', "'rw': the sealed command line sets this itself"),
+    ('[compliance]\naudit = "yes"\n', "[compliance] audit = 'yes': expected bool"),
+    ('[compliance]\nbaseline = "b.json"\n',
+     "[compliance] baseline = 'b.json' needs [compliance] audit = true"),
+    ('[compliance]\naudit = true\nbaseline = "missing.json"\n',
+     "[compliance] baseline = 'missing.json': "),
 ])
 def test_bad_profiles_name_file_key_and_value(tmp_path: Path, text: str, expected: str) -> None:
     path = _write(tmp_path, text)
@@ -92,3 +98,17 @@ def test_bundle_missing_from_registry(tmp_path: Path, affine_bundle: Path) -> No
     with pytest.raises(ProfileError, match=r"targets = 'resnet-2.0.bundle': not a target of the "
                                            r"registry .* \(it has: affine-1.0.0.bundle\)"):
         load_profile(bad)
+
+
+def test_a_compliance_baseline_is_read_from_the_profiles_directory(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[compliance]\naudit = true\nbaseline = "floor.json"\n')
+    (path.parent / "floor.json").write_text('{"format": 1, "profiles": {"p": {"pass_ratio": 1.5}}}')
+    with pytest.raises(ProfileError, match=r"baseline = 'floor.json': .*floor.json: "
+                                           r"profiles.p.pass_ratio = 1.5"):
+        load_profile(path)
+    (path.parent / "floor.json").write_text('{"format": 1, "profiles": {"p": {"pass_ratio": 0.5}}}')
+    p = load_profile(path)
+    assert p.compliance.audit and p.compliance_baseline == (path.parent / "floor.json").resolve()
+    assert load_profile(ROOT / "images/minimal.toml").compliance_baseline is None
+    hil = tomllib.loads((ROOT / "images/hil.toml").read_text())["compliance"]
+    assert hil["audit"] and (ROOT / "images" / hil["baseline"]).is_file()  # the bench image's floor

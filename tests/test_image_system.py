@@ -160,6 +160,19 @@ def test_units_enabled_and_no_apt_sources(built: dict[str, Path]) -> None:
     assert shadow["root"].startswith("!") and shadow["appliance"].startswith("!")
 
 
+def test_setuid_programs_are_few_and_each_audited(built: dict[str, Path]) -> None:
+    """audit_rules_privileged_commands on the built root: the account and mount helpers lost
+    their bits, and every setuid/setgid program left has its rule."""
+    from provisioning.image.plan import PRIVILEGED_RULES, STRIPPED_SETUID
+
+    root = _root(built)
+    found = sorted("/" + str(p.relative_to(root)) for p in root.rglob("*")
+                   if not p.is_symlink() and p.is_file() and p.stat().st_mode & 0o6000)
+    assert found and not {Path(f).name for f in found} & set(STRIPPED_SETUID), found
+    rules = (root / PRIVILEGED_RULES.lstrip("/")).read_text().splitlines()
+    assert [r.split(" -F path=", 1)[1].split(" ", 1)[0] for r in rules] == found
+
+
 def test_firewall_ruleset_denies_by_default(built: dict[str, Path]) -> None:
     root = _root(built)
     r = subprocess.run(["unshare", "--net", "chroot", str(root), "sh", "-c",

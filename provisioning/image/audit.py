@@ -22,7 +22,8 @@ import os
 import re
 import shutil
 import stat
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -356,12 +357,30 @@ class AuditResult:
     egress: dict[str, Any]
     baseline: tuple[str, ...] = ()  # a message per profile below the baseline
     services: tuple[dict[str, Any], ...] = ()  # systemd-analyze security of every enabled service
+    # profile -> ComplianceAsCode value -> the tailoring's value for it (stricter than the profile's)
+    values: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"root": str(self.root), "scanner": self.scanner,
                 "openscap": [s.to_json() for s in self.profiles], "lynis": self.lynis,
                 "systemd": self.systemd, "services": list(self.services), "egress": self.egress,
-                "baseline_failures": list(self.baseline)}
+                "baseline_failures": list(self.baseline),
+                "tailored_values": {p: dict(v) for p, v in self.values.items()}}
+
+    def compact(self, scope: str) -> dict[str, Any]:
+        """The figures a node reports in its inventory (image.json's ``compliance``): per
+        profile the pass ratio and counts, Lynis' index, the exposure of every enabled service;
+        ``scope`` says what was audited.  No rule lists: those stay in the reports."""
+        def profile(s: ProfileSummary) -> dict[str, Any]:
+            c = s.counts
+            return {"profile": s.profile, "pass_ratio": round(s.pass_ratio or 0.0, 4),
+                    **{k: int(c.get(k, 0)) for k in ("pass", "fail", "waived", "notapplicable", "other")}}
+
+        return {"scope": scope, "scanner": self.scanner, "profiles": [profile(s) for s in self.profiles],
+                "lynis_hardening_index": int(self.lynis.get("hardening_index") or 0),
+                "agent_exposure": float(self.systemd.get("exposure") or 0.0),
+                "services": [{"unit": str(s["unit"]), "exposure": float(s["exposure"])}
+                             for s in self.services]}
 
 
 def audit(target: Path, *, mirror: Path, out: Path, cache: Path | None = None,
@@ -392,7 +411,8 @@ def audit(target: Path, *, mirror: Path, out: Path, cache: Path | None = None,
         root, _content_version(scanner), summaries, lynis(scanner, root, out),
         unit_exposure(root, unit), egress(root),
         tuple(baseline_failures(summaries, floors, baseline)) if baseline is not None else (),
-        tuple(services_exposure(root)))
+        tuple(services_exposure(root)),
+        {p: tailor.values.get(p, {}) for p in profiles})
     (out / "summary.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return result
 
@@ -418,5 +438,9 @@ def print_report(result: AuditResult) -> None:
     listed = ", ".join(f"{d['why']} {d['proto']} {d['host'] or '*'}:{d['port']}" for d in allowed) \
         if allowed is not None else "not recorded in image.json"
     print(f"egress: output policy {e['output_policy']}; allowed: {listed or 'nothing'}")  # noqa: T201
+    for profile, values in result.values.items():
+        if values:
+            print(f"{profile}: tailored values "  # noqa: T201
+                  + ", ".join(f"{k} = {v}" for k, v in sorted(values.items())))
     for line in result.baseline:
         print(f"below baseline: {line}")  # noqa: T201

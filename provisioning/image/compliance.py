@@ -18,7 +18,7 @@ import json
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
 XCCDF_NS = "http://checklists.nist.gov/xccdf/1.2"
 _X = f"{{{XCCDF_NS}}}"
 RULE_PREFIX = "xccdf_org.ssgproject.content_rule_"
+VALUE_PREFIX = "xccdf_org.ssgproject.content_value_"
 SSG_PROFILE_PREFIX = "xccdf_org.ssgproject.content_profile_"
 _CONTROL = "Control: "
 # Results that say the rule was evaluated on this system; the ratio's denominator.  error and
@@ -65,6 +66,8 @@ class Tailoring:
     path: Path
     tailored: Mapping[str, str]
     waivers: Mapping[str, Mapping[str, Waiver]]
+    # base profile -> value id (short, without VALUE_PREFIX) -> the appliance's value
+    values: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def profile_id(self, profile: str) -> str:
         """The tailored profile that extends ``profile`` (short id such as ``cis_level1_server``).
@@ -98,6 +101,7 @@ def load_tailoring(path: Path) -> Tailoring:
         raise ImageError(f"{path}: root element is {root.tag}, not xccdf:Tailoring (XCCDF 1.2)")
     tailored: dict[str, str] = {}
     waivers: dict[str, dict[str, Waiver]] = {}
+    values: dict[str, dict[str, str]] = {}
     for prof in root.iter(f"{_X}Profile"):
         pid, extends = prof.get("id", ""), prof.get("extends", "")
         if not extends.startswith(SSG_PROFILE_PREFIX):
@@ -122,9 +126,19 @@ def load_tailoring(path: Path) -> Tailoring:
                 raise ImageError(f"{where}: waived twice")
             found[rule] = Waiver(rule, reason[0], control[0].removeprefix(_CONTROL).strip())
         waivers[base] = found
+        set_values: dict[str, str] = {}
+        for sv in prof.iter(f"{_X}set-value"):
+            idref = sv.get("idref", "")
+            value = (sv.text or "").strip()
+            if not idref.startswith(VALUE_PREFIX) or not value:
+                raise ImageError(f"{path}: profile {pid}: set-value idref = {idref!r}, value = "
+                                 f"{value!r}: a ComplianceAsCode value ({VALUE_PREFIX}...) and "
+                                 "a non-empty value")
+            set_values[idref.removeprefix(VALUE_PREFIX)] = value
+        values[base] = set_values
     if not tailored:
         raise ImageError(f"{path}: no xccdf:Profile in the tailoring file")
-    return Tailoring(path, tailored, waivers)
+    return Tailoring(path, tailored, waivers, values)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from provisioning.image.profile import Profile
 from provisioning.tools import run
 
 __all__ = ["DEPLOY", "IMAGE_METADATA_IN_ROOT", "REGISTRY_IN_ROOT", "bake_node_tls", "configure_root",
-           "image_version", "run_deploy", "stage_payload", "write_image_metadata"]
+           "image_version", "record_compliance", "run_deploy", "stage_payload", "write_image_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,14 @@ def write_image_metadata(profile: Profile, root: Path, source_date_epoch: int) -
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     path.chmod(0o644)
     return doc
+
+
+def record_compliance(root: Path, summary: Mapping[str, Any]) -> None:
+    """Add the build's audit summary to image.json as ``compliance`` (the node's inventory
+    reports it).  Written after the audit: the summary describes the root without itself."""
+    path = _inside(root, IMAGE_METADATA_IN_ROOT)
+    doc = {**json.loads(path.read_text()), "compliance": dict(summary)}
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def bake_node_tls(profile: Profile, root: Path) -> str:

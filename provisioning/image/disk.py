@@ -35,6 +35,7 @@ from pathlib import Path
 from agent.fsutil import atomic_write_text, file_sha256
 from agent.osrelease import root_uuids, uki_file_name
 from provisioning.errors import ImageError
+from provisioning.image.configure import IMAGE_METADATA_IN_ROOT
 from provisioning.image.measure import pcr11_record
 from provisioning.image.stage import DiskSizes, RunFn, StageContext
 
@@ -374,10 +375,16 @@ def write_manifest(out: Path, *, name: str, version: str, epoch: int, roothash: 
 
 
 def _manifest_extra(ctx: StageContext) -> dict[str, object] | None:
-    """What the profile adds to image-manifest.json: the CPU level and the egress allowlist."""
+    """What the profile adds to image-manifest.json: the CPU level, the egress allowlist and,
+    when the build audited the root, the compliance summary it recorded in image.json."""
     extra: dict[str, object] = {"cpu_level": ctx.cpu_level} if ctx.cpu_level else {}
     if ctx.egress is not None:
         extra["egress"] = [dict(d) for d in ctx.egress]
+    metadata = ctx.rootfs / IMAGE_METADATA_IN_ROOT
+    if metadata.is_file():
+        compliance = json.loads(metadata.read_text()).get("compliance")
+        if compliance is not None:
+            extra["compliance"] = compliance
     return extra or None
 
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.fsutil import atomic_write_text
+from agent.fsutil import atomic_write_text, file_sha256
 from provisioning.errors import ImageError, ProfileError
+from provisioning.image.audit import DEFAULT_TAILORING
 from provisioning.image.disk import disk
 from provisioning.image.egress import egress_json
 from provisioning.image.gpu_manifest import gpu_packages
@@ -172,6 +173,12 @@ def _configure_inputs(ctx: BuildContext) -> dict[str, Any]:
     inputs = {"profile": profile, "wheels": sorted(f.sha256 for f in ctx.lock.wheels),
               "registry": _registry_digest(ctx.profile), "sde": ctx.source_date_epoch,
               "pki": _pki_digest(ctx.profile)}
+    if ctx.profile.compliance.audit:  # the configure stage audits its root with these
+        baseline = ctx.profile.compliance_baseline
+        inputs["compliance"] = {
+            "scanner": sorted(f.sha256 for f in ctx.lock.scanner_debs),
+            "tailoring": file_sha256(DEFAULT_TAILORING),
+            "baseline": file_sha256(baseline) if baseline is not None else ""}
     if ctx.profile.gpu_set is not None:  # the configure stage installs these packages
         inputs["gpu"] = {"manifest": ctx.profile.gpu_set.to_json(),
                          "debs": sorted(f.sha256 for f in ctx.lock.debs),
@@ -190,6 +197,7 @@ def _configure_run(ctx: BuildContext) -> None:
          "--numeric-owner", "--preserve-permissions", "--xattrs", "--xattrs-include=*"])
     baked = configure_root(ctx.profile, ctx.lock, ctx.mirror, root, ctx.source_date_epoch,
                            debug=ctx.debug)
+    compliance = _audit_root(ctx, root) if ctx.profile.compliance.audit else None
     manifest = {
         "image": ctx.profile.image.name, "suite": ctx.profile.debian.suite,
         "architecture": ctx.profile.debian.architecture,
@@ -197,15 +205,46 @@ def _configure_run(ctx: BuildContext) -> None:
         "bundles": [b.to_json() for b in baked], "packages": debian_packages(root),
         "python": python_packages(root), "files": file_manifest(root),
     }
+    if compliance is not None:
+        manifest["compliance"] = compliance
     atomic_write_text(ctx.stage_dir / "manifest.json",
                       json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     sbom = spdx_sbom(root, ctx.profile, ctx.lock, ctx.mirror, ctx.source_date_epoch, files=manifest["files"])
     atomic_write_text(ctx.stage_dir / "sbom.spdx.json", json.dumps(sbom, indent=1, sort_keys=True) + "\n")
 
 
+def _audit_root(ctx: BuildContext, root: Path) -> dict[str, Any]:
+    """``appliance audit`` of the configured root, its reports kept in the stage's ``audit/``;
+    the summary goes into the root's image.json.  Below the profile's baseline the build fails.
+
+    Raises:
+        ImageError: a profile fell below the baseline (the reports stay for reading).
+    """
+    from provisioning.image.audit import audit
+    from provisioning.image.configure import record_compliance
+
+    reports = ctx.stage_dir / "audit"
+    log.info("auditing the configured root (offline; reports in %s)", reports)
+    result = audit(root, mirror=ctx.mirror, out=reports, baseline=ctx.profile.compliance_baseline)
+    for s in result.profiles:
+        log.info("audit: %s", s.line())
+    if result.baseline:
+        raise ImageError(f"{ctx.profile.path}: [compliance] baseline = "
+                         f"{ctx.profile.compliance.baseline!r}: the image fell below it: "
+                         f"{'; '.join(result.baseline)} (reports: {reports})")
+    log.info("audit: Lynis hardening index %s; %s exposure %s", result.lynis.get("hardening_index"),
+             result.systemd.get("unit"), result.systemd.get("exposure"))
+    summary = result.compact("offline scan of the built root")
+    record_compliance(root, summary)
+    return summary
+
+
 def _configure_outputs(ctx: BuildContext) -> dict[str, Path]:
     d = ctx.stage_path("configure")
-    return {"rootfs": d / "root", "manifest": d / "manifest.json", "sbom": d / "sbom.spdx.json"}
+    out = {"rootfs": d / "root", "manifest": d / "manifest.json", "sbom": d / "sbom.spdx.json"}
+    if ctx.profile.compliance.audit:
+        out["audit"] = d / "audit"
+    return out
 
 
 # ------------------------------------------------------------------ seal, disk (other modules)
@@ -263,6 +302,7 @@ def _stages() -> list[Stage]:
               _rootfs_inputs, _rootfs_run, lambda ctx: {"rootfs.tar": ctx.rootfs_tar}),
         Stage("configure", ("provisioning.image.configure", "provisioning.image.plan",
                             "provisioning.image.outputs", "provisioning.image.bake",
+                            "provisioning.image.audit", "provisioning.image.compliance",
                             "provisioning.image.gpu_manifest", "provisioning.image.gpu_stage"),
               _configure_inputs, _configure_run, _configure_outputs),
         _sealed_stage("seal", "provisioning.image.seal", seal),
@@ -299,6 +339,9 @@ def _check_mirror(profile: Profile, lock: Lock, mirror: Path, extra: tuple[str, 
                            f"mirror's wheels were synced for {lock.onnxruntime!r}")
     if profile.gpu_set is not None:
         check_lock(profile, lock)
+    if profile.compliance.audit and not lock.scanner_debs:
+        raise ProfileError(f"{where}: [compliance] audit = true: the mirror {mirror} has no scanner "
+                           f"packages; run `appliance mirror sync-scanner --mirror {mirror}`")
 
 
 def plan_build(profile_path: Path, mirror: Path, out: Path,

@@ -38,6 +38,8 @@ __all__ = [
     "LISTEN_REPORT_UNIT",
     "OS_UPDATE_PATH",
     "OS_UPDATE_UNIT",
+    "PRIVILEGED_RULES",
+    "STRIPPED_SETUID",
     "VENV",
     "FileSpec",
     "Plan",
@@ -257,6 +259,9 @@ SYSCTLS: tuple[tuple[str, str], ...] = (
     ("kernel.perf_cpu_time_max_percent", "1"),
     ("kernel.perf_event_max_sample_rate", "1"),
     ("vm.mmap_min_addr", "65536"),
+    # sysctl_kernel_pid_max: ANSSI's 65536 instead of systemd's 4194304 (its vendor file is
+    # removed, see configure_plan); an appliance runs a few dozen processes.
+    ("kernel.pid_max", "65536"),
 )
 NO_CORE_SYSCTLS = (("fs.suid_dumpable", "0"), ("kernel.core_pattern", "|/bin/false"))
 
@@ -292,12 +297,17 @@ _AUDIT_WATCHES = (
     ("/etc/sysctl.conf", "sysctl"), ("/etc/sysctl.d/", "sysctl"),
     ("/var/log/audit/", "audit-log"),
     ("/var/log/lastlog", "logins"), ("/var/log/faillog", "logins"),
-    ("/var/run/faillock/", "logins"),  # audit_rules_login_events_faillock
+    # audit_rules_login_events_faillock: CIS names pam_faillock's default directory, ANSSI
+    # the persistent one; the content matches the names without a trailing slash
+    ("/var/run/faillock", "logins"), ("/var/log/faillock", "logins"),
     ("/var/run/utmp", "session"), ("/var/log/wtmp", "session"),  # audit_rules_session_events_{utmp,wtmp,btmp}
     ("/var/log/btmp", "session"),
     ("/etc/localtime", "time-change"),  # audit_rules_time_watch_localtime
     # audit_rules_networkconfig_modification_{etc_issue,etc_issue_net,etc_hosts,hostname_file}
     ("/etc/issue", "system-locale"), ("/etc/issue.net", "system-locale"),
+    # audit_rules_networkconfig_modification: also ifupdown's files, absent under networkd
+    # (-c skips them) but watched should a variant add them
+    ("/etc/networks", "system-locale"), ("/etc/network/", "system-locale"),
     ("/etc/hosts", "system-locale"), ("/etc/hostname", "system-locale"),
     ("/etc/systemd/network/", "system-locale"),
     ("/etc/apparmor/", "MAC-policy"), ("/etc/apparmor.d/", "MAC-policy"),  # audit_rules_mac_modification_*
@@ -345,10 +355,27 @@ _AUDIT_PRIVILEGED = ("/usr/bin/kmod", "/usr/sbin/insmod", "/usr/sbin/rmmod", "/u
                      "/usr/bin/chcon")
 
 
+# audit_rules_privileged_commands_{insmod,rmmod,modprobe}, ANSSI's form: watches for execution
+# of the names.  They are symlinks to kmod, so the path=/usr/bin/kmod rule above is the one that
+# fires; these are what the content looks for.
+_AUDIT_EXEC_WATCHES = ("/sbin/insmod", "/sbin/rmmod", "/sbin/modprobe")
+# audit_rules_privileged_commands: every setuid or setgid program of the root has a rule.  The
+# set depends on the packages (a GPU variant adds nvidia-modprobe), so the configure stage
+# writes this file from the root itself, after stripping the bits nothing on an appliance uses.
+PRIVILEGED_RULES = "/etc/audit/rules.d/51-privileged.rules"
+# setuid/setgid programs for users changing their own account or mounting, or becoming root with
+# a password: the appliance has no such user (root and every account are locked, no password
+# logins), so the bits only widen what a compromised service could try.  Kept: unix_chkpwd
+# (pam_unix) and dbus-daemon-launch-helper (D-Bus activation of system services).
+STRIPPED_SETUID = ("chage", "chfn", "chsh", "expiry", "gpasswd", "mount", "newgrp", "passwd",
+                   "su", "umount")
+
+
 def _audit_rules() -> str:
     lines = ["## Written by `appliance build`.  Loaded by augenrules; immutable until reboot when -e 2.",
              "-D", "-b 8192", "-f 1", "--backlog_wait_time 60000", "-c"]
     lines += [f"-w {path} -p wa -k {key}" for path, key in _AUDIT_WATCHES]
+    lines += [f"-w {path} -p x -k modules" for path in _AUDIT_EXEC_WATCHES]
     for b64, b32, extra, key in _AUDIT_SYSCALLS:
         for arch, calls in (("b64", b64), ("b32", b32)):
             lines.append(" ".join(filter(None, (f"-a always,exit -F arch={arch} -S {calls}", extra,
@@ -695,6 +722,21 @@ def _account_commands() -> list[tuple[str, ...]]:
     return cmds
 
 
+def _setuid_commands(profile: Profile) -> list[tuple[str, ...]]:
+    """Strip :data:`STRIPPED_SETUID`'s bits, then (with auditd) write :data:`PRIVILEGED_RULES`
+    from the setuid/setgid programs left.  Last of the commands: after every package."""
+    names: list[str] = []
+    for name in STRIPPED_SETUID:
+        names += ["-o", "-name", name] if names else ["-name", name]
+    cmds: list[tuple[str, ...]] = [("find", "/usr/bin", "/usr/sbin", "-maxdepth", "1", "-type", "f", "(",
+                                    *names, ")", "-perm", "/6000", "-exec", "chmod", "ug-s", "{}", "+")]
+    if profile.hardening.auditd:
+        rule = "-a always,exit -F path=& -F perm=x -F auid>=1000 -F auid!=unset -k privileged"
+        cmds.append(("sh", "-c", f"find / -xdev -type f -perm /6000 | LC_ALL=C sort | sed 's|.*|{rule}|' "
+                     f"> {PRIVILEGED_RULES} && chmod 0640 {PRIVILEGED_RULES}"))
+    return cmds
+
+
 CPU_CHECK_UNIT = "appliance-cpu-check.service"
 
 
@@ -900,6 +942,7 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
          "--no-compile", "--disable-pip-version-check", "--no-cache-dir", "--root-user-action=ignore",
          "--find-links", wheels_dir, "-r", f"{wheels_dir}/requirements.txt"),
         ("rm", "-rf", wheels_dir),
+        *_setuid_commands(profile),
     ]
     enable = ["nftables.service", "systemd-networkd.service", "systemd-timesyncd.service",
               AGENT_UNIT, BOOT_CHECK_UNIT, OS_UPDATE_PATH]
@@ -917,8 +960,10 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
             *IDLE_TIMERS]
     if not profile.hardening.core_dumps:
         mask.append("systemd-coredump.socket")
+    # sysctl_kernel_pid_max: systemd's vendor file sets 4194304; the content checks every
+    # sysctl file, so overriding it in 90-appliance.conf is not enough
     remove = ("/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/resolv.conf",
-              "/var/lib/dbus/machine-id")
+              "/var/lib/dbus/machine-id", "/usr/lib/sysctl.d/50-pid-max.conf")
     if profile.gpu_set is not None:
         gpu_files, gpu_commands, gpu_enable = gpu_plan(profile, kernel_release, gpu_record or {})
         files += gpu_files

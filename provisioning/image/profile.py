@@ -32,6 +32,7 @@ __all__ = [
     "BASE_PACKAGES",
     "PYTHON_BY_SUITE",
     "BundlesSection",
+    "ComplianceSection",
     "DebianSection",
     "DiagnosticsSection",
     "DiskSection",
@@ -292,6 +293,18 @@ class TpmSection:
 
 
 @dataclass(frozen=True)
+class ComplianceSection:
+    audit: bool = setting(False, "audit the configured root at build time, offline, as `appliance audit` "
+                          "does (the mirror needs the scanner packages: `appliance mirror "
+                          "sync-scanner`); the summary goes into image.json, image-manifest.json "
+                          "and the node's inventory")
+    baseline: str = setting("", "a baseline.json (images/compliance/baseline.json) whose pass ratios "
+                            "the build must reach: a profile below it fails the build (relative "
+                            "paths are from the profile's directory; empty: no floor)",
+                            check=path_problem)
+
+
+@dataclass(frozen=True)
 class TimeSection:
     ntp: tuple[str, ...] = setting((), "site NTP servers (none: keep the hardware clock)")
 
@@ -333,6 +346,7 @@ class Profile:
     diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
     boot: BootSection = field(default_factory=BootSection)
     tpm: TpmSection = field(default_factory=TpmSection)
+    compliance: ComplianceSection = field(default_factory=ComplianceSection)
     users: tuple[User, ...] = ()
     agent: AgentConfig = field(default_factory=AgentConfig)
     gpu_set: GpuManifest | None = None  # the parsed [gpu] manifest, set by load_profile
@@ -392,6 +406,12 @@ class Profile:
         return (self.path.parent / self.tpm.recovery_key).resolve() if self.tpm.recovery_key else None
 
     @property
+    def compliance_baseline(self) -> Path | None:
+        """The pass ratios the build must reach ([compliance] baseline), or None."""
+        c = self.compliance
+        return (self.path.parent / c.baseline).resolve() if c.baseline else None
+
+    @property
     def inbound_tcp(self) -> tuple[int, ...]:
         """Every TCP port the firewall opens: the agent's three, sshd's when enabled, the extras."""
         ports = {self.agent.server.port, *self.network.allow_tcp}
@@ -427,6 +447,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "diagnostics": DiagnosticsSection,
     "boot": BootSection,
     "tpm": TpmSection,
+    "compliance": ComplianceSection,
 }
 
 
@@ -571,6 +592,22 @@ def _check_tpm(p: Profile, where: str) -> None:
             raise ProfileError(f"{where}: [tpm] seal_data = true needs [tpm] {name}: {why}")
 
 
+def _check_compliance(p: Profile, where: str) -> None:
+    """[compliance]: a baseline reads, and is only given with the audit that it judges."""
+    path = p.compliance_baseline
+    if path is None:
+        return
+    if not p.compliance.audit:
+        raise ProfileError(f"{where}: [compliance] baseline = {p.compliance.baseline!r} needs "
+                           "[compliance] audit = true (the baseline judges the build's audit)")
+    from provisioning.image.compliance import load_baseline
+
+    try:
+        load_baseline(path)
+    except ImageError as exc:
+        raise ProfileError(f"{where}: [compliance] baseline = {p.compliance.baseline!r}: {exc}") from None
+
+
 def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads best
     """Cross-field checks and the files the profile names (registry, targets, GPU manifest)."""
     where = str(p.path)
@@ -594,6 +631,7 @@ def _check(p: Profile) -> None:  # noqa: PLR0912 - one flat list of checks reads
         raise ProfileError(f"{where}: [network] address = {net.address!r}: "
                            "only meaningful with mode = \"static\"")
     _check_tpm(p, where)
+    _check_compliance(p, where)
     if p.ssh.enabled and not any(u.ssh_keys for u in p.users):
         raise ProfileError(f"{where}: [ssh] enabled = true: no [[users]] entry has ssh_keys "
                            "(SSH is key-only)")
