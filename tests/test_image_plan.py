@@ -328,7 +328,12 @@ def test_setuid_bits_nothing_uses_are_stripped_and_the_rest_audited(tmp_path: Pa
     from provisioning.image.plan import PRIVILEGED_RULES, STRIPPED_SETUID
 
     plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
-    strip, write = plan.commands[-2:]
+    strip = next(c for c in plan.commands if "ug-s" in c)
+    write = next(c for c in plan.commands if PRIVILEGED_RULES in " ".join(c))
+    assert plan.commands.index(strip) < plan.commands.index(write)  # the rules see the stripped bits
+    # file_permissions_etc_audit_rulesd, the package's file too
+    assert plan.commands[-1] == ("find", "/etc/audit/rules.d", "-name", "*.rules", "-exec", "chmod",
+                                 "0640", "{}", "+")
     root = tmp_path / "root"
     for rel, mode in (("usr/bin/passwd", 0o4755), ("usr/bin/su", 0o4755), ("usr/bin/mount", 0o4755),
                       ("usr/bin/chage", 0o2755), ("usr/sbin/unix_chkpwd", 0o2755),
@@ -382,6 +387,9 @@ def test_audit_rules_in_anssis_forms(tmp_path: Path) -> None:
     assert "/usr/lib/sysctl.d/50-pid-max.conf" in plan.remove  # no second pid_max
     assert "-w /etc/networks -p wa -k system-locale" in rules
     assert "kernel.pid_max = 65536" in plan.file("/etc/sysctl.d/90-appliance.conf").content
+    assert plan.file("/etc/securetty").content == "\n"  # no_direct_root_logins
+    apt = plan.file("/etc/apt/apt.conf.d/60-appliance-no-recommends").content  # apt_disable_weak_dependencies
+    assert 'APT::Install-Recommends "0";' in apt
     path = tmp_path / "images/p.toml"
     path.parent.mkdir(parents=True)
     path.write_text((ROOT / "images/minimal.toml").read_text().replace("auditd = true", "auditd = false"))
@@ -424,3 +432,38 @@ def test_the_audit_is_part_of_the_configure_stages_key(tmp_path: Path) -> None:
     assert set(audited["compliance"]) == {"scanner", "tailoring", "baseline"}  # type: ignore[arg-type]
     floor.write_text('{"format": 1, "profiles": {"cis_level1_server": {"pass_ratio": 0.6}}}')
     assert inputs('[compliance]\naudit = true\nbaseline = "floor.json"\n') != audited
+
+
+def test_pam_and_account_remediations_on_debians_own_lines(tmp_path: Path) -> None:
+    """The PAM and account commands, run for real on trixie's shipped lines (paths moved under
+    a temporary root): no nullok, yescrypt at cost 11, su only for the empty sugroup, and no
+    system account with a shell."""
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    pam = tmp_path / "etc/pam.d"
+    pam.mkdir(parents=True)
+    (pam / "common-auth").write_text("auth\t[success=1 default=ignore]\tpam_unix.so nullok\n"
+                                     "auth\trequisite\t\t\tpam_deny.so\n")
+    (pam / "common-password").write_text(
+        "# The default is pam_unix.\npassword\t[success=1 default=ignore]\tpam_unix.so obscure yescrypt\n")
+    (pam / "su").write_text("auth       sufficient pam_rootok.so\n# auth       required   pam_wheel.so\n")
+    (tmp_path / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/usr/sbin/nologin\nsync:x:4:65534:sync:/bin:/bin/sync\n"
+        "tss:x:100:101:TPM software stack:/var/lib/tpm:/bin/false\n"
+        "appliance:x:800:800::/var/lib/appliance:/usr/sbin/nologin\nops:x:1000:1000::/home/ops:/bin/bash\n")
+    wanted = ("nullok", "rounds=", "pam_wheel", "awk -F:")
+    commands = [c for c in plan.commands if any(w in " ".join(c) for w in wanted)]
+    assert len(commands) == 4 and ("groupadd", "--system", "sugroup") in plan.commands
+    changed = []
+    for argv in commands:
+        if argv[0] == "sh":  # the account scan: print the accounts instead of changing them
+            script = argv[2].replace("/etc/passwd", str(tmp_path / "etc/passwd"))
+            script = script.replace("xargs -r -n1 usermod --shell /usr/sbin/nologin", "cat")
+            changed = subprocess.run(["sh", "-c", script], check=True, capture_output=True,
+                                     text=True).stdout.split()
+        else:
+            subprocess.run([a.replace("/etc/", f"{tmp_path}/etc/") for a in argv], check=True)
+    assert "nullok" not in (pam / "common-auth").read_text()
+    assert "pam_unix.so obscure yescrypt rounds=11\n" in (pam / "common-password").read_text()
+    assert (pam / "su").read_text().splitlines()[:2] == [
+        "auth       sufficient pam_rootok.so", "auth       required   pam_wheel.so use_uid group=sugroup"]
+    assert changed == ["tss"]  # not root (locked with nologin already), sync, the agent, a person

@@ -279,6 +279,7 @@ DISABLED_MODULES = ("dccp", "sctp", "rds", "tipc", "atm", "can", "cramfs", "free
 # accounts_minimum_age_login_defs, account_disable_post_pw_expiration.  The appliance has no
 # password logins; these only govern accounts an operator might add on a bench variant.
 UMASK = "077"
+SU_GROUP = "sugroup"  # pam_wheel's group for su: exists, never has a member
 LOGIN_DEFS = (("UMASK", UMASK), ("PASS_MAX_DAYS", "365"), ("PASS_MIN_DAYS", "1"))
 
 # Audit rules in the form ComplianceAsCode checks (rule ids in the comments): syscall rules for
@@ -310,7 +311,11 @@ _AUDIT_WATCHES = (
     ("/etc/networks", "system-locale"), ("/etc/network/", "system-locale"),
     ("/etc/hosts", "system-locale"), ("/etc/hostname", "system-locale"),
     ("/etc/systemd/network/", "system-locale"),
-    ("/etc/apparmor/", "MAC-policy"), ("/etc/apparmor.d/", "MAC-policy"),  # audit_rules_mac_modification_*
+    # audit_rules_mac_modification_{etc_apparmor,etc_apparmor_d}: the names without a trailing
+    # slash, as the content matches them (ANSSI's /etc/network/ above wants its slash)
+    ("/etc/apparmor", "MAC-policy"), ("/etc/apparmor.d", "MAC-policy"),
+    # audit_rules_networkconfig_modification_networkmanager (CIS): absent under networkd
+    ("/etc/NetworkManager", "system-locale"),
     ("/var/log/sudo.log", "actions"),  # audit_sudo_log_events
 )
 _AUDIT_SYSCALLS = (  # (syscalls for b64, for b32, extra filters, key)
@@ -319,6 +324,9 @@ _AUDIT_SYSCALLS = (  # (syscalls for b64, for b32, extra filters, key)
     ("clock_settime", "clock_settime", "-F a0=0x0", "time-change"),
     # audit_rules_networkconfig_modification, _setdomainname, _sethostname
     ("sethostname,setdomainname", "sethostname,setdomainname", "", "system-locale"),
+    # CIS's form of the same (users' calls only): audit_rules_networkconfig_modification_sethostname
+    ("sethostname,setdomainname", "sethostname,setdomainname", "-F auid>=1000 -F auid!=unset",
+     "system-locale"),
     # audit_rules_kernel_module_loading_{init,finit,delete,create,query}
     ("init_module,finit_module,delete_module", "init_module,finit_module,delete_module", "", "modules"),
     ("create_module,query_module", "create_module,query_module", "", "modules"),
@@ -347,6 +355,8 @@ _AUDIT_SYSCALLS = (  # (syscalls for b64, for b32, extra filters, key)
     ("execve", "execve", "-C uid!=euid -F euid=0", "setuid"),
     ("execve", "execve", "-C gid!=egid -F egid=0", "setgid"),
     ("execve", "execve", "-F euid=0 -F auid>=1000 -F auid!=unset", "root-commands"),
+    # CIS's form: a user's program running with another effective uid (sudo, su)
+    ("execve", "execve", "-C euid!=uid -F auid!=unset", "user_emulation"),
 )
 # audit_rules_privileged_commands_{kmod,insmod,rmmod,modprobe,usermod,sudo} and
 # audit_rules_execution_{chacl,setfacl,chcon}
@@ -641,6 +651,12 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
             f"install {m} /bin/false\nblacklist {m}\n" for m in DISABLED_MODULES)),
         FileSpec("/etc/issue", "Authorized uses only. All activity may be monitored and reported.\n"),
         FileSpec("/etc/issue.net", "Authorized uses only. All activity may be monitored and reported.\n"),
+        # apt_disable_weak_dependencies ("0", the form the content matches): should apt ever
+        # run on a bench variant, it installs what a package needs and nothing it recommends
+        FileSpec("/etc/apt/apt.conf.d/60-appliance-no-recommends",
+                 'APT::Install-Recommends "0";\nAPT::Install-Suggests "0";\n'),
+        # no_direct_root_logins: no terminal where root may log in directly
+        FileSpec("/etc/securetty", "\n", 0o600),
         # accounts_tmout: an idle shell ends after 10 minutes, and cannot lift the limit.
         FileSpec("/etc/profile.d/50-appliance-umask.sh", f"umask {UMASK}\ndeclare -xr TMOUT=600\n"),
         # file_at_allow_exists, file_cron_allow_exists: neither at nor cron is installed; the
@@ -719,6 +735,22 @@ def _account_commands() -> list[tuple[str, ...]]:
     ]
     for path in ("/etc/profile", "/etc/bash.bashrc"):
         cmds.append(("sed", "-i", f"$a umask {UMASK}", path))
+    cmds += [
+        # no_empty_passwords_unix: pam_unix accepts no empty password
+        ("sed", "-i", "-E", r"s/[[:space:]]nullok([[:space:]]|$)/\1/g", "/etc/pam.d/common-auth",
+         "/etc/pam.d/common-password"),
+        # accounts_password_pam_unix_rounds_password_auth: yescrypt's cost at its highest
+        ("sed", "-i", "-E", r"/^password[[:space:]].*pam_unix\.so/{/rounds=/!s/$/ rounds=11/}",
+         "/etc/pam.d/common-password"),
+        # use_pam_wheel_group_for_su, ensure_pam_wheel_group_empty: su only for members of an
+        # empty group (root is locked besides; su has lost its setuid bit, see STRIPPED_SETUID)
+        ("groupadd", "--system", SU_GROUP),
+        ("sed", "-i", "-E", f"/^auth[[:space:]]+sufficient[[:space:]]+pam_rootok\\.so/a auth       "
+         f"required   pam_wheel.so use_uid group={SU_GROUP}", "/etc/pam.d/su"),
+        # no_shelllogin_for_systemaccounts: packages' system users (tss: /bin/false) get nologin
+        ("sh", "-c", "awk -F: '$3 < 1000 && $1 != \"root\" && $7 !~ /nologin$/ && $7 != \"/bin/sync\" "
+         "{print $1}' /etc/passwd | xargs -r -n1 usermod --shell /usr/sbin/nologin"),
+    ]
     return cmds
 
 
@@ -734,6 +766,8 @@ def _setuid_commands(profile: Profile) -> list[tuple[str, ...]]:
         rule = "-a always,exit -F path=& -F perm=x -F auid>=1000 -F auid!=unset -k privileged"
         cmds.append(("sh", "-c", f"find / -xdev -type f -perm /6000 | LC_ALL=C sort | sed 's|.*|{rule}|' "
                      f"> {PRIVILEGED_RULES} && chmod 0640 {PRIVILEGED_RULES}"))
+        # file_permissions_etc_audit_rulesd: the package's audit.rules too
+        cmds.append(("find", "/etc/audit/rules.d", "-name", "*.rules", "-exec", "chmod", "0640", "{}", "+"))
     return cmds
 
 
