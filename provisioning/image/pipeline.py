@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.fsutil import atomic_write_text, file_sha256
 from provisioning.errors import ImageError, ProfileError
-from provisioning.image.audit import DEFAULT_TAILORING
+from provisioning.image.audit import DEFAULT_TAILORING, audit
 from provisioning.image.disk import disk
 from provisioning.image.egress import egress_json
 from provisioning.image.gpu_manifest import gpu_packages
@@ -220,7 +220,6 @@ def _audit_root(ctx: BuildContext, root: Path) -> dict[str, Any]:
     Raises:
         ImageError: a profile fell below the baseline (the reports stay for reading).
     """
-    from provisioning.image.audit import audit
     from provisioning.image.configure import record_compliance
 
     reports = ctx.stage_dir / "audit"
