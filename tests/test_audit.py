@@ -121,3 +121,8 @@ def test_enabled_services_are_what_the_booted_image_runs(tmp_path: Path) -> None
     exposure = services_exposure(root)  # real systemd-analyze, offline, on this root
     assert [e["unit"] for e in exposure] == enabled_services(root)
     assert all(0 <= e["exposure"] <= 10 and e["verdict"] for e in exposure)
+    (root / etc / "getty@.service").symlink_to("/dev/null")  # the template masked: no instance runs
+    assert "getty@tty1.service" not in enabled_services(root)
+    (root / etc / "getty@.service").unlink()
+    (root / etc / "getty.target").symlink_to("/dev/null")  # a masked target wants nothing
+    assert enabled_services(root) == ["agent.service", "dbus.service", "journald.service"]

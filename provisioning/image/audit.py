@@ -282,8 +282,12 @@ def _unit_file(root: Path, name: str) -> Path | None:
 
 
 def _masked(root: Path, name: str) -> bool:
-    link = root / "etc/systemd/system" / name
-    return link.is_symlink() and str(link.readlink()) == os.devnull
+    """``name`` is masked in /etc, itself or (an instance) through its template."""
+    for candidate in {name, re.sub(r"@[^.]+\.", "@.", name)}:
+        link = root / "etc/systemd/system" / candidate
+        if link.is_symlink() and str(link.readlink()) == os.devnull:
+            return True
+    return False
 
 
 def enabled_services(root: Path) -> list[str]:
@@ -297,7 +301,8 @@ def enabled_services(root: Path) -> list[str]:
             for kind in ("wants", "requires"):
                 pattern = f"{target}.target.{kind}" if target != "*" else f"*.{kind}"
                 for wants in sorted((root / d).glob(pattern)):
-                    links.update(p.name for p in wants.iterdir())
+                    if not _masked(root, wants.name.rpartition(".")[0]):  # a masked unit wants nothing
+                        links.update(p.name for p in wants.iterdir())
     names: set[str] = set()
     for link in links:
         stem, _, kind = link.rpartition(".")
