@@ -23,6 +23,7 @@ from testsupport.appliance import Appliance, serving_status
 ALLOWED_TCP = {8000, 8001, 8002}  # the agent's HTTPS, gRPC and metrics ports ([agent.server])
 ALLOWED_UDP = {68}  # systemd-networkd's DHCP client
 LISTEN_PREFIX = "appliance-listen:"
+STATE_PREFIX = "appliance-state:"  # provisioning.image.plan's report: failed units, services, audit
 LISTEN_REPORT_BOUND_S = 300.0  # the report unit starts after the agent's READY=1; TCG is slow
 pytestmark = pytest.mark.timeout(3600)  # boots under TCG take minutes
 
@@ -162,6 +163,31 @@ def test_nothing_listens_beyond_the_allowed_ports(appliance: Appliance) -> None:
             beyond.append((netid, local))
     assert not beyond, f"listening beyond the allowed ports: {beyond} (all: {found})"
     assert any(_port_and_host(local)[1] == 8001 for netid, local in found if netid == "tcp")
+
+
+def _last_state(console: str) -> list[list[str]]:
+    """The unit-state lines of the console's last complete report (one per boot)."""
+    lines = console.splitlines()
+    ends = [i for i, ln in enumerate(lines)
+            if LISTEN_PREFIX in ln and ln.split(LISTEN_PREFIX, 1)[1].split() == ["end"]]
+    start = ends[-2] + 1 if len(ends) > 1 else 0
+    return [ln.split(STATE_PREFIX, 1)[1].split() for ln in lines[start:ends[-1]] if STATE_PREFIX in ln]
+
+
+def test_no_unit_failed_and_the_sandboxed_services_run(appliance: Appliance) -> None:
+    """After the boot, no unit failed, the services the image sandboxes (auditd, dbus, udevd)
+    and logind are active, and the kernel's audit is on with its rules locked (enabled 2): a
+    sandbox drawn too tight, or a masked unit something needed, shows here."""
+    if appliance.console is None or not appliance.console.is_file():
+        pytest.skip("no serial console log (--console) to read the node's unit states from")
+    _listeners(appliance.console)  # waits for the report's end line
+    state = _last_state(appliance.console.read_text(errors="replace"))
+    assert not [f for f in state if f[0] == "failed"], state
+    active = {f[1]: f[2] for f in state if f[0] == "active" and len(f) == 3}
+    assert set(active) >= {"auditd.service", "dbus.service", "systemd-udevd.service",
+                           "systemd-logind.service"}, state
+    assert set(active.values()) == {"active"}, active
+    assert ["audit", "enabled", "2"] in state, state
 
 
 def _apply(appliance: Appliance, target: str) -> Any:

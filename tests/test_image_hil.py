@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,13 @@ from agent.health.inventory import collect_inventory
 from provisioning.demo.bench import hil_profile_text
 from provisioning.errors import ProfileError
 from provisioning.image.configure import bake_node_tls, write_image_metadata
-from provisioning.image.plan import LISTEN_REPORT_UNIT, configure_plan
+from provisioning.image.plan import (
+    LISTEN_PREFIX,
+    LISTEN_REPORT_SCRIPT,
+    LISTEN_REPORT_UNIT,
+    STATE_PREFIX,
+    configure_plan,
+)
 from provisioning.image.profile import load_profile
 from provisioning.image.stage import version_from_epoch
 from provisioning.pki import init_pki
@@ -104,12 +111,45 @@ def test_image_metadata_carries_the_version_the_uki_is_named_with(tmp_path: Path
 def test_listening_report_unit_only_when_asked(tmp_path: Path, pki: Path) -> None:
     plan = configure_plan(load_profile(_hil_profile(tmp_path, pki)), pip_wheel="/w/pip.whl")
     unit = plan.file(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}").content
-    assert "After=appliance-agent.service" in unit and "ss -Hltun" in unit
+    assert "After=appliance-agent.service" in unit and f"ExecStart={LISTEN_REPORT_SCRIPT}\n" in unit
+    assert plan.file(LISTEN_REPORT_SCRIPT).mode == 0o755
     assert LISTEN_REPORT_UNIT in plan.enable
     plain = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel="/w/pip.whl")
     assert LISTEN_REPORT_UNIT not in plain.enable
     with pytest.raises(KeyError):
         plain.file(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}")
+
+
+def test_the_report_script_prints_unit_states_audit_status_then_sockets(tmp_path: Path, pki: Path) -> None:
+    """The report script, run for real under sh with stand-ins for systemctl, auditctl and ss
+    that answer as on a node: one line per failed unit, one per reported unit, the kernel's
+    audit status, then the sockets and the end line the bench waits for."""
+    plan = configure_plan(load_profile(_hil_profile(tmp_path, pki)), pip_wheel="/w/pip.whl")
+    script = tmp_path / "report"
+    script.write_text(plan.file(LISTEN_REPORT_SCRIPT).content)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    stand_ins = {
+        "systemctl": 'case "$1" in --failed) echo "getty@tty1.service loaded failed failed Getty";;\n'
+                     '  is-active) [ "$2" = dbus.service ] && echo failed || echo active;; esac',
+        "auditctl": 'echo "enabled 2"; echo "failure 1"; echo "pid 700"',
+        "ss": 'echo "tcp LISTEN 0 4096 0.0.0.0:8001 0.0.0.0:*"',
+    }
+    for name, body in stand_ins.items():
+        (tools / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tools / name).chmod(0o755)
+    out = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True,
+                         env={"PATH": f"{tools}:/usr/bin:/bin"}).stdout.splitlines()
+    assert out == [
+        f"{STATE_PREFIX} failed getty@tty1.service loaded failed failed Getty",
+        f"{STATE_PREFIX} active dbus.service failed",
+        f"{STATE_PREFIX} active systemd-udevd.service active",
+        f"{STATE_PREFIX} active systemd-logind.service active",
+        f"{STATE_PREFIX} active auditd.service active",
+        f"{STATE_PREFIX} audit enabled 2",
+        f"{LISTEN_PREFIX} tcp LISTEN 0 4096 0.0.0.0:8001 0.0.0.0:*",
+        f"{LISTEN_PREFIX} end",
+    ]
 
 
 def _sys_block(base: Path, partname: str) -> Path:

@@ -333,7 +333,7 @@ def test_setuid_bits_nothing_uses_are_stripped_and_the_rest_audited(tmp_path: Pa
     assert plan.commands.index(strip) < plan.commands.index(write)  # the rules see the stripped bits
     # file_permissions_etc_audit_rulesd, the package's file too
     assert plan.commands[-1] == ("find", "/etc/audit/rules.d", "-name", "*.rules", "-exec", "chmod",
-                                 "0640", "{}", "+")
+                                 "0600", "{}", "+")
     root = tmp_path / "root"
     for rel, mode in (("usr/bin/passwd", 0o4755), ("usr/bin/su", 0o4755), ("usr/bin/mount", 0o4755),
                       ("usr/bin/chage", 0o2755), ("usr/sbin/unix_chkpwd", 0o2755),
@@ -353,14 +353,14 @@ def test_setuid_bits_nothing_uses_are_stripped_and_the_rest_audited(tmp_path: Pa
     assert (root / "usr/bin/sub/passwd").stat().st_mode & 0o4000
     script = write[2].replace("find / ", f"find {root}/ ").replace(f"> {PRIVILEGED_RULES}",
                                                                    f"> {root}{PRIVILEGED_RULES}")
-    script = script.replace(f"chmod 0640 {PRIVILEGED_RULES}", f"chmod 0640 {root}{PRIVILEGED_RULES}")
+    script = script.replace(f"chmod 0600 {PRIVILEGED_RULES}", f"chmod 0600 {root}{PRIVILEGED_RULES}")
     subprocess.run(["sh", "-c", script], check=True)
     rules = (root / PRIVILEGED_RULES.lstrip("/")).read_text().splitlines()
     paths = [r.split(" -F path=", 1)[1].split(" ", 1)[0].removeprefix(str(root)) for r in rules]
     assert paths == ["/usr/bin/sub/passwd", "/usr/lib/dbus-1.0/dbus-daemon-launch-helper",
                      "/usr/sbin/unix_chkpwd"]
     assert all(r.endswith("-F perm=x -F auid>=1000 -F auid!=unset -k privileged") for r in rules)
-    assert (root / PRIVILEGED_RULES.lstrip("/")).stat().st_mode & 0o777 == 0o640
+    assert (root / PRIVILEGED_RULES.lstrip("/")).stat().st_mode & 0o777 == 0o600
 
 
 def test_the_tailored_values_are_what_the_image_sets() -> None:
@@ -467,3 +467,104 @@ def test_pam_and_account_remediations_on_debians_own_lines(tmp_path: Path) -> No
     assert (pam / "su").read_text().splitlines()[:2] == [
         "auth       sufficient pam_rootok.so", "auth       required   pam_wheel.so use_uid group=sugroup"]
     assert changed == ["tss"]  # not root (locked with nologin already), sync, the agent, a person
+
+
+def _run_moved(argv: tuple[str, ...], root: Path) -> None:
+    subprocess.run([a.replace("/etc/", f"{root}/etc/") for a in argv], check=True)
+
+
+def test_faillock_and_pwhistory_join_debians_pam_stacks_where_they_take_effect(tmp_path: Path) -> None:
+    """pam_faillock and pam_pwhistory, inserted for real into trixie's pam-auth-update output
+    (pam_pwquality installed): preauth before pam_unix, authfail right after it (pam_unix's
+    success=1 jumps over it to authsucc), the account check last; the history check between
+    the quality check and pam_unix, using the password pwquality accepted."""
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    pam = tmp_path / "etc/pam.d"
+    pam.mkdir(parents=True)
+    (pam / "common-auth").write_text(
+        "# here are the per-package modules (the \"Primary\" block)\n"
+        "auth\t[success=1 default=ignore]\tpam_unix.so nullok\n"
+        "auth\trequisite\t\t\tpam_deny.so\nauth\trequired\t\t\tpam_permit.so\n")
+    (pam / "common-account").write_text(
+        "account\t[success=1 new_authtok_reqd=done default=ignore]\tpam_unix.so \n"
+        "account\trequisite\t\t\tpam_deny.so\naccount\trequired\t\t\tpam_permit.so\n")
+    (pam / "common-password").write_text(
+        "password\trequisite\t\t\tpam_pwquality.so retry=3\n"
+        "password\t[success=1 default=ignore]\tpam_unix.so obscure use_authtok try_first_pass yescrypt\n"
+        "password\trequisite\t\t\tpam_deny.so\npassword\trequired\t\t\tpam_permit.so\n")
+    stacks = [f"/etc/pam.d/common-{n}" for n in ("auth", "account", "password")]
+    commands = [c for c in plan.commands if any(f in c for f in stacks)]
+    assert len(commands) == 5  # nullok (auth and password in one), rounds, faillock auth, account, pwhistory
+    for argv in commands:
+        _run_moved(argv, tmp_path)
+
+    def modules(name: str) -> list[str]:
+        return [" ".join(line.split()[1:]) for line in (pam / name).read_text().splitlines()
+                if line and not line.startswith("#")]
+
+    assert modules("common-auth") == [
+        "required pam_faillock.so preauth", "[success=1 default=ignore] pam_unix.so",
+        "[default=die] pam_faillock.so authfail", "sufficient pam_faillock.so authsucc",
+        "requisite pam_deny.so", "required pam_permit.so"]
+    assert modules("common-account")[-1] == "required pam_faillock.so"
+    assert modules("common-password")[:3] == [
+        "requisite pam_pwquality.so retry=3",
+        "requisite pam_pwhistory.so remember=24 enforce_for_root use_authtok",
+        "[success=1 default=ignore] pam_unix.so obscure use_authtok try_first_pass yescrypt rounds=11"]
+    files = {f.path: f.content for f in plan.files}
+    assert "deny = 3\n" in files["/etc/security/faillock.conf"]
+    assert "minlen = 15\n" in files["/etc/security/pwquality.conf"]
+
+
+def test_auditd_conf_logrotate_and_coredump_limits_are_edited_in_place(tmp_path: Path) -> None:
+    """auditd.conf keeps Debian's other lines; only the audit logs' group and the write-error
+    action change, and the log directory becomes root's alone. logrotate rotates daily. Without
+    core dumps, systemd's limits.d file that lifts the hard limit goes."""
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    conf = tmp_path / "etc/audit/auditd.conf"
+    conf.parent.mkdir(parents=True)
+    debian = ("local_events = yes\nlog_file = /var/log/audit/audit.log\nlog_group = adm\n"
+              "disk_full_action = SUSPEND\ndisk_error_action = SUSPEND\n")
+    conf.write_text(debian)
+    commands = [c for c in plan.commands if "/etc/audit/auditd.conf" in c]
+    assert commands
+    for argv in commands:
+        _run_moved(argv, tmp_path)
+    assert conf.read_text() == debian.replace("log_group = adm", "log_group = root").replace(
+        "disk_error_action = SUSPEND", "disk_error_action = SYSLOG")
+    assert plan.commands.index(("chgrp", "root", "/var/log/audit")) < plan.commands.index(
+        ("chmod", "0700", "/var/log/audit"))
+    rotate = tmp_path / "etc/logrotate.conf"
+    rotate.write_text("# see \"man logrotate\"\nweekly\nrotate 4\ncreate\ninclude /etc/logrotate.d\n")
+    for argv in (c for c in plan.commands if "/etc/logrotate.conf" in c):
+        _run_moved(argv, tmp_path)
+    assert rotate.read_text().splitlines()[1:3] == ["daily", "rotate 4"]
+    assert "/etc/security/limits.d/10-coredump-debian.conf" in plan.remove
+    profile = ROOT / "images/minimal.toml"
+    dumps = tmp_path / "dumps.toml"
+    dumps.write_text(profile.read_text().replace("core_dumps = false", "core_dumps = true"))
+    assert "core_dumps = true" in dumps.read_text()
+    assert "/etc/security/limits.d/10-coredump-debian.conf" not in configure_plan(
+        load_profile(dumps), pip_wheel=PIP).remove
+
+
+def test_unused_units_are_masked_and_the_kept_services_sandboxed(tmp_path: Path) -> None:
+    """Console logins, the password agents and /dev/initctl are masked in every image; auditd,
+    dbus and udevd get a [Service] drop-in each (auditd's only when the image has auditd)."""
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    assert {"getty@.service", "serial-getty@.service", "systemd-ask-password-console.path",
+            "systemd-initctl.socket"} <= set(plan.mask)
+    dropins = {f.path: f.content for f in plan.files if f.path.endswith("/50-appliance-sandbox.conf")}
+    assert set(dropins) == {f"/etc/systemd/system/{u}.d/50-appliance-sandbox.conf"
+                            for u in ("auditd.service", "dbus.service", "systemd-udevd.service")}
+    for text in dropins.values():
+        lines = text.splitlines()
+        assert lines[1] == "[Service]" and "NoNewPrivileges=yes" in lines, text
+        assert all("=" in ln for ln in lines[2:]), text
+    auditd = dropins["/etc/systemd/system/auditd.service.d/50-appliance-sandbox.conf"]
+    assert "RestrictAddressFamilies=AF_UNIX AF_NETLINK\n" in auditd and "CAP_AUDIT_CONTROL" in auditd
+    profile = tmp_path / "no-auditd.toml"
+    profile.write_text((ROOT / "images/minimal.toml").read_text().replace("auditd = true", "auditd = false"))
+    assert "auditd = false" in profile.read_text()
+    without = configure_plan(load_profile(profile), pip_wheel=PIP)
+    assert not any(f.path.startswith("/etc/systemd/system/auditd.service.d/") for f in without.files)

@@ -39,6 +39,8 @@ __all__ = [
     "OS_UPDATE_PATH",
     "OS_UPDATE_UNIT",
     "PRIVILEGED_RULES",
+    "REPORTED_UNITS",
+    "STATE_PREFIX",
     "STRIPPED_SETUID",
     "VENV",
     "FileSpec",
@@ -50,6 +52,7 @@ __all__ = [
     "cpu_check_unit",
     "gpu_devices_unit",
     "gpu_plan",
+    "listen_report_script",
     "listen_report_unit",
     "nftables_ruleset",
     "os_update_units",
@@ -281,6 +284,37 @@ DISABLED_MODULES = ("dccp", "sctp", "rds", "tipc", "atm", "can", "cramfs", "free
 UMASK = "077"
 SU_GROUP = "sugroup"  # pam_wheel's group for su: exists, never has a member
 LOGIN_DEFS = (("UMASK", UMASK), ("PASS_MAX_DAYS", "365"), ("PASS_MIN_DAYS", "1"))
+# pam_faillock: accounts_passwords_pam_faillock_{deny,deny_root,interval,unlock_time,
+# root_unlock_time}.  Three failures in 15 minutes lock an account (root too) for 15 minutes
+# (ANSSI's deny 3 is within CIS's 4).  The content reads the values from here, not from PAM.
+FAILLOCK_CONF = """# Written by `appliance build` (provisioning/image/plan.py).
+deny = 3
+fail_interval = 900
+unlock_time = 900
+even_deny_root
+root_unlock_time = 900
+"""
+# pam_pwquality (accounts_password_pam_{minlen,minclass,dcredit,ucredit,lcredit,ocredit,difok,
+# maxrepeat,maxsequence,dictcheck,enforcing,enforce_root,retry}): ANSSI's 15 characters of the
+# four classes, CIS's limits on repeats and sequences, enforced for root as well.
+PWQUALITY_CONF = """# Written by `appliance build` (provisioning/image/plan.py).
+minlen = 15
+minclass = 4
+dcredit = -1
+ucredit = -1
+lcredit = -1
+ocredit = -1
+difok = 8
+maxrepeat = 3
+maxsequence = 3
+dictcheck = 1
+enforcing = 1
+enforce_for_root
+retry = 3
+"""
+# accounts_password_pam_pwhistory_{enabled,remember,enforce_root,use_authtok}: none of the last
+# 24 passwords again (CIS; ANSSI asks 2), checked on the password pam_pwquality accepted.
+PWHISTORY_LINE = "password\trequisite\tpam_pwhistory.so remember=24 enforce_for_root use_authtok"
 
 # Audit rules in the form ComplianceAsCode checks (rule ids in the comments): syscall rules for
 # both ABIs (a 32-bit process bypasses b64-only rules) and the auid filters that leave daemons
@@ -663,6 +697,8 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
         # allow files (root only) keep a later install closed to other users.
         FileSpec("/etc/at.allow", "root\n", 0o640),
         FileSpec("/etc/cron.allow", "root\n", 0o640),
+        FileSpec("/etc/security/faillock.conf", FAILLOCK_CONF),
+        FileSpec("/etc/security/pwquality.conf", PWQUALITY_CONF),
     ]
     sysctls = list(SYSCTLS) if h.sysctl else []
     if not h.core_dumps:
@@ -678,7 +714,7 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
                               "".join(f"{k} = {v}\n" for k, v in sysctls)))
     if h.auditd:
         rules = AUDIT_RULES + ("-e 2\n" if h.audit_immutable else "")
-        files.append(FileSpec("/etc/audit/rules.d/50-appliance.rules", rules, 0o640))
+        files.append(FileSpec("/etc/audit/rules.d/50-appliance.rules", rules, 0o600))
     cmdline = ["quiet", "lockdown=integrity", "slab_nomerge", "init_on_alloc=1",
                "init_on_free=1", "page_alloc.shuffle=1", "pti=on", "vsyscall=none",
                "debugfs=off", "oops=panic"]
@@ -747,11 +783,41 @@ def _account_commands() -> list[tuple[str, ...]]:
         ("groupadd", "--system", SU_GROUP),
         ("sed", "-i", "-E", f"/^auth[[:space:]]+sufficient[[:space:]]+pam_rootok\\.so/a auth       "
          f"required   pam_wheel.so use_uid group={SU_GROUP}", "/etc/pam.d/su"),
+        # accounts_passwords_pam_faillock_enabled (values in FAILLOCK_CONF): preauth refuses a
+        # locked account; pam_unix's success=1 jumps over authfail (which counts a failure and
+        # ends) to authsucc (which clears the count)
+        ("sed", "-i", "-E", r"/^auth[[:space:]].*pam_unix\.so/{i auth\trequired\tpam_faillock.so preauth"
+         "\n" r"a auth\t[default=die]\tpam_faillock.so authfail\nauth\tsufficient\tpam_faillock.so authsucc"
+         "\n}", "/etc/pam.d/common-auth"),
+        ("sed", "-i", "$a account\trequired\tpam_faillock.so", "/etc/pam.d/common-account"),
+        ("sed", "-i", "-E", f"/^password[[:space:]].*pam_unix\\.so/i {PWHISTORY_LINE}",
+         "/etc/pam.d/common-password"),
         # no_shelllogin_for_systemaccounts: packages' system users (tss: /bin/false) get nologin
         ("sh", "-c", "awk -F: '$3 < 1000 && $1 != \"root\" && $7 !~ /nologin$/ && $7 != \"/bin/sync\" "
          "{print $1}' /etc/passwd | xargs -r -n1 usermod --shell /usr/sbin/nologin"),
     ]
     return cmds
+
+
+# auditd.conf, edited in place so that Debian's other settings stay (rule ids):
+# file_group_ownership_var_log_audit: the audit logs' group is root, not adm (nobody is in adm
+# on the appliance, and root alone reads them); auditd_data_disk_error_action: on a write error
+# auditd keeps running and says so in the journal, where Debian's default suspends it silently.
+AUDITD_CONF = (("log_group", "root"), ("disk_error_action", "SYSLOG"))
+
+
+def _auditd_commands() -> list[tuple[str, ...]]:
+    return [*(("sed", "-i", "-E", f"s/^[[:space:]]*{key}[[:space:]]*=.*/{key} = {value}/",
+               "/etc/audit/auditd.conf") for key, value in AUDITD_CONF),
+            # directory_permissions_var_log_audit: with log_group root, the directory is root's
+            ("chgrp", "root", "/var/log/audit"), ("chmod", "0700", "/var/log/audit")]
+
+
+def _logrotate_commands() -> list[tuple[str, ...]]:
+    # ensure_logrotate_activated: rotate daily (logrotate.timer runs daily); the content checks
+    # for a cron job the image does not have, see images/compliance/tailoring.xml
+    return [("sed", "-i", "-E", r"s/^[[:space:]]*(weekly|monthly|yearly)[[:space:]]*$/daily/",
+             "/etc/logrotate.conf")]
 
 
 def _setuid_commands(profile: Profile) -> list[tuple[str, ...]]:
@@ -765,9 +831,9 @@ def _setuid_commands(profile: Profile) -> list[tuple[str, ...]]:
     if profile.hardening.auditd:
         rule = "-a always,exit -F path=& -F perm=x -F auid>=1000 -F auid!=unset -k privileged"
         cmds.append(("sh", "-c", f"find / -xdev -type f -perm /6000 | LC_ALL=C sort | sed 's|.*|{rule}|' "
-                     f"> {PRIVILEGED_RULES} && chmod 0640 {PRIVILEGED_RULES}"))
-        # file_permissions_etc_audit_rulesd: the package's audit.rules too
-        cmds.append(("find", "/etc/audit/rules.d", "-name", "*.rules", "-exec", "chmod", "0640", "{}", "+"))
+                     f"> {PRIVILEGED_RULES} && chmod 0600 {PRIVILEGED_RULES}"))
+        # file_permissions_etc_audit_rulesd: 0600 or stricter, the package's audit.rules too
+        cmds.append(("find", "/etc/audit/rules.d", "-name", "*.rules", "-exec", "chmod", "0600", "{}", "+"))
     return cmds
 
 
@@ -902,21 +968,44 @@ LISTEN_REPORT_UNIT = "appliance-listen-report.service"
 LISTEN_PREFIX = "appliance-listen:"
 
 
+STATE_PREFIX = "appliance-state:"
+LISTEN_REPORT_SCRIPT = "/usr/lib/appliance/listen-report"
+# The services the bench checks are up after a boot: those SERVICE_SANDBOXES confines (a
+# sandbox too tight shows here first) and logind, which needs dbus.
+REPORTED_UNITS = ("dbus.service", "systemd-udevd.service", "systemd-logind.service")
+
+
+def listen_report_script(profile: Profile) -> str:
+    """The report: failed units, the state of REPORTED_UNITS (and auditd's, with the kernel's
+    audit status: ``enabled 2`` once the rules are locked), then the listening sockets."""
+    units = [*REPORTED_UNITS, *(("auditd.service",) if profile.hardening.auditd else ())]
+    lines = ["#!/bin/sh", "# Written by `appliance build` (provisioning/image/plan.py): the bench's "
+             "view of the booted node.",
+             f"systemctl --failed --plain --no-legend --no-pager | sed 's/^/{STATE_PREFIX} failed /'",
+             f"for unit in {' '.join(units)}; do",
+             f'    echo "{STATE_PREFIX} active $unit $(systemctl is-active "$unit")"',
+             "done"]
+    if profile.hardening.auditd:
+        lines.append(f'echo "{STATE_PREFIX} audit $(auditctl -s | grep "^enabled")"')
+    lines += [f"ss -Hltun | sed 's/^/{LISTEN_PREFIX} /'", f"echo '{LISTEN_PREFIX} end'", ""]
+    return "\n".join(lines)
+
+
 def listen_report_unit() -> str:
-    """A oneshot that prints the node's listening sockets to the console once the agent serves.
+    """A oneshot that prints :func:`listen_report_script`'s report to the console once the
+    agent serves.
 
     The agent is Type=notify (READY=1 once it serves), so ``After=`` the agent means after it
-    listens.  Lines go to /dev/console (the serial port on a bench) with a fixed prefix.
+    listens.  Lines go to /dev/console (the serial port on a bench) with fixed prefixes.
     """
-    script = (f"ss -Hltun | sed 's/^/{LISTEN_PREFIX} /'; echo '{LISTEN_PREFIX} end'")
     return "\n".join((
         "[Unit]",
-        "Description=Print listening sockets to the console (hardware-in-the-loop checks)",
+        "Description=Print unit states and listening sockets to the console (hardware-in-the-loop checks)",
         f"After={AGENT_UNIT} network-online.target",
         "",
         "[Service]",
         "Type=oneshot",
-        f"ExecStart=/bin/sh -c \"{script}\"",
+        f"ExecStart={LISTEN_REPORT_SCRIPT}",
         "StandardOutput=tty",
         "TTYPath=/dev/console",
         "",
@@ -933,6 +1022,61 @@ def listen_report_unit() -> str:
 # stays: the data partition (/var) is writable flash that trimming keeps healthy.
 IDLE_TIMERS = ("apt-daily.timer", "apt-daily-upgrade.timer", "man-db.timer",
                "dpkg-db-backup.timer", "e2scrub_all.timer")
+
+# Units with nothing to do on an appliance, masked (issue #16: every enabled service at exposure
+# 5.0 or less, and less attack surface besides).  Console logins: root and every account are
+# locked in every profile, so a getty only parses input that can never log anyone in.  The
+# console and wall password agents: the sealed data partition opens headless in the initrd, and
+# nothing in the running system asks for a passphrase.  /dev/initctl: nothing speaks SysV
+# telinit's protocol to systemd.
+UNUSED_UNITS = ("getty.target", "getty@.service", "serial-getty@.service", "autovt@.service",
+                "systemd-ask-password-console.path", "systemd-ask-password-console.service",
+                "systemd-ask-password-wall.path", "systemd-ask-password-wall.service",
+                "systemd-initctl.socket", "systemd-initctl.service")
+
+# Sandboxes added to the system services the image keeps (systemd-analyze security's exposure,
+# offline; the audit reports each).  The root is a read-only verity image already, so
+# ProtectSystem costs nothing; each unit keeps what its daemon needs:
+_SANDBOX_COMMON = ("NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectHome=yes", "UMask=0077")
+SERVICE_SANDBOXES: dict[str, tuple[str, ...]] = {
+    # auditd (9.0 as Debian ships it): the audit netlink socket and its log directory; the
+    # capabilities to set the rules, boost its priority and size its queue; nothing else
+    "auditd.service": (
+        *_SANDBOX_COMMON, "ProtectSystem=full", "PrivateDevices=yes", "ProtectClock=yes",
+        "ProtectKernelTunables=yes", "ProtectKernelLogs=yes", "ProtectControlGroups=yes",
+        "ProtectHostname=yes", "RestrictNamespaces=yes", "RestrictSUIDSGID=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_NETLINK", "IPAddressDeny=any",
+        "SystemCallArchitectures=native", "SystemCallFilter=@system-service",
+        "CapabilityBoundingSet=CAP_AUDIT_CONTROL CAP_AUDIT_READ CAP_AUDIT_WRITE CAP_SYS_NICE "
+        "CAP_SYS_RESOURCE CAP_CHOWN CAP_FOWNER CAP_DAC_READ_SEARCH"),
+    # dbus-daemon (9.3): already an unprivileged user; it reads its configuration, talks over
+    # the socket systemd hands it, and writes audit records of denials (CAP_AUDIT_WRITE)
+    "dbus.service": (
+        *_SANDBOX_COMMON, "ProtectSystem=strict", "PrivateDevices=yes", "ProtectClock=yes",
+        "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes", "ProtectHostname=yes", "RestrictNamespaces=yes",
+        "RestrictRealtime=yes", "RestrictSUIDSGID=yes", "RestrictAddressFamilies=AF_UNIX AF_NETLINK",
+        "IPAddressDeny=any", "LockPersonality=yes", "MemoryDenyWriteExecute=yes",
+        "SystemCallArchitectures=native", "SystemCallFilter=@system-service",
+        "CapabilityBoundingSet=CAP_AUDIT_WRITE"),
+    # systemd-udevd (7.1): it must reach every device, load modules, rename links and manage
+    # its delegated cgroup, so on top of systemd's own sandbox only what none of that needs
+    "systemd-udevd.service": (
+        *_SANDBOX_COMMON, "ProtectSystem=full", "RestrictNamespaces=yes",
+        "CapabilityBoundingSet=~CAP_SYSLOG CAP_NET_BIND_SERVICE CAP_NET_BROADCAST CAP_NET_RAW "
+        "CAP_AUDIT_CONTROL CAP_AUDIT_READ CAP_AUDIT_WRITE CAP_SYS_BOOT CAP_SYS_PACCT CAP_LEASE "
+        "CAP_LINUX_IMMUTABLE CAP_IPC_LOCK CAP_SYS_PTRACE CAP_SETUID CAP_SETGID CAP_SETPCAP "
+        "CAP_SYS_CHROOT CAP_BLOCK_SUSPEND CAP_MAC_ADMIN CAP_MAC_OVERRIDE"),
+}
+
+
+def _sandbox_files(profile: Profile) -> list[FileSpec]:
+    """SERVICE_SANDBOXES' drop-ins, for the services the profile has."""
+    header = "# Written by `appliance build` (provisioning/image/plan.py SERVICE_SANDBOXES).\n[Service]\n"
+    return [FileSpec(f"/etc/systemd/system/{unit}.d/50-appliance-sandbox.conf",
+                     header + "".join(f"{line}\n" for line in settings))
+            for unit, settings in SERVICE_SANDBOXES.items()
+            if unit != "auditd.service" or profile.hardening.auditd]
 
 
 def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS_IN_ROOT,
@@ -954,13 +1098,15 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         FileSpec(TPM_UDEV_RULES, tpm_udev_rules()),
         FileSpec("/etc/systemd/network/50-appliance.network", _network(profile)),
         *_hardening_files(profile),
+        *_sandbox_files(profile),
         *_time_files(profile),
         *_ssh_files(profile),
         FileSpec(f"/etc/systemd/system/{BOOT_CHECK_UNIT}", boot_check_unit()),
         *(FileSpec(f"/etc/systemd/system/{name}", text) for name, text in os_update_units(profile).items()),
     ]
     if profile.diagnostics.console_listeners:
-        files.append(FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()))
+        files += [FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()),
+                  FileSpec(LISTEN_REPORT_SCRIPT, listen_report_script(profile), 0o755)]
     if _checks_cpu(profile):
         files.append(FileSpec(f"/etc/systemd/system/{CPU_CHECK_UNIT}", cpu_check_unit(profile)))
     if profile.diagnostics.console_journal:
@@ -971,6 +1117,8 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     commands: list[tuple[str, ...]] = [
         *_user_commands(profile),
         *_account_commands(),
+        *(_auditd_commands() if profile.hardening.auditd else ()),
+        *_logrotate_commands(),
         ("python3", "-m", "venv", "--without-pip", VENV),
         (py, f"{pip_wheel}/pip", "install", "--no-index", "--no-deps", "--require-hashes",
          "--no-compile", "--disable-pip-version-check", "--no-cache-dir", "--root-user-action=ignore",
@@ -991,13 +1139,17 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     if _checks_cpu(profile):
         enable.append(CPU_CHECK_UNIT)
     mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service",
-            *IDLE_TIMERS]
+            *IDLE_TIMERS, *UNUSED_UNITS]
     if not profile.hardening.core_dumps:
         mask.append("systemd-coredump.socket")
     # sysctl_kernel_pid_max: systemd's vendor file sets 4194304; the content checks every
     # sysctl file, so overriding it in 90-appliance.conf is not enough
-    remove = ("/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/resolv.conf",
-              "/var/lib/dbus/machine-id", "/usr/lib/sysctl.d/50-pid-max.conf")
+    remove: tuple[str, ...] = ("/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/resolv.conf",
+                               "/var/lib/dbus/machine-id", "/usr/lib/sysctl.d/50-pid-max.conf")
+    if not profile.hardening.core_dumps:
+        # disable_users_coredumps: Debian's systemd raises the hard core limit to infinity for
+        # systemd-coredump, which the image turns off; the content checks every limits.d file
+        remove += ("/etc/security/limits.d/10-coredump-debian.conf",)
     if profile.gpu_set is not None:
         gpu_files, gpu_commands, gpu_enable = gpu_plan(profile, kernel_release, gpu_record or {})
         files += gpu_files

@@ -29,7 +29,9 @@ from provisioning.image.pcrsign import load_pcr_key
 from provisioning.image.recovery import load_recovery_public_key
 
 __all__ = [
+    "APPARMOR_PACKAGES",
     "BASE_PACKAGES",
+    "HARDENING_PACKAGES",
     "PYTHON_BY_SUITE",
     "BundlesSection",
     "ComplianceSection",
@@ -64,6 +66,13 @@ BASE_PACKAGES: tuple[str, ...] = (
     "nftables", "apparmor", "auditd", "systemd-timesyncd", "iproute2", "ca-certificates",
     "libpam-modules", "passwd", "login",
 )
+# What the hardening benchmarks ask every image to carry (plan.py configures them; the audit's
+# rule ids): package_pam_pwquality_installed (password quality for any password ever set) and
+# package_logrotate_installed (the package logs in /var/log stay bounded).
+HARDENING_PACKAGES: tuple[str, ...] = ("libpam-pwquality", "logrotate")
+# With AppArmor on: package_apparmor-utils_installed (aa-status, to inspect the profiles on a
+# node) and package_pam_apparmor_installed (the PAM module that confines a login's hat).
+APPARMOR_PACKAGES: tuple[str, ...] = ("apparmor-utils", "libpam-apparmor")
 
 _PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -452,8 +461,12 @@ _SECTIONS: dict[str, type[Any]] = {
 
 
 def package_set(profile: Profile, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The sorted Debian packages the image installs: base, kernel, sshd when on, profile, extra."""
-    names = {*BASE_PACKAGES, profile.kernel_package, *profile.debian.packages, *extra}
+    """The sorted Debian packages the image installs: base, hardening (AppArmor's with it), kernel,
+    sshd when on, profile, extra."""
+    names = {*BASE_PACKAGES, *HARDENING_PACKAGES, profile.kernel_package, *profile.debian.packages,
+             *extra}
+    if profile.hardening.apparmor:
+        names.update(APPARMOR_PACKAGES)
     if profile.gpu_set is not None:
         names.update(gpu_packages(profile))
     if profile.ssh.enabled:
