@@ -1060,9 +1060,11 @@ SERVICE_SANDBOXES: dict[str, tuple[str, ...]] = {
         "SystemCallArchitectures=native", "SystemCallFilter=@system-service",
         "CapabilityBoundingSet=CAP_AUDIT_WRITE"),
     # systemd-udevd (7.1): it must reach every device, load modules, rename links and manage
-    # its delegated cgroup, so on top of systemd's own sandbox only what none of that needs
+    # its delegated cgroup, so on top of systemd's own sandbox only what none of that needs.
+    # Not PrivateTmp (it would order udevd after /var/tmp's mount, whose device udevd makes)
+    # nor UMask (the directories it makes under /dev and /run/udev are for every user to read).
     "systemd-udevd.service": (
-        *_SANDBOX_COMMON, "ProtectSystem=full", "RestrictNamespaces=yes",
+        "NoNewPrivileges=yes", "ProtectHome=yes", "ProtectSystem=full", "RestrictNamespaces=yes",
         "CapabilityBoundingSet=~CAP_SYSLOG CAP_NET_BIND_SERVICE CAP_NET_BROADCAST CAP_NET_RAW "
         "CAP_AUDIT_CONTROL CAP_AUDIT_READ CAP_AUDIT_WRITE CAP_SYS_BOOT CAP_SYS_PACCT CAP_LEASE "
         "CAP_LINUX_IMMUTABLE CAP_IPC_LOCK CAP_SYS_PTRACE CAP_SETUID CAP_SETGID CAP_SETPCAP "
