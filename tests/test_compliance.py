@@ -143,7 +143,9 @@ def test_baseline_gate_names_profile_and_both_ratios(tmp_path: Path) -> None:
                                                           "anssi_bp28_high": {"pass_ratio": 0.9}}}))
     failures = baseline_failures([s], load_baseline(path), path)
     assert failures == [f"anssi_bp28_high: in the baseline {path} but not audited",
-                        f"cis_level1_server: pass ratio 0.3333 is below the baseline's 0.5000 ({path})"]
+                        f"cis_level1_server: pass ratio 0.3333 ({s.counts['pass']}/{s.applicable} = "
+                        f"{s.pass_ratio:.6f}) is below the baseline's 0.5000 ({path})"]
+    assert s.pass_ratio is not None and round(s.pass_ratio, 4) == 0.3333  # the written floor met it
 
 
 def test_baseline_gate_with_no_applicable_rule(tmp_path: Path) -> None:
@@ -223,3 +225,43 @@ def test_the_compact_summary_is_what_a_node_reports() -> None:
     assert read is not None and read.lynis_hardening_index == 61 and read.agent_exposure == 1.2
     assert [(p.profile, p.passed) for p in read.profiles] == [("cis_level1_server", 3),
                                                               ("anssi_bp28_high", 0)]
+
+
+def test_audit_write_baseline_records_what_the_scan_reached_and_never_lowers_a_failed_gate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`appliance audit --write-baseline` writes the ratios rounded down, so that the same root
+    passes its own new baseline; when --baseline fails, nothing is written. The scanners need a
+    mirror and mmdebstrap (system tier), so the audit's result comes from the real excerpt."""
+    import argparse
+
+    from provisioning.commands import image as commands
+    from provisioning.image import audit as audit_module
+
+    s = summarize(RESULTS, "cis_level1_server")
+    floors = {"cis_level1_server": 0.9}
+
+    def fake_audit(target: Path, *, baseline: Path | None = None, **_: object) -> audit_module.AuditResult:
+        failures = baseline_failures([s], floors, baseline) if baseline is not None else []
+        return audit_module.AuditResult(target, "ssg-debian test", (s,), {}, {}, {}, tuple(failures))
+
+    monkeypatch.setattr(audit_module, "audit", fake_audit)
+    written = tmp_path / "new.json"
+
+    def run(baseline: Path | None) -> dict[str, object]:
+        args = argparse.Namespace(target=tmp_path, mirror=tmp_path, out=tmp_path / "out", cache=None,
+                                  profiles=None, tailoring=None, baseline=baseline, unit="a.service",
+                                  write_baseline=written, json=True)
+        try:
+            commands._audit(args)
+        finally:
+            doc: dict[str, object] = json.loads(capsys.readouterr().out)
+        return doc
+
+    assert run(None)["baseline_written"] == str(written)
+    assert load_baseline(written) == {"cis_level1_server": 0.3333}
+    assert s.pass_ratio is not None and s.pass_ratio >= 0.3333  # the rerun meets it
+    assert "offline scan of" in json.loads(written.read_text())["content"]
+    written.unlink()
+    with pytest.raises(ImageError, match="below the baseline"):
+        run(tmp_path / "old.json")
+    assert not written.exists()

@@ -94,6 +94,9 @@ def register(
     a.add_argument("--baseline", type=Path, default=None,
                    help="fail when a profile's pass ratio is below this file's (images/compliance/"
                         "baseline.json)")
+    a.add_argument("--write-baseline", type=Path, default=None, metavar="FILE",
+                   help="after the audit, record the ratios it reached in FILE, rounded down so that "
+                        "the same root meets them again (refused when --baseline fails)")
     a.add_argument("--unit", default="appliance-agent.service", help="unit for systemd-analyze security")
     a.set_defaults(handler=_audit)
 
@@ -221,15 +224,22 @@ def _build(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from provisioning.image.audit import DEFAULT_TAILORING, PROFILES, audit, print_report
+    from provisioning.image.compliance import write_baseline
 
     result = audit(args.target, mirror=args.mirror, out=args.out, cache=args.cache,
                    profiles=tuple(args.profiles or PROFILES),
                    tailoring=args.tailoring or DEFAULT_TAILORING, baseline=args.baseline,
                    unit=args.unit)
+    written = args.write_baseline is not None and not result.baseline  # never lower a gate that failed
+    if written:
+        write_baseline(args.write_baseline, result.profiles,
+                       f"{result.scanner}; offline scan of {result.root}")
     if args.json:
-        emit_json(result.to_json())
+        emit_json({**result.to_json(), "baseline_written": str(args.write_baseline) if written else None})
     else:
         print_report(result)
+        if written:
+            print(f"baseline written to {args.write_baseline} (ratios rounded down)")
     if result.baseline:
         raise ImageError("below the baseline: " + "; ".join(result.baseline))
     return 0

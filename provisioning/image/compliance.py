@@ -292,7 +292,9 @@ def baseline_failures(summaries: Iterable[ProfileSummary], baseline: Mapping[str
         if s is None:
             out.append(f"{profile}: in the baseline {source} but not audited")
         elif s.pass_ratio is None or s.pass_ratio + 1e-9 < floor:
-            now = "n/a" if s.pass_ratio is None else f"{s.pass_ratio:.4f}"
+            # the exact fraction too: 167/259 is 0.64479, which four places alone print as 0.6448
+            now = "n/a" if s.pass_ratio is None else \
+                f"{s.pass_ratio:.4f} ({s.counts.get('pass', 0)}/{s.applicable} = {s.pass_ratio:.6f})"
             out.append(f"{profile}: pass ratio {now} is below the baseline's {floor:.4f} ({source})")
     return out
 
