@@ -16,7 +16,7 @@ from agent.errors import VerificationError
 from provisioning.image.bake import bake_bundles
 from provisioning.image.mirror import LOCK, Lock, LockedFile
 from provisioning.image.pipeline import plan_build, stage_packages
-from provisioning.image.plan import AGENT_UNIT, TPM_UDEV_RULES, configure_plan, nftables_ruleset
+from provisioning.image.plan import AGENT_UNIT, TPM_UDEV_RULES, Plan, configure_plan, nftables_ruleset
 from provisioning.image.profile import FIRMWARE_LOG_COPY, load_profile, package_set
 from testsupport.image_helpers import make_registry
 
@@ -568,3 +568,21 @@ def test_unused_units_are_masked_and_the_kept_services_sandboxed(tmp_path: Path)
     assert "auditd = false" in profile.read_text()
     without = configure_plan(load_profile(profile), pip_wheel=PIP)
     assert not any(f.path.startswith("/etc/systemd/system/auditd.service.d/") for f in without.files)
+
+
+def test_the_audit_rules_are_merged_after_the_files_that_hold_them(tmp_path: Path) -> None:
+    """augenrules reads rules.d/50-appliance.rules, a file of the plan, and commands run before
+    the files are written: so the merge is an after-files command, kept by the plan's JSON
+    (what the deploy reads), and absent without auditd."""
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    assert "/etc/audit/rules.d/50-appliance.rules" in {f.path for f in plan.files}
+    assert [argv[:2] for argv in plan.after_files] == [("sh", "-c")]
+    assert "augenrules --check" in plan.after_files[0][2] and "auditctl" in plan.after_files[0][2]
+    assert not any("augenrules" in " ".join(argv) for argv in plan.commands)
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    deploy = (ROOT / "provisioning/image/deploys/configure.py").read_text()
+    order = [deploy.index(f'plan["{key}"]') for key in ("commands", "files", "after_files", "enable")]
+    assert order == sorted(order), order
+    profile = tmp_path / "no-auditd.toml"
+    profile.write_text((ROOT / "images/minimal.toml").read_text().replace("auditd = true", "auditd = false"))
+    assert configure_plan(load_profile(profile), pip_wheel=PIP).after_files == ()

@@ -173,6 +173,24 @@ def test_setuid_programs_are_few_and_each_audited(built: dict[str, Path]) -> Non
     assert [r.split(" -F path=", 1)[1].split(" ", 1)[0] for r in rules] == found
 
 
+def test_the_audit_rules_the_boot_loads_are_the_images_own(built: dict[str, Path]) -> None:
+    """The sealed root is read-only, so the boot's `augenrules --load` can only load
+    /etc/audit/audit.rules as the build left it: that file must be what rules.d/ merges to
+    (augenrules says "No change"), with the appliance's rules and the lock (-e 2) last."""
+    root = _root(built)
+    r = subprocess.run(["unshare", "--mount", "--fork", "sh", "-c",
+                        f"mount -t tmpfs tmpfs {root}/tmp && chroot {root} sh -c "
+                        "'mkdir /tmp/shim && printf \"#!/bin/sh\\n\" > /tmp/shim/auditctl && "
+                        "chmod 0755 /tmp/shim/auditctl && PATH=/tmp/shim:$PATH augenrules --check'"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "No change" in r.stdout, (r.stdout, r.stderr)
+    rules = (root / "etc/audit/audit.rules").read_text().splitlines()
+    assert rules[-1] == "-e 2", rules[-3:]
+    assert any("-k privileged" in line for line in rules), rules
+    assert any("-k identity" in line for line in rules), rules[:10]
+    assert not (root / "etc/audit/audit.rules.prev").exists()
+
+
 def test_firewall_ruleset_denies_by_default(built: dict[str, Path]) -> None:
     root = _root(built)
     r = subprocess.run(["unshare", "--net", "chroot", str(root), "sh", "-c",

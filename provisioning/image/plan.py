@@ -93,6 +93,8 @@ class Plan:
     commands: tuple[tuple[str, ...], ...]
     enable: tuple[str, ...]
     mask: tuple[str, ...]
+    # run once the files are written (commands run before them): what reads the plan's files
+    after_files: tuple[tuple[str, ...], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,7 +103,7 @@ class Plan:
     def from_json(cls, data: dict[str, Any]) -> Plan:
         return cls(tuple(FileSpec(**f) for f in data["files"]), tuple(data["remove"]),
                    tuple(tuple(c) for c in data["commands"]), tuple(data["enable"]),
-                   tuple(data["mask"]))
+                   tuple(data["mask"]), tuple(tuple(c) for c in data.get("after_files", ())))
 
     def file(self, path: str) -> FileSpec:
         """The file the plan writes at ``path`` (KeyError if none)."""
@@ -837,6 +839,17 @@ def _setuid_commands(profile: Profile) -> list[tuple[str, ...]]:
     return cmds
 
 
+# The root is read-only once sealed, and at boot audit-rules.service's `augenrules --load` can
+# only load /etc/audit/audit.rules when it is already what rules.d/ merges to ("No change");
+# otherwise it fails to write it and loads the package's stale file: no rule at all.  So the
+# build merges them, with augenrules itself.  Its immutable check runs `auditctl -s`, which
+# would ask the build host's kernel: a stand-in that answers nothing keeps the host out of it.
+AUGENRULES_AT_BUILD = (
+    "set -e; shim=$(mktemp -d); printf '#!/bin/sh\\n' > \"$shim/auditctl\"; chmod 0755 \"$shim/auditctl\"; "
+    "PATH=\"$shim:$PATH\" augenrules; PATH=\"$shim:$PATH\" augenrules --check | grep -q 'No change'; "
+    "rm -rf \"$shim\" /etc/audit/audit.rules.prev")
+
+
 CPU_CHECK_UNIT = "appliance-cpu-check.service"
 
 
@@ -1157,4 +1170,6 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         files += gpu_files
         commands = gpu_commands + commands  # the driver first: the agent's venv does not need it
         enable += gpu_enable
-    return Plan(tuple(files), remove, tuple(commands), tuple(enable), tuple(mask))
+    # after the files: the merge reads rules.d/50-appliance.rules, which is one of them
+    after_files = (("sh", "-c", AUGENRULES_AT_BUILD),) if profile.hardening.auditd else ()
+    return Plan(tuple(files), remove, tuple(commands), tuple(enable), tuple(mask), after_files)

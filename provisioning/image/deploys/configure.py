@@ -1,8 +1,9 @@
 """pyinfra deploy run by the configure stage: ``pyinfra @chroot/ROOT configure.py --data plan=FILE``.
 
 It applies a :class:`provisioning.image.plan.Plan` (computed and tested apart from this file):
-removals, commands in the chroot, files, then unit enablement.  It is data-driven on purpose,
-so what an image gets is readable in plan.py and testable without a chroot.
+removals, commands in the chroot, files, the commands that read them, then unit enablement.
+It is data-driven on purpose, so what an image gets is readable in plan.py and testable
+without a chroot.
 """
 
 import io
@@ -28,6 +29,9 @@ for spec in plan["files"]:
     files.put(name=f"write {spec['path']}", src=io.BytesIO(spec["content"].encode()),
               dest=spec["path"], mode=f"{spec['mode']:o}", user=spec["owner"],
               group=spec["group"], create_remote_dir=True)
+
+for argv in plan["after_files"]:  # what reads the files just written (plan.py Plan.after_files)
+    server.shell(name=" ".join(argv)[:100], commands=[shlex.join(argv)], _env=env)
 
 for unit in plan["enable"]:
     server.shell(name=f"enable {unit}", commands=[f"systemctl enable {unit}"], _env=env)
