@@ -18,12 +18,11 @@ import pytest
 
 from hil.conftest import SiteRegistry
 from provisioning.demo.bench import BAKED_VERSION, BUNDLE, X, expected
+from provisioning.image.plan import LISTEN_PREFIX, STATE_PREFIX  # the report unit's line prefixes
 from testsupport.appliance import Appliance, serving_status
 
 ALLOWED_TCP = {8000, 8001, 8002}  # the agent's HTTPS, gRPC and metrics ports ([agent.server])
 ALLOWED_UDP = {68}  # systemd-networkd's DHCP client
-LISTEN_PREFIX = "appliance-listen:"
-STATE_PREFIX = "appliance-state:"  # provisioning.image.plan's report: failed units, services, audit
 LISTEN_REPORT_BOUND_S = 300.0  # the report unit starts after the agent's READY=1; TCG is slow
 pytestmark = pytest.mark.timeout(3600)  # boots under TCG take minutes
 

@@ -271,10 +271,14 @@ _BOOT_TARGETS = ("sysinit", "basic", "sockets", "multi-user", "graphical", "time
 _UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
 
 
+def _template(name: str) -> str:
+    """The template of an instance (getty@tty1.service -> getty@.service); other names as they are."""
+    return re.sub(r"@[^.]+\.", "@.", name)
+
+
 def _unit_file(root: Path, name: str) -> Path | None:
-    template = re.sub(r"@[^.]+\.", "@.", name)
     for d in _UNIT_DIRS:
-        for candidate in (name, template):
+        for candidate in (name, _template(name)):
             path = root / d / candidate
             if path.is_file() and not path.resolve().samefile(os.devnull):
                 return path
@@ -283,7 +287,7 @@ def _unit_file(root: Path, name: str) -> Path | None:
 
 def _masked(root: Path, name: str) -> bool:
     """``name`` is masked in /etc, itself or (an instance) through its template."""
-    for candidate in {name, re.sub(r"@[^.]+\.", "@.", name)}:
+    for candidate in {name, _template(name)}:
         link = root / "etc/systemd/system" / candidate
         if link.is_symlink() and str(link.readlink()) == os.devnull:
             return True
