@@ -46,6 +46,17 @@ log = logging.getLogger("appliance-agent")
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _tries(text: str) -> int:
+    """``--tries``: systemd-boot's try counter, 1 to 9 (0 would never boot the release at all)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 9:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 to 9")
+    return value
+
+
 def _examples(*commands: str) -> dict[str, Any]:
     """``add_parser`` keywords that end a command's --help with real examples, kept as written."""
     text = "examples:\n" + "\n".join(f"  {c}" for c in commands)
@@ -83,7 +94,8 @@ def add_commands(parser: argparse.ArgumentParser, common: argparse.ArgumentParse
                    help="the installer's own TUF metadata (root-owned)")
     o.add_argument("--trusted-root", type=Path, default=Path("/etc/appliance/registry/root.json"),
                    help="the image's baked registry root (first use of --trust-dir)")
-    o.add_argument("--tries", type=int, default=3, help="boot tries before the firmware falls back")
+    o.add_argument("--tries", type=_tries, default=3,
+                   help="boots the new release gets on trial before the firmware falls back (1-9)")
     o.set_defaults(handler=_os_install)
     k = asub.add_parser(
         "attest-key", **_examples(f"{prog} attest-key --out /etc/appliance/tls/ak.pub"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import subprocess
 import threading
 import time
@@ -240,3 +241,24 @@ def test_the_bench_site_signs_its_ukis_pcr_policy(tmp_path: Path) -> None:
     assert profile["tpm"] == {"pcr_key": str(bench.pcr_key)}
     ensure_pki(bench)  # a second run keeps the key: images it signed still unlock
     assert load_pcr_key(bench.pcr_key).private_numbers() == key.private_numbers()
+
+
+@pytest.mark.parametrize("boot", ["", "\n[boot]\ntries = 1\n"])
+def test_an_os_release_profile_keeps_the_hil_profiles_boot_section(boot: str) -> None:
+    """The broken release's kernel arguments join hil.toml's own [boot] (TOML refuses a second
+    [boot] table), and the release is not audited again."""
+    import tomllib
+
+    from provisioning.demo.bench import NEVER_SERVES, release_profile
+
+    hil = (Path(__file__).resolve().parent.parent / "images/hil.toml").read_text()
+    hil = re.sub(r"^\[boot\]\n(.+\n)*\n", "", hil, flags=re.M)  # its own [boot], then none
+    assert "[boot]" not in hil
+    doc = tomllib.loads(release_profile(hil.replace("\n[bundles]\n", f"{boot}\n[bundles]\n"), "9.1",
+                                        NEVER_SERVES))
+    assert doc["image"]["version"] == "9.1" and doc["compliance"]["audit"] is False
+    assert "baseline" not in doc["compliance"]
+    assert doc["boot"]["cmdline"] == list(NEVER_SERVES)
+    assert doc["boot"].get("tries") == (1 if boot else None)
+    plain = tomllib.loads(release_profile(hil, "9.2"))
+    assert "boot" not in plain and plain["image"]["version"] == "9.2"

@@ -134,6 +134,32 @@ def test_boot_cmdline_joins_the_sealed_kernel_arguments(tmp_path: Path) -> None:
     assert root_cmdline(tmp_path)[-1] == "systemd.mask=x.service"
 
 
+@pytest.mark.parametrize("tries", [None, 1, 5])
+def test_the_os_installer_gives_a_new_release_the_profiles_boot_tries(tries: int | None) -> None:
+    from agent.cli import build_parser
+    from provisioning.image.plan import OS_UPDATE_UNIT
+
+    p = load_profile(ROOT / "images/minimal.toml")
+    if tries is not None:
+        p = dataclasses.replace(p, boot=dataclasses.replace(p.boot, tries=tries))
+    unit = configure_plan(p, pip_wheel=PIP).file(f"/etc/systemd/system/{OS_UPDATE_UNIT}").content
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = exec_start.removeprefix("ExecStart=").split()
+    assert argv[1] == "os-install"
+    args = build_parser().parse_args(argv[1:])  # the agent's own parser takes what the unit says
+    assert args.tries == (3 if tries is None else tries)
+
+
+@pytest.mark.parametrize("value", ["0", "10", "three"])
+def test_the_os_installer_refuses_a_try_count_systemd_boot_cannot_use(
+        value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["os-install", "--tries", value])
+    assert "--tries: " in capsys.readouterr().err
+
+
 def test_ssh_when_enabled_is_key_only(tmp_path: Path) -> None:
     p = _profile(tmp_path, '\n[[users]]\nname = "ops"\nssh_keys = ["ssh-ed25519 AAAAC3 ops"]\n')
     p = dataclasses.replace(p, ssh=dataclasses.replace(p.ssh, enabled=True))

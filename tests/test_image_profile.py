@@ -58,6 +58,8 @@ def test_bookworm_profile_selects_python_311(tmp_path: Path) -> None:
     ('[boot]\ncmdline = ["quiet splash"]\n', "not one kernel argument (no spaces or quotes): 'quiet splash'"),
     ('[boot]\ncmdline = ["roothash=00"]\n', "[boot] cmdline = ['roothash=00']: 'roothash=00': the sealed"),
     ('[boot]\ncmdline = ["rw"]\n', "'rw': the sealed command line sets this itself"),
+    ('[boot]\ntries = 0\n', "[boot] tries = 0: must be 1 to 9"),
+    ('[boot]\ntries = 10\n', "[boot] tries = 10: must be 1 to 9"),
     ('[compliance]\naudit = "yes"\n', "[compliance] audit = 'yes': expected bool"),
     ('[compliance]\nbaseline = "b.json"\n',
      "[compliance] baseline = 'b.json' needs [compliance] audit = true"),

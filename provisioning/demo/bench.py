@@ -241,6 +241,20 @@ BROKEN_VERSION = "20260103.1"
 NEVER_SERVES = ("systemd.mask=appliance-agent.service",)
 
 
+def release_profile(text: str, version: str, kernel_args: tuple[str, ...] = ()) -> str:
+    """The hil profile ``text`` as the OS release ``version``: no compliance audit, and
+    ``kernel_args`` as its ``[boot] cmdline`` (in the profile's own [boot] section, if it has one)."""
+    text = text.replace('name = "appliance"', f'name = "appliance"\nversion = "{version}"', 1)
+    # The same root as the first build's but for its version: audited once, there (hil.toml's
+    # [compliance]), which saves CI an audit (about 85 s) per release.
+    text = re.sub(r"^audit = true\n(baseline = .*\n)?", "audit = false\n", text, count=1, flags=re.M)
+    if kernel_args:
+        cmdline = f"cmdline = {json.dumps(list(kernel_args))}\n"
+        text = text.replace("\n[boot]\n", f"\n[boot]\n{cmdline}", 1) if "\n[boot]\n" in text \
+            else f"{text}\n[boot]\n{cmdline}"
+    return text
+
+
 def prepare_os_release(bench: Bench, version: str = OS_B_VERSION, *,
                        kernel_args: tuple[str, ...] = ()) -> Path:
     """Build the hil profile again as ``[image] version = VERSION`` (rootfs stage cached, no
@@ -251,14 +265,7 @@ def prepare_os_release(bench: Bench, version: str = OS_B_VERSION, *,
         RuntimeError: the build or the packing failed.
     """
     profile = bench.profile.with_name(f"hil-{version}.toml")
-    text = bench.profile.read_text().replace('name = "appliance"',
-                                             f'name = "appliance"\nversion = "{version}"', 1)
-    # The same root as the first build's but for its version: audited once, there (hil.toml's
-    # [compliance]), which saves CI an audit (about 85 s) per release.
-    text = re.sub(r"^audit = true\n(baseline = .*\n)?", "audit = false\n", text, count=1,
-                  flags=re.M)
-    if kernel_args:
-        text += f"\n[boot]\ncmdline = {json.dumps(list(kernel_args))}\n"
+    text = release_profile(bench.profile.read_text(), version, kernel_args)
     if not profile.is_file() or profile.read_text() != text:
         profile.write_text(text)
     out = bench.cache / f"out-{version}"

@@ -375,9 +375,10 @@ def write_manifest(out: Path, *, name: str, version: str, epoch: int, roothash: 
 
 
 def _manifest_extra(ctx: StageContext) -> dict[str, object] | None:
-    """What the profile adds to image-manifest.json: the CPU level, the egress allowlist and,
-    when the build audited the root, the compliance summary it recorded in image.json."""
+    """What the profile adds to image-manifest.json: the CPU level, the boot tries, the egress
+    allowlist and, when the build audited the root, the compliance summary it recorded in image.json."""
     extra: dict[str, object] = {"cpu_level": ctx.cpu_level} if ctx.cpu_level else {}
+    extra["boot_tries"] = ctx.boot_tries  # what a new OS release gets too (the os-install unit's --tries)
     if ctx.egress is not None:
         extra["egress"] = [dict(d) for d in ctx.egress]
     metadata = ctx.rootfs / IMAGE_METADATA_IN_ROOT

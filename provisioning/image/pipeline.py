@@ -267,6 +267,7 @@ def stage_context(ctx: BuildContext, stage: str) -> StageContext:
         pcr_key=profile.pcr_key,
         seal_data=profile.tpm.seal_data,
         recovery_key=profile.recovery_key,
+        boot_tries=profile.boot.tries,
     )
 
 
@@ -283,6 +284,7 @@ def _sealed_stage(name: str, module: str, run_stage: Callable[[StageContext], ob
             data["disk"] = ctx.profile.to_json()["disk"]
             data["cpu_level"] = ctx.profile.image.cpu_level  # recorded in image-manifest.json
             data["egress"] = egress_json(ctx.profile)  # recorded in image-manifest.json too
+            data["tries"] = ctx.profile.boot.tries  # the first UKI's try counter; the manifest's too
         return data
 
     def outputs(ctx: BuildContext) -> dict[str, Path]:

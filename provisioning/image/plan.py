@@ -964,7 +964,7 @@ def os_update_units(profile: Profile) -> dict[str, str]:
         "",
         "[Service]",
         "Type=oneshot",
-        f"ExecStart={AGENT_BIN} os-install --state-dir {state}",
+        f"ExecStart={AGENT_BIN} os-install --state-dir {state} --tries {profile.boot.tries}",
         "ExecStartPost=/bin/systemctl reboot",
         "StateDirectory=appliance-os",
         "StateDirectoryMode=0700",

@@ -282,6 +282,9 @@ class BootSection:
     cmdline: tuple[str, ...] = setting((), "extra kernel arguments, sealed into the UKI after the "
                                        "hardening ones (e.g. systemd.mask=UNIT for a test image)",
                                        check=_kernel_args)
+    tries: int = setting(3, "boots a new OS release gets on trial before the firmware returns to "
+                         "the running slot (systemd-boot's try counter; the boot counts once the "
+                         "agent serves)", check=lambda v: None if 1 <= v <= 9 else "must be 1 to 9")
 
 
 @dataclass(frozen=True)
