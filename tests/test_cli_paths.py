@@ -50,6 +50,7 @@ CASES: dict[str, list[list[str]]] = {
     "audit": [["{missing}", "--mirror", "{P}", "--out", "{new}"],
               ["{file}", "--mirror", "{P}", "--out", "{new}"],
               ["{dir}", "--mirror", "{P}", "--out", "{new}"]],
+    "audit-booted": [["{P}", "--console", "{P}"], ["{P}", "--console", "{P}", "--baseline", "{P}"]],
     "boot": [["{missing}"], ["--stop", "{P}"]],
     "flash": [["{P}", "{new}"]],
     "fleet status": [["-i", "{P}", "--insecure"]],

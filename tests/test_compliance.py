@@ -8,6 +8,7 @@ ssg-debian 0.1.82, cis_level1_server, the hil image before remediation): 4 pass,
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,12 @@ import pytest
 from provisioning.errors import ImageError
 from provisioning.image.audit import DEFAULT_TAILORING, PROFILES
 from provisioning.image.compliance import (
+    BootedFloors,
     ProfileSummary,
     Waiver,
     baseline_failures,
+    booted_floors,
+    booted_summary,
     load_baseline,
     load_tailoring,
     runtime_only,
@@ -146,6 +150,45 @@ def test_baseline_gate_names_profile_and_both_ratios(tmp_path: Path) -> None:
                         f"cis_level1_server: pass ratio 0.3333 ({s.counts['pass']}/{s.applicable} = "
                         f"{s.pass_ratio:.6f}) is below the baseline's 0.5000 ({path})"]
     assert s.pass_ratio is not None and round(s.pass_ratio, 4) == 0.3333  # the written floor met it
+
+
+def test_the_booted_figures_are_read_checked_and_kept_when_the_ratios_are_rewritten(tmp_path: Path) -> None:
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps({"format": 1, "profiles": {"p": {"pass_ratio": 0.5}}}))
+    assert booted_floors(path) == BootedFloors()  # none measured yet
+    booted = {"lynis_hardening_index": 61, "profiles": {"cis_level1_server": {"pass_ratio": 0.9}}}
+    path.write_text(json.dumps({"format": 1, "profiles": {"p": {"pass_ratio": 0.5}}, "booted": booted}))
+    assert booted_floors(path) == BootedFloors(61, {"cis_level1_server": 0.9})
+    write_baseline(path, [summarize(RESULTS, "cis_level1_server")], "test")  # the offline ratios
+    assert booted_floors(path) == BootedFloors(61, {"cis_level1_server": 0.9})
+    assert load_baseline(path) == {"cis_level1_server": 0.3333}
+    for bad in ('"booted": [61]', '"booted": {"lynis_hardening_index": 61.5}',
+                '"booted": {"lynis_hardening_index": true}', '"booted": {"lynis_hardening_index": 101}',
+                '"booted": {"profiles": [1]}', '"booted": {"profiles": {"p": {"pass_ratio": 1.2}}}',
+                '"booted": {"profiles": {"p": 0.9}}'):
+        path.write_text('{"format": 1, "profiles": {"p": {"pass_ratio": 0.5}}, ' + bad + "}")
+        with pytest.raises(ImageError, match=re.escape(str(path)) + ": .*booted"):
+            booted_floors(path)
+
+
+def test_the_nodes_results_replace_the_offline_fails_they_name() -> None:
+    offline = summarize(RESULTS, "cis_level1_server")
+    assert ProfileSummary.from_json(offline.to_json()) == offline
+    a, b, c, d = offline.failed[:4]
+    after = booted_summary(offline, {a: "pass", b: "fail", c: "notapplicable", d: "error"})
+    n = offline.counts
+    assert after.counts["pass"] == n["pass"] + 1 and after.counts["fail"] == n["fail"] - 3
+    assert after.counts["notapplicable"] == n["notapplicable"] + 1
+    assert after.counts["other"] == n["other"] + 1 and after.counts.get("error", 0) == n.get("error", 0) + 1
+    assert after.applicable == offline.applicable - 1  # the notapplicable one left the denominator
+    assert after.failed == tuple(r for r in offline.failed if r not in (a, c, d))
+    assert after.pass_ratio == (n["pass"] + 1) / after.applicable
+    assert booted_summary(offline, {}) == offline
+    passed_offline = "no_such_rule_failed_offline"
+    with pytest.raises(ImageError, match=f"the node evaluated {passed_offline} .pass., which the offline"):
+        booted_summary(offline, {passed_offline: "pass"})
+    with pytest.raises(ImageError, match="not an audit summary's profile entry"):
+        ProfileSummary.from_json({"profile": "p", "counts": {"pass": "x"}, "failed": [], "waived": []})
 
 
 def test_baseline_gate_with_no_applicable_rule(tmp_path: Path) -> None:

@@ -16,14 +16,22 @@ from cryptography import x509
 
 from agent.health.inventory import collect_inventory
 from provisioning.demo.bench import hil_profile_text
-from provisioning.errors import ProfileError
+from provisioning.errors import ImageError, ProfileError
 from provisioning.image.configure import bake_node_tls, write_image_metadata
 from provisioning.image.plan import (
     LISTEN_PREFIX,
     LISTEN_REPORT_SCRIPT,
     LISTEN_REPORT_UNIT,
+    LYNIS_PREFIX,
+    LYNIS_TIMER,
+    LYNIS_UNIT,
+    SCAP_PREFIX,
+    SCAP_TIMER,
+    SCAP_UNIT,
     STATE_PREFIX,
     configure_plan,
+    lynis_script,
+    scap_script,
 )
 from provisioning.image.profile import load_profile
 from provisioning.image.stage import version_from_epoch
@@ -43,6 +51,16 @@ def _hil_profile(tmp_path: Path, pki: Path, extra: str = "") -> Path:
     path = tmp_path / "images" / "hil.toml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(text + extra)
+    return path
+
+
+def _scanning_profile(tmp_path: Path, pki: Path) -> Path:
+    """images/hil.toml with the node's own scans on (a bench with KVM or real hardware)."""
+    path = _hil_profile(tmp_path, pki)
+    text = path.read_text()
+    assert "\nconsole_journal = true" in text
+    scans = "\nconsole_journal = true\nconsole_lynis = true\nconsole_scap = true"
+    path.write_text(text.replace("\nconsole_journal = true", scans, 1))
     return path
 
 
@@ -151,6 +169,123 @@ def test_the_report_script_prints_unit_states_audit_status_then_sockets(tmp_path
         f"{LISTEN_PREFIX} tcp LISTEN 0 4096 0.0.0.0:8001 0.0.0.0:*",
         f"{LISTEN_PREFIX} end",
     ]
+
+
+@pytest.mark.parametrize(("package", "timer", "unit"), [("lynis", LYNIS_TIMER, LYNIS_UNIT),
+                                                     ("openscap-scanner", SCAP_TIMER, SCAP_UNIT)])
+def test_the_scanners_run_on_the_bench_image_only_in_the_background(
+        tmp_path: Path, pki: Path, package: str, timer: str, unit: str) -> None:
+    from provisioning.image.profile import package_set
+
+    hil, minimal = load_profile(_scanning_profile(tmp_path, pki)), load_profile(ROOT / "images/minimal.toml")
+    assert package in package_set(hil) and package not in package_set(minimal)
+    assert package not in package_set(load_profile(_hil_profile(tmp_path, pki)))  # off on the CI bench
+    plan = configure_plan(hil, pip_wheel="/w/pip.whl")
+    assert timer in plan.enable and unit not in plan.enable  # it does not hold the boot
+    service = plan.file(f"/etc/systemd/system/{unit}").content
+    assert "Type=oneshot" in service and "CPUSchedulingPolicy=idle" in service
+    assert "WantedBy=timers.target" in plan.file(f"/etc/systemd/system/{timer}").content
+    assert timer not in configure_plan(minimal, pip_wheel="/w/pip.whl").enable
+    if package == "lynis":  # Debian's daily run of the whole audit: ours runs once per image
+        assert "lynis.timer" in plan.mask
+
+
+def test_the_nodes_own_scan_needs_the_builds_audit(tmp_path: Path, pki: Path) -> None:
+    path = _scanning_profile(tmp_path, pki)
+    text = re.sub(r"^audit = true\n(baseline = .*\n)?", "audit = false\n", path.read_text(), flags=re.M)
+    path.write_text(text)
+    with pytest.raises(ProfileError, match=re.escape(f"{path}: [diagnostics] console_scap = true needs "
+                                                     "[compliance] audit = true")):
+        load_profile(path)
+
+
+def test_an_os_release_builds_on_the_first_builds_root(tmp_path: Path, pki: Path) -> None:
+    """A release is not audited again, so its node does not scan itself; its root keeps the
+    scanner all the same, so the first build's rootfs stage (keyed by the package set) serves."""
+    from provisioning.demo.bench import NEVER_SERVES, release_profile
+    from provisioning.image.profile import package_set
+
+    first = _scanning_profile(tmp_path, pki)
+    release = first.with_name("hil-9.1.toml")
+    release.write_text(release_profile(first.read_text(), "9.1", NEVER_SERVES))
+    a, b = load_profile(first), load_profile(release)
+    assert package_set(a) == package_set(b)
+    assert not b.compliance.audit and not b.diagnostics.console_scap and b.diagnostics.console_lynis
+    assert b.image.version == "9.1" and b.boot.cmdline == NEVER_SERVES
+    assert SCAP_TIMER not in configure_plan(b, pip_wheel="/w/pip.whl").enable
+
+
+def test_an_enabled_lynis_timer_adds_no_service_to_the_exposure_report(tmp_path: Path) -> None:
+    from provisioning.image.audit import enabled_services
+    from provisioning.image.plan import lynis_units
+
+    units = tmp_path / "etc/systemd/system"
+    (units / "timers.target.wants").mkdir(parents=True)
+    for name, text in lynis_units().items():
+        (units / name).write_text(text)
+    (units / "timers.target.wants" / LYNIS_TIMER).symlink_to(f"/etc/systemd/system/{LYNIS_TIMER}")
+    assert enabled_services(tmp_path) == []  # a oneshot that runs and exits serves nothing
+
+
+def _stand_in(tmp_path: Path, name: str, body: str) -> dict[str, str]:
+    """``name`` as a shell script running ``body``, in ``tmp_path/bin``; the environment that
+    finds it first."""
+    tools = tmp_path / "bin"
+    tools.mkdir(exist_ok=True)
+    (tools / name).write_text(f"#!/bin/sh\n{body}\n")
+    (tools / name).chmod(0o755)
+    return {"PATH": f"{tools}:/usr/bin:/bin"}
+
+
+def _lynis_node(tmp_path: Path, lynis: str, roothash: str = "ab12") -> tuple[Path, dict[str, str], Path]:
+    """The Lynis script with its node paths moved under ``tmp_path``, and a stand-in ``lynis``."""
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"BOOT_IMAGE=x roothash={roothash} ro quiet\n")
+    state = tmp_path / "lynis-state"
+    script = tmp_path / "lynis-report"
+    script.write_text(lynis_script().replace("/proc/cmdline", str(cmdline))
+                      .replace("/var/lib/appliance-lynis", str(state)))
+    return script, _stand_in(tmp_path, "lynis", lynis), state
+
+
+# A stand-in that writes a report as Lynis does (key=value lines) and counts its runs.
+_LYNIS_WRITES = """echo run >> "$(dirname "$0")/runs"
+while [ $# -gt 0 ]; do [ "$1" = --report-file ] && report=$2; shift; done
+printf '%s\\n' lynis_version=3.1.4 lynis_tests_done=251 'warning[]=AUTH-9262|No PAM module|-|-|' \\
+  'suggestion[]=KRNL-6000|sysctl|-|-|' 'suggestion[]=PKGS-7346|purge|-|-|' hardening_index=64 > "$report"
+"""
+
+
+def test_the_lynis_script_prints_the_running_nodes_figures_once_per_image(tmp_path: Path) -> None:
+    script, env, state = _lynis_node(tmp_path, _LYNIS_WRITES)
+    first = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True, env=env)
+    assert first.stdout.splitlines() == [
+        f"{LYNIS_PREFIX} hardening_index=64 tests=251 warnings=1 suggestions=2 version=3.1.4",
+        f"{LYNIS_PREFIX} warning AUTH-9262|No PAM module|-|-|",
+        f"{LYNIS_PREFIX} end",
+    ]
+    assert (state / "report-ab12.dat").is_file() and not (state / "report-ab12.dat.part").exists()
+    assert (state.stat().st_mode & 0o777) == 0o700
+    again = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True, env=env)
+    assert again.stdout == first.stdout  # the same report, printed again (a power cycle)
+    assert (tmp_path / "bin/runs").read_text().count("run") == 1
+    other, env, _ = _lynis_node(tmp_path, _LYNIS_WRITES, roothash="cd34")  # an OS update: a new root
+    subprocess.run(["sh", str(other)], capture_output=True, text=True, check=True, env=env)
+    assert (tmp_path / "bin/runs").read_text().count("run") == 2
+
+
+def test_a_lynis_run_cut_short_reports_failure_and_runs_again(tmp_path: Path) -> None:
+    script, env, state = _lynis_node(tmp_path, 'echo run >> "$(dirname "$0")/runs"\n'
+                                     'while [ $# -gt 0 ]; do [ "$1" = --report-file ] && r=$2; shift; done\n'
+                                     'echo lynis_version=3.1.4 > "$r"; exit 3')
+    proc = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == (f"{LYNIS_PREFIX} failed: lynis exited 3 without a hardening index "
+                                   f"(see {state}/lynis.log)")
+    assert not (state / "report-ab12.dat").exists()  # nothing counts as this image's report
+    script, env, _ = _lynis_node(tmp_path, _LYNIS_WRITES)
+    proc = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True, env=env)
+    assert "hardening_index=64" in proc.stdout and (state / "report-ab12.dat").is_file()
 
 
 def _sys_block(base: Path, partname: str) -> Path:
@@ -262,3 +397,109 @@ def test_an_os_release_profile_keeps_the_hil_profiles_boot_section(boot: str) ->
     assert doc["boot"].get("tries") == (1 if boot else None)
     plain = tomllib.loads(release_profile(hil, "9.2"))
     assert "boot" not in plain and plain["image"]["version"] == "9.2"
+
+
+def test_hil_reads_the_last_complete_lynis_report_the_script_printed(tmp_path: Path) -> None:
+    """The bench's parser on what the node's script prints, among other console lines: a run cut
+    short by the power cycle (no end line), then a complete one; a failure after it is reported."""
+    from provisioning.image.booted import lynis_report
+
+    script, env, _ = _lynis_node(tmp_path, _LYNIS_WRITES)
+    printed = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True,
+                             env=env).stdout
+    assert lynis_report("[  OK  ] Started appliance-agent.service\n") is None
+    cut = "appliance-lynis: hardening_index=12 tests=3 warnings=0 suggestions=0 version=3.1.4\n"
+    assert lynis_report(cut) is None  # no end line yet
+    console = f"{cut}[  OK  ] Reached target reboot.target\n{printed}[ 9.1] audit: type=1400\n"
+    figures, warnings = lynis_report(console) or ({}, [])
+    assert figures == {"hardening_index": "64", "tests": "251", "warnings": "1", "suggestions": "2",
+                       "version": "3.1.4"}
+    assert warnings == ["AUTH-9262|No PAM module|-|-|"]
+    failed = "appliance-lynis: failed: lynis exited 3 without a hardening index (see x)\n"
+    with pytest.raises(ImageError, match="Lynis on the node: failed: lynis exited 3"):
+        lynis_report(console + failed)
+
+
+def _scap_node(tmp_path: Path, oscap: str, profiles: str) -> tuple[Path, dict[str, str], Path]:
+    """The OpenSCAP script with its node paths under ``tmp_path``, and a stand-in ``oscap``."""
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("BOOT_IMAGE=x roothash=ab12 ro\n")
+    content, state = tmp_path / "content", tmp_path / "scap-state"
+    content.mkdir(exist_ok=True)
+    (content / "profiles").write_text(profiles)
+    script = tmp_path / "scap-report"
+    script.write_text(scap_script().replace("/proc/cmdline", str(cmdline))
+                      .replace("/usr/share/appliance/scap", str(content))
+                      .replace("/var/lib/appliance-scap", str(state)))
+    return script, _stand_in(tmp_path, "oscap", oscap), state
+
+
+# A stand-in that prints as oscap 1.4 does ("Rule\r\tID", "Result\r\tRESULT"), logs its
+# arguments, and fails every rule whose name holds "bad".
+_OSCAP_PRINTS = r"""echo "$*" >> "$(dirname "$0")/calls"
+for a; do case $a in xccdf_org.ssgproject.content_rule_*)
+  printf 'Title\r\tSome rule\nRule\r\t%s\n' "$a"
+  case $a in *bad*) printf 'Result\r\tfail\n\n';; *) printf 'Result\r\tpass\n\n';; esac;; esac; done
+case "$*" in *bad*) exit 2;; esac"""
+
+
+def test_the_scap_script_evaluates_each_profiles_failed_rules_on_the_node_once(tmp_path: Path) -> None:
+    script, env, state = _scap_node(tmp_path, _OSCAP_PRINTS,
+                                    "anssi_bp28_high xccdf_site_profile_anssi_bp28_high sysctl_a bad_b\n"
+                                    "cis_level1_server xccdf_site_profile_cis_l1 partition_for_var\n")
+    out = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.splitlines() == [f"{SCAP_PREFIX} anssi_bp28_high sysctl_a pass",
+                                f"{SCAP_PREFIX} anssi_bp28_high bad_b fail",
+                                f"{SCAP_PREFIX} cis_level1_server partition_for_var pass",
+                                f"{SCAP_PREFIX} end"]
+    calls = (tmp_path / "bin/calls").read_text().splitlines()
+    content = tmp_path / "content"
+    assert calls[0].split() == [
+        "xccdf", "eval", "--profile", "xccdf_site_profile_anssi_bp28_high", "--tailoring-file",
+        f"{content}/tailoring.xml", "--rule", "xccdf_org.ssgproject.content_rule_sysctl_a",
+        "--rule", "xccdf_org.ssgproject.content_rule_bad_b", f"{content}/ssg-debian13-ds.xml"]
+    assert len(calls) == 2 and (state / "results-ab12.txt").is_file()
+    again = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True, env=env).stdout
+    assert again == out and len((tmp_path / "bin/calls").read_text().splitlines()) == 2  # once per image
+
+    from provisioning.image.booted import scap_report
+
+    console = f"appliance-scap: end\n[  OK  ] Started x\n{out}"  # an earlier boot's report, then this one
+    assert scap_report(console) == {"anssi_bp28_high": {"sysctl_a": "pass", "bad_b": "fail"},
+                                    "cis_level1_server": {"partition_for_var": "pass"}}
+    assert scap_report("appliance-scap: anssi_bp28_high sysctl_a pass\n") is None  # not complete yet
+
+
+def test_an_oscap_that_fails_leaves_no_results_and_says_so(tmp_path: Path) -> None:
+    from provisioning.image.booted import scap_report
+
+    script, env, state = _scap_node(tmp_path, 'echo "oscap: cannot load" >&2; exit 1',
+                                    "cis_level1_server xccdf_p partition_for_var\n")
+    proc = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == (f"{SCAP_PREFIX} failed: oscap exited 1 on cis_level1_server "
+                                   f"(see {state}/cis_level1_server.log)")
+    assert "cannot load" in (state / "cis_level1_server.log").read_text()
+    assert not (state / "results-ab12.txt").exists()
+    with pytest.raises(ImageError, match="OpenSCAP on the node: failed: oscap exited 1 on cis_level1_server"):
+        scap_report(proc.stdout)
+
+
+def test_the_build_gives_the_node_the_content_and_what_the_offline_scan_failed(tmp_path: Path) -> None:
+    from provisioning.image.audit import BOOTED_SCAN_DIR, DEFAULT_TAILORING, AuditResult, stage_booted_scan
+    from provisioning.image.compliance import ProfileSummary, load_tailoring
+
+    content = tmp_path / "ds.xml"
+    content.write_text("<datastream/>")
+    profiles = (ProfileSummary("anssi_bp28_high", {"fail": 2}, ("sysctl_a", "partition_for_var"), ()),
+                ProfileSummary("cis_level1_server", {"pass": 3}, (), ()))  # nothing to scan again
+    result = AuditResult(tmp_path / "root", "s", profiles, {}, {}, {}, content=content)
+    d = stage_booted_scan(tmp_path / "root", result)
+    assert d == tmp_path / "root" / BOOTED_SCAN_DIR
+    high = load_tailoring(DEFAULT_TAILORING).profile_id("anssi_bp28_high")
+    assert (d / "profiles").read_text() == f"anssi_bp28_high {high} sysctl_a partition_for_var\n"
+    assert (d / "ssg-debian13-ds.xml").read_text() == "<datastream/>"
+    assert (d / "tailoring.xml").read_bytes() == DEFAULT_TAILORING.read_bytes()
+    assert {oct(p.stat().st_mode & 0o777) for p in d.iterdir()} == {"0o644"}
+    with pytest.raises(ImageError, match="names no content"):
+        stage_booted_scan(tmp_path / "other", AuditResult(tmp_path, "s", profiles, {}, {}, {}))

@@ -100,6 +100,53 @@ def register(
     a.add_argument("--unit", default="appliance-agent.service", help="unit for systemd-analyze security")
     a.set_defaults(handler=_audit)
 
+    b = sub.add_parser("audit-booted", **examples(
+            "appliance audit-booted out --console console.log",
+            "appliance audit-booted out --console console.log --baseline images/compliance/baseline.json "
+            "--json"),
+        parents=[common],
+                       help="the running node's own audit (Lynis, OpenSCAP), read from its serial console "
+                            "and joined with the build's offline audit")
+    b.add_argument("build", type=Path, help="the `appliance build --out` directory of the image the node "
+                   "runs (its audit/summary.json)")
+    b.add_argument("--console", type=Path, required=True,
+                   help="the node's serial console log, with its appliance-lynis: and appliance-scap: lines "
+                        "(a bench image: [diagnostics] console_lynis and console_scap)")
+    b.add_argument("--baseline", type=Path, default=None,
+                   help="fail when a figure is below this file's booted floors "
+                        "(images/compliance/baseline.json)")
+    b.add_argument("--write-baseline", type=Path, default=None, metavar="FILE",
+                   help="record the figures as FILE's booted floors, rounded down (refused when --baseline "
+                        "fails)")
+    b.set_defaults(handler=_audit_booted)
+
+
+def _audit_booted(args: argparse.Namespace) -> int:
+    from provisioning.image.booted import booted_audit, floor_failures, write_booted_floors
+    from provisioning.image.compliance import booted_floors
+
+    try:
+        console = args.console.read_text(errors="replace")
+    except OSError as exc:
+        raise ImageError(f"{args.console}: cannot read the console log: {exc.strerror}") from None
+    result = booted_audit(args.build, console)
+    failures = floor_failures(result, booted_floors(args.baseline), args.baseline) \
+        if args.baseline is not None else []
+    written = args.write_baseline is not None and not failures  # never lower a gate that failed
+    if written:
+        write_booted_floors(args.write_baseline, result)
+    if args.json:
+        emit_json({**result.to_json(), "baseline_failures": failures,
+                   "baseline_written": str(args.write_baseline) if written else None})
+    else:
+        for line in result.lines():
+            print(line)
+        if written:
+            print(f"booted floors written to {args.write_baseline} (ratios rounded down)")
+    if failures:
+        raise ImageError("below the booted floors: " + "; ".join(failures))
+    return 0
+
 
 def _os_release(args: argparse.Namespace) -> int:
     from provisioning.image.osrelease import make_os_release, read_release, registry_version

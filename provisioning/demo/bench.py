@@ -176,11 +176,12 @@ def write_profile(bench: Bench, *baked_targets: str) -> Path:
 
 
 def source_digest() -> str:
-    """sha256 of the agent's sources: the mirror's agent wheel is built from them at sync time."""
+    """sha256 of the agent's sources (the mirror's agent wheel is built from them at sync time)
+    and of images/hil.toml (the mirror holds its package set)."""
     import hashlib
 
     digest = hashlib.sha256()
-    files = [ROOT / "pyproject.toml", ROOT / "setup.py"]
+    files = [ROOT / "pyproject.toml", ROOT / "setup.py", ROOT / "images" / "hil.toml"]
     for package in ("agent", "provisioning"):
         files += sorted(p for p in (ROOT / package).rglob("*")
                         if p.suffix in (".py", ".proto", ".toml", ".yml", ".json", ".j2")
@@ -248,6 +249,13 @@ def release_profile(text: str, version: str, kernel_args: tuple[str, ...] = ()) 
     # The same root as the first build's but for its version: audited once, there (hil.toml's
     # [compliance]), which saves CI an audit (about 85 s) per release.
     text = re.sub(r"^audit = true\n(baseline = .*\n)?", "audit = false\n", text, count=1, flags=re.M)
+    # Nor does the node scan itself again (that scan needs the audit's results), but its root
+    # keeps the scanner, so the first build's rootfs stage serves this build too.
+    if re.search(r"^console_scap = true\b", text, flags=re.M):
+        text = re.sub(r"^console_scap = true\b", "console_scap = false", text, count=1, flags=re.M)
+        text = re.sub(r"^packages = \[(.*)\]$",
+                      lambda m: f"packages = [{m.group(1)}{', ' if m.group(1) else ''}\"openscap-scanner\"]",
+                      text, count=1, flags=re.M)
     if kernel_args:
         cmdline = f"cmdline = {json.dumps(list(kernel_args))}\n"
         text = text.replace("\n[boot]\n", f"\n[boot]\n{cmdline}", 1) if "\n[boot]\n" in text \

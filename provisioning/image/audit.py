@@ -51,6 +51,7 @@ from provisioning.image.mirror import (
 from provisioning.tools import Completed, require_tool, run
 
 __all__ = [
+    "BOOTED_SCAN_DIR",
     "PROFILES",
     "AuditResult",
     "audit",
@@ -61,6 +62,7 @@ __all__ = [
     "root_of",
     "scanner_root",
     "services_exposure",
+    "stage_booted_scan",
     "tree_digest",
     "unit_exposure",
 ]
@@ -69,6 +71,9 @@ log = logging.getLogger(__name__)
 
 PROFILES = ("anssi_bp28_enhanced", "anssi_bp28_high", "cis_level1_server", "cis_level2_server")
 DATASTREAM = "/usr/share/xml/scap/ssg/content/ssg-debian13-ds.xml"
+# What a bench image with [diagnostics] console_scap carries for its node's own scan (under /).
+BOOTED_SCAN_DIR = "usr/share/appliance/scap"
+CONTENT_NAME = DATASTREAM.rpartition("/")[2]
 COMPLIANCE_DIR = Path(__file__).resolve().parents[2] / "images" / "compliance"
 DEFAULT_TAILORING = COMPLIANCE_DIR / "tailoring.xml"
 _SCANNER_FORMAT = "1"  # bump when the scanner root's recipe changes (its cache key)
@@ -368,6 +373,7 @@ class AuditResult:
     services: tuple[dict[str, Any], ...] = ()  # systemd-analyze security of every enabled service
     # profile -> ComplianceAsCode value -> the tailoring's value for it (stricter than the profile's)
     values: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    content: Path | None = None  # the datastream the scan used, in the scanner root
 
     def to_json(self) -> dict[str, Any]:
         return {"root": str(self.root), "scanner": self.scanner,
@@ -421,9 +427,34 @@ def audit(target: Path, *, mirror: Path, out: Path, cache: Path | None = None,
         unit_exposure(root, unit), egress(root),
         tuple(baseline_failures(summaries, floors, baseline)) if baseline is not None else (),
         tuple(services_exposure(root)),
-        {p: tailor.values.get(p, {}) for p in profiles})
+        {p: tailor.values.get(p, {}) for p in profiles}, scanner / DATASTREAM.lstrip("/"))
     (out / "summary.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return result
+
+
+def stage_booted_scan(root: Path, result: AuditResult, tailoring: Path = DEFAULT_TAILORING) -> Path:
+    """Give ``root`` what its node needs to evaluate, running, what ``result`` (its offline
+    audit) failed: the content the audit used, the tailoring, and a line per profile
+    ``PROFILE TAILORED_PROFILE_ID RULE...`` (short rule ids) in ``BOOTED_SCAN_DIR/profiles``.
+    Returns that directory.
+
+    Raises:
+        ImageError: ``result`` names no content (an audit result without a scanner root).
+    """
+    if result.content is None or not result.content.is_file():
+        raise ImageError(f"the audit of {result.root} names no content to give the node "
+                         f"({result.content})")
+    tailor = load_tailoring(tailoring)
+    d = root / BOOTED_SCAN_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.content, d / CONTENT_NAME)
+    shutil.copyfile(tailoring, d / "tailoring.xml")
+    lines = [f"{s.profile} {tailor.profile_id(s.profile)} {' '.join(s.failed)}\n"
+             for s in result.profiles if s.failed]
+    (d / "profiles").write_text("".join(lines))
+    for path in (d / CONTENT_NAME, d / "tailoring.xml", d / "profiles"):
+        path.chmod(0o644)
+    return d
 
 
 def print_report(result: AuditResult) -> None:

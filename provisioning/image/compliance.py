@@ -28,10 +28,13 @@ from provisioning.errors import ImageError
 __all__ = [
     "RULE_PREFIX",
     "SSG_PROFILE_PREFIX",
+    "BootedFloors",
     "ProfileSummary",
     "Tailoring",
     "Waiver",
     "baseline_failures",
+    "booted_floors",
+    "booted_summary",
     "load_baseline",
     "load_tailoring",
     "runtime_only",
@@ -169,6 +172,20 @@ class ProfileSummary:
                 "failed": list(self.failed), "waived": list(self.waived),
                 "runtime_only": list(self.runtime_only)}
 
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ProfileSummary:
+        """The inverse of :meth:`to_json` (an audit's summary.json entry).
+
+        Raises:
+            ImageError: a field is missing or of the wrong type.
+        """
+        try:
+            counts = {str(k): int(v) for k, v in doc["counts"].items()}
+            return cls(str(doc["profile"]), counts, tuple(map(str, doc["failed"])),
+                       tuple(map(str, doc["waived"])), tuple(map(str, doc.get("runtime_only", ()))))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ImageError(f"not an audit summary's profile entry ({exc!r}): {str(doc)[:200]}") from None
+
     def line(self) -> str:
         c = self.counts
         ratio = f"{self.pass_ratio * 100:.1f}%" if self.pass_ratio is not None else "n/a"
@@ -255,12 +272,7 @@ def runtime_only(arf: Path, failed: Iterable[str]) -> tuple[str, ...]:
 # ------------------------------------------------------------------ baseline
 
 
-def load_baseline(path: Path) -> dict[str, float]:
-    """Profile -> the pass ratio it must reach.
-
-    Raises:
-        ImageError: missing file, bad JSON, wrong format, or a ratio outside 0..1.
-    """
+def _read_baseline(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
@@ -270,6 +282,73 @@ def load_baseline(path: Path) -> dict[str, float]:
     if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
         raise ImageError(f"{path}: format = {data.get('format') if isinstance(data, dict) else None!r}: "
                          f"this version reads {BASELINE_FORMAT}")
+    return data
+
+
+@dataclass(frozen=True)
+class BootedFloors:
+    """What the audit of the running node must reach (the baseline's ``booted`` object)."""
+
+    lynis_hardening_index: int | None = None
+    pass_ratios: Mapping[str, float] = field(default_factory=dict)
+
+
+def booted_floors(path: Path) -> BootedFloors:
+    """The baseline's ``booted`` object: ``{"lynis_hardening_index": 60, "profiles": {PROFILE:
+    {"pass_ratio": 0.8}}}``, either part absent until it is measured.
+
+    Raises:
+        ImageError: unreadable baseline; an index that is not a whole number in 0..100, or a
+            ratio not in 0..1.
+    """
+    booted = _read_baseline(path).get("booted", {})
+    if not isinstance(booted, dict):
+        raise ImageError(f"{path}: 'booted' must be an object (lynis_hardening_index, profiles)")
+    index = booted.get("lynis_hardening_index")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 100):
+        raise ImageError(f"{path}: booted.lynis_hardening_index = {index!r}: not a whole number in 0..100")
+    profiles = booted.get("profiles", {})
+    if not isinstance(profiles, dict):
+        raise ImageError(f"{path}: booted.profiles must map profile ids to {{\"pass_ratio\": 0..1}}")
+    ratios: dict[str, float] = {}
+    for name, entry in profiles.items():
+        ratio = entry.get("pass_ratio") if isinstance(entry, dict) else None
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+            raise ImageError(f"{path}: booted.profiles.{name}.pass_ratio = {ratio!r}: not a number in 0..1")
+        ratios[name] = float(ratio)
+    return BootedFloors(index, ratios)
+
+
+def booted_summary(offline: ProfileSummary, booted: Mapping[str, str]) -> ProfileSummary:
+    """``offline`` with the results the running node gave (rule -> result) for the rules it
+    evaluated again.  The node evaluates only what the offline scan failed: a rule the root's
+    files pass holds on the node too, whose root is those same bytes (dm-verity).
+
+    Raises:
+        ImageError: the node reported a rule the offline scan did not fail.
+    """
+    counts = Counter(dict(offline.counts))
+    failed = list(offline.failed)
+    for rule, result in sorted(booted.items()):
+        if rule not in failed:
+            raise ImageError(f"{offline.profile}: the node evaluated {rule} ({result}), "
+                             "which the offline scan did not fail")
+        if result == "fail":
+            continue
+        failed.remove(rule)
+        counts["fail"] -= 1
+        for bucket in _buckets(result, False):
+            counts[bucket] += 1
+    return ProfileSummary(offline.profile, dict(counts), tuple(failed), offline.waived)
+
+
+def load_baseline(path: Path) -> dict[str, float]:
+    """Profile -> the pass ratio it must reach.
+
+    Raises:
+        ImageError: missing file, bad JSON, wrong format, or a ratio outside 0..1.
+    """
+    data = _read_baseline(path)
     profiles = data.get("profiles")
     if not isinstance(profiles, dict) or not profiles:
         raise ImageError(f"{path}: 'profiles' must map profile ids to {{\"pass_ratio\": 0..1}}")
@@ -300,8 +379,13 @@ def baseline_failures(summaries: Iterable[ProfileSummary], baseline: Mapping[str
 
 
 def write_baseline(path: Path, summaries: Iterable[ProfileSummary], content: str) -> None:
-    """Record the ratios reached (rounded down to 4 places, so a rerun meets them)."""
+    """Record the ratios reached (rounded down to 4 places, so a rerun meets them); the booted
+    image's figures already in ``path`` stay (the offline audit does not measure them)."""
     profiles = {s.profile: {"pass_ratio": int(s.pass_ratio * 10000) / 10000}
                 for s in summaries if s.pass_ratio is not None}
-    atomic_write_text(path, json.dumps({"format": BASELINE_FORMAT, "content": content,
-                                        "profiles": profiles}, indent=1, sort_keys=True) + "\n")
+    doc: dict[str, Any] = {"format": BASELINE_FORMAT, "content": content, "profiles": profiles}
+    if path.is_file():
+        booted_floors(path)  # a malformed one is not carried over
+        if "booted" in (previous := _read_baseline(path)):
+            doc["booted"] = previous["booted"]
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.fsutil import atomic_write_text, file_sha256
 from provisioning.errors import ImageError, ProfileError
-from provisioning.image.audit import DEFAULT_TAILORING, audit
+from provisioning.image.audit import DEFAULT_TAILORING, audit, stage_booted_scan
 from provisioning.image.disk import disk
 from provisioning.image.egress import egress_json
 from provisioning.image.gpu_manifest import gpu_packages
@@ -235,6 +235,9 @@ def _audit_root(ctx: BuildContext, root: Path) -> dict[str, Any]:
              result.systemd.get("unit"), result.systemd.get("exposure"))
     summary = result.compact("offline scan of the built root")
     record_compliance(root, summary)
+    if ctx.profile.diagnostics.console_scap:  # the node scans again what failed here
+        log.info("audit: the content and the failed rules for the node's own scan in %s",
+                 stage_booted_scan(root, result))
     return summary
 
 

@@ -36,10 +36,16 @@ __all__ = [
     "IMAGE_METADATA",
     "LISTEN_PREFIX",
     "LISTEN_REPORT_UNIT",
+    "LYNIS_PREFIX",
+    "LYNIS_TIMER",
+    "LYNIS_UNIT",
     "OS_UPDATE_PATH",
     "OS_UPDATE_UNIT",
     "PRIVILEGED_RULES",
     "REPORTED_UNITS",
+    "SCAP_PREFIX",
+    "SCAP_TIMER",
+    "SCAP_UNIT",
     "STATE_PREFIX",
     "STRIPPED_SETUID",
     "VENV",
@@ -54,9 +60,13 @@ __all__ = [
     "gpu_plan",
     "listen_report_script",
     "listen_report_unit",
+    "lynis_script",
+    "lynis_units",
     "nftables_ruleset",
     "os_update_units",
     "render_toml",
+    "scap_script",
+    "scap_units",
 ]
 
 VENV = "/opt/appliance/venv"
@@ -1028,6 +1038,154 @@ def listen_report_unit() -> str:
     ))
 
 
+LYNIS_UNIT = "appliance-lynis.service"
+LYNIS_TIMER = "appliance-lynis.timer"
+LYNIS_PREFIX = "appliance-lynis:"
+LYNIS_SCRIPT = "/usr/lib/appliance/lynis-report"
+LYNIS_DIR = "/var/lib/appliance-lynis"
+# The lynis package's own timer: a daily full audit, enabled when the package is installed.
+DEBIAN_LYNIS_TIMER = "lynis.timer"
+
+
+def lynis_script() -> str:
+    """Lynis on the running node (issue #16: the audit of the booted system, not of a directory).
+
+    Once per image: the report is named by the root hash of the kernel command line, so a power
+    cycle prints the same report again and an OS update audits its new root.  A run cut short
+    (the node went down) leaves only ``.part`` and runs again at the next boot.  The console
+    gets the figures and the warnings; the report and log stay on the data partition.
+    """
+    p = LYNIS_PREFIX
+    return "\n".join((
+        "#!/bin/sh",
+        "# Written by `appliance build` (provisioning/image/plan.py): Lynis on the running node.",
+        "set -u",
+        f"dir={LYNIS_DIR}",
+        "root=$(sed -n 's/.*roothash=\\([0-9a-f]*\\).*/\\1/p' /proc/cmdline)",
+        'report="$dir/report-${root:-unsealed}.dat"',
+        'mkdir -p "$dir" && chmod 0700 "$dir"',
+        'if [ ! -s "$report" ]; then',
+        '    rm -f "$report.part"',
+        '    lynis audit system --quick --no-colors --logfile "$dir/lynis.log" --report-file "$report.part" '
+        '>/dev/null 2>&1',
+        "    rc=$?",
+        "    if ! grep -q '^hardening_index=' \"$report.part\" 2>/dev/null; then",
+        f'        echo "{p} failed: lynis exited $rc without a hardening index (see $dir/lynis.log)"',
+        "        exit 1",
+        "    fi",
+        '    mv "$report.part" "$report"',
+        "fi",
+        "field() { sed -n \"s/^$1=//p\" \"$report\" | head -n 1; }",
+        f'echo "{p} hardening_index=$(field hardening_index) tests=$(field lynis_tests_done)'
+        " warnings=$(grep -c '^warning\\[\\]=' \"$report\")"
+        " suggestions=$(grep -c '^suggestion\\[\\]=' \"$report\") version=$(field lynis_version)\"",
+        f"sed -n 's/^warning\\[\\]=/{p} warning /p' \"$report\"",
+        f'echo "{p} end"',
+        "",
+    ))
+
+
+def _scanner_units(unit: str, timer: str, script: str, what: str) -> dict[str, str]:
+    """A scanner's service, and the timer that starts it after the boot.
+
+    A timer, not ``WantedBy=multi-user.target``: a oneshot the target wants holds the target
+    (and the boot's "startup finished") until it exits, minutes under emulation.  The service
+    runs at idle CPU and I/O priority, after the agent, so the node serves first.
+    """
+    service = "\n".join((
+        "[Unit]",
+        f"Description={what} on the running node, its results on the console (bench images)",
+        f"After={AGENT_UNIT} {LISTEN_REPORT_UNIT}",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart={script}",
+        "StandardOutput=tty",
+        "TTYPath=/dev/console",
+        "CPUSchedulingPolicy=idle",
+        "IOSchedulingClass=idle",
+        "Nice=19",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "",
+    ))
+    timer_text = "\n".join((
+        "[Unit]",
+        f"Description=Run {what} on the running node once the boot is done",
+        "",
+        "[Timer]",
+        "OnActiveSec=5s",
+        f"Unit={unit}",
+        "",
+        "[Install]",
+        "WantedBy=timers.target",
+        "",
+    ))
+    return {unit: service, timer: timer_text}
+
+
+def lynis_units() -> dict[str, str]:
+    """The service that runs :func:`lynis_script`, and its timer (see :func:`_scanner_units`)."""
+    return _scanner_units(LYNIS_UNIT, LYNIS_TIMER, LYNIS_SCRIPT, "Lynis")
+
+
+SCAP_UNIT = "appliance-scap.service"
+SCAP_TIMER = "appliance-scap.timer"
+SCAP_PREFIX = "appliance-scap:"
+SCAP_SCRIPT = "/usr/lib/appliance/scap-report"
+SCAP_DIR = "/var/lib/appliance-scap"
+
+
+def scap_script() -> str:
+    """OpenSCAP on the running node: per profile, the rules the build's offline audit failed
+    (``/usr/share/appliance/scap/profiles``, written by audit.stage_booted_scan), evaluated
+    natively against the live system (kernel parameters, mounts, modules, services).
+
+    Once per image, as the Lynis script: the results are named by the root hash, a run cut
+    short leaves only ``.part``.  The console gets ``PROFILE RULE RESULT`` lines, then ``end``;
+    oscap's output stays on the data partition (no XCCDF results file: 8 MB per profile to
+    write, minutes under emulation, for what the output already says).
+    """
+    p = SCAP_PREFIX
+    return "\n".join((
+        "#!/bin/sh",
+        "# Written by `appliance build` (provisioning/image/plan.py): OpenSCAP on the running node.",
+        "set -u",
+        f"dir={SCAP_DIR}",
+        "content=/usr/share/appliance/scap",
+        "root=$(sed -n 's/.*roothash=\\([0-9a-f]*\\).*/\\1/p' /proc/cmdline)",
+        'results="$dir/results-${root:-unsealed}.txt"',
+        'mkdir -p "$dir" && chmod 0700 "$dir"',
+        'if [ ! -s "$results" ]; then',
+        '    : > "$results.part"',
+        "    while read -r profile tailored rules; do",
+        "        set --",
+        '        for rule in $rules; do set -- "$@" --rule "xccdf_org.ssgproject.content_rule_$rule"; done',
+        '        oscap xccdf eval --profile "$tailored" --tailoring-file "$content/tailoring.xml" "$@" \\',
+        '            "$content/ssg-debian13-ds.xml" </dev/null >"$dir/$profile.log" 2>&1',
+        "        rc=$?",
+        '        if [ "$rc" != 0 ] && [ "$rc" != 2 ]; then  # 2: a rule failed',
+        f'            echo "{p} failed: oscap exited $rc on $profile (see $dir/$profile.log)"',
+        "            exit 1",
+        "        fi",
+        # oscap prints each rule as "Rule\\r\\tID" then "Result\\r\\tRESULT"
+        "        awk -v p=\"$profile\" '$1 ~ /^Rule/ { r = $2; "
+        "sub(/^xccdf_org\\.ssgproject\\.content_rule_/, \"\", r) }"
+        " $1 ~ /^Result/ { print p, r, $2 }' \"$dir/$profile.log\" >>\"$results.part\"",
+        '    done < "$content/profiles"',
+        '    mv "$results.part" "$results"',
+        "fi",
+        f"sed 's/^/{p} /' \"$results\"",
+        f'echo "{p} end"',
+        "",
+    ))
+
+
+def scap_units() -> dict[str, str]:
+    """The service that runs :func:`scap_script`, and its timer (see :func:`_scanner_units`)."""
+    return _scanner_units(SCAP_UNIT, SCAP_TIMER, SCAP_SCRIPT, "OpenSCAP")
+
+
 # Timers Debian enables that have nothing to do on a sealed image with no package sources:
 # apt's (they would try the network for sources that were removed), man-db's cache rebuild
 # (the root is read-only), dpkg's database backup (the database never changes after the
@@ -1094,6 +1252,28 @@ def _sandbox_files(profile: Profile) -> list[FileSpec]:
             if unit != "auditd.service" or profile.hardening.auditd]
 
 
+def _diagnostics(profile: Profile) -> tuple[list[FileSpec], list[str], list[str]]:
+    """The bench's console reports ([diagnostics]): their files, the units to enable, the units
+    to mask."""
+    files: list[FileSpec] = []
+    enable: list[str] = []
+    mask: list[str] = []
+    if profile.diagnostics.console_listeners:
+        files += [FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()),
+                  FileSpec(LISTEN_REPORT_SCRIPT, listen_report_script(profile), 0o755)]
+        enable.append(LISTEN_REPORT_UNIT)
+    if profile.diagnostics.console_lynis:
+        files += [*(FileSpec(f"/etc/systemd/system/{name}", text) for name, text in lynis_units().items()),
+                  FileSpec(LYNIS_SCRIPT, lynis_script(), 0o755)]
+        enable.append(LYNIS_TIMER)
+        mask.append(DEBIAN_LYNIS_TIMER)  # Debian's daily run: ours runs once per image
+    if profile.diagnostics.console_scap:
+        files += [*(FileSpec(f"/etc/systemd/system/{name}", text) for name, text in scap_units().items()),
+                  FileSpec(SCAP_SCRIPT, scap_script(), 0o755)]
+        enable.append(SCAP_TIMER)
+    return files, enable, mask
+
+
 def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS_IN_ROOT,
                    kernel_release: str = "", gpu_record: dict[str, Any] | None = None) -> Plan:
     """The configure stage's plan for ``profile``.
@@ -1119,9 +1299,8 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         FileSpec(f"/etc/systemd/system/{BOOT_CHECK_UNIT}", boot_check_unit()),
         *(FileSpec(f"/etc/systemd/system/{name}", text) for name, text in os_update_units(profile).items()),
     ]
-    if profile.diagnostics.console_listeners:
-        files += [FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()),
-                  FileSpec(LISTEN_REPORT_SCRIPT, listen_report_script(profile), 0o755)]
+    diagnostics, diagnostic_units, diagnostic_masks = _diagnostics(profile)
+    files += diagnostics
     if _checks_cpu(profile):
         files.append(FileSpec(f"/etc/systemd/system/{CPU_CHECK_UNIT}", cpu_check_unit(profile)))
     if profile.diagnostics.console_journal:
@@ -1149,12 +1328,11 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
         enable.append("apparmor.service")
     if profile.ssh.enabled:
         enable.append("ssh.service")
-    if profile.diagnostics.console_listeners:
-        enable.append(LISTEN_REPORT_UNIT)
+    enable += diagnostic_units
     if _checks_cpu(profile):
         enable.append(CPU_CHECK_UNIT)
     mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service",
-            *IDLE_TIMERS, *UNUSED_UNITS]
+            *IDLE_TIMERS, *UNUSED_UNITS, *diagnostic_masks]
     if not profile.hardening.core_dumps:
         mask.append("systemd-coredump.socket")
     # sysctl_kernel_pid_max: systemd's vendor file sets 4194304; the content checks every

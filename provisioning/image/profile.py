@@ -259,6 +259,14 @@ class DiagnosticsSection:
                                       "prefixed 'appliance-listen:' (for hil/ checks)")
     console_journal: bool = setting(False, "forward the journal (info and above) to the serial "
                                     "console, so a bench sees why a unit failed")
+    console_scap: bool = setting(False, "carry OpenSCAP and the audit's content, and evaluate on the "
+                                 "running node, once per image, the rules the build's offline audit "
+                                 "failed; the results go to the serial console, prefixed "
+                                 "'appliance-scap:' (bench images; needs [compliance] audit)")
+    console_lynis: bool = setting(False, "carry Lynis and run it on the running node once per image, "
+                                  "in the background once the agent serves: the report stays in "
+                                  "/var/lib/appliance-lynis, the hardening index and warnings go to "
+                                  "the serial console, prefixed 'appliance-lynis:' (bench images)")
 
 
 # Kernel arguments the seal stage owns (provisioning/image/seal.py): a profile cannot set them.
@@ -465,7 +473,7 @@ _SECTIONS: dict[str, type[Any]] = {
 
 def package_set(profile: Profile, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The sorted Debian packages the image installs: base, hardening (AppArmor's with it), kernel,
-    sshd when on, profile, extra."""
+    sshd and the scanners when on, profile, extra."""
     names = {*BASE_PACKAGES, *HARDENING_PACKAGES, profile.kernel_package, *profile.debian.packages,
              *extra}
     if profile.hardening.apparmor:
@@ -474,6 +482,10 @@ def package_set(profile: Profile, extra: tuple[str, ...] = ()) -> tuple[str, ...
         names.update(gpu_packages(profile))
     if profile.ssh.enabled:
         names.add("openssh-server")
+    if profile.diagnostics.console_lynis:
+        names.add("lynis")
+    if profile.diagnostics.console_scap:
+        names.add("openscap-scanner")
     return tuple(sorted(names))
 
 
@@ -609,7 +621,11 @@ def _check_tpm(p: Profile, where: str) -> None:
 
 
 def _check_compliance(p: Profile, where: str) -> None:
-    """[compliance]: a baseline reads, and is only given with the audit that it judges."""
+    """[compliance]: a baseline reads, and is only given with the audit that it judges; the
+    node's own OpenSCAP scan needs that audit too (it scans again what the audit failed)."""
+    if p.diagnostics.console_scap and not p.compliance.audit:
+        raise ProfileError(f"{where}: [diagnostics] console_scap = true needs [compliance] audit = true "
+                           "(the node evaluates again the rules the build's offline audit failed)")
     path = p.compliance_baseline
     if path is None:
         return
