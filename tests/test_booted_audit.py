@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from provisioning.errors import ImageError
-from provisioning.image.booted import booted_audit, floor_failures, write_booted_floors
-from provisioning.image.compliance import BootedFloors, booted_floors, summarize
+from provisioning.image.booted import booted_audit, floor_failures
+from provisioning.image.compliance import BootedFloors, booted_floors, summarize, write_booted_floors
 
 RESULTS = Path(__file__).parent / "data/compliance/cis_level1_server.xccdf.xml"
 LYNIS = ("appliance-lynis: hardening_index=64 tests=251 warnings=1 suggestions=2 version=3.1.4\n"
@@ -57,6 +57,8 @@ def test_the_node_turns_offline_fails_into_passes_and_the_ratio_follows(tmp_path
      "not failed offline: ['not_a_failed_rule']"),
     (f"{LYNIS}appliance-scap: failed: oscap exited 1 on cis_level1_server (see x)\n",
      "OpenSCAP on the node: failed: oscap exited 1"),
+    ("appliance-scap: end\n" + LYNIS.replace("hardening_index=64", "hardening_index=6x"),
+     "hardening_index='6x' is not a whole number"),
 ])
 def test_a_report_missing_incomplete_or_failed_is_refused(tmp_path: Path, console: str, message: str) -> None:
     build, _ = _build(tmp_path)
@@ -74,7 +76,7 @@ def test_floors_are_written_rounded_down_and_then_met(tmp_path: Path) -> None:
     result = booted_audit(build, _console(failed, passing=3))
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"format": 1, "profiles": {"cis_level1_server": {"pass_ratio": 0.3}}}))
-    write_booted_floors(baseline, result)
+    write_booted_floors(baseline, result.lynis_hardening_index, result.booted)
     floors = booted_floors(baseline)
     ratio = result.booted[0].pass_ratio or 0
     assert floors == BootedFloors(64, {"cis_level1_server": int(ratio * 10000) / 10000})

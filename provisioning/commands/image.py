@@ -122,8 +122,8 @@ def register(
 
 
 def _audit_booted(args: argparse.Namespace) -> int:
-    from provisioning.image.booted import booted_audit, floor_failures, write_booted_floors
-    from provisioning.image.compliance import booted_floors
+    from provisioning.image.booted import booted_audit, floor_failures
+    from provisioning.image.compliance import booted_floors, write_booted_floors
 
     try:
         console = args.console.read_text(errors="replace")
@@ -134,7 +134,7 @@ def _audit_booted(args: argparse.Namespace) -> int:
         if args.baseline is not None else []
     written = args.write_baseline is not None and not failures  # never lower a gate that failed
     if written:
-        write_booted_floors(args.write_baseline, result)
+        write_booted_floors(args.write_baseline, result.lynis_hardening_index, result.booted)
     if args.json:
         emit_json({**result.to_json(), "baseline_failures": failures,
                    "baseline_written": str(args.write_baseline) if written else None})

@@ -19,23 +19,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.fsutil import atomic_write_text
 from provisioning.errors import ImageError
 from provisioning.image.compliance import (
     BootedFloors,
     ProfileSummary,
     baseline_failures,
-    booted_floors,
     booted_summary,
 )
 from provisioning.image.plan import LYNIS_PREFIX, SCAP_PREFIX
 
-__all__ = ["BootedAudit", "booted_audit", "floor_failures", "lynis_report", "scap_report",
-           "write_booted_floors"]
+__all__ = ["BootedAudit", "booted_audit", "floor_failures", "lynis_report", "scap_report"]
 
 
-def _prefixed(console: str, prefix: str) -> list[str]:
-    return [ln.split(prefix, 1)[1].strip() for ln in console.splitlines() if prefix in ln]
+def _last_report(console: str, prefix: str, what: str) -> list[str] | None:
+    """The ``prefix`` lines (prefix stripped) of the console's last complete report, the one
+    that ends at the last ``end`` line; None while there is none.
+
+    Raises:
+        ImageError: the node reported, after that, that the scan failed.
+    """
+    lines = [ln.split(prefix, 1)[1].strip() for ln in console.splitlines() if prefix in ln]
+    ends = [i for i, ln in enumerate(lines) if ln == "end"]
+    failed = [ln for ln in lines[ends[-1] + 1 if ends else 0:] if ln.startswith("failed:")]
+    if failed:
+        raise ImageError(f"{what} on the node: {failed[-1]}")
+    if not ends:
+        return None
+    return lines[ends[-2] + 1 if len(ends) > 1 else 0:ends[-1]]
 
 
 def lynis_report(console: str) -> tuple[dict[str, str], list[str]] | None:
@@ -43,20 +53,19 @@ def lynis_report(console: str) -> tuple[dict[str, str], list[str]] | None:
     None while there is none.
 
     Raises:
-        ImageError: the node reported that Lynis failed, after its last complete report.
+        ImageError: the node reported that Lynis failed, after its last complete report; the
+            report's hardening index is not a whole number.
     """
-    lines = _prefixed(console, LYNIS_PREFIX)
-    ends = [i for i, ln in enumerate(lines) if ln == "end"]
-    failed = [ln for ln in lines[ends[-1] + 1 if ends else 0:] if ln.startswith("failed")]
-    if failed:
-        raise ImageError(f"Lynis on the node: {failed[-1]}")
-    if not ends:
-        return None
-    start = max((i for i in range(ends[-1]) if lines[i].startswith("hardening_index=")), default=None)
-    if start is None:
+    lines = _last_report(console, LYNIS_PREFIX, "Lynis")
+    # the last figures line: a run cut short (a power cycle) printed none, or an earlier one
+    start = max((i for i, ln in enumerate(lines or ()) if ln.startswith("hardening_index=")), default=None)
+    if lines is None or start is None:
         return None
     figures = dict(f.split("=", 1) for f in lines[start].split() if "=" in f)
-    return figures, [ln.removeprefix("warning ") for ln in lines[start + 1:ends[-1]]]
+    if not figures["hardening_index"].isdigit():
+        raise ImageError(f"Lynis on the node: hardening_index={figures['hardening_index']!r} is not "
+                         "a whole number")
+    return figures, [ln.removeprefix("warning ") for ln in lines[start + 1:]]
 
 
 def scap_report(console: str) -> dict[str, dict[str, str]] | None:
@@ -66,15 +75,11 @@ def scap_report(console: str) -> dict[str, dict[str, str]] | None:
     Raises:
         ImageError: the node reported that the scan failed, after its last complete report.
     """
-    lines = [ln.split() for ln in _prefixed(console, SCAP_PREFIX)]
-    ends = [i for i, ln in enumerate(lines) if ln == ["end"]]
-    failed = [" ".join(ln) for ln in lines[ends[-1] + 1 if ends else 0:] if ln[:1] == ["failed:"]]
-    if failed:
-        raise ImageError(f"OpenSCAP on the node: {failed[-1]}")
-    if not ends:
+    lines = _last_report(console, SCAP_PREFIX, "OpenSCAP")
+    if lines is None:
         return None
     out: dict[str, dict[str, str]] = {}
-    for fields in lines[ends[-2] + 1 if len(ends) > 1 else 0:ends[-1]]:
+    for fields in (ln.split() for ln in lines):
         if len(fields) == 3:
             out.setdefault(fields[0], {})[fields[1]] = fields[2]
     return out
@@ -161,18 +166,3 @@ def floor_failures(result: BootedAudit, floors: BootedFloors, source: Path) -> l
         out.append(f"Lynis hardening index {result.lynis_hardening_index} on the node is below "
                    f"{index} ({source})")
     return out
-
-
-def write_booted_floors(path: Path, result: BootedAudit) -> None:
-    """Record ``result``'s figures as the baseline's ``booted`` floors (ratios rounded down to
-    4 places, so that the same node meets them again); the rest of the file stays.
-
-    Raises:
-        ImageError: ``path`` is not a baseline this version reads.
-    """
-    booted_floors(path)  # the file reads, with a well-formed "booted" if it has one
-    doc = json.loads(path.read_text())
-    doc["booted"] = {"lynis_hardening_index": result.lynis_hardening_index,
-                     "profiles": {b.profile: {"pass_ratio": int(b.pass_ratio * 10000) / 10000}
-                                  for b in result.booted if b.pass_ratio is not None}}
-    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -40,6 +40,7 @@ __all__ = [
     "runtime_only",
     "summarize",
     "write_baseline",
+    "write_booted_floors",
 ]
 
 XCCDF_NS = "http://checklists.nist.gov/xccdf/1.2"
@@ -301,22 +302,18 @@ def booted_floors(path: Path) -> BootedFloors:
         ImageError: unreadable baseline; an index that is not a whole number in 0..100, or a
             ratio not in 0..1.
     """
-    booted = _read_baseline(path).get("booted", {})
+    return _booted_of(_read_baseline(path), path)
+
+
+def _booted_of(data: Mapping[str, Any], path: Path) -> BootedFloors:
+    booted = data.get("booted", {})
     if not isinstance(booted, dict):
         raise ImageError(f"{path}: 'booted' must be an object (lynis_hardening_index, profiles)")
     index = booted.get("lynis_hardening_index")
     if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 100):
         raise ImageError(f"{path}: booted.lynis_hardening_index = {index!r}: not a whole number in 0..100")
     profiles = booted.get("profiles", {})
-    if not isinstance(profiles, dict):
-        raise ImageError(f"{path}: booted.profiles must map profile ids to {{\"pass_ratio\": 0..1}}")
-    ratios: dict[str, float] = {}
-    for name, entry in profiles.items():
-        ratio = entry.get("pass_ratio") if isinstance(entry, dict) else None
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
-            raise ImageError(f"{path}: booted.profiles.{name}.pass_ratio = {ratio!r}: not a number in 0..1")
-        ratios[name] = float(ratio)
-    return BootedFloors(index, ratios)
+    return BootedFloors(index, _pass_ratios(profiles, path, "booted.profiles") if profiles else {})
 
 
 def booted_summary(offline: ProfileSummary, booted: Mapping[str, str]) -> ProfileSummary:
@@ -348,15 +345,18 @@ def load_baseline(path: Path) -> dict[str, float]:
     Raises:
         ImageError: missing file, bad JSON, wrong format, or a ratio outside 0..1.
     """
-    data = _read_baseline(path)
-    profiles = data.get("profiles")
+    return _pass_ratios(_read_baseline(path).get("profiles"), path, "profiles")
+
+
+def _pass_ratios(profiles: object, path: Path, where: str) -> dict[str, float]:
+    """``{PROFILE: {"pass_ratio": 0..1}}`` at ``where`` in the baseline ``path``, checked."""
     if not isinstance(profiles, dict) or not profiles:
-        raise ImageError(f"{path}: 'profiles' must map profile ids to {{\"pass_ratio\": 0..1}}")
+        raise ImageError(f"{path}: '{where}' must map profile ids to {{\"pass_ratio\": 0..1}}")
     out: dict[str, float] = {}
     for name, entry in profiles.items():
         ratio = entry.get("pass_ratio") if isinstance(entry, dict) else None
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
-            raise ImageError(f"{path}: profiles.{name}.pass_ratio = {ratio!r}: not a number in 0..1")
+            raise ImageError(f"{path}: {where}.{name}.pass_ratio = {ratio!r}: not a number in 0..1")
         out[name] = float(ratio)
     return out
 
@@ -384,8 +384,22 @@ def write_baseline(path: Path, summaries: Iterable[ProfileSummary], content: str
     profiles = {s.profile: {"pass_ratio": int(s.pass_ratio * 10000) / 10000}
                 for s in summaries if s.pass_ratio is not None}
     doc: dict[str, Any] = {"format": BASELINE_FORMAT, "content": content, "profiles": profiles}
-    if path.is_file():
-        booted_floors(path)  # a malformed one is not carried over
-        if "booted" in (previous := _read_baseline(path)):
-            doc["booted"] = previous["booted"]
+    if path.is_file() and "booted" in (previous := _read_baseline(path)):
+        _booted_of(previous, path)  # a malformed one is not carried over
+        doc["booted"] = previous["booted"]
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def write_booted_floors(path: Path, lynis_hardening_index: int, booted: Iterable[ProfileSummary]) -> None:
+    """Record the running node's figures as ``path``'s ``booted`` floors (ratios rounded down to
+    4 places, so that the same node meets them again); the rest of the file stays.
+
+    Raises:
+        ImageError: ``path`` is not a baseline this version reads.
+    """
+    doc = _read_baseline(path)
+    _booted_of(doc, path)  # its "booted", if it has one, is well-formed
+    doc["booted"] = {"lynis_hardening_index": lynis_hardening_index,
+                     "profiles": {b.profile: {"pass_ratio": int(b.pass_ratio * 10000) / 10000}
+                                  for b in booted if b.pass_ratio is not None}}
     atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -374,7 +374,7 @@ def write_manifest(out: Path, *, name: str, version: str, epoch: int, roothash: 
     return path
 
 
-def _manifest_extra(ctx: StageContext) -> dict[str, object] | None:
+def _manifest_extra(ctx: StageContext) -> dict[str, object]:
     """What the profile adds to image-manifest.json: the CPU level, the boot tries, the egress
     allowlist and, when the build audited the root, the compliance summary it recorded in image.json."""
     extra: dict[str, object] = {"cpu_level": ctx.cpu_level} if ctx.cpu_level else {}
@@ -386,7 +386,7 @@ def _manifest_extra(ctx: StageContext) -> dict[str, object] | None:
         compliance = json.loads(metadata.read_text()).get("compliance")
         if compliance is not None:
             extra["compliance"] = compliance
-    return extra or None
+    return extra
 
 
 def disk(ctx: StageContext) -> Path:
@@ -414,6 +414,6 @@ def disk(ctx: StageContext) -> Path:
     # expected PCR 11 of slot A's UKI, beside its root hash: what attestation checks a node against
     write_manifest(ctx.out, name=ctx.name, version=sealed.version, epoch=ctx.source_date_epoch,
                    roothash=sealed.roothash, artifacts=artifacts,
-                   extra=(_manifest_extra(ctx) or {}) | {"pcr11": pcr11_record(sealed.uki)})
+                   extra=_manifest_extra(ctx) | {"pcr11": pcr11_record(sealed.uki)})
     shutil.rmtree(ctx.work / "disk", ignore_errors=True)
     return image

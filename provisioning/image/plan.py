@@ -1047,6 +1047,16 @@ LYNIS_DIR = "/var/lib/appliance-lynis"
 DEBIAN_LYNIS_TIMER = "lynis.timer"
 
 
+def _per_image(directory: str, name: str, ext: str) -> tuple[str, ...]:
+    """The node scripts' common start: ``$dir`` (root's only) and ``$NAME``, the result file of
+    this image, named by the root hash of the kernel command line."""
+    return ("set -u",
+            f"dir={directory}",
+            "root=$(sed -n 's/.*roothash=\\([0-9a-f]*\\).*/\\1/p' /proc/cmdline)",
+            f'{name}="$dir/{name}-${{root:-unsealed}}.{ext}"',
+            'mkdir -p "$dir" && chmod 0700 "$dir"')
+
+
 def lynis_script() -> str:
     """Lynis on the running node (issue #16: the audit of the booted system, not of a directory).
 
@@ -1059,11 +1069,7 @@ def lynis_script() -> str:
     return "\n".join((
         "#!/bin/sh",
         "# Written by `appliance build` (provisioning/image/plan.py): Lynis on the running node.",
-        "set -u",
-        f"dir={LYNIS_DIR}",
-        "root=$(sed -n 's/.*roothash=\\([0-9a-f]*\\).*/\\1/p' /proc/cmdline)",
-        'report="$dir/report-${root:-unsealed}.dat"',
-        'mkdir -p "$dir" && chmod 0700 "$dir"',
+        *_per_image(LYNIS_DIR, "report", "dat"),
         'if [ ! -s "$report" ]; then',
         '    rm -f "$report.part"',
         '    lynis audit system --quick --no-colors --logfile "$dir/lynis.log" --report-file "$report.part" '
@@ -1150,12 +1156,8 @@ def scap_script() -> str:
     return "\n".join((
         "#!/bin/sh",
         "# Written by `appliance build` (provisioning/image/plan.py): OpenSCAP on the running node.",
-        "set -u",
-        f"dir={SCAP_DIR}",
+        *_per_image(SCAP_DIR, "results", "txt"),
         "content=/usr/share/appliance/scap",
-        "root=$(sed -n 's/.*roothash=\\([0-9a-f]*\\).*/\\1/p' /proc/cmdline)",
-        'results="$dir/results-${root:-unsealed}.txt"',
-        'mkdir -p "$dir" && chmod 0700 "$dir"',
         'if [ ! -s "$results" ]; then',
         '    : > "$results.part"',
         "    while read -r profile tailored rules; do",
