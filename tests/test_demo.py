@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
 
+import pytest
+
+from provisioning.commands import demo
 from tests.conftest import run_appliance
 
 
@@ -22,3 +27,27 @@ def test_demo_json() -> None:
     assert chat["completion_tokens"] > 0 and chat["prompt_tokens"] > 0
     assert "asking tiny-llm for a streamed chat reply with the openai client" in proc.stderr
     assert "agent stopped" in proc.stderr
+
+
+def test_demo_starts_again_when_a_port_is_taken_before_the_agent_binds_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # another process takes the HTTP port between the demo picking it and the agent binding it
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks = iter([demo._free_port(), int(taken.getsockname()[1])])
+    monkeypatch.setattr(demo, "_free_port", lambda: next(picks, None) or _any_port())
+    try:
+        result = demo.run_demo(tmp_path, requests=1)
+    finally:
+        taken.close()
+    assert result["output"] == [[1.0, 3.0, 5.0, 7.0], [9.0, 11.0, 13.0, 15.0]]
+    first = (tmp_path / "agent-1.log").read_text()
+    assert "address already in use" in first.lower()
+    assert "agent: serving on" in (tmp_path / "agent-2.log").read_text()
+
+
+def _any_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

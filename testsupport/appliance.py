@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from provisioning.errors import ImageError
 from provisioning.image.boot import ConsoleWatch, Machine
 from provisioning.image.boot import load as load_machine
 from provisioning.image.boot import stop as stop_machine
+from provisioning.ports import free_loopback_port
 
 __all__ = ["REGISTRY_GUEST_PORT", "Appliance", "appliance_cli", "free_port", "serving_status", "wait_serving"]
 
@@ -186,7 +186,5 @@ def wait_serving(node: Appliance, began: float, bound: float) -> float:
 
 
 def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on loopback right now (see :func:`provisioning.ports.free_loopback_port`)."""
+    return free_loopback_port()

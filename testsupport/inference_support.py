@@ -23,6 +23,7 @@ from agent.config import InferenceSection
 from agent.inference.repository import ModelRepository
 from provisioning.bundle import create_bundle
 from provisioning.demo.models import save_golden
+from provisioning.ports import free_loopback_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,9 +39,8 @@ def bytes_read() -> int | None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on loopback right now (see :func:`provisioning.ports.free_loopback_port`)."""
+    return free_loopback_port()
 
 
 def make_bundle(tmp: Path, model: Path, name: str, version: str, inputs: dict[str, np.ndarray],

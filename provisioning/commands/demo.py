@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from agent.bundle import Batching
 from agent.errors import ApplianceError
 from provisioning.demo.bench import LLM, LLM_VERSION, tiny_llm_bundle
 from provisioning.output import emit_json, examples, print_table
+from provisioning.ports import free_loopback_port
 
 __all__ = ["register", "run_demo"]
 
@@ -75,9 +75,8 @@ def _step(message: str) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on loopback right now (see :func:`provisioning.ports.free_loopback_port`)."""
+    return free_loopback_port()
 
 
 def _make_bundle(work: Path) -> Path:
@@ -123,8 +122,38 @@ class _AgentProcess:
 
 @contextlib.contextmanager
 def _agent(state: Path, work: Path, source: str) -> Iterator[_AgentProcess]:
-    log = work / "agent.log"
-    metrics_port, http_port = _free_port(), _free_port()
+    # The metrics and HTTP ports are picked here and bound by the agent a moment later; another
+    # process can take one in between (the test suite starts many servers at once). The agent
+    # then exits naming the port, and a start on fresh ports is the cure, not an error to show.
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        log = work / f"agent-{attempt}.log"
+        metrics_port, http_port = _free_port(), _free_port()
+        proc = _spawn_agent(state, source, log, metrics_port, http_port)
+        try:
+            try:
+                url = _wait_ready(proc, log)
+            except ApplianceError:
+                if attempt < _PORT_ATTEMPTS and proc.poll() is not None and _port_taken(log):
+                    _step(f"a port was taken before the agent bound it; starting again ({attempt})")
+                    continue
+                raise
+            yield _AgentProcess(proc, log, url, f"http://127.0.0.1:{metrics_port}/metrics",
+                                f"http://127.0.0.1:{http_port}")
+            return
+        finally:
+            _stop(proc)
+    raise AssertionError("unreachable: the last attempt raises or yields")
+
+
+_PORT_ATTEMPTS = 3
+
+
+def _port_taken(log: Path) -> bool:
+    return "address already in use" in log.read_text(errors="replace").lower()
+
+
+def _spawn_agent(state: Path, source: str, log: Path, metrics_port: int,
+                 http_port: int) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "provisioning.cli", "agent", "serve", "--state-dir", str(state),
             "--listen", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port),
             "--http-port", str(http_port), "--model", f"{MODEL}@{VERSION}",
@@ -135,19 +164,18 @@ def _agent(state: Path, work: Path, source: str) -> Iterator[_AgentProcess]:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = _wait_ready(proc, log)
-        yield _AgentProcess(proc, log, url, f"http://127.0.0.1:{metrics_port}/metrics",
-                            f"http://127.0.0.1:{http_port}")
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> str:
