@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ from agent.osrelease import root_uuids, uki_file_name
 from provisioning.errors import ImageError
 from provisioning.image.configure import IMAGE_METADATA_IN_ROOT
 from provisioning.image.measure import pcr11_record
+from provisioning.image.partuuid import data_uuid, derived_uuid, esp_uuid
 from provisioning.image.stage import DiskSizes, RunFn, StageContext
 
 __all__ = [
@@ -60,22 +60,6 @@ TYPE = {
 }
 # The backup GPT needs 33 sectors at the end; round up to a whole MiB.
 _TAIL_MIB = 1
-
-
-def derived_uuid(*parts: str) -> str:
-    """A UUID (version 4 bits set) from the sha256 of ``parts``; the same inputs give the same UUID."""
-    digest = hashlib.sha256("\0".join(("sovereign-appliance", *parts)).encode()).digest()
-    return str(uuid.UUID(bytes=digest[:16], version=4))
-
-
-def esp_uuid(name: str) -> str:
-    """The ESP's partition UUID: from the image name only, stable across versions."""
-    return derived_uuid(name, "esp")
-
-
-def data_uuid(name: str) -> str:
-    """The data partition's UUID (and its ext4 UUID): from the image name only."""
-    return derived_uuid(name, "data")
 
 
 def esp_volume_id(name: str) -> str:
