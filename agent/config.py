@@ -21,6 +21,7 @@ __all__ = [
     "HealthSection",
     "InferenceSection",
     "LimitsSection",
+    "SealSection",
     "ServerSection",
     "TlsSection",
     "UpdatesSection",
@@ -208,6 +209,20 @@ class AttestSection:
 
 
 @dataclass(frozen=True)
+class SealSection:
+    """Sealed mode (agent.sealed): the paths the image's initrd and unseal helper share with the
+    agent; an image sets none of them."""
+
+    marker: Path = setting(Path("/run/appliance/sealed.json"),
+                           "written by the initrd when the data partition stayed sealed: then the "
+                           "agent serves no model and takes the recovery key (Node/Unseal)")
+    request: Path = setting(Path("/run/appliance-agent/unseal-key"),
+                            "where Node/Unseal leaves the recovery key for the root helper")
+    result: Path = setting(Path("/run/appliance-unseal/result.json"), "where the helper answers")
+    unseal_timeout_s: float = setting(120.0, "longest Node/Unseal waits for the helper", check=_positive)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     server: ServerSection = field(default_factory=ServerSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
@@ -216,6 +231,7 @@ class AgentConfig:
     tls: TlsSection = field(default_factory=TlsSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     attest: AttestSection = field(default_factory=AttestSection)
+    seal: SealSection = field(default_factory=SealSection)
     origin: str = "defaults"
 
     def to_json(self) -> dict[str, Any]:
@@ -230,6 +246,7 @@ SECTIONS: dict[str, type[Any]] = {
     "tls": TlsSection,
     "limits": LimitsSection,
     "attest": AttestSection,
+    "seal": SealSection,
 }
 
 

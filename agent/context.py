@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the components import this module; the context only names t
     from agent.inference.repository import ModelRepository
     from agent.inference.service import InferenceServicer
     from agent.llm.types import GenerativeModels
+    from agent.sealed import SealState
     from agent.security import CallLimits, RevocationList
     from agent.updates.manager import UpdateManager
     from agent.updates.service import UpdatesComponent
@@ -55,6 +56,9 @@ class AgentContext:
     update_manager: UpdateManager | None = None
     # This process's line to the supervisor when it is one of several serving processes.
     workers: WorkerLink | None = None
+    # Set by agent.server when this boot's data partition stayed sealed (agent.sealed): then only
+    # the health component runs, and Node/Unseal takes the recovery key.
+    sealed: SealState | None = None
 
     @property
     def state_dir(self) -> Path:

@@ -124,6 +124,7 @@ METHOD_ROLES: Mapping[str, str] = {
     _NODE + "UpdateHistory": "observer",
     _NODE + "Attest": "observer",  # a quote tells what the node booted: what inventory tells
     _NODE + "EnrolAttestation": "admin",  # sets what the node's quotes are trusted by
+    _NODE + "Unseal": "admin",  # the recovery key: enrols the TPM to the data partition again
     _NODE + "CheckUpdates": "operator",
     _NODE + "ApplyUpdate": "operator",
     _NODE + "Rollback": "admin",

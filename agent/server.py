@@ -39,19 +39,23 @@ from agent.inference import service as inference_service
 from agent.lifecycle import LOOPBACK, ports_free, sd_notify
 from agent.metrics import InferenceCollector, KvCacheCollector, register_collector, start_metrics_server
 from agent.proto._pool import POOL
+from agent.sealed import read_seal_state
 from agent.updates import service as updates_service
 from agent.web import serve as http_service
 
 if TYPE_CHECKING:  # agent.workers runs this module's run_agent in each worker process
     from agent.workers import WorkerLink
 
-__all__ = ["LOOPBACK", "SERVICE_MODULES", "build_server", "check_config", "run_agent", "server_credentials"]
+__all__ = ["LOOPBACK", "SEALED_MODULES", "SERVICE_MODULES", "build_server", "check_config", "run_agent",
+           "server_credentials"]
 
 log = logging.getLogger(__name__)
 
 # Components that add gRPC services; each has `async def attach(server, ctx) -> list[str]`.
 # The updates component comes first: it resolves an interrupted update before any model loads.
 SERVICE_MODULES: tuple[ModuleType, ...] = (updates_service, inference_service, health_service)
+# ... and in sealed mode (agent.sealed), when the data partition stayed shut at boot.
+SEALED_MODULES: tuple[ModuleType, ...] = (health_service,)
 
 def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
     """The server's transport credentials, or None for plaintext on loopback.
@@ -108,11 +112,17 @@ async def build_server(config: AgentConfig, worker: WorkerLink | None = None,
         interceptors=guards,
         maximum_concurrent_rpcs=security.maximum_concurrent_rpcs(config),
     )
-    ctx = AgentContext(config=config, workers=worker)
+    ctx = AgentContext(config=config, workers=worker, sealed=read_seal_state(config.seal.marker))
     ctx.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(ctx.health, server)
     names = [health.SERVICE_NAME]
-    for module in SERVICE_MODULES:
+    modules = SERVICE_MODULES
+    if ctx.sealed is not None:
+        # the state directory is a RAM copy of the image's: no model, no update, only the node's
+        # health (which says why), its attestation and Node/Unseal
+        log.warning("agent: sealed mode: %s; serving no model", ctx.sealed.describe())
+        modules = SEALED_MODULES
+    for module in modules:
         added = await module.attach(server, ctx)
         names.extend(added)
         log.debug("%s added %s", module.__name__, ", ".join(added))
@@ -195,7 +205,7 @@ async def run_agent(config: AgentConfig, on_ready: Callable[[str, int], None] | 
     # the HTTPS port: the gRPC port's mTLS, CRL in force and roles, or plain HTTP on loopback;
     # with several workers only the leader serves it, as it serves the metrics port
     http = (await http_service.start(ctx, config.server.listen if config.tls.cert else LOOPBACK)
-            if worker is None or worker.leader else None)
+            if (worker is None or worker.leader) and ctx.sealed is None else None)
     serving = health_pb2.HealthCheckResponse.SERVING
     await _set_all(ctx, [n for n in names if n != reflection.SERVICE_NAME], serving)
     if worker is None:

@@ -33,7 +33,7 @@ import grpc
 from cryptography import x509
 from google.protobuf import json_format
 
-from agent.errors import ConfigError, NotFoundError
+from agent.errors import ApplianceError, ConfigError, NotFoundError
 from agent.proto import node_pb2, node_pb2_grpc
 from provisioning import attest
 from provisioning.errors import FleetError
@@ -61,6 +61,7 @@ __all__ = [
     "query",
     "run_rollout",
     "status_action",
+    "unseal_action",
     "update_action",
 ]
 
@@ -346,6 +347,10 @@ class _NotEnrolledError(Exception):
     """The site CA would not certify what the node sent as its attestation key."""
 
 
+class _StillSealedError(Exception):
+    """A sealed node's data stays sealed: no escrow, one the site's key does not open, a refusal."""
+
+
 def _channel(node: Node, auth: FleetAuth) -> grpc.aio.Channel:
     options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
     if auth.insecure:
@@ -376,8 +381,9 @@ async def _ask(node: Node, action: Action, auth: FleetAuth, deadline: float) -> 
     except _NotAttestedError as exc:
         return NodeResult(node, False, f"not attested: {exc}", data=exc.verdict.to_json(),
                           seconds=time.monotonic() - start)
-    except _NotEnrolledError as exc:
-        return NodeResult(node, False, f"not enrolled: {exc}", seconds=time.monotonic() - start)
+    except (_NotEnrolledError, _StillSealedError) as exc:
+        what = "not enrolled" if isinstance(exc, _NotEnrolledError) else "still sealed"
+        return NodeResult(node, False, f"{what}: {exc}", seconds=time.monotonic() - start)
     finally:
         await channel.close(grace=None)
 
@@ -490,6 +496,36 @@ async def attest_nodes(nodes: Sequence[Node], *, auth: FleetAuth, policy: attest
         return _ask(node, attest_action(node.name, policy), auth, deadline)
 
     return await _fan_out(nodes, visit, concurrency=concurrency, progress=progress)
+
+
+Decrypt = Callable[[bytes], str]  # a node's recovery key escrow -> the recovery key
+
+
+def unseal_action(decrypt: Decrypt, escrow: bytes = b"") -> Action:
+    """Sealed mode (issue #17) on one node: read its seal state (Node/GetHealth); when its data
+    partition stayed sealed at boot, decrypt the recovery key escrow it sends (or ``escrow``, a
+    copy from its ESP) with ``decrypt`` (the site's recovery key) and send the key (Node/Unseal,
+    admin): the node enrols its TPM again and reboots. A node whose data opened is left alone.
+    The recovery key never leaves this process but in that one call over mTLS."""
+
+    async def unseal(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
+        report = await stub.GetHealth(node_pb2.GetHealthRequest(), timeout=deadline)
+        seal = report.data_seal
+        if not seal.sealed:
+            return {"state": "open", "message": "its data partition opened at boot: nothing to do"}
+        blob = escrow or seal.recovery_escrow
+        if not blob:
+            raise _StillSealedError("the node sent no recovery key escrow (none on its ESP?); "
+                                    "give the copy with --escrow")
+        try:
+            key = await asyncio.to_thread(decrypt, blob)
+        except ApplianceError as exc:
+            raise _StillSealedError(str(exc)) from None
+        reply = await stub.Unseal(node_pb2.UnsealRequest(recovery_key=key), timeout=deadline)
+        return {"state": "unsealed", "was": seal.reason, "pcrs_sha256": dict(seal.pcrs_sha256),
+                "message": reply.message}
+
+    return unseal
 
 
 Certify = Callable[[str, bytes], bytes]  # (node name, AK TPM2B_PUBLIC) -> DER certificate

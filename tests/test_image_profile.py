@@ -52,6 +52,9 @@ def test_bookworm_profile_selects_python_311(tmp_path: Path) -> None:
     ('[gpu]\nmanifest = "nvidia-999"\n', "[gpu] manifest = 'nvidia-999': no such firmware manifest"),
     ('[agent.server]\nport = 99999\n', "[agent.server] port = 99999: not a TCP port"),
     ('[agent.serverr]\n', "unknown section [agent.serverr]"),
+    ('[agent.seal]\nmarker = "/tmp/sealed.json"\n',
+     "[agent.seal] marker = '/tmp/sealed.json': the image's initrd and unseal helper use "
+     "/run/appliance/sealed.json"),
     ('[bundles]\ntargets = ["x.bundle"]\n', "no registry given"),
     ('[bundles]\nregistry = "nowhere"\n', "has no metadata/ directory"),
     ('[debian\n', "not valid TOML"),

@@ -37,7 +37,7 @@ from tests.conftest import run_appliance
 from testsupport.appliance import free_port
 from testsupport.image_helpers import uki_difference
 from testsupport.scratch import scratch
-from testsupport.seal_testroot import CANARY, EPOCH, MARKER, cache_dir, make_rootfs
+from testsupport.seal_testroot import CANARY, EPOCH, MARKER, UNSEAL_KEY_ON_ESP, cache_dir, make_rootfs
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 SIZES = DiskSizes(esp_mib=160, root_mib=512, data_mib=64)  # the ESP holds two ~50 MiB UKIs
@@ -151,8 +151,9 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
         sealed_a: StageContext, tmp_path: Path) -> None:
     """First boot: the initrd makes the data partition as LUKS2 sealed to the TPM (PCR 7 and the
     site-signed PCR 11 policy), with the image's /var in it; the next boot opens it again; a boot
-    without the TPM, or with a UKI another key signed, leaves it sealed and untouched; read from
-    outside, it holds no plaintext."""
+    without the TPM, or with a UKI another key signed, leaves it sealed and untouched and runs in
+    sealed mode; read from outside, it holds no plaintext; on a new TPM, the recovery key through
+    the unseal helper enrols that TPM and the next boot opens the volume again."""
     _needs("qemu-system-x86_64", "qemu-img", "sfdisk", "swtpm", "mtype", "cryptsetup")
     image = sealed_a.out / "disk.raw"
     before = _sha(image)
@@ -199,9 +200,12 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     assert _token_types(header) == ["systemd-tpm2", "systemd-recovery"]  # enrolled once, not every boot
     assert _escrow(overlay, tmp_path) == escrow
 
-    # the same disk without its TPM: the initrd cannot open the volume, asks nobody, formats nothing
-    refused = _boot_cli(image, state, _OPEN_FAILED, "--keep-disk")
-    assert "Cryptography Setup for data" in str(refused["matched"])
+    # the same disk without its TPM: the initrd cannot open the volume, asks nobody, formats nothing,
+    # and boots on a RAM copy of the image's /var in sealed mode, saying why
+    refused = _boot_cli(image, state, MARKER, "--keep-disk")
+    line = str(refused["matched"])
+    assert "sealed=yes" in line and "why=no_TPM" in line and "tpm=no" in line, line
+    assert "var=/dev/mapper/data" in line and "boots=1 " in line and "canary=sealed-data_canary" in line, line
     assert _data_partition(overlay, tmp_path, _LUKS2_HEADER) == header
 
     # the same disk and TPM, its UKI swapped for one of the same root that another key signed
@@ -211,12 +215,31 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     new_pcr_key(tmp_path / "other.key")
     foreign = seal(other).uki
     swapped = _with_uki(state, foreign, tmp_path / "swapped")
-    refused = _boot_cli(swapped.image, swapped.state, _OPEN_FAILED, "--keep-disk", "--tpm")
-    assert "Cryptography Setup for data" in str(refused["matched"])
+    refused = _boot_cli(swapped.image, swapped.state, MARKER, "--keep-disk", "--tpm")
+    line = str(refused["matched"])
+    assert "sealed=yes" in line and "why=measurements_changed" in line and "tpm=yes" in line, line
+    assert "boots=1 " in line, line  # the RAM copy, not the volume (which has seen two boots)
     assert _data_partition(swapped.overlay, tmp_path, _LUKS2_HEADER) == header
 
+    # the same disk and UKI on a new TPM (a replaced board): sealed; the site's recovery key, handed
+    # to the root's helper as the agent's Node/Unseal hands it, checks out against the volume; the
+    # helper enrols the new TPM under the site's PCR policy key and reboots; the next boot opens the
+    # volume with the TPM alone, with what the earlier boots wrote
+    (tmp_path / "unseal-key").write_text(recovery)
+    moved = _with_esp(state, tmp_path / "new-tpm", {UNSEAL_KEY_ON_ESP: tmp_path / "unseal-key"},
+                      keep_tpm=False)
+    opened = _boot_cli(moved.image, moved.state, MARKER + ".*sealed=no", "--keep-disk", "--tpm")
+    line = str(opened["matched"])
+    assert "var=/dev/mapper/data" in line and "boots=3 " in line and "canary=sealed-data_canary" in line, line
+    after = _data_partition(moved.overlay, tmp_path, _LUKS2_HEADER)
+    assert after != header
+    # one TPM token: the new TPM's, the old one wiped
+    assert sorted(_token_types(after)) == ["systemd-recovery", "systemd-tpm2"], after[:4096]
+    assert b'"tpm2-pcrs":[7]' in after and b'"tpm2_pubkey_pcrs":[11]' in after
+    assert base64.b64encode(public_pem(load_pcr_key(sealed_a.pcr_key))) in after  # still the site's key
+    assert _opens(after, recovery)
 
-_OPEN_FAILED = "Failed to start.*Cryptography Setup for data"
+
 
 
 def _site_key(ctx: StageContext) -> rsa.RSAPrivateKey:
@@ -261,20 +284,33 @@ def _with_uki(state: Path, uki: Path, work: Path) -> vm.BootPlan:
     """The disk of the machine in ``state`` with ``uki`` in place of its slot A UKI, in a new state
     folder that keeps the machine's UEFI variables and TPM: the same node, another UKI."""
     import subprocess
+    raw = work / "probe.raw"
     work.mkdir()
-    raw = work / "disk.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(state / "overlay.qcow2"), str(raw)], check=True)
     names = _uki_names(raw)
+    raw.unlink()
     slot_a = [n for n in names if n.startswith("appliance-1.0")]
     assert len(slot_a) == 1, names
-    subprocess.run(["mcopy", "-o", "-i", f"{raw}@@1M", str(uki), f"::/EFI/Linux/{slot_a[0]}"], check=True,
-                   env=_MTOOLS_ENV | {"PATH": os.environ["PATH"]})
+    return _with_esp(state, work, {f"EFI/Linux/{slot_a[0]}": uki})
+
+
+def _with_esp(state: Path, work: Path, files: dict[str, Path], *, keep_tpm: bool = True) -> vm.BootPlan:
+    """The disk of the machine in ``state`` with ``files`` (ESP path: local file) written to its
+    ESP, in a new state folder that keeps the machine's UEFI variables and (``keep_tpm``) its TPM."""
+    import subprocess
+    work.mkdir(exist_ok=True)
+    raw = work / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(state / "overlay.qcow2"), str(raw)], check=True)
+    for dest, src in files.items():
+        subprocess.run(["mcopy", "-o", "-i", f"{raw}@@1M", str(src), f"::/{dest}"], check=True,
+                       env=_MTOOLS_ENV | {"PATH": os.environ["PATH"]})
     plan = vm.BootPlan(raw, work / "vm", False)
     plan.state.mkdir()
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(raw),
                     str(plan.overlay)], check=True)
     shutil.copyfile(state / "OVMF_VARS.fd", plan.vars)
-    shutil.copytree(state / "tpm", plan.state / "tpm")
+    if keep_tpm:
+        shutil.copytree(state / "tpm", plan.state / "tpm")
     return plan
 
 

@@ -6,6 +6,7 @@ The boots that make, unseal and refuse the volume are in tests/test_seal_system.
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent.osrelease import running_sealed_data
+from agent.sealed import SEALED_MARKER, UNSEAL_REQUEST, UNSEAL_RESULT
 from provisioning.errors import ImageError
-from provisioning.image.disk import Sealed, build_disk, data_uuid, layout, load_sealed
+from provisioning.image.disk import Sealed, build_disk, data_uuid, esp_uuid, layout, load_sealed
 from provisioning.image.seal import (
     REPART_DATA_CONF,
     kernel_cmdline,
@@ -24,6 +26,7 @@ from provisioning.image.seal import (
     sealed_crypttab,
     sealed_initrd_files,
 )
+from provisioning.image.sealed_mode import SEALED_MODE_UNIT, UNSEAL_PATH_UNIT, unseal_script
 from provisioning.image.stage import DiskSizes, StageContext
 from provisioning.tools import Completed
 
@@ -125,7 +128,53 @@ def test_the_initrd_opens_it_with_the_tpm_alone_after_repart(tmp_path: Path) -> 
     assert "Requires" not in opener["Unit"] and "BindsTo" not in opener["Unit"]
     wants = _ini((units / "initrd.target.d/50-appliance-sealed-data.conf").read_text())
     assert wants["Unit"]["Wants"].split() == ["systemd-cryptsetup@data.service",
-                                              "appliance-recovery-key.service"]
+                                              "appliance-recovery-key.service", SEALED_MODE_UNIT]
+
+
+def test_a_volume_that_stays_shut_leaves_the_node_booting_on_a_ram_var(tmp_path: Path) -> None:
+    """Sealed mode's half in the initrd: after the attempt to open the volume, and only when it
+    did not open, note why and boot on a RAM disk named as the volume's mapping."""
+    sealed_initrd_files("appliance", "data", tmp_path, b"-----BEGIN PUBLIC KEY-----\nsite\n")
+    unit = _ini((tmp_path / "etc/systemd/system" / SEALED_MODE_UNIT).read_text())
+    assert {"systemd-cryptsetup@data.service", "sysroot.mount"} <= set(unit["Unit"]["After"].split())
+    assert unit["Unit"]["Before"] == "initrd.target"
+    assert unit["Unit"]["ConditionPathExists"] == "!/dev/mapper/data"  # an opened volume: nothing to do
+    assert unit["Unit"]["DefaultDependencies"] == "no" and unit["Service"]["Type"] == "oneshot"
+    script = tmp_path / "usr/lib/appliance/sealed-mode"
+    assert script.stat().st_mode & 0o777 == 0o755
+    text = script.read_text()
+    assert unit["Service"]["ExecStart"] == "/usr/lib/appliance/sealed-mode"
+    assert f"data=/dev/disk/by-partuuid/{data_uuid('appliance')}" in text
+    assert f"esp=/dev/disk/by-partuuid/{esp_uuid('appliance')}" in text
+    assert f"marker={SEALED_MARKER}" in text and "/sys/class/tpm/tpm0/pcr-sha256/$i" in text
+    assert 'dmsetup create data --table "0 $sectors linear /dev/ram0 0"' in text
+    # the sealed volume is never a target of anything that writes
+    for line in text.splitlines():
+        if any(tool in line for tool in ("mkfs", "dmsetup", "cp -a", "mount -t ext4")):
+            assert '"$data"' not in line and "by-partuuid" not in line, line
+    assert "cryptsetup" not in text and "repart" not in text
+    subprocess.run(["sh", "-n", str(script)], check=True)  # POSIX sh: the initrd's shell
+
+
+def test_a_sealing_image_carries_the_unseal_helper_and_a_plain_one_does_not() -> None:
+    from provisioning.image.plan import configure_plan
+    from provisioning.image.profile import load_profile
+
+    plain = load_profile(Path("images/minimal.toml"))
+    sealing = dataclasses.replace(plain, tpm=dataclasses.replace(plain.tpm, seal_data=True))
+    for profile, sealed in ((plain, False), (sealing, True)):
+        plan = configure_plan(profile, pip_wheel="/usr/share/python-wheels")
+        files = {f.path: f for f in plan.files}
+        assert (UNSEAL_PATH_UNIT in plan.enable) is sealed
+        assert ("/usr/lib/appliance/unseal-data" in files) is sealed
+    helper = files["/usr/lib/appliance/unseal-data"]
+    assert helper.mode == 0o755 and helper.content == unseal_script(plain.image.name)
+    path_unit = _ini(files[f"/etc/systemd/system/{UNSEAL_PATH_UNIT}"].content)
+    assert path_unit["Path"]["PathExists"] == str(UNSEAL_REQUEST)
+    assert path_unit["Unit"]["ConditionPathExists"] == str(SEALED_MARKER)  # acts in sealed mode only
+    service = _ini(files["/etc/systemd/system/appliance-unseal.service"].content)
+    assert service["Service"]["RuntimeDirectory"] == UNSEAL_RESULT.parent.name
+    assert service["Unit"]["ConditionPathExists"] == str(SEALED_MARKER)
 
 
 def _slot(tmp_path: Path, roothash: str, version: str, sealed: bool) -> Sealed:
@@ -224,6 +273,7 @@ def test_a_sealing_root_without_openssl_is_refused_before_any_step(tmp_path: Pat
     ctx = StageContext(rootfs=root, out=tmp_path / "out", work=tmp_path / "work", source_date_epoch=0,
                        version="1", pcr_key=tmp_path / "pcr.key", seal_data=True,
                        recovery_key=tmp_path / "recovery.pub", run=run)
-    with pytest.raises(ImageError, match=r"needs these packages in the image: openssl, systemd-cryptsetup"):
+    with pytest.raises(ImageError, match=r"needs these packages in the image: cryptsetup-bin, openssl, "
+                       r"systemd-cryptsetup"):
         seal(ctx)
     assert not (tmp_path / "out").exists()

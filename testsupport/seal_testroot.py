@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from agent.sealed import SEALED_MARKER, UNSEAL_REQUEST
+from provisioning.image.sealed_mode import UNSEAL_PATH_UNIT, unseal_files
 from provisioning.tools import run
 
 EPOCH = 1700000000
@@ -21,8 +23,9 @@ PACKAGES = (
     # what the seal stage needs inside the root (provisioning.image.seal.REQUIRED_IN_ROOTFS)
     "dracut", "systemd-boot", "systemd-boot-efi", "systemd-ukify", "systemd-cryptsetup", "systemd-repart",
     "tpm2-tools",
-    # a sealed data partition's initrd escrows its recovery key with openssl (seal.SEALED_DATA_REQUIRED)
-    "openssl",
+    # a sealed data partition's initrd escrows its recovery key with openssl, and the unseal helper
+    # checks the recovery key with cryptsetup (seal.SEALED_DATA_REQUIRED)
+    "openssl", "cryptsetup-bin",
 )
 MARKER = "dm-verity root OK"
 # A file of the image's /var whose bytes must never be found on a sealed data partition read from
@@ -43,7 +46,27 @@ boots=$(wc -l < /var/lib/seal-test/boots) canary=$(head -c 18 /var/lib/seal-test
 varsize=$(findmnt -bno SIZE /var) efi=$(findmnt -no SOURCE /efi) \\
 slot=$(cat /etc/appliance-slot) tpm=$(test -e /dev/tpmrm0 && echo yes || echo no) \\
 sb=$(dmesg | grep -c Secure.boot.enabled) \\
-pcr11=$(cat /sys/class/tpm/tpm0/pcr-sha256/11 2>/dev/null || echo none)" > /dev/console'
+pcr11=$(cat /sys/class/tpm/tpm0/pcr-sha256/11 2>/dev/null || echo none) \\
+sealed=$(test -e /run/appliance/sealed.json && echo yes || echo no) \\
+why=$(grep -o -e "no TPM" -e "measurements changed" -e "no data partition" /run/appliance/sealed.json \\
+2>/dev/null | head -1 | tr " " _)" > /dev/console'
+
+[Install]
+WantedBy=multi-user.target
+"""
+# The agent's part of Node/Unseal, played for the seal tests: in sealed mode, the recovery key a
+# test put on the ESP goes where the agent would leave it for the root's unseal helper.
+UNSEAL_KEY_ON_ESP = "appliance/test-unseal-key"
+UNSEAL_STAND_IN_UNIT = f"""[Unit]
+Description=Hand the test's recovery key to the unseal helper (the agent's Node/Unseal, played)
+ConditionPathExists={SEALED_MARKER}
+RequiresMountsFor=/efi
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'test -f /efi/{UNSEAL_KEY_ON_ESP} || exit 0; mkdir -p {UNSEAL_REQUEST.parent} && \\
+head -c 71 /efi/{UNSEAL_KEY_ON_ESP} > {UNSEAL_REQUEST.parent}/.key && \\
+mv {UNSEAL_REQUEST.parent}/.key {UNSEAL_REQUEST}'
 
 [Install]
 WantedBy=multi-user.target
@@ -103,6 +126,16 @@ def make_rootfs(cache: Path, dest: Path, slot: str, broken: bool = False) -> Pat
     canary.parent.mkdir(parents=True, exist_ok=True)
     canary.write_text(CANARY)
     _enable(dest, "verity-marker.service", MARKER_UNIT, ("multi-user.target.wants",))
+    # Node/Unseal's helper, as an image with sealed data carries it, and the agent's part played
+    for name, (text, mode) in unseal_files("appliance").items():
+        target = dest / name.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(mode)
+    (dest / "etc/systemd/system/multi-user.target.wants").mkdir(exist_ok=True)
+    (dest / "etc/systemd/system/multi-user.target.wants" / UNSEAL_PATH_UNIT).symlink_to(
+        f"/etc/systemd/system/{UNSEAL_PATH_UNIT}")
+    _enable(dest, "unseal-stand-in.service", UNSEAL_STAND_IN_UNIT, ("multi-user.target.wants",))
     if broken:
         _enable(dest, "broken-slot.service", BROKEN_UNIT,
                 ("boot-complete.target.requires", "multi-user.target.wants"))

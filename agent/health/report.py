@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.sealed import SealState
+
 __all__ = ["Disk", "GpuSample", "HealthReport", "HostSample", "RuleResult", "Sample", "Verdict", "Xid"]
 
 
@@ -108,6 +110,7 @@ class Sample:
     nvml_reason: str = ""
     driver_version: str = ""
     cuda_driver_version: str = ""
+    sealed: SealState | None = None  # the data partition stayed sealed at boot (agent.sealed)
 
 
 @dataclass(frozen=True)

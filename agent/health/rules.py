@@ -207,7 +207,17 @@ def gpu_rules(s: Sample, cfg: HealthSection) -> list[RuleResult]:
     return out
 
 
-RULES: tuple[Rule, ...] = (nvml_rule, memory_rule, data_disk_rule, gpu_rules)
+def data_seal_rule(s: Sample, cfg: HealthSection) -> list[RuleResult]:
+    """Sealed mode (agent.sealed): the data partition stayed shut at boot; the node serves no
+    model until an admin's recovery key enrols its TPM again (Node/Unseal)."""
+    if s.sealed is None:
+        return []
+    return [RuleResult("data.sealed", Verdict.FAIL,
+                       f"{s.sealed.describe()}; serving no model until an admin sends the site's "
+                       "recovery key (Node/Unseal)", s.sealed.device or "data")]
+
+
+RULES: tuple[Rule, ...] = (nvml_rule, memory_rule, data_disk_rule, data_seal_rule, gpu_rules)
 
 
 def evaluate(sample: Sample, cfg: HealthSection) -> HealthReport:
@@ -292,6 +302,10 @@ def transitions(prev: HealthReport | None, cur: HealthReport, cfg: HealthSection
     if disk is not None and disk.verdict > before.get((disk.rule, disk.subject), Verdict.PASS):
         out.append(EventSpec("disk.filling", "error" if disk.verdict == Verdict.FAIL else "warning",
                              disk.subject, disk.reason))
+    if prev is None and cs.sealed is not None:
+        out.append(EventSpec("data.sealed", "error", cs.sealed.device or "data", cs.sealed.describe(),
+                             {"reason": cs.sealed.reason,
+                              **{f"pcr{i}_sha256": v for i, v in cs.sealed.pcrs_sha256.items()}}))
     if prev is None or cur.overall != prev.overall:
         worst = [r for r in cur.rules if r.verdict == cur.overall and r.verdict > Verdict.PASS]
         reason = "; ".join(f"{r.subject}: {r.reason}" for r in worst[:3]) or "all rules pass"

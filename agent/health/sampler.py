@@ -28,6 +28,7 @@ from agent.config import HealthSection
 from agent.events import EventLog
 from agent.health import rules
 from agent.health.report import Disk, GpuSample, HealthReport, HostSample, Sample, Xid
+from agent.sealed import SealState
 
 __all__ = ["THROTTLE_REASONS", "Sampler", "decode_throttle", "nvml_error_name", "sample_host"]
 
@@ -304,10 +305,12 @@ class Sampler:
     XID_WAIT_MS = 1000  # how long one nvmlEventSetWait blocks; bounds stop() latency
 
     def __init__(self, cfg: HealthSection, state_dir: Path, *, nvml: Any = None,
-                 events: EventLog | None = None, clock: Callable[[], float] = time.time) -> None:
+                 events: EventLog | None = None, clock: Callable[[], float] = time.time,
+                 sealed: SealState | None = None) -> None:
         if nvml is None:
             nvml = importlib.import_module("pynvml")
         self.cfg = cfg
+        self.sealed = sealed  # this boot's seal state: it does not change until the next boot
         self.state_dir = state_dir
         self.nvml = nvml
         self.events = events or EventLog(None)
@@ -505,7 +508,7 @@ class Sampler:
             gpus = self._gpus(now)
             return Sample(time=now, host=host, gpus=gpus, nvml_available=self._nvml_ok,
                           nvml_reason=self._nvml_reason, driver_version=self._driver,
-                          cuda_driver_version=self._cuda)
+                          cuda_driver_version=self._cuda, sealed=self.sealed)
 
     def sample_once(self) -> HealthReport:
         """Sample, evaluate the rules, record transitions as events, notify listeners."""

@@ -35,6 +35,7 @@ from agent.health.sampler import Sampler
 from agent.metrics import REGISTRY, register_collector
 from agent.proto import node_pb2 as pb
 from agent.proto import node_pb2_grpc as pb_grpc
+from agent.sealed import Unsealer, UnsealError
 
 __all__ = ["SERVICE_NAME", "NodeServicer", "attach", "close", "event_to_proto", "inventory_to_proto",
            "report_to_proto"]
@@ -93,7 +94,10 @@ def report_to_proto(report: HealthReport) -> pb.HealthReport:
                for r in report.rules],
         host=host, gpus=gpus, nvml_available=s.nvml_available, nvml_reason=s.nvml_reason,
         sampled_at=_ts(s.time), driver_version=s.driver_version,
-        cuda_driver_version=s.cuda_driver_version)
+        cuda_driver_version=s.cuda_driver_version,
+        data_seal=pb.DataSeal(sealed=True, reason=s.sealed.reason, pcrs_sha256=s.sealed.pcrs_sha256,
+                              device=s.sealed.device, recovery_escrow=s.sealed.recovery_escrow)
+        if s.sealed is not None else None)
 
 
 def _compliance_to_proto(c: Compliance | None) -> pb.Compliance | None:
@@ -285,6 +289,26 @@ class NodeServicer(pb_grpc.NodeServicer):
 
         return await _guard(context, run)
 
+    async def Unseal(self, request: Any, context: Any) -> pb.UnsealResponse:  # noqa: N802
+        seal = self.ctx.sealed
+        cfg = self.ctx.config.seal
+
+        def unseal() -> str:
+            try:
+                message = Unsealer(cfg.request, cfg.result, cfg.unseal_timeout_s).unseal(request.recovery_key)
+            except UnsealError as exc:
+                self.events.record("data.unseal_refused", "warning", "data", str(exc))
+                raise
+            self.events.record("data.unsealed", "info", "data", message)
+            return message
+
+        async def run() -> pb.UnsealResponse:
+            if seal is None:
+                raise UnsealError("the data partition opened at boot: there is nothing to unseal")
+            return pb.UnsealResponse(message=await asyncio.to_thread(unseal))
+
+        return await _guard(context, run)
+
     async def GetEvents(self, request: Any, context: Any) -> pb.GetEventsResponse:  # noqa: N802
         limit = min(request.limit or DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)
         events = self.events.recent(request.after_seq, limit, request.kind_prefix)
@@ -365,7 +389,7 @@ async def attach(server: grpc.aio.Server, ctx: AgentContext) -> list[str]:
         # One sampler records the node's transitions; the other workers' samplers only
         # answer health questions (each would record the same transition again).
         recorder = ctx.workers is None or ctx.workers.leader
-        sampler = Sampler(cfg, ctx.state_dir, events=events if recorder else None)
+        sampler = Sampler(cfg, ctx.state_dir, events=events if recorder else None, sealed=ctx.sealed)
         ctx.sampler = sampler
     loop = asyncio.get_running_loop()
     servicer = NodeServicer(ctx, sampler, events)

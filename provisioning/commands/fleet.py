@@ -1,4 +1,5 @@
-"""``appliance fleet status|health|inventory|attest|enrol-attest|update|rollout|sd``: many nodes at once."""
+"""``appliance fleet status|health|inventory|attest|enrol-attest|unseal|update|rollout|sd``: many nodes
+at once."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from provisioning.fleet import (
     query,
     run_rollout,
     status_action,
+    unseal_action,
     update_action,
 )
 from provisioning.output import emit_json, examples, print_table, progress
@@ -128,6 +130,7 @@ def register(
     e.add_argument("--days", type=int, default=365, help="validity of the certificates (default: 365)")
     e.add_argument("--renew", action="store_true", help="certify every node's key anew")
     e.set_defaults(handler=_enrol)
+    _register_unseal(fsub, common)
     u = fsub.add_parser("update", **examples(
             "appliance fleet update -i inventory.ini --limit lab --target tiny@1.1.0 --dry-run"),
         parents=[common], help="ApplyUpdate on every selected node at once")
@@ -359,6 +362,64 @@ def _enrol(args: argparse.Namespace) -> int:
         print_table(("NODE", "KEY", "CERTIFICATE", "SERIAL", "REASON"), rows)
         print(f"{sum(r.ok for r in results)} of {len(results)} nodes enrolled; check them with "
               "`appliance fleet attest`", file=sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _register_unseal(fsub: argparse._SubParsersAction[argparse.ArgumentParser],
+                     common: argparse.ArgumentParser) -> None:
+    s = fsub.add_parser("unseal", **examples(
+            "appliance fleet unseal -i inventory.ini --limit node7 --recovery-key keys/recovery.key",
+            "appliance fleet unseal -i inventory.ini --limit node7 --recovery-key keys/recovery.key "
+            "--escrow node7-esp/appliance/recovery-key.enc --json"),
+        parents=[common], help="give sealed nodes their recovery key (admin): they enrol their TPM again",
+        description="For each selected node whose data partition stayed sealed at boot (its health "
+                    "says 'data sealed'), decrypts the recovery key escrow the node sends with the "
+                    "site's recovery private key, and sends the key (Node/Unseal, admin role, over "
+                    "mTLS). The node checks it against its volume, enrols its TPM again (PCR 7 as it "
+                    "is now, the site's signed PCR 11 policy) and reboots. Check first with `appliance "
+                    "fleet attest` that the node runs an image of the site: the key opens the data. "
+                    "Nodes whose data opened are left alone. Exit status 1 when any node stays sealed.")
+    _common_flags(s)
+    s.set_defaults(deadline=180.0, concurrency=16)
+    s.add_argument("--recovery-key", type=Path, required=True, metavar="KEY",
+                   help="the site's recovery private key (PEM; the profile's [tpm] recovery_key is "
+                        "its public half)")
+    s.add_argument("--escrow", type=Path, metavar="FILE",
+                   help="a copy of the node's escrow (appliance/recovery-key.enc on its ESP) instead "
+                        "of the one it sends; only with a single node")
+    passphrase_flags(s)
+    s.set_defaults(handler=_unseal)
+
+
+def _unseal(args: argparse.Namespace) -> int:
+    from provisioning.image.recovery import load_recovery_private_key, open_escrow
+
+    key = load_recovery_private_key(args.recovery_key, pki.load_passphrase(args.passphrase_file,
+                                                                           args.passphrase_env))
+    nodes, auth = _setup(args)
+    escrow = b""
+    if args.escrow is not None:
+        if len(nodes) != 1:
+            raise ConfigError(f"--escrow {args.escrow}: an escrow is one node's, and --limit "
+                              f"{args.limit!r} selects {len(nodes)} nodes")
+        try:
+            with args.escrow.open("rb") as f:
+                escrow = f.read(key.key_size // 8 + 1)
+        except OSError as exc:
+            raise ConfigError(f"--escrow {args.escrow}: {exc.strerror or exc}") from None
+        open_escrow(key, escrow, str(args.escrow))  # refuse a bad copy before asking any node
+
+    def decrypt(blob: bytes) -> str:
+        return open_escrow(key, blob, "sent by the node")
+
+    results = _run(nodes, unseal_action(decrypt, escrow), auth, args)
+    if args.json:
+        emit_json(_summary(results))
+    else:
+        rows = [(r.node.name, r.data.get("state", "sealed" if not r.ok else "-"),
+                 r.data.get("message", "") or r.reason or "-") for r in results]
+        print_table(("NODE", "STATE", "MESSAGE"), rows)
+        _print_failures(results)
     return 0 if all(r.ok for r in results) else 1
 
 

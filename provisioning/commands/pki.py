@@ -266,22 +266,17 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _recovery_key(args: argparse.Namespace) -> int:
-    from provisioning.image.recovery import decrypt_escrow, load_recovery_private_key
+    from provisioning.image.recovery import load_recovery_private_key, open_escrow
 
     key = load_recovery_private_key(args.key, _passphrase(args))
-    size = key.key_size // 8  # RSA-OAEP: the ciphertext is exactly the modulus long
     try:
         with args.escrow.open("rb") as f:
-            blob = f.read(size + 1)  # hostile input: never more than that is read
+            blob = f.read(key.key_size // 8 + 1)  # hostile input: never more than that is read
     except FileNotFoundError:
         raise NotFoundError(f"recovery key escrow {args.escrow}: does not exist") from None
     except OSError as exc:
         raise ImageError(f"recovery key escrow {args.escrow}: {exc.strerror or exc}") from None
-    if len(blob) != size:
-        raise ImageError(f"recovery key escrow {args.escrow}: "
-                         f"{'more than' if len(blob) > size else 'only'} {min(len(blob), size)} bytes; "
-                         f"an escrow for this {key.key_size}-bit key is exactly {size}")
-    recovery = decrypt_escrow(key, blob)
+    recovery = open_escrow(key, blob, str(args.escrow))
     if args.json:
         emit_json({"escrow": str(args.escrow), "recovery_key": recovery})
     else:

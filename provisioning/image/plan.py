@@ -19,6 +19,7 @@ from provisioning.image.egress import nft_output_rules
 from provisioning.image.gpu_manifest import gpu_stack, headers_package
 from provisioning.image.gpu_stage import DEBS_IN_ROOT, DKMS_CONF, KEYS_IN_ROOT, dkms_conf
 from provisioning.image.profile import FIRMWARE_LOG_COPY, Profile
+from provisioning.image.sealed_mode import UNSEAL_PATH_UNIT, unseal_files
 
 __all__ = [
     "AGENT_BIN",
@@ -1303,6 +1304,9 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     ]
     diagnostics, diagnostic_units, diagnostic_masks = _diagnostics(profile)
     files += diagnostics
+    if profile.tpm.seal_data:  # Node/Unseal's helper (provisioning.image.sealed_mode)
+        files += [FileSpec(path, text, mode)
+                  for path, (text, mode) in unseal_files(profile.image.name).items()]
     if _checks_cpu(profile):
         files.append(FileSpec(f"/etc/systemd/system/{CPU_CHECK_UNIT}", cpu_check_unit(profile)))
     if profile.diagnostics.console_journal:
@@ -1331,6 +1335,8 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     if profile.ssh.enabled:
         enable.append("ssh.service")
     enable += diagnostic_units
+    if profile.tpm.seal_data:
+        enable.append(UNSEAL_PATH_UNIT)
     if _checks_cpu(profile):
         enable.append(CPU_CHECK_UNIT)
     mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service",

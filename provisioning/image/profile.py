@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import SECTIONS as AGENT_SECTIONS
-from agent.config import AgentConfig
+from agent.config import AgentConfig, SealSection
 from agent.cpu import DEFAULT_LEVEL as DEFAULT_CPU_LEVEL
 from agent.errors import ConfigError
 from agent.settings import from_table, path_problem, read_toml, setting, to_json
@@ -591,6 +591,12 @@ def _agent(path: Path, raw: Any, *, baked_tls: bool = False) -> AgentConfig:
         sections["tls"] = replace(tls, cert=Path(f"{TLS_IN_ROOT}/node.crt"),
                                   key=Path(f"{TLS_IN_ROOT}/node.key"),
                                   ca=Path(f"{TLS_IN_ROOT}/ca.crt"), crl=Path(f"{TLS_IN_ROOT}/crl.pem"))
+    fixed = {k: v for k in ("marker", "request", "result")
+             if (v := getattr(sections["seal"], k)) != getattr(SealSection(), k)}
+    if fixed:
+        name = next(iter(fixed))
+        raise ProfileError(f"{path}: [agent.seal] {name} = {str(fixed[name])!r}: the image's initrd and "
+                           f"unseal helper use {getattr(SealSection(), name)}; leave it unset")
     if "firmware_log" not in raw.get("attest", {}):  # the kernel's is root's only
         sections["attest"] = replace(sections["attest"], firmware_log=Path(FIRMWARE_LOG_COPY))
     config = AgentConfig(**sections, origin=f"{path}: [agent]")

@@ -13,21 +13,21 @@ the site's half (decrypting an escrow read from a node's ESP).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from agent import sealed
 from provisioning.errors import ImageError
 
 __all__ = ["ESCROW_PATH", "MIN_BITS", "RECOVERY_KEY", "decrypt_escrow", "load_recovery_private_key",
-           "load_recovery_public_key"]
+           "load_recovery_public_key", "open_escrow"]
 
 ESCROW_PATH = "appliance/recovery-key.enc"  # on the node's ESP
 MIN_BITS = 2048
 # systemd's recovery keys: 8 groups of 8 "modhex" characters
-RECOVERY_KEY = re.compile(r"[cbdefghijklnrtuv]{8}(?:-[cbdefghijklnrtuv]{8}){7}")
+RECOVERY_KEY = sealed.RECOVERY_KEY
 
 
 def load_recovery_public_key(path: Path) -> bytes:
@@ -89,3 +89,21 @@ def decrypt_escrow(private_key: rsa.RSAPrivateKey, blob: bytes) -> str:
     if not RECOVERY_KEY.fullmatch(text):
         raise ImageError("recovery key escrow: decrypts, but holds no recovery key")
     return text
+
+
+def open_escrow(private_key: rsa.RSAPrivateKey, blob: bytes, where: str) -> str:
+    """:func:`decrypt_escrow` after checking the size: an escrow for this key is exactly the
+    modulus long (RSA-OAEP). ``where`` names the blob's origin in errors.
+
+    Raises:
+        ImageError: the wrong size, not for this key, or no recovery key inside.
+    """
+    size = private_key.key_size // 8
+    if len(blob) != size:
+        raise ImageError(f"recovery key escrow {where}: "
+                         f"{'more than' if len(blob) > size else 'only'} {min(len(blob), size)} bytes; "
+                         f"an escrow for this {private_key.key_size}-bit key is exactly {size}")
+    try:
+        return decrypt_escrow(private_key, blob)
+    except ImageError as exc:
+        raise ImageError(f"{where}: {exc}") from None

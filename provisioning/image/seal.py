@@ -36,6 +36,7 @@ from provisioning.image.measure import pcr11_record
 from provisioning.image.pcrsign import SIGNED_PHASES, check_pcr_signature, load_pcr_key, public_pem
 from provisioning.image.profile import SEAL_OWNED_ARGS
 from provisioning.image.recovery import ESCROW_PATH, load_recovery_public_key
+from provisioning.image.sealed_mode import SEALED_MODE_DRIVERS, SEALED_MODE_UNIT, sealed_mode_initrd_files
 from provisioning.image.stage import RunFn, StageContext, check_paths
 
 __all__ = ["PACKAGES", "REQUIRED_IN_ROOTFS", "chroot_argv", "kernel_cmdline", "kernel_version",
@@ -87,9 +88,13 @@ REPART_DATA_CONF = "[Partition]\nType=linux-generic\n"
 # repart never formats a partition that exists: later boots, and other slots, find it and open it.
 SEALED_DATA_MODULES = ("systemd-repart", "systemd-cryptsetup")
 # programs the initrd needs for it beyond dracut's modules: repart's mkfs, the recovery key's escrow
-SEALED_DATA_TOOLS = ("mkfs.ext4", "mke2fs", "systemd-cryptenroll", "openssl", "grep")
+SEALED_DATA_TOOLS = ("mkfs.ext4", "mke2fs", "systemd-cryptenroll", "openssl", "grep",
+                     # sealed mode's RAM /var (provisioning.image.sealed_mode)
+                     "dmsetup", "cp", "mv", "cat", "udevadm")
 # ... and the packages that put them in the root (the pipeline adds them to a sealing profile's)
-SEALED_DATA_REQUIRED = {"usr/bin/openssl": "openssl", "usr/bin/systemd-cryptenroll": "systemd-cryptsetup"}
+SEALED_DATA_REQUIRED = {"usr/bin/openssl": "openssl", "usr/bin/systemd-cryptenroll": "systemd-cryptsetup",
+                        # Node/Unseal's helper checks the recovery key and reads the TPM token
+                        "usr/sbin/cryptsetup": "cryptsetup-bin"}
 SEALED_DATA_PACKAGES = tuple(sorted(set(SEALED_DATA_REQUIRED.values())))
 SEALED_DATA_MAPPER = "data"
 _SEALED_REPART_DROPIN = """[Unit]
@@ -123,7 +128,7 @@ Wants=systemd-repart.service
 Before=initrd.target
 """
 _SEALED_INITRD_DROPIN = f"""[Unit]
-Wants=systemd-cryptsetup@{SEALED_DATA_MAPPER}.service appliance-recovery-key.service
+Wants=systemd-cryptsetup@{SEALED_DATA_MAPPER}.service appliance-recovery-key.service {SEALED_MODE_UNIT}
 """
 # The recovery key (provisioning.image.recovery): enrolled once, in the initrd where the TPM
 # policy holds, encrypted at once to the site's key; only the ciphertext is written, to the ESP.
@@ -209,6 +214,11 @@ def sealed_initrd_files(name: str, label: str, tree: Path, recovery_public: byte
         path = tree / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    for rel, (text, mode) in sealed_mode_initrd_files(name).items():
+        path = tree / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
 
 _CHROOT_SCRIPT = r"""set -eu
 root=$1; work=$2; shift 2
@@ -379,7 +389,7 @@ def build_uki(ctx: StageContext, kver: str, cmdline: str, work: Path,
     (work / "cmdline").write_text(cmdline + "\n")
     (work / "os-release").write_text(_os_release(ctx.rootfs, ctx.name, ctx.version))
     epoch = {"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)}
-    drivers = " ".join(DRACUT_DRIVERS)
+    drivers = " ".join(DRACUT_DRIVERS + (SEALED_MODE_DRIVERS if ctx.seal_data else ()))
     modules: tuple[str, ...] = DRACUT_MODULES
     sealed_data: list[str] = []
     if ctx.seal_data:
