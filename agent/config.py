@@ -219,6 +219,9 @@ class SealSection:
     request: Path = setting(Path("/run/appliance-agent/unseal-key"),
                             "where Node/Unseal leaves the recovery key for the root helper")
     result: Path = setting(Path("/run/appliance-unseal/result.json"), "where the helper answers")
+    escrow: Path = setting(Path("/run/appliance-agent/recovery-key.enc"),
+                           "the recovery key's escrow (encrypted to the site's key), copied from the "
+                           "ESP as the agent starts: the fleet collects it (inventory) and unseals with it")
     unseal_timeout_s: float = setting(120.0, "longest Node/Unseal waits for the helper", check=_positive)
 
 

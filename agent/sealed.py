@@ -24,14 +24,14 @@ from agent.config import SealSection
 from agent.errors import ApplianceError
 
 __all__ = ["RECOVERY_KEY", "SEALED_ESCROW", "SEALED_MARKER", "UNSEAL_REQUEST", "UNSEAL_RESULT",
-           "RecoveryKeyError", "SealState", "UnsealError", "Unsealer", "read_seal_state"]
+           "RecoveryKeyError", "SealState", "UnsealError", "Unsealer", "read_escrow", "read_seal_state"]
 
 # The paths the image's initrd, the agent and the root's helper share (the image side imports
 # them): [seal]'s defaults. The request is in the agent's RuntimeDirectory; the result in the
 # helper's, read-only to the agent.
 SEALED_MARKER = SealSection().marker
-# the recovery key's escrow (RSA-OAEP to the site's key), copied beside it from the ESP
-SEALED_ESCROW = SEALED_MARKER.with_name("recovery-key.enc")
+# the recovery key's escrow (RSA-OAEP to the site's key), copied from the ESP as the agent starts
+SEALED_ESCROW = SealSection().escrow
 _ESCROW_MAX = 4096  # an RSA-16384 ciphertext is 2048 bytes
 UNSEAL_REQUEST = SealSection().request
 UNSEAL_RESULT = SealSection().result
@@ -69,8 +69,9 @@ class SealState:
         return f"data sealed: {self.reason}" + (f" ({pcrs})" if pcrs else "")
 
 
-def read_seal_state(marker: Path = SEALED_MARKER) -> SealState | None:
-    """The seal state this boot's initrd recorded, or None when the data partition opened."""
+def read_seal_state(marker: Path = SEALED_MARKER, escrow: Path = SEALED_ESCROW) -> SealState | None:
+    """The seal state this boot's initrd recorded (with the escrow at ``escrow``), or None when
+    the data partition opened."""
     try:
         with marker.open("rb") as f:
             raw = f.read(_MARKER_MAX + 1)
@@ -88,7 +89,7 @@ def read_seal_state(marker: Path = SEALED_MARKER) -> SealState | None:
     device = doc.get("device")
     pcrs = doc.get("pcrs_sha256")
     return SealState(
-        recovery_escrow=_escrow(marker.with_name(SEALED_ESCROW.name)),
+        recovery_escrow=read_escrow(escrow),
         reason=reason[:500] if isinstance(reason, str) and reason else "unknown (no reason recorded)",
         device=device[:200] if isinstance(device, str) else "",
         pcrs_sha256={k: v.lower() for k, v in pcrs.items()
@@ -96,7 +97,8 @@ def read_seal_state(marker: Path = SEALED_MARKER) -> SealState | None:
                      and isinstance(v, str) and _HEX.fullmatch(v)} if isinstance(pcrs, dict) else {})
 
 
-def _escrow(path: Path) -> bytes:
+def read_escrow(path: Path = SEALED_ESCROW) -> bytes:
+    """The recovery key's escrow, or b"" when there is none (no sealed data, not made yet)."""
     try:
         with path.open("rb") as f:
             blob = f.read(_ESCROW_MAX + 1)

@@ -112,7 +112,8 @@ async def build_server(config: AgentConfig, worker: WorkerLink | None = None,
         interceptors=guards,
         maximum_concurrent_rpcs=security.maximum_concurrent_rpcs(config),
     )
-    ctx = AgentContext(config=config, workers=worker, sealed=read_seal_state(config.seal.marker))
+    ctx = AgentContext(config=config, workers=worker, sealed=read_seal_state(config.seal.marker,
+                                                                               config.seal.escrow))
     ctx.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(ctx.health, server)
     names = [health.SERVICE_NAME]

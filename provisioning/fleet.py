@@ -34,6 +34,7 @@ from cryptography import x509
 from google.protobuf import json_format
 
 from agent.errors import ApplianceError, ConfigError, NotFoundError
+from agent.fsutil import atomic_write_bytes
 from agent.proto import node_pb2, node_pb2_grpc
 from provisioning import attest
 from provisioning.errors import FleetError
@@ -52,6 +53,8 @@ __all__ = [
     "attest_nodes",
     "enrol_action",
     "enrol_nodes",
+    "escrow_action",
+    "escrow_nodes",
     "health_action",
     "inventory_action",
     "load_expected_images",
@@ -343,12 +346,28 @@ class _NotAttestedError(Exception):
         self.verdict = verdict
 
 
-class _NotEnrolledError(Exception):
+class _RefusedError(Exception):
+    """What a node answered does not do: the node's result fails with ``what`` and the reason."""
+
+    what = "refused"
+
+
+class _NotEnrolledError(_RefusedError):
     """The site CA would not certify what the node sent as its attestation key."""
 
+    what = "not enrolled"
 
-class _StillSealedError(Exception):
+
+class _StillSealedError(_RefusedError):
     """A sealed node's data stays sealed: no escrow, one the site's key does not open, a refusal."""
+
+    what = "still sealed"
+
+
+class _NoEscrowError(_RefusedError):
+    """The node has no recovery key escrow to give, or one the site's key does not open."""
+
+    what = "no usable escrow"
 
 
 def _channel(node: Node, auth: FleetAuth) -> grpc.aio.Channel:
@@ -381,9 +400,8 @@ async def _ask(node: Node, action: Action, auth: FleetAuth, deadline: float) -> 
     except _NotAttestedError as exc:
         return NodeResult(node, False, f"not attested: {exc}", data=exc.verdict.to_json(),
                           seconds=time.monotonic() - start)
-    except (_NotEnrolledError, _StillSealedError) as exc:
-        what = "not enrolled" if isinstance(exc, _NotEnrolledError) else "still sealed"
-        return NodeResult(node, False, f"{what}: {exc}", seconds=time.monotonic() - start)
+    except _RefusedError as exc:
+        return NodeResult(node, False, f"{exc.what}: {exc}", seconds=time.monotonic() - start)
     finally:
         await channel.close(grace=None)
 
@@ -526,6 +544,46 @@ def unseal_action(decrypt: Decrypt, escrow: bytes = b"") -> Action:
                 "message": reply.message}
 
     return unseal
+
+
+def escrow_action(node: str, out: Path, decrypt: Decrypt | None = None) -> Action:
+    """Collect one node's recovery key escrow (Node/GetInventory) into ``out``/NODE.recovery-key.enc
+    (0600; written whole or not at all). With ``decrypt`` (the site's recovery key), check that it
+    opens, so the site knows before a node fails that it can unseal it; the key is not kept."""
+
+    async def collect(stub: node_pb2_grpc.NodeStub, deadline: float) -> dict[str, Any]:
+        inventory = await stub.GetInventory(node_pb2.GetInventoryRequest(), timeout=deadline)
+        blob = inventory.recovery_escrow
+        if not blob:
+            raise _NoEscrowError("the node has none (no sealed data partition, or not enrolled yet)")
+        checked = False
+        if decrypt is not None:
+            try:
+                await asyncio.to_thread(decrypt, blob)
+            except ApplianceError as exc:
+                raise _NoEscrowError(str(exc)) from None
+            checked = True
+        path = out / f"{node}.recovery-key.enc"
+        await asyncio.to_thread(atomic_write_bytes, path, blob, 0o600)
+        return {"escrow": str(path), "bytes": len(blob), "opens_with_site_key": checked}
+
+    return collect
+
+
+async def escrow_nodes(nodes: Sequence[Node], out: Path, decrypt: Decrypt | None = None, *, auth: FleetAuth,
+                       deadline: float = 10.0, concurrency: int = 64,
+                       progress: Callable[[NodeResult], None] | None = None) -> list[NodeResult]:
+    """:func:`escrow_action` on every node under its inventory name; results in node order.
+
+    Raises:
+        ConfigError: ``deadline`` or ``concurrency`` is not positive.
+    """
+    _check_limits(deadline, concurrency)
+
+    def visit(node: Node) -> Awaitable[NodeResult]:
+        return _ask(node, escrow_action(node.name, out, decrypt), auth, deadline)
+
+    return await _fan_out(nodes, visit, concurrency=concurrency, progress=progress)
 
 
 Certify = Callable[[str, bytes], bytes]  # (node name, AK TPM2B_PUBLIC) -> DER certificate

@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from agent.proto import node_pb2, node_pb2_grpc
-from agent.sealed import SEALED_ESCROW
 from provisioning.pki import init_pki, issue_client, issue_node
 from tests.conftest import run_appliance
 from testsupport.inference_support import Agent
@@ -97,6 +96,7 @@ def _pem(key: rsa.RSAPrivateKey, path: Path) -> Path:
 def _agent_config(work: Path, pki: Path, name: str, marker: Path) -> Path:
     config = mtls_config(work, pki, name)
     config.write_text(config.read_text() + f'\n[seal]\nmarker = "{marker}"\n'
+                      f'escrow = "{marker.with_name("recovery-key.enc")}"\n'
                       f'request = "{work / "agent-run" / "key"}"\n'
                       f'result = "{work / "helper-run" / "result.json"}"\nunseal_timeout_s = 10\n')
     return config
@@ -119,7 +119,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "reason": "measurements changed: the TPM refused the key (PCR 7 or the signed PCR 11 policy)",
         "device": "/dev/disk/by-partuuid/1234", "pcrs_sha256": {"7": PCR7.upper(), "11": PCR11}}))
     oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-    (run / SEALED_ESCROW.name).write_bytes(recovery.public_key().encrypt(KEY.encode(), oaep))
+    (run / "recovery-key.enc").write_bytes(recovery.public_key().encrypt(KEY.encode(), oaep))
     (work / "agent-run").mkdir()
     (work / "helper-run").mkdir()
     helper = Helper(work / "agent-run" / "key", work / "helper-run" / "result.json")
@@ -148,7 +148,7 @@ def test_a_sealed_node_says_why_with_the_pcrs_and_serves_no_model(site: Site) ->
     seal = report.data_seal
     assert seal.sealed and seal.reason.startswith("measurements changed")
     assert dict(seal.pcrs_sha256) == {"7": PCR7, "11": PCR11}
-    assert seal.recovery_escrow == (site.work / "run-appliance" / SEALED_ESCROW.name).read_bytes()
+    assert seal.recovery_escrow == (site.work / "run-appliance" / "recovery-key.enc").read_bytes()
     rule = next(r for r in report.rules if r.rule == "data.sealed")
     assert node_pb2.Verdict.Name(rule.verdict) == "FAIL" and node_pb2.Verdict.Name(report.overall) == "FAIL"
     assert "data sealed: measurements changed" in rule.reason and f"PCR 7 {PCR7[:16]}" in rule.reason
@@ -235,6 +235,10 @@ def test_a_node_whose_data_opened_is_left_alone(site: Site, tmp_path: Path) -> N
                              site.work / "recovery.key", *site.auth("admin"), "--json", timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["nodes"][0]["data"]["state"] == "open"
+        proc = run_appliance("fleet", "escrow", "-i", inventory, "--out", tmp_path / "escrows",
+                             *site.auth("observer"), "--json", timeout=120)
+        assert proc.returncode == 1
+        assert "no usable escrow: the node has none" in json.loads(proc.stdout)["nodes"][0]["reason"]
         stub = site.stub("admin", agent.port)
         report = stub.GetHealth(node_pb2.GetHealthRequest(), timeout=10)
         assert not report.HasField("data_seal") and all(r.rule != "data.sealed" for r in report.rules)
@@ -244,3 +248,35 @@ def test_a_node_whose_data_opened_is_left_alone(site: Site, tmp_path: Path) -> N
         assert "nothing to unseal" in str(info.value.details())
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def test_the_fleet_collects_escrows_and_checks_the_site_key_opens_them(site: Site, tmp_path: Path) -> None:
+    out = tmp_path / "escrows"
+    proc = run_appliance("fleet", "escrow", "-i", site.inventory, "--out", out, "--recovery-key",
+                         site.work / "recovery.key", *site.auth("observer"), "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    node = json.loads(proc.stdout)["nodes"][0]
+    assert node["ok"] and node["data"]["opens_with_site_key"] is True, node
+    saved = out / "node.recovery-key.enc"
+    assert node["data"]["escrow"] == str(saved) and saved.stat().st_mode & 0o777 == 0o600
+    assert saved.read_bytes() == (site.work / "run-appliance" / "recovery-key.enc").read_bytes()
+    assert KEY not in proc.stdout + proc.stderr  # checked, never shown
+
+    # a key that does not open it: the node fails and nothing is written
+    _pem(rsa.generate_private_key(65537, 3072), tmp_path / "other.key")
+    proc = run_appliance("fleet", "escrow", "-i", site.inventory, "--out", tmp_path / "other",
+                         "--recovery-key", tmp_path / "other.key", *site.auth("observer"), "--json",
+                         timeout=120)
+    assert proc.returncode == 1
+    node = json.loads(proc.stdout)["nodes"][0]
+    assert not node["ok"] and "no usable escrow" in node["reason"] and "does not decrypt" in node["reason"]
+    assert not list((tmp_path / "other").iterdir())
+
+
+def test_a_node_name_that_cannot_be_a_file_name_is_refused(site: Site, tmp_path: Path) -> None:
+    inventory = tmp_path / "nodes.toml"
+    inventory.write_text(f'[[nodes]]\nname = "../node"\naddress = "localhost"\nport = {site.agent.port}\n')
+    proc = run_appliance("fleet", "escrow", "-i", inventory, "--out", tmp_path / "out",
+                         *site.auth("observer"), timeout=120)
+    assert proc.returncode != 0 and "'../node' cannot name a file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "node.recovery-key.enc").exists() and not (tmp_path / "out").exists()

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent.osrelease import running_sealed_data
-from agent.sealed import SEALED_MARKER, UNSEAL_REQUEST, UNSEAL_RESULT
+from agent.sealed import SEALED_ESCROW, SEALED_MARKER, UNSEAL_REQUEST, UNSEAL_RESULT
 from provisioning.errors import ImageError
-from provisioning.image.disk import Sealed, build_disk, data_uuid, esp_uuid, layout, load_sealed
+from provisioning.image.disk import Sealed, build_disk, data_uuid, layout, load_sealed
 from provisioning.image.seal import (
     REPART_DATA_CONF,
     kernel_cmdline,
@@ -26,7 +26,7 @@ from provisioning.image.seal import (
     sealed_crypttab,
     sealed_initrd_files,
 )
-from provisioning.image.sealed_mode import SEALED_MODE_UNIT, UNSEAL_PATH_UNIT, unseal_script
+from provisioning.image.sealed_mode import SEALED_MODE_UNIT, UNSEAL_PATH_UNIT, escrow_copy_pre, unseal_script
 from provisioning.image.stage import DiskSizes, StageContext
 from provisioning.tools import Completed
 
@@ -145,7 +145,6 @@ def test_a_volume_that_stays_shut_leaves_the_node_booting_on_a_ram_var(tmp_path:
     text = script.read_text()
     assert unit["Service"]["ExecStart"] == "/usr/lib/appliance/sealed-mode"
     assert f"data=/dev/disk/by-partuuid/{data_uuid('appliance')}" in text
-    assert f"esp=/dev/disk/by-partuuid/{esp_uuid('appliance')}" in text
     assert f"marker={SEALED_MARKER}" in text and "/sys/class/tpm/tpm0/pcr-sha256/$i" in text
     assert 'dmsetup create data --table "0 $sectors linear /dev/ram0 0"' in text
     # the sealed volume is never a target of anything that writes
@@ -172,6 +171,13 @@ def test_a_sealing_image_carries_the_unseal_helper_and_a_plain_one_does_not() ->
     path_unit = _ini(files[f"/etc/systemd/system/{UNSEAL_PATH_UNIT}"].content)
     assert path_unit["Path"]["PathExists"] == str(UNSEAL_REQUEST)
     assert path_unit["Unit"]["ConditionPathExists"] == str(SEALED_MARKER)  # acts in sealed mode only
+    # the agent gets the escrow off the ESP (root's only) as it starts, for the fleet to collect
+    agent = files["/etc/systemd/system/appliance-agent.service"].content
+    copy = [ln for ln in agent.splitlines() if "recovery-key.enc" in ln]
+    assert copy == [escrow_copy_pre("appliance", "appliance")], copy
+    assert copy[0].startswith("ExecStartPre=+") and str(SEALED_ESCROW) in copy[0]
+    plain_agent = {f.path: f for f in configure_plan(plain, pip_wheel="/usr/share/python-wheels").files}
+    assert "recovery-key.enc" not in plain_agent["/etc/systemd/system/appliance-agent.service"].content
     service = _ini(files["/etc/systemd/system/appliance-unseal.service"].content)
     assert service["Service"]["RuntimeDirectory"] == UNSEAL_RESULT.parent.name
     assert service["Unit"]["ConditionPathExists"] == str(SEALED_MARKER)

@@ -35,7 +35,7 @@ from agent.health.sampler import Sampler
 from agent.metrics import REGISTRY, register_collector
 from agent.proto import node_pb2 as pb
 from agent.proto import node_pb2_grpc as pb_grpc
-from agent.sealed import Unsealer, UnsealError
+from agent.sealed import Unsealer, UnsealError, read_escrow
 
 __all__ = ["SERVICE_NAME", "NodeServicer", "attach", "close", "event_to_proto", "inventory_to_proto",
            "report_to_proto"]
@@ -254,7 +254,9 @@ class NodeServicer(pb_grpc.NodeServicer):
             inv = await asyncio.to_thread(
                 collect_inventory, self.ctx.state_dir, gpus=self.gpu_info(), providers=providers,
                 inference=self.ctx.inference)
-            return inventory_to_proto(inv)
+            answer = inventory_to_proto(inv)
+            answer.recovery_escrow = await asyncio.to_thread(read_escrow, self.ctx.config.seal.escrow)
+            return answer
 
         return await _guard(context, run)
 

@@ -1,5 +1,5 @@
-"""``appliance fleet status|health|inventory|attest|enrol-attest|unseal|update|rollout|sd``: many nodes
-at once."""
+"""``appliance fleet status|health|inventory|attest|enrol-attest|unseal|escrow|update|rollout|sd``: many
+nodes at once."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from provisioning.fleet import (
     add_credential_flags,
     attest_nodes,
     enrol_nodes,
+    escrow_nodes,
     health_action,
     inventory_action,
     load_expected_images,
@@ -131,6 +133,7 @@ def register(
     e.add_argument("--renew", action="store_true", help="certify every node's key anew")
     e.set_defaults(handler=_enrol)
     _register_unseal(fsub, common)
+    _register_escrow(fsub, common)
     u = fsub.add_parser("update", **examples(
             "appliance fleet update -i inventory.ini --limit lab --target tiny@1.1.0 --dry-run"),
         parents=[common], help="ApplyUpdate on every selected node at once")
@@ -389,6 +392,63 @@ def _register_unseal(fsub: argparse._SubParsersAction[argparse.ArgumentParser],
                         "of the one it sends; only with a single node")
     passphrase_flags(s)
     s.set_defaults(handler=_unseal)
+
+
+def _register_escrow(fsub: argparse._SubParsersAction[argparse.ArgumentParser],
+                     common: argparse.ArgumentParser) -> None:
+    e = fsub.add_parser("escrow", **examples(
+            "appliance fleet escrow -i inventory.ini --out escrows",
+            "appliance fleet escrow -i inventory.ini --out escrows --recovery-key keys/recovery.key --json"),
+        parents=[common], help="collect the nodes' recovery key escrows; check the site's key opens them",
+        description="Saves each node's recovery key escrow (what the node encrypted to the site's "
+                    "recovery public key and keeps on its ESP; sent with its inventory) as "
+                    "OUT/NODE.recovery-key.enc, mode 0600. With --recovery-key, also checks that the "
+                    "site's recovery private key opens each one (the key is not written anywhere), so "
+                    "the site knows it can unseal a node before the node needs it. Nodes without sealed "
+                    "data have no escrow. Exit status 1 when any node gave none, or one that does not open.")
+    _common_flags(e)
+    e.add_argument("--out", type=Path, required=True, help="folder for the escrows (created if missing)")
+    e.add_argument("--recovery-key", type=Path, metavar="KEY",
+                   help="the site's recovery private key (PEM): check that each escrow opens with it")
+    passphrase_flags(e)
+    e.set_defaults(handler=_escrow)
+
+
+_NODE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+
+
+def _escrow(args: argparse.Namespace) -> int:
+    from provisioning.image.recovery import load_recovery_private_key, open_escrow
+
+    decrypt = None
+    if args.recovery_key is not None:
+        key = load_recovery_private_key(args.recovery_key, pki.load_passphrase(args.passphrase_file,
+                                                                               args.passphrase_env))
+
+        def decrypt(blob: bytes) -> str:
+            return open_escrow(key, blob, "sent by the node")
+
+    nodes, auth = _setup(args)
+    bad = [n.name for n in nodes if not _NODE_FILE_NAME.fullmatch(n.name)]
+    if bad:
+        raise ConfigError(f"--inventory {args.inventory}: node name {bad[0]!r} cannot name a file in "
+                          f"--out (letters, digits, '.', '_', '-')")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out}: {exc.strerror or exc}") from None
+    with progress("nodes", len(nodes)) as bar:
+        results = asyncio.run(escrow_nodes(nodes, args.out, decrypt, auth=auth, deadline=args.deadline,
+                                           concurrency=args.concurrency, progress=lambda _: bar.advance()))
+    if args.json:
+        emit_json(_summary(results))
+    else:
+        rows = [(r.node.name, r.data.get("escrow", "-"),
+                 "yes" if r.data.get("opens_with_site_key") else ("-" if r.ok else "no"), r.reason or "-")
+                for r in results]
+        print_table(("NODE", "ESCROW", "OPENS", "REASON"), rows)
+        _print_failures(results)
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _unseal(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from provisioning.image.egress import nft_output_rules
 from provisioning.image.gpu_manifest import gpu_stack, headers_package
 from provisioning.image.gpu_stage import DEBS_IN_ROOT, DKMS_CONF, KEYS_IN_ROOT, dkms_conf
 from provisioning.image.profile import FIRMWARE_LOG_COPY, Profile
-from provisioning.image.sealed_mode import UNSEAL_PATH_UNIT, unseal_files
+from provisioning.image.sealed_mode import UNSEAL_PATH_UNIT, escrow_copy_pre, unseal_files
 
 __all__ = [
     "AGENT_BIN",
@@ -582,6 +582,7 @@ def agent_unit(profile: Profile) -> str:
         # '+': as root, outside the sandbox; the log does not change after the firmware's hand-over
         f"ExecStartPre=+/bin/sh -c '[ -r {FIRMWARE_LOG} ] || exit 0; exec install -m 0400 "
         f"-o {AGENT_USER} -g {AGENT_GROUP} {FIRMWARE_LOG} {FIRMWARE_LOG_COPY}'",
+        *((escrow_copy_pre(AGENT_USER, AGENT_GROUP),) if profile.tpm.seal_data else ()),
         f"ExecStart={' '.join(AGENT_EXEC)}",
         "Restart=on-failure",
         "RestartSec=2s",

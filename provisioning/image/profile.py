@@ -591,7 +591,7 @@ def _agent(path: Path, raw: Any, *, baked_tls: bool = False) -> AgentConfig:
         sections["tls"] = replace(tls, cert=Path(f"{TLS_IN_ROOT}/node.crt"),
                                   key=Path(f"{TLS_IN_ROOT}/node.key"),
                                   ca=Path(f"{TLS_IN_ROOT}/ca.crt"), crl=Path(f"{TLS_IN_ROOT}/crl.pem"))
-    fixed = {k: v for k in ("marker", "request", "result")
+    fixed = {k: v for k in ("marker", "request", "result", "escrow")
              if (v := getattr(sections["seal"], k)) != getattr(SealSection(), k)}
     if fixed:
         name = next(iter(fixed))

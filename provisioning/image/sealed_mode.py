@@ -23,12 +23,23 @@ reformat anything and must not sit in an emergency shell at a remote site. So:
 from __future__ import annotations
 
 from agent import sealed
-from provisioning.image.partuuid import data_uuid, esp_uuid
+from provisioning.image.partuuid import data_uuid
 from provisioning.image.recovery import ESCROW_PATH
 
-__all__ = ["RAM_VAR_MIB", "SEALED_MARKER", "SEALED_MODE_DRIVERS", "SEALED_MODE_UNIT", "UNSEAL_PATH_UNIT",
-           "UNSEAL_REQUEST", "UNSEAL_RESULT", "UNSEAL_UNIT", "sealed_mode_script", "unseal_files",
-           "unseal_script"]
+__all__ = [
+    "RAM_VAR_MIB",
+    "SEALED_MARKER",
+    "SEALED_MODE_DRIVERS",
+    "SEALED_MODE_UNIT",
+    "UNSEAL_PATH_UNIT",
+    "UNSEAL_REQUEST",
+    "UNSEAL_RESULT",
+    "UNSEAL_UNIT",
+    "escrow_copy_pre",
+    "sealed_mode_script",
+    "unseal_files",
+    "unseal_script",
+]
 
 # The paths the initrd, the agent and the helper share are the agent's (agent.sealed): /run survives
 # the switch to the root; the request is in the agent's RuntimeDirectory (0700, the agent's); the
@@ -88,14 +99,6 @@ for i in 0 1 2 3 4 5 6 7 11; do
 done
 marker=@MARKER@
 mkdir -p "${marker%/*}" || fail "cannot create ${marker%/*}"
-# the recovery key's escrow (ciphertext to the site's key): the agent sends it with its health, so
-# the site needs nothing off the node's disk to unseal it
-esp=/dev/disk/by-partuuid/@ESP@
-if mkdir -p /run/appliance-esp && mount -t vfat -o ro,umask=0077 "$esp" /run/appliance-esp; then
-    cp /run/appliance-esp/@ESCROW@ "${marker%/*}/@ESCROW_NAME@" 2>/dev/null \
-        && chmod 0644 "${marker%/*}/@ESCROW_NAME@"
-    umount /run/appliance-esp
-fi
 printf '{"reason": "%s", "device": "%s", "pcrs_sha256": {%s}}\n' "$reason" "$data" "$pcrs" \
     > "$marker.new" && mv "$marker.new" "$marker" || fail "cannot write $marker"
 echo "appliance: data partition sealed: $reason; this boot keeps it shut and runs on a RAM /var"
@@ -197,8 +200,7 @@ systemctl --no-block reboot
 def sealed_mode_script(name: str) -> str:
     """The initrd's script that notes why image ``name``'s data stayed sealed and boots on RAM."""
     return (_SEALED_MODE_SCRIPT.replace("@DATA@", data_uuid(name)).replace("@MARKER@", SEALED_MARKER)
-            .replace("@KIB@", str(RAM_VAR_MIB * 1024)).replace("@ESP@", esp_uuid(name))
-            .replace("@ESCROW_NAME@", sealed.SEALED_ESCROW.name).replace("@ESCROW@", ESCROW_PATH))
+            .replace("@KIB@", str(RAM_VAR_MIB * 1024)))
 
 
 def sealed_mode_initrd_files(name: str) -> dict[str, tuple[str, int]]:
@@ -213,6 +215,14 @@ def unseal_script(name: str, *, device: str = "", request: str = UNSEAL_REQUEST,
     are for tests (the volume, the agent's request, the answer, the TPM device)."""
     return (_UNSEAL_SCRIPT.replace("@DEVICE@", device or f"/dev/disk/by-partuuid/{data_uuid(name)}")
             .replace("@REQUEST@", request).replace("@RESULT@", result).replace("@TPM@", tpm))
+
+
+def escrow_copy_pre(user: str, group: str) -> str:
+    """The agent unit's line that copies the recovery key's escrow off the ESP (mounted at /efi by
+    the sealed command line, root's only) for the agent, as root before the sandbox: the fleet
+    collects it with the inventory, and unseals with it."""
+    return (f"ExecStartPre=+/bin/sh -c '[ -r /efi/{ESCROW_PATH} ] || exit 0; exec install -m 0400 "
+            f"-o {user} -g {group} /efi/{ESCROW_PATH} {sealed.SEALED_ESCROW}'")
 
 
 def unseal_files(name: str) -> dict[str, tuple[str, int]]:
