@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ RECOVERY_KEY = re.compile(r"[cbdefghijklnrtuv]{8}(?:-[cbdefghijklnrtuv]{8}){7}")
 _MARKER_MAX = 64 << 10
 _PCR_INDEX = re.compile(r"\d{1,2}")
 _HEX = re.compile(r"[0-9a-fA-F]{1,128}")
+_ONE_AT_A_TIME = threading.Lock()  # one request file, one answer file: one Node/Unseal at a time
 
 
 class RecoveryKeyError(ApplianceError):
@@ -78,13 +80,14 @@ def read_seal_state(marker: Path = SEALED_MARKER, escrow: Path = SEALED_ESCROW) 
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return SealState(reason=f"unknown ({marker}: {exc.strerror})")
+        return SealState(reason=f"unknown ({marker}: {exc.strerror})", recovery_escrow=read_escrow(escrow))
     try:
         doc: Any = json.loads(raw) if len(raw) <= _MARKER_MAX else None
     except ValueError:
         doc = None
     if not isinstance(doc, dict):
-        return SealState(reason=f"unknown ({marker} is not the initrd's JSON)")
+        return SealState(reason=f"unknown ({marker} is not the initrd's JSON)",
+                         recovery_escrow=read_escrow(escrow))
     reason = doc.get("reason")
     device = doc.get("device")
     pcrs = doc.get("pcrs_sha256")
@@ -133,15 +136,29 @@ class Unsealer:
             raise RecoveryKeyError(
                 "recovery_key: not a recovery key (8 groups of 8 letters of cbdefghijklnrtuv, "
                 "separated by '-', as `appliance pki recovery-key` prints it)")
-        stale = self._answer_mtime()
+        with _ONE_AT_A_TIME:
+            stale = self._answer_mtime()
+            try:
+                self._hand_over(key)
+                return self._wait(stale)
+            finally:
+                self.request.unlink(missing_ok=True)  # taken by the helper, or nothing acts on it later
+
+    def _hand_over(self, key: str) -> None:
         self.request.unlink(missing_ok=True)
         tmp = self.request.with_name(f".{self.request.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, key.encode())
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         tmp.replace(self.request)  # the helper's path unit fires on the final name only
+
+    def _wait(self, stale: int) -> str:
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             answer = self._answer(stale)
@@ -151,7 +168,6 @@ class Unsealer:
                     raise UnsealError(f"unseal refused: {message}")
                 return message
             time.sleep(self.poll_s)
-        self.request.unlink(missing_ok=True)  # nothing acts on it later
         raise UnsealError(f"the node's unseal helper did not answer within {self.timeout_s:.0f} s "
                           f"(no {self.result}); nothing was changed by this request")
 

@@ -280,3 +280,49 @@ def test_a_node_name_that_cannot_be_a_file_name_is_refused(site: Site, tmp_path:
                          *site.auth("observer"), timeout=120)
     assert proc.returncode != 0 and "'../node' cannot name a file" in proc.stderr, proc.stderr
     assert not (tmp_path / "node.recovery-key.enc").exists() and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- the agent's side, in-process
+
+def test_the_initrds_marker_is_read_as_hostile_input(tmp_path: Path) -> None:
+    from agent.sealed import read_seal_state
+
+    marker, escrow = tmp_path / "sealed.json", tmp_path / "escrow"
+    assert read_seal_state(marker, escrow) is None  # no marker: the data opened
+    marker.write_bytes(b"\x00garbage")
+    state = read_seal_state(marker, escrow)
+    assert state is not None and state.reason.startswith("unknown") and state.pcrs_sha256 == {}
+    marker.write_text(json.dumps({"reason": "x" * 100_000}))  # over the size read
+    state = read_seal_state(marker, escrow)
+    assert state is not None and state.reason.startswith("unknown")
+    escrow.write_bytes(b"e" * 5000)  # no escrow is that long
+    marker.write_text(json.dumps({"reason": "r" * 900, "device": 7, "pcrs_sha256": {
+        "7": "AB" * 32, "11": "not hex", "x": "00", "123": "00", "0": 5, "4": "0" * 200}}))
+    state = read_seal_state(marker, escrow)
+    assert state is not None and len(state.reason) == 500 and state.device == ""
+    assert state.pcrs_sha256 == {"7": "ab" * 32} and state.recovery_escrow == b""
+    assert state.describe() == f"data sealed: {'r' * 500} (PCR 7 {'ab' * 8}…)"
+
+
+def test_an_unanswered_or_stale_request_fails_and_leaves_no_key(tmp_path: Path) -> None:
+    from agent.sealed import Unsealer, UnsealError
+
+    request, result = tmp_path / "agent" / "unseal-key", tmp_path / "helper" / "result.json"
+    request.parent.mkdir()
+    result.parent.mkdir()
+    result.write_text(json.dumps({"ok": True, "message": "an earlier request's answer"}))
+    with pytest.raises(UnsealError, match="did not answer within 1 s"):
+        Unsealer(request, result, timeout_s=1, poll_s=0.05).unseal(KEY)
+    assert not request.exists() and not list(request.parent.iterdir())
+
+    def garbled() -> None:
+        while not request.exists():
+            time.sleep(0.01)
+        result.write_text("[1, 2]")
+
+    thread = threading.Thread(target=garbled)
+    thread.start()
+    with pytest.raises(UnsealError, match="unreadable answer"):
+        Unsealer(request, result, timeout_s=10, poll_s=0.05).unseal(KEY)
+    thread.join()
+    assert not list(request.parent.iterdir())  # the key is not left for a helper to act on later
