@@ -87,7 +87,7 @@ if [ ! -e "$data" ]; then
 elif [ ! -e /dev/tpmrm0 ] && [ ! -e /dev/tpm0 ]; then
     reason="no TPM: the data partition is sealed to a TPM this machine does not show"
 else
-    reason="measurements changed: the TPM refused the key (PCR 7 or the signed PCR 11 policy)"
+    reason="measurements changed: the TPM refused the key (PCR 7, the signed PCR 11 policy, or not this TPM)"
 fi
 pcrs=""
 for i in 0 1 2 3 4 5 6 7 11; do
