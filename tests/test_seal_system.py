@@ -37,7 +37,7 @@ from tests.conftest import run_appliance
 from testsupport.appliance import free_port
 from testsupport.image_helpers import uki_difference
 from testsupport.scratch import scratch
-from testsupport.seal_testroot import CANARY, EPOCH, MARKER, UNSEAL_KEY_ON_ESP, cache_dir, make_rootfs
+from testsupport.seal_testroot import CANARY, EPOCH, MARKER, cache_dir, make_rootfs
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 SIZES = DiskSizes(esp_mib=160, root_mib=512, data_mib=64)  # the ESP holds two ~50 MiB UKIs
@@ -152,8 +152,7 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     """First boot: the initrd makes the data partition as LUKS2 sealed to the TPM (PCR 7 and the
     site-signed PCR 11 policy), with the image's /var in it; the next boot opens it again; a boot
     without the TPM, or with a UKI another key signed, leaves it sealed and untouched and runs in
-    sealed mode; read from outside, it holds no plaintext; on a new TPM, the recovery key through
-    the unseal helper enrols that TPM and the next boot opens the volume again."""
+    sealed mode; read from outside, it holds no plaintext."""
     _needs("qemu-system-x86_64", "qemu-img", "sfdisk", "swtpm", "mtype", "cryptsetup")
     image = sealed_a.out / "disk.raw"
     before = _sha(image)
@@ -220,26 +219,6 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     assert "sealed=yes" in line and "why=measurements_changed" in line and "tpm=yes" in line, line
     assert "boots=1 " in line, line  # the RAM copy, not the volume (which has seen two boots)
     assert _data_partition(swapped.overlay, tmp_path, _LUKS2_HEADER) == header
-
-    # the same disk and UKI on a new TPM (a replaced board): sealed; the site's recovery key, handed
-    # to the root's helper as the agent's Node/Unseal hands it, checks out against the volume; the
-    # helper enrols the new TPM under the site's PCR policy key and reboots; the next boot opens the
-    # volume with the TPM alone, with what the earlier boots wrote
-    (tmp_path / "unseal-key").write_text(recovery)
-    moved = _with_esp(state, tmp_path / "new-tpm", {UNSEAL_KEY_ON_ESP: tmp_path / "unseal-key"},
-                      keep_tpm=False)
-    opened = _boot_cli(moved.image, moved.state, MARKER + ".*sealed=no", "--keep-disk", "--tpm")
-    line = str(opened["matched"])
-    assert "var=/dev/mapper/data" in line and "boots=3 " in line and "canary=sealed-data_canary" in line, line
-    after = _data_partition(moved.overlay, tmp_path, _LUKS2_HEADER)
-    assert after != header
-    # one TPM token: the new TPM's, the old one wiped
-    assert sorted(_token_types(after)) == ["systemd-recovery", "systemd-tpm2"], after[:4096]
-    assert b'"tpm2-pcrs":[7]' in after and b'"tpm2_pubkey_pcrs":[11]' in after
-    assert base64.b64encode(public_pem(load_pcr_key(sealed_a.pcr_key))) in after  # still the site's key
-    assert _opens(after, recovery)
-
-
 
 
 def _site_key(ctx: StageContext) -> rsa.RSAPrivateKey:
