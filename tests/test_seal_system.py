@@ -273,9 +273,9 @@ def _with_uki(state: Path, uki: Path, work: Path) -> vm.BootPlan:
     return _with_esp(state, work, {f"EFI/Linux/{slot_a[0]}": uki})
 
 
-def _with_esp(state: Path, work: Path, files: dict[str, Path], *, keep_tpm: bool = True) -> vm.BootPlan:
+def _with_esp(state: Path, work: Path, files: dict[str, Path]) -> vm.BootPlan:
     """The disk of the machine in ``state`` with ``files`` (ESP path: local file) written to its
-    ESP, in a new state folder that keeps the machine's UEFI variables and (``keep_tpm``) its TPM."""
+    ESP, in a new state folder that keeps the machine's UEFI variables and its TPM."""
     import subprocess
     work.mkdir(exist_ok=True)
     raw = work / "disk.raw"
@@ -288,8 +288,7 @@ def _with_esp(state: Path, work: Path, files: dict[str, Path], *, keep_tpm: bool
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(raw),
                     str(plan.overlay)], check=True)
     shutil.copyfile(state / "OVMF_VARS.fd", plan.vars)
-    if keep_tpm:
-        shutil.copytree(state / "tpm", plan.state / "tpm")
+    shutil.copytree(state / "tpm", plan.state / "tpm")
     return plan
 
 
