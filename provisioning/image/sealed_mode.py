@@ -18,6 +18,14 @@ reformat anything and must not sit in an emergency shell at a remote site. So:
   PCR 11 policy key the volume's TPM token named (read from the token, not from the running UKI,
   so a UKI another key signed gains nothing), wipes the old TPM slot, answers and reboots. A
   wrong key changes nothing. The key is never written anywhere but /run (RAM).
+
+  systemd-cryptenroll does nothing ("This PCR set is already enrolled, executing no operation",
+  exit 0) when a systemd-tpm2 token with the same policy hash is in the header: the hash covers
+  the PCR values and the policy key, not the TPM, so the old board's token blocks the new board's
+  enrolment, and a ``--wipe-slot=tpm2`` in the same call spares the slot it found. So the helper
+  first retires the old token (a copy under another type, then the original removed: at every
+  step a token names the site's key), enrols, and only then wipes the retired token's key slot.
+  If the enrolment fails, the old token goes back under its own id: nothing changed.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from provisioning.image.recovery import ESCROW_PATH
 
 __all__ = [
     "RAM_VAR_MIB",
+    "RETIRED_TPM2_TOKEN",
     "SEALED_MARKER",
     "SEALED_MODE_DRIVERS",
     "SEALED_MODE_UNIT",
@@ -53,6 +62,8 @@ UNSEAL_PATH_UNIT = "appliance-unseal.path"
 # the RAM disk's size; brd takes memory only for blocks written (the image's /var is ~11 MiB)
 RAM_VAR_MIB = 1024
 SEALED_MODE_DRIVERS = ("brd",)
+# the type the helper gives the old TPM's token while it enrols the new one (see above)
+RETIRED_TPM2_TOKEN = "appliance-retired-tpm2"  # noqa: S105 (a LUKS2 token type, no secret)
 
 _SEALED_MODE_UNIT = """[Unit]
 Description=Keep a sealed data partition shut and boot on a RAM /var
@@ -147,6 +158,7 @@ request=@REQUEST@
 result=@RESULT@
 out=${result%/*}
 data=@DEVICE@
+retired=@RETIRED@
 work=""
 answer() {
     tmp=$(mktemp "$out/.result.XXXXXX") || exit 1
@@ -156,6 +168,20 @@ finish() {
     [ -n "$work" ] && rm -rf "$work"
     answer "$1" "$2"
     exit 0
+}
+tokens() {  # the ids of the volume's tokens of type $1
+    cryptsetup luksDump "$data" | sed -n "s/^ *\([0-9][0-9]*\): $1\$/\1/p"
+}
+keyslots() {  # the key slots token $1 opens, one per line
+    cryptsetup token export --token-id "$1" "$data" \
+        | sed -n 's/.*"keyslots": *\[\([^]]*\)\].*/\1/p' | tr -d '" ' | tr ',' '\n'
+}
+restore() {  # this run's retired tokens back under their own ids and type
+    [ -s "$work/retired" ] || return 0
+    while read -r id copy; do
+        cryptsetup token import --token-id "$id" --json-file "$work/tpm2-$id.json" "$data" \
+            && cryptsetup token remove --token-id "$copy" "$data"
+    done < "$work/retired"
 }
 [ -e "$request" ] || [ -L "$request" ] || exit 0
 if [ -L "$request" ] || [ ! -f "$request" ]; then
@@ -170,11 +196,13 @@ esac
 [ "${#key}" -eq 71 ] || finish false "not a recovery key (8 groups of 8 letters of cbdefghijklnrtuv)"
 work=$(mktemp -d "$out/.unseal.XXXXXX") || finish false "no room in $out"
 printf '%s' "$key" > "$work/key"
-if ! cryptsetup open --test-passphrase --key-file "$work/key" "$data" 2>/dev/null; then
+if ! opened=$(cryptsetup open --test-passphrase --verbose --key-file "$work/key" "$data" 2>/dev/null); then
     finish false "the recovery key does not open the data partition; nothing changed"
 fi
-# the site's PCR 11 policy key, as the volume's TPM token names it
-for id in $(cryptsetup luksDump "$data" | sed -n 's/^ *\([0-9][0-9]*\): systemd-tpm2$/\1/p'); do
+own=$(printf '%s\n' "$opened" | sed -n 's/^Key slot \([0-9][0-9]*\) unlocked.*/\1/p')
+# the site's PCR 11 policy key, as the volume's TPM token names it (or the token an interrupted
+# run of this helper retired)
+for id in $(tokens systemd-tpm2) $(tokens "$retired"); do
     cryptsetup token export --token-id "$id" "$data" \
         | sed -n 's/.*"tpm2_pubkey": *"\([A-Za-z0-9+\/=]*\)".*/\1/p' | base64 -d > "$work/pcr.pem" 2>/dev/null
     [ -s "$work/pcr.pem" ] && break
@@ -184,14 +212,42 @@ done
 if [ ! -e @TPM@ ]; then
     finish false "no TPM on this node; open the volume at the console with the recovery key"
 fi
+# retire the old TPM's tokens: systemd-cryptenroll would take one for this enrolment and do nothing
+: > "$work/retired"
+for id in $(tokens systemd-tpm2); do
+    cryptsetup token export --token-id "$id" "$data" > "$work/tpm2-$id.json" \
+        || { restore; finish false "cannot read the volume's TPM token $id; nothing changed"; }
+    sed "s/\"type\": *\"systemd-tpm2\"/\"type\":\"$retired\"/" "$work/tpm2-$id.json" > "$work/copy.json"
+    before=$(tokens "$retired")
+    cryptsetup token import --json-file "$work/copy.json" "$data" \
+        || { restore; finish false "cannot retire the volume's TPM token $id; nothing changed"; }
+    copy=$(tokens "$retired" | grep -vxF "$before" | head -n 1)
+    [ -n "$copy" ] || { restore; finish false "cannot retire the volume's TPM token $id; nothing changed"; }
+    echo "$id $copy" >> "$work/retired"
+    cryptsetup token remove --token-id "$id" "$data" \
+        || { restore; finish false "cannot retire the volume's TPM token $id; nothing changed"; }
+done
 if ! systemd-cryptenroll --unlock-key-file="$work/key" --tpm2-device=auto --tpm2-pcrs=7 \
-        --tpm2-public-key="$work/pcr.pem" --tpm2-public-key-pcrs=11 --wipe-slot=tpm2 "$data" >&2; then
+        --tpm2-public-key="$work/pcr.pem" --tpm2-public-key-pcrs=11 "$data" >&2 \
+        || [ -z "$(tokens systemd-tpm2)" ]; then
+    restore
     finish false "systemd-cryptenroll could not enrol this node's TPM; nothing changed"
 fi
+# the retired tokens' key slots (this run's and an interrupted run's), unless a live token or the
+# recovery key opens one
+live=$(echo "$own"; for id in $(tokens systemd-tpm2) $(tokens systemd-recovery); do keyslots "$id"; done)
+old=$(for id in $(tokens "$retired"); do keyslots "$id"; done | grep -vxF "$live" | sort -un | paste -sd, -)
+note=""
+if [ -n "$old" ] && ! systemd-cryptenroll --unlock-key-file="$work/key" --wipe-slot="$old" "$data" >&2; then
+    note=" (the old TPM's key slot $old could not be wiped: its token is gone, so nothing can use it)"
+fi
+for id in $(tokens "$retired" | sort -rn); do
+    cryptsetup token remove --token-id "$id" "$data"
+done
 rm -rf "$work"
 work=""
-answer true "the data partition is sealed to this node's TPM again; rebooting"
-echo "appliance: unseal: the data partition is sealed to this node's TPM again; rebooting"
+answer true "the data partition is sealed to this node's TPM again; rebooting$note"
+echo "appliance: unseal: the data partition is sealed to this node's TPM again; rebooting$note"
 sleep 5  # the agent reads the answer and replies to its caller first
 systemctl --no-block reboot
 """
@@ -214,7 +270,8 @@ def unseal_script(name: str, *, device: str = "", request: str = UNSEAL_REQUEST,
     """The root's helper that enrols image ``name``'s sealed data to the TPM again; the keywords
     are for tests (the volume, the agent's request, the answer, the TPM device)."""
     return (_UNSEAL_SCRIPT.replace("@DEVICE@", device or f"/dev/disk/by-partuuid/{data_uuid(name)}")
-            .replace("@REQUEST@", request).replace("@RESULT@", result).replace("@TPM@", tpm))
+            .replace("@REQUEST@", request).replace("@RESULT@", result).replace("@TPM@", tpm)
+            .replace("@RETIRED@", RETIRED_TPM2_TOKEN))
 
 
 def escrow_copy_pre(user: str, group: str) -> str:
