@@ -7,6 +7,7 @@ archive and cached (set APPLIANCE_TEST_CACHE to keep it between runs).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,7 +38,15 @@ from tests.conftest import run_appliance
 from testsupport.appliance import free_port
 from testsupport.image_helpers import uki_difference
 from testsupport.scratch import scratch
-from testsupport.seal_testroot import CANARY, EPOCH, MARKER, cache_dir, make_rootfs
+from testsupport.seal_testroot import (
+    CANARY,
+    EPOCH,
+    MARKER,
+    MODEL_PATH,
+    UNSEAL_KEY_ON_ESP,
+    cache_dir,
+    make_rootfs,
+)
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 SIZES = DiskSizes(esp_mib=160, root_mib=512, data_mib=64)  # the ESP holds two ~50 MiB UKIs
@@ -152,7 +161,8 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     """First boot: the initrd makes the data partition as LUKS2 sealed to the TPM (PCR 7 and the
     site-signed PCR 11 policy), with the image's /var in it; the next boot opens it again; a boot
     without the TPM, or with a UKI another key signed, leaves it sealed and untouched and runs in
-    sealed mode; read from outside, it holds no plaintext."""
+    sealed mode; read from outside, it holds no plaintext; on a new TPM, the recovery key through
+    the unseal helper enrols that TPM and the next boot opens the volume again."""
     _needs("qemu-system-x86_64", "qemu-img", "sfdisk", "swtpm", "mtype", "cryptsetup")
     image = sealed_a.out / "disk.raw"
     before = _sha(image)
@@ -184,6 +194,8 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     assert sealed_a.pcr_key is not None  # the signed policy is the site's key's
     assert base64.b64encode(public_pem(load_pcr_key(sealed_a.pcr_key))) in header
     assert CANARY[:64].encode() not in sealed  # the canary's ext4 block is ciphertext
+    model = (sealed_a.rootfs / MODEL_PATH).read_bytes()  # and so is a model's
+    assert len(model) > 8192 and model[1024:1088] not in sealed and model[-64:] not in sealed
     # the recovery key: enrolled in the initrd, escrowed to the site's key on the ESP, and it opens
     # the volume; nothing else of it is on the disk
     assert _token_types(header) == ["systemd-tpm2", "systemd-recovery"], header[:4096]
@@ -219,6 +231,55 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     assert "sealed=yes" in line and "why=measurements_changed" in line and "tpm=yes" in line, line
     assert "boots=1 " in line, line  # the RAM copy, not the volume (which has seen two boots)
     assert _data_partition(swapped.overlay, tmp_path, _LUKS2_HEADER) == header
+
+    # the same disk and UKI on a new TPM (a replaced board): sealed; the site's recovery key, handed
+    # to the root's helper as the agent's Node/Unseal hands it, checks out against the volume; the
+    # helper enrols the new TPM under the site's PCR policy key and reboots; the next boot opens the
+    # volume with the TPM alone, with what the earlier boots wrote
+    (tmp_path / "unseal-key").write_text(recovery)
+    moved = _with_esp(state, tmp_path / "new-tpm", {UNSEAL_KEY_ON_ESP: tmp_path / "unseal-key"},
+                      keep_tpm=False)
+    first, second = _two_boots(dataclasses.replace(moved, memory_mib=1024, keep_disk=True,
+                                                   tpm_socket=moved.state / "swtpm.sock"))
+    assert "sealed=yes" in first and "why=measurements_changed" in first and "boots=1 " in first, first
+    assert "sealed=no" in second, f"the boot after the unseal helper's reboot is still sealed: {second}"
+    assert "var=/dev/mapper/data" in second and "boots=3 " in second, second
+    assert "canary=sealed-data_canary" in second, second
+    after = _data_partition(moved.overlay, tmp_path, _LUKS2_HEADER)
+    # one TPM token, the new TPM's, on a key slot of its own; the old TPM's token and slot are gone
+    assert sorted(_token_types(after)) == ["systemd-recovery", "systemd-tpm2"], after[:4096]
+    assert b'"tpm2-pcrs":[7]' in after and b'"tpm2_pubkey_pcrs":[11]' in after
+    assert base64.b64encode(public_pem(load_pcr_key(sealed_a.pcr_key))) in after  # still the site's key
+    assert _tpm2_slots(after) != _tpm2_slots(header), (_tpm2_slots(after), _tpm2_slots(header))
+    assert _opens(after, recovery)
+
+
+def _two_boots(plan: vm.BootPlan) -> tuple[str, str]:
+    """Start the machine of ``plan``; return the first two marker lines on its console (the boot,
+    and the boot after its own reboot), then stop it."""
+    import re
+    machine = vm.start(plan)
+    marker = re.compile(MARKER + r"[^\n]*\n")  # whole lines only
+    try:
+        deadline = time.monotonic() + 1500
+        while time.monotonic() < deadline:
+            found = marker.findall(plan.console.read_bytes().decode(errors="replace"))
+            if len(found) >= 2:
+                return found[0].rstrip("\r"), found[1].rstrip("\r")
+            tail = plan.console.read_text(errors="replace")[-3000:]
+            assert machine.alive(), f"qemu exited; console:\n{tail}"
+            time.sleep(2)
+        raise AssertionError(f"no second boot within 1500 s; console:\n"
+                             f"{plan.console.read_text(errors='replace')[-3000:]}")
+    finally:
+        vm.stop(machine, grace=30)
+
+
+def _tpm2_slots(header: bytes) -> list[list[str]]:
+    """The key slots of a LUKS2 header's systemd-tpm2 tokens."""
+    area = header[4096:16384].split(b"\0", 1)[0]
+    tokens = json.loads(area)["tokens"]
+    return [tokens[k]["keyslots"] for k in sorted(tokens, key=int) if tokens[k]["type"] == "systemd-tpm2"]
 
 
 def _site_key(ctx: StageContext) -> rsa.RSAPrivateKey:
@@ -273,9 +334,9 @@ def _with_uki(state: Path, uki: Path, work: Path) -> vm.BootPlan:
     return _with_esp(state, work, {f"EFI/Linux/{slot_a[0]}": uki})
 
 
-def _with_esp(state: Path, work: Path, files: dict[str, Path]) -> vm.BootPlan:
+def _with_esp(state: Path, work: Path, files: dict[str, Path], *, keep_tpm: bool = True) -> vm.BootPlan:
     """The disk of the machine in ``state`` with ``files`` (ESP path: local file) written to its
-    ESP, in a new state folder that keeps the machine's UEFI variables and its TPM."""
+    ESP, in a new state folder that keeps the machine's UEFI variables and (``keep_tpm``) its TPM."""
     import subprocess
     work.mkdir(exist_ok=True)
     raw = work / "disk.raw"
@@ -288,7 +349,8 @@ def _with_esp(state: Path, work: Path, files: dict[str, Path]) -> vm.BootPlan:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(raw),
                     str(plan.overlay)], check=True)
     shutil.copyfile(state / "OVMF_VARS.fd", plan.vars)
-    shutil.copytree(state / "tpm", plan.state / "tpm")
+    if keep_tpm:
+        shutil.copytree(state / "tpm", plan.state / "tpm")
     return plan
 
 
@@ -339,7 +401,9 @@ def _esp_files(overlay: Path, work: Path) -> list[str]:
 def test_a_slot_that_never_blesses_falls_back_to_the_other(
         sealed_a: StageContext, tmp_path: Path) -> None:
     """Slot B (newer, tried first) fails before boot-complete.target and reboots; its single try is
-    used up, so systemd-boot boots slot A by itself, and A blesses itself."""
+    used up, so systemd-boot boots slot A by itself, and A blesses itself. B's initrd made the
+    data partition and sealed it; A, another UKI signed by the same site key (another PCR 11),
+    opens it without enrolling anything again: the signed policy, not the UKI's hash, holds."""
     _needs("qemu-system-x86_64", "qemu-img", "mdir", "swtpm")
     from provisioning.image.disk import build_disk
 
@@ -365,6 +429,15 @@ def test_a_slot_that_never_blesses_falls_back_to_the_other(
     finally:
         vm.stop(machine, grace=30)
     assert "/dev/mapper/root" in line
+    console = machine.plan.console.read_text(errors="replace")
+    slot_b = console.split("broken slot: rebooting", 1)[0]
+    import re
+    # B made the volume, and opened it (systemd's status lines, with or without colour)
+    assert re.search(r"Finished (\x1b\[[0-9;]*m)?systemd-repart\.service", slot_b), slot_b[-3000:]
+    assert re.search(r"Finished (\x1b\[[0-9;]*m)?systemd-cryptsetup@data", slot_b), slot_b[-3000:]
+    assert "var=/dev/mapper/data" in line and "sealed=no" in line, line  # A opens B's volume
+    header = _data_partition(machine.plan.overlay, base, _LUKS2_HEADER)
+    assert _token_types(header) == ["systemd-tpm2", "systemd-recovery"], header[:4096]  # not enrolled again
     files = _esp_files(machine.plan.overlay, base)
     assert "appliance-1.0.efi" in files, files       # A blessed: its counter is gone
     assert "appliance-2.0+0-1.efi" in files, files   # B's one try used up: marked bad

@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from agent.sealed import SEALED_MARKER, UNSEAL_REQUEST
+from provisioning.demo.models import matmul_chain_model
 from provisioning.image.sealed_mode import UNSEAL_PATH_UNIT, unseal_files
 from provisioning.tools import run
 
@@ -31,6 +33,9 @@ MARKER = "dm-verity root OK"
 # outside (the start of each line is what the console marker shows)
 CANARY_PATH = "var/lib/seal-test/canary"
 CANARY = "sealed-data canary 5f0c2b7e9d41a386\n" * 256
+# A model file where the agent keeps its models (random weights, seeded: the same bytes each build):
+# read from outside, the sealed partition must not hold any of it in plaintext either
+MODEL_PATH = "var/lib/appliance/models/seal-test/model.onnx"
 # The unit that proves on the serial console which device / and /var came from, how many boots
 # this /var has seen, and that the image's /var came with it.
 MARKER_UNIT = f"""[Unit]
@@ -49,6 +54,23 @@ pcr11=$(cat /sys/class/tpm/tpm0/pcr-sha256/11 2>/dev/null || echo none) \\
 sealed=$(test -e /run/appliance/sealed.json && echo yes || echo no) \\
 why=$(grep -o -e "no TPM" -e "measurements changed" -e "no data partition" /run/appliance/sealed.json \\
 2>/dev/null | head -1 | tr " " _)" > /dev/console'
+
+[Install]
+WantedBy=multi-user.target
+"""
+# The agent's part of Node/Unseal, played for the seal tests: in sealed mode, the recovery key a
+# test put on the ESP goes where the agent would leave it for the root's unseal helper.
+UNSEAL_KEY_ON_ESP = "appliance/test-unseal-key"
+UNSEAL_STAND_IN_UNIT = f"""[Unit]
+Description=Hand the test's recovery key to the unseal helper (the agent's Node/Unseal, played)
+ConditionPathExists={SEALED_MARKER}
+RequiresMountsFor=/efi
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'test -f /efi/{UNSEAL_KEY_ON_ESP} || exit 0; mkdir -p {UNSEAL_REQUEST.parent} && \\
+head -c 71 /efi/{UNSEAL_KEY_ON_ESP} > {UNSEAL_REQUEST.parent}/.key && \\
+mv {UNSEAL_REQUEST.parent}/.key {UNSEAL_REQUEST}'
 
 [Install]
 WantedBy=multi-user.target
@@ -107,8 +129,11 @@ def make_rootfs(cache: Path, dest: Path, slot: str, broken: bool = False) -> Pat
     canary = dest / CANARY_PATH
     canary.parent.mkdir(parents=True, exist_ok=True)
     canary.write_text(CANARY)
+    model = dest / MODEL_PATH
+    model.parent.mkdir(parents=True, exist_ok=True)
+    matmul_chain_model(model, width=32, depth=2, seed=17)
     _enable(dest, "verity-marker.service", MARKER_UNIT, ("multi-user.target.wants",))
-    # Node/Unseal's helper, as an image with sealed data carries it
+    # Node/Unseal's helper, as an image with sealed data carries it, and the agent's part played
     for name, (text, mode) in unseal_files("appliance").items():
         target = dest / name.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +142,7 @@ def make_rootfs(cache: Path, dest: Path, slot: str, broken: bool = False) -> Pat
     (dest / "etc/systemd/system/multi-user.target.wants").mkdir(exist_ok=True)
     (dest / "etc/systemd/system/multi-user.target.wants" / UNSEAL_PATH_UNIT).symlink_to(
         f"/etc/systemd/system/{UNSEAL_PATH_UNIT}")
+    _enable(dest, "unseal-stand-in.service", UNSEAL_STAND_IN_UNIT, ("multi-user.target.wants",))
     if broken:
         _enable(dest, "broken-slot.service", BROKEN_UNIT,
                 ("boot-complete.target.requires", "multi-user.target.wants"))
