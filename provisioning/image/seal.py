@@ -308,10 +308,14 @@ def kernel_cmdline(name: str, roothash: str, extra: tuple[str, ...] = (), *,
     """
     var = SEALED_DATA_MOUNT if sealed_data else f"systemd.mount-extra=PARTUUID={data_uuid(name)}:/var:"
     esp = f"PARTUUID={esp_uuid(name)}"
+    # 5 minutes for the partitions' devices to appear, not systemd's 90 s: on a slow boot (a
+    # guest starved of CPU under emulation: efi_pstore held a vCPU for 80 s, udev's coldplug came
+    # after 90 s) the default sent the node to an emergency shell with every device present
+    wait = "x-systemd.device-timeout=5min"
     args = [
         f"roothash={roothash}", "root=/dev/mapper/root", "rootfstype=squashfs", "ro",
-        f"{var}ext4:defaults,nodev,nosuid,x-systemd.growfs,x-systemd.after=systemd-repart.service",
-        f"systemd.mount-extra={esp}:/efi:vfat:umask=0077,nodev,nosuid,noexec",
+        f"{var}ext4:defaults,nodev,nosuid,x-systemd.growfs,x-systemd.after=systemd-repart.service,{wait}",
+        f"systemd.mount-extra={esp}:/efi:vfat:umask=0077,nodev,nosuid,noexec,{wait}",
         # the mounts above are the whole story: no guessing by partition type
         "systemd.gpt_auto=0",
         "console=tty0", "console=ttyS0,115200", "panic=10", *extra,
