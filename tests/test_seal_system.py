@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -257,29 +258,20 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
 def _two_boots(plan: vm.BootPlan) -> tuple[str, str]:
     """Start the machine of ``plan``; return the first two marker lines on its console (the boot,
     and the boot after its own reboot), then stop it."""
-    import re
     machine = vm.start(plan)
     marker = re.compile(MARKER + r"[^\n]*\n")  # whole lines only
     try:
         deadline = time.monotonic() + 1500
-        while time.monotonic() < deadline:
-            found = marker.findall(plan.console.read_bytes().decode(errors="replace"))
+        while True:
+            console = plan.console.read_bytes().decode(errors="replace")
+            found = marker.findall(console)
             if len(found) >= 2:
                 return found[0].rstrip("\r"), found[1].rstrip("\r")
-            tail = plan.console.read_text(errors="replace")[-3000:]
-            assert machine.alive(), f"qemu exited; console:\n{tail}"
+            assert machine.alive(), f"qemu exited; console:\n{console[-3000:]}"
+            assert time.monotonic() < deadline, f"no second boot within 1500 s; console:\n{console[-3000:]}"
             time.sleep(2)
-        raise AssertionError(f"no second boot within 1500 s; console:\n"
-                             f"{plan.console.read_text(errors='replace')[-3000:]}")
     finally:
         vm.stop(machine, grace=30)
-
-
-def _tpm2_slots(header: bytes) -> list[list[str]]:
-    """The key slots of a LUKS2 header's systemd-tpm2 tokens."""
-    area = header[4096:16384].split(b"\0", 1)[0]
-    tokens = json.loads(area)["tokens"]
-    return [tokens[k]["keyslots"] for k in sorted(tokens, key=int) if tokens[k]["type"] == "systemd-tpm2"]
 
 
 def _site_key(ctx: StageContext) -> rsa.RSAPrivateKey:
@@ -301,11 +293,20 @@ def _escrow(overlay: Path, work: Path) -> bytes:
         raw.unlink()
 
 
+def _tokens(header: bytes) -> list[dict[str, object]]:
+    """The tokens of a LUKS2 header, in token order (from its primary JSON area)."""
+    tokens = json.loads(header[4096:16384].split(b"\0", 1)[0])["tokens"]
+    return [tokens[k] for k in sorted(tokens, key=int)]
+
+
 def _token_types(header: bytes) -> list[str]:
-    """The token types of a LUKS2 header, in token order (from its primary JSON area)."""
-    area = header[4096:16384].split(b"\0", 1)[0]
-    tokens = json.loads(area)["tokens"]
-    return [tokens[k]["type"] for k in sorted(tokens, key=int)]
+    """The token types of a LUKS2 header, in token order."""
+    return [str(t["type"]) for t in _tokens(header)]
+
+
+def _tpm2_slots(header: bytes) -> list[object]:
+    """The key slots of a LUKS2 header's systemd-tpm2 tokens."""
+    return [t["keyslots"] for t in _tokens(header) if t["type"] == "systemd-tpm2"]
 
 
 def _opens(header: bytes, passphrase: str) -> bool:
@@ -429,9 +430,7 @@ def test_a_slot_that_never_blesses_falls_back_to_the_other(
     finally:
         vm.stop(machine, grace=30)
     assert "/dev/mapper/root" in line
-    console = machine.plan.console.read_text(errors="replace")
-    slot_b = console.split("broken slot: rebooting", 1)[0]
-    import re
+    slot_b = machine.plan.console.read_text(errors="replace").split("broken slot: rebooting", 1)[0]
     # B made the volume, and opened it (systemd's status lines, with or without colour)
     assert re.search(r"Finished (\x1b\[[0-9;]*m)?systemd-repart\.service", slot_b), slot_b[-3000:]
     assert re.search(r"Finished (\x1b\[[0-9;]*m)?systemd-cryptsetup@data", slot_b), slot_b[-3000:]
