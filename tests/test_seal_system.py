@@ -266,7 +266,7 @@ def _two_boots(plan: vm.BootPlan) -> tuple[str, str]:
             console = plan.console.read_bytes().decode(errors="replace")
             found = marker.findall(console)
             if len(found) >= 2:
-                return found[0].rstrip("\r"), found[1].rstrip("\r")
+                return found[0].rstrip("\r\n"), found[1].rstrip("\r\n")
             assert machine.alive(), f"qemu exited; console:\n{console[-3000:]}"
             assert time.monotonic() < deadline, f"no second boot within 1500 s; console:\n{console[-3000:]}"
             time.sleep(2)
