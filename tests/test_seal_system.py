@@ -255,37 +255,59 @@ def test_the_node_seals_its_data_partition_and_unseals_it_with_the_signed_uki_on
     assert _opens(after, recovery)
 
 
+class _Watched:
+    """A machine started from ``plan`` whose console is watched while a test waits on it.
+
+    A machine silent for two minutes after the kernel's reset or after the firmware starts the
+    boot loader is stuck in OVMF (seen under TCG with a TPM, in CI too, on the reboot a test asks
+    of the guest: qemu spins and nothing of the image runs, and a QMP reset does not clear it);
+    it is power-cycled on the same disk, UEFI variables and TPM state, as the hil suite's nodes
+    are, and its console goes on in the same file."""
+
+    def __init__(self, plan: vm.BootPlan) -> None:
+        self.plan = plan
+        self.machine = vm.start(plan)
+        self.watch = vm.ConsoleWatch(self.machine, stall=900.0, reset_after=120.0,
+                                     power_cycle=self._power_cycle)
+
+    def _power_cycle(self) -> vm.Machine:
+        vm.stop(self.machine, grace=0.0)
+        self.machine = vm.start(dataclasses.replace(self.plan, keep_disk=True, keep_console=True))
+        return self.machine
+
+    def lines(self, pattern: str, count: int = 1, timeout: float = 1500) -> list[str]:
+        """The first ``count`` whole console lines that match ``pattern``, once there are that many.
+
+        Raises:
+            AssertionError: qemu exited, or ``timeout`` seconds passed, first (with the console's end).
+            vm.GuestHungError: the console was silent for the watch's bound.
+        """
+        regex = re.compile(r"[^\n]*(?:" + pattern + r")[^\n]*\n")
+        deadline = time.monotonic() + timeout
+        while True:
+            console = self.plan.console.read_bytes().decode(errors="replace")
+            found = regex.findall(console)
+            if len(found) >= count:
+                return [line.rstrip("\r\n") for line in found[:count]]
+            assert self.machine.alive(), f"qemu exited; console:\n{console[-3000:]}"
+            assert time.monotonic() < deadline, \
+                f"not {count} x {pattern!r} within {timeout:.0f} s; console:\n{console[-3000:]}"
+            self.watch.check()
+            time.sleep(2)
+
+    def stop(self) -> None:
+        vm.stop(self.machine, grace=30)
+
+
 def _two_boots(plan: vm.BootPlan) -> tuple[str, str]:
     """Start the machine of ``plan``; return the first two marker lines on its console (the boot,
-    and the boot after its own reboot), then stop it.
-
-    A machine silent for two minutes after its reset, or after the firmware starts the boot
-    loader, is stuck in OVMF (seen under TCG with a TPM, in CI too: qemu spins and nothing of the
-    image runs); it is power-cycled on the same disk, UEFI variables and TPM state, as the hil
-    suite's nodes are, and the console goes on in the same file."""
-    machine = vm.start(plan)
-
-    def power_cycle() -> vm.Machine:
-        nonlocal machine
-        vm.stop(machine, grace=0.0)
-        machine = vm.start(dataclasses.replace(plan, keep_disk=True, keep_console=True))
-        return machine
-
-    watch = vm.ConsoleWatch(machine, stall=900.0, reset_after=120.0, power_cycle=power_cycle)
-    marker = re.compile(MARKER + r"[^\n]*\n")  # whole lines only
+    and the boot after its own reboot), then stop it."""
+    node = _Watched(plan)
     try:
-        deadline = time.monotonic() + 1800
-        while True:
-            console = plan.console.read_bytes().decode(errors="replace")
-            found = marker.findall(console)
-            if len(found) >= 2:
-                return found[0].rstrip("\r\n"), found[1].rstrip("\r\n")
-            assert machine.alive(), f"qemu exited; console:\n{console[-3000:]}"
-            assert time.monotonic() < deadline, f"no second boot within 1800 s; console:\n{console[-3000:]}"
-            watch.check()
-            time.sleep(2)
+        first, second = node.lines(MARKER, count=2, timeout=1800)
+        return first, second
     finally:
-        vm.stop(machine, grace=30)
+        node.stop()
 
 
 def _site_key(ctx: StageContext) -> rsa.RSAPrivateKey:
@@ -435,23 +457,23 @@ def test_a_slot_that_never_blesses_falls_back_to_the_other(
                        data_content=sealed_a.rootfs / "var")
     kvm = os.environ.get("APPLIANCE_TEST_KVM", "0") == "1" and vm.kvm_usable()
     # with a TPM: both slots keep /var on the data partition they seal to it
-    machine = vm.start(vm.BootPlan(image, base / "vm", kvm, 1024, 2, {8001: 0},
-                                   tpm_socket=base / "vm" / "swtpm.sock"))
+    node = _Watched(vm.BootPlan(image, base / "vm", kvm, 1024, 2, {8001: 0},
+                                tpm_socket=base / "vm" / "swtpm.sock"))
     try:
-        vm.wait_for(machine, "broken slot: rebooting", timeout=1500 if not kvm else 300)
-        line = vm.wait_for(machine, f"{MARKER}.*slot=A", timeout=1500 if not kvm else 300)
-        vm.wait_for(machine, "Finished.*systemd-bless-boot", timeout=600)
+        node.lines("broken slot: rebooting", timeout=1500 if not kvm else 300)
+        line, = node.lines(f"{MARKER}.*slot=A", timeout=1500 if not kvm else 300)
+        node.lines("Finished.*systemd-bless-boot", timeout=600)
     finally:
-        vm.stop(machine, grace=30)
+        node.stop()
     assert "/dev/mapper/root" in line
-    slot_b = machine.plan.console.read_text(errors="replace").split("broken slot: rebooting", 1)[0]
+    slot_b = node.plan.console.read_text(errors="replace").split("broken slot: rebooting", 1)[0]
     # B made the volume, and opened it (systemd's status lines, with or without colour)
     assert re.search(r"Finished (\x1b\[[0-9;]*m)?systemd-repart\.service", slot_b), slot_b[-3000:]
     assert re.search(r"Finished (\x1b\[[0-9;]*m)?systemd-cryptsetup@data", slot_b), slot_b[-3000:]
     assert "var=/dev/mapper/data" in line and "sealed=no" in line, line  # A opens B's volume
-    header = _data_partition(machine.plan.overlay, base, _LUKS2_HEADER)
+    header = _data_partition(node.plan.overlay, base, _LUKS2_HEADER)
     assert _token_types(header) == ["systemd-tpm2", "systemd-recovery"], header[:4096]  # not enrolled again
-    files = _esp_files(machine.plan.overlay, base)
+    files = _esp_files(node.plan.overlay, base)
     assert "appliance-1.0.efi" in files, files       # A blessed: its counter is gone
     assert "appliance-2.0+0-1.efi" in files, files   # B's one try used up: marked bad
 
