@@ -399,6 +399,44 @@ def test_a_machine_stuck_after_its_reset_is_power_cycled_when_the_caller_can(
     assert len(cycled) == 1
 
 
+def test_wait_for_follows_the_machine_its_watch_power_cycled(
+        short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
+    """``appliance boot --wait-for --reset-after``: the stuck qemu is gone after the power cycle,
+    and the wait goes on with the new one, on the same console, to the line it waits for."""
+    fake_qmp()
+    old = subprocess.Popen(["sleep", "60"])
+    new = subprocess.Popen(["sleep", "60"])
+    try:
+        stuck = dataclasses.replace(short_machine, pid=old.pid)
+        stuck.plan.console.write_text("[   79.97] reboot: Restarting system\r\n")
+
+        def power_cycle() -> vm.Machine:
+            old.kill()
+            old.wait()
+            _console_writer(stuck.plan.console, ["BdsDxe: loading Boot0001", "[    0.0] Linux",
+                                                 "dm-verity root OK slot=A"], 0.1)
+            return dataclasses.replace(stuck, pid=new.pid)
+
+        watch = vm.ConsoleWatch(stuck, stall=5.0, reset_after=0.2, power_cycle=power_cycle)
+        line = vm.wait_for(stuck, "root OK", timeout=20, poll=0.05, watch=watch)
+        assert line == "dm-verity root OK slot=A"
+        assert watch.machine.pid == new.pid and len(watch.resets) == 1
+    finally:
+        for proc in (old, new):
+            proc.kill()
+            proc.wait()
+
+
+def test_boot_cli_refuses_reset_after_without_wait_for(tmp_path: Path) -> None:
+    for extra in ([], ["--wait-for", "login:", "--reset-after", "0"]):
+        proc = subprocess.run([sys.executable, "-m", "provisioning.cli", "boot", str(tmp_path / "d.raw"),
+                               "--reset-after", "120", *extra], cwd=ROOT, capture_output=True, text=True,
+                              check=False)
+        assert proc.returncode != 0 and "--reset-after" in proc.stderr and "--wait-for" in proc.stderr, \
+            proc.stderr
+        assert not (tmp_path / "d.raw.vm").exists()  # nothing started
+
+
 def test_a_power_cycle_that_fails_is_reported_hung(
         short_machine: vm.Machine, fake_qmp: Callable[..., _FakeQmp]) -> None:
     machine = short_machine

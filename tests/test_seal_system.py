@@ -126,12 +126,13 @@ def test_the_uki_carries_the_sites_signature_of_its_initrd_pcr_policy(sealed_a: 
 
 
 def _boot_cli(image: Path, state: Path, pattern: str, *extra: str) -> dict[str, object]:
-    """``appliance boot IMAGE --wait-for PATTERN --json`` as a separate process."""
+    """``appliance boot IMAGE --wait-for PATTERN --json`` as a separate process; a machine stuck
+    in OVMF (TCG, with a TPM) is power-cycled, as the hil suite's are."""
     accel = "auto" if os.environ.get("APPLIANCE_TEST_KVM", "0") == "1" else "tcg"
     # one forward to a free port: the default ones (18000-18002) may be taken on a shared host
     proc = run_appliance("boot", image, "--state", state, "--accel", accel, "--memory", "1024",
                          "--port", f"8001={free_port()}", "--wait-for", pattern, "--timeout", "1500",
-                         "--json", *extra, timeout=1800)
+                         "--reset-after", "120", "--json", *extra, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,12 @@ def register(
     b.add_argument("--hang-after", type=float, metavar="SECONDS",
                    help="with --wait-for: fail early when the console prints nothing for SECONDS "
                    "(a hung guest); keeps the console and UEFI variables")
+    b.add_argument("--reset-after", type=float, metavar="SECONDS",
+                   help="with --wait-for: a console silent for SECONDS right after the kernel's "
+                   "'reboot: Restarting system' or the firmware's 'BdsDxe: starting Boot...' is a "
+                   "machine stuck in its reset or firmware (seen under TCG with a TPM): power it off "
+                   "and on again on the same disk, UEFI variables and TPM, at most 3 times, keeping "
+                   "the evidence in STATE/reset-hang-*")
     b.add_argument("--tpm", action="store_true", help="attach a software TPM 2.0 (swtpm)")
     b.add_argument("--secure-boot", action="store_true",
                    help="Secure Boot firmware (OVMF secboot build) enforcing the keys in the variable "
@@ -102,6 +109,9 @@ def _check_boot_args(args: argparse.Namespace) -> None:
     if args.keep_console and not args.keep_disk:
         raise ImageError("appliance boot: --keep-console appends to the last power-on's console: "
                          "it needs --keep-disk")
+    if args.reset_after is not None and (not args.wait_for or args.reset_after <= 0):
+        raise ImageError(f"appliance boot: --reset-after {args.reset_after:g}: needs --wait-for, and a "
+                         "number of seconds above 0")
 
 
 def _boot(args: argparse.Namespace) -> int:
@@ -135,10 +145,11 @@ def _boot(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"started pid {machine.pid} ({'KVM' if kvm else 'TCG'}); console {plan.console}; "
               + ", ".join(f"guest {g} -> 127.0.0.1:{h}" for g, h in sorted(ports.items())), file=sys.stderr)
+    watch = _reset_watch(machine, args)
     try:
         if args.wait_for:
             began = time.monotonic()
-            line = vm.wait_for(machine, args.wait_for, args.timeout, stall=args.hang_after)
+            line = vm.wait_for(machine, args.wait_for, args.timeout, stall=args.hang_after, watch=watch)
             info |= {"matched": line, "seconds": round(time.monotonic() - began, 1)}
             if not args.json:
                 print(line)
@@ -146,13 +157,32 @@ def _boot(args: argparse.Namespace) -> int:
             _follow(machine)
             info |= {"exited": True}
     except BaseException:
-        vm.stop(machine, grace=5)
+        vm.stop(watch.machine if watch is not None else machine, grace=5)
         raise
+    if watch is not None and watch.resets:  # the machine that runs now is the last power-on's
+        machine = watch.machine
+        info |= machine.to_json() | {"power_cycles": [str(p) for p in watch.resets]}
     if not args.detach and args.wait_for:
         info |= {"stopped": vm.stop(machine)}
     if args.json:
         emit_json(info)
     return 0
+
+
+def _reset_watch(machine: vm.Machine, args: argparse.Namespace) -> vm.ConsoleWatch | None:
+    """With ``--wait-for --reset-after``: the watch that power-cycles ``machine`` when it is stuck
+    in its reset or firmware (and, with ``--hang-after``, reports a hang)."""
+    if not (args.wait_for and args.reset_after):
+        return None
+    plan = dataclasses.replace(machine.plan, keep_disk=True, keep_console=True)
+
+    def power_cycle() -> vm.Machine:
+        vm.stop(watch.machine, grace=0.0)
+        return vm.start(plan)
+
+    watch = vm.ConsoleWatch(machine, args.hang_after or args.timeout, reset_after=args.reset_after,
+                            power_cycle=power_cycle)
+    return watch
 
 
 def _follow(machine: vm.Machine) -> None:

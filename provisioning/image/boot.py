@@ -545,19 +545,22 @@ def keep_evidence(machine: Machine, label: str) -> Path:
 
 
 def wait_for(machine: Machine, pattern: str, timeout: float, poll: float = 0.5,
-             stall: float | None = None) -> str:
+             stall: float | None = None, *, watch: ConsoleWatch | None = None) -> str:
     """Block until the console log matches ``pattern`` (a regular expression); return the line.
 
     With ``stall``, a console that prints nothing for that many seconds ends the wait early.
+    With ``watch`` (instead of ``stall``), that watch checks the console, and the wait follows
+    the machine it holds: one it power-cycled goes on in the same console log.
 
     Raises:
-        GuestHungError: the console was silent for ``stall`` seconds.
+        GuestHungError: the console was silent for ``stall`` seconds (or the watch's bound).
         ImageError: qemu exited first, or ``timeout`` seconds passed (the message has the
             console's last lines).
     """
     regex = re.compile(pattern)
     deadline = time.monotonic() + timeout
-    watch = ConsoleWatch(machine, stall) if stall is not None else None
+    if watch is None and stall is not None:
+        watch = ConsoleWatch(machine, stall)
     offset, pending = 0, ""
     while True:
         with machine.plan.console.open("rb") as f:
@@ -572,10 +575,11 @@ def wait_for(machine: Machine, pattern: str, timeout: float, poll: float = 0.5,
                 return line.rstrip("\r")
         if regex.search(pending):
             return pending
-        if not machine.alive():
-            raise ImageError(f"qemu exited before the console printed {pattern!r}:\n{_tail(machine)}")
+        current = watch.machine if watch is not None else machine
+        if not current.alive():
+            raise ImageError(f"qemu exited before the console printed {pattern!r}:\n{_tail(current)}")
         if time.monotonic() > deadline:
-            raise ImageError(f"no {pattern!r} on the console within {timeout:.0f} s:\n{_tail(machine)}")
+            raise ImageError(f"no {pattern!r} on the console within {timeout:.0f} s:\n{_tail(current)}")
         if watch is not None:
             watch.check()
         time.sleep(poll)
