@@ -531,3 +531,37 @@ def test_the_hil_power_cycle_starts_qemu_and_swtpm_again_on_the_same_state(tmp_p
     finally:
         node.power_off()
     assert node.machine is not None and not node.machine.alive()
+
+
+@pytest.mark.system  # a real qemu (OVMF alone, no image to boot) and a real swtpm
+def test_power_cycle_starts_qemu_and_swtpm_again_on_the_same_state(tmp_path: Path) -> None:
+    """What ``appliance boot --reset-after`` and the seal tests do to a machine stuck in its
+    firmware: new qemu and swtpm processes, the same overlay and TPM folder, one console."""
+    import shutil
+
+    if any(shutil.which(t) is None for t in ("qemu-system-x86_64", "swtpm", "qemu-img")) \
+            or not vm.OVMF_CODE.is_file():
+        pytest.skip("needs qemu, swtpm and OVMF")
+    image = tmp_path / "blank.raw"
+    image.write_bytes(bytes(1 << 20))  # nothing to boot: OVMF says so within seconds of starting
+    plan = vm.BootPlan(image, tmp_path / "vm", False, 256, 1, {8001: 0},
+                       tpm_socket=tmp_path / "vm/swtpm.sock")
+    first = vm.start(plan)
+    again = first
+    try:
+        before = vm.wait_for(first, "BdsDxe: failed to load", timeout=180)
+        text = plan.console.read_text(errors="replace")
+        overlay = plan.overlay.stat().st_ino
+        again = vm.power_cycle(first)
+        assert again.pid != first.pid and again.tpm_pid not in (None, first.tpm_pid)
+        assert not first.alive() and first.tpm_pid is not None and not vm._alive(first.tpm_pid)
+        assert again.alive() and again.tpm_pid is not None and vm._alive(again.tpm_pid)
+        deadline = time.monotonic() + 180
+        while (now := plan.console.read_text(errors="replace")).count(before.strip()) < 2:
+            assert time.monotonic() < deadline, now[-2000:]
+            time.sleep(0.5)
+        assert now.startswith(text)  # one console, continued
+        assert plan.overlay.stat().st_ino == overlay  # the same disk overlay, not a new one
+        assert (plan.state / "tpm/tpm2-00.permall").is_file()
+    finally:
+        vm.stop(again, grace=0.0)

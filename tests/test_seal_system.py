@@ -267,14 +267,13 @@ class _Watched:
 
     def __init__(self, plan: vm.BootPlan) -> None:
         self.plan = plan
-        self.machine = vm.start(plan)
-        self.watch = vm.ConsoleWatch(self.machine, stall=900.0, reset_after=120.0,
-                                     power_cycle=self._power_cycle)
+        self.watch = vm.ConsoleWatch(vm.start(plan), stall=900.0, reset_after=120.0,
+                                     power_cycle=lambda: vm.power_cycle(self.machine))
 
-    def _power_cycle(self) -> vm.Machine:
-        vm.stop(self.machine, grace=0.0)
-        self.machine = vm.start(dataclasses.replace(self.plan, keep_disk=True, keep_console=True))
-        return self.machine
+    @property
+    def machine(self) -> vm.Machine:
+        """The running qemu: the last power-on's."""
+        return self.watch.machine
 
     def lines(self, pattern: str, count: int = 1, timeout: float = 1500) -> list[str]:
         """The first ``count`` whole console lines that match ``pattern``, once there are that many.

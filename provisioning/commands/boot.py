@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -174,14 +173,8 @@ def _reset_watch(machine: vm.Machine, args: argparse.Namespace) -> vm.ConsoleWat
     in its reset or firmware (and, with ``--hang-after``, reports a hang)."""
     if not (args.wait_for and args.reset_after):
         return None
-    plan = dataclasses.replace(machine.plan, keep_disk=True, keep_console=True)
-
-    def power_cycle() -> vm.Machine:
-        vm.stop(watch.machine, grace=0.0)
-        return vm.start(plan)
-
     watch = vm.ConsoleWatch(machine, args.hang_after or args.timeout, reset_after=args.reset_after,
-                            power_cycle=power_cycle)
+                            power_cycle=lambda: vm.power_cycle(watch.machine))
     return watch
 
 

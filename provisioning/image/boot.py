@@ -35,7 +35,7 @@ __all__ = ["AGENT_PORTS", "GUEST_FORWARD_ADDR", "GUEST_MAC", "LOOPBACK_FORWARDS"
            "OVMF_CODE_SECBOOT", "OVMF_VARS", "OVMF_VARS_SNAKEOIL", "QEMU_CPU_LEVELS", "SNAKEOIL_CERT",
            "SNAKEOIL_KEY",
            "BootPlan", "ConsoleWatch", "GuestHungError", "Machine", "check_cpu_model",
-           "image_cpu_level", "keep_evidence", "kvm_usable", "qemu_argv", "start", "stop",
+           "image_cpu_level", "keep_evidence", "kvm_usable", "power_cycle", "qemu_argv", "start", "stop",
            "wait_for"]
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -630,6 +630,14 @@ def _qmp_exchange(sock: socket.socket, command: str, arguments: Mapping[str, obj
             if "error" in answer or "return" not in answer:
                 raise ValueError(f"qmp {cmd}: {answer}")
         return answer["return"]
+
+
+def power_cycle(machine: Machine) -> Machine:
+    """Cut ``machine``'s power (qemu and swtpm end at once) and start it again on the same disk,
+    UEFI variables and TPM state, its console log continued; returns the new machine. What a
+    :class:`ConsoleWatch` does to a machine stuck in its firmware."""
+    stop(machine, grace=0.0)
+    return start(dataclasses.replace(machine.plan, keep_disk=True, keep_console=True))
 
 
 def stop(machine: Machine, grace: float = 30.0) -> str:
