@@ -11,10 +11,12 @@ one buffer that is parsed and written, each digest on a thread of its own.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import queue
+import stat
 import tarfile
 import tempfile
 import threading
@@ -26,7 +28,7 @@ from typing import IO, Protocol, TypeVar
 from agent.errors import BundleError, NotFoundError, VerificationError
 
 __all__ = ["OnePassReader", "atomic_write", "atomic_write_bytes", "atomic_write_text", "copy_verified",
-           "file_sha256", "fsync_dir", "fsync_tree", "read_tar_once", "stream_sha256"]
+           "data_extents", "file_sha256", "fsync_dir", "fsync_tree", "read_tar_once", "stream_sha256"]
 
 T = TypeVar("T")
 
@@ -143,9 +145,56 @@ def copy_verified(src: Readable, dst: IO[bytes] | None, length: int, sha256: str
 
 def file_sha256(path: Path, block: int = 4 << 20,
                 progress: Callable[[int], None] | None = None) -> str:
-    """Hex sha256 of a file's bytes (see :func:`stream_sha256`)."""
+    """Hex sha256 of a file's bytes (see :func:`stream_sha256`).
+
+    A regular file's holes are hashed as the zeros they read as, without reading them: a disk
+    image is mostly holes, and reading them took 35 s of a 42 s disk stage here (issue #14).
+    """
     with path.open("rb") as f:
-        return stream_sha256(f, block, progress)[0]
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return stream_sha256(f, block, progress)[0]
+        digest = hashlib.sha256()
+        zeros = memoryview(bytes(block))
+        pos = 0
+        for start, end in data_extents(f.fileno(), info.st_size):
+            for hole in range(pos, start, block):  # the hole before this extent
+                piece = zeros[:min(block, start - hole)]
+                digest.update(piece)
+                if progress is not None:
+                    progress(len(piece))
+            f.seek(start)
+            pos = start
+            while pos < end and (chunk := f.read(min(block, end - pos))):
+                digest.update(chunk)
+                pos += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            if pos < end:  # the file was cut short while it was read
+                break
+        return digest.hexdigest()
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The data extents of the file open at ``fd`` (``size`` bytes), as (start, end), and
+    (size, size) last: what lies between them reads as zeros.  A file system that cannot say
+    where its holes are (no SEEK_DATA) has one extent, the whole file."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole from pos to the end
+                break
+            if e.errno != errno.EINVAL:
+                raise
+            start, end = pos, size  # SEEK_DATA unsupported here
+        if start >= size:
+            break
+        yield start, end
+        pos = end
+    yield size, size
 
 
 class _Digester:
