@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +61,59 @@ def _empty_dir(path: Path) -> None:
             child.unlink()
 
 
+# Compilers run side by side.  A fixed number, not the build host's cores: a pyc's bytes depend
+# on what its compiler process did before (marshal marks an object shared by its reference count),
+# so each process must get the same files in the same order on every host.
+COMPILERS = 2
+
+
+def _sources(directory: Path) -> Iterator[Path]:
+    """The .py files ``compileall`` compiles under ``directory``, in its order: names sorted,
+    symlinked directories not followed."""
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.is_dir():
+            if not entry.is_symlink():
+                yield from _sources(path)
+        elif entry.name.endswith(".py") and entry.is_file():
+            yield path
+
+
+def _shares(files: list[Path], parts: int) -> list[list[Path]]:
+    """``files`` cut, in order, into ``parts`` runs of about the same bytes."""
+    sizes = [f.stat().st_size for f in files]
+    total, done = sum(sizes), 0
+    shares: list[list[Path]] = []
+    share: list[Path] = []
+    for path, size in zip(files, sizes, strict=True):
+        share.append(path)
+        done += size
+        if done * parts >= total * (len(shares) + 1) and len(shares) < parts - 1:
+            shares.append(share)
+            share = []
+    shares.append(share)
+    return shares + [[] for _ in range(parts - len(shares))]
+
+
 def _recompile(root: Path, source_date_epoch: int) -> None:
-    """Replace every pyc with checked-hash pycs (valid whatever the mtimes; same bytes each build)."""
+    """Replace every pyc with checked-hash pycs (valid whatever the mtimes; same bytes each
+    build), compiled by COMPILERS processes, each over a fixed run of the sorted sources."""
     dirs = [d for d in root.glob("usr/lib/python3*") if d.is_dir()]
     dirs += [root / d for d in _PY_DIRS if (root / d).is_dir()]
     for base in dirs:
         for cache in sorted(base.rglob("__pycache__")):
             for pyc in cache.glob("*.pyc"):
                 pyc.unlink()
-    inside = ["/" + d.relative_to(root).as_posix() for d in sorted(set(dirs))]
-    run(["chroot", root, "/usr/bin/python3", "-m", "compileall", "-q", "-j", "1",
-         "--invalidation-mode", "checked-hash", *inside],
-        env={"SOURCE_DATE_EPOCH": str(source_date_epoch), "PYTHONHASHSEED": "0"}, check=False)
+    files = [f for base in sorted(set(dirs)) for f in _sources(base)]
+    env = {"SOURCE_DATE_EPOCH": str(source_date_epoch), "PYTHONHASHSEED": "0"}
+
+    def compile_share(share: list[Path]) -> None:
+        names = "".join(f"/{f.relative_to(root).as_posix()}\n" for f in share)
+        run(["chroot", root, "/usr/bin/python3", "-m", "compileall", "-q", "-i", "-",
+             "--invalidation-mode", "checked-hash"], env=env, input_bytes=names.encode(), check=False)
+
+    with ThreadPoolExecutor(COMPILERS) as pool:
+        list(pool.map(compile_share, _shares(files, COMPILERS)))
 
 
 def _shadow_days(root: Path, source_date_epoch: int) -> None:
