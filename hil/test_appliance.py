@@ -18,6 +18,7 @@ import pytest
 
 from hil.conftest import SiteRegistry
 from provisioning.demo.bench import BAKED_VERSION, BUNDLE, X, expected
+from provisioning.image.booted import boot_times_report
 from provisioning.image.plan import LISTEN_PREFIX, STATE_PREFIX  # the report unit's line prefixes
 from testsupport.appliance import Appliance, serving_status
 
@@ -195,6 +196,25 @@ def _apply(appliance: Appliance, target: str) -> Any:
     reply = _node(appliance).ApplyUpdate(node_pb2.ApplyUpdateRequest(targets=[target]), timeout=600)
     assert len(reply.results) == 1, reply
     return reply.results[0]
+
+
+def test_the_boot_reports_where_its_time_went(appliance: Appliance) -> None:
+    """The bench image's boot-times unit (``[diagnostics] console_boot_times``) prints
+    systemd-analyze's view once the boot has finished: printed here for the record (issue #14),
+    checked only for being there and naming the agent."""
+    if appliance.console is None or not appliance.console.is_file():
+        pytest.skip("no serial console log (--console) to read the boot's times from")
+    deadline = time.monotonic() + LISTEN_REPORT_BOUND_S
+    while (report := boot_times_report(appliance.console.read_text(errors="replace"))) is None:
+        assert time.monotonic() < deadline, (
+            f"no complete boot-times report on the console within {LISTEN_REPORT_BOUND_S:.0f} s")
+        time.sleep(2)
+    print("\nhil: where the boot's time went (systemd-analyze, on the node):")
+    for kind in ("time", "chain", "blame", "initrd", "gap"):
+        print("\n".join(f"  {kind}: {line}" for line in report[kind]))
+    assert any("Startup finished" in line for line in report["time"]), report["time"]
+    assert any("appliance-agent.service" in line for line in report["chain"]), report["chain"]
+    assert report["blame"], "no unit listed as taking time"
 
 
 def test_bundle_update_applied(appliance: Appliance, site_registry: SiteRegistry) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from provisioning.errors import ImageError
-from provisioning.image.booted import booted_audit, floor_failures
+from provisioning.image.booted import boot_times_report, booted_audit, floor_failures
 from provisioning.image.compliance import BootedFloors, booted_floors, summarize, write_booted_floors
 
 RESULTS = Path(__file__).parent / "data/compliance/cis_level1_server.xccdf.xml"
@@ -112,3 +112,27 @@ def test_the_cli_reports_gates_and_records(tmp_path: Path, cli: Callable[..., An
     assert booted_floors(baseline) == recorded  # a gate that failed is never lowered
     done = cli("audit-booted", build, "--console", tmp_path / "none.log")
     assert done.code != 0 and "none.log: cannot read the console log" in done.err
+
+
+def test_the_boot_times_report_is_the_consoles_last_complete_one() -> None:
+    first = ("appliance-boot: time Startup finished in 90s\n"
+             "appliance-boot: chain appliance-agent.service +9s\nappliance-boot: end\n")
+    second = ("appliance-boot: time Startup finished in 1.2s (firmware) + 80s (userspace) = 81s\n"
+              "[  OK  ] Reached target multi-user.target\n"
+              "appliance-boot: chain appliance-agent.service @70s +9s\n"
+              "appliance-boot: chain \u2514\u2500basic.target @20s\n"
+              "appliance-boot: blame 9s appliance-agent.service\n"
+              "appliance-boot: initrd [    3.1] appliance systemd[1]: Switching root.\n"
+              "appliance-boot: end\n")
+    assert boot_times_report("no report yet\n") is None
+    assert boot_times_report(first + "appliance-boot: time Startup finished in 10s\n") == {
+        "time": ["Startup finished in 90s"], "chain": ["appliance-agent.service +9s"], "blame": [],
+        "initrd": [], "gap": []}
+    assert boot_times_report(first + second) == {
+        "time": ["Startup finished in 1.2s (firmware) + 80s (userspace) = 81s"],
+        "chain": ["appliance-agent.service @70s +9s", "\u2514\u2500basic.target @20s"],
+        "blame": ["9s appliance-agent.service"],
+        "initrd": ["[    3.1] appliance systemd[1]: Switching root."], "gap": []}
+    with pytest.raises(ImageError, match="the boot-times report on the node: failed: the boot had not"):
+        boot_times_report(f"{first}appliance-boot: failed: the boot had not finished after 1800 s "
+                          "(starting)\n")

@@ -19,6 +19,9 @@ from provisioning.demo.bench import hil_profile_text
 from provisioning.errors import ImageError, ProfileError
 from provisioning.image.configure import bake_node_tls, write_image_metadata
 from provisioning.image.plan import (
+    BOOT_TIMES_PREFIX,
+    BOOT_TIMES_SCRIPT,
+    BOOT_TIMES_UNIT,
     LISTEN_PREFIX,
     LISTEN_REPORT_SCRIPT,
     LISTEN_REPORT_UNIT,
@@ -169,6 +172,61 @@ def test_the_report_script_prints_unit_states_audit_status_then_sockets(tmp_path
         f"{LISTEN_PREFIX} tcp LISTEN 0 4096 0.0.0.0:8001 0.0.0.0:*",
         f"{LISTEN_PREFIX} end",
     ]
+
+
+def test_boot_times_unit_only_when_asked_and_it_does_not_hold_the_boot(tmp_path: Path, pki: Path) -> None:
+    from provisioning.image.audit import unit_exposure
+
+    plan = configure_plan(load_profile(_hil_profile(tmp_path, pki)), pip_wheel="/w/pip.whl")
+    assert BOOT_TIMES_UNIT in plan.enable
+    unit = plan.file(f"/etc/systemd/system/{BOOT_TIMES_UNIT}").content
+    # a oneshot's job would keep the boot from finishing, and the script waits for that
+    assert "Type=exec" in unit and "After=appliance-agent.service" in unit
+    plain = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel="/w/pip.whl")
+    assert BOOT_TIMES_UNIT not in plain.enable
+    # a running service of the bench image: sandboxed within #16's goal (real systemd-analyze)
+    root = tmp_path / "root"
+    for spec in plan.files:
+        if spec.path in (f"/etc/systemd/system/{BOOT_TIMES_UNIT}", BOOT_TIMES_SCRIPT):
+            (root / spec.path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (root / spec.path.lstrip("/")).write_text(spec.content)
+    assert unit_exposure(root, BOOT_TIMES_UNIT)["exposure"] <= 5.0
+
+
+def _boot_times(tmp_path: Path, pki: Path, state: str, code: int) -> list[str]:
+    """The boot-times script run under sh with a stand-in systemctl that reports ``state``
+    (exit ``code``) and a stand-in systemd-analyze that answers each query with two lines."""
+    plan = configure_plan(load_profile(_hil_profile(tmp_path, pki)), pip_wheel="/w/pip.whl")
+    script = tmp_path / "boot-times"
+    script.write_text(plan.file(BOOT_TIMES_SCRIPT).content)
+    tools = tmp_path / "bin"
+    tools.mkdir(exist_ok=True)
+    (tools / "systemctl").write_text(f'#!/bin/sh\necho {state}\nexit {code}\n')
+    (tools / "systemd-analyze").write_text('#!/bin/sh\necho "$1 one"\necho "$1 two"\n')
+    (tools / "journalctl").write_text('#!/bin/sh\necho "[ 1.0] Starting initrd"\n'
+                                      'echo "[ 2.0] Switching root."\necho "[ 9.0] after the switch"\n')
+    for name in ("systemctl", "systemd-analyze", "journalctl"):
+        (tools / name).chmod(0o755)
+    done = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=False,
+                          env={"PATH": f"{tools}:/usr/bin:/bin"})
+    return [*done.stdout.splitlines(), f"rc={done.returncode}"]
+
+
+@pytest.mark.parametrize("state", ["running", "degraded"])
+def test_boot_times_are_printed_once_the_boot_has_finished(tmp_path: Path, pki: Path, state: str) -> None:
+    p = BOOT_TIMES_PREFIX
+    assert _boot_times(tmp_path, pki, state, 0 if state == "running" else 1) == [
+        f"{p} time time one", f"{p} time time two",
+        f"{p} chain critical-chain one", f"{p} chain critical-chain two",
+        f"{p} blame blame one", f"{p} blame blame two",
+        f"{p} initrd [ 1.0] Starting initrd", f"{p} initrd [ 2.0] Switching root.",
+        f"{p} gap [ 2.0] Switching root.", f"{p} gap [ 9.0] after the switch",
+        f"{p} end", "rc=0"]
+
+
+def test_a_boot_that_never_finishes_is_reported_not_timed(tmp_path: Path, pki: Path) -> None:
+    out = _boot_times(tmp_path, pki, "starting", 1)
+    assert out == [f"{BOOT_TIMES_PREFIX} failed: the boot had not finished after 1800 s (starting)", "rc=1"]
 
 
 @pytest.mark.parametrize(("package", "timer", "unit"), [("lynis", LYNIS_TIMER, LYNIS_UNIT),

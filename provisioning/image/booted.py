@@ -26,9 +26,10 @@ from provisioning.image.compliance import (
     baseline_failures,
     booted_summary,
 )
-from provisioning.image.plan import LYNIS_PREFIX, SCAP_PREFIX
+from provisioning.image.plan import BOOT_TIMES_PREFIX, LYNIS_PREFIX, SCAP_PREFIX
 
-__all__ = ["BootedAudit", "booted_audit", "floor_failures", "lynis_report", "scap_report"]
+__all__ = ["BootedAudit", "boot_times_report", "booted_audit", "floor_failures", "lynis_report",
+           "scap_report"]
 
 
 def _last_report(console: str, prefix: str, what: str) -> list[str] | None:
@@ -66,6 +67,26 @@ def lynis_report(console: str) -> tuple[dict[str, str], list[str]] | None:
         raise ImageError(f"Lynis on the node: hardening_index={figures['hardening_index']!r} is not "
                          "a whole number")
     return figures, [ln.removeprefix("warning ") for ln in lines[start + 1:]]
+
+
+def boot_times_report(console: str) -> dict[str, list[str]] | None:
+    """The console's last complete boot-times report (``[diagnostics] console_boot_times``):
+    ``time`` (systemd-analyze time), ``chain`` (the agent's critical chain), ``blame`` (the
+    slowest units), ``initrd`` (the initrd's systemd log) and ``gap`` (the journal lines around
+    each silent stretch), each a list of lines; None while there is none.
+
+    Raises:
+        ImageError: the node reported, after that, that its boot never finished.
+    """
+    lines = _last_report(console, BOOT_TIMES_PREFIX, "the boot-times report")
+    if lines is None:
+        return None
+    out: dict[str, list[str]] = {"time": [], "chain": [], "blame": [], "initrd": [], "gap": []}
+    for line in lines:
+        kind, _, rest = line.partition(" ")
+        if kind in out:
+            out[kind].append(rest)
+    return out
 
 
 def scap_report(console: str) -> dict[str, dict[str, str]] | None:

@@ -30,6 +30,9 @@ __all__ = [
     "AGENT_UNIT",
     "AGENT_USER",
     "BOOT_CHECK_UNIT",
+    "BOOT_TIMES_PREFIX",
+    "BOOT_TIMES_SCRIPT",
+    "BOOT_TIMES_UNIT",
     "CPU_CHECK_UNIT",
     "DEVICES_UNIT",
     "GPU_RECORD",
@@ -55,6 +58,8 @@ __all__ = [
     "agent_toml",
     "agent_unit",
     "boot_check_unit",
+    "boot_times_script",
+    "boot_times_unit",
     "configure_plan",
     "cpu_check_unit",
     "gpu_devices_unit",
@@ -1040,6 +1045,82 @@ def listen_report_unit() -> str:
     ))
 
 
+BOOT_TIMES_UNIT = "appliance-boot-times.service"
+BOOT_TIMES_PREFIX = "appliance-boot:"
+BOOT_TIMES_SCRIPT = "/usr/lib/appliance/boot-times"
+BOOT_TIMES_BLAME = 25  # the slowest units listed
+BOOT_TIMES_INITRD = 200  # lines of the initrd's own log (systemd's, up to the switch to the real root)
+BOOT_TIMES_GAPS = 120  # lines around the journal's silent gaps (two per gap)
+BOOT_TIMES_WAIT_S = 1800  # a boot that has not finished by then is reported as such
+
+
+def boot_times_script(unit: str = AGENT_UNIT) -> str:
+    """Where the boot's time went, once it has finished: ``systemd-analyze time`` (firmware,
+    loader, kernel, initrd, userspace), ``unit``'s critical chain, the slowest units, the
+    initrd's systemd log and the journal's silent gaps, each line prefixed ``appliance-boot:
+    time|chain|blame|initrd|gap``, then an end line.  A boot that never
+    finishes (a unit still starting after BOOT_TIMES_WAIT_S) gets a ``failed:`` line instead."""
+    p = BOOT_TIMES_PREFIX
+    return "\n".join((
+        "#!/bin/sh",
+        "# Written by `appliance build` (provisioning/image/plan.py): where the boot's time went.",
+        f"if ! timeout {BOOT_TIMES_WAIT_S} systemctl is-system-running --wait >/dev/null 2>&1 \\",
+        '        && [ "$(systemctl is-system-running)" != degraded ]; then',
+        f'    echo "{p} failed: the boot had not finished after {BOOT_TIMES_WAIT_S} s '
+        '($(systemctl is-system-running))"',
+        "    exit 1",
+        "fi",
+        f"systemd-analyze time --no-pager | sed 's/^/{p} time /'",
+        f"systemd-analyze critical-chain --no-pager {unit} | sed 's/^/{p} chain /'",
+        f"systemd-analyze blame --no-pager | head -n {BOOT_TIMES_BLAME} | sed 's/^/{p} blame /'",
+        # the initrd's units are gone from the running manager (blame and the chain start at the
+        # switch to the real root); its journal keeps them, with their times since the kernel began
+        "journalctl -b 0 -o short-monotonic --no-pager _PID=1 | sed -n '1,/Switching root/p' "
+        f"| head -n {BOOT_TIMES_INITRD} | sed 's/^/{p} initrd /'",
+        # where the boot was silent: the two journal lines around each gap of 2 s or more
+        "journalctl -b 0 -o short-monotonic --no-pager | awk "
+        "'match($0, /^\\[ *[0-9]+\\.[0-9]+\\]/) { t = substr($0, 2, RLENGTH - 2) + 0; "
+        "if (seen && t - last >= 2) { print before; print $0 } seen = 1; last = t; before = $0 }' "
+        f"| head -n {BOOT_TIMES_GAPS} | sed 's/^/{p} gap /'",
+        f"echo '{p} end'",
+        "",
+    ))
+
+
+def boot_times_unit(after: str = AGENT_UNIT) -> str:
+    """The unit that runs :func:`boot_times_script`.  ``Type=exec``: its job is done once the
+    script runs, so it does not hold the boot it waits for (a oneshot would: the boot finishes
+    only when no job is left).  So it counts as a running service in the audit, and gets a
+    sandbox to match: it only asks systemd, over its private socket, and writes to the console
+    (opened in the host's /dev before the private one is mounted, but under the unit's device
+    policy)."""
+    return "\n".join((
+        "[Unit]",
+        "Description=Print where the boot's time went to the console (bench images)",
+        f"After={after}",
+        "",
+        "[Service]",
+        "Type=exec",
+        f"ExecStart={BOOT_TIMES_SCRIPT}",
+        "StandardOutput=tty",
+        "TTYPath=/dev/console",
+        *_SANDBOX_COMMON, "ProtectSystem=strict", "PrivateDevices=yes", "PrivateNetwork=yes",
+        "ProtectClock=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes", "ProtectControlGroups=yes", "ProtectHostname=yes",
+        "RestrictNamespaces=yes", "RestrictRealtime=yes", "RestrictSUIDSGID=yes",
+        "RestrictAddressFamilies=AF_UNIX", "IPAddressDeny=any", "LockPersonality=yes",
+        "MemoryDenyWriteExecute=yes", "SystemCallArchitectures=native",
+        "SystemCallFilter=@system-service", "SystemCallFilter=~@privileged @resources",
+        "CapabilityBoundingSet=", "ProtectProc=invisible",
+        # PrivateDevices' device policy applies before the console is opened as its output
+        "DeviceAllow=/dev/console w",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ))
+
+
 LYNIS_UNIT = "appliance-lynis.service"
 LYNIS_TIMER = "appliance-lynis.timer"
 LYNIS_PREFIX = "appliance-lynis:"
@@ -1266,6 +1347,10 @@ def _diagnostics(profile: Profile) -> tuple[list[FileSpec], list[str], list[str]
         files += [FileSpec(f"/etc/systemd/system/{LISTEN_REPORT_UNIT}", listen_report_unit()),
                   FileSpec(LISTEN_REPORT_SCRIPT, listen_report_script(profile), 0o755)]
         enable.append(LISTEN_REPORT_UNIT)
+    if profile.diagnostics.console_boot_times:
+        files += [FileSpec(f"/etc/systemd/system/{BOOT_TIMES_UNIT}", boot_times_unit()),
+                  FileSpec(BOOT_TIMES_SCRIPT, boot_times_script(), 0o755)]
+        enable.append(BOOT_TIMES_UNIT)
     if profile.diagnostics.console_lynis:
         files += [*(FileSpec(f"/etc/systemd/system/{name}", text) for name, text in lynis_units().items()),
                   FileSpec(LYNIS_SCRIPT, lynis_script(), 0o755)]

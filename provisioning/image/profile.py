@@ -267,6 +267,10 @@ class DiagnosticsSection:
                                   "in the background once the agent serves: the report stays in "
                                   "/var/lib/appliance-lynis, the hardening index and warnings go to "
                                   "the serial console, prefixed 'appliance-lynis:' (bench images)")
+    console_boot_times: bool = setting(False, "once the boot has finished, print where its time went "
+                                       "(systemd-analyze time, the agent's critical chain, the "
+                                       "slowest units) to the serial console, prefixed "
+                                       "'appliance-boot:' (bench images)")
 
 
 # Kernel arguments the seal stage owns (provisioning/image/seal.py): a profile cannot set them.
