@@ -11,13 +11,21 @@ machine and its firmware starting.
 KVM is measured only when qemu+OVMF starts under it (nested KVM may refuse OVMF; then
 ``appliance boot --accel auto`` falls back to TCG, which is reported, not counted as KVM).
 The OS update A -> B end to end is measured by hil/test_os_update.py, which prints it.
+
+Side by side with each run (``--no-stock`` leaves it out): a stock Debian of the image's own
+packages (bench/_stock_debian.py, built once from the bench's rootfs stage), power-on to its
+serial login prompt, on the same qemu settings; the ratio is issue #14's boot goal (<= 1.5x).
+Both images print systemd-analyze's view of their boot (time, critical chain, the slowest
+units) once it has finished; the last run's of each is printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,8 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
 
+from bench._stock_debian import LOGIN_PROMPT, build_stock_disk
 from provisioning.demo.bench import DEFAULT_CACHE, bench_paths
+from provisioning.errors import ImageError
 from provisioning.image import boot as vm
+from provisioning.image.booted import boot_times_report
 from testsupport.appliance import Appliance, free_port
 
 BASELINE_LINE = r"BdsDxe: starting Boot"  # OVMF hands over to systemd-boot (the image is quiet)
@@ -42,6 +53,53 @@ def _watch_baseline(console: Path, began: float, found: list[float], stop: threa
             found.append(time.monotonic() - began)
             return
         time.sleep(0.2)
+
+
+def _await_report(console: Path, bound: float) -> str:
+    """The console once its boot-times report is complete, or once ``bound`` seconds have
+    passed or the report's unit failed to start; returns the console's text."""
+    deadline = time.monotonic() + bound
+    while True:
+        text = console.read_text(errors="replace")
+        if (boot_times_report(text) is not None or "Failed to start appliance-boot-times" in text
+                or time.monotonic() > deadline):
+            return text
+        time.sleep(1)
+
+
+def _stock_boot(disk: Path, accel: str, bound: float) -> tuple[float, bool, str]:
+    """Power the stock Debian disk on (a fresh overlay, the same qemu settings as the bench's
+    node) and wait for its login prompt: (seconds, whether it ran under KVM, its console)."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        state = Path(tmp) / "vm"
+        cli = [sys.executable, "-m", "provisioning.cli", "boot"]
+        began = time.monotonic()
+        proc = subprocess.run([*cli, str(disk), "--state", str(state), "--accel", accel, "--memory", "2048",
+                               "--detach", "--json", "--wait-for", LOGIN_PROMPT, "--timeout", str(bound),
+                               "--port", f"22={free_port()}"],
+                              capture_output=True, text=True, check=False)
+        seconds = time.monotonic() - began
+        try:
+            if proc.returncode != 0:
+                raise ImageError(f"the stock Debian boot failed:\n{proc.stderr[-3000:]}")
+            kvm = bool(json.loads(proc.stdout)["kvm"])
+            return seconds, kvm, _await_report(state / "console.log", 300)  # it follows the prompt
+        finally:
+            subprocess.run([*cli, "--stop", str(state)], capture_output=True, check=False)
+
+
+def _print_report(what: str, console: str) -> None:
+    try:
+        report = boot_times_report(console)
+    except ImageError as e:
+        print(f"{what}: {e}")
+        return
+    if report is None:
+        print(f"{what}: no boot-times report on its console")
+        return
+    print(f"{what}, where the boot's time went (systemd-analyze, in the guest):")
+    for kind in ("time", "chain", "blame", "initrd", "gap"):
+        print("\n".join(f"  {kind}: {line}" for line in report[kind]))
 
 
 def _kvm_runs_ovmf(image: Path) -> bool:
@@ -63,11 +121,15 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--bound", type=float, default=900)
+    ap.add_argument("--no-stock", action="store_true", help="leave out the stock Debian baseline")
+    ap.add_argument("--consoles", type=Path, help="keep each run's serial console log in this folder")
     args = ap.parse_args()
     bench = bench_paths(args.cache)
     if not bench.image.is_file():
         print(f"no bench image at {bench.image}: run `python -m provisioning.demo.bench prepare` first")
         return 2
+    stock = None if args.no_stock else build_stock_disk(bench.out / "stages/rootfs/rootfs.tar",
+                                                        args.cache / "stock-debian")
     c = bench.client
     creds = grpc.ssl_channel_credentials(c["ca"].read_bytes(), c["key"].read_bytes(), c["cert"].read_bytes())
     for accel in ("kvm", "tcg"):
@@ -77,8 +139,18 @@ def main() -> int:
         if accel == "kvm" and not _kvm_runs_ovmf(bench.image):
             print("KVM: /dev/kvm opens but qemu+OVMF does not run under it here (nested); skipped")
             continue
-        serving, baseline = [], []
+        serving, baseline, stock_login = [], [], []
+        consoles = {"the bench image": "", "stock Debian": ""}
         for i in range(args.runs):
+            if stock is not None:
+                seconds, kvm, consoles["stock Debian"] = _stock_boot(stock, accel, args.bound)
+                if kvm == (accel == "kvm"):
+                    stock_login.append(seconds)
+                    print(f"{accel.upper()} run {i + 1}: stock Debian, power-on to its login prompt "
+                          f"{seconds:.1f} s")
+                if args.consoles:
+                    args.consoles.mkdir(parents=True, exist_ok=True)
+                    (args.consoles / f"{accel}-{i + 1}-stock.log").write_text(consoles["stock Debian"])
             with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
                 ports = {8001: free_port(), 8002: free_port()}
                 state = Path(tmp) / "vm"
@@ -92,6 +164,11 @@ def main() -> int:
                 try:
                     seconds = node.power_on(keep_disk=False, bound=args.bound)
                     got_kvm = vm.load(state).plan.kvm
+                    # its boot-times report follows SERVING
+                    consoles["the bench image"] = _await_report(state / "console.log", 300)
+                    if args.consoles:
+                        args.consoles.mkdir(parents=True, exist_ok=True)
+                        (args.consoles / f"{accel}-{i + 1}-bench.log").write_text(consoles["the bench image"])
                 finally:
                     stop.set()
                     watcher.join()
@@ -111,6 +188,14 @@ def main() -> int:
                 base = statistics.median(baseline)
                 print(f"{accel.upper()}: baseline power-on to the boot loader: median {base:.1f} s; "
                       f"SERVING is x{med / base:.1f} of it")
+            if stock_login:
+                login = statistics.median(stock_login)
+                print(f"{accel.upper()}: stock Debian, power-on to its login prompt: median {login:.1f} s "
+                      f"over {len(stock_login)} (min {min(stock_login):.1f}, max {max(stock_login):.1f}); "
+                      f"the bench image's SERVING is {med / login:.2f}x of it (goal <= 1.5x)")
+        for what, console in consoles.items():
+            if console:
+                _print_report(f"{accel.upper()} {what}", console)
     return 0
 
 

@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     base, full, rebuild, configure_only = [], [], [], []
+    stages: dict[str, list[float]] = {}  # the full build's time per stage
+    rebuilt: dict[str, list[float]] = {}
     size_tar = size_root = 0
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="bench-image-") as t:
@@ -73,12 +75,16 @@ def main() -> None:
             base.append(time.monotonic() - started)
             (tmp / "baseline.tar").unlink()
             started = time.monotonic()
-            build(plan_build(p1, args.mirror, tmp / "out", sde))
+            first = build(plan_build(p1, args.mirror, tmp / "out", sde))
             full.append(time.monotonic() - started)
+            for s in first["stages"]:
+                stages.setdefault(s["name"], []).append(s["seconds"])
             started = time.monotonic()
             result = build(plan_build(p2, args.mirror, tmp / "out", sde))
             rebuild.append(time.monotonic() - started)
             rerun = [s["name"] for s in result["stages"] if not s["cached"]]
+            for s in result["stages"]:
+                rebuilt.setdefault(s["name"], []).append(s["seconds"])
             configure_only.append(rerun)
             size_tar = (tmp / "out/stages/rootfs/rootfs.tar").stat().st_size
             size_root = _du(tmp / "out/stages/configure/root")
@@ -88,6 +94,9 @@ def main() -> None:
     print(f"full build (warm mirror)       median {f:7.1f} s  ratio {f / b:.2f}x baseline")
     print(f"rebuild, only bundle changed   median {r:7.1f} s  ratio {r / b:.2f}x baseline; "
           f"stages rerun: {configure_only[-1]}")
+    print("  per stage (median s)     " + "  ".join(f"{name:>9}" for name in stages))
+    print("  full build               " + "  ".join(f"{statistics.median(v):9.1f}" for v in stages.values()))
+    print("  rebuild                  " + "  ".join(f"{statistics.median(rebuilt[n]):9.1f}" for n in stages))
     print(f"image size: rootfs.tar {size_tar / 1e6:.0f} MB, configured root {size_root / 1e6:.0f} MB")
 
 
