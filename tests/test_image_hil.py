@@ -202,7 +202,8 @@ def _boot_times(tmp_path: Path, pki: Path, state: str, code: int) -> list[str]:
     tools = tmp_path / "bin"
     tools.mkdir(exist_ok=True)
     (tools / "systemctl").write_text(f'#!/bin/sh\necho {state}\nexit {code}\n')
-    (tools / "systemd-analyze").write_text('#!/bin/sh\necho "$1 one"\necho "$1 two"\n')
+    (tools / "systemd-analyze").write_text('#!/bin/sh\necho "$1 one"\necho "9s dev-vda1.device"\n'
+                                           'echo "$1 two"\n')
     (tools / "journalctl").write_text('#!/bin/sh\necho "[ 1.0] Starting initrd"\n'
                                       'echo "[ 2.0] Switching root."\necho "[ 9.0] after the switch"\n')
     for name in ("systemctl", "systemd-analyze", "journalctl"):
@@ -216,9 +217,9 @@ def _boot_times(tmp_path: Path, pki: Path, state: str, code: int) -> list[str]:
 def test_boot_times_are_printed_once_the_boot_has_finished(tmp_path: Path, pki: Path, state: str) -> None:
     p = BOOT_TIMES_PREFIX
     assert _boot_times(tmp_path, pki, state, 0 if state == "running" else 1) == [
-        f"{p} time time one", f"{p} time time two",
-        f"{p} chain critical-chain one", f"{p} chain critical-chain two",
-        f"{p} blame blame one", f"{p} blame blame two",
+        f"{p} time time one", f"{p} time 9s dev-vda1.device", f"{p} time time two",
+        f"{p} chain critical-chain one", f"{p} chain 9s dev-vda1.device", f"{p} chain critical-chain two",
+        f"{p} blame blame one", f"{p} blame blame two",  # a device's wait is not a cost
         f"{p} initrd [ 1.0] Starting initrd", f"{p} initrd [ 2.0] Switching root.",
         f"{p} gap [ 2.0] Switching root.", f"{p} gap [ 9.0] after the switch",
         f"{p} end", "rc=0"]

@@ -1048,7 +1048,7 @@ def listen_report_unit() -> str:
 BOOT_TIMES_UNIT = "appliance-boot-times.service"
 BOOT_TIMES_PREFIX = "appliance-boot:"
 BOOT_TIMES_SCRIPT = "/usr/lib/appliance/boot-times"
-BOOT_TIMES_BLAME = 25  # the slowest units listed
+BOOT_TIMES_BLAME = 25  # the slowest units listed (devices left out)
 BOOT_TIMES_INITRD = 200  # lines of the initrd's own log (systemd's, up to the switch to the real root)
 BOOT_TIMES_GAPS = 120  # lines around the journal's silent gaps (two per gap)
 BOOT_TIMES_WAIT_S = 1800  # a boot that has not finished by then is reported as such
@@ -1072,7 +1072,10 @@ def boot_times_script(unit: str = AGENT_UNIT) -> str:
         "fi",
         f"systemd-analyze time --no-pager | sed 's/^/{p} time /'",
         f"systemd-analyze critical-chain --no-pager {unit} | sed 's/^/{p} chain /'",
-        f"systemd-analyze blame --no-pager | head -n {BOOT_TIMES_BLAME} | sed 's/^/{p} blame /'",
+        # devices left out: a device unit's time is how long its job waited for the kernel to
+        # announce it, which says when the device came, not what it cost
+        f"systemd-analyze blame --no-pager | grep -v '\\.device$' | head -n {BOOT_TIMES_BLAME} "
+        f"| sed 's/^/{p} blame /'",
         # the initrd's units are gone from the running manager (blame and the chain start at the
         # switch to the real root); its journal keeps them, with their times since the kernel began
         "journalctl -b 0 -o short-monotonic --no-pager _PID=1 | sed -n '1,/Switching root/p' "
