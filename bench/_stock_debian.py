@@ -15,7 +15,6 @@ The disk is cached next to the rootfs tarball it came from (by that tarball's sh
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.fsutil import file_sha256
 from provisioning.image.disk import TYPE, Partition, _copy_into, build_esp, sfdisk_script
 from provisioning.image.partuuid import derived_uuid
 from provisioning.image.plan import BOOT_TIMES_SCRIPT, boot_times_script, boot_times_unit
@@ -34,14 +34,6 @@ NAME = "stock-debian"
 ESP_MIB = 256
 EPOCH = 1767225600  # 2026-01-01: only the ESP's time stamps; nothing is compared by bytes
 SERIAL_GETTY = "serial-getty@ttyS0.service"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _configure(root: Path, root_uuid: str) -> None:
@@ -67,7 +59,7 @@ def build_stock_disk(rootfs_tar: Path, cache: Path) -> Path:
     Raises:
         ToolError: tar, dracut, systemctl, mkfs or sfdisk failed in the root.
     """
-    key = _sha256(rootfs_tar)[:16]
+    key = file_sha256(rootfs_tar)[:16]
     disk = cache / key / "disk.raw"
     if disk.is_file():
         return disk

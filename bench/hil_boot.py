@@ -104,9 +104,6 @@ def _print_report(what: str, console: str) -> None:
 
 def _kvm_runs_ovmf(image: Path) -> bool:
     """Start the image with ``--accel auto`` for a moment: did qemu+OVMF stay on KVM?"""
-    import json
-    import subprocess
-
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         cli = [sys.executable, "-m", "provisioning.cli", "boot"]
         proc = subprocess.run([*cli, str(image), "--state", f"{tmp}/vm", "--accel", "auto", "--detach",
