@@ -35,6 +35,7 @@ from agent.config import (
     ServerSection,
     load_config,
 )
+from agent.cpu import EXIT_CPU_BELOW_LEVEL, LEVELS, refusal
 from agent.errors import ApplianceError, NotFoundError
 from agent.lifecycle import setup_logging
 from agent.settings import add_flags, apply_flags
@@ -127,6 +128,11 @@ def add_commands(parser: argparse.ArgumentParser, common: argparse.ArgumentParse
                         "chains from the trusted one (TUF root rotation)")
     s.add_argument("--print-config", action="store_true",
                    help="print the effective configuration (JSON) and exit")
+    s.add_argument("--cpu-level", choices=tuple(LEVELS), default=None, metavar="LEVEL",
+                   help="first check that this CPU reaches the x86-64 psABI level LEVEL "
+                        f"({', '.join(LEVELS)}); below it, name the missing features and exit "
+                        f"{EXIT_CPU_BELOW_LEVEL} before numpy or ONNX Runtime can die of SIGILL "
+                        "(the image's unit passes its [image] cpu_level)")
     s.set_defaults(handler=_serve)
 
 
@@ -152,6 +158,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime, and a
     # supervisor of several serving processes never does (agent.workers).
+    if args.cpu_level is not None and (line := refusal(args.cpu_level)) is not None:
+        log.error("%s", line)
+        return EXIT_CPU_BELOW_LEVEL
     from agent.workers import run_supervisor, worker_count
 
     config = config_from_args(args)

@@ -12,6 +12,11 @@ that might need the missing instructions::
     python -m agent.cpu --level x86-64-v2 [--console]
 
 prints one line and exits 0 when the CPU has the level, 1 (naming the missing flags) when not.
+
+The agent runs the same check in its own process, first thing (``appliance-agent serve
+--cpu-level LEVEL``, :func:`refusal`): on a CPU below the level it exits
+:data:`EXIT_CPU_BELOW_LEVEL` before numpy is imported, and its unit neither restarts it nor
+starts a second interpreter on every boot to ask first.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["CPUINFO", "DEFAULT_LEVEL", "LEVELS", "check_line", "cpu_flags", "image_level",
-           "main", "missing_features"]
+__all__ = ["CPUINFO", "DEFAULT_LEVEL", "EXIT_CPU_BELOW_LEVEL", "LEVELS", "check_line", "cpu_flags",
+           "image_level", "main", "missing_features", "refusal"]
 
 CPUINFO = Path("/proc/cpuinfo")
 CONSOLE = Path("/dev/console")
 IMAGE_METADATA = Path("/usr/lib/appliance/image.json")
 DEFAULT_LEVEL = "x86-64-v2"
+# sysexits' EX_CONFIG: the machine does not suit the image.  The agent's unit lists it in
+# RestartPreventExitStatus=, since no restart gives the CPU the instructions it lacks.
+EXIT_CPU_BELOW_LEVEL = 78
 
 # /proc/cpuinfo flag names per level (the kernel's names: lahf_lm for LAHF-SAHF, abm for
 # LZCNT, pni for SSE3).  Each level includes the ones before it.
@@ -88,6 +96,21 @@ def check_line(level: str, missing: Sequence[str]) -> str:
     return (f"appliance-cpu: this CPU lacks {' '.join(missing)}, needed by {level} (the image's "
             f"numpy/ONNX Runtime would die with SIGILL); give the machine a newer CPU model "
             f"(qemu: -cpu host, or a model at {level} or above)")
+
+
+def refusal(level: str, cpuinfo: Path | None = None) -> str | None:
+    """The line that refuses to start on this CPU, or None when it has every feature of ``level``.
+
+    ``cpuinfo`` defaults to :data:`CPUINFO`, read when called.  An unreadable one refuses too:
+    ONNX Runtime reads it at load and would abort.
+    """
+    cpuinfo = CPUINFO if cpuinfo is None else cpuinfo
+    try:
+        flags = cpu_flags(cpuinfo)
+    except OSError as exc:
+        return f"appliance-cpu: {cpuinfo}: unreadable ({exc.strerror}); cannot check {level}"
+    missing = missing_features(level, flags)
+    return check_line(level, missing) if missing else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.cpu import LEVELS, check_line, cpu_flags, image_level, main, missing_features
+from agent.cpu import (
+    EXIT_CPU_BELOW_LEVEL,
+    LEVELS,
+    check_line,
+    cpu_flags,
+    image_level,
+    main,
+    missing_features,
+    refusal,
+)
 from agent.health.inventory import collect_inventory
 from agent.proto import node_pb2
 from provisioning.cli import main as cli_main
@@ -136,30 +145,71 @@ def test_profile_level_defaults_to_numpys_baseline_and_lands_in_image_json(tmp_p
     assert image_level(tmp_path / "root/usr/lib/appliance/image.json") == "x86-64-v3"
 
 
-def test_agent_unit_checks_the_cpu_before_it_starts(tmp_path: Path) -> None:
+def test_agent_unit_has_the_agent_check_the_cpu_itself(tmp_path: Path) -> None:
     p = _profile(tmp_path, '[image]\ncpu_level = "x86-64-v3"\n')
     unit = agent_unit(p).splitlines()  # type: ignore[arg-type]
-    pre = f"ExecStartPre={VENV}/bin/python -m agent.cpu --level x86-64-v3"
-    assert pre in unit
-    assert unit.index(pre) < next(i for i, line in enumerate(unit) if line.startswith("ExecStart="))
-    # a failed check fails the start job as a dependency: no Restart= loop into SIGILL
-    assert f"Requires={CPU_CHECK_UNIT}" in unit and f"After={CPU_CHECK_UNIT}" in unit
+    start = next(line for line in unit if line.startswith("ExecStart="))
+    assert start.endswith(" serve --config /etc/appliance/agent.toml --cpu-level x86-64-v3")
+    # one interpreter per boot: no separate check on the critical path before the agent
+    assert "agent.cpu" not in "\n".join(unit)
+    assert not any(line.startswith(("Requires=", "After=")) and CPU_CHECK_UNIT in line for line in unit)
+    # below the level: no Restart= loop, and the console hears why from the root oneshot
+    assert f"RestartPreventExitStatus={EXIT_CPU_BELOW_LEVEL}" in unit
+    assert f"OnFailure={CPU_CHECK_UNIT}" in unit
 
 
-def test_cpu_check_unit_is_a_root_oneshot_that_prints_to_the_console(tmp_path: Path) -> None:
+def test_cpu_check_unit_is_a_root_oneshot_run_only_on_the_agents_failure(tmp_path: Path) -> None:
     p = _profile(tmp_path)
     unit = cpu_check_unit(p).splitlines()  # type: ignore[arg-type]
     assert f"ExecStart={VENV}/bin/python -m agent.cpu --level x86-64-v2 --console" in unit
-    assert "Type=oneshot" in unit and f"Before={AGENT_UNIT}" in unit
+    assert "Type=oneshot" in unit
     assert not any(line.startswith(("User=", "PrivateDevices=")) for line in unit)  # /dev/console
+    # not part of a good boot: nothing pulls it in but the agent's OnFailure=
+    assert "[Install]" not in unit and not any(AGENT_UNIT in line for line in unit)
     plan = configure_plan(p, pip_wheel="/usr/share/python-wheels")  # type: ignore[arg-type]
-    assert CPU_CHECK_UNIT in plan.enable
+    assert CPU_CHECK_UNIT not in plan.enable
     assert plan.file(f"/etc/systemd/system/{CPU_CHECK_UNIT}").content == cpu_check_unit(p)  # type: ignore[arg-type]
+
+
+_SERVE_ON = """\
+import sys
+from pathlib import Path
+import agent.cpu
+from agent.cli import main
+agent.cpu.CPUINFO = Path(sys.argv[1])
+code = main(["serve", "--state-dir", sys.argv[2], "--cpu-level", sys.argv[3], "--print-config"])
+heavy = sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'onnxruntime', 'grpc'})
+print(code, heavy)
+"""
+
+
+def test_serve_refuses_a_cpu_below_its_level_before_numpy_loads(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", _SERVE_ON, str(_cpuinfo(tmp_path, QEMU64)),
+                           str(tmp_path / "state"), "x86-64-v2"],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.stdout.strip() == f"{EXIT_CPU_BELOW_LEVEL} []", done.stderr
+    assert "lacks popcnt sse4_1 sse4_2 ssse3, needed by x86-64-v2" in done.stderr
+    unreadable = subprocess.run([sys.executable, "-c", _SERVE_ON, str(tmp_path / "absent"),
+                                 str(tmp_path / "state"), "x86-64-v2"],
+                                capture_output=True, text=True, check=False, timeout=60)
+    assert unreadable.stdout.strip() == f"{EXIT_CPU_BELOW_LEVEL} []", unreadable.stderr
+    assert "unreadable" in unreadable.stderr and "cannot check x86-64-v2" in unreadable.stderr
+
+
+def test_serve_goes_on_when_the_cpu_reaches_its_level(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", _SERVE_ON, str(_cpuinfo(tmp_path, HASWELL)),
+                           str(tmp_path / "state"), "x86-64-v3"],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1].startswith("0 "), done.stderr
+    assert '"state_dir"' in done.stdout  # it went on to print the configuration
+    assert refusal("x86-64-v4", _cpuinfo(tmp_path, HASWELL)) == check_line(
+        "x86-64-v4", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"))
 
 
 def test_arm64_images_have_no_x86_check(tmp_path: Path) -> None:
     p = _profile(tmp_path, '[debian]\narchitecture = "arm64"\n')
-    assert "agent.cpu" not in agent_unit(p)  # type: ignore[arg-type]
+    unit = agent_unit(p)  # type: ignore[arg-type]
+    assert "--cpu-level" not in unit and CPU_CHECK_UNIT not in unit and "RestartPrevent" not in unit
     assert CPU_CHECK_UNIT not in configure_plan(p, pip_wheel="/w").enable  # type: ignore[arg-type]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from agent.config import FIRMWARE_LOG
 from agent.config import SECTIONS as AGENT_SECTIONS
+from agent.cpu import EXIT_CPU_BELOW_LEVEL
 from agent.settings import to_json
 from provisioning.image.egress import nft_output_rules
 from provisioning.image.gpu_manifest import gpu_stack, headers_package
@@ -576,20 +577,20 @@ def agent_unit(profile: Profile) -> str:
         "Wants=network-online.target",
         f"RequiresMountsFor={state}",
         *unit_devices,
-        *_cpu_check_dependency(profile),
+        *_cpu_check_lines(profile),
         "",
         "[Service]",
         "Type=notify",  # the agent sends READY=1 once it serves, then watchdog pings
         "WatchdogSec=30s",
         # READY=1 comes once it serves: seconds on hardware, a minute or more under emulation
         "TimeoutStartSec=5min",
-        *_cpu_check_pre(profile),
         # '+': as root, outside the sandbox; the log does not change after the firmware's hand-over
         f"ExecStartPre=+/bin/sh -c '[ -r {FIRMWARE_LOG} ] || exit 0; exec install -m 0400 "
         f"-o {AGENT_USER} -g {AGENT_GROUP} {FIRMWARE_LOG} {FIRMWARE_LOG_COPY}'",
         *((escrow_copy_pre(AGENT_USER, AGENT_GROUP),) if profile.tpm.seal_data else ()),
-        f"ExecStart={' '.join(AGENT_EXEC)}",
+        f"ExecStart={_agent_exec(profile)}",
         "Restart=on-failure",
+        *((f"RestartPreventExitStatus={EXIT_CPU_BELOW_LEVEL}",) if _checks_cpu(profile) else ()),
         "RestartSec=2s",
         f"User={AGENT_USER}",
         f"Group={AGENT_GROUP}",
@@ -878,27 +879,30 @@ def _checks_cpu(profile: Profile) -> bool:
     return profile.debian.architecture == "amd64"  # the psABI levels are x86-64's
 
 
-def _cpu_check_dependency(profile: Profile) -> tuple[str, ...]:
-    # A failed check fails the agent's start job as a dependency: no start into SIGILL, and
-    # no Restart= loop (a failing ExecStartPre alone would be retried until the start limit).
+def _agent_exec(profile: Profile) -> str:
+    # The agent checks the CPU first thing, in its own interpreter, before numpy is imported:
+    # a separate check before it cost a second Python start on every boot's critical path
+    # (6-8 s under TCG, measured by the boot-times report).
+    level = ("--cpu-level", profile.image.cpu_level) if _checks_cpu(profile) else ()
+    return " ".join((*AGENT_EXEC, *level))
+
+
+def _cpu_check_lines(profile: Profile) -> tuple[str, ...]:
+    # Below the level the agent exits EXIT_CPU_BELOW_LEVEL: no Restart= loop for it, and the
+    # console hears why from the root oneshot (the agent's sandbox has no console).
     if not _checks_cpu(profile):
         return ()
-    return (f"Requires={CPU_CHECK_UNIT}", f"After={CPU_CHECK_UNIT}")
-
-
-def _cpu_check_pre(profile: Profile) -> tuple[str, ...]:
-    # The same check in the agent's own unit, so that its journal says why it did not start.
-    return (f"ExecStartPre={_cpu_check_argv(profile)}",) if _checks_cpu(profile) else ()
+    return (f"OnFailure={CPU_CHECK_UNIT}",)
 
 
 def cpu_check_unit(profile: Profile) -> str:
-    """A root oneshot before the agent: the CPU reaches ``[image] cpu_level``, or the missing
-    features go to /dev/console (the agent's sandbox has no console) and the agent stays down.
+    """A root oneshot run when the agent fails (its OnFailure=): when the CPU lacks features
+    of ``[image] cpu_level``, it writes them to /dev/console, which the agent's sandbox lacks.
+    On a good boot it never runs.
     """
     return "\n".join((
         "[Unit]",
         f"Description=Check the CPU reaches {profile.image.cpu_level} (the agent's libraries need it)",
-        f"Before={AGENT_UNIT}",
         "",
         "[Service]",
         "Type=oneshot",
@@ -909,9 +913,6 @@ def cpu_check_unit(profile: Profile) -> str:
         "PrivateNetwork=yes",
         "ProtectSystem=strict",
         "ProtectHome=yes",
-        "",
-        "[Install]",
-        "WantedBy=multi-user.target",
         "",
     ))
 
@@ -1426,8 +1427,6 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     enable += diagnostic_units
     if profile.tpm.seal_data:
         enable.append(UNSEAL_PATH_UNIT)
-    if _checks_cpu(profile):
-        enable.append(CPU_CHECK_UNIT)
     mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service",
             *IDLE_TIMERS, *UNUSED_UNITS, *diagnostic_masks]
     if not profile.hardening.core_dumps:
