@@ -6,7 +6,9 @@ Steps, in order (each a small function):
    bakes the bundles: TUF-verified on the host, installed under the state directory.
 2. :func:`run_deploy` applies the plan of :mod:`provisioning.image.plan` with pyinfra's
    ``@chroot`` connector (users, venv from wheels with ``--require-hashes``, files, units).
-3. :func:`provisioning.image.outputs.normalise` makes the tree reproducible.
+3. :func:`provisioning.image.apparmor.prune_profiles` leaves out the AppArmor profiles of
+   programs the image does not have (compiled at first boot on the critical chain).
+4. :func:`provisioning.image.outputs.normalise` makes the tree reproducible.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from agent.errors import VerificationError
 from provisioning.errors import ImageError, ToolError
+from provisioning.image.apparmor import prune_profiles
 from provisioning.image.bake import BakedBundle, bake_bundles
 from provisioning.image.egress import egress_json
 from provisioning.image.gpu_manifest import image_record
@@ -207,6 +210,7 @@ def configure_root(profile: Profile, lock: Lock, mirror: Path, root: Path,
     baked = stage_payload(profile, lock, mirror, root, source_date_epoch)
     gpu = _stage_gpu(profile, lock, mirror, root)
     run_deploy(profile, root, source_date_epoch, debug=debug, gpu=gpu)
+    prune_profiles(root)  # after the deploy: what it installed counts as present
     if gpu is not None:
         modules = check_built_modules(root, gpu["kernel_release"],
                                       signed=profile.gpu_signing is not None)
