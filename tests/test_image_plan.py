@@ -575,11 +575,13 @@ def test_auditd_conf_logrotate_and_coredump_limits_are_edited_in_place(tmp_path:
 
 
 def test_unused_units_are_masked_and_the_kept_services_sandboxed(tmp_path: Path) -> None:
-    """Console logins, the password agents and /dev/initctl are masked in every image; auditd,
-    dbus and udevd get a [Service] drop-in each (auditd's only when the image has auditd)."""
+    """Console logins, the password agents, /dev/initctl and binfmt_misc are masked in every
+    image; auditd, dbus and udevd get a [Service] drop-in each (auditd's only when the image has
+    auditd)."""
     plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
     assert {"getty@.service", "serial-getty@.service", "systemd-ask-password-console.path",
-            "systemd-initctl.socket"} <= set(plan.mask)
+            "systemd-initctl.socket", "systemd-binfmt.service",
+            "proc-sys-fs-binfmt_misc.automount"} <= set(plan.mask)
     dropins = {f.path: f.content for f in plan.files if f.path.endswith("/50-appliance-sandbox.conf")}
     assert set(dropins) == {f"/etc/systemd/system/{u}.d/50-appliance-sandbox.conf"
                             for u in ("auditd.service", "dbus.service", "systemd-udevd.service")}
