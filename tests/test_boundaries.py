@@ -9,6 +9,8 @@ imports under ``if TYPE_CHECKING:`` are left out (they never run).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -152,3 +154,14 @@ def test_bench_and_hil_share_testsupport_not_each_others_modules() -> None:
             if name.split(".")[0] in ("tests", "hil"):
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
     assert not bad, "bench/ and testsupport/ import from testsupport/, not tests/ or hil/:\n" + "\n".join(bad)
+
+
+def test_the_agents_start_leaves_optional_libraries_unloaded() -> None:
+    # Each import is seconds of a node's boot under emulation: what only some models need
+    # loads with them (tokenizers: text encoders), not with the serving process.
+    code = ("import sys, agent.cli, agent.workers, agent.server\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tokenizers', 'provisioning'}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

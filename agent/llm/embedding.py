@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from agent.errors import InferenceError
 from agent.llm.types import Embeddings, ModelCard
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = ["MAX_TEXTS", "OrtEmbeddingModel"]
 

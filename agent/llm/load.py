@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from agent.errors import BundleError
 from agent.llm.embedding import OrtEmbeddingModel
 from agent.llm.engine import GenaiLanguageModel, Limits, open_genai_model
@@ -49,6 +47,10 @@ def load_embedding_model(folder: Path, members: Collection[str], graph: str, car
         session = make_session((folder / graph).read_bytes(), model_dir=folder, data_files=data,
                                origin=f"{origin}: {graph}", providers=providers or None,
                                intra_op_threads=intra_op_threads)
+        # Imported when an encoder loads: a node without one never pays for it (a second
+        # of the agent's start under emulation, where the boot-times report measures it).
+        from tokenizers import Tokenizer
+
         tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
     except BundleError:
         raise
