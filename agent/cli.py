@@ -156,11 +156,12 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime, and a
-    # supervisor of several serving processes never does (agent.workers).
+    # Before anything that imports numpy: below the level it would die of SIGILL.
     if args.cpu_level is not None and (line := refusal(args.cpu_level)) is not None:
         log.error("%s", line)
         return EXIT_CPU_BELOW_LEVEL
+    # Imported here so that `appliance --help` does not load gRPC and ONNX Runtime, and a
+    # supervisor of several serving processes never does (agent.workers).
     from agent.workers import run_supervisor, worker_count
 
     config = config_from_args(args)
