@@ -131,6 +131,7 @@ def absent_program_profiles(root: Path) -> list[Path]:
             absent.append(entry)
     return absent
 
+
 def prune_profiles(root: Path) -> list[str]:
     """Remove the profiles of :func:`absent_program_profiles`; returns their file names."""
     gone = absent_program_profiles(root)
