@@ -1,6 +1,6 @@
 """The configure stage's pyc compilation in fixed shares: the files it hands to its compiler
 processes are exactly those `compileall DIR` compiles, in its order, cut into runs that cover
-them all once."""
+them all once; and the pycs it writes are hash-based and not checked against their source."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from provisioning.image.outputs import _shares, _sources
+from provisioning.image.outputs import _shares, _sources, compile_argv
 
 
 def _tree(base: Path) -> Path:
@@ -54,3 +54,31 @@ def test_the_shares_cover_every_file_once_in_order(tmp_path: Path) -> None:
         loads = [sum(f.stat().st_size for f in share) for share in _shares(files, parts)]
         assert max(loads) <= sum(loads) / parts + 500, loads
     assert _shares([], 2) == [[], []]
+
+
+def test_pycs_are_hash_based_and_imported_without_their_source(tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    (lib / "pkg").mkdir(parents=True)
+    (lib / "pkg/__init__.py").write_text("")
+    (lib / "pkg/mod.py").write_text("VALUE = 'compiled'\n")
+    names = "".join(f"{p}\n" for p in sorted(lib.rglob("*.py")))
+    env = {"SOURCE_DATE_EPOCH": "1700000000", "PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"}
+
+    def compile_tree() -> dict[str, bytes]:
+        done = subprocess.run(compile_argv((sys.executable,)), input=names.encode(), env=env,
+                              capture_output=True, check=False)
+        assert done.returncode == 0, done.stderr
+        return {p.name: p.read_bytes() for p in sorted(lib.rglob("__pycache__/*.pyc"))}
+
+    first = compile_tree()
+    assert len(first) == 2
+    for name, pyc in first.items():  # PEP 552 flags: bit 0 hash-based, bit 1 check the source
+        assert int.from_bytes(pyc[4:8], "little") == 0b01, name
+    assert compile_tree() == first  # the same bytes from the same sources
+    # On the sealed root a source cannot change without its pyc; here it does, and the import
+    # still runs the pyc: it never read the source.
+    (lib / "pkg/mod.py").write_text("VALUE = 'source'\n")
+    read = subprocess.run([sys.executable, "-c", "import pkg.mod; print(pkg.mod.VALUE)"],
+                          env={**env, "PYTHONPATH": str(lib), "PYTHONDONTWRITEBYTECODE": "1"},
+                          capture_output=True, text=True, check=True)
+    assert read.stdout.strip() == "compiled"
