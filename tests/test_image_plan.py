@@ -283,6 +283,19 @@ def test_bake_refuses_a_target_that_does_not_match_signed_metadata(tmp_path: Pat
     assert not (tmp_path / "state/models").exists()
 
 
+def test_agent_unit_trusts_the_site_ca_for_its_own_tls(tmp_path: Path) -> None:
+    """With a site CA ([agent.tls] ca), the agent's own TLS trusts it alone (the https source
+    test in test_updates_agent.py shows what the environment does); without one, nothing set."""
+    from provisioning.image.plan import agent_unit
+
+    assert "SSL_CERT" not in agent_unit(load_profile(ROOT / "images/minimal.toml"))
+    enrolled = _profile(tmp_path, '\n[agent.tls]\ncert = "/etc/site/node.crt"\nkey = "/etc/site/node.key"\n'
+                                  'ca = "/etc/site/ca.crt"\n')
+    unit = agent_unit(enrolled).splitlines()
+    assert "Environment=SSL_CERT_FILE=/etc/site/ca.crt" in unit
+    assert "Environment=SSL_CERT_DIR=/etc/site" in unit
+
+
 def test_agent_unit_never_hides_proc_cpuinfo() -> None:
     """ONNX Runtime aborts at load without /proc/cpuinfo: ProcSubset=pid must not reach the
     agent's unit, with or without a GPU (the hil boot found the CPU image's agent dumping core)."""

@@ -7,7 +7,8 @@
   source, a registry that stops mid-body, golden vectors that fail on the node, an older
   version offered as new, a full disk while staging;
 - USB: a registry copied to a directory under ``mount_glob`` is found and applied with no
-  network source.
+  network source;
+- an https:// source is verified through the site's CA alone, as the image's unit sets it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import http.server
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -31,6 +33,9 @@ import pytest
 from agent.proto import node_pb2, node_pb2_grpc
 from provisioning.bundle import create_bundle
 from provisioning.demo.models import matmul_chain_model, save_golden
+from provisioning.image.plan import site_trust_env
+from provisioning.pki import issue_node
+from testsupport.http_support import site_pki
 from testsupport.inference_support import Agent, free_port, with_wrong_golden
 from testsupport.updates_support import (
     X,
@@ -329,3 +334,50 @@ def test_usb_registry_is_found_by_layout_and_applied_offline(tmp_path: Path, reg
     finally:
         agent.stop()
     assert f"registry source {dead}" in agent.log()  # it tried the site first, then the stick
+
+
+# ---------------------------------------------------------------- an https:// source, the site's trust
+
+@contextlib.contextmanager
+def https_registry(published: Path, cert: Path, key: Path) -> Iterator[str]:
+    """Serve a published tree over HTTPS with the given server certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    handler = type("H", (_Handler,), {"cut": threading.Event()})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(published)))
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://localhost:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_https_source_is_trusted_through_the_site_ca_alone(tmp_path: Path, reg: Path, state: Path,
+                                                              cli: Callable[..., Any]) -> None:
+    """The image's agent unit sets site_trust_env: an https:// registry whose certificate the
+    site's CA issued is verified; one from another CA is refused, as is the site's one without
+    that environment (the public store does not hold the site's CA)."""
+    pki = site_pki(tmp_path / "pki", tmp_path / "other")
+    ours = pki / "issued" / "node1"
+    theirs = issue_node(tmp_path / "other", "elsewhere", dns=["localhost"], ips=["127.0.0.1"],
+                        out=tmp_path / "elsewhere")
+    trust = site_trust_env(pki / "ca.crt")
+    for cert, key, env, served in (
+            (ours / "node1.crt", ours / "node1.key", trust, True),
+            (Path(theirs.cert_path), Path(theirs.key_path), trust, False),
+            (ours / "node1.crt", ours / "node1.key", {}, False)):
+        with https_registry(reg / "published", cert, key) as url:
+            agent = Agent(state, "--config", str(_config(tmp_path, [url])), env=env)
+            try:
+                code, check = _appliance(cli, agent, "check")
+            finally:
+                agent.stop()
+        if served:
+            assert code == 0, check
+            assert [p["version"] for p in check["pending"]] == ["1.0.2"]
+        else:
+            assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in json.dumps(check), check
