@@ -72,16 +72,22 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def http_registry(published: Path) -> Iterator[tuple[str, threading.Event]]:
-    """Serve a published tree; setting the event makes target downloads stop halfway."""
+def http_registry(published: Path,
+                  tls: tuple[Path, Path] | None = None) -> Iterator[tuple[str, threading.Event]]:
+    """Serve a published tree, over HTTPS with ``tls`` (certificate, key) for localhost;
+    setting the event makes target downloads stop halfway."""
     cut = threading.Event()
     handler = type("H", (_Handler,), {"cut": cut})
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(published)))
+    if tls is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", cut
+        yield f"{'https://localhost' if tls else 'http://127.0.0.1'}:{server.server_address[1]}", cut
     finally:
         server.shutdown()
         server.server_close()
@@ -338,24 +344,6 @@ def test_usb_registry_is_found_by_layout_and_applied_offline(tmp_path: Path, reg
 
 # ---------------------------------------------------------------- an https:// source, the site's trust
 
-@contextlib.contextmanager
-def https_registry(published: Path, cert: Path, key: Path) -> Iterator[str]:
-    """Serve a published tree over HTTPS with the given server certificate."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    handler = type("H", (_Handler,), {"cut": threading.Event()})
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(published)))
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://localhost:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_an_https_source_is_trusted_through_the_site_ca_alone(tmp_path: Path, reg: Path, state: Path,
                                                               cli: Callable[..., Any]) -> None:
     """The image's agent unit sets site_trust_env: an https:// registry whose certificate the
@@ -370,7 +358,7 @@ def test_an_https_source_is_trusted_through_the_site_ca_alone(tmp_path: Path, re
             (ours / "node1.crt", ours / "node1.key", trust, True),
             (Path(theirs.cert_path), Path(theirs.key_path), trust, False),
             (ours / "node1.crt", ours / "node1.key", {}, False)):
-        with https_registry(reg / "published", cert, key) as url:
+        with http_registry(reg / "published", (cert, key)) as (url, _):
             agent = Agent(state, "--config", str(_config(tmp_path, [url])), env=env)
             try:
                 code, check = _appliance(cli, agent, "check")
