@@ -590,7 +590,7 @@ def test_auditd_conf_logrotate_and_coredump_limits_are_edited_in_place(tmp_path:
 def test_unused_units_are_masked_and_the_kept_services_sandboxed(tmp_path: Path) -> None:
     """Console logins, the password agents, /dev/initctl and binfmt_misc are masked in every
     image; auditd, dbus and udevd get a [Service] drop-in each (auditd's only when the image has
-    auditd)."""
+    auditd), and udevd its native-only ABI back."""
     plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
     assert {"getty@.service", "serial-getty@.service", "systemd-ask-password-console.path",
             "systemd-initctl.socket", "systemd-binfmt.service",
@@ -604,6 +604,11 @@ def test_unused_units_are_masked_and_the_kept_services_sandboxed(tmp_path: Path)
         assert all("=" in ln for ln in lines[2:]), text
     auditd = dropins["/etc/systemd/system/auditd.service.d/50-appliance-sandbox.conf"]
     assert "RestrictAddressFamilies=AF_UNIX AF_NETLINK\n" in auditd and "CAP_AUDIT_CONTROL" in auditd
+    udevd = dropins["/etc/systemd/system/systemd-udevd.service.d/50-appliance-sandbox.conf"].splitlines()
+    assert "SystemCallFilter=~@raw-io" in udevd and any("CAP_SYS_TTY_CONFIG" in ln for ln in udevd)
+    # Debian's drop-in that lets udev run any ABI is replaced by one of the same name in /etc
+    abi = plan.file("/etc/systemd/system/systemd-udevd.service.d/syscall-architecture.conf").content
+    assert abi.splitlines()[1:] == ["[Service]", "SystemCallArchitectures=native"]
     profile = tmp_path / "no-auditd.toml"
     profile.write_text((ROOT / "images/minimal.toml").read_text().replace("auditd = true", "auditd = false"))
     assert "auditd = false" in profile.read_text()
