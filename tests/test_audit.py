@@ -1,4 +1,5 @@
-"""``appliance audit``'s checks before any scanner runs: target, tailoring, baseline, mirror."""
+"""``appliance audit``'s checks before any scanner runs (target, tailoring, baseline, mirror)
+and on the root's services: which run, their exposure, the goal's gate."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from provisioning.image.audit import (
     DEFAULT_TAILORING,
     audit,
     enabled_services,
+    exposure_failures,
     root_of,
     scanner_root,
     services_exposure,
@@ -126,3 +128,29 @@ def test_enabled_services_are_what_the_booted_image_runs(tmp_path: Path) -> None
     (root / etc / "getty@.service").unlink()
     (root / etc / "getty.target").symlink_to("/dev/null")  # a masked target wants nothing
     assert enabled_services(root) == ["agent.service", "dbus.service", "journald.service"]
+
+
+# the settings systemd-analyze scores, as a confined daemon would have them
+_CONFINED = ("DynamicUser=yes", "CapabilityBoundingSet=", "PrivateDevices=yes", "PrivateNetwork=yes",
+             "PrivateUsers=yes", "ProtectSystem=strict", "ProtectHome=yes", "ProtectKernelTunables=yes",
+             "ProtectKernelModules=yes", "ProtectKernelLogs=yes", "ProtectControlGroups=yes",
+             "ProtectClock=yes", "ProtectHostname=yes", "RestrictNamespaces=yes",
+             "RestrictAddressFamilies=AF_UNIX", "SystemCallArchitectures=native",
+             "SystemCallFilter=@system-service", "LockPersonality=yes", "MemoryDenyWriteExecute=yes")
+
+
+def test_a_service_above_the_exposure_goal_fails_the_gate(tmp_path: Path) -> None:
+    """With a baseline the audit also fails on each enabled service whose exposure (real
+    systemd-analyze, offline) is above the goal, naming it; a confined one passes."""
+    root = tmp_path
+    _unit(root, "bare.service")
+    _unit(root, "confined.service",
+          "[Service]\nExecStart=/usr/bin/true\n" + "".join(f"{line}\n" for line in _CONFINED))
+    for name in ("bare.service", "confined.service"):
+        _want(root, "etc/systemd/system", "multi-user.target", name)
+    exposure = {e["unit"]: e["exposure"] for e in services_exposure(root)}
+    assert exposure["bare.service"] > 5.0 >= exposure["confined.service"], exposure
+    failures = exposure_failures(services_exposure(root))
+    assert failures == [f"bare.service: systemd-analyze security exposure {exposure['bare.service']} "
+                        "is above the goal 5.0"]
+    assert exposure_failures(services_exposure(root), goal=10.0) == []

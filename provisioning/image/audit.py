@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ __all__ = [
     "audit",
     "egress",
     "enabled_services",
+    "exposure_failures",
     "lynis",
     "print_report",
     "root_of",
@@ -336,6 +337,14 @@ def services_exposure(root: Path) -> list[dict[str, Any]]:
     return [unit_exposure(root, name) for name in enabled_services(root)]
 
 
+def exposure_failures(services: Iterable[Mapping[str, Any]],
+                      goal: float = SERVICE_EXPOSURE_GOAL) -> list[str]:
+    """One message per service above ``goal``: with a baseline, the audit fails on them too
+    (every enabled service of the hil image meets the goal, so a new or loosened one is loud)."""
+    return [f"{s['unit']}: systemd-analyze security exposure {s['exposure']} is above the goal {goal}"
+            for s in services if float(s["exposure"]) > goal]
+
+
 def egress(root: Path) -> dict[str, Any]:
     """What the image is configured to send to: the allowlist its metadata lists
     (``usr/lib/appliance/image.json``) and whether its firewall's output chain drops the rest."""
@@ -422,11 +431,13 @@ def audit(target: Path, *, mirror: Path, out: Path, cache: Path | None = None,
     scanner = scanner_root(mirror, cache or mirror.resolve().parent / "scanner-cache", keyring=keyring)
     out.mkdir(parents=True, exist_ok=True)
     summaries = tuple(scap(scanner, root, out, p, tailor) for p in profiles)
+    services = tuple(services_exposure(root))
     result = AuditResult(
         root, _content_version(scanner), summaries, lynis(scanner, root, out),
         unit_exposure(root, unit), egress(root),
-        tuple(baseline_failures(summaries, floors, baseline)) if baseline is not None else (),
-        tuple(services_exposure(root)),
+        (*baseline_failures(summaries, floors, baseline), *exposure_failures(services))
+        if baseline is not None else (),
+        services,
         {p: tailor.values.get(p, {}) for p in profiles}, scanner / DATASTREAM.lstrip("/"))
     (out / "summary.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return result
