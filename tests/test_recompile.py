@@ -82,3 +82,25 @@ def test_pycs_are_hash_based_and_imported_without_their_source(tmp_path: Path) -
                           env={**env, "PYTHONPATH": str(lib), "PYTHONDONTWRITEBYTECODE": "1"},
                           capture_output=True, text=True, check=True)
     assert read.stdout.strip() == "compiled"
+
+
+def test_a_compiler_imports_nothing_while_it_compiles(tmp_path: Path) -> None:
+    """What compileall and compile() import lazily (a non-ASCII name, a SyntaxWarning, a syntax
+    error, a coding cookie) is imported before the first file: a compiler's history is then the
+    same whatever its neighbour has compiled meanwhile (see outputs.COMPILER_IMPORTS)."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "a_plain.py").write_text("x = 1\n")
+    (lib / "b_names.py").write_text("café = 'ü'\n", encoding="utf-8")
+    (lib / "c_warns.py").write_text("pattern = '\\d+'\nassert (1, 'never')\n")
+    (lib / "d_broken.py").write_text("def f(:\n")
+    (lib / "e_latin.py").write_bytes("# -*- coding: latin-1 -*-\ns = 'é'\n".encode("latin-1"))
+    names = "".join(f"{p}\n" for p in sorted(lib.glob("*.py")))
+    done = subprocess.run(compile_argv((sys.executable,), report_imports=True), input=names.encode(),
+                          env={"PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"}, capture_output=True,
+                          check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "d_broken.py" in done.stdout.decode() + err  # the broken file fails
+    assert "SyntaxWarning" in err  # the warnings were formatted, in this process
+    assert [line for line in err.splitlines() if line.startswith("IMPORTED")] == ["IMPORTED []"], err
+    assert len(list(lib.glob("__pycache__/*.pyc"))) == 4  # all but the broken one

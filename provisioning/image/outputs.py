@@ -102,9 +102,27 @@ def _shares(files: list[Path], parts: int) -> list[list[Path]]:
 PYC_INVALIDATION = "unchecked-hash"
 
 
-def compile_argv(python: tuple[str, ...]) -> list[str]:
-    """``python`` running compileall over the files named on its stdin, one per line."""
-    return [*python, "-m", "compileall", "-q", "-i", "-", "--invalidation-mode", PYC_INVALIDATION]
+# A pyc's bytes depend on its compiler's history (marshal flags an object as shared by its
+# reference count, which the garbage collector's timing moves), and the compilers run side by
+# side over a root whose pycs are gone: had one imported a module the other had just compiled,
+# its history, and so its output, would follow the race (two builds once differed in one pyc).
+# So a compiler writes no pyc of what it imports (-B) and imports all it will ever use, the
+# modules compileall and compile() load lazily included, from sources alone, before its first
+# file.  tests/test_recompile.py checks that nothing is imported after that.
+COMPILER_IMPORTS = ("compileall", "argparse", "linecache", "locale", "shutil", "tokenize", "tracemalloc",
+                    "traceback", "unicodedata", "warnings")
+
+
+def compile_argv(python: tuple[str, ...], *, report_imports: bool = False) -> list[str]:
+    """``python`` running compileall over the files named on its stdin, one per line, after
+    importing COMPILER_IMPORTS.  With ``report_imports`` it also prints to stderr, as
+    ``IMPORTED [...]``, the modules it imported while compiling (tests: there should be none)."""
+    main = "ok = compileall.main()"
+    if report_imports:
+        main = (f"before = set(sys.modules); {main}; "
+                "print('IMPORTED', sorted(set(sys.modules) - before), file=sys.stderr)")
+    script = f"import sys, {', '.join(COMPILER_IMPORTS)}; {main}; sys.exit(int(not ok))"
+    return [*python, "-B", "-c", script, "-q", "-i", "-", "--invalidation-mode", PYC_INVALIDATION]
 
 
 def _recompile(root: Path, source_date_epoch: int) -> None:
