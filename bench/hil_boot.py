@@ -93,6 +93,13 @@ def _stock_boot(disk: Path, accel: str, bound: float, state: Path, *,
         subprocess.run([*cli, "--stop", str(state)], capture_output=True, check=False)
 
 
+def _keep(folder: Path | None, name: str, console: str) -> None:
+    """Write a boot's console log as ``folder/name`` (--consoles), if a folder was given."""
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(console)
+
+
 def _print_report(what: str, console: str) -> None:
     try:
         report = boot_times_report(console)
@@ -159,10 +166,8 @@ def main() -> int:
                             print(f"{accel.upper()} run {i + 1}: stock Debian, {which} to its login prompt "
                                   f"{seconds:.1f} s")
                         consoles["stock Debian, second boot" if second else "stock Debian"] = console
-                        if args.consoles:
-                            args.consoles.mkdir(parents=True, exist_ok=True)
-                            suffix = "-again" if second else ""
-                            (args.consoles / f"{accel}-{i + 1}-stock{suffix}.log").write_text(console)
+                        name = f"{accel}-{i + 1}-stock{'-again' if second else ''}.log"
+                        _keep(args.consoles, name, console)
             with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
                 ports = {8001: free_port(), 8002: free_port()}
                 state = Path(tmp) / "vm"
@@ -179,16 +184,13 @@ def main() -> int:
                     got_kvm = vm.load(state).plan.kvm
                     # its boot-times report follows SERVING
                     consoles["the bench image"] = _await_report(state / "console.log", 300)
-                    if args.consoles:
-                        args.consoles.mkdir(parents=True, exist_ok=True)
-                        (args.consoles / f"{accel}-{i + 1}-bench.log").write_text(consoles["the bench image"])
+                    _keep(args.consoles, f"{accel}-{i + 1}-bench.log", consoles["the bench image"])
                     if args.second_boot:
                         node.power_off()
                         again = node.power_on(keep_disk=True, bound=args.bound)
                         console = _await_report(state / "console.log", 300)
                         consoles["the bench image, second boot"] = console
-                        if args.consoles:
-                            (args.consoles / f"{accel}-{i + 1}-bench-again.log").write_text(console)
+                        _keep(args.consoles, f"{accel}-{i + 1}-bench-again.log", console)
                 finally:
                     stop.set()
                     watcher.join()

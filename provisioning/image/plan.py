@@ -893,7 +893,7 @@ def _site_trust_lines(profile: Profile) -> tuple[str, ...]:
     # spares every start the parse of that bundle (~150 certificates), which aiohttp's import
     # does for a client context the agent never uses: 40-70 ms here, seconds under TCG.
     ca = profile.agent.tls.ca
-    return tuple(f"Environment={k}={v}" for k, v in site_trust_env(ca).items()) if ca else ()
+    return () if ca is None else tuple(f"Environment={k}={v}" for k, v in site_trust_env(ca).items())
 
 
 def _agent_exec(profile: Profile) -> str:
