@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +75,18 @@ def test_two_builds_are_identical(built: dict[str, Path]) -> None:
                 "stages/seal/root.verity", "stages/seal/root.roothash",
                 *(f"stages/seal/{name}" for name in ukis), "stages/disk/disk.raw"):
         assert _sha(built["a"] / rel) == _sha(built["b"] / rel), rel
+
+
+def test_the_rootfs_stage_builds_no_initrd_of_the_packages(built: dict[str, Path]) -> None:
+    """The node boots the seal stage's initrd only. The one the packages make (dracut's kernel
+    hook, then its trigger: half the rootfs stage's time) is never built, so no file of it and
+    no /initrd.img link is in the stage's tarball, and mmdebstrap's log never shows dracut."""
+    with tarfile.open(built["a"] / "stages/rootfs/rootfs.tar") as tar:
+        initrds = [n for n in tar.getnames() if "initrd.img" in n]
+    assert initrds == []
+    log = (built["a"] / "build.log").read_text()
+    assert "installing remaining packages" in log  # mmdebstrap's own lines are in the log
+    assert "dracut: Generating" not in log
 
 
 def test_verity_root_hash_matches_from_outside(built: dict[str, Path]) -> None:

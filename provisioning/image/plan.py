@@ -533,14 +533,15 @@ def gpu_plan(profile: Profile, kernel_release: str,
     wanted = sorted(f"{d.name}={d.version}" for d in m.debs)
     wanted.append(headers_package(profile.kernel_package))
     update = ("apt-get", *opts, "update")
-    apt = ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", *opts, "install", "--yes",
+    # INITRD=No: no initrd from the kernel hooks the driver packages trigger (rootfs.ROOTFS_ENV)
+    apt = ("env", "DEBIAN_FRONTEND=noninteractive", "INITRD=No", "apt-get", *opts, "install", "--yes",
            "--no-install-recommends", *wanted)
     dkms = ("dkms", "autoinstall", "-k", kernel_release)
     status = ("dkms", "status", "-k", kernel_release, f"{m.driver.dkms_module}/{m.driver.version}")
     commands: list[tuple[str, ...]] = [
         ("mkdir", "-p", f"{DEBS_IN_ROOT}/lists/partial"), update, apt, dkms, status,
         ("rm", "-rf", DEBS_IN_ROOT, KEYS_IN_ROOT, "/var/lib/dkms/mok.key", "/var/lib/dkms/mok.pub"),
-        # The packages' triggers rebuild the kernel's initrd, whose bytes differ from run to run;
+        # Should a trigger still build the kernel's initrd, its bytes differ from run to run;
         # the node boots the seal stage's own initrd (as the rootfs stage, see rootfs.py).
         ("sh", "-c", "rm -f /boot/initrd.img-*"),
         ("apt-get", "clean"),
