@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from agent.errors import NotFoundError, VerificationError
 from agent.osrelease import root_uuids, uki_file_name
-from provisioning.errors import ImageError
+from provisioning.errors import ImageError, ToolError
 from provisioning.image import boot as vm
 from provisioning.image import flash as flash_mod
 from provisioning.image.disk import (
@@ -30,6 +32,7 @@ from provisioning.image.disk import (
 from provisioning.image.flash import check_image, flash, inspect_target, refuse_in_use
 from provisioning.image.seal import kernel_cmdline, squashfs_argv, verity_params
 from provisioning.image.stage import DiskSizes, StageContext
+from provisioning.tools import Completed
 
 HASH_A = "99ebd7f2bf583470bcfb6c56e3d3a4af6ce43f259ee85f51f28b17eb136362c1"
 HASH_B = "0123456789abcdef" * 4
@@ -401,3 +404,72 @@ def test_the_pipeline_gives_each_stage_its_context(tmp_path: Path) -> None:
     assert ctx.version == (profile.image.version or "20260101.000000")
     d = profile.disk
     assert ctx.sizes == DiskSizes(d.esp_mib, d.root_mib, d.data_mib, d.data_label)
+
+
+# --- the seal stage's order: the initrd beside the squashfs -------------------------------
+
+class _Tools:
+    """Stands in for the seal stage's tools (StageContext.run): mksquashfs, veritysetup, dracut
+    and ukify write what they would; each may be told to fail. ukify always fails, which ends
+    the stage before it reads a UKI (a PE file these stand-ins do not make)."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.fail = fail
+        self.dracut_started = threading.Event()
+        self.dracut_done = threading.Event()
+        self.dracut_seen_by_mksquashfs = False
+
+    def __call__(self, argv: list[str | Path], env: dict[str, str] | None = None,
+                 **_: object) -> Completed:
+        args = [str(a) for a in argv]
+        tool = args[args.index("seal-chroot") + 3] if "seal-chroot" in args else args[0]
+        if tool == "mksquashfs":
+            # a real mksquashfs takes seconds: the initrd should be on its way before it ends
+            self.dracut_seen_by_mksquashfs = self.dracut_started.wait(10)
+            if self.fail == tool:
+                raise ToolError(tool, 1, "Write failed because No space left on device")
+            Path(args[2]).write_bytes(b"squashfs")
+        elif tool == "veritysetup":
+            return Completed(tuple(args), 0, b"Root hash:      " + b"ab" * 32 + b"\n", b"")
+        elif tool == "dracut":
+            self.dracut_started.set()
+            time.sleep(0.3)
+            self.dracut_done.set()
+            if self.fail == tool:
+                raise ToolError(tool, 1, "dracut-install: ERROR: installing 'squashfs'")
+            (Path(args[args.index("seal-chroot") + 2]) / "initrd.img").write_bytes(b"initrd")
+        elif tool == "ukify":
+            raise ToolError(tool, 1, "stopped by the test")
+        return Completed(tuple(args), 0, b"", b"")
+
+
+def _seal_root(tmp_path: Path) -> Path:
+    from provisioning.image.seal import REQUIRED_IN_ROOTFS
+
+    root = tmp_path / "root"
+    for rel in REQUIRED_IN_ROOTFS:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    (root / "boot").mkdir()
+    (root / "boot/vmlinuz-6.12.0-1-amd64").write_bytes(b"kernel")
+    (root / "usr/lib/modules/6.12.0-1-amd64").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text('ID=debian\nVERSION_ID="13"\n')
+    return root
+
+
+@pytest.mark.parametrize("fail", ["", "mksquashfs", "dracut"])
+def test_the_initrd_is_built_beside_the_squashfs_and_a_failure_waits_for_both(
+        tmp_path: Path, fail: str) -> None:
+    from provisioning.image.seal import seal
+
+    tools = _Tools(fail)
+    ctx = StageContext(rootfs=_seal_root(tmp_path), out=tmp_path / "out", work=tmp_path / "work",
+                       source_date_epoch=0, version="1", run=tools)
+    with pytest.raises(ToolError) as failed:
+        seal(ctx)
+    assert failed.value.tool == (fail or "ukify")
+    assert tools.dracut_seen_by_mksquashfs  # dracut ran while mksquashfs did
+    assert tools.dracut_done.is_set()  # the stage ended after both tools, never before
+    # the root hash is written once both are done, so a failed stage leaves none
+    assert (ctx.out / "root.roothash").exists() == (fail == "")
