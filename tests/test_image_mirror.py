@@ -279,3 +279,23 @@ def test_scanner_refresh_ends_finished_or_undone(mirror: tuple[Path, Path],
     lock = sync_scanner(m, keyring=keyring)
     assert lock.scanner == locked and _tree(m / "scanner") == before_tree
     assert not (m / "scanner.previous").exists()
+
+
+def test_wanted_entries_are_package_entries_of_the_named_stanzas_only() -> None:
+    """The fast path a build's mirror check and SBOM take through Debian's big indices gives,
+    for the names asked, exactly what the full parse gives, continuation lines included."""
+    from provisioning.image._debian import package_entries, wanted_entries
+
+    stanzas = []
+    for i in range(40):
+        stanzas.append(f"Package: pkg{i}\nVersion: 1.{i}\nArchitecture: amd64\n"
+                       f"Description: number {i}\n Package: decoy{i}\n .\n more text\n"
+                       f"Filename: pool/main/p/pkg{i}_1.{i}_amd64.deb\nSize: {100 + i}\n"
+                       f"SHA256: {i:064x}\n")
+    stanzas.append("Package: unsigned\nVersion: 1\n")  # no SHA256: never an entry
+    text = "\n".join(stanzas) + "\n\n\n" + "Package:   spaced  \nVersion: 2\nSHA256: " + "f" * 64 + "\n"
+    names = {"pkg3", "pkg17", "pkg39", "decoy5", "unsigned", "spaced", "absent"}
+    everything = [e for e in package_entries(text.splitlines(keepends=True)) if e.name in names]
+    assert [e.name for e in everything] == ["pkg3", "pkg17", "pkg39", "spaced"]
+    assert list(wanted_entries(text, names)) == everything
+    assert list(wanted_entries(text, set())) == []

@@ -8,12 +8,16 @@ gpgv and the Debian archive keyring) lists the sha256 of each ``Packages`` index
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-__all__ = ["PackageEntry", "deb_filename_key", "parse_release_sha256", "parse_stanzas",
-           "strip_clearsign"]
+__all__ = ["PackageEntry", "deb_filename_key", "package_entries", "parse_release_sha256", "parse_stanzas",
+           "strip_clearsign", "wanted_entries"]
+
+_STANZA_BREAK = re.compile(r"\n\n+")  # parse_stanzas' separator: one or more empty lines
+_PACKAGE_FIELD = re.compile(r"^Package:(.*)$", re.MULTILINE)  # a field, never a continuation
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,19 @@ def package_entries(lines: Iterable[str]) -> Iterator[PackageEntry]:
         if "Package" in s and "SHA256" in s:
             yield PackageEntry(s["Package"], s["Version"], s.get("Architecture", ""),
                                s["SHA256"], int(s.get("Size", "0")), s.get("Filename", ""))
+
+
+def wanted_entries(text: str, names: Container[str]) -> Iterator[PackageEntry]:
+    """:func:`package_entries` of index ``text``, only for the stanzas whose Package is in ``names``.
+
+    The others are never parsed: a Debian index holds some 70,000 stanzas and an image wants a
+    few hundred, and parsing them all took 3 s of every build, twice (the mirror's check and
+    the SBOM; issue #14).
+    """
+    for stanza in _STANZA_BREAK.split(text):
+        field = _PACKAGE_FIELD.search(stanza)
+        if field is not None and field.group(1).strip() in names:
+            yield from package_entries(stanza.splitlines())
 
 
 def deb_filename_key(filename: str) -> tuple[str, str, str]:

@@ -41,13 +41,13 @@ from typing import Any
 from packaging.requirements import Requirement
 
 from agent.errors import NotFoundError, VerificationError
-from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, stream_sha256
+from agent.fsutil import atomic_write_bytes, atomic_write_text, file_sha256
 from provisioning.errors import ImageError, ProfileError
 from provisioning.image._debian import (
     deb_filename_key,
-    package_entries,
     parse_release_sha256,
     strip_clearsign,
+    wanted_entries,
 )
 from provisioning.image.aptlog import follow
 from provisioning.image.gpu_manifest import GpuManifest
@@ -220,9 +220,22 @@ def _check_inrelease(path: Path, keyring: Path) -> str:
     return strip_clearsign(path.read_text())
 
 
-def _gz_sha256(path: Path) -> tuple[str, int]:
-    with gzip.open(path, "rb") as handle:
-        return stream_sha256(handle, _CHUNK)
+def _signed_index(mirror: Path, path: str, signed: tuple[str, int]) -> str:
+    """The text of the gzipped index ``path``, whose (sha256, size) must be ``signed``.
+
+    One decompression for the check and the parse, and never more than the signed size held
+    in memory: a longer stream is a mismatch, whatever it would have grown to.
+
+    Raises:
+        VerificationError: the index is not the signed one.
+    """
+    with gzip.open(mirror / path, "rb") as handle:
+        data = handle.read(signed[1] + 1)
+    actual = (hashlib.sha256(data).hexdigest(), len(data))
+    if actual != signed:
+        raise VerificationError(f"{mirror}: {path}: sha256/size {actual} does not match "
+                                f"the signed InRelease's {signed}")
+    return data.decode("utf-8")
 
 
 def _check_files(mirror: Path, files: Iterable[LockedFile], step: Step | None) -> None:
@@ -253,14 +266,9 @@ def _debian_entries(mirror: Path, indices: tuple[LockedFile, ...], keyring: Path
         if signed is None:
             raise VerificationError(f"{mirror}: {f.path}: {f.extra['release_path']} is not listed "
                                     f"in {f.extra['release']}")
-        actual = _gz_sha256(mirror / f.path)
-        if actual != signed:
-            raise VerificationError(f"{mirror}: {f.path}: sha256/size {actual} does not match "
-                                    f"the signed InRelease's {signed}")
-        with gzip.open(mirror / f.path, "rt", encoding="utf-8") as handle:
-            for e in package_entries(handle):
-                if e.name in wanted:
-                    entries[(e.name, e.version, e.architecture)] = e.sha256
+        for e in wanted_entries(_signed_index(mirror, f.path, signed), wanted):
+            if e.name in wanted:  # the stanza's own Package field, as parse_stanzas reads it
+                entries[(e.name, e.version, e.architecture)] = e.sha256
     return entries
 
 

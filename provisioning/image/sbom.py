@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioning.image._debian import package_entries, parse_stanzas
+from provisioning.image._debian import parse_stanzas, wanted_entries
 from provisioning.image.mirror import Lock, LockedFile
 from provisioning.image.plan import VENV
 from provisioning.image.profile import Profile
@@ -362,9 +362,10 @@ def _pool_paths(mirror: Path, lock: Lock) -> dict[tuple[str, str, str], str]:
         if f.extra.get("kind") != "Packages" or not (mirror / f.path).is_file():
             continue
         with gzip.open(mirror / f.path, "rt", encoding="utf-8") as handle:
-            for e in package_entries(handle):
-                if e.name in wanted and e.filename:
-                    found.setdefault((e.name, e.version, e.architecture), e.filename)
+            text = handle.read()
+        for e in wanted_entries(text, wanted):
+            if e.name in wanted and e.filename:
+                found.setdefault((e.name, e.version, e.architecture), e.filename)
     return found
 
 
