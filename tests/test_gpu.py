@@ -572,6 +572,7 @@ def test_gpu_plan_builds_for_the_image_kernel_and_enables_persistenced(tmp_path:
     apt = next(c for c in plan.commands if "apt-get" in c and "install" in c)
     assert "nvidia-kernel-dkms=550.163.01-2" in apt and "linux-headers-amd64" in apt
     assert "Dir::State::Lists=/var/tmp/appliance-gpu-debs/lists" in apt  # no apt lists left behind
+    assert "INITRD=No" in apt[:apt.index("apt-get")]  # no initrd from the kernel hooks it triggers
     assert any(c[:2] == ("rm", "-rf") and "/var/lib/dkms/mok.key" in c for c in plan.commands)
     assert "nvidia-persistenced.service" in plan.enable and DEVICES_UNIT in plan.enable
     image = json.loads(plan.file("/usr/lib/appliance/image.json").content)

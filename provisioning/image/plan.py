@@ -21,6 +21,7 @@ from provisioning.image.egress import nft_output_rules
 from provisioning.image.gpu_manifest import gpu_stack, headers_package
 from provisioning.image.gpu_stage import DEBS_IN_ROOT, DKMS_CONF, KEYS_IN_ROOT, dkms_conf
 from provisioning.image.profile import FIRMWARE_LOG_COPY, Profile
+from provisioning.image.rootfs import ROOTFS_ENV
 from provisioning.image.sealed_mode import UNSEAL_PATH_UNIT, escrow_copy_pre, unseal_files
 
 __all__ = [
@@ -533,8 +534,9 @@ def gpu_plan(profile: Profile, kernel_release: str,
     wanted = sorted(f"{d.name}={d.version}" for d in m.debs)
     wanted.append(headers_package(profile.kernel_package))
     update = ("apt-get", *opts, "update")
-    # INITRD=No: no initrd from the kernel hooks the driver packages trigger (rootfs.ROOTFS_ENV)
-    apt = ("env", "DEBIAN_FRONTEND=noninteractive", "INITRD=No", "apt-get", *opts, "install", "--yes",
+    # the rootfs stage's environment: no initrd from the kernel hooks the driver packages trigger
+    no_initrd = tuple(f"{key}={value}" for key, value in ROOTFS_ENV.items())
+    apt = ("env", "DEBIAN_FRONTEND=noninteractive", *no_initrd, "apt-get", *opts, "install", "--yes",
            "--no-install-recommends", *wanted)
     dkms = ("dkms", "autoinstall", "-k", kernel_release)
     status = ("dkms", "status", "-k", kernel_release, f"{m.driver.dkms_module}/{m.driver.version}")
