@@ -17,7 +17,6 @@ from agent.config import AgentConfig
 from agent.errors import ConfigError, NotFoundError
 from agent.inference.repository import ModelRepository
 from agent.inference.store import InstalledModel
-from agent.updates.client import RegistryClient
 
 __all__ = ["ensure_models", "install_from_registry", "parse_model_spec"]
 
@@ -49,6 +48,9 @@ def install_from_registry(repo: ModelRepository, state_dir: Path, sources: tuple
     if not sources:
         raise ConfigError(f"model {name!r} is not installed and no registry source is configured "
                           "(--registry URL|DIR or [updates] sources)")
+    # TUF and urllib3 load here, not with the agent (issue #14: its way to SERVING needs neither)
+    from agent.updates.client import RegistryClient
+
     last: Exception | None = None
     for source in sources:
         client = RegistryClient(state_dir, source)

@@ -43,7 +43,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.bundle import parse_version
 from agent.config import UpdatesSection
@@ -52,9 +52,11 @@ from agent.fsutil import atomic_write_text
 from agent.inference.repository import ModelRepository, Servable
 from agent.inference.store import ModelStore
 from agent.state import StateLayout
-from agent.updates.client import RegistryClient, TargetInfo
 from agent.updates.journal import HistoryEntry, Journal, Transaction, checkpoint
 from agent.updates.sources import registry_sources
+
+if TYPE_CHECKING:
+    from agent.updates.client import RegistryClient, TargetInfo
 
 __all__ = ["KEPT_AFTER_REFUSAL", "Outcome", "Pending", "UpdateManager"]
 
@@ -226,6 +228,9 @@ class UpdateManager:
 
     def _client(self) -> tuple[RegistryClient, str]:
         """A refreshed client of the first source that verifies; raises UpdateError listing all."""
+        # TUF, securesystemslib and urllib3 load on the first registry call, not on the agent's
+        # way to SERVING: updates are asked for, never polled (issue #14, the boot)
+        from agent.updates.client import RegistryClient
         sources = registry_sources(self.settings)
         if not sources:
             raise UpdateError("no registry source: set [updates] sources, or mount a medium holding a "
