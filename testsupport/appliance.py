@@ -57,6 +57,7 @@ class Appliance:
     # the client's CA, certificate and key files (PEM), for clients other than gRPC's
     tls_files: tuple[Path, Path, Path] | None = None
     tpm: bool = False  # qemu only: a software TPM (swtpm), kept in the state folder across power-ons
+    cpu: str | None = None  # qemu only: ``appliance boot --cpu MODEL`` (default: its own choice)
 
     def channel(self) -> grpc.Channel:
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
@@ -108,6 +109,8 @@ class Appliance:
                      "--guest-forward", f"{REGISTRY_GUEST_PORT}={self.registry_port}"]
         for guest, host in sorted(self.ports.items()):
             args += ["--port", f"{guest}={host}"]
+        if self.cpu is not None:
+            args += ["--cpu", self.cpu]
         if keep_disk:
             args.append("--keep-disk")
         if keep_console:
