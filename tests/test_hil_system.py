@@ -38,6 +38,10 @@ def test_hil_suite_passes_against_the_built_image_under_qemu(tmp_path: Path) -> 
 
     bench = prepare(Path(os.environ.get("APPLIANCE_HIL_CACHE", DEFAULT_CACHE)))
     assert bench.image.is_file()
+    # The build's audit ran Lynis on the root it built: Lynis glues its --rootdir onto "etc/...",
+    # so a rootdir without its trailing slash read "/targetetc/..." (nothing) for every such test.
+    lynis_log = (bench.out / "audit" / "lynis.log").read_text(errors="replace")
+    assert "/target/etc/" in lynis_log and "/targetetc" not in lynis_log
     release = prepare_os_release(bench)  # the same profile as a newer version: the A->B update
     broken = prepare_os_release(bench, BROKEN_VERSION, kernel_args=NEVER_SERVES)  # never serves
     env = dict(os.environ, PYTHONPATH=str(ROOT),

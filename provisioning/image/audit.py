@@ -240,7 +240,7 @@ def lynis(scanner: Path, root: Path, out: Path) -> dict[str, Any]:
     the kernel release Lynis prints is the host's (uname), which no file test uses.
     """
     proc = _in_scanner(scanner, root, out, [
-        "lynis", "audit", "system", "--rootdir", "/target", "--quick", "--no-colors",
+        "lynis", "audit", "system", "--rootdir", "/target/", "--quick", "--no-colors",
         "--logfile", "/out/lynis.log", "--report-file", "/out/lynis-report.dat"])
     report = out / "lynis-report.dat"
     data = report.read_text(errors="replace") if report.is_file() else ""
