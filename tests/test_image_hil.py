@@ -333,6 +333,19 @@ def test_the_lynis_script_prints_the_running_nodes_figures_once_per_image(tmp_pa
     assert (tmp_path / "bin/runs").read_text().count("run") == 2
 
 
+def test_the_nodes_lynis_reads_the_images_profile_which_skips_only_the_pointless_slow_test(
+        tmp_path: Path, pki: Path) -> None:
+    from provisioning.image.plan import LYNIS_PROFILE
+
+    script, env, _ = _lynis_node(tmp_path, 'echo "$@" > "$(dirname "$0")/args"\n' + _LYNIS_WRITES)
+    subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True, env=env)
+    args = (tmp_path / "bin/args").read_text().split()
+    assert args[args.index("--profile") + 1] == LYNIS_PROFILE
+    plan = configure_plan(load_profile(_scanning_profile(tmp_path, pki)), pip_wheel="/w/pip.whl")
+    settings = [ln for ln in plan.file(LYNIS_PROFILE).content.splitlines() if ln and not ln.startswith("#")]
+    assert settings == ["skip-test=BOOT-5264"]
+
+
 def test_a_lynis_run_cut_short_reports_failure_and_runs_again(tmp_path: Path) -> None:
     script, env, state = _lynis_node(tmp_path, 'echo run >> "$(dirname "$0")/runs"\n'
                                      'while [ $# -gt 0 ]; do [ "$1" = --report-file ] && r=$2; shift; done\n'
