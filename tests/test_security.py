@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -473,6 +474,38 @@ def _scrape(port: int, pki: Path, name: str | None, *, https: bool = True) -> st
         ctx.load_cert_chain(str(d / f"{name}.crt"), str(d / f"{name}.key"))
     with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=10, context=ctx) as resp:
         return f"{resp.status} {resp.headers['Content-Type']}"
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_the_https_ports_issue_no_session_ticket(pki: Path, tmp_path: Path, version: ssl.TLSVersion) -> None:
+    """A ticket seals the session's secrets under a key the agent keeps for its lifetime, which
+    undoes forward secrecy; the ports' clients never resume.  A real client, after a whole
+    response (TLS 1.3 tickets come after the handshake), holds no ticket to resume with."""
+    import socket
+
+    from agent.metrics import start_metrics_server
+    from agent.security import metrics_tls
+
+    tls = metrics_tls(load_config(write_config(tmp_path, pki)))
+    assert tls is not None
+    server = start_metrics_server(0, "127.0.0.1", tls)
+    try:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        ctx.check_hostname = False
+        ctx.minimum_version = ctx.maximum_version = version
+        d = pki / "issued" / "observer"
+        ctx.load_cert_chain(str(d / "observer.crt"), str(d / "observer.key"))
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as raw, \
+                ctx.wrap_socket(raw) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+            reply = sock.recv(65536)  # a TLS 1.3 server sends its tickets before the response
+            assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n", 1)[0]
+            names = {ssl.TLSVersion.TLSv1_3: "TLSv1.3", ssl.TLSVersion.TLSv1_2: "TLSv1.2"}
+            assert sock.version() == names[version]
+            assert sock.session is not None and not sock.session.has_ticket
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_metrics_port_follows_the_grpc_ports_mtls_rules(pki: Path, tmp_path: Path) -> None:
