@@ -492,13 +492,15 @@ def test_hil_reads_the_last_complete_lynis_report_the_script_printed(tmp_path: P
         lynis_report(console + failed)
 
 
-def _scap_node(tmp_path: Path, oscap: str, profiles: str) -> tuple[Path, dict[str, str], Path]:
+def _scap_node(tmp_path: Path, oscap: str, profiles: str,
+               same: str = "") -> tuple[Path, dict[str, str], Path]:
     """The OpenSCAP script with its node paths under ``tmp_path``, and a stand-in ``oscap``."""
     cmdline = tmp_path / "cmdline"
     cmdline.write_text("BOOT_IMAGE=x roothash=ab12 ro\n")
     content, state = tmp_path / "content", tmp_path / "scap-state"
     content.mkdir(exist_ok=True)
     (content / "profiles").write_text(profiles)
+    (content / "same").write_text(same)
     script = tmp_path / "scap-report"
     script.write_text(scap_script().replace("/proc/cmdline", str(cmdline))
                       .replace("/usr/share/appliance/scap", str(content))
@@ -540,6 +542,59 @@ def test_the_scap_script_evaluates_each_profiles_failed_rules_on_the_node_once(t
     assert scap_report(console) == {"anssi_bp28_high": {"sysctl_a": "pass", "bad_b": "fail"},
                                     "cis_level1_server": {"partition_for_var": "pass"}}
     assert scap_report("appliance-scap: anssi_bp28_high sysctl_a pass\n") is None  # not complete yet
+
+
+def test_a_rule_that_takes_no_value_is_evaluated_once_for_every_profile_that_failed_it(
+        tmp_path: Path) -> None:
+    script, env, _ = _scap_node(tmp_path, _OSCAP_PRINTS,
+                                "anssi_bp28_high xccdf_site_profile_anssi_bp28_high walk_a bad_b\n"
+                                "cis_level2_server xccdf_site_profile_cis_l2 sysctl_c\n",
+                                "cis_level2_server walk_a anssi_bp28_high\n"
+                                "cis_level2_server bad_b anssi_bp28_high\n"
+                                "cis_level1_server gone_d anssi_bp28_high\n")  # never evaluated
+    out = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.splitlines() == [f"{SCAP_PREFIX} anssi_bp28_high walk_a pass",
+                                f"{SCAP_PREFIX} anssi_bp28_high bad_b fail",
+                                f"{SCAP_PREFIX} cis_level2_server sysctl_c pass",
+                                f"{SCAP_PREFIX} cis_level2_server walk_a pass",
+                                f"{SCAP_PREFIX} cis_level2_server bad_b fail",
+                                f"{SCAP_PREFIX} cis_level1_server gone_d error",
+                                f"{SCAP_PREFIX} end"]
+    calls = [c.split() for c in (tmp_path / "bin/calls").read_text().splitlines()]
+    walks = [a for c in calls for a in c if a.endswith("walk_a")]
+    assert walks == ["xccdf_org.ssgproject.content_rule_walk_a"]  # evaluated in one profile
+
+
+def test_the_build_evaluates_on_the_node_once_what_no_profile_can_change(tmp_path: Path) -> None:
+    from provisioning.image.audit import AuditResult, rules_without_values, stage_booted_scan
+    from provisioning.image.compliance import ProfileSummary
+
+    x = "http://checklists.nist.gov/xccdf/1.2"
+    rule = "xccdf_org.ssgproject.content_rule_"
+    content = tmp_path / "ds.xml"
+    content.write_text(
+        f'<ds:data-stream-collection xmlns:ds="http://scap.nist.gov/schema/scap/source/1.2">'
+        f'<ds:component><Benchmark xmlns="{x}"><Group id="g">'
+        f'<Rule id="{rule}walk"><check system="oval"><check-content-ref name="d1"/></check></Rule>'
+        f'<Rule id="{rule}sysctl_valued"><check system="oval"><check-export value-id="v" '
+        f'export-name="oval:x:var:1"/><check-content-ref name="d2"/></check></Rule>'
+        f'</Group></Benchmark></ds:component></ds:data-stream-collection>')
+    assert rules_without_values(content) == {"walk"}
+    profiles = (ProfileSummary("anssi_bp28_enhanced", {"fail": 2}, ("walk", "sysctl_valued"), ()),
+                ProfileSummary("anssi_bp28_high", {"fail": 2}, ("walk", "sysctl_valued"), ()),
+                ProfileSummary("cis_level1_server", {"fail": 1}, ("walk",), ()))
+    result = AuditResult(tmp_path, "s", profiles, {}, {}, {}, content=content)
+    d = stage_booted_scan(tmp_path / "root", result)
+    lines = (d / "profiles").read_text().splitlines()
+    to_evaluate = {line.split()[0]: line.split()[2:] for line in lines}
+    # a value may differ by profile (and the tailoring sets some): such a rule runs in each
+    assert to_evaluate == {"anssi_bp28_enhanced": ["walk", "sysctl_valued"],
+                           "anssi_bp28_high": ["sysctl_valued"]}
+    assert (d / "same").read_text() == ("anssi_bp28_high walk anssi_bp28_enhanced\n"
+                                        "cis_level1_server walk anssi_bp28_enhanced\n")
+    content.write_text("<not closed")
+    with pytest.raises(ImageError, match="not SCAP content"):
+        rules_without_values(content)
 
 
 def test_an_oscap_that_fails_leaves_no_results_and_says_so(tmp_path: Path) -> None:

@@ -1270,7 +1270,9 @@ SCAP_DIR = "/var/lib/appliance-scap"
 def scap_script() -> str:
     """OpenSCAP on the running node: per profile, the rules the build's offline audit failed
     (``/usr/share/appliance/scap/profiles``, written by audit.stage_booted_scan), evaluated
-    natively against the live system (kernel parameters, mounts, modules, services).
+    natively against the live system (kernel parameters, mounts, modules, services); a rule
+    that takes no value is evaluated once, and its result given to the other profiles that
+    failed it (``same``).
 
     Once per image, as the Lynis script: the results are named by the root hash, a run cut
     short leaves only ``.part``.  The console gets ``PROFILE RULE RESULT`` lines, then ``end``;
@@ -1300,6 +1302,15 @@ def scap_script() -> str:
         "sub(/^xccdf_org\\.ssgproject\\.content_rule_/, \"\", r) }"
         " $1 ~ /^Result/ { print p, r, $2 }' \"$dir/$profile.log\" >>\"$results.part\"",
         '    done < "$content/profiles"',
+        # a rule that takes no value has one result in every profile: evaluated in the first
+        # that failed it offline, given to the others as `same` lists them
+        "    if ! awk 'NR == FNR { r[$1 \" \" $2] = $3; next }"
+        " { k = $3 \" \" $2; print $1, $2, (k in r ? r[k] : \"error\") }'"
+        ' "$results.part" "$content/same" > "$dir/same.txt"; then',
+        f'        echo "{p} failed: cannot read $content/same"',
+        "        exit 1",
+        "    fi",
+        '    cat "$dir/same.txt" >> "$results.part"',
         '    mv "$results.part" "$results"',
         "fi",
         f"sed 's/^/{p} /' \"$results\"",
