@@ -24,6 +24,7 @@ from testsupport.appliance import Appliance, serving_status
 
 ALLOWED_TCP = {8000, 8001, 8002}  # the agent's HTTPS, gRPC and metrics ports ([agent.server])
 ALLOWED_UDP = {68}  # systemd-networkd's DHCP client
+ROOT = Path(__file__).resolve().parent.parent
 LISTEN_REPORT_BOUND_S = 300.0  # the report unit starts after the agent's READY=1; TCG is slow
 pytestmark = pytest.mark.timeout(3600)  # boots under TCG take minutes
 
@@ -240,6 +241,44 @@ def test_tampered_bundle_refused(appliance: Appliance, site_registry: SiteRegist
     events = _node(appliance).GetEvents(node_pb2.GetEventsRequest(kind_prefix="update"), timeout=30)
     assert any("1.0.3" in (e.message + str(dict(e.details))) and e.severity != "info"
                for e in events.events), [(e.kind, e.message) for e in events.events]
+
+
+def test_the_running_node_audits_itself(appliance: Appliance, request: pytest.FixtureRequest) -> None:
+    """Issue #16, the audit of the booted system: the image's own scans (``[diagnostics]
+    console_scap`` and ``console_lynis``: OpenSCAP on the rules its build's offline audit failed,
+    and Lynis) run once the agent serves, and report on the console.  Joined with the build's
+    offline audit, the booted figures must reach the baseline's ``booted`` floors.  Here, before
+    the power cycle: a scan cut short starts over at the next boot."""
+    from provisioning.image.booted import booted_audit, floor_failures, lynis_report, scap_report
+    from provisioning.image.compliance import booted_floors
+
+    if appliance.console is None or not appliance.console.is_file():
+        pytest.skip("no serial console log (--console) to read the node's scans from")
+    build: Path | None = request.config.getoption("--build") or (
+        appliance.image.parent.parent if appliance.image is not None else None)
+    if build is None or not (build / "audit" / "summary.json").is_file():
+        pytest.skip("no build directory with the offline audit (--build OUT) to join the node's scans with")
+    console = appliance.console.read_text(errors="replace")
+    if "appliance-scap.timer" not in console or "appliance-lynis.timer" not in console:
+        pytest.skip("the image runs no scans of its own ([diagnostics] console_scap, console_lynis)")
+    bound = float(request.config.getoption("--scan-bound"))
+    began = asked = time.monotonic()
+    while scap_report(console) is None or lynis_report(console) is None:
+        assert time.monotonic() - began < bound, (
+            f"the node's scans did not finish within {bound:.0f} s of this check (OpenSCAP done: "
+            f"{scap_report(console) is not None}, Lynis done: {lynis_report(console) is not None})")
+        if time.monotonic() - asked > 60:  # the scans print only at their end: the agent shows life
+            assert serving_status(appliance, timeout=60) == "SERVING", "the node stopped serving"
+            asked = time.monotonic()
+        time.sleep(5)
+        console = appliance.console.read_text(errors="replace")
+    waited = time.monotonic() - began
+    result = booted_audit(build, console)
+    print(f"\nhil: the node's own scans (waited {waited:.0f} s for them here):")
+    print("\n".join(f"  {line}" for line in result.lines()))
+    baseline = ROOT / "images" / "compliance" / "baseline.json"
+    failures = floor_failures(result, booted_floors(baseline), baseline)
+    assert not failures, failures
 
 
 def test_data_preserved_across_a_power_cycle(appliance: Appliance, request: pytest.FixtureRequest) -> None:

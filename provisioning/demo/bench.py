@@ -249,18 +249,26 @@ def release_profile(text: str, version: str, kernel_args: tuple[str, ...] = ()) 
     # The same root as the first build's but for its version: audited once, there (hil.toml's
     # [compliance]), which saves CI an audit (about 85 s) per release.
     text = re.sub(r"^audit = true\n(baseline = .*\n)?", "audit = false\n", text, count=1, flags=re.M)
-    # Nor does the node scan itself again (that scan needs the audit's results), but its root
-    # keeps the scanner, so the first build's rootfs stage serves this build too.
-    if re.search(r"^console_scap = true\b", text, flags=re.M):
-        text = re.sub(r"^console_scap = true\b", "console_scap = false", text, count=1, flags=re.M)
-        text = re.sub(r"^packages = \[(.*)\]$",
-                      lambda m: f"packages = [{m.group(1)}{', ' if m.group(1) else ''}\"openscap-scanner\"]",
-                      text, count=1, flags=re.M)
+    # Nor does the node scan itself again (the OpenSCAP scan needs the audit's results; Lynis
+    # would run again on each new root, minutes under TCG while the update checks use the node),
+    # but its root keeps the scanners, so the first build's rootfs stage serves this build too.
+    for setting, package in (("console_scap", "openscap-scanner"), ("console_lynis", "lynis")):
+        if re.search(rf"^{setting} = true\b", text, flags=re.M):
+            text = re.sub(rf"^{setting} = true\b", f"{setting} = false", text, count=1, flags=re.M)
+            text = _add_package(text, package)
     if kernel_args:
         cmdline = f"cmdline = {json.dumps(list(kernel_args))}\n"
         text = text.replace("\n[boot]\n", f"\n[boot]\n{cmdline}", 1) if "\n[boot]\n" in text \
             else f"{text}\n[boot]\n{cmdline}"
     return text
+
+
+def _add_package(profile_text: str, package: str) -> str:
+    """``profile_text`` with ``package`` added to its [debian] packages list."""
+    def add(m: re.Match[str]) -> str:
+        return f"packages = [{m.group(1)}{', ' if m.group(1) else ''}\"{package}\"]"
+
+    return re.sub(r"^packages = \[(.*)\]$", add, profile_text, count=1, flags=re.M)
 
 
 def prepare_os_release(bench: Bench, version: str = OS_B_VERSION, *,
