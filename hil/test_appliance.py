@@ -254,8 +254,10 @@ def test_the_running_node_audits_itself(appliance: Appliance, request: pytest.Fi
 
     if appliance.console is None or not appliance.console.is_file():
         pytest.skip("no serial console log (--console) to read the node's scans from")
+    qemu: Path | None = request.config.getoption("--qemu")  # OUT/disk/disk.raw, as given: the
+    # appliance holds it resolved, and disk.raw is a link into OUT/stages/disk/
     build: Path | None = request.config.getoption("--build") or (
-        appliance.image.parent.parent if appliance.image is not None else None)
+        qemu.absolute().parent.parent if qemu is not None else None)
     if build is None or not (build / "audit" / "summary.json").is_file():
         pytest.skip("no build directory with the offline audit (--build OUT) to join the node's scans with")
     console = appliance.console.read_text(errors="replace")
