@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from hil.conftest import SiteRegistry
+from hil.conftest import ROOT, SiteRegistry
 from provisioning.demo.bench import BAKED_VERSION, BUNDLE, X, expected
 from provisioning.image.booted import boot_times_report
 from provisioning.image.plan import LISTEN_PREFIX, STATE_PREFIX  # the report unit's line prefixes
@@ -24,7 +24,6 @@ from testsupport.appliance import Appliance, serving_status
 
 ALLOWED_TCP = {8000, 8001, 8002}  # the agent's HTTPS, gRPC and metrics ports ([agent.server])
 ALLOWED_UDP = {68}  # systemd-networkd's DHCP client
-ROOT = Path(__file__).resolve().parent.parent
 LISTEN_REPORT_BOUND_S = 300.0  # the report unit starts after the agent's READY=1; TCG is slow
 pytestmark = pytest.mark.timeout(3600)  # boots under TCG take minutes
 

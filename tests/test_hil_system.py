@@ -35,6 +35,7 @@ def test_hil_suite_passes_against_the_built_image_under_qemu(tmp_path: Path) -> 
         prepare,
         prepare_os_release,
     )
+    from provisioning.image.profile import load_profile
 
     bench = prepare(Path(os.environ.get("APPLIANCE_HIL_CACHE", DEFAULT_CACHE)))
     assert bench.image.is_file()
@@ -48,7 +49,8 @@ def test_hil_suite_passes_against_the_built_image_under_qemu(tmp_path: Path) -> 
                APPLIANCE_HIL_CONSOLE_COPY=str(tmp_path / "console.log"))
     # The node's own scans are off in images/hil.toml (under TCG they outlast the suite by about
     # 20 minutes): their check is not run rather than reported skipped, which fails this test.
-    scans = re.search(r"^console_scap = true\b", bench.profile.read_text(), flags=re.M)
+    diagnostics = load_profile(bench.profile).diagnostics
+    scans = diagnostics.console_scap and diagnostics.console_lynis
     unscanned = [] if scans else ["--deselect", "hil/test_appliance.py::test_the_running_node_audits_itself"]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "hil/", "-v", "-s", "-p", "no:cacheprovider",
