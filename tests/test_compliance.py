@@ -191,6 +191,28 @@ def test_the_nodes_results_replace_the_offline_fails_they_name() -> None:
         ProfileSummary.from_json({"profile": "p", "counts": {"pass": "x"}, "failed": [], "waived": []})
 
 
+def test_the_node_decides_what_the_offline_scan_could_not() -> None:
+    offline = summarize(RESULTS, "cis_level1_server")
+    (rule, was), = offline.undecided.items()  # the fixture's one "unknown"
+    assert was == "unknown" and offline.recheck == (*offline.failed, rule)
+    assert ProfileSummary.from_json(offline.to_json()) == offline
+    n = offline.counts
+    passed = booted_summary(offline, {rule: "pass"})
+    assert passed.undecided == {}
+    assert passed.counts["pass"] == n["pass"] + 1 and passed.counts["unknown"] == n["unknown"] - 1
+    assert passed.counts["other"] == n["other"] - 1 and passed.applicable == offline.applicable
+    failed = booted_summary(offline, {rule: "fail"})
+    assert failed.failed == (*offline.failed, rule) and failed.counts["fail"] == n["fail"] + 1
+    assert failed.pass_ratio == offline.pass_ratio  # unknown and fail both count against the score
+    still = booted_summary(offline, {rule: "error"})
+    assert still.undecided == {rule: "error"} and still.counts["error"] == n.get("error", 0) + 1
+    assert still.counts["other"] == n["other"]
+    with pytest.raises(ImageError, match="undecided results must be error or unknown"):
+        ProfileSummary.from_json({**offline.to_json(), "undecided": {rule: "pass"}})
+    old = {k: v for k, v in offline.to_json().items() if k != "undecided"}  # a summary of before
+    assert ProfileSummary.from_json(old).undecided == {}
+
+
 def test_baseline_gate_with_no_applicable_rule(tmp_path: Path) -> None:
     empty = ProfileSummary("p", {"notapplicable": 3}, (), ())
     assert empty.pass_ratio is None

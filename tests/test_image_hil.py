@@ -618,13 +618,17 @@ def test_the_build_gives_the_node_the_content_and_what_the_offline_scan_failed(t
 
     content = tmp_path / "ds.xml"
     content.write_text("<datastream/>")
-    profiles = (ProfileSummary("anssi_bp28_high", {"fail": 2}, ("sysctl_a", "partition_for_var"), ()),
+    # the unit rules a directory cannot answer ("unknown" offline) are asked of the node too
+    profiles = (ProfileSummary("anssi_bp28_high", {"fail": 2, "unknown": 1, "other": 1},
+                               ("sysctl_a", "partition_for_var"), (),
+                               undecided={"service_auditd_enabled": "unknown"}),
                 ProfileSummary("cis_level1_server", {"pass": 3}, (), ()))  # nothing to scan again
     result = AuditResult(tmp_path / "root", "s", profiles, {}, {}, {}, content=content)
     d = stage_booted_scan(tmp_path / "root", result)
     assert d == tmp_path / "root" / BOOTED_SCAN_DIR
     high = load_tailoring(DEFAULT_TAILORING).profile_id("anssi_bp28_high")
-    assert (d / "profiles").read_text() == f"anssi_bp28_high {high} sysctl_a partition_for_var\n"
+    assert (d / "profiles").read_text() == \
+        f"anssi_bp28_high {high} sysctl_a partition_for_var service_auditd_enabled\n"
     assert (d / "ssg-debian13-ds.xml").read_text() == "<datastream/>"
     assert (d / "tailoring.xml").read_bytes() == DEFAULT_TAILORING.read_bytes()
     assert {oct(p.stat().st_mode & 0o777) for p in d.iterdir()} == {"0o644"}

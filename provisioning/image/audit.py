@@ -474,7 +474,9 @@ def rules_without_values(content: Path) -> frozenset[str]:
 
 def stage_booted_scan(root: Path, result: AuditResult, tailoring: Path = DEFAULT_TAILORING) -> Path:
     """Give ``root`` what its node needs to evaluate, running, what ``result`` (its offline
-    audit) failed: the content the audit used, the tailoring, and in ``BOOTED_SCAN_DIR``:
+    audit) failed or could not decide (``ProfileSummary.recheck``: the checks that ask the
+    running systemd about units read "unknown" on a directory): the content the audit used,
+    the tailoring, and in ``BOOTED_SCAN_DIR``:
 
     - ``profiles``: a line per profile, ``PROFILE TAILORED_PROFILE_ID RULE...`` (short rule
       ids), the rules to evaluate in that profile;
@@ -502,7 +504,7 @@ def stage_booted_scan(root: Path, result: AuditResult, tailoring: Path = DEFAULT
     first: dict[str, str] = {}  # a value-free rule -> the profile that evaluates it
     for s in result.profiles:
         here = []
-        for rule in s.failed:
+        for rule in s.recheck:
             if rule in first:
                 same.append(f"{s.profile} {rule} {first[rule]}\n")
                 continue

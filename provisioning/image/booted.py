@@ -2,10 +2,11 @@
 
 A bench image (``[diagnostics] console_lynis`` and ``console_scap``) runs the scanners itself,
 once the agent serves: Lynis on the live system, and OpenSCAP on the rules the build's offline
-audit failed (plan.lynis_script, plan.scap_script).  Their results reach the console as
+audit failed or could not decide (plan.lynis_script, plan.scap_script).  Their results reach the console as
 ``appliance-lynis:`` and ``appliance-scap:`` lines.  :func:`booted_audit` joins them with the
 build's offline audit (``OUT/audit/summary.json``): a rule the root's files pass holds on the
-node too, whose root is those same bytes under dm-verity, so only the failed rules need the node.
+node too, whose root is those same bytes under dm-verity, so only the failed rules, and those a
+directory cannot answer (what the running systemd says of its units), need the node.
 
 ``appliance audit-booted OUT --console LOG`` prints the result; the hil suite checks it against
 the baseline's ``booted`` floors.
@@ -147,7 +148,8 @@ def booted_audit(build: Path, console: str) -> BootedAudit:
 
     Raises:
         ImageError: no offline audit in ``build``; a report missing, incomplete or failed on the
-            console; the node evaluated other rules than the offline audit failed.
+            console; the node evaluated other rules than the offline audit failed or left
+            undecided.
     """
     summary = build / "audit" / "summary.json"
     try:
@@ -171,10 +173,11 @@ def booted_audit(build: Path, console: str) -> BootedAudit:
     booted = []
     for o in offline:
         node = scap.get(o.profile, {})
-        if set(node) != set(o.failed):
-            missing, extra = sorted(set(o.failed) - set(node)), sorted(set(node) - set(o.failed))
+        if set(node) != set(o.recheck):
+            missing, extra = sorted(set(o.recheck) - set(node)), sorted(set(node) - set(o.recheck))
             raise ImageError(f"{o.profile}: the node's results do not cover what the offline audit "
-                             f"failed (not evaluated: {missing[:10]}; not failed offline: {extra[:10]})")
+                             f"failed or left undecided (not evaluated: {missing[:10]}; "
+                             f"neither failed nor undecided offline: {extra[:10]})")
         booted.append(booted_summary(o, node))
     return BootedAudit(offline, tuple(booted), scap, lynis[0], tuple(lynis[1]))
 

@@ -52,6 +52,7 @@ _CONTROL = "Control: "
 # Results that say the rule was evaluated on this system; the ratio's denominator.  error and
 # unknown count against the system: a rule the scanner could not decide is not a pass.
 _APPLICABLE = ("pass", "fail", "error", "unknown")
+_UNDECIDED = ("error", "unknown")  # applicable, neither pass nor fail
 BASELINE_FORMAT = 1
 
 
@@ -157,6 +158,14 @@ class ProfileSummary:
     # Failed rules whose configuration part passed and whose running-kernel part failed:
     # an offline scan cannot pass them (see :func:`runtime_only`); still counted as fail.
     runtime_only: tuple[str, ...] = ()
+    # Applicable rules the scan could not decide (rule -> "error" or "unknown"): offline, the
+    # checks that ask the running systemd about its units.  Counted against the score.
+    undecided: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def recheck(self) -> tuple[str, ...]:
+        """What the running node evaluates again: the fails, then the undecided rules."""
+        return (*self.failed, *sorted(self.undecided))
 
     @property
     def applicable(self) -> int:
@@ -171,7 +180,7 @@ class ProfileSummary:
         return {"profile": self.profile, "counts": dict(self.counts), "applicable": self.applicable,
                 "pass_ratio": round(ratio, 4) if ratio is not None else None,
                 "failed": list(self.failed), "waived": list(self.waived),
-                "runtime_only": list(self.runtime_only)}
+                "runtime_only": list(self.runtime_only), "undecided": dict(self.undecided)}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> ProfileSummary:
@@ -182,10 +191,16 @@ class ProfileSummary:
         """
         try:
             counts = {str(k): int(v) for k, v in doc["counts"].items()}
-            return cls(str(doc["profile"]), counts, tuple(map(str, doc["failed"])),
-                       tuple(map(str, doc["waived"])), tuple(map(str, doc.get("runtime_only", ()))))
+            undecided = {str(k): str(v) for k, v in doc.get("undecided", {}).items()}
+            summary = cls(str(doc["profile"]), counts, tuple(map(str, doc["failed"])),
+                          tuple(map(str, doc["waived"])), tuple(map(str, doc.get("runtime_only", ()))),
+                          undecided)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ImageError(f"not an audit summary's profile entry ({exc!r}): {str(doc)[:200]}") from None
+        if bad := {k: v for k, v in undecided.items() if v not in _UNDECIDED}:
+            raise ImageError(f"not an audit summary's profile entry (undecided results must be error "
+                             f"or unknown: {bad}): {str(doc)[:200]}")
+        return summary
 
     def line(self) -> str:
         c = self.counts
@@ -221,6 +236,7 @@ def summarize(results: Path, profile: str, waivers: Mapping[str, Waiver] | None 
     waivers = waivers or {}
     counts: Counter[str] = Counter()
     by_bucket: dict[str, list[str]] = {"fail": [], "waived": []}
+    undecided: dict[str, str] = {}
     seen = False
     try:
         for _, el in ET.iterparse(results):  # noqa: S314 - our own scanner's output
@@ -235,13 +251,16 @@ def summarize(results: Path, profile: str, waivers: Mapping[str, Waiver] | None 
                 counts[bucket] += 1
                 if bucket in by_bucket:
                     by_bucket[bucket].append(rule)
+                elif bucket in _UNDECIDED:
+                    undecided[rule] = bucket
     except (OSError, ET.ParseError) as exc:
         raise ImageError(f"{results}: cannot read the XCCDF results: {exc}") from None
     if not seen:
         raise ImageError(f"{results}: no xccdf:TestResult (not an `oscap xccdf eval` result)")
     for key in ("pass", "fail", "waived", "notapplicable", "other"):
         counts.setdefault(key, 0)
-    return ProfileSummary(profile, dict(counts), tuple(by_bucket["fail"]), tuple(by_bucket["waived"]))
+    return ProfileSummary(profile, dict(counts), tuple(by_bucket["fail"]), tuple(by_bucket["waived"]),
+                          undecided=undecided)
 
 
 _OVAL_RESULTS = "{http://oval.mitre.org/XMLSchema/oval-results-5}"
@@ -318,25 +337,36 @@ def _booted_of(data: Mapping[str, Any], path: Path) -> BootedFloors:
 
 def booted_summary(offline: ProfileSummary, booted: Mapping[str, str]) -> ProfileSummary:
     """``offline`` with the results the running node gave (rule -> result) for the rules it
-    evaluated again.  The node evaluates only what the offline scan failed: a rule the root's
-    files pass holds on the node too, whose root is those same bytes (dm-verity).
+    evaluated again (:attr:`ProfileSummary.recheck`).  The node evaluates only what the offline
+    scan failed or could not decide: a rule the root's files pass holds on the node too, whose
+    root is those same bytes (dm-verity).
 
     Raises:
-        ImageError: the node reported a rule the offline scan did not fail.
+        ImageError: the node reported a rule the offline scan neither failed nor left undecided.
     """
     counts = Counter(dict(offline.counts))
     failed = list(offline.failed)
+    undecided = dict(offline.undecided)
     for rule, result in sorted(booted.items()):
-        if rule not in failed:
+        if rule in failed:
+            if result == "fail":
+                continue
+            failed.remove(rule)
+            counts["fail"] -= 1
+        elif rule in undecided:
+            for bucket in _buckets(undecided.pop(rule), False):
+                counts[bucket] -= 1
+            if result == "fail":
+                failed.append(rule)
+        else:
             raise ImageError(f"{offline.profile}: the node evaluated {rule} ({result}), "
-                             "which the offline scan did not fail")
-        if result == "fail":
-            continue
-        failed.remove(rule)
-        counts["fail"] -= 1
+                             "which the offline scan neither failed nor left undecided")
         for bucket in _buckets(result, False):
             counts[bucket] += 1
-    return ProfileSummary(offline.profile, dict(counts), tuple(failed), offline.waived)
+        if result in _UNDECIDED:
+            undecided[rule] = result
+    return ProfileSummary(offline.profile, dict(counts), tuple(failed), offline.waived,
+                          undecided=undecided)
 
 
 def load_baseline(path: Path) -> dict[str, float]:
