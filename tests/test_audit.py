@@ -18,6 +18,7 @@ from provisioning.image.audit import (
     scanner_root,
     services_exposure,
     tree_digest,
+    unit_exposure,
 )
 from testsupport.image_helpers import make_signed_mirror
 
@@ -154,3 +155,31 @@ def test_a_service_above_the_exposure_goal_fails_the_gate(tmp_path: Path) -> Non
     assert failures == [f"bare.service: systemd-analyze security exposure {exposure['bare.service']} "
                         "is above the goal 5.0"]
     assert exposure_failures(services_exposure(root), goal=10.0) == []
+
+
+def test_the_sysctl_reapply_unit_is_enabled_with_the_sysctls_and_within_the_exposure_goal(
+        tmp_path: Path) -> None:
+    """sysctl_reapply_after_network: the unit the content checks by name, enabled when the image
+    sets sysctls, and confined below the goal (real systemd-analyze, offline) although, as a
+    one-shot job, the audit does not score it among the services that run."""
+    import dataclasses
+
+    from provisioning.image.audit import SERVICE_EXPOSURE_GOAL
+    from provisioning.image.plan import SYSCTL_REAPPLY_UNIT, configure_plan
+    from provisioning.image.profile import load_profile
+
+    profile = load_profile(Path(__file__).resolve().parent.parent / "images/minimal.toml")
+    plan = configure_plan(profile, pip_wheel="/usr/share/python-wheels")
+    text = plan.file(f"/etc/systemd/system/{SYSCTL_REAPPLY_UNIT}").content
+    assert SYSCTL_REAPPLY_UNIT in plan.enable and "ExecStart=/usr/lib/systemd/systemd-sysctl" in text
+    assert "ProtectKernelTunables" not in text  # it writes /proc/sys
+    _unit(tmp_path, SYSCTL_REAPPLY_UNIT, text)
+    _want(tmp_path, "etc/systemd/system", "multi-user.target", SYSCTL_REAPPLY_UNIT)
+    assert enabled_services(tmp_path) == []  # it runs once and exits
+    scored = unit_exposure(tmp_path, SYSCTL_REAPPLY_UNIT)
+    assert float(scored["exposure"]) <= SERVICE_EXPOSURE_GOAL, scored
+    off = dataclasses.replace(profile, hardening=dataclasses.replace(profile.hardening, sysctl=False))
+    plan = configure_plan(off, pip_wheel="/usr/share/python-wheels")
+    assert SYSCTL_REAPPLY_UNIT not in plan.enable
+    with pytest.raises(KeyError):
+        plan.file(f"/etc/systemd/system/{SYSCTL_REAPPLY_UNIT}")

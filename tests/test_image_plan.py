@@ -589,15 +589,16 @@ def test_auditd_conf_logrotate_and_coredump_limits_are_edited_in_place(tmp_path:
 
 def test_unused_units_are_masked_and_the_kept_services_sandboxed(tmp_path: Path) -> None:
     """Console logins, the password agents, /dev/initctl and binfmt_misc are masked in every
-    image; auditd, dbus and udevd get a [Service] drop-in each (auditd's only when the image has
-    auditd), and udevd its native-only ABI back."""
+    image; auditd, dbus, udevd and usbguard get a [Service] drop-in each (auditd's and
+    usbguard's only when the image has them), and udevd its native-only ABI back."""
     plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
     assert {"getty@.service", "serial-getty@.service", "systemd-ask-password-console.path",
             "systemd-initctl.socket", "systemd-binfmt.service",
             "proc-sys-fs-binfmt_misc.automount"} <= set(plan.mask)
     dropins = {f.path: f.content for f in plan.files if f.path.endswith("/50-appliance-sandbox.conf")}
     assert set(dropins) == {f"/etc/systemd/system/{u}.d/50-appliance-sandbox.conf"
-                            for u in ("auditd.service", "dbus.service", "systemd-udevd.service")}
+                            for u in ("auditd.service", "dbus.service", "systemd-udevd.service",
+                                      "usbguard.service")}
     for text in dropins.values():
         lines = text.splitlines()
         assert lines[1] == "[Service]" and "NoNewPrivileges=yes" in lines, text
@@ -632,3 +633,55 @@ def test_the_audit_rules_are_merged_after_the_files_that_hold_them(tmp_path: Pat
     profile = tmp_path / "no-auditd.toml"
     profile.write_text((ROOT / "images/minimal.toml").read_text().replace("auditd = true", "auditd = false"))
     assert configure_plan(load_profile(profile), pip_wheel=PIP).after_files == ()
+
+
+def test_usbguard_blocks_every_usb_device_no_rule_allows(tmp_path: Path) -> None:
+    """[hardening] usbguard: the package, the daemon's settings (present devices checked too,
+    anything unmatched blocked, IPC for root only), hubs then the profile's rules, the plugdev
+    grant of the package removed, the D-Bus front end masked; a bad rule is refused by name."""
+    from provisioning.errors import ProfileError
+    from provisioning.image.plan import USB_HUB_RULE, USBGUARD_DAEMON_CONF
+    from provisioning.image.profile import package_set
+
+    text = (ROOT / "images/minimal.toml").read_text()
+    stick = 'allow id 0781:5583 serial "4C530001" with-interface equals { 08:06:50 }'
+    site = tmp_path / "site.toml"
+    site.write_text(text.replace("[hardening]\n", f"[hardening]\nusb_allow = ['{stick}']\n", 1))
+    profile = load_profile(site)
+    plan = configure_plan(profile, pip_wheel=PIP)
+    assert "usbguard" in package_set(profile) and "cryptsetup-bin" in package_set(profile)
+    conf = plan.file("/etc/usbguard/usbguard-daemon.conf")
+    assert conf.content == USBGUARD_DAEMON_CONF and conf.mode == 0o600
+    settings = dict(line.split("=", 1) for line in conf.content.splitlines() if "=" in line)
+    assert settings["ImplicitPolicyTarget"] == "block" and settings["IPCAllowedGroups"] == "root"
+    assert {settings[k] for k in ("PresentDevicePolicy", "PresentControllerPolicy",
+                                  "InsertedDevicePolicy")} == {"apply-policy"}
+    rules = [ln for ln in plan.file("/etc/usbguard/rules.conf").content.splitlines()
+             if not ln.startswith("#")]
+    assert rules == [USB_HUB_RULE, stick]
+    assert "usbguard.service" in plan.enable and "usbguard-dbus.service" in plan.mask
+    assert "/etc/usbguard/IPCAccessControl.d" in plan.remove
+    site.write_text(text.replace("[hardening]\n", "[hardening]\nusb_allow = ['allow\\nblock']\n", 1))
+    with pytest.raises(ProfileError, match=r"site.toml: \[hardening\] usb_allow.*not a USBGuard rule"):
+        load_profile(site)
+    site.write_text(text.replace("[hardening]\n", "[hardening]\nusbguard = false\n", 1))
+    off = load_profile(site)
+    plan = configure_plan(off, pip_wheel=PIP)
+    assert "usbguard" not in package_set(off) and "usbguard.service" not in plan.enable
+    assert not any(f.path.startswith("/etc/usbguard") for f in plan.files)
+
+
+def test_the_legal_banner_is_the_sites_and_gives_nothing_away(tmp_path: Path) -> None:
+    from provisioning.errors import ProfileError
+    from provisioning.image.profile import DEFAULT_BANNER
+
+    plan = configure_plan(load_profile(ROOT / "images/minimal.toml"), pip_wheel=PIP)
+    assert plan.file("/etc/issue").content == plan.file("/etc/issue.net").content == DEFAULT_BANNER + "\n"
+    text = (ROOT / "images/minimal.toml").read_text()
+    site = tmp_path / "site.toml"
+    site.write_text(text.replace("[hardening]\n", '[hardening]\nbanner = "Property of X. Keep out."\n', 1))
+    assert configure_plan(load_profile(site), pip_wheel=PIP).file("/etc/issue").content == \
+        "Property of X. Keep out.\n"
+    site.write_text(text.replace("[hardening]\n", '[hardening]\nbanner = "Debian \\\\r on \\\\m"\n', 1))
+    with pytest.raises(ProfileError, match=r"\[hardening\] banner.*without backslashes"):
+        load_profile(site)

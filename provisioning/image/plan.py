@@ -55,6 +55,9 @@ __all__ = [
     "SCAP_UNIT",
     "STATE_PREFIX",
     "STRIPPED_SETUID",
+    "SYSCTL_REAPPLY_UNIT",
+    "USBGUARD_DAEMON_CONF",
+    "USB_HUB_RULE",
     "VENV",
     "FileSpec",
     "Plan",
@@ -77,6 +80,8 @@ __all__ = [
     "render_toml",
     "scap_script",
     "scap_units",
+    "sysctl_reapply_unit",
+    "usbguard_rules",
 ]
 
 VENV = "/opt/appliance/venv"
@@ -709,8 +714,9 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
         FileSpec("/etc/fstab", _fstab(profile)),
         FileSpec("/etc/modprobe.d/50-appliance.conf", "".join(
             f"install {m} /bin/false\nblacklist {m}\n" for m in DISABLED_MODULES)),
-        FileSpec("/etc/issue", "Authorized uses only. All activity may be monitored and reported.\n"),
-        FileSpec("/etc/issue.net", "Authorized uses only. All activity may be monitored and reported.\n"),
+        # banner_etc_issue_cis, banner_etc_issue_net_cis; Lynis BANN-7126/7130 want a legal notice
+        FileSpec("/etc/issue", h.banner + "\n"),
+        FileSpec("/etc/issue.net", h.banner + "\n"),
         # apt_disable_weak_dependencies ("0", the form the content matches): should apt ever
         # run on a bench variant, it installs what a package needs and nothing it recommends
         FileSpec("/etc/apt/apt.conf.d/60-appliance-no-recommends",
@@ -752,6 +758,102 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
     # The seal stage puts this (plus the verity root hash) on the UKI's command line.
     files.append(FileSpec("/etc/kernel/cmdline", " ".join(cmdline) + "\n"))
     return files
+
+
+# USBGuard ([hardening] usbguard): USB is the way into an air-gapped node, so a device is
+# authorised only when a rule allows it.  The daemon applies the rules to the devices present
+# at boot and to every one plugged in later; without a matching rule a device is blocked
+# (ImplicitPolicyTarget).  Controllers and hubs are allowed (without them no port works), and
+# the profile's usb_allow rules after them.  The package's postinst writes a policy of the
+# devices it sees (in the build's chroot: the build host's) and gives the plugdev group control
+# over the IPC; both are replaced here, and only root may talk to the daemon.  Its audit
+# records go to the kernel's audit log.  Lynis USB-3000 scores these settings.
+USBGUARD_DIR = "/etc/usbguard"
+USBGUARD_DAEMON_CONF = "\n".join((
+    "# Written by `appliance build` (provisioning/image/plan.py).",
+    f"RuleFile={USBGUARD_DIR}/rules.conf",
+    "ImplicitPolicyTarget=block",
+    "PresentDevicePolicy=apply-policy",
+    "PresentControllerPolicy=apply-policy",
+    "InsertedDevicePolicy=apply-policy",
+    "AuthorizedDefault=none",
+    "RestoreControllerDeviceState=false",
+    "DeviceManagerBackend=uevent",
+    "IPCAllowedUsers=root",
+    "IPCAllowedGroups=root",
+    "DeviceRulesWithPort=false",
+    "AuditBackend=LinuxAudit",
+    "HidePII=false",
+    "",
+))
+USB_HUB_RULE = "allow with-interface equals { 09:00:* }"  # hubs, the controllers' root hubs too
+
+
+def usbguard_rules(profile: Profile) -> str:
+    """The daemon's rule file: hubs, then the profile's ``usb_allow``; anything else blocked."""
+    return "".join(f"{line}\n" for line in (
+        "# Written by `appliance build` (provisioning/image/plan.py): a USB device that no rule",
+        "# allows is blocked. More rules: [hardening] usb_allow in the image profile.",
+        USB_HUB_RULE, *profile.hardening.usb_allow))
+
+
+# sysctl_reapply_after_network (CIS Debian 13 3.3.1.16/17): the kernel gives an interface the
+# `default` values of its per-interface sysctls when it appears, and a network manager may set
+# some of them again when it configures the link; the hardening values are applied once more
+# after systemd-networkd has started.  The content checks this unit name, enabled.
+SYSCTL_REAPPLY_UNIT = "sysctl-reapply-network.service"
+
+
+def sysctl_reapply_unit() -> str:
+    """systemd-sysctl again, after the network, sandboxed (exposure 2.4): it needs /proc/sys
+    writable and the capabilities that its keys ask for, and nothing else."""
+    return "\n".join((
+        "[Unit]",
+        "Description=Apply the kernel hardening sysctls again once the network is up",
+        "DefaultDependencies=no",
+        "After=systemd-sysctl.service systemd-networkd.service network.target",
+        "Conflicts=shutdown.target",
+        "Before=shutdown.target",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "ExecStart=/usr/lib/systemd/systemd-sysctl",
+        # net.* CAP_NET_ADMIN, kernel.* CAP_SYS_ADMIN, vm.mmap_min_addr CAP_SYS_RAWIO,
+        # kernel.yama.ptrace_scope CAP_SYS_PTRACE
+        "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_NET_ADMIN CAP_SYS_RAWIO CAP_SYS_PTRACE CAP_SYS_RESOURCE",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "DevicePolicy=closed",
+        "ProtectHome=yes",
+        "ProtectSystem=strict",  # /proc/sys stays writable: no ProtectKernelTunables
+        "ProtectClock=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectHostname=yes",
+        "ProtectProc=invisible",
+        "RestrictAddressFamilies=AF_UNIX",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "MemoryDenyWriteExecute=yes",
+        "SystemCallArchitectures=native",
+        "SystemCallFilter=@system-service",
+        "SystemCallFilter=~@privileged @resources",
+        "SystemCallErrorNumber=EPERM",
+        "IPAddressDeny=any",
+        "KeyringMode=private",
+        "NotifyAccess=none",
+        "RemoveIPC=yes",
+        "UMask=0077",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ))
 
 
 def _time_files(profile: Profile) -> list[FileSpec]:
@@ -1269,7 +1371,8 @@ SCAP_DIR = "/var/lib/appliance-scap"
 
 def scap_script() -> str:
     """OpenSCAP on the running node: per profile, the rules the build's offline audit failed
-    (``/usr/share/appliance/scap/profiles``, written by audit.stage_booted_scan), evaluated
+    or could not decide (``/usr/share/appliance/scap/profiles``, written by
+    audit.stage_booted_scan), evaluated
     natively against the live system (kernel parameters, mounts, modules, services); a rule
     that takes no value is evaluated once, and its result given to the other profiles that
     failed it (``same``).
@@ -1379,6 +1482,11 @@ SERVICE_SANDBOXES: dict[str, tuple[str, ...]] = {
     # No port I/O (@raw-io: ioperm, iopl, pciconfig_*) and no vhangup: none of the image's rule
     # helpers (ata_id, scsi_id, cdrom_id, dmi_memory_id, dmsetup, ...) does either; the clock
     # calls are denied upstream already.  With UDEV_NATIVE_ABI: 5.2 -> 4.9.
+    # usbguard (2.9 as Debian ships it): it writes the devices' `authorized` files in /sys and
+    # hears uevents over netlink; on top of Debian's sandbox, what that does not need
+    "usbguard.service": (
+        "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectClock=yes", "ProtectKernelLogs=yes",
+        "ProtectHostname=yes", "RestrictSUIDSGID=yes", "PrivateMounts=yes"),
     "systemd-udevd.service": (
         "NoNewPrivileges=yes", "ProtectHome=yes", "ProtectSystem=full", "RestrictNamespaces=yes",
         "CapabilityBoundingSet=~CAP_SYSLOG CAP_NET_BIND_SERVICE CAP_NET_BROADCAST CAP_NET_RAW "
@@ -1399,9 +1507,34 @@ def _sandbox_files(profile: Profile) -> list[FileSpec]:
     return [*(FileSpec(f"/etc/systemd/system/{unit}.d/50-appliance-sandbox.conf",
                        header + "".join(f"{line}\n" for line in settings))
               for unit, settings in SERVICE_SANDBOXES.items()
-              if unit != "auditd.service" or profile.hardening.auditd),
+              if (unit != "auditd.service" or profile.hardening.auditd)
+              and (unit != "usbguard.service" or profile.hardening.usbguard)),
             FileSpec(UDEV_NATIVE_ABI, "# Written by `appliance build`: replaces udev's drop-in of this name "
                      "(see plan.py UDEV_NATIVE_ABI).\n[Service]\nSystemCallArchitectures=native\n")]
+
+
+def _hardening_services(profile: Profile) -> tuple[list[FileSpec], list[str], list[str], tuple[str, ...]]:
+    """The hardening's services: their files, the units to enable and to mask, the paths to
+    remove (auditd's rules and AppArmor's profiles are files of _hardening_files)."""
+    h = profile.hardening
+    files: list[FileSpec] = []
+    enable: list[str] = []
+    mask: list[str] = []
+    remove: tuple[str, ...] = ()
+    if h.auditd:
+        enable.append("auditd.service")
+    if h.sysctl:
+        files.append(FileSpec(f"/etc/systemd/system/{SYSCTL_REAPPLY_UNIT}", sysctl_reapply_unit()))
+        enable.append(SYSCTL_REAPPLY_UNIT)
+    if h.usbguard:
+        files += [FileSpec(f"{USBGUARD_DIR}/usbguard-daemon.conf", USBGUARD_DAEMON_CONF, 0o600),
+                  FileSpec(f"{USBGUARD_DIR}/rules.conf", usbguard_rules(profile), 0o600)]
+        enable.append("usbguard.service")
+        mask.append("usbguard-dbus.service")  # a D-Bus front end to the daemon: nothing uses it
+        remove += (f"{USBGUARD_DIR}/IPCAccessControl.d",)  # the postinst's grant to plugdev
+    if h.apparmor:
+        enable.append("apparmor.service")
+    return files, enable, mask, remove
 
 
 def _diagnostics(profile: Profile) -> tuple[list[FileSpec], list[str], list[str]]:
@@ -1458,6 +1591,8 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     ]
     diagnostics, diagnostic_units, diagnostic_masks = _diagnostics(profile)
     files += diagnostics
+    hardening_unit_files, hardening_units, hardening_masks, hardening_removed = _hardening_services(profile)
+    files += hardening_unit_files
     if profile.tpm.seal_data:  # Node/Unseal's helper (provisioning.image.sealed_mode)
         files += [FileSpec(path, text, mode)
                   for path, (text, mode) in unseal_files(profile.image.name).items()]
@@ -1482,23 +1617,21 @@ def configure_plan(profile: Profile, *, pip_wheel: str, wheels_dir: str = WHEELS
     ]
     enable = ["nftables.service", "systemd-networkd.service", "systemd-timesyncd.service",
               AGENT_UNIT, BOOT_CHECK_UNIT, OS_UPDATE_PATH]
-    if profile.hardening.auditd:
-        enable.append("auditd.service")
-    if profile.hardening.apparmor:
-        enable.append("apparmor.service")
+    enable += hardening_units
     if profile.ssh.enabled:
         enable.append("ssh.service")
     enable += diagnostic_units
     if profile.tpm.seal_data:
         enable.append(UNSEAL_PATH_UNIT)
     mask = ["debug-shell.service", "ctrl-alt-del.target", "systemd-networkd-wait-online.service",
-            *IDLE_TIMERS, *UNUSED_UNITS, *diagnostic_masks]
+            *IDLE_TIMERS, *UNUSED_UNITS, *diagnostic_masks, *hardening_masks]
     if not profile.hardening.core_dumps:
         mask.append("systemd-coredump.socket")
     # sysctl_kernel_pid_max: systemd's vendor file sets 4194304; the content checks every
     # sysctl file, so overriding it in 90-appliance.conf is not enough
     remove: tuple[str, ...] = ("/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/resolv.conf",
                                "/var/lib/dbus/machine-id", "/usr/lib/sysctl.d/50-pid-max.conf")
+    remove += hardening_removed
     if not profile.hardening.core_dumps:
         # disable_users_coredumps: Debian's systemd raises the hard core limit to infinity for
         # systemd-coredump, which the image turns off; the content checks every limits.d file

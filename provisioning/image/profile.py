@@ -69,7 +69,10 @@ BASE_PACKAGES: tuple[str, ...] = (
 # What the hardening benchmarks ask every image to carry (plan.py configures them; the audit's
 # rule ids): package_pam_pwquality_installed (password quality for any password ever set) and
 # package_logrotate_installed (the package logs in /var/log stay bounded).
-HARDENING_PACKAGES: tuple[str, ...] = ("libpam-pwquality", "logrotate")
+# cryptsetup-bin: veritysetup, to inspect the root's dm-verity on a node (`veritysetup status`,
+# `veritysetup verify` re-reads every block against the hash tree): the image's file integrity
+# tool, and how Lynis (FINT-4341) finds one.
+HARDENING_PACKAGES: tuple[str, ...] = ("libpam-pwquality", "logrotate", "cryptsetup-bin")
 # With AppArmor on: package_apparmor-utils_installed (aa-status, to inspect the profiles on a
 # node) and package_pam_apparmor_installed (the PAM module that confines a login's hat).
 APPARMOR_PACKAGES: tuple[str, ...] = ("apparmor-utils", "libpam-apparmor")
@@ -89,6 +92,28 @@ def _one_of(*choices: str) -> Any:
     def check(v: str) -> str | None:
         return None if v in choices else f"must be one of {', '.join(choices)}"
     return check
+
+
+# usbguard-rules.conf(5): a target, then the device's attributes; one rule per line.
+_USB_RULE_RE = re.compile(r"^(allow|block|reject)( [ -~]+)?$")
+DEFAULT_BANNER = ("Authorized uses only. This system is the private property of its owner and access "
+                  "is restricted to authorized users under the site's security policy. All activity "
+                  "may be monitored, logged and reported to law enforcement; unauthorized use may "
+                  "lead to criminal prosecution. Continued use constitutes consent to these terms.")
+
+
+def _usb_rules(v: tuple[str, ...]) -> str | None:
+    bad = [r for r in v if not _USB_RULE_RE.match(r)]
+    return (f"not a USBGuard rule (allow|block|reject, then attributes, printable ASCII on one "
+            f"line): {bad[0]!r}" if bad else None)
+
+
+def _banner(v: str) -> str | None:
+    # getty expands backslash escapes (\s \r \v \m: the OS and kernel), which the banner
+    # must not give away (banner_etc_issue_cis)
+    if not v.strip() or "\\" in v or not v.isprintable():
+        return "must be printable text without backslashes (getty would expand \\s, \\r, \\v, \\m)"
+    return None
 
 
 def _packages(v: tuple[str, ...]) -> str | None:
@@ -175,6 +200,13 @@ class HardeningSection:
     core_dumps: bool = setting(False, "allow core dumps")
     lock_root: bool = setting(True, "lock root's password (no password logins at all)")
     audit_immutable: bool = setting(True, "make the audit rules immutable until reboot (-e 2)")
+    usbguard: bool = setting(True, "USBGuard: a USB device works only if a rule allows it "
+                             "(hubs by default; devices present at boot are checked too)")
+    usb_allow: tuple[str, ...] = setting((), "more USBGuard rules, one per line, after the hubs' "
+                                         "(e.g. 'allow id 0781:5583 serial \"4C53...\"' for a site's "
+                                         "update stick)", check=_usb_rules)
+    banner: str = setting(DEFAULT_BANNER, "the legal notice in /etc/issue and /etc/issue.net",
+                          check=_banner)
 
 
 @dataclass(frozen=True)
@@ -482,6 +514,8 @@ def package_set(profile: Profile, extra: tuple[str, ...] = ()) -> tuple[str, ...
              *extra}
     if profile.hardening.apparmor:
         names.update(APPARMOR_PACKAGES)
+    if profile.hardening.usbguard:
+        names.add("usbguard")
     if profile.gpu_set is not None:
         names.update(gpu_packages(profile))
     if profile.ssh.enabled:
