@@ -110,6 +110,7 @@ def test_hardening_files(tmp_path: Path) -> None:
     fstab = plan.file("/etc/fstab").content
     assert "tmpfs /tmp tmpfs mode=1777,nodev,nosuid,noexec" in fstab
     assert "tmpfs /var/tmp tmpfs mode=1777,nodev,nosuid,noexec" in fstab
+    assert "proc /proc proc nosuid,nodev,noexec,hidepid=invisible 0 0" in fstab.splitlines()
     assert "kernel.kptr_restrict = 2" in plan.file("/etc/sysctl.d/90-appliance.conf").content
     assert "fs.suid_dumpable = 0" in plan.file("/etc/sysctl.d/90-appliance.conf").content
     assert "Storage=persistent" in plan.file("/etc/systemd/journald.conf.d/50-appliance.conf").content

@@ -678,6 +678,12 @@ def _fstab(profile: Profile) -> str:
         # mount_option_dev_shm_{nodev,nosuid,noexec}: systemd mounts /dev/shm before fstab;
         # this line makes it remount with the options (nothing on the appliance runs from shm).
         "tmpfs /dev/shm tmpfs mode=1777,nodev,nosuid,noexec 0 0\n"
+        # [hardening] proc_hidepid (Lynis FILE-6344): systemd-remount-fs remounts /proc, which
+        # PID 1 mounted, with these options.  The image's own users (the agent, messagebus,
+        # systemd-network, systemd-timesync) then see only their own processes; none of them
+        # reads another user's /proc (the agent's unit has ProtectProc=invisible already).
+        + ("proc /proc proc nosuid,nodev,noexec,hidepid=invisible 0 0\n"
+           if profile.hardening.proc_hidepid else "")
     )
 
 

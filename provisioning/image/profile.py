@@ -200,6 +200,8 @@ class HardeningSection:
     core_dumps: bool = setting(False, "allow core dumps")
     lock_root: bool = setting(True, "lock root's password (no password logins at all)")
     audit_immutable: bool = setting(True, "make the audit rules immutable until reboot (-e 2)")
+    proc_hidepid: bool = setting(True, "/proc with hidepid=invisible: a process sees only its own "
+                                 "user's processes (root's services, with CAP_SYS_PTRACE, all)")
     usbguard: bool = setting(True, "USBGuard: a USB device works only if a rule allows it "
                              "(hubs by default; devices present at boot are checked too)")
     usb_allow: tuple[str, ...] = setting((), "more USBGuard rules, one per line, after the hubs' "
