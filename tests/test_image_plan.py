@@ -637,9 +637,10 @@ def test_the_audit_rules_are_merged_after_the_files_that_hold_them(tmp_path: Pat
 
 
 def test_usbguard_blocks_every_usb_device_no_rule_allows(tmp_path: Path) -> None:
-    """[hardening] usbguard: the package, the daemon's settings (present devices checked too,
-    anything unmatched blocked, IPC for root only), hubs then the profile's rules, the plugdev
-    grant of the package removed, the D-Bus front end masked; a bad rule is refused by name."""
+    """[hardening] usbguard: the package, the daemon's settings (a device plugged in is checked,
+    anything unmatched blocked, IPC for root only), the USB bus there before the daemon, hubs
+    then the profile's rules, the plugdev grant of the package removed, the D-Bus front end
+    masked; a bad rule is refused by name."""
     from provisioning.errors import ProfileError
     from provisioning.image.plan import USB_HUB_RULE, USBGUARD_DAEMON_CONF
     from provisioning.image.profile import package_set
@@ -655,8 +656,9 @@ def test_usbguard_blocks_every_usb_device_no_rule_allows(tmp_path: Path) -> None
     assert conf.content == USBGUARD_DAEMON_CONF and conf.mode == 0o600
     settings = dict(line.split("=", 1) for line in conf.content.splitlines() if "=" in line)
     assert settings["ImplicitPolicyTarget"] == "block" and settings["IPCAllowedGroups"] == "root"
-    assert {settings[k] for k in ("PresentDevicePolicy", "PresentControllerPolicy",
-                                  "InsertedDevicePolicy")} == {"apply-policy"}
+    assert settings["InsertedDevicePolicy"] == settings["PresentControllerPolicy"] == "apply-policy"
+    assert settings["PresentDevicePolicy"] == "keep"  # a USB disk the initrd booted from stays
+    assert plan.file("/etc/modules-load.d/50-appliance-usbguard.conf").content == "usbcore\n"
     rules = [ln for ln in plan.file("/etc/usbguard/rules.conf").content.splitlines()
              if not ln.startswith("#")]
     assert rules == [USB_HUB_RULE, stick]

@@ -766,11 +766,14 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
     return files
 
 
-# USBGuard ([hardening] usbguard): USB is the way into an air-gapped node, so a device is
-# authorised only when a rule allows it.  The daemon applies the rules to the devices present
-# at boot and to every one plugged in later; without a matching rule a device is blocked
-# (ImplicitPolicyTarget).  Controllers and hubs are allowed (without them no port works), and
-# the profile's usb_allow rules after them.  The package's postinst writes a policy of the
+# USBGuard ([hardening] usbguard): USB is the way into an air-gapped node, so a device plugged
+# in while the node runs is authorised only when a rule allows it; without a matching rule it is
+# blocked (ImplicitPolicyTarget).  Controllers and hubs are allowed (without them no port works),
+# and the profile's usb_allow rules after them.  Devices present when the daemon starts keep
+# the state the kernel gave them (PresentDevicePolicy=keep): the initrd can boot from a USB
+# disk (seal.py's drivers), and applying the rules to it would take the root away.  The daemon
+# exits when the USB bus is missing (a machine or VM with no controller), so usbcore (a module
+# in Debian's kernel) is loaded early by systemd-modules-load, before the daemon starts.  The package's postinst writes a policy of the
 # devices it sees (in the build's chroot: the build host's) and gives the plugdev group control
 # over the IPC; both are replaced here, and only root may talk to the daemon.  Its audit
 # records go to the kernel's audit log.  Lynis USB-3000 scores these settings.
@@ -779,7 +782,7 @@ USBGUARD_DAEMON_CONF = "\n".join((
     "# Written by `appliance build` (provisioning/image/plan.py).",
     f"RuleFile={USBGUARD_DIR}/rules.conf",
     "ImplicitPolicyTarget=block",
-    "PresentDevicePolicy=apply-policy",
+    "PresentDevicePolicy=keep",
     "PresentControllerPolicy=apply-policy",
     "InsertedDevicePolicy=apply-policy",
     "AuthorizedDefault=none",
@@ -792,6 +795,7 @@ USBGUARD_DAEMON_CONF = "\n".join((
     "HidePII=false",
     "",
 ))
+USB_MODULES_LOAD = "/etc/modules-load.d/50-appliance-usbguard.conf"
 USB_HUB_RULE = "allow with-interface equals { 09:00:* }"  # hubs, the controllers' root hubs too
 
 
@@ -1534,7 +1538,8 @@ def _hardening_services(profile: Profile) -> tuple[list[FileSpec], list[str], li
         enable.append(SYSCTL_REAPPLY_UNIT)
     if h.usbguard:
         files += [FileSpec(f"{USBGUARD_DIR}/usbguard-daemon.conf", USBGUARD_DAEMON_CONF, 0o600),
-                  FileSpec(f"{USBGUARD_DIR}/rules.conf", usbguard_rules(profile), 0o600)]
+                  FileSpec(f"{USBGUARD_DIR}/rules.conf", usbguard_rules(profile), 0o600),
+                  FileSpec(USB_MODULES_LOAD, "usbcore\n")]
         enable.append("usbguard.service")
         mask.append("usbguard-dbus.service")  # a D-Bus front end to the daemon: nothing uses it
         remove += (f"{USBGUARD_DIR}/IPCAccessControl.d",)  # the postinst's grant to plugdev

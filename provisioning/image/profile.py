@@ -202,8 +202,8 @@ class HardeningSection:
     audit_immutable: bool = setting(True, "make the audit rules immutable until reboot (-e 2)")
     proc_hidepid: bool = setting(True, "/proc with hidepid=invisible: a process sees only its own "
                                  "user's processes (root's services, with CAP_SYS_PTRACE, all)")
-    usbguard: bool = setting(True, "USBGuard: a USB device works only if a rule allows it "
-                             "(hubs by default; devices present at boot are checked too)")
+    usbguard: bool = setting(True, "USBGuard: a USB device plugged in works only if a rule allows "
+                             "it (hubs by default); those present at boot keep their state")
     usb_allow: tuple[str, ...] = setting((), "more USBGuard rules, one per line, after the hubs' "
                                          "(e.g. 'allow id 0781:5583 serial \"4C53...\"' for a site's "
                                          "update stick)", check=_usb_rules)
