@@ -773,10 +773,11 @@ def _hardening_files(profile: Profile) -> list[FileSpec]:
 # the state the kernel gave them (PresentDevicePolicy=keep): the initrd can boot from a USB
 # disk (seal.py's drivers), and applying the rules to it would take the root away.  The daemon
 # exits when the USB bus is missing (a machine or VM with no controller), so usbcore (a module
-# in Debian's kernel) is loaded early by systemd-modules-load, before the daemon starts.  The package's postinst writes a policy of the
-# devices it sees (in the build's chroot: the build host's) and gives the plugdev group control
-# over the IPC; both are replaced here, and only root may talk to the daemon.  Its audit
-# records go to the kernel's audit log.  Lynis USB-3000 scores these settings.
+# in Debian's kernel) is loaded early by systemd-modules-load, before the daemon starts.  The
+# package's postinst writes a policy of the devices it sees (in the build's chroot: the build
+# host's) and gives the plugdev group control over the IPC; both are replaced here, and only
+# root may talk to the daemon.  Its audit records go to the kernel's audit log.  Lynis USB-3000
+# scores these settings.
 USBGUARD_DIR = "/etc/usbguard"
 USBGUARD_DAEMON_CONF = "\n".join((
     "# Written by `appliance build` (provisioning/image/plan.py).",
@@ -1382,8 +1383,8 @@ SCAP_DIR = "/var/lib/appliance-scap"
 def scap_script() -> str:
     """OpenSCAP on the running node: per profile, the rules the build's offline audit failed
     or could not decide (``/usr/share/appliance/scap/profiles``, written by
-    audit.stage_booted_scan), evaluated
-    natively against the live system (kernel parameters, mounts, modules, services); a rule
+    audit.stage_booted_scan), evaluated natively against the live system (kernel parameters,
+    mounts, modules, services); a rule
     that takes no value is evaluated once, and its result given to the other profiles that
     failed it (``same``).
 
@@ -1492,11 +1493,6 @@ SERVICE_SANDBOXES: dict[str, tuple[str, ...]] = {
     # No port I/O (@raw-io: ioperm, iopl, pciconfig_*) and no vhangup: none of the image's rule
     # helpers (ata_id, scsi_id, cdrom_id, dmi_memory_id, dmsetup, ...) does either; the clock
     # calls are denied upstream already.  With UDEV_NATIVE_ABI: 5.2 -> 4.9.
-    # usbguard (2.9 as Debian ships it): it writes the devices' `authorized` files in /sys and
-    # hears uevents over netlink; on top of Debian's sandbox, what that does not need
-    "usbguard.service": (
-        "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectClock=yes", "ProtectKernelLogs=yes",
-        "ProtectHostname=yes", "RestrictSUIDSGID=yes", "PrivateMounts=yes"),
     "systemd-udevd.service": (
         "NoNewPrivileges=yes", "ProtectHome=yes", "ProtectSystem=full", "RestrictNamespaces=yes",
         "CapabilityBoundingSet=~CAP_SYSLOG CAP_NET_BIND_SERVICE CAP_NET_BROADCAST CAP_NET_RAW "
@@ -1504,6 +1500,11 @@ SERVICE_SANDBOXES: dict[str, tuple[str, ...]] = {
         "CAP_LINUX_IMMUTABLE CAP_IPC_LOCK CAP_SYS_PTRACE CAP_SETUID CAP_SETGID CAP_SETPCAP "
         "CAP_SYS_CHROOT CAP_BLOCK_SUSPEND CAP_MAC_ADMIN CAP_MAC_OVERRIDE CAP_SYS_TTY_CONFIG",
         "SystemCallFilter=~@raw-io"),
+    # usbguard (2.9 as Debian ships it): it writes the devices' `authorized` files in /sys and
+    # hears uevents over netlink; on top of Debian's sandbox, what that does not need
+    "usbguard.service": (
+        "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectClock=yes", "ProtectKernelLogs=yes",
+        "ProtectHostname=yes", "RestrictSUIDSGID=yes", "PrivateMounts=yes"),
 }
 # Debian's udev resets upstream's SystemCallArchitectures=native in a drop-in of this name, so
 # that rules may run foreign-architecture helpers (Debian #869719).  A sealed image has none
