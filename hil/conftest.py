@@ -87,8 +87,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--build", type=Path, help="the `appliance build --out` directory of the image the node "
                 "runs, for its offline audit (default under --qemu: the image's OUT)")
     g.addoption("--scan-bound", type=float, default=float(os.environ.get(
-        "APPLIANCE_HIL_SCAN_BOUND", "2400")), help="seconds the node's own scans ([diagnostics] "
-                "console_scap, console_lynis) may still take when their check starts (default 2400: TCG)")
+        "APPLIANCE_HIL_SCAN_BOUND", "3600")), help="seconds the node's own scans ([diagnostics] "
+                "console_scap, console_lynis) may still take when their check starts (default 3600: "
+                "TCG, OpenSCAP then Lynis, one after the other)")
     g.addoption("--serving-bound", type=float, default=float(os.environ.get(
         "APPLIANCE_HIL_SERVING_BOUND", "900")), help="seconds from power-on to agent SERVING "
                 "(default 900: TCG; a real appliance or KVM should take far less)")

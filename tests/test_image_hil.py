@@ -286,6 +286,18 @@ def test_an_enabled_lynis_timer_adds_no_service_to_the_exposure_report(tmp_path:
     assert enabled_services(tmp_path) == []  # a oneshot that runs and exits serves nothing
 
 
+def test_the_nodes_scans_run_one_after_the_other() -> None:
+    """Both timers fire together; Lynis waits for OpenSCAP, whose systemd probes got no D-Bus
+    answer in time beside it on one emulated CPU (and read "fail"), and never the reverse."""
+    from provisioning.image.plan import LYNIS_UNIT, SCAP_UNIT, lynis_units, scap_units
+
+    def after(text: str) -> list[str]:
+        return next(line for line in text.splitlines() if line.startswith("After=")).split("=")[1].split()
+
+    assert SCAP_UNIT in after(lynis_units()[LYNIS_UNIT])
+    assert LYNIS_UNIT not in after(scap_units()[SCAP_UNIT])
+
+
 def _stand_in(tmp_path: Path, name: str, body: str) -> dict[str, str]:
     """``name`` as a shell script running ``body``, in ``tmp_path/bin``; the environment that
     finds it first."""

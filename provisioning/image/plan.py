@@ -1329,17 +1329,18 @@ def lynis_script() -> str:
     ))
 
 
-def _scanner_units(unit: str, timer: str, script: str, what: str) -> dict[str, str]:
+def _scanner_units(unit: str, timer: str, script: str, what: str, after: str = "") -> dict[str, str]:
     """A scanner's service, and the timer that starts it after the boot.
 
     A timer, not ``WantedBy=multi-user.target``: a oneshot the target wants holds the target
     (and the boot's "startup finished") until it exits, minutes under emulation.  The service
-    runs at idle CPU and I/O priority, after the agent, so the node serves first.
+    runs at idle CPU and I/O priority, after the agent, so the node serves first; ``after``:
+    a unit it waits for besides.
     """
     service = "\n".join((
         "[Unit]",
         f"Description={what} on the running node, its results on the console (bench images)",
-        f"After={AGENT_UNIT} {LISTEN_REPORT_UNIT}",
+        f"After={AGENT_UNIT} {LISTEN_REPORT_UNIT}{f' {after}' if after else ''}",
         "",
         "[Service]",
         "Type=oneshot",
@@ -1369,8 +1370,14 @@ def _scanner_units(unit: str, timer: str, script: str, what: str) -> dict[str, s
 
 
 def lynis_units() -> dict[str, str]:
-    """The service that runs :func:`lynis_script`, and its timer (see :func:`_scanner_units`)."""
-    return _scanner_units(LYNIS_UNIT, LYNIS_TIMER, LYNIS_SCRIPT, "Lynis")
+    """The service that runs :func:`lynis_script`, and its timer (see :func:`_scanner_units`).
+
+    After OpenSCAP's (both timers fire together, so the ordering runs them one after the
+    other): run side by side on one emulated CPU, OpenSCAP's systemd probes got no answer over
+    D-Bus in time, and OpenSCAP reads a probe without an answer as "no such unit", so every
+    rule about an enabled or running unit read "fail" (2026-12-03: the same image scanned
+    without Lynis passed all of them)."""
+    return _scanner_units(LYNIS_UNIT, LYNIS_TIMER, LYNIS_SCRIPT, "Lynis", after=SCAP_UNIT)
 
 
 SCAP_UNIT = "appliance-scap.service"
