@@ -1519,14 +1519,17 @@ SERVICE_SANDBOXES: dict[str, tuple[str, ...]] = {
 UDEV_NATIVE_ABI = "/etc/systemd/system/systemd-udevd.service.d/syscall-architecture.conf"
 
 
+# The sandboxed services that only some images have: unit -> its [hardening] switch.
+_OPTIONAL_SERVICES = {"auditd.service": "auditd", "usbguard.service": "usbguard"}
+
+
 def _sandbox_files(profile: Profile) -> list[FileSpec]:
     """SERVICE_SANDBOXES' drop-ins, for the services the profile has."""
     header = "# Written by `appliance build` (provisioning/image/plan.py SERVICE_SANDBOXES).\n[Service]\n"
     return [*(FileSpec(f"/etc/systemd/system/{unit}.d/50-appliance-sandbox.conf",
                        header + "".join(f"{line}\n" for line in settings))
               for unit, settings in SERVICE_SANDBOXES.items()
-              if (unit != "auditd.service" or profile.hardening.auditd)
-              and (unit != "usbguard.service" or profile.hardening.usbguard)),
+              if getattr(profile.hardening, _OPTIONAL_SERVICES.get(unit, ""), True)),
             FileSpec(UDEV_NATIVE_ABI, "# Written by `appliance build`: replaces udev's drop-in of this name "
                      "(see plan.py UDEV_NATIVE_ABI).\n[Service]\nSystemCallArchitectures=native\n")]
 
