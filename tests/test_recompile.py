@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from provisioning.image.outputs import _shares, _sources, compile_argv
+import pytest
+
+from provisioning.errors import ImageError
+from provisioning.image.outputs import _check_compiled, _shares, _sources, _uncompiled, compile_argv
 
 
 def _tree(base: Path) -> Path:
@@ -104,3 +107,30 @@ def test_a_compiler_imports_nothing_while_it_compiles(tmp_path: Path) -> None:
     assert "SyntaxWarning" in err  # the warnings were formatted, in this process
     assert [line for line in err.splitlines() if line.startswith("IMPORTED")] == ["IMPORTED []"], err
     assert len(list(lib.glob("__pycache__/*.pyc"))) == 4  # all but the broken one
+
+
+def test_sources_without_a_pyc_are_found_and_judged(tmp_path: Path) -> None:
+    """After the compilers ran, the sources with no pyc are those that did not compile; a few
+    pass (logged), a compiler that died or a root mostly left uncompiled fails the build."""
+    lib = tmp_path / "lib"
+    (lib / "pkg").mkdir(parents=True)
+    (lib / "pkg/__init__.py").write_text("")
+    (lib / "pkg/good.py").write_text("x = 1\n")
+    (lib / "pkg/broken.py").write_text("def f(:\n")
+    (lib / "top.py").write_text("y = 2\n")
+    files = list(_sources(lib))
+    names = "".join(f"{p}\n" for p in files)
+    done = subprocess.run(compile_argv((sys.executable,)), input=names.encode(), capture_output=True,
+                          env={"PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"}, check=False)
+    assert done.returncode == 1
+    uncompiled = _uncompiled(files, [lib])
+    assert uncompiled == [lib / "pkg/broken.py"]
+    assert _uncompiled(files, [tmp_path / "elsewhere"]) == files  # pycs looked for where the sources are
+
+    _check_compiled([(1, ""), (0, "")], uncompiled, sources=400)  # 1 of 400: under the limit
+    with pytest.raises(ImageError, match=r"1 of 4 Python sources .* no pyc .*pkg/broken\.py"):
+        _check_compiled([(1, ""), (0, "")], uncompiled, sources=4)
+    with pytest.raises(ImageError, match=r"exited -11: .*Segmentation fault"):
+        _check_compiled([(0, ""), (-11, "Fatal Python error: Segmentation fault")], [], sources=400)
+    with pytest.raises(ImageError, match="exited 127: no output"):
+        _check_compiled([(127, "")], [], sources=400)

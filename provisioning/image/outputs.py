@@ -9,18 +9,22 @@ are compared by, with the sha1 the SBOM needs); :func:`spdx_sbom` (from
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from provisioning.errors import ImageError
 from provisioning.image.plan import VENV
 from provisioning.image.sbom import file_digests, installed_debs, installed_wheels, spdx_sbom
 from provisioning.tools import run
 
 __all__ = ["debian_packages", "file_manifest", "normalise", "python_packages", "spdx_sbom"]
+
+log = logging.getLogger(__name__)
 
 # Paths (relative to the root) whose content differs run to run and nothing needs.
 _REMOVE = (
@@ -137,13 +141,53 @@ def _recompile(root: Path, source_date_epoch: int) -> None:
     files = [f for base in sorted(set(dirs)) for f in _sources(base)]
     env = {"SOURCE_DATE_EPOCH": str(source_date_epoch), "PYTHONHASHSEED": "0"}
 
-    def compile_share(share: list[Path]) -> None:
+    def compile_share(share: list[Path]) -> tuple[int, str]:
         names = "".join(f"/{f.relative_to(root).as_posix()}\n" for f in share)
-        run(compile_argv(("chroot", str(root), "/usr/bin/python3")), env=env, input_bytes=names.encode(),
-            check=False)
+        # not check=True: compileall exits 1 when any one file does not compile (a package may
+        # ship sources for another Python); _check_compiled judges the outcome as a whole
+        done = run(compile_argv(("chroot", str(root), "/usr/bin/python3")), env=env,
+                   input_bytes=names.encode(), check=False)
+        return done.returncode, done.stderr.decode(errors="replace")
 
     with ThreadPoolExecutor(COMPILERS) as pool:
-        list(pool.map(compile_share, _shares(files, COMPILERS)))
+        outcomes = list(pool.map(compile_share, _shares(files, COMPILERS)))
+    _check_compiled(outcomes, [f.relative_to(root) for f in _uncompiled(files, dirs)], len(files))
+
+
+# More sources than this without a pyc and the compilers did not do their work: on the read-only
+# root every start would compile those modules again in memory (the boot #14 measures).
+UNCOMPILED_LIMIT = 0.01
+
+
+def _uncompiled(files: Iterable[Path], dirs: Iterable[Path]) -> list[Path]:
+    """The sources of ``files`` with no pyc in their ``__pycache__`` under ``dirs``."""
+    written = {(p.parent.parent, p.name.rsplit(".", 2)[0]) for base in dirs
+               for p in base.rglob("__pycache__/*.pyc")}
+    return [f for f in files if (f.parent, f.name[:-3]) not in written]
+
+
+def _check_compiled(outcomes: list[tuple[int, str]], uncompiled: list[Path], sources: int) -> None:
+    """Judge the compilers' run: each must have finished (compileall's exit 0, or 1 when some
+    file did not compile), and at most :data:`UNCOMPILED_LIMIT` of the ``sources`` may lack a
+    pyc.  A few that do not compile are logged by name.
+
+    Raises:
+        ImageError: a compiler died (crash, signal, a Python it could not start) or too many
+            sources have no pyc.
+    """
+    for code, stderr in outcomes:
+        if code not in (0, 1):
+            tail = " | ".join(stderr.strip().splitlines()[-3:]) or "no output"
+            raise ImageError(f"configure: the root's pyc compiler (chroot python3 -m compileall) "
+                             f"exited {code}: {tail}")
+    if len(uncompiled) > sources * UNCOMPILED_LIMIT:
+        raise ImageError(f"configure: {len(uncompiled)} of {sources} Python sources in the root have no "
+                         f"pyc after compiling (at most {UNCOMPILED_LIMIT:.0%} may fail), among them "
+                         f"{', '.join(map(str, uncompiled[:5]))}")
+    if uncompiled:
+        log.warning("configure: %d Python source(s) in the root did not compile and will be compiled "
+                    "in memory at each import: %s", len(uncompiled),
+                    ", ".join(map(str, uncompiled[:10])) + (" ..." if len(uncompiled) > 10 else ""))
 
 
 def _shadow_days(root: Path, source_date_epoch: int) -> None:
