@@ -8,8 +8,10 @@ a seeded decoder sized so that one token step takes >= 5 ms.
 
 Four paths, interleaved run by run so that drift on a shared machine hits them all:
 onnxruntime-genai in-process (the baseline), the agent's engine in-process, the API read by the
-official ``openai`` client, and the API read by a plain SSE loop (httpx and ``json``: the API
-without that client's own parsing, which shares the cores with the server here).  Prints
+official ``openai`` client (its synchronous client, which closes the connection at ``[DONE]`` and
+so opens a new TLS connection for every stream, and its asyncio client, which keeps it), and the
+API read by a plain SSE loop (httpx and ``json``: the API without that client's own parsing,
+which shares the cores with the server here).  Prints
 medians, the ratios to the baseline, and the split of the difference into first token and
 time per later token.
 """
@@ -43,6 +45,7 @@ from bench._llm_setup import (
     settle,
     shape_of,
     stream_completion,
+    stream_completion_async,
     stream_completion_plain,
 )
 from provisioning.demo.llm_models import write_decoder
@@ -70,11 +73,15 @@ def main() -> int:
         baseline, engine = open_engine(folder, args.tokens, args.intra_op_threads)
         with https_agent(folder, args.tokens, args.intra_op_threads) as served:
             client = served.client()
+            loop = asyncio.new_event_loop()  # one loop for the async client: it keeps its connection
+            aclient = served.async_client()
             plain = httpx.Client(verify=served.tls, timeout=300)
             paths: dict[str, Callable[[], tuple[float, int, float]]] = {
                 "onnxruntime-genai in-process": lambda: og_in_process(baseline, args.tokens),
                 "engine in-process": lambda: asyncio.run(in_process(engine, args.tokens)),
                 "API, openai client": lambda: stream_completion(client, args.tokens),
+                "API, openai async client": lambda: loop.run_until_complete(
+                    stream_completion_async(aclient, args.tokens)),
                 "API, plain SSE reader": lambda: stream_completion_plain(plain, served.base_url,
                                                                          args.tokens),
             }
@@ -82,6 +89,7 @@ def main() -> int:
                 og_in_process(baseline, 4)  # warm up every path
                 asyncio.run(in_process(engine, 4))
                 stream_completion(client, 4)
+                loop.run_until_complete(stream_completion_async(aclient, 4))
                 stream_completion_plain(plain, served.base_url, 4)
                 runs: dict[str, list[tuple[float, int, float]]] = {name: [] for name in paths}
                 for _ in range(args.runs):  # interleaved, so that drift on a shared machine hits all
@@ -91,6 +99,8 @@ def main() -> int:
             finally:
                 plain.close()
                 client.close()
+                loop.run_until_complete(aclient.close())
+                loop.close()
                 engine.close()
     print(describe(shape, args) + "; concurrency 1")
     print(f"machine: {os.cpu_count()} CPUs, load average at the end "
