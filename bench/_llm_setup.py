@@ -189,7 +189,7 @@ def stream_completion(client: openai.OpenAI, tokens: int, model: str = "bench",
 async def stream_completion_async(client: openai.AsyncOpenAI, tokens: int,
                                   model: str = "bench") -> tuple[float, int, float]:
     """As :func:`stream_completion`, with the ``openai`` client's asyncio twin.  Unlike the
-    synchronous client (openai 2.x/3.x), it reads an HTTP/1.1 stream to its end after ``[DONE]``
+    synchronous client (openai 3.57), it reads an HTTP/1.1 stream to its end after ``[DONE]``
     and so keeps the connection for the next request: the difference between the two is the TLS
     handshake the synchronous client pays on every streamed request."""
     start = time.perf_counter()

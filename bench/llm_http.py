@@ -6,7 +6,7 @@ a seeded decoder sized so that one token step takes >= 5 ms.
 
     python bench/llm_http.py [--runs 30] [--tokens 64] [--layers 14] [--hidden 512]
 
-Four paths, interleaved run by run so that drift on a shared machine hits them all:
+Five paths, interleaved run by run so that drift on a shared machine hits them all:
 onnxruntime-genai in-process (the baseline), the agent's engine in-process, the API read by the
 official ``openai`` client (its synchronous client, which closes the connection at ``[DONE]`` and
 so opens a new TLS connection for every stream, and its asyncio client, which keeps it), and the
