@@ -155,35 +155,56 @@ def https_agent(folder: Path, tokens: int, threads: int = 0) -> Iterator[Served]
             agent.stop()
 
 
+class _Tally:
+    """What one streamed completion gave, event by event (the ``openai`` client's chunks):
+    seconds to the first chunk with text, the finish reason, the server's ``usage`` count."""
+
+    def __init__(self, model: str, tokens: int) -> None:
+        self.model, self.tokens = model, tokens
+        self.start = time.perf_counter()
+        self.first = 0.0
+        self.count = 0
+        self.finish: str | None = None
+
+    def saw(self, event: Any) -> None:
+        if event.choices and event.choices[0].text and not self.first:
+            self.first = time.perf_counter() - self.start
+        if event.choices and event.choices[0].finish_reason:
+            self.finish = event.choices[0].finish_reason
+        if event.usage is not None:
+            self.count = event.usage.completion_tokens
+
+    def result(self) -> tuple[float, int, float]:
+        """(first, tokens, seconds); the count is ``usage``'s, else ``max_tokens`` when the
+        stream ended for length.
+
+        Raises:
+            RuntimeError: the server sent no usage and stopped before ``max_tokens``.
+        """
+        seconds = time.perf_counter() - self.start
+        if not self.count:
+            if self.finish != "length":
+                raise RuntimeError(f"{self.model}: stream ended with {self.finish!r} and no usage: "
+                                   "tokens unknown")
+            self.count = self.tokens
+        return self.first, self.count, seconds
+
+
 def stream_completion(client: openai.OpenAI, tokens: int, model: str = "bench",
                       extra: dict[str, Any] | None = None) -> tuple[float, int, float]:
     """One streamed ``/v1/completions`` of :data:`PROMPT`, greedy.  Returns (seconds to the
-    first chunk with text, completion tokens, seconds).  The count is the server's ``usage``
-    when it sends one, else ``max_tokens`` when the stream ended for length.
+    first chunk with text, completion tokens, seconds) (see :class:`_Tally`).
 
     Raises:
         RuntimeError: the server sent no usage and stopped before ``max_tokens``.
     """
-    start = time.perf_counter()
-    first = 0.0
-    count = 0
-    finish = None
+    tally = _Tally(model, tokens)
     stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=tokens, temperature=0,
                                        stream=True, stream_options={"include_usage": True},
                                        extra_body=extra)
     for event in stream:
-        if event.choices and event.choices[0].text and not first:
-            first = time.perf_counter() - start
-        if event.choices and event.choices[0].finish_reason:
-            finish = event.choices[0].finish_reason
-        if event.usage is not None:
-            count = event.usage.completion_tokens
-    seconds = time.perf_counter() - start
-    if not count:
-        if finish != "length":
-            raise RuntimeError(f"{model}: stream ended with {finish!r} and no usage: tokens unknown")
-        count = tokens
-    return first, count, seconds
+        tally.saw(event)
+    return tally.result()
 
 
 async def stream_completion_async(client: openai.AsyncOpenAI, tokens: int,
@@ -192,21 +213,13 @@ async def stream_completion_async(client: openai.AsyncOpenAI, tokens: int,
     synchronous client (openai 3.57), it reads an HTTP/1.1 stream to its end after ``[DONE]``
     and so keeps the connection for the next request: the difference between the two is the TLS
     handshake the synchronous client pays on every streamed request."""
-    start = time.perf_counter()
-    first = 0.0
-    count = 0
+    tally = _Tally(model, tokens)
     stream = await client.completions.create(model=model, prompt=PROMPT, max_tokens=tokens,
                                              temperature=0, stream=True,
                                              stream_options={"include_usage": True})
     async for event in stream:
-        if event.choices and event.choices[0].text and not first:
-            first = time.perf_counter() - start
-        if event.usage is not None:
-            count = event.usage.completion_tokens
-    seconds = time.perf_counter() - start
-    if not count:
-        raise RuntimeError(f"{model}: the stream sent no usage: tokens unknown")
-    return first, count, seconds
+        tally.saw(event)
+    return tally.result()
 
 
 def stream_completion_plain(http: httpx.Client, base_url: str, tokens: int,

@@ -109,7 +109,7 @@ def test_a_compiler_imports_nothing_while_it_compiles(tmp_path: Path) -> None:
     assert len(list(lib.glob("__pycache__/*.pyc"))) == 4  # all but the broken one
 
 
-def test_sources_without_a_pyc_are_found_and_judged(tmp_path: Path) -> None:
+def test_sources_without_a_pyc_are_found_and_judged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """After the compilers ran, the sources with no pyc are those that did not compile; a few
     pass (logged), a compiler that died or a root mostly left uncompiled fails the build."""
     lib = tmp_path / "lib"
@@ -128,6 +128,7 @@ def test_sources_without_a_pyc_are_found_and_judged(tmp_path: Path) -> None:
     assert _uncompiled(files, [tmp_path / "elsewhere"]) == files  # pycs looked for where the sources are
 
     _check_compiled([(1, ""), (0, "")], uncompiled, sources=400)  # 1 of 400: under the limit
+    assert "1 Python source(s)" in caplog.text and "pkg/broken.py" in caplog.text  # named in the log
     with pytest.raises(ImageError, match=r"1 of 4 Python sources .* no pyc .*pkg/broken\.py"):
         _check_compiled([(1, ""), (0, "")], uncompiled, sources=4)
     with pytest.raises(ImageError, match=r"exited -11: .*Segmentation fault"):

@@ -161,9 +161,9 @@ UNCOMPILED_LIMIT = 0.01
 
 def _uncompiled(files: Iterable[Path], dirs: Iterable[Path]) -> list[Path]:
     """The sources of ``files`` with no pyc in their ``__pycache__`` under ``dirs``."""
-    written = {(p.parent.parent, p.name.rsplit(".", 2)[0]) for base in dirs
-               for p in base.rglob("__pycache__/*.pyc")}
-    return [f for f in files if (f.parent, f.name[:-3]) not in written]
+    written = {(p.parent.parent, p.name.rsplit(".", 2)[0])  # NAME.cpython-3XY.pyc
+               for base in dirs for p in base.rglob("__pycache__/*.pyc")}
+    return [f for f in files if (f.parent, f.stem) not in written]
 
 
 def _check_compiled(outcomes: list[tuple[int, str]], uncompiled: list[Path], sources: int) -> None:

@@ -1329,18 +1329,19 @@ def lynis_script() -> str:
     ))
 
 
-def _scanner_units(unit: str, timer: str, script: str, what: str, after: str = "") -> dict[str, str]:
+def _scanner_units(unit: str, timer: str, script: str, what: str,
+                   after: tuple[str, ...] = ()) -> dict[str, str]:
     """A scanner's service, and the timer that starts it after the boot.
 
     A timer, not ``WantedBy=multi-user.target``: a oneshot the target wants holds the target
     (and the boot's "startup finished") until it exits, minutes under emulation.  The service
     runs at idle CPU and I/O priority, after the agent, so the node serves first; ``after``:
-    a unit it waits for besides.
+    units it waits for besides.
     """
     service = "\n".join((
         "[Unit]",
         f"Description={what} on the running node, its results on the console (bench images)",
-        f"After={AGENT_UNIT} {LISTEN_REPORT_UNIT}{f' {after}' if after else ''}",
+        "After=" + " ".join((AGENT_UNIT, LISTEN_REPORT_UNIT, *after)),
         "",
         "[Service]",
         "Type=oneshot",
@@ -1377,7 +1378,7 @@ def lynis_units() -> dict[str, str]:
     D-Bus in time, and OpenSCAP reads a probe without an answer as "no such unit", so every
     rule about an enabled or running unit read "fail" (2026-12-03: the same image scanned
     without Lynis passed all of them)."""
-    return _scanner_units(LYNIS_UNIT, LYNIS_TIMER, LYNIS_SCRIPT, "Lynis", after=SCAP_UNIT)
+    return _scanner_units(LYNIS_UNIT, LYNIS_TIMER, LYNIS_SCRIPT, "Lynis", after=(SCAP_UNIT,))
 
 
 SCAP_UNIT = "appliance-scap.service"
@@ -1529,7 +1530,7 @@ def _sandbox_files(profile: Profile) -> list[FileSpec]:
     return [*(FileSpec(f"/etc/systemd/system/{unit}.d/50-appliance-sandbox.conf",
                        header + "".join(f"{line}\n" for line in settings))
               for unit, settings in SERVICE_SANDBOXES.items()
-              if getattr(profile.hardening, _OPTIONAL_SERVICES.get(unit, ""), True)),
+              if unit not in _OPTIONAL_SERVICES or getattr(profile.hardening, _OPTIONAL_SERVICES[unit])),
             FileSpec(UDEV_NATIVE_ABI, "# Written by `appliance build`: replaces udev's drop-in of this name "
                      "(see plan.py UDEV_NATIVE_ABI).\n[Service]\nSystemCallArchitectures=native\n")]
 
